@@ -1,0 +1,1 @@
+"""The HTTP edge: OpenAI wire Structs, SSE framing and the Litestar handlers."""

@@ -1,0 +1,101 @@
+"""Request bodies: size-limited reading, JSON decoding and validation into wire Structs.
+
+Every failure is a 400 (or 413) whose message names the field; Litestar's own 422 never reaches a client.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import msgspec
+
+from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest
+from gateway.errors import InvalidRequest, PayloadTooLarge
+
+T = TypeVar("T", ChatRequest, CompletionRequest, EmbeddingsRequest)
+
+_raw = msgspec.json.Decoder(dict[str, Any])
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {
+    t: msgspec.json.Decoder(t) for t in (ChatRequest, CompletionRequest, EmbeddingsRequest)
+}
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
+    """Read the body, refusing with 413 as soon as it is known to exceed `limit` (before reading it whole)."""
+    if content_length is not None:
+        try:
+            announced = int(content_length)
+        except ValueError:
+            raise InvalidRequest("Invalid Content-Length header.") from None
+        if announced > limit:
+            raise PayloadTooLarge(f"Request body of {announced} bytes exceeds the limit of {limit} bytes.")
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def decode_request(body: bytes, kind: type[T]) -> tuple[T, dict[str, Any]]:
+    """Decode `body` into the typed request and the pass-through mapping."""
+    if not body:
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        raw = _raw.decode(body)
+    except msgspec.ValidationError:
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json") from None
+    except msgspec.DecodeError as exc:
+        hint = " Strings must be valid Unicode: lone surrogate escapes are refused." if _SURROGATE.search(body) else ""
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request: {exc}.{hint}", code="invalid_json"
+        ) from None
+    try:
+        typed: T = _decoders[kind].decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        at = _AT.search(message)
+        missing = _MISSING.search(message)
+        param = at.group(1) if at and at.group(1) else None
+        if missing:
+            param = f"{param}.{missing.group(1)}" if param else missing.group(1)
+        reason = message[: at.start()] if at else message
+        where = f" (at '{param}')" if param and not missing else ""
+        raise InvalidRequest(f"Invalid request: {reason}{where}.", param=param) from None
+    _check_ranges(typed)
+    return typed, raw
+
+
+def _check_ranges(req: ChatRequest | CompletionRequest | EmbeddingsRequest) -> None:
+    if isinstance(req, ChatRequest) and not req.messages:
+        raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+    if isinstance(req, EmbeddingsRequest):
+        if isinstance(req.input, list):
+            if not req.input:
+                raise InvalidRequest("'input' must not be empty.", param="input")
+            kinds = {type(i) for i in req.input}
+            if len(kinds) > 1:
+                raise InvalidRequest(
+                    "'input' must be a string, a list of strings or token arrays, not a mix.", param="input"
+                )
+        return
+    n = req.n
+    if n is not None and not 1 <= n <= 128:
+        raise InvalidRequest(f"{n} is not a valid value for 'n': it must be between 1 and 128.", param="n")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, name, None)
+        if value is not None and value < 1:
+            raise InvalidRequest(f"'{name}' must be at least 1.", param=name)
+    if req.temperature is not None and not 0 <= req.temperature <= 2:
+        raise InvalidRequest("'temperature' must be between 0 and 2.", param="temperature")
+    if req.top_p is not None and not 0 <= req.top_p <= 1:
+        raise InvalidRequest("'top_p' must be between 0 and 1.", param="top_p")
+    if isinstance(req.stop, list) and len(req.stop) > 4:
+        raise InvalidRequest("'stop' takes at most 4 sequences.", param="stop")

@@ -1,0 +1,113 @@
+"""Turns an upstream's answer into the client's response: JSON as is, or a relayed SSE stream.
+
+Streams are relayed event by event, never buffered: the usage chunk Strait always asks for is dropped
+when the client did not ask for it, a mid-stream upstream failure becomes an error event without
+`[DONE]` (so the SDK raises instead of returning a silently truncated answer), and the upstream
+connection is closed in every case, including a client that went away.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import msgspec
+from litestar import Response
+from litestar.response import Stream
+
+from gateway.api.sse import DONE_EVENT, encode_event
+from gateway.api.wire import ChunkProbe, UpstreamErrorBody, Usage, UsageProbe
+from gateway.context import RequestContext
+from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
+from gateway.errors import ErrorBody, ErrorEnvelope
+from gateway.telemetry import Metrics
+from gateway.upstream.normalize import upstream_error
+
+log = logging.getLogger("strait.relay")
+
+_probe_chunk = msgspec.json.Decoder(ChunkProbe).decode
+_probe_usage = msgspec.json.Decoder(UsageProbe).decode
+JSON = "application/json"
+
+
+def response_headers(ctx: RequestContext) -> dict[str, str]:
+    headers = {"x-request-id": ctx.request_id}
+    if ctx.route is not None:
+        headers["x-strait-route"] = ctx.route.name
+    if ctx.target is not None:
+        headers["x-strait-deployment"] = ctx.target.label
+    return headers
+
+
+def _count_usage(metrics: Metrics, route: str, usage: Usage | None) -> None:
+    if usage is not None:
+        metrics.tokens.labels(route, "prompt").inc(usage.prompt_tokens)
+        metrics.tokens.labels(route, "completion").inc(usage.completion_tokens)
+
+
+def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -> Response[bytes] | Stream:
+    route = ctx.route_name
+    headers = response_headers(ctx)
+    if upstream.status >= 400:
+        error = upstream_error(upstream.status, upstream.body, upstream.headers)
+        metrics.requests.labels(route, str(error.status)).inc()
+        return Response(error.body(), status_code=error.status, media_type=JSON, headers={**headers, **error.headers})
+    metrics.latency.labels(route).observe(time.perf_counter() - ctx.started)
+    if upstream.events is None:
+        metrics.requests.labels(route, str(upstream.status)).inc()
+        if ctx.operation != "embeddings":
+            try:
+                _count_usage(metrics, route, _probe_usage(upstream.body).usage)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning(
+                    "upstream %s returned a body without readable usage", ctx.target.label if ctx.target else "?"
+                )
+        return Response(upstream.body, status_code=upstream.status, media_type=JSON, headers=headers)
+    metrics.requests.labels(route, "200").inc()
+    headers["cache-control"] = "no-cache"
+    headers["x-accel-buffering"] = "no"
+    return Stream(_relay(ctx, upstream, metrics), media_type="text/event-stream", headers=headers)
+
+
+def _error_event(message: str, type_: str, code: str | None) -> bytes:
+    return encode_event(msgspec.json.encode(ErrorEnvelope(ErrorBody(message=message, type=type_, code=code))))
+
+
+async def _relay(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -> AsyncIterator[bytes]:
+    assert upstream.events is not None
+    include_usage = ctx.include_usage
+    usage: Usage | None = None
+    try:
+        async for payload in upstream.events:
+            try:
+                probe = _probe_chunk(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                yield _error_event("The upstream sent an invalid stream event.", "server_error", "upstream_bad_event")
+                return
+            if probe.error is not None:
+                err = (
+                    probe.error
+                    if isinstance(probe.error, UpstreamErrorBody)
+                    else UpstreamErrorBody(message=probe.error)
+                )
+                code = err.code if isinstance(err.code, str) else None
+                yield _error_event(err.message or "The upstream failed mid-stream.", err.type or "server_error", code)
+                return
+            if probe.usage is not None:
+                usage = probe.usage
+                if not include_usage and probe.choices is not None and not probe.choices:
+                    continue
+            yield encode_event(payload)
+        yield DONE_EVENT
+    except UpstreamStreamBroken as exc:
+        log.warning("request %s: %s", ctx.request_id, exc)
+        yield _error_event("The upstream stream ended unexpectedly.", "server_error", "upstream_stream_broken")
+    finally:
+        if upstream.close is not None:
+            # Shielded: a client that went away cancels this task, and the upstream must still be closed
+            # (so the engine stops generating for nobody).
+            with anyio.CancelScope(shield=True):
+                await upstream.close()
+        _count_usage(metrics, ctx.route_name, usage)

@@ -1,0 +1,129 @@
+"""Litestar handlers for the OpenAI-compatible API and the operational endpoints."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.handlers import HTTPRouteHandler
+from litestar.response import Stream
+
+from gateway.api.decode import decode_request, read_body
+from gateway.api.respond import JSON, respond
+from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest, ModelCard, ModelList
+from gateway.context import RequestContext
+from gateway.contracts import Operation
+from gateway.errors import ModelNotFound
+from gateway.runtime import Gateway
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SCOPE_KEY = "strait.request_id"
+_encode = msgspec.json.encode
+
+
+def request_id_of(scope: Any) -> str:
+    """The request's id: the client's well-formed `x-request-id`, else a new one; fixed once chosen."""
+    rid: str | None = scope.get(_SCOPE_KEY)
+    if rid is None:
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _REQUEST_ID.match(candidate):
+                    rid = candidate
+                break
+        if rid is None:
+            rid = "req_" + secrets.token_hex(12)
+        scope[_SCOPE_KEY] = rid
+    return rid
+
+
+def _headers(scope: Any) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
+    async def handle(request: Request[Any, Any, Any], operation: Operation, kind: Any) -> Response[bytes] | Stream:
+        started = time.perf_counter()
+        scope = request.scope
+        rid = request_id_of(scope)
+        headers = _headers(scope)
+        runtime = gateway.runtime
+        principal = runtime.auth.authenticate(headers)
+        body = await read_body(request.stream(), headers.get("content-length"), runtime.max_body_bytes)
+        typed, raw = decode_request(body, kind)
+        stream = bool(getattr(typed, "stream", False))
+        options = getattr(typed, "stream_options", None)
+        ctx = RequestContext(
+            request_id=rid,
+            operation=operation,
+            started=started,
+            headers=headers,
+            payload=raw,
+            route_name=typed.model,
+            stream=stream,
+            include_usage=bool(options is not None and options.include_usage),
+            principal=principal,
+        )
+        await runtime.pipeline.run(ctx)
+        upstream = await runtime.dispatcher.call(ctx)
+        return respond(ctx, upstream, gateway.metrics)
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+        return await handle(request, "chat", ChatRequest)
+
+    @post("/v1/completions", status_code=200)
+    async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+        return await handle(request, "completions", CompletionRequest)
+
+    @post("/v1/embeddings", status_code=200)
+    async def embeddings(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+        return await handle(request, "embeddings", EmbeddingsRequest)
+
+    def visible_routes(request: Request[Any, Any, Any]) -> list[str]:
+        runtime = gateway.runtime
+        principal = runtime.auth.authenticate(_headers(request.scope))
+        return [name for name in runtime.index.routes if principal.may_use(name)]
+
+    @get("/v1/models")
+    async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
+        cards = [ModelCard(id=name, created=gateway.started_at) for name in visible_routes(request)]
+        return Response(
+            _encode(ModelList(data=cards)), media_type=JSON, headers={"x-request-id": request_id_of(request.scope)}
+        )
+
+    @get("/v1/models/{model_id:path}")
+    async def get_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
+        name = model_id.lstrip("/")
+        if name not in visible_routes(request):
+            raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.", param="model")
+        card = ModelCard(id=name, created=gateway.started_at)
+        return Response(_encode(card), media_type=JSON, headers={"x-request-id": request_id_of(request.scope)})
+
+    @get("/healthz")
+    async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
+        return Response(b'{"status":"ok"}', media_type=JSON, headers={"x-request-id": request_id_of(request.scope)})
+
+    @get("/readyz")
+    async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
+        index = gateway.runtime.index
+        ready = bool(index.routes) and bool(index.backends)
+        body = _encode(
+            {"status": "ready" if ready else "not_ready", "routes": len(index.routes), "backends": len(index.backends)}
+        )
+        return Response(
+            body,
+            status_code=200 if ready else 503,
+            media_type=JSON,
+            headers={"x-request-id": request_id_of(request.scope)},
+        )
+
+    @get("/metrics")
+    async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return [chat_completions, completions, embeddings, list_models, get_model, healthz, readyz, metrics]

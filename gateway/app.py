@@ -1,0 +1,79 @@
+"""create_app: the one wiring point.
+
+Request stages, in order: auth -> route -> upstream (terminal; walks the plan with fallback).
+Responses: JSON as the upstream sent it, or an SSE relay (see gateway.api.respond).
+Later stages (limits, cache, accounting) slot into `gateway.runtime.build_runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.exceptions import HTTPException
+
+from gateway.api.respond import JSON
+from gateway.api.routes import build_handlers, request_id_of
+from gateway.contracts import AdapterFactory
+from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
+from gateway.policy.load import load_policy
+from gateway.registry import discover_adapters
+from gateway.runtime import Gateway, build_runtime
+from gateway.settings import Settings
+from gateway.telemetry import Metrics
+
+log = logging.getLogger("strait")
+
+
+def _error_response(request: Request[Any, Any, Any], error: GatewayError) -> Response[bytes]:
+    headers = {"x-request-id": request_id_of(request.scope), **error.headers}
+    return Response(error.body(), status_code=error.status, media_type=JSON, headers=headers)
+
+
+def _on_gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    return _error_response(request, exc)
+
+
+def _on_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    """Litestar's own errors (unknown path, wrong method, bad framing) in the OpenAI envelope."""
+    status = exc.status_code
+    error: GatewayError
+    if status == 404:
+        error = NotFound(f"Unknown path {request.url.path}.")
+    elif status == 405:
+        error = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+    elif status == 413:
+        error = PayloadTooLarge("Request body too large.")
+    elif status < 500:
+        error = InvalidRequest(str(exc.detail), status=400 if status == 422 else status)
+    else:
+        error = InternalError("The gateway failed to process the request.")
+    return _error_response(request, error)
+
+
+def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    # The traceback goes to the server log with the request id; the client gets no internals.
+    log.exception("request %s failed", request_id_of(request.scope))
+    return _error_response(request, InternalError("The gateway failed to process the request."))
+
+
+def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | None = None) -> Litestar:
+    factories = discover_adapters() if factories is None else factories
+    metrics = Metrics()
+    policy = load_policy(settings.policy_path, adapters=factories.keys())
+    gateway = Gateway(build_runtime(policy, factories, metrics), metrics)
+    return Litestar(
+        route_handlers=build_handlers(gateway),
+        exception_handlers={
+            GatewayError: _on_gateway_error,
+            HTTPException: _on_http_exception,
+            Exception: _on_unexpected,
+        },
+        on_shutdown=[gateway.aclose],
+        request_max_body_size=None,
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+    )

@@ -1,0 +1,64 @@
+"""Extension points: the small Protocols plugins implement. Every implementation runs one contract suite."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from gateway.policy.model import Backend
+
+Operation = Literal["chat", "completions", "embeddings"]
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """One attempt against one deployment. `payload` is the client's body as a mapping (unknown
+    fields kept) with `model` already set to the deployment's upstream model name."""
+
+    operation: Operation
+    payload: dict[str, Any]
+    stream: bool
+    request_id: str
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    """What an adapter got back, already in OpenAI's wire format.
+
+    Non-streaming (or any error status): `body` holds the JSON bytes. Streaming success: `events`
+    yields each SSE `data` payload (JSON bytes of one chunk; the terminal `[DONE]` is not yielded),
+    and `close` releases the upstream connection; it is always awaited, also when the client leaves.
+    """
+
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    events: AsyncIterator[bytes] | None = None
+    close: Callable[[], Awaitable[None]] | None = None
+
+
+class UpstreamConnectError(Exception):
+    """The upstream could not be reached or did not answer in time; safe to try the next target."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class UpstreamStreamBroken(Exception):
+    """An upstream stream failed or ended without `[DONE]`; the client must not be told it completed."""
+
+
+class Adapter(Protocol):
+    """Speaks one upstream wire protocol for one backend."""
+
+    async def send(self, call: UpstreamCall) -> UpstreamResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AdapterFactory(Protocol):
+    """Entry point `strait.adapters`: builds the adapter for one backend of the policy."""
+
+    def __call__(self, backend: Backend) -> Adapter: ...

@@ -1,0 +1,1 @@
+"""Policy: the Structs platform teams write (model), their loader (load) and the routing engine (engine)."""

@@ -1,0 +1,71 @@
+"""A loaded policy, indexed for the hot path: every lookup a request needs is one dict access.
+
+Built once per policy load (and per reload), never per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Final
+
+from gateway.contracts import Operation
+from gateway.policy.model import Backend, Deployment, Model, PolicySet, Route
+
+_NEEDS: Final[dict[Operation, str]] = {"chat": "chat", "completions": "completions", "embeddings": "embeddings"}
+
+
+def key_digest(key: str) -> str:
+    """The digest stored in policy files for an API key: `sha256:<hex>`."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant: str
+    key_id: str
+    # None means every route.
+    allowed_routes: frozenset[str] | None
+
+    def may_use(self, route: str) -> bool:
+        return self.allowed_routes is None or route in self.allowed_routes
+
+
+ANONYMOUS: Final = Principal(tenant="anonymous", key_id="anonymous", allowed_routes=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One place a request may run: a model's deployment on a backend."""
+
+    model: Model
+    deployment: Deployment
+    backend: Backend
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name}@{self.backend.name}"
+
+
+class PolicyIndex:
+    def __init__(self, policy: PolicySet) -> None:
+        self.policy = policy
+        self.routes: dict[str, Route] = {r.name: r for r in policy.routes}
+        self.models: dict[str, Model] = {m.name: m for m in policy.models}
+        self.backends: dict[str, Backend] = {b.name: b for b in policy.backends}
+        self.principals: dict[str, Principal] = {}
+        for tenant in policy.tenants:
+            allowed = None if "*" in tenant.allowed_routes else frozenset(tenant.allowed_routes)
+            for key in tenant.keys:
+                self.principals[key.digest] = Principal(tenant=tenant.name, key_id=key.id, allowed_routes=allowed)
+        # Without any key in the policy the gateway is open (demo and single-user setups).
+        self.auth_required = bool(self.principals)
+        self.targets: dict[tuple[str, Operation], tuple[Target, ...]] = {}
+        for route in policy.routes:
+            for op, capability in _NEEDS.items():
+                self.targets[(route.name, op)] = tuple(
+                    Target(model=m, deployment=d, backend=self.backends[d.backend])
+                    for m in (self.models[name] for name in route.models)
+                    if capability in m.capabilities
+                    for d in m.deployments
+                )

@@ -1,0 +1,258 @@
+"""Read policy YAML (a file or a directory of files), decode it into Structs, cross-check references.
+
+Every problem is reported as `file:line:col: reason`. YAML is parsed once with PyYAML's SafeLoader
+(never a full loader: policy files are data, not code); the node tree is kept so that a msgspec
+validation path such as `$.backends[2].tier` can be turned back into the line where it was written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import yaml
+
+from gateway.policy.model import PolicySet
+
+_PATH_TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
+_AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_ENV_REF = re.compile(r"^env:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    file: str
+    line: int
+    col: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}: {self.reason}"
+
+
+class PolicyError(Exception):
+    """A policy could not be loaded; `problems` lists every reason with its place."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """One decoded file and its YAML node tree, for turning paths into lines."""
+
+    file: str
+    root: yaml.Node | None
+
+    def locate(self, path: str, *, key: str | None = None) -> tuple[int, int]:
+        """1-based (line, col) of the node at a `$.a[0].b` path (or of mapping key `key` inside it)."""
+        node = self.root
+        if node is None:
+            return (1, 1)
+        for name, index in _PATH_TOKEN.findall(path):
+            nxt = _child(node, name, index)
+            if nxt is None:
+                break
+            node = nxt
+        if key is not None and isinstance(node, yaml.MappingNode):
+            for k, _v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == key:
+                    node = k
+                    break
+        return (node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _child(node: yaml.Node, name: str, index: str) -> yaml.Node | None:
+    if name and isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == name:
+                return v  # type: ignore[no-any-return]
+    if index and isinstance(node, yaml.SequenceNode):
+        i = int(index)
+        if i < len(node.value):
+            return node.value[i]  # type: ignore[no-any-return]
+    return None
+
+
+def _policy_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        if not files:
+            raise PolicyError([Problem(str(path), 1, 1, "directory holds no .yaml policy files")])
+        return files
+    return [path]
+
+
+def _decode_file(path: Path) -> tuple[PolicySet | None, _Source, list[Problem]]:
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, _Source(name, None), [Problem(name, 1, 1, f"cannot read policy file: {exc}")]
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else {}
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        return None, _Source(name, None), [Problem(name, line, col, f"invalid YAML: {exc.problem or exc}")]
+    except yaml.YAMLError as exc:
+        return None, _Source(name, None), [Problem(name, 1, 1, f"invalid YAML: {exc}")]
+    source = _Source(name, root)
+    if not isinstance(data, dict):
+        return None, source, [Problem(name, 1, 1, "a policy file must be a mapping of sections")]
+    try:
+        return msgspec.convert(data, PolicySet, strict=True), source, []
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        m = _AT_PATH.search(message)
+        path_expr = m.group(1) if m else "$"
+        reason = message[: m.start()] if m else message
+        unknown = _UNKNOWN_FIELD.search(reason)
+        line, col = source.locate(path_expr, key=unknown.group(1) if unknown else None)
+        where = path_expr[2:] if path_expr.startswith("$.") else path_expr
+        return None, source, [Problem(name, line, col, f"{where}: {reason}" if where != "$" else reason)]
+
+
+def load_policy(path: Path | str, *, adapters: Iterable[str] | None = None) -> PolicySet:
+    """Load and check a policy file or directory; raise PolicyError listing every problem."""
+    merged, problems = check_policy(Path(path), adapters=adapters)
+    if problems or merged is None:
+        raise PolicyError(problems)
+    return merged
+
+
+def check_policy(path: Path, *, adapters: Iterable[str] | None = None) -> tuple[PolicySet | None, list[Problem]]:
+    if not path.exists():
+        return None, [Problem(str(path), 1, 1, "policy path does not exist")]
+    try:
+        files = _policy_files(path)
+    except PolicyError as exc:
+        return None, exc.problems
+    decoded: list[tuple[PolicySet, _Source]] = []
+    problems: list[Problem] = []
+    for f in files:
+        policy, source, file_problems = _decode_file(f)
+        problems.extend(file_problems)
+        if policy is not None:
+            decoded.append((policy, source))
+    if problems:
+        return None, problems
+    merged = _merge(decoded, problems)
+    problems.extend(_cross_check(merged, decoded, set(adapters) if adapters is not None else None))
+    return (merged if not problems else None), problems
+
+
+def _merge(decoded: list[tuple[PolicySet, _Source]], problems: list[Problem]) -> PolicySet:
+    default_server = PolicySet().server
+    server = default_server
+    for policy, source in decoded:
+        if policy.server != default_server:
+            if server != default_server:
+                line, col = source.locate("$.server")
+                problems.append(Problem(source.file, line, col, "server: set in more than one policy file"))
+            server = policy.server
+    return PolicySet(
+        server=server,
+        backends=tuple(b for p, _ in decoded for b in p.backends),
+        models=tuple(m for p, _ in decoded for m in p.models),
+        routes=tuple(r for p, _ in decoded for r in p.routes),
+        tenants=tuple(t for p, _ in decoded for t in p.tenants),
+    )
+
+
+def _cross_check(
+    merged: PolicySet, decoded: list[tuple[PolicySet, _Source]], adapters: set[str] | None
+) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def at(source: _Source, path: str, reason: str) -> None:
+        line, col = source.locate(path)
+        problems.append(Problem(source.file, line, col, reason))
+
+    seen: dict[tuple[str, str], str] = {}
+    for policy, source in decoded:
+        named: tuple[tuple[str, tuple[str, ...]], ...] = (
+            ("backends", tuple(b.name for b in policy.backends)),
+            ("models", tuple(m.name for m in policy.models)),
+            ("routes", tuple(r.name for r in policy.routes)),
+            ("tenants", tuple(t.name for t in policy.tenants)),
+        )
+        for section, names in named:
+            for i, entry_name in enumerate(names):
+                key = (section, entry_name)
+                if key in seen:
+                    at(
+                        source,
+                        f"$.{section}[{i}].name",
+                        f"duplicate {section[:-1]} name {entry_name!r} (first in {seen[key]})",
+                    )
+                else:
+                    seen[key] = source.file
+    backend_names = {b.name for b in merged.backends}
+    model_names = {m.name for m in merged.models}
+    route_names = {r.name for r in merged.routes}
+    for policy, source in decoded:
+        for i, b in enumerate(policy.backends):
+            if adapters is not None and b.adapter not in adapters:
+                at(
+                    source,
+                    f"$.backends[{i}].adapter",
+                    f"backend {b.name!r}: unknown adapter {b.adapter!r} (installed: {', '.join(sorted(adapters))})",
+                )
+            if b.adapter != "simulated" and not b.base_url:
+                at(source, f"$.backends[{i}]", f"backend {b.name!r}: base_url is required for adapter {b.adapter!r}")
+            if b.base_url and not b.base_url.startswith(("http://", "https://")):
+                at(
+                    source,
+                    f"$.backends[{i}].base_url",
+                    f"backend {b.name!r}: base_url must start with http:// or https://",
+                )
+            if b.api_key is not None and not _ENV_REF.match(b.api_key):
+                at(
+                    source,
+                    f"$.backends[{i}].api_key",
+                    f"backend {b.name!r}: api_key must be an env:NAME reference, never the secret itself",
+                )
+        for i, m in enumerate(policy.models):
+            if not m.deployments:
+                at(source, f"$.models[{i}].deployments", f"model {m.name!r}: needs at least one deployment")
+            for j, d in enumerate(m.deployments):
+                if d.backend not in backend_names:
+                    at(
+                        source,
+                        f"$.models[{i}].deployments[{j}].backend",
+                        f"model {m.name!r}: unknown backend {d.backend!r}",
+                    )
+        for i, r in enumerate(policy.routes):
+            if not r.models:
+                at(source, f"$.routes[{i}].models", f"route {r.name!r}: needs at least one model")
+            if r.max_attempts < 1:
+                at(source, f"$.routes[{i}].max_attempts", f"route {r.name!r}: max_attempts must be at least 1")
+            for j, name in enumerate(r.models):
+                if name not in model_names:
+                    at(source, f"$.routes[{i}].models[{j}]", f"route {r.name!r}: unknown model {name!r}")
+        for i, t in enumerate(policy.tenants):
+            for j, k in enumerate(t.keys):
+                if not _DIGEST.match(k.digest):
+                    at(
+                        source,
+                        f"$.tenants[{i}].keys[{j}].digest",
+                        f"tenant {t.name!r}: key {k.id!r} digest must be sha256:<64 hex> (see `strait keys hash`)",
+                    )
+            for j, name in enumerate(t.allowed_routes):
+                if name != "*" and name not in route_names:
+                    at(source, f"$.tenants[{i}].allowed_routes[{j}]", f"tenant {t.name!r}: unknown route {name!r}")
+    if merged.server.max_body_bytes < 1024:
+        problems.append(Problem(decoded[0][1].file, 1, 1, "server.max_body_bytes must be at least 1024"))
+    return problems

@@ -1,0 +1,54 @@
+"""What a running gateway holds: the current policy runtime (swapped whole on reload) and its metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.contracts import Adapter, AdapterFactory
+from gateway.pipeline import Pipeline
+from gateway.policy.index import PolicyIndex
+from gateway.policy.model import PolicySet
+from gateway.stages.auth import AuthStage
+from gateway.stages.route import RouteStage
+from gateway.telemetry import Metrics
+from gateway.upstream.dispatch import Dispatcher
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything derived from one policy. A request reads `gateway.runtime` once and uses that
+    snapshot to the end, so a reload never mixes two policies inside one request."""
+
+    index: PolicyIndex
+    auth: AuthStage
+    pipeline: Pipeline
+    dispatcher: Dispatcher
+    adapters: Mapping[str, Adapter]
+    max_body_bytes: int
+
+
+def build_runtime(policy: PolicySet, factories: Mapping[str, AdapterFactory], metrics: Metrics) -> Runtime:
+    index = PolicyIndex(policy)
+    adapters = {b.name: factories[b.adapter](b) for b in policy.backends}
+    auth = AuthStage(index)
+    return Runtime(
+        index=index,
+        auth=auth,
+        pipeline=Pipeline([RouteStage(index)]),
+        dispatcher=Dispatcher(adapters, metrics),
+        adapters=adapters,
+        max_body_bytes=policy.server.max_body_bytes,
+    )
+
+
+class Gateway:
+    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.started_at = int(time.time())
+
+    async def aclose(self) -> None:
+        for adapter in self.runtime.adapters.values():
+            await adapter.aclose()

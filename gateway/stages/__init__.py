@@ -1,0 +1,1 @@
+"""Pipeline stages, each one job: auth, route, upstream (later: limits, cache, accounting)."""

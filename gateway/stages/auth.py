@@ -1,0 +1,38 @@
+"""Stage `auth`: the API key becomes a Principal (tenant, key id). Keys are compared by digest only."""
+
+from __future__ import annotations
+
+from gateway.errors import AuthenticationFailed
+from gateway.policy.index import ANONYMOUS, PolicyIndex, Principal, key_digest
+
+
+def bearer_key(headers: dict[str, str]) -> str | None:
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    return headers.get("x-api-key") or headers.get("api-key")
+
+
+class AuthStage:
+    name = "auth"
+
+    def __init__(self, index: PolicyIndex) -> None:
+        self.index = index
+
+    def authenticate(self, headers: dict[str, str]) -> Principal:
+        """Runs before the body is read: an unauthenticated client costs no parsing."""
+        if not self.index.auth_required:
+            return ANONYMOUS
+        key = bearer_key(headers)
+        if key is None:
+            raise AuthenticationFailed(
+                "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+            )
+        principal = self.index.principals.get(key_digest(key))
+        if principal is None:
+            # Never echo the key, nor any part of it, back to the client or the log.
+            raise AuthenticationFailed("Incorrect API key provided.")
+        return principal

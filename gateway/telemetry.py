@@ -1,0 +1,38 @@
+"""Prometheus metrics, one registry per app (no module globals), exposed at GET /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "strait_requests", "Requests answered, by route and status.", ("route", "status"), registry=self.registry
+        )
+        self.upstream_attempts = Counter(
+            "strait_upstream_attempts",
+            "Upstream attempts by backend and outcome (HTTP status, connect_error, timeout).",
+            ("backend", "outcome"),
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "strait_tokens",
+            "Tokens reported by upstream usage, by route and kind.",
+            ("route", "kind"),
+            registry=self.registry,
+        )
+        self.policy_reloads = Counter(
+            "strait_policy_reloads", "Policy reload attempts by result.", ("result",), registry=self.registry
+        )
+        self.latency = Histogram(
+            "strait_request_duration_seconds",
+            "Time from request to the end of the response head (non-streaming: whole answer).",
+            ("route",),
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Calling upstreams: walking the plan with fallback, and normalising what comes back."""

@@ -1,0 +1,62 @@
+"""Stage `upstream` (terminal): walk the route's plan until a target answers.
+
+A target is skipped for the next one when it cannot be reached, times out before answering, or
+answers 429/5xx. Nothing is retried once a byte of the answer has gone to the client: for streams
+the commit point is the upstream's 200 status line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from gateway.context import RequestContext
+from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.telemetry import Metrics
+
+log = logging.getLogger("strait.upstream")
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 529})
+
+
+class Dispatcher:
+    def __init__(self, adapters: Mapping[str, Adapter], metrics: Metrics) -> None:
+        self.adapters = adapters
+        self.metrics = metrics
+
+    async def call(self, ctx: RequestContext) -> UpstreamResponse:
+        last_response: UpstreamResponse | None = None
+        last_error: UpstreamConnectError | None = None
+        plan = ctx.plan
+        for attempt, target in enumerate(plan):
+            payload = dict(ctx.payload)
+            payload["model"] = target.deployment.upstream_model
+            payload.pop("strait", None)
+            if ctx.stream:
+                # Always ask for usage so every token is accounted; the relay strips the chunk if the
+                # client did not ask for it.
+                options = payload.get("stream_options")
+                payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            call = UpstreamCall(operation=ctx.operation, payload=payload, stream=ctx.stream, request_id=ctx.request_id)
+            ctx.attempts = attempt + 1
+            try:
+                response = await self.adapters[target.backend.name].send(call)
+            except UpstreamConnectError as exc:
+                self.metrics.upstream_attempts.labels(
+                    target.backend.name, "timeout" if exc.timeout else "connect_error"
+                ).inc()
+                log.warning("upstream %s unreachable (attempt %d): %s", target.backend.name, attempt + 1, exc)
+                last_error = exc
+                continue
+            self.metrics.upstream_attempts.labels(target.backend.name, str(response.status)).inc()
+            ctx.target = target
+            if response.status in RETRYABLE_STATUS and attempt + 1 < len(plan):
+                last_response = response
+                continue
+            return response
+        if last_response is not None:
+            return last_response
+        if last_error is not None and last_error.timeout:
+            raise UpstreamTimeout("The upstream did not answer in time.")
+        raise UpstreamUnavailable("No upstream could be reached for this model.")

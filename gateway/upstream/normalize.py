@@ -1,0 +1,97 @@
+"""Upstream error bodies, normalised to OpenAI's envelope with the status the SDK expects.
+
+Upstreams disagree: llama.cpp and vLLM send integer `code`s and no `param`, old vLLM a flat
+`{"object": "error"}`, some proxies HTML. The client always gets `{"error": {message, type, param,
+code}}` with a string or null `code`, the upstream's status, and a capped `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from gateway.api.wire import UpstreamErrorBody, UpstreamErrorProbe
+from gateway.errors import UpstreamError
+
+# The SDKs give up retrying when Retry-After exceeds 120 s (openai) or sleep without a cap (anthropic).
+MAX_RETRY_AFTER_S = 120
+_PASSED_HEADERS = ("retry-after", "retry-after-ms")
+_CONTEXT_HINTS = (
+    "context length",
+    "context size",
+    "context window",
+    "exceed_context",
+    "too many tokens",
+    "prompt is too long",
+)
+_decode_probe = msgspec.json.Decoder(UpstreamErrorProbe).decode
+_DEFAULT_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_denied",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def cap_retry_after(value: str) -> str | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # An HTTP date: rare from upstreams; dropping it falls back to SDK backoff.
+    if seconds < 0:
+        return None
+    return str(min(int(seconds + 0.999), MAX_RETRY_AFTER_S))
+
+
+def upstream_error(status: int, body: bytes, headers: dict[str, str]) -> UpstreamError:
+    """Build the client-facing error for an upstream's error answer."""
+    err = _parse(body)
+    message = (err.message or "").strip() or f"The upstream returned HTTP {status}."
+    type_ = err.type or _DEFAULT_TYPE.get(status, "upstream_error" if status < 500 else "server_error")
+    code: str | None = None if err.code is None or isinstance(err.code, int) else err.code
+    param = err.param
+    lowered = f"{message} {type_}".lower()
+    if status == 400 and any(h in lowered for h in _CONTEXT_HINTS):
+        # LiteLLM and other clients match this wording; keep the upstream's detail after it.
+        code, param = "context_length_exceeded", "messages"
+        if "maximum context length" not in message.lower():
+            message = f"This model's maximum context length was exceeded: {message}"
+    if type_ == "exceed_context_size_error":
+        type_ = "invalid_request_error"
+    out_headers: dict[str, str] = {}
+    for name in _PASSED_HEADERS:
+        if name in headers:
+            value = cap_retry_after(headers[name]) if name == "retry-after" else headers[name]
+            if value is not None:
+                out_headers[name] = value
+    for name, value in headers.items():
+        if name.startswith("x-ratelimit-"):
+            out_headers[name] = value
+    if status in (429, 503) and "retry-after" not in out_headers:
+        out_headers["retry-after"] = "1"
+    return UpstreamError(
+        message, param=param, code=code or _default_code(status), status=status, headers=out_headers, type_=type_
+    )
+
+
+def _default_code(status: int) -> str | None:
+    return {
+        429: "rate_limit_exceeded",
+        500: "upstream_error",
+        502: "upstream_error",
+        503: "upstream_unavailable",
+        504: "upstream_timeout",
+    }.get(status)
+
+
+def _parse(body: bytes) -> UpstreamErrorBody:
+    try:
+        probe = _decode_probe(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        # Not JSON (an HTML error page from a proxy): its text may name internal hosts, so drop it.
+        return UpstreamErrorBody()
+    if isinstance(probe.error, UpstreamErrorBody):
+        return probe.error
+    if isinstance(probe.error, str):
+        return UpstreamErrorBody(message=probe.error, type=probe.type, code=probe.code)
+    return UpstreamErrorBody(message=probe.message, type=probe.type, code=probe.code)

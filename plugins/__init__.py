@@ -1,0 +1,1 @@
+"""Adapters shipped with Strait; each is registered under the `strait.adapters` entry-point group."""

@@ -1,0 +1,310 @@
+"""`simulated`: a backend that lives inside the gateway, for demos, tests and load tests.
+
+It answers chat, legacy completions and embeddings in OpenAI's wire format with configurable time to
+first token, tokens per second, output length and failure rate, and counts usage with tiktoken so the
+numbers look like a real engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import random
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from gateway.contracts import UpstreamCall, UpstreamResponse
+from gateway.policy.model import Backend, SimulatedOptions
+from gateway.tokens import count_chat, count_text, encoding
+
+_WORDS = [
+    "the",
+    "edge",
+    "server",
+    "answered",
+    "this",
+    "request",
+    "while",
+    "the",
+    "cloud",
+    "stayed",
+    "idle",
+    "and",
+    "every",
+    "token",
+    "was",
+    "counted",
+    "by",
+    "a",
+    "policy",
+    "that",
+    "knows",
+    "where",
+    "each",
+    "model",
+    "may",
+    "run",
+    "who",
+    "built",
+    "it",
+    "and",
+    "what",
+    "it",
+    "costs",
+    "per",
+    "million",
+    "tokens",
+]
+_encode = msgspec.json.encode
+
+
+def _single_token_words() -> tuple[str, ...]:
+    enc = encoding("cl100k_base")
+    return tuple(" " + w for w in _WORDS if len(enc.encode_ordinary(" " + w)) == 1)
+
+
+def _message_texts(payload: dict[str, Any]) -> list[str]:
+    texts: list[str] = []
+    for m in payload.get("messages") or ():
+        content = m.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.append(" ".join(p.get("text") or "" for p in content if isinstance(p, dict)))
+        else:
+            texts.append("")
+    return texts
+
+
+def _prompt_texts(prompt: Any) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list):
+        return [p if isinstance(p, str) else " ".join(map(str, p)) if isinstance(p, list) else str(p) for p in prompt]
+    return []
+
+
+def _error(status: int, message: str, type_: str, code: str) -> UpstreamResponse:
+    body = _encode({"error": {"message": message, "type": type_, "param": None, "code": code}})
+    headers = {"retry-after": "1"} if status in (429, 503) else {}
+    return UpstreamResponse(status=status, body=body, headers=headers)
+
+
+class SimulatedAdapter:
+    def __init__(self, backend: Backend, *, rng: random.Random | None = None) -> None:
+        self.name = backend.name
+        self.options = backend.simulated or SimulatedOptions()
+        self._rng = rng or random.Random()
+        self._words = _single_token_words()
+        self._ids = itertools.count(1)
+
+    async def aclose(self) -> None:
+        return None
+
+    async def send(self, call: UpstreamCall) -> UpstreamResponse:
+        o = self.options
+        if o.failure_rate > 0 and self._rng.random() < o.failure_rate:
+            return _error(o.failure_status, "simulated backend failure", "server_error", "simulated_failure")
+        if call.operation == "embeddings":
+            return self._embeddings(call.payload)
+        p = call.payload
+        limit = p.get("max_completion_tokens") or p.get("max_tokens")
+        n_tokens = min(o.output_tokens, int(limit)) if limit else o.output_tokens
+        finish = "length" if limit and int(limit) < o.output_tokens else "stop"
+        if call.operation == "chat":
+            prompt_tokens = count_chat(_message_texts(p))
+        else:
+            prompt_tokens = sum(count_text(t) for t in _prompt_texts(p.get("prompt")))
+        words = [self._words[i % len(self._words)] for i in range(n_tokens)]
+        tool = self._tool_call(p) if call.operation == "chat" else None
+        choices = max(1, int(p.get("n") or 1))
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n_tokens * choices,
+            "total_tokens": prompt_tokens + n_tokens * choices,
+        }
+        ident = f"{'chatcmpl' if call.operation == 'chat' else 'cmpl'}-sim{next(self._ids):08d}"
+        model = str(p.get("model", ""))
+        if call.stream:
+            events = self._stream(call.operation, ident, model, words, choices, finish, tool, usage)
+            return UpstreamResponse(status=200, events=events, close=_noop)
+        await asyncio.sleep(o.ttft_ms / 1000 + n_tokens / max(o.tokens_per_second, 1e-6))
+        return UpstreamResponse(
+            status=200, body=self._whole(call.operation, ident, model, words, choices, finish, tool, usage)
+        )
+
+    def _tool_call(self, p: dict[str, Any]) -> dict[str, Any] | None:
+        tools = p.get("tools")
+        choice = p.get("tool_choice")
+        if not tools or choice == "none":
+            return None
+        fn = tools[0].get("function", {})
+        if isinstance(choice, dict) and choice.get("function"):
+            name = choice["function"].get("name")
+            fn = next((t.get("function", {}) for t in tools if t.get("function", {}).get("name") == name), fn)
+        props = (fn.get("parameters") or {}).get("properties") or {}
+        args = {k: "simulated" for k in props}
+        return {
+            "id": f"call_sim{next(self._ids):08d}",
+            "type": "function",
+            "function": {"name": fn.get("name", "tool"), "arguments": _encode(args).decode()},
+        }
+
+    def _whole(
+        self,
+        op: str,
+        ident: str,
+        model: str,
+        words: list[str],
+        n: int,
+        finish: str,
+        tool: dict[str, Any] | None,
+        usage: dict[str, int],
+    ) -> bytes:
+        text = "".join(words).lstrip()
+        created = int(time.time())
+        if op == "completions":
+            return _encode(
+                {
+                    "id": ident,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {"text": text, "index": i, "logprobs": None, "finish_reason": finish} for i in range(n)
+                    ],
+                    "usage": usage,
+                }
+            )
+        message: dict[str, Any] = {"role": "assistant", "content": None if tool else text, "refusal": None}
+        if tool:
+            message["tool_calls"] = [tool]
+        choices = [
+            {"index": i, "message": message, "logprobs": None, "finish_reason": "tool_calls" if tool else finish}
+            for i in range(n)
+        ]
+        return _encode(
+            {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": choices,
+                "usage": usage,
+                "system_fingerprint": "strait-simulated",
+            }
+        )
+
+    async def _stream(
+        self,
+        op: str,
+        ident: str,
+        model: str,
+        words: list[str],
+        n: int,
+        finish: str,
+        tool: dict[str, Any] | None,
+        usage: dict[str, int],
+    ) -> AsyncIterator[bytes]:
+        o = self.options
+        created = int(time.time())
+        step = max(1, o.chunk_tokens)
+        pause = step / max(o.tokens_per_second, 1e-6)
+        obj = "text_completion" if op == "completions" else "chat.completion.chunk"
+        head = {"id": ident, "object": obj, "created": created, "model": model}
+
+        def chunk(choices: list[dict[str, Any]]) -> bytes:
+            return _encode({**head, "choices": choices})
+
+        def delta(i: int, d: dict[str, Any], fin: str | None = None) -> dict[str, Any]:
+            if op == "completions":
+                return {"text": d.get("content", ""), "index": i, "logprobs": None, "finish_reason": fin}
+            return {"index": i, "delta": d, "logprobs": None, "finish_reason": fin}
+
+        await asyncio.sleep(o.ttft_ms / 1000)
+        if op == "chat":
+            yield chunk(
+                [
+                    delta(i, {"role": "assistant", "content": "" if not tool else None, "refusal": None})
+                    for i in range(n)
+                ]
+            )
+        if tool:
+            fn = tool["function"]
+            first = {
+                "index": 0,
+                "id": tool["id"],
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": ""},
+            }
+            yield chunk([delta(i, {"tool_calls": [first]}) for i in range(n)])
+            args = fn["arguments"]
+            for k in range(0, len(args), 8):
+                await asyncio.sleep(pause)
+                yield chunk(
+                    [
+                        delta(i, {"tool_calls": [{"index": 0, "function": {"arguments": args[k : k + 8]}}]})
+                        for i in range(n)
+                    ]
+                )
+            fin = "tool_calls"
+        else:
+            for k in range(0, len(words), step):
+                text = "".join(words[k : k + step])
+                if k == 0:
+                    text = text.lstrip()
+                yield chunk([delta(i, {"content": text}) for i in range(n)])
+                await asyncio.sleep(pause)
+            fin = finish
+        yield chunk([delta(i, {}, fin) for i in range(n)])
+        yield _encode({**head, "choices": [], "usage": usage})
+
+    def _embeddings(self, p: dict[str, Any]) -> UpstreamResponse:
+        raw = p.get("input")
+        items: list[Any] = (
+            [raw]
+            if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
+            else list(raw or [])
+        )
+        dims = int(p.get("dimensions") or self.options.embedding_dims)
+        b64 = p.get("encoding_format") == "base64"
+        data = []
+        tokens = 0
+        for i, item in enumerate(items):
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            tokens += count_text(text) if isinstance(item, str) else len(item)
+            vec = _vector(text, dims)
+            emb: Any = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if b64 else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        body = _encode(
+            {
+                "object": "list",
+                "data": data,
+                "model": p.get("model", ""),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+        return UpstreamResponse(status=200, body=body)
+
+
+def _vector(text: str, dims: int) -> list[float]:
+    """A deterministic unit vector from the text's hash: equal texts embed equally."""
+    seed = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    rng = random.Random(seed)
+    vec = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+    norm = sum(v * v for v in vec) ** 0.5 or 1.0
+    return [v / norm for v in vec]
+
+
+async def _noop() -> None:
+    return None
+
+
+def factory(backend: Backend) -> SimulatedAdapter:
+    return SimulatedAdapter(backend)
