@@ -9,6 +9,7 @@ from typing import Literal
 import msgspec
 
 UpstreamTransport = Literal["aiohttp", "httpx"]
+AsgiServer = Literal["uvicorn", "granian"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -21,6 +22,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # HTTP client under the adapters: aiohttp's transport measured faster than httpx's own (loadtest/README.md).
     upstream_transport: UpstreamTransport = "aiohttp"
     log_level: str = "WARNING"
+    # The ASGI server behind `strait serve`, chosen by measurement (loadtest/README.md).
+    server: AsgiServer = "uvicorn"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -34,6 +37,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("state", "STRAIT_STATE"),
             ("upstream_transport", "STRAIT_UPSTREAM_TRANSPORT"),
             ("log_level", "STRAIT_LOG_LEVEL"),
+            ("server", "STRAIT_SERVER"),
         ):
             if var in env:
                 values[field] = env[var]

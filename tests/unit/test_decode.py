@@ -1,0 +1,97 @@
+"""Bad request bodies get a 400 that names the field; nothing malformed gets through."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.api.decode import decode_request, read_body
+from gateway.api.wire import ChatRequest, EmbeddingsRequest
+from gateway.errors import InvalidRequest, PayloadTooLarge
+
+
+def _chat(body: bytes) -> ChatRequest:
+    return decode_request(body, ChatRequest)[0]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        (b"{not json", None, "could not parse the JSON body"),
+        (b"", None, "empty"),
+        (b"[1, 2]", None, "must be a JSON object"),
+        (b'{"model": "m"}', "messages", "missing required field `messages`"),
+        (b'{"model": 5, "messages": []}', "model", "Expected `str`, got `int`"),
+        (b'{"model": "m", "messages": "hi"}', "messages", "Expected `array`"),
+        (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}', "messages[0].role", "Invalid enum value"),
+        (b'{"model": "m", "messages": []}', "messages", "at least one message"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}', "n", "between 1 and 128"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens", "at least 1"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}', "temperature", "between 0 and 2"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', None, "lone surrogate"),
+    ],
+)
+def test_bad_bodies_are_refused_with_the_field_named(body: bytes, param: str | None, fragment: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        _chat(body)
+    assert info.value.status == 400
+    assert info.value.param == param
+    assert fragment in info.value.message
+
+
+def test_unknown_fields_are_kept_for_the_upstream() -> None:
+    typed, raw = decode_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_k": 5}', ChatRequest)
+    assert typed.model == "m"
+    assert raw["top_k"] == 5
+
+
+def test_multipart_content_and_tools_decode() -> None:
+    body = (
+        b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "what"},'
+        b' {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}],'
+        b' "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],'
+        b' "tool_choice": {"type": "function", "function": {"name": "f"}}, "response_format": {"type": "json_object"}}'
+    )
+    typed = _chat(body)
+    assert typed.tools is not None and typed.tools[0].function.name == "f"
+
+
+def test_embedding_inputs_must_not_mix_kinds() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(b'{"model": "e", "input": ["a", 1]}', EmbeddingsRequest)
+    assert info.value.param == "input"
+    typed, _ = decode_request(b'{"model": "e", "input": [[1, 2], [3]]}', EmbeddingsRequest)
+    assert typed.input == [[1, 2], [3]]
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_escape_as_anything_but_invalid_request(body: bytes) -> None:
+    try:
+        _chat(body)
+    except InvalidRequest as exc:
+        assert exc.status == 400
+
+
+async def _chunks(parts: list[bytes]):  # type: ignore[no-untyped-def]
+    for p in parts:
+        yield p
+
+
+async def test_oversized_body_is_refused_from_content_length_before_reading() -> None:
+    read: list[bytes] = []
+
+    async def never_read():  # type: ignore[no-untyped-def]
+        read.append(b"x")
+        yield b"x"
+
+    with pytest.raises(PayloadTooLarge):
+        await read_body(never_read(), "5000", 1024)
+    assert read == []
+
+
+async def test_oversized_chunked_body_is_refused_while_streaming() -> None:
+    with pytest.raises(PayloadTooLarge) as info:
+        await read_body(_chunks([b"a" * 600, b"b" * 600, b"c" * 600]), None, 1024)
+    assert info.value.status == 413
+    assert await read_body(_chunks([b"a" * 600, b"b" * 400]), None, 1024) == b"a" * 600 + b"b" * 400
