@@ -42,7 +42,10 @@ TIME_TOOL = {
     "type": "function",
     "function": {
         "name": "get_time",
-        "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}, "utc_offset": {"type": "integer"}}},
+        "parameters": {
+            "type": "object",
+            "properties": {"timezone": {"type": "string"}, "utc_offset": {"type": "integer"}},
+        },
     },
 }
 
@@ -479,7 +482,9 @@ def test_context_length_error_matches_fixture(http: httpx.Client) -> None:
 
 def test_401_masks_the_key(http: httpx.Client) -> None:
     key = "sk-secret-abcdefghijklmnop-WXYZ"
-    r = http.post("/v1/chat/completions", json=body(), headers={"authorization": f"Bearer {key}", "x-fake-status": "401"})
+    r = http.post(
+        "/v1/chat/completions", json=body(), headers={"authorization": f"Bearer {key}", "x-fake-status": "401"}
+    )
     assert r.status_code == 401
     assert key not in r.text and "WXYZ" in r.json()["error"]["message"]
 
@@ -490,7 +495,9 @@ def test_error_styles(http: httpx.Client) -> None:
     assert r.status_code == 400
     assert err["code"] == 400 and "param" not in err
     assert err["type"] == "exceed_context_size_error" and "exceeds the available context size" in err["message"]
-    r = http.post("/v1/chat/completions", json=body(), headers={"x-fake-status": "401", "x-fake-error-style": "llamacpp"})
+    r = http.post(
+        "/v1/chat/completions", json=body(), headers={"x-fake-status": "401", "x-fake-error-style": "llamacpp"}
+    )
     assert r.json() == {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}}
     r = http.post("/v1/chat/completions", json=body(fake={"status": 400, "error_style": "vllm"}))
     err = r.json()["error"]
@@ -632,9 +639,10 @@ def test_client_disconnect_midstream_is_recorded(fake: str, http: httpx.Client) 
     payload = body(stream=True, fake={"tokens": 400, "chunk_tokens": 1, "chunk_delay_ms": 20})
     parser = SSEParser()
     got: list[str] = []
-    with httpx.Client(base_url=fake, timeout=10.0) as c, c.stream(
-        "POST", "/v1/chat/completions", json=payload, headers=headers
-    ) as r:
+    with (
+        httpx.Client(base_url=fake, timeout=10.0) as c,
+        c.stream("POST", "/v1/chat/completions", json=payload, headers=headers) as r,
+    ):
         for chunk in r.iter_raw():
             got.extend(e.data for e in parser.feed(chunk))
             if len(got) >= 4:
@@ -731,7 +739,7 @@ def test_sse_parser_cases() -> None:
         b"data: one\r\n\r\n"
         b"event: update\ndata:two\ndata:  three\nid: 7\n\n"
         b"data: four\r\rdata\n\n"
-        b"data: {\"a\":1}\n\n"
+        b'data: {"a":1}\n\n'
         b"data: unterminated"
     )
     events = parse_events(raw)

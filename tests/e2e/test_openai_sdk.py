@@ -92,7 +92,9 @@ def test_tool_calls_streamed_and_not_agree(client: openai.OpenAI) -> None:
 def test_embeddings_float_and_base64(client: openai.OpenAI, direct: openai.OpenAI) -> None:
     via_default = client.embeddings.create(model="embed", input=["alpha", "beta"])  # SDK asks for base64
     via_float = client.embeddings.create(model="embed", input=["alpha", "beta"], encoding_format="float")
-    straight = direct.embeddings.create(model="text-embedding-3-small", input=["alpha", "beta"], encoding_format="float")
+    straight = direct.embeddings.create(
+        model="text-embedding-3-small", input=["alpha", "beta"], encoding_format="float"
+    )
     assert [d.embedding for d in via_float.data] == [d.embedding for d in straight.data]
     for a, b in zip(via_default.data, via_float.data, strict=True):
         assert a.embedding == pytest.approx(b.embedding, rel=1e-6)
@@ -243,7 +245,9 @@ def test_byte_equivalent_content_to_a_direct_call(gateway: ServerProcess, fake_u
     assert parse_sse(via_s.content) == parse_sse(direct_s.content)
 
 
-def test_midstream_upstream_failure_raises_in_the_sdk_without_done(client: openai.OpenAI, gateway: ServerProcess) -> None:
+def test_midstream_upstream_failure_raises_in_the_sdk_without_done(
+    client: openai.OpenAI, gateway: ServerProcess
+) -> None:
     with pytest.raises(openai.APIError):
         for _ in client.chat.completions.create(
             model="gpt-fake", messages=USER, stream=True, extra_body={"fake": {"tokens": 40, "fail_after_chunks": 2}}
@@ -288,7 +292,9 @@ def test_client_disconnect_closes_the_upstream_stream(gateway: ServerProcess, le
 
 def test_simulated_backend_streams_with_usage(client: openai.OpenAI) -> None:
     chunks = list(
-        client.chat.completions.create(model="sim-chat", messages=USER, stream=True, stream_options={"include_usage": True})
+        client.chat.completions.create(
+            model="sim-chat", messages=USER, stream=True, stream_options={"include_usage": True}
+        )
     )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

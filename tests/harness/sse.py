@@ -55,7 +55,7 @@ class SSEParser:
                 break
             if i_r >= 0 and (i_n < 0 or i_r < i_n):
                 if i_r == len(self._buf) - 1:
-                    pass  # a lone trailing \r may be the first half of \r\n: wait for more bytes
+                    break  # a lone trailing \r may be the first half of \r\n: wait for more bytes
                 end, nxt = i_r, i_r + (2 if self._buf[i_r + 1 : i_r + 2] == b"\n" else 1)
             else:
                 end, nxt = i_n, i_n + 1

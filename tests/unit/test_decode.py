@@ -27,8 +27,16 @@ def _chat(body: bytes) -> ChatRequest:
         (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}', "messages[0].role", "Invalid enum value"),
         (b'{"model": "m", "messages": []}', "messages", "at least one message"),
         (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}', "n", "between 1 and 128"),
-        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens", "at least 1"),
-        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}', "temperature", "between 0 and 2"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+            "max_tokens",
+            "at least 1",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}',
+            "temperature",
+            "between 0 and 2",
+        ),
         (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', None, "lone surrogate"),
     ],
 )
@@ -41,7 +49,9 @@ def test_bad_bodies_are_refused_with_the_field_named(body: bytes, param: str | N
 
 
 def test_unknown_fields_are_kept_for_the_upstream() -> None:
-    typed, raw = decode_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_k": 5}', ChatRequest)
+    typed, raw = decode_request(
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_k": 5}', ChatRequest
+    )
     assert typed.model == "m"
     assert raw["top_k"] == 5
 

@@ -23,7 +23,11 @@ def _decode_all(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 @settings(max_examples=300)
-@given(st.lists(payload, min_size=1, max_size=8), st.sampled_from([b"\n", b"\r\n", b"\r"]), st.lists(st.integers(0, 10_000)))
+@given(
+    st.lists(payload, min_size=1, max_size=8),
+    st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    st.lists(st.integers(0, 10_000)),
+)
 def test_any_split_yields_the_same_events(payloads: list[bytes], eol: bytes, cuts: list[int]) -> None:
     stream = b"".join(b"data: " + p + eol + eol for p in payloads)
     assert _decode_all(stream, cuts) == payloads

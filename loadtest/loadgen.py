@@ -1,0 +1,300 @@
+"""An asyncio load generator on aiohttp's client (cheap per request), for JSON and SSE chat completions.
+
+Closed loop: `--concurrency` workers send requests back to back until `--requests` are done or
+`--duration` seconds have passed, whichever comes first (both are always bounded).
+
+    python -m loadtest.loadgen --url http://127.0.0.1:8080/v1/chat/completions --model bench \
+        --concurrency 32 --requests 5000 --duration 10 [--stream] [--json] [--cpu gateway=PID]
+
+Non-streaming: latency per request (status 200 and a body with "choices" count as success).
+Streaming: TTFT (time to the first `data:` event), total time, events per stream; a stream without
+`data: [DONE]` last, or with an error event, counts as an error.
+`--cpu NAME=PID` samples the CPU time of that process tree (from /proc) after the warm-up and at the end,
+and reports CPU ms per request: the measured window contains only the measured requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+
+from loadtest.procstat import machine_busy, tree_cpu_seconds
+
+DEFAULT_MESSAGES = [{"role": "user", "content": "Write one short sentence about rivers."}]
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0.0 for an empty list)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass
+class Summary:
+    """Milliseconds."""
+
+    p50: float = 0.0
+    p90: float = 0.0
+    p99: float = 0.0
+    mean: float = 0.0
+    max: float = 0.0
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Summary:
+        if not seconds:
+            return cls()
+        s = sorted(seconds)
+        return cls(
+            p50=percentile(s, 50) * 1000,
+            p90=percentile(s, 90) * 1000,
+            p99=percentile(s, 99) * 1000,
+            mean=sum(s) / len(s) * 1000,
+            max=s[-1] * 1000,
+        )
+
+
+@dataclass
+class Result:
+    mode: str
+    url: str
+    concurrency: int
+    count: int = 0
+    errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    rps: float = 0.0
+    latency: Summary = field(default_factory=Summary)  # total time per request (streams: to the last byte)
+    ttft: Summary | None = None  # streams only
+    events_per_stream: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
+    machine_busy_pct: float = 0.0  # all cores, during the measured window
+
+
+class _Run:
+    """Shared state of the workers of one measured (or warm-up) window."""
+
+    def __init__(self, total: int, deadline: float) -> None:
+        self.remaining = total
+        self.deadline = deadline
+        self.latencies: list[float] = []
+        self.ttfts: list[float] = []
+        self.events = 0
+        self.errors: dict[str, int] = {}
+
+    def take(self) -> bool:
+        if self.remaining <= 0 or time.perf_counter() >= self.deadline:
+            return False
+        self.remaining -= 1
+        return True
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+async def _one_json(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], run: _Run) -> None:
+    started = time.perf_counter()
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            data = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        run.error(type(exc).__name__)
+        return
+    if status != 200:
+        run.error(f"http_{status}")
+        return
+    if b'"choices"' not in data:
+        run.error("bad_body")
+        return
+    run.latencies.append(time.perf_counter() - started)
+
+
+async def _one_stream(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], run: _Run
+) -> None:
+    started = time.perf_counter()
+    first: float | None = None
+    events = 0
+    tail = b""
+    errored = False
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            if resp.status != 200:
+                await resp.read()
+                run.error(f"http_{resp.status}")
+                return
+            async for chunk in resp.content.iter_any():
+                buf = tail + chunk if tail else chunk
+                cut = buf.rfind(b"\n\n")
+                if cut == -1:
+                    tail = buf
+                    continue
+                complete, tail = buf[: cut + 2], buf[cut + 2 :]
+                n = complete.count(b"data:")
+                if n and first is None:
+                    first = time.perf_counter()
+                events += n
+                if b'data: {"error"' in complete:
+                    errored = True
+                last = complete
+            done = not tail.strip() and events > 0 and last.endswith(b"data: [DONE]\n\n")
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        run.error(type(exc).__name__)
+        return
+    if errored:
+        run.error("error_event")
+        return
+    if not done:
+        run.error("no_done")
+        return
+    end = time.perf_counter()
+    run.latencies.append(end - started)
+    run.ttfts.append((first or end) - started)
+    run.events += events - 1  # [DONE] is not an event of the answer
+
+
+async def _worker(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], stream: bool, run: _Run
+) -> None:
+    one = _one_stream if stream else _one_json
+    while run.take():
+        await one(session, url, body, headers, run)
+
+
+def _parse_cpu(specs: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for spec in specs:
+        name, _, pid = spec.partition("=")
+        out[name] = int(pid)
+    return out
+
+
+async def run_load(
+    url: str,
+    *,
+    model: str = "bench",
+    concurrency: int = 1,
+    requests: int = 1000,
+    duration: float = 10.0,
+    stream: bool = False,
+    warmup: int = 0,
+    timeout: float = 30.0,
+    cpu_pids: dict[str, int] | None = None,
+    messages: list[dict[str, str]] | None = None,
+    max_tokens: int = 64,
+) -> Result:
+    """Warm up (`warmup` requests, at least one per connection), then measure one bounded window."""
+    payload: dict[str, Any] = {"model": model, "messages": messages or DEFAULT_MESSAGES, "max_tokens": max_tokens}
+    if stream:
+        payload["stream"] = True
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = {"content-type": "application/json", "accept": "text/event-stream" if stream else "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, ttl_dns_cache=None)
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    result = Result(mode="stream" if stream else "json", url=url, concurrency=concurrency)
+    cpu_pids = cpu_pids or {}
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=client_timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
+    ) as session:
+        if warmup > 0:
+            w = _Run(max(warmup, concurrency), time.perf_counter() + timeout)
+            await asyncio.gather(*(_worker(session, url, body, headers, stream, w) for _ in range(concurrency)))
+        cpu_before = {name: tree_cpu_seconds(pid) for name, pid in cpu_pids.items()}
+        busy_before = machine_busy()
+        started = time.perf_counter()
+        run = _Run(requests, started + duration)
+        await asyncio.gather(*(_worker(session, url, body, headers, stream, run) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        busy_after = machine_busy()
+        cpu_after = {name: tree_cpu_seconds(pid) for name, pid in cpu_pids.items()}
+    result.count = len(run.latencies)
+    result.errors = sum(run.errors.values())
+    result.error_kinds = run.errors
+    result.elapsed_s = elapsed
+    result.rps = result.count / elapsed if elapsed > 0 else 0.0
+    result.latency = Summary.of(run.latencies)
+    if stream:
+        result.ttft = Summary.of(run.ttfts)
+        result.events_per_stream = run.events / result.count if result.count else 0.0
+    handled = result.count + result.errors
+    for name in cpu_pids:
+        spent = cpu_after[name] - cpu_before[name]
+        result.cpu_s[name] = spent
+        result.cpu_ms_per_request[name] = spent * 1000 / handled if handled else 0.0
+    total = busy_after[1] - busy_before[1]
+    result.machine_busy_pct = 100 * (busy_after[0] - busy_before[0]) / total if total > 0 else 0.0
+    return result
+
+
+def format_result(r: Result) -> str:
+    lines = [
+        f"{r.mode} c={r.concurrency} {r.url}",
+        f"  count={r.count} errors={r.errors} {r.error_kinds or ''} elapsed={r.elapsed_s:.2f}s rps={r.rps:.0f}",
+        f"  latency ms: p50={r.latency.p50:.2f} p90={r.latency.p90:.2f} p99={r.latency.p99:.2f} max={r.latency.max:.2f}",
+    ]
+    if r.ttft is not None:
+        lines.append(
+            f"  ttft ms:    p50={r.ttft.p50:.2f} p90={r.ttft.p90:.2f} p99={r.ttft.p99:.2f}"
+            f"  events/stream={r.events_per_stream:.1f}"
+        )
+    for name, ms in r.cpu_ms_per_request.items():
+        lines.append(f"  cpu {name}: {r.cpu_s[name]:.2f}s = {ms:.3f} ms/request")
+    lines.append(f"  machine busy: {r.machine_busy_pct:.0f}% of all cores")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Closed-loop load generator for OpenAI-compatible chat endpoints.")
+    parser.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8080/v1/chat/completions")
+    parser.add_argument("--model", default="bench")
+    parser.add_argument("--concurrency", "-c", type=int, default=1)
+    parser.add_argument("--requests", "-n", type=int, default=1000, help="upper bound on measured requests")
+    parser.add_argument("--duration", "-d", type=float, default=10.0, help="upper bound on the measured window (s)")
+    parser.add_argument("--stream", action="store_true")
+    parser.add_argument("--warmup", type=int, default=0, help="warm-up requests before measuring (>= concurrency)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
+    parser.add_argument("--cpu", action="append", default=[], metavar="NAME=PID", help="process tree to meter")
+    parser.add_argument("--nice", type=int, default=0, help="lower this process's priority by N (os.nice)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
+        parser.error("concurrency, requests and duration must be positive")
+    if args.nice:
+        os.nice(args.nice)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a gateway dependency
+        pass
+    result = asyncio.run(
+        run_load(
+            args.url,
+            model=args.model,
+            concurrency=args.concurrency,
+            requests=args.requests,
+            duration=args.duration,
+            stream=args.stream,
+            warmup=args.warmup,
+            timeout=args.timeout,
+            cpu_pids=_parse_cpu(args.cpu),
+        )
+    )
+    print(json.dumps(asdict(result)) if args.json else format_result(result))
+    return 0 if result.errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
