@@ -129,6 +129,8 @@ async def _one_stream(
     events = 0
     tail = b""
     errored = False
+    last = b""
+    done = False
     try:
         async with session.post(url, data=body, headers=headers) as resp:
             if resp.status != 200:

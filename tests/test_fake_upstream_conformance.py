@@ -261,7 +261,7 @@ def test_n_max_tokens_and_stop(http: httpx.Client) -> None:
     assert stopped["choices"][0]["message"]["content"] == "alpha bravo charlie"
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert stopped["usage"]["completion_tokens"] == 3
-    r, raw = post_stream(http, "/v1/chat/completions", {**plain, "stop": " delta", "stream": True})
+    _, raw = post_stream(http, "/v1/chat/completions", {**plain, "stop": " delta", "stream": True})
     chunks = json_payloads(parse_sse(raw))
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if chunk_kind(c) == "delta")
     assert text == "alpha bravo charlie"
@@ -276,6 +276,7 @@ def test_stream_with_usage_matches_fixture(http: httpx.Client) -> None:
     assert raw_framing_ok(raw)
     chunks = json_payloads(parse_sse(raw))
     fx_raw, fx = load_sse("chat_completion_stream_usage.sse")
+    assert raw_framing_ok(fx_raw)
     assert kind_sequence(chunks) == kind_sequence(fx) == ["role", "delta", "finish", "usage", "done"]
     for kind in ("role", "delta", "finish", "usage"):
         expected = first_of(fx, kind)
