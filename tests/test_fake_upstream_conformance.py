@@ -569,6 +569,8 @@ def test_ledger_records_and_reset(http: httpx.Client) -> None:
     http.get("/v1/models")
     (after,) = ledger(http)
     assert after["n"] == n_before + 1  # the counter (and so the markers) keep going across resets
+    http.get("/v1/models")
+    assert [r["n"] for r in http.get("/_ledger", params={"since": after["n"]}).json()] == [after["n"] + 1]
 
 
 def test_ttft_and_chunk_delay(http: httpx.Client) -> None:

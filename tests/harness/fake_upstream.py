@@ -1,20 +1,29 @@
 """An OpenAI-compatible fake upstream for the gateway's tests (aiohttp.web, one process, loopback only).
 
-Run: ``python -m tests.harness.fake_upstream --port P`` (binds 127.0.0.1).
+Run: ``python -m tests.harness.fake_upstream --port P`` (binds 127.0.0.1; ``--models a,b`` sets the model list).
 
 Endpoints: ``GET /healthz``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
-``POST /v1/completions``, ``POST /v1/embeddings``; control: ``GET /_ledger``, ``POST /_reset`` (``?counter=1`` also
-resets the request counter), ``GET /_info``.
+``POST /v1/completions``, ``POST /v1/embeddings``.  Control (not recorded): ``GET /_ledger`` (``?since=N``),
+``POST /_reset`` (``?counter=1`` also resets the request counter), ``GET /_info`` (tokenizer in use, counter).
 
-Behaviour is steered per request by directives, given either as request headers ``x-fake-<name>`` (dashes or
-underscores: ``x-fake-fail-after-chunks: 2``) or as a JSON body field ``"fake": {"<name>": value}`` (the body wins when
-both are given).  Unknown directive names are rejected with a 400, so a typo in a test cannot pass silently.
-See ``DIRECTIVES`` for the names and types.
+Directives steer the behaviour per request, given as request headers ``x-fake-<name>`` (dashes or underscores:
+``x-fake-fail-after-chunks: 2``) or as a JSON body field ``"fake": {"<name>": value}`` (the body wins when both are
+given; the gateway forwards unknown body fields).  Unknown names or bad values get a 400, so a typo cannot pass
+silently.  See ``DIRECTIVES`` for names and meanings.
 
-Generated text is deterministic: the NATO alphabet, one word per completion token, starting with the per-request marker
-``<<req:N>>`` (N = this process's request counter) unless ``marker`` is false.  With a ``seed`` in the body, ids and
-``created`` derive from a hash of the body and the marker defaults to off, so identical requests produce byte-identical
-bodies.
+Text is deterministic: NATO-alphabet words, one per completion token, the first token being the per-request marker
+``<<req:N>>`` (N = this process's request counter, never reused) unless ``marker`` is false.  With a ``seed`` in the
+body, ids and ``created`` derive from a hash of the body and the marker defaults to off, so identical requests produce
+byte-identical bodies.  Usage: ``completion_tokens`` = words (tool calls: argument fragments); ``prompt_tokens`` =
+``count_prompt_tokens(messages)`` (tiktoken o200k_base when its BPE file is cached locally, else a pre-token
+approximation; ``TOKENIZER`` says which).
+
+Ledger record (one per non-control request, appended when the request arrives and updated in place)::
+
+    {"n", "path", "method", "headers" (lower-case names), "body" (parsed JSON or null), "stream", "status" (null until
+     answered), "completion_tokens_generated" (tokens written so far), "client_disconnected", "finished" (the whole
+     response, ending with [DONE] for streams, was written), "aborted" (the fake cut the connection on purpose),
+     "started_at", "ended_at" (epoch seconds; ended_at null while in progress)}
 """
 
 from __future__ import annotations
@@ -485,7 +494,9 @@ def _request_id() -> str:
     return "req_" + secrets.token_hex(16)
 
 
-async def send_json(ctx: Ctx, status: int, obj: Any, headers: dict[str, str] | None = None) -> web.StreamResponse:
+async def send_json(
+    ctx: Ctx, status: int, obj: Any, headers: dict[str, str] | None = None, *, tokens: int = 0
+) -> web.StreamResponse:
     """Write a whole JSON response now (so write errors surface here) and mark the ledger record finished."""
     body = obj if isinstance(obj, bytes) else _dumps(obj).encode()
     resp = web.Response(
@@ -498,6 +509,7 @@ async def send_json(ctx: Ctx, status: int, obj: Any, headers: dict[str, str] | N
     ctx.record["status"] = status
     await resp.prepare(ctx.request)
     await resp.write_eof()
+    ctx.add_tokens(tokens)
     ctx.record["finished"] = True
     return resp
 
@@ -718,7 +730,12 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def get_ledger(request: web.Request) -> web.Response:
-    return web.Response(body=_dumps(request.app[STATE].ledger).encode(), content_type="application/json")
+    """The records as a JSON list; ``?since=N`` keeps only records with n > N."""
+    records = request.app[STATE].ledger
+    since = request.query.get("since")
+    if since is not None and since.lstrip("-").isdigit():
+        records = [r for r in records if r["n"] > int(since)]
+    return web.Response(body=_dumps(records).encode(), content_type="application/json")
 
 
 async def reset(request: web.Request) -> web.Response:
@@ -852,9 +869,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "service_tier": SERVICE_TIER,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
-    out = await send_json(ctx, 200, resp)
-    ctx.add_tokens(completion_tokens)
-    return out
+    return await send_json(ctx, 200, resp, tokens=completion_tokens)
 
 
 class _Streamer:
@@ -894,8 +909,8 @@ class _Streamer:
 
     async def finish(self) -> None:
         await self.resp.write(SSE_DONE)
-        await self.resp.write_eof()
         self.ctx.record["finished"] = True
+        await self.resp.write_eof()
 
 
 async def _start_stream(ctx: Ctx) -> web.StreamResponse:
@@ -1057,9 +1072,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         ],
         "usage": usage_object(prompt_tokens, completion_tokens, details=False),
     }
-    out = await send_json(ctx, 200, resp_obj)
-    ctx.add_tokens(completion_tokens)
-    return out
+    return await send_json(ctx, 200, resp_obj, tokens=completion_tokens)
 
 
 def embedding_vector(item: str | list[int], dims: int = 16) -> tuple[list[float], str]:
