@@ -675,7 +675,7 @@ def plan_text(ctx: Ctx, body: dict[str, Any], choice: int, cap: int | None) -> T
     return TextPlan(pieces, finish)
 
 
-def _example_value(schema: Any, name: str) -> Any:
+def _example_value(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return "Paris"
     if isinstance(schema.get("enum"), list) and schema["enum"]:
@@ -710,7 +710,7 @@ def plan_tool(body: dict[str, Any], choice: int) -> ToolPlan | None:
         fn = next((f for f in fns if f.get("name") == wanted), fn)
     params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
     props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
-    args = {k: _example_value(v, k) for k, v in props.items()}
+    args = {k: _example_value(v) for k, v in props.items()}
     return ToolPlan(_call_id(body, choice), str(fn.get("name", "tool")), _dumps(args))
 
 
