@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -365,7 +366,9 @@ def _dechunk(buf: bytes, start: int) -> tuple[bytes, int] | None:
 async def serve(host: str, port: int, chunks: int, timing: Timing, ready_fd: int | None = None) -> None:
     answers = build_answers(chunks)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: FastUpstream(answers, timing), host, port, backlog=2048, reuse_address=True)
+    server = await loop.create_server(
+        lambda: FastUpstream(answers, timing), host, port, backlog=2048, reuse_address=True
+    )
     bound = server.sockets[0].getsockname()[1]
     print(f"fast_upstream: listening on http://{host}:{bound}", file=sys.stderr, flush=True)
     if ready_fd is not None:
@@ -399,10 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a gateway dependency
         runner = asyncio.run
     started = time.perf_counter()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         runner(serve(args.host, args.port, args.chunks, timing))
-    except KeyboardInterrupt:
-        pass
     print(f"fast_upstream: stopped after {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
 

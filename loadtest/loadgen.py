@@ -20,6 +20,7 @@ import asyncio
 import json
 import math
 import os
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from loadtest.procstat import machine_busy, tree_cpu_seconds
+from loadtest.procstat import CLK_TCK, machine_busy, tree_cpu_seconds
 
 DEFAULT_MESSAGES = [{"role": "user", "content": "Write one short sentence about rivers."}]
 
@@ -80,6 +81,8 @@ class Result:
     cpu_s: dict[str, float] = field(default_factory=dict)
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
     machine_busy_pct: float = 0.0  # all cores, during the measured window
+    machine_busy_s: float = 0.0  # CPU seconds used by everything on the machine during the window
+    self_cpu_s: float = 0.0  # this load generator's own CPU seconds during the window
 
 
 class _Run:
@@ -109,7 +112,7 @@ async def _one_json(session: aiohttp.ClientSession, url: str, body: bytes, heade
         async with session.post(url, data=body, headers=headers) as resp:
             data = await resp.read()
             status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         run.error(type(exc).__name__)
         return
     if status != 200:
@@ -152,7 +155,7 @@ async def _one_stream(
                     errored = True
                 last = complete
             done = not tail.strip() and events > 0 and last.endswith(b"data: [DONE]\n\n")
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         run.error(type(exc).__name__)
         return
     if errored:
@@ -173,6 +176,11 @@ async def _worker(
     one = _one_stream if stream else _one_json
     while run.take():
         await one(session, url, body, headers, run)
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _parse_cpu(specs: list[str]) -> dict[str, int]:
@@ -215,10 +223,12 @@ async def run_load(
             await asyncio.gather(*(_worker(session, url, body, headers, stream, w) for _ in range(concurrency)))
         cpu_before = {name: tree_cpu_seconds(pid) for name, pid in cpu_pids.items()}
         busy_before = machine_busy()
+        self_before = _self_cpu()
         started = time.perf_counter()
         run = _Run(requests, started + duration)
         await asyncio.gather(*(_worker(session, url, body, headers, stream, run) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+        self_after = _self_cpu()
         busy_after = machine_busy()
         cpu_after = {name: tree_cpu_seconds(pid) for name, pid in cpu_pids.items()}
     result.count = len(run.latencies)
@@ -236,6 +246,8 @@ async def run_load(
         result.cpu_s[name] = spent
         result.cpu_ms_per_request[name] = spent * 1000 / handled if handled else 0.0
     total = busy_after[1] - busy_before[1]
+    result.machine_busy_s = (busy_after[0] - busy_before[0]) / CLK_TCK
+    result.self_cpu_s = self_after - self_before
     result.machine_busy_pct = 100 * (busy_after[0] - busy_before[0]) / total if total > 0 else 0.0
     return result
 

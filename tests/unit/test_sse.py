@@ -35,7 +35,7 @@ def test_any_split_yields_the_same_events(payloads: list[bytes], eol: bytes, cut
 
 @given(st.lists(payload, min_size=1, max_size=5), st.lists(st.integers(0, 10_000)))
 def test_comments_and_other_fields_are_ignored(payloads: list[bytes], cuts: list[int]) -> None:
-    stream = b": ping\n\n" + b"".join(b"event: message\nid: 7\ndata:" + p + b"\n\n" for p in payloads)
+    stream = b": ping\n\n" + b"".join(b"event: message\nid: 7\ndata: " + p + b"\n\n" for p in payloads)
     assert _decode_all(stream, cuts) == payloads
 
 
