@@ -23,6 +23,7 @@ from gateway.registry import discover_adapters
 from gateway.runtime import Gateway, build_runtime
 from gateway.settings import Settings
 from gateway.telemetry import Metrics
+from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait")
 
@@ -62,8 +63,9 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
 def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | None = None) -> Litestar:
     factories = discover_adapters() if factories is None else factories
     metrics = Metrics()
+    signals = LiveSignals()
     policy = load_policy(settings.policy_path, adapters=factories.keys())
-    gateway = Gateway(build_runtime(policy, factories, metrics), metrics)
+    gateway = Gateway(build_runtime(policy, factories, metrics, signals), metrics, signals)
     return Litestar(
         route_handlers=build_handlers(gateway),
         exception_handlers={

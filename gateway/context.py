@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.contracts import Operation
+from gateway.policy.engine import Decision
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Route
 
@@ -25,9 +26,14 @@ class RequestContext:
     include_usage: bool = False
     # Written by `auth`; read by `route` and later by limits and accounting.
     principal: Principal | None = None
-    # Written by `route`: the policy route and the ordered fallback plan.
+    # Short id of the routing decision (x-strait-decision); written by the edge.
+    decision_id: str = ""
+    # Written by `route`: estimated prompt tokens, the policy route, the ordered fallback plan and the
+    # decision table (for explain); read by upstream, limits and accounting.
+    prompt_tokens: int = 0
     route: Route | None = None
     plan: tuple[Target, ...] = ()
+    decision: Decision | None = None
     # Written by `upstream`: the target that answered and the attempts made.
     target: Target | None = None
     attempts: int = 0

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 from gateway.contracts import Adapter, AdapterFactory
 from gateway.pipeline import Pipeline
+from gateway.policy.decisions import DecisionLog
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import PolicySet
 from gateway.stages.auth import AuthStage
 from gateway.stages.route import RouteStage
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
+from gateway.upstream.signals import LiveSignals
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,24 +31,40 @@ class Runtime:
     max_body_bytes: int
 
 
-def build_runtime(policy: PolicySet, factories: Mapping[str, AdapterFactory], metrics: Metrics) -> Runtime:
+def build_runtime(
+    policy: PolicySet,
+    factories: Mapping[str, AdapterFactory],
+    metrics: Metrics,
+    signals: LiveSignals,
+    previous: Runtime | None = None,
+) -> Runtime:
+    """Everything for one policy. Adapters of backends whose definition did not change are reused
+    from `previous`, so a reload keeps their connection pools warm."""
     index = PolicyIndex(policy)
-    adapters = {b.name: factories[b.adapter](b) for b in policy.backends}
+    adapters: dict[str, Adapter] = {}
+    for b in policy.backends:
+        old = previous.index.backends.get(b.name) if previous is not None else None
+        if previous is not None and old == b:
+            adapters[b.name] = previous.adapters[b.name]
+        else:
+            adapters[b.name] = factories[b.adapter](b)
     auth = AuthStage(index)
     return Runtime(
         index=index,
         auth=auth,
-        pipeline=Pipeline([RouteStage(index)]),
-        dispatcher=Dispatcher(adapters, metrics),
+        pipeline=Pipeline([RouteStage(index, signals)]),
+        dispatcher=Dispatcher(adapters, metrics, signals),
         adapters=adapters,
         max_body_bytes=policy.server.max_body_bytes,
     )
 
 
 class Gateway:
-    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
+    def __init__(self, runtime: Runtime, metrics: Metrics, signals: LiveSignals) -> None:
         self.runtime = runtime
         self.metrics = metrics
+        self.signals = signals
+        self.decisions = DecisionLog()
         self.started_at = int(time.time())
 
     async def aclose(self) -> None:

@@ -24,6 +24,7 @@ from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody, ErrorEnvelope
 from gateway.telemetry import Metrics
 from gateway.upstream.normalize import upstream_error
+from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait.relay")
 
@@ -38,6 +39,8 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
         headers["x-strait-route"] = ctx.route.name
     if ctx.target is not None:
         headers["x-strait-deployment"] = ctx.target.label
+    if ctx.decision_id:
+        headers["x-strait-decision"] = ctx.decision_id
     return headers
 
 
@@ -47,7 +50,9 @@ def _count_usage(metrics: Metrics, route: str, usage: Usage | None) -> None:
         metrics.tokens.labels(route, "completion").inc(usage.completion_tokens)
 
 
-def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -> Response[bytes] | Stream:
+def respond(
+    ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, signals: LiveSignals
+) -> Response[bytes] | Stream:
     route = ctx.route_name
     headers = response_headers(ctx)
     if upstream.status >= 400:
@@ -68,14 +73,16 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -
     metrics.requests.labels(route, "200").inc()
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
-    return Stream(_relay(ctx, upstream, metrics), media_type="text/event-stream", headers=headers)
+    return Stream(_relay(ctx, upstream, metrics, signals), media_type="text/event-stream", headers=headers)
 
 
 def _error_event(message: str, type_: str, code: str | None) -> bytes:
     return encode_event(msgspec.json.encode(ErrorEnvelope(ErrorBody(message=message, type=type_, code=code))))
 
 
-async def _relay(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -> AsyncIterator[bytes]:
+async def _relay(
+    ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, signals: LiveSignals
+) -> AsyncIterator[bytes]:
     assert upstream.events is not None
     include_usage = ctx.include_usage
     usage: Usage | None = None
@@ -110,4 +117,6 @@ async def _relay(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metri
             # (so the engine stops generating for nobody).
             with anyio.CancelScope(shield=True):
                 await upstream.close()
+        if ctx.target is not None:
+            signals.finished(ctx.target.backend.name)
         _count_usage(metrics, ctx.route_name, usage)

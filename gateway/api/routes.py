@@ -17,7 +17,7 @@ from gateway.api.respond import JSON, respond
 from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest, ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
-from gateway.errors import ModelNotFound
+from gateway.errors import ModelNotFound, NotFound
 from gateway.runtime import Gateway
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -67,10 +67,15 @@ def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
             stream=stream,
             include_usage=bool(options is not None and options.include_usage),
             principal=principal,
+            decision_id=secrets.token_hex(5),
         )
         await runtime.pipeline.run(ctx)
+        if ctx.decision is not None and headers.get("x-strait-explain") == "1":
+            tenant = runtime.index.tenants.get(principal.tenant)
+            if tenant is not None and tenant.explain:
+                gateway.decisions.put(ctx.decision)
         upstream = await runtime.dispatcher.call(ctx)
-        return respond(ctx, upstream, gateway.metrics)
+        return respond(ctx, upstream, gateway.metrics, gateway.signals)
 
     @post("/v1/chat/completions", status_code=200)
     async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
@@ -104,6 +109,15 @@ def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
         card = ModelCard(id=name, created=gateway.started_at)
         return Response(_encode(card), media_type=JSON, headers={"x-request-id": request_id_of(request.scope)})
 
+    @get("/admin/decisions/{decision_id:str}")
+    async def get_decision(request: Request[Any, Any, Any], decision_id: str) -> Response[bytes]:
+        """The full filter/rank table of a decision made with `x-strait-explain: 1`; only its own tenant sees it."""
+        principal = gateway.runtime.auth.authenticate(_headers(request.scope))
+        decision = gateway.decisions.get(decision_id)
+        if decision is None or decision.tenant != principal.tenant:
+            raise NotFound(f"No decision '{decision_id}' is kept for your tenant (ask with x-strait-explain: 1).")
+        return Response(_encode(decision), media_type=JSON, headers={"x-request-id": request_id_of(request.scope)})
+
     @get("/healthz")
     async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
         return Response(b'{"status":"ok"}', media_type=JSON, headers={"x-request-id": request_id_of(request.scope)})
@@ -126,4 +140,4 @@ def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
     async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return [chat_completions, completions, embeddings, list_models, get_model, healthz, readyz, metrics]
+    return [chat_completions, completions, embeddings, list_models, get_model, get_decision, healthz, readyz, metrics]

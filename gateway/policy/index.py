@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
+
+import msgspec
 
 from gateway.contracts import Operation
-from gateway.policy.model import Backend, Deployment, Model, PolicySet, Route
+from gateway.policy.model import Backend, Deployment, Model, PolicySet, Route, Tenant
 
 _NEEDS: Final[dict[Operation, str]] = {"chat": "chat", "completions": "completions", "embeddings": "embeddings"}
 
@@ -50,6 +52,14 @@ class Target:
 class PolicyIndex:
     def __init__(self, policy: PolicySet) -> None:
         self.policy = policy
+        # Names the policy a decision was made under (in decisions and explain output).
+        self.version = hashlib.sha256(msgspec.json.encode(policy)).hexdigest()[:12]
+        self.tenants: dict[str, Tenant] = {t.name: t for t in policy.tenants}
+        # The tenant of unauthenticated requests when the policy has no keys at all.
+        self.open_tenant = Tenant(name=ANONYMOUS.tenant)
+        # Per (tenant, route, operation) compliance results, filled on first use; the index is
+        # immutable, so memoising on it is safe and the hot path evaluates compliance once per policy.
+        self.memo: dict[tuple[str, str, str], Any] = {}
         self.routes: dict[str, Route] = {r.name: r for r in policy.routes}
         self.models: dict[str, Model] = {m.name: m for m in policy.models}
         self.backends: dict[str, Backend] = {b.name: b for b in policy.backends}

@@ -44,6 +44,22 @@ class Hosting(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     certifications: tuple[str, ...] = ()
 
 
+class Hardware(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    accelerator: str | None = None
+    count: int | None = None
+    memory_gb: float | None = None
+
+
+class Capacity(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How much a backend can take. Utilisation = in-flight / max_concurrency (or the engine's own gauge)."""
+
+    max_concurrency: int | None = None
+    # committed: reserved or owned capacity, already paid for; on-demand: paid per token.
+    commitment: Literal["committed", "on-demand"] = "on-demand"
+    metrics_url: str | None = None
+    metrics_format: Literal["vllm", "sglang", "tgi", "llamacpp"] | None = None
+
+
 class SimulatedOptions(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Behaviour of the in-process `simulated` adapter (demos, tests, load tests)."""
 
@@ -67,6 +83,8 @@ class Backend(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     hosting: Hosting = Hosting()
     timeouts: Timeouts = Timeouts()
     max_connections: int = 256
+    hardware: Hardware | None = None
+    capacity: Capacity = Capacity()
     simulated: SimulatedOptions | None = None
 
 
@@ -94,12 +112,35 @@ class Model(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     tokenizer: str = "o200k_base"
 
 
+Objective = Literal["cost", "latency", "balanced", "ordered"]
+
+
+class Weights(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """For the `balanced` objective: how much cost and latency each count (normalised over the candidates)."""
+
+    cost: float = 0.5
+    latency: float = 0.5
+
+
+class Spillover(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Prefer tiers in this order; a backend at or above `threshold` utilisation moves behind all others."""
+
+    tiers: tuple[Tier, ...] = ("edge", "self-hosted", "provider")
+    threshold: float = 0.8
+
+
 class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """A name clients send as `model`; its candidate models are tried in order."""
+    """A name clients send as `model`: candidate models, how to rank them, how to fall back."""
 
     name: str
     models: tuple[str, ...]
     description: str | None = None
+    objective: Objective = "ordered"
+    weights: Weights = Weights()
+    spillover: Spillover | None = None
+    # Other routes whose candidates are appended (after this route's own) as the last resort; the
+    # tenant's compliance applies to them exactly as to the route's own candidates.
+    fallback: tuple[str, ...] = ()
     # Upper bound on upstream attempts (first try + fallbacks) before an error goes back to the client.
     max_attempts: int = 3
 
@@ -110,11 +151,128 @@ class TenantKey(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     digest: str
 
 
+class OriginRule(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A constraint that applies only to models of the given origins (countries or developers):
+    e.g. Chinese-origin weights only on self-hosted US/EU hardware, never through the origin lab's own API."""
+
+    origin_countries: tuple[str, ...] = ()
+    developers: tuple[str, ...] = ()
+    allowed_tiers: tuple[Tier, ...] | None = None
+    allowed_jurisdictions: tuple[str, ...] | None = None
+    # Refuse deployments operated by the model's own developer (its API), whatever the jurisdiction.
+    deny_developer_operated: bool = False
+
+
+class Compliance(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Where a tenant's requests may run. Fail closed: a backend or model whose attribute is unknown
+    does not satisfy an allow-list on that attribute."""
+
+    allowed_jurisdictions: tuple[str, ...] | None = None
+    denied_jurisdictions: tuple[str, ...] = ()
+    allowed_origin_countries: tuple[str, ...] | None = None
+    denied_origin_countries: tuple[str, ...] = ()
+    allowed_developers: tuple[str, ...] | None = None
+    denied_developers: tuple[str, ...] = ()
+    allowed_tiers: tuple[Tier, ...] | None = None
+    max_retention_days: int | None = None
+    no_training: bool = False
+    required_certifications: tuple[str, ...] = ()
+    origin_rules: tuple[OriginRule, ...] = ()
+
+
+class RateLimits(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrency: int | None = None
+
+
+class TenantLimits(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Rate limits for the tenant as a whole, for each of its keys, and per route (within the tenant)."""
+
+    tenant: RateLimits = RateLimits()
+    per_key: RateLimits = RateLimits()
+    routes: dict[str, RateLimits] = {}
+
+
+class Budget(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+    tokens_per_month: int | None = None
+
+
+class Budgets(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    tenant: Budget = Budget()
+    per_key: Budget = Budget()
+    # What happens when a budget is spent: refuse (402-style error) or move to a cheaper route.
+    on_exhausted: Literal["block", "downgrade"] = "block"
+    downgrade_route: str | None = None
+
+
+class CacheSettings(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = False
+    ttl_s: int = 3600
+    semantic: bool = False
+
+
 class Tenant(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     name: str
     keys: tuple[TenantKey, ...] = ()
     # Route names this tenant may use; "*" means every route.
     allowed_routes: tuple[str, ...] = ("*",)
+    compliance: Compliance = Compliance()
+    # May ask for the full decision table with `x-strait-explain: 1`.
+    explain: bool = False
+    limits: TenantLimits = TenantLimits()
+    budgets: Budgets = Budgets()
+    cache: CacheSettings = CacheSettings()
+
+
+class HeaderMatch(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    name: str
+    equals: str | None = None
+    one_of: tuple[str, ...] | None = None
+
+
+class TimeWindow(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Inclusive start, exclusive end, "HH:MM" in `tz`; a window may wrap midnight (22:00-06:00)."""
+
+    start: str
+    end: str
+    tz: str = "UTC"
+
+
+class When(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """All given conditions must hold; an empty `when` always matches."""
+
+    tenants: tuple[str, ...] | None = None
+    routes: tuple[str, ...] | None = None
+    header: HeaderMatch | None = None
+    min_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    time_of_day: TimeWindow | None = None
+
+
+class Constraints(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Extra constraints a rule or a request adds; they only ever narrow the tenant's compliance."""
+
+    allowed_jurisdictions: tuple[str, ...] | None = None
+    allowed_origin_countries: tuple[str, ...] | None = None
+    allowed_tiers: tuple[Tier, ...] | None = None
+    max_price_per_mtok: float | None = None
+
+
+class Then(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    objective: Objective | None = None
+    weights: Weights | None = None
+    constraints: Constraints | None = None
+    # Send the request to another route (a rewrite); applied once per rule, in rule order.
+    route: str | None = None
+
+
+class Rule(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    name: str
+    when: When = When()
+    then: Then
 
 
 class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -129,3 +287,4 @@ class PolicySet(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     models: tuple[Model, ...] = ()
     routes: tuple[Route, ...] = ()
     tenants: tuple[Tenant, ...] = ()
+    rules: tuple[Rule, ...] = ()

@@ -14,6 +14,7 @@ from gateway.context import RequestContext
 from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.telemetry import Metrics
+from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait.upstream")
 
@@ -21,9 +22,10 @@ RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 529})
 
 
 class Dispatcher:
-    def __init__(self, adapters: Mapping[str, Adapter], metrics: Metrics) -> None:
+    def __init__(self, adapters: Mapping[str, Adapter], metrics: Metrics, signals: LiveSignals) -> None:
         self.adapters = adapters
         self.metrics = metrics
+        self.signals = signals
 
     async def call(self, ctx: RequestContext) -> UpstreamResponse:
         last_response: UpstreamResponse | None = None

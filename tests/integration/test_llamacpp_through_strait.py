@@ -22,7 +22,7 @@ backends:
 models:
   - name: smollm2
     origin: {{developer: HuggingFace, country: US}}
-    context_window: 1024
+    context_window: 8192  # larger than the server really has, so its own overflow error is exercised
     deployments: [{{backend: llama-chat, upstream_model: smollm2}}]
   - name: smollm2-embed
     capabilities: [embeddings]
