@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
+from gateway.policy import checks
 from gateway.policy.model import PolicySet
 
 _PATH_TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
@@ -30,9 +31,12 @@ class Problem:
     line: int
     col: int
     reason: str
+    # "error" refuses the policy; "warning" is printed and the policy still loads.
+    severity: str = "error"
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}: {self.reason}"
+        prefix = "warning: " if self.severity == "warning" else ""
+        return f"{self.file}:{self.line}:{self.col}: {prefix}{self.reason}"
 
 
 class PolicyError(Exception):
@@ -127,8 +131,8 @@ def _decode_file(path: Path) -> tuple[PolicySet | None, _Source, list[Problem]]:
 def load_policy(path: Path | str, *, adapters: Iterable[str] | None = None) -> PolicySet:
     """Load and check a policy file or directory; raise PolicyError listing every problem."""
     merged, problems = check_policy(Path(path), adapters=adapters)
-    if problems or merged is None:
-        raise PolicyError(problems)
+    if merged is None:
+        raise PolicyError([p for p in problems if p.severity == "error"])
     return merged
 
 
@@ -150,7 +154,8 @@ def check_policy(path: Path, *, adapters: Iterable[str] | None = None) -> tuple[
         return None, problems
     merged = _merge(decoded, problems)
     problems.extend(_cross_check(merged, decoded, set(adapters) if adapters is not None else None))
-    return (merged if not problems else None), problems
+    failed = any(p.severity == "error" for p in problems)
+    return (None if failed else merged), problems
 
 
 def _merge(decoded: list[tuple[PolicySet, _Source]], problems: list[Problem]) -> PolicySet:
@@ -168,6 +173,7 @@ def _merge(decoded: list[tuple[PolicySet, _Source]], problems: list[Problem]) ->
         models=tuple(m for p, _ in decoded for m in p.models),
         routes=tuple(r for p, _ in decoded for r in p.routes),
         tenants=tuple(t for p, _ in decoded for t in p.tenants),
+        rules=tuple(r for p, _ in decoded for r in p.rules),
     )
 
 
@@ -176,9 +182,9 @@ def _cross_check(
 ) -> list[Problem]:
     problems: list[Problem] = []
 
-    def at(source: _Source, path: str, reason: str) -> None:
+    def at(source: _Source, path: str, reason: str, severity: str = "error") -> None:
         line, col = source.locate(path)
-        problems.append(Problem(source.file, line, col, reason))
+        problems.append(Problem(source.file, line, col, reason, severity))
 
     seen: dict[tuple[str, str], str] = {}
     for policy, source in decoded:
@@ -187,6 +193,7 @@ def _cross_check(
             ("models", tuple(m.name for m in policy.models)),
             ("routes", tuple(r.name for r in policy.routes)),
             ("tenants", tuple(t.name for t in policy.tenants)),
+            ("rules", tuple(r.name for r in policy.rules)),
         )
         for section, names in named:
             for i, entry_name in enumerate(names):
@@ -253,6 +260,25 @@ def _cross_check(
             for j, name in enumerate(t.allowed_routes):
                 if name != "*" and name not in route_names:
                     at(source, f"$.tenants[{i}].allowed_routes[{j}]", f"tenant {t.name!r}: unknown route {name!r}")
+    known = {"routes": route_names, "tenants": {t.name for t in merged.tenants}}
+    for policy, source in decoded:
+        checks.check_routes(policy, source, route_names, at)
+        checks.check_tenants(policy, source, route_names, at)
+        checks.check_rules(policy, source, known, at)
+    if not problems:
+        cycle = checks.rewrite_cycle(merged)
+        if cycle:
+            problems.append(Problem(decoded[0][1].file, 1, 1, f"rules rewrite routes in a cycle: {' -> '.join(cycle)}"))
+        for policy, source in decoded:
+            for i, t in enumerate(policy.tenants):
+                explicit = "*" not in t.allowed_routes
+                for route, reasons in checks.empty_routes(merged, t):
+                    at(
+                        source,
+                        f"$.tenants[{i}].compliance",
+                        f"tenant {t.name!r}: compliance leaves route {route!r} with no candidate ({'; '.join(reasons)})",
+                        "error" if explicit else "warning",
+                    )
     if merged.server.max_body_bytes < 1024:
         problems.append(Problem(decoded[0][1].file, 1, 1, "server.max_body_bytes must be at least 1024"))
     return problems

@@ -1,0 +1,176 @@
+"""Semantic checks across a whole policy: references in routes, tenants and rules, rewrite cycles,
+impossible constraints. Pure; each problem is reported through `report(source, path, reason, severity)`."""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from collections.abc import Callable
+from typing import Any
+
+from gateway.policy.model import PolicySet, Tenant
+from gateway.policy.places import expand
+
+Report = Callable[[Any, str, str, str], None]
+_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+
+
+def check_routes(policy: PolicySet, source: Any, route_names: set[str], report: Report) -> None:
+    for i, r in enumerate(policy.routes):
+        for j, name in enumerate(r.fallback):
+            if name not in route_names:
+                report(
+                    source,
+                    f"$.routes[{i}].fallback[{j}]",
+                    f"route {r.name!r}: unknown fallback route {name!r}",
+                    "error",
+                )
+            elif name == r.name:
+                report(source, f"$.routes[{i}].fallback[{j}]", f"route {r.name!r}: falls back to itself", "error")
+        if r.weights.cost < 0 or r.weights.latency < 0:
+            report(source, f"$.routes[{i}].weights", f"route {r.name!r}: weights must not be negative", "error")
+        if r.spillover is not None and not 0 < r.spillover.threshold <= 1:
+            report(
+                source, f"$.routes[{i}].spillover.threshold", f"route {r.name!r}: threshold must be in (0, 1]", "error"
+            )
+
+
+def check_tenants(policy: PolicySet, source: Any, route_names: set[str], report: Report) -> None:
+    for i, t in enumerate(policy.tenants):
+        c = t.compliance
+        base = f"$.tenants[{i}]"
+        for name in t.limits.routes:
+            if name not in route_names:
+                report(
+                    source, f"{base}.limits.routes", f"tenant {t.name!r}: limits name unknown route {name!r}", "error"
+                )
+        b = t.budgets
+        if b.on_exhausted == "downgrade" and b.downgrade_route is None:
+            report(
+                source, f"{base}.budgets", f"tenant {t.name!r}: on_exhausted downgrade needs downgrade_route", "error"
+            )
+        if b.downgrade_route is not None and b.downgrade_route not in route_names:
+            report(
+                source,
+                f"{base}.budgets.downgrade_route",
+                f"tenant {t.name!r}: unknown downgrade route {b.downgrade_route!r}",
+                "error",
+            )
+        if c.allowed_jurisdictions is not None and not expand(c.allowed_jurisdictions) - expand(c.denied_jurisdictions):
+            report(
+                source,
+                f"{base}.compliance",
+                f"tenant {t.name!r}: impossible constraints: every allowed jurisdiction is also denied",
+                "error",
+            )
+        if c.allowed_origin_countries is not None and not expand(c.allowed_origin_countries) - expand(
+            c.denied_origin_countries
+        ):
+            report(
+                source,
+                f"{base}.compliance",
+                f"tenant {t.name!r}: impossible constraints: every allowed origin country is also denied",
+                "error",
+            )
+
+
+def check_rules(policy: PolicySet, source: Any, names: dict[str, set[str]], report: Report) -> None:
+    for i, rule in enumerate(policy.rules):
+        base = f"$.rules[{i}]"
+        w = rule.when
+        for j, tenant in enumerate(w.tenants or ()):
+            if tenant not in names["tenants"]:
+                report(source, f"{base}.when.tenants[{j}]", f"rule {rule.name!r}: unknown tenant {tenant!r}", "error")
+        for j, route in enumerate(w.routes or ()):
+            if route not in names["routes"]:
+                report(source, f"{base}.when.routes[{j}]", f"rule {rule.name!r}: unknown route {route!r}", "error")
+        if rule.then.route is not None and rule.then.route not in names["routes"]:
+            report(source, f"{base}.then.route", f"rule {rule.name!r}: unknown route {rule.then.route!r}", "error")
+        window = w.time_of_day
+        if window is not None:
+            for field in ("start", "end"):
+                if not _HHMM.match(getattr(window, field)):
+                    report(
+                        source,
+                        f"{base}.when.time_of_day.{field}",
+                        f"rule {rule.name!r}: {field} must be HH:MM",
+                        "error",
+                    )
+            try:
+                zoneinfo.ZoneInfo(window.tz)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                report(
+                    source,
+                    f"{base}.when.time_of_day.tz",
+                    f"rule {rule.name!r}: unknown time zone {window.tz!r}",
+                    "error",
+                )
+        if (
+            w.min_prompt_tokens is not None
+            and w.max_prompt_tokens is not None
+            and w.min_prompt_tokens > w.max_prompt_tokens
+        ):
+            report(source, f"{base}.when", f"rule {rule.name!r}: min_prompt_tokens exceeds max_prompt_tokens", "error")
+
+
+def rewrite_cycle(policy: PolicySet) -> list[str] | None:
+    """A cycle of route rewrites (rule `then.route`), as route names, or None.
+
+    A rule without a `when.routes` condition rewrites from every route. Rules are applied once each
+    per request, so a cycle cannot loop forever; it is still a policy bug: the outcome depends on order.
+    """
+    all_routes = [r.name for r in policy.routes]
+    edges: dict[str, set[str]] = {name: set() for name in all_routes}
+    for rule in policy.rules:
+        target = rule.then.route
+        if target is None:
+            continue
+        for source in rule.when.routes or all_routes:
+            if source != target and source in edges:
+                edges[source].add(target)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for name in all_routes:
+        if name not in state:
+            found = visit(name)
+            if found:
+                return found
+    return None
+
+
+def empty_routes(policy: PolicySet, tenant: Tenant) -> list[tuple[str, list[str]]]:
+    """Routes the tenant may use that its compliance leaves without any candidate, with the reasons."""
+    from gateway.policy.engine import compliance_reason
+    from gateway.policy.index import PolicyIndex
+
+    index = PolicyIndex(policy)
+    allowed = [r.name for r in policy.routes] if "*" in tenant.allowed_routes else list(tenant.allowed_routes)
+    out: list[tuple[str, list[str]]] = []
+    for name in allowed:
+        route = index.routes.get(name)
+        if route is None:
+            continue
+        targets = {t for op in ("chat", "completions", "embeddings") for t in index.targets[(name, op)]}
+        reasons = [
+            f"{t.label}: {r}"
+            for t in sorted(targets, key=lambda t: t.label)
+            if (r := compliance_reason(t, tenant.compliance))
+        ]
+        if targets and len(reasons) == len(targets):
+            out.append((name, reasons))
+    return out
