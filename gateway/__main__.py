@@ -29,10 +29,10 @@ def app_from_env() -> object:
 def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(policy_path=args.policy, host=args.host, port=args.port, workers=args.workers)
     # Validate the policy before binding a port: a bad file is refused with its reasons.
-    _, problems = check_policy(Path(settings.policy_path), adapters=discover_adapters().keys())
-    if problems:
-        for p in problems:
-            print(p, file=sys.stderr)
+    policy, problems = check_policy(Path(settings.policy_path), adapters=discover_adapters().keys())
+    for p in problems:
+        print(p, file=sys.stderr)
+    if policy is None:
         return 1
     os.environ["STRAIT_POLICY"] = settings.policy_path
     os.environ["STRAIT_STATE"] = settings.state
@@ -78,10 +78,90 @@ def _policy_check(args: argparse.Namespace) -> int:
         _, problems = check_policy(Path(path), adapters=adapters)
         for p in problems:
             print(p)
-        failed = failed or bool(problems)
-        if not problems:
+        errors = [p for p in problems if p.severity == "error"]
+        failed = failed or bool(errors)
+        if not errors:
             print(f"{path}: ok")
     return 1 if failed else 0
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.errors import GatewayError
+    from gateway.policy.index import PolicyIndex
+    from gateway.policy.load import PolicyError, load_policy
+    from gateway.policy.tools import render, run
+
+    try:
+        index = PolicyIndex(load_policy(args.policy, adapters=discover_adapters().keys()))
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    request = json.loads(Path(args.request).read_text())
+    signals = json.loads(Path(args.signals).read_text()) if args.signals else None
+    headers = dict(h.split(":", 1) for h in args.header) if args.header else {}
+    try:
+        plan = run(
+            index, args.tenant, request, headers={k.strip(): v.strip() for k, v in headers.items()}, signals=signals
+        )
+    except GatewayError as exc:
+        print(f"refused: {exc.status} {exc.code}: {exc.message}")
+        return 2
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(render(plan.decision))
+    return 0
+
+
+def _policy_test(args: argparse.Namespace) -> int:
+    from gateway.policy.load import PolicyError
+    from gateway.policy.tools import run_suites
+
+    failed = 0
+    total = 0
+    for path in args.paths:
+        try:
+            outcomes = run_suites(Path(path))
+        except PolicyError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        for o in outcomes:
+            total += 1
+            failed += not o.ok
+            print(f"{'PASS' if o.ok else 'FAIL'} {o.file}: {o.case}: {o.detail}")
+    print(f"{total - failed} passed, {failed} failed")
+    return 1 if failed or not total else 0
+
+
+def _policy_diff(args: argparse.Namespace) -> int:
+    from gateway.policy.index import PolicyIndex
+    from gateway.policy.load import PolicyError, load_policy
+    from gateway.policy.tools import diff, read_replays
+
+    adapters = discover_adapters().keys()
+    try:
+        old = PolicyIndex(load_policy(args.old, adapters=adapters))
+        new = PolicyIndex(load_policy(args.new, adapters=adapters))
+        replays = read_replays(Path(args.requests))
+    except (PolicyError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    lines, changed, total = diff(old, new, replays)
+    for line in lines:
+        print(line)
+    print(f"{changed} of {total} decisions change")
+    return 0
+
+
+def _policy_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.policy.tools import schema
+
+    print(json.dumps(schema(), indent=2, sort_keys=True))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,6 +186,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = policy_sub.add_parser("check", help="validate policy files; print file:line:col: reason")
     check.add_argument("paths", nargs="+")
     check.set_defaults(func=_policy_check)
+    explain = policy_sub.add_parser("explain", help="print the filter/rank table the server would use")
+    explain.add_argument("--policy", required=True)
+    explain.add_argument("--tenant")
+    explain.add_argument("--request", required=True, help="request body as JSON")
+    explain.add_argument("--signals", help="live signals as JSON: unhealthy, latency_ms, in_flight, utilisation")
+    explain.add_argument("--header", action="append", help="'name: value', repeatable")
+    explain.set_defaults(func=_policy_explain)
+    test = policy_sub.add_parser("test", help="run YAML policy test cases; exit 1 on any failure")
+    test.add_argument("paths", nargs="+")
+    test.set_defaults(func=_policy_test)
+    diff = policy_sub.add_parser("diff", help="replay requests against two policies; show changed decisions")
+    diff.add_argument("old")
+    diff.add_argument("new")
+    diff.add_argument("--requests", required=True, help="JSON lines: {tenant, request, headers?, signals?}")
+    diff.set_defaults(func=_policy_diff)
+    schema = policy_sub.add_parser("schema", help="print the policy JSON Schema")
+    schema.set_defaults(func=_policy_schema)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -64,7 +64,9 @@ def test_directory_of_files_merges_and_refuses_duplicates(tmp_path: Path) -> Non
 
 def test_cli_check_exit_codes_and_keys_hash(tmp_path: Path) -> None:
     ok = subprocess.run(
-        [sys.executable, "-m", "gateway", "policy", "check", str(ROOT / "policies")], capture_output=True, text=True
+        [sys.executable, "-m", "gateway", "policy", "check", *map(str, sorted((ROOT / "policies").glob("*.yaml")))],
+        capture_output=True,
+        text=True,
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = subprocess.run(

@@ -1,0 +1,90 @@
+"""`strait policy explain|test|diff|schema`: the offline tools platform teams gate policy changes with."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.policy.index import PolicyIndex
+from gateway.policy.load import load_policy
+from gateway.policy.tools import Replay, diff, schema
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICIES = ROOT / "policies"
+
+
+def _strait(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_committed_schema_is_current() -> None:
+    committed = json.loads((POLICIES / "schema.json").read_text())
+    assert committed == json.loads(json.dumps(schema())), "policies/schema.json is stale: run `strait policy schema > policies/schema.json`"
+
+
+def test_shipped_policy_tests_pass() -> None:
+    out = _strait("policy", "test", str(POLICIES / "tests"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " 0 failed" in out.stdout.splitlines()[-1]
+
+
+def test_a_failing_case_fails_the_run(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        f"policy: {POLICIES / 'eu-sovereignty.yaml'}\n"
+        "cases:\n"
+        "  - name: wrong on purpose\n"
+        "    tenant: health-eu\n"
+        "    request: {model: chat, messages: [{role: user, content: x}]}\n"
+        "    expect: {deployment: gpt-4o@openai-us}\n"
+    )
+    out = _strait("policy", "test", str(tmp_path))
+    assert out.returncode == 1
+    assert "FAIL" in out.stdout and "expected gpt-4o@openai-us, got mistral-small@gpu-frankfurt" in out.stdout
+
+
+def test_explain_prints_every_candidate_with_its_reason(tmp_path: Path) -> None:
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps({"model": "reasoning", "messages": [{"role": "user", "content": "hi"}]}))
+    out = _strait(
+        "policy",
+        "explain",
+        "--policy",
+        str(POLICIES / "open-weights.yaml"),
+        "--tenant",
+        "research",
+        "--request",
+        str(req),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "deepseek-v3@deepseek-api" in out.stdout and "hosting jurisdiction CN is denied" in out.stdout
+    assert out.stdout.strip().endswith("plan: qwen2.5-72b@gpu-eu -> deepseek-v3@gpu-us -> llama-3.3-70b@together")
+
+
+def test_diff_shows_changed_decisions_and_why(tmp_path: Path) -> None:
+    old_text = (POLICIES / "eu-sovereignty.yaml").read_text()
+    new_file = tmp_path / "new.yaml"
+    # The new version lets the EU tenant use providers that keep data for 30 days.
+    new_file.write_text(old_text.replace("max_retention_days: 0", "max_retention_days: 30"))
+    old = PolicyIndex(load_policy(POLICIES / "eu-sovereignty.yaml"))
+    new = PolicyIndex(load_policy(new_file))
+    replays = [
+        Replay(tenant="health-eu", request={"model": "chat", "messages": [{"role": "user", "content": "x"}]}),
+        Replay(
+            tenant="health-eu",
+            request={"model": "chat", "messages": [{"role": "user", "content": "x"}]},
+            signals={"unhealthy": ["gpu-frankfurt"]},
+        ),
+        Replay(tenant="marketing-us", request={"model": "chat", "messages": [{"role": "user", "content": "x"}]}),
+    ]
+    lines, changed, total = diff(old, new, replays)
+    assert (changed, total) == (1, 3)
+    assert lines[0].startswith("request 2 (tenant health-eu, model 'chat'): refused 403")
+    assert lines[0].endswith("-> mistral-small@mistral-api")
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(
+        "\n".join(json.dumps({"tenant": r.tenant, "request": r.request, "signals": r.signals}) for r in replays)
+    )
+    out = _strait("policy", "diff", str(POLICIES / "eu-sovereignty.yaml"), str(new_file), "--requests", str(cases))
+    assert out.returncode == 0 and out.stdout.strip().endswith("1 of 3 decisions change")
