@@ -20,6 +20,7 @@ from gateway.contracts import AdapterFactory
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.policy.load import load_policy
 from gateway.registry import discover_adapters
+from gateway.reload import PolicyReloader
 from gateway.runtime import Gateway, build_runtime
 from gateway.settings import Settings
 from gateway.telemetry import Metrics
@@ -66,6 +67,7 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
     signals = LiveSignals()
     policy = load_policy(settings.policy_path, adapters=factories.keys())
     gateway = Gateway(build_runtime(policy, factories, metrics, signals), metrics, signals)
+    reloader = PolicyReloader(gateway, settings.policy_path, factories)
     return Litestar(
         route_handlers=build_handlers(gateway),
         exception_handlers={
@@ -73,7 +75,8 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
             HTTPException: _on_http_exception,
             Exception: _on_unexpected,
         },
-        on_shutdown=[gateway.aclose],
+        on_startup=[reloader.start],
+        on_shutdown=[reloader.stop, gateway.aclose],
         request_max_body_size=None,
         openapi_config=None,
         logging_config=None,

@@ -1,0 +1,110 @@
+"""Hot reload of the policy: on SIGHUP and when a policy file changes.
+
+A new policy is validated whole (in a worker thread) and swapped in with one assignment; requests
+already running finish on the runtime they started with. An invalid policy is refused with its
+reasons (logged, counted in `strait_policy_reloads_total{result="rejected"}`) and the running one
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
+
+from gateway.contracts import Adapter, AdapterFactory
+from gateway.policy.load import check_policy
+from gateway.runtime import Gateway, build_runtime
+
+log = logging.getLogger("strait.reload")
+
+# How often policy files are checked for changes (seconds); a stat per file, nothing more.
+WATCH_INTERVAL_S = 1.0
+# Adapters dropped by a reload are closed after this grace, so streams still using them can finish.
+CLOSE_GRACE_S = 120.0
+
+
+def _fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
+    files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append((str(f), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+class PolicyReloader:
+    def __init__(self, gateway: Gateway, policy_path: str, factories: Mapping[str, AdapterFactory]) -> None:
+        self.gateway = gateway
+        self.path = Path(policy_path)
+        self.factories = factories
+        self._seen = _fingerprint(self.path)
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        except (NotImplementedError, RuntimeError, ValueError):
+            log.warning("SIGHUP reload is not available in this process; file watching still works")
+        self._spawn(self._watch())
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+
+    def _spawn(self, coro: Coroutine[None, None, object]) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_sighup(self) -> None:
+        log.warning("SIGHUP: reloading policy %s", self.path)
+        self._spawn(self.reload())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            current = await asyncio.to_thread(_fingerprint, self.path)
+            if current != self._seen:
+                self._seen = current
+                log.warning("policy files changed: reloading %s", self.path)
+                await self.reload()
+
+    async def reload(self) -> bool:
+        """Validate and swap; True when the new policy is in force."""
+        metrics = self.gateway.metrics
+        async with self._lock:
+            policy, problems = await asyncio.to_thread(check_policy, self.path, adapters=self.factories.keys())
+            if policy is None:
+                for p in problems:
+                    if p.severity == "error":
+                        log.error("policy reload refused: %s", p)
+                metrics.policy_reloads.labels("rejected").inc()
+                return False
+            old = self.gateway.runtime
+            try:
+                new = build_runtime(policy, self.factories, metrics, self.gateway.signals, previous=old)
+            except ValueError as exc:  # e.g. an api_key env var that is not set
+                log.error("policy reload refused: %s", exc)
+                metrics.policy_reloads.labels("rejected").inc()
+                return False
+            self.gateway.runtime = new
+            metrics.policy_reloads.labels("applied").inc()
+            log.warning("policy %s in force (version %s)", self.path, new.index.version)
+            dropped = [a for name, a in old.adapters.items() if new.adapters.get(name) is not a]
+            if dropped:
+                self._spawn(self._close_later(dropped))
+            return True
+
+    async def _close_later(self, adapters: list[Adapter]) -> None:
+        await asyncio.sleep(CLOSE_GRACE_S)
+        for adapter in adapters:
+            await adapter.aclose()
