@@ -95,13 +95,6 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     plan: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class RoutePlan:
-    route: Route
-    targets: tuple[Target, ...]
-    decision: Decision
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Static (per tenant and route) compliance, memoised on the index.
 
@@ -273,20 +266,6 @@ def _narrowing_reason(t: Target, extra: list[Constraints], p: Preferences | None
 CONTEXT_PREFIX: Final = "context window is "
 
 
-def _request_reason(t: Target, f: RequestFeatures, live: LiveState) -> str | None:
-    missing = sorted(f.needs - set(t.model.capabilities))
-    if missing:
-        return f"model lacks {', '.join(missing)}"
-    window = t.model.context_window
-    if window is not None:
-        needed = f.prompt_tokens + (f.max_tokens or 0)
-        if needed > window:
-            return f"{CONTEXT_PREFIX}{window} tokens, the request needs {needed}"
-    if t.backend.name in live.unhealthy:
-        return "backend is ejected (unhealthy)"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The decision.
 
@@ -307,6 +286,75 @@ def _latency(t: Target, live: LiveState) -> float:
     if measured is None:
         measured = live.latency_ms.get(t.backend.name)
     return measured if measured is not None else LATENCY_PRIOR_MS.get(t.backend.tier, 600.0)
+
+
+def _cost(t: Target, prompt_tokens: int, out_tokens: int) -> float:
+    price = t.deployment.price
+    return (prompt_tokens * price.input_per_mtok + out_tokens * price.output_per_mtok) / 1e6
+
+
+class RoutePlan:
+    """The ordered targets, and the decision table, built only when asked for (explain, refusals):
+    the hot path pays for ranking, not for rendering."""
+
+    __slots__ = ("_decision", "_facts", "route", "targets")
+
+    def __init__(self, route: Route, targets: tuple[Target, ...], facts: _Facts) -> None:
+        self.route = route
+        self.targets = targets
+        self._facts = facts
+        self._decision: Decision | None = None
+
+    @property
+    def decision(self) -> Decision:
+        if self._decision is None:
+            self._decision = self._facts.decision(self.route, self.targets)
+        return self._decision
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    decision_id: str
+    policy_version: str
+    tenant: str
+    requested: str
+    objective: Objective
+    rules: tuple[str, ...]
+    # Every candidate in table order: (target, exclusion reason or None, score or None, rank or None).
+    rows: tuple[tuple[Target, str | None, float | None, int | None], ...]
+    prompt_tokens: int
+    out_tokens: int
+    live: LiveState
+
+    def decision(self, route: Route, plan: tuple[Target, ...]) -> Decision:
+        rows = []
+        for target, reason, score, rank in self.rows:
+            cost = _cost(target, self.prompt_tokens, self.out_tokens)
+            rows.append(
+                Row(
+                    deployment=target.label,
+                    model=target.model.name,
+                    backend=target.backend.name,
+                    tier=target.backend.tier,
+                    excluded=reason,
+                    est_cost_usd=round(cost, 8),
+                    latency_ms=None if reason else round(_latency(target, self.live), 3),
+                    utilisation=None if reason else round(_utilisation(target, self.live), 4),
+                    score=None if score is None else round(score, 6),
+                    rank=rank,
+                )
+            )
+        return Decision(
+            id=self.decision_id,
+            policy_version=self.policy_version,
+            tenant=self.tenant,
+            requested_route=self.requested,
+            route=route.name,
+            objective=self.objective,
+            rules=self.rules,
+            rows=tuple(rows),
+            plan=tuple(t.label for t in plan),
+        )
 
 
 def decide(
@@ -355,92 +403,119 @@ def decide(
             param="model",
             code="unsupported_operation",
         )
-    est_out = features.max_tokens or DEFAULT_OUTPUT_TOKENS
-    order = {m: i for i, m in enumerate(prefs.order)} if prefs is not None and prefs.order else None
-    own = len(index.targets[(route.name, features.operation)])
-    tiers = route.spillover.tiers if route.spillover else ()
-    survivors: list[tuple[tuple[float, float, int], Target, Row]] = []
-    table: list[Row] = []
-    for position, (target, static_reason) in enumerate(rows):
-        reason = static_reason or _narrowing_reason(target, extra, prefs) or _request_reason(target, features, live)
-        price = target.deployment.price
-        cost = (features.prompt_tokens * price.input_per_mtok + est_out * price.output_per_mtok) / 1e6
-        base = dict(
-            deployment=target.label,
-            model=target.model.name,
-            backend=target.backend.name,
-            tier=target.backend.tier,
-            est_cost_usd=round(cost, 8),
-        )
-        if reason is not None:
-            table.append(Row(excluded=reason, **base))  # type: ignore[arg-type]
-            continue
-        latency = _latency(target, live)
-        util = _utilisation(target, live)
-        group = 0.0 if position < own else 1000.0  # a fallback route's candidates come last
-        if route.spillover is not None:
-            tier_rank = tiers.index(target.backend.tier) if target.backend.tier in tiers else len(tiers)
-            overflow = util >= route.spillover.threshold
-            group += tier_rank + (len(tiers) + 1 if overflow else 0)
-        declared = order.get(target.model.name, len(order) + position) if order is not None else position
-        row = Row(latency_ms=latency, utilisation=round(util, 4), **base)  # type: ignore[arg-type]
-        survivors.append(((group, 0.0, declared), target, row))
-        table.append(row)
-    if survivors:
-        survivors = _rank(survivors, objective, weights, est_out)
+    narrowing = bool(extra) or prefs is not None
+    needs = features.needs
+    needed_context = features.prompt_tokens + (features.max_tokens or 0)
+    unhealthy = live.unhealthy
+    verdicts: list[tuple[Target, str | None]] = []
+    survivors: list[tuple[int, Target]] = []
+    for position, (target, reason) in enumerate(rows):
+        if reason is None:
+            if narrowing:
+                reason = _narrowing_reason(target, extra, prefs)
+            if reason is None:
+                if needs and not needs <= target.capabilities:
+                    reason = f"model lacks {', '.join(sorted(needs - target.capabilities))}"
+                elif target.model.context_window is not None and needed_context > target.model.context_window:
+                    reason = f"{CONTEXT_PREFIX}{target.model.context_window} tokens, the request needs {needed_context}"
+                elif unhealthy and target.backend.name in unhealthy:
+                    reason = "backend is ejected (unhealthy)"
+        verdicts.append((target, reason))
+        if reason is None:
+            survivors.append((position, target))
+    out_tokens = features.max_tokens or DEFAULT_OUTPUT_TOKENS
     if not survivors:
-        reasons = "; ".join(f"{r.deployment}: {r.excluded}" for r in table)
-        if all((r.excluded or "").startswith(CONTEXT_PREFIX) for r in table):
-            # Too long for every candidate: what OpenAI answers, so clients' context handling works.
-            largest = max(t.model.context_window or 0 for t, _ in rows)
-            raise InvalidRequest(
-                f"This model's maximum context length is {largest} tokens. However, you requested "
-                f"{features.prompt_tokens + (features.max_tokens or 0)} tokens. ({reasons})",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        raise PermissionDenied(
-            f"No deployment of '{route.name}' satisfies the policy for your key. Excluded: {reasons}.", param="model"
-        )
-    ranked_rows: dict[str, Row] = {}
-    targets: list[Target] = []
-    for rank, (key, target, row) in enumerate(survivors, start=1):
-        ranked_rows[row.deployment] = msgspec.structs.replace(row, score=round(key[1], 6), rank=rank)
-        targets.append(target)
-    final_rows = tuple(ranked_rows.get(r.deployment, r) if r.excluded is None else r for r in table)
-    plan = tuple(targets[: route.max_attempts])
-    decision = Decision(
-        id=decision_id,
+        _refuse(route, rows, verdicts, features)
+    ranked = _rank(
+        survivors,
+        route,
+        objective,
+        weights,
+        features,
+        out_tokens,
+        live,
+        prefs,
+        len(index.targets[(route.name, features.operation)]),
+    )
+    rank_of = {id(target): (score, rank) for rank, (score, target) in enumerate(ranked, start=1)}
+    table = tuple((t, r, *rank_of.get(id(t), (None, None))) for t, r in verdicts)
+    facts = _Facts(
+        decision_id=decision_id,
         policy_version=index.version,
         tenant=tenant.name,
-        requested_route=requested,
-        route=route.name,
+        requested=requested,
         objective=objective,
         rules=tuple(applied),
-        rows=final_rows,
-        plan=tuple(t.label for t in plan),
+        rows=table,
+        prompt_tokens=features.prompt_tokens,
+        out_tokens=out_tokens,
+        live=live,
     )
-    return RoutePlan(route=route, targets=plan, decision=decision)
+    return RoutePlan(route, tuple(t for _, t in ranked[: route.max_attempts]), facts)
+
+
+def _refuse(
+    route: Route,
+    rows: tuple[tuple[Target, str | None], ...],
+    verdicts: list[tuple[Target, str | None]],
+    features: RequestFeatures,
+) -> None:
+    reasons = "; ".join(f"{t.label}: {r}" for t, r in verdicts)
+    if all((r or "").startswith(CONTEXT_PREFIX) for _, r in verdicts):
+        # Too long for every candidate: what OpenAI answers, so clients' context handling works.
+        largest = max(t.model.context_window or 0 for t, _ in rows)
+        raise InvalidRequest(
+            f"This model's maximum context length is {largest} tokens. However, you requested "
+            f"{features.prompt_tokens + (features.max_tokens or 0)} tokens. ({reasons})",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    raise PermissionDenied(
+        f"No deployment of '{route.name}' satisfies the policy for your key. Excluded: {reasons}.", param="model"
+    )
 
 
 def _rank(
-    items: list[tuple[tuple[float, float, int], Target, Row]], objective: Objective, weights: Weights, est_out: int
-) -> list[tuple[tuple[float, float, int], Target, Row]]:
+    survivors: list[tuple[int, Target]],
+    route: Route,
+    objective: Objective,
+    weights: Weights,
+    features: RequestFeatures,
+    out_tokens: int,
+    live: LiveState,
+    prefs: Preferences | None,
+    own: int,
+) -> list[tuple[float, Target]]:
+    """(score, target) best first. Sort key: (spill/fallback group, objective score, declared order)."""
+    order = {m: i for i, m in enumerate(prefs.order)} if prefs is not None and prefs.order else None
+    spill = route.spillover
+    tiers = spill.tiers if spill is not None else ()
+    scores: list[float]
     if objective == "ordered":
-        return sorted(items, key=lambda it: it[0])
-    costs = [it[2].est_cost_usd or 0.0 for it in items]
-    lats = [it[2].latency_ms or 0.0 for it in items]
-    max_cost = max(costs) or 1.0
-    max_lat = max(lats) or 1.0
-    scored = []
-    for (group, _, declared), target, row in items:
-        cost, lat = row.est_cost_usd or 0.0, row.latency_ms or 0.0
-        if objective == "cost":
-            score = cost
-        elif objective == "latency":
-            score = lat
-        else:
-            total = (weights.cost + weights.latency) or 1.0
-            score = (weights.cost * cost / max_cost + weights.latency * lat / max_lat) / total
-        scored.append(((group, score, declared), target, row))
-    return sorted(scored, key=lambda it: it[0])
+        scores = [0.0] * len(survivors)
+    elif objective == "cost":
+        scores = [_cost(t, features.prompt_tokens, out_tokens) for _, t in survivors]
+    elif objective == "latency":
+        scores = [_latency(t, live) for _, t in survivors]
+    else:
+        costs = [_cost(t, features.prompt_tokens, out_tokens) for _, t in survivors]
+        lats = [_latency(t, live) for _, t in survivors]
+        max_cost = max(costs) or 1.0
+        max_lat = max(lats) or 1.0
+        total = (weights.cost + weights.latency) or 1.0
+        scores = [
+            (weights.cost * c / max_cost + weights.latency * lt / max_lat) / total
+            for c, lt in zip(costs, lats, strict=True)
+        ]
+    keyed = []
+    for (position, target), score in zip(survivors, scores, strict=True):
+        group = 0.0 if position < own else 1000.0  # a fallback route's candidates come last
+        if spill is not None:
+            tier = target.backend.tier
+            group += tiers.index(tier) if tier in tiers else len(tiers)
+            if _utilisation(target, live) >= spill.threshold:
+                group += len(tiers) + 1
+        declared = order.get(target.model.name, len(order) + position) if order is not None else position
+        keyed.append(((group, score, declared), target))
+    keyed.sort(key=lambda item: item[0])
+    return [(key[1], target) for key, target in keyed]

@@ -43,10 +43,14 @@ class Target:
     model: Model
     deployment: Deployment
     backend: Backend
+    # `model@backend`, as in headers and decision tables, and the model's capabilities as a set:
+    # derived once at construction, read on every request.
+    label: str = ""
+    capabilities: frozenset[str] = frozenset()
 
-    @property
-    def label(self) -> str:
-        return f"{self.model.name}@{self.backend.name}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", f"{self.model.name}@{self.backend.name}")
+        object.__setattr__(self, "capabilities", frozenset(self.model.capabilities))
 
 
 class PolicyIndex:

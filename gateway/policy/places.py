@@ -6,6 +6,7 @@ country admits only that country (a backend that only says "EU" might be anywher
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 BLOCS: Final[dict[str, frozenset[str]]] = {
@@ -77,6 +78,7 @@ BLOCS: Final[dict[str, frozenset[str]]] = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def expand(places: tuple[str, ...]) -> frozenset[str]:
     """Everything a list of places admits, upper-cased: each bloc with its members, each country itself."""
     out: set[str] = set()
