@@ -23,6 +23,9 @@ _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# Upstream URLs and credentials come only from policy files; a body that carries them is refused rather
+# than forwarded (a key in a body would otherwise reach a third party).
+_FORBIDDEN_FIELDS = ("api_key", "api_base", "base_url", "custom_llm_provider")
 
 
 async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
@@ -57,6 +60,12 @@ def decode_request(body: bytes, kind: type[T]) -> tuple[T, dict[str, Any]]:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc}.{hint}", code="invalid_json"
         ) from None
+    for name in _FORBIDDEN_FIELDS:
+        if name in raw:
+            raise InvalidRequest(
+                f"'{name}' is not accepted in a request body: upstreams and their credentials come from the policy.",
+                param=name,
+            )
     try:
         typed: T = _decoders[kind].decode(body)
     except msgspec.ValidationError as exc:

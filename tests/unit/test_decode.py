@@ -105,3 +105,14 @@ async def test_oversized_chunked_body_is_refused_while_streaming() -> None:
         await read_body(_chunks([b"a" * 600, b"b" * 600, b"c" * 600]), None, 1024)
     assert info.value.status == 413
     assert await read_body(_chunks([b"a" * 600, b"b" * 400]), None, 1024) == b"a" * 600 + b"b" * 400
+
+
+@pytest.mark.parametrize("field", ["api_key", "api_base", "base_url"])
+def test_upstream_urls_and_keys_in_the_body_are_refused(field: str) -> None:
+    body = (
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "%s": "http://169.254.169.254/"}'
+        % field.encode()
+    )
+    with pytest.raises(InvalidRequest) as info:
+        _chat(body)
+    assert info.value.param == field
