@@ -1,0 +1,66 @@
+"""The usage record, the unit of the ledger: one per upstream attempt (and one per cache hit)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+import msgspec
+
+UsageSource = Literal["provider", "estimated", "none"]
+Dimension = Literal["route", "model", "deployment", "key"]
+DIMENSIONS: tuple[Dimension, ...] = ("route", "model", "deployment", "key")
+
+
+class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    # 1-based; the attempt that answered the client has `final=True`.
+    attempt: int
+    final: bool
+    ts_ms: int
+    tenant: str
+    key_id: str
+    route: str
+    model: str
+    deployment: str
+    backend: str
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_micro_usd: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    cache_hit: bool = False
+    # The client went away (or the upstream failed) mid-answer: tokens are what the upstream produced.
+    partial: bool = False
+    usage_source: UsageSource = "provider"
+
+    @property
+    def day(self) -> str:
+        return dt.datetime.fromtimestamp(self.ts_ms / 1000, dt.UTC).strftime("%Y-%m-%d")
+
+    def dimension(self, name: Dimension) -> str:
+        if name == "key":
+            return self.key_id
+        value: str = getattr(self, name)
+        return value
+
+
+class UsageRow(msgspec.Struct, kw_only=True):
+    """An aggregate: totals for one value of a dimension (e.g. route `chat`) over the asked days."""
+
+    tenant: str
+    dimension: Dimension
+    value: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+def days_between(since: dt.date, until: dt.date) -> list[str]:
+    if until < since:
+        return []
+    span = (until - since).days
+    return [(since + dt.timedelta(days=i)).isoformat() for i in range(min(span, 366) + 1)]

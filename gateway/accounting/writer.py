@@ -1,0 +1,102 @@
+"""The background writer: requests hand records over without waiting; one batch is written every
+`interval_s` (one pipeline round trip), or spooled when the ledger is unreachable; the spool is
+replayed when the ledger answers again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+
+from gateway.accounting.ledger import Ledger, LedgerUnavailable
+from gateway.accounting.records import UsageRecord
+from gateway.accounting.spool import Spool
+
+log = logging.getLogger("strait.accounting")
+
+# Records waiting in memory beyond this go straight to the spool (a ledger that is slow, not down).
+MAX_QUEUE = 50_000
+BATCH = 500
+# How often the spool is tried again while it holds records (seconds).
+REPLAY_EVERY_S = 1.0
+
+
+class UsageWriter:
+    def __init__(self, ledger: Ledger, spool: Spool, *, interval_s: float = 0.05) -> None:
+        self.ledger = ledger
+        self.spool = spool
+        self.interval_s = interval_s
+        self.written = 0
+        self.spooled = 0
+        self._queue: deque[UsageRecord] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._last_replay = 0.0
+        self._last_error_log = 0.0
+
+    def submit(self, record: UsageRecord) -> None:
+        """Never blocks and never fails: the request path only appends."""
+        if len(self._queue) >= MAX_QUEUE:
+            self.spooled += self.spool.append([record])
+            return
+        self._queue.append(record)
+
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Write (or spool) everything queued: a graceful shutdown loses nothing."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue:
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+        if batch:
+            try:
+                self.written += await self.ledger.write(batch)
+            except LedgerUnavailable as exc:
+                self._warn(f"ledger unreachable ({exc}); spooling {len(batch)} records")
+                self.spooled += self.spool.append(batch)
+                return
+        now = time.monotonic()
+        if now - self._last_replay >= REPLAY_EVERY_S and self.spool.pending():
+            self._last_replay = now
+            await self.replay()
+
+    async def replay(self) -> int:
+        """Write spooled batches to the ledger; each file is deleted once all of it is written."""
+        replayed = 0
+        for path, records in self.spool.batches():
+            try:
+                replayed += await self.ledger.write(records)
+            except LedgerUnavailable:
+                return replayed
+            self.spool.done(path)
+        if replayed:
+            log.warning("replayed %d spooled usage records", replayed)
+        self.written += replayed
+        return replayed
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.flush()
+            except Exception:  # the writer must outlive any one bad batch
+                log.exception("usage writer failed a batch")
+
+    def _warn(self, message: str) -> None:
+        # At most one line a second: a Redis outage must not flood the log.
+        now = time.monotonic()
+        if now - self._last_error_log >= 1.0:
+            self._last_error_log = now
+            log.warning(message)

@@ -1,0 +1,165 @@
+"""The usage ledger: idempotent writes, aggregates by dimension, spool while Redis is away and replay
+exactly once when it returns. Real redis-server processes; nothing touches the machine's own Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from gateway.accounting.ledger import Ledger, MemoryLedger
+from gateway.accounting.meter import completion_tokens_of, cost_micro_usd
+from gateway.accounting.records import UsageRecord
+from gateway.accounting.redis_ledger import RedisLedger
+from gateway.accounting.spool import Spool
+from gateway.accounting.writer import UsageWriter
+from gateway.policy.model import Price
+from tests.harness.redis_proc import RedisProc
+
+NOON = 1_795_521_600_000  # 2026-11-24 12:00 UTC
+DAY = dt.date(2026, 11, 24)
+
+
+def rec(request_id: str, attempt: int = 1, *, tenant: str = "acme", final: bool = True, **kw: object) -> UsageRecord:
+    base: dict[str, object] = dict(
+        request_id=request_id,
+        attempt=attempt,
+        final=final,
+        ts_ms=NOON,
+        tenant=tenant,
+        key_id="k1",
+        route="chat",
+        model="m",
+        deployment="m@b",
+        backend="b",
+        status=200,
+        prompt_tokens=10,
+        completion_tokens=5,
+        cost_micro_usd=70,
+    )
+    base.update(kw)
+    return UsageRecord(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisProc]:
+    with RedisProc() as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def ledger(request: pytest.FixtureRequest, redis_server: RedisProc) -> AsyncIterator[Ledger]:
+    if request.param == "memory":
+        yield MemoryLedger()
+        return
+    with redis.Redis(port=redis_server.port) as c:
+        c.flushall()
+    client = Redis(port=redis_server.port, socket_timeout=1, socket_connect_timeout=1)
+    yield RedisLedger(client)
+    await client.aclose()
+
+
+async def test_writes_are_idempotent_per_request_and_attempt(ledger: Ledger) -> None:
+    assert await ledger.write([rec("r1"), rec("r2"), rec("r1")]) == 2
+    assert (
+        await ledger.write(
+            [rec("r1"), rec("r2", attempt=2, final=False, prompt_tokens=0, completion_tokens=0, cost_micro_usd=0)]
+        )
+        == 1
+    )
+    rows = await ledger.totals(["acme"], DAY, DAY, "route")
+    assert [(r.value, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [("chat", 2, 20, 10)]
+    assert rows[0].cost_usd == pytest.approx(140e-6)
+
+
+async def test_totals_by_dimension_and_tenant_isolation(ledger: Ledger) -> None:
+    await ledger.write([rec("a", route="chat"), rec("b", route="embed"), rec("c", tenant="other", route="chat")])
+    by_route = await ledger.totals(["acme"], DAY, DAY, "route")
+    assert {r.value for r in by_route} == {"chat", "embed"}
+    assert all(r.tenant == "acme" for r in by_route)
+    by_key = await ledger.totals(["acme", "other"], DAY, DAY, "key")
+    assert [(r.tenant, r.value, r.requests) for r in by_key] == [("acme", "k1", 2), ("other", "k1", 1)]
+    assert await ledger.totals(["acme"], DAY + dt.timedelta(days=1), DAY + dt.timedelta(days=3), "route") == []
+
+
+async def test_redis_keys_all_expire(redis_server: RedisProc) -> None:
+    with redis.Redis(port=redis_server.port) as c:
+        c.flushall()
+    client = Redis(port=redis_server.port)
+    await RedisLedger(client).write([rec("x"), rec("y", tenant="t2")])
+    await client.aclose()
+    with redis.Redis(port=redis_server.port) as c:
+        keys = list(c.scan_iter("strait:*"))
+        assert keys and all(c.ttl(k) > 0 for k in keys)
+        # Each tenant's keys share one hash slot (Redis Cluster) and never another tenant's.
+        assert {k.split(b"}")[0] for k in keys} == {b"strait:{t:acme", b"strait:{t:t2"}
+
+
+async def test_writer_spools_while_redis_is_down_and_replays_exactly_once(tmp_path: Path) -> None:
+    server = RedisProc().start()
+    try:
+        client = Redis(port=server.port, socket_timeout=0.2, socket_connect_timeout=0.2)
+        writer = UsageWriter(RedisLedger(client), Spool(tmp_path / "spool"), interval_s=0.01)
+        for i in range(5):
+            writer.submit(rec(f"before-{i}"))
+        await writer.flush()
+        assert writer.written == 5
+        server.freeze()  # SIGSTOP: the connection stays open, nothing answers (the `docker pause` case)
+        for i in range(7):
+            writer.submit(rec(f"during-{i}"))
+        writer.submit(rec("before-0"))  # a duplicate of an already written record
+        await writer.flush()
+        assert writer.spooled == 8 and writer.spool.pending()
+        server.thaw()
+        replayed = await writer.replay()
+        assert replayed == 7  # the duplicate is skipped: written before the outage
+        assert not writer.spool.pending()
+        assert await writer.replay() == 0  # replaying again writes nothing
+        rows = await RedisLedger(client).totals(["acme"], DAY, DAY, "route")
+        assert rows[0].requests == 12 and rows[0].prompt_tokens == 120
+        await client.aclose()
+    finally:
+        server.cleanup()
+
+
+async def test_stop_flushes_everything_queued(tmp_path: Path) -> None:
+    ledger = MemoryLedger()
+    writer = UsageWriter(ledger, Spool(tmp_path), interval_s=10)
+    await writer.start()
+    for i in range(1200):
+        writer.submit(rec(f"r{i}"))
+    await writer.stop()
+    rows = await ledger.totals(["acme"], DAY, DAY, "route")
+    assert rows[0].requests == 1200
+
+
+def test_full_spool_drops_and_counts(tmp_path: Path) -> None:
+    one = len(msgspec.json.encode(rec("a"))) + 1
+    spool = Spool(tmp_path, max_bytes=2 * one + 10)
+    assert spool.append([rec("a"), rec("b")]) == 2
+    assert spool.append([rec("c"), rec("d")]) == 0
+    assert spool.dropped == 2
+
+
+def test_cost_uses_cached_price_and_is_never_negative() -> None:
+    price = Price(input_per_mtok=2.5, output_per_mtok=10.0, cached_input_per_mtok=1.25)
+    assert cost_micro_usd(price, 1000, 100) == 2500 + 1000
+    assert cost_micro_usd(price, 1000, 100, cached=400) == 600 * 2.5 + 400 * 1.25 + 1000
+    assert cost_micro_usd(price, 100, 0, cached=400) == 100 * 1.25  # cached never exceeds the prompt
+
+
+def test_estimated_completion_tokens_count_text_and_tool_arguments() -> None:
+    chunks = [
+        b'{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"hello world"}}]}',
+        b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"a\\": 1}"}}]}}]}',
+        b"not json",
+    ]
+    assert completion_tokens_of(chunks, "cl100k_base") == 2 + 6
+    body = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hello world"}}]}'
+    assert completion_tokens_of([body], "cl100k_base") == 2
