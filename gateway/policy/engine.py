@@ -20,10 +20,10 @@ from typing import Final
 import msgspec
 
 from gateway.contracts import Operation
-from gateway.errors import InvalidRequest, ModelNotFound, PermissionDenied
+from gateway.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.policy.index import PolicyIndex, Principal, Target
 from gateway.policy.model import Compliance, Constraints, Objective, Route, Rule, Tenant, Weights
-from gateway.policy.places import expand
+from gateway.policy.places import BLOCS, expand
 
 # Output tokens assumed for cost ranking when the request sets no max_tokens.
 DEFAULT_OUTPUT_TOKENS: Final = 256
@@ -99,25 +99,48 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
 # Static (per tenant and route) compliance, memoised on the index.
 
 
+def _denied_place(what: str, place: str, denied: tuple[str, ...]) -> str | None:
+    """Fail closed against a deny-list: a listed place, an unknown one, or a bloc with a listed member."""
+    if not denied:
+        return None
+    if not place:
+        return f"{what} unknown (it may be a denied one)"
+    listed = expand(denied)
+    if place in listed:
+        return f"{what} {place} is denied"
+    overlap = sorted(BLOCS.get(place, frozenset()) & listed)
+    if overlap:
+        return f"{what} {place} may be in denied {overlap}"
+    return None
+
+
+def _names(values: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(v.lower() for v in values)
+
+
 def compliance_reason(target: Target, c: Compliance) -> str | None:
-    """Why `target` is outside the compliance envelope `c`, or None. Unknown attributes fail closed."""
+    """Why `target` is outside the compliance envelope `c`, or None. Unknown attributes fail closed:
+    against allow-lists, deny-lists and maximums alike. Developer and operator names ignore case."""
     h = target.backend.hosting
     juris = (h.jurisdiction or "").upper()
     origin = target.model.origin
     country = ((origin.country if origin else None) or "").upper()
     developer = (origin.developer if origin else None) or ""
+    dev = developer.lower()
     if c.allowed_jurisdictions is not None and (not juris or juris not in expand(c.allowed_jurisdictions)):
         return f"hosting jurisdiction {juris or 'unknown'} is not in the allowed {list(c.allowed_jurisdictions)}"
-    if juris and juris in expand(c.denied_jurisdictions):
-        return f"hosting jurisdiction {juris} is denied"
+    reason = _denied_place("hosting jurisdiction", juris, c.denied_jurisdictions)
+    if reason:
+        return reason
     if c.allowed_origin_countries is not None and (not country or country not in expand(c.allowed_origin_countries)):
         return f"model origin {country or 'unknown'} is not in the allowed {list(c.allowed_origin_countries)}"
-    if country and country in expand(c.denied_origin_countries):
-        return f"model origin {country} is denied"
-    if c.allowed_developers is not None and developer not in c.allowed_developers:
+    reason = _denied_place("model origin", country, c.denied_origin_countries)
+    if reason:
+        return reason
+    if c.allowed_developers is not None and dev not in _names(c.allowed_developers):
         return f"model developer {developer or 'unknown'} is not allowed"
-    if developer and developer in c.denied_developers:
-        return f"model developer {developer} is denied"
+    if c.denied_developers and (not dev or dev in _names(c.denied_developers)):
+        return f"model developer {developer} is denied" if dev else "model developer unknown (it may be a denied one)"
     if c.allowed_tiers is not None and target.backend.tier not in c.allowed_tiers:
         return f"tier {target.backend.tier} is not allowed"
     if c.max_retention_days is not None and (h.retention_days is None or h.retention_days > c.max_retention_days):
@@ -129,22 +152,30 @@ def compliance_reason(target: Target, c: Compliance) -> str | None:
     if missing:
         return f"missing certifications {missing}"
     for rule in c.origin_rules:
-        if not (country in expand(rule.origin_countries) or developer in rule.developers):
+        # A model of unknown origin could be of any origin: every origin rule applies to it.
+        unknown = not country and not dev
+        if not (unknown or country in expand(rule.origin_countries) or dev in _names(rule.developers)):
             continue
-        label = country or developer
+        label = country or developer or "unknown"
         if rule.allowed_tiers is not None and target.backend.tier not in rule.allowed_tiers:
             return f"{label}-origin models may run only on tiers {list(rule.allowed_tiers)}"
         if rule.allowed_jurisdictions is not None and (not juris or juris not in expand(rule.allowed_jurisdictions)):
             return f"{label}-origin models may run only in {list(rule.allowed_jurisdictions)}"
-        if rule.deny_developer_operated and h.operator and h.operator.lower() == developer.lower():
+        if rule.deny_developer_operated and h.operator and h.operator.lower() == dev:
             return f"{label}-origin models may not run on their developer's own service"
     return None
 
 
 def _candidates(index: PolicyIndex, route: Route, operation: Operation) -> tuple[Target, ...]:
-    own = index.targets[(route.name, operation)]
-    extra = tuple(t for name in route.fallback for t in index.targets[(name, operation)] if t not in own)
-    return own + extra
+    """The route's own targets, then its fallback routes', each deployment once (first place wins)."""
+    seen: set[str] = set()
+    out: list[Target] = []
+    for name in (route.name, *route.fallback):
+        for t in index.targets[(name, operation)]:
+            if t.label not in seen:
+                seen.add(t.label)
+                out.append(t)
+    return tuple(out)
 
 
 def static_rows(
@@ -212,9 +243,6 @@ def check_preferences(p: Preferences, tenant: Tenant, route: Route, index: Polic
                     f"Your policy preferences ask for jurisdictions {outside}, outside what your tenant allows.",
                     param="strait.jurisdictions",
                 )
-        denied = sorted(asked & expand(c.denied_jurisdictions))
-        if denied:
-            raise PermissionDenied(f"Jurisdictions {denied} are denied for your tenant.", param="strait.jurisdictions")
     if p.origins is not None:
         asked = expand(p.origins)
         if c.allowed_origin_countries is not None:
@@ -224,9 +252,6 @@ def check_preferences(p: Preferences, tenant: Tenant, route: Route, index: Polic
                     f"Your policy preferences ask for model origins {outside}, outside what your tenant allows.",
                     param="strait.origins",
                 )
-        denied = sorted(asked & expand(c.denied_origin_countries))
-        if denied:
-            raise PermissionDenied(f"Model origins {denied} are denied for your tenant.", param="strait.origins")
     if p.order is not None:
         unknown = [
             m for m in p.order if m not in route.models and not any(m in index.routes[f].models for f in route.fallback)
@@ -365,7 +390,12 @@ def decide(
     *,
     decision_id: str = "",
 ) -> RoutePlan:
-    tenant = index.tenants.get(principal.tenant) or index.open_tenant
+    tenant = index.tenants.get(principal.tenant)
+    if tenant is None:
+        if principal.tenant != index.open_tenant.name:
+            # A key whose tenant this policy does not know: refuse rather than run unconstrained.
+            raise AuthenticationFailed("Your API key's tenant is not in the policy in force.")
+        tenant = index.open_tenant
     requested = features.route
     route_name = requested
     route = index.routes.get(route_name)
@@ -378,13 +408,16 @@ def decide(
     for rule in index.policy.rules:
         if not rule_matches(rule, tenant.name, route_name, features):
             continue
-        applied.append(rule.name)
         then = rule.then
+        note = ""
         if then.route is not None and then.route != route_name:
             rewritten = index.routes.get(then.route)
             if rewritten is not None and principal.may_use(then.route):
                 route_name, route = then.route, rewritten
                 objective, weights = route.objective, route.weights
+            else:
+                note = f" (rewrite to {then.route!r} not allowed for this key)"
+        applied.append(rule.name + note)
         if then.objective is not None:
             objective = then.objective
         if then.weights is not None:
@@ -426,17 +459,8 @@ def decide(
     out_tokens = features.max_tokens or DEFAULT_OUTPUT_TOKENS
     if not survivors:
         _refuse(route, rows, verdicts, features)
-    ranked = _rank(
-        survivors,
-        route,
-        objective,
-        weights,
-        features,
-        out_tokens,
-        live,
-        prefs,
-        len(index.targets[(route.name, features.operation)]),
-    )
+    own = len({t.label for t in index.targets[(route.name, features.operation)]})
+    ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own)
     rank_of = {id(target): (score, rank) for rank, (score, target) in enumerate(ranked, start=1)}
     table = tuple((t, r, *rank_of.get(id(t), (None, None))) for t, r in verdicts)
     facts = _Facts(
@@ -461,9 +485,11 @@ def _refuse(
     features: RequestFeatures,
 ) -> None:
     reasons = "; ".join(f"{t.label}: {r}" for t, r in verdicts)
-    if all((r or "").startswith(CONTEXT_PREFIX) for _, r in verdicts):
-        # Too long for every candidate: what OpenAI answers, so clients' context handling works.
-        largest = max(t.model.context_window or 0 for t, _ in rows)
+    # Candidates the tenant may use at all; if each of them is only too small, say so as OpenAI does.
+    compliant = [(t, r) for (t, static), (_, r) in zip(rows, verdicts, strict=True) if static is None]
+    if compliant and all((r or "").startswith(CONTEXT_PREFIX) for _, r in compliant):
+        # Too long for every usable candidate: what OpenAI answers, so clients' context handling works.
+        largest = max(t.model.context_window or 0 for t, _ in compliant)
         raise InvalidRequest(
             f"This model's maximum context length is {largest} tokens. However, you requested "
             f"{features.prompt_tokens + (features.max_tokens or 0)} tokens. ({reasons})",
