@@ -21,7 +21,9 @@ def _strait(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_committed_schema_is_current() -> None:
     committed = json.loads((POLICIES / "schema.json").read_text())
-    assert committed == json.loads(json.dumps(schema())), "policies/schema.json is stale: run `strait policy schema > policies/schema.json`"
+    assert committed == json.loads(json.dumps(schema())), (
+        "policies/schema.json is stale: run `strait policy schema > policies/schema.json`"
+    )
 
 
 def test_shipped_policy_tests_pass() -> None:
