@@ -35,6 +35,9 @@ def _serve(args: argparse.Namespace) -> int:
     if policy is None:
         return 1
     os.environ["STRAIT_POLICY"] = settings.policy_path
+    # Every worker is a replica: with `memory` state the store refuses to start rather than let each
+    # worker enforce its own copy of the limits.
+    os.environ["STRAIT_REPLICAS"] = str(max(settings.replicas, settings.workers))
     os.environ["STRAIT_STATE"] = settings.state
     os.environ["STRAIT_LOG_LEVEL"] = settings.log_level
     import uvicorn

@@ -1,19 +1,24 @@
 """create_app: the one wiring point.
 
-Request stages, in order: auth -> route -> upstream (terminal; walks the plan with fallback).
-Responses: JSON as the upstream sent it, or an SSE relay (see gateway.api.respond).
-Later stages (limits, cache, accounting) slot into `gateway.runtime.build_runtime`.
+Request stages, in order: auth (before the body is read) -> route (policy engine) -> limits (one
+state-store call) -> upstream (terminal; walks the plan with fallback). On response: the JSON as the
+upstream sent it or an SSE relay (gateway.api.respond), then accounting (usage records to the ledger
+writer, reservation reconciled; both in the background).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 
+from gateway.accounting.open import open_ledger
+from gateway.accounting.spool import Spool
+from gateway.accounting.writer import UsageWriter
 from gateway.api.respond import JSON
 from gateway.api.routes import build_handlers, request_id_of
 from gateway.contracts import AdapterFactory
@@ -23,6 +28,7 @@ from gateway.registry import discover_adapters
 from gateway.reload import PolicyReloader
 from gateway.runtime import Gateway, build_runtime
 from gateway.settings import Settings
+from gateway.state import open_store
 from gateway.telemetry import Metrics
 from gateway.upstream.signals import LiveSignals
 
@@ -66,7 +72,11 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
     metrics = Metrics()
     signals = LiveSignals()
     policy = load_policy(settings.policy_path, adapters=factories.keys())
-    gateway = Gateway(build_runtime(policy, factories, metrics, signals), metrics, signals)
+    store = open_store(settings.state, timeout_s=settings.state_timeout_ms / 1000, replicas_hint=settings.replicas)
+    ledger = open_ledger(settings.state)
+    writer = UsageWriter(ledger, Spool(Path(settings.spool_dir)))
+    runtime = build_runtime(policy, factories, metrics, signals, store)
+    gateway = Gateway(runtime, metrics, signals, store, writer, ledger)
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     return Litestar(
         route_handlers=build_handlers(gateway),
@@ -75,7 +85,7 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
             HTTPException: _on_http_exception,
             Exception: _on_unexpected,
         },
-        on_startup=[reloader.start],
+        on_startup=[gateway.start, reloader.start],
         on_shutdown=[reloader.stop, gateway.aclose],
         request_max_body_size=None,
         openapi_config=None,

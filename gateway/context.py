@@ -9,6 +9,7 @@ from gateway.contracts import Operation
 from gateway.policy.engine import Decision
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Route
+from gateway.state.base import Ticket
 
 
 @dataclass(slots=True)
@@ -37,4 +38,9 @@ class RequestContext:
     # Written by `upstream`: the target that answered and the attempts made.
     target: Target | None = None
     attempts: int = 0
+    # Written by `limits`: what to hand back to the store once the usage is known.
+    ticket: Ticket | None = None
+    # Written by `upstream`: attempts that failed before the one that answered (target, outcome, seconds).
+    failed_attempts: list[tuple[Target, int, float]] = field(default_factory=list)
+    # Headers any stage adds to the response (rate-limit state, budget downgrade).
     extra_headers: dict[str, str] = field(default_factory=dict)

@@ -96,6 +96,14 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class BudgetExceeded(GatewayError):
+    """402: the tenant's or key's budget is spent; retrying will not help until the window resets."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "budget_exceeded"
+
+
 class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"

@@ -6,13 +6,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway.accounting.ledger import Ledger
+from gateway.accounting.writer import UsageWriter
 from gateway.contracts import Adapter, AdapterFactory
 from gateway.pipeline import Pipeline
 from gateway.policy.decisions import DecisionLog
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import PolicySet
+from gateway.stages.accounting import AccountingStage
 from gateway.stages.auth import AuthStage
+from gateway.stages.limits import LimitsStage
 from gateway.stages.route import RouteStage
+from gateway.state import Store
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.signals import LiveSignals
@@ -25,6 +30,7 @@ class Runtime:
 
     index: PolicyIndex
     auth: AuthStage
+    # Request stages in order: route (policy engine) -> limits (one store call).
     pipeline: Pipeline
     dispatcher: Dispatcher
     adapters: Mapping[str, Adapter]
@@ -36,6 +42,7 @@ def build_runtime(
     factories: Mapping[str, AdapterFactory],
     metrics: Metrics,
     signals: LiveSignals,
+    store: Store,
     previous: Runtime | None = None,
 ) -> Runtime:
     """Everything for one policy. Adapters of backends whose definition did not change are reused
@@ -49,10 +56,11 @@ def build_runtime(
         else:
             adapters[b.name] = factories[b.adapter](b)
     auth = AuthStage(index)
+    route = RouteStage(index, signals)
     return Runtime(
         index=index,
         auth=auth,
-        pipeline=Pipeline([RouteStage(index, signals)]),
+        pipeline=Pipeline([route, LimitsStage(index, store, metrics, route)]),
         dispatcher=Dispatcher(adapters, metrics, signals),
         adapters=adapters,
         max_body_bytes=policy.server.max_body_bytes,
@@ -60,13 +68,35 @@ def build_runtime(
 
 
 class Gateway:
-    def __init__(self, runtime: Runtime, metrics: Metrics, signals: LiveSignals) -> None:
+    """What lives as long as the process: the current runtime (replaced on reload), live signals, the
+    state store, the usage writer and the accounting stage."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        metrics: Metrics,
+        signals: LiveSignals,
+        store: Store,
+        writer: UsageWriter,
+        ledger: Ledger,
+    ) -> None:
         self.runtime = runtime
         self.metrics = metrics
         self.signals = signals
+        self.store = store
+        self.writer = writer
+        self.ledger = ledger
+        self.accounting = AccountingStage(writer, store, metrics)
         self.decisions = DecisionLog()
         self.started_at = int(time.time())
 
+    async def start(self) -> None:
+        await self.writer.start()
+
     async def aclose(self) -> None:
+        await self.accounting.drain()
+        await self.writer.stop()
+        await self.ledger.close()
+        await self.store.close()
         for adapter in self.runtime.adapters.values():
             await adapter.aclose()

@@ -8,7 +8,6 @@ from typing import Literal
 
 import msgspec
 
-UpstreamTransport = Literal["aiohttp", "httpx"]
 AsgiServer = Literal["uvicorn", "granian"]
 
 
@@ -17,11 +16,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
-    # `memory` (in-process, the embedded default) or a redis:// URL (arrives with shared state).
+    # `memory` (in-process, one replica: the embedded default), redis://, rediss:// or redis+cluster://.
     state: str = "memory"
-    # HTTP client under the adapters: aiohttp's transport measured faster than httpx's own (loadtest/README.md).
-    upstream_transport: UpstreamTransport = "aiohttp"
     log_level: str = "WARNING"
+    # How many gateway processes share the state (sizes budget fallbacks; `memory` refuses more than 1).
+    replicas: int = 1
+    # Bound on every state-store call on the request path (ms): a down or frozen Redis costs at most this.
+    state_timeout_ms: int = 80
+    # Where usage records wait while the ledger is unreachable (one spool per replica).
+    spool_dir: str = ".strait/spool"
     # The ASGI server behind `strait serve`, chosen by measurement (loadtest/README.md).
     server: AsgiServer = "uvicorn"
 
@@ -35,9 +38,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("port", "STRAIT_PORT"),
             ("workers", "STRAIT_WORKERS"),
             ("state", "STRAIT_STATE"),
-            ("upstream_transport", "STRAIT_UPSTREAM_TRANSPORT"),
             ("log_level", "STRAIT_LOG_LEVEL"),
             ("server", "STRAIT_SERVER"),
+            ("replicas", "STRAIT_REPLICAS"),
+            ("state_timeout_ms", "STRAIT_STATE_TIMEOUT_MS"),
+            ("spool_dir", "STRAIT_SPOOL_DIR"),
         ):
             if var in env:
                 values[field] = env[var]

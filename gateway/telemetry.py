@@ -26,6 +26,17 @@ class Metrics:
         self.policy_reloads = Counter(
             "strait_policy_reloads", "Policy reload attempts by result.", ("result",), registry=self.registry
         )
+        self.limits_degraded = Counter(
+            "strait_limits_degraded",
+            "Admissions decided without the shared store (rate limits open, budgets on the local share).",
+            registry=self.registry,
+        )
+        self.usage_records = Counter(
+            "strait_usage_records",
+            "Usage records handed to the ledger writer, by source.",
+            ("source",),
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "strait_request_duration_seconds",
             "Time from request to the end of the response head (non-streaming: whole answer).",

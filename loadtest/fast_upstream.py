@@ -398,12 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        runner = uvloop.run
+        uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a gateway dependency
-        runner = asyncio.run
+        pass
     started = time.perf_counter()
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(args.host, args.port, args.chunks, timing))
+        asyncio.run(serve(args.host, args.port, args.chunks, timing))
     print(f"fast_upstream: stopped after {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0
 

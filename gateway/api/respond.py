@@ -22,6 +22,7 @@ from gateway.api.wire import ChunkProbe, UpstreamErrorBody, Usage, UsageProbe
 from gateway.context import RequestContext
 from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody, ErrorEnvelope
+from gateway.stages.accounting import AccountingStage
 from gateway.telemetry import Metrics
 from gateway.upstream.normalize import upstream_error
 from gateway.upstream.signals import LiveSignals
@@ -34,7 +35,7 @@ JSON = "application/json"
 
 
 def response_headers(ctx: RequestContext) -> dict[str, str]:
-    headers = {"x-request-id": ctx.request_id}
+    headers = {"x-request-id": ctx.request_id, **ctx.extra_headers}
     if ctx.route is not None:
         headers["x-strait-route"] = ctx.route.name
     if ctx.target is not None:
@@ -51,29 +52,36 @@ def _count_usage(metrics: Metrics, route: str, usage: Usage | None) -> None:
 
 
 def respond(
-    ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, signals: LiveSignals
+    ctx: RequestContext,
+    upstream: UpstreamResponse,
+    metrics: Metrics,
+    signals: LiveSignals,
+    accounting: AccountingStage,
 ) -> Response[bytes] | Stream:
     route = ctx.route_name
     headers = response_headers(ctx)
     if upstream.status >= 400:
         error = upstream_error(upstream.status, upstream.body, upstream.headers)
         metrics.requests.labels(route, str(error.status)).inc()
+        accounting.complete(ctx, status=upstream.status, usage=None)
         return Response(error.body(), status_code=error.status, media_type=JSON, headers={**headers, **error.headers})
     metrics.latency.labels(route).observe(time.perf_counter() - ctx.started)
     if upstream.events is None:
         metrics.requests.labels(route, str(upstream.status)).inc()
-        if ctx.operation != "embeddings":
-            try:
-                _count_usage(metrics, route, _probe_usage(upstream.body).usage)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                log.warning(
-                    "upstream %s returned a body without readable usage", ctx.target.label if ctx.target else "?"
-                )
+        usage: Usage | None = None
+        try:
+            usage = _probe_usage(upstream.body).usage
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("upstream %s returned a body without readable usage", ctx.target.label if ctx.target else "?")
+        _count_usage(metrics, route, usage)
+        produced = (upstream.body,) if usage is None and ctx.operation != "embeddings" else ()
+        accounting.complete(ctx, status=upstream.status, usage=usage, produced=produced)
         return Response(upstream.body, status_code=upstream.status, media_type=JSON, headers=headers)
     metrics.requests.labels(route, "200").inc()
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
-    return Stream(_relay(ctx, upstream, metrics, signals), media_type="text/event-stream", headers=headers)
+    relay = _relay(ctx, upstream, metrics, signals, accounting)
+    return Stream(relay, media_type="text/event-stream", headers=headers)
 
 
 def _error_event(message: str, type_: str, code: str | None) -> bytes:
@@ -81,16 +89,29 @@ def _error_event(message: str, type_: str, code: str | None) -> bytes:
 
 
 async def _relay(
-    ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, signals: LiveSignals
+    ctx: RequestContext,
+    upstream: UpstreamResponse,
+    metrics: Metrics,
+    signals: LiveSignals,
+    accounting: AccountingStage,
 ) -> AsyncIterator[bytes]:
     assert upstream.events is not None
     include_usage = ctx.include_usage
     usage: Usage | None = None
+    # Every event the upstream produced: counted with tiktoken only if no usage arrives.
+    produced: list[bytes] = []
+    ttft: float | None = None
+    complete = False
+    status = 200
     try:
         async for payload in upstream.events:
+            produced.append(payload)
+            if ttft is None:
+                ttft = time.perf_counter() - ctx.started
             try:
                 probe = _probe_chunk(payload)
             except (msgspec.DecodeError, msgspec.ValidationError):
+                status = 502
                 yield _error_event("The upstream sent an invalid stream event.", "server_error", "upstream_bad_event")
                 return
             if probe.error is not None:
@@ -100,6 +121,7 @@ async def _relay(
                     else UpstreamErrorBody(message=probe.error)
                 )
                 code = err.code if isinstance(err.code, str) else None
+                status = 502
                 yield _error_event(err.message or "The upstream failed mid-stream.", err.type or "server_error", code)
                 return
             if probe.usage is not None:
@@ -107,9 +129,11 @@ async def _relay(
                 if not include_usage and probe.choices is not None and not probe.choices:
                     continue
             yield encode_event(payload)
+        complete = True
         yield DONE_EVENT
     except UpstreamStreamBroken as exc:
         log.warning("request %s: %s", ctx.request_id, exc)
+        status = 502
         yield _error_event("The upstream stream ended unexpectedly.", "server_error", "upstream_stream_broken")
     finally:
         if upstream.close is not None:
@@ -120,3 +144,12 @@ async def _relay(
         if ctx.target is not None:
             signals.finished(ctx.target.backend.name)
         _count_usage(metrics, ctx.route_name, usage)
+        # Not complete: the client left or the upstream failed; charge what the upstream produced.
+        accounting.complete(
+            ctx,
+            status=status,
+            usage=usage,
+            produced=produced if usage is None else (),
+            partial=not complete,
+            ttft_s=ttft,
+        )

@@ -17,7 +17,7 @@ from gateway.api.respond import JSON, respond
 from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest, ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
-from gateway.errors import ModelNotFound, NotFound
+from gateway.errors import GatewayError, ModelNotFound, NotFound
 from gateway.runtime import Gateway
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -74,8 +74,16 @@ def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
             tenant = runtime.index.tenants.get(principal.tenant)
             if tenant is not None and tenant.explain:
                 gateway.decisions.put(ctx.decision)
-        upstream = await runtime.dispatcher.call(ctx)
-        return respond(ctx, upstream, gateway.metrics, gateway.signals)
+        try:
+            upstream = await runtime.dispatcher.call(ctx)
+        except GatewayError as exc:
+            gateway.accounting.complete(ctx, status=exc.status, usage=None)
+            raise
+        except BaseException:
+            # The client left while waiting (cancelled): record the attempts, release the reservation.
+            gateway.accounting.complete(ctx, status=499, usage=None, partial=True)
+            raise
+        return respond(ctx, upstream, gateway.metrics, gateway.signals, gateway.accounting)
 
     @post("/v1/chat/completions", status_code=200)
     async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:

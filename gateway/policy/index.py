@@ -63,7 +63,7 @@ class PolicyIndex:
         self.open_tenant = Tenant(name=ANONYMOUS.tenant)
         # Per (tenant, route, operation) compliance results, filled on first use; the index is
         # immutable, so memoising on it is safe and the hot path evaluates compliance once per policy.
-        self.memo: dict[tuple[str, str, str], Any] = {}
+        self.memo: dict[tuple[Any, ...], Any] = {}
         self.routes: dict[str, Route] = {r.name: r for r in policy.routes}
         self.models: dict[str, Model] = {m.name: m for m in policy.models}
         self.backends: dict[str, Backend] = {b.name: b for b in policy.backends}

@@ -96,7 +96,12 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def needs_ticket(self) -> bool:
         """Whether an admission leaves anything to reconcile (tokens, slots or budget reservations)."""
-        return bool(self.concurrency or self.budgets or any(r.unit == "tokens" for r in self.rates))
+        if self.concurrency or self.budgets:
+            return True
+        for r in self.rates:  # noqa: SIM110 - a loop is cheaper than any() over a generator on the hot path
+            if r.unit == "tokens":
+                return True
+        return False
 
 
 class AdmissionRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -175,9 +180,12 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
         """The binding rate check of a unit (least remaining, then longest reset) for `x-ratelimit-*`."""
         best: CheckResult | None = None
         for c in self.checks:
-            if isinstance(c.limit, RateLimit) and c.limit.unit == unit:
-                if best is None or (c.remaining, -c.reset_ms) < (best.remaining, -best.reset_ms):
-                    best = c
+            if (
+                isinstance(c.limit, RateLimit)
+                and c.limit.unit == unit
+                and (best is None or (c.remaining, -c.reset_ms) < (best.remaining, -best.reset_ms))
+            ):
+                best = c
         return best
 
 
@@ -199,9 +207,11 @@ class StoreStatus(msgspec.Struct, frozen=True, kw_only=True):
     # Whether replicas share these limits; False for `memory` (per process).
     shared: bool
     breaker: BreakerState = "closed"
-    # Calls that failed (timeout, refused, error) and calls skipped while the breaker was open.
+    # Calls that failed (timeout, refused, error), calls skipped while the breaker was open, and calls
+    # that found every connection busy until the deadline (this process overloaded; not a breaker input).
     failures: int = 0
     skipped: int = 0
+    saturated: int = 0
 
 
 class Store(Protocol):

@@ -22,10 +22,13 @@ class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True):
     cooldown_s: float = 2.0
 
 
+_DEFAULT = BreakerConfig()
+
+
 class Breaker:
     __slots__ = ("_config", "_failures", "_monotonic", "_opened_at", "_probing", "_state")
 
-    def __init__(self, config: BreakerConfig = BreakerConfig(), *, monotonic: Callable[[], float] = time.monotonic):
+    def __init__(self, config: BreakerConfig = _DEFAULT, *, monotonic: Callable[[], float] = time.monotonic):
         self._config = config
         self._monotonic = monotonic
         self._state: BreakerState = "closed"

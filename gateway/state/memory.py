@@ -68,8 +68,31 @@ class _Budget:
         self.next_expiry = min((e for _, e in live.values()), default=0)
 
     def reserve(self, rid: str, amount: int, expiry: int) -> None:
+        if rid in self.reservations:  # admitting the same request id twice must not reserve twice
+            return
         self.rsv += amount
         self.reservations[rid] = (amount, expiry)
+        if not self.next_expiry or expiry < self.next_expiry:
+            self.next_expiry = expiry
+
+
+class _Slots:
+    """One concurrency key: request id -> lease expiry, purged only once the earliest lease has passed."""
+
+    __slots__ = ("held", "next_expiry")
+
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}
+        self.next_expiry = 0
+
+    def purge(self, now: int) -> None:
+        if not self.held or now < self.next_expiry:
+            return
+        self.held = {rid: e for rid, e in self.held.items() if e > now}
+        self.next_expiry = min(self.held.values(), default=0)
+
+    def hold(self, rid: str, expiry: int) -> None:
+        self.held[rid] = max(expiry, self.held.get(rid, 0))
         if not self.next_expiry or expiry < self.next_expiry:
             self.next_expiry = expiry
 
@@ -83,7 +106,7 @@ class MemoryStore:
         self._calendar = Calendar()
         # GCRA state and its expiry; concurrency slots: key -> request id -> expiry.
         self._gcra: dict[str, tuple[gcra.GcraState, int]] = {}
-        self._slots: dict[str, dict[str, int]] = {}
+        self._slots: dict[str, _Slots] = {}
         self._budgets: dict[str, _Budget] = {}
         self._tickets: dict[str, int] = {}
         self._next_sweep = 0
@@ -145,11 +168,13 @@ class MemoryStore:
 
         for cc, key in zip(limits.concurrency, keys.slots, strict=True):
             slots = self._live_slots(key, now)
-            used = len(slots)
+            used = len(slots.held) if slots is not None else 0
             ok = used < cc.limit
             retry = 0
             if not ok:
-                retry = min(SLOT_RETRY_HINT_MS, min(slots.values()) - now) if slots else SLOT_RETRY_HINT_MS
+                # Denials are the rare path: the exact earliest lease (next_expiry may be stale-early).
+                first = min(slots.held.values()) if slots is not None else now + SLOT_RETRY_HINT_MS
+                retry = min(SLOT_RETRY_HINT_MS, first - now)
             checks.append(
                 CheckResult(
                     limit=cc,
@@ -190,7 +215,10 @@ class MemoryStore:
             self._gcra[key] = (state, now + gcra.ttl_ms(state, limit, self._min_ttl_ms))
         lease = request.lease_ms
         for key in keys.slots:
-            self._slots.setdefault(key, {})[request.request_id] = now + lease
+            held = self._slots.get(key)
+            if held is None:
+                held = self._slots[key] = _Slots()
+            held.hold(request.request_id, now + lease)
         for key, bud, amount, end in budgets:
             if amount <= 0:
                 continue
@@ -212,7 +240,7 @@ class MemoryStore:
         for key in keys.slots:
             slots = self._slots.get(key)
             if slots is not None:
-                slots.pop(rid, None)
+                slots.held.pop(rid, None)
         if expiry is None or expiry <= now:
             return Reconciliation(applied=False)
 
@@ -255,9 +283,9 @@ class MemoryStore:
         self._tickets[keys.ticket] = max(expiry, now + ticket_ttl_ms(lease))
         until = now + lease
         for key in keys.slots:
-            slots = self._slots.get(key)
-            if slots is not None and rid in slots:
-                slots[rid] = max(slots[rid], until)
+            slots = self._live_slots(key, now)
+            if slots is not None and rid in slots.held:
+                slots.hold(rid, until)
         for key in keys.budgets:
             bud = self._live_budget(key, now)
             if bud is not None and rid in bud.reservations:
@@ -279,16 +307,14 @@ class MemoryStore:
 
     # -- expiry --------------------------------------------------------------------------------------
 
-    def _live_slots(self, key: str, now: int) -> dict[str, int]:
+    def _live_slots(self, key: str, now: int) -> _Slots | None:
         slots = self._slots.get(key)
         if slots is None:
-            return {}
-        if any(e <= now for e in slots.values()):
-            slots = {rid: e for rid, e in slots.items() if e > now}
-            if slots:
-                self._slots[key] = slots
-            else:
-                del self._slots[key]
+            return None
+        slots.purge(now)
+        if not slots.held:
+            del self._slots[key]
+            return None
         return slots
 
     def _live_budget(self, key: str, now: int) -> _Budget | None:

@@ -1,13 +1,15 @@
 """Stage `upstream` (terminal): walk the route's plan until a target answers.
 
 A target is skipped for the next one when it cannot be reached, times out before answering, or
-answers 429/5xx. Nothing is retried once a byte of the answer has gone to the client: for streams
-the commit point is the upstream's 200 status line.
+answers 408/429/5xx. Nothing is retried once a byte of the answer has gone to the client: for streams
+the commit point is the upstream's 200 status line. Each attempt updates the live signals the engine
+ranks with (in-flight, latency EWMA, passive ejection after repeated connection failures).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 from gateway.context import RequestContext
@@ -31,6 +33,7 @@ class Dispatcher:
         last_response: UpstreamResponse | None = None
         last_error: UpstreamConnectError | None = None
         plan = ctx.plan
+        signals = self.signals
         for attempt, target in enumerate(plan):
             payload = dict(ctx.payload)
             payload["model"] = target.deployment.upstream_model
@@ -42,18 +45,32 @@ class Dispatcher:
                 payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
             call = UpstreamCall(operation=ctx.operation, payload=payload, stream=ctx.stream, request_id=ctx.request_id)
             ctx.attempts = attempt + 1
+            backend = target.backend.name
+            signals.started(backend)
+            t0 = time.perf_counter()
             try:
-                response = await self.adapters[target.backend.name].send(call)
+                response = await self.adapters[backend].send(call)
             except UpstreamConnectError as exc:
-                self.metrics.upstream_attempts.labels(
-                    target.backend.name, "timeout" if exc.timeout else "connect_error"
-                ).inc()
-                log.warning("upstream %s unreachable (attempt %d): %s", target.backend.name, attempt + 1, exc)
+                signals.finished(backend)
+                signals.failed(backend, time.monotonic())
+                outcome = "timeout" if exc.timeout else "connect_error"
+                self.metrics.upstream_attempts.labels(backend, outcome).inc()
+                log.warning("upstream %s unreachable (attempt %d): %s", backend, attempt + 1, exc)
+                ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
                 last_error = exc
                 continue
-            self.metrics.upstream_attempts.labels(target.backend.name, str(response.status)).inc()
+            except BaseException:
+                signals.finished(backend)
+                raise
+            self.metrics.upstream_attempts.labels(backend, str(response.status)).inc()
+            if response.status < 500:
+                signals.answered(backend, target.label, time.perf_counter() - t0)
+            if response.events is None:
+                # A stream holds its in-flight slot until the relay closes it.
+                signals.finished(backend)
             ctx.target = target
             if response.status in RETRYABLE_STATUS and attempt + 1 < len(plan):
+                ctx.failed_attempts.append((target, response.status, time.perf_counter() - t0))
                 last_response = response
                 continue
             return response

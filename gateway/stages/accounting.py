@@ -1,0 +1,168 @@
+"""Stage `accounting` (on response): a usage record per upstream attempt, the store's reservation
+reconciled to what was really used, both off the request path.
+
+Tokens: the provider's usage when it sent one; otherwise tiktoken over what the upstream produced,
+flagged `usage_source=estimated` (never 0 for an answer that had text). A client that left mid-stream
+is charged for what the upstream generated until it was closed, flagged `partial`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from gateway.accounting.meter import cached_tokens, completion_tokens_of, cost_micro_usd
+from gateway.accounting.records import UsageRecord, UsageSource
+from gateway.accounting.writer import UsageWriter
+from gateway.api.wire import Usage
+from gateway.context import RequestContext
+from gateway.state import Store
+from gateway.state import Usage as StoreUsage
+from gateway.telemetry import Metrics
+
+log = logging.getLogger("strait.accounting")
+
+
+class AccountingStage:
+    name = "accounting"
+
+    def __init__(self, writer: UsageWriter, store: Store, metrics: Metrics) -> None:
+        self.writer = writer
+        self.store = store
+        self.metrics = metrics
+        self._reconciles: set[asyncio.Task[object]] = set()
+
+    def complete(
+        self,
+        ctx: RequestContext,
+        *,
+        status: int,
+        usage: Usage | None,
+        produced: Sequence[bytes] = (),
+        partial: bool = False,
+        ttft_s: float | None = None,
+    ) -> None:
+        """The answer is over (sent, failed or abandoned): record it and release the reservation."""
+        now = time.time()
+        ts_ms = int(now * 1000)
+        prompt = completion = cached = cost = 0
+        source: UsageSource = "none"
+        target = ctx.target
+        principal = ctx.principal
+        for n, (failed, outcome, seconds) in enumerate(ctx.failed_attempts, start=1):
+            self._submit(
+                ctx,
+                n,
+                False,
+                ts_ms,
+                failed.model.name,
+                failed.label,
+                failed.backend.name,
+                outcome,
+                0,
+                0,
+                0,
+                0,
+                seconds,
+                None,
+                False,
+                "none",
+            )
+        if target is not None and principal is not None:
+            if usage is not None:
+                prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, cached_tokens(usage)
+                source = "provider"
+            elif status < 400 or partial:
+                prompt = ctx.prompt_tokens
+                completion = completion_tokens_of(produced, target.model.tokenizer)
+                source = "estimated"
+            cost = cost_micro_usd(target.deployment.price, prompt, completion, cached)
+            self._submit(
+                ctx,
+                len(ctx.failed_attempts) + 1,
+                True,
+                ts_ms,
+                target.model.name,
+                target.label,
+                target.backend.name,
+                status,
+                prompt,
+                completion,
+                cached,
+                cost,
+                time.perf_counter() - ctx.started,
+                ttft_s,
+                partial,
+                source,
+            )
+        self.release(ctx, prompt + completion, cost)
+
+    def release(self, ctx: RequestContext, tokens: int, cost: int) -> None:
+        """Hand the reservation back to the store with the real usage (a background call)."""
+        ticket = ctx.ticket
+        if ticket is None:
+            return
+        ctx.ticket = None
+        task: asyncio.Task[object] = asyncio.ensure_future(
+            self.store.reconcile(ticket, StoreUsage(tokens=tokens, cost_micro_usd=cost))
+        )
+        self._reconciles.add(task)
+        task.add_done_callback(self._reconciled)
+
+    def _reconciled(self, task: asyncio.Task[object]) -> None:
+        self._reconciles.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("reconcile failed: %s", task.exception())
+
+    def _submit(
+        self,
+        ctx: RequestContext,
+        attempt: int,
+        final: bool,
+        ts_ms: int,
+        model: str,
+        deployment: str,
+        backend: str,
+        status: int,
+        prompt: int,
+        completion: int,
+        cached: int,
+        cost: int,
+        seconds: float,
+        ttft_s: float | None,
+        partial: bool,
+        source: UsageSource,
+    ) -> None:
+        principal = ctx.principal
+        assert principal is not None
+        self.writer.submit(
+            UsageRecord(
+                request_id=ctx.request_id,
+                attempt=attempt,
+                final=final,
+                ts_ms=ts_ms,
+                tenant=principal.tenant,
+                key_id=principal.key_id,
+                route=ctx.route.name if ctx.route is not None else ctx.route_name,
+                model=model,
+                deployment=deployment,
+                backend=backend,
+                status=status,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                cost_micro_usd=cost,
+                latency_ms=round(seconds * 1000, 3),
+                ttft_ms=None if ttft_s is None else round(ttft_s * 1000, 3),
+                partial=partial,
+                usage_source=source,
+            )
+        )
+        self.metrics.usage_records.labels(source).inc()
+
+    async def drain(self) -> None:
+        """Wait for background reconciles (shutdown)."""
+        if self._reconciles:
+            await asyncio.gather(*self._reconciles, return_exceptions=True)

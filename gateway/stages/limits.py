@@ -1,0 +1,199 @@
+"""Stage `limits`: rate limits, concurrency and budgets for the key, the tenant and the route, in one
+call to the shared store (one Redis round trip), after `route` so that the token reservation
+(prompt tokens + max_tokens) and the budget reservation (the worst-case price in the plan) are known.
+
+Failure modes (declared, tested): rate and concurrency limits fail open when the store is unreachable
+(counted in `strait_limits_degraded_total`, logged at most once a second); budgets fall back to a
+conservative per-replica share inside the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Final
+
+from gateway.accounting.meter import cost_micro_usd
+from gateway.context import RequestContext
+from gateway.errors import BudgetExceeded, RateLimited
+from gateway.policy.index import PolicyIndex
+from gateway.policy.model import Budget, RateLimits, Tenant
+from gateway.state import (
+    AdmissionRequest,
+    BudgetLimit,
+    CheckResult,
+    ConcurrencyLimit,
+    Limits,
+    RateLimit,
+    Store,
+)
+from gateway.state.base import Admission, RateUnit, Scope
+from gateway.telemetry import Metrics
+
+log = logging.getLogger("strait.limits")
+
+# Output tokens reserved against TPM and budgets when a request sets no max_tokens.
+DEFAULT_RESERVE_TOKENS: Final = 1024
+NO_LIMITS: Final = Limits()
+
+
+def _rates(scope: Scope, r: RateLimits) -> tuple[list[RateLimit], list[ConcurrencyLimit]]:
+    rates = []
+    if r.requests_per_minute:
+        rates.append(RateLimit(scope=scope, unit="requests", limit=r.requests_per_minute))
+    if r.tokens_per_minute:
+        rates.append(RateLimit(scope=scope, unit="tokens", limit=r.tokens_per_minute))
+    conc = [ConcurrencyLimit(scope=scope, limit=r.max_concurrency)] if r.max_concurrency is not None else []
+    return rates, conc
+
+
+def _budgets(scope: Scope, b: Budget) -> list[BudgetLimit]:
+    out = []
+    if b.usd_per_day is not None:
+        out.append(BudgetLimit(scope=scope, metric="usd", window="day", limit=round(b.usd_per_day * 1e6)))  # type: ignore[arg-type]
+    if b.usd_per_month is not None:
+        out.append(BudgetLimit(scope=scope, metric="usd", window="month", limit=round(b.usd_per_month * 1e6)))  # type: ignore[arg-type]
+    if b.tokens_per_month is not None:
+        out.append(BudgetLimit(scope=scope, metric="tokens", window="month", limit=b.tokens_per_month))  # type: ignore[arg-type]
+    return out
+
+
+def limits_for(tenant: Tenant, route: str, *, with_budgets: bool = True) -> Limits:
+    rates: list[RateLimit] = []
+    conc: list[ConcurrencyLimit] = []
+    sections: list[tuple[Scope, RateLimits]] = [("key", tenant.limits.per_key), ("tenant", tenant.limits.tenant)]
+    if route in tenant.limits.routes:
+        sections.append(("route", tenant.limits.routes[route]))
+    for scope, section in sections:
+        r, c = _rates(scope, section)
+        rates += r
+        conc += c
+    budgets = (
+        (_budgets("key", tenant.budgets.per_key) + _budgets("tenant", tenant.budgets.tenant)) if with_budgets else []
+    )
+    if not rates and not conc and not budgets:
+        return NO_LIMITS
+    return Limits(rates=tuple(rates), concurrency=tuple(conc), budgets=tuple(budgets))
+
+
+def _duration(ms: int) -> str:
+    """OpenAI's reset format: `20ms`, `1s`, `6m0s`."""
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = math.ceil(ms / 1000)
+    return f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s"
+
+
+def rate_headers(admission: Admission) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    units: tuple[tuple[RateUnit, str], ...] = (("requests", "requests"), ("tokens", "tokens"))
+    for unit, suffix in units:
+        check: CheckResult | None = admission.headline(unit)
+        if check is None or not isinstance(check.limit, RateLimit):
+            continue
+        headers[f"x-ratelimit-limit-{suffix}"] = str(check.limit.limit)
+        headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, check.remaining))
+        headers[f"x-ratelimit-reset-{suffix}"] = _duration(check.reset_ms)
+    return headers
+
+
+class LimitsStage:
+    name = "limits"
+
+    def __init__(self, index: PolicyIndex, store: Store, metrics: Metrics, reroute: object) -> None:
+        self.index = index
+        self.store = store
+        self.metrics = metrics
+        # The `route` stage, re-run when a budget downgrade moves the request to a cheaper route.
+        self.reroute = reroute
+        self._last_degraded_log = 0.0
+
+    def _limits(self, tenant: Tenant, route: str, with_budgets: bool) -> Limits:
+        key = ("limits", tenant.name, route, with_budgets)
+        cached: Limits | None = self.index.memo.get(key)
+        if cached is None:
+            cached = self.index.memo[key] = limits_for(tenant, route, with_budgets=with_budgets)
+        return cached
+
+    async def on_request(self, ctx: RequestContext) -> None:
+        principal = ctx.principal
+        tenant = self.index.tenants.get(principal.tenant) if principal is not None else None
+        if tenant is None or ctx.route is None or principal is None:
+            return  # an open policy (no tenants) has no limits
+        admission = await self._admit(ctx, tenant, with_budgets=True)
+        if not admission.allowed:
+            denied = admission.denied_by
+            only_budgets = all(isinstance(c.limit, BudgetLimit) for c in denied)
+            if only_budgets and tenant.budgets.on_exhausted == "downgrade" and tenant.budgets.downgrade_route:
+                ctx.route_name = tenant.budgets.downgrade_route
+                await self.reroute.on_request(ctx)  # type: ignore[attr-defined]
+                ctx.extra_headers["x-strait-budget"] = "downgraded"
+                admission = await self._admit(ctx, tenant, with_budgets=False)
+            elif only_budgets:
+                raise BudgetExceeded(
+                    "Your budget is exhausted: " + "; ".join(_budget_text(c) for c in denied) + ".",
+                    headers={"x-should-retry": "false"},
+                )
+        if not admission.allowed:
+            what = ", ".join(f"{c.limit.scope} {_limit_text(c)}" for c in admission.denied_by)
+            if any(not c.fits for c in admission.denied_by):
+                # Larger than the limit's whole capacity: waiting will never help (OpenAI's "Request too large").
+                raise RateLimited(
+                    f"Request too large: it needs {ctx.prompt_tokens} prompt tokens plus its max_tokens, more than "
+                    f"the limit allows at once ({what}). Lower max_tokens or shorten the prompt.",
+                    code="request_too_large",
+                    headers={"x-should-retry": "false", **rate_headers(admission)},
+                )
+            retry_s = max(1, math.ceil(admission.retry_after_ms / 1000)) if admission.retry_after_ms else 1
+            raise RateLimited(
+                f"Rate limit reached ({what}). Retry after {retry_s} s.",
+                headers={"retry-after": str(min(retry_s, 120)), **rate_headers(admission)},
+            )
+        ctx.ticket = admission.ticket
+        ctx.extra_headers.update(rate_headers(admission))
+
+    async def _admit(self, ctx: RequestContext, tenant: Tenant, *, with_budgets: bool) -> Admission:
+        assert ctx.route is not None and ctx.principal is not None
+        limits = self._limits(tenant, ctx.route.name, with_budgets)
+        if limits is NO_LIMITS:
+            return Admission(allowed=True)
+        max_tokens = ctx.payload.get("max_completion_tokens") or ctx.payload.get("max_tokens")
+        out = max_tokens if isinstance(max_tokens, int) else DEFAULT_RESERVE_TOKENS
+        n = ctx.payload.get("n")
+        out *= n if isinstance(n, int) and n > 1 else 1
+        worst = max((cost_micro_usd(t.deployment.price, ctx.prompt_tokens, out) for t in ctx.plan), default=0)
+        admission = await self.store.admit(
+            AdmissionRequest(
+                request_id=ctx.request_id,
+                tenant=tenant.name,
+                key=ctx.principal.key_id,
+                route=ctx.route.name,
+                limits=limits,
+                tokens=ctx.prompt_tokens + out,
+                cost_micro_usd=worst,
+            )
+        )
+        if admission.degraded:
+            self.metrics.limits_degraded.inc()
+            now = time.monotonic()
+            if now - self._last_degraded_log >= 1.0:
+                self._last_degraded_log = now
+                log.warning("state store unreachable: rate limits open, budgets on the local share")
+        return admission
+
+
+def _limit_text(c: CheckResult) -> str:
+    lim = c.limit
+    if isinstance(lim, RateLimit):
+        return f"{lim.limit} {lim.unit} per {lim.period_s}s"
+    if isinstance(lim, ConcurrencyLimit):
+        return f"{lim.limit} concurrent requests"
+    return _budget_text(c)
+
+
+def _budget_text(c: CheckResult) -> str:
+    lim = c.limit
+    assert isinstance(lim, BudgetLimit)
+    amount = f"{lim.limit / 1e6:.2f} USD" if lim.metric == "usd" else f"{lim.limit} tokens"
+    return f"{lim.scope} budget of {amount} per {lim.window}"

@@ -1,0 +1,131 @@
+"""Shared state for limits and budgets: the `Store` protocol, its memory and Redis implementations.
+
+`open_store(url)` is the one constructor the app calls (from `create_app`); the URL selects:
+
+    memory                        in-process, one replica (the embedded default)
+    redis://host:port/db          one Redis (rediss:// for TLS); one connection pool per store
+    redis+cluster://host:port     Redis Cluster (rediss+cluster:// for TLS), any node to discover from
+
+Nothing connects here: a store opened while Redis is down works (degraded) and recovers by itself.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import ConnectionPool, Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.state.base import (
+    Admission,
+    AdmissionRequest,
+    BudgetLimit,
+    CheckResult,
+    Clock,
+    ConcurrencyLimit,
+    Limits,
+    RateLimit,
+    Reconciliation,
+    Store,
+    StoreConfigError,
+    StoreKind,
+    StoreStatus,
+    Ticket,
+    Usage,
+)
+from gateway.state.breaker import Breaker, BreakerConfig
+from gateway.state.memory import MemoryStore
+from gateway.state.redis_store import RedisStore
+
+__all__ = [
+    "Admission",
+    "AdmissionRequest",
+    "BreakerConfig",
+    "BudgetLimit",
+    "CheckResult",
+    "ConcurrencyLimit",
+    "Limits",
+    "MemoryStore",
+    "RateLimit",
+    "Reconciliation",
+    "RedisStore",
+    "Store",
+    "StoreConfigError",
+    "StoreStatus",
+    "Ticket",
+    "Usage",
+    "open_store",
+]
+
+DEFAULT_TIMEOUT_S = 0.08
+_DEFAULT_BREAKER = BreakerConfig()
+
+
+def open_store(
+    url: str,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    replicas_hint: int = 1,
+    breaker: BreakerConfig = _DEFAULT_BREAKER,
+    max_connections: int = 64,
+    clock: Clock | None = None,
+) -> Store:
+    """Build the store a state URL names.
+
+    `timeout_s` bounds every call (connect, handshake and reply together). `replicas_hint` is how many
+    gateway processes share the limits: it sizes the local budget share used while Redis is away, and
+    `memory` refuses it above 1 (per-process limits would silently multiply by the replica count).
+    `clock` (epoch ms) is for tests: the memory store runs on it, the Redis scripts take it instead of `TIME`.
+    """
+    if timeout_s <= 0:
+        raise StoreConfigError("timeout_s must be > 0")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else url.lower()
+    if scheme == "memory":
+        if replicas_hint > 1:
+            raise StoreConfigError(
+                f"state 'memory' is per process but replicas_hint={replicas_hint}: every replica would enforce "
+                "its own limits (limit x replicas). Use a redis:// or redis+cluster:// state URL."
+            )
+        return MemoryStore(clock=clock) if clock is not None else MemoryStore()
+    no_retry = Retry(NoBackoff(), 0)
+    kind: StoreKind
+    if scheme in ("redis", "rediss"):
+        pool = ConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=no_retry,
+        )
+        client: Redis | RedisCluster = Redis.from_pool(pool)
+        kind = "redis"
+    elif scheme in ("redis+cluster", "rediss+cluster"):
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise StoreConfigError(f"cluster URL needs host:port: {url!r}")
+        client = RedisCluster(
+            host=parts.hostname,
+            port=parts.port or 6379,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            ssl=scheme == "rediss+cluster",
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=max_connections,
+            retry=no_retry,
+        )
+        kind = "redis-cluster"
+    else:
+        raise StoreConfigError(
+            f"unknown state URL scheme {scheme!r}: use memory, redis://, rediss:// or redis+cluster://"
+        )
+    return RedisStore(
+        client,
+        kind=kind,
+        timeout_s=timeout_s,
+        replicas_hint=replicas_hint,
+        breaker=Breaker(breaker),
+        clock=clock,
+        max_connections=max_connections,
+    )

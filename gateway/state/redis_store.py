@@ -1,0 +1,356 @@
+"""The shared store on Redis (single server or Redis Cluster): one Lua script call per admission.
+
+Failure mode, declared per limit type (the store being unreachable, slow, frozen, or the breaker open):
+- rate and concurrency limits fail OPEN: the admission is allowed with `degraded=True` and no rate
+  checks (so no rate-limit headers), at a cost of at most `timeout_s` (about 0 once the breaker opens);
+- budgets fall back to this replica's local share, `remaining / replicas_hint` where `remaining` is the
+  last value Redis reported for that budget (the whole limit if never seen), enforced in memory.
+Each call is bounded by a hard `Deadline(timeout_s)` on top of the socket timeouts (connect + handshake
++ reply together), and is never retried: a retried script could consume twice (LiteLLM #30460).
+Starting with Redis down works (nothing connects at construction) and reconnection needs no restart.
+
+Scripts use Redis `TIME`, so every replica decides on one clock. In test mode (`clock` given) they get
+`now_ms` from that clock instead, so tests drive Redis and the memory store on the same fake time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from functools import partial
+from importlib.resources import files
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
+
+from gateway.state.base import (
+    Admission,
+    AdmissionRequest,
+    BudgetLimit,
+    CheckResult,
+    Clock,
+    Limit,
+    Limits,
+    Reconciliation,
+    StoreKind,
+    StoreStatus,
+    Ticket,
+    Usage,
+)
+from gateway.state.breaker import Breaker
+from gateway.state.deadline import Deadline
+from gateway.state.keys import (
+    BUDGET_GRACE_MS,
+    Calendar,
+    budget_amount,
+    rate_cost,
+    request_keys,
+    window_end_ms,
+)
+from gateway.state.memory import MemoryStore, ticket_ttl_ms, wall_clock_ms
+
+log = logging.getLogger(__name__)
+
+# What "the store is unreachable" looks like: refused, reset, timed out (socket or our own deadline),
+# pool exhausted, cluster without a slot map, or a script error. All fail the same declared way.
+_FAILURES = (RedisError, RedisClusterException, OSError)
+# The late result of a call whose caller was cancelled, when nobody waited to see it.
+_UNKNOWN = object()
+# Bound on remembered budget remainders (one per budget key seen today); cleared when exceeded.
+_SEEN_MAX = 50_000
+
+
+def _lua(name: str) -> str:
+    return files("gateway.state").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+class RedisStore:
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        *,
+        kind: StoreKind = "redis",
+        timeout_s: float = 0.08,
+        replicas_hint: int = 1,
+        breaker: Breaker | None = None,
+        clock: Clock | None = None,
+        min_ttl_ms: int | None = None,
+        max_connections: int = 64,
+    ) -> None:
+        self._client = client
+        self._kind: StoreKind = kind
+        self._timeout_s = timeout_s
+        self._replicas = max(1, replicas_hint)
+        self._breaker = breaker or Breaker()
+        # Test mode sends `now_ms`; production lets the scripts read Redis `TIME`.
+        self._test_clock = clock
+        self._clock: Clock = clock or wall_clock_ms
+        # On fake time, real-time TTLs must not expire state the fake clock still needs.
+        self._min_ttl_ms = min_ttl_ms if min_ttl_ms is not None else (600_000 if clock else 1000)
+        self._calendar = Calendar()
+        self._admit = client.register_script(_lua("admit.lua"))
+        self._reconcile = client.register_script(_lua("reconcile.lua"))
+        self._renew = client.register_script(_lua("renew.lua"))
+        self._local = MemoryStore(clock=self._clock)
+        self._seen: dict[str, int] = {}
+        # In-flight calls are capped at the pool size, so a burst waits for a connection (within the
+        # deadline) instead of failing on an exhausted pool (Redis Cluster's node pools do not block).
+        self._inflight = asyncio.Semaphore(max_connections)
+        self._failures = 0
+        self._skipped = 0
+        self._saturated = 0
+        self._shield = kind == "redis-cluster"
+        # Calls whose caller left, finishing on their own (kept referenced until done).
+        self._background: set[asyncio.Future[Any]] = set()
+
+    # -- the contract -------------------------------------------------------------------------------
+
+    async def admit(self, request: AdmissionRequest) -> Admission:
+        now = self._clock()
+        w = self._calendar.at(now)
+        keys = request_keys(request, w.day, w.month)
+        if not self._breaker.allow():
+            self._skipped += 1
+            return self._degraded(request, keys.budgets)
+        limits = request.limits
+        lease = request.lease_ms
+        nums = [
+            lease,
+            self._min_ttl_ms,
+            ticket_ttl_ms(lease) if limits.needs_ticket else 0,
+            len(limits.rates),
+            len(limits.concurrency),
+            len(limits.budgets),
+        ]
+        for r in limits.rates:
+            nums += (r.limit, r.period_ms, r.capacity, rate_cost(r, request))
+        nums += [c.limit for c in limits.concurrency]
+        for b in limits.budgets:
+            end = w.day_end_ms if b.window == "day" else w.month_end_ms
+            nums += (
+                b.limit,
+                budget_amount(b, request.tokens, request.cost_micro_usd),
+                end - now,
+                end + BUDGET_GRACE_MS - now,
+            )
+        call_keys = [*keys.rates, *keys.slots, *keys.budgets, *keys.reservations, keys.ticket]
+        args = self._args(now, request.request_id, nums)
+        raw = await self._call(
+            self._admit, call_keys, args, on_orphan=partial(self._release_late, request, w.day, w.month)
+        )
+        if raw is None:
+            return self._degraded(request, keys.budgets)
+        return self._admission(request, raw, keys.budgets, w.day, w.month)
+
+    async def reconcile(self, ticket: Ticket, usage: Usage) -> Reconciliation:
+        if ticket.local:
+            return msgspec.structs.replace(self._local.reconcile_now(ticket, usage), degraded=True)
+        if not self._breaker.allow():
+            self._skipped += 1
+            return Reconciliation(applied=False, degraded=True)
+        request = ticket.request
+        limits = request.limits
+        keys = request_keys(request, ticket.day, ticket.month)
+        token_rates = [(r, k) for r, k in zip(limits.rates, keys.rates, strict=True) if r.unit == "tokens"]
+        now = self._clock()
+        nums = [self._min_ttl_ms, len(token_rates), len(limits.concurrency), len(limits.budgets)]
+        delta = usage.tokens - request.tokens
+        for r, _ in token_rates:
+            nums += (r.limit, r.period_ms, delta)
+        for b in limits.budgets:
+            nums += (
+                budget_amount(b, request.tokens, request.cost_micro_usd),
+                budget_amount(b, usage.tokens, usage.cost_micro_usd),
+                window_end_ms(b, ticket.day, ticket.month) + BUDGET_GRACE_MS - now,
+            )
+        call_keys = [keys.ticket, *(k for _, k in token_rates), *keys.slots, *keys.budgets, *keys.reservations]
+        raw = await self._call(self._reconcile, call_keys, self._args(now, request.request_id, nums))
+        if raw is None:
+            # Slots and reservations expire with their lease; token debt stays (conservative).
+            return Reconciliation(applied=False, degraded=True)
+        return Reconciliation(applied=bool(raw[0]))
+
+    async def renew(self, ticket: Ticket, lease_s: float) -> bool:
+        if ticket.local:
+            return self._local.renew_now(ticket, lease_s)
+        if not self._breaker.allow():
+            self._skipped += 1
+            return False
+        request = ticket.request
+        keys = request_keys(request, ticket.day, ticket.month)
+        lease = max(1, int(lease_s * 1000))
+        nums = [
+            lease,
+            ticket_ttl_ms(lease),
+            len(keys.slots),
+            len(keys.reservations),
+            *(budget_amount(b, request.tokens, request.cost_micro_usd) for b in request.limits.budgets),
+        ]
+        args = self._args(self._clock(), request.request_id, nums)
+        raw = await self._call(self._renew, [keys.ticket, *keys.slots, *keys.reservations], args)
+        return bool(raw)
+
+    async def ping(self) -> bool:
+        """A real round trip whatever the breaker says (for readiness); its outcome feeds the breaker."""
+        result = await self._call(self._client.ping, None, None)
+        return bool(result)
+
+    def status(self) -> StoreStatus:
+        return StoreStatus(
+            kind=self._kind,
+            shared=True,
+            breaker=self._breaker.state,
+            failures=self._failures,
+            skipped=self._skipped,
+            saturated=self._saturated,
+        )
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._client.aclose()
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def _args(self, now: int, request_id: str, nums: list[int]) -> list[str | int]:
+        # Integers travel as one space-separated argument: packing dozens of arguments costs more CPU
+        # in redis-py than the script costs in Redis.
+        return ["" if self._test_clock is None else now, request_id, " ".join(map(str, nums))]
+
+    async def _call(
+        self,
+        fn: Any,
+        keys: list[str] | None,
+        args: list[str | int] | None,
+        on_orphan: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """One call under the deadline; None when the store failed or was saturated (already counted).
+
+        If the caller is cancelled mid-call (client gone, shutdown), `on_orphan` learns the late result
+        (or `_UNKNOWN`) so an admission can give back what it took. On Redis Cluster the call runs in its
+        own task shielded from the caller, because redis-py's cluster client mishandles a connection torn
+        mid-command (other in-flight calls then fail and would trip the breaker); the orphan still ends
+        within the deadline and reports its real outcome. On one Redis, redis-py drops a cancelled
+        connection safely, so the ~30 us of a task per call is not spent: the release is best effort.
+        """
+        if not self._shield:
+            try:
+                return await self._attempt(fn, keys, args)
+            except asyncio.CancelledError:
+                if on_orphan is not None:
+                    on_orphan(_UNKNOWN)
+                raise
+        task = asyncio.ensure_future(self._attempt(fn, keys, args))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            if on_orphan is not None:
+                task.add_done_callback(lambda t: on_orphan(t.result()) if not t.cancelled() else None)
+            raise
+
+    async def _attempt(self, fn: Any, keys: list[str] | None, args: list[str | int] | None) -> Any:
+        # The deadline covers waiting for one of `max_connections` in-flight slots too. Running out of
+        # time mostly in that wait is this process's overload, not Redis failing: it fails open like an
+        # outage but does not feed the breaker (else a flood of requests could switch the limiter off
+        # for everyone). Redis is blamed when it had at least half the deadline to answer.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        in_redis_since = 0.0
+        try:
+            async with Deadline(self._timeout_s), self._inflight:
+                in_redis_since = loop.time()
+                result = await (fn() if keys is None else fn(keys=keys, args=args))
+        except _FAILURES as exc:
+            if in_redis_since and (
+                not isinstance(exc, TimeoutError) or loop.time() - in_redis_since >= self._timeout_s / 2
+            ):
+                self._failed(exc)
+            else:
+                self._saturated += 1
+                self._breaker.abandon()
+                log.debug("state store saturated: no connection within %.3fs", loop.time() - started)
+            return None
+        except asyncio.CancelledError:
+            self._breaker.abandon()
+            raise
+        except Exception as exc:
+            # A bug in the client library (seen: redis-py cluster races) must fail open, not fail the request.
+            log.debug("state store call raised", exc_info=True)
+            self._failed(exc)
+            return None
+        self._succeeded()
+        return result
+
+    def _release_late(self, request: AdmissionRequest, day: str, month: str, raw: Any) -> None:
+        """An admission whose caller left: give back what it took (the request will never run).
+
+        Reconcile is idempotent (only the call that deletes the ticket books), so releasing an admission
+        that never ran, or was denied, is a harmless no-op.
+        """
+        if (raw is _UNKNOWN or (raw and raw[0] == 1)) and request.limits.needs_ticket:
+            ticket = Ticket(request=request, day=day, month=month)
+            task = asyncio.ensure_future(self.reconcile(ticket, Usage(tokens=0)))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        if self._breaker.failure():
+            log.warning(
+                "state store %s unreachable (%s: %s): rate limits fail open, budgets use the local share",
+                self._kind,
+                type(exc).__name__,
+                exc,
+            )
+
+    def _succeeded(self) -> None:
+        if self._breaker.state != "closed":
+            log.warning("state store %s reachable again", self._kind)
+        self._breaker.success()
+
+    def _admission(
+        self, request: AdmissionRequest, raw: list[int], budget_keys: tuple[str, ...], day: str, month: str
+    ) -> Admission:
+        limits = request.limits
+        checks: list[CheckResult] = []
+        i = 2
+        all_limits: tuple[Limit, ...] = (*limits.rates, *limits.concurrency, *limits.budgets)
+        for limit in all_limits:
+            checks.append(
+                CheckResult(
+                    limit=limit,
+                    allowed=raw[i] == 1,
+                    remaining=raw[i + 1],
+                    reset_ms=raw[i + 2],
+                    retry_after_ms=raw[i + 3],
+                    fits=raw[i + 4] == 1,
+                )
+            )
+            i += 5
+        if budget_keys:
+            if len(self._seen) > _SEEN_MAX:
+                self._seen.clear()
+            for key, check in zip(budget_keys, checks[-len(budget_keys) :], strict=True):
+                self._seen[key] = check.remaining
+        allowed = raw[0] == 1
+        ticket = Ticket(request=request, day=day, month=month) if allowed and limits.needs_ticket else None
+        return Admission(allowed=allowed, checks=tuple(checks), ticket=ticket)
+
+    def _degraded(self, request: AdmissionRequest, budget_keys: tuple[str, ...]) -> Admission:
+        """Fail open on rates and slots; budgets against this replica's share of what Redis last reported."""
+        if not request.limits.budgets:
+            return Admission(allowed=True, degraded=True)
+        shares = tuple(self._local_share(b, key) for b, key in zip(request.limits.budgets, budget_keys, strict=True))
+        local = msgspec.structs.replace(request, limits=Limits(budgets=shares))
+        result = self._local.admit_now(local)
+        ticket = msgspec.structs.replace(result.ticket, local=True) if result.ticket is not None else None
+        return msgspec.structs.replace(result, degraded=True, ticket=ticket)
+
+    def _local_share(self, budget: BudgetLimit, key: str) -> BudgetLimit:
+        remaining = self._seen.get(key, budget.limit)
+        return msgspec.structs.replace(budget, limit=max(0, min(remaining, budget.limit)) // self._replicas)
