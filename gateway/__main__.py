@@ -34,6 +34,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(p, file=sys.stderr)
     if policy is None:
         return 1
+    if settings.state == "memory" and settings.workers > 1:
+        print(
+            f"strait: --workers {settings.workers} with STRAIT_STATE=memory would give each worker its own copy of "
+            "every rate limit and budget (limits x workers). Use one worker, or a redis:// state URL.",
+            file=sys.stderr,
+        )
+        return 2
     os.environ["STRAIT_POLICY"] = settings.policy_path
     # Every worker is a replica: with `memory` state the store refuses to start rather than let each
     # worker enforce its own copy of the limits.
@@ -167,6 +174,59 @@ def _policy_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    """Reads usage from a running gateway: /admin/usage with an admin key, else /v1/usage with a tenant key."""
+    import csv
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    key = args.key or os.environ.get("STRAIT_ADMIN_KEY") or os.environ.get("STRAIT_API_KEY")
+    if not key:
+        print("give --key or set STRAIT_ADMIN_KEY (admin) or STRAIT_API_KEY (a tenant's key)", file=sys.stderr)
+        return 1
+    query = {"by": args.by}
+    if args.since:
+        query["since"] = args.since
+    if args.until:
+        query["until"] = args.until
+    path = "/v1/usage"
+    if args.tenant or args.admin:
+        path = "/admin/usage"
+        if args.tenant:
+            query["tenant"] = args.tenant
+    url = args.url.rstrip("/") + path + "?" + urllib.parse.urlencode(query)
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            doc = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(f"{exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    rows = doc["data"]
+    fields = ["tenant", "value", "requests", "prompt_tokens", "completion_tokens", "cost_usd"]
+    if args.format == "json":
+        print(json.dumps(doc, indent=2))
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["tenant", args.by, *fields[2:]])
+        for r in rows:
+            writer.writerow([r[f] for f in fields])
+    else:
+        print(f"usage {doc['since']}..{doc['until']} by {args.by}")
+        print(f"{'tenant':<20} {args.by:<32} {'requests':>9} {'prompt':>10} {'completion':>10} {'USD':>12}")
+        for r in rows:
+            print(
+                f"{r['tenant']:<20} {r['value']:<32} {r['requests']:>9} {r['prompt_tokens']:>10} "
+                f"{r['completion_tokens']:>10} {r['cost_usd']:>12.6f}"
+            )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="strait", description="Strait: an OpenAI-compatible inference router.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +243,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     hash_ = keys_sub.add_parser("hash", help="print the digest to store in a policy file for a key")
     hash_.add_argument("key", nargs="?", help="the key (read from stdin or a prompt when omitted)")
     hash_.set_defaults(func=_keys_hash)
+
+    usage = sub.add_parser("usage", help="tokens and cost from a running gateway's ledger")
+    usage.add_argument("--url", default=os.environ.get("STRAIT_URL", "http://127.0.0.1:8080"))
+    usage.add_argument(
+        "--key", help="admin key (all tenants) or a tenant's key (env STRAIT_ADMIN_KEY / STRAIT_API_KEY)"
+    )
+    usage.add_argument("--tenant", help="one tenant (needs an admin key)")
+    usage.add_argument("--admin", action="store_true", help="every tenant (needs an admin key)")
+    usage.add_argument("--since", help="YYYY-MM-DD (default today, UTC)")
+    usage.add_argument("--until", help="YYYY-MM-DD (default today, UTC)")
+    usage.add_argument("--by", choices=["route", "model", "deployment", "key"], default="route")
+    usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    usage.set_defaults(func=_usage)
 
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)

@@ -21,8 +21,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "WARNING"
     # How many gateway processes share the state (sizes budget fallbacks; `memory` refuses more than 1).
     replicas: int = 1
-    # Bound on every state-store call on the request path (ms): a down or frozen Redis costs at most this.
-    state_timeout_ms: int = 80
+    # Bound on every state-store call on the request path (ms): a down or frozen Redis costs at most this
+    # (then the breaker skips Redis). Event-loop lag counts against it, so a busy replica needs headroom.
+    state_timeout_ms: int = 250
     # Where usage records wait while the ledger is unreachable (one spool per replica).
     spool_dir: str = ".strait/spool"
     # The ASGI server behind `strait serve`, chosen by measurement (loadtest/README.md).

@@ -14,6 +14,7 @@ from litestar.response import Stream
 
 from gateway.api.decode import decode_request, read_body
 from gateway.api.respond import JSON, respond
+from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest, ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
@@ -148,4 +149,15 @@ def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
     async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return [chat_completions, completions, embeddings, list_models, get_model, get_decision, healthz, readyz, metrics]
+    handlers = [
+        chat_completions,
+        completions,
+        embeddings,
+        list_models,
+        get_model,
+        get_decision,
+        healthz,
+        readyz,
+        metrics,
+    ]
+    return handlers + build_usage_handlers(gateway, request_id_of, _headers)

@@ -36,9 +36,17 @@ def check_routes(policy: PolicySet, source: Any, route_names: set[str], report: 
 
 
 def check_tenants(policy: PolicySet, source: Any, route_names: set[str], report: Report) -> None:
+    from gateway.stages.limits import limits_for
+    from gateway.state.base import StoreConfigError
+
     for i, t in enumerate(policy.tenants):
         c = t.compliance
         base = f"$.tenants[{i}]"
+        for route in ("", *t.limits.routes):
+            try:
+                limits_for(t, route)
+            except StoreConfigError as exc:
+                report(source, f"{base}.limits", f"tenant {t.name!r}: {exc}", "error")
         for name in t.limits.routes:
             if name not in route_names:
                 report(

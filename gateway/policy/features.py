@@ -83,7 +83,11 @@ def preferences(payload: Mapping[str, Any], headers: Mapping[str, str]) -> Prefe
 
 
 def extract(
-    payload: Mapping[str, Any], operation: Operation, headers: Mapping[str, str], prompt_tokens: int
+    payload: Mapping[str, Any],
+    operation: Operation,
+    headers: Mapping[str, str],
+    prompt_tokens: int,
+    route: str | None = None,
 ) -> RequestFeatures:
     needs: set[str] = set()
     if operation == "chat" and chat_texts(payload)[1]:
@@ -95,7 +99,7 @@ def extract(
         needs.add("json")
     max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
     return RequestFeatures(
-        route=str(payload.get("model", "")),
+        route=route if route is not None else str(payload.get("model", "")),
         operation=operation,
         prompt_tokens=prompt_tokens,
         max_tokens=max_tokens if isinstance(max_tokens, int) else None,

@@ -72,6 +72,7 @@ class PolicyIndex:
             allowed = None if "*" in tenant.allowed_routes else frozenset(tenant.allowed_routes)
             for key in tenant.keys:
                 self.principals[key.digest] = Principal(tenant=tenant.name, key_id=key.id, allowed_routes=allowed)
+        self.admin_digests = frozenset(policy.server.admin_keys)
         # Without any key in the policy the gateway is open (demo and single-user setups).
         self.auth_required = bool(self.principals)
         self.targets: dict[tuple[str, Operation], tuple[Target, ...]] = {}

@@ -279,6 +279,9 @@ def _cross_check(
                         f"tenant {t.name!r}: compliance leaves route {route!r} with no candidate ({'; '.join(reasons)})",
                         "error" if explicit else "warning",
                     )
+    for j, digest in enumerate(merged.server.admin_keys):
+        if not _DIGEST.match(digest):
+            problems.append(Problem(decoded[0][1].file, 1, 1, f"server.admin_keys[{j}] must be sha256:<64 hex>"))
     if merged.server.max_body_bytes < 1024:
         problems.append(Problem(decoded[0][1].file, 1, 1, "server.max_body_bytes must be at least 1024"))
     return problems

@@ -181,8 +181,13 @@ class Compliance(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
 
 class RateLimits(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """GCRA limits: an idle caller may spend a whole period's allowance at once, never more, and it
+    refills smoothly (no fixed-window double bursts)."""
+
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    requests_per_day: int | None = None
+    tokens_per_day: int | None = None
     max_concurrency: int | None = None
 
 
@@ -278,6 +283,8 @@ class Rule(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
 class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Requests with a larger body are refused with 413 before the body is read whole.
     max_body_bytes: int = 4 * 1024 * 1024
+    # Digests (`strait keys hash`) of keys that may read every tenant's usage at /admin/usage.
+    admin_keys: tuple[str, ...] = ()
 
 
 class PolicySet(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -44,6 +44,10 @@ def _rates(scope: Scope, r: RateLimits) -> tuple[list[RateLimit], list[Concurren
         rates.append(RateLimit(scope=scope, unit="requests", limit=r.requests_per_minute))
     if r.tokens_per_minute:
         rates.append(RateLimit(scope=scope, unit="tokens", limit=r.tokens_per_minute))
+    if r.requests_per_day:
+        rates.append(RateLimit(scope=scope, unit="requests", limit=r.requests_per_day, period_s=86_400))
+    if r.tokens_per_day:
+        rates.append(RateLimit(scope=scope, unit="tokens", limit=r.tokens_per_day, period_s=86_400))
     conc = [ConcurrencyLimit(scope=scope, limit=r.max_concurrency)] if r.max_concurrency is not None else []
     return rates, conc
 

@@ -33,7 +33,8 @@ class RouteStage:
             ctx.prompt_tokens = await asyncio.to_thread(count_prompt_tokens, payload, op)
         else:
             ctx.prompt_tokens = count_prompt_tokens(payload, op)
-        features = extract(payload, op, ctx.headers, ctx.prompt_tokens)
+        # The route may differ from the body's `model`: a budget downgrade re-runs this stage.
+        features = extract(payload, op, ctx.headers, ctx.prompt_tokens, route=ctx.route_name)
         plan = decide(
             self.index, ctx.principal, features, self.signals.snapshot(time.monotonic()), decision_id=ctx.decision_id
         )

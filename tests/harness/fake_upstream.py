@@ -142,6 +142,9 @@ WORDS = [
     "zulu",
 ]
 _SPACED = [" " + w for w in WORDS]
+# With `vocab: cl100k`: words that are exactly one cl100k_base token each (with their leading space), so a
+# gateway that estimates with tiktoken must arrive at the fake's own count (accounting tests).
+CL100K_SPACED = [" alpha", " delta", " echo", " golf", " hotel", " india", " mike", " november", " uniform", " whiskey"]
 SYSTEM_FINGERPRINT = "fp_fake0001"
 SERVICE_TIER = "default"
 DEFAULT_MODELS = ("fake-model", "gpt-4o-mini", "text-embedding-3-small")
@@ -230,6 +233,7 @@ DIRECTIVES: dict[str, Callable[[Any], Any]] = {
     "usage": _one_of("final-empty-choices", "final-with-choices", "none"),
     "hang": _as_bool,  # accept the request and never answer, until the client disconnects
     "marker": _as_bool,  # start the text with <<req:N>> (default true; false when the body has a seed)
+    "vocab": _one_of("nato", "cl100k"),  # cl100k: one cl100k_base token per word, no marker
     "context_window": _as_int,  # reject prompts larger than this with the context-overflow 400 (default: no check)
 }
 
@@ -642,7 +646,8 @@ class TextPlan:
 def plan_text(ctx: Ctx, body: dict[str, Any], choice: int, cap: int | None) -> TextPlan:
     d = ctx.d
     wanted = max(0, d.get("tokens", 20))
-    marker = d.get("marker", body.get("seed") is None)
+    cl100k = d.get("vocab") == "cl100k"
+    marker = d.get("marker", body.get("seed") is None) and not cl100k
     n_tok = wanted if cap is None else min(wanted, cap)
     finish = "length" if cap is not None and cap < wanted else "stop"
     pieces: list[str] = []
@@ -652,7 +657,10 @@ def plan_text(ctx: Ctx, body: dict[str, Any], choice: int, cap: int | None) -> T
     k = 0
     while len(pieces) < n_tok:
         w = (off + k) % len(WORDS)
-        pieces.append(_SPACED[w] if pieces else WORDS[w])
+        if cl100k:
+            pieces.append(CL100K_SPACED[(off + k) % len(CL100K_SPACED)])
+        else:
+            pieces.append(_SPACED[w] if pieces else WORDS[w])
         k += 1
     stops = body.get("stop")
     if isinstance(stops, str):
