@@ -268,7 +268,18 @@ def _cross_check(
     if not problems:
         cycle = checks.rewrite_cycle(merged)
         if cycle:
-            problems.append(Problem(decoded[0][1].file, 1, 1, f"rules rewrite routes in a cycle: {' -> '.join(cycle)}"))
+            # Point at the first rule that closes the cycle.
+            place = next(
+                (
+                    (source, i)
+                    for policy, source in decoded
+                    for i, rule in enumerate(policy.rules)
+                    if rule.then.route in cycle and (rule.when.routes is None or set(rule.when.routes) & set(cycle))
+                ),
+                (decoded[0][1], -1),
+            )
+            where = f"$.rules[{place[1]}].then.route" if place[1] >= 0 else "$"
+            at(place[0], where, f"rules rewrite routes in a cycle: {' -> '.join(cycle)}")
         for policy, source in decoded:
             for i, t in enumerate(policy.tenants):
                 explicit = "*" not in t.allowed_routes
