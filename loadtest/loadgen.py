@@ -4,13 +4,18 @@ Closed loop: `--concurrency` workers send requests back to back until `--request
 `--duration` seconds have passed, whichever comes first (both are always bounded).
 
     python -m loadtest.loadgen --url http://127.0.0.1:8080/v1/chat/completions --model bench \
-        --concurrency 32 --requests 5000 --duration 10 [--stream] [--json] [--cpu gateway=PID]
+        --concurrency 32 --requests 5000 --duration 10 [--stream] [--json] [--cpu gateway=PID] \
+        [--header 'Authorization: Bearer KEY'] [--redis 127.0.0.1:PORT] [--settle 0.15]
 
 Non-streaming: latency per request (status 200 and a body with "choices" count as success).
 Streaming: TTFT (time to the first `data:` event), total time, events per stream; a stream without
 `data: [DONE]` last, or with an error event, counts as an error.
 `--cpu NAME=PID` samples the CPU time of that process tree (from /proc) after the warm-up and at the end,
 and reports CPU ms per request: the measured window contains only the measured requests.
+`--settle S` waits S seconds after the warm-up and after the last request before the CPU (and Redis)
+samples, so background work of the warm-up (usage records flushed every 50 ms, reconciles) lands before
+the window and that of the measured requests inside it; req/s still uses the requests' own elapsed time.
+`--redis HOST:PORT` diffs that Redis's `INFO stats` and `INFO commandstats` over the same window.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 
 import aiohttp
 
+from loadtest import redisinfo
 from loadtest.procstat import CLK_TCK, machine_busy, tree_cpu_seconds
 
 DEFAULT_MESSAGES = [{"role": "user", "content": "Write one short sentence about rivers."}]
@@ -73,7 +79,8 @@ class Result:
     count: int = 0
     errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # first request sent to last answer received
+    window_s: float = 0.0  # the CPU window: elapsed_s plus the settle time after the last answer
     rps: float = 0.0
     latency: Summary = field(default_factory=Summary)  # total time per request (streams: to the last byte)
     ttft: Summary | None = None  # streams only
@@ -83,6 +90,9 @@ class Result:
     machine_busy_pct: float = 0.0  # all cores, during the measured window
     machine_busy_s: float = 0.0  # CPU seconds used by everything on the machine during the window
     self_cpu_s: float = 0.0  # this load generator's own CPU seconds during the window
+    # With --redis: counter deltas over the window; `redis_calls` per command (Lua-internal calls included).
+    redis_stats: dict[str, int] = field(default_factory=dict)
+    redis_calls: dict[str, int] = field(default_factory=dict)
 
 
 class _Run:
@@ -183,6 +193,16 @@ def _self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _parse_headers(specs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, value = spec.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"--header wants 'Name: value', got {spec!r}")
+        out[name.strip().lower()] = value.strip()
+    return out
+
+
 def _parse_cpu(specs: list[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for spec in specs:
@@ -204,6 +224,9 @@ async def run_load(
     cpu_pids: dict[str, int] | None = None,
     messages: list[dict[str, str]] | None = None,
     max_tokens: int = 64,
+    extra_headers: dict[str, str] | None = None,
+    settle: float = 0.0,
+    redis: tuple[str, int] | None = None,
 ) -> Result:
     """Warm up (`warmup` requests, at least one per connection), then measure one bounded window."""
     payload: dict[str, Any] = {"model": model, "messages": messages or DEFAULT_MESSAGES, "max_tokens": max_tokens}
@@ -211,6 +234,7 @@ async def run_load(
         payload["stream"] = True
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = {"content-type": "application/json", "accept": "text/event-stream" if stream else "application/json"}
+    headers.update(extra_headers or {})
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency, ttl_dns_cache=None)
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     result = Result(mode="stream" if stream else "json", url=url, concurrency=concurrency)
@@ -221,6 +245,9 @@ async def run_load(
         if warmup > 0:
             w = _Run(max(warmup, concurrency), time.perf_counter() + timeout)
             await asyncio.gather(*(_worker(session, url, body, headers, stream, w) for _ in range(concurrency)))
+        if settle > 0:
+            await asyncio.sleep(settle)
+        redis_before = redisinfo.snapshot(*redis) if redis else None
         cpu_before = {name: tree_cpu_seconds(pid) for name, pid in cpu_pids.items()}
         busy_before = machine_busy()
         self_before = _self_cpu()
@@ -228,13 +255,18 @@ async def run_load(
         run = _Run(requests, started + duration)
         await asyncio.gather(*(_worker(session, url, body, headers, stream, run) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+        if settle > 0:
+            await asyncio.sleep(settle)
+        window = time.perf_counter() - started
         self_after = _self_cpu()
         busy_after = machine_busy()
         cpu_after = {name: tree_cpu_seconds(pid) for name, pid in cpu_pids.items()}
+        redis_after = redisinfo.snapshot(*redis) if redis else None
     result.count = len(run.latencies)
     result.errors = sum(run.errors.values())
     result.error_kinds = run.errors
     result.elapsed_s = elapsed
+    result.window_s = window
     result.rps = result.count / elapsed if elapsed > 0 else 0.0
     result.latency = Summary.of(run.latencies)
     if stream:
@@ -249,6 +281,9 @@ async def run_load(
     result.machine_busy_s = (busy_after[0] - busy_before[0]) / CLK_TCK
     result.self_cpu_s = self_after - self_before
     result.machine_busy_pct = 100 * (busy_after[0] - busy_before[0]) / total if total > 0 else 0.0
+    if redis_before is not None and redis_after is not None:
+        delta = redis_after.minus(redis_before)
+        result.redis_stats, result.redis_calls = delta.stats, delta.calls
     return result
 
 
@@ -266,6 +301,10 @@ def format_result(r: Result) -> str:
     for name, ms in r.cpu_ms_per_request.items():
         lines.append(f"  cpu {name}: {r.cpu_s[name]:.2f}s = {ms:.3f} ms/request")
     lines.append(f"  machine busy: {r.machine_busy_pct:.0f}% of all cores")
+    if r.redis_calls:
+        handled = max(1, r.count + r.errors)
+        top = sorted(r.redis_calls.items(), key=lambda kv: -kv[1])[:12]
+        lines.append("  redis calls per request: " + ", ".join(f"{k}={n / handled:.2f}" for k, n in top))
     return "\n".join(lines)
 
 
@@ -280,11 +319,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=0, help="warm-up requests before measuring (>= concurrency)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     parser.add_argument("--cpu", action="append", default=[], metavar="NAME=PID", help="process tree to meter")
+    parser.add_argument("--header", "-H", action="append", default=[], metavar="'NAME: VALUE'", help="request header")
+    parser.add_argument("--settle", type=float, default=0.0, help="idle seconds before and after the CPU window")
+    parser.add_argument("--redis", metavar="HOST:PORT", help="diff this Redis's INFO counters over the window")
     parser.add_argument("--nice", type=int, default=0, help="lower this process's priority by N (os.nice)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
         parser.error("concurrency, requests and duration must be positive")
+    try:
+        extra_headers = _parse_headers(args.header)
+    except ValueError as exc:
+        parser.error(str(exc))
+    redis: tuple[str, int] | None = None
+    if args.redis:
+        host, _, port = args.redis.rpartition(":")
+        redis = (host or "127.0.0.1", int(port))
     if args.nice:
         os.nice(args.nice)
     try:
@@ -304,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             warmup=args.warmup,
             timeout=args.timeout,
             cpu_pids=_parse_cpu(args.cpu),
+            extra_headers=extra_headers,
+            settle=args.settle,
+            redis=redis,
         )
     )
     print(json.dumps(asdict(result)) if args.json else format_result(result))

@@ -57,3 +57,18 @@ def machine_busy() -> tuple[float, float]:
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     total = sum(values[:8])
     return float(total - idle), float(total)
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and its live descendants, in MiB (VmRSS from /proc/<pid>/status)."""
+    total_kb = 0
+    for p in (pid, *children_of(pid)):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total_kb += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total_kb / 1024

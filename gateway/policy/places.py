@@ -9,72 +9,11 @@ from __future__ import annotations
 import functools
 from typing import Final
 
+_EU: Final = frozenset("AT BE BG HR CY CZ DK EE FI FR DE GR HU IE IT LV LT LU MT NL PL PT RO SK SI ES SE".split())
 BLOCS: Final[dict[str, frozenset[str]]] = {
-    "EU": frozenset(
-        [
-            "AT",
-            "BE",
-            "BG",
-            "HR",
-            "CY",
-            "CZ",
-            "DK",
-            "EE",
-            "FI",
-            "FR",
-            "DE",
-            "GR",
-            "HU",
-            "IE",
-            "IT",
-            "LV",
-            "LT",
-            "LU",
-            "MT",
-            "NL",
-            "PL",
-            "PT",
-            "RO",
-            "SK",
-            "SI",
-            "ES",
-            "SE",
-        ]
-    ),
-    "EEA": frozenset(
-        [
-            "AT",
-            "BE",
-            "BG",
-            "HR",
-            "CY",
-            "CZ",
-            "DK",
-            "EE",
-            "FI",
-            "FR",
-            "DE",
-            "GR",
-            "HU",
-            "IE",
-            "IT",
-            "LV",
-            "LT",
-            "LU",
-            "MT",
-            "NL",
-            "PL",
-            "PT",
-            "RO",
-            "SK",
-            "SI",
-            "ES",
-            "SE",
-            "IS",
-            "LI",
-            "NO",
-        ]
-    ),
+    "EU": _EU,
+    # The EU plus Iceland, Liechtenstein and Norway.
+    "EEA": _EU | {"IS", "LI", "NO"},
 }
 
 
