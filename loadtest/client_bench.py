@@ -3,8 +3,9 @@
     python -m loadtest.client_bench [--requests 3000] [--concurrency 32]
 
 Starts the fast upstream (`nice -n 10`) and, in this process, sends the same POST /v1/chat/completions
-through: aiohttp.ClientSession directly, httpx.AsyncClient on the httpx_aiohttp transport (what the `openai`
-adapter uses with STRAIT_UPSTREAM_TRANSPORT=aiohttp), and httpx.AsyncClient on its own transport (httpcore).
+through: aiohttp.ClientSession directly (what the `openai` adapter uses now), httpx.AsyncClient on the
+httpx_aiohttp transport (the adapter before it dropped httpx), and httpx.AsyncClient on its own transport
+(httpcore). httpx and httpx_aiohttp are dev dependencies only, kept here to show why the adapter moved.
 Reports this process's CPU ms per request (time.process_time over the measured window) for JSON answers
 and for streamed answers read chunk by chunk.
 """

@@ -1,11 +1,12 @@
 """Gateway overhead, measured against a direct-to-upstream baseline in the same run.
 
     python -m loadtest.overhead [--requests N] [--concurrency C] [--server uvicorn|granian]
-                                [--transport aiohttp|httpx] [--compare] [--json-out FILE]
+                                [--state off,memory,redis] [--compare] [--rounds R] [--json-out FILE]
 
-Starts the fast fake upstream (`nice -n 10`) and the gateway (1 worker, normal priority) as child processes
-on free 127.0.0.1 ports, then runs each phase twice, direct to the upstream and through the gateway, with the
-load generator as a `nice -n 10` child process:
+Starts the fast fake upstream (`nice -n 10`) and one gateway process (1 worker, normal priority) per
+configuration, on free 127.0.0.1 ports, then runs each phase direct to the upstream once and through every
+gateway in turn (so all configurations share one direct baseline and see the same machine conditions),
+with the load generator as a `nice -n 10` child process:
 
   (a) sequential non-streaming latency (concurrency 1): p50/p99 and the added latency (gateway - direct);
   (b) sequential streamed TTFT (concurrency 1): p50/p99 and the added TTFT;
@@ -13,8 +14,17 @@ load generator as a `nice -n 10` child process:
   (d) gateway CPU per request: utime+stime of the gateway's process tree (/proc/<pid>/stat) over each
       gateway window, divided by the requests in that window.
 
-`--compare` runs the matrix server x transport (uvicorn, granian) x (aiohttp, httpx) with one shared upstream
-and prints one table. Every child is stopped by its PID in a `finally`.
+State (`--state`, default all three side by side):
+  off     an open policy (no tenants): no auth, the `limits` stage does nothing;
+  memory  a tenant with every limit and a budget, STRAIT_STATE=memory (in-process store and ledger);
+  redis   the same tenant, STRAIT_STATE=redis://127.0.0.1:P/N on a throwaway `redis-server` this runner
+          starts on a free port (never 6379) and stops by PID. Its `INFO stats`/`INFO commandstats` are
+          diffed over every measured window: Redis round trips per request on the request path (the
+          admission script) and in the background (reconciles and ledger pipelines), Redis commands per
+          request (Lua-internal ones included) and redis-server CPU per request.
+
+`--compare` runs server (uvicorn, granian) x the chosen states (`off` unless `--state` is given).
+Every child is stopped by its PID in a `finally`.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import statistics
@@ -39,22 +50,47 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.procstat import children_of, machine_busy
+from gateway.policy.index import key_digest
+from loadtest import redisinfo
+from loadtest.procstat import children_of, machine_busy, tree_rss_mb
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 SERVERS = ("uvicorn", "granian")
-TRANSPORTS = ("aiohttp", "httpx")
+STATES = ("off", "memory", "redis")
 NICE = ["nice", "-n", "10"]
+# Seconds the load generator idles after its warm-up and after its last answer, inside the CPU/Redis
+# window at the end: the usage writer flushes every 50 ms, so the window's own background work lands in it.
+SETTLE_S = 0.15
 
-POLICY = """version: 1
+POLICY_OPEN = """version: 1
 backends:
   - {{name: fake, adapter: openai, base_url: "http://{host}:{port}/v1", tier: self-hosted, max_connections: 512}}
 models:
   - {{name: m, capabilities: [chat, completions, embeddings], deployments: [{{backend: fake, upstream_model: m}}]}}
 routes:
   - {{name: bench, models: [m]}}
+"""
+
+# Every limit on (rates for the tenant and the key, concurrency, a USD budget), none ever reached.
+# The Redis accounting below relies on its shape: exactly one concurrency limit (one ZCARD per admission).
+POLICY_LIMITS = """version: 1
+backends:
+  - {{name: fake, adapter: openai, base_url: "http://{host}:{port}/v1", tier: self-hosted, max_connections: 512}}
+models:
+  - name: m
+    capabilities: [chat, completions, embeddings]
+    deployments: [{{backend: fake, upstream_model: m, price: {{input_per_mtok: 1, output_per_mtok: 2}}}}]
+routes:
+  - {{name: bench, models: [m]}}
+tenants:
+  - name: bench
+    keys: [{{id: k1, digest: "{digest}"}}]
+    limits:
+      tenant: {{requests_per_minute: 100000000, tokens_per_minute: 100000000, max_concurrency: 100000}}
+      per_key: {{requests_per_minute: 100000000}}
+    budgets: {{tenant: {{usd_per_day: 1000000}}}}
 """
 
 
@@ -124,11 +160,13 @@ def wait_ready(child: Child, url: str, timeout: float = 30.0) -> dict[str, str]:
     raise RuntimeError(f"{child.name} not ready at {url} after {timeout}s:\n{child.tail()}")
 
 
-def smoke(child: Child, url: str, model: str) -> None:
+def smoke(child: Child, url: str, model: str, headers: dict[str, str] | None = None) -> None:
     """One JSON and one streamed request must succeed before anything is measured."""
     for stream in (False, True):
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}).encode()
-        req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            url, data=body, headers={"content-type": "application/json", **(headers or {})}, method="POST"
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:  # loopback URLs built here
                 data = resp.read()
@@ -168,18 +206,50 @@ def upstream(workdir: Path, chunk_delay_ms: float, latency_ms: float) -> Iterato
 
 
 @dataclass
+class RedisServer:
+    child: Child
+    port: int
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://{HOST}:{self.port}/{db}"
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    """A throwaway redis-server on a free loopback port (never 6379), no persistence; stopped by its PID."""
+    port = free_port()
+    while port == 6379:  # pragma: no cover - the kernel will not hand out a bound port, but be explicit
+        port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+    argv += ["--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"]
+    child = Child("redis-server", argv, dict(os.environ), workdir / "redis.log")
+    try:
+        deadline = time.monotonic() + 10
+        while not redisinfo.ping(HOST, port):
+            if not child.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on {port}:\n{child.tail()}")
+            time.sleep(0.05)
+        yield RedisServer(child, port)
+    finally:
+        child.stop()
+
+
+@dataclass
 class Gateway:
     child: Child
     port: int
-    launch: str  # "strait serve" or "granian CLI" (when `serve` does not honour STRAIT_SERVER=granian yet)
+    launch: str  # "strait serve" or "granian CLI" (when `serve` does not honour STRAIT_SERVER=granian)
+    headers: dict[str, str]  # what every request must carry (the bench tenant's key when auth is on)
+    redis: RedisServer | None  # the Redis this gateway keeps its state in (state=redis)
 
 
-def _gateway_env(server: str, transport: str, policy: Path) -> dict[str, str]:
+def _gateway_env(server: str, policy: Path, state_url: str, spool: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         STRAIT_SERVER=server,
-        STRAIT_UPSTREAM_TRANSPORT=transport,
         STRAIT_POLICY=str(policy),
+        STRAIT_STATE=state_url,
+        STRAIT_SPOOL_DIR=str(spool),
         STRAIT_LOG_LEVEL="WARNING",
         STRAIT_WORKERS="1",
     )
@@ -187,17 +257,42 @@ def _gateway_env(server: str, transport: str, policy: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def gateway(workdir: Path, server: str, transport: str, upstream_port: int) -> Iterator[Gateway]:
-    policy = workdir / "policy.yaml"
-    policy.write_text(POLICY.format(host=HOST, port=upstream_port))
-    env = _gateway_env(server, transport, policy)
+def gateway(
+    workdir: Path,
+    server: str,
+    state: str,
+    upstream_port: int,
+    redis: RedisServer | None = None,
+    redis_db: int = 0,
+) -> Iterator[Gateway]:
+    """One gateway process: `server` x `state` (off, memory or redis; redis needs `redis`)."""
+    name = f"{server}-{state}"
+    policy = workdir / f"policy-{name}.yaml"
+    headers: dict[str, str] = {}
+    if state == "off":
+        policy.write_text(POLICY_OPEN.format(host=HOST, port=upstream_port))
+        state_url = "memory"
+    else:
+        key = "sk-bench-" + secrets.token_hex(16)
+        headers["authorization"] = f"Bearer {key}"
+        policy.write_text(POLICY_LIMITS.format(host=HOST, port=upstream_port, digest=key_digest(key)))
+        if state == "memory":
+            state_url = "memory"
+        elif redis is not None:
+            state_url = redis.url(redis_db)
+        else:
+            raise ValueError("state=redis needs a Redis server")
+    spool = workdir / f"spool-{name}"
+    spool.mkdir(exist_ok=True)
+    env = _gateway_env(server, policy, state_url, spool)
     port = free_port()
     serve = [PY, "-m", "gateway", "serve", "--policy", str(policy), "--host", HOST, "--port", str(port)]
-    child = Child(f"gateway[{server},{transport}]", serve, env, workdir / f"gateway-{server}-{transport}.log")
+    log = workdir / f"gateway-{name}.log"
+    child = Child(f"gateway[{server},{state}]", serve, env, log)
     try:
-        headers = wait_ready(child, f"http://{HOST}:{port}/readyz")
+        ready = wait_ready(child, f"http://{HOST}:{port}/readyz")
         launch = "strait serve"
-        actual = headers.get("server", "")
+        actual = ready.get("server", "")
         if server == "granian" and actual != "granian":
             # `strait serve` ignored STRAIT_SERVER=granian: run granian on the same app factory instead.
             child.stop()
@@ -205,14 +300,14 @@ def gateway(workdir: Path, server: str, transport: str, upstream_port: int) -> I
             argv = [PY, "-m", "granian", "--interface", "asgi", "--factory", "--host", HOST, "--port", str(port)]
             argv += ["--workers", "1", "--loop", "uvloop", "--no-ws", "--log-level", "warning"]
             argv.append("gateway.__main__:app_from_env")
-            child = Child(f"gateway[{server},{transport}]", argv, env, workdir / f"gateway-{server}-{transport}.log")
-            headers = wait_ready(child, f"http://{HOST}:{port}/readyz")
+            child = Child(f"gateway[{server},{state}]", argv, env, log)
+            ready = wait_ready(child, f"http://{HOST}:{port}/readyz")
             launch = "granian CLI"
-            actual = headers.get("server", "")
+            actual = ready.get("server", "")
         if actual != server:
             raise RuntimeError(f"asked for {server}, the gateway answers as server={actual!r}")
-        smoke(child, f"http://{HOST}:{port}/v1/chat/completions", "bench")
-        yield Gateway(child, port, launch)
+        smoke(child, f"http://{HOST}:{port}/v1/chat/completions", "bench", headers)
+        yield Gateway(child, port, launch, headers, redis if state == "redis" else None)
     finally:
         child.stop()
 
@@ -227,15 +322,21 @@ def loadgen(
     stream: bool,
     warmup: int,
     cpu: dict[str, int],
+    headers: dict[str, str] | None = None,
+    redis_port: int | None = None,
 ) -> dict[str, Any]:
     """One measured window, by a `nice -n 10` load generator process; returns its JSON result."""
     argv = [*NICE, PY, "-m", "loadtest.loadgen", "--url", url, "--model", model, "--json"]
     argv += ["--concurrency", str(concurrency), "--requests", str(requests), "--duration", str(duration)]
-    argv += ["--warmup", str(warmup), "--timeout", "30"]
+    argv += ["--warmup", str(warmup), "--timeout", "30", "--settle", str(SETTLE_S)]
     if stream:
         argv.append("--stream")
     for name, pid in cpu.items():
         argv += ["--cpu", f"{name}={pid}"]
+    for name, value in (headers or {}).items():
+        argv += ["--header", f"{name}: {value}"]
+    if redis_port is not None:
+        argv += ["--redis", f"{HOST}:{redis_port}"]
     out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=duration + 120, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if not lines:
@@ -253,11 +354,17 @@ class Pair:
 @dataclass
 class ConfigResult:
     server: str
-    transport: str
+    state: str
     launch: str = ""
     background_busy_pct: float = 0.0
+    rss_start_mb: float = 0.0
+    rss_end_mb: float = 0.0
     phases: dict[str, Pair] = field(default_factory=dict)
     error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.server} + state {self.state}"
 
 
 @dataclass
@@ -272,42 +379,55 @@ class Plan:
 
 
 def median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several rounds of one window folded into one: counts and errors summed, every other number the median."""
+    """Several rounds of one window folded into one: counts (requests, errors, Redis calls) summed, every
+    other number the median."""
     if len(results) == 1:
         return results[0]
+    summed = ("count", "errors", "redis_stats", "redis_calls", "error_kinds")
 
-    def fold(values: list[Any], key: str) -> Any:
+    def fold(values: list[Any], key: str, in_summed: bool) -> Any:
         first = values[0]
         if isinstance(first, dict):
-            if key == "error_kinds":
-                merged: dict[str, int] = {}
-                for v in values:
-                    for k, n in v.items():
-                        merged[k] = merged.get(k, 0) + n
-                return merged
-            return {k: fold([v[k] for v in values], k) for k in first}
+            keys: list[str] = []
+            for v in values:  # union of keys: a Redis command may show up in one round only
+                keys += [k for k in v if k not in keys]
+            return {k: fold([v.get(k, 0) for v in values], k, in_summed or k in summed) for k in keys}
         if isinstance(first, bool) or not isinstance(first, int | float):
             return first
-        if key in ("count", "errors"):
+        if in_summed or key in summed:
             return sum(values)
         return statistics.median(values)
 
-    folded: dict[str, Any] = fold(results, "")
+    folded: dict[str, Any] = fold(results, "", False)
     folded["rounds"] = len(results)
     return folded
 
 
-def measure(gw: Gateway, upstream_child: Child, upstream_port: int, plan: Plan) -> dict[str, Pair]:
-    direct_url = f"http://{HOST}:{upstream_port}/v1/chat/completions"
-    gw_url = f"http://{HOST}:{gw.port}/v1/chat/completions"
-    phases: dict[str, Pair] = {}
-    specs = [
+PHASES = ("seq_json", "seq_stream", "thr_json", "thr_stream")
+
+
+def phase_specs(plan: Plan) -> list[tuple[str, int, int, bool, int]]:
+    """(name, concurrency, requests, stream, warm-up requests) of each phase."""
+    return [
         ("seq_json", 1, plan.seq_requests, False, 200),
         ("seq_stream", 1, plan.ttft_requests, True, 100),
         ("thr_json", plan.concurrency, plan.throughput_requests, False, 4 * plan.concurrency),
         ("thr_stream", plan.stream_concurrency, plan.throughput_requests, True, 2 * plan.stream_concurrency),
     ]
-    for name, conc, n, stream, warm in specs:
+
+
+def measure(
+    gateways: list[tuple[ConfigResult, Gateway]],
+    upstream_child: Child,
+    upstream_port: int,
+    plan: Plan,
+    quiet_wait: float,
+) -> None:
+    """Every phase: direct once, then each gateway in turn (R rounds, alternating); fills `phases`."""
+    direct_url = f"http://{HOST}:{upstream_port}/v1/chat/completions"
+    for name, conc, n, stream, warm in phase_specs(plan):
+        busy = wait_quiet(quiet_wait)
+        print(f"  {name} (machine busy {busy:.0f}% before)", file=sys.stderr)
         common: dict[str, Any] = {
             "concurrency": conc,
             "requests": n,
@@ -316,28 +436,82 @@ def measure(gw: Gateway, upstream_child: Child, upstream_port: int, plan: Plan) 
             "warmup": warm,
         }
         directs: list[dict[str, Any]] = []
-        vias: list[dict[str, Any]] = []
-        for _ in range(plan.rounds):  # alternate the two sides so a burst of outside load hits both alike
+        vias: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(gateways))}
+        for _ in range(plan.rounds):  # alternate the sides so a burst of outside load hits all alike
             directs.append(loadgen(direct_url, model="m", cpu={"upstream": upstream_child.pid}, **common))
-            cpu = {"gateway": gw.child.pid, "upstream": upstream_child.pid}
-            vias.append(loadgen(gw_url, model="bench", cpu=cpu, **common))
-        direct, via = median_result(directs), median_result(vias)
-        phases[name] = Pair(direct, via)
-        print(f"    {name:<10} direct {direct['rps']:7.0f}/s  gateway {via['rps']:7.0f}/s", file=sys.stderr)
-        for side, r in (("direct", direct), ("gateway", via)):
-            if r["errors"]:
-                print(f"    {name} {side}: {r['errors']} errors {r['error_kinds']}", file=sys.stderr)
-    return phases
+            for i, (result, gw) in enumerate(gateways):
+                if result.error is not None:
+                    continue
+                cpu = {"gateway": gw.child.pid, "upstream": upstream_child.pid}
+                if gw.redis is not None:
+                    cpu["redis"] = gw.redis.child.pid
+                try:
+                    vias[i].append(
+                        loadgen(
+                            f"http://{HOST}:{gw.port}/v1/chat/completions",
+                            model="bench",
+                            cpu=cpu,
+                            headers=gw.headers,
+                            redis_port=gw.redis.port if gw.redis is not None else None,
+                            **common,
+                        )
+                    )
+                except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                    result.error = f"{name}: {str(exc).splitlines()[0][:200]}"
+                    print(f"    {result.label} failed: {exc}", file=sys.stderr)
+        direct = median_result(directs)
+        print(f"    {'direct':<24} {direct['rps']:7.0f}/s", file=sys.stderr)
+        for i, (result, _) in enumerate(gateways):
+            if result.error is not None or not vias[i]:
+                continue
+            via = median_result(vias[i])
+            result.phases[name] = Pair(direct, via)
+            print(f"    {result.label:<24} {via['rps']:7.0f}/s", file=sys.stderr)
+            for side, r in (("direct", direct), (result.label, via)):
+                if r["errors"]:
+                    print(f"    {name} {side}: {r['errors']} errors {r['error_kinds']}", file=sys.stderr)
 
 
 def foreign_cores(r: dict[str, Any]) -> float:
     """CPU (in cores) used during a window by processes outside this run: noise from other jobs."""
     ours = sum(r["cpu_s"].values()) + r["self_cpu_s"]
-    return max(0.0, (r["machine_busy_s"] - ours) / r["elapsed_s"]) if r["elapsed_s"] > 0 else 0.0
+    window = r.get("window_s") or r["elapsed_s"]
+    return max(0.0, (r["machine_busy_s"] - ours) / window) if window > 0 else 0.0
 
 
 def _pct(a: float, b: float) -> float:
     return 100 * a / b if b else 0.0
+
+
+# Redis accounting of one window (state=redis). Both the admission and the reconcile scripts call TIME
+# once (production: Redis's clock); with the bench policy's one concurrency limit the admission script
+# calls ZCARD once and the reconcile script never; the ledger's record script calls neither. A ledger
+# batch is one pipeline, which redis-py precedes with one SCRIPT EXISTS (its own round trip).
+def redis_breakdown(r: dict[str, Any]) -> dict[str, float]:
+    calls: dict[str, int] = r.get("redis_calls") or {}
+    handled = r["count"] + r["errors"]
+    if not handled or not calls:
+        return {}
+    scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
+    admits = calls.get("zcard", 0)
+    timed = calls.get("time", 0)
+    reconciles = max(0, timed - admits)
+    records = max(0, scripts - timed)
+    pipelines = calls.get("script|exists", 0)
+    total = r["redis_stats"].get("total_commands_processed", 0) - calls.get("info", 0)
+    return {
+        "admit_per_req": admits / handled,
+        "reconcile_per_req": reconciles / handled,
+        "records_per_req": records / handled,
+        "xadd_per_req": calls.get("xadd", 0) / handled,
+        "pipelines_per_req": pipelines / handled,
+        "records_per_pipeline": records / pipelines if pipelines else 0.0,
+        "request_path_rt": admits / handled,
+        # reconcile: one call each; ledger: SCRIPT EXISTS + the pipeline itself, per batch
+        "background_rt": (reconciles + 2 * pipelines + calls.get("script|load", 0)) / handled,
+        "commands_per_req": total / handled,
+        "redis_cpu_ms": r["cpu_ms_per_request"].get("redis", 0.0),
+    }
 
 
 def headline(r: ConfigResult) -> dict[str, float]:
@@ -345,7 +519,7 @@ def headline(r: ConfigResult) -> dict[str, float]:
     p = r.phases
     sj, ss, tj, ts = p["seq_json"], p["seq_stream"], p["thr_json"], p["thr_stream"]
     errors = sum(int(x.direct["errors"]) + int(x.gateway["errors"]) for x in p.values())
-    return {
+    out = {
         "seq_direct_p50": sj.direct["latency"]["p50"],
         "seq_gw_p50": sj.gateway["latency"]["p50"],
         "seq_added_p50": sj.gateway["latency"]["p50"] - sj.direct["latency"]["p50"],
@@ -371,6 +545,22 @@ def headline(r: ConfigResult) -> dict[str, float]:
         "errors": float(errors),
         "foreign_cores": max(foreign_cores(x) for pair in p.values() for x in (pair.direct, pair.gateway)),
     }
+    for phase, pair in p.items():
+        for k, v in redis_breakdown(pair.gateway).items():
+            out[f"redis_{phase}_{k}"] = v
+    return out
+
+
+def _redis_cells(h: dict[str, float], phase: str) -> tuple[str, str, str, str]:
+    if f"redis_{phase}_request_path_rt" not in h:
+        return "0", "0", "0", ""
+    g = h.get
+    return (
+        f"{g(f'redis_{phase}_request_path_rt', 0):.2f}",
+        f"{g(f'redis_{phase}_background_rt', 0):.2f}",
+        f"{g(f'redis_{phase}_commands_per_req', 0):.1f}",
+        f"{g(f'redis_{phase}_redis_cpu_ms', 0):.3f}",
+    )
 
 
 def report_one(r: ConfigResult, plan: Plan) -> str:
@@ -378,8 +568,9 @@ def report_one(r: ConfigResult, plan: Plan) -> str:
     tj, ts = r.phases["thr_json"], r.phases["thr_stream"]
     c, sc = plan.concurrency, plan.stream_concurrency
     rows = [
-        f"server={r.server} transport={r.transport} (launched via {r.launch}); "
-        f"machine busy before the run: {r.background_busy_pct:.0f}%",
+        f"server={r.server} state={r.state} (launched via {r.launch}); "
+        f"machine busy before the run: {r.background_busy_pct:.0f}%; "
+        f"gateway RSS {r.rss_start_mb:.0f} MiB after start, {r.rss_end_mb:.0f} MiB at the end",
         "",
         "| measure | direct | gateway | added / ratio |",
         "|---|---:|---:|---:|",
@@ -404,27 +595,56 @@ def report_one(r: ConfigResult, plan: Plan) -> str:
         f"| errors (all phases) | | | {h['errors']:.0f} |",
         f"| other processes' CPU, worst window (cores) | | | {h['foreign_cores']:.2f} |",
     ]
+    if r.state == "redis":
+        rows += [
+            "",
+            "Redis per request (measured window; `INFO commandstats` diffs; round trip = one client command or "
+            "one pipeline):",
+            "",
+            "| phase | admit calls (request path) | reconcile calls | ledger records | ledger pipelines "
+            "| records/pipeline | round trips: request path | round trips: background | commands (incl. Lua) "
+            "| redis CPU ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for phase in PHASES:
+            b = redis_breakdown(r.phases[phase].gateway)
+            if not b:
+                continue
+            rows.append(
+                f"| {phase} | {b['admit_per_req']:.3f} | {b['reconcile_per_req']:.3f} | {b['records_per_req']:.3f} "
+                f"| {b['pipelines_per_req']:.4f} | {b['records_per_pipeline']:.1f} | {b['request_path_rt']:.3f} "
+                f"| {b['background_rt']:.3f} | {b['commands_per_req']:.1f} | {b['redis_cpu_ms']:.3f} |"
+            )
+            if abs(b["records_per_req"] - b["xadd_per_req"]) > 0.05:
+                rows.append(
+                    f"| {phase}: attribution check failed: {b['records_per_req']:.3f} record scripts but "
+                    f"{b['xadd_per_req']:.3f} XADD per request | | | | | | | | | |"
+                )
     return "\n".join(rows)
 
 
 def report_matrix(results: list[ConfigResult], plan: Plan) -> str:
     c, sc = plan.concurrency, plan.stream_concurrency
     rows = [
-        "| server | transport | seq p50 direct→gw (ms) | added p50 | added p99 | TTFT added p50 | "
-        f"req/s c={c} direct→gw | % | streams/s c={sc} direct→gw | % | CPU ms/req | CPU ms/stream | errors | noise |",
-        "|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|",
+        "| server | state | seq p50 direct→gw (ms) | added p50 | added p99 | TTFT added p50 | "
+        f"req/s c={c} direct→gw | % | streams/s c={sc} direct→gw | % | CPU ms/req | CPU ms/stream "
+        f"| Redis RT/req request path (c={c}) | Redis RT/req background | Redis cmds/req | redis CPU ms/req "
+        "| errors | noise |",
+        "|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        if r.error is not None:
-            rows.append(f"| {r.server} | {r.transport} | failed: {r.error} |" + " |" * 11)
+        if r.error is not None or len(r.phases) < len(PHASES):
+            rows.append(f"| {r.server} | {r.state} | failed: {r.error} |" + " |" * 15)
             continue
         h = headline(r)
+        rt, bg, cmds, rcpu = _redis_cells(h, "thr_json")
         rows.append(
-            f"| {r.server} | {r.transport} | {h['seq_direct_p50']:.3f} → {h['seq_gw_p50']:.3f} "
+            f"| {r.server} | {r.state} | {h['seq_direct_p50']:.3f} → {h['seq_gw_p50']:.3f} "
             f"| {h['seq_added_p50']:.3f} | {h['seq_added_p99']:.3f} | {h['ttft_added_p50']:.3f} "
             f"| {h['rps_direct']:.0f} → {h['rps_gw']:.0f} | {h['rps_pct']:.0f} % "
             f"| {h['sps_direct']:.0f} → {h['sps_gw']:.0f} | {h['sps_pct']:.0f} % "
-            f"| {h['cpu_ms_req']:.3f} | {h['cpu_ms_stream']:.3f} | {h['errors']:.0f} | {h['foreign_cores']:.2f} |"
+            f"| {h['cpu_ms_req']:.3f} | {h['cpu_ms_stream']:.3f} | {rt} | {bg} | {cmds} | {rcpu} "
+            f"| {h['errors']:.0f} | {h['foreign_cores']:.2f} |"
         )
     return "\n".join(rows)
 
@@ -438,22 +658,41 @@ def git_revision() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def _states(spec: str | None, compare: bool) -> list[str]:
+    if spec is None:
+        return ["off"] if compare else list(STATES)
+    states = [s.strip() for s in spec.split(",") if s.strip()]
+    if "all" in states:
+        return list(STATES)
+    bad = [s for s in states if s not in STATES]
+    if bad or not states:
+        raise ValueError(f"--state takes a comma-separated subset of {', '.join(STATES)} (or all), got {spec!r}")
+    return list(dict.fromkeys(states))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure Strait's overhead against a direct baseline in one run.")
     parser.add_argument("--requests", "-n", type=int, default=1000, help="sequential JSON requests per side")
     parser.add_argument("--concurrency", "-c", type=int, default=32, help="JSON concurrency (streams: 2x)")
     parser.add_argument("--server", choices=SERVERS, default="uvicorn")
-    parser.add_argument("--transport", choices=TRANSPORTS, default="aiohttp")
-    parser.add_argument("--compare", action="store_true", help="run the server x transport matrix")
-    parser.add_argument("--phase-seconds", type=float, default=6.0, help="upper bound on each measured window")
+    parser.add_argument(
+        "--state",
+        help="comma-separated subset of off,memory,redis (default: all three; with --compare: off)",
+    )
+    parser.add_argument("--compare", action="store_true", help="run every server (uvicorn, granian) x state")
+    parser.add_argument("--phase-seconds", type=float, default=5.0, help="upper bound on each measured window")
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="fake upstream TTFT and inter-chunk delay")
-    parser.add_argument("--rounds", type=int, default=1, help="alternate direct/gateway N times; report medians")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate direct/gateways N times; report medians")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="fake upstream delay for JSON answers")
-    parser.add_argument("--quiet-wait", type=float, default=3.0, help="max seconds to wait for an idle machine")
+    parser.add_argument("--quiet-wait", type=float, default=2.0, help="max seconds to wait for an idle machine")
     parser.add_argument("--json-out", type=Path, help="write all raw results to this file")
     args = parser.parse_args(argv)
     if args.requests < 10 or args.concurrency < 1 or args.rounds < 1:
         parser.error("--requests >= 10, --concurrency >= 1 and --rounds >= 1")
+    try:
+        states = _states(args.state, args.compare)
+    except ValueError as exc:
+        parser.error(str(exc))
     plan = Plan(
         seq_requests=args.requests,
         ttft_requests=max(10, args.requests // 2),
@@ -463,26 +702,34 @@ def main(argv: list[str] | None = None) -> int:
         phase_seconds=args.phase_seconds,
         rounds=args.rounds,
     )
-    configs = [(s, t) for s in SERVERS for t in TRANSPORTS] if args.compare else [(args.server, args.transport)]
+    servers = list(SERVERS) if args.compare else [args.server]
+    configs = [(server, state) for server in servers for state in states]
     started = time.monotonic()
     results: list[ConfigResult] = []
-    with (
-        tempfile.TemporaryDirectory(prefix="strait-loadtest-") as tmp,
-        upstream(Path(tmp), args.chunk_delay_ms, args.latency_ms) as up,
-    ):
-        up_child, up_port = up
-        for server, transport in configs:
-            result = ConfigResult(server, transport)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="strait-loadtest-")))
+        up_child, up_port = stack.enter_context(upstream(tmp, args.chunk_delay_ms, args.latency_ms))
+        redis = stack.enter_context(redis_server(tmp)) if "redis" in states else None
+        running: list[tuple[ConfigResult, Gateway]] = []
+        for db, (server, state) in enumerate(configs):
+            result = ConfigResult(server, state)
             results.append(result)
-            result.background_busy_pct = wait_quiet(args.quiet_wait)
-            print(f"  {server} + {transport} (machine busy {result.background_busy_pct:.0f}%)", file=sys.stderr)
             try:
-                with gateway(Path(tmp), server, transport, up_port) as gw:
-                    result.launch = gw.launch
-                    result.phases = measure(gw, up_child, up_port, plan)
-            except (RuntimeError, OSError, subprocess.SubprocessError, KeyError) as exc:
+                gw = stack.enter_context(gateway(tmp, server, state, up_port, redis, redis_db=db))
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
                 result.error = str(exc).splitlines()[0][:200]
-                print(f"  {server} + {transport} failed: {exc}", file=sys.stderr)
+                print(f"  {result.label} failed to start: {exc}", file=sys.stderr)
+                continue
+            result.launch = gw.launch
+            result.rss_start_mb = tree_rss_mb(gw.child.pid)
+            running.append((result, gw))
+            print(f"  started {result.label} on :{gw.port} via {gw.launch}", file=sys.stderr)
+        busy = wait_quiet(args.quiet_wait)
+        for result in results:
+            result.background_busy_pct = busy
+        measure(running, up_child, up_port, plan, args.quiet_wait)
+        for result, gw in running:
+            result.rss_end_mb = tree_rss_mb(gw.child.pid)
     took = time.monotonic() - started
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = "python -m loadtest.overhead " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -498,10 +745,9 @@ def main(argv: list[str] | None = None) -> int:
         "noise = CPU cores used by other processes in the worst window\n"
     )
     for r in results:
-        if r.error is None:
+        if r.error is None and len(r.phases) == len(PHASES):
             print(report_one(r, plan) + "\n")
-    if args.compare:
-        print(report_matrix(results, plan))
+    print(report_matrix(results, plan))
     if args.json_out:
         args.json_out.write_text(json.dumps([asdict(r) for r in results], indent=1))
     return 0 if all(r.error is None for r in results) else 1

@@ -1,9 +1,10 @@
 """Sample the gateway with py-spy under load and summarise where its CPU goes.
 
     pip install py-spy   # into the venv; not a project dependency
-    python -m loadtest.profile_gateway [--server uvicorn] [--transport aiohttp] [--stream] [--seconds 10]
+    python -m loadtest.profile_gateway [--server uvicorn] [--state off|memory|redis] [--stream] [--seconds 10]
 
-Starts the fast upstream and the gateway like `loadtest.overhead`, drives `--concurrency` clients at it
+Starts the fast upstream and the gateway like `loadtest.overhead` (with `--state redis`, also a throwaway
+redis-server on a free port, and the bench tenant with every limit on), drives `--concurrency` clients at it
 (`nice -n 10`) while `py-spy record --format raw` samples the gateway (and its children), then prints:
 the share of samples by package (self time), the top self-time functions, and the inclusive share of
 every function under gateway/ and plugins/. The raw collapsed stacks are kept for flame graphs
@@ -13,6 +14,7 @@ every function under gateway/ and plugins/. The raw collapsed stacks are kept fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from loadtest.overhead import NICE, PY, REPO, SERVERS, TRANSPORTS, gateway, upstream
+from loadtest.overhead import NICE, PY, REPO, SERVERS, STATES, gateway, redis_server, upstream
 
 PACKAGES = (
     "gateway/",
@@ -40,6 +42,8 @@ PACKAGES = (
     "uvloop",
     "multidict",
     "yarl/",
+    "redis/",
+    "hiredis",
 )
 
 
@@ -110,7 +114,7 @@ def summarise(raw: str, top: int = 25) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Profile the gateway under load with py-spy.")
     parser.add_argument("--server", choices=SERVERS, default="uvicorn")
-    parser.add_argument("--transport", choices=TRANSPORTS, default="aiohttp")
+    parser.add_argument("--state", choices=STATES, default="off", help="off: open policy; memory/redis: limits on")
     parser.add_argument("--stream", action="store_true", help="streamed requests instead of JSON")
     parser.add_argument("--concurrency", "-c", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -121,15 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     py_spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(py_spy).exists():
         parser.error("py-spy is not installed (pip install py-spy)")
-    with (
-        tempfile.TemporaryDirectory(prefix="strait-profile-") as tmp,
-        upstream(Path(tmp), 0.0, 0.0) as (_, up_port),
-        gateway(Path(tmp), args.server, args.transport, up_port) as gw,
-    ):
-        raw_path = args.out or Path(tmp) / "stacks.txt"
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="strait-profile-")))
+        _, up_port = stack.enter_context(upstream(tmp, 0.0, 0.0))
+        redis = stack.enter_context(redis_server(tmp)) if args.state == "redis" else None
+        gw = stack.enter_context(gateway(tmp, args.server, args.state, up_port, redis))
+        raw_path = args.out or tmp / "stacks.txt"
         url = f"http://127.0.0.1:{gw.port}/v1/chat/completions"
         load = [*NICE, PY, "-m", "loadtest.loadgen", "--url", url, "--concurrency", str(args.concurrency)]
         load += ["--requests", "10000000", "--duration", str(args.seconds + 4), "--warmup", "200"]
+        for name, value in gw.headers.items():
+            load += ["--header", f"{name}: {value}"]
         if args.stream:
             load.append("--stream")
         loader = subprocess.Popen(load, cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -139,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             spy += ["--output", str(raw_path)]
             subprocess.run([*spy], check=True, capture_output=True, timeout=args.seconds + 60)
         finally:
-            out, _ = loader.communicate(timeout=args.seconds + 120)
+            try:
+                out, _ = loader.communicate(timeout=args.seconds + 120)
+            except subprocess.TimeoutExpired:
+                loader.kill()  # by its PID (Popen), never by name
+                out, _ = loader.communicate()
         print(out)
         print(summarise(raw_path.read_text(), args.top))
     return 0
