@@ -15,7 +15,8 @@ with the load generator as a `nice -n 10` child process:
       gateway window, divided by the requests in that window.
 
 State (`--state`, default all three side by side):
-  off     an open policy (no tenants): no auth, the `limits` stage does nothing;
+  off     an open policy (no tenants): no auth, the `limits` stage does nothing (the `accounting` stage
+          still writes an `anonymous` usage record per request to the in-process ledger);
   memory  a tenant with every limit and a budget, STRAIT_STATE=memory (in-process store and ledger);
   redis   the same tenant, STRAIT_STATE=redis://127.0.0.1:P/N on a throwaway `redis-server` this runner
           starts on a free port (never 6379) and stops by PID. Its `INFO stats`/`INFO commandstats` are
@@ -553,7 +554,7 @@ def headline(r: ConfigResult) -> dict[str, float]:
 
 def _redis_cells(h: dict[str, float], phase: str) -> tuple[str, str, str, str]:
     if f"redis_{phase}_request_path_rt" not in h:
-        return "0", "0", "0", ""
+        return "0", "0", "0", "n/a"
     g = h.get
     return (
         f"{g(f'redis_{phase}_request_path_rt', 0):.2f}",
@@ -563,63 +564,120 @@ def _redis_cells(h: dict[str, float], phase: str) -> tuple[str, str, str, str]:
     )
 
 
-def report_one(r: ConfigResult, plan: Plan) -> str:
-    h = headline(r)
-    tj, ts = r.phases["thr_json"], r.phases["thr_stream"]
+def _redis_value(h: dict[str, float], phase: str, key: str, fmt: str, state: str) -> str:
+    full = f"redis_{phase}_{key}"
+    if full in h:
+        return fmt.format(h[full])
+    return "n/a" if state == "redis" or key == "redis_cpu_ms" else "0"
+
+
+def report_side_by_side(results: list[ConfigResult], plan: Plan) -> str:
+    """One column per configuration (same direct baseline): gateway value (added or % of direct)."""
+    rs = [r for r in results if r.error is None and len(r.phases) == len(PHASES)]
+    if not rs:
+        return ""
+    hs = [headline(r) for r in rs]
+    d, h0 = rs[0].phases, hs[0]
     c, sc = plan.concurrency, plan.stream_concurrency
+    head = " | ".join(f"{r.server} + {r.state}" for r in rs)
     rows = [
-        f"server={r.server} state={r.state} (launched via {r.launch}); "
-        f"machine busy before the run: {r.background_busy_pct:.0f}%; "
-        f"gateway RSS {r.rss_start_mb:.0f} MiB after start, {r.rss_end_mb:.0f} MiB at the end",
+        "; ".join(f"{r.server} + {r.state}: launched via {r.launch}" for r in rs)
+        + f"; machine busy before the run: {rs[0].background_busy_pct:.0f}%",
         "",
-        "| measure | direct | gateway | added / ratio |",
-        "|---|---:|---:|---:|",
-        f"| (a) sequential JSON latency p50 (ms) | {h['seq_direct_p50']:.3f} | {h['seq_gw_p50']:.3f} "
-        f"| **+{h['seq_added_p50']:.3f}** |",
-        f"| (a) sequential JSON latency p99 (ms) | {h['seq_direct_p99']:.3f} | {h['seq_gw_p99']:.3f} "
-        f"| +{h['seq_added_p99']:.3f} |",
-        f"| (b) sequential stream TTFT p50 (ms) | {h['ttft_direct_p50']:.3f} | {h['ttft_gw_p50']:.3f} "
-        f"| +{h['ttft_added_p50']:.3f} |",
-        f"| (b) sequential stream TTFT p99 (ms) | {r.phases['seq_stream'].direct['ttft']['p99']:.3f} "
-        f"| {r.phases['seq_stream'].gateway['ttft']['p99']:.3f} | +{h['ttft_added_p99']:.3f} |",
-        f"| (c) JSON throughput, c={c} (req/s) | {h['rps_direct']:.0f} | {h['rps_gw']:.0f} | {h['rps_pct']:.0f} % |",
-        f"| (c) JSON latency p99 at c={c} (ms) | {tj.direct['latency']['p99']:.1f} | {h['thr_gw_p99']:.1f} | |",
-        f"| (c) streams, {sc} concurrent (streams/s) | {h['sps_direct']:.0f} | {h['sps_gw']:.0f} "
-        f"| {h['sps_pct']:.0f} % |",
-        f"| (c) stream TTFT p99 at {sc} streams (ms) | {ts.direct['ttft']['p99']:.1f} | {ts.gateway['ttft']['p99']:.1f} "
-        "| |",
-        f"| (d) gateway CPU per JSON request at c={c} (ms) | | {h['cpu_ms_req']:.3f} | budget 0.4 |",
-        f"| (d) gateway CPU per stream at {sc} streams (ms) | | {h['cpu_ms_stream']:.3f} | |",
-        f"| (d) gateway CPU per JSON request, sequential (ms) | | {h['cpu_ms_seq']:.3f} | |",
-        f"| events per stream | {h['events_direct']:.1f} | {h['events_gw']:.1f} | |",
-        f"| errors (all phases) | | | {h['errors']:.0f} |",
-        f"| other processes' CPU, worst window (cores) | | | {h['foreign_cores']:.2f} |",
+        f"| measure | direct | {head} |",
+        "|---|---:|" + "---:|" * len(rs),
     ]
-    if r.state == "redis":
-        rows += [
-            "",
-            "Redis per request (measured window; `INFO commandstats` diffs; round trip = one client command or "
-            "one pipeline):",
-            "",
-            "| phase | admit calls (request path) | reconcile calls | ledger records | ledger pipelines "
-            "| records/pipeline | round trips: request path | round trips: background | commands (incl. Lua) "
-            "| redis CPU ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for phase in PHASES:
-            b = redis_breakdown(r.phases[phase].gateway)
-            if not b:
-                continue
+
+    def row(name: str, direct: str, cells: list[str]) -> None:
+        rows.append(f"| {name} | {direct} | " + " | ".join(cells) + " |")
+
+    row(
+        "(a) sequential JSON latency p50 (ms)",
+        f"{h0['seq_direct_p50']:.3f}",
+        [f"{h['seq_gw_p50']:.3f} (**+{h['seq_added_p50']:.3f}**)" for h in hs],
+    )
+    row(
+        "(a) sequential JSON latency p99 (ms)",
+        f"{h0['seq_direct_p99']:.3f}",
+        [f"{h['seq_gw_p99']:.3f} (+{h['seq_added_p99']:.3f})" for h in hs],
+    )
+    row(
+        "(b) sequential stream TTFT p50 (ms)",
+        f"{h0['ttft_direct_p50']:.3f}",
+        [f"{h['ttft_gw_p50']:.3f} (+{h['ttft_added_p50']:.3f})" for h in hs],
+    )
+    row(
+        "(b) sequential stream TTFT p99 (ms)",
+        f"{d['seq_stream'].direct['ttft']['p99']:.3f}",
+        [
+            f"{r.phases['seq_stream'].gateway['ttft']['p99']:.3f} (+{h['ttft_added_p99']:.3f})"
+            for r, h in zip(rs, hs, strict=True)
+        ],
+    )
+    row(
+        f"(c) JSON throughput, c={c} (req/s)",
+        f"{h0['rps_direct']:.0f}",
+        [f"{h['rps_gw']:.0f} ({h['rps_pct']:.0f} %)" for h in hs],
+    )
+    row(
+        f"(c) JSON latency p99 at c={c} (ms)",
+        f"{d['thr_json'].direct['latency']['p99']:.1f}",
+        [f"{h['thr_gw_p99']:.1f}" for h in hs],
+    )
+    row(
+        f"(c) streams, {sc} concurrent (streams/s)",
+        f"{h0['sps_direct']:.0f}",
+        [f"{h['sps_gw']:.0f} ({h['sps_pct']:.0f} %)" for h in hs],
+    )
+    row(
+        f"(c) stream TTFT p99 at {sc} streams (ms)",
+        f"{d['thr_stream'].direct['ttft']['p99']:.1f}",
+        [f"{r.phases['thr_stream'].gateway['ttft']['p99']:.1f}" for r in rs],
+    )
+    row(f"(d) gateway CPU per JSON request at c={c} (ms; budget 0.4)", "", [f"{h['cpu_ms_req']:.3f}" for h in hs])
+    row(f"(d) gateway CPU per stream at {sc} streams (ms)", "", [f"{h['cpu_ms_stream']:.3f}" for h in hs])
+    row("(d) gateway CPU per JSON request, sequential (ms)", "", [f"{h['cpu_ms_seq']:.3f}" for h in hs])
+    for label, key, fmt in (
+        ("Redis round trips per request, request path", "request_path_rt", "{:.2f}"),
+        ("Redis round trips per request, background", "background_rt", "{:.3f}"),
+        ("Redis commands per request (Lua-internal included)", "commands_per_req", "{:.1f}"),
+        ("redis-server CPU per request (ms)", "redis_cpu_ms", "{:.3f}"),
+    ):
+        row(
+            f"{label}, c={c}", "", [_redis_value(h, "thr_json", key, fmt, r.state) for r, h in zip(rs, hs, strict=True)]
+        )
+    row("gateway RSS after start → at the end (MiB)", "", [f"{r.rss_start_mb:.0f} → {r.rss_end_mb:.0f}" for r in rs])
+    row("events per stream", f"{h0['events_direct']:.1f}", [f"{h['events_gw']:.1f}" for h in hs])
+    row("errors (all phases)", "", [f"{h['errors']:.0f}" for h in hs])
+    row("other processes' CPU, worst window (cores)", "", [f"{h['foreign_cores']:.2f}" for h in hs])
+    for r in rs:
+        if r.state == "redis":
+            rows += ["", f"{r.server} + redis, per request in each measured window:", "", report_redis(r)]
+    return "\n".join(rows)
+
+
+def report_redis(r: ConfigResult) -> str:
+    """Where the Redis calls of one state=redis configuration went, phase by phase (see `redis_breakdown`)."""
+    rows = [
+        "| phase | admit calls (request path) | reconcile calls | ledger records | ledger pipelines "
+        "| records per pipeline | round trips: request path | round trips: background "
+        "| commands (Lua-internal included) | redis-server CPU ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for phase in PHASES:
+        b = redis_breakdown(r.phases[phase].gateway)
+        if not b:
+            continue
+        rows.append(
+            f"| {phase} | {b['admit_per_req']:.3f} | {b['reconcile_per_req']:.3f} | {b['records_per_req']:.3f} "
+            f"| {b['pipelines_per_req']:.4f} | {b['records_per_pipeline']:.0f} | {b['request_path_rt']:.2f} "
+            f"| {b['background_rt']:.3f} | {b['commands_per_req']:.1f} | {b['redis_cpu_ms']:.3f} |"
+        )
+        if abs(b["records_per_req"] - b["xadd_per_req"]) > 0.05:
             rows.append(
-                f"| {phase} | {b['admit_per_req']:.3f} | {b['reconcile_per_req']:.3f} | {b['records_per_req']:.3f} "
-                f"| {b['pipelines_per_req']:.4f} | {b['records_per_pipeline']:.1f} | {b['request_path_rt']:.3f} "
-                f"| {b['background_rt']:.3f} | {b['commands_per_req']:.1f} | {b['redis_cpu_ms']:.3f} |"
+                f"| {phase}: attribution check failed: {b['records_per_req']:.3f} record scripts but "
+                f"{b['xadd_per_req']:.3f} XADD per request | | | | | | | | | |"
             )
-            if abs(b["records_per_req"] - b["xadd_per_req"]) > 0.05:
-                rows.append(
-                    f"| {phase}: attribution check failed: {b['records_per_req']:.3f} record scripts but "
-                    f"{b['xadd_per_req']:.3f} XADD per request | | | | | | | | | |"
-                )
     return "\n".join(rows)
 
 
@@ -744,9 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         f"upstream delays: JSON {args.latency_ms} ms, stream TTFT/ITL {args.chunk_delay_ms} ms; "
         "noise = CPU cores used by other processes in the worst window\n"
     )
-    for r in results:
-        if r.error is None and len(r.phases) == len(PHASES):
-            print(report_one(r, plan) + "\n")
+    for server in servers:
+        print(report_side_by_side([r for r in results if r.server == server], plan) + "\n")
     print(report_matrix(results, plan))
     if args.json_out:
         args.json_out.write_text(json.dumps([asdict(r) for r in results], indent=1))

@@ -24,41 +24,24 @@ from pathlib import Path
 
 from loadtest.overhead import NICE, PY, REPO, SERVERS, STATES, gateway, redis_server, upstream
 
-PACKAGES = (
-    "gateway/",
-    "plugins/",
-    "litestar/",
-    "uvicorn/",
-    "granian/",
-    "httptools",
-    "httpx/",
-    "httpx_aiohttp/",
-    "httpcore/",
-    "aiohttp/",
-    "anyio/",
-    "msgspec",
-    "prometheus_client/",
-    "asyncio/",
-    "uvloop",
-    "multidict",
-    "yarl/",
-    "redis/",
-    "hiredis",
-)
-
 
 def _frame_file(frame: str) -> str:
-    # py-spy raw frames look like "function (path/to/file.py:123)".
+    # py-spy raw frames look like "function (path/to/file.py:123)", the path relative to its sys.path entry.
     start = frame.rfind("(")
     return frame[start + 1 :] if start != -1 else frame
 
 
 def package_of(frame: str) -> str:
-    where = _frame_file(frame)
-    for pkg in PACKAGES:
-        if pkg in where:
-            return pkg.rstrip("/")
-    return "other"
+    """The top-level package of a frame (`redis/asyncio/client.py` is redis, not asyncio); a bare module
+    file (`typing.py`, `<frozen runpy>`) is `other`. uvloop's C loop shows up as `Runner.run` in asyncio."""
+    where = _frame_file(frame).rsplit(":", 1)[0]
+    for marker in ("site-packages/", "/work/main/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+    top, sep, _ = where.partition("/")
+    if not sep or top.startswith("<"):
+        return "other"
+    return top
 
 
 def short(frame: str) -> str:
