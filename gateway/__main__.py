@@ -47,11 +47,28 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ["STRAIT_REPLICAS"] = str(max(settings.replicas, settings.workers))
     os.environ["STRAIT_STATE"] = settings.state
     os.environ["STRAIT_LOG_LEVEL"] = settings.log_level
+    print(
+        f"strait: serving {settings.policy_path} on http://{settings.host}:{settings.port} ({settings.server})",
+        file=sys.stderr,
+        flush=True,
+    )
+    if settings.server == "granian":
+        from granian import Granian
+        from granian.constants import Interfaces, Loops
+
+        Granian(
+            "gateway.__main__:app_from_env",
+            address=settings.host,
+            port=settings.port,
+            interface=Interfaces.ASGI,
+            workers=settings.workers,
+            loop=Loops.uvloop,
+            factory=True,
+            log_access=False,
+        ).serve()
+        return 0
     import uvicorn
 
-    print(
-        f"strait: serving {settings.policy_path} on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True
-    )
     uvicorn.run(
         "gateway.__main__:app_from_env",
         factory=True,

@@ -4,6 +4,7 @@ double counts. `totals` answers usage queries from per-day aggregates."""
 from __future__ import annotations
 
 import datetime as dt
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -24,10 +25,7 @@ class Ledger(Protocol):
     async def close(self) -> None: ...
 
 
-def add_to_rows(rows: dict[tuple[str, str], UsageRow], tenant: str, by: Dimension, value: str, r: UsageRecord) -> None:
-    row = rows.get((tenant, value))
-    if row is None:
-        row = rows[(tenant, value)] = UsageRow(tenant=tenant, dimension=by, value=value)
+def _add(row: UsageRow, r: UsageRecord) -> None:
     row.requests += 1 if r.final else 0
     row.prompt_tokens += r.prompt_tokens
     row.completion_tokens += r.completion_tokens
@@ -35,21 +33,38 @@ def add_to_rows(rows: dict[tuple[str, str], UsageRow], tenant: str, by: Dimensio
 
 
 class MemoryLedger:
-    """In-process ledger (the embedded default): records kept per day, for one replica."""
+    """In-process ledger (the embedded default, one replica): per-day aggregates only, so memory grows
+    with tenants x days x distinct routes/models/keys, not with requests. Idempotency remembers the
+    most recent record ids (a retried write comes within seconds, not after a million records)."""
+
+    RECENT = 200_000
+    KEEP_DAYS = 400
 
     def __init__(self) -> None:
-        self._seen: set[tuple[str, int]] = set()
-        self._by_day: dict[tuple[str, str], list[UsageRecord]] = {}
+        self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # (tenant, day) -> (dimension, value) -> row
+        self._days: dict[tuple[str, str], dict[tuple[str, str], UsageRow]] = {}
 
     async def write(self, records: Sequence[UsageRecord]) -> int:
         new = 0
         for r in records:
             key = (r.request_id, r.attempt)
-            if key in self._seen:
+            if key in self._recent:
                 continue
-            self._seen.add(key)
-            self._by_day.setdefault((r.tenant, r.day), []).append(r)
+            self._recent[key] = None
+            if len(self._recent) > self.RECENT:
+                self._recent.popitem(last=False)
+            day = self._days.setdefault((r.tenant, r.day), {})
+            for dim in DIMENSIONS:
+                value = r.dimension(dim)
+                row = day.get((dim, value))
+                if row is None:
+                    row = day[(dim, value)] = UsageRow(tenant=r.tenant, dimension=dim, value=value)
+                _add(row, r)
             new += 1
+        if len(self._days) > self.KEEP_DAYS * 4:
+            cutoff = (dt.date.today() - dt.timedelta(days=self.KEEP_DAYS)).isoformat()
+            self._days = {k: v for k, v in self._days.items() if k[1] >= cutoff}
         return new
 
     async def totals(self, tenants: Sequence[str], since: dt.date, until: dt.date, by: Dimension) -> list[UsageRow]:
@@ -57,8 +72,16 @@ class MemoryLedger:
         rows: dict[tuple[str, str], UsageRow] = {}
         for tenant in tenants:
             for day in days_between(since, until):
-                for r in self._by_day.get((tenant, day), ()):
-                    add_to_rows(rows, tenant, by, r.dimension(by), r)
+                for (dim, value), src in self._days.get((tenant, day), {}).items():
+                    if dim != by:
+                        continue
+                    row = rows.get((tenant, value))
+                    if row is None:
+                        row = rows[(tenant, value)] = UsageRow(tenant=tenant, dimension=by, value=value)
+                    row.requests += src.requests
+                    row.prompt_tokens += src.prompt_tokens
+                    row.completion_tokens += src.completion_tokens
+                    row.cost_usd += src.cost_usd
         return sorted(rows.values(), key=lambda row: (row.tenant, row.value))
 
     async def close(self) -> None:

@@ -30,14 +30,18 @@ def tenant_prefix(tenant: str) -> str:
     return f"strait:{{t:{tenant}}}"
 
 
-def _increments(r: UsageRecord) -> list[str | int]:
-    args: list[str | int] = []
-    for dim in DIMENSIONS:
-        value = r.dimension(dim)
-        base = f"{dim}|{value}|"
-        args += [base + "requests", 1 if r.final else 0, base + "prompt", r.prompt_tokens]
-        args += [base + "completion", r.completion_tokens, base + "cost", r.cost_micro_usd]
-    return args
+def _args(r: UsageRecord) -> list[Any]:
+    return [
+        MARKER_TTL_S,
+        AGGREGATE_TTL_S,
+        STREAM_MAXLEN,
+        _encode(r),
+        1 if r.final else 0,
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.cost_micro_usd,
+        *(r.dimension(d) for d in DIMENSIONS),
+    ]
 
 
 class RedisLedger:
@@ -56,8 +60,7 @@ class RedisLedger:
             for r in records:
                 prefix = tenant_prefix(r.tenant)
                 keys = [f"{prefix}:rec:{r.request_id}:{r.attempt}", f"{prefix}:ledger", f"{prefix}:usage:{r.day}"]
-                args: list[Any] = [MARKER_TTL_S, AGGREGATE_TTL_S, STREAM_MAXLEN, _encode(r), *_increments(r)]
-                await self._script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]  # a pipeline queues the call
+                await self._script(keys=keys, args=_args(r), client=pipe)  # type: ignore[arg-type]  # a pipeline queues the call
             results = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             raise LedgerUnavailable(str(exc) or type(exc).__name__) from None

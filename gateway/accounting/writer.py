@@ -18,7 +18,9 @@ log = logging.getLogger("strait.accounting")
 
 # Records waiting in memory beyond this go straight to the spool (a ledger that is slow, not down).
 MAX_QUEUE = 50_000
-BATCH = 500
+# Records per pipeline: small enough that Redis runs one pipeline in ~1-2 ms, so an admission arriving
+# meanwhile waits little (measured: 100-record pipelines put +5 ms on the request p99).
+BATCH = 25
 # How often the spool is tried again while it holds records (seconds).
 REPLAY_EVERY_S = 1.0
 
@@ -90,7 +92,9 @@ class UsageWriter:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await self.flush()
+                # Everything queued, BATCH records per pipeline, yielding to requests in between.
+                for _ in range(max(1, -(-len(self._queue) // BATCH))):
+                    await self.flush()
             except Exception:  # the writer must outlive any one bad batch
                 log.exception("usage writer failed a batch")
 

@@ -135,8 +135,18 @@ def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
     async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
         index = gateway.runtime.index
         ready = bool(index.routes) and bool(index.backends)
+        status = gateway.store.status()
         body = _encode(
-            {"status": "ready" if ready else "not_ready", "routes": len(index.routes), "backends": len(index.backends)}
+            {
+                "status": "ready" if ready else "not_ready",
+                "policy_version": index.version,
+                "routes": len(index.routes),
+                "backends": len(index.backends),
+                # Informational: with Redis away the gateway still serves (declared failure modes).
+                "state": {"kind": status.kind, "shared": status.shared, "breaker": status.breaker},
+                "usage_queued": gateway.writer.queued(),
+                "usage_spooled": gateway.writer.spool.pending(),
+            }
         )
         return Response(
             body,
