@@ -53,8 +53,12 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     if settings.server == "granian":
-        from granian import Granian
-        from granian.constants import Interfaces, Loops
+        try:
+            from granian import Granian
+            from granian.constants import Interfaces, Loops
+        except ImportError:
+            print("strait: STRAIT_SERVER=granian needs: pip install 'strait-gateway[granian]'", file=sys.stderr)
+            return 2
 
         Granian(
             "gateway.__main__:app_from_env",
