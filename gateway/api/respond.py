@@ -17,6 +17,7 @@ import msgspec
 from litestar import Response
 from litestar.response import Stream
 
+from gateway.accounting.meter import completion_tokens_of
 from gateway.api.sse import DONE_EVENT, encode_event
 from gateway.api.wire import ChunkProbe, UpstreamErrorBody, Usage, UsageProbe
 from gateway.context import RequestContext
@@ -47,8 +48,8 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
 
 def _count_usage(metrics: Metrics, route: str, usage: Usage | None) -> None:
     if usage is not None:
-        metrics.tokens.labels(route, "prompt").inc(usage.prompt_tokens)
-        metrics.tokens.labels(route, "completion").inc(usage.completion_tokens)
+        metrics.child(metrics.tokens, route, "prompt").inc(usage.prompt_tokens)
+        metrics.child(metrics.tokens, route, "completion").inc(usage.completion_tokens)
 
 
 def respond(
@@ -62,12 +63,12 @@ def respond(
     headers = response_headers(ctx)
     if upstream.status >= 400:
         error = upstream_error(upstream.status, upstream.body, upstream.headers)
-        metrics.requests.labels(route, str(error.status)).inc()
+        metrics.child(metrics.requests, route, str(error.status)).inc()
         accounting.complete(ctx, status=upstream.status, usage=None)
         return Response(error.body(), status_code=error.status, media_type=JSON, headers={**headers, **error.headers})
-    metrics.latency.labels(route).observe(time.perf_counter() - ctx.started)
+    metrics.child(metrics.latency, route).observe(time.perf_counter() - ctx.started)
     if upstream.events is None:
-        metrics.requests.labels(route, str(upstream.status)).inc()
+        metrics.child(metrics.requests, route, str(upstream.status)).inc()
         usage: Usage | None = None
         try:
             usage = _probe_usage(upstream.body).usage
@@ -77,11 +78,39 @@ def respond(
         produced = (upstream.body,) if usage is None and ctx.operation != "embeddings" else ()
         accounting.complete(ctx, status=upstream.status, usage=usage, produced=produced)
         return Response(upstream.body, status_code=upstream.status, media_type=JSON, headers=headers)
-    metrics.requests.labels(route, "200").inc()
+    metrics.child(metrics.requests, route, "200").inc()
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
     relay = _relay(ctx, upstream, metrics, signals, accounting)
     return Stream(relay, media_type="text/event-stream", headers=headers)
+
+
+class _Head(msgspec.Struct):
+    id: str | None = None
+    object: str | None = None
+    created: int | None = None
+    model: str | None = None
+
+
+def _usage_chunk(ctx: RequestContext, produced: list[bytes]) -> bytes:
+    assert ctx.target is not None
+    try:
+        head = msgspec.json.decode(produced[-1], type=_Head)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        head = _Head()
+    completion = completion_tokens_of(produced, ctx.target.model.tokenizer)
+    usage = Usage(
+        prompt_tokens=ctx.prompt_tokens, completion_tokens=completion, total_tokens=ctx.prompt_tokens + completion
+    )
+    chunk = {
+        "id": head.id or f"chatcmpl-{ctx.request_id}",
+        "object": head.object or "chat.completion.chunk",
+        "created": head.created or int(time.time()),
+        "model": head.model or ctx.target.deployment.upstream_model,
+        "choices": [],
+        "usage": usage,
+    }
+    return msgspec.json.encode(chunk)
 
 
 def _error_event(message: str, type_: str, code: str | None) -> bytes:
@@ -130,6 +159,10 @@ async def _relay(
                     continue
             yield encode_event(payload)
         complete = True
+        if include_usage and usage is None and produced and ctx.target is not None:
+            # The client asked for usage and this upstream sent none (llama-cpp-python, older servers):
+            # add the chunk OpenAI would have sent, counted with tiktoken.
+            yield encode_event(_usage_chunk(ctx, produced))
         yield DONE_EVENT
     except UpstreamStreamBroken as exc:
         log.warning("request %s: %s", ctx.request_id, exc)

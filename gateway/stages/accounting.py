@@ -160,7 +160,7 @@ class AccountingStage:
                 usage_source=source,
             )
         )
-        self.metrics.usage_records.labels(source).inc()
+        self.metrics.child(self.metrics.usage_records, source).inc()
 
     async def drain(self) -> None:
         """Wait for background reconciles (shutdown)."""

@@ -54,7 +54,7 @@ class Dispatcher:
                 signals.finished(backend)
                 signals.failed(backend, time.monotonic())
                 outcome = "timeout" if exc.timeout else "connect_error"
-                self.metrics.upstream_attempts.labels(backend, outcome).inc()
+                self.metrics.child(self.metrics.upstream_attempts, backend, outcome).inc()
                 log.warning("upstream %s unreachable (attempt %d): %s", backend, attempt + 1, exc)
                 ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
                 last_error = exc
@@ -62,7 +62,7 @@ class Dispatcher:
             except BaseException:
                 signals.finished(backend)
                 raise
-            self.metrics.upstream_attempts.labels(backend, str(response.status)).inc()
+            self.metrics.child(self.metrics.upstream_attempts, backend, str(response.status)).inc()
             if response.status < 500:
                 signals.answered(backend, target.label, time.perf_counter() - t0)
             if response.events is None:

@@ -322,3 +322,20 @@ def test_metrics_count_requests(gateway: ServerProcess, client: openai.OpenAI) -
     text = httpx.get(gateway.base_url + "/metrics").text
     assert 'strait_requests_total{route="sim-chat",status="200"}' in text
     assert "strait_upstream_attempts_total" in text
+
+
+def test_usage_chunk_is_added_when_the_upstream_sends_none(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-fake",
+            messages=USER,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"fake": {"usage": "none", "tokens": 9, "vocab": "cl100k"}},
+        )
+    )
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    # One cl100k token per word from this fake vocabulary: the estimate is exact.
+    assert last.usage.completion_tokens == 9
+    assert last.usage.prompt_tokens > 0 and last.id == chunks[0].id
