@@ -40,6 +40,8 @@ class RequestContext:
     attempts: int = 0
     # Written by `limits`: what to hand back to the store once the usage is known.
     ticket: Ticket | None = None
+    # When the ticket's lease was last renewed (monotonic s; 0 = at admission); read by accounting.
+    lease_renewed: float = 0.0
     # Written by `upstream`: attempts that failed before the one that answered (target, outcome, seconds).
     failed_attempts: list[tuple[Target, int, float]] = field(default_factory=list)
     # Headers any stage adds to the response (rate-limit state, budget downgrade).

@@ -137,6 +137,9 @@ async def _relay(
             produced.append(payload)
             if ttft is None:
                 ttft = time.perf_counter() - ctx.started
+                ctx.lease_renewed = time.monotonic()
+            elif ctx.ticket is not None:
+                accounting.keepalive(ctx, time.monotonic())
             try:
                 probe = _probe_chunk(payload)
             except (msgspec.DecodeError, msgspec.ValidationError):

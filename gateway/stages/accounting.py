@@ -24,6 +24,9 @@ from gateway.telemetry import Metrics
 
 log = logging.getLogger("strait.accounting")
 
+# A lease (300 s by default) is renewed this often while an answer is still streaming.
+RENEW_EVERY_S = 60.0
+
 
 class AccountingStage:
     name = "accounting"
@@ -98,6 +101,17 @@ class AccountingStage:
                 source,
             )
         self.release(ctx, prompt + completion, cost)
+
+    def keepalive(self, ctx: RequestContext, now: float) -> None:
+        """Called as a long answer streams: renew the ticket's lease (concurrency slot, budget
+        reservation) before it expires, so a stream longer than the lease keeps what it holds."""
+        ticket = ctx.ticket
+        if ticket is None or now - ctx.lease_renewed < RENEW_EVERY_S:
+            return
+        ctx.lease_renewed = now
+        task: asyncio.Task[object] = asyncio.ensure_future(self.store.renew(ticket, ticket.request.lease_s))
+        self._reconciles.add(task)
+        task.add_done_callback(self._reconciled)
 
     def release(self, ctx: RequestContext, tokens: int, cost: int) -> None:
         """Hand the reservation back to the store with the real usage (a background call)."""
