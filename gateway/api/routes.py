@@ -19,6 +19,7 @@ from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest, 
 from gateway.context import RequestContext
 from gateway.contracts import Operation
 from gateway.errors import GatewayError, ModelNotFound, NotFound
+from gateway.policy.engine import Decision
 from gateway.runtime import Gateway
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -40,6 +41,23 @@ def request_id_of(scope: Any) -> str:
             rid = "req_" + secrets.token_hex(12)
         scope[_SCOPE_KEY] = rid
     return rid
+
+
+# Proxies commonly refuse header blocks over 8 KiB; the summary stays well below.
+EXPLAIN_HEADER_MAX = 4096
+
+
+def explain_header(decision: Decision) -> str:
+    """A header-size-safe summary of the decision: the plan and why each other candidate was excluded;
+    the whole table (scores, costs, signals) is at /admin/decisions/{id}."""
+    excluded = {r.deployment: r.excluded for r in decision.rows if r.excluded}
+    doc = {"decision": decision.id, "route": decision.route, "objective": decision.objective, "plan": decision.plan}
+    full = _encode({**doc, "excluded": excluded, "table": f"/admin/decisions/{decision.id}"})
+    if len(full) <= EXPLAIN_HEADER_MAX and full.isascii():
+        return full.decode()
+    return _encode({**doc, "excluded_count": len(excluded), "table": f"/admin/decisions/{decision.id}"}).decode(
+        "ascii", "replace"
+    )
 
 
 def _headers(scope: Any) -> dict[str, str]:
@@ -75,6 +93,7 @@ def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
             tenant = runtime.index.tenants.get(principal.tenant)
             if tenant is not None and tenant.explain:
                 gateway.decisions.put(ctx.decision)
+                ctx.extra_headers["x-strait-explain"] = explain_header(ctx.decision)
         try:
             upstream = await runtime.dispatcher.call(ctx)
         except GatewayError as exc:

@@ -122,6 +122,9 @@ def test_explain_keeps_the_table_for_its_own_tenant_only(policy_gateway: ServerP
         headers={"authorization": f"Bearer {EU_KEY}", "x-strait-explain": "1"},
     )
     decision_id = r.headers["x-strait-decision"]
+    summary = json.loads(r.headers["x-strait-explain"])
+    assert summary["plan"] == ["open-eu@eu-gpu"] and summary["table"] == f"/admin/decisions/{decision_id}"
+    assert summary["excluded"]["frontier@us-api"].startswith("hosting jurisdiction US")
     table = httpx.get(url + f"/admin/decisions/{decision_id}", headers={"authorization": f"Bearer {EU_KEY}"}).json()
     rows = {row["deployment"]: row for row in table["rows"]}
     assert rows["frontier@us-api"]["excluded"].startswith("hosting jurisdiction US is not in the allowed")
