@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.contracts import Operation
-from gateway.policy.engine import Decision
+from gateway.policy.engine import RoutePlan
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Route
 from gateway.state.base import Ticket
@@ -34,7 +34,7 @@ class RequestContext:
     prompt_tokens: int = 0
     route: Route | None = None
     plan: tuple[Target, ...] = ()
-    decision: Decision | None = None
+    route_plan: RoutePlan | None = None
     # Written by `upstream`: the target that answered and the attempts made.
     target: Target | None = None
     attempts: int = 0

@@ -89,11 +89,12 @@ def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
             decision_id=secrets.token_hex(5),
         )
         await runtime.pipeline.run(ctx)
-        if ctx.decision is not None and headers.get("x-strait-explain") == "1":
+        if ctx.route_plan is not None and headers.get("x-strait-explain") == "1":
             tenant = runtime.index.tenants.get(principal.tenant)
             if tenant is not None and tenant.explain:
-                gateway.decisions.put(ctx.decision)
-                ctx.extra_headers["x-strait-explain"] = explain_header(ctx.decision)
+                decision = ctx.route_plan.decision
+                gateway.decisions.put(decision)
+                ctx.extra_headers["x-strait-explain"] = explain_header(decision)
         try:
             upstream = await runtime.dispatcher.call(ctx)
         except GatewayError as exc:

@@ -1,7 +1,8 @@
 """Stage `route`: the policy engine decides where the request may run and in which order.
 
 This stage gathers what the pure engine needs (prompt token estimate, capabilities used, the
-client's narrowing preferences, live signals) and writes `ctx.route`, `ctx.plan` and `ctx.decision`.
+client's narrowing preferences, live signals) and writes `ctx.route`, `ctx.plan` and `ctx.route_plan`
+(whose decision table is only built if explain asks for it).
 """
 
 from __future__ import annotations
@@ -40,4 +41,4 @@ class RouteStage:
         )
         ctx.route = plan.route
         ctx.plan = plan.targets
-        ctx.decision = plan.decision
+        ctx.route_plan = plan
