@@ -36,6 +36,8 @@ class UsageWriter:
         self._task: asyncio.Task[None] | None = None
         self._last_replay = 0.0
         self._last_error_log = 0.0
+        # Set when a write fails; cleared when a replay succeeds.
+        self._down = False
 
     def submit(self, record: UsageRecord) -> None:
         """Never blocks and never fails: the request path only appends."""
@@ -63,12 +65,18 @@ class UsageWriter:
     async def flush(self) -> None:
         batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
         if batch:
-            try:
-                self.written += await self.ledger.write(batch)
-            except LedgerUnavailable as exc:
-                self._warn(f"ledger unreachable ({exc}); spooling {len(batch)} records")
+            if self._down:
+                # The ledger failed recently: straight to disk, so records never wait in memory for a
+                # timeout (a replica killed meanwhile would lose them); replay probes the ledger.
                 self.spooled += self.spool.append(batch)
-                return
+            else:
+                try:
+                    self.written += await self.ledger.write(batch)
+                except LedgerUnavailable as exc:
+                    self._down = True
+                    self._warn(f"ledger unreachable ({exc}); spooling {len(batch)} records")
+                    self.spooled += self.spool.append(batch)
+                    return
         now = time.monotonic()
         if now - self._last_replay >= REPLAY_EVERY_S and self.spool.pending():
             self._last_replay = now
@@ -81,8 +89,10 @@ class UsageWriter:
             try:
                 replayed += await self.ledger.write(records)
             except LedgerUnavailable:
+                self._down = True
                 return replayed
             self.spool.done(path)
+        self._down = False
         if replayed:
             log.warning("replayed %d spooled usage records", replayed)
         self.written += replayed

@@ -309,3 +309,39 @@ def test_memory_state_refuses_several_workers(tmp_path: Path, fake_upstream: Ser
         timeout=60,
     )
     assert out.returncode == 2 and "limits x workers" in out.stderr
+
+
+def test_spooled_usage_survives_a_killed_replica_and_is_replayed_once(
+    fake_upstream: ServerProcess, tmp_path: Path
+) -> None:
+    """Redis frozen -> records spool to disk -> the replica is SIGKILLed -> Redis back -> a replica
+    restarted on the same spool directory replays them, each exactly once."""
+    import signal
+
+    server = RedisProc().start()
+    policy = write_policy(tmp_path / "policy.yaml", fake_upstream.base_url)
+    spool = tmp_path / "spool"
+    env = {"STRAIT_STATE": server.url, "STRAIT_SPOOL_DIR": str(spool), "STRAIT_STATE_TIMEOUT_MS": "100"}
+    try:
+        first = gateway_process(policy, log_path=tmp_path / "first.log", env=env).start()
+        server.freeze()
+        body = {"model": "metered", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+        for _ in range(5):
+            r = httpx.post(first.base_url + "/v1/chat/completions", json=body, headers=auth("metered"), timeout=30)
+            assert r.status_code == 200
+
+        def spooled_records() -> int:
+            return sum(len(p.read_bytes().splitlines()) for p in spool.glob("spool-*.jsonl"))
+
+        # Every record reaches the disk promptly once the ledger has failed once (none waits in memory).
+        assert _poll(lambda: spooled_records() == 5, timeout=30), spooled_records()
+        first.signal(signal.SIGKILL)
+        first.stop()
+        server.thaw()
+        with gateway_process(policy, log_path=tmp_path / "second.log", env=env) as second:
+            replayed = _poll(lambda: not list(spool.glob("spool-*.jsonl")), timeout=30)
+            assert replayed, "the restarted replica did not replay the spool"
+            rows = _usage(second, "metered")
+            assert [r["requests"] for r in rows] == [5]
+    finally:
+        server.cleanup()
