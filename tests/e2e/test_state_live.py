@@ -345,3 +345,32 @@ def test_spooled_usage_survives_a_killed_replica_and_is_replayed_once(
             assert [r["requests"] for r in rows] == [5]
     finally:
         server.cleanup()
+
+
+def test_strait_usage_cli_reads_the_ledger(memory_gateway: ServerProcess) -> None:
+    import json
+    import subprocess
+    import sys
+
+    body = {"model": "cheap", "messages": [{"role": "user", "content": "x"}]}
+    assert (
+        httpx.post(memory_gateway.base_url + "/v1/chat/completions", json=body, headers=auth("other")).status_code
+        == 200
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "gateway", "usage", "--url", memory_gateway.base_url, *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    def counted() -> bool:
+        out = cli("--key", ADMIN, "--tenant", "other", "--format", "json")
+        return out.returncode == 0 and any(r["value"] == "cheap" for r in json.loads(out.stdout)["data"])
+
+    assert _poll(counted), "the request never showed up in `strait usage`"
+    table = cli("--key", ADMIN, "--admin", "--by", "model")
+    assert table.returncode == 0 and "cheap-model" in table.stdout
+    csv_out = cli("--key", KEYS["other"], "--format", "csv")
+    assert csv_out.stdout.splitlines()[0] == "tenant,route,requests,prompt_tokens,completion_tokens,cost_usd"
+    assert all(line.startswith("other,") for line in csv_out.stdout.splitlines()[1:])
+    refused = cli("--key", KEYS["other"], "--admin")
+    assert refused.returncode == 1 and "401" in refused.stderr
