@@ -18,7 +18,7 @@ from gateway.accounting.records import UsageRecord, UsageSource
 from gateway.accounting.writer import UsageWriter
 from gateway.api.wire import Usage
 from gateway.context import RequestContext
-from gateway.state import Store
+from gateway.state import Store, Ticket
 from gateway.state import Usage as StoreUsage
 from gateway.telemetry import Metrics
 
@@ -26,6 +26,9 @@ log = logging.getLogger("strait.accounting")
 
 # A lease (300 s by default) is renewed this often while an answer is still streaming.
 RENEW_EVERY_S = 60.0
+# Reconciles wait this long to travel together (one pipeline), at most this many per call.
+RECONCILE_EVERY_S = 0.01
+RECONCILE_BATCH = 64
 
 
 class AccountingStage:
@@ -36,6 +39,8 @@ class AccountingStage:
         self.store = store
         self.metrics = metrics
         self._reconciles: set[asyncio.Task[object]] = set()
+        self._pending: list[tuple[Ticket, StoreUsage]] = []
+        self._flusher: asyncio.Future[None] | None = None
 
     def complete(
         self,
@@ -114,16 +119,24 @@ class AccountingStage:
         task.add_done_callback(self._reconciled)
 
     def release(self, ctx: RequestContext, tokens: int, cost: int) -> None:
-        """Hand the reservation back to the store with the real usage (a background call)."""
+        """Hand the reservation back to the store with the real usage: queued, and sent with the
+        others of the last few milliseconds in one call (one Redis pipeline), never before the response."""
         ticket = ctx.ticket
         if ticket is None:
             return
         ctx.ticket = None
-        task: asyncio.Task[object] = asyncio.ensure_future(
-            self.store.reconcile(ticket, StoreUsage(tokens=tokens, cost_micro_usd=cost))
-        )
-        self._reconciles.add(task)
-        task.add_done_callback(self._reconciled)
+        self._pending.append((ticket, StoreUsage(tokens=tokens, cost_micro_usd=cost)))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(RECONCILE_EVERY_S)
+        while self._pending:
+            batch, self._pending = self._pending[:RECONCILE_BATCH], self._pending[RECONCILE_BATCH:]
+            try:
+                await self.store.reconcile_many(batch)
+            except Exception:  # never let a store bug kill the flusher; leases expire the rest
+                log.exception("reconcile batch failed")
 
     def _reconciled(self, task: asyncio.Task[object]) -> None:
         self._reconciles.discard(task)
@@ -177,6 +190,11 @@ class AccountingStage:
         self.metrics.child(self.metrics.usage_records, source).inc()
 
     async def drain(self) -> None:
-        """Wait for background reconciles (shutdown)."""
+        """Send every queued reconcile and wait for background calls (shutdown)."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._pending:
+            batch, self._pending = self._pending, []
+            await self.store.reconcile_many(batch)
         if self._reconciles:
             await asyncio.gather(*self._reconciles, return_exceptions=True)

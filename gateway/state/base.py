@@ -10,7 +10,7 @@ Two implementations honour this contract (`MemoryStore`, `RedisStore`) and one s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 import msgspec
@@ -220,6 +220,11 @@ class Store(Protocol):
     async def admit(self, request: AdmissionRequest) -> Admission: ...
 
     async def reconcile(self, ticket: Ticket, usage: Usage) -> Reconciliation: ...
+
+    async def reconcile_many(self, items: Sequence[tuple[Ticket, Usage]]) -> int:
+        """Reconcile a batch in one round trip where the store can (one Redis pipeline); returns how
+        many were applied. Each item is idempotent, exactly as `reconcile`."""
+        ...
 
     async def renew(self, ticket: Ticket, lease_s: float) -> bool:
         """Extend a long request's slots and reservations; False if the ticket is gone or unreachable."""

@@ -9,6 +9,7 @@ and by a periodic sweep, so memory stays bounded by live state, not by history.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from gateway.state import gcra
 from gateway.state.base import (
@@ -118,6 +119,9 @@ class MemoryStore:
 
     async def reconcile(self, ticket: Ticket, usage: Usage) -> Reconciliation:
         return self.reconcile_now(ticket, usage)
+
+    async def reconcile_many(self, items: Sequence[tuple[Ticket, Usage]]) -> int:
+        return sum(1 for ticket, usage in items if self.reconcile_now(ticket, usage).applied)
 
     async def renew(self, ticket: Ticket, lease_s: float) -> bool:
         return self.renew_now(ticket, lease_s)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from importlib.resources import files
 from typing import Any
@@ -151,11 +151,44 @@ class RedisStore:
         if not self._breaker.allow():
             self._skipped += 1
             return Reconciliation(applied=False, degraded=True)
+        call_keys, args = self._reconcile_call(ticket, usage, self._clock())
+        raw = await self._call(self._reconcile, call_keys, args)
+        if raw is None:
+            # Slots and reservations expire with their lease; token debt stays (conservative).
+            return Reconciliation(applied=False, degraded=True)
+        return Reconciliation(applied=bool(raw[0]))
+
+    async def reconcile_many(self, items: Sequence[tuple[Ticket, Usage]]) -> int:
+        applied = 0
+        remote: list[tuple[Ticket, Usage]] = []
+        for ticket, usage in items:
+            if ticket.local:
+                applied += self._local.reconcile_now(ticket, usage).applied
+            else:
+                remote.append((ticket, usage))
+        if not remote:
+            return applied
+        if self._kind != "redis":
+            # Cluster: each ticket's keys live in its tenant's slot; one call each.
+            for ticket, usage in remote:
+                applied += (await self.reconcile(ticket, usage)).applied
+            return applied
+        if not self._breaker.allow():
+            self._skipped += 1
+            return applied
+        now = self._clock()
+        pipe = self._client.pipeline(transaction=False)
+        for ticket, usage in remote:
+            call_keys, args = self._reconcile_call(ticket, usage, now)
+            await self._reconcile(keys=call_keys, args=args, client=pipe)  # type: ignore[arg-type]  # queued
+        raw = await self._call(pipe.execute, None, None)
+        return applied + sum(1 for r in raw or () if r and r[0])
+
+    def _reconcile_call(self, ticket: Ticket, usage: Usage, now: int) -> tuple[list[str], list[str | int]]:
         request = ticket.request
         limits = request.limits
         keys = request_keys(request, ticket.day, ticket.month)
         token_rates = [(r, k) for r, k in zip(limits.rates, keys.rates, strict=True) if r.unit == "tokens"]
-        now = self._clock()
         nums = [self._min_ttl_ms, len(token_rates), len(limits.concurrency), len(limits.budgets)]
         delta = usage.tokens - request.tokens
         for r, _ in token_rates:
@@ -167,11 +200,7 @@ class RedisStore:
                 window_end_ms(b, ticket.day, ticket.month) + BUDGET_GRACE_MS - now,
             )
         call_keys = [keys.ticket, *(k for _, k in token_rates), *keys.slots, *keys.budgets, *keys.reservations]
-        raw = await self._call(self._reconcile, call_keys, self._args(now, request.request_id, nums))
-        if raw is None:
-            # Slots and reservations expire with their lease; token debt stays (conservative).
-            return Reconciliation(applied=False, degraded=True)
-        return Reconciliation(applied=bool(raw[0]))
+        return call_keys, self._args(now, request.request_id, nums)
 
     async def renew(self, ticket: Ticket, lease_s: float) -> bool:
         if ticket.local:

@@ -250,3 +250,19 @@ async def test_headline_picks_the_binding_rate(backend: Backend, clock: FakeCloc
     assert tokens is not None and tokens.limit.limit == 5000 and tokens.remaining == 4990
     assert (await store.ping()) is True
     assert store.status().shared is (backend.name != "memory")
+
+
+@pytest.mark.parametrize("backend", LIMITER_BACKENDS, indirect=True)
+async def test_reconcile_many_applies_a_batch_once(backend: Backend, clock: FakeClock) -> None:
+    store = backend.store(clock=clock)
+    limits = Limits(rates=(tpm(1000, "tenant"),), concurrency=(slots(3, "tenant"),))
+    admitted = [await store.admit(request(limits, tokens=300)) for _ in range(3)]
+    assert all(a.allowed and a.ticket is not None for a in admitted)
+    assert not (await store.admit(request(limits, tokens=10))).allowed  # no slot left
+    batch = [(a.ticket, Usage(tokens=100)) for a in admitted if a.ticket is not None]
+    assert await store.reconcile_many(batch) == 3
+    assert await store.reconcile_many(batch) == 0  # idempotent: nothing applies twice
+    # Slots are free again and 3 x 200 unused tokens came back: 1000 - 3 x 100 = 700 available.
+    assert not (await store.admit(request(limits, tokens=701))).allowed
+    again = await store.admit(request(limits, tokens=700))
+    assert again.allowed and again.checks[0].remaining == 0

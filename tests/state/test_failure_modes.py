@@ -25,9 +25,11 @@ from tests.state.helpers import budget, request, rpm, slots, tpm
 pytestmark = pytest.mark.timeout(60)
 T = TypeVar("T")
 
-TIMEOUT_S = 0.1
+# Generous enough that a healthy Redis answers in time on a loaded 2-core CI machine (first calls also
+# load the scripts); the bounds below are all relative to it.
+TIMEOUT_S = 0.25
 # What a degraded call may cost beyond the timeout on a busy 2-core machine (event loop, scheduling).
-MARGIN_S = 0.05
+MARGIN_S = 0.15  # scheduling slack on a busy 2-core machine; still far below "hangs with Redis"
 LIMITS = Limits(rates=(rpm(1000), tpm(100_000, "tenant")), concurrency=(slots(10),))
 
 
