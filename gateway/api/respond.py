@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator
 
 import anyio
 import msgspec
-from litestar import Response
-from litestar.response import Stream
 
 from gateway.accounting.meter import completion_tokens_of
+from gateway.api.asgi_send import Reply
 from gateway.api.sse import DONE_EVENT, encode_event
 from gateway.api.wire import ChunkProbe, UpstreamErrorBody, Usage, UsageProbe
 from gateway.context import RequestContext
@@ -58,14 +57,14 @@ def respond(
     metrics: Metrics,
     signals: LiveSignals,
     accounting: AccountingStage,
-) -> Response[bytes] | Stream:
+) -> Reply:
     route = ctx.route_name
     headers = response_headers(ctx)
     if upstream.status >= 400:
         error = upstream_error(upstream.status, upstream.body, upstream.headers)
         metrics.child(metrics.requests, route, str(error.status)).inc()
         accounting.complete(ctx, status=upstream.status, usage=None)
-        return Response(error.body(), status_code=error.status, media_type=JSON, headers={**headers, **error.headers})
+        return Reply(status=error.status, headers={**headers, **error.headers}, body=error.body())
     metrics.child(metrics.latency, route).observe(time.perf_counter() - ctx.started)
     if upstream.events is None:
         metrics.child(metrics.requests, route, str(upstream.status)).inc()
@@ -77,12 +76,12 @@ def respond(
         _count_usage(metrics, route, usage)
         produced = (upstream.body,) if usage is None and ctx.operation != "embeddings" else ()
         accounting.complete(ctx, status=upstream.status, usage=usage, produced=produced)
-        return Response(upstream.body, status_code=upstream.status, media_type=JSON, headers=headers)
+        return Reply(status=upstream.status, headers=headers, body=upstream.body)
     metrics.child(metrics.requests, route, "200").inc()
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
     relay = _relay(ctx, upstream, metrics, signals, accounting)
-    return Stream(relay, media_type="text/event-stream", headers=headers)
+    return Reply(status=200, headers=headers, stream=relay, media_type="text/event-stream")
 
 
 class _Head(msgspec.Struct):

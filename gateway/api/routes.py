@@ -8,17 +8,17 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, get, post
-from litestar.handlers import HTTPRouteHandler
-from litestar.response import Stream
+from litestar import Request, Response, asgi, get
+from litestar.handlers import BaseRouteHandler
 
+from gateway.api.asgi_send import Receive, Reply, Send, body_chunks, send_reply
 from gateway.api.decode import decode_request, read_body
 from gateway.api.respond import JSON, respond
 from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest, ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
-from gateway.errors import GatewayError, ModelNotFound, NotFound
+from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
 from gateway.policy.engine import Decision
 from gateway.runtime import Gateway
 
@@ -64,15 +64,16 @@ def _headers(scope: Any) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
-    async def handle(request: Request[Any, Any, Any], operation: Operation, kind: Any) -> Response[bytes] | Stream:
+def build_handlers(gateway: Gateway) -> list[BaseRouteHandler]:
+    async def handle(scope: Any, receive: Receive, operation: Operation, kind: Any) -> Reply:
         started = time.perf_counter()
-        scope = request.scope
+        if scope["method"] != "POST":
+            raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
         rid = request_id_of(scope)
         headers = _headers(scope)
         runtime = gateway.runtime
         principal = runtime.auth.authenticate(headers)
-        body = await read_body(request.stream(), headers.get("content-length"), runtime.max_body_bytes)
+        body = await read_body(body_chunks(receive), headers.get("content-length"), runtime.max_body_bytes)
         typed, raw = decode_request(body, kind)
         stream = bool(getattr(typed, "stream", False))
         options = getattr(typed, "stream_options", None)
@@ -106,17 +107,19 @@ def build_handlers(gateway: Gateway) -> list[HTTPRouteHandler]:
             raise
         return respond(ctx, upstream, gateway.metrics, gateway.signals, gateway.accounting)
 
-    @post("/v1/chat/completions", status_code=200)
-    async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-        return await handle(request, "chat", ChatRequest)
+    # The model endpoints are raw ASGI handlers: Litestar routes them and renders their errors (raised
+    # before the response starts), but does not parse signatures or build responses for them.
+    @asgi("/v1/chat/completions", copy_scope=False)
+    async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
+        await send_reply(await handle(scope, receive, "chat", ChatRequest), receive, send)
 
-    @post("/v1/completions", status_code=200)
-    async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-        return await handle(request, "completions", CompletionRequest)
+    @asgi("/v1/completions", copy_scope=False)
+    async def completions(scope: Any, receive: Receive, send: Send) -> None:
+        await send_reply(await handle(scope, receive, "completions", CompletionRequest), receive, send)
 
-    @post("/v1/embeddings", status_code=200)
-    async def embeddings(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-        return await handle(request, "embeddings", EmbeddingsRequest)
+    @asgi("/v1/embeddings", copy_scope=False)
+    async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
+        await send_reply(await handle(scope, receive, "embeddings", EmbeddingsRequest), receive, send)
 
     def visible_routes(request: Request[Any, Any, Any]) -> list[str]:
         runtime = gateway.runtime

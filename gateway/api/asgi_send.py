@@ -1,0 +1,79 @@
+"""Sending an answer straight over ASGI: the three model endpoints skip Litestar's per-request
+signature parsing and response machinery (measured: about a fifth of the gateway's CPU per request).
+
+A `Reply` is either a whole JSON body or an SSE iterator. A streamed reply stops as soon as the client
+disconnects; the iterator is then closed (shielded), so the relay's cleanup (closing the upstream,
+accounting) always runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    media_type: str = "application/json"
+    extra: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def _raw_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
+    raw = [(b"content-type", reply.media_type.encode("latin-1"))]
+    if reply.stream is None:
+        raw.append((b"content-length", str(len(reply.body)).encode("latin-1")))
+    raw += [(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in reply.headers.items()]
+    return raw
+
+
+async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
+    if reply.stream is None:
+        await send({"type": "http.response.body", "body": reply.body})
+        return
+    stream = reply.stream
+    try:
+        async with anyio.create_task_group() as group:
+
+            async def watch_disconnect() -> None:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        group.cancel_scope.cancel()
+                        return
+
+            group.start_soon(watch_disconnect)
+            async for chunk in stream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            group.cancel_scope.cancel()
+    except OSError:
+        pass  # the client went away while we were writing
+    finally:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as it arrives."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise anyio.get_cancelled_exc_class()
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
