@@ -36,6 +36,8 @@ class UpstreamResponse:
     headers: dict[str, str] = field(default_factory=dict)
     events: AsyncIterator[bytes] | None = None
     close: Callable[[], Awaitable[None]] | None = None
+    # Events already received but not yet yielded (without waiting): what a client that left cost too.
+    drain: Callable[[], list[bytes]] | None = None
 
 
 class UpstreamConnectError(Exception):

@@ -109,33 +109,56 @@ class OpenAICompatAdapter:
                 raise UpstreamConnectError(f"{self.name}: {type(exc).__name__} reading the body") from None
             response.release()
             return UpstreamResponse(status=response.status, body=body, headers=headers)
-        state = {"done": False}
+        state = _StreamState()
         return UpstreamResponse(
-            status=200, headers=headers, events=self._events(response, state), close=_closer(response, state)
+            status=200,
+            headers=headers,
+            events=self._events(response, state),
+            close=_closer(response, state),
+            drain=_drainer(response, state),
         )
 
-    async def _events(self, response: aiohttp.ClientResponse, state: dict[str, bool]) -> AsyncIterator[bytes]:
-        decoder = SSEDecoder()
+    async def _events(self, response: aiohttp.ClientResponse, state: _StreamState) -> AsyncIterator[bytes]:
+        decoder = state.decoder
         try:
             async for chunk in response.content.iter_any():
                 for event in decoder.feed(chunk):
                     if event == DONE:
-                        state["done"] = True
+                        state.done = True
                         return
                     yield event
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UpstreamStreamBroken(f"{self.name}: stream failed ({type(exc).__name__})") from None
         for event in decoder.close():
             if event == DONE:
-                state["done"] = True
+                state.done = True
                 return
             yield event
         raise UpstreamStreamBroken(f"{self.name}: stream ended without [DONE]")
 
 
-def _closer(response: aiohttp.ClientResponse, state: dict[str, bool]) -> Callable[[], Awaitable[None]]:
+class _StreamState:
+    __slots__ = ("decoder", "done")
+
+    def __init__(self) -> None:
+        self.decoder = SSEDecoder()
+        self.done = False
+
+
+def _drainer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[[], list[bytes]]:
+    def drain() -> list[bytes]:
+        try:
+            data = response.content.read_nowait()
+        except (aiohttp.ClientError, RuntimeError, OSError, TimeoutError):
+            return []  # the connection already failed: nothing more was received
+        return [e for e in state.decoder.feed(data) if e != DONE]
+
+    return drain
+
+
+def _closer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[[], Awaitable[None]]:
     async def close() -> None:
-        if state["done"]:
+        if state.done:
             response.release()  # back to the pool (aiohttp closes it instead if bytes are left unread)
         else:
             response.close()  # abort: the upstream sees the connection drop and stops generating

@@ -171,6 +171,9 @@ async def _relay(
         status = 502
         yield _error_event("The upstream stream ended unexpectedly.", "server_error", "upstream_stream_broken")
     finally:
+        if not complete and upstream.drain is not None:
+            # Left early: what the upstream already sent is charged too, not only what was relayed.
+            produced.extend(upstream.drain())
         if upstream.close is not None:
             # Shielded: a client that went away cancels this task, and the upstream must still be closed
             # (so the engine stops generating for nobody).
