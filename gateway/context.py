@@ -37,7 +37,6 @@ class RequestContext:
     route_plan: RoutePlan | None = None
     # Written by `upstream`: the target that answered and the attempts made.
     target: Target | None = None
-    attempts: int = 0
     # Written by `limits`: what to hand back to the store once the usage is known.
     ticket: Ticket | None = None
     # When the ticket's lease was last renewed (monotonic s; 0 = at admission); read by accounting.

@@ -20,8 +20,9 @@ from typing import Any
 import msgspec
 
 from gateway.contracts import UpstreamCall, UpstreamResponse
+from gateway.policy.features import count_prompt_tokens
 from gateway.policy.model import Backend, SimulatedOptions
-from gateway.tokens import count_chat, count_text, encoding
+from gateway.tokens import count_text, encoding
 
 _WORDS = [
     "the",
@@ -69,27 +70,6 @@ def _single_token_words() -> tuple[str, ...]:
     return tuple(" " + w for w in _WORDS if len(enc.encode_ordinary(" " + w)) == 1)
 
 
-def _message_texts(payload: dict[str, Any]) -> list[str]:
-    texts: list[str] = []
-    for m in payload.get("messages") or ():
-        content = m.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            texts.append(" ".join(p.get("text") or "" for p in content if isinstance(p, dict)))
-        else:
-            texts.append("")
-    return texts
-
-
-def _prompt_texts(prompt: Any) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list):
-        return [p if isinstance(p, str) else " ".join(map(str, p)) if isinstance(p, list) else str(p) for p in prompt]
-    return []
-
-
 def _error(status: int, message: str, type_: str, code: str) -> UpstreamResponse:
     body = _encode({"error": {"message": message, "type": type_, "param": None, "code": code}})
     headers = {"retry-after": "1"} if status in (429, 503) else {}
@@ -117,10 +97,7 @@ class SimulatedAdapter:
         limit = p.get("max_completion_tokens") or p.get("max_tokens")
         n_tokens = min(o.output_tokens, int(limit)) if limit else o.output_tokens
         finish = "length" if limit and int(limit) < o.output_tokens else "stop"
-        if call.operation == "chat":
-            prompt_tokens = count_chat(_message_texts(p))
-        else:
-            prompt_tokens = sum(count_text(t) for t in _prompt_texts(p.get("prompt")))
+        prompt_tokens = count_prompt_tokens(p, call.operation)
         words = [self._words[i % len(self._words)] for i in range(n_tokens)]
         tool = self._tool_call(p) if call.operation == "chat" else None
         choices = max(1, int(p.get("n") or 1))

@@ -16,11 +16,6 @@ from gateway.policy.model import Price
 from gateway.tokens import count_text
 
 
-class _Delta(msgspec.Struct):
-    content: str | None = None
-    reasoning_content: str | None = None
-
-
 class _FunctionArgs(msgspec.Struct):
     arguments: str | None = None
 

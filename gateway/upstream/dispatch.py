@@ -44,7 +44,6 @@ class Dispatcher:
                 options = payload.get("stream_options")
                 payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
             call = UpstreamCall(operation=ctx.operation, payload=payload, stream=ctx.stream, request_id=ctx.request_id)
-            ctx.attempts = attempt + 1
             backend = target.backend.name
             signals.started(backend)
             t0 = time.perf_counter()
