@@ -35,7 +35,7 @@ class RequestContext:
     route: Route | None = None
     plan: tuple[Target, ...] = ()
     route_plan: RoutePlan | None = None
-    # Written by `upstream`: the target that answered and the attempts made.
+    # Written by `upstream`: the target that answered.
     target: Target | None = None
     # Written by `limits`: what to hand back to the store once the usage is known.
     ticket: Ticket | None = None

@@ -64,7 +64,11 @@ _SEEN_MAX = 50_000
 
 
 def _lua(name: str) -> str:
-    return files("gateway.state").joinpath("lua", name).read_text(encoding="utf-8")
+    """A script with the shared prelude (clock, request id, integer arguments) in front."""
+    folder = files("gateway.state").joinpath("lua")
+    return folder.joinpath("prelude.lua").read_text(encoding="utf-8") + folder.joinpath(name).read_text(
+        encoding="utf-8"
+    )
 
 
 class RedisStore:

@@ -11,18 +11,7 @@
 -- Returns {allowed, now_ms, then 5 integers per check: allowed, remaining, reset_ms, retry_after_ms, fits}
 --
 -- All numbers stay below 2^52 (validated by the caller), so Lua's doubles are exact integers here.
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = tonumber(ARGV[1])
-end
-local rid = ARGV[2]
-local n = {}
-for x in string.gmatch(ARGV[3], '%-?%d+') do
-  n[#n + 1] = tonumber(x)
-end
+-- (now, rid and the integers n[] come from prelude.lua)
 local lease, min_ttl, ticket_ttl, nr, nc, nb = n[1], n[2], n[3], n[4], n[5], n[6]
 local a = 7
 local out = {0, now}

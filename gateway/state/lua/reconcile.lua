@@ -6,18 +6,7 @@
 --           then per token rate: limit period_ms delta (actual - reserved tokens, may be negative);
 --           per budget: reserved actual ttl_ms (to recreate an expired counter; <= 0: the window is gone)
 -- Returns {applied, now_ms}. The ticket key makes it idempotent: only the call that deletes it books.
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = tonumber(ARGV[1])
-end
-local rid = ARGV[2]
-local n = {}
-for x in string.gmatch(ARGV[3], '%-?%d+') do
-  n[#n + 1] = tonumber(x)
-end
+-- (now, rid and the integers n[] come from prelude.lua)
 local min_ttl, nt, nc, nb = n[1], n[2], n[3], n[4]
 
 local live = redis.call('DEL', KEYS[1]) == 1

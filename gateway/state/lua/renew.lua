@@ -4,18 +4,7 @@
 -- ARGV: [1] now_ms or '' (TIME)  [2] request id
 --       [3] space-separated integers: lease_ms ticket_ttl_ms nc nb, then per budget: reserved amount
 -- Returns 1, or 0 when the ticket is gone (reconciled, or expired with its reservations).
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-else
-  now = tonumber(ARGV[1])
-end
-local rid = ARGV[2]
-local n = {}
-for x in string.gmatch(ARGV[3], '%-?%d+') do
-  n[#n + 1] = tonumber(x)
-end
+-- (now, rid and the integers n[] come from prelude.lua)
 local lease, new_ttl, nc, nb = n[1], n[2], n[3], n[4]
 local ticket_ttl = redis.call('PTTL', KEYS[1])
 if ticket_ttl < 0 then
