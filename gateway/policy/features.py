@@ -48,15 +48,19 @@ def prompt_texts(payload: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def text_size(payload: Mapping[str, Any], operation: Operation) -> int:
-    texts = chat_texts(payload)[0] if operation == "chat" else prompt_texts(payload)
-    return sum(len(t) for t in texts)
+def texts_of(payload: Mapping[str, Any], operation: Operation) -> tuple[list[str], bool]:
+    """The prompt's texts (read once per request) and whether it contains an image."""
+    return chat_texts(payload) if operation == "chat" else (prompt_texts(payload), False)
+
+
+def count_texts(texts: list[str], operation: Operation) -> int:
+    if operation == "chat":
+        return count_chat(texts, FALLBACK_ENCODING)
+    return sum(count_text(t) for t in texts)
 
 
 def count_prompt_tokens(payload: Mapping[str, Any], operation: Operation) -> int:
-    if operation == "chat":
-        return count_chat(chat_texts(payload)[0], FALLBACK_ENCODING)
-    return sum(count_text(t) for t in prompt_texts(payload))
+    return count_texts(texts_of(payload, operation)[0], operation)
 
 
 def operation_of(payload: Mapping[str, Any]) -> Operation:
@@ -88,9 +92,12 @@ def extract(
     headers: Mapping[str, str],
     prompt_tokens: int,
     route: str | None = None,
+    vision: bool | None = None,
 ) -> RequestFeatures:
     needs: set[str] = set()
-    if operation == "chat" and chat_texts(payload)[1]:
+    if vision is None:
+        vision = operation == "chat" and chat_texts(payload)[1]
+    if vision:
         needs.add("vision")
     if payload.get("tools"):
         needs.add("tools")

@@ -12,7 +12,7 @@ import time
 
 from gateway.context import RequestContext
 from gateway.policy.engine import decide
-from gateway.policy.features import count_prompt_tokens, extract, text_size
+from gateway.policy.features import count_texts, extract, texts_of
 from gateway.policy.index import PolicyIndex
 from gateway.upstream.signals import LiveSignals
 
@@ -30,12 +30,13 @@ class RouteStage:
     async def on_request(self, ctx: RequestContext) -> None:
         assert ctx.principal is not None
         payload, op = ctx.payload, ctx.operation
-        if text_size(payload, op) > OFFLOAD_CHARS:
-            ctx.prompt_tokens = await asyncio.to_thread(count_prompt_tokens, payload, op)
+        texts, vision = texts_of(payload, op)
+        if sum(len(t) for t in texts) > OFFLOAD_CHARS:
+            ctx.prompt_tokens = await asyncio.to_thread(count_texts, texts, op)
         else:
-            ctx.prompt_tokens = count_prompt_tokens(payload, op)
+            ctx.prompt_tokens = count_texts(texts, op)
         # The route may differ from the body's `model`: a budget downgrade re-runs this stage.
-        features = extract(payload, op, ctx.headers, ctx.prompt_tokens, route=ctx.route_name)
+        features = extract(payload, op, ctx.headers, ctx.prompt_tokens, route=ctx.route_name, vision=vision)
         plan = decide(
             self.index, ctx.principal, features, self.signals.snapshot(time.monotonic()), decision_id=ctx.decision_id
         )
