@@ -19,8 +19,9 @@ from litestar.exceptions import HTTPException
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
+from gateway.api.identity import request_id_of, scope_id_headers
 from gateway.api.respond import JSON
-from gateway.api.routes import build_handlers, request_id_of
+from gateway.api.routes import build_handlers
 from gateway.contracts import AdapterFactory
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.policy.load import load_policy
@@ -36,7 +37,7 @@ log = logging.getLogger("strait")
 
 
 def _error_response(request: Request[Any, Any, Any], error: GatewayError) -> Response[bytes]:
-    headers = {"x-request-id": request_id_of(request.scope), **error.headers}
+    headers = {**scope_id_headers(request.scope), **error.headers}
     return Response(error.body(), status_code=error.status, media_type=JSON, headers=headers)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,8 @@ from gateway.state.base import Ticket
 
 @dataclass(slots=True)
 class RequestContext:
-    # Written by the API edge; read by every stage.
+    # Written by the API edge; read by every stage. Minted by the gateway (gateway.api.identity): the
+    # only key of records, slots, reservations, tickets and decisions.
     request_id: str
     operation: Operation
     started: float
@@ -23,6 +25,8 @@ class RequestContext:
     payload: dict[str, Any]
     route_name: str
     stream: bool = False
+    # The client's own well-formed `x-request-id`: echoed and recorded, never a key.
+    client_request_id: str | None = None
     # Whether the client asked for the usage chunk (stream_options.include_usage); read by the relay.
     include_usage: bool = False
     # Written by `auth`; read by `route` and later by limits and accounting.
@@ -43,5 +47,8 @@ class RequestContext:
     lease_renewed: float = 0.0
     # Written by `upstream`: attempts that failed before the one that answered (target, outcome, seconds).
     failed_attempts: list[tuple[Target, int, float]] = field(default_factory=list)
+    # Written by accounting: the release of this request's concurrency slots, to be awaited by the edge
+    # before the answer's last byte (a sequential client must find its slot free).
+    settling: asyncio.Future[object] | None = None
     # Headers any stage adds to the response (rate-limit state, budget downgrade).
     extra_headers: dict[str, str] = field(default_factory=dict)

@@ -97,11 +97,13 @@ class PayloadTooLarge(GatewayError):
 
 
 class BudgetExceeded(GatewayError):
-    """402: the tenant's or key's budget is spent; retrying will not help until the window resets."""
+    """The tenant's or key's budget is spent: answered the way OpenAI signals exhausted quota (429,
+    `insufficient_quota`, sent with `x-should-retry: false`), so the openai SDK raises RateLimitError
+    at once instead of retrying; a 402 maps to no SDK class."""
 
-    status = 402
+    status = 429
     type = "insufficient_quota"
-    code = "budget_exceeded"
+    code = "insufficient_quota"
 
 
 class RateLimited(GatewayError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +23,10 @@ from gateway.state import Store
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.signals import LiveSignals
+
+log = logging.getLogger("strait")
+# How often the shared store's epoch is checked (one pipelined round trip).
+EPOCH_CHECK_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +95,29 @@ class Gateway:
         self.accounting = AccountingStage(writer, store, metrics)
         self.decisions = DecisionLog()
         self.started_at = int(time.time())
+        self._epoch_task: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         await self.writer.start()
+        self._epoch_task = asyncio.ensure_future(self._watch_epoch())
+
+    async def _watch_epoch(self) -> None:
+        """Notice a shared store that came back empty: log it and count it (budgets started over)."""
+        while True:
+            try:
+                if await self.store.check_epoch():
+                    self.metrics.state_resets.inc()
+                    log.warning(
+                        "state store came back empty (restarted without persistence?): rate limits, "
+                        "concurrency slots and budgets started over; run Redis with AOF persistence"
+                    )
+            except Exception:  # never let the watcher die; the next round tries again
+                log.exception("state epoch check failed")
+            await asyncio.sleep(EPOCH_CHECK_S)
 
     async def aclose(self) -> None:
+        if self._epoch_task is not None:
+            self._epoch_task.cancel()
         await self.accounting.drain()
         await self.writer.stop()
         await self.ledger.close()

@@ -34,6 +34,12 @@ class Metrics:
             "Admissions decided without the shared store (rate limits open, budgets on the local share).",
             registry=self.registry,
         )
+        self.state_resets = Counter(
+            "strait_state_resets",
+            "Times the shared store was found empty after having held data (Redis restarted without "
+            "persistence: limits and budgets started over).",
+            registry=self.registry,
+        )
         self.usage_records = Counter(
             "strait_usage_records",
             "Usage records handed to the ledger writer, by source.",

@@ -1,4 +1,4 @@
-"""Where usage records go. `write` is idempotent by (request id, attempt): a retried write never
+"""Where usage records go. `write` is idempotent by (tenant, request id, attempt): a retried write never
 double counts. `totals` answers usage queries from per-day aggregates."""
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ class MemoryLedger:
     KEEP_DAYS = 400
 
     def __init__(self) -> None:
-        self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         # (tenant, day) -> (dimension, value) -> row
         self._days: dict[tuple[str, str], dict[tuple[str, str], UsageRow]] = {}
 
     async def write(self, records: Sequence[UsageRecord]) -> int:
         new = 0
         for r in records:
-            key = (r.request_id, r.attempt)
+            key = (r.tenant, r.request_id, r.attempt)
             if key in self._recent:
                 continue
             self._recent[key] = None

@@ -13,6 +13,7 @@ DIMENSIONS: tuple[Dimension, ...] = ("route", "model", "deployment", "key")
 
 
 class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
+    # Minted by the gateway; with the tenant and attempt, the record's idempotency key.
     request_id: str
     # 1-based; the attempt that answered the client has `final=True`.
     attempt: int
@@ -35,6 +36,8 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     # The client went away (or the upstream failed) mid-answer: tokens are what the upstream produced.
     partial: bool = False
     usage_source: UsageSource = "provider"
+    # The client's own `x-request-id`, for correlation only (never a key).
+    client_request_id: str | None = None
 
     @property
     def day(self) -> str:

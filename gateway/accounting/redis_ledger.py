@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from gateway.accounting.ledger import LedgerUnavailable
 from gateway.accounting.records import DIMENSIONS, Dimension, UsageRecord, UsageRow, days_between
+from gateway.state.keys import tenant_tag
 
 MARKER_TTL_S = 8 * 24 * 3600
 AGGREGATE_TTL_S = 400 * 24 * 3600
@@ -27,7 +28,8 @@ _encode = msgspec.json.encode
 
 
 def tenant_prefix(tenant: str) -> str:
-    return f"strait:{{t:{tenant}}}"
+    # The same percent-encoded hash tag as the state keys: a `}` in a name cannot break out of it.
+    return tenant_tag(tenant)
 
 
 def _args(r: UsageRecord) -> list[Any]:

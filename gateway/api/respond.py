@@ -17,6 +17,7 @@ import msgspec
 
 from gateway.accounting.meter import completion_tokens_of
 from gateway.api.asgi_send import Reply
+from gateway.api.identity import id_headers
 from gateway.api.sse import DONE_EVENT, encode_event
 from gateway.api.wire import ChunkProbe, UpstreamErrorBody, Usage, UsageProbe
 from gateway.context import RequestContext
@@ -35,7 +36,7 @@ JSON = "application/json"
 
 
 def response_headers(ctx: RequestContext) -> dict[str, str]:
-    headers = {"x-request-id": ctx.request_id, **ctx.extra_headers}
+    headers = {**id_headers(ctx.request_id, ctx.client_request_id), **ctx.extra_headers}
     if ctx.route is not None:
         headers["x-strait-route"] = ctx.route.name
     if ctx.target is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import asyncio
 import secrets
 import time
 from typing import Any
@@ -13,6 +13,7 @@ from litestar.handlers import BaseRouteHandler
 
 from gateway.api.asgi_send import Receive, Reply, Send, body_chunks, send_reply
 from gateway.api.decode import decode_request, read_body
+from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
 from gateway.api.respond import JSON, respond
 from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest, ModelCard, ModelList
@@ -22,25 +23,7 @@ from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFou
 from gateway.policy.engine import Decision
 from gateway.runtime import Gateway
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_SCOPE_KEY = "strait.request_id"
 _encode = msgspec.json.encode
-
-
-def request_id_of(scope: Any) -> str:
-    """The request's id: the client's well-formed `x-request-id`, else a new one; fixed once chosen."""
-    rid: str | None = scope.get(_SCOPE_KEY)
-    if rid is None:
-        for name, value in scope.get("headers", ()):
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _REQUEST_ID.match(candidate):
-                    rid = candidate
-                break
-        if rid is None:
-            rid = "req_" + secrets.token_hex(12)
-        scope[_SCOPE_KEY] = rid
-    return rid
 
 
 # Proxies commonly refuse header blocks over 8 KiB; the summary stays well below.
@@ -58,6 +41,12 @@ def explain_header(decision: Decision) -> str:
     return _encode({**doc, "excluded_count": len(excluded), "table": f"/admin/decisions/{decision.id}"}).decode(
         "ascii", "replace"
     )
+
+
+async def settled(ctx: RequestContext) -> None:
+    """Wait until the request's concurrency slots are given back (before the answer's last byte)."""
+    if ctx.settling is not None:
+        await asyncio.shield(ctx.settling)
 
 
 def _headers(scope: Any) -> dict[str, str]:
@@ -79,6 +68,7 @@ def build_handlers(gateway: Gateway) -> list[BaseRouteHandler]:
         options = getattr(typed, "stream_options", None)
         ctx = RequestContext(
             request_id=rid,
+            client_request_id=client_request_id_of(scope),
             operation=operation,
             started=started,
             headers=headers,
@@ -100,12 +90,16 @@ def build_handlers(gateway: Gateway) -> list[BaseRouteHandler]:
             upstream = await runtime.dispatcher.call(ctx)
         except GatewayError as exc:
             gateway.accounting.complete(ctx, status=exc.status, usage=None)
+            await settled(ctx)
             raise
         except BaseException:
             # The client left while waiting (cancelled): record the attempts, release the reservation.
             gateway.accounting.complete(ctx, status=499, usage=None, partial=True)
             raise
-        return respond(ctx, upstream, gateway.metrics, gateway.signals, gateway.accounting)
+        reply = respond(ctx, upstream, gateway.metrics, gateway.signals, gateway.accounting)
+        if reply.stream is None:
+            await settled(ctx)
+        return reply
 
     # The model endpoints are raw ASGI handlers: Litestar routes them and renders their errors (raised
     # before the response starts), but does not parse signatures or build responses for them.
@@ -129,9 +123,7 @@ def build_handlers(gateway: Gateway) -> list[BaseRouteHandler]:
     @get("/v1/models")
     async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
         cards = [ModelCard(id=name, created=gateway.started_at) for name in visible_routes(request)]
-        return Response(
-            _encode(ModelList(data=cards)), media_type=JSON, headers={"x-request-id": request_id_of(request.scope)}
-        )
+        return Response(_encode(ModelList(data=cards)), media_type=JSON, headers=scope_id_headers(request.scope))
 
     @get("/v1/models/{model_id:path}")
     async def get_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
@@ -139,20 +131,20 @@ def build_handlers(gateway: Gateway) -> list[BaseRouteHandler]:
         if name not in visible_routes(request):
             raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.", param="model")
         card = ModelCard(id=name, created=gateway.started_at)
-        return Response(_encode(card), media_type=JSON, headers={"x-request-id": request_id_of(request.scope)})
+        return Response(_encode(card), media_type=JSON, headers=scope_id_headers(request.scope))
 
     @get("/admin/decisions/{decision_id:str}")
     async def get_decision(request: Request[Any, Any, Any], decision_id: str) -> Response[bytes]:
         """The full filter/rank table of a decision made with `x-strait-explain: 1`; only its own tenant sees it."""
         principal = gateway.runtime.auth.authenticate(_headers(request.scope))
-        decision = gateway.decisions.get(decision_id)
-        if decision is None or decision.tenant != principal.tenant:
+        decision = gateway.decisions.get(principal.tenant, decision_id)
+        if decision is None:
             raise NotFound(f"No decision '{decision_id}' is kept for your tenant (ask with x-strait-explain: 1).")
-        return Response(_encode(decision), media_type=JSON, headers={"x-request-id": request_id_of(request.scope)})
+        return Response(_encode(decision), media_type=JSON, headers=scope_id_headers(request.scope))
 
     @get("/healthz")
     async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
-        return Response(b'{"status":"ok"}', media_type=JSON, headers={"x-request-id": request_id_of(request.scope)})
+        return Response(b'{"status":"ok"}', media_type=JSON, headers=scope_id_headers(request.scope))
 
     @get("/readyz")
     async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -175,7 +167,7 @@ def build_handlers(gateway: Gateway) -> list[BaseRouteHandler]:
             body,
             status_code=200 if ready else 503,
             media_type=JSON,
-            headers={"x-request-id": request_id_of(request.scope)},
+            headers=scope_id_headers(request.scope),
         )
 
     @get("/metrics")
@@ -193,4 +185,4 @@ def build_handlers(gateway: Gateway) -> list[BaseRouteHandler]:
         readyz,
         metrics,
     ]
-    return handlers + build_usage_handlers(gateway, request_id_of, _headers)
+    return handlers + build_usage_handlers(gateway, scope_id_headers, _headers)

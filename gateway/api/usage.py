@@ -56,7 +56,7 @@ class LedgerDown(GatewayError):
     code = "ledger_unavailable"
 
 
-def build_usage_handlers(gateway: Gateway, request_id_of: Any, headers_of: Any) -> list[HTTPRouteHandler]:
+def build_usage_handlers(gateway: Gateway, id_headers_of: Any, headers_of: Any) -> list[HTTPRouteHandler]:
     async def answer(request: Request[Any, Any, Any], tenants: list[str]) -> Response[bytes]:
         since, until, by = parse_query(request.query_params)
         try:
@@ -64,7 +64,7 @@ def build_usage_handlers(gateway: Gateway, request_id_of: Any, headers_of: Any) 
         except LedgerUnavailable:
             raise LedgerDown("Usage is not readable right now; records are kept and will be counted.") from None
         body = msgspec.json.encode(UsageList(data=rows, since=since.isoformat(), until=until.isoformat(), by=by))
-        return Response(body, media_type=JSON, headers={"x-request-id": request_id_of(request.scope)})
+        return Response(body, media_type=JSON, headers=id_headers_of(request.scope))
 
     @get("/v1/usage")
     async def own_usage(request: Request[Any, Any, Any]) -> Response[bytes]:

@@ -208,7 +208,7 @@ class Budget(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
 class Budgets(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     tenant: Budget = Budget()
     per_key: Budget = Budget()
-    # What happens when a budget is spent: refuse (402-style error) or move to a cheaper route.
+    # What happens when a budget is spent: refuse (429 insufficient_quota, as OpenAI does) or move to a cheaper route.
     on_exhausted: Literal["block", "downgrade"] = "block"
     downgrade_route: str | None = None
 

@@ -119,13 +119,26 @@ class AccountingStage:
         task.add_done_callback(self._reconciled)
 
     def release(self, ctx: RequestContext, tokens: int, cost: int) -> None:
-        """Hand the reservation back to the store with the real usage: queued, and sent with the
-        others of the last few milliseconds in one call (one Redis pipeline), never before the response."""
+        """Hand the reservation back to the store with the real usage.
+
+        A ticket that holds concurrency slots is reconciled at once, and `ctx.settling` is the call:
+        the edge awaits it before the answer's last byte, so a client that sends strictly one request
+        at a time never finds its own previous request still holding a slot. Everything else (token
+        debt, budget reservations) can wait: queued, and sent with the others of the last few
+        milliseconds in one call (one Redis pipeline), never before the response.
+        """
         ticket = ctx.ticket
         if ticket is None:
             return
         ctx.ticket = None
-        self._pending.append((ticket, StoreUsage(tokens=tokens, cost_micro_usd=cost)))
+        usage = StoreUsage(tokens=tokens, cost_micro_usd=cost)
+        if ticket.request.limits.concurrency:
+            task: asyncio.Task[object] = asyncio.ensure_future(self.store.reconcile(ticket, usage))
+            self._reconciles.add(task)
+            task.add_done_callback(self._reconciled)
+            ctx.settling = task
+            return
+        self._pending.append((ticket, usage))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_soon())
 
@@ -185,6 +198,7 @@ class AccountingStage:
                 ttft_ms=None if ttft_s is None else round(ttft_s * 1000, 3),
                 partial=partial,
                 usage_source=source,
+                client_request_id=ctx.client_request_id,
             )
         )
         self.metrics.child(self.metrics.usage_records, source).inc()

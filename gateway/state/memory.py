@@ -129,6 +129,9 @@ class MemoryStore:
     async def ping(self) -> bool:
         return True
 
+    async def check_epoch(self) -> bool:
+        return False  # lives and dies with this process
+
     def status(self) -> StoreStatus:
         return StoreStatus(kind="memory", shared=False)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from functools import partial
 from importlib.resources import files
@@ -59,6 +60,9 @@ log = logging.getLogger(__name__)
 _FAILURES = (RedisError, RedisClusterException, OSError)
 # The late result of a call whose caller was cancelled, when nobody waited to see it.
 _UNKNOWN = object()
+# Marks one life of the Redis data set (see check_epoch); refreshed far more often than it expires.
+EPOCH_KEY = "strait:epoch"
+EPOCH_TTL_MS = 7 * 86_400_000
 # Bound on remembered budget remainders (one per budget key seen today); cleared when exceeded.
 _SEEN_MAX = 50_000
 
@@ -87,6 +91,13 @@ class RedisStore:
         self._client = client
         self._kind: StoreKind = kind
         self._timeout_s = timeout_s
+        self._timeout_ms = max(1, int(timeout_s * 1000))
+        # Redis TIME minus our wall clock (ms), learned from each admission's answer; see _deadline.
+        self._offset_ms: int | None = None
+        # Admissions the script refused as past their deadline while we still waited (offset corrected).
+        self._expired = 0
+        # The data set's epoch id as last seen (None before the first check).
+        self._epoch: str | None = None
         self._replicas = max(1, replicas_hint)
         self._breaker = breaker or Breaker()
         # Test mode sends `now_ms`; production lets the scripts read Redis `TIME`.
@@ -141,13 +152,33 @@ class RedisStore:
                 end + BUDGET_GRACE_MS - now,
             )
         call_keys = [*keys.rates, *keys.slots, *keys.budgets, *keys.reservations, keys.ticket]
-        args = self._args(now, request.request_id, nums)
+        args = [*self._args(now, request.request_id, nums), self._deadline(now)]
         raw = await self._call(
             self._admit, call_keys, args, on_orphan=partial(self._release_late, request, w.day, w.month)
         )
         if raw is None:
             return self._degraded(request, keys.budgets)
+        self._learn_offset(raw[1])
+        if raw[0] == -1:
+            # Past its deadline by Redis's clock although we were still waiting: our estimate of the
+            # clock offset was wrong (it is corrected now). Nothing was consumed; fail open this once.
+            self._expired += 1
+            return self._degraded(request, keys.budgets)
         return self._admission(request, raw, keys.budgets, w.day, w.month)
+
+    def _deadline(self, now: int) -> str:
+        """The admission's deadline on Redis's clock: our send time plus the call's bound, shifted by
+        the clock offset last observed (a lower bound, so the deadline errs early by at most a round
+        trip). Unknown before the first answer (no deadline), and unneeded on a test clock (the script
+        then uses our clock)."""
+        if self._offset_ms is None or self._test_clock is not None:
+            return ""
+        return str(now + self._offset_ms + self._timeout_ms)
+
+    def _learn_offset(self, redis_now: int) -> None:
+        if self._test_clock is None:
+            # Redis's time at execution minus ours at the answer: <= the true offset.
+            self._offset_ms = int(redis_now) - wall_clock_ms()
 
     async def reconcile(self, ticket: Ticket, usage: Usage) -> Reconciliation:
         if ticket.local:
@@ -230,6 +261,28 @@ class RedisStore:
         """A real round trip whatever the breaker says (for readiness); its outcome feeds the breaker."""
         result = await self._call(self._client.ping, None, None)
         return bool(result)
+
+    async def check_epoch(self) -> bool:
+        """`strait:epoch` holds a random id set by whichever replica finds it missing. Each replica
+        remembers the id it last saw: a different one (or finding it missing again) means Redis lost its
+        data (restarted without persistence) since then. The key has a TTL like every other, refreshed
+        by each check, so it outlives any gap between checks by far. On Redis Cluster it lives on one
+        node: a reset of another node alone goes unnoticed."""
+        token = secrets.token_hex(8)
+
+        async def exchange() -> Any:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.set(EPOCH_KEY, token, nx=True, px=EPOCH_TTL_MS)
+            pipe.get(EPOCH_KEY)
+            pipe.pexpire(EPOCH_KEY, EPOCH_TTL_MS)
+            return await pipe.execute()
+
+        raw = await self._call(exchange, None, None)
+        if raw is None:
+            return False
+        value = raw[1].decode() if isinstance(raw[1], bytes) else str(raw[1])
+        previous, self._epoch = self._epoch, value
+        return previous is not None and previous != value
 
     def status(self) -> StoreStatus:
         return StoreStatus(

@@ -148,12 +148,28 @@ def test_exact_admission_across_three_replicas_sharing_redis(replicas: list[Serv
     assert _statuses(responses) == {200: 100, 429: 400}
 
 
-def test_budget_block_is_402_and_downgrade_moves_to_the_cheap_route(memory_gateway: ServerProcess) -> None:
+def test_spent_budget_is_429_insufficient_quota_and_downgrade_moves_to_the_cheap_route(
+    memory_gateway: ServerProcess,
+) -> None:
+    import openai
+
     body = {"model": "pricey", "messages": [{"role": "user", "content": "hi"}]}
     r = httpx.post(memory_gateway.base_url + "/v1/chat/completions", json=body, headers=auth("broke"))
-    assert r.status_code == 402
-    assert r.json()["error"]["code"] == "budget_exceeded" and r.headers["x-should-retry"] == "false"
-    assert "tenant budget of 0.50 USD per day" in r.json()["error"]["message"]
+    assert r.status_code == 429
+    error = r.json()["error"]
+    assert error["code"] == "insufficient_quota" and error["type"] == "insufficient_quota"
+    assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
+    assert "tenant budget of 0.50 USD per day" in error["message"]
+    # The official SDK raises RateLimitError at once: it does not retry a spent quota.
+    sent: list[httpx.Request] = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    client = openai.OpenAI(
+        base_url=memory_gateway.base_url + "/v1", api_key=KEYS["broke"], max_retries=3, http_client=http
+    )
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="pricey", messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.code == "insufficient_quota"
+    assert len(sent) == 1
     r = httpx.post(memory_gateway.base_url + "/v1/chat/completions", json=body, headers=auth("thrifty"))
     assert r.status_code == 200
     assert r.headers["x-strait-budget"] == "downgraded" and r.headers["x-strait-route"] == "cheap"

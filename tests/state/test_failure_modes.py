@@ -358,3 +358,64 @@ async def test_deadline_holds_even_when_a_cancellation_is_swallowed() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_an_admission_given_up_on_does_not_take_effect_when_redis_resumes(fresh_redis: RedisProc) -> None:
+    """Measured before the fix: admissions that timed out while Redis was frozen still ran when it
+    resumed and held their concurrency slots for the whole lease (the tenant got 429 on everything
+    for 5 minutes). The script now checks its deadline against Redis TIME and does nothing when late."""
+    import redis as sync_redis
+
+    store = store_for(fresh_redis.url, breaker=BreakerConfig(failures=50, cooldown_s=0.2), timeout_s=0.2)
+    limits = Limits(concurrency=(slots(2),))
+    direct = sync_redis.Redis(port=fresh_redis.port)
+    try:
+        first = await store.admit(request(limits, tenant="frozen-t"))
+        assert first.allowed and not first.degraded and first.ticket is not None
+        assert await store.reconcile(first.ticket, Usage(tokens=0))
+        fresh_redis.freeze()
+        # Sent to a Redis that accepts the bytes but does not run them; each caller gives up.
+        late = await asyncio.gather(*(store.admit(request(limits, tenant="frozen-t")) for _ in range(4)))
+        assert all(a.allowed and a.degraded for a in late)
+        fresh_redis.thaw()
+        my_id = direct.client_id()
+
+        def backlog_done() -> bool:
+            # The abandoned connections are gone once Redis has read (and run) what they sent.
+            return [str(c["id"]) for c in direct.client_list()] == [str(my_id)]
+
+        deadline = time.monotonic() + 10
+        while not backlog_done():
+            assert time.monotonic() < deadline, direct.client_list()
+            await asyncio.sleep(0.02)  # polling an observable condition, with a deadline
+        slot_keys = [k for k in direct.scan_iter("strait:{t:frozen-t}:cc:*")]
+        assert all(direct.zcard(k) == 0 for k in slot_keys), "a late admission took a slot"
+        again = await store.admit(request(limits, tenant="frozen-t"))
+        assert again.allowed and not again.degraded
+        assert again.checks[0].remaining == 1
+    finally:
+        if fresh_redis.frozen:
+            fresh_redis.thaw()
+        direct.close()
+        await store.close()
+
+
+async def test_a_redis_that_comes_back_empty_is_noticed_by_every_replica(fresh_redis: RedisProc) -> None:
+    first, second = store_for(fresh_redis.url), store_for(fresh_redis.url)
+    try:
+        assert await first.check_epoch() is False  # nothing seen before: a fresh deployment, not a reset
+        assert await second.check_epoch() is False
+        assert await first.check_epoch() is False
+        fresh_redis.restart()  # empty: no persistence
+
+        async def reachable() -> bool:
+            return await first.ping() and await second.ping()
+
+        await wait_until(reachable)
+        assert await first.check_epoch() is True
+        # The other replica sees the epoch the first one set, which is not the one it knew.
+        assert await second.check_epoch() is True
+        assert await first.check_epoch() is False and await second.check_epoch() is False
+    finally:
+        await first.close()
+        await second.close()

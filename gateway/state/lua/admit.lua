@@ -11,7 +11,14 @@
 -- Returns {allowed, now_ms, then 5 integers per check: allowed, remaining, reset_ms, retry_after_ms, fits}
 --
 -- All numbers stay below 2^52 (validated by the caller), so Lua's doubles are exact integers here.
+--       [4] deadline: the latest Redis time (ms) at which the caller still waits for this answer, or ''
+-- Returns {-1, now_ms} without touching anything when it runs past the deadline: the caller has given
+-- up on it (a frozen Redis resuming with a backlog), and an admission nobody waits for must not take
+-- a slot or a reservation that nobody will release.
 -- (now, rid and the integers n[] come from prelude.lua)
+if ARGV[4] ~= nil and ARGV[4] ~= '' and now > tonumber(ARGV[4]) then
+  return {-1, now}
+end
 local lease, min_ttl, ticket_ttl, nr, nc, nb = n[1], n[2], n[3], n[4], n[5], n[6]
 local a = 7
 local out = {0, now}
