@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.policy.index import key_digest
+from gateway.policy.index import key_digest, key_problem
 from gateway.policy.load import check_policy
 from gateway.registry import discover_adapters
 from gateway.settings import Settings
@@ -97,6 +97,10 @@ def _keys_hash(args: argparse.Namespace) -> int:
     )
     if not key:
         print("no key given", file=sys.stderr)
+        return 1
+    problem = key_problem(key)
+    if problem is not None:
+        print(f"strait keys hash: refused: {problem}", file=sys.stderr)
         return 1
     print(key_digest(key))
     return 0
