@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
+    # uvicorn drains in-flight requests and streams on SIGTERM, then restores the handler it found and
+    # re-raises the signal "so the process exits with the right code". With Python's default handler that
+    # is death by SIGTERM (exit status 143), which systemd, Kubernetes and compose report as a failure
+    # after a clean, requested shutdown. This handler makes the re-raised signal a normal exit 0 (and a
+    # SIGTERM before uvicorn takes over, when nothing is being served yet, an immediate exit 0).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "gateway.__main__:app_from_env",
         factory=True,
@@ -87,6 +94,10 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
     )
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _keys_hash(args: argparse.Namespace) -> int:
