@@ -53,6 +53,6 @@ class RequestContext:
     failed_attempts: list[tuple[Target, int, float]] = field(default_factory=list)
     # Written by accounting: the release of this request's concurrency slots, to be awaited by the edge
     # before the answer's last byte (a sequential client must find its slot free).
-    settling: asyncio.Future[object] | None = None
+    settling: asyncio.Future[None] | None = None
     # Headers any stage adds to the response (rate-limit state, budget downgrade).
     extra_headers: dict[str, str] = field(default_factory=dict)

@@ -41,6 +41,9 @@ class AccountingStage:
         self._reconciles: set[asyncio.Task[object]] = set()
         self._pending: list[tuple[Ticket, StoreUsage]] = []
         self._flusher: asyncio.Future[None] | None = None
+        # Releases a client waits for (they free concurrency slots): flushed without the batching delay.
+        self._urgent: list[tuple[Ticket, StoreUsage, asyncio.Future[None]]] = []
+        self._urgent_flusher: asyncio.Future[None] | None = None
 
     def complete(
         self,
@@ -133,10 +136,11 @@ class AccountingStage:
         ctx.ticket = None
         usage = StoreUsage(tokens=tokens, cost_micro_usd=cost)
         if ticket.request.limits.concurrency:
-            task: asyncio.Task[object] = asyncio.ensure_future(self.store.reconcile(ticket, usage))
-            self._reconciles.add(task)
-            task.add_done_callback(self._reconciled)
-            ctx.settling = task
+            settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._urgent.append((ticket, usage, settled))
+            ctx.settling = settled
+            if self._urgent_flusher is None or self._urgent_flusher.done():
+                self._urgent_flusher = asyncio.ensure_future(self._flush_urgent())
             return
         self._pending.append((ticket, usage))
         if self._flusher is None or self._flusher.done():
@@ -150,6 +154,23 @@ class AccountingStage:
                 await self.store.reconcile_many(batch)
             except Exception:  # never let a store bug kill the flusher; leases expire the rest
                 log.exception("reconcile batch failed")
+
+    async def _flush_urgent(self) -> None:
+        """Slot releases go at the next turn of the event loop (those of one turn travel together in
+        one pipeline), taking along whatever else is queued; each waiter is woken when its batch lands."""
+        await asyncio.sleep(0)
+        while self._urgent:
+            urgent, self._urgent = self._urgent[:RECONCILE_BATCH], self._urgent[RECONCILE_BATCH:]
+            room = RECONCILE_BATCH - len(urgent)
+            rest, self._pending = self._pending[:room], self._pending[room:]
+            try:
+                await self.store.reconcile_many([(t, u) for t, u, _ in urgent] + rest)
+            except Exception:  # never let a store bug kill the flusher; leases expire the rest
+                log.exception("reconcile batch failed")
+            finally:
+                for _, _, settled in urgent:
+                    if not settled.done():
+                        settled.set_result(None)
 
     def _reconciled(self, task: asyncio.Task[object]) -> None:
         self._reconciles.discard(task)
@@ -205,6 +226,8 @@ class AccountingStage:
 
     async def drain(self) -> None:
         """Send every queued reconcile and wait for background calls (shutdown)."""
+        if self._urgent_flusher is not None:
+            await asyncio.gather(self._urgent_flusher, return_exceptions=True)
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self._pending:

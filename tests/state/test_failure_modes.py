@@ -273,14 +273,21 @@ async def test_saturation_fails_open_without_tripping_the_breaker(fresh_redis: R
     try:
         assert await store.ping()
         with redis.Redis(port=fresh_redis.port) as sync:
-            sync.client_pause(300, all=False)
+            # Far longer than any bound below: a call that waited for Redis would show.
+            sync.client_pause(20_000, all=False)
         # 2 calls get the 2 connections and time out in Redis; 8 never get a connection in time.
         results = await asyncio.gather(*(timed(lambda: store.admit(request(LIMITS))) for _ in range(10)))
         assert all(r.degraded for r, _ in results)
-        assert max(t for _, t in results) < TIMEOUT_S + MARGIN_S
+        # Bounded by the deadline (plus scheduling on a loaded machine), not by the 20 s pause.
+        assert max(t for _, t in results) < TIMEOUT_S + 2.0
         status = store.status()
-        assert (status.failures, status.saturated, status.breaker) == (2, 8, "closed")
+        # Which side of "had half the deadline in Redis" a call falls on depends on scheduling; what must
+        # hold is that the 8 that never got a connection do not count as Redis failures.
+        assert status.failures <= 2 and status.failures + status.saturated == 10
+        assert status.breaker == "closed"
     finally:
+        with redis.Redis(port=fresh_redis.port) as sync:
+            sync.execute_command("CLIENT", "UNPAUSE")
         await store.close()
 
 
