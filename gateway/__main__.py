@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.policy.index import key_digest
+from gateway.policy.index import key_digest, key_problem
 from gateway.policy.load import check_policy
 from gateway.registry import discover_adapters
 from gateway.settings import Settings
@@ -73,6 +74,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
+    # uvicorn drains in-flight requests and streams on SIGTERM, then restores the handler it found and
+    # re-raises the signal "so the process exits with the right code". With Python's default handler that
+    # is death by SIGTERM (exit status 143), which systemd, Kubernetes and compose report as a failure
+    # after a clean, requested shutdown. This handler makes the re-raised signal a normal exit 0 (and a
+    # SIGTERM before uvicorn takes over, when nothing is being served yet, an immediate exit 0).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "gateway.__main__:app_from_env",
         factory=True,
@@ -89,6 +96,10 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _keys_hash(args: argparse.Namespace) -> int:
     key = (
         args.key
@@ -97,6 +108,10 @@ def _keys_hash(args: argparse.Namespace) -> int:
     )
     if not key:
         print("no key given", file=sys.stderr)
+        return 1
+    problem = key_problem(key)
+    if problem is not None:
+        print(f"strait keys hash: refused: {problem}", file=sys.stderr)
         return 1
     print(key_digest(key))
     return 0

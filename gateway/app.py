@@ -80,7 +80,7 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
     gateway = Gateway(runtime, metrics, signals, store, writer, ledger)
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     return Litestar(
-        route_handlers=build_handlers(gateway),
+        route_handlers=build_handlers(gateway, metrics_token=settings.metrics_token),
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_exception,

@@ -11,6 +11,7 @@ from gateway.policy.engine import RoutePlan
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Route
 from gateway.state.base import Ticket
+from gateway.upstream.redact import NO_SECRETS, Redactor
 
 
 @dataclass(slots=True)
@@ -45,6 +46,9 @@ class RequestContext:
     ticket: Ticket | None = None
     # When the ticket's lease was last renewed (monotonic s; 0 = at admission); read by accounting.
     lease_renewed: float = 0.0
+    # Written by `upstream` (the runtime's, knowing its backends' secrets); read by the relay, which
+    # redacts upstream error text with it.
+    redact: Redactor = NO_SECRETS
     # Written by `upstream`: attempts that failed before the one that answered (target, outcome, seconds).
     failed_attempts: list[tuple[Target, int, float]] = field(default_factory=list)
     # Written by accounting: the release of this request's concurrency slots, to be awaited by the edge

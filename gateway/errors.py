@@ -126,6 +126,15 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
 
 
+class UpstreamAuthFailed(GatewayError):
+    """The provider refused the gateway's own credentials (401/403): the gateway's problem, not the
+    client's, whose key was fine. Never the upstream's text (it may echo the provider key)."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_auth_failed"
+
+
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "upstream_error"

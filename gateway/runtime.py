@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from gateway.stages.route import RouteStage
 from gateway.state import Store
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
+from gateway.upstream.redact import redactor_for
 from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait")
@@ -50,6 +52,7 @@ def build_runtime(
     signals: LiveSignals,
     store: Store,
     previous: Runtime | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Runtime:
     """Everything for one policy. Adapters of backends whose definition did not change are reused
     from `previous`, so a reload keeps their connection pools warm."""
@@ -67,7 +70,13 @@ def build_runtime(
         index=index,
         auth=auth,
         pipeline=Pipeline([route, LimitsStage(index, store, metrics, route)]),
-        dispatcher=Dispatcher(adapters, metrics, signals),
+        # The redactor knows every backend's resolved key, so no upstream error text can echo one.
+        dispatcher=Dispatcher(
+            adapters,
+            metrics,
+            signals,
+            redactor_for((b.api_key for b in policy.backends), os.environ if environ is None else environ),
+        ),
         adapters=adapters,
         max_body_bytes=policy.server.max_body_bytes,
     )

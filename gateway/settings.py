@@ -28,6 +28,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     spool_dir: str = ".strait/spool"
     # The ASGI server behind `strait serve`, chosen by measurement (loadtest/README.md).
     server: AsgiServer = "uvicorn"
+    # When set, GET /metrics requires `Authorization: Bearer <token>` (compared in constant time);
+    # unset (or empty) leaves it open, as Prometheus scrapers expect by default.
+    metrics_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics_token is not None and not all("!" <= c <= "~" for c in self.metrics_token):
+            raise ValueError("STRAIT_METRICS_TOKEN must be printable ASCII without spaces")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -44,8 +51,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("replicas", "STRAIT_REPLICAS"),
             ("state_timeout_ms", "STRAIT_STATE_TIMEOUT_MS"),
             ("spool_dir", "STRAIT_SPOOL_DIR"),
+            ("metrics_token", "STRAIT_METRICS_TOKEN"),
         ):
-            if var in env:
+            if var in env and (env[var] or field != "metrics_token"):
                 values[field] = env[var]
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:

@@ -46,6 +46,12 @@ class Metrics:
             ("source",),
             registry=self.registry,
         )
+        self.upstream_auth_failures = Counter(
+            "strait_upstream_auth_failures",
+            "Upstream answers refusing the gateway's own credentials (401/403), by backend.",
+            ("backend",),
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "strait_request_duration_seconds",
             "Time from request to the end of the response head (non-streaming: whole answer).",

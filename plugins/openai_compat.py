@@ -43,11 +43,13 @@ def resolve_secret(ref: str | None, environ: Mapping[str, str]) -> str | None:
 
 
 def _kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """Only the upstream headers a client may need (rate-limit hints); never internal ones."""
+    """Only the upstream headers a client may need (retry hints, content type); never internal ones,
+    and never `x-ratelimit-*`: they describe the gateway's provider account, not the tenant (whose own
+    come from the limits stage)."""
     out: dict[str, str] = {}
     for k, v in headers.items():
         name = k.lower()
-        if name in _KEPT or name.startswith("x-ratelimit-"):
+        if name in _KEPT:
             out[name] = v
     return out
 

@@ -506,6 +506,36 @@ def test_error_styles(http: httpx.Client) -> None:
     assert "maximum context length" in err["message"]
 
 
+def test_leaky_upstream_directives(http: httpx.Client) -> None:
+    """What some providers do and the gateway must not pass on: echo the key, name internal hosts, and
+    send their account's rate-limit headers."""
+    key = "sk-bad-provider-key-0001"
+    r = http.post(
+        "/v1/chat/completions",
+        json=body(fake={"deny_key_prefix": "sk-bad"}),
+        headers={"authorization": f"Bearer {key}"},
+    )
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert key in r.json()["error"]["message"]
+    r = http.post(
+        "/v1/chat/completions", json=body(fake={"deny_key_prefix": "sk-bad"}), headers={"authorization": "Bearer sk-ok"}
+    )
+    assert r.status_code == 200
+    r = http.post("/v1/chat/completions", json=body(fake={"status": 500, "error_message": "OOM on gpu-7.internal"}))
+    assert r.status_code == 500 and r.json()["error"]["message"] == "OOM on gpu-7.internal"
+    assert set(r.json()["error"]) == ERROR_KEYS
+    r = http.post("/v1/chat/completions", json=body(fake={"ratelimit_headers": True}))
+    assert r.status_code == 200 and r.headers["x-ratelimit-remaining-requests"] == "0"
+    with http.stream("POST", "/v1/chat/completions", json=body(stream=True, fake={"ratelimit_headers": True})) as s:
+        assert s.headers["x-ratelimit-limit-tokens"] == "150000"
+        s.read()
+    r = http.post(
+        "/v1/chat/completions",
+        json=body(stream=True, fake={"midstream_error": 1, "error_message": "died at /opt/x.py"}),
+    )
+    assert '"message":"died at /opt/x.py"' in r.text
+
+
 def test_bad_input(http: httpx.Client) -> None:
     r = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400

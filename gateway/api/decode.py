@@ -24,8 +24,33 @@ _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 # Upstream URLs and credentials come only from policy files; a body that carries them is refused rather
-# than forwarded (a key in a body would otherwise reach a third party).
-_FORBIDDEN_FIELDS = ("api_key", "api_base", "base_url", "custom_llm_provider")
+# than forwarded (a key in a body would otherwise reach a third party, a URL would redirect the request).
+# Names are compared normalised (lower case, without `_` and `-`), so `apiBase`, `API-BASE` and `api_base`
+# are one name, at the top level and anywhere inside the containers SDKs and proxies use for pass-through
+# options. Message content and tool JSON schemas are NOT searched: they are data, and a tool may well have
+# a parameter called `api_key`; only the places an upstream or a proxy reads options from are.
+_FORBIDDEN_FIELDS = frozenset(
+    {
+        "apikey",
+        "apibase",
+        "apiurl",
+        "baseurl",
+        "customllmprovider",
+        "azureendpoint",
+        "azureadtoken",
+        "awsaccesskeyid",
+        "awssecretaccesskey",
+        "awssessiontoken",
+        "awsregionname",
+        "vertexcredentials",
+        "vertexproject",
+        "vertexlocation",
+        "authorization",
+        "proxyauthorization",
+        "xapikey",
+    }
+)
+_OPTION_CONTAINERS = frozenset({"extra_body", "extra_headers", "metadata"})
 
 
 async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
@@ -60,12 +85,12 @@ def decode_request(body: bytes, kind: type[T]) -> tuple[T, dict[str, Any]]:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc}.{hint}", code="invalid_json"
         ) from None
-    for name in _FORBIDDEN_FIELDS:
-        if name in raw:
-            raise InvalidRequest(
-                f"'{name}' is not accepted in a request body: upstreams and their credentials come from the policy.",
-                param=name,
-            )
+    forbidden = _forbidden_field(raw)
+    if forbidden is not None:
+        raise InvalidRequest(
+            f"'{forbidden}' is not accepted in a request body: upstreams and their credentials come from the policy.",
+            param=forbidden,
+        )
     try:
         typed: T = _decoders[kind].decode(body)
     except msgspec.ValidationError as exc:
@@ -80,6 +105,36 @@ def decode_request(body: bytes, kind: type[T]) -> tuple[T, dict[str, Any]]:
         raise InvalidRequest(f"Invalid request: {reason}{where}.", param=param) from None
     _check_ranges(typed)
     return typed, raw
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def _forbidden_field(raw: dict[str, Any]) -> str | None:
+    """The path (`extra_body.apiBase`, `metadata.opts[0].api_key`) of the first field that would redirect
+    or re-credential an upstream, or None."""
+    stack: list[tuple[str, Any]] = []
+    for name, value in raw.items():
+        if _normal(name) in _FORBIDDEN_FIELDS:
+            return name
+        if name in _OPTION_CONTAINERS and isinstance(value, (dict, list)):
+            stack.append((name, value))
+    # Iterative, not recursive: a deeply nested body must be a 400, never a RecursionError.
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                where = f"{path}.{name}"
+                if _normal(name) in _FORBIDDEN_FIELDS:
+                    return where
+                if isinstance(inner, (dict, list)):
+                    stack.append((where, inner))
+        else:
+            for i, inner in enumerate(value):
+                if isinstance(inner, (dict, list)):
+                    stack.append((f"{path}[{i}]", inner))
+    return None
 
 
 def _check_ranges(req: ChatRequest | CompletionRequest | EmbeddingsRequest) -> None:

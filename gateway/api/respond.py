@@ -62,7 +62,7 @@ def respond(
     route = ctx.route_name
     headers = response_headers(ctx)
     if upstream.status >= 400:
-        error = upstream_error(upstream.status, upstream.body, upstream.headers)
+        error = upstream_error(upstream.status, upstream.body, upstream.headers, ctx.redact)
         metrics.child(metrics.requests, route, str(error.status)).inc()
         accounting.complete(ctx, status=upstream.status, usage=None)
         return Reply(status=error.status, headers={**headers, **error.headers}, body=error.body())
@@ -154,7 +154,10 @@ async def _relay(
                 )
                 code = err.code if isinstance(err.code, str) else None
                 status = 502
-                yield _error_event(err.message or "The upstream failed mid-stream.", err.type or "server_error", code)
+                # Redacted like any upstream error text: no secret, host, address or path reaches the client.
+                message, type_ = ctx.redact(err.message or ""), ctx.redact(err.type or "")
+                code = ctx.redact.optional(code)
+                yield _error_event(message or "The upstream failed mid-stream.", type_ or "server_error", code)
                 return
             if probe.usage is not None:
                 usage = probe.usage

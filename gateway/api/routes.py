@@ -12,6 +12,7 @@ from litestar import Request, Response, asgi, get
 from litestar.handlers import BaseRouteHandler
 
 from gateway.api.asgi_send import Receive, Reply, Send, body_chunks, send_reply
+from gateway.api.bearer import check_bearer
 from gateway.api.decode import decode_request, read_body
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
 from gateway.api.respond import JSON, respond
@@ -53,7 +54,7 @@ def _headers(scope: Any) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-def build_handlers(gateway: Gateway) -> list[BaseRouteHandler]:
+def build_handlers(gateway: Gateway, *, metrics_token: str | None = None) -> list[BaseRouteHandler]:
     async def handle(scope: Any, receive: Receive, operation: Operation, kind: Any) -> Reply:
         started = time.perf_counter()
         if scope["method"] != "POST":
@@ -172,6 +173,8 @@ def build_handlers(gateway: Gateway) -> list[BaseRouteHandler]:
 
     @get("/metrics")
     async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+        if metrics_token is not None:
+            check_bearer(request.headers.get("authorization"), metrics_token)
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     handlers = [

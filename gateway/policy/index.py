@@ -22,6 +22,22 @@ def key_digest(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def key_problem(key: str) -> str | None:
+    """Why `key` could never authenticate, or None. A key travels in an HTTP header, which servers decode
+    as latin-1 and clients send without spaces or control characters: only printable ASCII without
+    spaces (0x21-0x7e) can arrive as it was hashed (a UTF-8 key's digest would never match)."""
+    if not key:
+        return "the key is empty"
+    for i, ch in enumerate(key):
+        if not "!" <= ch <= "~":
+            what = "a space" if ch == " " else "a control character" if ch.isascii() else "a non-ASCII character"
+            return (
+                f"the key contains {what} ({ch!r} at position {i}); API keys must be printable ASCII without "
+                "spaces, or clients can never send them in an Authorization header"
+            )
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     tenant: str

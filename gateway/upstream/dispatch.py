@@ -1,7 +1,10 @@
 """Stage `upstream` (terminal): walk the route's plan until a target answers.
 
 A target is skipped for the next one when it cannot be reached, times out before answering, or
-answers 408/429/5xx. Nothing is retried once a byte of the answer has gone to the client: for streams
+answers 408/429/5xx, or 401/403: the provider refused the gateway's own credentials, which is the
+gateway's problem (counted in `strait_upstream_auth_failures_total`, logged with the backend's name),
+so the next deployment is tried and, if none answers, the client gets 502 `upstream_auth_failed`
+(gateway.upstream.normalize). Nothing is retried once a byte of the answer has gone to the client: for streams
 the commit point is the upstream's 200 status line. Each attempt updates the live signals the engine
 ranks with (in-flight, latency EWMA, passive ejection after repeated connection failures).
 """
@@ -16,24 +19,37 @@ from gateway.context import RequestContext
 from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.telemetry import Metrics
+from gateway.upstream.normalize import AUTH_FAILURE_STATUS
+from gateway.upstream.redact import NO_SECRETS, Redactor
 from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait.upstream")
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 529})
+# Statuses after which the next target is tried (before the first byte).
+NEXT_TARGET_STATUS = RETRYABLE_STATUS | AUTH_FAILURE_STATUS
 
 
 class Dispatcher:
-    def __init__(self, adapters: Mapping[str, Adapter], metrics: Metrics, signals: LiveSignals) -> None:
+    def __init__(
+        self,
+        adapters: Mapping[str, Adapter],
+        metrics: Metrics,
+        signals: LiveSignals,
+        redact: Redactor = NO_SECRETS,
+    ) -> None:
         self.adapters = adapters
         self.metrics = metrics
         self.signals = signals
+        # Knows this runtime's backend secrets; the relay redacts upstream error text with it.
+        self.redact = redact
 
     async def call(self, ctx: RequestContext) -> UpstreamResponse:
         last_response: UpstreamResponse | None = None
         last_error: UpstreamConnectError | None = None
         plan = ctx.plan
         signals = self.signals
+        ctx.redact = self.redact
         for attempt, target in enumerate(plan):
             payload = dict(ctx.payload)
             payload["model"] = target.deployment.upstream_model
@@ -62,13 +78,21 @@ class Dispatcher:
                 signals.finished(backend)
                 raise
             self.metrics.child(self.metrics.upstream_attempts, backend, str(response.status)).inc()
+            if response.status in AUTH_FAILURE_STATUS:
+                # Never the key, never the upstream's text (it may echo the key): the backend's name.
+                self.metrics.child(self.metrics.upstream_auth_failures, backend).inc()
+                log.warning(
+                    "upstream %s refused the gateway's credentials (HTTP %d): check the backend's api_key",
+                    backend,
+                    response.status,
+                )
             if response.status < 500:
                 signals.answered(backend, target.label, time.perf_counter() - t0)
             if response.events is None:
                 # A stream holds its in-flight slot until the relay closes it.
                 signals.finished(backend)
             ctx.target = target
-            if response.status in RETRYABLE_STATUS and attempt + 1 < len(plan):
+            if response.status in NEXT_TARGET_STATUS and attempt + 1 < len(plan):
                 ctx.failed_attempts.append((target, response.status, time.perf_counter() - t0))
                 last_response = response
                 continue

@@ -3,6 +3,12 @@
 Upstreams disagree: llama.cpp and vLLM send integer `code`s and no `param`, old vLLM a flat
 `{"object": "error"}`, some proxies HTML. The client always gets `{"error": {message, type, param,
 code}}` with a string or null `code`, the upstream's status, and a capped `Retry-After`.
+
+What the upstream wrote is for its operator, not our clients: the message (and type, code, param) pass
+through a `Redactor` (no configured secret, URL, host name, address or file path survives), an
+upstream 401/403 (the provider refused *our* credentials) becomes 502 `upstream_auth_failed` with none
+of its text, and the upstream's `x-ratelimit-*` headers (our provider account's, not the tenant's) are
+never passed on.
 """
 
 from __future__ import annotations
@@ -10,11 +16,17 @@ from __future__ import annotations
 import msgspec
 
 from gateway.api.wire import UpstreamErrorBody, UpstreamErrorProbe
-from gateway.errors import UpstreamError
+from gateway.errors import UpstreamAuthFailed, UpstreamError
+from gateway.upstream.redact import NO_SECRETS, Redactor
 
 # The SDKs give up retrying when Retry-After exceeds 120 s (openai) or sleep without a cap (anthropic).
 MAX_RETRY_AFTER_S = 120
 _PASSED_HEADERS = ("retry-after", "retry-after-ms")
+# The provider refused the gateway's credentials: never the client's fault, never the provider's text.
+AUTH_FAILURE_STATUS = frozenset({401, 403})
+AUTH_FAILED_MESSAGE = (
+    "The gateway could not authenticate with the upstream serving this model; its operators have been told."
+)
 _CONTEXT_HINTS = (
     "context length",
     "context size",
@@ -43,13 +55,17 @@ def cap_retry_after(value: str) -> str | None:
     return str(min(int(seconds + 0.999), MAX_RETRY_AFTER_S))
 
 
-def upstream_error(status: int, body: bytes, headers: dict[str, str]) -> UpstreamError:
-    """Build the client-facing error for an upstream's error answer."""
+def upstream_error(
+    status: int, body: bytes, headers: dict[str, str], redact: Redactor = NO_SECRETS
+) -> UpstreamAuthFailed | UpstreamError:
+    """Build the client-facing error for an upstream's error answer; `redact` knows the secrets."""
+    if status in AUTH_FAILURE_STATUS:
+        return UpstreamAuthFailed(AUTH_FAILED_MESSAGE)
     err = _parse(body)
     message = (err.message or "").strip() or f"The upstream returned HTTP {status}."
-    type_ = err.type or _DEFAULT_TYPE.get(status, "upstream_error" if status < 500 else "server_error")
-    code: str | None = None if err.code is None or isinstance(err.code, int) else err.code
-    param = err.param
+    type_ = redact(err.type or "") or _DEFAULT_TYPE.get(status, "upstream_error" if status < 500 else "server_error")
+    code: str | None = None if err.code is None or isinstance(err.code, int) else redact(err.code)
+    param = redact.optional(err.param)
     lowered = f"{message} {type_}".lower()
     if status == 400 and any(h in lowered for h in _CONTEXT_HINTS):
         # LiteLLM and other clients match this wording; keep the upstream's detail after it.
@@ -58,15 +74,13 @@ def upstream_error(status: int, body: bytes, headers: dict[str, str]) -> Upstrea
             message = f"This model's maximum context length was exceeded: {message}"
     if type_ == "exceed_context_size_error":
         type_ = "invalid_request_error"
+    message = redact(message)
     out_headers: dict[str, str] = {}
     for name in _PASSED_HEADERS:
         if name in headers:
             value = cap_retry_after(headers[name]) if name == "retry-after" else headers[name]
             if value is not None:
                 out_headers[name] = value
-    for name, value in headers.items():
-        if name.startswith("x-ratelimit-"):
-            out_headers[name] = value
     if status in (429, 503) and "retry-after" not in out_headers:
         out_headers["retry-after"] = "1"
     return UpstreamError(

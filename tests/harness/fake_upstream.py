@@ -235,6 +235,9 @@ DIRECTIVES: dict[str, Callable[[Any], Any]] = {
     "marker": _as_bool,  # start the text with <<req:N>> (default true; false when the body has a seed)
     "vocab": _one_of("nato", "cl100k"),  # cl100k: one cl100k_base token per word, no marker
     "context_window": _as_int,  # reject prompts larger than this with the context-overflow 400 (default: no check)
+    "deny_key_prefix": _as_str,  # 401 when the bearer key starts with this, its message echoing the whole key
+    "error_message": _as_str,  # the message of the error envelope sent for `status` or `midstream_error`
+    "ratelimit_headers": _as_bool,  # send the provider-account x-ratelimit-* headers on every answer
 }
 
 
@@ -306,6 +309,8 @@ def error_response(
     headers: dict[str, str] = {}
     retry_after = str(d.get("retry_after", "1"))
     extra: dict[str, Any] = {}
+    if message is None and "error_message" in d:
+        message = d["error_message"]
     if message is None:
         if status == 400:
             n = prompt_tokens if prompt_tokens > window else window + prompt_tokens
@@ -386,20 +391,22 @@ def error_response(
         err = {"message": message, "type": etype, "param": param, "code": code}
 
     if status == 429:
-        headers.update(
-            {
-                "retry-after": retry_after,
-                "x-ratelimit-limit-requests": "60",
-                "x-ratelimit-remaining-requests": "0",
-                "x-ratelimit-reset-requests": f"{retry_after}s",
-                "x-ratelimit-limit-tokens": "150000",
-                "x-ratelimit-remaining-tokens": "149980",
-                "x-ratelimit-reset-tokens": "8ms",
-            }
-        )
+        headers.update({"retry-after": retry_after, **ratelimit_headers(retry_after)})
     elif status == 503 and "retry_after" in d:
         headers["retry-after"] = retry_after
     return {"error": err}, headers
+
+
+def ratelimit_headers(reset: str = "1") -> dict[str, str]:
+    """The provider-account rate-limit headers OpenAI sends (on 429s, and with `ratelimit_headers` on every answer)."""
+    return {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": f"{reset}s",
+        "x-ratelimit-limit-tokens": "150000",
+        "x-ratelimit-remaining-tokens": "149980",
+        "x-ratelimit-reset-tokens": "8ms",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -503,11 +510,12 @@ async def send_json(
 ) -> web.StreamResponse:
     """Write a whole JSON response now (so write errors surface here) and mark the ledger record finished."""
     body = obj if isinstance(obj, bytes) else _dumps(obj).encode()
+    limits = ratelimit_headers() if ctx.d.get("ratelimit_headers") else {}
     resp = web.Response(
         status=status,
         body=body,
         content_type="application/json",
-        headers={"x-request-id": _request_id(), **(headers or {})},
+        headers={"x-request-id": _request_id(), **limits, **(headers or {})},
     )
     ctx.response = resp
     ctx.record["status"] = status
@@ -578,13 +586,23 @@ async def read_json(ctx: Ctx) -> tuple[Any, web.StreamResponse | None]:
 
 
 async def before_answer(ctx: Ctx, *, model: str, prompt_tokens: int) -> web.StreamResponse | None:
-    """hang / ttft / status / fail-before-first-byte, in that order.  Returns a response when one was sent."""
+    """hang / ttft / deny_key_prefix / status / fail-before-first-byte, in that order.  Returns a response when one was sent."""
     d = ctx.d
     if d.get("hang"):
         await asyncio.Event().wait()  # until the client disconnects and aiohttp cancels us
     ttft = d.get("ttft_ms", 0.0)
     if ttft > 0:
         await asyncio.sleep(ttft / 1000.0)
+    key = (ctx.request.headers.get("authorization") or "").removeprefix("Bearer ").strip()
+    if "deny_key_prefix" in d and key.startswith(d["deny_key_prefix"]):
+        # Some providers echo the key they were sent: the gateway must not pass that on.
+        return await send_error(
+            ctx,
+            401,
+            message=f"Incorrect API key provided: {key}. You can find your API key at https://platform.openai.com/account/api-keys.",
+            etype="invalid_request_error",
+            code="invalid_api_key",
+        )
     if "status" in d and d["status"] >= 400:
         return await send_error(ctx, d["status"], model=model, prompt_tokens=prompt_tokens)
     return None
@@ -922,7 +940,8 @@ class _Streamer:
 
 
 async def _start_stream(ctx: Ctx) -> web.StreamResponse:
-    resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": _request_id()})
+    limits = ratelimit_headers() if ctx.d.get("ratelimit_headers") else {}
+    resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": _request_id(), **limits})
     ctx.response = resp
     ctx.record["status"] = 200
     await resp.prepare(ctx.request)

@@ -8,6 +8,7 @@ from pathlib import Path
 import msgspec
 
 from gateway.upstream.normalize import cap_retry_after, upstream_error
+from gateway.upstream.redact import Redactor
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -21,12 +22,12 @@ def _envelope(body: bytes) -> dict[str, object]:
 
 
 def test_llamacpp_integer_code_becomes_string_or_null() -> None:
-    body = b'{"error":{"code":401,"message":"Invalid API Key","type":"authentication_error"}}'
-    err = upstream_error(401, body, {})
+    body = b'{"error":{"code":404,"message":"File Not Found","type":"not_found_error"}}'
+    err = upstream_error(404, body, {})
     env = _envelope(err.body())
-    assert err.status == 401
-    assert env["message"] == "Invalid API Key"
-    assert env["code"] is None and env["type"] == "authentication_error"
+    assert err.status == 404
+    assert env["message"] == "File Not Found"
+    assert env["code"] is None and env["type"] == "not_found_error"
 
 
 def test_llamacpp_context_overflow_maps_to_openai_context_length_exceeded() -> None:
@@ -51,15 +52,64 @@ def test_recorded_llamacpp_errors_normalise(tmp_path: Path) -> None:
         status = int(entry["status"])
         body = json.dumps(entry["body"]).encode() if not isinstance(entry["body"], str) else entry["body"].encode()
         err = upstream_error(status, body, {})
-        assert err.status == status
+        # The provider refusing the gateway's credentials is a gateway failure (502), not the client's.
+        assert err.status == (502 if status in (401, 403) else status)
         _envelope(err.body())
 
 
-def test_openai_429_keeps_retry_after_and_rate_limit_headers() -> None:
+def test_openai_429_keeps_retry_after_but_never_the_providers_rate_limit_headers() -> None:
+    """x-ratelimit-* of an upstream describe the gateway's provider account, not the tenant."""
     body = b'{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}'
-    err = upstream_error(429, body, {"retry-after": "3", "x-ratelimit-remaining-requests": "0", "server": "internal-7"})
-    assert err.headers == {"retry-after": "3", "x-ratelimit-remaining-requests": "0"}
+    recorded = json.loads((FIXTURES / "openai" / "error_429.headers.json").read_text())
+    headers = {k.lower(): str(v) for k, v in recorded["headers"].items()}
+    assert any(k.startswith("x-ratelimit-") for k in headers)
+    err = upstream_error(429, body, {**headers, "retry-after": "3", "server": "internal-7"})
+    assert err.headers == {"retry-after": "3"}
     assert _envelope(err.body())["code"] == "rate_limit_exceeded"
+
+
+PROVIDER_KEY = "sk-proj-provider-Zq81xLm0"
+
+
+def test_upstream_401_echoing_the_provider_key_is_the_gateways_problem() -> None:
+    """Measured: an upstream 401 echoing our provider key reached the client verbatim as invalid_api_key."""
+    body = (
+        b'{"error":{"message":"Incorrect API key provided: ' + PROVIDER_KEY.encode() + b". You can find your API "
+        b'key at https://platform.openai.com/account/api-keys.","type":"invalid_request_error","param":null,'
+        b'"code":"invalid_api_key"}}'
+    )
+    for status in (401, 403):
+        err = upstream_error(status, body, {"x-ratelimit-remaining-requests": "0"}, Redactor([PROVIDER_KEY]))
+        env = _envelope(err.body())
+        assert err.status == 502
+        assert env["code"] == "upstream_auth_failed" and env["type"] == "server_error"
+        assert PROVIDER_KEY not in err.body().decode() and "key" not in str(env["message"]).lower()
+        assert err.headers == {}
+
+
+def test_upstream_500_naming_internal_hosts_and_paths_is_redacted() -> None:
+    """Measured: `CUDA OOM on gpu-node-7.corp.internal:8000 (/opt/vllm/engine.py:812)` was relayed as is."""
+    body = (
+        b'{"error":{"message":"CUDA OOM on gpu-node-7.corp.internal:8000 (/opt/vllm/engine.py:812) key '
+        + PROVIDER_KEY.encode()
+        + b'","type":"server_error","param":"messages","code":"engine_oom"}}'
+    )
+    err = upstream_error(500, body, {}, Redactor([PROVIDER_KEY]))
+    env = _envelope(err.body())
+    assert err.status == 500
+    assert env == {
+        "message": "CUDA OOM on [host] ([path]) key [redacted]",
+        "type": "server_error",
+        "param": "messages",
+        "code": "engine_oom",
+    }
+
+
+def test_context_overflow_keeps_its_useful_text() -> None:
+    message = "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens."
+    body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}})
+    env = _envelope(upstream_error(400, body.encode(), {}, Redactor([PROVIDER_KEY])).body())
+    assert env["message"] == message and env["code"] == "context_length_exceeded" and env["param"] == "messages"
 
 
 def test_retry_after_is_capped_and_a_missing_one_is_supplied() -> None:

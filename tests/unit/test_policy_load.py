@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.policy.index import PolicyIndex, key_digest
+from gateway.policy.index import PolicyIndex, key_digest, key_problem
 from gateway.policy.load import PolicyError, check_policy, load_policy
 from gateway.registry import discover_adapters
 
@@ -94,3 +96,23 @@ def test_serve_refuses_a_bad_policy_before_binding(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert "unknown_key.yaml:5:5: backends[0]: Object contains unknown field `tierr`" in out.stderr
+
+
+def test_keys_hash_refuses_keys_that_could_never_authenticate() -> None:
+    """Headers are latin-1 without spaces or control characters: such a key's digest would never match."""
+    for key in ("sk-caf\u00e9-key", "sk key", "sk-\tkey", "sk-\x7fkey", "\u043a\u043b\u044e\u0447"):
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "keys", "hash", key], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 1, key
+        assert out.stdout == "" and "printable ASCII" in out.stderr
+    ok = subprocess.run(
+        [sys.executable, "-m", "gateway", "keys", "hash", "sk-Good_key.1~!"], capture_output=True, text=True, timeout=60
+    )
+    assert ok.returncode == 0 and ok.stdout.strip() == key_digest("sk-Good_key.1~!")
+
+
+@given(st.text(min_size=1, max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_a_key_is_accepted_exactly_when_it_is_printable_ascii(key: str) -> None:
+    assert (key_problem(key) is None) == all(0x21 <= ord(c) <= 0x7E for c in key)
