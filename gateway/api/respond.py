@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import anyio
 import msgspec
 
-from gateway.accounting.meter import completion_tokens_of
+from gateway.accounting.meter import StreamMeter
 from gateway.api.asgi_send import Reply
 from gateway.api.sse import DONE_EVENT, encode_event
 from gateway.api.wire import ChunkProbe, UpstreamErrorBody, Usage, UsageProbe
@@ -24,6 +24,7 @@ from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody, ErrorEnvelope
 from gateway.stages.accounting import AccountingStage
 from gateway.telemetry import Metrics
+from gateway.tokens import FALLBACK_ENCODING
 from gateway.upstream.normalize import upstream_error
 from gateway.upstream.signals import LiveSignals
 
@@ -91,13 +92,12 @@ class _Head(msgspec.Struct):
     model: str | None = None
 
 
-def _usage_chunk(ctx: RequestContext, produced: list[bytes]) -> bytes:
+def _usage_chunk(ctx: RequestContext, last: bytes, completion: int) -> bytes:
     assert ctx.target is not None
     try:
-        head = msgspec.json.decode(produced[-1], type=_Head)
+        head = msgspec.json.decode(last, type=_Head)
     except (msgspec.DecodeError, msgspec.ValidationError):
         head = _Head()
-    completion = completion_tokens_of(produced, ctx.target.model.tokenizer)
     usage = Usage(
         prompt_tokens=ctx.prompt_tokens, completion_tokens=completion, total_tokens=ctx.prompt_tokens + completion
     )
@@ -126,14 +126,14 @@ async def _relay(
     assert upstream.events is not None
     include_usage = ctx.include_usage
     usage: Usage | None = None
-    # Every event the upstream produced: counted with tiktoken only if no usage arrives.
-    produced: list[bytes] = []
+    # What the upstream produced, counted as it goes (O(1) held); used only if no usage arrives.
+    meter = StreamMeter(ctx.target.model.tokenizer if ctx.target is not None else FALLBACK_ENCODING)
     ttft: float | None = None
     complete = False
     status = 200
     try:
         async for payload in upstream.events:
-            produced.append(payload)
+            meter.add(payload)
             if ttft is None:
                 ttft = time.perf_counter() - ctx.started
                 ctx.lease_renewed = time.monotonic()
@@ -161,19 +161,20 @@ async def _relay(
                     continue
             yield encode_event(payload)
         complete = True
-        if include_usage and usage is None and produced and ctx.target is not None:
+        if include_usage and usage is None and meter.last is not None and ctx.target is not None:
             # The client asked for usage and this upstream sent none (llama-cpp-python, older servers):
             # add the chunk OpenAI would have sent, counted with tiktoken.
-            yield encode_event(_usage_chunk(ctx, produced))
+            yield encode_event(_usage_chunk(ctx, meter.last, meter.tokens()))
         yield DONE_EVENT
     except UpstreamStreamBroken as exc:
         log.warning("request %s: %s", ctx.request_id, exc)
         status = 502
-        yield _error_event("The upstream stream ended unexpectedly.", "server_error", "upstream_stream_broken")
+        yield _error_event(exc.client_message, "server_error", exc.code)
     finally:
         if not complete and upstream.drain is not None:
-            # Left early: what the upstream already sent is charged too, not only what was relayed.
-            produced.extend(upstream.drain())
+            # Left early or failed: what the upstream already sent is charged too, not only what was
+            # relayed (a usage chunk among it wins, as it would have).
+            usage = _drained(upstream.drain(), meter, usage)
         if upstream.close is not None:
             # Shielded: a client that went away cancels this task, and the upstream must still be closed
             # (so the engine stops generating for nobody).
@@ -187,7 +188,19 @@ async def _relay(
             ctx,
             status=status,
             usage=usage,
-            produced=produced if usage is None else (),
+            estimated_completion=meter.tokens() if usage is None else None,
             partial=not complete,
             ttft_s=ttft,
         )
+
+
+def _drained(events: list[bytes], meter: StreamMeter, usage: Usage | None) -> Usage | None:
+    for payload in events:
+        meter.add(payload)
+        try:
+            probe = _probe_chunk(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if probe.usage is not None:
+            usage = probe.usage
+    return usage

@@ -15,9 +15,11 @@ def encode_event(payload: bytes) -> bytes:
 class SSELineTooLong(ValueError):
     """A line or an event longer than the decoder's cap: the stream is refused, not buffered further."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, events: list[bytes] | None = None) -> None:
         super().__init__(f"an upstream stream event exceeded {limit} bytes")
         self.limit = limit
+        # The complete events the refused feed had decoded before the oversize line.
+        self.events = events or []
 
 
 class SSEDecoder:
@@ -73,7 +75,7 @@ class SSEDecoder:
             else:
                 break
             if end - start > self._max:
-                raise SSELineTooLong(self._max)
+                raise SSELineTooLong(self._max, events)
             self._line(buf[start:end], events)
             start = nxt
         if start < n:
@@ -81,7 +83,7 @@ class SSEDecoder:
             self._cr = rest.endswith(b"\r")
             self._pending = len(rest)
             if self._pending - int(self._cr) > self._max:
-                raise SSELineTooLong(self._max)
+                raise SSELineTooLong(self._max, events)
             self._parts = [rest]
         return events
 
@@ -98,7 +100,7 @@ class SSEDecoder:
                 value = value[1:]
             self._data_size += len(value) + 1
             if self._data_size > self._max + 1:
-                raise SSELineTooLong(self._max)
+                raise SSELineTooLong(self._max, events)
             self._data.append(value)
         # Comments (":...") and other fields (event, id, retry) carry nothing Strait forwards.
 

@@ -235,6 +235,9 @@ DIRECTIVES: dict[str, Callable[[Any], Any]] = {
     "marker": _as_bool,  # start the text with <<req:N>> (default true; false when the body has a seed)
     "vocab": _one_of("nato", "cl100k"),  # cl100k: one cl100k_base token per word, no marker
     "context_window": _as_int,  # reject prompts larger than this with the context-overflow 400 (default: no check)
+    # chat: add a "pad" field of this many bytes to the answer (non-stream: a huge JSON body) or to the first
+    # content chunk (stream: one huge SSE line); it carries no tokens
+    "pad_bytes": _as_int,
 }
 
 
@@ -877,6 +880,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "service_tier": SERVICE_TIER,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
+    if "pad_bytes" in ctx.d:
+        resp["pad"] = "x" * max(0, ctx.d["pad_bytes"])
     return await send_json(ctx, 200, resp, tokens=completion_tokens)
 
 
@@ -952,9 +957,12 @@ async def _stream_chat(
         f'"service_tier":"{SERVICE_TIER}","system_fingerprint":"{SYSTEM_FINGERPRINT}","choices":'
     )
 
+    pad = ["x" * max(0, ctx.d["pad_bytes"])] if "pad_bytes" in ctx.d else []
+
     def chunk(index: int, delta: str, finish: str | None = None, tail: str = tail) -> str:
         fr = "null" if finish is None else f'"{finish}"'
-        return f'{head}[{{"index":{index},"delta":{delta},"logprobs":null,"finish_reason":{fr}}}]{tail}'
+        extra = f',"pad":"{pad.pop()}"' if pad and finish is None and delta.startswith('{"content"') else ""
+        return f'{head}[{{"index":{index},"delta":{delta},"logprobs":null,"finish_reason":{fr}}}]{extra}{tail}'
 
     chunk_tokens = max(1, ctx.d.get("chunk_tokens", 5))
     resp = await _start_stream(ctx)
