@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator
 import anyio
 import msgspec
 
-from gateway.accounting.meter import StreamMeter
+from gateway.accounting.meter import StreamMeter, decode_stream_chunk
 from gateway.api.asgi_send import Reply
 from gateway.api.sse import DONE_EVENT, encode_event
-from gateway.api.wire import ChunkProbe, UpstreamErrorBody, Usage, UsageProbe
+from gateway.api.wire import UpstreamErrorBody, Usage, UsageProbe
 from gateway.context import RequestContext
 from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody, ErrorEnvelope
@@ -30,7 +30,7 @@ from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait.relay")
 
-_probe_chunk = msgspec.json.Decoder(ChunkProbe).decode
+_probe_chunk = decode_stream_chunk
 _probe_usage = msgspec.json.Decoder(UsageProbe).decode
 JSON = "application/json"
 
@@ -133,7 +133,6 @@ async def _relay(
     status = 200
     try:
         async for payload in upstream.events:
-            meter.add(payload)
             if ttft is None:
                 ttft = time.perf_counter() - ctx.started
                 ctx.lease_renewed = time.monotonic()
@@ -145,6 +144,7 @@ async def _relay(
                 status = 502
                 yield _error_event("The upstream sent an invalid stream event.", "server_error", "upstream_bad_event")
                 return
+            meter.add(probe, payload)
             if probe.error is not None:
                 err = (
                     probe.error
@@ -196,11 +196,11 @@ async def _relay(
 
 def _drained(events: list[bytes], meter: StreamMeter, usage: Usage | None) -> Usage | None:
     for payload in events:
-        meter.add(payload)
         try:
             probe = _probe_chunk(payload)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
+        meter.add(probe, payload)
         if probe.usage is not None:
             usage = probe.usage
     return usage
