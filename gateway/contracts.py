@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from gateway.errors import UpstreamResponseTooLarge as UpstreamResponseTooLarge
 from gateway.policy.model import Backend
 
 Operation = Literal["chat", "completions", "embeddings"]
@@ -36,7 +37,9 @@ class UpstreamResponse:
     headers: dict[str, str] = field(default_factory=dict)
     events: AsyncIterator[bytes] | None = None
     close: Callable[[], Awaitable[None]] | None = None
-    # Events already received but not yet yielded (without waiting): what a client that left cost too.
+    # Events already received but not yet yielded, without waiting (those buffered when the connection
+    # failed included): what a client that left, or a stream that broke, cost too. Called once, after
+    # `events` stopped and before `close`.
     drain: Callable[[], list[bytes]] | None = None
 
 
@@ -49,7 +52,20 @@ class UpstreamConnectError(Exception):
 
 
 class UpstreamStreamBroken(Exception):
-    """An upstream stream failed or ended without `[DONE]`; the client must not be told it completed."""
+    """An upstream stream failed or ended without `[DONE]`; the client must not be told it completed.
+
+    The message is for the log; `client_message` and `code` go into the client's error event."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        client_message: str = "The upstream stream ended unexpectedly.",
+        code: str = "upstream_stream_broken",
+    ) -> None:
+        super().__init__(message)
+        self.client_message = client_message
+        self.code = code
 
 
 class Adapter(Protocol):

@@ -135,6 +135,14 @@ class UpstreamAuthFailed(GatewayError):
     code = "upstream_auth_failed"
 
 
+class UpstreamResponseTooLarge(GatewayError):
+    """An upstream answer larger than the backend's `max_body_bytes`: refused once that much was read."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_response_too_large"
+
+
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "upstream_error"

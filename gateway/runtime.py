@@ -9,13 +9,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import msgspec
+
 from gateway.accounting.ledger import Ledger
 from gateway.accounting.writer import UsageWriter
 from gateway.contracts import Adapter, AdapterFactory
 from gateway.pipeline import Pipeline
 from gateway.policy.decisions import DecisionLog
 from gateway.policy.index import PolicyIndex
-from gateway.policy.model import PolicySet
+from gateway.policy.model import Backend, PolicySet, UpstreamLimits
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.auth import AuthStage
 from gateway.stages.limits import LimitsStage
@@ -43,6 +45,7 @@ class Runtime:
     dispatcher: Dispatcher
     adapters: Mapping[str, Adapter]
     max_body_bytes: int
+    upstream_limits: UpstreamLimits
 
 
 def build_runtime(
@@ -58,12 +61,13 @@ def build_runtime(
     from `previous`, so a reload keeps their connection pools warm."""
     index = PolicyIndex(policy)
     adapters: dict[str, Adapter] = {}
+    limits = policy.server.upstream
     for b in policy.backends:
         old = previous.index.backends.get(b.name) if previous is not None else None
-        if previous is not None and old == b:
+        if previous is not None and old == b and previous.upstream_limits == limits:
             adapters[b.name] = previous.adapters[b.name]
         else:
-            adapters[b.name] = factories[b.adapter](b)
+            adapters[b.name] = factories[b.adapter](_with_limits(b, limits))
     auth = AuthStage(index)
     route = RouteStage(index, signals)
     return Runtime(
@@ -79,7 +83,13 @@ def build_runtime(
         ),
         adapters=adapters,
         max_body_bytes=policy.server.max_body_bytes,
+        upstream_limits=limits,
     )
+
+
+def _with_limits(backend: Backend, limits: UpstreamLimits) -> Backend:
+    """The backend as its adapter sees it: with the server's upstream limits unless it has its own."""
+    return backend if backend.limits is not None else msgspec.structs.replace(backend, limits=limits)
 
 
 class Gateway:

@@ -19,9 +19,16 @@ from typing import Final
 import aiohttp
 import msgspec
 
-from gateway.api.sse import DONE, SSEDecoder
-from gateway.contracts import Operation, UpstreamCall, UpstreamConnectError, UpstreamResponse, UpstreamStreamBroken
-from gateway.policy.model import Backend
+from gateway.api.sse import DONE, SSEDecoder, SSELineTooLong
+from gateway.contracts import (
+    Operation,
+    UpstreamCall,
+    UpstreamConnectError,
+    UpstreamResponse,
+    UpstreamResponseTooLarge,
+    UpstreamStreamBroken,
+)
+from gateway.policy.model import Backend, UpstreamLimits
 
 _PATHS: Final[dict[Operation, str]] = {
     "chat": "/chat/completions",
@@ -69,6 +76,9 @@ class OpenAICompatAdapter:
         # sock_read bounds the wait for each read (first byte included); connect bounds the handshake.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.read_s)
         self._limit = backend.max_connections
+        limits = backend.limits if backend.limits is not None else UpstreamLimits()
+        self._max_body = limits.max_body_bytes
+        self._max_event = limits.max_event_bytes
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -102,7 +112,10 @@ class OpenAICompatAdapter:
         streaming = call.stream and response.status == 200 and "text/event-stream" in headers.get("content-type", "")
         if not streaming:
             try:
-                body = await response.read()
+                body = await self._read_body(response)
+            except UpstreamResponseTooLarge:
+                response.close()  # drop the connection: the rest is never read
+                raise
             except TimeoutError:
                 response.close()
                 raise UpstreamConnectError(f"{self.name}: timed out reading the body", timeout=True) from None
@@ -111,7 +124,7 @@ class OpenAICompatAdapter:
                 raise UpstreamConnectError(f"{self.name}: {type(exc).__name__} reading the body") from None
             response.release()
             return UpstreamResponse(status=response.status, body=body, headers=headers)
-        state = _StreamState()
+        state = _StreamState(self._max_event)
         return UpstreamResponse(
             status=200,
             headers=headers,
@@ -120,40 +133,110 @@ class OpenAICompatAdapter:
             drain=_drainer(response, state),
         )
 
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole body, or UpstreamResponseTooLarge as soon as more than the limit arrived."""
+        limit = self._max_body
+        if response.content_length is not None and response.content_length > limit:
+            raise self._too_large()
+        parts: list[bytes] = []
+        size = 0
+        content = response.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large()
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _too_large(self) -> UpstreamResponseTooLarge:
+        return UpstreamResponseTooLarge(
+            f"The upstream's answer exceeded the gateway's limit of {self._max_body} bytes "
+            "(max_body_bytes of the backend's upstream limits)."
+        )
+
     async def _events(self, response: aiohttp.ClientResponse, state: _StreamState) -> AsyncIterator[bytes]:
         decoder = state.decoder
+        content = response.content
         try:
-            async for chunk in response.content.iter_any():
-                for event in decoder.feed(chunk):
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                batch = state.batch = decoder.feed(chunk)
+                # `pos` is what was handed over: a client that leaves while this batch is being relayed
+                # is charged for the rest of it too (drain).
+                for i, event in enumerate(batch):
+                    state.pos = i + 1
                     if event == DONE:
                         state.done = True
                         return
                     yield event
+            batch = state.batch = decoder.close()
+            for i, event in enumerate(batch):
+                state.pos = i + 1
+                if event == DONE:
+                    state.done = True
+                    return
+                yield event
+        except SSELineTooLong as exc:
+            state.batch, state.pos = exc.events, 0  # decoded before the oversize line: charged (drain)
+            raise UpstreamStreamBroken(
+                f"{self.name}: {exc}",
+                client_message=(
+                    f"The upstream sent a stream event larger than the gateway's limit of {exc.limit} bytes "
+                    "(max_event_bytes of the backend's upstream limits)."
+                ),
+                code="upstream_event_too_large",
+            ) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UpstreamStreamBroken(f"{self.name}: stream failed ({type(exc).__name__})") from None
-        for event in decoder.close():
-            if event == DONE:
-                state.done = True
-                return
-            yield event
         raise UpstreamStreamBroken(f"{self.name}: stream ended without [DONE]")
 
 
 class _StreamState:
-    __slots__ = ("decoder", "done")
+    __slots__ = ("batch", "decoder", "done", "pos")
 
-    def __init__(self) -> None:
-        self.decoder = SSEDecoder()
+    def __init__(self, max_event_bytes: int) -> None:
+        self.decoder = SSEDecoder(max_event_bytes)
         self.done = False
+        # The events decoded from the last read, and how many of them `events` has yielded.
+        self.batch: list[bytes] = []
+        self.pos = 0
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    """What the reader holds unread, without waiting. After a connection error aiohttp refuses to hand
+    it over (every read raises the error first), yet it was received: it is read from the buffer."""
+    try:
+        return content.read_nowait()
+    except (aiohttp.ClientError, OSError, TimeoutError, RuntimeError):
+        pass
+    # aiohttp internals (pinned by tests/unit/test_openai_compat_stream.py): a deque of chunks, the
+    # first one consumed up to `_buffer_offset`.
+    chunks = getattr(content, "_buffer", None)
+    if not chunks:
+        return b""
+    offset = getattr(content, "_buffer_offset", 0)
+    data = b"".join(chunks)[offset:]
+    chunks.clear()
+    return data
 
 
 def _drainer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[[], list[bytes]]:
     def drain() -> list[bytes]:
+        # The rest of the batch being relayed, then whatever complete events are buffered.
+        events = [e for e in state.batch[state.pos :] if e != DONE]
+        state.batch, state.pos = [], 0
+        # Complete events only: a torn last line is not one (an ended stream was closed by `events`).
         try:
-            data = response.content.read_nowait()
-        except (aiohttp.ClientError, RuntimeError, OSError, TimeoutError):
-            return []  # the connection already failed: nothing more was received
-        return [e for e in state.decoder.feed(data) if e != DONE]
+            decoded = state.decoder.feed(_buffered(response.content))
+        except SSELineTooLong as exc:
+            decoded = exc.events  # those before an oversize line are charged; it is not
+        events.extend(e for e in decoded if e != DONE)
+        return events
 
     return drain
 

@@ -642,6 +642,19 @@ def test_fail_after_chunks_non_stream_drops_connection(http: httpx.Client) -> No
         http.post("/v1/chat/completions", json=body(fake={"fail_after_chunks": 0}))
 
 
+def test_pad_bytes_makes_a_huge_body_or_a_huge_sse_line(http: httpx.Client) -> None:
+    r = http.post("/v1/chat/completions", json=body(fake={"pad_bytes": 300_000}))
+    assert r.status_code == 200 and len(r.json()["pad"]) == 300_000
+    assert r.json()["choices"][0]["message"]["content"]  # the answer itself is unchanged
+    _, raw = post_stream(http, "/v1/chat/completions", body(stream=True, fake={"pad_bytes": 300_000}))
+    lines = raw.split(b"\n")
+    assert [len(line) > 300_000 for line in lines].count(True) == 1  # one huge line: the first content chunk
+    chunks = json_payloads(parse_sse(raw))
+    assert len(next(c for c in chunks if "pad" in c)["pad"]) == 300_000
+    assert chunk_kind(next(c for c in chunks if "pad" in c)) == "delta"
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
 def test_midstream_error(http: httpx.Client, sdk: openai.OpenAI) -> None:
     headers = tid()
     payload = body(stream=True, fake={"midstream_error": 1})

@@ -8,6 +8,7 @@ connection is closed in every case, including a client that went away.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,22 +16,23 @@ from collections.abc import AsyncIterator
 import anyio
 import msgspec
 
-from gateway.accounting.meter import completion_tokens_of
+from gateway.accounting.meter import StreamMeter, decode_stream_chunk
 from gateway.api.asgi_send import Reply
 from gateway.api.identity import id_headers
 from gateway.api.sse import DONE_EVENT, encode_event
-from gateway.api.wire import ChunkProbe, UpstreamErrorBody, Usage, UsageProbe
+from gateway.api.wire import UpstreamErrorBody, Usage, UsageProbe
 from gateway.context import RequestContext
 from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody, ErrorEnvelope
 from gateway.stages.accounting import AccountingStage
 from gateway.telemetry import Metrics
+from gateway.tokens import FALLBACK_ENCODING
 from gateway.upstream.normalize import upstream_error
 from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait.relay")
 
-_probe_chunk = msgspec.json.Decoder(ChunkProbe).decode
+_probe_chunk = decode_stream_chunk
 _probe_usage = msgspec.json.Decoder(UsageProbe).decode
 JSON = "application/json"
 
@@ -92,13 +94,12 @@ class _Head(msgspec.Struct):
     model: str | None = None
 
 
-def _usage_chunk(ctx: RequestContext, produced: list[bytes]) -> bytes:
+def _usage_chunk(ctx: RequestContext, last: bytes, completion: int) -> bytes:
     assert ctx.target is not None
     try:
-        head = msgspec.json.decode(produced[-1], type=_Head)
+        head = msgspec.json.decode(last, type=_Head)
     except (msgspec.DecodeError, msgspec.ValidationError):
         head = _Head()
-    completion = completion_tokens_of(produced, ctx.target.model.tokenizer)
     usage = Usage(
         prompt_tokens=ctx.prompt_tokens, completion_tokens=completion, total_tokens=ctx.prompt_tokens + completion
     )
@@ -127,14 +128,15 @@ async def _relay(
     assert upstream.events is not None
     include_usage = ctx.include_usage
     usage: Usage | None = None
-    # Every event the upstream produced: counted with tiktoken only if no usage arrives.
-    produced: list[bytes] = []
+    # What the upstream produced, counted as it goes (O(1) held); used only if no usage arrives.
+    meter = StreamMeter(ctx.target.model.tokenizer if ctx.target is not None else FALLBACK_ENCODING)
     ttft: float | None = None
     complete = False
     status = 200
+    # The stream's last event: [DONE] on success, else an error event (so the SDK raises).
+    final = DONE_EVENT
     try:
         async for payload in upstream.events:
-            produced.append(payload)
             if ttft is None:
                 ttft = time.perf_counter() - ctx.started
                 ctx.lease_renewed = time.monotonic()
@@ -144,8 +146,9 @@ async def _relay(
                 probe = _probe_chunk(payload)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 status = 502
-                yield _error_event("The upstream sent an invalid stream event.", "server_error", "upstream_bad_event")
-                return
+                final = _error_event("The upstream sent an invalid stream event.", "server_error", "upstream_bad_event")
+                break
+            meter.add(probe, payload)
             if probe.error is not None:
                 err = (
                     probe.error
@@ -157,27 +160,30 @@ async def _relay(
                 # Redacted like any upstream error text: no secret, host, address or path reaches the client.
                 message, type_ = ctx.redact(err.message or ""), ctx.redact(err.type or "")
                 code = ctx.redact.optional(code)
-                yield _error_event(message or "The upstream failed mid-stream.", type_ or "server_error", code)
-                return
+                final = _error_event(message or "The upstream failed mid-stream.", type_ or "server_error", code)
+                break
             if probe.usage is not None:
                 usage = probe.usage
                 if not include_usage and probe.choices is not None and not probe.choices:
                     continue
             yield encode_event(payload)
-        complete = True
-        if include_usage and usage is None and produced and ctx.target is not None:
-            # The client asked for usage and this upstream sent none (llama-cpp-python, older servers):
-            # add the chunk OpenAI would have sent, counted with tiktoken.
-            yield encode_event(_usage_chunk(ctx, produced))
-        yield DONE_EVENT
+        else:
+            complete = True
+            if include_usage and usage is None and meter.last is not None and ctx.target is not None:
+                # The client asked for usage and this upstream sent none (llama-cpp-python, older servers):
+                # add the chunk OpenAI would have sent, counted with tiktoken.
+                yield encode_event(_usage_chunk(ctx, meter.last, meter.tokens()))
     except UpstreamStreamBroken as exc:
         log.warning("request %s: %s", ctx.request_id, exc)
         status = 502
-        yield _error_event("The upstream stream ended unexpectedly.", "server_error", "upstream_stream_broken")
+        final = _error_event(exc.client_message, "server_error", exc.code)
     finally:
+        # Runs exactly once, whether the stream ended, failed, or the client left (then the code after
+        # this block never runs: the generator is being closed).
         if not complete and upstream.drain is not None:
-            # Left early: what the upstream already sent is charged too, not only what was relayed.
-            produced.extend(upstream.drain())
+            # Left early or failed: what the upstream already sent is charged too, not only what was
+            # relayed (a usage chunk among it wins, as it would have).
+            usage = _drained(upstream.drain(), meter, usage)
         if upstream.close is not None:
             # Shielded: a client that went away cancels this task, and the upstream must still be closed
             # (so the engine stops generating for nobody).
@@ -191,7 +197,23 @@ async def _relay(
             ctx,
             status=status,
             usage=usage,
-            produced=produced if usage is None else (),
+            estimated_completion=meter.tokens() if usage is None else None,
             partial=not complete,
             ttft_s=ttft,
         )
+    # The concurrency slots are free before the client sees the end, so its next request finds them so.
+    if ctx.settling is not None:
+        await asyncio.shield(ctx.settling)
+    yield final
+
+
+def _drained(events: list[bytes], meter: StreamMeter, usage: Usage | None) -> Usage | None:
+    for payload in events:
+        try:
+            probe = _probe_chunk(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        meter.add(probe, payload)
+        if probe.usage is not None:
+            usage = probe.usage
+    return usage

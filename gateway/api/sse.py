@@ -4,10 +4,22 @@ from __future__ import annotations
 
 DONE = b"[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
+# Longest line (and longest event: its data lines joined) an upstream may send; a real chunk is a few KiB.
+MAX_EVENT_BYTES = 1024 * 1024
 
 
 def encode_event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
+
+
+class SSELineTooLong(ValueError):
+    """A line or an event longer than the decoder's cap: the stream is refused, not buffered further."""
+
+    def __init__(self, limit: int, events: list[bytes] | None = None) -> None:
+        super().__init__(f"an upstream stream event exceeded {limit} bytes")
+        self.limit = limit
+        # The complete events the refused feed had decoded before the oversize line.
+        self.events = events or []
 
 
 class SSEDecoder:
@@ -15,16 +27,37 @@ class SSEDecoder:
 
     Tolerates what real servers send: CRLF or CR line ends, `data:` with or without a space,
     comment lines (`: ping`), other fields (`event:`, `id:`), and multi-line data joined with `\\n`.
+
+    Bounded: a line or an event longer than `max_bytes` raises `SSELineTooLong` as soon as that many
+    bytes are pending, whatever the split. An incomplete line is kept as a list of the chunks it arrived
+    in and joined once, when it ends: a long line costs linear time, not one copy per chunk.
     """
 
-    __slots__ = ("_buf", "_data")
+    __slots__ = ("_cr", "_data", "_data_size", "_max", "_parts", "_pending")
 
-    def __init__(self) -> None:
-        self._buf = b""
+    def __init__(self, max_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._parts: list[bytes] = []  # the incomplete last line, as received
+        self._pending = 0  # its length
+        self._cr = False  # it ends with a CR (maybe the first half of a CRLF)
         self._data: list[bytes] = []
+        self._data_size = 0
+        self._max = max_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self._buf + chunk if self._buf else chunk
+        if self._parts:
+            if not self._cr and b"\n" not in chunk and b"\r" not in chunk:
+                # Still inside the same line: keep the piece, no copy.
+                self._parts.append(chunk)
+                self._pending += len(chunk)
+                if self._pending > self._max:
+                    raise SSELineTooLong(self._max)
+                return []
+            self._parts.append(chunk)
+            buf = b"".join(self._parts)
+            self._parts = []
+            self._pending = 0
+        else:
+            buf = chunk
         events: list[bytes] = []
         start = 0
         n = len(buf)
@@ -41,9 +74,17 @@ class SSEDecoder:
                 end, nxt = lf, lf + 1
             else:
                 break
+            if end - start > self._max:
+                raise SSELineTooLong(self._max, events)
             self._line(buf[start:end], events)
             start = nxt
-        self._buf = buf[start:]
+        if start < n:
+            rest = buf[start:]
+            self._cr = rest.endswith(b"\r")
+            self._pending = len(rest)
+            if self._pending - int(self._cr) > self._max:
+                raise SSELineTooLong(self._max, events)
+            self._parts = [rest]
         return events
 
     def _line(self, line: bytes, events: list[bytes]) -> None:
@@ -51,19 +92,28 @@ class SSEDecoder:
             if self._data:
                 events.append(b"\n".join(self._data))
                 self._data = []
+                self._data_size = 0
             return
         if line.startswith(b"data:"):
             value = line[5:]
-            self._data.append(value[1:] if value.startswith(b" ") else value)
+            if value.startswith(b" "):
+                value = value[1:]
+            self._data_size += len(value) + 1
+            if self._data_size > self._max + 1:
+                raise SSELineTooLong(self._max, events)
+            self._data.append(value)
         # Comments (":...") and other fields (event, id, retry) carry nothing Strait forwards.
 
     def close(self) -> list[bytes]:
         """End of stream: a final event without its blank line still counts (some servers omit it)."""
         events: list[bytes] = []
-        if self._buf:
-            self._line(self._buf.rstrip(b"\r"), events)
-            self._buf = b""
+        if self._parts:
+            buf = b"".join(self._parts)
+            self._parts = []
+            self._pending = 0
+            self._line(buf.rstrip(b"\r"), events)
         if self._data:
             events.append(b"\n".join(self._data))
             self._data = []
+            self._data_size = 0
         return events

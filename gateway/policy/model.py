@@ -33,6 +33,18 @@ class Timeouts(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     read_s: float = 120.0
 
 
+class UpstreamLimits(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How much of an upstream's answer Strait reads (`server.upstream` for every backend; a backend's
+    own `limits` replace it for that backend)."""
+
+    # Largest answer body (JSON or error, after decompression): the read stops there, the connection is
+    # dropped and the client gets 502 `upstream_response_too_large`. Never buffered whole first.
+    max_body_bytes: int = 16 * 1024 * 1024
+    # Longest SSE line or event of a stream: past it the stream fails (error event
+    # `upstream_event_too_large`, no [DONE]), the connection is aborted, what was produced is charged.
+    max_event_bytes: int = 1024 * 1024
+
+
 class Hosting(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Where and by whom a backend is run: a different fact from who built the model it serves."""
 
@@ -82,6 +94,8 @@ class Backend(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     tier: Tier = "provider"
     hosting: Hosting = Hosting()
     timeouts: Timeouts = Timeouts()
+    # None: the server's `upstream` limits (filled in when the runtime is built).
+    limits: UpstreamLimits | None = None
     max_connections: int = 256
     hardware: Hardware | None = None
     capacity: Capacity = Capacity()
@@ -283,6 +297,8 @@ class Rule(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
 class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Requests with a larger body are refused with 413 before the body is read whole.
     max_body_bytes: int = 4 * 1024 * 1024
+    # What Strait reads of an upstream's answer, for every backend without `limits` of its own.
+    upstream: UpstreamLimits = UpstreamLimits()
     # Digests (`strait keys hash`) of keys that may read every tenant's usage at /admin/usage.
     admin_keys: tuple[str, ...] = ()
 

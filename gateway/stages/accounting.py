@@ -52,10 +52,14 @@ class AccountingStage:
         status: int,
         usage: Usage | None,
         produced: Sequence[bytes] = (),
+        estimated_completion: int | None = None,
         partial: bool = False,
         ttft_s: float | None = None,
     ) -> None:
-        """The answer is over (sent, failed or abandoned): record it and release the reservation."""
+        """The answer is over (sent, failed or abandoned): record it and release the reservation.
+
+        Without provider `usage`, completion tokens are `estimated_completion` (a stream's running
+        count) or else tiktoken over `produced` (a JSON body)."""
         now = time.time()
         ts_ms = int(now * 1000)
         prompt = completion = cached = cost = 0
@@ -87,7 +91,11 @@ class AccountingStage:
                 source = "provider"
             elif status < 400 or partial:
                 prompt = ctx.prompt_tokens
-                completion = completion_tokens_of(produced, target.model.tokenizer)
+                completion = (
+                    estimated_completion
+                    if estimated_completion is not None
+                    else completion_tokens_of(produced, target.model.tokenizer)
+                )
                 source = "estimated"
             cost = cost_micro_usd(target.deployment.price, prompt, completion, cached)
             self._submit(

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 
 from gateway.context import RequestContext
-from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse
+from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse, UpstreamResponseTooLarge
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.telemetry import Metrics
 from gateway.upstream.normalize import AUTH_FAILURE_STATUS
@@ -74,6 +74,11 @@ class Dispatcher:
                 ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
                 last_error = exc
                 continue
+            except UpstreamResponseTooLarge:
+                # It answered, too much to read: not retried; the attempt is the one recorded.
+                signals.finished(backend)
+                ctx.target = target
+                raise
             except BaseException:
                 signals.finished(backend)
                 raise

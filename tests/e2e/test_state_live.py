@@ -5,6 +5,7 @@ upstream says it generated."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,22 +195,50 @@ def _usage(gw: ServerProcess, tenant: str, by: str = "route") -> list[dict[str, 
     return r.json()["data"]  # type: ignore[no-any-return]
 
 
-def test_ledger_matches_the_upstreams_own_record_after_chaos(replicas: list[ServerProcess], ledger: Ledger) -> None:
+def _received_tokens(lines: list[str]) -> int:
+    """Completion tokens in the content deltas a client received (cl100k vocabulary: one per word)."""
+    from gateway.tokens import count_text
+
+    text = ""
+    for line in lines:
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:]).get("choices") or ():
+                text += (choice.get("delta") or {}).get("content") or ""
+    return count_text(text, "cl100k_base")
+
+
+def _ledger_records(server: RedisProc, tenant: str) -> dict[str, dict[str, Any]]:
+    """The gateway's final usage record of each request, read from the tenant's stream in Redis."""
+    with redis.Redis(port=server.port) as c:
+        entries = c.xrange(f"strait:{{t:{tenant}}}:ledger")
+    records = (json.loads(fields[b"r"]) for _, fields in entries)
+    return {r["request_id"]: r for r in records if r["final"]}
+
+
+def test_ledger_matches_the_upstreams_own_record_after_chaos(
+    replicas: list[ServerProcess], ledger: Ledger, redis_server: RedisProc
+) -> None:
+    """Per request: what the client received <= what the ledger charged <= what the upstream generated,
+    equal for every complete answer. Holds whatever the timing: on a loaded machine an abandoned or
+    reset stream may be cut anywhere, but never charged for less than was delivered, nor for more than
+    the upstream sent."""
     gw = replicas[0].base_url
     url = gw + "/v1/chat/completions"
     start = ledger.records()[-1]["n"] if ledger.records() else 0
     msgs = [{"role": "user", "content": "count"}]
     fake = {"vocab": "cl100k"}
-    made = 0
+    # request id -> (kind, completion tokens the client received)
+    sent: dict[str, tuple[str, int]] = {}
     for i in range(6):
         body = {"model": "metered", "messages": msgs, "fake": {**fake, "tokens": 7 + i}}
-        assert httpx.post(url, json=body, headers=auth("metered")).status_code == 200
-        made += 1
+        r = httpx.post(url, json=body, headers=auth("metered"))
+        assert r.status_code == 200
+        sent[r.headers["x-request-id"]] = ("complete", r.json()["usage"]["completion_tokens"])
     for i in range(4):  # complete streams; the client did not ask for usage, Strait did
         body = {"model": "metered", "messages": msgs, "stream": True, "fake": {**fake, "tokens": 11 + i}}
-        assert "[DONE]" in httpx.post(url, json=body, headers=auth("metered")).text
-        made += 1
-    partials = 0
+        r = httpx.post(url, json=body, headers=auth("metered"))
+        assert "[DONE]" in r.text
+        sent[r.headers["x-request-id"]] = ("complete", _received_tokens(r.text.splitlines()))
     for _ in range(3):  # clients that leave mid-stream
         body = {
             "model": "metered",
@@ -219,10 +248,8 @@ def test_ledger_matches_the_upstreams_own_record_after_chaos(replicas: list[Serv
         }
         with httpx.stream("POST", url, json=body, headers=auth("metered")) as r:
             lines = r.iter_lines()
-            for _ in range(6):
-                next(lines)
-        made += 1
-        partials += 1
+            read = [next(lines) for _ in range(6)]
+            sent[r.headers["x-request-id"]] = ("left", _received_tokens(read))
     for _ in range(2):  # upstream resets mid-stream
         body = {
             "model": "metered",
@@ -230,13 +257,16 @@ def test_ledger_matches_the_upstreams_own_record_after_chaos(replicas: list[Serv
             "stream": True,
             "fake": {**fake, "tokens": 50, "fail_after_chunks": 3},
         }
-        assert "[DONE]" not in httpx.post(url, json=body, headers=auth("metered")).text
-        made += 1
-        partials += 1
+        r = httpx.post(url, json=body, headers=auth("metered"))
+        assert "[DONE]" not in r.text
+        sent[r.headers["x-request-id"]] = ("reset", _received_tokens(r.text.splitlines()))
     for _ in range(2):  # upstream errors: no tokens
         body = {"model": "metered", "messages": msgs, "fake": {"status": 500}}
-        assert httpx.post(url, json=body, headers=auth("metered")).status_code == 500
-        made += 1
+        r = httpx.post(url, json=body, headers=auth("metered"))
+        assert r.status_code == 500
+        sent[r.headers["x-request-id"]] = ("error", 0)
+    made = len(sent)
+    assert made == 17
 
     def settled() -> list[dict[str, Any]] | None:
         records = [r for r in ledger.records() if r["n"] > start]
@@ -247,10 +277,22 @@ def test_ledger_matches_the_upstreams_own_record_after_chaos(replicas: list[Serv
 
     rows = _poll(settled)
     assert rows, "the ledger never showed every request exactly once"
-    generated = sum(r["completion_tokens_generated"] for r in ledger.records() if r["n"] > start)
-    charged = rows[0]["completion_tokens"]
-    chunk = 5  # the fake's tokens per SSE event
-    assert generated - chunk * partials <= charged <= generated
+    upstream = {r["headers"]["x-request-id"]: r for r in ledger.records() if r["n"] > start}
+    charged = _ledger_records(redis_server, "metered")
+    assert set(upstream) == set(sent) and set(sent) <= set(charged)
+    for rid, (kind, received) in sent.items():
+        generated = upstream[rid]["completion_tokens_generated"]
+        record = charged[rid]
+        got = record["completion_tokens"]
+        where = f"{kind} request {rid}: received {received}, charged {got}, generated {generated}"
+        assert received <= got <= generated, where
+        if kind == "complete":
+            assert received == got == generated and not record["partial"], where
+        elif kind in ("left", "reset"):
+            assert record["partial"] and received > 0, where
+        else:
+            assert got == 0 and record["status"] == 500, where
+    assert rows[0]["completion_tokens"] == sum(charged[rid]["completion_tokens"] for rid in sent)
     assert rows[0]["cost_usd"] > 0
     # Tenants never see each other's usage.
     other = httpx.get(gw + "/v1/usage", headers=auth("other")).json()["data"]

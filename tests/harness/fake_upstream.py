@@ -238,6 +238,9 @@ DIRECTIVES: dict[str, Callable[[Any], Any]] = {
     "deny_key_prefix": _as_str,  # 401 when the bearer key starts with this, its message echoing the whole key
     "error_message": _as_str,  # the message of the error envelope sent for `status` or `midstream_error`
     "ratelimit_headers": _as_bool,  # send the provider-account x-ratelimit-* headers on every answer
+    # chat: add a "pad" field of this many bytes to the answer (non-stream: a huge JSON body) or to the first
+    # content chunk (stream: one huge SSE line); it carries no tokens
+    "pad_bytes": _as_int,
 }
 
 
@@ -895,6 +898,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "service_tier": SERVICE_TIER,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
+    if "pad_bytes" in ctx.d:
+        resp["pad"] = "x" * max(0, ctx.d["pad_bytes"])
     return await send_json(ctx, 200, resp, tokens=completion_tokens)
 
 
@@ -971,9 +976,12 @@ async def _stream_chat(
         f'"service_tier":"{SERVICE_TIER}","system_fingerprint":"{SYSTEM_FINGERPRINT}","choices":'
     )
 
+    pad = ["x" * max(0, ctx.d["pad_bytes"])] if "pad_bytes" in ctx.d else []
+
     def chunk(index: int, delta: str, finish: str | None = None, tail: str = tail) -> str:
         fr = "null" if finish is None else f'"{finish}"'
-        return f'{head}[{{"index":{index},"delta":{delta},"logprobs":null,"finish_reason":{fr}}}]{tail}'
+        extra = f',"pad":"{pad.pop()}"' if pad and finish is None and delta.startswith('{"content"') else ""
+        return f'{head}[{{"index":{index},"delta":{delta},"logprobs":null,"finish_reason":{fr}}}]{extra}{tail}'
 
     chunk_tokens = max(1, ctx.d.get("chunk_tokens", 5))
     resp = await _start_stream(ctx)

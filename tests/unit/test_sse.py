@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.api.sse import SSEDecoder, encode_event
+from gateway.api.sse import MAX_EVENT_BYTES, SSEDecoder, SSELineTooLong, encode_event
 
 payload = st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b and b"\r" not in b)
 
@@ -51,3 +52,69 @@ def test_final_event_without_blank_line_is_kept_on_close() -> None:
 
 def test_encode_event_round_trips() -> None:
     assert SSEDecoder().feed(encode_event(b'{"a":1}')) == [b'{"a":1}']
+
+
+# ---- the cap: a line (or an event) longer than the decoder's limit is refused, whatever the split ----
+
+CAP = 64
+
+
+def _feed_all(dec: SSEDecoder, data: bytes, cuts: list[int]) -> list[bytes]:
+    out: list[bytes] = []
+    last = 0
+    for cut in sorted(set(c % (len(data) + 1) for c in cuts)):
+        out += dec.feed(data[last:cut])
+        last = cut
+    out += dec.feed(data[last:])
+    out += dec.close()
+    return out
+
+
+line_body = st.binary(min_size=0, max_size=3 * CAP).filter(lambda b: b"\n" not in b and b"\r" not in b)
+
+
+@settings(max_examples=400)
+@given(
+    st.lists(payload, max_size=4),
+    line_body,
+    st.sampled_from([b"data: ", b": ", b"event: "]),
+    st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    st.lists(st.integers(0, 10_000)),
+)
+def test_a_line_over_the_cap_is_refused_whatever_the_split(
+    before: list[bytes], body: bytes, field: bytes, eol: bytes, cuts: list[int]
+) -> None:
+    line = field + body
+    stream = b"".join(b"data: " + p + eol + eol for p in before) + line + eol + eol
+    dec = SSEDecoder(max_bytes=CAP)
+    if len(line) > CAP:
+        with pytest.raises(SSELineTooLong):
+            _feed_all(dec, stream, cuts)
+    else:
+        expected = before + ([body] if field == b"data: " else [])
+        assert _feed_all(dec, stream, cuts) == expected
+
+
+@given(st.lists(st.integers(0, 10_000)))
+def test_an_event_whose_data_lines_add_up_over_the_cap_is_refused(cuts: list[int]) -> None:
+    half = b"x" * (CAP // 2)
+    ok = b"data: " + half[:-8] + b"\n" + b"data: " + half[:-8] + b"\n\n"
+    assert _feed_all(SSEDecoder(max_bytes=CAP), ok, cuts) == [half[:-8] + b"\n" + half[:-8]]
+    too_big = b"".join(b"data: " + half[:-4] + b"\n" for _ in range(3)) + b"\n"
+    with pytest.raises(SSELineTooLong):
+        _feed_all(SSEDecoder(max_bytes=CAP), too_big, cuts)
+
+
+def test_a_huge_line_is_refused_once_the_cap_is_passed_not_at_its_end() -> None:
+    """The 48 MiB attack: refused after the first MiB, without waiting for (or buffering) the rest."""
+    dec = SSEDecoder()  # the default cap
+    piece = b"x" * 65536
+    assert dec.feed(b'data: {"pad":"') == []
+    fed = 0
+    with pytest.raises(SSELineTooLong) as refused:
+        for _ in range(48 * 16):
+            dec.feed(piece)
+            fed += len(piece)
+    assert refused.value.limit == MAX_EVENT_BYTES
+    # Refused by the feed that took the line past the cap (`fed` counts the feeds that returned).
+    assert fed <= MAX_EVENT_BYTES < fed + len(piece) + len(b'data: {"pad":"')
