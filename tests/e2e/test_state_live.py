@@ -233,12 +233,12 @@ def test_ledger_matches_the_upstreams_own_record_after_chaos(
         body = {"model": "metered", "messages": msgs, "fake": {**fake, "tokens": 7 + i}}
         r = httpx.post(url, json=body, headers=auth("metered"))
         assert r.status_code == 200
-        sent[r.headers["x-request-id"]] = ("complete", r.json()["usage"]["completion_tokens"])
+        sent[r.headers["x-strait-request-id"]] = ("complete", r.json()["usage"]["completion_tokens"])
     for i in range(4):  # complete streams; the client did not ask for usage, Strait did
         body = {"model": "metered", "messages": msgs, "stream": True, "fake": {**fake, "tokens": 11 + i}}
         r = httpx.post(url, json=body, headers=auth("metered"))
         assert "[DONE]" in r.text
-        sent[r.headers["x-request-id"]] = ("complete", _received_tokens(r.text.splitlines()))
+        sent[r.headers["x-strait-request-id"]] = ("complete", _received_tokens(r.text.splitlines()))
     for _ in range(3):  # clients that leave mid-stream
         body = {
             "model": "metered",
@@ -249,7 +249,7 @@ def test_ledger_matches_the_upstreams_own_record_after_chaos(
         with httpx.stream("POST", url, json=body, headers=auth("metered")) as r:
             lines = r.iter_lines()
             read = [next(lines) for _ in range(6)]
-            sent[r.headers["x-request-id"]] = ("left", _received_tokens(read))
+            sent[r.headers["x-strait-request-id"]] = ("left", _received_tokens(read))
     for _ in range(2):  # upstream resets mid-stream
         body = {
             "model": "metered",
@@ -259,12 +259,12 @@ def test_ledger_matches_the_upstreams_own_record_after_chaos(
         }
         r = httpx.post(url, json=body, headers=auth("metered"))
         assert "[DONE]" not in r.text
-        sent[r.headers["x-request-id"]] = ("reset", _received_tokens(r.text.splitlines()))
+        sent[r.headers["x-strait-request-id"]] = ("reset", _received_tokens(r.text.splitlines()))
     for _ in range(2):  # upstream errors: no tokens
         body = {"model": "metered", "messages": msgs, "fake": {"status": 500}}
         r = httpx.post(url, json=body, headers=auth("metered"))
         assert r.status_code == 500
-        sent[r.headers["x-request-id"]] = ("error", 0)
+        sent[r.headers["x-strait-request-id"]] = ("error", 0)
     made = len(sent)
     assert made == 17
 
