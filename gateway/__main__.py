@@ -73,6 +73,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
+    from gateway.api.server_limits import LimitedHttpToolsProtocol
+
     uvicorn.run(
         "gateway.__main__:app_from_env",
         factory=True,
@@ -80,7 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        # httptools with header size/count limits and a header deadline (README "Inbound limits").
+        http=LimitedHttpToolsProtocol,
+        limit_concurrency=settings.max_connections or None,
         lifespan="on",
         access_log=False,
         log_level=settings.log_level.lower(),

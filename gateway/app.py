@@ -19,6 +19,7 @@ from litestar.exceptions import HTTPException
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
+from gateway.api.inbound import inbound_limits
 from gateway.api.respond import JSON
 from gateway.api.routes import build_handlers, request_id_of
 from gateway.contracts import AdapterFactory
@@ -79,7 +80,7 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
     gateway = Gateway(runtime, metrics, signals, store, writer, ledger)
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     return Litestar(
-        route_handlers=build_handlers(gateway),
+        route_handlers=build_handlers(gateway, inbound_limits(settings)),
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_exception,

@@ -96,6 +96,14 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class RequestTimeout(GatewayError):
+    """408: the client sent its request too slowly (body idle or total read timeout); the connection closes."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class BudgetExceeded(GatewayError):
     """402: the tenant's or key's budget is spent; retrying will not help until the window resets."""
 
