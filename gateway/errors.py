@@ -104,6 +104,15 @@ class RequestTimeout(GatewayError):
     code = "request_timeout"
 
 
+class ClientClosedRequest(GatewayError):
+    """499 (nginx's code): the client went away before its request was read; nothing can be sent back, and
+    it is the client's doing, so no traceback is logged."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class BudgetExceeded(GatewayError):
     """402: the tenant's or key's budget is spent; retrying will not help until the window resets."""
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from gateway.errors import RequestTimeout
+from gateway.errors import ClientClosedRequest, RequestTimeout
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -91,7 +91,7 @@ async def body_chunks(
                 f"The request body arrived too slowly (the limit is {limit}).", headers={"connection": "close"}
             ) from None
         if message["type"] == "http.disconnect":
-            raise anyio.get_cancelled_exc_class()
+            raise ClientClosedRequest("The client closed the connection before sending the whole body.")
         chunk = message.get("body", b"")
         if chunk:
             yield chunk

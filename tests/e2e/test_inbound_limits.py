@@ -216,6 +216,19 @@ def test_a_slow_body_gets_408_and_the_connection_closes(gw: ServerProcess) -> No
     assert_serves(gw)
 
 
+def test_a_client_leaving_mid_body_is_not_a_traceback(gw: ServerProcess) -> None:
+    # The module's teardown asserts the gateway log has no traceback (today: "Exception in ASGI application").
+    for _ in range(3):
+        with connect(gw) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + KEY.encode()
+                + b"\r\nContent-Length: 500\r\n\r\n"
+                + b'{"model": "chat", '
+            )
+    assert_serves(gw)
+
+
 @pytest.mark.parametrize(
     "body",
     [
