@@ -190,6 +190,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if not self._awaiting_head or self.transport.is_closing():
             return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request waits behind a response still being written (a long stream): its
+            # headers are not late yet, and closing now would cut that response.
+            self._arm_head_timer()
+            return
         timeout = self.limits.header_timeout_s
         _warn(f"header block not complete after {timeout:g} s", self.client)
         self._close_with(

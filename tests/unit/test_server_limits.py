@@ -45,12 +45,12 @@ class FakeTransport(asyncio.Transport):
 
 
 class Harness:
-    def __init__(self, limits: ServerLimits = LIMITS) -> None:
+    def __init__(self, limits: ServerLimits = LIMITS, *, read_body: bool = True) -> None:
         self.calls: list[str] = []
 
         async def app(scope: Any, receive: Any, send: Any) -> None:
             self.calls.append(scope["path"])
-            while (await receive()).get("more_body"):
+            while read_body and (await receive()).get("more_body"):
                 pass
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
             await send({"type": "http.response.body", "body": b"ok"})
@@ -166,6 +166,17 @@ def test_a_timely_header_block_cancels_the_deadline() -> None:
         assert h.protocol._head_timer is None
         assert not h.transport.is_closing()
         h.protocol.connection_lost(None)
+
+    run(go())
+
+
+def test_a_body_nobody_reads_cannot_keep_the_connection_open() -> None:
+    async def go() -> None:
+        limits = ServerLimits(max_header_bytes=4096, max_header_count=10, header_timeout_s=5, body_timeout_s=0.1)
+        h = Harness(limits, read_body=False)  # answers without reading the body (like a 401 before the body)
+        h.protocol.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\nabc")
+        await asyncio.wait_for(h.transport.closed.wait(), 5)  # the backstop, 1.1 s later
+        assert h.status() == 200 and h.calls == ["/x"]
 
     run(go())
 
