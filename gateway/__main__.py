@@ -80,6 +80,8 @@ def _serve(args: argparse.Namespace) -> int:
     # after a clean, requested shutdown. This handler makes the re-raised signal a normal exit 0 (and a
     # SIGTERM before uvicorn takes over, when nothing is being served yet, an immediate exit 0).
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    from gateway.api.server_limits import LimitedHttpToolsProtocol
+
     uvicorn.run(
         "gateway.__main__:app_from_env",
         factory=True,
@@ -87,7 +89,9 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        # httptools with header size/count limits and a header deadline (README "Inbound limits").
+        http=LimitedHttpToolsProtocol,
+        limit_concurrency=settings.max_connections or None,
         lifespan="on",
         access_log=False,
         log_level=settings.log_level.lower(),

@@ -20,6 +20,7 @@ from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
 from gateway.api.identity import request_id_of, scope_id_headers
+from gateway.api.inbound import inbound_limits
 from gateway.api.respond import JSON
 from gateway.api.routes import build_handlers
 from gateway.contracts import AdapterFactory
@@ -80,7 +81,7 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
     gateway = Gateway(runtime, metrics, signals, store, writer, ledger)
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     return Litestar(
-        route_handlers=build_handlers(gateway, metrics_token=settings.metrics_token),
+        route_handlers=build_handlers(gateway, inbound_limits(settings), metrics_token=settings.metrics_token),
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_exception,

@@ -96,6 +96,23 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class RequestTimeout(GatewayError):
+    """408: the client sent its request too slowly (body idle or total read timeout); the connection closes."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class ClientClosedRequest(GatewayError):
+    """499 (nginx's code): the client went away before its request was read; nothing can be sent back, and
+    it is the client's doing, so no traceback is logged."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class BudgetExceeded(GatewayError):
     """The tenant's or key's budget is spent: answered the way OpenAI signals exhausted quota (429,
     `insufficient_quota`, sent with `x-should-retry: false`), so the openai SDK raises RateLimitError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -32,6 +32,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # unset (or empty) leaves it open, as Prometheus scrapers expect by default.
     metrics_token: str | None = None
 
+    # Inbound limits (README "Inbound limits"): what a client may send before Strait refuses it.
+    # Request line + header block, in bytes, and the number of header lines (431 beyond; uvicorn only).
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024
+    max_header_count: Annotated[int, msgspec.Meta(ge=1)] = 100
+    # From the connection's (or the request's) first byte to the end of its header block (408, closed).
+    header_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # Reading a request body: longest wait for the next chunk, and for the whole body (408, closed).
+    body_idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    body_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    # Deepest nesting of arrays/objects in a JSON body (400 beyond, before anything recursive runs).
+    max_json_depth: Annotated[int, msgspec.Meta(ge=2, le=256)] = 64
+    # Largest `max_tokens` / `max_completion_tokens` accepted (400 beyond).
+    max_output_tokens: Annotated[int, msgspec.Meta(ge=1, le=50_000_000)] = 1_000_000
+    # Open connections + running requests per worker before new requests get 503 (0: no limit).
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
+
     def __post_init__(self) -> None:
         if self.metrics_token is not None and not all("!" <= c <= "~" for c in self.metrics_token):
             raise ValueError("STRAIT_METRICS_TOKEN must be printable ASCII without spaces")
@@ -52,6 +68,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("state_timeout_ms", "STRAIT_STATE_TIMEOUT_MS"),
             ("spool_dir", "STRAIT_SPOOL_DIR"),
             ("metrics_token", "STRAIT_METRICS_TOKEN"),
+            ("max_header_bytes", "STRAIT_MAX_HEADER_BYTES"),
+            ("max_header_count", "STRAIT_MAX_HEADER_COUNT"),
+            ("header_timeout_s", "STRAIT_HEADER_TIMEOUT_S"),
+            ("body_idle_timeout_s", "STRAIT_BODY_IDLE_TIMEOUT_S"),
+            ("body_timeout_s", "STRAIT_BODY_TIMEOUT_S"),
+            ("max_json_depth", "STRAIT_MAX_JSON_DEPTH"),
+            ("max_output_tokens", "STRAIT_MAX_OUTPUT_TOKENS"),
+            ("max_connections", "STRAIT_MAX_CONNECTIONS"),
         ):
             if var in env and (env[var] or field != "metrics_token"):
                 values[field] = env[var]

@@ -8,11 +8,14 @@ accounting) always runs.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+
+from gateway.errors import ClientClosedRequest, RequestTimeout
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -66,12 +69,29 @@ async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
             await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
-    """The request body as it arrives."""
+async def body_chunks(
+    receive: Receive, idle_timeout_s: float | None = None, total_timeout_s: float | None = None
+) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client that pauses longer than `idle_timeout_s` between chunks
+    or takes longer than `total_timeout_s` for the whole body gets 408 and the connection is closed."""
+    loop = asyncio.get_running_loop()
+    deadline = None if total_timeout_s is None else loop.time() + total_timeout_s
     while True:
-        message = await receive()
+        wait = idle_timeout_s
+        if deadline is not None:
+            left = deadline - loop.time()
+            wait = left if wait is None else min(wait, left)
+        try:
+            async with asyncio.timeout(wait):
+                message = await receive()
+        except TimeoutError:
+            total = deadline is not None and loop.time() >= deadline
+            limit = f"{total_timeout_s:g} s for the whole body" if total else f"{idle_timeout_s:g} s between chunks"
+            raise RequestTimeout(
+                f"The request body arrived too slowly (the limit is {limit}).", headers={"connection": "close"}
+            ) from None
         if message["type"] == "http.disconnect":
-            raise anyio.get_cancelled_exc_class()
+            raise ClientClosedRequest("The client closed the connection before sending the whole body.")
         chunk = message.get("body", b"")
         if chunk:
             yield chunk

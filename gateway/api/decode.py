@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits, check_numbers, depth_bound_holds, depth_exceeds, too_deep
 from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
@@ -72,19 +73,26 @@ async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, li
     return b"".join(parts)
 
 
-def decode_request(body: bytes, kind: type[T]) -> tuple[T, dict[str, Any]]:
+def decode_request(body: bytes, kind: type[T], limits: InboundLimits = DEFAULT_LIMITS) -> tuple[T, dict[str, Any]]:
     """Decode `body` into the typed request and the pass-through mapping."""
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    measure_depth = not depth_bound_holds(body, limits.max_json_depth)
     try:
         raw = _raw.decode(body)
-    except msgspec.ValidationError:
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json") from None
+    except RecursionError:
+        raise too_deep(limits.max_json_depth) from None
+    except msgspec.ValidationError as exc:
+        # Not an object, or a number no integer/float can hold (e.g. 1e400, a 5000-digit integer).
+        reason = "" if str(exc).startswith("Expected `object`") else f" ({exc})"
+        raise InvalidRequest(f"The request body must be a JSON object{reason}.", code="invalid_json") from None
     except msgspec.DecodeError as exc:
         hint = " Strings must be valid Unicode: lone surrogate escapes are refused." if _SURROGATE.search(body) else ""
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc}.{hint}", code="invalid_json"
         ) from None
+    if measure_depth and depth_exceeds(raw, limits.max_json_depth):
+        raise too_deep(limits.max_json_depth)
     forbidden = _forbidden_field(raw)
     if forbidden is not None:
         raise InvalidRequest(
@@ -104,6 +112,7 @@ def decode_request(body: bytes, kind: type[T]) -> tuple[T, dict[str, Any]]:
         where = f" (at '{param}')" if param and not missing else ""
         raise InvalidRequest(f"Invalid request: {reason}{where}.", param=param) from None
     _check_ranges(typed)
+    check_numbers(raw, limits)
     return typed, raw
 
 

@@ -15,6 +15,7 @@ from gateway.api.asgi_send import Receive, Reply, Send, body_chunks, send_reply
 from gateway.api.bearer import check_bearer
 from gateway.api.decode import decode_request, read_body
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
+from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits
 from gateway.api.respond import JSON, respond
 from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest, ModelCard, ModelList
@@ -54,7 +55,9 @@ def _headers(scope: Any) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-def build_handlers(gateway: Gateway, *, metrics_token: str | None = None) -> list[BaseRouteHandler]:
+def build_handlers(
+    gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS, *, metrics_token: str | None = None
+) -> list[BaseRouteHandler]:
     async def handle(scope: Any, receive: Receive, operation: Operation, kind: Any) -> Reply:
         started = time.perf_counter()
         if scope["method"] != "POST":
@@ -63,8 +66,9 @@ def build_handlers(gateway: Gateway, *, metrics_token: str | None = None) -> lis
         headers = _headers(scope)
         runtime = gateway.runtime
         principal = runtime.auth.authenticate(headers)
-        body = await read_body(body_chunks(receive), headers.get("content-length"), runtime.max_body_bytes)
-        typed, raw = decode_request(body, kind)
+        chunks = body_chunks(receive, limits.body_idle_timeout_s, limits.body_timeout_s)
+        body = await read_body(chunks, headers.get("content-length"), runtime.max_body_bytes)
+        typed, raw = decode_request(body, kind, limits)
         stream = bool(getattr(typed, "stream", False))
         options = getattr(typed, "stream_options", None)
         ctx = RequestContext(

@@ -16,7 +16,7 @@ from typing import Final
 
 from gateway.accounting.meter import cost_micro_usd
 from gateway.context import RequestContext
-from gateway.errors import BudgetExceeded, RateLimited
+from gateway.errors import BudgetExceeded, InvalidRequest, RateLimited
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import Budget, RateLimits, Tenant
 from gateway.state import (
@@ -28,7 +28,7 @@ from gateway.state import (
     RateLimit,
     Store,
 )
-from gateway.state.base import Admission, RateUnit, Scope
+from gateway.state.base import MAX_RESERVE_MICRO_USD, MAX_RESERVE_TOKENS, Admission, RateUnit, Scope
 from gateway.telemetry import Metrics
 
 log = logging.getLogger("strait.limits")
@@ -166,7 +166,24 @@ class LimitsStage:
         out = max_tokens if isinstance(max_tokens, int) else DEFAULT_RESERVE_TOKENS
         n = ctx.payload.get("n")
         out *= n if isinstance(n, int) and n > 1 else 1
+        tokens = ctx.prompt_tokens + out
+        if tokens > MAX_RESERVE_TOKENS:
+            # max_tokens and n were range-checked at decode; their product can still be past what one
+            # admission can reserve exactly. A client's input, so a 400 rather than a failed store call.
+            raise InvalidRequest(
+                f"This request would reserve {tokens} tokens (prompt tokens + max_tokens x n), more than the "
+                f"{MAX_RESERVE_TOKENS} one request may reserve. Lower max_tokens or n.",
+                param="max_completion_tokens" if "max_completion_tokens" in ctx.payload else "max_tokens",
+                code="request_too_large",
+            )
         worst = max((cost_micro_usd(t.deployment.price, ctx.prompt_tokens, out) for t in ctx.plan), default=0)
+        if worst > MAX_RESERVE_MICRO_USD:
+            raise InvalidRequest(
+                f"This request's worst-case cost ({worst / 1e6:.0f} USD) is more than one request may reserve. "
+                "Lower max_tokens or n.",
+                param="max_completion_tokens" if "max_completion_tokens" in ctx.payload else "max_tokens",
+                code="request_too_large",
+            )
         admission = await self.store.admit(
             AdmissionRequest(
                 request_id=ctx.request_id,
@@ -174,7 +191,7 @@ class LimitsStage:
                 key=ctx.principal.key_id,
                 route=ctx.route.name,
                 limits=limits,
-                tokens=ctx.prompt_tokens + out,
+                tokens=tokens,
                 cost_micro_usd=worst,
             )
         )

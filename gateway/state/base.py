@@ -28,6 +28,10 @@ Clock = Callable[[], int]
 
 # Every integer a script multiplies stays below 2**52 so Lua's doubles compute what Python's ints do.
 _MAX_SCALED = 2**50
+# The most tokens one admission may reserve: token rates are computed exactly in milliseconds over a day.
+MAX_RESERVE_TOKENS = (2**52 - 1) // 86_400_000
+# The most micro-USD one admission may reserve.
+MAX_RESERVE_MICRO_USD = _MAX_SCALED - 1
 
 
 class StoreConfigError(ValueError):
@@ -120,7 +124,7 @@ class AdmissionRequest(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.tokens < 0 or self.cost_micro_usd < 0 or self.lease_s <= 0:
             raise ValueError(f"tokens and cost must be >= 0 and lease_s > 0: {self.request_id}")
-        if self.tokens * 86_400_000 >= 2**52 or self.cost_micro_usd >= _MAX_SCALED:
+        if self.tokens > MAX_RESERVE_TOKENS or self.cost_micro_usd > MAX_RESERVE_MICRO_USD:
             raise ValueError(f"tokens or cost too large: {self.request_id}")
 
     @property

@@ -1,0 +1,136 @@
+"""Inbound limits checked on a request body: JSON nesting depth (before any decoder runs) and the ranges
+of the integers Strait or an upstream computes with (`max_tokens`, `n`, `seed`, ...).
+
+Every refusal is a 400 whose message names the limit. The depth scan is bytes operations only (C speed):
+a typical body is settled by counting brackets; a body with many brackets has its strings removed and
+its bracket skeleton reduced one nesting level per pass, at most `limit` passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from gateway.errors import InvalidRequest
+from gateway.settings import Settings
+
+
+class InboundLimits(msgspec.Struct, frozen=True, kw_only=True):
+    max_json_depth: int = 64
+    max_output_tokens: int = 1_000_000
+    body_idle_timeout_s: float = 30.0
+    body_timeout_s: float = 120.0
+
+
+DEFAULT_LIMITS = InboundLimits()
+
+
+def inbound_limits(settings: Settings) -> InboundLimits:
+    return InboundLimits(
+        max_json_depth=settings.max_json_depth,
+        max_output_tokens=settings.max_output_tokens,
+        body_idle_timeout_s=settings.body_idle_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+    )
+
+
+# ---- JSON nesting depth ----
+#
+# An upper bound first, at C speed: the nesting of every bracket in the body, those inside strings included
+# (`bytes.translate` keeps only brackets; a regex built for `limit` levels matches the skeleton when it is
+# balanced and no deeper). Only a body that fails the bound (deep, or brackets in its strings) is measured
+# exactly, on the decoded value; msgspec's own recursion guard (about 1000 levels, the interpreter's
+# recursion limit) bounds that decode.
+
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_SQUARE = bytes.maketrans(b"{}", b"[]")
+
+
+@functools.cache
+def _skeleton_pattern(limit: int) -> re.Pattern[bytes]:
+    pattern = rb"\[\]"
+    for _ in range(limit - 1):
+        pattern = rb"\[(?:" + pattern + rb")*+\]"  # possessive: linear, no backtracking
+    return re.compile(pattern)
+
+
+def depth_bound_holds(body: bytes, limit: int) -> bool:
+    """True when no bracket of `body` (strings included) nests deeper than `limit`: then neither can its
+    JSON values. False means "measure it" (see `depth_exceeds`), not "too deep"."""
+    skeleton = body.translate(_SQUARE, _NOT_BRACKET)
+    if skeleton.count(b"[") <= limit:
+        return True
+    return _skeleton_pattern(limit).fullmatch(skeleton) is not None
+
+
+def depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether a decoded JSON value nests arrays/objects deeper than `limit` (the value itself is depth 1);
+    breadth first, so the cost is one visit per element and the Python stack stays flat."""
+    level: list[Any] = [value] if isinstance(value, dict | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        for container in level:
+            items = container.values() if isinstance(container, dict) else container
+            below += [v for v in items if isinstance(v, dict | list)]
+        level = below
+    return False
+
+
+def too_deep(limit: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"The JSON body nests arrays/objects deeper than the limit of {limit} levels.", code="invalid_json"
+    )
+
+
+# ---- integer ranges (read from the mapping that is forwarded and that the limits stage reserves from) ----
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def _ranges(max_output_tokens: int) -> tuple[tuple[str, int, int], ...]:
+    return (
+        ("max_tokens", 1, max_output_tokens),
+        ("max_completion_tokens", 1, max_output_tokens),
+        ("n", 1, 128),
+        ("best_of", 1, 128),
+        ("seed", INT64_MIN, INT64_MAX),
+        ("top_logprobs", 0, 20),
+        ("logprobs", 0, 20),  # an integer in legacy completions (a boolean in chat)
+        ("dimensions", 1, 65_536),
+    )
+
+
+_FLOAT_RANGES = (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0))
+
+
+def _show(value: int) -> str:
+    if -(10**20) < value < 10**20:
+        return str(value)
+    return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"  # no str() of a huge int
+
+
+def check_numbers(raw: Mapping[str, Any], limits: InboundLimits) -> None:
+    """Refuse integers outside their range, whatever the field's type in the wire Structs: the raw mapping
+    is what is forwarded upstream and what the token reservation is computed from."""
+    for name, lo, hi in _ranges(limits.max_output_tokens):
+        value = raw.get(name)
+        if value is None or (name == "logprobs" and isinstance(value, bool)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidRequest(f"'{name}' must be an integer.", param=name)
+        if not lo <= value <= hi:
+            raise InvalidRequest(f"'{name}' must be between {lo} and {hi} (got {_show(value)}).", param=name)
+    # JSON cannot spell NaN or infinity and msgspec refuses out-of-range floats, so floats are finite here.
+    for name, flo, fhi in _FLOAT_RANGES:
+        fvalue = raw.get(name)
+        if isinstance(fvalue, int | float) and not isinstance(fvalue, bool) and not flo <= fvalue <= fhi:
+            raise InvalidRequest(f"'{name}' must be between {flo:g} and {fhi:g}.", param=name)

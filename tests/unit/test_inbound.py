@@ -1,0 +1,182 @@
+"""Inbound body limits: JSON nesting depth and integer ranges are refused with a 400 naming the limit,
+whatever shape the nesting takes (brackets inside strings and escapes do not count)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.api.decode import decode_request
+from gateway.api.inbound import InboundLimits, depth_bound_holds, depth_exceeds
+from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest
+from gateway.errors import InvalidRequest
+
+LIMIT = 64
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat(extra: dict[str, Any] | None = None, **fields: Any) -> bytes:
+    return json.dumps({"model": "m", "messages": MESSAGES, **(extra or {}), **fields}).encode()
+
+
+def nest(depth: int, kinds: list[bool], leaf: Any) -> Any:
+    """`depth` levels of arrays/objects (kinds[i]: object at level i), around `leaf`."""
+    value = leaf
+    for i in range(depth):
+        value = {"k": value} if kinds[i % len(kinds)] else [value]
+    return value
+
+
+def nest_text(depth: int, kinds: list[bool], leaf: str) -> bytes:
+    """Like `nest`, as JSON text (json.dumps itself recurses too deep for these)."""
+    opens = [b'{"k": ' if kinds[i % len(kinds)] else b"[" for i in range(depth)]
+    closes = [b"}" if kinds[i % len(kinds)] else b"]" for i in reversed(range(depth))]
+    return b"".join(opens) + json.dumps(leaf).encode() + b"".join(closes)
+
+
+def depth_of(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((depth_of(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((depth_of(v) for v in value), default=0)
+    return 0
+
+
+# Strings full of brackets, quotes and backslashes: they must never count as nesting.
+tricky_text = st.text(alphabet='[]{}"\\ab\n', max_size=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    depth=st.integers(min_value=1, max_value=LIMIT - 1),
+    kinds=st.lists(st.booleans(), min_size=1, max_size=5),
+    leaf=tricky_text,
+)
+def test_any_depth_within_the_limit_is_accepted(depth: int, kinds: list[bool], leaf: str) -> None:
+    # The body object itself is one level: `x` may nest LIMIT - 1 more.
+    typed, raw = decode_request(chat(x=nest(depth, kinds, leaf)), ChatRequest)
+    assert depth_of(raw) == max(3, depth + 1) <= LIMIT
+    assert typed.model == "m"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    excess=st.integers(min_value=0, max_value=5000),
+    kinds=st.lists(st.booleans(), min_size=1, max_size=5),
+    leaf=tricky_text,
+    where=st.sampled_from(["extra", "content"]),
+)
+def test_any_depth_over_the_limit_is_refused_with_400(excess: int, kinds: list[bool], leaf: str, where: str) -> None:
+    # Depth LIMIT + 1 + excess counting the body object (and in `content`, the list and the message too).
+    deep = nest_text(LIMIT + excess, kinds, leaf)
+    if where == "content":
+        body = b'{"model": "m", "messages": [{"role": "user", "content": ' + deep + b"}]}"
+    else:
+        body = b'{"model": "m", "messages": [], "x": ' + deep + b"}"
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(body, ChatRequest)
+    assert info.value.status == 400
+    assert f"deeper than the limit of {LIMIT} levels" in info.value.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=st.recursive(
+        st.none() | st.integers() | tricky_text,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(tricky_text, inner, max_size=4),
+        max_leaves=40,
+    ),
+    limit=st.integers(min_value=2, max_value=8),
+)
+def test_the_fast_bound_never_accepts_what_is_too_deep(value: Any, limit: int) -> None:
+    body = json.dumps({"v": value}).encode()
+    too_deep = depth_of({"v": value}) > limit
+    assert depth_exceeds(json.loads(body), limit) == too_deep
+    if too_deep:
+        assert not depth_bound_holds(body, limit)
+
+
+def test_brackets_inside_strings_do_not_count() -> None:
+    text = "[" * 5000 + '\\"{' * 100
+    typed, _ = decode_request(chat(messages=[{"role": "user", "content": text}]), ChatRequest)
+    assert typed.messages[0].content == text
+
+
+def test_100000_nested_arrays_are_a_400_not_a_recursion_error() -> None:
+    body = b'{"model": "m", "messages": [], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(InvalidRequest, match="deeper than the limit"):
+        decode_request(body, ChatRequest)
+    unbalanced = b'{"model": "m", "x": ' + b"[" * 100_000
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(unbalanced, ChatRequest)
+    assert info.value.status == 400
+
+
+def test_the_depth_limit_is_a_setting() -> None:
+    body = chat(x=[[[1]]])  # depth 4
+    decode_request(body, ChatRequest, InboundLimits(max_json_depth=4))
+    with pytest.raises(InvalidRequest, match="limit of 3 levels"):
+        decode_request(body, ChatRequest, InboundLimits(max_json_depth=3))
+
+
+RANGES = [
+    ("max_tokens", 1, 1_000_000),
+    ("max_completion_tokens", 1, 1_000_000),
+    ("n", 1, 128),
+    ("seed", -(2**63), 2**63 - 1),
+    ("top_logprobs", 0, 20),
+    ("best_of", 1, 128),
+]
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=st.sampled_from(RANGES), data=st.data())
+def test_any_integer_outside_its_range_is_refused_naming_the_param(case: tuple[str, int, int], data: Any) -> None:
+    name, lo, hi = case
+    outside = data.draw(
+        st.integers(max_value=lo - 1) | st.integers(min_value=hi + 1) | st.sampled_from([10**400, -(10**400)])
+    )
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(chat(**{name: outside}), ChatRequest)
+    assert info.value.status == 400
+    assert info.value.param == name
+    assert name in info.value.message
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=st.sampled_from(RANGES), data=st.data())
+def test_any_integer_inside_its_range_is_accepted(case: tuple[str, int, int], data: Any) -> None:
+    name, lo, hi = case
+    _, raw = decode_request(chat(**{name: data.draw(st.integers(min_value=lo, max_value=hi))}), ChatRequest)
+    assert lo <= raw[name] <= hi
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param", "fragment"),
+    [
+        (ChatRequest, chat(max_tokens=52_125_000), "max_tokens", "between 1 and 1000000"),
+        (ChatRequest, chat(max_tokens=10**400), "max_tokens", "about 401 digits"),
+        (ChatRequest, chat(top_logprobs=True), "top_logprobs", "must be an integer"),
+        (ChatRequest, chat(presence_penalty=2.5), "presence_penalty", "between -2 and 2"),
+        (CompletionRequest, b'{"model": "m", "prompt": "x", "logprobs": 21}', "logprobs", "between 0 and 20"),
+        (EmbeddingsRequest, b'{"model": "m", "input": "x", "dimensions": 0}', "dimensions", "between 1 and 65536"),
+        (ChatRequest, b'{"model": "m", "messages": [], "temperature": 1e400}', None, "out of range"),
+    ],
+)
+def test_out_of_range_numbers(kind: type[Any], body: bytes, param: str | None, fragment: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(body, kind)
+    assert info.value.status == 400
+    assert info.value.param == param
+    assert fragment in info.value.message
+
+
+def test_chat_logprobs_is_a_boolean_and_the_output_cap_is_a_setting() -> None:
+    decode_request(chat(logprobs=True, top_logprobs=5), ChatRequest)
+    decode_request(chat(max_tokens=2_000_000), ChatRequest, InboundLimits(max_output_tokens=2_000_000))
+    with pytest.raises(InvalidRequest, match="between 1 and 1000"):
+        decode_request(chat(max_tokens=1001), ChatRequest, InboundLimits(max_output_tokens=1000))
