@@ -73,27 +73,54 @@ async def body_chunks(
     receive: Receive, idle_timeout_s: float | None = None, total_timeout_s: float | None = None
 ) -> AsyncIterator[bytes]:
     """The request body as it arrives; a client that pauses longer than `idle_timeout_s` between chunks
-    or takes longer than `total_timeout_s` for the whole body gets 408 and the connection is closed."""
+    or takes longer than `total_timeout_s` for the whole body gets 408 and the connection is closed.
+
+    One timer handle per request (moved only between chunks of a multi-chunk body) cancels the waiting
+    task: half the cost of an `asyncio.timeout` block per chunk, on every request's path."""
     loop = asyncio.get_running_loop()
-    deadline = None if total_timeout_s is None else loop.time() + total_timeout_s
-    while True:
-        wait = idle_timeout_s
-        if deadline is not None:
-            left = deadline - loop.time()
-            wait = left if wait is None else min(wait, left)
-        try:
-            async with asyncio.timeout(wait):
+    task = asyncio.current_task()
+    start = loop.time()
+    deadline = None if total_timeout_s is None else start + total_timeout_s
+    expired = False
+
+    def due(now: float) -> float | None:
+        idle = None if idle_timeout_s is None else now + idle_timeout_s
+        if deadline is None:
+            return idle
+        return deadline if idle is None else min(idle, deadline)
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        if task is not None:
+            task.cancel()
+
+    first = due(start)
+    timer = None if first is None or task is None else loop.call_at(first, expire)
+    try:
+        while True:
+            try:
                 message = await receive()
-        except TimeoutError:
-            total = deadline is not None and loop.time() >= deadline
-            limit = f"{total_timeout_s:g} s for the whole body" if total else f"{idle_timeout_s:g} s between chunks"
-            raise RequestTimeout(
-                f"The request body arrived too slowly (the limit is {limit}).", headers={"connection": "close"}
-            ) from None
-        if message["type"] == "http.disconnect":
-            raise ClientClosedRequest("The client closed the connection before sending the whole body.")
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
+            except asyncio.CancelledError:
+                if not expired or task is None or task.uncancel() > 0:
+                    raise  # cancelled by someone else too (the client left, shutdown)
+                total = deadline is not None and loop.time() >= deadline
+                limit = f"{total_timeout_s:g} s for the whole body" if total else f"{idle_timeout_s:g} s between chunks"
+                raise RequestTimeout(
+                    f"The request body arrived too slowly (the limit is {limit}).", headers={"connection": "close"}
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise ClientClosedRequest("The client closed the connection before sending the whole body.")
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            if more and timer is not None:
+                timer.cancel()
+                nxt = due(loop.time())
+                timer = None if nxt is None else loop.call_at(nxt, expire)
+            if chunk:
+                yield chunk
+            if not more:
+                return
+    finally:
+        if timer is not None:
+            timer.cancel()

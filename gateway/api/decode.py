@@ -65,11 +65,17 @@ async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, li
             raise PayloadTooLarge(f"Request body of {announced} bytes exceeds the limit of {limit} bytes.")
     parts: list[bytes] = []
     total = 0
-    async for chunk in chunks:
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        parts.append(chunk)
+    try:
+        async for chunk in chunks:
+            total += len(chunk)
+            if total > limit:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+            parts.append(chunk)
+    finally:
+        # Closed now, not when collected: the reader's timeout timer must not outlive the read.
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
     return b"".join(parts)
 
 

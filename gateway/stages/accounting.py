@@ -18,7 +18,7 @@ from gateway.accounting.records import UsageRecord, UsageSource
 from gateway.accounting.writer import UsageWriter
 from gateway.api.wire import Usage
 from gateway.context import RequestContext
-from gateway.state import Store, Ticket
+from gateway.state import MemoryStore, Store, Ticket
 from gateway.state import Usage as StoreUsage
 from gateway.telemetry import Metrics
 
@@ -39,6 +39,7 @@ class AccountingStage:
         self.store = store
         self.metrics = metrics
         self._reconciles: set[asyncio.Task[object]] = set()
+        self._inline = store if isinstance(store, MemoryStore) else None
         self._pending: list[tuple[Ticket, StoreUsage]] = []
         self._flusher: asyncio.Future[None] | None = None
         # Releases a client waits for (they free concurrency slots): flushed without the batching delay.
@@ -143,6 +144,10 @@ class AccountingStage:
             return
         ctx.ticket = None
         usage = StoreUsage(tokens=tokens, cost_micro_usd=cost)
+        if self._inline is not None:
+            # In-process state: releasing is a few dict operations, cheaper done now than queued.
+            self._inline.reconcile_now(ticket, usage)
+            return
         if ticket.request.limits.concurrency:
             settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._urgent.append((ticket, usage, settled))

@@ -203,7 +203,8 @@ class RedisStore:
                 remote.append((ticket, usage))
         if not remote:
             return applied
-        if self._kind != "redis":
+        if self._kind != "redis" or len(remote) == 1:
+            # One ticket: one EVALSHA (a pipeline would add redis-py's SCRIPT EXISTS round trip).
             # Cluster: each ticket's keys live in its tenant's slot; one call each.
             for ticket, usage in remote:
                 applied += (await self.reconcile(ticket, usage)).applied

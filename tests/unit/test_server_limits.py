@@ -163,7 +163,7 @@ def test_a_timely_header_block_cancels_the_deadline() -> None:
         h.protocol.data_received(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         await asyncio.wait_for(_until(lambda: b"ok" in h.transport.written), 5)
         # Past the header deadline, the connection is still open: only the keep-alive timer may close it.
-        assert h.protocol._head_timer is None
+        assert h.protocol._head_since is None
         assert not h.transport.is_closing()
         h.protocol.connection_lost(None)
 
