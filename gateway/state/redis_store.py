@@ -98,6 +98,7 @@ class RedisStore:
         self._expired = 0
         # The data set's epoch id as last seen (None before the first check).
         self._epoch: str | None = None
+        self._clock_probe: asyncio.Future[None] | None = None
         self._replicas = max(1, replicas_hint)
         self._breaker = breaker or Breaker()
         # Test mode sends `now_ms`; production lets the scripts read Redis `TIME`.
@@ -152,6 +153,11 @@ class RedisStore:
                 end + BUDGET_GRACE_MS - now,
             )
         call_keys = [*keys.rates, *keys.slots, *keys.budgets, *keys.reservations, keys.ticket]
+        if self._offset_ms is None and self._test_clock is None and self._clock_probe is None:
+            # In the background: the first admissions go without a deadline rather than wait for it.
+            self._clock_probe = asyncio.ensure_future(self._learn_clock())
+            self._background.add(self._clock_probe)
+            self._clock_probe.add_done_callback(self._clock_probed)
         args = [*self._args(now, request.request_id, nums), self._deadline(now)]
         raw = await self._call(
             self._admit, call_keys, args, on_orphan=partial(self._release_late, request, w.day, w.month)
@@ -174,6 +180,18 @@ class RedisStore:
         if self._offset_ms is None or self._test_clock is not None:
             return ""
         return str(now + self._offset_ms + self._timeout_ms)
+
+    async def _learn_clock(self) -> None:
+        """Redis TIME, asked at the first admission, so admissions carry a deadline from then on."""
+        raw = await self._call(self._client.time, None, None)
+        if raw and self._offset_ms is None:
+            seconds, micros = raw
+            self._learn_offset(int(seconds) * 1000 + int(micros) // 1000)
+
+    def _clock_probed(self, task: asyncio.Future[None]) -> None:
+        self._background.discard(task)
+        if self._offset_ms is None:
+            self._clock_probe = None  # failed (Redis away): the next admission asks again
 
     def _learn_offset(self, redis_now: int) -> None:
         if self._test_clock is None:
