@@ -63,10 +63,11 @@ def respond(
 ) -> Reply:
     route = ctx.route_name
     headers = response_headers(ctx)
-    if upstream.status >= 400:
+    if not 200 <= upstream.status < 300:
         error = upstream_error(upstream.status, upstream.body, upstream.headers, ctx.redact)
         metrics.child(metrics.requests, route, str(error.status)).inc()
-        accounting.complete(ctx, status=upstream.status, usage=None)
+        # A 3xx is recorded as the 502 the client got: nothing was produced, nothing is charged.
+        accounting.complete(ctx, status=upstream.status if upstream.status >= 400 else error.status, usage=None)
         return Reply(status=error.status, headers={**headers, **error.headers}, body=error.body())
     metrics.child(metrics.latency, route).observe(time.perf_counter() - ctx.started)
     if upstream.events is None:

@@ -91,13 +91,22 @@ class Dispatcher:
                     backend,
                     response.status,
                 )
+            redirect = 300 <= response.status < 400
+            if redirect:
+                # Redirects are never followed (an upstream URL comes only from the policy) and never
+                # passed on (the Location and body may name internal hosts or carry secrets).
+                log.warning(
+                    "upstream %s answered with a redirect (HTTP %d), which is not followed: check its base_url",
+                    backend,
+                    response.status,
+                )
             if response.status < 500:
                 signals.answered(backend, target.label, time.perf_counter() - t0)
             if response.events is None:
                 # A stream holds its in-flight slot until the relay closes it.
                 signals.finished(backend)
             ctx.target = target
-            if response.status in NEXT_TARGET_STATUS and attempt + 1 < len(plan):
+            if (response.status in NEXT_TARGET_STATUS or redirect) and attempt + 1 < len(plan):
                 ctx.failed_attempts.append((target, response.status, time.perf_counter() - t0))
                 last_response = response
                 continue

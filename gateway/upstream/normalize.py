@@ -61,6 +61,14 @@ def upstream_error(
     """Build the client-facing error for an upstream's error answer; `redact` knows the secrets."""
     if status in AUTH_FAILURE_STATUS:
         return UpstreamAuthFailed(AUTH_FAILED_MESSAGE)
+    if status < 400:
+        # A redirect (or any other non-answer): nothing of it is passed on, its Location least of all.
+        return UpstreamError(
+            f"The upstream answered with HTTP {status} instead of a result; the gateway does not follow redirects.",
+            status=502,
+            code="upstream_bad_response",
+            type_="server_error",
+        )
     err = _parse(body)
     message = (err.message or "").strip() or f"The upstream returned HTTP {status}."
     type_ = redact(err.type or "") or _DEFAULT_TYPE.get(status, "upstream_error" if status < 500 else "server_error")

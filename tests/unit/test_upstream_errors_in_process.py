@@ -58,6 +58,11 @@ class Scripted:
         if self.name == "limited":
             body = _error("Rate limit reached for requests", "requests", "rate_limit_exceeded")
             return UpstreamResponse(status=429, body=body, headers={"retry-after": "2", **PROVIDER_LIMITS})
+        if self.name == "redirect":
+            body = f"Redirecting to http://gpu-node-7.corp.internal:8000/v1 key={GOOD_SECRET}".encode()
+            return UpstreamResponse(
+                status=302, body=body, headers={"location": "http://gpu-node-7.corp.internal:8000/v1"}
+            )
         if self.name == "midstream":
             return UpstreamResponse(status=200, events=self._midstream(), headers=dict(PROVIDER_LIMITS))
         return UpstreamResponse(status=200, body=json.dumps(OK_BODY).encode(), headers=dict(PROVIDER_LIMITS))
@@ -79,6 +84,7 @@ backends:
   - {{name: oom, adapter: scripted, base_url: "http://upstream.invalid/v1", api_key: "env:GOOD_KEY"}}
   - {{name: limited, adapter: scripted, base_url: "http://upstream.invalid/v1", api_key: "env:GOOD_KEY"}}
   - {{name: midstream, adapter: scripted, base_url: "http://upstream.invalid/v1", api_key: "env:GOOD_KEY"}}
+  - {{name: redirect, adapter: scripted, base_url: "http://upstream.invalid/v1", api_key: "env:GOOD_KEY"}}
 models:
   - {{name: m-revoked, deployments: [{{backend: revoked, upstream_model: x}}]}}
   - {{name: m-forbidden, deployments: [{{backend: forbidden, upstream_model: x}}]}}
@@ -86,6 +92,7 @@ models:
   - {{name: m-oom, deployments: [{{backend: oom, upstream_model: x}}]}}
   - {{name: m-limited, deployments: [{{backend: limited, upstream_model: x}}]}}
   - {{name: m-midstream, deployments: [{{backend: midstream, upstream_model: x}}]}}
+  - {{name: m-redirect, deployments: [{{backend: redirect, upstream_model: x}}]}}
 routes:
   - {{name: revoked-then-good, objective: ordered, models: [m-revoked, m-forbidden, m-good]}}
   - {{name: only-revoked, models: [m-revoked, m-forbidden]}}
@@ -93,6 +100,8 @@ routes:
   - {{name: good, models: [m-good]}}
   - {{name: midstream, models: [m-midstream]}}
   - {{name: limited, models: [m-limited]}}
+  - {{name: redirect, models: [m-redirect]}}
+  - {{name: redirect-then-good, objective: ordered, models: [m-redirect, m-good]}}
 tenants:
   - name: t
     keys: [{{id: k, digest: "{key_digest(CLIENT_KEY)}"}}]
@@ -188,3 +197,17 @@ def test_a_mid_stream_error_event_is_redacted(client: TestClient[object]) -> Non
     error = json.loads(events[-1])["error"]
     assert error["message"] == "engine died on [address] at [path] using [redacted]"
     _no_secret(r)
+
+
+def test_an_upstream_redirect_is_never_passed_on_nor_followed(client: TestClient[object]) -> None:
+    """Measured before: a 302 whose body named an internal host and carried the provider key reached
+    the client as a 302, verbatim (and was billed a tiktoken estimate of that body)."""
+    r = _chat(client, "redirect")
+    assert r.status_code == 502  # type: ignore[attr-defined]
+    assert r.json()["error"]["code"] == "upstream_bad_response"  # type: ignore[attr-defined]
+    assert "location" not in r.headers  # type: ignore[attr-defined]
+    assert "gpu-node-7" not in r.text  # type: ignore[attr-defined]
+    _no_secret(r)
+    r = _chat(client, "redirect-then-good")
+    assert r.status_code == 200  # type: ignore[attr-defined]
+    assert r.headers["x-strait-deployment"] == "m-good@good"  # type: ignore[attr-defined]
