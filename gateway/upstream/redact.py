@@ -55,6 +55,15 @@ _HOST = re.compile(
     r"(?<![\w.-])(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,61}[a-z0-9]"
     r"(?::\d{1,5})?(?![\w-]|\.\w)"
 )
+# The same in capitals (GPU-NODE-7.CORP.INTERNAL); mixed case is left alone, since `torch.cuda.OutOfMemoryError`
+# is a dotted name of the same shape.
+_HOST_UPPER = re.compile(
+    r"(?<![\w.-])(?:[A-Z0-9](?:[A-Z0-9-]{0,61}[A-Z0-9])?\.)+[A-Z][A-Z0-9-]{0,61}[A-Z0-9]"
+    r"(?::\d{1,5})?(?![\w-]|\.\w)"
+)
+# Anything shaped like a bearer credential, configured or not: `Bearer xyz`, OpenAI-style `sk-...` keys
+# (including the masked echo `sk-proj-****abcd` some providers send back).
+_KEYLIKE = re.compile(r"(?i)\bbearer\s+[^\s\"',]+|(?<![\w-])(?:sk|rk|pk)-[A-Za-z0-9_*.-]{6,}")
 # A bare name with a port (gpu-node-7:8000, redis:6379) and localhost in any form.
 _HOST_PORT = re.compile(r"(?<![\w.:/-])(?:[a-z][a-z0-9-]*:\d{2,5}|localhost)(?![\w:.-])", re.IGNORECASE)
 
@@ -91,17 +100,23 @@ def _ipv4(match: re.Match[str]) -> str:
 class Redactor:
     """Removes secrets, URLs, host names, IP addresses and file paths from upstream text."""
 
-    __slots__ = ("_secrets",)
+    __slots__ = ("_any", "_secrets")
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         # Longest first, so a secret that contains another one is removed whole.
         self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+        # Also in another case (an upstream that upper-cases what it echoes), and the first 8 characters
+        # of a long secret on their own (the prefix a provider shows of a key it masks).
+        forms = [re.escape(s) for s in self._secrets]
+        forms += [re.escape(s[:8]) for s in self._secrets if len(s) >= 16]
+        self._any = re.compile("|".join(forms), re.IGNORECASE) if forms else None
 
     def __call__(self, text: str) -> str:
         out = text
         # Secrets first, before any other pattern could cut one in two; and again at the end, since a
         # replacement could in principle join the text around it into a secret.
         out = self._drop_secrets(out)
+        out = _KEYLIKE.sub(SECRET, out)
         out = _URL.sub(_url, out)
         out = _WINDOWS_PATH.sub(PATH, out)
         out = _POSIX_PATH.sub(PATH, out)
@@ -109,6 +124,7 @@ class Redactor:
         out = _IPV6.sub(_ipv6, out)
         out = _IPV4.sub(_ipv4, out)
         out = _HOST.sub(HOST, out)
+        out = _HOST_UPPER.sub(HOST, out)
         out = _HOST_PORT.sub(HOST, out)
         out = self._drop_secrets(out)
         if len(out) > MAX_MESSAGE_CHARS:
@@ -117,15 +133,17 @@ class Redactor:
         return out
 
     def _drop_secrets(self, text: str) -> str:
+        found = self._any
+        if found is None:
+            return text
         for _ in range(4):
-            if not any(s in text for s in self._secrets):
+            if found.search(text) is None:
                 return text
-            for secret in self._secrets:
-                text = text.replace(secret, SECRET)
-        if not any(s in text for s in self._secrets):
+            text = found.sub(SECRET, text)
+        if found.search(text) is None:
             return text
         # A secret keeps reappearing (it overlaps its own placeholder): give nothing away.
-        return "" if any(s in FALLBACK for s in self._secrets) else FALLBACK
+        return "" if found.search(FALLBACK) else FALLBACK
 
     def optional(self, text: str | None) -> str | None:
         return None if text is None else self(text)

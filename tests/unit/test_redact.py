@@ -175,3 +175,17 @@ def test_redactor_for_resolves_env_references() -> None:
 def test_long_messages_are_cut_after_redaction() -> None:
     out = Redactor([PROVIDER_KEY])("x" * 5000 + PROVIDER_KEY)
     assert len(out) <= 2000 and PROVIDER_KEY[:10] not in out
+
+
+def test_upper_case_hosts_case_changed_and_masked_secrets_never_survive() -> None:
+    """Found in review: these passed through the first redactor."""
+    secret = "sk-live-0123456789abcdefXYZ"
+    redact = Redactor([secret])
+    out = redact(f"GPU-NODE-7.CORP.INTERNAL:8000 refused {secret.upper()}; key shown as sk-live-****cXYZ")
+    assert "GPU-NODE-7" not in out and "CORP.INTERNAL" not in out
+    assert secret.upper() not in out and secret not in out and "sk-live-" not in out
+    assert redact("Authorization: Bearer abc.def-123 was refused") == "Authorization: [redacted] was refused"
+    # Mixed-case dotted names are code, not hosts.
+    assert (
+        redact("torch.cuda.OutOfMemoryError: CUDA out of memory") == "torch.cuda.OutOfMemoryError: CUDA out of memory"
+    )
