@@ -6,6 +6,7 @@ Every failure is a 400 (or 413) whose message names the field; Litestar's own 42
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -49,9 +50,17 @@ _FORBIDDEN_FIELDS = frozenset(
         "authorization",
         "proxyauthorization",
         "xapikey",
+        "apiversion",
+        "organization",
+        "openaiorganization",
     }
 )
-_OPTION_CONTAINERS = frozenset({"extra_body", "extra_headers", "metadata"})
+# Where SDKs and proxies read pass-through options from (normalised names): OpenAI's extra_*, LiteLLM's
+# client-side `user_config` / `litellm_params` (its own way to send a key and a base URL per request).
+_OPTION_CONTAINERS = frozenset(
+    {"extrabody", "extraheaders", "extraquery", "metadata", "userconfig", "litellmparams", "litellmmetadata"}
+)
+_NON_ALNUM = re.compile(r"[^a-z0-9]")
 
 
 async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
@@ -123,7 +132,11 @@ def decode_request(body: bytes, kind: type[T], limits: InboundLimits = DEFAULT_L
 
 
 def _normal(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
+    """Compatibility-folded, case-folded, letters and digits only: `API_BASE`, `api.base`, `api base`,
+    its full-width form and one with a zero-width space inside are all `apibase`."""
+    if not name.isascii():
+        name = unicodedata.normalize("NFKC", name)
+    return _NON_ALNUM.sub("", name.casefold())
 
 
 def _forbidden_field(raw: dict[str, Any]) -> str | None:
@@ -133,7 +146,7 @@ def _forbidden_field(raw: dict[str, Any]) -> str | None:
     for name, value in raw.items():
         if _normal(name) in _FORBIDDEN_FIELDS:
             return name
-        if name in _OPTION_CONTAINERS and isinstance(value, (dict, list)):
+        if _normal(name) in _OPTION_CONTAINERS and isinstance(value, (dict, list)):
             stack.append((name, value))
     # Iterative, not recursive: a deeply nested body must be a 400, never a RecursionError.
     while stack:

@@ -97,3 +97,25 @@ def test_nested_containers_are_searched_to_any_depth_the_body_may_have() -> None
     with pytest.raises(InvalidRequest) as info:
         decode_request(body, ChatRequest)
     assert info.value.param == "metadata" + ".a" * depth + ".api_key"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"user_config": {"model_list": [{"litellm_params": {"api_base": "http://evil", "api_key": "k"}}]}},
+        {"litellm_params": {"api_base": "http://evil"}},
+        {"extra_query": {"api_base": "http://evil"}},
+        {"extra_body": {"api base": "http://evil"}},
+        {"extra_body": {"api.key": "k"}},
+        {"\uff41\uff50\uff49_\uff4b\uff45\uff59": "k"},
+        {"base\u200burl": "http://evil"},
+        {"organization": "org-other"},
+        {"api_version": "2024-01-01"},
+    ],
+)
+def test_review_bypasses_are_refused(extra: dict[str, object]) -> None:
+    """Found in review: each of these was forwarded."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], **extra}).encode()
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(body, ChatRequest)
+    assert info.value.status == 400 and info.value.param
