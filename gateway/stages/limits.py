@@ -135,10 +135,7 @@ class LimitsStage:
                 ctx.extra_headers["x-strait-budget"] = "downgraded"
                 admission = await self._admit(ctx, tenant, with_budgets=False)
             elif only_budgets:
-                raise BudgetExceeded(
-                    "Your budget is exhausted: " + "; ".join(_budget_text(c) for c in denied) + ".",
-                    headers={"x-should-retry": "false"},
-                )
+                raise BudgetExceeded(_budget_refusal(denied), headers={"x-should-retry": "false"})
         if not admission.allowed:
             what = ", ".join(f"{c.limit.scope} {_limit_text(c)}" for c in admission.denied_by)
             if any(not c.fits for c in admission.denied_by):
@@ -164,8 +161,13 @@ class LimitsStage:
             return Admission(allowed=True)
         max_tokens = ctx.payload.get("max_completion_tokens") or ctx.payload.get("max_tokens")
         out = max_tokens if isinstance(max_tokens, int) else DEFAULT_RESERVE_TOKENS
-        n = ctx.payload.get("n")
-        out *= n if isinstance(n, int) and n > 1 else 1
+        # Every generated choice costs output tokens: `n` returned, `best_of` generated (legacy completions).
+        choices = 1
+        for name in ("n", "best_of"):
+            value = ctx.payload.get(name)
+            if isinstance(value, int) and value > choices:
+                choices = value
+        out *= choices
         tokens = ctx.prompt_tokens + out
         if tokens > MAX_RESERVE_TOKENS:
             # max_tokens and n were range-checked at decode; their product can still be past what one
@@ -218,3 +220,21 @@ def _budget_text(c: CheckResult) -> str:
     assert isinstance(lim, BudgetLimit)
     amount = f"{lim.limit / 1e6:.2f} USD" if lim.metric == "usd" else f"{lim.limit} tokens"
     return f"{lim.scope} budget of {amount} per {lim.window}"
+
+
+def _budget_refusal(denied: tuple[CheckResult, ...]) -> str:
+    """Spent, or not spent but this request's worst case does not fit in what is left: different advice."""
+    spent = [c for c in denied if c.remaining <= 0]
+    if spent:
+        return "Your budget is exhausted: " + "; ".join(_budget_text(c) for c in spent) + "."
+    left = "; ".join(f"{_budget_text(c)} has {_amount(c, c.remaining)} left" for c in denied)
+    return (
+        f"This request could cost more than your budget has left ({left}): lower max_tokens (or n), "
+        "or wait for the budget window to reset."
+    )
+
+
+def _amount(c: CheckResult, value: int) -> str:
+    lim = c.limit
+    assert isinstance(lim, BudgetLimit)
+    return f"{value / 1e6:.4f} USD" if lim.metric == "usd" else f"{value} tokens"

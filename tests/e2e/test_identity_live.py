@@ -24,7 +24,7 @@ from tests.harness.procs import ServerProcess
 from tests.harness.redis_proc import RedisProc
 
 ADMIN = "sk-admin-identity-31"
-KEYS = {name: f"sk-{name}-identity-0042" for name in ("conc", "ledger", "budget", "ta", "tb")}
+KEYS = {name: f"sk-{name}-identity-0042" for name in ("conc", "ledger", "budget", "ta", "tb", "roomy")}
 SHARED_ID = "the-same-id-every-time"
 
 POLICY = """
@@ -50,6 +50,9 @@ tenants:
     keys: [{{id: a1, digest: "{ta}"}}]
   - name: tb
     keys: [{{id: b1, digest: "{tb}"}}]
+  - name: roomy
+    keys: [{{id: r1, digest: "{roomy}"}}]
+    budgets: {{tenant: {{tokens_per_month: 2000}}}}
 """
 
 
@@ -198,3 +201,18 @@ def test_a_sequential_client_is_never_refused_for_concurrency(gateways: list[Ser
             r = client.post(url, json=body, headers={"authorization": f"Bearer {KEYS['conc']}"})
             statuses.append(r.status_code)
     assert statuses == [200] * 40
+
+
+def test_a_request_larger_than_what_is_left_of_a_budget_says_so_and_best_of_counts(
+    gateways: list[ServerProcess],
+) -> None:
+    url = gateways[0].base_url + "/v1/chat/completions"
+    auth = {"authorization": f"Bearer {KEYS['roomy']}"}
+    # best_of generates 20 choices of up to 100 tokens: more than the whole 2,000-token budget.
+    r = httpx.post(url, json=_chat(5, max_tokens=100, best_of=20), headers=auth)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+    message = r.json()["error"]["message"]
+    assert "could cost more than your budget has left" in message and "2000 tokens left" in message
+    assert "exhausted" not in message
+    r = httpx.post(url, json=_chat(5, max_tokens=100), headers=auth)
+    assert r.status_code == 200, r.text
