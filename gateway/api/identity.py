@@ -13,7 +13,7 @@ import re
 import secrets
 from typing import Any
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _MINTED = "strait.request_id"
 _CLIENT = "strait.client_request_id"
 # Marks "looked at the headers already, the client sent no usable id" (None is a valid answer).
@@ -41,7 +41,7 @@ def client_request_id_of(scope: Any) -> str | None:
         for name, value in scope.get("headers", ()):
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
-                if _CLIENT_ID.match(candidate):
+                if _CLIENT_ID.fullmatch(candidate):
                     cid = candidate
                 break
         scope[_CLIENT] = cid

@@ -106,6 +106,7 @@ def _ranges(max_output_tokens: int) -> tuple[tuple[str, int, int], ...]:
         ("top_logprobs", 0, 20),
         ("logprobs", 0, 20),  # an integer in legacy completions (a boolean in chat)
         ("dimensions", 1, 65_536),
+        ("top_k", -1, 1_000_000),  # vLLM, SGLang, llama.cpp: -1 (or 0) disables it
     )
 
 
@@ -129,6 +130,14 @@ def check_numbers(raw: Mapping[str, Any], limits: InboundLimits) -> None:
             raise InvalidRequest(f"'{name}' must be an integer.", param=name)
         if not lo <= value <= hi:
             raise InvalidRequest(f"'{name}' must be between {lo} and {hi} (got {_show(value)}).", param=name)
+    bias = raw.get("logit_bias")
+    if isinstance(bias, dict):
+        for token, weight in bias.items():
+            # OpenAI's range; a huge number here would otherwise be forwarded as is.
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not -100 <= weight <= 100:
+                raise InvalidRequest(
+                    "'logit_bias' values must be numbers between -100 and 100.", param=f"logit_bias.{token}"
+                )
     # JSON cannot spell NaN or infinity and msgspec refuses out-of-range floats, so floats are finite here.
     for name, flo, fhi in _FLOAT_RANGES:
         fvalue = raw.get(name)

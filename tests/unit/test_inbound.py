@@ -180,3 +180,18 @@ def test_chat_logprobs_is_a_boolean_and_the_output_cap_is_a_setting() -> None:
     decode_request(chat(max_tokens=2_000_000), ChatRequest, InboundLimits(max_output_tokens=2_000_000))
     with pytest.raises(InvalidRequest, match="between 1 and 1000"):
         decode_request(chat(max_tokens=1001), ChatRequest, InboundLimits(max_output_tokens=1000))
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"top_k": 10**30}, "top_k"),
+        ({"logit_bias": {"1": 10**400}}, "logit_bias.1"),
+        ({"logit_bias": {"7": -101}}, "logit_bias.7"),
+    ],
+)
+def test_review_found_unchecked_numbers_are_refused(extra: dict[str, object], param: str) -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], **extra}).encode()
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(body, ChatRequest)
+    assert info.value.param == param
