@@ -70,6 +70,8 @@ async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, li
             announced = int(content_length)
         except ValueError:
             raise InvalidRequest("Invalid Content-Length header.") from None
+        if announced < 0:
+            raise InvalidRequest("Invalid Content-Length header.")
         if announced > limit:
             raise PayloadTooLarge(f"Request body of {announced} bytes exceeds the limit of {limit} bytes.")
     parts: list[bytes] = []

@@ -100,6 +100,13 @@ async def test_oversized_body_is_refused_from_content_length_before_reading() ->
     assert read == []
 
 
+async def test_a_negative_or_garbled_content_length_is_a_400() -> None:
+    for value in ("-1", "12abc"):
+        with pytest.raises(InvalidRequest) as info:
+            await read_body(_chunks([b"{}"]), value, 1024)
+        assert info.value.status == 400
+
+
 async def test_oversized_chunked_body_is_refused_while_streaming() -> None:
     with pytest.raises(PayloadTooLarge) as info:
         await read_body(_chunks([b"a" * 600, b"b" * 600, b"c" * 600]), None, 1024)
