@@ -12,7 +12,15 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits, check_numbers, depth_bound_holds, depth_exceeds, too_deep
+from gateway.api.inbound import (
+    DEFAULT_LIMITS,
+    InboundLimits,
+    check_container_count,
+    check_numbers,
+    depth_bound_holds,
+    depth_exceeds,
+    too_deep,
+)
 from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
@@ -94,6 +102,7 @@ def decode_request(body: bytes, kind: type[T], limits: InboundLimits = DEFAULT_L
     """Decode `body` into the typed request and the pass-through mapping."""
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    check_container_count(body)
     measure_depth = not depth_bound_holds(body, limits.max_json_depth)
     try:
         raw = _raw.decode(body)
