@@ -225,11 +225,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # -- the watchdog --
 
     def _arm_watchdog(self, due: float) -> None:
-        """Make sure the watchdog fires by `due`. Deadlines only move later (each starts now and the
-        timeouts are fixed), so an armed watchdog is already early enough; on firing it re-arms itself
-        for the next pending deadline."""
-        if self._watchdog is None:
-            self._watchdog = self.loop.call_at(due, self._on_watchdog)
+        """Make sure the watchdog fires by `due`; on firing it re-arms itself for the next pending
+        deadline. With the defaults (header 10 s, body 121 s) a new deadline is never earlier than the
+        armed one, so this is one comparison per request; a shorter body timeout moves the timer."""
+        watchdog = self._watchdog
+        if watchdog is not None:
+            if watchdog.when() <= due:
+                return
+            watchdog.cancel()
+        self._watchdog = self.loop.call_at(due, self._on_watchdog)
 
     def _on_watchdog(self) -> None:
         self._watchdog = None
