@@ -1,8 +1,9 @@
 """The ledger on Redis: a Stream per tenant (the record log) and a hash per tenant and day (aggregates).
 
 Keys carry the tenant as a hash tag, `strait:{t:<tenant>}:...`, so each record's script touches one
-slot (Redis Cluster) and tenants never share a key. A record is applied through one Lua call guarded
-by a `SET NX` marker with a TTL longer than any retry or spool replay, so writes are idempotent.
+slot (Redis Cluster) and tenants never share a key. A batch's records of one tenant and day go through
+one Lua call; each record is guarded by a `SET NX` marker with a TTL longer than any retry or spool
+replay, so writes are idempotent, and the new ones are summed into one HINCRBY per aggregate field.
 Every key has a TTL. A batch is one pipeline: one round trip, off the request path.
 """
 
@@ -32,11 +33,8 @@ def tenant_prefix(tenant: str) -> str:
     return tenant_tag(tenant)
 
 
-def _args(r: UsageRecord) -> list[Any]:
+def _record_args(r: UsageRecord) -> list[Any]:
     return [
-        MARKER_TTL_S,
-        AGGREGATE_TTL_S,
-        STREAM_MAXLEN,
         _encode(r),
         1 if r.final else 0,
         r.prompt_tokens,
@@ -57,16 +55,24 @@ class RedisLedger:
     async def write(self, records: Sequence[UsageRecord]) -> int:
         if not records:
             return 0
+        # One script call per (tenant, day): its keys share the tenant's hash tag (one Cluster slot).
+        groups: dict[tuple[str, str], list[UsageRecord]] = {}
+        for r in records:
+            groups.setdefault((r.tenant, r.day), []).append(r)
         try:
             pipe = self._client.pipeline(transaction=False)
-            for r in records:
-                prefix = tenant_prefix(r.tenant)
-                keys = [f"{prefix}:rec:{r.request_id}:{r.attempt}", f"{prefix}:ledger", f"{prefix}:usage:{r.day}"]
-                await self._script(keys=keys, args=_args(r), client=pipe)  # type: ignore[arg-type]  # a pipeline queues the call
+            for (tenant, day), group in groups.items():
+                prefix = tenant_prefix(tenant)
+                keys = [f"{prefix}:ledger", f"{prefix}:usage:{day}"]
+                keys += [f"{prefix}:rec:{r.request_id}:{r.attempt}" for r in group]
+                args: list[Any] = [MARKER_TTL_S, AGGREGATE_TTL_S, STREAM_MAXLEN]
+                for r in group:
+                    args += _record_args(r)
+                await self._script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]  # a pipeline queues the call
             results = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             raise LedgerUnavailable(str(exc) or type(exc).__name__) from None
-        return sum(1 for x in results if x == 1)
+        return sum(int(x) for x in results)
 
     async def totals(self, tenants: Sequence[str], since: dt.date, until: dt.date, by: Dimension) -> list[UsageRow]:
         assert by in DIMENSIONS

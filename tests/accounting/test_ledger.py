@@ -163,3 +163,28 @@ def test_estimated_completion_tokens_count_text_and_tool_arguments() -> None:
     assert completion_tokens_of(chunks, "cl100k_base") == 2 + 6
     body = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hello world"}}]}'
     assert completion_tokens_of([body], "cl100k_base") == 2
+
+
+async def test_a_batch_is_summed_into_one_increment_per_field(redis_server: RedisProc) -> None:
+    """25 records of one route, model, deployment and key: 16 HINCRBYs for the batch (4 dimensions x
+    4 metrics), not 16 per record; several tenants and days in one batch each get their own sums."""
+    with redis.Redis(port=redis_server.port) as c:
+        c.flushall()
+        c.config_resetstat()
+    client = Redis(port=redis_server.port, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        ledger = RedisLedger(client)
+        batch = [rec(f"b{i}") for i in range(25)]
+        assert await ledger.write(batch) == 25
+        with redis.Redis(port=redis_server.port) as c:
+            stats = c.info("commandstats")
+        assert stats["cmdstat_hincrby"]["calls"] == 16
+        assert stats["cmdstat_xadd"]["calls"] == 25
+        mixed = [rec("m1", tenant="t2"), rec("m2"), rec("m3", tenant="t2", ts_ms=NOON + 86_400_000), rec("b0")]
+        assert await ledger.write(mixed) == 3  # b0 is a duplicate
+        rows = await ledger.totals(["acme"], DAY, DAY, "route")
+        assert [(r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [(26, 260, 130)]
+        rows = await ledger.totals(["t2"], DAY, DAY + dt.timedelta(days=1), "route")
+        assert [(r.requests, r.prompt_tokens) for r in rows] == [(2, 20)]
+    finally:
+        await client.aclose()
