@@ -4,7 +4,8 @@
         --key-digest sha256:HEX [--upstream-model m] [--rpm N] [--max-concurrency N] [--flush-ms 20]
 
 aiohttp server + one pooled aiohttp client session (limit 512, keep-alive) on uvloop, one process, one
-thread. Per `POST /v1/chat/completions` it does, in order:
+thread; redis-py asyncio with hiredis (admissions: a blocking pool of 64 connections, accounting: its own).
+Per `POST /v1/chat/completions` it does, in order:
   1. auth: `Authorization: Bearer K`, sha256(K) compared (constant time) with the one `--key-digest`
      (401 otherwise);
   2. decode the JSON body (msgspec, to a dict), set `model` to `--upstream-model`, and for streams set
@@ -18,8 +19,8 @@ thread. Per `POST /v1/chat/completions` it does, in order:
      the client asked for usage;
   5. in a `finally` (also on client disconnect): queue the slot release and a usage record. Every
      `--flush-ms` one non-transactional pipeline writes the whole queue: one ZREM of the released slots,
-     one ZREMRANGEBYSCORE of expired leases, one XADD per usage record (stream `usage`, approximately
-     capped), and HINCRBY of the batch's totals (requests, prompt and completion tokens) per day.
+     one ZREMRANGEBYSCORE of expired leases, one XADD per usage record (stream `ref:usage`, capped at
+     about 1M), and HINCRBY of the batch's totals (requests, prompt and completion tokens) per day.
 Redis commands per admitted request: EVALSHA + TIME, GET, ZCOUNT, ZADD, SET inside it, + 1 XADD, plus
 per batch 2 + 3 per day. `GET /healthz` and `GET /readyz` answer 200.
 
@@ -93,7 +94,10 @@ class Proxy:
         self.prefix = f"{os.getpid()}:"
         self.released: list[str] = []
         self.records: list[tuple[str, int, int, int, float]] = []  # slot, status, prompt, completion, ms
-        self.redis = aioredis.Redis.from_url(args.redis, max_connections=64)
+        # Admissions: at most 64 in flight (a caller waits up to 1 s for a connection); accounting: its own one.
+        pool = aioredis.BlockingConnectionPool.from_url(args.redis, max_connections=64, timeout=1)
+        self.redis = aioredis.Redis(connection_pool=pool)
+        self.acct = aioredis.Redis.from_url(args.redis, max_connections=2)
         self.admit = self.redis.register_script(ADMIT)
         self.session: aiohttp.ClientSession | None = None
         self.flusher: asyncio.Task[None] | None = None
@@ -114,6 +118,7 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
         await self.redis.aclose()
+        await self.acct.aclose()
 
     async def flush_forever(self) -> None:
         while True:
@@ -126,7 +131,7 @@ class Proxy:
         released, self.released = self.released, []
         records, self.records = self.records, []
         day = time.strftime("%Y%m%d", time.gmtime())
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.acct.pipeline(transaction=False)
         if released:
             pipe.zrem(SLOTS_KEY, *released)
         pipe.zremrangebyscore(SLOTS_KEY, "-inf", time.time() * 1000 - 60_000)  # leases leaked by a crash
