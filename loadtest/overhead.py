@@ -2,6 +2,7 @@
 
     python -m loadtest.overhead [--requests N] [--concurrency C] [--server uvicorn|granian]
                                 [--state off,memory,redis] [--compare] [--rounds R] [--json-out FILE]
+                                [--no-reference]
 
 Starts the fast fake upstream (`nice -n 10`) and one gateway process (1 worker, normal priority) per
 configuration, on free 127.0.0.1 ports, then runs each phase direct to the upstream once and through every
