@@ -2,6 +2,7 @@
 
     python -m loadtest.overhead [--requests N] [--concurrency C] [--server uvicorn|granian]
                                 [--state off,memory,redis] [--compare] [--rounds R] [--json-out FILE]
+                                [--no-reference]
 
 Starts the fast fake upstream (`nice -n 10`) and one gateway process (1 worker, normal priority) per
 configuration, on free 127.0.0.1 ports, then runs each phase direct to the upstream once and through every
@@ -25,6 +26,12 @@ State (`--state`, default all three side by side):
           request (Lua-internal ones included) and redis-server CPU per request.
 
 `--compare` runs server (uvicorn, granian) x the chosen states (`off` unless `--state` is given).
+
+Reference (on unless `--no-reference`): `loadtest/reference_proxy.py`, a lean aiohttp + Redis proxy (auth
+against one digest, one admission script, batched accounting; see its docstring), started like a gateway
+(own free port, normal priority) with its own throwaway redis-server, measured in the same phases against
+the same upstream and printed as its own column in every table, so each run shows Strait next to it and
+next to direct.
 Every child is stopped by its PID in a `finally`.
 """
 
@@ -59,6 +66,7 @@ PY = sys.executable
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 SERVERS = ("uvicorn", "granian")
+REFERENCE = "reference"  # the `server` of the reference proxy's ConfigResult
 STATES = ("off", "memory", "redis")
 NICE = ["nice", "-n", "10"]
 # Seconds the load generator idles after its warm-up and after its last answer, inside the CPU/Redis
@@ -216,14 +224,16 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[RedisServer]:
+def redis_server(workdir: Path, name: str = "redis") -> Iterator[RedisServer]:
     """A throwaway redis-server on a free loopback port (never 6379), no persistence; stopped by its PID."""
+    workdir = workdir / name
+    workdir.mkdir(exist_ok=True)
     port = free_port()
     while port == 6379:  # pragma: no cover - the kernel will not hand out a bound port, but be explicit
         port = free_port()
     argv = ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
     argv += ["--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"]
-    child = Child("redis-server", argv, dict(os.environ), workdir / "redis.log")
+    child = Child(f"redis-server[{name}]", argv, dict(os.environ), workdir / "redis.log")
     try:
         deadline = time.monotonic() + 10
         while not redisinfo.ping(HOST, port):
@@ -313,6 +323,24 @@ def gateway(
         child.stop()
 
 
+@contextlib.contextmanager
+def reference(workdir: Path, upstream_port: int, redis: RedisServer) -> Iterator[Gateway]:
+    """The lean reference proxy (`loadtest/reference_proxy.py`) on its own Redis, with the bench limits."""
+    key = "sk-bench-" + secrets.token_hex(16)
+    port = free_port()
+    argv = [PY, "-m", "loadtest.reference_proxy", "--host", HOST, "--port", str(port)]
+    argv += ["--upstream", f"http://{HOST}:{upstream_port}/v1", "--upstream-model", "m", "--redis", redis.url()]
+    argv += ["--key-digest", key_digest(key), "--rpm", "100000000", "--max-concurrency", "100000"]
+    child = Child("reference", argv, dict(os.environ), workdir / "reference.log")
+    headers = {"authorization": f"Bearer {key}"}
+    try:
+        wait_ready(child, f"http://{HOST}:{port}/readyz")
+        smoke(child, f"http://{HOST}:{port}/v1/chat/completions", "bench", headers)
+        yield Gateway(child, port, "reference_proxy", headers, redis)
+    finally:
+        child.stop()
+
+
 def loadgen(
     url: str,
     *,
@@ -365,7 +393,11 @@ class ConfigResult:
 
     @property
     def label(self) -> str:
-        return f"{self.server} + state {self.state}"
+        return "reference proxy" if self.server == REFERENCE else f"{self.server} + state {self.state}"
+
+    @property
+    def column(self) -> str:
+        return "reference (aiohttp + redis)" if self.server == REFERENCE else f"{self.server} + {self.state}"
 
 
 @dataclass
@@ -515,6 +547,23 @@ def redis_breakdown(r: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def reference_redis_breakdown(r: dict[str, Any]) -> dict[str, float]:
+    """Redis accounting of one reference-proxy window: its admission script is its only EVALSHA (one per
+    admitted request, on the request path), and every accounting pipeline holds exactly one
+    ZREMRANGEBYSCORE (the lease prune), so that counts its background round trips."""
+    calls: dict[str, int] = r.get("redis_calls") or {}
+    handled = r["count"] + r["errors"]
+    if not handled or not calls:
+        return {}
+    total = r["redis_stats"].get("total_commands_processed", 0) - calls.get("info", 0)
+    return {
+        "request_path_rt": (calls.get("evalsha", 0) + calls.get("eval", 0)) / handled,
+        "background_rt": (calls.get("zremrangebyscore", 0) + calls.get("script|load", 0)) / handled,
+        "commands_per_req": total / handled,
+        "redis_cpu_ms": r["cpu_ms_per_request"].get("redis", 0.0),
+    }
+
+
 def headline(r: ConfigResult) -> dict[str, float]:
     """The numbers of one configuration, flattened (ms unless named otherwise)."""
     p = r.phases
@@ -543,11 +592,16 @@ def headline(r: ConfigResult) -> dict[str, float]:
         "cpu_ms_stream": ts.gateway["cpu_ms_per_request"]["gateway"],
         "events_direct": ts.direct["events_per_stream"],
         "events_gw": ts.gateway["events_per_stream"],
+        # CPU per relayed SSE event (µs): CPU per stream over the events each stream carried to the client
+        "cpu_us_event": 1000 * ts.gateway["cpu_ms_per_request"]["gateway"] / ts.gateway["events_per_stream"]
+        if ts.gateway["events_per_stream"]
+        else 0.0,
         "errors": float(errors),
         "foreign_cores": max(foreign_cores(x) for pair in p.values() for x in (pair.direct, pair.gateway)),
     }
+    breakdown = reference_redis_breakdown if r.server == REFERENCE else redis_breakdown
     for phase, pair in p.items():
-        for k, v in redis_breakdown(pair.gateway).items():
+        for k, v in breakdown(pair.gateway).items():
             out[f"redis_{phase}_{k}"] = v
     return out
 
@@ -579,9 +633,9 @@ def report_side_by_side(results: list[ConfigResult], plan: Plan) -> str:
     hs = [headline(r) for r in rs]
     d, h0 = rs[0].phases, hs[0]
     c, sc = plan.concurrency, plan.stream_concurrency
-    head = " | ".join(f"{r.server} + {r.state}" for r in rs)
+    head = " | ".join(r.column for r in rs)
     rows = [
-        "; ".join(f"{r.server} + {r.state}: launched via {r.launch}" for r in rs)
+        "; ".join(f"{r.column}: launched via {r.launch}" for r in rs)
         + f"; machine busy before the run: {rs[0].background_busy_pct:.0f}%",
         "",
         f"| measure | direct | {head} |",
@@ -636,6 +690,7 @@ def report_side_by_side(results: list[ConfigResult], plan: Plan) -> str:
     )
     row(f"(d) gateway CPU per JSON request at c={c} (ms; budget 0.4)", "", [f"{h['cpu_ms_req']:.3f}" for h in hs])
     row(f"(d) gateway CPU per stream at {sc} streams (ms)", "", [f"{h['cpu_ms_stream']:.3f}" for h in hs])
+    row(f"(d) gateway CPU per relayed SSE event at {sc} streams (µs)", "", [f"{h['cpu_us_event']:.1f}" for h in hs])
     row("(d) gateway CPU per JSON request, sequential (ms)", "", [f"{h['cpu_ms_seq']:.3f}" for h in hs])
     for label, key, fmt in (
         ("Redis round trips per request, request path", "request_path_rt", "{:.2f}"),
@@ -650,10 +705,39 @@ def report_side_by_side(results: list[ConfigResult], plan: Plan) -> str:
     row("events per stream", f"{h0['events_direct']:.1f}", [f"{h['events_gw']:.1f}" for h in hs])
     row("errors (all phases)", "", [f"{h['errors']:.0f}" for h in hs])
     row("other processes' CPU, worst window (cores)", "", [f"{h['foreign_cores']:.2f}" for h in hs])
+    ref = next((h for r, h in zip(rs, hs, strict=True) if r.server == REFERENCE), None)
+    if ref is not None:
+        rows += ["", "Against the reference and direct (issue 8 targets in brackets):", ""]
+        for r, h in zip(rs, hs, strict=True):
+            if r.server == REFERENCE:
+                continue
+            rows.append(f"- {r.column}: " + targets(r, h, ref))
+        rows.append(
+            f"- reference: streams {ref['sps_pct'] / 100:.2f} of direct, "
+            f"{ref['cpu_ms_req']:.3f} ms CPU per JSON request, {ref['cpu_us_event']:.1f} µs per event, "
+            f"{_redis_value(ref, 'thr_json', 'commands_per_req', '{:.1f}', 'redis')} Redis commands per request"
+        )
     for r in rs:
-        if r.state == "redis":
+        if r.state == "redis" and r.server != REFERENCE:
             rows += ["", f"{r.server} + redis, per request in each measured window:", "", report_redis(r)]
     return "\n".join(rows)
+
+
+def targets(r: ConfigResult, h: dict[str, float], ref: dict[str, float]) -> str:
+    """One Strait configuration held against issue 8's cost targets, in the same run."""
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "n/a"
+
+    cmds = h.get("redis_thr_json_commands_per_req")
+    parts = [
+        f"JSON CPU/req {h['cpu_ms_req']:.3f} ms = {ratio(h['cpu_ms_req'], ref['cpu_ms_req'])} the reference's [<= 1x]",
+        f"streams {h['sps_pct'] / 100:.2f} of direct [>= 0.9]",
+        f"CPU/event {h['cpu_us_event']:.1f} µs = {ratio(h['cpu_us_event'], ref['cpu_us_event'])} [<= 1.2x]",
+        f"Redis cmds/req {cmds:.1f} [<= 12]" if cmds is not None else "no Redis",
+        f"RSS {r.rss_start_mb:.0f} → {r.rss_end_mb:.0f} MiB [<= 80 idle, 120 loaded]",
+    ]
+    return "; ".join(parts)
 
 
 def report_redis(r: ConfigResult) -> str:
@@ -685,14 +769,14 @@ def report_matrix(results: list[ConfigResult], plan: Plan) -> str:
     c, sc = plan.concurrency, plan.stream_concurrency
     rows = [
         "| server | state | seq p50 direct→gw (ms) | added p50 | added p99 | TTFT added p50 | "
-        f"req/s c={c} direct→gw | % | streams/s c={sc} direct→gw | % | CPU ms/req | CPU ms/stream "
+        f"req/s c={c} direct→gw | % | streams/s c={sc} direct→gw | % | CPU ms/req | CPU ms/stream | CPU µs/event "
         f"| Redis RT/req request path (c={c}) | Redis RT/req background | Redis cmds/req | redis CPU ms/req "
         "| errors | noise |",
-        "|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.error is not None or len(r.phases) < len(PHASES):
-            rows.append(f"| {r.server} | {r.state} | failed: {r.error} |" + " |" * 15)
+            rows.append(f"| {r.server} | {r.state} | failed: {r.error} |" + " |" * 16)
             continue
         h = headline(r)
         rt, bg, cmds, rcpu = _redis_cells(h, "thr_json")
@@ -701,7 +785,7 @@ def report_matrix(results: list[ConfigResult], plan: Plan) -> str:
             f"| {h['seq_added_p50']:.3f} | {h['seq_added_p99']:.3f} | {h['ttft_added_p50']:.3f} "
             f"| {h['rps_direct']:.0f} → {h['rps_gw']:.0f} | {h['rps_pct']:.0f} % "
             f"| {h['sps_direct']:.0f} → {h['sps_gw']:.0f} | {h['sps_pct']:.0f} % "
-            f"| {h['cpu_ms_req']:.3f} | {h['cpu_ms_stream']:.3f} | {rt} | {bg} | {cmds} | {rcpu} "
+            f"| {h['cpu_ms_req']:.3f} | {h['cpu_ms_stream']:.3f} | {h['cpu_us_event']:.1f} | {rt} | {bg} | {cmds} | {rcpu} "
             f"| {h['errors']:.0f} | {h['foreign_cores']:.2f} |"
         )
     return "\n".join(rows)
@@ -744,6 +828,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="fake upstream delay for JSON answers")
     parser.add_argument("--quiet-wait", type=float, default=2.0, help="max seconds to wait for an idle machine")
     parser.add_argument("--json-out", type=Path, help="write all raw results to this file")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="do not run the lean reference proxy (loadtest/reference_proxy.py)"
+    )
     args = parser.parse_args(argv)
     if args.requests < 10 or args.concurrency < 1 or args.rounds < 1:
         parser.error("--requests >= 10, --concurrency >= 1 and --rounds >= 1")
@@ -782,6 +869,20 @@ def main(argv: list[str] | None = None) -> int:
             result.rss_start_mb = tree_rss_mb(gw.child.pid)
             running.append((result, gw))
             print(f"  started {result.label} on :{gw.port} via {gw.launch}", file=sys.stderr)
+        if not args.no_reference:
+            result = ConfigResult(REFERENCE, "redis")
+            results.append(result)
+            try:
+                ref_redis = stack.enter_context(redis_server(tmp, "redis-reference"))
+                gw = stack.enter_context(reference(tmp, up_port, ref_redis))
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                result.error = str(exc).splitlines()[0][:200]
+                print(f"  {result.label} failed to start: {exc}", file=sys.stderr)
+            else:
+                result.launch = gw.launch
+                result.rss_start_mb = tree_rss_mb(gw.child.pid)
+                running.append((result, gw))
+                print(f"  started {result.label} on :{gw.port}", file=sys.stderr)
         busy = wait_quiet(args.quiet_wait)
         for result in results:
             result.background_busy_pct = busy
@@ -803,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         "noise = CPU cores used by other processes in the worst window\n"
     )
     for server in servers:
-        print(report_side_by_side([r for r in results if r.server == server], plan) + "\n")
+        print(report_side_by_side([r for r in results if r.server in (server, REFERENCE)], plan) + "\n")
     print(report_matrix(results, plan))
     if args.json_out:
         args.json_out.write_text(json.dumps([asdict(r) for r in results], indent=1))
