@@ -236,8 +236,8 @@ def _cross_check(
             if not m.deployments:
                 at(source, f"$.models[{i}].deployments", f"model {m.name!r}: needs at least one deployment")
             try:
-                # Loaded now (once per process), so a missing or altered BPE file is a start-up error.
-                tokens.encoding(m.tokenizer)
+                # Checked now, so a missing or altered BPE file is a start-up error, never a download.
+                tokens.verify(m.tokenizer)
             except tokens.TokenizerUnavailable as exc:
                 at(source, f"$.models[{i}].tokenizer", f"model {m.name!r}: {exc}")
             for j, d in enumerate(m.deployments):
@@ -300,7 +300,7 @@ def _cross_check(
         if not _DIGEST.match(digest):
             problems.append(Problem(decoded[0][1].file, 1, 1, f"server.admin_keys[{j}] must be sha256:<64 hex>"))
     try:
-        tokens.encoding(tokens.FALLBACK_ENCODING)  # prompts are counted with it, whatever the models say
+        tokens.verify(tokens.FALLBACK_ENCODING)  # prompts are counted with it, whatever the models say
     except tokens.TokenizerUnavailable as exc:
         problems.append(Problem(decoded[0][1].file, 1, 1, f"prompt tokenizer: {exc}"))
     if merged.server.max_body_bytes < 1024:

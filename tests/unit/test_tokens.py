@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tiktoken
 import tiktoken_ext.openai_public as openai_public
+from tiktoken.load import load_tiktoken_bpe
 
 from gateway import tokens
 from gateway.policy.load import check_policy
@@ -87,7 +89,7 @@ def test_each_encoding_is_tiktokens_own(name: str, monkeypatch: pytest.MonkeyPat
 
     def fake_load(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
         asked.append((url, expected_hash))
-        return tokens.encoding(name)._mergeable_ranks
+        return load_tiktoken_bpe(str(tokens.DATA_DIR / spec.file), spec.sha256)
 
     monkeypatch.setattr(openai_public, "load_tiktoken_bpe", fake_load)
     reference: dict[str, Any] = openai_public.ENCODING_CONSTRUCTORS[name]()
@@ -95,6 +97,11 @@ def test_each_encoding_is_tiktokens_own(name: str, monkeypatch: pytest.MonkeyPat
     enc = tokens.encoding(name)
     assert enc._pat_str == reference["pat_str"]
     assert enc._special_tokens == reference["special_tokens"]
+    assert enc.max_token_value == max(max(reference["mergeable_ranks"].values()), *reference["special_tokens"].values())
+    text = "Hello, world! 123456 naïve café 東京 🤖\n\n  x <|endoftext|>"
+    ids = enc.encode_ordinary(text)
+    assert ids == tiktoken.Encoding(name, **{k: v for k, v in reference.items() if k != "name"}).encode_ordinary(text)
+    assert enc.decode(ids) == text
 
 
 def test_counts_with_the_named_encoding() -> None:
@@ -148,10 +155,10 @@ def test_policy_naming_another_tokenizer_is_refused_with_file_line(tmp_path: Pat
 @pytest.fixture
 def fresh_tokenizers() -> Iterator[None]:
     tokens.encoding.cache_clear()
-    tokens._ranks.cache_clear()
+    tokens.verify.cache_clear()
     yield
     tokens.encoding.cache_clear()
-    tokens._ranks.cache_clear()
+    tokens.verify.cache_clear()
 
 
 def test_missing_or_altered_bpe_file_refuses_the_policy(
@@ -175,13 +182,21 @@ def test_missing_or_altered_bpe_file_refuses_the_policy(
     )
     (data / "cl100k_base.tiktoken").unlink()
     tokens.encoding.cache_clear()
-    tokens._ranks.cache_clear()
+    tokens.verify.cache_clear()
     policy, problems = check_policy(_policy(tmp_path, "    tokenizer: cl100k_base\n"), adapters=ADAPTERS)
     assert policy is None
     assert [str(p).split(": ", 1)[1].split(" cannot be read")[0] for p in problems] == [
         f"model 'm': tokenizer file {data}/cl100k_base.tiktoken",
         f"prompt tokenizer: tokenizer file {data}/cl100k_base.tiktoken",
     ]
+
+
+def test_loading_a_policy_checks_tokenizers_without_building_them(tmp_path: Path, fresh_tokenizers: None) -> None:
+    """The encodings cost tens of MB resident: the loader only checks their files (built on first use)."""
+    policy, problems = check_policy(_policy(tmp_path, "    tokenizer: o200k_harmony\n"), adapters=ADAPTERS)
+    assert policy is not None and problems == []
+    assert tokens.encoding.cache_info().currsize == 0
+    assert tokens.verify.cache_info().currsize == 2  # o200k_harmony and the prompt encoding
 
 
 def test_bundled_files_are_the_ones_tiktoken_expects() -> None:
