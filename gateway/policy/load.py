@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 import yaml
 
+from gateway import tokens
 from gateway.policy import checks
 from gateway.policy.model import PolicySet
 
@@ -234,6 +235,11 @@ def _cross_check(
         for i, m in enumerate(policy.models):
             if not m.deployments:
                 at(source, f"$.models[{i}].deployments", f"model {m.name!r}: needs at least one deployment")
+            try:
+                # Checked now, so a missing or altered BPE file is a start-up error, never a download.
+                tokens.verify(m.tokenizer)
+            except tokens.TokenizerUnavailable as exc:
+                at(source, f"$.models[{i}].tokenizer", f"model {m.name!r}: {exc}")
             for j, d in enumerate(m.deployments):
                 if d.backend not in backend_names:
                     at(
@@ -293,6 +299,10 @@ def _cross_check(
     for j, digest in enumerate(merged.server.admin_keys):
         if not _DIGEST.match(digest):
             problems.append(Problem(decoded[0][1].file, 1, 1, f"server.admin_keys[{j}] must be sha256:<64 hex>"))
+    try:
+        tokens.verify(tokens.FALLBACK_ENCODING)  # prompts are counted with it, whatever the models say
+    except tokens.TokenizerUnavailable as exc:
+        problems.append(Problem(decoded[0][1].file, 1, 1, f"prompt tokenizer: {exc}"))
     if merged.server.max_body_bytes < 1024:
         problems.append(Problem(decoded[0][1].file, 1, 1, "server.max_body_bytes must be at least 1024"))
     return problems
