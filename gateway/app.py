@@ -25,6 +25,7 @@ from gateway.api.respond import JSON
 from gateway.api.routes import build_handlers
 from gateway.contracts import AdapterFactory
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
+from gateway.gauges import GatewayGauges
 from gateway.policy.load import load_policy
 from gateway.registry import discover_adapters
 from gateway.reload import PolicyReloader
@@ -79,6 +80,7 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
     writer = UsageWriter(ledger, Spool(Path(settings.spool_dir)))
     runtime = build_runtime(policy, factories, metrics, signals, store)
     gateway = Gateway(runtime, metrics, signals, store, writer, ledger)
+    metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     return Litestar(
         route_handlers=build_handlers(gateway, inbound_limits(settings), metrics_token=settings.metrics_token),

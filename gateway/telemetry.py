@@ -52,6 +52,31 @@ class Metrics:
             ("backend",),
             registry=self.registry,
         )
+        self.ttft = Histogram(
+            "strait_time_to_first_token_seconds",
+            "Time from request to the first streamed event, by route.",
+            ("route",),
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.usage_tokens = Counter(
+            "strait_usage_tokens",
+            "Tokens charged (the usage records' final attempts), by tenant, route, deployment and kind.",
+            ("tenant", "route", "deployment", "kind"),
+            registry=self.registry,
+        )
+        self.usage_cost = Counter(
+            "strait_usage_cost_usd",
+            "Cost charged in USD (deployment prices), by tenant, route and deployment.",
+            ("tenant", "route", "deployment"),
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "strait_fallbacks",
+            "Attempts that failed before the first byte and moved on to the next deployment, by route.",
+            ("route",),
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "strait_request_duration_seconds",
             "Time from request to the end of the response head (non-streaming: whole answer).",

@@ -141,6 +141,7 @@ async def _relay(
             if ttft is None:
                 ttft = time.perf_counter() - ctx.started
                 ctx.lease_renewed = time.monotonic()
+                metrics.child(metrics.ttft, ctx.route_name).observe(ttft)
             elif ctx.ticket is not None:
                 accounting.keepalive(ctx, time.monotonic())
             try:

@@ -236,6 +236,12 @@ class AccountingStage:
             )
         )
         self.metrics.child(self.metrics.usage_records, source).inc()
+        if final and (prompt or completion):
+            m = self.metrics
+            route = ctx.route.name if ctx.route is not None else ctx.route_name
+            m.child(m.usage_tokens, principal.tenant, route, deployment, "prompt").inc(prompt)
+            m.child(m.usage_tokens, principal.tenant, route, deployment, "completion").inc(completion)
+            m.child(m.usage_cost, principal.tenant, route, deployment).inc(cost / 1e6)
 
     async def drain(self) -> None:
         """Send every queued reconcile and wait for background calls (shutdown)."""

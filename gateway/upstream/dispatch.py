@@ -72,6 +72,8 @@ class Dispatcher:
                 self.metrics.child(self.metrics.upstream_attempts, backend, outcome).inc()
                 log.warning("upstream %s unreachable (attempt %d): %s", backend, attempt + 1, exc)
                 ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
+                if attempt + 1 < len(plan):
+                    self.metrics.child(self.metrics.fallbacks, ctx.route_name).inc()
                 last_error = exc
                 continue
             except UpstreamResponseTooLarge:
@@ -107,6 +109,7 @@ class Dispatcher:
                 signals.finished(backend)
             ctx.target = target
             if (response.status in NEXT_TARGET_STATUS or redirect) and attempt + 1 < len(plan):
+                self.metrics.child(self.metrics.fallbacks, ctx.route_name).inc()
                 ctx.failed_attempts.append((target, response.status, time.perf_counter() - t0))
                 last_response = response
                 continue

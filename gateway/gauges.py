@@ -1,0 +1,84 @@
+"""Gauges read when Prometheus scrapes, not kept up to date per request: what the gateway holds right now
+(upstream requests in flight and ejected backends, the usage writer's queue and spool, the state store's
+breaker and failure counts). Labels come from the policy (backend names) or are fixed, so cardinality is
+bounded by the policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from gateway.accounting.writer import UsageWriter
+from gateway.state import Store
+from gateway.upstream.signals import LiveSignals
+
+_BREAKER = {"closed": 0, "half-open": 1, "open": 2}
+
+
+class _Source(Protocol):
+    signals: LiveSignals
+    writer: UsageWriter
+    store: Store
+
+
+class GatewayGauges:
+    """A prometheus_client collector over one running gateway."""
+
+    def __init__(self, gateway: _Source) -> None:
+        self._gateway = gateway
+
+    def describe(self) -> list[Metric]:
+        return []  # collected lazily; nothing to describe up front
+
+    def collect(self) -> Iterator[Metric]:
+        g = self._gateway
+        in_flight = GaugeMetricFamily(
+            "strait_upstream_in_flight",
+            "Upstream requests (and open streams) in flight, by backend.",
+            labels=["backend"],
+        )
+        for backend, n in sorted(g.signals.in_flight.items()):
+            in_flight.add_metric([backend], n)
+        yield in_flight
+        ejected = GaugeMetricFamily(
+            "strait_upstream_ejected",
+            "1 while a backend is ejected after repeated connection failures.",
+            labels=["backend"],
+        )
+        unhealthy = g.signals.snapshot(time.monotonic()).unhealthy
+        for backend in sorted(g.signals.in_flight):
+            ejected.add_metric([backend], 1 if backend in unhealthy else 0)
+        yield ejected
+        yield GaugeMetricFamily(
+            "strait_usage_queue_records", "Usage records waiting in memory for the ledger.", value=g.writer.queued()
+        )
+        yield GaugeMetricFamily(
+            "strait_usage_spool_bytes",
+            "Bytes of usage records spooled to disk while the ledger was unreachable.",
+            value=g.writer.spool.size(),
+        )
+        yield CounterMetricFamily(
+            "strait_usage_spool_dropped_records",
+            "Usage records dropped because the spool was full.",
+            value=g.writer.spool.dropped,
+        )
+        status = g.store.status()
+        yield GaugeMetricFamily(
+            "strait_state_breaker",
+            "The state store's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            value=_BREAKER.get(status.breaker, 0),
+        )
+        calls = CounterMetricFamily(
+            "strait_state_calls_unanswered",
+            "State store calls that got no answer: failed (timeout, refused, error), skipped (breaker open), "
+            "saturated (no connection in time: this process overloaded).",
+            labels=["reason"],
+        )
+        calls.add_metric(["failed"], status.failures)
+        calls.add_metric(["skipped"], status.skipped)
+        calls.add_metric(["saturated"], status.saturated)
+        yield calls
