@@ -26,11 +26,13 @@ from gateway.api.routes import build_handlers
 from gateway.contracts import AdapterFactory
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.gauges import GatewayGauges
+from gateway.policy.decisions import DecisionLog
 from gateway.policy.load import load_policy
 from gateway.registry import discover_adapters
 from gateway.reload import PolicyReloader
-from gateway.runtime import Gateway, build_runtime
+from gateway.runtime import Gateway, Services, build_runtime
 from gateway.settings import Settings
+from gateway.stages.accounting import AccountingStage
 from gateway.state import open_store
 from gateway.telemetry import Metrics
 from gateway.upstream.signals import LiveSignals
@@ -78,8 +80,9 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
     store = open_store(settings.state, timeout_s=settings.state_timeout_ms / 1000, replicas_hint=settings.replicas)
     ledger = open_ledger(settings.state)
     writer = UsageWriter(ledger, Spool(Path(settings.spool_dir)))
-    runtime = build_runtime(policy, factories, metrics, signals, store)
-    gateway = Gateway(runtime, metrics, signals, store, writer, ledger)
+    services = Services(metrics, signals, store, AccountingStage(writer, store, metrics), DecisionLog())
+    runtime = build_runtime(policy, factories, services)
+    gateway = Gateway(runtime, services, writer, ledger)
     metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     return Litestar(

@@ -17,13 +17,13 @@ import anyio
 import msgspec
 
 from gateway.accounting.meter import StreamMeter, decode_stream_chunk
-from gateway.api.asgi_send import Reply
 from gateway.api.identity import id_headers
 from gateway.api.sse import DONE_EVENT, encode_event
 from gateway.api.wire import UpstreamErrorBody, Usage, UsageProbe
 from gateway.context import RequestContext
 from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody, ErrorEnvelope
+from gateway.reply import Reply
 from gateway.stages.accounting import AccountingStage
 from gateway.telemetry import Metrics
 from gateway.tokens import FALLBACK_ENCODING
