@@ -19,6 +19,7 @@ from litestar.exceptions import HTTPException
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
+from gateway.api.decode_stage import DecodeStage
 from gateway.api.identity import request_id_of, scope_id_headers
 from gateway.api.inbound import inbound_limits
 from gateway.api.respond import JSON
@@ -80,13 +81,21 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
     store = open_store(settings.state, timeout_s=settings.state_timeout_ms / 1000, replicas_hint=settings.replicas)
     ledger = open_ledger(settings.state)
     writer = UsageWriter(ledger, Spool(Path(settings.spool_dir)))
-    services = Services(metrics, signals, store, AccountingStage(writer, store, metrics), DecisionLog())
+    limits = inbound_limits(settings)
+    services = Services(
+        metrics,
+        signals,
+        store,
+        AccountingStage(writer, store, metrics),
+        DecisionLog(),
+        decode=lambda policy: DecodeStage(limits, policy.server.max_body_bytes),
+    )
     runtime = build_runtime(policy, factories, services)
     gateway = Gateway(runtime, services, writer, ledger)
     metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     return Litestar(
-        route_handlers=build_handlers(gateway, inbound_limits(settings), metrics_token=settings.metrics_token),
+        route_handlers=build_handlers(gateway, limits, metrics_token=settings.metrics_token),
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_exception,

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -14,7 +14,7 @@ import msgspec
 from gateway.accounting.ledger import Ledger
 from gateway.accounting.writer import UsageWriter
 from gateway.contracts import Adapter, AdapterFactory
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, Stage
 from gateway.policy.decisions import DecisionLog
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import Backend, PolicySet, UpstreamLimits
@@ -41,12 +41,12 @@ class Runtime:
 
     index: PolicyIndex
     auth: AuthStage
-    # Request stages in order: route (policy engine, explain) -> limits (one store call) -> upstream
-    # (terminal: dispatch, response shaping, error accounting).
+    # Request stages in order: auth -> decode (the body, only once authenticated) -> route (policy
+    # engine, explain) -> limits (one store call) -> upstream (terminal: dispatch, response shaping,
+    # error accounting).
     pipeline: Pipeline
     dispatcher: Dispatcher
     adapters: Mapping[str, Adapter]
-    max_body_bytes: int
     upstream_limits: UpstreamLimits
 
 
@@ -59,6 +59,9 @@ class Services:
     store: Store
     accounting: AccountingStage
     decisions: DecisionLog
+    # Builds the body-decoding stage for a policy (its body limit): the wire codec's, in api/, handed
+    # in by app.py so that nothing below api/ imports it.
+    decode: Callable[[PolicySet], Stage]
 
 
 def build_runtime(
@@ -93,10 +96,9 @@ def build_runtime(
     return Runtime(
         index=index,
         auth=auth,
-        pipeline=Pipeline([route, LimitsStage(index, store, metrics, route)], upstream),
+        pipeline=Pipeline([auth, services.decode(policy), route, LimitsStage(index, store, metrics, route)], upstream),
         dispatcher=dispatcher,
         adapters=adapters,
-        max_body_bytes=policy.server.max_body_bytes,
         upstream_limits=limits,
     )
 

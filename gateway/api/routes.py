@@ -12,12 +12,11 @@ from litestar.handlers import BaseRouteHandler
 
 from gateway.api.asgi_send import Receive, Send, body_chunks, send_reply
 from gateway.api.bearer import check_bearer
-from gateway.api.decode import decode_request, read_body
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
 from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits
 from gateway.api.respond import JSON
 from gateway.api.usage import build_usage_handlers
-from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest, ModelCard, ModelList
+from gateway.api.wire import ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
 from gateway.errors import MethodNotAllowed, ModelNotFound, NotFound
@@ -34,47 +33,38 @@ def _headers(scope: Any) -> dict[str, str]:
 def build_handlers(
     gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS, *, metrics_token: str | None = None
 ) -> list[BaseRouteHandler]:
-    async def handle(scope: Any, receive: Receive, operation: Operation, kind: Any) -> Reply:
+    async def handle(scope: Any, receive: Receive, operation: Operation) -> Reply:
         started = time.perf_counter()
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
-        rid = request_id_of(scope)
         headers = _headers(scope)
-        runtime = gateway.runtime
-        principal = runtime.auth.authenticate(headers)
-        chunks = body_chunks(receive, limits.body_idle_timeout_s, limits.body_timeout_s)
-        body = await read_body(chunks, headers.get("content-length"), runtime.max_body_bytes)
-        typed, raw = decode_request(body, kind, limits)
-        stream = bool(getattr(typed, "stream", False))
-        options = getattr(typed, "stream_options", None)
         ctx = RequestContext(
-            request_id=rid,
+            request_id=request_id_of(scope),
             client_request_id=client_request_id_of(scope),
             operation=operation,
             started=started,
             headers=headers,
-            payload=raw,
-            route_name=typed.model,
-            stream=stream,
-            include_usage=bool(options is not None and options.include_usage),
-            principal=principal,
+            # Read by `decode`, after `auth`: not a byte is parsed for an unauthenticated client.
+            body=body_chunks(receive, limits.body_idle_timeout_s, limits.body_timeout_s),
+            content_length=headers.get("content-length"),
             decision_id=secrets.token_hex(5),
         )
-        return await runtime.pipeline.run(ctx)
+        # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
+        return await gateway.runtime.pipeline.run(ctx)
 
     # The model endpoints are raw ASGI handlers: Litestar routes them and renders their errors (raised
     # before the response starts), but does not parse signatures or build responses for them.
     @asgi("/v1/chat/completions", copy_scope=False)
     async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
-        await send_reply(await handle(scope, receive, "chat", ChatRequest), receive, send)
+        await send_reply(await handle(scope, receive, "chat"), receive, send)
 
     @asgi("/v1/completions", copy_scope=False)
     async def completions(scope: Any, receive: Receive, send: Send) -> None:
-        await send_reply(await handle(scope, receive, "completions", CompletionRequest), receive, send)
+        await send_reply(await handle(scope, receive, "completions"), receive, send)
 
     @asgi("/v1/embeddings", copy_scope=False)
     async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
-        await send_reply(await handle(scope, receive, "embeddings", EmbeddingsRequest), receive, send)
+        await send_reply(await handle(scope, receive, "embeddings"), receive, send)
 
     def visible_routes(request: Request[Any, Any, Any]) -> list[str]:
         runtime = gateway.runtime
