@@ -9,6 +9,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+JSON = "application/json"
+
+
+def id_headers(request_id: str, client_request_id: str | None) -> dict[str, str]:
+    """`x-request-id` echoes the client's id when it sent one; `x-strait-request-id` is always ours."""
+    return {"x-request-id": client_request_id or request_id, "x-strait-request-id": request_id}
+
 
 @dataclass(slots=True)
 class Reply:

@@ -14,13 +14,12 @@ from gateway.api.asgi_send import Receive, Send, body_chunks, send_reply
 from gateway.api.bearer import check_bearer
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
 from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits
-from gateway.api.respond import JSON
 from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
 from gateway.errors import MethodNotAllowed, ModelNotFound, NotFound
-from gateway.reply import Reply
+from gateway.reply import JSON, Reply
 from gateway.runtime import Gateway
 
 _encode = msgspec.json.encode

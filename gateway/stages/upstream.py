@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.api.respond import respond
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.reply import Reply
 from gateway.stages.accounting import AccountingStage
+from gateway.stages.respond import finish, respond
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.signals import LiveSignals
@@ -40,12 +40,12 @@ class UpstreamStage:
         try:
             upstream = await self.dispatcher.call(ctx)
         except GatewayError as exc:
-            self.accounting.complete(ctx, status=exc.status, usage=None)
+            finish(self.accounting, ctx, status=exc.status, usage=None)
             await settled(ctx)
             raise
         except BaseException:
             # The client left while waiting (cancelled): record the attempts, release the reservation.
-            self.accounting.complete(ctx, status=499, usage=None, partial=True)
+            finish(self.accounting, ctx, status=499, usage=None, partial=True)
             raise
         reply = respond(ctx, upstream, self.metrics, self.signals, self.accounting)
         if reply.stream is None:
