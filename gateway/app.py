@@ -1,9 +1,15 @@
 """create_app: the one wiring point.
 
-Request stages, in order: auth (before the body is read) -> route (policy engine) -> limits (one
-state-store call) -> upstream (terminal; walks the plan with fallback). On response: the JSON as the
-upstream sent it or an SSE relay (gateway.api.respond), then accounting (usage records to the ledger
-writer, reservation reconciled; both in the background).
+The handler builds a RequestContext (ids, headers, a body source) and runs the pipeline
+(gateway.pipeline); stages, in order, `on_request`:
+  auth (before the body is read) -> decode (gateway.api.decode_stage: the body, read and decoded only
+  once authenticated; injected here so nothing below api/ imports it) -> route (policy engine,
+  explain) -> limits (one state-store call) -> upstream (terminal, gateway.stages.upstream: walks the
+  plan with fallback, shapes the JSON reply or the SSE relay in gateway.stages.respond).
+`on_response` runs in reverse for stages that have one (none yet). Accounting (usage records to the
+ledger writer, reservation reconciled, both in the background) is reached only through
+gateway.stages.respond.finish: JSON answer, upstream error, dispatch failure, or the relay's finally.
+A stage refuses by raising a GatewayError, rendered below as an OpenAI error envelope.
 """
 
 from __future__ import annotations
@@ -19,18 +25,21 @@ from litestar.exceptions import HTTPException
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
+from gateway.api.decode_stage import DecodeStage
 from gateway.api.identity import request_id_of, scope_id_headers
 from gateway.api.inbound import inbound_limits
-from gateway.api.respond import JSON
 from gateway.api.routes import build_handlers
 from gateway.contracts import AdapterFactory
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.gauges import GatewayGauges
+from gateway.policy.decisions import DecisionLog
 from gateway.policy.load import load_policy
 from gateway.registry import discover_adapters
 from gateway.reload import PolicyReloader
-from gateway.runtime import Gateway, build_runtime
+from gateway.reply import JSON
+from gateway.runtime import Gateway, Services, build_runtime
 from gateway.settings import Settings
+from gateway.stages.accounting import AccountingStage
 from gateway.state import open_store
 from gateway.telemetry import Metrics
 from gateway.upstream.signals import LiveSignals
@@ -78,12 +87,21 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
     store = open_store(settings.state, timeout_s=settings.state_timeout_ms / 1000, replicas_hint=settings.replicas)
     ledger = open_ledger(settings.state)
     writer = UsageWriter(ledger, Spool(Path(settings.spool_dir)))
-    runtime = build_runtime(policy, factories, metrics, signals, store)
-    gateway = Gateway(runtime, metrics, signals, store, writer, ledger)
+    limits = inbound_limits(settings)
+    services = Services(
+        metrics,
+        signals,
+        store,
+        AccountingStage(writer, store, metrics),
+        DecisionLog(),
+        decode=lambda policy: DecodeStage(limits, policy.server.max_body_bytes),
+    )
+    runtime = build_runtime(policy, factories, services)
+    gateway = Gateway(runtime, services, writer, ledger)
     metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     return Litestar(
-        route_handlers=build_handlers(gateway, inbound_limits(settings), metrics_token=settings.metrics_token),
+        route_handlers=build_handlers(gateway, limits, metrics_token=settings.metrics_token),
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_exception,

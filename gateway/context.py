@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +23,19 @@ class RequestContext:
     operation: Operation
     started: float
     headers: dict[str, str]
-    # The client's body as a mapping (unknown fields kept, forwarded upstream); written by the edge.
-    payload: dict[str, Any]
-    route_name: str
+    # The body as it arrives and the announced Content-Length; written by the edge, read (once, then
+    # set to None) by `decode`, which runs after `auth`: an unauthenticated client costs no parsing.
+    body: AsyncIterator[bytes] | None = None
+    content_length: str | None = None
+    # Written by `decode`: the client's body as a mapping (unknown fields kept, forwarded upstream), the
+    # route it names (`model`), and whether it streams; read by route, limits and upstream.
+    payload: dict[str, Any] = field(default_factory=dict)
+    route_name: str = ""
     stream: bool = False
     # The client's own well-formed `x-request-id`: echoed and recorded, never a key.
     client_request_id: str | None = None
-    # Whether the client asked for the usage chunk (stream_options.include_usage); read by the relay.
+    # Written by `decode`: whether the client asked for the usage chunk (stream_options.include_usage);
+    # read by the relay.
     include_usage: bool = False
     # Written by `auth`; read by `route` and later by limits and accounting.
     principal: Principal | None = None

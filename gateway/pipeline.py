@@ -1,4 +1,14 @@
-"""Runs the request stages in order; a stage refuses by raising a GatewayError."""
+"""Runs the request stages in order, then the terminal stage, then the stages' `on_response` in reverse.
+
+A stage's `on_request` returns None to go on, or a Reply that short-circuits (a cache hit, a refusal
+answered in band): later stages and the terminal do not run, and `on_response` runs for the stages
+before it, in reverse (the stage that answered built the reply; it has nothing to observe). A stage
+may also refuse by raising a GatewayError: it propagates out of `run` without any `on_response`
+(app.py's exception handlers render it as an OpenAI error envelope).
+
+Most stages only look at the request: they subclass `RequestOnly`, and the pipeline leaves them out of
+the response pass entirely (no await per stage per request for a no-op).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +16,57 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from gateway.context import RequestContext
+from gateway.reply import Reply
 
 
 class Stage(Protocol):
     name: str
 
-    async def on_request(self, ctx: RequestContext) -> None: ...
+    async def on_request(self, ctx: RequestContext) -> Reply | None: ...
+
+    async def on_response(self, ctx: RequestContext, reply: Reply) -> Reply: ...
+
+
+class Terminal(Protocol):
+    """The last stage: it always answers (the upstream; a fake in tests)."""
+
+    name: str
+
+    async def call(self, ctx: RequestContext) -> Reply: ...
+
+
+class RequestOnly:
+    """Base of stages with nothing to do on the response: the pipeline skips their `on_response`."""
+
+    async def on_response(self, ctx: RequestContext, reply: Reply) -> Reply:
+        return reply
+
+
+_PASS_THROUGH: object = RequestOnly.on_response
 
 
 class Pipeline:
-    def __init__(self, stages: Sequence[Stage]) -> None:
+    def __init__(self, stages: Sequence[Stage], terminal: Terminal) -> None:
         self.stages = tuple(stages)
+        self.terminal = terminal
+        # Position of each stage with a real `on_response`, known once per policy, not per request.
+        self._responders = tuple(
+            i for i, s in enumerate(self.stages) if getattr(type(s), "on_response", None) is not _PASS_THROUGH
+        )
 
-    async def run(self, ctx: RequestContext) -> None:
+    async def run(self, ctx: RequestContext) -> Reply:
+        reply: Reply | None = None
+        ran = 0
         for stage in self.stages:
-            await stage.on_request(ctx)
+            reply = await stage.on_request(ctx)
+            if reply is not None:
+                break
+            ran += 1
+        if reply is None:
+            reply = await self.terminal.call(ctx)
+        if self._responders:
+            stages = self.stages
+            for i in reversed(self._responders):
+                if i < ran:
+                    reply = await stages[i].on_response(ctx, reply)
+        return reply

@@ -91,9 +91,7 @@ class PolicyReloader:
                 return False
             old = self.gateway.runtime
             try:
-                new = build_runtime(
-                    policy, self.factories, metrics, self.gateway.signals, self.gateway.store, previous=old
-                )
+                new = build_runtime(policy, self.factories, self.gateway.services, previous=old)
             except ValueError as exc:  # e.g. an api_key env var that is not set
                 log.error("policy reload refused: %s", exc)
                 metrics.policy_reloads.labels("rejected").inc()

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -14,7 +14,7 @@ import msgspec
 from gateway.accounting.ledger import Ledger
 from gateway.accounting.writer import UsageWriter
 from gateway.contracts import Adapter, AdapterFactory
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, Stage
 from gateway.policy.decisions import DecisionLog
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import Backend, PolicySet, UpstreamLimits
@@ -22,6 +22,7 @@ from gateway.stages.accounting import AccountingStage
 from gateway.stages.auth import AuthStage
 from gateway.stages.limits import LimitsStage
 from gateway.stages.route import RouteStage
+from gateway.stages.upstream import UpstreamStage
 from gateway.state import Store
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
@@ -40,25 +41,39 @@ class Runtime:
 
     index: PolicyIndex
     auth: AuthStage
-    # Request stages in order: route (policy engine) -> limits (one store call).
+    # Request stages in order: auth -> decode (the body, only once authenticated) -> route (policy
+    # engine, explain) -> limits (one store call) -> upstream (terminal: dispatch, response shaping,
+    # error accounting).
     pipeline: Pipeline
     dispatcher: Dispatcher
     adapters: Mapping[str, Adapter]
-    max_body_bytes: int
     upstream_limits: UpstreamLimits
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What outlives a policy, handed to every runtime built from one: built once by app.py."""
+
+    metrics: Metrics
+    signals: LiveSignals
+    store: Store
+    accounting: AccountingStage
+    decisions: DecisionLog
+    # Builds the body-decoding stage for a policy (its body limit): the wire codec's, in api/, handed
+    # in by app.py so that nothing below api/ imports it.
+    decode: Callable[[PolicySet], Stage]
 
 
 def build_runtime(
     policy: PolicySet,
     factories: Mapping[str, AdapterFactory],
-    metrics: Metrics,
-    signals: LiveSignals,
-    store: Store,
+    services: Services,
     previous: Runtime | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Runtime:
     """Everything for one policy. Adapters of backends whose definition did not change are reused
     from `previous`, so a reload keeps their connection pools warm."""
+    metrics, signals, store = services.metrics, services.signals, services.store
     index = PolicyIndex(policy)
     adapters: dict[str, Adapter] = {}
     limits = policy.server.upstream
@@ -69,20 +84,21 @@ def build_runtime(
         else:
             adapters[b.name] = factories[b.adapter](_with_limits(b, limits))
     auth = AuthStage(index)
-    route = RouteStage(index, signals)
+    route = RouteStage(index, signals, services.decisions)
+    # The redactor knows every backend's resolved key, so no upstream error text can echo one.
+    dispatcher = Dispatcher(
+        adapters,
+        metrics,
+        signals,
+        redactor_for((b.api_key for b in policy.backends), os.environ if environ is None else environ),
+    )
+    upstream = UpstreamStage(dispatcher, metrics, signals, services.accounting)
     return Runtime(
         index=index,
         auth=auth,
-        pipeline=Pipeline([route, LimitsStage(index, store, metrics, route)]),
-        # The redactor knows every backend's resolved key, so no upstream error text can echo one.
-        dispatcher=Dispatcher(
-            adapters,
-            metrics,
-            signals,
-            redactor_for((b.api_key for b in policy.backends), os.environ if environ is None else environ),
-        ),
+        pipeline=Pipeline([auth, services.decode(policy), route, LimitsStage(index, store, metrics, route)], upstream),
+        dispatcher=dispatcher,
         adapters=adapters,
-        max_body_bytes=policy.server.max_body_bytes,
         upstream_limits=limits,
     )
 
@@ -96,23 +112,16 @@ class Gateway:
     """What lives as long as the process: the current runtime (replaced on reload), live signals, the
     state store, the usage writer and the accounting stage."""
 
-    def __init__(
-        self,
-        runtime: Runtime,
-        metrics: Metrics,
-        signals: LiveSignals,
-        store: Store,
-        writer: UsageWriter,
-        ledger: Ledger,
-    ) -> None:
+    def __init__(self, runtime: Runtime, services: Services, writer: UsageWriter, ledger: Ledger) -> None:
         self.runtime = runtime
-        self.metrics = metrics
-        self.signals = signals
-        self.store = store
+        self.services = services
+        self.metrics = services.metrics
+        self.signals = services.signals
+        self.store = services.store
         self.writer = writer
         self.ledger = ledger
-        self.accounting = AccountingStage(writer, store, metrics)
-        self.decisions = DecisionLog()
+        self.accounting = services.accounting
+        self.decisions = services.decisions
         self.started_at = int(time.time())
         self._epoch_task: asyncio.Future[None] | None = None
 

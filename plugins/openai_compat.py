@@ -19,7 +19,6 @@ from typing import Final
 import aiohttp
 import msgspec
 
-from gateway.api.sse import DONE, SSEDecoder, SSELineTooLong
 from gateway.contracts import (
     Operation,
     UpstreamCall,
@@ -29,6 +28,7 @@ from gateway.contracts import (
     UpstreamStreamBroken,
 )
 from gateway.policy.model import Backend, UpstreamLimits
+from gateway.upstream.sse import DONE, SSEDecoder, SSELineTooLong
 
 _PATHS: Final[dict[Operation, str]] = {
     "chat": "/chat/completions",

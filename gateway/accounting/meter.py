@@ -11,9 +11,9 @@ from collections.abc import Iterable
 
 import msgspec
 
-from gateway.api.wire import PromptTokensDetails, UpstreamErrorBody, Usage
 from gateway.policy.model import Price
 from gateway.tokens import count_text
+from gateway.upstream.wire import PromptTokensDetails, UpstreamErrorBody, Usage
 
 
 class _FunctionArgs(msgspec.Struct):

@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
 from gateway.errors import ClientClosedRequest, RequestTimeout
+from gateway.reply import Reply
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-
-@dataclass(slots=True)
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes = b""
-    stream: AsyncIterator[bytes] | None = None
-    media_type: str = "application/json"
-    extra: list[tuple[bytes, bytes]] = field(default_factory=list)
+__all__ = ["Message", "Receive", "Reply", "Scope", "Send", "body_chunks", "send_reply"]
 
 
 def _raw_headers(reply: Reply) -> list[tuple[bytes, bytes]]:

@@ -13,6 +13,8 @@ import re
 import secrets
 from typing import Any
 
+from gateway.reply import id_headers
+
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _MINTED = "strait.request_id"
 _CLIENT = "strait.client_request_id"
@@ -46,11 +48,6 @@ def client_request_id_of(scope: Any) -> str | None:
                 break
         scope[_CLIENT] = cid
     return cid or None
-
-
-def id_headers(request_id: str, client_request_id: str | None) -> dict[str, str]:
-    """`x-request-id` echoes the client's id when it sent one; `x-strait-request-id` is always ours."""
-    return {"x-request-id": client_request_id or request_id, "x-strait-request-id": request_id}
 
 
 def scope_id_headers(scope: Any) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from typing import Any
@@ -11,44 +10,19 @@ import msgspec
 from litestar import Request, Response, asgi, get
 from litestar.handlers import BaseRouteHandler
 
-from gateway.api.asgi_send import Receive, Reply, Send, body_chunks, send_reply
+from gateway.api.asgi_send import Receive, Send, body_chunks, send_reply
 from gateway.api.bearer import check_bearer
-from gateway.api.decode import decode_request, read_body
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
 from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits
-from gateway.api.respond import JSON, respond
 from gateway.api.usage import build_usage_handlers
-from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest, ModelCard, ModelList
+from gateway.api.wire import ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
-from gateway.errors import GatewayError, MethodNotAllowed, ModelNotFound, NotFound
-from gateway.policy.engine import Decision
+from gateway.errors import MethodNotAllowed, ModelNotFound, NotFound
+from gateway.reply import JSON, Reply
 from gateway.runtime import Gateway
 
 _encode = msgspec.json.encode
-
-
-# Proxies commonly refuse header blocks over 8 KiB; the summary stays well below.
-EXPLAIN_HEADER_MAX = 4096
-
-
-def explain_header(decision: Decision) -> str:
-    """A header-size-safe summary of the decision: the plan and why each other candidate was excluded;
-    the whole table (scores, costs, signals) is at /admin/decisions/{id}."""
-    excluded = {r.deployment: r.excluded for r in decision.rows if r.excluded}
-    doc = {"decision": decision.id, "route": decision.route, "objective": decision.objective, "plan": decision.plan}
-    full = _encode({**doc, "excluded": excluded, "table": f"/admin/decisions/{decision.id}"})
-    if len(full) <= EXPLAIN_HEADER_MAX and full.isascii():
-        return full.decode()
-    return _encode({**doc, "excluded_count": len(excluded), "table": f"/admin/decisions/{decision.id}"}).decode(
-        "ascii", "replace"
-    )
-
-
-async def settled(ctx: RequestContext) -> None:
-    """Wait until the request's concurrency slots are given back (before the answer's last byte)."""
-    if ctx.settling is not None:
-        await asyncio.shield(ctx.settling)
 
 
 def _headers(scope: Any) -> dict[str, str]:
@@ -58,67 +32,38 @@ def _headers(scope: Any) -> dict[str, str]:
 def build_handlers(
     gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS, *, metrics_token: str | None = None
 ) -> list[BaseRouteHandler]:
-    async def handle(scope: Any, receive: Receive, operation: Operation, kind: Any) -> Reply:
+    async def handle(scope: Any, receive: Receive, operation: Operation) -> Reply:
         started = time.perf_counter()
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
-        rid = request_id_of(scope)
         headers = _headers(scope)
-        runtime = gateway.runtime
-        principal = runtime.auth.authenticate(headers)
-        chunks = body_chunks(receive, limits.body_idle_timeout_s, limits.body_timeout_s)
-        body = await read_body(chunks, headers.get("content-length"), runtime.max_body_bytes)
-        typed, raw = decode_request(body, kind, limits)
-        stream = bool(getattr(typed, "stream", False))
-        options = getattr(typed, "stream_options", None)
         ctx = RequestContext(
-            request_id=rid,
+            request_id=request_id_of(scope),
             client_request_id=client_request_id_of(scope),
             operation=operation,
             started=started,
             headers=headers,
-            payload=raw,
-            route_name=typed.model,
-            stream=stream,
-            include_usage=bool(options is not None and options.include_usage),
-            principal=principal,
+            # Read by `decode`, after `auth`: not a byte is parsed for an unauthenticated client.
+            body=body_chunks(receive, limits.body_idle_timeout_s, limits.body_timeout_s),
+            content_length=headers.get("content-length"),
             decision_id=secrets.token_hex(5),
         )
-        await runtime.pipeline.run(ctx)
-        if ctx.route_plan is not None and headers.get("x-strait-explain") == "1":
-            tenant = runtime.index.tenants.get(principal.tenant)
-            if tenant is not None and tenant.explain:
-                decision = ctx.route_plan.decision
-                gateway.decisions.put(decision)
-                ctx.extra_headers["x-strait-explain"] = explain_header(decision)
-        try:
-            upstream = await runtime.dispatcher.call(ctx)
-        except GatewayError as exc:
-            gateway.accounting.complete(ctx, status=exc.status, usage=None)
-            await settled(ctx)
-            raise
-        except BaseException:
-            # The client left while waiting (cancelled): record the attempts, release the reservation.
-            gateway.accounting.complete(ctx, status=499, usage=None, partial=True)
-            raise
-        reply = respond(ctx, upstream, gateway.metrics, gateway.signals, gateway.accounting)
-        if reply.stream is None:
-            await settled(ctx)
-        return reply
+        # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
+        return await gateway.runtime.pipeline.run(ctx)
 
     # The model endpoints are raw ASGI handlers: Litestar routes them and renders their errors (raised
     # before the response starts), but does not parse signatures or build responses for them.
     @asgi("/v1/chat/completions", copy_scope=False)
     async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
-        await send_reply(await handle(scope, receive, "chat", ChatRequest), receive, send)
+        await send_reply(await handle(scope, receive, "chat"), receive, send)
 
     @asgi("/v1/completions", copy_scope=False)
     async def completions(scope: Any, receive: Receive, send: Send) -> None:
-        await send_reply(await handle(scope, receive, "completions", CompletionRequest), receive, send)
+        await send_reply(await handle(scope, receive, "completions"), receive, send)
 
     @asgi("/v1/embeddings", copy_scope=False)
     async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
-        await send_reply(await handle(scope, receive, "embeddings", EmbeddingsRequest), receive, send)
+        await send_reply(await handle(scope, receive, "embeddings"), receive, send)
 
     def visible_routes(request: Request[Any, Any, Any]) -> list[str]:
         runtime = gateway.runtime

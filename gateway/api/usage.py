@@ -12,9 +12,9 @@ from litestar.handlers import HTTPRouteHandler
 
 from gateway.accounting.ledger import LedgerUnavailable
 from gateway.accounting.records import Dimension, UsageRow
-from gateway.api.respond import JSON
 from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest
 from gateway.policy.index import key_digest
+from gateway.reply import JSON
 from gateway.runtime import Gateway
 from gateway.stages.auth import bearer_key
 

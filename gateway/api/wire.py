@@ -11,6 +11,15 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway.upstream.wire import ChoiceProbe as ChoiceProbe
+from gateway.upstream.wire import ChunkProbe as ChunkProbe
+from gateway.upstream.wire import CompletionTokensDetails as CompletionTokensDetails
+from gateway.upstream.wire import PromptTokensDetails as PromptTokensDetails
+from gateway.upstream.wire import UpstreamErrorBody as UpstreamErrorBody
+from gateway.upstream.wire import UpstreamErrorProbe as UpstreamErrorProbe
+from gateway.upstream.wire import Usage as Usage
+from gateway.upstream.wire import UsageProbe as UsageProbe
+
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
@@ -123,23 +132,7 @@ class EmbeddingsRequest(_Wire, kw_only=True):
     user: str | None = None
 
 
-# ---- responses Strait itself produces (simulated backend, models list) ----
-
-
-class PromptTokensDetails(_Wire, kw_only=True):
-    cached_tokens: int = 0
-
-
-class CompletionTokensDetails(_Wire, kw_only=True):
-    reasoning_tokens: int = 0
-
-
-class Usage(_Wire, kw_only=True):
-    prompt_tokens: int
-    completion_tokens: int = 0
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails | msgspec.UnsetType = msgspec.UNSET
-    completion_tokens_details: CompletionTokensDetails | msgspec.UnsetType = msgspec.UNSET
+# ---- responses Strait itself produces (models list); usage and upstream probes: gateway.upstream.wire ----
 
 
 class ModelCard(_Wire, kw_only=True):
@@ -152,39 +145,3 @@ class ModelCard(_Wire, kw_only=True):
 class ModelList(_Wire, kw_only=True):
     data: list[ModelCard]
     object: str = "list"
-
-
-# ---- what Strait reads back from upstream answers (probes decode only what they need) ----
-
-
-class UpstreamErrorBody(_Wire, kw_only=True):
-    message: str | None = None
-    type: str | None = None
-    param: str | None = None
-    code: str | int | None = None
-
-
-class ChoiceProbe(_Wire, kw_only=True):
-    index: int = 0
-    finish_reason: str | None = None
-
-
-class ChunkProbe(_Wire, kw_only=True):
-    """Just enough of a streamed chunk to find the usage chunk and the usage numbers."""
-
-    choices: list[ChoiceProbe] | None = None
-    usage: Usage | None = None
-    error: UpstreamErrorBody | str | None = None
-
-
-class UsageProbe(_Wire, kw_only=True):
-    usage: Usage | None = None
-
-
-class UpstreamErrorProbe(_Wire, kw_only=True):
-    """Error bodies vary: OpenAI's envelope, llama.cpp's integer `code`, vLLM's flat `{"object":"error"}`."""
-
-    error: UpstreamErrorBody | str | None = None
-    message: str | None = None
-    type: str | None = None
-    code: str | int | None = None

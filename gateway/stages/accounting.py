@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from gateway.accounting.meter import cached_tokens, completion_tokens_of, cost_micro_usd
 from gateway.accounting.records import UsageRecord, UsageSource
 from gateway.accounting.writer import UsageWriter
-from gateway.api.wire import Usage
 from gateway.context import RequestContext
 from gateway.state import MemoryStore, Store, Ticket
 from gateway.state import Usage as StoreUsage
 from gateway.telemetry import Metrics
+from gateway.upstream.wire import Usage
 
 log = logging.getLogger("strait.accounting")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from gateway.context import RequestContext
 from gateway.errors import AuthenticationFailed
+from gateway.pipeline import RequestOnly
 from gateway.policy.index import ANONYMOUS, PolicyIndex, Principal, key_digest
 
 
@@ -16,14 +18,19 @@ def bearer_key(headers: dict[str, str]) -> str | None:
     return headers.get("x-api-key") or headers.get("api-key")
 
 
-class AuthStage:
+class AuthStage(RequestOnly):
+    """The first stage: it runs before `decode`, so an unauthenticated client costs no parsing."""
+
     name = "auth"
 
     def __init__(self, index: PolicyIndex) -> None:
         self.index = index
 
+    async def on_request(self, ctx: RequestContext) -> None:
+        ctx.principal = self.authenticate(ctx.headers)
+
     def authenticate(self, headers: dict[str, str]) -> Principal:
-        """Runs before the body is read: an unauthenticated client costs no parsing."""
+        """Also used by the endpoints outside the pipeline (models list, usage, decisions)."""
         if not self.index.auth_required:
             return ANONYMOUS
         key = bearer_key(headers)

@@ -17,8 +17,10 @@ from typing import Final
 from gateway.accounting.meter import cost_micro_usd
 from gateway.context import RequestContext
 from gateway.errors import BudgetExceeded, InvalidRequest, RateLimited
+from gateway.pipeline import RequestOnly
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import Budget, RateLimits, Tenant
+from gateway.stages.route import RouteStage
 from gateway.state import (
     AdmissionRequest,
     BudgetLimit,
@@ -102,10 +104,10 @@ def rate_headers(admission: Admission) -> dict[str, str]:
     return headers
 
 
-class LimitsStage:
+class LimitsStage(RequestOnly):
     name = "limits"
 
-    def __init__(self, index: PolicyIndex, store: Store, metrics: Metrics, reroute: object) -> None:
+    def __init__(self, index: PolicyIndex, store: Store, metrics: Metrics, reroute: RouteStage) -> None:
         self.index = index
         self.store = store
         self.metrics = metrics
@@ -131,7 +133,7 @@ class LimitsStage:
             only_budgets = all(isinstance(c.limit, BudgetLimit) for c in denied)
             if only_budgets and tenant.budgets.on_exhausted == "downgrade" and tenant.budgets.downgrade_route:
                 ctx.route_name = tenant.budgets.downgrade_route
-                await self.reroute.on_request(ctx)  # type: ignore[attr-defined]
+                await self.reroute.on_request(ctx)
                 ctx.extra_headers["x-strait-budget"] = "downgraded"
                 admission = await self._admit(ctx, tenant, with_budgets=False)
             elif only_budgets:

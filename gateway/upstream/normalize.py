@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import msgspec
 
-from gateway.api.wire import UpstreamErrorBody, UpstreamErrorProbe
 from gateway.errors import UpstreamAuthFailed, UpstreamError
 from gateway.upstream.redact import NO_SECRETS, Redactor
+from gateway.upstream.wire import UpstreamErrorBody, UpstreamErrorProbe
 
 # The SDKs give up retrying when Retry-After exceeds 120 s (openai) or sleep without a cap (anthropic).
 MAX_RETRY_AFTER_S = 120

@@ -18,12 +18,12 @@ import msgspec
 import pytest
 
 from gateway.accounting.records import UsageRecord
-from gateway.api.respond import respond
 from gateway.context import RequestContext
 from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Backend, Deployment, Model, Price
 from gateway.stages.accounting import AccountingStage
+from gateway.stages.respond import respond
 from gateway.state import MemoryStore
 from gateway.telemetry import Metrics
 from gateway.tokens import count_text

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.api.sse import MAX_EVENT_BYTES, SSEDecoder, SSELineTooLong, encode_event
+from gateway.upstream.sse import MAX_EVENT_BYTES, SSEDecoder, SSELineTooLong, encode_event
 
 payload = st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b and b"\r" not in b)
 

@@ -11,30 +11,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
 import msgspec
 
 from gateway.accounting.meter import StreamMeter, decode_stream_chunk
-from gateway.api.asgi_send import Reply
-from gateway.api.identity import id_headers
-from gateway.api.sse import DONE_EVENT, encode_event
-from gateway.api.wire import UpstreamErrorBody, Usage, UsageProbe
 from gateway.context import RequestContext
 from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody, ErrorEnvelope
+from gateway.reply import Reply, id_headers
 from gateway.stages.accounting import AccountingStage
 from gateway.telemetry import Metrics
 from gateway.tokens import FALLBACK_ENCODING
 from gateway.upstream.normalize import upstream_error
 from gateway.upstream.signals import LiveSignals
+from gateway.upstream.sse import DONE_EVENT, encode_event
+from gateway.upstream.wire import UpstreamErrorBody, Usage, UsageProbe
 
 log = logging.getLogger("strait.relay")
 
 _probe_chunk = decode_stream_chunk
 _probe_usage = msgspec.json.Decoder(UsageProbe).decode
-JSON = "application/json"
 
 
 def response_headers(ctx: RequestContext) -> dict[str, str]:
@@ -46,6 +44,31 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
     if ctx.decision_id:
         headers["x-strait-decision"] = ctx.decision_id
     return headers
+
+
+def finish(
+    accounting: AccountingStage,
+    ctx: RequestContext,
+    *,
+    status: int,
+    usage: Usage | None,
+    produced: Sequence[bytes] = (),
+    estimated_completion: int | None = None,
+    partial: bool = False,
+    ttft_s: float | None = None,
+) -> None:
+    """The one place a request that reached an upstream is accounted (records written, reservation
+    released): the JSON path, the upstream-error path, the dispatch-failure path and the stream
+    relay's `finally` all end here, so a request is accounted exactly once, whichever way it ends."""
+    accounting.complete(
+        ctx,
+        status=status,
+        usage=usage,
+        produced=produced,
+        estimated_completion=estimated_completion,
+        partial=partial,
+        ttft_s=ttft_s,
+    )
 
 
 def _count_usage(metrics: Metrics, route: str, usage: Usage | None) -> None:
@@ -67,7 +90,7 @@ def respond(
         error = upstream_error(upstream.status, upstream.body, upstream.headers, ctx.redact)
         metrics.child(metrics.requests, route, str(error.status)).inc()
         # A 3xx is recorded as the 502 the client got: nothing was produced, nothing is charged.
-        accounting.complete(ctx, status=upstream.status if upstream.status >= 400 else error.status, usage=None)
+        finish(accounting, ctx, status=upstream.status if upstream.status >= 400 else error.status, usage=None)
         return Reply(status=error.status, headers={**headers, **error.headers}, body=error.body())
     metrics.child(metrics.latency, route).observe(time.perf_counter() - ctx.started)
     if upstream.events is None:
@@ -79,7 +102,7 @@ def respond(
             log.warning("upstream %s returned a body without readable usage", ctx.target.label if ctx.target else "?")
         _count_usage(metrics, route, usage)
         produced = (upstream.body,) if usage is None and ctx.operation != "embeddings" else ()
-        accounting.complete(ctx, status=upstream.status, usage=usage, produced=produced)
+        finish(accounting, ctx, status=upstream.status, usage=usage, produced=produced)
         return Reply(status=upstream.status, headers=headers, body=upstream.body)
     metrics.child(metrics.requests, route, "200").inc()
     headers["cache-control"] = "no-cache"
@@ -195,7 +218,8 @@ async def _relay(
             signals.finished(ctx.target.backend.name)
         _count_usage(metrics, ctx.route_name, usage)
         # Not complete: the client left or the upstream failed; charge what the upstream produced.
-        accounting.complete(
+        finish(
+            accounting,
             ctx,
             status=status,
             usage=usage,

@@ -1,0 +1,63 @@
+"""OpenAI wire types of what upstreams answer: the usage block and the probes that decode only what
+Strait reads back (usage, errors). Here, below api/, because accounting, the relay and error
+normalisation read them; gateway.api.wire re-exports them for the edge."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class _Wire(msgspec.Struct, kw_only=True):
+    pass
+
+
+class PromptTokensDetails(_Wire, kw_only=True):
+    cached_tokens: int = 0
+
+
+class CompletionTokensDetails(_Wire, kw_only=True):
+    reasoning_tokens: int = 0
+
+
+class Usage(_Wire, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | msgspec.UnsetType = msgspec.UNSET
+    completion_tokens_details: CompletionTokensDetails | msgspec.UnsetType = msgspec.UNSET
+
+
+# ---- what Strait reads back from upstream answers (probes decode only what they need) ----
+
+
+class UpstreamErrorBody(_Wire, kw_only=True):
+    message: str | None = None
+    type: str | None = None
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ChoiceProbe(_Wire, kw_only=True):
+    index: int = 0
+    finish_reason: str | None = None
+
+
+class ChunkProbe(_Wire, kw_only=True):
+    """Just enough of a streamed chunk to find the usage chunk and the usage numbers."""
+
+    choices: list[ChoiceProbe] | None = None
+    usage: Usage | None = None
+    error: UpstreamErrorBody | str | None = None
+
+
+class UsageProbe(_Wire, kw_only=True):
+    usage: Usage | None = None
+
+
+class UpstreamErrorProbe(_Wire, kw_only=True):
+    """Error bodies vary: OpenAI's envelope, llama.cpp's integer `code`, vLLM's flat `{"object":"error"}`."""
+
+    error: UpstreamErrorBody | str | None = None
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
