@@ -82,6 +82,12 @@ def depth_bound_holds(body: bytes, limit: int) -> bool:
     JSON values. False means "measure it" (see `depth_exceeds`), not "too deep"."""
     skeleton = body.translate(_SQUARE, _NOT_BRACKET)
     if skeleton.count(b"[") <= limit:
+        return True  # fewer openers than levels, strings included: it cannot be deeper
+    # Brackets inside strings can make a deep body look shallow (`[["]"[]"["]]` reads as depth 2 but is
+    # 3), so the shape is judged only once the strings are gone (C-speed regex; JSON has no quote
+    # outside a string).
+    skeleton = _JSON_STRING.sub(b"", body).translate(_SQUARE, _NOT_BRACKET)
+    if skeleton.count(b"[") <= limit:
         return True
     return _skeleton_pattern(limit).fullmatch(skeleton) is not None
 
