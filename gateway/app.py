@@ -15,6 +15,7 @@ A stage refuses by raising a GatewayError, rendered below as an OpenAI error env
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from gateway.settings import Settings
 from gateway.stages.accounting import AccountingStage
 from gateway.state import open_store
 from gateway.telemetry import Metrics
+from gateway.tracing import tracing_from_env
 from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait")
@@ -95,6 +97,7 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
         AccountingStage(writer, store, metrics),
         DecisionLog(),
         decode=lambda policy: DecodeStage(limits, policy.server.max_body_bytes),
+        tracing=tracing_from_env(os.environ),
     )
     runtime = build_runtime(policy, factories, services)
     gateway = Gateway(runtime, services, writer, ledger)

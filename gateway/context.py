@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.contracts import Operation
 from gateway.policy.engine import RoutePlan
@@ -13,6 +13,9 @@ from gateway.policy.index import Principal, Target
 from gateway.policy.model import Route
 from gateway.state.base import Ticket
 from gateway.upstream.redact import NO_SECRETS, Redactor
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 
 @dataclass(slots=True)
@@ -61,5 +64,11 @@ class RequestContext:
     # Written by accounting: the release of this request's concurrency slots, to be awaited by the edge
     # before the answer's last byte (a sequential client must find its slot free).
     settling: asyncio.Future[None] | None = None
+    # Tracing (only when configured): the request's SERVER span, written by the pipeline and ended by it
+    # (JSON, errors) or by `finish` (streams); the usage and time to first chunk it reports, by `finish`.
+    span: Span | None = None
+    usage_in: int | None = None
+    usage_out: int | None = None
+    ttft_s: float | None = None
     # Headers any stage adds to the response (rate-limit state, budget downgrade).
     extra_headers: dict[str, str] = field(default_factory=dict)

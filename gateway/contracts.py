@@ -21,6 +21,8 @@ class UpstreamCall:
     payload: dict[str, Any]
     stream: bool
     request_id: str
+    # Extra headers for the upstream: the trace context (`traceparent`) when tracing is on.
+    headers: dict[str, str] | None = None
 
 
 @dataclass(slots=True)

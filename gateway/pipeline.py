@@ -15,8 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from opentelemetry.context import attach, detach
+from opentelemetry.trace import set_span_in_context
+
 from gateway.context import RequestContext
+from gateway.errors import GatewayError
 from gateway.reply import Reply
+from gateway.spans import end_request_span, start_request_span
+from gateway.tracing import Tracing
 
 
 class Stage(Protocol):
@@ -46,9 +52,13 @@ _PASS_THROUGH: object = RequestOnly.on_response
 
 
 class Pipeline:
-    def __init__(self, stages: Sequence[Stage], terminal: Terminal) -> None:
+    def __init__(self, stages: Sequence[Stage], terminal: Terminal, tracing: Tracing | None = None) -> None:
         self.stages = tuple(stages)
         self.terminal = terminal
+        # None (the default): `run` has no tracing code on its path at all.
+        self.tracing = tracing
+        if tracing is not None:
+            self.run = self._run_traced  # type: ignore[method-assign]
         # Position of each stage with a real `on_response`, known once per policy, not per request.
         self._responders = tuple(
             i for i, s in enumerate(self.stages) if getattr(type(s), "on_response", None) is not _PASS_THROUGH
@@ -69,4 +79,39 @@ class Pipeline:
             for i in reversed(self._responders):
                 if i < ran:
                     reply = await stages[i].on_response(ctx, reply)
+        return reply
+
+    async def _run_traced(self, ctx: RequestContext) -> Reply:
+        """`run` with a SERVER span for the request and a child span per stage. The span ends here for a
+        whole answer or an error; a stream's ends with the stream (`finish`)."""
+        assert self.tracing is not None
+        tracer = self.tracing.tracer
+        span = start_request_span(self.tracing, ctx)
+        token = attach(set_span_in_context(span))
+        try:
+            reply: Reply | None = None
+            ran = 0
+            for stage in self.stages:
+                with tracer.start_as_current_span(f"strait.{stage.name}"):
+                    reply = await stage.on_request(ctx)
+                if reply is not None:
+                    break
+                ran += 1
+            if reply is None:
+                with tracer.start_as_current_span(f"strait.{self.terminal.name}"):
+                    reply = await self.terminal.call(ctx)
+            if self._responders:
+                for i in reversed(self._responders):
+                    if i < ran:
+                        reply = await self.stages[i].on_response(ctx, reply)
+        except GatewayError as exc:
+            end_request_span(ctx, exc.status, error=exc.code)
+            raise
+        except BaseException:
+            end_request_span(ctx, 499, error="cancelled")
+            raise
+        finally:
+            detach(token)
+        if reply.stream is None:
+            end_request_span(ctx, reply.status)
         return reply

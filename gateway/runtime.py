@@ -25,6 +25,7 @@ from gateway.stages.route import RouteStage
 from gateway.stages.upstream import UpstreamStage
 from gateway.state import Store
 from gateway.telemetry import Metrics
+from gateway.tracing import Tracing
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.redact import redactor_for
 from gateway.upstream.signals import LiveSignals
@@ -62,6 +63,8 @@ class Services:
     # Builds the body-decoding stage for a policy (its body limit): the wire codec's, in api/, handed
     # in by app.py so that nothing below api/ imports it.
     decode: Callable[[PolicySet], Stage]
+    # OpenTelemetry, when the OTEL_* variables configure it (gateway.tracing); None: no tracing code runs.
+    tracing: Tracing | None = None
 
 
 def build_runtime(
@@ -91,12 +94,17 @@ def build_runtime(
         metrics,
         signals,
         redactor_for((b.api_key for b in policy.backends), os.environ if environ is None else environ),
+        tracing=services.tracing,
     )
     upstream = UpstreamStage(dispatcher, metrics, signals, services.accounting)
     return Runtime(
         index=index,
         auth=auth,
-        pipeline=Pipeline([auth, services.decode(policy), route, LimitsStage(index, store, metrics, route)], upstream),
+        pipeline=Pipeline(
+            [auth, services.decode(policy), route, LimitsStage(index, store, metrics, route)],
+            upstream,
+            tracing=services.tracing,
+        ),
         dispatcher=dispatcher,
         adapters=adapters,
         upstream_limits=limits,
@@ -152,3 +160,6 @@ class Gateway:
         await self.store.close()
         for adapter in self.runtime.adapters.values():
             await adapter.aclose()
+        if self.services.tracing is not None:
+            # Exports the spans still batched (in a thread: the exporter's HTTP call blocks).
+            await asyncio.to_thread(self.services.tracing.shutdown)

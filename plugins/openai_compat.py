@@ -61,6 +61,12 @@ def _kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def _call_headers(call: UpstreamCall) -> dict[str, str]:
+    if call.headers is None:
+        return {"x-request-id": call.request_id}
+    return {**call.headers, "x-request-id": call.request_id}
+
+
 class OpenAICompatAdapter:
     def __init__(self, backend: Backend, *, environ: Mapping[str, str] | None = None) -> None:
         if not backend.base_url:
@@ -102,7 +108,7 @@ class OpenAICompatAdapter:
         url = self._base + _PATHS[call.operation]
         try:
             response = await self._client().post(
-                url, data=_encode(call.payload), headers={"x-request-id": call.request_id}, allow_redirects=False
+                url, data=_encode(call.payload), headers=_call_headers(call), allow_redirects=False
             )
         except TimeoutError as exc:
             raise UpstreamConnectError(f"{self.name}: timed out ({type(exc).__name__})", timeout=True) from None

@@ -21,6 +21,7 @@ from gateway.context import RequestContext
 from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody, ErrorEnvelope
 from gateway.reply import Reply, id_headers
+from gateway.spans import end_request_span
 from gateway.stages.accounting import AccountingStage
 from gateway.telemetry import Metrics
 from gateway.tokens import FALLBACK_ENCODING
@@ -69,6 +70,12 @@ def finish(
         partial=partial,
         ttft_s=ttft_s,
     )
+    if ctx.span is not None:
+        # Tracing on: the request's span reports what was charged and ends with the answer.
+        ctx.usage_in = usage.prompt_tokens if usage is not None else ctx.prompt_tokens
+        ctx.usage_out = usage.completion_tokens if usage is not None else estimated_completion
+        ctx.ttft_s = ttft_s
+        end_request_span(ctx, status)
 
 
 def _count_usage(metrics: Metrics, route: str, usage: Usage | None) -> None:

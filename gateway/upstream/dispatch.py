@@ -15,10 +15,15 @@ import logging
 import time
 from collections.abc import Mapping
 
+from opentelemetry.trace import Status, StatusCode, set_span_in_context
+
 from gateway.context import RequestContext
 from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse, UpstreamResponseTooLarge
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.policy.index import Target
+from gateway.spans import start_attempt_span
 from gateway.telemetry import Metrics
+from gateway.tracing import Tracing
 from gateway.upstream.normalize import AUTH_FAILURE_STATUS
 from gateway.upstream.redact import NO_SECRETS, Redactor
 from gateway.upstream.signals import LiveSignals
@@ -37,12 +42,36 @@ class Dispatcher:
         metrics: Metrics,
         signals: LiveSignals,
         redact: Redactor = NO_SECRETS,
+        tracing: Tracing | None = None,
     ) -> None:
         self.adapters = adapters
         self.metrics = metrics
         self.signals = signals
         # Knows this runtime's backend secrets; the relay redacts upstream error text with it.
         self.redact = redact
+        self.tracing = tracing
+
+    async def _send_traced(self, ctx: RequestContext, call: UpstreamCall, target: Target) -> UpstreamResponse:
+        """One attempt inside its CLIENT span, the trace context sent upstream (`traceparent`)."""
+        assert self.tracing is not None
+        backend = target.backend
+        span = start_attempt_span(self.tracing, ctx, target.deployment.upstream_model, backend.name, backend.adapter)
+        call.headers = {}
+        Tracing.inject(call.headers, set_span_in_context(span))
+        try:
+            response = await self.adapters[backend.name].send(call)
+        except UpstreamConnectError as exc:
+            span.set_status(Status(StatusCode.ERROR, "timeout" if exc.timeout else "connect_error"))
+            span.end()
+            raise
+        except BaseException:
+            span.end()
+            raise
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 400:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+        return response
 
     async def call(self, ctx: RequestContext) -> UpstreamResponse:
         last_response: UpstreamResponse | None = None
@@ -64,7 +93,10 @@ class Dispatcher:
             signals.started(backend)
             t0 = time.perf_counter()
             try:
-                response = await self.adapters[backend].send(call)
+                if self.tracing is not None and ctx.span is not None:
+                    response = await self._send_traced(ctx, call, target)
+                else:
+                    response = await self.adapters[backend].send(call)
             except UpstreamConnectError as exc:
                 signals.finished(backend)
                 signals.failed(backend, time.monotonic())
