@@ -19,7 +19,7 @@ LOCK := $(BIN)/uv pip compile -q --universal --python-version 3.11 --generate-ha
 PY_TAG := $(shell $(PY) -c 'import sys; print(sys.implementation.name + "-" + ".".join(map(str, sys.version_info[:3])))' 2>/dev/null)
 STAMP := $(VENV)/.python-$(PY_TAG)
 
-.PHONY: run test lint typecheck unit loadtest lock clean
+.PHONY: run test lint typecheck loadtest lock clean
 
 $(STAMP):
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Strait needs Python 3.11+ (set PY=python3.11)")'

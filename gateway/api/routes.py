@@ -76,17 +76,19 @@ def build_handlers(
         return Response(_encode(ModelList(data=cards)), media_type=JSON, headers=scope_id_headers(request.scope))
 
     @get("/v1/models/{model_id:path}")
-    async def get_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
-        name = model_id.lstrip("/")
+    async def get_model(request: Request[Any, Any, Any]) -> Response[bytes]:
+        # Read from the request, not declared as a handler parameter (Litestar deprecates inferred ones).
+        name = str(request.path_params["model_id"]).lstrip("/")
         if name not in visible_routes(request):
             raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.", param="model")
         card = ModelCard(id=name, created=gateway.started_at)
         return Response(_encode(card), media_type=JSON, headers=scope_id_headers(request.scope))
 
     @get("/admin/decisions/{decision_id:str}")
-    async def get_decision(request: Request[Any, Any, Any], decision_id: str) -> Response[bytes]:
+    async def get_decision(request: Request[Any, Any, Any]) -> Response[bytes]:
         """The full filter/rank table of a decision made with `x-strait-explain: 1`; only its own tenant sees it."""
         principal = gateway.runtime.auth.authenticate(_headers(request.scope))
+        decision_id = str(request.path_params["decision_id"])
         decision = gateway.decisions.get(principal.tenant, decision_id)
         if decision is None:
             raise NotFound(f"No decision '{decision_id}' is kept for your tenant (ask with x-strait-explain: 1).")
