@@ -18,11 +18,12 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 
+from gateway.access_log import AccessLog
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
@@ -81,7 +82,12 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return _error_response(request, InternalError("The gateway failed to process the request."))
 
 
-def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | None = None) -> Litestar:
+def create_app(
+    settings: Settings,
+    *,
+    factories: Mapping[str, AdapterFactory] | None = None,
+    access_log_out: BinaryIO | None = None,
+) -> Litestar:
     factories = discover_adapters() if factories is None else factories
     metrics = Metrics()
     signals = LiveSignals()
@@ -94,7 +100,12 @@ def create_app(settings: Settings, *, factories: Mapping[str, AdapterFactory] | 
         metrics,
         signals,
         store,
-        AccountingStage(writer, store, metrics),
+        AccountingStage(
+            writer,
+            store,
+            metrics,
+            AccessLog(sample=settings.access_log_sample, out=access_log_out) if settings.access_log == "on" else None,
+        ),
         DecisionLog(),
         decode=lambda policy: DecodeStage(limits, policy.server.max_body_bytes),
         tracing=tracing_from_env(os.environ),

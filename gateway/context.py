@@ -70,5 +70,7 @@ class RequestContext:
     usage_in: int | None = None
     usage_out: int | None = None
     ttft_s: float | None = None
+    # Set by accounting once the request is recorded (its log line written); read by the refusal path.
+    accounted: bool = False
     # Headers any stage adds to the response (rate-limit state, budget downgrade).
     extra_headers: dict[str, str] = field(default_factory=dict)

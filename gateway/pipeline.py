@@ -12,7 +12,7 @@ the response pass entirely (no await per stage per request for a no-op).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from opentelemetry.context import attach, detach
@@ -52,9 +52,17 @@ _PASS_THROUGH: object = RequestOnly.on_response
 
 
 class Pipeline:
-    def __init__(self, stages: Sequence[Stage], terminal: Terminal, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        terminal: Terminal,
+        tracing: Tracing | None = None,
+        on_refused: Callable[[RequestContext, int, str | None], None] | None = None,
+    ) -> None:
         self.stages = tuple(stages)
         self.terminal = terminal
+        # Told of every GatewayError leaving the pipeline (the request's log line when no upstream ran).
+        self.on_refused = on_refused
         # None (the default): `run` has no tracing code on its path at all.
         self.tracing = tracing
         if tracing is not None:
@@ -67,13 +75,18 @@ class Pipeline:
     async def run(self, ctx: RequestContext) -> Reply:
         reply: Reply | None = None
         ran = 0
-        for stage in self.stages:
-            reply = await stage.on_request(ctx)
-            if reply is not None:
-                break
-            ran += 1
-        if reply is None:
-            reply = await self.terminal.call(ctx)
+        try:
+            for stage in self.stages:
+                reply = await stage.on_request(ctx)
+                if reply is not None:
+                    break
+                ran += 1
+            if reply is None:
+                reply = await self.terminal.call(ctx)
+        except GatewayError as exc:
+            if self.on_refused is not None:
+                self.on_refused(ctx, exc.status, exc.code)
+            raise
         if self._responders:
             stages = self.stages
             for i in reversed(self._responders):
@@ -105,6 +118,8 @@ class Pipeline:
                     if i < ran:
                         reply = await self.stages[i].on_response(ctx, reply)
         except GatewayError as exc:
+            if self.on_refused is not None:
+                self.on_refused(ctx, exc.status, exc.code)
             end_request_span(ctx, exc.status, error=exc.code)
             raise
         except BaseException:

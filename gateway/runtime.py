@@ -104,6 +104,7 @@ def build_runtime(
             [auth, services.decode(policy), route, LimitsStage(index, store, metrics, route)],
             upstream,
             tracing=services.tracing,
+            on_refused=services.accounting.refused,
         ),
         dispatcher=dispatcher,
         adapters=adapters,

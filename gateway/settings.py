@@ -47,6 +47,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_output_tokens: Annotated[int, msgspec.Meta(ge=1, le=50_000_000)] = 1_000_000
     # Open connections + running requests per worker before new requests get 503 (0: no limit).
     max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # One JSON line per request on stderr (gateway.access_log); the share of successful ones written.
+    access_log: Literal["on", "off"] = "on"
+    access_log_sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
 
     def __post_init__(self) -> None:
         if self.metrics_token is not None and not all("!" <= c <= "~" for c in self.metrics_token):
@@ -76,6 +79,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("max_json_depth", "STRAIT_MAX_JSON_DEPTH"),
             ("max_output_tokens", "STRAIT_MAX_OUTPUT_TOKENS"),
             ("max_connections", "STRAIT_MAX_CONNECTIONS"),
+            ("access_log", "STRAIT_ACCESS_LOG"),
+            ("access_log_sample", "STRAIT_ACCESS_LOG_SAMPLE"),
         ):
             if var in env and (env[var] or field != "metrics_token"):
                 values[field] = env[var]

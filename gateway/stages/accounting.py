@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from gateway.access_log import AccessLog
 from gateway.accounting.meter import cached_tokens, completion_tokens_of, cost_micro_usd
 from gateway.accounting.records import UsageRecord, UsageSource
 from gateway.accounting.writer import UsageWriter
@@ -34,8 +35,11 @@ RECONCILE_BATCH = 64
 class AccountingStage:
     name = "accounting"
 
-    def __init__(self, writer: UsageWriter, store: Store, metrics: Metrics) -> None:
+    def __init__(
+        self, writer: UsageWriter, store: Store, metrics: Metrics, access_log: AccessLog | None = None
+    ) -> None:
         self.writer = writer
+        self.access_log = access_log
         self.store = store
         self.metrics = metrics
         self._reconciles: set[asyncio.Task[object]] = set()
@@ -118,6 +122,16 @@ class AccountingStage:
                 source,
             )
         self.release(ctx, prompt + completion, cost)
+        ctx.accounted = True
+        if self.access_log is not None:
+            self.access_log.write(
+                ctx, status, prompt=prompt, completion=completion, cost_micro_usd=cost, ttft_s=ttft_s, partial=partial
+            )
+
+    def refused(self, ctx: RequestContext, status: int, code: str | None) -> None:
+        """A request refused before any upstream (auth, body, route, limits): its log line."""
+        if self.access_log is not None and not ctx.accounted:
+            self.access_log.write(ctx, status, error=code)
 
     def keepalive(self, ctx: RequestContext, now: float) -> None:
         """Called as a long answer streams: renew the ticket's lease (concurrency slot, budget

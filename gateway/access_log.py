@@ -1,0 +1,89 @@
+"""One JSON line per request on stderr (issue 8 "logs"): what an operator greps for when a tenant asks
+about a request. On by default (`STRAIT_ACCESS_LOG=off` to stop it), sampled with
+`STRAIT_ACCESS_LOG_SAMPLE` (0..1; refusals and errors are always written). Written with one msgspec
+encode and one write per line, never through `logging` (several times the cost per line). No prompt,
+completion, key or upstream text is ever in a line: ids, names from the policy, numbers.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from typing import BinaryIO
+
+import msgspec
+
+from gateway.context import RequestContext
+
+
+class AccessLine(msgspec.Struct, omit_defaults=True, kw_only=True):
+    ts: float
+    request_id: str
+    status: int
+    latency_ms: float
+    client_request_id: str | None = None
+    tenant: str | None = None
+    key_id: str | None = None
+    route: str | None = None
+    deployment: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    ttft_ms: float | None = None
+    partial: bool = False
+    attempts: int = 0
+    error: str | None = None
+    trace_id: str | None = None
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+class AccessLog:
+    def __init__(self, *, sample: float = 1.0, out: BinaryIO | None = None) -> None:
+        self.sample = sample
+        self._out = out
+
+    def _stream(self) -> BinaryIO:
+        return self._out if self._out is not None else sys.stderr.buffer
+
+    def write(
+        self,
+        ctx: RequestContext,
+        status: int,
+        *,
+        prompt: int = 0,
+        completion: int = 0,
+        cost_micro_usd: int = 0,
+        ttft_s: float | None = None,
+        partial: bool = False,
+        error: str | None = None,
+    ) -> None:
+        if status < 400 and self.sample < 1.0 and random.random() >= self.sample:
+            return
+        principal = ctx.principal
+        span = ctx.span
+        trace_id = f"{span.get_span_context().trace_id:032x}" if span is not None else None
+        line = AccessLine(
+            ts=round(time.time(), 3),
+            request_id=ctx.request_id,
+            status=status,
+            latency_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
+            client_request_id=ctx.client_request_id,
+            tenant=principal.tenant if principal is not None else None,
+            key_id=principal.key_id if principal is not None else None,
+            route=ctx.route.name if ctx.route is not None else (ctx.route_name or None),
+            deployment=ctx.target.label if ctx.target is not None else None,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cost_usd=cost_micro_usd / 1e6,
+            ttft_ms=None if ttft_s is None else round(ttft_s * 1000, 3),
+            partial=partial,
+            attempts=len(ctx.failed_attempts) + (1 if ctx.target is not None else 0),
+            error=error,
+            trace_id=trace_id,
+        )
+        stream = self._stream()
+        stream.write(_encode(line) + b"\n")
+        stream.flush()
