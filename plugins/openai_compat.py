@@ -169,9 +169,8 @@ class OpenAICompatAdapter:
         try:
             while True:
                 chunk = await content.readany()
-                if not chunk:
-                    break
-                batch = state.batch = decoder.feed(chunk)
+                # At the end of the body, a last event without its blank line still counts.
+                batch = state.batch = decoder.feed(chunk) if chunk else decoder.close()
                 # `pos` is what was handed over: a client that leaves while this batch is being relayed
                 # is charged for the rest of it too (drain).
                 for i, event in enumerate(batch):
@@ -180,13 +179,8 @@ class OpenAICompatAdapter:
                         state.done = True
                         return
                     yield event
-            batch = state.batch = decoder.close()
-            for i, event in enumerate(batch):
-                state.pos = i + 1
-                if event == DONE:
-                    state.done = True
-                    return
-                yield event
+                if not chunk:
+                    break
         except SSELineTooLong as exc:
             state.batch, state.pos = exc.events, 0  # decoded before the oversize line: charged (drain)
             raise UpstreamStreamBroken(

@@ -12,15 +12,7 @@ payload = st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b and
 
 
 def _decode_all(data: bytes, cuts: list[int]) -> list[bytes]:
-    dec = SSEDecoder()
-    out: list[bytes] = []
-    last = 0
-    for cut in sorted(set(c % (len(data) + 1) for c in cuts)):
-        out += dec.feed(data[last:cut])
-        last = cut
-    out += dec.feed(data[last:])
-    out += dec.close()
-    return out
+    return _feed_all(SSEDecoder(), data, cuts)
 
 
 @settings(max_examples=300)
