@@ -60,8 +60,9 @@ class AccountingStage:
         estimated_completion: int | None = None,
         partial: bool = False,
         ttft_s: float | None = None,
-    ) -> None:
+    ) -> tuple[int, int]:
         """The answer is over (sent, failed or abandoned): record it and release the reservation.
+        Returns the (prompt, completion) tokens charged.
 
         Without provider `usage`, completion tokens are `estimated_completion` (a stream's running
         count) or else tiktoken over `produced` (a JSON body)."""
@@ -127,6 +128,7 @@ class AccountingStage:
             self.access_log.write(
                 ctx, status, prompt=prompt, completion=completion, cost_micro_usd=cost, ttft_s=ttft_s, partial=partial
             )
+        return prompt, completion
 
     def refused(self, ctx: RequestContext, status: int, code: str | None) -> None:
         """A request refused before any upstream (auth, body, route, limits): its log line."""

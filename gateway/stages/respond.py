@@ -61,7 +61,7 @@ def finish(
     """The one place a request that reached an upstream is accounted (records written, reservation
     released): the JSON path, the upstream-error path, the dispatch-failure path and the stream
     relay's `finally` all end here, so a request is accounted exactly once, whichever way it ends."""
-    accounting.complete(
+    prompt, completion = accounting.complete(
         ctx,
         status=status,
         usage=usage,
@@ -71,10 +71,8 @@ def finish(
         ttft_s=ttft_s,
     )
     if ctx.span is not None:
-        # Tracing on: the request's span reports what was charged and ends with the answer.
-        ctx.usage_in = usage.prompt_tokens if usage is not None else ctx.prompt_tokens
-        ctx.usage_out = usage.completion_tokens if usage is not None else estimated_completion
-        ctx.ttft_s = ttft_s
+        # Tracing on: the request's span reports exactly what was charged and ends with the answer.
+        ctx.usage_in, ctx.usage_out, ctx.ttft_s = prompt, completion, ttft_s
         end_request_span(ctx, status)
 
 

@@ -110,9 +110,9 @@ class CountingAccounting(AccountingStage):
         super().__init__(writer, MemoryStore(), Metrics())  # type: ignore[arg-type]
         self.completed: list[dict[str, Any]] = []
 
-    def complete(self, ctx: RequestContext, **kw: Any) -> None:
+    def complete(self, ctx: RequestContext, **kw: Any) -> tuple[int, int]:
         self.completed.append(kw)
-        super().complete(ctx, **kw)
+        return super().complete(ctx, **kw)
 
 
 class CountingSignals(LiveSignals):
