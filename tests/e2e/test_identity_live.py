@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from gateway.policy.index import key_digest
-from tests.harness.gateway import gateway_process
+from tests.harness.gateway import gateway_process, replica_processes
 from tests.harness.procs import ServerProcess
 from tests.harness.redis_proc import RedisProc
 
@@ -76,21 +76,8 @@ def gateways(
         with gateway_process(policy, log_path=folder / "gw.log", env={"STRAIT_SPOOL_DIR": str(folder / "s")}) as gw:
             yield [gw]
         return
-    with RedisProc() as server:
-        procs = []
-        try:
-            for i in range(2):
-                env = {
-                    "STRAIT_STATE": server.url,
-                    "STRAIT_REPLICAS": "2",
-                    "STRAIT_SPOOL_DIR": str(folder / f"spool-{i}"),
-                    "STRAIT_STATE_TIMEOUT_MS": "2000",
-                }
-                procs.append(gateway_process(policy, log_path=folder / f"gw{i}.log", env=env).start())
-            yield procs
-        finally:
-            for p in procs:
-                p.stop()
+    with RedisProc() as server, replica_processes(policy, server.url, 2, folder) as procs:
+        yield procs
 
 
 def _usage(gw: ServerProcess, tenant: str) -> list[dict[str, Any]]:

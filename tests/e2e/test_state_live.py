@@ -17,7 +17,7 @@ import redis
 
 from gateway.policy.index import key_digest
 from tests.e2e.conftest import Ledger
-from tests.harness.gateway import gateway_process
+from tests.harness.gateway import gateway_process, replica_processes
 from tests.harness.procs import ServerProcess
 from tests.harness.redis_proc import RedisProc
 
@@ -109,21 +109,8 @@ def replicas(
 ) -> Iterator[list[ServerProcess]]:
     folder = tmp_path_factory.mktemp("replicas")
     policy = write_policy(folder / "policy.yaml", fake_upstream.base_url)
-    procs = []
-    try:
-        for i in range(3):
-            env = {
-                "STRAIT_STATE": redis_server.url,
-                "STRAIT_REPLICAS": "3",
-                "STRAIT_SPOOL_DIR": str(folder / f"spool-{i}"),
-                # Generous for the 500-request burst on 2 shared cores: event-loop lag counts against the deadline.
-                "STRAIT_STATE_TIMEOUT_MS": "2000",
-            }
-            procs.append(gateway_process(policy, log_path=folder / f"gw{i}.log", env=env).start())
+    with replica_processes(policy, redis_server.url, 3, folder) as procs:
         yield procs
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def _statuses(responses: list[httpx.Response]) -> dict[int, int]:
