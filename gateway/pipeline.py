@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from opentelemetry.context import attach, detach
+from opentelemetry.trace import Tracer as OtelTracer
 from opentelemetry.trace import set_span_in_context
 
 from gateway.context import RequestContext
@@ -51,6 +52,35 @@ class RequestOnly:
 _PASS_THROUGH: object = RequestOnly.on_response
 
 
+class _TracedStage:
+    """A stage inside its own child span; wrapped once at construction, when tracing is on."""
+
+    def __init__(self, stage: Stage, tracer: OtelTracer) -> None:
+        self.name = stage.name
+        self._stage = stage
+        self._tracer = tracer
+        self._span_name = f"strait.{stage.name}"
+
+    async def on_request(self, ctx: RequestContext) -> Reply | None:
+        with self._tracer.start_as_current_span(self._span_name):
+            return await self._stage.on_request(ctx)
+
+    async def on_response(self, ctx: RequestContext, reply: Reply) -> Reply:
+        return await self._stage.on_response(ctx, reply)
+
+
+class _TracedTerminal:
+    def __init__(self, terminal: Terminal, tracer: OtelTracer) -> None:
+        self.name = terminal.name
+        self._terminal = terminal
+        self._tracer = tracer
+        self._span_name = f"strait.{terminal.name}"
+
+    async def call(self, ctx: RequestContext) -> Reply:
+        with self._tracer.start_as_current_span(self._span_name):
+            return await self._terminal.call(ctx)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -59,18 +89,21 @@ class Pipeline:
         tracing: Tracing | None = None,
         on_refused: Callable[[RequestContext, int, str | None], None] | None = None,
     ) -> None:
-        self.stages = tuple(stages)
+        self.stages: tuple[Stage, ...] = tuple(stages)
         self.terminal = terminal
         # Told of every GatewayError leaving the pipeline (the request's log line when no upstream ran).
         self.on_refused = on_refused
-        # None (the default): `run` has no tracing code on its path at all.
-        self.tracing = tracing
-        if tracing is not None:
-            self.run = self._run_traced  # type: ignore[method-assign]
         # Position of each stage with a real `on_response`, known once per policy, not per request.
         self._responders = tuple(
             i for i, s in enumerate(self.stages) if getattr(type(s), "on_response", None) is not _PASS_THROUGH
         )
+        # None (the default): no tracing code on the request path at all. Otherwise the stages and the
+        # terminal are wrapped in their spans here, once, and `run` opens the request's span around them.
+        self.tracing = tracing
+        if tracing is not None:
+            self.stages = tuple(_TracedStage(st, tracing.tracer) for st in self.stages)
+            self.terminal = _TracedTerminal(terminal, tracing.tracer)
+            self.run = self._run_traced  # type: ignore[method-assign]
 
     async def run(self, ctx: RequestContext) -> Reply:
         reply: Reply | None = None
@@ -95,31 +128,14 @@ class Pipeline:
         return reply
 
     async def _run_traced(self, ctx: RequestContext) -> Reply:
-        """`run` with a SERVER span for the request and a child span per stage. The span ends here for a
-        whole answer or an error; a stream's ends with the stream (`finish`)."""
+        """`run` inside the request's SERVER span. The span ends here for a whole answer or an error; a
+        stream's ends with the stream (`finish`)."""
         assert self.tracing is not None
-        tracer = self.tracing.tracer
         span = start_request_span(self.tracing, ctx)
         token = attach(set_span_in_context(span))
         try:
-            reply: Reply | None = None
-            ran = 0
-            for stage in self.stages:
-                with tracer.start_as_current_span(f"strait.{stage.name}"):
-                    reply = await stage.on_request(ctx)
-                if reply is not None:
-                    break
-                ran += 1
-            if reply is None:
-                with tracer.start_as_current_span(f"strait.{self.terminal.name}"):
-                    reply = await self.terminal.call(ctx)
-            if self._responders:
-                for i in reversed(self._responders):
-                    if i < ran:
-                        reply = await self.stages[i].on_response(ctx, reply)
+            reply = await Pipeline.run(self, ctx)
         except GatewayError as exc:
-            if self.on_refused is not None:
-                self.on_refused(ctx, exc.status, exc.code)
             end_request_span(ctx, exc.status, error=exc.code)
             raise
         except BaseException:
