@@ -18,12 +18,12 @@ from gateway.settings import Settings
 
 def app_from_env() -> object:
     """ASGI factory used by the server workers: settings come from STRAIT_* variables."""
-    import logging
-
     from gateway.app import create_app
+    from gateway.logs import configure_logging
 
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Every WARNING-and-above line of the process is rate-limited per call site (gateway.logs).
+    configure_logging(settings.log_level, settings.log_format)
     return create_app(settings)
 
 
@@ -48,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ["STRAIT_REPLICAS"] = str(max(settings.replicas, settings.workers))
     os.environ["STRAIT_STATE"] = settings.state
     os.environ["STRAIT_LOG_LEVEL"] = settings.log_level
+    os.environ["STRAIT_LOG_FORMAT"] = settings.log_format
     print(
         f"strait: serving {settings.policy_path} on http://{settings.host}:{settings.port} ({settings.server})",
         file=sys.stderr,

@@ -19,6 +19,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # `memory` (in-process, one replica: the embedded default), redis://, rediss:// or redis+cluster://.
     state: str = "memory"
     log_level: str = "WARNING"
+    # The process log (not the access log): classic text lines, or one JSON object per line.
+    log_format: Literal["text", "json"] = "text"
     # How many gateway processes share the state (sizes budget fallbacks; `memory` refuses more than 1).
     replicas: int = 1
     # Bound on every state-store call on the request path (ms): a down or frozen Redis costs at most this
@@ -66,6 +68,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("workers", "STRAIT_WORKERS"),
             ("state", "STRAIT_STATE"),
             ("log_level", "STRAIT_LOG_LEVEL"),
+            ("log_format", "STRAIT_LOG_FORMAT"),
             ("server", "STRAIT_SERVER"),
             ("replicas", "STRAIT_REPLICAS"),
             ("state_timeout_ms", "STRAIT_STATE_TIMEOUT_MS"),
