@@ -16,14 +16,15 @@ upstreams (`extract` / `inject`).
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING
 
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -64,6 +65,13 @@ def tracing_from_env(environ: Mapping[str, str], *, exporter: SpanExporter | Non
     ).strip()
     if protocol not in ("", "http/protobuf"):
         raise TracingConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: only 'http/protobuf' is bundled")
+    # Imported only when traces are on: the SDK, the exporter and protobuf are ~10 MB resident that an
+    # untraced gateway never needs.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "strait"})
     provider = TracerProvider(resource=resource)
     if exporter is None:
