@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import InvalidRequest, PermissionDenied
+from gateway.policy.compliance import compliance_reason
 from gateway.policy.engine import (
     LiveState,
     Preferences,
     RequestFeatures,
     RoutePlan,
-    compliance_reason,
     decide,
 )
 from gateway.policy.index import PolicyIndex, Principal, Target

@@ -12,12 +12,12 @@ import msgspec
 import pytest
 
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied
+from gateway.policy.compliance import compliance_reason
 from gateway.policy.engine import (
     DEFAULT_OUTPUT_TOKENS,
     LATENCY_PRIOR_MS,
     LiveState,
     Preferences,
-    compliance_reason,
 )
 from gateway.policy.model import Compliance
 from tests.policy.helpers import (

@@ -1,0 +1,151 @@
+"""Work that depends only on the policy, done once when a policy is loaded, never per request.
+
+`PolicyIndex` (gateway.policy.index) builds these tables in its constructor, once per load and reload:
+
+- per (route, operation), `Candidates`: the route's own targets, then its fallback routes', each
+  deployment once, and how many of them are the route's own (ranking puts fallbacks last);
+- per tenant, `TenantTables`: the compliance verdict on every candidate of every route it may use
+  (tenants with equal compliance share one table: a policy has few distinct compliance envelopes), the rules that
+  can apply to it (a rule naming other tenants never can), its budget downgrade route, and which
+  sections of the policy limit it on each route (`LimitSections`);
+- header blocks, pre-encoded for the ASGI send: `x-strait-route` per route (`route_header`) and
+  `x-strait-deployment` per target (`Target.header`).
+
+Layering. Limits are compiled here in the policy's own terms (sections of `gateway.policy.model`), not
+as the state store's `Limits`: the policy layer imports no stage and no state (ARCHITECTURE's import
+rule, enforced by tests/unit/test_import_rules.py). The `limits` stage turns these sections into store
+`Limits` once per policy, when the runtime is built (`gateway.stages.limits.LimitTable`). The bounds
+the store needs (what its scripts compute exactly) are declared on the policy model's fields
+(`model.PER_MINUTE_MAX` ...), so the loader refuses an out-of-range limit at its line and every policy
+it accepts converts; tests/unit/test_policy_compile.py ties the two sides together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Literal
+
+from gateway.contracts import Operation
+from gateway.policy.compliance import compliance_reason
+from gateway.policy.model import Budget, Compliance, RateLimits, Route, Rule, Tenant
+
+if TYPE_CHECKING:
+    from gateway.policy.index import Target
+
+OPERATIONS: Final[tuple[Operation, ...]] = ("chat", "completions", "embeddings")
+# (target, why the tenant's compliance excludes it, or None) for every candidate, in candidate order.
+StaticRows = tuple[tuple["Target", str | None], ...]
+RateScope = Literal["key", "tenant", "route"]
+BudgetScope = Literal["key", "tenant"]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """Where one route may run one operation: its own targets first, then its fallback routes'."""
+
+    targets: tuple[Target, ...]
+    # How many of `targets` are the route's own (the rest come from its fallback routes).
+    own: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSections:
+    """The policy sections that limit one (tenant, route), each with the scope it counts in."""
+
+    rates: tuple[tuple[RateScope, RateLimits], ...]
+    budgets: tuple[tuple[BudgetScope, Budget], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TenantTables:
+    """Everything per tenant the request path reads, derived from the policy alone."""
+
+    tenant: Tenant
+    # Compliance verdicts by (route, operation), every route (a rule may rewrite to any); the same
+    # mapping is shared by every tenant whose compliance is equal.
+    rows: Mapping[tuple[str, Operation], StaticRows]
+    # The policy's rules that can match this tenant, in policy order.
+    rules: tuple[Rule, ...]
+    # Where a spent budget moves the request (on_exhausted: downgrade), or None: refuse.
+    downgrade_route: str | None
+    # Limit sections by route name, for the routes with a section of their own; `limits` otherwise.
+    route_limits: Mapping[str, LimitSections]
+    limits: LimitSections
+
+    def limits_for(self, route: str) -> LimitSections:
+        return self.route_limits.get(route, self.limits)
+
+
+def compile_candidates(
+    routes: Mapping[str, Route], targets: Mapping[tuple[str, Operation], tuple[Target, ...]]
+) -> dict[tuple[str, Operation], Candidates]:
+    out: dict[tuple[str, Operation], Candidates] = {}
+    for route in routes.values():
+        for op in OPERATIONS:
+            seen: set[str] = set()
+            found: list[Target] = []
+            for name in (route.name, *route.fallback):
+                for t in targets.get((name, op), ()):
+                    if t.label not in seen:
+                        seen.add(t.label)
+                        found.append(t)
+            own = len({t.label for t in targets.get((route.name, op), ())})
+            out[(route.name, op)] = Candidates(targets=tuple(found), own=own)
+    return out
+
+
+class _Envelopes:
+    """Compliance verdicts on every candidate, per distinct compliance envelope, computed once per policy."""
+
+    def __init__(self, candidates: Mapping[tuple[str, Operation], Candidates]) -> None:
+        self._candidates = candidates
+        self._tables: dict[Compliance, dict[tuple[str, Operation], StaticRows]] = {}
+
+    def rows(self, compliance: Compliance) -> Mapping[tuple[str, Operation], StaticRows]:
+        table = self._tables.get(compliance)
+        if table is None:
+            table = {
+                key: tuple((t, compliance_reason(t, compliance)) for t in found.targets)
+                for key, found in self._candidates.items()
+            }
+            self._tables[compliance] = table
+        return table
+
+
+def _sections(tenant: Tenant, route: str | None) -> LimitSections:
+    rates: list[tuple[RateScope, RateLimits]] = [("key", tenant.limits.per_key), ("tenant", tenant.limits.tenant)]
+    if route is not None:
+        rates.append(("route", tenant.limits.routes[route]))
+    budgets: tuple[tuple[BudgetScope, Budget], ...] = (
+        ("key", tenant.budgets.per_key),
+        ("tenant", tenant.budgets.tenant),
+    )
+    return LimitSections(rates=tuple(rates), budgets=budgets)
+
+
+def compile_tenants(
+    tenants: Iterable[Tenant], rules: tuple[Rule, ...], candidates: Mapping[tuple[str, Operation], Candidates]
+) -> dict[str, TenantTables]:
+    envelopes = _Envelopes(candidates)
+    out: dict[str, TenantTables] = {}
+    for tenant in tenants:
+        budgets = tenant.budgets
+        out[tenant.name] = TenantTables(
+            tenant=tenant,
+            rows=envelopes.rows(tenant.compliance),
+            rules=tuple(r for r in rules if r.when.tenants is None or tenant.name in r.when.tenants),
+            downgrade_route=budgets.downgrade_route if budgets.on_exhausted == "downgrade" else None,
+            route_limits={name: _sections(tenant, name) for name in tenant.limits.routes},
+            limits=_sections(tenant, None),
+        )
+    return out
+
+
+def route_header(name: str) -> tuple[bytes, bytes]:
+    """`x-strait-route` as the ASGI send wants it (latin-1, as every response header is sent)."""
+    return (b"x-strait-route", name.encode("latin-1", "replace"))
+
+
+def deployment_header(label: str) -> tuple[bytes, bytes]:
+    return (b"x-strait-deployment", label.encode("latin-1", "replace"))
