@@ -8,8 +8,10 @@
   (tenants with equal compliance share one table: a policy has few distinct compliance envelopes), the rules that
   can apply to it (a rule naming other tenants never can), its budget downgrade route, and which
   sections of the policy limit it on each route (`LimitSections`);
-- header blocks, pre-encoded for the ASGI send: `x-strait-route` per route (`route_header`) and
-  `x-strait-deployment` per target (`Target.header`).
+- header blocks, pre-encoded for the ASGI send: `x-strait-route` per route (`PolicyIndex.route_headers`)
+  and `x-strait-deployment` per target (`Target.header`). Not read yet: `stages/respond.py`'s
+  `response_headers` builds these per request as str pairs; when its reply carries raw header pairs it
+  can append `ctx.target.header` and the route's block instead of encoding them again.
 
 Layering. Limits are compiled here in the policy's own terms (sections of `gateway.policy.model`), not
 as the state store's `Limits`: the policy layer imports no stage and no state (ARCHITECTURE's import
