@@ -6,6 +6,8 @@ no stage and no I/O (state, upstream, accounting), so it stays pure and replayab
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,18 @@ def test_the_walk_sees_every_kind_of_import(tmp_path: Path, source: str) -> None
     probe = tmp_path / "probe.py"
     probe.write_text(source)
     assert any(_under(m, POLICY_FORBIDS) for m in imported(probe, package="gateway.policy")), source
+
+
+def test_importing_the_policy_loads_no_stage_and_no_io_module_transitively() -> None:
+    """The ast rule sees direct imports; this sees what actually gets loaded (through contracts, errors,
+    tokens, registry ...) when the whole policy package is imported in a fresh interpreter."""
+    modules = sorted(p.stem for p in (PACKAGE / "policy").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module('gateway.policy.' + m)\n"
+        "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    loaded = [m for m in out.stdout.split() if _under(m, POLICY_FORBIDS)]
+    assert "gateway.policy.engine" in out.stdout.split()
+    assert not loaded, f"importing gateway.policy loads {loaded}"
