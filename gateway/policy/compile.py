@@ -8,6 +8,8 @@
   (tenants with equal compliance share one table: a policy has few distinct compliance envelopes), the rules that
   can apply to it (a rule naming other tenants never can), its budget downgrade route, and which
   sections of the policy limit it on each route (`LimitSections`);
+- per rule, `RuleTest`: its `when` prepared for testing (header name lower-cased, lists as sets, the
+  time window in minutes with its time zone loaded), so a request parses nothing of the policy;
 - header blocks, pre-encoded for the ASGI send: `x-strait-route` per route (`PolicyIndex.route_headers`)
   and `x-strait-deployment` per target (`Target.header`). Not read yet: `stages/respond.py`'s
   `response_headers` builds these per request as str pairs; when its reply carries raw header pairs it
@@ -24,6 +26,7 @@ it accepts converts; tests/unit/test_policy_compile.py ties the two sides togeth
 
 from __future__ import annotations
 
+import zoneinfo
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
@@ -60,6 +63,42 @@ class LimitSections:
 
 
 @dataclass(frozen=True, slots=True)
+class RuleTest:
+    """A rule's `when`, prepared once per policy (the tenant condition is settled by `TenantTables.rules`)."""
+
+    rule: Rule
+    routes: frozenset[str] | None
+    # The header's name lower-cased (request headers arrive lower-cased), and what its value must be.
+    header: str | None
+    equals: str | None
+    one_of: frozenset[str] | None
+    min_prompt_tokens: int | None
+    max_prompt_tokens: int | None
+    # (start, end) in minutes after midnight and the zone they are in; end <= start wraps midnight.
+    window: tuple[int, int, zoneinfo.ZoneInfo] | None
+
+
+def _minutes(hhmm: str) -> int:
+    hours, _, minutes = hhmm.partition(":")
+    return int(hours) * 60 + int(minutes)
+
+
+def compile_rule(rule: Rule) -> RuleTest:
+    w = rule.when
+    t = w.time_of_day
+    return RuleTest(
+        rule=rule,
+        routes=None if w.routes is None else frozenset(w.routes),
+        header=None if w.header is None else w.header.name.lower(),
+        equals=None if w.header is None else w.header.equals,
+        one_of=None if w.header is None or w.header.one_of is None else frozenset(w.header.one_of),
+        min_prompt_tokens=w.min_prompt_tokens,
+        max_prompt_tokens=w.max_prompt_tokens,
+        window=None if t is None else (_minutes(t.start), _minutes(t.end), zoneinfo.ZoneInfo(t.tz)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class TenantTables:
     """Everything per tenant the request path reads, derived from the policy alone."""
 
@@ -68,7 +107,7 @@ class TenantTables:
     # mapping is shared by every tenant whose compliance is equal.
     rows: Mapping[tuple[str, Operation], StaticRows]
     # The policy's rules that can match this tenant, in policy order.
-    rules: tuple[Rule, ...]
+    rules: tuple[RuleTest, ...]
     # Where a spent budget moves the request (on_exhausted: downgrade), or None: refuse.
     downgrade_route: str | None
     # Limit sections by route name, for the routes with a section of their own; `limits` otherwise.
@@ -130,13 +169,14 @@ def compile_tenants(
     tenants: Iterable[Tenant], rules: tuple[Rule, ...], candidates: Mapping[tuple[str, Operation], Candidates]
 ) -> dict[str, TenantTables]:
     envelopes = _Envelopes(candidates)
+    tests = [compile_rule(r) for r in rules]
     out: dict[str, TenantTables] = {}
     for tenant in tenants:
         budgets = tenant.budgets
         out[tenant.name] = TenantTables(
             tenant=tenant,
             rows=envelopes.rows(tenant.compliance),
-            rules=tuple(r for r in rules if r.when.tenants is None or tenant.name in r.when.tenants),
+            rules=tuple(t for t in tests if t.rule.when.tenants is None or tenant.name in t.rule.when.tenants),
             downgrade_route=budgets.downgrade_route if budgets.on_exhausted == "downgrade" else None,
             route_limits={name: _sections(tenant, name) for name in tenant.limits.routes},
             limits=_sections(tenant, None),

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -25,8 +24,9 @@ import msgspec
 
 from gateway.contracts import Operation
 from gateway.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, PermissionDenied
+from gateway.policy.compile import RuleTest
 from gateway.policy.index import PolicyIndex, Principal, Target
-from gateway.policy.model import Constraints, Objective, Route, Rule, Tenant, Weights
+from gateway.policy.model import Constraints, Objective, Route, Tenant, Weights
 from gateway.policy.places import expand
 
 # Output tokens assumed for cost ranking when the request sets no max_tokens.
@@ -103,39 +103,28 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
 # Rules and per-request preferences.
 
 
-def _minutes(hhmm: str) -> int:
-    hours, _, minutes = hhmm.partition(":")
-    return int(hours) * 60 + int(minutes)
-
-
-def _in_window(now: dt.datetime, start: str, end: str, tz: str) -> bool:
-    local = now.astimezone(zoneinfo.ZoneInfo(tz))
-    m = local.hour * 60 + local.minute
-    a, b = _minutes(start), _minutes(end)
-    return a <= m < b if a <= b else (m >= a or m < b)
-
-
-def rule_matches(rule: Rule, tenant: str, route: str, f: RequestFeatures) -> bool:
-    w = rule.when
-    if w.tenants is not None and tenant not in w.tenants:
+def rule_matches(test: RuleTest, route: str, f: RequestFeatures) -> bool:
+    """Whether a rule's `when` holds for this request on `route` (its tenant condition was settled when
+    the policy was compiled: only rules that can match the tenant are tested)."""
+    if test.routes is not None and route not in test.routes:
         return False
-    if w.routes is not None and route not in w.routes:
-        return False
-    if w.header is not None:
-        value = f.headers.get(w.header.name.lower())
+    if test.header is not None:
+        value = f.headers.get(test.header)
         if value is None:
             return False
-        if w.header.equals is not None and value != w.header.equals:
+        if test.equals is not None and value != test.equals:
             return False
-        if w.header.one_of is not None and value not in w.header.one_of:
+        if test.one_of is not None and value not in test.one_of:
             return False
-    if w.min_prompt_tokens is not None and f.prompt_tokens < w.min_prompt_tokens:
+    if test.min_prompt_tokens is not None and f.prompt_tokens < test.min_prompt_tokens:
         return False
-    if w.max_prompt_tokens is not None and f.prompt_tokens > w.max_prompt_tokens:
+    if test.max_prompt_tokens is not None and f.prompt_tokens > test.max_prompt_tokens:
         return False
-    if w.time_of_day is not None:
-        now = f.now or dt.datetime.now(dt.UTC)
-        if not _in_window(now, w.time_of_day.start, w.time_of_day.end, w.time_of_day.tz):
+    if test.window is not None:
+        start, end, tz = test.window
+        local = (f.now or dt.datetime.now(dt.UTC)).astimezone(tz)
+        m = local.hour * 60 + local.minute
+        if not (start <= m < end if start <= end else (m >= start or m < end)):
             return False
     return True
 
@@ -357,9 +346,10 @@ def decide(
     weights: Weights = route.weights
     extra: list[Constraints] = []
     applied: list[str] = []
-    for rule in tables.rules:
-        if not rule_matches(rule, tenant.name, route_name, features):
+    for test in tables.rules:
+        if not rule_matches(test, route_name, features):
             continue
+        rule = test.rule
         then = rule.then
         note = ""
         if then.route is not None and then.route != route_name:

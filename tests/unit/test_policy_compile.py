@@ -138,7 +138,7 @@ def test_tenants_with_equal_compliance_share_one_verdict_table_and_rules_are_ind
     assert a.rows is b.rows and a.rows is not c.rows
     assert a.rows[("r", "chat")][0][1] == "hosting jurisdiction US is not in the allowed ['EU']"
     assert c.rows[("r", "chat")][0][1] is None
-    assert [r.name for r in a.rules] == ["for-a", "for-all"] and [r.name for r in c.rules] == ["for-all"]
+    assert [r.rule.name for r in a.rules] == ["for-a", "for-all"] and [r.rule.name for r in c.rules] == ["for-all"]
     # The fallback's copy of the same deployment is not a second candidate; the route owns one.
     cands = index.candidates[("r", "chat")]
     assert [t.label for t in cands.targets] == ["m@us"] and cands.own == 1
