@@ -253,7 +253,8 @@ class RoutePlan:
         if d is None:
             return None
         if d.plan is None:
-            d.plan = decide(d.index, d.principal, d.features, d.live, decision_id=d.decision_id, downgrade=False)
+            features = msgspec.structs.replace(d.features, route=d.route)
+            d.plan = decide(d.index, d.principal, features, d.live, decision_id=d.decision_id, downgrade=False)
         return d.plan
 
 
@@ -263,8 +264,9 @@ class _Downgrade:
 
     index: PolicyIndex
     principal: Principal
-    # The request's features, with the tenant's downgrade route as the route asked for.
+    # The request's features; the tenant's downgrade route replaces the route it asked for.
     features: RequestFeatures
+    route: str
     live: LiveState
     decision_id: str
     plan: RoutePlan | None = None
@@ -419,9 +421,7 @@ def decide(
     )
     later = None
     if downgrade and tables.downgrade_route is not None:
-        later = _Downgrade(
-            index, principal, msgspec.structs.replace(features, route=tables.downgrade_route), live, decision_id
-        )
+        later = _Downgrade(index, principal, features, tables.downgrade_route, live, decision_id)
     return RoutePlan(route, tuple(t for _, t in ranked[: route.max_attempts]), facts, later)
 
 
