@@ -84,6 +84,8 @@ def _minutes(hhmm: str) -> int:
 
 
 def compile_rule(rule: Rule) -> RuleTest:
+    """Raises on a time window the loader would have refused (bad HH:MM, unknown zone): at build, not
+    on the request that first meets the rule."""
     w = rule.when
     t = w.time_of_day
     return RuleTest(
@@ -113,9 +115,6 @@ class TenantTables:
     # Limit sections by route name, for the routes with a section of their own; `limits` otherwise.
     route_limits: Mapping[str, LimitSections]
     limits: LimitSections
-
-    def limits_for(self, route: str) -> LimitSections:
-        return self.route_limits.get(route, self.limits)
 
 
 def compile_candidates(
