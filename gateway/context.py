@@ -45,7 +45,8 @@ class RequestContext:
     # Short id of the routing decision (x-strait-decision); written by the edge.
     decision_id: str = ""
     # Written by `route`: estimated prompt tokens, the policy route, the ordered fallback plan and the
-    # decision table (for explain); read by upstream, limits and accounting.
+    # decision table (for explain); read by upstream, limits and accounting. `limits` rewrites route,
+    # plan, route_plan and route_name when a spent budget switches to the plan's downgrade.
     prompt_tokens: int = 0
     route: Route | None = None
     plan: tuple[Target, ...] = ()

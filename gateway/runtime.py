@@ -20,6 +20,7 @@ from gateway.policy.index import PolicyIndex
 from gateway.policy.model import Backend, PolicySet, UpstreamLimits
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.auth import AuthStage
+from gateway.stages.explain import Explain
 from gateway.stages.limits import LimitsStage
 from gateway.stages.route import RouteStage
 from gateway.stages.upstream import UpstreamStage
@@ -43,8 +44,10 @@ class Runtime:
     index: PolicyIndex
     auth: AuthStage
     # Request stages in order: auth -> decode (the body, only once authenticated) -> route (policy
-    # engine, explain) -> limits (one store call) -> upstream (terminal: dispatch, response shaping,
-    # error accounting).
+    # engine, explain) -> limits (one store call; a spent budget may switch to the plan's downgrade)
+    # -> upstream (terminal: dispatch, response shaping, error accounting). Everything the stages
+    # derive from the policy alone is built here, once: the index's compiled tables
+    # (gateway.policy.compile) and the limits stage's store Limits per (tenant, route).
     pipeline: Pipeline
     dispatcher: Dispatcher
     adapters: Mapping[str, Adapter]
@@ -87,7 +90,9 @@ def build_runtime(
         else:
             adapters[b.name] = factories[b.adapter](_with_limits(b, limits))
     auth = AuthStage(index)
-    route = RouteStage(index, signals, services.decisions)
+    # Shared by `route` and `limits` (which explains again when it switches to the downgrade plan).
+    explain = Explain(index, services.decisions)
+    route = RouteStage(index, signals, explain)
     # The redactor knows every backend's resolved key, so no upstream error text can echo one.
     dispatcher = Dispatcher(
         adapters,
@@ -101,7 +106,7 @@ def build_runtime(
         index=index,
         auth=auth,
         pipeline=Pipeline(
-            [auth, services.decode(policy), route, LimitsStage(index, store, metrics, route)],
+            [auth, services.decode(policy), route, LimitsStage(index, store, metrics, explain)],
             upstream,
             tracing=services.tracing,
             on_refused=services.accounting.refused,

@@ -1,5 +1,8 @@
 """Semantic checks across a whole policy: references in routes, tenants and rules, rewrite cycles,
-impossible constraints. Pure; each problem is reported through `report(source, path, reason, severity)`."""
+impossible constraints. Pure; each problem is reported through `report(source, path, reason, severity)`.
+
+Imports no stage and no state (the policy layer's rule): a limit out of the state store's exact range
+is refused by the model's field bounds (gateway.policy.model), at the line it is written on."""
 
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ import zoneinfo
 from collections.abc import Callable
 from typing import Any
 
+from gateway.policy.compile import OPERATIONS
+from gateway.policy.compliance import compliance_reason
+from gateway.policy.index import PolicyIndex
 from gateway.policy.model import PolicySet, Tenant
 from gateway.policy.places import expand
 
@@ -36,17 +42,9 @@ def check_routes(policy: PolicySet, source: Any, route_names: set[str], report: 
 
 
 def check_tenants(policy: PolicySet, source: Any, route_names: set[str], report: Report) -> None:
-    from gateway.stages.limits import limits_for
-    from gateway.state.base import StoreConfigError
-
     for i, t in enumerate(policy.tenants):
         c = t.compliance
         base = f"$.tenants[{i}]"
-        for route in ("", *t.limits.routes):
-            try:
-                limits_for(t, route)
-            except StoreConfigError as exc:
-                report(source, f"{base}.limits", f"tenant {t.name!r}: {exc}", "error")
         for name in t.limits.routes:
             if name not in route_names:
                 report(
@@ -161,19 +159,15 @@ def rewrite_cycle(policy: PolicySet) -> list[str] | None:
     return None
 
 
-def empty_routes(policy: PolicySet, tenant: Tenant) -> list[tuple[str, list[str]]]:
+def empty_routes(index: PolicyIndex, tenant: Tenant) -> list[tuple[str, list[str]]]:
     """Routes the tenant may use that its compliance leaves without any candidate, with the reasons."""
-    from gateway.policy.engine import compliance_reason
-    from gateway.policy.index import PolicyIndex
-
-    index = PolicyIndex(policy)
-    allowed = [r.name for r in policy.routes] if "*" in tenant.allowed_routes else list(tenant.allowed_routes)
+    allowed = list(index.routes) if "*" in tenant.allowed_routes else list(tenant.allowed_routes)
     out: list[tuple[str, list[str]]] = []
     for name in allowed:
         route = index.routes.get(name)
         if route is None:
             continue
-        targets = {t for op in ("chat", "completions", "embeddings") for t in index.targets[(name, op)]}
+        targets = {t for op in OPERATIONS for t in index.targets[(name, op)]}
         reasons = [
             f"{t.label}: {r}"
             for t in sorted(targets, key=lambda t: t.label)

@@ -2,17 +2,20 @@
 
 1. Filter every (model, deployment) candidate of the route by hard constraints (compliance, the
    capabilities the request uses, context window, price ceiling, health), recording a reason for
-   each exclusion. Compliance is evaluated once per (tenant, route) and memoised on the index.
+   each exclusion. Compliance verdicts are compiled once per policy (gateway.policy.compile); the
+   engine only reads them.
 2. Rank the survivors by the route's objective with the live signals given (latency EWMA,
    utilisation); the ordered survivors are the fallback plan. Fallbacks and spillover come from the
    same filtered list, so they never leave the compliance envelope: when nothing survives the
    request is refused (403 policy_violation) with every reason, never sent somewhere else.
+3. The plan carries the tenant's budget downgrade (`RoutePlan.downgrade`, for `on_exhausted:
+   downgrade`): the decision for its `downgrade_route`, made the same way, so the `limits` stage
+   switches plans without running the `route` stage again; decided only if a spent budget asks.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -21,9 +24,10 @@ import msgspec
 
 from gateway.contracts import Operation
 from gateway.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, PermissionDenied
+from gateway.policy.compile import RuleTest
 from gateway.policy.index import PolicyIndex, Principal, Target
-from gateway.policy.model import Compliance, Constraints, Objective, Route, Rule, Tenant, Weights
-from gateway.policy.places import BLOCS, expand
+from gateway.policy.model import Constraints, Objective, Route, Tenant, Weights
+from gateway.policy.places import expand
 
 # Output tokens assumed for cost ranking when the request sets no max_tokens.
 DEFAULT_OUTPUT_TOKENS: Final = 256
@@ -96,137 +100,31 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Static (per tenant and route) compliance, memoised on the index.
-
-
-def _denied_place(what: str, place: str, denied: tuple[str, ...]) -> str | None:
-    """Fail closed against a deny-list: a listed place, an unknown one, or a bloc with a listed member."""
-    if not denied:
-        return None
-    if not place:
-        return f"{what} unknown (it may be a denied one)"
-    listed = expand(denied)
-    if place in listed:
-        return f"{what} {place} is denied"
-    overlap = sorted(BLOCS.get(place, frozenset()) & listed)
-    if overlap:
-        return f"{what} {place} may be in denied {overlap}"
-    return None
-
-
-def _names(values: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(v.lower() for v in values)
-
-
-def compliance_reason(target: Target, c: Compliance) -> str | None:
-    """Why `target` is outside the compliance envelope `c`, or None. Unknown attributes fail closed:
-    against allow-lists, deny-lists and maximums alike. Developer and operator names ignore case."""
-    h = target.backend.hosting
-    juris = (h.jurisdiction or "").upper()
-    origin = target.model.origin
-    country = ((origin.country if origin else None) or "").upper()
-    developer = (origin.developer if origin else None) or ""
-    dev = developer.lower()
-    if c.allowed_jurisdictions is not None and (not juris or juris not in expand(c.allowed_jurisdictions)):
-        return f"hosting jurisdiction {juris or 'unknown'} is not in the allowed {list(c.allowed_jurisdictions)}"
-    reason = _denied_place("hosting jurisdiction", juris, c.denied_jurisdictions)
-    if reason:
-        return reason
-    if c.allowed_origin_countries is not None and (not country or country not in expand(c.allowed_origin_countries)):
-        return f"model origin {country or 'unknown'} is not in the allowed {list(c.allowed_origin_countries)}"
-    reason = _denied_place("model origin", country, c.denied_origin_countries)
-    if reason:
-        return reason
-    if c.allowed_developers is not None and dev not in _names(c.allowed_developers):
-        return f"model developer {developer or 'unknown'} is not allowed"
-    if c.denied_developers and (not dev or dev in _names(c.denied_developers)):
-        return f"model developer {developer} is denied" if dev else "model developer unknown (it may be a denied one)"
-    if c.allowed_tiers is not None and target.backend.tier not in c.allowed_tiers:
-        return f"tier {target.backend.tier} is not allowed"
-    if c.max_retention_days is not None and (h.retention_days is None or h.retention_days > c.max_retention_days):
-        kept = "unknown" if h.retention_days is None else f"{h.retention_days} days"
-        return f"retention {kept} exceeds the allowed {c.max_retention_days} days"
-    if c.no_training and h.trains_on_data:
-        return "the operator trains on request data"
-    missing = [cert for cert in c.required_certifications if cert not in h.certifications]
-    if missing:
-        return f"missing certifications {missing}"
-    for rule in c.origin_rules:
-        # A model of unknown origin could be of any origin: every origin rule applies to it.
-        unknown = not country and not dev
-        if not (unknown or country in expand(rule.origin_countries) or dev in _names(rule.developers)):
-            continue
-        label = country or developer or "unknown"
-        if rule.allowed_tiers is not None and target.backend.tier not in rule.allowed_tiers:
-            return f"{label}-origin models may run only on tiers {list(rule.allowed_tiers)}"
-        if rule.allowed_jurisdictions is not None and (not juris or juris not in expand(rule.allowed_jurisdictions)):
-            return f"{label}-origin models may run only in {list(rule.allowed_jurisdictions)}"
-        if rule.deny_developer_operated and h.operator and h.operator.lower() == dev:
-            return f"{label}-origin models may not run on their developer's own service"
-    return None
-
-
-def _candidates(index: PolicyIndex, route: Route, operation: Operation) -> tuple[Target, ...]:
-    """The route's own targets, then its fallback routes', each deployment once (first place wins)."""
-    seen: set[str] = set()
-    out: list[Target] = []
-    for name in (route.name, *route.fallback):
-        for t in index.targets[(name, operation)]:
-            if t.label not in seen:
-                seen.add(t.label)
-                out.append(t)
-    return tuple(out)
-
-
-def static_rows(
-    index: PolicyIndex, tenant: Tenant, route: Route, operation: Operation
-) -> tuple[tuple[Target, str | None], ...]:
-    """(target, compliance exclusion) for every candidate; computed once per policy, tenant, route, operation."""
-    key = (tenant.name, route.name, operation)
-    cached = index.memo.get(key)
-    if cached is None:
-        cached = tuple((t, compliance_reason(t, tenant.compliance)) for t in _candidates(index, route, operation))
-        index.memo[key] = cached
-    return cached
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Rules and per-request preferences.
 
 
-def _minutes(hhmm: str) -> int:
-    hours, _, minutes = hhmm.partition(":")
-    return int(hours) * 60 + int(minutes)
-
-
-def _in_window(now: dt.datetime, start: str, end: str, tz: str) -> bool:
-    local = now.astimezone(zoneinfo.ZoneInfo(tz))
-    m = local.hour * 60 + local.minute
-    a, b = _minutes(start), _minutes(end)
-    return a <= m < b if a <= b else (m >= a or m < b)
-
-
-def rule_matches(rule: Rule, tenant: str, route: str, f: RequestFeatures) -> bool:
-    w = rule.when
-    if w.tenants is not None and tenant not in w.tenants:
+def rule_matches(test: RuleTest, route: str, f: RequestFeatures) -> bool:
+    """Whether a rule's `when` holds for this request on `route` (its tenant condition was settled when
+    the policy was compiled: only rules that can match the tenant are tested)."""
+    if test.routes is not None and route not in test.routes:
         return False
-    if w.routes is not None and route not in w.routes:
-        return False
-    if w.header is not None:
-        value = f.headers.get(w.header.name.lower())
+    if test.header is not None:
+        value = f.headers.get(test.header)
         if value is None:
             return False
-        if w.header.equals is not None and value != w.header.equals:
+        if test.equals is not None and value != test.equals:
             return False
-        if w.header.one_of is not None and value not in w.header.one_of:
+        if test.one_of is not None and value not in test.one_of:
             return False
-    if w.min_prompt_tokens is not None and f.prompt_tokens < w.min_prompt_tokens:
+    if test.min_prompt_tokens is not None and f.prompt_tokens < test.min_prompt_tokens:
         return False
-    if w.max_prompt_tokens is not None and f.prompt_tokens > w.max_prompt_tokens:
+    if test.max_prompt_tokens is not None and f.prompt_tokens > test.max_prompt_tokens:
         return False
-    if w.time_of_day is not None:
-        now = f.now or dt.datetime.now(dt.UTC)
-        if not _in_window(now, w.time_of_day.start, w.time_of_day.end, w.time_of_day.tz):
+    if test.window is not None:
+        start, end, tz = test.window
+        local = (f.now or dt.datetime.now(dt.UTC)).astimezone(tz)
+        m = local.hour * 60 + local.minute
+        if not (start <= m < end if start <= end else (m >= start or m < end)):
             return False
     return True
 
@@ -319,16 +217,18 @@ def _cost(t: Target, prompt_tokens: int, out_tokens: int) -> float:
 
 
 class RoutePlan:
-    """The ordered targets, and the decision table, built only when asked for (explain, refusals):
-    the hot path pays for ranking, not for rendering."""
+    """The ordered targets; the decision table, built only when asked for (explain, refusals); and the
+    tenant's budget downgrade, decided only when a spent budget asks for it. The hot path pays for
+    ranking, not for rendering nor for a second decision it almost never needs."""
 
-    __slots__ = ("_decision", "_facts", "route", "targets")
+    __slots__ = ("_decision", "_downgrade", "_facts", "route", "targets")
 
-    def __init__(self, route: Route, targets: tuple[Target, ...], facts: _Facts) -> None:
+    def __init__(self, route: Route, targets: tuple[Target, ...], facts: _Facts, downgrade: _Downgrade | None) -> None:
         self.route = route
         self.targets = targets
         self._facts = facts
         self._decision: Decision | None = None
+        self._downgrade = downgrade
 
     @property
     def decision(self) -> Decision:
@@ -336,8 +236,43 @@ class RoutePlan:
             self._decision = self._facts.decision(self.route, self.targets)
         return self._decision
 
+    @property
+    def requested(self) -> str:
+        """The route this plan was asked for: the request's `model`, or the tenant's downgrade route
+        (`route` may differ: a rule can rewrite it)."""
+        return self._facts.requested
 
-@dataclass(frozen=True, slots=True)
+    @property
+    def downgrade(self) -> RoutePlan | None:
+        """The plan to switch to when the tenant's budget is spent and its budgets say `on_exhausted:
+        downgrade`; None when they say `block`. It is the decision for the tenant's `downgrade_route`,
+        made exactly as for a request naming it (same key, compliance, rules, preferences, request and
+        live signals), so it never leaves the envelope the primary plan obeys. Decided on first use and
+        kept; raises what `decide` raises when the downgrade route cannot serve this request."""
+        d = self._downgrade
+        if d is None:
+            return None
+        if d.plan is None:
+            features = msgspec.structs.replace(d.features, route=d.route)
+            d.plan = decide(d.index, d.principal, features, d.live, decision_id=d.decision_id, downgrade=False)
+        return d.plan
+
+
+@dataclass(slots=True)
+class _Downgrade:
+    """What deciding the downgrade plan takes, kept until (and if) a spent budget asks for it."""
+
+    index: PolicyIndex
+    principal: Principal
+    # The request's features; the tenant's downgrade route replaces the route it asked for.
+    features: RequestFeatures
+    route: str
+    live: LiveState
+    decision_id: str
+    plan: RoutePlan | None = None
+
+
+@dataclass(slots=True)
 class _Facts:
     decision_id: str
     policy_version: str
@@ -345,15 +280,19 @@ class _Facts:
     requested: str
     objective: Objective
     rules: tuple[str, ...]
-    # Every candidate in table order: (target, exclusion reason or None, score or None, rank or None).
-    rows: tuple[tuple[Target, str | None, float | None, int | None], ...]
+    # Every candidate in table order with its exclusion reason (None: it survived the filter).
+    verdicts: list[tuple[Target, str | None]]
+    # The survivors, best first, with their scores.
+    ranked: list[tuple[float, Target]]
     prompt_tokens: int
     out_tokens: int
     live: LiveState
 
     def decision(self, route: Route, plan: tuple[Target, ...]) -> Decision:
+        rank_of = {id(target): (score, rank) for rank, (score, target) in enumerate(self.ranked, start=1)}
         rows = []
-        for target, reason, score, rank in self.rows:
+        for target, reason in self.verdicts:
+            score, rank = rank_of.get(id(target), (None, None))
             cost = _cost(target, self.prompt_tokens, self.out_tokens)
             rows.append(
                 Row(
@@ -389,13 +328,17 @@ def decide(
     live: LiveState = EMPTY_LIVE,
     *,
     decision_id: str = "",
+    downgrade: bool = True,
 ) -> RoutePlan:
-    tenant = index.tenants.get(principal.tenant)
-    if tenant is None:
+    """The plan for one request. With `downgrade` (the default), the plan also carries the tenant's
+    budget downgrade (`RoutePlan.downgrade`), decided lazily."""
+    tables = index.tenant_tables.get(principal.tenant)
+    if tables is None:
         if principal.tenant != index.open_tenant.name:
             # A key whose tenant this policy does not know: refuse rather than run unconstrained.
             raise AuthenticationFailed("Your API key's tenant is not in the policy in force.")
-        tenant = index.open_tenant
+        tables = index.open_tables
+    tenant = tables.tenant
     requested = features.route
     route_name = requested
     route = index.routes.get(route_name)
@@ -405,9 +348,10 @@ def decide(
     weights: Weights = route.weights
     extra: list[Constraints] = []
     applied: list[str] = []
-    for rule in index.policy.rules:
-        if not rule_matches(rule, tenant.name, route_name, features):
+    for test in tables.rules:
+        if not rule_matches(test, route_name, features):
             continue
+        rule = test.rule
         then = rule.then
         note = ""
         if then.route is not None and then.route != route_name:
@@ -429,10 +373,11 @@ def decide(
         check_preferences(prefs, tenant, route, index)
         if prefs.objective is not None:
             objective = prefs.objective
-    rows = static_rows(index, tenant, route, features.operation)
+    operation = features.operation
+    rows = tables.rows[(route.name, operation)]
     if not rows:
         raise InvalidRequest(
-            f"The model '{route.name}' does not support {features.operation}.",
+            f"The model '{route.name}' does not support {operation}.",
             param="model",
             code="unsupported_operation",
         )
@@ -459,23 +404,25 @@ def decide(
     out_tokens = features.max_tokens or DEFAULT_OUTPUT_TOKENS
     if not survivors:
         _refuse(route, rows, verdicts, features)
-    own = len({t.label for t in index.targets[(route.name, features.operation)]})
+    own = index.candidates[(route.name, operation)].own
     ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own)
-    rank_of = {id(target): (score, rank) for rank, (score, target) in enumerate(ranked, start=1)}
-    table = tuple((t, r, *rank_of.get(id(t), (None, None))) for t, r in verdicts)
     facts = _Facts(
-        decision_id=decision_id,
-        policy_version=index.version,
-        tenant=tenant.name,
-        requested=requested,
-        objective=objective,
-        rules=tuple(applied),
-        rows=table,
-        prompt_tokens=features.prompt_tokens,
-        out_tokens=out_tokens,
-        live=live,
+        decision_id,
+        index.version,
+        tenant.name,
+        requested,
+        objective,
+        tuple(applied),
+        verdicts,
+        ranked,
+        features.prompt_tokens,
+        out_tokens,
+        live,
     )
-    return RoutePlan(route, tuple(t for _, t in ranked[: route.max_attempts]), facts)
+    later = None
+    if downgrade and tables.downgrade_route is not None:
+        later = _Downgrade(index, principal, features, tables.downgrade_route, live, decision_id)
+    return RoutePlan(route, tuple(t for _, t in ranked[: route.max_attempts]), facts, later)
 
 
 def _refuse(

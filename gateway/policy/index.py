@@ -1,17 +1,27 @@
 """A loaded policy, indexed for the hot path: every lookup a request needs is one dict access.
 
-Built once per policy load (and per reload), never per request.
+Built once per policy load (and per reload), never per request; immutable once built. The tables
+derived from the policy (candidates, compliance verdicts, rule index, limit sections, header blocks)
+are compiled here by gateway.policy.compile.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
 from gateway.contracts import Operation
+from gateway.policy.compile import (
+    Candidates,
+    TenantTables,
+    compile_candidates,
+    compile_tenants,
+    deployment_header,
+    route_header,
+)
 from gateway.policy.model import Backend, Deployment, Model, PolicySet, Route, Tenant
 
 _NEEDS: Final[dict[Operation, str]] = {"chat": "chat", "completions": "completions", "embeddings": "embeddings"}
@@ -59,14 +69,16 @@ class Target:
     model: Model
     deployment: Deployment
     backend: Backend
-    # `model@backend`, as in headers and decision tables, and the model's capabilities as a set:
-    # derived once at construction, read on every request.
+    # `model@backend`, as in headers and decision tables, the model's capabilities as a set, and the
+    # `x-strait-deployment` header pre-encoded: derived once at construction, read on every request.
     label: str = ""
     capabilities: frozenset[str] = frozenset()
+    header: tuple[bytes, bytes] = (b"", b"")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", f"{self.model.name}@{self.backend.name}")
         object.__setattr__(self, "capabilities", frozenset(self.model.capabilities))
+        object.__setattr__(self, "header", deployment_header(self.label))
 
 
 class PolicyIndex:
@@ -77,9 +89,6 @@ class PolicyIndex:
         self.tenants: dict[str, Tenant] = {t.name: t for t in policy.tenants}
         # The tenant of unauthenticated requests when the policy has no keys at all.
         self.open_tenant = Tenant(name=ANONYMOUS.tenant)
-        # Per (tenant, route, operation) compliance results, filled on first use; the index is
-        # immutable, so memoising on it is safe and the hot path evaluates compliance once per policy.
-        self.memo: dict[tuple[Any, ...], Any] = {}
         self.routes: dict[str, Route] = {r.name: r for r in policy.routes}
         self.models: dict[str, Model] = {m.name: m for m in policy.models}
         self.backends: dict[str, Backend] = {b.name: b for b in policy.backends}
@@ -100,3 +109,12 @@ class PolicyIndex:
                     if capability in m.capabilities
                     for d in m.deployments
                 )
+        # Compiled once here: what every request would otherwise recompute from the policy.
+        self.candidates: dict[tuple[str, Operation], Candidates] = compile_candidates(self.routes, self.targets)
+        self.tenant_tables: dict[str, TenantTables] = compile_tenants(policy.tenants, policy.rules, self.candidates)
+        # The open tenant's apart: a policy tenant may be named like it.
+        self.open_tables: TenantTables = compile_tenants([self.open_tenant], policy.rules, self.candidates)[
+            self.open_tenant.name
+        ]
+        # Pre-encoded `x-strait-route` headers (for the response; see gateway.policy.compile).
+        self.route_headers: dict[str, tuple[bytes, bytes]] = {name: route_header(name) for name in self.routes}

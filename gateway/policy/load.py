@@ -17,6 +17,7 @@ import yaml
 
 from gateway import tokens
 from gateway.policy import checks
+from gateway.policy.index import PolicyIndex
 from gateway.policy.model import PolicySet
 
 _PATH_TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
@@ -286,10 +287,11 @@ def _cross_check(
             )
             where = f"$.rules[{place[1]}].then.route" if place[1] >= 0 else "$"
             at(place[0], where, f"rules rewrite routes in a cycle: {' -> '.join(cycle)}")
+        index = PolicyIndex(merged)
         for policy, source in decoded:
             for i, t in enumerate(policy.tenants):
                 explicit = "*" not in t.allowed_routes
-                for route, reasons in checks.empty_routes(merged, t):
+                for route, reasons in checks.empty_routes(index, t):
                     at(
                         source,
                         f"$.tenants[{i}].compliance",

@@ -7,7 +7,7 @@ with safe defaults so older files stay valid.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -194,15 +194,33 @@ class Compliance(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     origin_rules: tuple[OriginRule, ...] = ()
 
 
+# The largest limits the state store computes exactly: its scripts run on Lua's doubles, so every
+# product they form (a rate's capacity x its period in ms; a budget in micro-USD) stays below 2**50.
+# Declared here, in the policy's own terms, so that a policy the loader accepts always converts to store
+# limits (tests/unit/test_policy_compile.py ties the two together) and an out-of-range value is refused at its line.
+EXACT_MAX: Final = 2**50 - 1
+PER_MINUTE_MAX: Final = EXACT_MAX // 60_000
+PER_DAY_MAX: Final = EXACT_MAX // 86_400_000
+# USD budgets are stored in micro-USD.
+USD_MAX: Final = float(EXACT_MAX // 1_000_000)
+
+PerMinute = Annotated[int, msgspec.Meta(ge=0, le=PER_MINUTE_MAX)]
+PerDay = Annotated[int, msgspec.Meta(ge=0, le=PER_DAY_MAX)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Usd = Annotated[float, msgspec.Meta(ge=0, le=USD_MAX)]
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=EXACT_MAX)]
+
+
 class RateLimits(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """GCRA limits: an idle caller may spend a whole period's allowance at once, never more, and it
-    refills smoothly (no fixed-window double bursts)."""
+    refills smoothly (no fixed-window double bursts). A rate of 0, or none: no such limit;
+    `max_concurrency: 0` admits nothing."""
 
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    requests_per_day: int | None = None
-    tokens_per_day: int | None = None
-    max_concurrency: int | None = None
+    requests_per_minute: PerMinute | None = None
+    tokens_per_minute: PerMinute | None = None
+    requests_per_day: PerDay | None = None
+    tokens_per_day: PerDay | None = None
+    max_concurrency: NonNegative | None = None
 
 
 class TenantLimits(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -214,9 +232,9 @@ class TenantLimits(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True)
 
 
 class Budget(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    usd_per_day: float | None = None
-    usd_per_month: float | None = None
-    tokens_per_month: int | None = None
+    usd_per_day: Usd | None = None
+    usd_per_month: Usd | None = None
+    tokens_per_month: Tokens | None = None
 
 
 class Budgets(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -2,6 +2,11 @@
 call to the shared store (one Redis round trip), after `route` so that the token reservation
 (prompt tokens + max_tokens) and the budget reservation (the worst-case price in the plan) are known.
 
+The store's `Limits` for every (tenant, route) are built once per policy (`LimitTable`, from the
+sections gateway.policy.compile picks). When only budgets refuse and the tenant's budgets say
+`on_exhausted: downgrade`, the request switches to the downgrade plan the `route` stage's plan carries
+(`RoutePlan.downgrade`) and is admitted against rates and concurrency only.
+
 Failure modes (declared, tested): rate and concurrency limits fail open when the store is unreachable
 (counted in `strait_limits_degraded_total`, logged at most once a second); budgets fall back to a
 conservative per-replica share inside the store.
@@ -12,15 +17,18 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Final
 
 from gateway.accounting.meter import cost_micro_usd
 from gateway.context import RequestContext
 from gateway.errors import BudgetExceeded, InvalidRequest, RateLimited
 from gateway.pipeline import RequestOnly
+from gateway.policy.compile import BudgetScope, LimitSections
+from gateway.policy.engine import RoutePlan
 from gateway.policy.index import PolicyIndex
-from gateway.policy.model import Budget, RateLimits, Tenant
-from gateway.stages.route import RouteStage
+from gateway.policy.model import Budget, RateLimits
+from gateway.stages.explain import Explain
 from gateway.state import (
     AdmissionRequest,
     BudgetLimit,
@@ -38,6 +46,7 @@ log = logging.getLogger("strait.limits")
 # Output tokens reserved against TPM and budgets when a request sets no max_tokens.
 DEFAULT_RESERVE_TOKENS: Final = 1024
 NO_LIMITS: Final = Limits()
+BUDGET_HEADER: Final = "x-strait-budget"
 
 
 def _rates(scope: Scope, r: RateLimits) -> tuple[list[RateLimit], list[ConcurrencyLimit]]:
@@ -54,33 +63,62 @@ def _rates(scope: Scope, r: RateLimits) -> tuple[list[RateLimit], list[Concurren
     return rates, conc
 
 
-def _budgets(scope: Scope, b: Budget) -> list[BudgetLimit]:
+def _budgets(scope: BudgetScope, b: Budget) -> list[BudgetLimit]:
     out = []
     if b.usd_per_day is not None:
-        out.append(BudgetLimit(scope=scope, metric="usd", window="day", limit=round(b.usd_per_day * 1e6)))  # type: ignore[arg-type]
+        out.append(BudgetLimit(scope=scope, metric="usd", window="day", limit=round(b.usd_per_day * 1e6)))
     if b.usd_per_month is not None:
-        out.append(BudgetLimit(scope=scope, metric="usd", window="month", limit=round(b.usd_per_month * 1e6)))  # type: ignore[arg-type]
+        out.append(BudgetLimit(scope=scope, metric="usd", window="month", limit=round(b.usd_per_month * 1e6)))
     if b.tokens_per_month is not None:
-        out.append(BudgetLimit(scope=scope, metric="tokens", window="month", limit=b.tokens_per_month))  # type: ignore[arg-type]
+        out.append(BudgetLimit(scope=scope, metric="tokens", window="month", limit=b.tokens_per_month))
     return out
 
 
-def limits_for(tenant: Tenant, route: str, *, with_budgets: bool = True) -> Limits:
+def store_limits(sections: LimitSections, *, with_budgets: bool = True) -> Limits:
+    """The policy's limit sections for one (tenant, route) as the store's `Limits` (NO_LIMITS if none)."""
     rates: list[RateLimit] = []
     conc: list[ConcurrencyLimit] = []
-    sections: list[tuple[Scope, RateLimits]] = [("key", tenant.limits.per_key), ("tenant", tenant.limits.tenant)]
-    if route in tenant.limits.routes:
-        sections.append(("route", tenant.limits.routes[route]))
-    for scope, section in sections:
+    for scope, section in sections.rates:
         r, c = _rates(scope, section)
         rates += r
         conc += c
-    budgets = (
-        (_budgets("key", tenant.budgets.per_key) + _budgets("tenant", tenant.budgets.tenant)) if with_budgets else []
-    )
+    budgets = [limit for scope, b in sections.budgets for limit in _budgets(scope, b)] if with_budgets else []
     if not rates and not conc and not budgets:
         return NO_LIMITS
     return Limits(rates=tuple(rates), concurrency=tuple(conc), budgets=tuple(budgets))
+
+
+@dataclass(frozen=True, slots=True)
+class _TenantLimits:
+    # (with budgets, without budgets) by route name, for routes with a section of their own ...
+    by_route: dict[str, tuple[Limits, Limits]]
+    # ... and for every other route.
+    default: tuple[Limits, Limits]
+
+
+class LimitTable:
+    """The store's `Limits` for every (tenant, route), built once per policy when the runtime is built
+    (from gateway.policy.compile's sections), so a request only looks them up. The variant without
+    budgets is for a request moved to the downgrade route: its budget is spent, only rates apply."""
+
+    def __init__(self, index: PolicyIndex) -> None:
+        def both(sections: LimitSections) -> tuple[Limits, Limits]:
+            return store_limits(sections), store_limits(sections, with_budgets=False)
+
+        self._tenants = {
+            name: _TenantLimits(
+                by_route={route: both(s) for route, s in tables.route_limits.items()}, default=both(tables.limits)
+            )
+            for name, tables in index.tenant_tables.items()
+        }
+
+    def get(self, tenant: str, route: str, *, with_budgets: bool = True) -> Limits | None:
+        """None for a tenant the policy does not name (the open tenant of a policy without keys)."""
+        t = self._tenants.get(tenant)
+        if t is None:
+            return None
+        pair = t.by_route.get(route, t.default)
+        return pair[0] if with_budgets else pair[1]
 
 
 def _duration(ms: int) -> str:
@@ -104,40 +142,52 @@ def rate_headers(admission: Admission) -> dict[str, str]:
     return headers
 
 
+def output_asked(ctx: RequestContext) -> tuple[int, int, str]:
+    """What the request asks to generate, read from its body (the only reads of it here): output
+    tokens per choice (DEFAULT_RESERVE_TOKENS when unset), choices generated (`n` returned, `best_of`
+    generated by legacy completions: each costs output tokens), and the parameter naming the tokens."""
+    payload = ctx.payload
+    max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    out = max_tokens if isinstance(max_tokens, int) else DEFAULT_RESERVE_TOKENS
+    choices = 1
+    for name in ("n", "best_of"):
+        value = payload.get(name)
+        if isinstance(value, int) and value > choices:
+            choices = value
+    param = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+    return out, choices, param
+
+
 class LimitsStage(RequestOnly):
     name = "limits"
 
-    def __init__(self, index: PolicyIndex, store: Store, metrics: Metrics, reroute: RouteStage) -> None:
-        self.index = index
+    def __init__(self, index: PolicyIndex, store: Store, metrics: Metrics, explain: Explain) -> None:
+        self.limits = LimitTable(index)
         self.store = store
         self.metrics = metrics
-        # The `route` stage, re-run when a budget downgrade moves the request to a cheaper route.
-        self.reroute = reroute
+        # Records the downgrade plan's decision when a spent budget switches to it.
+        self.explain = explain
         self._last_degraded_log = 0.0
 
-    def _limits(self, tenant: Tenant, route: str, with_budgets: bool) -> Limits:
-        key = ("limits", tenant.name, route, with_budgets)
-        cached: Limits | None = self.index.memo.get(key)
-        if cached is None:
-            cached = self.index.memo[key] = limits_for(tenant, route, with_budgets=with_budgets)
-        return cached
-
     async def on_request(self, ctx: RequestContext) -> None:
-        principal = ctx.principal
-        tenant = self.index.tenants.get(principal.tenant) if principal is not None else None
-        if tenant is None or ctx.route is None or principal is None:
+        principal, plan = ctx.principal, ctx.route_plan
+        if principal is None or plan is None:
+            return
+        limits = self.limits.get(principal.tenant, plan.route.name)
+        if limits is None:
             return  # an open policy (no tenants) has no limits
-        admission = await self._admit(ctx, tenant, with_budgets=True)
+        admission = await self._admit(ctx, limits)
         if not admission.allowed:
             denied = admission.denied_by
-            only_budgets = all(isinstance(c.limit, BudgetLimit) for c in denied)
-            if only_budgets and tenant.budgets.on_exhausted == "downgrade" and tenant.budgets.downgrade_route:
-                ctx.route_name = tenant.budgets.downgrade_route
-                await self.reroute.on_request(ctx)
-                ctx.extra_headers["x-strait-budget"] = "downgraded"
-                admission = await self._admit(ctx, tenant, with_budgets=False)
-            elif only_budgets:
-                raise BudgetExceeded(_budget_refusal(denied), headers={"x-should-retry": "false"})
+            if all(isinstance(c.limit, BudgetLimit) for c in denied):
+                downgrade = plan.downgrade
+                if downgrade is None:
+                    raise BudgetExceeded(_budget_refusal(denied), headers={"x-should-retry": "false"})
+                # The budget is spent and the tenant downgrades: the plan decided with the request's.
+                self._switch(ctx, downgrade)
+                limits = self.limits.get(principal.tenant, downgrade.route.name, with_budgets=False)
+                assert limits is not None
+                admission = await self._admit(ctx, limits)
         if not admission.allowed:
             what = ", ".join(f"{c.limit.scope} {_limit_text(c)}" for c in admission.denied_by)
             if any(not c.fits for c in admission.denied_by):
@@ -156,19 +206,22 @@ class LimitsStage(RequestOnly):
         ctx.ticket = admission.ticket
         ctx.extra_headers.update(rate_headers(admission))
 
-    async def _admit(self, ctx: RequestContext, tenant: Tenant, *, with_budgets: bool) -> Admission:
+    def _switch(self, ctx: RequestContext, plan: RoutePlan) -> None:
+        """The request continues on the downgrade plan: everything after this stage (upstream, accounting,
+        metrics, explain) sees the route that finally answers."""
+        ctx.route_name = plan.requested
+        ctx.route = plan.route
+        ctx.plan = plan.targets
+        ctx.route_plan = plan
+        ctx.extra_headers[BUDGET_HEADER] = "downgraded"
+        if self.explain.asked(ctx):
+            self.explain.record(ctx, plan)
+
+    async def _admit(self, ctx: RequestContext, limits: Limits) -> Admission:
         assert ctx.route is not None and ctx.principal is not None
-        limits = self._limits(tenant, ctx.route.name, with_budgets)
         if limits is NO_LIMITS:
             return Admission(allowed=True)
-        max_tokens = ctx.payload.get("max_completion_tokens") or ctx.payload.get("max_tokens")
-        out = max_tokens if isinstance(max_tokens, int) else DEFAULT_RESERVE_TOKENS
-        # Every generated choice costs output tokens: `n` returned, `best_of` generated (legacy completions).
-        choices = 1
-        for name in ("n", "best_of"):
-            value = ctx.payload.get(name)
-            if isinstance(value, int) and value > choices:
-                choices = value
+        out, choices, param = output_asked(ctx)
         out *= choices
         tokens = ctx.prompt_tokens + out
         if tokens > MAX_RESERVE_TOKENS:
@@ -177,7 +230,7 @@ class LimitsStage(RequestOnly):
             raise InvalidRequest(
                 f"This request would reserve {tokens} tokens (prompt tokens + max_tokens x n), more than the "
                 f"{MAX_RESERVE_TOKENS} one request may reserve. Lower max_tokens or n.",
-                param="max_completion_tokens" if "max_completion_tokens" in ctx.payload else "max_tokens",
+                param=param,
                 code="request_too_large",
             )
         worst = max((cost_micro_usd(t.deployment.price, ctx.prompt_tokens, out) for t in ctx.plan), default=0)
@@ -185,13 +238,13 @@ class LimitsStage(RequestOnly):
             raise InvalidRequest(
                 f"This request's worst-case cost ({worst / 1e6:.0f} USD) is more than one request may reserve. "
                 "Lower max_tokens or n.",
-                param="max_completion_tokens" if "max_completion_tokens" in ctx.payload else "max_tokens",
+                param=param,
                 code="request_too_large",
             )
         admission = await self.store.admit(
             AdmissionRequest(
                 request_id=ctx.request_id,
-                tenant=tenant.name,
+                tenant=ctx.principal.tenant,
                 key=ctx.principal.key_id,
                 route=ctx.route.name,
                 limits=limits,

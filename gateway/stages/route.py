@@ -2,12 +2,12 @@
 
 This stage gathers what the pure engine needs (prompt token estimate, capabilities used, the
 client's narrowing preferences, live signals) and writes `ctx.route`, `ctx.plan` and `ctx.route_plan`
-(whose decision table is only built if explain asks for it).
+(whose decision table is only built if explain asks for it, and which carries the tenant's budget
+downgrade plan: `limits` switches to it without running this stage again).
 
-Explain: a tenant allowed to (`explain: true`) that sends `x-strait-explain: 1` gets a summary of the
-decision in the response header of that name, and the whole table is kept for
-`GET /admin/decisions/{id}`. Done here, not after `limits`, because a budget downgrade re-runs this
-stage: the header and the kept table are those of the route that finally answers.
+Explain (gateway.stages.explain) is recorded here for the plan decided; `limits` records it again if
+it switches to the downgrade plan, so the header and the kept table are those of the route that
+finally answers.
 """
 
 from __future__ import annotations
@@ -15,45 +15,25 @@ from __future__ import annotations
 import asyncio
 import time
 
-import msgspec
-
 from gateway.context import RequestContext
 from gateway.pipeline import RequestOnly
-from gateway.policy.decisions import DecisionLog
-from gateway.policy.engine import Decision, decide
+from gateway.policy.engine import decide
 from gateway.policy.features import count_texts, extract, texts_of
 from gateway.policy.index import PolicyIndex
+from gateway.stages.explain import Explain
 from gateway.upstream.signals import LiveSignals
 
 # Prompts larger than this (characters) are counted in a worker thread, off the event loop.
 OFFLOAD_CHARS = 20_000
-# Proxies commonly refuse header blocks over 8 KiB; the summary stays well below.
-EXPLAIN_HEADER_MAX = 4096
-
-_encode = msgspec.json.encode
-
-
-def explain_header(decision: Decision) -> str:
-    """A header-size-safe summary of the decision: the plan and why each other candidate was excluded;
-    the whole table (scores, costs, signals) is at /admin/decisions/{id}."""
-    excluded = {r.deployment: r.excluded for r in decision.rows if r.excluded}
-    doc = {"decision": decision.id, "route": decision.route, "objective": decision.objective, "plan": decision.plan}
-    full = _encode({**doc, "excluded": excluded, "table": f"/admin/decisions/{decision.id}"})
-    if len(full) <= EXPLAIN_HEADER_MAX and full.isascii():
-        return full.decode()
-    return _encode({**doc, "excluded_count": len(excluded), "table": f"/admin/decisions/{decision.id}"}).decode(
-        "ascii", "replace"
-    )
 
 
 class RouteStage(RequestOnly):
     name = "route"
 
-    def __init__(self, index: PolicyIndex, signals: LiveSignals, decisions: DecisionLog) -> None:
+    def __init__(self, index: PolicyIndex, signals: LiveSignals, explain: Explain) -> None:
         self.index = index
         self.signals = signals
-        # Process-wide (outlives a policy reload), so a table stays readable after a reload.
-        self.decisions = decisions
+        self.explain = explain
 
     async def on_request(self, ctx: RequestContext) -> None:
         assert ctx.principal is not None
@@ -63,7 +43,6 @@ class RouteStage(RequestOnly):
             ctx.prompt_tokens = await asyncio.to_thread(count_texts, texts, op)
         else:
             ctx.prompt_tokens = count_texts(texts, op)
-        # The route may differ from the body's `model`: a budget downgrade re-runs this stage.
         features = extract(payload, op, ctx.headers, ctx.prompt_tokens, route=ctx.route_name, vision=vision)
         plan = decide(
             self.index, ctx.principal, features, self.signals.snapshot(time.monotonic()), decision_id=ctx.decision_id
@@ -71,8 +50,5 @@ class RouteStage(RequestOnly):
         ctx.route = plan.route
         ctx.plan = plan.targets
         ctx.route_plan = plan
-        if ctx.headers.get("x-strait-explain") == "1":
-            tenant = self.index.tenants.get(ctx.principal.tenant)
-            if tenant is not None and tenant.explain:
-                self.decisions.put(plan.decision)
-                ctx.extra_headers["x-strait-explain"] = explain_header(plan.decision)
+        if self.explain.asked(ctx):
+            self.explain.record(ctx, plan)

@@ -12,21 +12,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import InvalidRequest, PermissionDenied
+from gateway.policy.compliance import compliance_reason
 from gateway.policy.engine import (
     LiveState,
     Preferences,
     RequestFeatures,
     RoutePlan,
-    compliance_reason,
     decide,
 )
 from gateway.policy.index import PolicyIndex, Principal, Target
 from gateway.policy.model import (
     Backend,
+    Budgets,
     Capacity,
     Compliance,
     Constraints,
@@ -354,12 +355,12 @@ def reason_kind(reason: str) -> str:
     return next((kind for prefix, kind in prefixes.items() if reason.startswith(prefix)), "compliance")
 
 
-def candidates(w: World) -> dict[str, Target]:
+def candidates(w: World, route_name: str = "main") -> dict[str, Target]:
     """label -> target for the route's candidates and then its fallbacks' (first occurrence wins)."""
     idx = w.index
-    route = idx.routes["main"]
+    route = idx.routes[route_name]
     out: dict[str, Target] = {}
-    for name in ("main", *route.fallback):
+    for name in (route_name, *route.fallback):
         for m in (idx.models[n] for n in idx.routes[name].models):
             op_cap = w.features.operation
             if op_cap not in m.capabilities:
@@ -496,6 +497,62 @@ def test_preferences_only_narrow(w: World, data: st.DataObject) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# (b2) The budget downgrade plan obeys the tenant's compliance exactly like the primary plan.
+
+
+def _downgrading(w: World, on_exhausted: str = "downgrade") -> PolicyIndex:
+    """The world's policy with tenant `t` moved to route `alt` when its budget is spent."""
+    budgets = msgspec.convert(
+        {"tenant": {"usd_per_day": 1.0}, "on_exhausted": on_exhausted, "downgrade_route": "alt"}, Budgets
+    )
+    tenants = tuple(msgspec.structs.replace(t, budgets=budgets) if t.name == "t" else t for t in w.policy.tenants)
+    return PolicyIndex(msgspec.structs.replace(w.policy, tenants=tenants))
+
+
+@SETTINGS
+@given(worlds())
+def test_the_downgrade_plan_obeys_the_tenants_compliance_like_the_primary_plan(w: World) -> None:
+    index = _downgrading(w)
+    primary = attempt(w, index)
+    assert not isinstance(primary, RoutePlan) or attempt(w, _downgrading(w, "block")).downgrade is None
+    if not isinstance(primary, RoutePlan):
+        return  # refused before any budget is looked at: there is nothing to downgrade
+    try:
+        down: Any = primary.downgrade
+    except (PermissionDenied, InvalidRequest) as exc:
+        down = exc
+    event(f"downgrade: {type(down).__name__}")
+    # Exactly the decision of a request naming the downgrade route: same key, request and live signals.
+    direct = attempt(w, index, msgspec.structs.replace(w.features, route="alt"))
+    assert snapshot(down) == snapshot(direct)
+    if isinstance(down, RoutePlan):
+        assert primary.downgrade is down, "decided once, then kept"
+    compliance = w.tenant.compliance
+    cands = candidates(w, "alt")
+    if isinstance(down, PermissionDenied):
+        # Refused with every candidate's reason, the compliance ones among them.
+        for label, t in cands.items():
+            reason = compliance_reason(t, compliance)
+            assert f"{label}: " in down.message
+            if reason is not None:
+                event("downgrade: refused, compliance among the reasons")
+                assert f"{label}: {reason}" in down.message
+        return
+    if not isinstance(down, RoutePlan):
+        return
+    assert down.route.name == "alt" and down.requested == "alt"
+    for t in down.targets:
+        assert compliance_reason(t, compliance) is None, f"{t.label} is outside the tenant's compliance"
+    rows = down.decision.rows
+    assert {r.deployment for r in rows} == set(cands)
+    for row in rows:
+        reason = compliance_reason(cands[row.deployment], compliance)
+        if reason is not None:
+            event("downgrade: a candidate excluded by compliance")
+            assert row.excluded == reason and row.rank is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # (c) Ranking is deterministic, and order of unrelated declarations does not matter.
 
 
@@ -504,9 +561,9 @@ def test_preferences_only_narrow(w: World, data: st.DataObject) -> None:
 def test_decisions_are_deterministic(w: World, rnd: random.Random) -> None:
     first = snapshot(attempt(w))
     assert snapshot(attempt(w)) == first, "same index, same inputs, different answer"
-    # A fresh index (no memo) answers the same.
+    # A fresh index answers the same.
     assert snapshot(attempt(w, PolicyIndex(w.policy))) == first
-    # An index whose memo was warmed by other requests answers the same.
+    # An index other requests (other operations, tenants) were decided on answers the same.
     warm = PolicyIndex(w.policy)
     for op in ("embeddings", "completions", "chat"):
         attempt(w, warm, RequestFeatures(route="main", operation=op))  # type: ignore[arg-type]

@@ -12,14 +12,14 @@ import msgspec
 import pytest
 
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied
+from gateway.policy.compliance import compliance_reason
 from gateway.policy.engine import (
     DEFAULT_OUTPUT_TOKENS,
     LATENCY_PRIOR_MS,
     LiveState,
     Preferences,
-    compliance_reason,
 )
-from gateway.policy.model import Compliance
+from gateway.policy.model import Budgets, Compliance
 from tests.policy.helpers import (
     ALL_CAPS,
     backend,
@@ -1308,3 +1308,56 @@ def test_compliance_memo_is_per_tenant() -> None:
     assert labels(run(idx, tenant_name="eu")) == ["m@de"]
     assert labels(run(idx, tenant_name="any")) == ["m@us", "m@de"]
     assert labels(run(idx, tenant_name="eu")) == ["m@de"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The budget downgrade: part of the plan, decided as for a request naming the downgrade route.
+
+
+def _downgrade_index(on_exhausted: str = "downgrade", **compliance: Any) -> Any:
+    t = msgspec.structs.replace(
+        tenant("t", **compliance),
+        budgets=msgspec.convert({"on_exhausted": on_exhausted, "downgrade_route": "cheap"}, Budgets),
+    )
+    return index(
+        [backend("us", juris="US"), backend("cn", juris="CN")],
+        [
+            model("big", dep("us", 10, 30), developer="Meta"),
+            model("small", dep("us", 0.1, 0.2), dep("cn", 0.05, 0.1), developer="DeepSeek"),
+        ],
+        [route("r", "big"), route("cheap", "small", objective="cost")],
+        [t],
+        [rule("tiny-prompts-cheaper", {"routes": ["cheap"], "max_prompt_tokens": 5}, objective="ordered")],
+    )
+
+
+def test_a_blocking_tenant_has_no_downgrade_plan() -> None:
+    assert run(_downgrade_index("block")).downgrade is None
+
+
+def test_the_downgrade_plan_is_the_downgrade_routes_decision_inside_the_same_compliance() -> None:
+    plan = run(_downgrade_index(allowed_jurisdictions=["US"]), prompt_tokens=100)
+    assert labels(plan) == ["big@us"] and plan.requested == "r"
+    down = plan.downgrade
+    assert down is not None and down is plan.downgrade, "decided once, then kept"
+    assert down.route.name == "cheap" and down.requested == "cheap" and labels(down) == ["small@us"]
+    rows = rows_by_label(down)
+    assert rows["small@cn"].excluded == "hosting jurisdiction CN is not in the allowed ['US']"
+    d = down.decision
+    assert (d.id, d.requested_route, d.route, d.plan) == ("d-1", "cheap", "cheap", ("small@us",))
+    assert down.decision.rules == () and plan.decision.rules == ()
+    # Rules apply as to a request naming the downgrade route (this one matches only there, small prompts).
+    small = run(_downgrade_index(), prompt_tokens=3)
+    assert small.decision.rules == ()
+    assert small.downgrade is not None and small.downgrade.decision.rules == ("tiny-prompts-cheaper",)
+    assert small.downgrade.decision.objective == "ordered" and labels(small.downgrade) == ["small@us", "small@cn"]
+
+
+def test_a_downgrade_route_the_compliance_empties_is_refused_with_every_reason() -> None:
+    plan = run(_downgrade_index(denied_developers=["DeepSeek"]))
+    assert labels(plan) == ["big@us"]
+    with pytest.raises(PermissionDenied) as info:
+        _ = plan.downgrade
+    msg = info.value.message
+    assert "No deployment of 'cheap' satisfies the policy for your key." in msg
+    assert "small@us: model developer DeepSeek is denied" in msg and "small@cn: model developer DeepSeek" in msg

@@ -1,0 +1,192 @@
+"""Work that depends only on the policy, done once when a policy is loaded, never per request.
+
+`PolicyIndex` (gateway.policy.index) builds these tables in its constructor, once per load and reload:
+
+- per (route, operation), `Candidates`: the route's own targets, then its fallback routes', each
+  deployment once, and how many of them are the route's own (ranking puts fallbacks last);
+- per tenant, `TenantTables`: the compliance verdict on every candidate of every route it may use
+  (tenants with equal compliance share one table: a policy has few distinct compliance envelopes), the rules that
+  can apply to it (a rule naming other tenants never can), its budget downgrade route, and which
+  sections of the policy limit it on each route (`LimitSections`);
+- per rule, `RuleTest`: its `when` prepared for testing (header name lower-cased, lists as sets, the
+  time window in minutes with its time zone loaded), so a request parses nothing of the policy;
+- header blocks, pre-encoded for the ASGI send: `x-strait-route` per route (`PolicyIndex.route_headers`)
+  and `x-strait-deployment` per target (`Target.header`). Not read yet: `stages/respond.py`'s
+  `response_headers` builds these per request as str pairs; when its reply carries raw header pairs it
+  can append `ctx.target.header` and the route's block instead of encoding them again.
+
+Layering. Limits are compiled here in the policy's own terms (sections of `gateway.policy.model`), not
+as the state store's `Limits`: the policy layer imports no stage and no state (ARCHITECTURE's import
+rule, enforced by tests/unit/test_import_rules.py). The `limits` stage turns these sections into store
+`Limits` once per policy, when the runtime is built (`gateway.stages.limits.LimitTable`). The bounds
+the store needs (what its scripts compute exactly) are declared on the policy model's fields
+(`model.PER_MINUTE_MAX` ...), so the loader refuses an out-of-range limit at its line and every policy
+it accepts converts; tests/unit/test_policy_compile.py ties the two sides together.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Literal
+
+from gateway.contracts import Operation
+from gateway.policy.compliance import compliance_reason
+from gateway.policy.model import Budget, Compliance, RateLimits, Route, Rule, Tenant
+
+if TYPE_CHECKING:
+    from gateway.policy.index import Target
+
+OPERATIONS: Final[tuple[Operation, ...]] = ("chat", "completions", "embeddings")
+# (target, why the tenant's compliance excludes it, or None) for every candidate, in candidate order.
+StaticRows = tuple[tuple["Target", str | None], ...]
+RateScope = Literal["key", "tenant", "route"]
+BudgetScope = Literal["key", "tenant"]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """Where one route may run one operation: its own targets first, then its fallback routes'."""
+
+    targets: tuple[Target, ...]
+    # How many of `targets` are the route's own (the rest come from its fallback routes).
+    own: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSections:
+    """The policy sections that limit one (tenant, route), each with the scope it counts in."""
+
+    rates: tuple[tuple[RateScope, RateLimits], ...]
+    budgets: tuple[tuple[BudgetScope, Budget], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTest:
+    """A rule's `when`, prepared once per policy (the tenant condition is settled by `TenantTables.rules`)."""
+
+    rule: Rule
+    routes: frozenset[str] | None
+    # The header's name lower-cased (request headers arrive lower-cased), and what its value must be.
+    header: str | None
+    equals: str | None
+    one_of: frozenset[str] | None
+    min_prompt_tokens: int | None
+    max_prompt_tokens: int | None
+    # (start, end) in minutes after midnight and the zone they are in; end <= start wraps midnight.
+    window: tuple[int, int, zoneinfo.ZoneInfo] | None
+
+
+def _minutes(hhmm: str) -> int:
+    hours, _, minutes = hhmm.partition(":")
+    return int(hours) * 60 + int(minutes)
+
+
+def compile_rule(rule: Rule) -> RuleTest:
+    """Raises on a time window the loader would have refused (bad HH:MM, unknown zone): at build, not
+    on the request that first meets the rule."""
+    w = rule.when
+    t = w.time_of_day
+    return RuleTest(
+        rule=rule,
+        routes=None if w.routes is None else frozenset(w.routes),
+        header=None if w.header is None else w.header.name.lower(),
+        equals=None if w.header is None else w.header.equals,
+        one_of=None if w.header is None or w.header.one_of is None else frozenset(w.header.one_of),
+        min_prompt_tokens=w.min_prompt_tokens,
+        max_prompt_tokens=w.max_prompt_tokens,
+        window=None if t is None else (_minutes(t.start), _minutes(t.end), zoneinfo.ZoneInfo(t.tz)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TenantTables:
+    """Everything per tenant the request path reads, derived from the policy alone."""
+
+    tenant: Tenant
+    # Compliance verdicts by (route, operation), every route (a rule may rewrite to any); the same
+    # mapping is shared by every tenant whose compliance is equal.
+    rows: Mapping[tuple[str, Operation], StaticRows]
+    # The policy's rules that can match this tenant, in policy order.
+    rules: tuple[RuleTest, ...]
+    # Where a spent budget moves the request (on_exhausted: downgrade), or None: refuse.
+    downgrade_route: str | None
+    # Limit sections by route name, for the routes with a section of their own; `limits` otherwise.
+    route_limits: Mapping[str, LimitSections]
+    limits: LimitSections
+
+
+def compile_candidates(
+    routes: Mapping[str, Route], targets: Mapping[tuple[str, Operation], tuple[Target, ...]]
+) -> dict[tuple[str, Operation], Candidates]:
+    out: dict[tuple[str, Operation], Candidates] = {}
+    for route in routes.values():
+        for op in OPERATIONS:
+            seen: set[str] = set()
+            found: list[Target] = []
+            for name in (route.name, *route.fallback):
+                for t in targets.get((name, op), ()):
+                    if t.label not in seen:
+                        seen.add(t.label)
+                        found.append(t)
+            own = len({t.label for t in targets.get((route.name, op), ())})
+            out[(route.name, op)] = Candidates(targets=tuple(found), own=own)
+    return out
+
+
+class _Envelopes:
+    """Compliance verdicts on every candidate, per distinct compliance envelope, computed once per policy."""
+
+    def __init__(self, candidates: Mapping[tuple[str, Operation], Candidates]) -> None:
+        self._candidates = candidates
+        self._tables: dict[Compliance, dict[tuple[str, Operation], StaticRows]] = {}
+
+    def rows(self, compliance: Compliance) -> Mapping[tuple[str, Operation], StaticRows]:
+        table = self._tables.get(compliance)
+        if table is None:
+            table = {
+                key: tuple((t, compliance_reason(t, compliance)) for t in found.targets)
+                for key, found in self._candidates.items()
+            }
+            self._tables[compliance] = table
+        return table
+
+
+def _sections(tenant: Tenant, route: str | None) -> LimitSections:
+    rates: list[tuple[RateScope, RateLimits]] = [("key", tenant.limits.per_key), ("tenant", tenant.limits.tenant)]
+    if route is not None:
+        rates.append(("route", tenant.limits.routes[route]))
+    budgets: tuple[tuple[BudgetScope, Budget], ...] = (
+        ("key", tenant.budgets.per_key),
+        ("tenant", tenant.budgets.tenant),
+    )
+    return LimitSections(rates=tuple(rates), budgets=budgets)
+
+
+def compile_tenants(
+    tenants: Iterable[Tenant], rules: tuple[Rule, ...], candidates: Mapping[tuple[str, Operation], Candidates]
+) -> dict[str, TenantTables]:
+    envelopes = _Envelopes(candidates)
+    tests = [compile_rule(r) for r in rules]
+    out: dict[str, TenantTables] = {}
+    for tenant in tenants:
+        budgets = tenant.budgets
+        out[tenant.name] = TenantTables(
+            tenant=tenant,
+            rows=envelopes.rows(tenant.compliance),
+            rules=tuple(t for t in tests if t.rule.when.tenants is None or tenant.name in t.rule.when.tenants),
+            downgrade_route=budgets.downgrade_route if budgets.on_exhausted == "downgrade" else None,
+            route_limits={name: _sections(tenant, name) for name in tenant.limits.routes},
+            limits=_sections(tenant, None),
+        )
+    return out
+
+
+def route_header(name: str) -> tuple[bytes, bytes]:
+    """`x-strait-route` as the ASGI send wants it (latin-1, as every response header is sent)."""
+    return (b"x-strait-route", name.encode("latin-1", "replace"))
+
+
+def deployment_header(label: str) -> tuple[bytes, bytes]:
+    return (b"x-strait-deployment", label.encode("latin-1", "replace"))

@@ -1,0 +1,54 @@
+"""Explain: a tenant allowed to (`explain: true`) that sends `x-strait-explain: 1` gets a summary of the
+routing decision in the response header of that name, and the whole table is kept for
+`GET /admin/decisions/{id}`.
+
+One `Explain` per runtime, shared by the two stages that settle the plan: `route` explains the plan it
+decided, and `limits` explains again when a spent budget switches the request to the downgrade plan,
+so the header and the kept table always describe the route that finally answers.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from gateway.context import RequestContext
+from gateway.policy.decisions import DecisionLog
+from gateway.policy.engine import Decision, RoutePlan
+from gateway.policy.index import PolicyIndex
+
+HEADER: Final = "x-strait-explain"
+# Proxies commonly refuse header blocks over 8 KiB; the summary stays well below.
+EXPLAIN_HEADER_MAX: Final = 4096
+
+_encode = msgspec.json.encode
+
+
+def explain_header(decision: Decision) -> str:
+    """A header-size-safe summary of the decision: the plan and why each other candidate was excluded;
+    the whole table (scores, costs, signals) is at /admin/decisions/{id}."""
+    excluded = {r.deployment: r.excluded for r in decision.rows if r.excluded}
+    doc = {"decision": decision.id, "route": decision.route, "objective": decision.objective, "plan": decision.plan}
+    full = _encode({**doc, "excluded": excluded, "table": f"/admin/decisions/{decision.id}"})
+    if len(full) <= EXPLAIN_HEADER_MAX and full.isascii():
+        return full.decode()
+    return _encode({**doc, "excluded_count": len(excluded), "table": f"/admin/decisions/{decision.id}"}).decode(
+        "ascii", "replace"
+    )
+
+
+class Explain:
+    def __init__(self, index: PolicyIndex, decisions: DecisionLog) -> None:
+        # Known once per policy: the tenants allowed to ask.
+        self.allowed = frozenset(t.name for t in index.policy.tenants if t.explain)
+        # Process-wide (outlives a policy reload), so a table stays readable after a reload.
+        self.decisions = decisions
+
+    def asked(self, ctx: RequestContext) -> bool:
+        return ctx.headers.get(HEADER) == "1" and ctx.principal is not None and ctx.principal.tenant in self.allowed
+
+    def record(self, ctx: RequestContext, plan: RoutePlan) -> None:
+        """Keep the plan's table and summarise it in the response header (replacing an earlier plan's)."""
+        self.decisions.put(plan.decision)
+        ctx.extra_headers[HEADER] = explain_header(plan.decision)
