@@ -143,7 +143,7 @@ class LimitsStage(RequestOnly):
             if any(not c.fits for c in admission.denied_by):
                 # Larger than the limit's whole capacity: waiting will never help (OpenAI's "Request too large").
                 raise RateLimited(
-                    f"Request too large: it needs {ctx.prompt_tokens} prompt tokens plus its max_tokens, more than "
+                    f"Request too large: it needs {ctx.prompt_tokens.bound()} prompt tokens plus its max_tokens, more than "
                     f"the limit allows at once ({what}). Lower max_tokens or shorten the prompt.",
                     code="request_too_large",
                     headers={"x-should-retry": "false", **rate_headers(admission)},
@@ -161,31 +161,29 @@ class LimitsStage(RequestOnly):
         limits = self._limits(tenant, ctx.route.name, with_budgets)
         if limits is NO_LIMITS:
             return Admission(allowed=True)
-        max_tokens = ctx.payload.get("max_completion_tokens") or ctx.payload.get("max_tokens")
-        out = max_tokens if isinstance(max_tokens, int) else DEFAULT_RESERVE_TOKENS
+        request = ctx.request
+        assert request is not None
+        out = request.max_output_tokens or DEFAULT_RESERVE_TOKENS
         # Every generated choice costs output tokens: `n` returned, `best_of` generated (legacy completions).
-        choices = 1
-        for name in ("n", "best_of"):
-            value = ctx.payload.get(name)
-            if isinstance(value, int) and value > choices:
-                choices = value
-        out *= choices
-        tokens = ctx.prompt_tokens + out
+        out *= max(1, request.n or 1, request.best_of or 1)
+        # Tokenized only for a token limit or a budget: request and concurrency limits never read it.
+        prompt = await ctx.prompt_tokens.count() if limits.budgets or _counts_tokens(limits) else 0
+        tokens = prompt + out
         if tokens > MAX_RESERVE_TOKENS:
             # max_tokens and n were range-checked at decode; their product can still be past what one
             # admission can reserve exactly. A client's input, so a 400 rather than a failed store call.
             raise InvalidRequest(
                 f"This request would reserve {tokens} tokens (prompt tokens + max_tokens x n), more than the "
                 f"{MAX_RESERVE_TOKENS} one request may reserve. Lower max_tokens or n.",
-                param="max_completion_tokens" if "max_completion_tokens" in ctx.payload else "max_tokens",
+                param=request.output_tokens_field,
                 code="request_too_large",
             )
-        worst = max((cost_micro_usd(t.deployment.price, ctx.prompt_tokens, out) for t in ctx.plan), default=0)
+        worst = max((cost_micro_usd(t.deployment.price, prompt, out) for t in ctx.plan), default=0)
         if worst > MAX_RESERVE_MICRO_USD:
             raise InvalidRequest(
                 f"This request's worst-case cost ({worst / 1e6:.0f} USD) is more than one request may reserve. "
                 "Lower max_tokens or n.",
-                param="max_completion_tokens" if "max_completion_tokens" in ctx.payload else "max_tokens",
+                param=request.output_tokens_field,
                 code="request_too_large",
             )
         admission = await self.store.admit(
@@ -206,6 +204,10 @@ class LimitsStage(RequestOnly):
                 self._last_degraded_log = now
                 log.warning("state store unreachable: rate limits open, budgets on the local share")
         return admission
+
+
+def _counts_tokens(limits: Limits) -> bool:
+    return any(r.unit == "tokens" for r in limits.rates)
 
 
 def _limit_text(c: CheckResult) -> str:

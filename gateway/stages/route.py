@@ -1,8 +1,10 @@
 """Stage `route`: the policy engine decides where the request may run and in which order.
 
-This stage gathers what the pure engine needs (prompt token estimate, capabilities used, the
-client's narrowing preferences, live signals) and writes `ctx.route`, `ctx.plan` and `ctx.route_plan`
-(whose decision table is only built if explain asks for it).
+This stage gathers what the pure engine needs (prompt tokens, capabilities used, the client's narrowing
+preferences, live signals) and writes `ctx.route`, `ctx.plan` and `ctx.route_plan`
+(whose decision table is only built if explain asks for it). The prompt is tokenized only when the
+decision may depend on its exact size (gateway.policy.features.exact_prompt_needed); otherwise the
+engine is given its cheap upper bound (UTF-8 bytes), which decides the same.
 
 Explain: a tenant allowed to (`explain: true`) that sends `x-strait-explain: 1` gets a summary of the
 decision in the response header of that name, and the whole table is kept for
@@ -12,7 +14,6 @@ stage: the header and the kept table are those of the route that finally answers
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import msgspec
@@ -21,12 +22,10 @@ from gateway.context import RequestContext
 from gateway.pipeline import RequestOnly
 from gateway.policy.decisions import DecisionLog
 from gateway.policy.engine import Decision, decide
-from gateway.policy.features import count_texts, extract, texts_of
+from gateway.policy.features import exact_prompt_needed, extract, preferences
 from gateway.policy.index import PolicyIndex
 from gateway.upstream.signals import LiveSignals
 
-# Prompts larger than this (characters) are counted in a worker thread, off the event loop.
-OFFLOAD_CHARS = 20_000
 # Proxies commonly refuse header blocks over 8 KiB; the summary stays well below.
 EXPLAIN_HEADER_MAX = 4096
 
@@ -56,15 +55,18 @@ class RouteStage(RequestOnly):
         self.decisions = decisions
 
     async def on_request(self, ctx: RequestContext) -> None:
-        assert ctx.principal is not None
-        payload, op = ctx.payload, ctx.operation
-        texts, vision = texts_of(payload, op)
-        if sum(len(t) for t in texts) > OFFLOAD_CHARS:
-            ctx.prompt_tokens = await asyncio.to_thread(count_texts, texts, op)
+        assert ctx.principal is not None and ctx.request is not None
+        request, prompt = ctx.request, ctx.prompt_tokens
+        prefs = preferences(request, ctx.headers)
+        # Counted only if the decision may depend on it; otherwise its cheap upper bound decides the same.
+        bound = prompt.bound()
+        explain = ctx.headers.get("x-strait-explain") == "1"
+        if exact_prompt_needed(self.index, request, ctx.route_name, bound, prefs, explain):
+            tokens = await prompt.count()
         else:
-            ctx.prompt_tokens = count_texts(texts, op)
+            tokens = bound
         # The route may differ from the body's `model`: a budget downgrade re-runs this stage.
-        features = extract(payload, op, ctx.headers, ctx.prompt_tokens, route=ctx.route_name, vision=vision)
+        features = extract(request, ctx.headers, tokens, route=ctx.route_name, prefs=prefs)
         plan = decide(
             self.index, ctx.principal, features, self.signals.snapshot(time.monotonic()), decision_id=ctx.decision_id
         )
