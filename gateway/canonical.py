@@ -140,6 +140,13 @@ class ThinkingConfig(msgspec.Struct, frozen=True, kw_only=True):
     effort: str | None = None
 
 
+def _flat(parts: tuple[Part, ...]) -> tuple[Part, ...]:
+    """The parts, a tool result's own parts in its place."""
+    if not any(isinstance(p, ToolResult) for p in parts):
+        return parts
+    return tuple(q for p in parts for q in (p.content if isinstance(p, ToolResult) else (p,)))
+
+
 class Request(msgspec.Struct, kw_only=True):
     """One client request, whatever its protocol. `model` is the route name the client asked for."""
 
@@ -181,18 +188,14 @@ class Request(msgspec.Struct, kw_only=True):
 
     def prompt_texts(self) -> list[str]:
         """The texts prompt tokens are counted over: one per message (its text parts joined) for chat, one
-        per text input otherwise (token arrays are already counted: see `prompt_token_arrays`)."""
+        per text input otherwise (token arrays are not counted)."""
         if self.operation == "chat":
             out = []
             for m in self.messages:
-                texts = [p.text for p in m.content if isinstance(p, Text | Thinking)]
+                texts = [p.text for p in _flat(m.content) if isinstance(p, Text | Thinking)]
                 out.append(texts[0] if len(texts) == 1 else " ".join(texts))
             return out
         return [i for i in self.inputs if isinstance(i, str)]
-
-    def prompt_token_arrays(self) -> int:
-        """Tokens given as token arrays (completions and embeddings): counted without a tokenizer."""
-        return sum(len(i) for i in self.inputs if not isinstance(i, str))
 
     def uses_images(self) -> bool:
         return any(isinstance(p, Image) for m in self.messages for p in m.content)

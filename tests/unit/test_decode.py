@@ -124,3 +124,14 @@ def test_upstream_urls_and_keys_in_the_body_are_refused(field: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         _chat(body)
     assert info.value.param == field
+
+
+def test_tool_results_and_multipart_texts_are_prompt_text() -> None:
+    request = _chat(
+        b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},'
+        b' {"type": "text", "text": "b"}]}, {"role": "assistant", "content": null, "tool_calls":'
+        b' [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},'
+        b' {"role": "tool", "tool_call_id": "c1", "content": "result"}]}'
+    )
+    assert request.prompt_texts() == ["a b", "", "result"]
+    assert [m.role for m in request.messages] == ["user", "assistant", "tool"]

@@ -118,3 +118,23 @@ def test_review_bypasses_are_refused(extra: dict[str, object]) -> None:
     with pytest.raises(InvalidRequest) as info:
         decode(body, "chat")
     assert info.value.status == 400 and info.value.param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        # The decoded value keeps only the last `a` (clean); the bytes, which go upstream, hold the first.
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": {"a": {"api_key": "k"}, "a": {}}}',
+            "metadata.api_key",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "extra_body": {"b\\u0061se_url": 1, "x": 2}}',
+            "extra_body.base_url",
+        ),
+    ],
+)
+def test_a_forbidden_name_hidden_by_a_repeated_key_or_an_escape_is_still_refused(body: bytes, param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        decode(body, "chat")
+    assert info.value.param == param

@@ -38,6 +38,7 @@ WireRequest = ChatRequest | CompletionRequest | EmbeddingsRequest
 
 _skim = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _any = msgspec.json.Decoder()
+_str = msgspec.json.Decoder(str)
 _WIRE: Final[dict[Operation, type[WireRequest]]] = {
     "chat": ChatRequest,
     "completions": CompletionRequest,
@@ -112,7 +113,7 @@ def decode(body: bytes, operation: Operation, limits: InboundLimits = DEFAULT_LI
             raise _not_an_object(exc) from None
         if depth_exceeds(value, limits.max_json_depth):
             raise too_deep(limits.max_json_depth)
-    forbidden = _forbidden_field(top)
+    forbidden = _forbidden_field(top) or _forbidden_key_spelled(top)
     if forbidden is not None:
         raise InvalidRequest(
             f"'{forbidden}' is not accepted in a request body: upstreams and their credentials come from the policy.",
@@ -195,6 +196,25 @@ def _forbidden_field(top: dict[str, msgspec.Raw]) -> str | None:
             for i, inner in enumerate(value):
                 if isinstance(inner, dict | list):
                     stack.append((f"{path}[{i}]", inner))
+    return None
+
+
+# A JSON key: a string followed by a colon (in valid JSON no string value is).
+_JSON_KEY = re.compile(rb'"((?:[^"\\]|\\.)*+)"[ \t\n\r]*:')
+
+
+def _forbidden_key_spelled(top: dict[str, msgspec.Raw]) -> str | None:
+    """A forbidden name anywhere in an option container's bytes, as `container.name`. The bytes are what goes
+    upstream, and a name repeated inside an object (`{"a": {"api_key": ...}, "a": {}}`) is absent from the
+    decoded value `_forbidden_field` searches, so the keys are read from the bytes as well."""
+    for container, raw in top.items():
+        if _normal(container) not in _OPTION_CONTAINERS:
+            continue
+        for match in _JSON_KEY.finditer(memoryview(raw).tobytes()):
+            quoted = match.group(0)[: match.end(1) - match.start(0) + 1]
+            name = _str.decode(quoted) if b"\\" in quoted else match.group(1).decode()
+            if _normal(name) in _FORBIDDEN_FIELDS:
+                return f"{container}.{name}"
     return None
 
 
