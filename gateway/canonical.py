@@ -192,7 +192,11 @@ class Request(msgspec.Struct, kw_only=True):
         if self.operation == "chat":
             out = []
             for m in self.messages:
-                texts = [p.text for p in _flat(m.content) if isinstance(p, Text | Thinking)]
+                content = m.content
+                if len(content) == 1 and type(content[0]) is Text:  # the common case, without a list
+                    out.append(content[0].text)
+                    continue
+                texts = [p.text for p in _flat(content) if isinstance(p, Text | Thinking)]
                 out.append(texts[0] if len(texts) == 1 else " ".join(texts))
             return out
         return [i for i in self.inputs if isinstance(i, str)]

@@ -5,9 +5,9 @@ When the upstream speaks the client's protocol, what goes up is the client's own
 forced to ask for usage): unknown fields, key order, whitespace, number spellings (`1.0e2`, `-0.0`) and
 unicode escapes survive byte for byte, and nothing is re-encoded.
 
-The codec that decodes a body locates its top-level members once (`locate`, from msgspec's zero-copy
-`Raw` view of each value: one regex match per member, C speed) and keeps the spans Strait may edit in an
-`Original`; `splice` then builds each attempt's body from them.
+The codec that decodes a body walks its top-level members once (`original_of`, from msgspec's zero-copy
+`Raw` view of each value: one regex match and one memcmp per member) and keeps the spans Strait may edit
+in an `Original`; `splice` then builds each attempt's body from them.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import re
 import msgspec
 
 _WS = rb"[ \t\n\r]*"
-_KEY = rb'("(?:[^"\\]|\\.)*+")'
+_KEY = rb'"([^"\\]*+(?:\\.[^"\\]*+)*+)"'  # group 1: the key's text, escapes undecoded
 _OPEN = re.compile(_WS + rb"\{" + _WS)
 _FIRST = re.compile(_KEY + _WS + rb":" + _WS)
 _NEXT = re.compile(_WS + rb"," + _WS + _KEY + _WS + rb":" + _WS)
 _members = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _str = msgspec.json.Decoder(str)
 _TRUE = msgspec.Raw(b"true")
+_EDITED = frozenset({"model", "strait", "stream_options"})
 
 
 class RepeatedField(ValueError):
@@ -32,46 +33,6 @@ class RepeatedField(ValueError):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.name = name
-
-
-class Member(msgspec.Struct, frozen=True, array_like=True):
-    """One top-level member: where its key starts and where its value starts and ends."""
-
-    key_start: int
-    start: int
-    end: int
-
-
-def locate(body: bytes, values: dict[str, msgspec.Raw]) -> dict[str, Member]:
-    """Every top-level member of the JSON object `body`, given its values as decoded (`dict[str, Raw]`).
-
-    Each value's bytes are compared with the body where the walk expects them, so a misread position
-    cannot go unnoticed; a name that appears twice raises RepeatedField (the decoded mapping kept only
-    the last value, the upstream might read the first).
-    """
-    opened = _OPEN.match(body)
-    assert opened is not None  # `values` was decoded from `body`: it is an object
-    pos = opened.end()
-    view = memoryview(body)
-    out: dict[str, Member] = {}
-    pattern = _FIRST
-    for _ in range(len(values) + 1):
-        m = pattern.match(body, pos)
-        if m is None:
-            break
-        quoted = m.group(1)
-        name = _str.decode(quoted) if b"\\" in quoted else quoted[1:-1].decode()
-        value = values.get(name)
-        start = m.end()
-        end = start + (len(value) if value is not None else 0)
-        if name in out or value is None or view[start:end] != memoryview(value):
-            raise RepeatedField(name)
-        out[name] = Member(m.start(1), start, end)
-        pos = end
-        pattern = _NEXT
-    if len(out) != len(values):
-        raise RepeatedField(next(n for n in values if n not in out))
-    return out
 
 
 class Original(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,29 +47,75 @@ class Original(msgspec.Struct, frozen=True, kw_only=True):
     end: int = 0  # after the last member's value: where a member is added
 
 
-def original(protocol: str, body: bytes, members: dict[str, Member]) -> Original:
-    """The `Original` of a body whose members `locate` found (it must have a `model`)."""
-    order = sorted(members.values(), key=lambda m: m.start)
+def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> Original:
+    """Walk the top-level members of the JSON object `body`, given its values as decoded (`dict[str, Raw]`),
+    and keep the spans of `model` (required), `strait` and `stream_options`.
+
+    Each value's bytes are compared with the body where the walk expects them, so the walk cannot drift
+    into a nested object unnoticed (two complete JSON values differ unless one is a number prefixing the
+    other, and then the next member cannot follow). A name that appears twice raises RepeatedField: the
+    decoded mapping kept only the last value, and the upstream might read the first.
+    """
+    opened = _OPEN.match(body)
+    assert opened is not None  # `values` was decoded from `body`: it is an object
+    pos = opened.end()
+    count = 0
+    model: tuple[int, int] | None = None
+    options: tuple[int, int] | None = None
     cut: tuple[int, int] | None = None
-    strait = members.get("strait")
-    if strait is not None:
-        i = order.index(strait)
-        if i > 0:  # from the end of the previous value: the comma before it goes too
-            cut = (order[i - 1].end, strait.end)
-        elif len(order) > 1:  # the first: up to the next key, its comma included
-            cut = (strait.key_start, order[1].key_start)
-        else:
-            cut = (strait.key_start, strait.end)
-    model = members["model"]
-    options = members.get("stream_options")
-    return Original(
-        protocol=protocol,
-        body=body,
-        model=(model.start, model.end),
-        cut=cut,
-        stream_options=(options.start, options.end) if options is not None else None,
-        end=order[-1].end,
-    )
+    cut_next = False  # `strait` came first: its cut runs to the next key
+    previous_end = -1
+    match = _FIRST.match
+    while True:
+        m = match(body, pos)
+        if m is None:
+            break
+        key = m.group(1)
+        name = _str.decode(b'"' + key + b'"') if b"\\" in key else key.decode()
+        value = values.get(name)
+        start = m.end()
+        # bytes.startswith is a memcmp (memoryview equality compares item by item: ~20 µs for 7 KB).
+        if value is None or not body.startswith(bytes(value), start):
+            raise RepeatedField(name)
+        count += 1
+        end = start + len(value)
+        if cut_next:
+            cut, cut_next = (cut[0], m.start(1) - 1) if cut is not None else None, False
+        if name in _EDITED:
+            if name == "model":
+                model = (start, end)
+            elif name == "stream_options":
+                options = (start, end)
+            elif previous_end < 0:  # `strait` first: up to the next key, its comma included
+                cut, cut_next = (m.start(1) - 1, end), True
+            else:  # from the end of the previous value: the comma before it goes too
+                cut = (previous_end, end)
+        previous_end = pos = end
+        match = _NEXT.match
+    if count != len(values):
+        # The walk stayed aligned (every value matched): more members than names means a name repeats.
+        raise RepeatedField(_repeated(body, values))
+    if model is None:
+        raise KeyError("model")
+    return Original(protocol=protocol, body=body, model=model, cut=cut, stream_options=options, end=previous_end)
+
+
+def _repeated(body: bytes, values: dict[str, msgspec.Raw]) -> str:
+    """The first top-level name that appears twice (only on the error path: a second, slower walk)."""
+    seen: set[str] = set()
+    match = _FIRST.match
+    opened = _OPEN.match(body)
+    pos = opened.end() if opened is not None else 0
+    while (m := match(body, pos)) is not None:
+        key = m.group(1)
+        name = _str.decode(b'"' + key + b'"') if b"\\" in key else key.decode()
+        value = values.get(name)
+        if name in seen or value is None:
+            return name
+        seen.add(name)
+        pos = m.end() + len(value)
+        match = _NEXT.match
+    return next(iter(values))
 
 
 def _with_usage(value: bytes) -> bytes | None:

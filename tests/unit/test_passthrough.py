@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from gateway.api.decode import decode
 from gateway.errors import InvalidRequest
-from gateway.passthrough import Original, RepeatedField, locate, original, splice
+from gateway.passthrough import Original, RepeatedField, original_of, splice
 
 _skim = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
@@ -96,7 +96,7 @@ def bodies(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
 
 
 def _located(body: bytes) -> Original:
-    return original("openai", body, locate(body, _skim.decode(body)))
+    return original_of("openai", body, _skim.decode(body))
 
 
 @settings(max_examples=400, deadline=None)
@@ -153,4 +153,4 @@ def test_a_repeated_top_level_field_is_refused(body: bytes) -> None:
         decode(body, "chat")
     assert info.value.status == 400 and "more than once" in info.value.message
     with pytest.raises(RepeatedField):
-        locate(body, _skim.decode(body))
+        original_of("openai", body, _skim.decode(body))

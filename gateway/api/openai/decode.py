@@ -32,7 +32,7 @@ from gateway.api.openai.to_canonical import canonical_request
 from gateway.api.wire import ChatRequest, CompletionRequest, EmbeddingsRequest
 from gateway.canonical import Operation, Request
 from gateway.errors import InvalidRequest
-from gateway.passthrough import RepeatedField, locate, original
+from gateway.passthrough import RepeatedField, original_of
 
 WireRequest = ChatRequest | CompletionRequest | EmbeddingsRequest
 
@@ -84,6 +84,11 @@ _OPTION_CONTAINERS = frozenset(
     {"extrabody", "extraheaders", "extraquery", "metadata", "userconfig", "litellmparams", "litellmmetadata"}
 )
 _NON_ALNUM = re.compile(r"[^a-z0-9]")
+# Top-level names that are neither forbidden nor option containers (the common case skips normalising).
+_PLAIN_FIELDS = (
+    frozenset().union(*(t.__struct_fields__ for t in (ChatRequest, CompletionRequest, EmbeddingsRequest)))
+    | {"strait", "logprobs", "top_logprobs", "best_of", "logit_bias", "parallel_tool_calls", "top_k"}
+) - {"metadata"}
 
 
 def decode(body: bytes, operation: Operation, limits: InboundLimits = DEFAULT_LIMITS) -> Request:
@@ -113,7 +118,7 @@ def decode(body: bytes, operation: Operation, limits: InboundLimits = DEFAULT_LI
             raise _not_an_object(exc) from None
         if depth_exceeds(value, limits.max_json_depth):
             raise too_deep(limits.max_json_depth)
-    forbidden = _forbidden_field(top) or _forbidden_key_spelled(top)
+    forbidden = _forbidden_field(top)
     if forbidden is not None:
         raise InvalidRequest(
             f"'{forbidden}' is not accepted in a request body: upstreams and their credentials come from the policy.",
@@ -127,13 +132,13 @@ def decode(body: bytes, operation: Operation, limits: InboundLimits = DEFAULT_LI
     numbers = {name: _value(top, name) for name in NUMBER_FIELDS if name in top}
     check_numbers(numbers, limits)
     try:
-        members = locate(body, top)
+        source = original_of("openai", body, top)
     except RepeatedField as exc:
         raise InvalidRequest(
             f"The field '{exc.name}' appears more than once in the request body; send each field once.",
             param=exc.name,
         ) from None
-    return canonical_request(operation, typed, top, numbers, original("openai", body, members))
+    return canonical_request(operation, typed, top, numbers, source)
 
 
 def _not_an_object(exc: msgspec.ValidationError) -> InvalidRequest:
@@ -174,14 +179,20 @@ def _forbidden_field(top: dict[str, msgspec.Raw]) -> str | None:
     """The path (`extra_body.apiBase`, `metadata.opts[0].api_key`) of the first field that would redirect
     or re-credential an upstream, or None. Only option containers are decoded to be searched."""
     stack: list[tuple[str, Any]] = []
+    containers: list[str] = []
     for name in top:
+        if name in _PLAIN_FIELDS:
+            continue
         normal = _normal(name)
         if normal in _FORBIDDEN_FIELDS:
             return name
         if normal in _OPTION_CONTAINERS:
+            containers.append(name)
             value = _value(top, name)
             if isinstance(value, dict | list):
                 stack.append((name, value))
+    if not containers:
+        return None
     # Iterative, not recursive: a deeply nested body must be a 400, never a RecursionError.
     while stack:
         path, value = stack.pop()
@@ -196,21 +207,19 @@ def _forbidden_field(top: dict[str, msgspec.Raw]) -> str | None:
             for i, inner in enumerate(value):
                 if isinstance(inner, dict | list):
                     stack.append((f"{path}[{i}]", inner))
-    return None
+    return _forbidden_key_spelled(top, containers)
 
 
 # A JSON key: a string followed by a colon (in valid JSON no string value is).
 _JSON_KEY = re.compile(rb'"((?:[^"\\]|\\.)*+)"[ \t\n\r]*:')
 
 
-def _forbidden_key_spelled(top: dict[str, msgspec.Raw]) -> str | None:
+def _forbidden_key_spelled(top: dict[str, msgspec.Raw], containers: list[str]) -> str | None:
     """A forbidden name anywhere in an option container's bytes, as `container.name`. The bytes are what goes
     upstream, and a name repeated inside an object (`{"a": {"api_key": ...}, "a": {}}`) is absent from the
     decoded value `_forbidden_field` searches, so the keys are read from the bytes as well."""
-    for container, raw in top.items():
-        if _normal(container) not in _OPTION_CONTAINERS:
-            continue
-        for match in _JSON_KEY.finditer(memoryview(raw).tobytes()):
+    for container in containers:
+        for match in _JSON_KEY.finditer(bytes(top[container])):
             quoted = match.group(0)[: match.end(1) - match.start(0) + 1]
             name = _str.decode(quoted) if b"\\" in quoted else match.group(1).decode()
             if _normal(name) in _FORBIDDEN_FIELDS:

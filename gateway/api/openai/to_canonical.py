@@ -94,10 +94,11 @@ def _tool(t: Tool) -> CTool:
     return CTool(name=f.name, description=f.description, parameters=_schema(f.parameters), strict=f.strict, kind=t.type)
 
 
-def _tool_choice(choice: str | ToolChoice | None, parallel: Any) -> CToolChoice | None:
+def _tool_choice(choice: str | ToolChoice | None, parallel_raw: msgspec.Raw | None) -> CToolChoice | None:
+    parallel = _parallel(parallel_raw)
     if choice is None:
-        return CToolChoice(parallel=parallel) if isinstance(parallel, bool) else None
-    p = parallel if isinstance(parallel, bool) else None
+        return CToolChoice(parallel=parallel) if parallel is not None else None
+    p = parallel
     if isinstance(choice, str):
         return CToolChoice(mode=choice, parallel=p)  # type: ignore[arg-type]  # the wire Literal is a subset
     return CToolChoice(mode="tool", name=choice.function.name if choice.function else None, parallel=p)
@@ -142,50 +143,60 @@ def canonical_request(
         )
     stop = (wire.stop,) if isinstance(wire.stop, str) else tuple(wire.stop or ())
     options = wire.stream_options
-    include_usage = bool(options is not None and options.include_usage)
     logprobs = numbers.get("logprobs")
     best_of = numbers.get("best_of")
-    common: dict[str, Any] = {
-        "operation": operation,
-        "model": wire.model,
-        "n": wire.n,
-        "temperature": wire.temperature,
-        "top_p": wire.top_p,
-        "seed": wire.seed,
-        "stop": stop,
-        "stream": bool(wire.stream),
-        "include_usage": include_usage,
-        "logprobs": logprobs if isinstance(logprobs, bool | int) else None,
-        "best_of": best_of if isinstance(best_of, int) else None,
-        "user": wire.user,
-        "preferences": preferences,
-        "extra": extra,
-        "original": original,
-    }
     if isinstance(wire, CompletionRequest):
         return Request(
+            operation=operation,
+            model=wire.model,
             inputs=_inputs(wire.prompt),
             max_output_tokens=wire.max_tokens,
-            **common,
+            n=wire.n,
+            best_of=best_of if isinstance(best_of, int) else None,
+            temperature=wire.temperature,
+            top_p=wire.top_p,
+            seed=wire.seed,
+            stop=stop,
+            logprobs=logprobs if isinstance(logprobs, bool | int) else None,
+            stream=bool(wire.stream),
+            include_usage=bool(options is not None and options.include_usage),
+            user=wire.user,
+            preferences=preferences,
+            extra=extra,
+            original=original,
         )
     top_logprobs = numbers.get("top_logprobs")
+    parallel = top.get("parallel_tool_calls")
     return Request(
-        messages=tuple(_message(m) for m in wire.messages),
-        tools=tuple(_tool(t) for t in wire.tools or ()),
-        tool_choice=_tool_choice(wire.tool_choice, _parallel(top)),
+        operation=operation,
+        model=wire.model,
+        messages=tuple([_message(m) for m in wire.messages]),
+        tools=tuple([_tool(t) for t in wire.tools]) if wire.tools else (),
+        tool_choice=_tool_choice(wire.tool_choice, parallel) if wire.tool_choice or parallel else None,
         response_format=_format(wire.response_format),
         max_output_tokens=wire.max_completion_tokens or wire.max_tokens,
         output_tokens_field="max_completion_tokens" if "max_completion_tokens" in top else "max_tokens",
+        n=wire.n,
+        best_of=best_of if isinstance(best_of, int) else None,
+        temperature=wire.temperature,
+        top_p=wire.top_p,
+        seed=wire.seed,
         presence_penalty=wire.presence_penalty,
         frequency_penalty=wire.frequency_penalty,
+        stop=stop,
+        logprobs=logprobs if isinstance(logprobs, bool | int) else None,
         top_logprobs=top_logprobs if isinstance(top_logprobs, int) else None,
+        stream=bool(wire.stream),
+        include_usage=bool(options is not None and options.include_usage),
+        user=wire.user,
         metadata=wire.metadata,
-        **common,
+        preferences=preferences,
+        extra=extra,
+        original=original,
     )
 
 
-def _parallel(top: dict[str, msgspec.Raw]) -> bool | None:
-    raw = top.get("parallel_tool_calls")
+def _parallel(raw: msgspec.Raw | None) -> bool | None:
     if raw is None:
         return None
     value = bytes(raw)
