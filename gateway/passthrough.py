@@ -119,12 +119,13 @@ def _repeated(body: bytes, values: dict[str, msgspec.Raw]) -> str:
 
 
 def _with_usage(value: bytes) -> bytes | None:
-    """`stream_options` asking for usage, or None when it already does."""
+    """`stream_options` asking for usage, or None when it already does (once, plainly spelled: a repeated
+    or escaped key is re-encoded, so no upstream can read a `false` the decoded value hid)."""
     try:
         options = _members.decode(value)
     except (msgspec.ValidationError, msgspec.DecodeError):
         return b'{"include_usage":true}'  # null or not an object: replaced whole
-    if bytes(options.get("include_usage", b"")) == b"true":
+    if bytes(options.get("include_usage", b"")) == b"true" and value.count(b'"include_usage"') == 1:
         return None
     options["include_usage"] = _TRUE
     return msgspec.json.encode(options)

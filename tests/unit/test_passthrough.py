@@ -154,3 +154,13 @@ def test_a_repeated_top_level_field_is_refused(body: bytes) -> None:
     assert info.value.status == 400 and "more than once" in info.value.message
     with pytest.raises(RepeatedField):
         original_of("openai", body, _skim.decode(body))
+
+
+def test_stream_options_that_already_ask_for_usage_stay_unless_a_false_could_hide_in_them() -> None:
+    plain = b'{"model":"a","stream_options": {"include_usage": true}}'
+    assert splice(original_of("openai", plain, _skim.decode(plain)), "b", stream_usage=True) == plain.replace(
+        b'"a"', b'"b"'
+    )
+    hidden = b'{"model":"a","stream_options": {"include_usage": false, "include_usage": true}}'
+    out = splice(original_of("openai", hidden, _skim.decode(hidden)), "b", stream_usage=True)
+    assert out == b'{"model":"b","stream_options": {"include_usage":true}}'
