@@ -135,3 +135,10 @@ def test_tool_results_and_multipart_texts_are_prompt_text() -> None:
     )
     assert request.prompt_texts() == ["a b", "", "result"]
     assert [m.role for m in request.messages] == ["user", "assistant", "tool"]
+
+
+@pytest.mark.parametrize("where", [b'"content": "\xff"', b'"content": "x", "x_unknown": "\xed\xa0\x80"'])
+def test_invalid_utf8_anywhere_is_refused_even_in_fields_passed_through(where: bytes) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        _chat(b'{"model": "m", "messages": [{"role": "user", ' + where + b"}]}")
+    assert info.value.code == "invalid_json" and "UTF-8" in info.value.message

@@ -108,6 +108,14 @@ def decode(body: bytes, operation: Operation, limits: InboundLimits = DEFAULT_LI
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc}.{hint}", code="invalid_json"
         ) from None
+    if not body.isascii():
+        # The skim does not check the UTF-8 of values it skips, and the bytes go upstream as they are.
+        try:
+            body.decode()
+        except UnicodeDecodeError:
+            raise InvalidRequest(
+                "We could not parse the JSON body of your request: Invalid UTF-8 encoded string.", code="invalid_json"
+            ) from None
     if measure_depth:
         # Rare (a deep body, or brackets inside strings): measured exactly on the decoded value.
         try:
