@@ -75,7 +75,7 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
         value = values.get(name)
         start = m.end()
         # bytes.startswith is a memcmp (memoryview equality compares item by item: ~20 µs for 7 KB).
-        if value is None or not body.startswith(bytes(value), start):
+        if value is None or not body.startswith(value, start):
             raise RepeatedField(name)
         count += 1
         end = start + len(value)
