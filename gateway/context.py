@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from gateway.canonical import Request
 from gateway.contracts import Operation
 from gateway.policy.engine import RoutePlan
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Route
 from gateway.state.base import Ticket
+from gateway.tokens import PromptTokens
 from gateway.upstream.redact import NO_SECRETS, Redactor
 
 if TYPE_CHECKING:
@@ -30,9 +32,9 @@ class RequestContext:
     # set to None) by `decode`, which runs after `auth`: an unauthenticated client costs no parsing.
     body: AsyncIterator[bytes] | None = None
     content_length: str | None = None
-    # Written by `decode`: the client's body as a mapping (unknown fields kept, forwarded upstream), the
+    # Written by `decode`: the canonical request (the client's bytes kept in it for passthrough), the
     # route it names (`model`), and whether it streams; read by route, limits and upstream.
-    payload: dict[str, Any] = field(default_factory=dict)
+    request: Request | None = None
     route_name: str = ""
     stream: bool = False
     # The client's own well-formed `x-request-id`: echoed and recorded, never a key.
@@ -44,10 +46,13 @@ class RequestContext:
     principal: Principal | None = None
     # Short id of the routing decision (x-strait-decision); written by the edge.
     decision_id: str = ""
-    # Written by `route`: estimated prompt tokens, the policy route, the ordered fallback plan and the
-    # decision table (for explain); read by upstream, limits and accounting. `limits` rewrites route,
-    # plan, route_plan and route_name when a spent budget switches to the plan's downgrade.
-    prompt_tokens: int = 0
+    # Written by `decode`: the prompt's tokens, counted only when a reader needs them (`await
+    # ctx.prompt_tokens.count()`: route for a rule on prompt size, a context window or cost ranking;
+    # limits for a token limit or budget; accounting when the upstream reported no usage).
+    prompt_tokens: PromptTokens = field(default_factory=PromptTokens)
+    # Written by `route`: the policy route, the ordered fallback plan and the decision table (for
+    # explain); read by upstream, limits and accounting. `limits` rewrites route, plan, route_plan
+    # and route_name when a spent budget switches to the plan's downgrade.
     route: Route | None = None
     plan: tuple[Target, ...] = ()
     route_plan: RoutePlan | None = None

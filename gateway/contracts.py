@@ -4,25 +4,40 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
+from gateway.canonical import Operation as Operation
+from gateway.canonical import Request
 from gateway.errors import UpstreamResponseTooLarge as UpstreamResponseTooLarge
+from gateway.passthrough import splice
 from gateway.policy.model import Backend
-
-Operation = Literal["chat", "completions", "embeddings"]
 
 
 @dataclass(slots=True)
 class UpstreamCall:
-    """One attempt against one deployment. `payload` is the client's body as a mapping (unknown
-    fields kept) with `model` already set to the deployment's upstream model name."""
+    """One attempt against one deployment: the canonical request (its `model` is the client's route name)
+    and `model`, the deployment's upstream model name, which is what the upstream must be asked for.
+
+    An adapter that speaks the client's protocol sends `passthrough(protocol)`: the client's own bytes with
+    only the model replaced (Strait's `strait` field removed; for a stream, usage asked for), never
+    re-encoded. Any other adapter translates `request`. A stream always asks the upstream for usage: the
+    relay accounts every token and strips the usage chunk if the client did not ask for it.
+    """
 
     operation: Operation
-    payload: dict[str, Any]
+    request: Request
+    model: str
     stream: bool
     request_id: str
     # Extra headers for the upstream: the trace context (`traceparent`) when tracing is on.
     headers: dict[str, str] | None = None
+
+    def passthrough(self, protocol: str) -> bytes | None:
+        """The client's body for an upstream speaking `protocol`, or None if the client spoke another."""
+        source = self.request.original
+        if source is None or source.protocol != protocol:
+            return None
+        return splice(source, self.model, stream_usage=self.stream)
 
 
 @dataclass(slots=True)

@@ -8,13 +8,18 @@ pattern and special tokens that file defines. A name not in `ENCODINGS`, a missi
 is a `TokenizerUnavailable` error (the policy loader turns it into a `file:line` refusal at start-up),
 never a download and never a silent fallback. The loader only checks (`verify`); an encoding is built
 on first use (cl100k_base about 25 MB resident, o200k_base about 45 MB, 0.2-0.5 s).
+
+A request's prompt is counted lazily (`PromptTokens`): only when a stage needs the number, once, off the
+event loop for long prompts; `PromptTokens.bound()` (UTF-8 bytes) settles a context-window check without it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,3 +159,75 @@ def count_chat(texts: list[str], encoding_name: str = FALLBACK_ENCODING) -> int:
     """Prompt tokens of a chat request: the content texts plus OpenAI's per-message framing."""
     enc = encoding(encoding_name)
     return sum(len(enc.encode_ordinary(t)) for t in texts if t) + _PER_MESSAGE * len(texts) + _PER_REPLY
+
+
+# ---- counting on demand ----
+
+# Prompts whose texts are longer than this (characters) are counted in a worker thread, off the event loop.
+OFFLOAD_CHARS = 20_000
+
+
+def utf8_bound(texts: list[str]) -> int:
+    """An upper bound of the tokens of `texts` in any byte-level BPE: a token covers at least one byte of
+    the UTF-8 text, so tokens <= bytes. Cheap: ASCII texts are measured without encoding them."""
+    return sum(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+class PromptTokens:
+    """A request's prompt tokens, counted only when something needs them (a token limit or reservation,
+    a rule on prompt size, a context window the cheap bound does not clear, an accounting estimate).
+
+    `bound()` costs one pass over the texts' lengths; `count()` runs the tokenizer once (in a worker thread
+    above OFFLOAD_CHARS) and remembers the result; `count_now()` counts on the calling thread, for the
+    rare synchronous readers (an upstream that reported no usage). `known` is None until counted.
+    """
+
+    __slots__ = ("_chat", "_encoding", "_texts", "known")
+
+    def __init__(
+        self,
+        texts: Callable[[], list[str]] | None = None,
+        *,
+        chat: bool = False,
+        encoding_name: str = FALLBACK_ENCODING,
+    ) -> None:
+        self._texts = texts
+        self._chat = chat
+        self._encoding = encoding_name
+        self.known: int | None = None if texts is not None else 0
+
+    @classmethod
+    def of(cls, value: int) -> PromptTokens:
+        """Already known (tests, requests built in-process)."""
+        counted = cls()
+        counted.known = value
+        return counted
+
+    def _read(self) -> list[str]:
+        return self._texts() if self._texts is not None else []
+
+    def bound(self) -> int:
+        if self.known is not None:
+            return self.known
+        texts = self._read()
+        framing = _PER_MESSAGE * len(texts) + _PER_REPLY if self._chat else 0
+        return utf8_bound(texts) + framing
+
+    def _count(self, texts: list[str]) -> int:
+        if self._chat:
+            return count_chat(texts, self._encoding)
+        return sum(count_text(t, self._encoding) for t in texts)
+
+    async def count(self) -> int:
+        if self.known is None:
+            texts = self._read()
+            if sum(len(t) for t in texts) > OFFLOAD_CHARS:
+                self.known = await asyncio.to_thread(self._count, texts)
+            else:
+                self.known = self._count(texts)
+        return self.known
+
+    def count_now(self) -> int:
+        if self.known is None:
+            self.known = self._count(self._read())
+        return self.known

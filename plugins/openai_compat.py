@@ -6,6 +6,9 @@ machine, httpx (on its own transport or on aiohttp's) cost 0.46-3.4 ms of CPU pe
 0.16 ms for aiohttp alone (loadtest/README.md). No cookie jar: an upstream's cookies must never be
 replayed on another tenant's request. The client's own headers are never forwarded: the upstream sees
 only the backend's key from the environment (`api_key: env:NAME`), a content type and the request id.
+The body is the client's own bytes with only the model replaced (byte-faithful passthrough,
+gateway/passthrough.py): fields Strait does not know, key order and number spellings reach the upstream
+as the client wrote them.
 Streams are relayed event by event; `close` returns the connection to the pool after a complete
 answer and aborts it otherwise (so the engine stops generating for a client that left).
 """
@@ -17,7 +20,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Final
 
 import aiohttp
-import msgspec
 
 from gateway.contracts import (
     Operation,
@@ -36,7 +38,8 @@ _PATHS: Final[dict[Operation, str]] = {
     "embeddings": "/embeddings",
 }
 _KEPT = ("retry-after", "retry-after-ms", "content-type")
-_encode = msgspec.json.encode
+# The client's protocol this adapter speaks: an OpenAI client's bytes go up as they came (passthrough).
+PROTOCOL: Final = "openai"
 
 
 def resolve_secret(ref: str | None, environ: Mapping[str, str]) -> str | None:
@@ -106,10 +109,14 @@ class OpenAICompatAdapter:
 
     async def send(self, call: UpstreamCall) -> UpstreamResponse:
         url = self._base + _PATHS[call.operation]
-        try:
-            response = await self._client().post(
-                url, data=_encode(call.payload), headers=_call_headers(call), allow_redirects=False
+        body = call.passthrough(PROTOCOL)
+        if body is None:
+            # Only OpenAI ingress exists so far; the codec from other protocols comes with their ingress.
+            raise UpstreamConnectError(
+                f"{self.name}: the request did not come in OpenAI's protocol (no translation yet)"
             )
+        try:
+            response = await self._client().post(url, data=body, headers=_call_headers(call), allow_redirects=False)
         except TimeoutError as exc:
             raise UpstreamConnectError(f"{self.name}: timed out ({type(exc).__name__})", timeout=True) from None
         except (aiohttp.ClientError, OSError) as exc:

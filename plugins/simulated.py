@@ -1,6 +1,7 @@
 """`simulated`: a backend that lives inside the gateway, for demos, tests and load tests.
 
-It answers chat, legacy completions and embeddings in OpenAI's wire format with configurable time to
+It answers chat, legacy completions and embeddings in OpenAI's wire format, reading the canonical request
+(it does not speak any client's protocol, so it never gets the client's bytes), with configurable time to
 first token, tokens per second, output length and failure rate, and counts usage with tiktoken so the
 numbers look like a real engine's.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.canonical import Request
 from gateway.contracts import UpstreamCall, UpstreamResponse
 from gateway.policy.features import count_prompt_tokens
 from gateway.policy.model import Backend, SimulatedOptions
@@ -65,6 +67,19 @@ _WORDS = [
 _encode = msgspec.json.encode
 
 
+class _Schema(msgspec.Struct):
+    """The part of a tool's JSON schema the simulated answer fills in."""
+
+    properties: dict[str, msgspec.Raw] = {}
+
+
+def _decode_schema(raw: msgspec.Raw) -> _Schema:
+    try:
+        return msgspec.json.decode(raw, type=_Schema)
+    except msgspec.ValidationError:
+        return _Schema()
+
+
 def _single_token_words() -> tuple[str, ...]:
     enc = encoding("cl100k_base")
     return tuple(" " + w for w in _WORDS if len(enc.encode_ordinary(" " + w)) == 1)
@@ -91,23 +106,23 @@ class SimulatedAdapter:
         o = self.options
         if o.failure_rate > 0 and self._rng.random() < o.failure_rate:
             return _error(o.failure_status, "simulated backend failure", "server_error", "simulated_failure")
+        r = call.request
         if call.operation == "embeddings":
-            return self._embeddings(call.payload)
-        p = call.payload
-        limit = p.get("max_completion_tokens") or p.get("max_tokens")
-        n_tokens = min(o.output_tokens, int(limit)) if limit else o.output_tokens
-        finish = "length" if limit and int(limit) < o.output_tokens else "stop"
-        prompt_tokens = count_prompt_tokens(p, call.operation)
+            return self._embeddings(r, call.model)
+        limit = r.max_output_tokens
+        n_tokens = min(o.output_tokens, limit) if limit else o.output_tokens
+        finish = "length" if limit and limit < o.output_tokens else "stop"
+        prompt_tokens = count_prompt_tokens(r)
         words = [self._words[i % len(self._words)] for i in range(n_tokens)]
-        tool = self._tool_call(p) if call.operation == "chat" else None
-        choices = max(1, int(p.get("n") or 1))
+        tool = self._tool_call(r) if call.operation == "chat" else None
+        choices = max(1, r.n or 1)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": n_tokens * choices,
             "total_tokens": prompt_tokens + n_tokens * choices,
         }
         ident = f"{'chatcmpl' if call.operation == 'chat' else 'cmpl'}-sim{next(self._ids):08d}"
-        model = str(p.get("model", ""))
+        model = call.model
         if call.stream:
             events = self._stream(call.operation, ident, model, words, choices, finish, tool, usage)
             return UpstreamResponse(status=200, events=events, close=_noop)
@@ -116,21 +131,19 @@ class SimulatedAdapter:
             status=200, body=self._whole(call.operation, ident, model, words, choices, finish, tool, usage)
         )
 
-    def _tool_call(self, p: dict[str, Any]) -> dict[str, Any] | None:
-        tools = p.get("tools")
-        choice = p.get("tool_choice")
-        if not tools or choice == "none":
+    def _tool_call(self, r: Request) -> dict[str, Any] | None:
+        tools, choice = r.tools, r.tool_choice
+        if not tools or (choice is not None and choice.mode == "none"):
             return None
-        fn = tools[0].get("function", {})
-        if isinstance(choice, dict) and choice.get("function"):
-            name = choice["function"].get("name")
-            fn = next((t.get("function", {}) for t in tools if t.get("function", {}).get("name") == name), fn)
-        props = (fn.get("parameters") or {}).get("properties") or {}
+        fn = tools[0]
+        if choice is not None and choice.mode == "tool" and choice.name:
+            fn = next((t for t in tools if t.name == choice.name), fn)
+        props = _decode_schema(fn.parameters).properties if fn.parameters is not None else {}
         args = {k: "simulated" for k in props}
         return {
             "id": f"call_sim{next(self._ids):08d}",
             "type": "function",
-            "function": {"name": fn.get("name", "tool"), "arguments": _encode(args).decode()},
+            "function": {"name": fn.name or "tool", "arguments": _encode(args).decode()},
         }
 
     def _whole(
@@ -242,18 +255,12 @@ class SimulatedAdapter:
         yield chunk([delta(i, {}, fin) for i in range(n)])
         yield _encode({**head, "choices": [], "usage": usage})
 
-    def _embeddings(self, p: dict[str, Any]) -> UpstreamResponse:
-        raw = p.get("input")
-        items: list[Any] = (
-            [raw]
-            if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
-            else list(raw or [])
-        )
-        dims = int(p.get("dimensions") or self.options.embedding_dims)
-        b64 = p.get("encoding_format") == "base64"
+    def _embeddings(self, r: Request, model: str) -> UpstreamResponse:
+        dims = r.dimensions or self.options.embedding_dims
+        b64 = r.encoding_format == "base64"
         data = []
         tokens = 0
-        for i, item in enumerate(items):
+        for i, item in enumerate(r.inputs):
             text = item if isinstance(item, str) else " ".join(map(str, item))
             tokens += count_text(text) if isinstance(item, str) else len(item)
             vec = _vector(text, dims)
@@ -263,7 +270,7 @@ class SimulatedAdapter:
             {
                 "object": "list",
                 "data": data,
-                "model": p.get("model", ""),
+                "model": model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )

@@ -1,5 +1,5 @@
-"""Inbound limits checked on a request body: JSON nesting depth (before any decoder runs) and the ranges
-of the integers Strait or an upstream computes with (`max_tokens`, `n`, `seed`, ...).
+"""Inbound limits checked on a request body: JSON nesting depth (before any decoder runs), the number of
+containers, and the ranges of the integers Strait or an upstream computes with (`max_tokens`, `n`, `seed`, ...).
 
 Every refusal is a 400 whose message names the limit. The depth scan is bytes operations only (C speed):
 a typical body is settled by counting brackets; a body with many brackets has its strings removed and
@@ -115,7 +115,7 @@ def too_deep(limit: int) -> InvalidRequest:
     )
 
 
-# ---- integer ranges (read from the mapping that is forwarded and that the limits stage reserves from) ----
+# ---- integer ranges (of the top-level fields the limits stage reserves from and upstreams compute with) ----
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -136,6 +136,8 @@ def _ranges(max_output_tokens: int) -> tuple[tuple[str, int, int], ...]:
 
 
 _FLOAT_RANGES = (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0))
+# Every top-level field `check_numbers` reads: the codec decodes just these to plain values.
+NUMBER_FIELDS = (*(name for name, _, _ in _ranges(1)), "logit_bias", *(name for name, _, _ in _FLOAT_RANGES))
 
 
 def _show(value: int) -> str:
@@ -145,8 +147,9 @@ def _show(value: int) -> str:
 
 
 def check_numbers(raw: Mapping[str, Any], limits: InboundLimits) -> None:
-    """Refuse integers outside their range, whatever the field's type in the wire Structs: the raw mapping
-    is what is forwarded upstream and what the token reservation is computed from."""
+    """Refuse integers outside their range, whatever the field's type in the wire Structs: `raw` holds the
+    body's top-level NUMBER_FIELDS as decoded JSON; they are forwarded upstream as the client wrote them
+    and the token reservation is computed from them."""
     for name, lo, hi in _ranges(limits.max_output_tokens):
         value = raw.get(name)
         if value is None or (name == "logprobs" and isinstance(value, bool)):

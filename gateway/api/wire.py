@@ -1,13 +1,14 @@
-"""OpenAI wire types, decoded once at the edge.
+"""OpenAI wire types, decoded once at the edge (gateway.api.openai.decode).
 
-Requests are decoded twice from the same bytes: into these Structs to validate them (a wrong type
-is a 400 naming the field) and into a plain mapping that is forwarded upstream, so fields Strait does
-not know yet are passed through to OpenAI-compatible upstreams instead of being dropped.
+A request body is validated into these Structs (a wrong type is a 400 naming the field) and turned into
+the canonical request (gateway.canonical); fields Strait does not model are not here: they reach an
+OpenAI-compatible upstream in the client's own bytes (byte-faithful passthrough). JSON schemas (tool
+parameters, response formats) are kept as the client's bytes (`Raw`), never decoded.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -59,10 +60,14 @@ class Message(_Wire, kw_only=True):
     tool_call_id: str | None = None
 
 
+# A JSON value the client did not send (an empty Raw: `len(NOT_SENT) == 0`); `null` is Raw(b"null").
+NOT_SENT = msgspec.Raw(b"")
+
+
 class FunctionDef(_Wire, kw_only=True):
     name: str
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: msgspec.Raw = NOT_SENT
     strict: bool | None = None
 
 
@@ -86,7 +91,7 @@ class StreamOptions(_Wire, kw_only=True):
 
 class ResponseFormat(_Wire, kw_only=True):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: msgspec.Raw = NOT_SENT
 
 
 class ChatRequest(_Wire, kw_only=True):

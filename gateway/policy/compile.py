@@ -10,6 +10,9 @@
   sections of the policy limit it on each route (`LimitSections`);
 - per rule, `RuleTest`: its `when` prepared for testing (header name lower-cased, lists as sets, the
   time window in minutes with its time zone loaded), so a request parses nothing of the policy;
+- per (route, operation), `PromptNeeds`: whether any decision for it reads the exact prompt size (a rule
+  on prompt size, a cost-ranked objective) and the smallest context window of any candidate it may
+  reach, so the `route` stage knows at once whether the prompt's cheap bound decides the same;
 - header blocks, pre-encoded for the ASGI send: `x-strait-route` per route (`PolicyIndex.route_headers`)
   and `x-strait-deployment` per target (`Target.header`). Not read yet: `stages/respond.py`'s
   `response_headers` builds these per request as str pairs; when its reply carries raw header pairs it
@@ -190,3 +193,54 @@ def route_header(name: str) -> tuple[bytes, bytes]:
 
 def deployment_header(label: str) -> tuple[bytes, bytes]:
     return (b"x-strait-deployment", label.encode("latin-1", "replace"))
+
+
+# Objectives whose ranking reads the prompt's size (cost per request).
+COST_OBJECTIVES: Final = frozenset({"cost", "balanced"})
+
+
+@dataclass(frozen=True, slots=True)
+class PromptNeeds:
+    """Whether decisions for a (route, operation) always need the exact prompt tokens, and the smallest
+    context window of any candidate they may consider (None: no candidate declares one)."""
+
+    always: bool
+    window: int | None
+
+
+def reachable_routes(routes: Mapping[str, Route], rules: Iterable[Rule], route: str) -> set[str]:
+    """The route, the routes rules may rewrite it to, and their fallback routes."""
+    names = {route} | {r.then.route for r in rules if r.then.route is not None}
+    for name in list(names):
+        known = routes.get(name)
+        if known is not None:
+            names.update(known.fallback)
+    return names
+
+
+def prompt_needs(
+    routes: Mapping[str, Route],
+    rules: tuple[Rule, ...],
+    targets: Mapping[tuple[str, Operation], tuple[Target, ...]],
+    route: str,
+    operation: Operation,
+) -> PromptNeeds:
+    sized = any(r.when.min_prompt_tokens is not None or r.when.max_prompt_tokens is not None for r in rules)
+    names = reachable_routes(routes, rules, route)
+    objectives = {routes[n].objective for n in names if n in routes}
+    objectives |= {r.then.objective for r in rules if r.then.objective is not None}
+    windows = [
+        t.model.context_window
+        for n in names
+        for t in targets.get((n, operation), ())
+        if t.model.context_window is not None
+    ]
+    return PromptNeeds(sized or bool(objectives & COST_OBJECTIVES), min(windows, default=None))
+
+
+def compile_prompt_needs(
+    routes: Mapping[str, Route], rules: tuple[Rule, ...], targets: Mapping[tuple[str, Operation], tuple[Target, ...]]
+) -> dict[tuple[str, Operation], PromptNeeds]:
+    """For every route of the policy and every operation; a route the policy does not know is computed
+    when asked (it is refused right after), never kept: a client's `model` must not grow a table."""
+    return {(name, op): prompt_needs(routes, rules, targets, name, op) for name in routes for op in OPERATIONS}

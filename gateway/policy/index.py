@@ -16,8 +16,10 @@ import msgspec
 from gateway.contracts import Operation
 from gateway.policy.compile import (
     Candidates,
+    PromptNeeds,
     TenantTables,
     compile_candidates,
+    compile_prompt_needs,
     compile_tenants,
     deployment_header,
     route_header,
@@ -116,5 +118,9 @@ class PolicyIndex:
         self.open_tables: TenantTables = compile_tenants([self.open_tenant], policy.rules, self.candidates)[
             self.open_tenant.name
         ]
+        # Whether a decision may need the exact prompt size (else its cheap bound decides the same).
+        self.prompt_needs: dict[tuple[str, Operation], PromptNeeds] = compile_prompt_needs(
+            self.routes, policy.rules, self.targets
+        )
         # Pre-encoded `x-strait-route` headers (for the response; see gateway.policy.compile).
         self.route_headers: dict[str, tuple[bytes, bytes]] = {name: route_header(name) for name in self.routes}

@@ -18,7 +18,7 @@ import yaml
 
 from gateway.errors import GatewayError
 from gateway.policy.engine import Decision, LiveState, RoutePlan, decide
-from gateway.policy.features import count_prompt_tokens, extract, operation_of
+from gateway.policy.features import count_prompt_tokens, extract, request_of
 from gateway.policy.index import PolicyIndex, Principal
 from gateway.policy.load import load_policy
 from gateway.registry import discover_adapters
@@ -46,10 +46,8 @@ def run(
     headers: Mapping[str, str] | None = None,
     signals: Mapping[str, Any] | None = None,
 ) -> RoutePlan:
-    op = operation_of(request)
-    features = extract(
-        request, op, {k.lower(): v for k, v in (headers or {}).items()}, count_prompt_tokens(request, op)
-    )
+    canonical = request_of(request)
+    features = extract(canonical, {k.lower(): v for k, v in (headers or {}).items()}, count_prompt_tokens(canonical))
     return decide(index, principal_for(index, tenant), features, live_state(signals), decision_id="offline")
 
 

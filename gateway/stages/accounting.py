@@ -96,7 +96,7 @@ class AccountingStage:
                 prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, cached_tokens(usage)
                 source = "provider"
             elif status < 400 or partial:
-                prompt = ctx.prompt_tokens
+                prompt = ctx.prompt_tokens.count_now()  # the upstream reported none: estimated
                 completion = (
                     estimated_completion
                     if estimated_completion is not None

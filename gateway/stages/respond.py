@@ -129,9 +129,8 @@ def _usage_chunk(ctx: RequestContext, last: bytes, completion: int) -> bytes:
         head = msgspec.json.decode(last, type=_Head)
     except (msgspec.DecodeError, msgspec.ValidationError):
         head = _Head()
-    usage = Usage(
-        prompt_tokens=ctx.prompt_tokens, completion_tokens=completion, total_tokens=ctx.prompt_tokens + completion
-    )
+    prompt = ctx.prompt_tokens.count_now()  # the upstream reported no usage: estimated
+    usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
     chunk = {
         "id": head.id or f"chatcmpl-{ctx.request_id}",
         "object": head.object or "chat.completion.chunk",

@@ -3,7 +3,9 @@
 This stage gathers what the pure engine needs (prompt token estimate, capabilities used, the
 client's narrowing preferences, live signals) and writes `ctx.route`, `ctx.plan` and `ctx.route_plan`
 (whose decision table is only built if explain asks for it, and which carries the tenant's budget
-downgrade plan: `limits` switches to it without running this stage again).
+downgrade plan: `limits` switches to it without running this stage again). The prompt is tokenized only
+when the decision may depend on its exact size (gateway.policy.features.exact_prompt_needed); otherwise
+the engine is given its cheap upper bound (UTF-8 bytes), which decides the same.
 
 Explain (gateway.stages.explain) is recorded here for the plan decided; `limits` records it again if
 it switches to the downgrade plan, so the header and the kept table are those of the route that
@@ -12,19 +14,15 @@ finally answers.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from gateway.context import RequestContext
 from gateway.pipeline import RequestOnly
 from gateway.policy.engine import decide
-from gateway.policy.features import count_texts, extract, texts_of
+from gateway.policy.features import exact_prompt_needed, extract, preferences
 from gateway.policy.index import PolicyIndex
 from gateway.stages.explain import Explain
 from gateway.upstream.signals import LiveSignals
-
-# Prompts larger than this (characters) are counted in a worker thread, off the event loop.
-OFFLOAD_CHARS = 20_000
 
 
 class RouteStage(RequestOnly):
@@ -36,14 +34,17 @@ class RouteStage(RequestOnly):
         self.explain = explain
 
     async def on_request(self, ctx: RequestContext) -> None:
-        assert ctx.principal is not None
-        payload, op = ctx.payload, ctx.operation
-        texts, vision = texts_of(payload, op)
-        if sum(len(t) for t in texts) > OFFLOAD_CHARS:
-            ctx.prompt_tokens = await asyncio.to_thread(count_texts, texts, op)
+        assert ctx.principal is not None and ctx.request is not None
+        request, prompt = ctx.request, ctx.prompt_tokens
+        prefs = preferences(request, ctx.headers)
+        # Counted only if the decision may depend on it; otherwise its cheap upper bound decides the same.
+        bound = prompt.bound()
+        explain = ctx.headers.get("x-strait-explain") == "1"
+        if exact_prompt_needed(self.index, request, ctx.route_name, bound, prefs, explain) or self._downgrades(ctx):
+            tokens = await prompt.count()
         else:
-            ctx.prompt_tokens = count_texts(texts, op)
-        features = extract(payload, op, ctx.headers, ctx.prompt_tokens, route=ctx.route_name, vision=vision)
+            tokens = bound
+        features = extract(request, ctx.headers, tokens, route=ctx.route_name, prefs=prefs)
         plan = decide(
             self.index, ctx.principal, features, self.signals.snapshot(time.monotonic()), decision_id=ctx.decision_id
         )
@@ -52,3 +53,13 @@ class RouteStage(RequestOnly):
         ctx.route_plan = plan
         if self.explain.asked(ctx):
             self.explain.record(ctx, plan)
+
+    def _downgrades(self, ctx: RequestContext) -> bool:
+        """A tenant that downgrades on a spent budget gets exact counts: the plan's downgrade is decided
+        from these features (a bound could exclude a downgrade candidate the prompt really fits), and its
+        budgets make `limits` count the prompt anyway (counted once, remembered)."""
+        assert ctx.principal is not None
+        tenant = self.index.tenants.get(ctx.principal.tenant)
+        return (
+            tenant is not None and tenant.budgets.on_exhausted == "downgrade" and bool(tenant.budgets.downgrade_route)
+        )

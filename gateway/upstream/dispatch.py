@@ -79,16 +79,18 @@ class Dispatcher:
         plan = ctx.plan
         signals = self.signals
         ctx.redact = self.redact
+        request = ctx.request
+        assert request is not None
         for attempt, target in enumerate(plan):
-            payload = dict(ctx.payload)
-            payload["model"] = target.deployment.upstream_model
-            payload.pop("strait", None)
-            if ctx.stream:
-                # Always ask for usage so every token is accounted; the relay strips the chunk if the
-                # client did not ask for it.
-                options = payload.get("stream_options")
-                payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-            call = UpstreamCall(operation=ctx.operation, payload=payload, stream=ctx.stream, request_id=ctx.request_id)
+            # The adapter sends the client's bytes with this model (passthrough) or translates the request;
+            # a stream always asks for usage (the relay strips the chunk if the client did not ask for it).
+            call = UpstreamCall(
+                operation=ctx.operation,
+                request=request,
+                model=target.deployment.upstream_model,
+                stream=ctx.stream,
+                request_id=ctx.request_id,
+            )
             backend = target.backend.name
             signals.started(backend)
             t0 = time.perf_counter()

@@ -28,7 +28,7 @@ async def test_keepalive_renews_once_per_interval(tmp_path: Path) -> None:
     store = RecordingStore()
     stage = AccountingStage(UsageWriter(MemoryLedger(), Spool(tmp_path)), store, Metrics())
     request = AdmissionRequest(request_id="r1", tenant="t", key="k", route="chat", limits=Limits(), lease_s=300)
-    ctx = RequestContext(request_id="r1", operation="chat", started=0.0, headers={}, payload={}, route_name="chat")
+    ctx = RequestContext(request_id="r1", operation="chat", started=0.0, headers={}, route_name="chat")
     ctx.ticket = Ticket(request=request, day="2026-11-28", month="2026-11")
     ctx.lease_renewed = 1000.0
     for now in (1001.0, 1000.0 + RENEW_EVERY_S - 1):

@@ -20,8 +20,8 @@ approximation; ``TOKENIZER`` says which).
 
 Ledger record (one per non-control request, appended when the request arrives and updated in place)::
 
-    {"n", "path", "method", "headers" (lower-case names), "body" (parsed JSON or null), "stream", "status" (null until
-     answered), "completion_tokens_generated" (tokens written so far), "client_disconnected", "finished" (the whole
+    {"n", "path", "method", "headers" (lower-case names), "body" (parsed JSON or null), "body_b64" (its exact
+     bytes), "stream", "status" (null until answered), "completion_tokens_generated" (tokens written so far), "client_disconnected", "finished" (the whole
      response, ending with [DONE] for streams, was written), "aborted" (the fake cut the connection on purpose),
      "started_at", "ended_at" (epoch seconds; ended_at null while in progress)}
 """
@@ -559,6 +559,7 @@ class _Aborted(Exception):
 async def read_json(ctx: Ctx) -> tuple[Any, web.StreamResponse | None]:
     """Parse the body and directives; returns (body, error response or None)."""
     raw = await ctx.request.read()
+    ctx.record["body_b64"] = base64.b64encode(raw).decode()  # the exact bytes (passthrough tests)
     try:
         body = json.loads(raw) if raw else None
     except (json.JSONDecodeError, UnicodeDecodeError):

@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.api.decode import decode_request, read_body
-from gateway.api.wire import ChatRequest, EmbeddingsRequest
+from gateway.api.decode import decode, read_body
+from gateway.canonical import Request, Text
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
 
-def _chat(body: bytes) -> ChatRequest:
-    return decode_request(body, ChatRequest)[0]
+def _chat(body: bytes) -> Request:
+    return decode(body, "chat")
 
 
 @pytest.mark.parametrize(
@@ -49,11 +49,10 @@ def test_bad_bodies_are_refused_with_the_field_named(body: bytes, param: str | N
 
 
 def test_unknown_fields_are_kept_for_the_upstream() -> None:
-    typed, raw = decode_request(
-        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_k": 5}', ChatRequest
-    )
-    assert typed.model == "m"
-    assert raw["top_k"] == 5
+    request = decode(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_k": 5}', "chat")
+    assert request.model == "m"
+    assert request.messages[0].content == (Text(text="x"),)
+    assert bytes(request.extra["top_k"]) == b"5"
 
 
 def test_multipart_content_and_tools_decode() -> None:
@@ -63,16 +62,18 @@ def test_multipart_content_and_tools_decode() -> None:
         b' "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],'
         b' "tool_choice": {"type": "function", "function": {"name": "f"}}, "response_format": {"type": "json_object"}}'
     )
-    typed = _chat(body)
-    assert typed.tools is not None and typed.tools[0].function.name == "f"
+    request = _chat(body)
+    assert request.tools[0].name == "f" and bytes(request.tools[0].parameters or b"") == b'{"type": "object"}'
+    assert request.tool_choice is not None and request.tool_choice.name == "f"
+    assert request.uses_images()
 
 
 def test_embedding_inputs_must_not_mix_kinds() -> None:
     with pytest.raises(InvalidRequest) as info:
-        decode_request(b'{"model": "e", "input": ["a", 1]}', EmbeddingsRequest)
+        decode(b'{"model": "e", "input": ["a", 1]}', "embeddings")
     assert info.value.param == "input"
-    typed, _ = decode_request(b'{"model": "e", "input": [[1, 2], [3]]}', EmbeddingsRequest)
-    assert typed.input == [[1, 2], [3]]
+    request = decode(b'{"model": "e", "input": [[1, 2], [3]]}', "embeddings")
+    assert request.inputs == ((1, 2), (3,))
 
 
 @given(st.binary(max_size=200))
@@ -123,3 +124,21 @@ def test_upstream_urls_and_keys_in_the_body_are_refused(field: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         _chat(body)
     assert info.value.param == field
+
+
+def test_tool_results_and_multipart_texts_are_prompt_text() -> None:
+    request = _chat(
+        b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},'
+        b' {"type": "text", "text": "b"}]}, {"role": "assistant", "content": null, "tool_calls":'
+        b' [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},'
+        b' {"role": "tool", "tool_call_id": "c1", "content": "result"}]}'
+    )
+    assert request.prompt_texts() == ["a b", "", "result"]
+    assert [m.role for m in request.messages] == ["user", "assistant", "tool"]
+
+
+@pytest.mark.parametrize("where", [b'"content": "\xff"', b'"content": "x", "x_unknown": "\xed\xa0\x80"'])
+def test_invalid_utf8_anywhere_is_refused_even_in_fields_passed_through(where: bytes) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        _chat(b'{"model": "m", "messages": [{"role": "user", ' + where + b"}]}")
+    assert info.value.code == "invalid_json" and "UTF-8" in info.value.message

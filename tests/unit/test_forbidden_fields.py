@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.api.decode import decode_request
-from gateway.api.wire import ChatRequest
+from gateway.api.decode import decode
 from gateway.errors import InvalidRequest
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
@@ -19,7 +18,7 @@ WORDS = ("api_key", "api_base", "base_url", "custom_llm_provider", "api_url", "a
 
 
 def _decode(doc: dict[str, Any]) -> None:
-    decode_request(json.dumps(doc).encode(), ChatRequest)
+    decode(json.dumps(doc).encode(), "chat")
 
 
 def _refused(doc: dict[str, Any]) -> InvalidRequest:
@@ -95,7 +94,7 @@ def test_nested_containers_are_searched_to_any_depth_the_body_may_have() -> None
     nested = b'{"a":' * depth + b'{"api_key":"k"}' + b"}" * depth
     body = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": ' + nested + b"}"
     with pytest.raises(InvalidRequest) as info:
-        decode_request(body, ChatRequest)
+        decode(body, "chat")
     assert info.value.param == "metadata" + ".a" * depth + ".api_key"
 
 
@@ -117,5 +116,25 @@ def test_review_bypasses_are_refused(extra: dict[str, object]) -> None:
     """Found in review: each of these was forwarded."""
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], **extra}).encode()
     with pytest.raises(InvalidRequest) as info:
-        decode_request(body, ChatRequest)
+        decode(body, "chat")
     assert info.value.status == 400 and info.value.param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        # The decoded value keeps only the last `a` (clean); the bytes, which go upstream, hold the first.
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": {"a": {"api_key": "k"}, "a": {}}}',
+            "metadata.api_key",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "extra_body": {"b\\u0061se_url": 1, "x": 2}}',
+            "extra_body.base_url",
+        ),
+    ],
+)
+def test_a_forbidden_name_hidden_by_a_repeated_key_or_an_escape_is_still_refused(body: bytes, param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        decode(body, "chat")
+    assert info.value.param == param

@@ -26,7 +26,7 @@ from gateway.stages.accounting import AccountingStage
 from gateway.stages.respond import respond
 from gateway.state import MemoryStore
 from gateway.telemetry import Metrics
-from gateway.tokens import count_text
+from gateway.tokens import PromptTokens, count_text
 from gateway.upstream.signals import LiveSignals
 
 ENCODING = "cl100k_base"
@@ -134,14 +134,13 @@ def make_ctx(*, include_usage: bool = False) -> RequestContext:
         operation="chat",
         started=0.0,
         headers={},
-        payload={},
         route_name="chat",
         stream=True,
         include_usage=include_usage,
         principal=Principal(tenant="t", key_id="k", allowed_routes=None),
     )
     ctx.target = Target(model=model, deployment=deployment, backend=backend)
-    ctx.prompt_tokens = 9
+    ctx.prompt_tokens = PromptTokens.of(9)
     return ctx
 
 

@@ -1,0 +1,203 @@
+"""OpenAI wire Structs to the canonical request: messages and content parts, tools, sampling and output
+parameters. Fields the wire Structs do not model stay in `Request.extra` as the client's bytes."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from gateway.api.wire import (
+    ChatRequest,
+    CompletionRequest,
+    ContentPart,
+    EmbeddingsRequest,
+    Message,
+    ResponseFormat,
+    Tool,
+    ToolChoice,
+)
+from gateway.canonical import (
+    Image,
+    Opaque,
+    Operation,
+    Part,
+    Request,
+    Role,
+    Text,
+    ToolCall,
+    ToolResult,
+)
+from gateway.canonical import Message as CMessage
+from gateway.canonical import ResponseFormat as CResponseFormat
+from gateway.canonical import Tool as CTool
+from gateway.canonical import ToolChoice as CToolChoice
+from gateway.passthrough import Original
+
+# Top-level fields the canonical request holds, by operation; any other goes to `extra`.
+_MODELLED: Final[dict[Operation, frozenset[str]]] = {
+    "chat": frozenset(ChatRequest.__struct_fields__)
+    | {"strait", "logprobs", "top_logprobs", "parallel_tool_calls", "best_of"},
+    "completions": frozenset(CompletionRequest.__struct_fields__) | {"strait", "logprobs", "best_of"},
+    "embeddings": frozenset(EmbeddingsRequest.__struct_fields__) | {"strait"},
+}
+_NULL = b"null"
+_ROLES: Final[dict[str, Role]] = {
+    "system": "system",
+    "developer": "developer",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
+
+
+def _schema(raw: msgspec.Raw) -> msgspec.Raw | None:
+    return raw if len(raw) and bytes(raw) != _NULL else None
+
+
+def _part(p: ContentPart) -> Part:
+    if p.type == "text" and p.text is not None:
+        return Text(text=p.text)
+    if p.type == "image_url" and p.image_url is not None:
+        return Image(url=p.image_url.url, detail=p.image_url.detail)
+    return Opaque(protocol="openai", kind=p.type)
+
+
+def _message(m: Message) -> CMessage:
+    content = m.content
+    parts: tuple[Part, ...]
+    if isinstance(content, str):
+        parts = (Text(text=content),)
+    elif content is None:
+        parts = ()
+    else:
+        parts = tuple(_part(p) for p in content)
+    if m.role in ("tool", "function"):
+        result = ToolResult(call_id=m.tool_call_id or m.name or "", content=parts)
+        return CMessage(role="tool", content=(result,), name=m.name)
+    if m.tool_calls:
+        parts += tuple(
+            ToolCall(
+                id=c.id or "",
+                name=(c.function.name if c.function else None) or "",
+                arguments=(c.function.arguments if c.function else None) or "",
+                kind=c.type,
+            )
+            for c in m.tool_calls
+        )
+    return CMessage(role=_ROLES[m.role], content=parts, name=m.name)
+
+
+def _tool(t: Tool) -> CTool:
+    f = t.function
+    return CTool(name=f.name, description=f.description, parameters=_schema(f.parameters), strict=f.strict, kind=t.type)
+
+
+def _tool_choice(choice: str | ToolChoice | None, parallel_raw: msgspec.Raw | None) -> CToolChoice | None:
+    parallel = _parallel(parallel_raw)
+    if choice is None:
+        return CToolChoice(parallel=parallel) if parallel is not None else None
+    p = parallel
+    if isinstance(choice, str):
+        return CToolChoice(mode=choice, parallel=p)  # type: ignore[arg-type]  # the wire Literal is a subset
+    return CToolChoice(mode="tool", name=choice.function.name if choice.function else None, parallel=p)
+
+
+def _format(f: ResponseFormat | None) -> CResponseFormat | None:
+    return None if f is None else CResponseFormat(type=f.type, json_schema=_schema(f.json_schema))
+
+
+def _inputs(raw: str | list[str | int | list[int]]) -> tuple[str | tuple[int, ...], ...]:
+    """Every input as a text or a token array: a single string or token array is a list of one."""
+    if isinstance(raw, str):
+        return (raw,)
+    if raw and all(isinstance(i, int) for i in raw):
+        return (tuple(raw),)  # type: ignore[arg-type]  # all ints: one token array
+    return tuple(i if isinstance(i, str) else tuple(i) if isinstance(i, list) else (i,) for i in raw)
+
+
+def canonical_request(
+    operation: Operation,
+    wire: ChatRequest | CompletionRequest | EmbeddingsRequest,
+    top: dict[str, msgspec.Raw],
+    numbers: dict[str, Any],
+    original: Original,
+) -> Request:
+    """The canonical request of a validated wire request. `top` is the body's top level as Raw values,
+    `numbers` the range-checked integers decoded from it (best_of, logprobs...)."""
+    modelled = _MODELLED[operation]
+    extra = {k: v for k, v in top.items() if k not in modelled}
+    preferences = top.get("strait")
+    if isinstance(wire, EmbeddingsRequest):
+        return Request(
+            operation=operation,
+            model=wire.model,
+            inputs=_inputs(wire.input),
+            encoding_format=wire.encoding_format,
+            dimensions=wire.dimensions,
+            user=wire.user,
+            preferences=preferences,
+            extra=extra,
+            original=original,
+        )
+    stop = (wire.stop,) if isinstance(wire.stop, str) else tuple(wire.stop or ())
+    options = wire.stream_options
+    logprobs = numbers.get("logprobs")
+    best_of = numbers.get("best_of")
+    if isinstance(wire, CompletionRequest):
+        return Request(
+            operation=operation,
+            model=wire.model,
+            inputs=_inputs(wire.prompt),
+            max_output_tokens=wire.max_tokens,
+            n=wire.n,
+            best_of=best_of if isinstance(best_of, int) else None,
+            temperature=wire.temperature,
+            top_p=wire.top_p,
+            seed=wire.seed,
+            stop=stop,
+            logprobs=logprobs if isinstance(logprobs, bool | int) else None,
+            stream=bool(wire.stream),
+            include_usage=bool(options is not None and options.include_usage),
+            user=wire.user,
+            preferences=preferences,
+            extra=extra,
+            original=original,
+        )
+    top_logprobs = numbers.get("top_logprobs")
+    parallel = top.get("parallel_tool_calls")
+    return Request(
+        operation=operation,
+        model=wire.model,
+        messages=tuple([_message(m) for m in wire.messages]),
+        tools=tuple([_tool(t) for t in wire.tools]) if wire.tools else (),
+        tool_choice=_tool_choice(wire.tool_choice, parallel) if wire.tool_choice or parallel else None,
+        response_format=_format(wire.response_format),
+        max_output_tokens=wire.max_completion_tokens or wire.max_tokens,
+        output_tokens_field="max_completion_tokens" if "max_completion_tokens" in top else "max_tokens",
+        n=wire.n,
+        best_of=best_of if isinstance(best_of, int) else None,
+        temperature=wire.temperature,
+        top_p=wire.top_p,
+        seed=wire.seed,
+        presence_penalty=wire.presence_penalty,
+        frequency_penalty=wire.frequency_penalty,
+        stop=stop,
+        logprobs=logprobs if isinstance(logprobs, bool | int) else None,
+        top_logprobs=top_logprobs if isinstance(top_logprobs, int) else None,
+        stream=bool(wire.stream),
+        include_usage=bool(options is not None and options.include_usage),
+        user=wire.user,
+        metadata=wire.metadata,
+        preferences=preferences,
+        extra=extra,
+        original=original,
+    )
+
+
+def _parallel(raw: msgspec.Raw | None) -> bool | None:
+    if raw is None:
+        return None
+    value = bytes(raw)
+    return True if value == b"true" else False if value == b"false" else None

@@ -1,0 +1,156 @@
+"""Byte-faithful passthrough: the client's JSON body, edited at the byte level.
+
+When the upstream speaks the client's protocol, what goes up is the client's own bytes with only the
+`model` value replaced (and Strait's `strait` member removed, and for streams `stream_options`
+forced to ask for usage): unknown fields, key order, whitespace, number spellings (`1.0e2`, `-0.0`) and
+unicode escapes survive byte for byte, and nothing is re-encoded.
+
+The codec that decodes a body walks its top-level members once (`original_of`, from msgspec's zero-copy
+`Raw` view of each value: one regex match and one memcmp per member) and keeps the spans Strait may edit
+in an `Original`; `splice` then builds each attempt's body from them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+_WS = rb"[ \t\n\r]*"
+_KEY = rb'"([^"\\]*+(?:\\.[^"\\]*+)*+)"'  # group 1: the key's text, escapes undecoded
+_OPEN = re.compile(_WS + rb"\{" + _WS)
+_FIRST = re.compile(_KEY + _WS + rb":" + _WS)
+_NEXT = re.compile(_WS + rb"," + _WS + _KEY + _WS + rb":" + _WS)
+_members = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_str = msgspec.json.Decoder(str)
+_TRUE = msgspec.Raw(b"true")
+_EDITED = frozenset({"model", "strait", "stream_options"})
+
+
+class RepeatedField(ValueError):
+    """A top-level name appears twice: which value counts would differ between readers, so it is refused."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class Original(msgspec.Struct, frozen=True, kw_only=True):
+    """The client's body and the spans Strait may edit in it."""
+
+    protocol: str  # the codec that read it: "openai"
+    body: bytes
+    model: tuple[int, int]  # the `model` value
+    # The `strait` member with one separator, to cut out (Strait's own preferences: not the upstream's).
+    cut: tuple[int, int] | None = None
+    stream_options: tuple[int, int] | None = None  # its value
+    end: int = 0  # after the last member's value: where a member is added
+
+
+def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> Original:
+    """Walk the top-level members of the JSON object `body`, given its values as decoded (`dict[str, Raw]`),
+    and keep the spans of `model` (required), `strait` and `stream_options`.
+
+    Each value's bytes are compared with the body where the walk expects them, so the walk cannot drift
+    into a nested object unnoticed (two complete JSON values differ unless one is a number prefixing the
+    other, and then the next member cannot follow). A name that appears twice raises RepeatedField: the
+    decoded mapping kept only the last value, and the upstream might read the first.
+    """
+    opened = _OPEN.match(body)
+    assert opened is not None  # `values` was decoded from `body`: it is an object
+    pos = opened.end()
+    count = 0
+    model: tuple[int, int] | None = None
+    options: tuple[int, int] | None = None
+    cut: tuple[int, int] | None = None
+    cut_next = False  # `strait` came first: its cut runs to the next key
+    previous_end = -1
+    match = _FIRST.match
+    while True:
+        m = match(body, pos)
+        if m is None:
+            break
+        key = m.group(1)
+        name = _str.decode(b'"' + key + b'"') if b"\\" in key else key.decode()
+        value = values.get(name)
+        start = m.end()
+        # bytes.startswith is a memcmp (memoryview equality compares item by item: ~20 µs for 7 KB).
+        if value is None or not body.startswith(value, start):
+            raise RepeatedField(name)
+        count += 1
+        end = start + len(value)
+        if cut_next:
+            cut, cut_next = (cut[0], m.start(1) - 1) if cut is not None else None, False
+        if name in _EDITED:
+            if name == "model":
+                model = (start, end)
+            elif name == "stream_options":
+                options = (start, end)
+            elif previous_end < 0:  # `strait` first: up to the next key, its comma included
+                cut, cut_next = (m.start(1) - 1, end), True
+            else:  # from the end of the previous value: the comma before it goes too
+                cut = (previous_end, end)
+        previous_end = pos = end
+        match = _NEXT.match
+    if count != len(values):
+        # The walk stayed aligned (every value matched): more members than names means a name repeats.
+        raise RepeatedField(_repeated(body, values))
+    if model is None:
+        raise KeyError("model")
+    return Original(protocol=protocol, body=body, model=model, cut=cut, stream_options=options, end=previous_end)
+
+
+def _repeated(body: bytes, values: dict[str, msgspec.Raw]) -> str:
+    """The first top-level name that appears twice (only on the error path: a second, slower walk)."""
+    seen: set[str] = set()
+    match = _FIRST.match
+    opened = _OPEN.match(body)
+    pos = opened.end() if opened is not None else 0
+    while (m := match(body, pos)) is not None:
+        key = m.group(1)
+        name = _str.decode(b'"' + key + b'"') if b"\\" in key else key.decode()
+        value = values.get(name)
+        if name in seen or value is None:
+            return name
+        seen.add(name)
+        pos = m.end() + len(value)
+        match = _NEXT.match
+    return next(iter(values))
+
+
+def _with_usage(value: bytes) -> bytes | None:
+    """`stream_options` asking for usage, or None when it already does (once, plainly spelled: a repeated
+    or escaped key is re-encoded, so no upstream can read a `false` the decoded value hid)."""
+    try:
+        options = _members.decode(value)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return b'{"include_usage":true}'  # null or not an object: replaced whole
+    if bytes(options.get("include_usage", b"")) == b"true" and value.count(b'"include_usage"') == 1:
+        return None
+    options["include_usage"] = _TRUE
+    return msgspec.json.encode(options)
+
+
+def splice(source: Original, model: str, *, stream_usage: bool = False) -> bytes:
+    """The client's body with `model` set, `strait` removed and, with `stream_usage`, usage asked for."""
+    body = source.body
+    edits: list[tuple[int, int, bytes]] = [(*source.model, msgspec.json.encode(model))]
+    if source.cut is not None:
+        edits.append((*source.cut, b""))
+    if stream_usage:
+        if source.stream_options is None:
+            edits.append((source.end, source.end, b',"stream_options":{"include_usage":true}'))
+        else:
+            start, end = source.stream_options
+            replaced = _with_usage(body[start:end])
+            if replaced is not None:
+                edits.append((start, end, replaced))
+    edits.sort()
+    parts: list[bytes] = []
+    pos = 0
+    for start, end, text in edits:
+        parts.append(body[pos:start])
+        parts.append(text)
+        pos = end
+    parts.append(body[pos:])
+    return b"".join(parts)

@@ -1,0 +1,166 @@
+"""Byte-faithful passthrough: the splicer replaces `model` (removes `strait`, asks a stream for usage) in
+the client's bytes and leaves every other byte as it was, whatever the JSON object's spelling."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.api.decode import decode
+from gateway.errors import InvalidRequest
+from gateway.passthrough import Original, RepeatedField, original_of, splice
+
+_skim = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+# ---- any JSON object, spelled in any valid way ----
+
+ws = st.sampled_from(["", " ", "\n", "\t", " \r\n  "])
+keys = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=8)
+
+
+def spell_string(draw: st.DrawFn, s: str) -> str:
+    """`s` as a JSON string, each character plain or \\u-escaped (surrogate pairs for astral ones)."""
+    out = []
+    for ch in s:
+        if ch in '"\\' or ord(ch) < 0x20 or draw(st.booleans()):
+            code = ord(ch)
+            if code > 0xFFFF:
+                code -= 0x10000
+                out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04X}")
+            else:
+                out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def spell_number(draw: st.DrawFn, n: int | float) -> str:
+    if isinstance(n, int):
+        return draw(st.sampled_from([str(n), f"{n}.0", f"{n}e0", f"{n}.00E+0"]))
+    return draw(st.sampled_from([repr(n), f"{n:.17e}", f"{n:.17G}"]))
+
+
+@st.composite
+def spelled(draw: st.DrawFn, value: Any) -> str:
+    if isinstance(value, dict):
+        members = [
+            f"{draw(ws)}{spell_string(draw, k)}{draw(ws)}:{draw(ws)}{draw(spelled(v))}{draw(ws)}"
+            for k, v in value.items()
+        ]
+        return "{" + ",".join(members) + draw(ws) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(f"{draw(ws)}{draw(spelled(v))}{draw(ws)}" for v in value) + draw(ws) + "]"
+    if isinstance(value, str):
+        return spell_string(draw, value)
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return spell_number(draw, value)
+
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**6), max_value=10**6)
+    | st.floats(allow_nan=False, allow_infinity=False, width=32)
+    | st.sampled_from([-0.0, 100.0, 1e-7])
+    | keys
+)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3), max_leaves=12
+)
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> tuple[bytes, dict[str, Any]]:
+    """A JSON object with a `model` (and maybe `strait` and `stream_options`), spelled at random."""
+    doc: dict[str, Any] = draw(
+        st.dictionaries(keys.filter(lambda k: k not in ("model", "strait", "stream_options")), values, max_size=5)
+    )
+    doc["model"] = draw(keys)
+    if draw(st.booleans()):
+        doc["strait"] = draw(values)
+    if draw(st.booleans()):
+        doc["stream_options"] = draw(
+            st.none() | st.dictionaries(st.sampled_from(["include_usage", "x"]), st.booleans())
+        )
+    items = list(doc.items())
+    order = draw(st.permutations(range(len(items))))
+    ordered = dict(items[i] for i in order)
+    text = draw(ws) + draw(spelled(ordered)) + draw(ws)
+    return text.encode(), ordered
+
+
+def _located(body: bytes) -> Original:
+    return original_of("openai", body, _skim.decode(body))
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=bodies(), model=keys)
+def test_only_the_model_value_changes(case: tuple[bytes, dict[str, Any]], model: str) -> None:
+    body, doc = case
+    source = _located(body)
+    source = msgspec.structs.replace(source, cut=None)  # model only
+    out = splice(source, model)
+    assert json.loads(out) == {**doc, "model": model}
+    start, end = source.model
+    new = msgspec.json.encode(model)
+    assert out[:start] == body[:start]
+    assert out[start : start + len(new)] == new
+    assert out[start + len(new) :] == body[end:]
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=bodies(), model=keys, stream=st.booleans())
+def test_strait_goes_and_a_stream_asks_for_usage(case: tuple[bytes, dict[str, Any]], model: str, stream: bool) -> None:
+    body, doc = case
+    out = splice(_located(body), model, stream_usage=stream)
+    expected = {k: v for k, v in doc.items() if k != "strait"} | {"model": model}
+    if stream:
+        options = doc.get("stream_options")
+        expected["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    assert json.loads(out) == expected
+
+
+def test_bytes_survive_exactly_even_odd_ones() -> None:
+    body = (
+        b'{ "temperature" : 1.0e0,"model":"route-a", "x_unknown": {"n": [1.0e2, -0.0, 1E-7], '
+        b'"s": "caf\\u00e9 \\ud83d\\ude00 \\/"},\n"messages":[{"role":"user","content":"hi","extra_part":{"k":null}}],'
+        b'"strait": {"objective": "cost"} }'
+    )
+    source = decode(body, "chat").original
+    assert source is not None
+    out = splice(source, "upstream-model-1")
+    assert out == body.replace(b'"route-a"', b'"upstream-model-1"').replace(b',"strait": {"objective": "cost"}', b"")
+    streamed = splice(source, "m", stream_usage=True)
+    assert streamed.endswith(b'}],"stream_options":{"include_usage":true} }')
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "model": "b"}',
+        b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "mod\\u0065l": "a"}',
+        b'{"n": 12, "model": "a", "messages": [{"role": "user", "content": "x"}], "n": 1}',
+    ],
+)
+def test_a_repeated_top_level_field_is_refused(body: bytes) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        decode(body, "chat")
+    assert info.value.status == 400 and "more than once" in info.value.message
+    with pytest.raises(RepeatedField):
+        original_of("openai", body, _skim.decode(body))
+
+
+def test_stream_options_that_already_ask_for_usage_stay_unless_a_false_could_hide_in_them() -> None:
+    plain = b'{"model":"a","stream_options": {"include_usage": true}}'
+    assert splice(original_of("openai", plain, _skim.decode(plain)), "b", stream_usage=True) == plain.replace(
+        b'"a"', b'"b"'
+    )
+    hidden = b'{"model":"a","stream_options": {"include_usage": false, "include_usage": true}}'
+    out = splice(original_of("openai", hidden, _skim.decode(hidden)), "b", stream_usage=True)
+    assert out == b'{"model":"b","stream_options": {"include_usage":true}}'
