@@ -68,8 +68,13 @@ class RedisLedger:
             return 0
         # One script call per (tenant, day): its keys share the tenant's hash tag (one Cluster slot).
         groups: dict[tuple[str, str], list[UsageRecord]] = {}
+        days: dict[int, str] = {}  # UTC day number -> its name (a batch spans one or two days)
         for r in records:
-            groups.setdefault((r.tenant, r.day), []).append(r)
+            n = r.ts_ms // 86_400_000
+            day = days.get(n)
+            if day is None:
+                day = days[n] = r.day
+            groups.setdefault((r.tenant, day), []).append(r)
         calls: list[tuple[list[str], list[Any]]] = []
         for (tenant, day), group in groups.items():
             prefix = tenant_prefix(tenant)

@@ -37,6 +37,7 @@ from typing import Final
 
 from gateway.state.base import Limit, Limits
 from gateway.state.keys import BUDGET_GRACE_MS, _enc, tenant_tag, window_end_ms
+from gateway.state.scripts import bulk
 
 VERSION: Final = "v2"
 
@@ -48,6 +49,12 @@ def state_key(tenant: str) -> str:
 def encode_id(value: str) -> str:
     """A request id as it appears inside field names (percent-encoded like every identifier)."""
     return _enc(value)
+
+
+def _head(sha: str, keys: list[str], n_args: int) -> bytes:
+    """`EVALSHA sha numkeys keys...` in RESP, for a command that has `n_args` arguments after the keys."""
+    items = ["EVALSHA", sha, str(len(keys)), *keys]
+    return b"*%d\r\n" % (len(items) + n_args) + b"".join(bulk(i.encode()) for i in items)
 
 
 class Binding:
@@ -62,7 +69,9 @@ class Binding:
     """
 
     __slots__ = (
+        "admit_head",
         "admit_template",
+        "admit_template_bulk",
         "all_limits",
         "budget_keys",
         "keys",
@@ -71,7 +80,9 @@ class Binding:
         "state_key",
     )
 
-    def __init__(self, limits: Limits, tenant: str, key: str, route: str, day: str, month: str, min_ttl_ms: int):
+    def __init__(
+        self, limits: Limits, tenant: str, key: str, route: str, day: str, month: str, min_ttl_ms: int, admit_sha: str
+    ):
         # Held so the memo's `id(limits)` cannot be reused by another object while this entry lives.
         self.limits = limits
         tag = tenant_tag(tenant)
@@ -103,6 +114,10 @@ class Binding:
         self.settle_template = " ".join(map(str, [*settle, *token_rates, *conc, *settle_budgets]))
         self.budget_keys: tuple[str, ...] = tuple(budget_keys)
         self.keys: list[str] = [self.state_key, *budget_keys]
+        # The admission's EVALSHA in RESP up to its per-request arguments (now, deadline, request id),
+        # and the template as a bulk string: a request packs only its own few bytes.
+        self.admit_head = _head(admit_sha, self.keys, n_args=5)
+        self.admit_template_bulk = bulk(self.admit_template.encode())
         self.all_limits: tuple[Limit, ...] = (*limits.rates, *limits.concurrency, *limits.budgets)
 
 
@@ -112,10 +127,11 @@ class Bindings:
     a new policy brings new objects and new entries. Cleared whole when it grows past `max_entries`
     (days roll over, keys come and go)."""
 
-    __slots__ = ("_max", "_memo", "_min_ttl_ms")
+    __slots__ = ("_admit_sha", "_max", "_memo", "_min_ttl_ms")
 
-    def __init__(self, min_ttl_ms: int, max_entries: int = 20_000) -> None:
+    def __init__(self, min_ttl_ms: int, admit_sha: str, max_entries: int = 20_000) -> None:
         self._min_ttl_ms = min_ttl_ms
+        self._admit_sha = admit_sha
         self._max = max_entries
         self._memo: dict[tuple[int, str, str, str, str], Binding] = {}
 
@@ -126,5 +142,7 @@ class Bindings:
             return found
         if len(self._memo) >= self._max:
             self._memo.clear()
-        binding = self._memo[memo_key] = Binding(limits, tenant, key, route, day, month, self._min_ttl_ms)
+        binding = self._memo[memo_key] = Binding(
+            limits, tenant, key, route, day, month, self._min_ttl_ms, self._admit_sha
+        )
         return binding

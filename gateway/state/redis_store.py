@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis, RedisCluster
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.state.base import (
@@ -50,7 +51,7 @@ from gateway.state.deadline import Deadline
 from gateway.state.keys import Calendar
 from gateway.state.layout import Binding, Bindings, encode_id
 from gateway.state.memory import MemoryStore, ticket_ttl_ms, wall_clock_ms
-from gateway.state.scripts import run_script_many
+from gateway.state.scripts import DirectConnections, bulk, pack
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ _UNKNOWN = object()
 # Marks one life of the Redis data set (see check_epoch); refreshed far more often than it expires.
 EPOCH_KEY = "strait:epoch"
 EPOCH_TTL_MS = 7 * 86_400_000
+_TIME = pack(["TIME"])
+_PING = pack(["PING"])
 # Bound on remembered budget remainders (one per budget key seen today); cleared when exceeded.
 _SEEN_MAX = 50_000
 
@@ -72,6 +75,12 @@ def _lua(name: str) -> str:
     return folder.joinpath("prelude.lua").read_text(encoding="utf-8") + folder.joinpath(name).read_text(
         encoding="utf-8"
     )
+
+
+def _source(script: AsyncScript) -> str:
+    source = script.script
+    assert isinstance(source, str)  # registered from text (_lua)
+    return source
 
 
 class RedisStore:
@@ -106,10 +115,12 @@ class RedisStore:
         # On fake time, real-time TTLs must not expire state the fake clock still needs.
         self._min_ttl_ms = min_ttl_ms if min_ttl_ms is not None else (600_000 if clock else 1000)
         self._calendar = Calendar()
-        self._bindings = Bindings(self._min_ttl_ms)
         self._admit = client.register_script(_lua("admit.lua"))
         self._reconcile = client.register_script(_lua("reconcile.lua"))
         self._renew = client.register_script(_lua("renew.lua"))
+        self._bindings = Bindings(self._min_ttl_ms, self._admit.sha)
+        # One Redis: scripts go out on connections of our own, packed (see DirectConnections).
+        self._direct = DirectConnections(client) if kind == "redis" and isinstance(client, Redis) else None
         self._local = MemoryStore(clock=self._clock)
         self._seen: dict[str, int] = {}
         # In-flight calls are capped at the pool size, so a burst waits for a connection (within the
@@ -138,16 +149,28 @@ class RedisStore:
             self._clock_probe = asyncio.ensure_future(self._learn_clock())
             self._background.add(self._clock_probe)
             self._clock_probe.add_done_callback(self._clock_probed)
-        args = [
-            "" if self._test_clock is None else now,
-            self._deadline(now),
-            encode_id(request.request_id),
-            binding.admit_template,
-            f"{lease} {ticket_ttl_ms(lease) if limits.needs_ticket else 0} {request.tokens} {request.cost_micro_usd}",
-        ]
-        raw = await self._call(
-            self._admit, binding.keys, args, on_orphan=partial(self._release_late, request, w.day, w.month)
-        )
+        now_arg = "" if self._test_clock is None else str(now)
+        deadline = self._deadline(now)
+        rid = encode_id(request.request_id)
+        nums = f"{lease} {ticket_ttl_ms(lease) if limits.needs_ticket else 0} {request.tokens} {request.cost_micro_usd}"
+        args: list[str | int] = [now_arg, deadline, rid, binding.admit_template, nums]
+        orphan = partial(self._release_late, request, w.day, w.month)
+        if self._direct is not None:
+            packed = b"".join(
+                (
+                    binding.admit_head,
+                    bulk(now_arg.encode()),
+                    bulk(deadline.encode()),
+                    bulk(rid.encode()),
+                    binding.admit_template_bulk,
+                    bulk(nums.encode()),
+                )
+            )
+            raw = await self._call(
+                partial(self._direct.call, packed, _source(self._admit)), None, None, on_orphan=orphan
+            )
+        else:
+            raw = await self._call(self._admit, binding.keys, args, on_orphan=orphan)
         if raw is None:
             return self._degraded(request, binding.budget_keys)
         self._learn_offset(raw[1])
@@ -169,7 +192,9 @@ class RedisStore:
 
     async def _learn_clock(self) -> None:
         """Redis TIME, asked at the first admission, so admissions carry a deadline from then on."""
-        raw = await self._call(self._client.time, None, None)
+        raw = await self._call(
+            self._client.time if self._direct is None else partial(self._direct.call, _TIME), None, None
+        )
         if raw and self._offset_ms is None:
             seconds, micros = raw
             self._learn_offset(int(seconds) * 1000 + int(micros) // 1000)
@@ -191,7 +216,7 @@ class RedisStore:
             self._skipped += 1
             return Reconciliation(applied=False, degraded=True)
         call_keys, args = self._reconcile_call([(ticket, usage)], self._clock())
-        raw = await self._call(self._reconcile, call_keys, args)
+        raw = await self._script_call(self._reconcile, call_keys, args)
         if raw is None:
             # Slots and reservations expire with their lease; token debt stays (conservative).
             return Reconciliation(applied=False, degraded=True)
@@ -213,14 +238,25 @@ class RedisStore:
             return applied
         now = self._clock()
         calls = [self._reconcile_call(group, now) for group in groups.values()]
-        if len(calls) == 1 or self._kind != "redis":
+        if len(calls) == 1 or self._direct is None:
             # Cluster: each tenant's keys live in its own slot, maybe on another node; one call each.
             for call_keys, args in calls:
-                raw = await self._call(self._reconcile, call_keys, args)
+                raw = await self._script_call(self._reconcile, call_keys, args)
                 applied += sum(raw[1:]) if raw else 0
             return applied
-        results = await self._call(partial(run_script_many, self._client, self._reconcile, calls), None, None)
+        results = await self._call(partial(self._reconcile_batch, calls), None, None)
         return applied + sum(sum(raw[1:]) for raw in results or ())
+
+    async def _reconcile_batch(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
+        """Several tenants' reconcile calls in one round trip (one Redis)."""
+        assert self._direct is not None
+        sha = self._reconcile.sha
+        commands = [pack(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in calls]
+        replies = await self._direct.call_many(commands, _source(self._reconcile))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def _reconcile_call(self, items: Sequence[tuple[Ticket, Usage]], now: int) -> tuple[list[str], list[str | int]]:
         """One tenant's tickets as one reconcile.lua call (see the script for the argument layout)."""
@@ -268,12 +304,14 @@ class RedisStore:
             encode_id(request.request_id),
             f"{lease} {ticket_ttl_ms(lease)}",
         ]
-        raw = await self._call(self._renew, [binding.state_key], args)
+        raw = await self._script_call(self._renew, [binding.state_key], args)
         return bool(raw)
 
     async def ping(self) -> bool:
         """A real round trip whatever the breaker says (for readiness); its outcome feeds the breaker."""
-        result = await self._call(self._client.ping, None, None)
+        result = await self._call(
+            self._client.ping if self._direct is None else partial(self._direct.call, _PING), None, None
+        )
         return bool(result)
 
     async def check_epoch(self) -> bool:
@@ -285,6 +323,14 @@ class RedisStore:
         token = secrets.token_hex(8)
 
         async def exchange() -> Any:
+            if self._direct is not None:
+                return await self._direct.call_many(
+                    [
+                        pack(["SET", EPOCH_KEY, token, "NX", "PX", EPOCH_TTL_MS]),
+                        pack(["GET", EPOCH_KEY]),
+                        pack(["PEXPIRE", EPOCH_KEY, EPOCH_TTL_MS]),
+                    ]
+                )
             pipe = self._client.pipeline(transaction=False)
             pipe.set(EPOCH_KEY, token, nx=True, px=EPOCH_TTL_MS)
             pipe.get(EPOCH_KEY)
@@ -311,9 +357,18 @@ class RedisStore:
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._direct is not None:
+            await self._direct.close()
         await self._client.aclose()
 
     # -- plumbing ------------------------------------------------------------------------------------
+
+    async def _script_call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        """`_call` of a script, on our own connections when there is one Redis."""
+        if self._direct is None:
+            return await self._call(script, keys, args)
+        packed = pack(["EVALSHA", script.sha, len(keys), *keys, *args])
+        return await self._call(partial(self._direct.call, packed, _source(script)), None, None)
 
     async def _call(
         self,
