@@ -91,10 +91,13 @@ def open_store(
     no_retry = Retry(NoBackoff(), 0)
     kind: StoreKind
     if scheme in ("redis", "rediss"):
+        # No socket timeout: the store's Deadline bounds each whole call (a cancelled call drops its
+        # connection). With one, redis-py wraps every send in asyncio.wait_for (a Task per command on
+        # Python 3.11) and every read in a timeout context: CPU on every admission for nothing.
         pool = ConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            socket_timeout=timeout_s,
+            socket_timeout=None,  # explicitly: redis-py 8 otherwise defaults to 5 s
             socket_connect_timeout=timeout_s,
             retry=no_retry,
         )

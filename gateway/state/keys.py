@@ -1,4 +1,7 @@
-"""Key layout, shared by both stores, and the UTC calendar windows budgets are counted in.
+"""Identifier encoding, the MemoryStore's key names, and the UTC calendar windows budgets are counted in.
+
+The Redis store's data layout (version 2, one state hash per tenant) is in `layout.py`; the names below
+are the version 1 layout, still used as the MemoryStore's dictionary keys.
 
 Every key of a tenant starts with `strait:{t:<tenant>}`: the braces are a Redis Cluster hash tag, so all
 keys one admission touches (key, tenant and tenant+route limits) live in one slot and one Lua script can

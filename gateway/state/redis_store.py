@@ -1,5 +1,10 @@
 """The shared store on Redis (single server or Redis Cluster): one Lua script call per admission.
 
+Data layout (version 2: one state hash per tenant, a spent counter per budget window) and the memoised
+per-(limits, tenant, key, route, day) script arguments: `layout.py`. An admission is 5 Redis commands
+for a tenant with three rates, a concurrency limit and a budget (EVALSHA, TIME, HMGET, HGET, HSET);
+a batch of reconciles of one tenant is one script call (6 commands for the same limits, any batch size).
+
 Failure mode, declared per limit type (the store being unreachable, slow, frozen, or the breaker open):
 - rate and concurrency limits fail OPEN: the admission is allowed with `degraded=True` and no rate
   checks (so no rate-limit headers), at a cost of at most `timeout_s` (about 0 once the breaker opens);
@@ -25,6 +30,7 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis, RedisCluster
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.state.base import (
@@ -33,7 +39,6 @@ from gateway.state.base import (
     BudgetLimit,
     CheckResult,
     Clock,
-    Limit,
     Limits,
     Reconciliation,
     StoreKind,
@@ -43,15 +48,10 @@ from gateway.state.base import (
 )
 from gateway.state.breaker import Breaker
 from gateway.state.deadline import Deadline
-from gateway.state.keys import (
-    BUDGET_GRACE_MS,
-    Calendar,
-    budget_amount,
-    rate_cost,
-    request_keys,
-    window_end_ms,
-)
+from gateway.state.keys import Calendar
+from gateway.state.layout import Binding, Bindings, encode_id
 from gateway.state.memory import MemoryStore, ticket_ttl_ms, wall_clock_ms
+from gateway.state.scripts import DirectConnections, bulk, pack
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ _UNKNOWN = object()
 # Marks one life of the Redis data set (see check_epoch); refreshed far more often than it expires.
 EPOCH_KEY = "strait:epoch"
 EPOCH_TTL_MS = 7 * 86_400_000
+_TIME = pack(["TIME"])
+_PING = pack(["PING"])
 # Bound on remembered budget remainders (one per budget key seen today); cleared when exceeded.
 _SEEN_MAX = 50_000
 
@@ -73,6 +75,12 @@ def _lua(name: str) -> str:
     return folder.joinpath("prelude.lua").read_text(encoding="utf-8") + folder.joinpath(name).read_text(
         encoding="utf-8"
     )
+
+
+def _source(script: AsyncScript) -> str:
+    source = script.script
+    assert isinstance(source, str)  # registered from text (_lua)
+    return source
 
 
 class RedisStore:
@@ -110,6 +118,9 @@ class RedisStore:
         self._admit = client.register_script(_lua("admit.lua"))
         self._reconcile = client.register_script(_lua("reconcile.lua"))
         self._renew = client.register_script(_lua("renew.lua"))
+        self._bindings = Bindings(self._min_ttl_ms, self._admit.sha)
+        # One Redis: scripts go out on connections of our own, packed (see DirectConnections).
+        self._direct = DirectConnections(client) if kind == "redis" and isinstance(client, Redis) else None
         self._local = MemoryStore(clock=self._clock)
         self._seen: dict[str, int] = {}
         # In-flight calls are capped at the pool size, so a burst waits for a connection (within the
@@ -127,50 +138,48 @@ class RedisStore:
     async def admit(self, request: AdmissionRequest) -> Admission:
         now = self._clock()
         w = self._calendar.at(now)
-        keys = request_keys(request, w.day, w.month)
+        limits = request.limits
+        binding = self._bindings.get(limits, request.tenant, request.key, request.route, w.day, w.month)
         if not self._breaker.allow():
             self._skipped += 1
-            return self._degraded(request, keys.budgets)
-        limits = request.limits
+            return self._degraded(request, binding.budget_keys)
         lease = request.lease_ms
-        nums = [
-            lease,
-            self._min_ttl_ms,
-            ticket_ttl_ms(lease) if limits.needs_ticket else 0,
-            len(limits.rates),
-            len(limits.concurrency),
-            len(limits.budgets),
-        ]
-        for r in limits.rates:
-            nums += (r.limit, r.period_ms, r.capacity, rate_cost(r, request))
-        nums += [c.limit for c in limits.concurrency]
-        for b in limits.budgets:
-            end = w.day_end_ms if b.window == "day" else w.month_end_ms
-            nums += (
-                b.limit,
-                budget_amount(b, request.tokens, request.cost_micro_usd),
-                end - now,
-                end + BUDGET_GRACE_MS - now,
-            )
-        call_keys = [*keys.rates, *keys.slots, *keys.budgets, *keys.reservations, keys.ticket]
         if self._offset_ms is None and self._test_clock is None and self._clock_probe is None:
             # In the background: the first admissions go without a deadline rather than wait for it.
             self._clock_probe = asyncio.ensure_future(self._learn_clock())
             self._background.add(self._clock_probe)
             self._clock_probe.add_done_callback(self._clock_probed)
-        args = [*self._args(now, request.request_id, nums), self._deadline(now)]
-        raw = await self._call(
-            self._admit, call_keys, args, on_orphan=partial(self._release_late, request, w.day, w.month)
-        )
+        now_arg = "" if self._test_clock is None else str(now)
+        deadline = self._deadline(now)
+        rid = encode_id(request.request_id)
+        nums = f"{lease} {ticket_ttl_ms(lease) if limits.needs_ticket else 0} {request.tokens} {request.cost_micro_usd}"
+        args: list[str | int] = [now_arg, deadline, rid, binding.admit_template, nums]
+        orphan = partial(self._release_late, request, w.day, w.month)
+        if self._direct is not None:
+            packed = b"".join(
+                (
+                    binding.admit_head,
+                    bulk(now_arg.encode()),
+                    bulk(deadline.encode()),
+                    bulk(rid.encode()),
+                    binding.admit_template_bulk,
+                    bulk(nums.encode()),
+                )
+            )
+            raw = await self._call(
+                partial(self._direct.call, packed, _source(self._admit)), None, None, on_orphan=orphan
+            )
+        else:
+            raw = await self._call(self._admit, binding.keys, args, on_orphan=orphan)
         if raw is None:
-            return self._degraded(request, keys.budgets)
+            return self._degraded(request, binding.budget_keys)
         self._learn_offset(raw[1])
         if raw[0] == -1:
             # Past its deadline by Redis's clock although we were still waiting: our estimate of the
             # clock offset was wrong (it is corrected now). Nothing was consumed; fail open this once.
             self._expired += 1
-            return self._degraded(request, keys.budgets)
-        return self._admission(request, raw, keys.budgets, w.day, w.month)
+            return self._degraded(request, binding.budget_keys)
+        return self._admission(request, raw, binding, w.day, w.month)
 
     def _deadline(self, now: int) -> str:
         """The admission's deadline on Redis's clock: our send time plus the call's bound, shifted by
@@ -183,7 +192,9 @@ class RedisStore:
 
     async def _learn_clock(self) -> None:
         """Redis TIME, asked at the first admission, so admissions carry a deadline from then on."""
-        raw = await self._call(self._client.time, None, None)
+        raw = await self._call(
+            self._client.time if self._direct is None else partial(self._direct.call, _TIME), None, None
+        )
         if raw and self._offset_ms is None:
             seconds, micros = raw
             self._learn_offset(int(seconds) * 1000 + int(micros) // 1000)
@@ -204,57 +215,76 @@ class RedisStore:
         if not self._breaker.allow():
             self._skipped += 1
             return Reconciliation(applied=False, degraded=True)
-        call_keys, args = self._reconcile_call(ticket, usage, self._clock())
-        raw = await self._call(self._reconcile, call_keys, args)
+        call_keys, args = self._reconcile_call([(ticket, usage)], self._clock())
+        raw = await self._script_call(self._reconcile, call_keys, args)
         if raw is None:
             # Slots and reservations expire with their lease; token debt stays (conservative).
             return Reconciliation(applied=False, degraded=True)
-        return Reconciliation(applied=bool(raw[0]))
+        return Reconciliation(applied=bool(raw[1]))
 
     async def reconcile_many(self, items: Sequence[tuple[Ticket, Usage]]) -> int:
         applied = 0
-        remote: list[tuple[Ticket, Usage]] = []
+        # One script call per tenant (its keys share one hash slot); a batch of one tenant is one call.
+        groups: dict[str, list[tuple[Ticket, Usage]]] = {}
         for ticket, usage in items:
             if ticket.local:
                 applied += self._local.reconcile_now(ticket, usage).applied
             else:
-                remote.append((ticket, usage))
-        if not remote:
-            return applied
-        if self._kind != "redis" or len(remote) == 1:
-            # One ticket: one EVALSHA (a pipeline would add redis-py's SCRIPT EXISTS round trip).
-            # Cluster: each ticket's keys live in its tenant's slot; one call each.
-            for ticket, usage in remote:
-                applied += (await self.reconcile(ticket, usage)).applied
+                groups.setdefault(ticket.request.tenant, []).append((ticket, usage))
+        if not groups:
             return applied
         if not self._breaker.allow():
             self._skipped += 1
             return applied
         now = self._clock()
-        pipe = self._client.pipeline(transaction=False)
-        for ticket, usage in remote:
-            call_keys, args = self._reconcile_call(ticket, usage, now)
-            await self._reconcile(keys=call_keys, args=args, client=pipe)  # type: ignore[arg-type]  # queued
-        raw = await self._call(pipe.execute, None, None)
-        return applied + sum(1 for r in raw or () if r and r[0])
+        calls = [self._reconcile_call(group, now) for group in groups.values()]
+        if len(calls) == 1 or self._direct is None:
+            # Cluster: each tenant's keys live in its own slot, maybe on another node; one call each.
+            for call_keys, args in calls:
+                raw = await self._script_call(self._reconcile, call_keys, args)
+                applied += sum(raw[1:]) if raw else 0
+            return applied
+        results = await self._call(partial(self._reconcile_batch, calls), None, None)
+        return applied + sum(sum(raw[1:]) for raw in results or ())
 
-    def _reconcile_call(self, ticket: Ticket, usage: Usage, now: int) -> tuple[list[str], list[str | int]]:
-        request = ticket.request
-        limits = request.limits
-        keys = request_keys(request, ticket.day, ticket.month)
-        token_rates = [(r, k) for r, k in zip(limits.rates, keys.rates, strict=True) if r.unit == "tokens"]
-        nums = [self._min_ttl_ms, len(token_rates), len(limits.concurrency), len(limits.budgets)]
-        delta = usage.tokens - request.tokens
-        for r, _ in token_rates:
-            nums += (r.limit, r.period_ms, delta)
-        for b in limits.budgets:
-            nums += (
-                budget_amount(b, request.tokens, request.cost_micro_usd),
-                budget_amount(b, usage.tokens, usage.cost_micro_usd),
-                window_end_ms(b, ticket.day, ticket.month) + BUDGET_GRACE_MS - now,
+    async def _reconcile_batch(self, calls: list[tuple[list[str], list[str | int]]]) -> list[Any]:
+        """Several tenants' reconcile calls in one round trip (one Redis)."""
+        assert self._direct is not None
+        sha = self._reconcile.sha
+        commands = [pack(["EVALSHA", sha, len(keys), *keys, *args]) for keys, args in calls]
+        replies = await self._direct.call_many(commands, _source(self._reconcile))
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _reconcile_call(self, items: Sequence[tuple[Ticket, Usage]], now: int) -> tuple[list[str], list[str | int]]:
+        """One tenant's tickets as one reconcile.lua call (see the script for the argument layout)."""
+        templates: dict[str, int] = {}
+        call_keys: list[str] = []
+        key_index: dict[str, int] = {}
+        specs: list[str] = []
+        for ticket, usage in items:
+            request = ticket.request
+            binding = self._bindings.get(
+                request.limits, request.tenant, request.key, request.route, ticket.day, ticket.month
             )
-        call_keys = [keys.ticket, *(k for _, k in token_rates), *keys.slots, *keys.budgets, *keys.reservations]
-        return call_keys, self._args(now, request.request_id, nums)
+            if not call_keys:
+                call_keys.append(binding.state_key)
+            index = templates.setdefault(binding.settle_template, len(templates) + 1)
+            spec = (
+                f"{index} {encode_id(request.request_id)} {usage.tokens - request.tokens} {usage.tokens} "
+                f"{usage.cost_micro_usd}"
+            )
+            for key in binding.budget_keys:
+                i = key_index.get(key)
+                if i is None:
+                    call_keys.append(key)
+                    i = key_index[key] = len(call_keys)
+                spec += f" {i}"
+            specs.append(spec)
+        args: list[str | int] = ["" if self._test_clock is None else now, len(templates), *templates, *specs]
+        return call_keys, args
 
     async def renew(self, ticket: Ticket, lease_s: float) -> bool:
         if ticket.local:
@@ -263,22 +293,25 @@ class RedisStore:
             self._skipped += 1
             return False
         request = ticket.request
-        keys = request_keys(request, ticket.day, ticket.month)
+        binding = self._bindings.get(
+            request.limits, request.tenant, request.key, request.route, ticket.day, ticket.month
+        )
         lease = max(1, int(lease_s * 1000))
-        nums = [
-            lease,
-            ticket_ttl_ms(lease),
-            len(keys.slots),
-            len(keys.reservations),
-            *(budget_amount(b, request.tokens, request.cost_micro_usd) for b in request.limits.budgets),
+        now = self._clock()
+        args: list[str | int] = [
+            "" if self._test_clock is None else now,
+            binding.settle_template,
+            encode_id(request.request_id),
+            f"{lease} {ticket_ttl_ms(lease)}",
         ]
-        args = self._args(self._clock(), request.request_id, nums)
-        raw = await self._call(self._renew, [keys.ticket, *keys.slots, *keys.reservations], args)
+        raw = await self._script_call(self._renew, [binding.state_key], args)
         return bool(raw)
 
     async def ping(self) -> bool:
         """A real round trip whatever the breaker says (for readiness); its outcome feeds the breaker."""
-        result = await self._call(self._client.ping, None, None)
+        result = await self._call(
+            self._client.ping if self._direct is None else partial(self._direct.call, _PING), None, None
+        )
         return bool(result)
 
     async def check_epoch(self) -> bool:
@@ -290,6 +323,14 @@ class RedisStore:
         token = secrets.token_hex(8)
 
         async def exchange() -> Any:
+            if self._direct is not None:
+                return await self._direct.call_many(
+                    [
+                        pack(["SET", EPOCH_KEY, token, "NX", "PX", EPOCH_TTL_MS]),
+                        pack(["GET", EPOCH_KEY]),
+                        pack(["PEXPIRE", EPOCH_KEY, EPOCH_TTL_MS]),
+                    ]
+                )
             pipe = self._client.pipeline(transaction=False)
             pipe.set(EPOCH_KEY, token, nx=True, px=EPOCH_TTL_MS)
             pipe.get(EPOCH_KEY)
@@ -316,14 +357,18 @@ class RedisStore:
     async def close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._direct is not None:
+            await self._direct.close()
         await self._client.aclose()
 
     # -- plumbing ------------------------------------------------------------------------------------
 
-    def _args(self, now: int, request_id: str, nums: list[int]) -> list[str | int]:
-        # Integers travel as one space-separated argument: packing dozens of arguments costs more CPU
-        # in redis-py than the script costs in Redis.
-        return ["" if self._test_clock is None else now, request_id, " ".join(map(str, nums))]
+    async def _script_call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        """`_call` of a script, on our own connections when there is one Redis."""
+        if self._direct is None:
+            return await self._call(script, keys, args)
+        packed = pack(["EVALSHA", script.sha, len(keys), *keys, *args])
+        return await self._call(partial(self._direct.call, packed, _source(script)), None, None)
 
     async def _call(
         self,
@@ -419,13 +464,11 @@ class RedisStore:
         self._breaker.success()
 
     def _admission(
-        self, request: AdmissionRequest, raw: list[int], budget_keys: tuple[str, ...], day: str, month: str
+        self, request: AdmissionRequest, raw: list[int], binding: Binding, day: str, month: str
     ) -> Admission:
-        limits = request.limits
         checks: list[CheckResult] = []
         i = 2
-        all_limits: tuple[Limit, ...] = (*limits.rates, *limits.concurrency, *limits.budgets)
-        for limit in all_limits:
+        for limit in binding.all_limits:
             checks.append(
                 CheckResult(
                     limit=limit,
@@ -437,13 +480,14 @@ class RedisStore:
                 )
             )
             i += 5
+        budget_keys = binding.budget_keys
         if budget_keys:
             if len(self._seen) > _SEEN_MAX:
                 self._seen.clear()
             for key, check in zip(budget_keys, checks[-len(budget_keys) :], strict=True):
                 self._seen[key] = check.remaining
         allowed = raw[0] == 1
-        ticket = Ticket(request=request, day=day, month=month) if allowed and limits.needs_ticket else None
+        ticket = Ticket(request=request, day=day, month=month) if allowed and request.limits.needs_ticket else None
         return Admission(allowed=allowed, checks=tuple(checks), ticket=ticket)
 
     def _degraded(self, request: AdmissionRequest, budget_keys: tuple[str, ...]) -> Admission:

@@ -1,26 +1,39 @@
 -- Append a batch of one tenant's usage records for one day, each exactly once, and add the new ones to
--- the day's aggregates with one HINCRBY per distinct field (not one per record and field: a batch of 25
--- records of one route, model, deployment and key is 16 HINCRBYs, where it was 400).
--- KEYS[1] the tenant's stream, KEYS[2] the tenant's day hash, KEYS[2 + i] record i's marker
+-- the day's aggregates: one HMGET and one HSET for the markers, one XADD per new record, one HMGET and
+-- one HSET for the aggregates (summed per distinct field here, in Lua), whatever the batch size.
+-- KEYS[1] the tenant's stream, KEYS[2] the tenant's day hash (aggregates), KEYS[3] the tenant's day
+-- markers hash (one field per record written: `<request id>|<attempt>`)
 -- ARGV: 1 marker TTL s, 2 aggregate and stream TTL s, 3 stream max length,
---       then 9 per record: JSON, requests (1 for the final attempt, else 0), prompt tokens,
+--       then 10 per record: marker field, JSON, requests (1 for the final attempt, else 0), prompt tokens,
 --       completion tokens, cost micro-USD, route, model, deployment, key id.
+-- Both hashes carry a `~` field from their creation on: its absence says the hash is new and needs its
+-- TTL (set once, so a batch needs no EXPIRE). Numbers stay far below 2^53 (Lua doubles are exact).
 -- Returns how many records were new.
 local marker_ttl, agg_ttl, maxlen = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local dims = {'route', 'model', 'deployment', 'key'}
 local metrics = {'requests', 'prompt', 'completion', 'cost'}
+local n = (#ARGV - 3) / 10
+local marks = {'~'}
+for i = 1, n do
+  marks[i + 1] = ARGV[3 + (i - 1) * 10 + 1]
+end
+local seen = redis.call('HMGET', KEYS[3], unpack(marks))
+local written, new_marks = {}, {}
 local sums, order = {}, {}
 local new = 0
-local n = (#ARGV - 3) / 9
 for i = 1, n do
-  local a = 3 + (i - 1) * 9
-  if redis.call('SET', KEYS[2 + i], '1', 'NX', 'EX', marker_ttl) then
+  local a = 3 + (i - 1) * 10
+  local mark = ARGV[a + 1]
+  if not seen[i + 1] and not written[mark] then
+    written[mark] = true
     new = new + 1
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[a + 1])
+    new_marks[#new_marks + 1] = mark
+    new_marks[#new_marks + 1] = '1'
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[a + 2])
     for d = 1, 4 do
-      local base = dims[d] .. '|' .. ARGV[a + 5 + d] .. '|'
+      local base = dims[d] .. '|' .. ARGV[a + 6 + d] .. '|'
       for m = 1, 4 do
-        local amount = tonumber(ARGV[a + 1 + m])
+        local amount = tonumber(ARGV[a + 2 + m])
         if amount ~= 0 then
           local field = base .. metrics[m]
           if sums[field] == nil then
@@ -33,11 +46,36 @@ for i = 1, n do
     end
   end
 end
-if new > 0 then
-  for _, field in ipairs(order) do
-    redis.call('HINCRBY', KEYS[2], field, sums[field])
-  end
-  redis.call('EXPIRE', KEYS[1], agg_ttl)
+if new == 0 then
+  return 0
+end
+if not seen[1] then
+  new_marks[#new_marks + 1] = '~'
+  new_marks[#new_marks + 1] = '1'
+end
+redis.call('HSET', KEYS[3], unpack(new_marks))
+if not seen[1] then
+  redis.call('EXPIRE', KEYS[3], marker_ttl)
+end
+order[#order + 1] = '~'
+local current = redis.call('HMGET', KEYS[2], unpack(order))
+local sets = {}
+for i = 1, #order - 1 do
+  local field = order[i]
+  sets[#sets + 1] = field
+  sets[#sets + 1] = string.format('%d', (tonumber(current[i]) or 0) + sums[field])
+end
+local fresh = not current[#order]
+if fresh then
+  sets[#sets + 1] = '~'
+  sets[#sets + 1] = '1'
+end
+if #sets > 0 then
+  redis.call('HSET', KEYS[2], unpack(sets))
+end
+if fresh then
+  -- A new day of this tenant: the stream's TTL is renewed with it (at least daily while in use).
   redis.call('EXPIRE', KEYS[2], agg_ttl)
+  redis.call('EXPIRE', KEYS[1], agg_ttl)
 end
 return new

@@ -1,31 +1,54 @@
 -- Renew: extend a long request's lease (slots, budget reservations, ticket). Mirrors MemoryStore.renew_now.
 --
--- KEYS: ticket, slot zsets (nc), reservation zsets (nb)
--- ARGV: [1] now_ms or '' (TIME)  [2] request id
---       [3] space-separated integers: lease_ms ticket_ttl_ms nc nb, then per budget: reserved amount
--- Returns 1, or 0 when the ticket is gone (reconciled, or expired with its reservations).
--- (now, rid and the integers n[] come from prelude.lua)
-local lease, new_ttl, nc, nb = n[1], n[2], n[3], n[4]
-local ticket_ttl = redis.call('PTTL', KEYS[1])
-if ticket_ttl < 0 then
+-- KEYS: [1] the tenant's state hash
+-- ARGV: [1] now_ms or '' (TIME)  [2] the binding's settle template (layout.py)  [3] request id (encoded)
+--       [4] lease_ms ticket_ttl_ms
+-- Returns 1, or 0 when the ticket is gone (reconciled, or expired).
+local t = words(ARGV[2])
+local rid = ARGV[3]
+local q = words(ARGV[4])
+local lease, ticket_ttl = tonumber(q[1]), tonumber(q[2])
+local nt, nc, nb = tonumber(t[2]), tonumber(t[3]), tonumber(t[4])
+local a = 5 + 3 * nt
+local hs, rs = {}, {}
+local tf = 't|' .. rid
+local fields = {'n', 'x', tf}
+for k = 1, nc do
+  hs[k] = 'h|' .. t[a] .. '|' .. rid
+  fields[#fields + 1] = hs[k]
+  a = a + 1
+end
+for k = 1, nb do
+  rs[k] = 'r|' .. t[a] .. '|' .. rid
+  fields[#fields + 1] = rs[k]
+  a = a + 3
+end
+load(fields)
+sweep_if_due()
+local expiry = tonumber(get(tf))
+if not expiry or expiry <= now then
+  flush()
   return 0
 end
-if ticket_ttl < new_ttl then
-  redis.call('PEXPIRE', KEYS[1], new_ttl)
-end
-local until_s = string.format('%d', now + lease)
-for j = 1, nc do
-  local k = KEYS[1 + j]
-  -- XX: never re-create a slot that was already released or expired; GT: never shorten a lease.
-  redis.call('ZADD', k, 'XX', 'GT', until_s, rid)
-  if redis.call('PTTL', k) < lease then
-    redis.call('PEXPIRE', k, lease)
+local ticket_until = math.max(expiry, now + ticket_ttl)
+put(tf, int(ticket_until))
+keep(ticket_until)
+local until_ms = now + lease
+-- Only what is still held: a released or expired slot or reservation is never re-created.
+for _, h in ipairs(hs) do
+  local e = get(h)
+  if e then
+    put(h, int(math.max(tonumber(e), until_ms)))
+    keep(until_ms)
   end
 end
-for j = 1, nb do
-  local reserved = n[4 + j]
-  if reserved > 0 then
-    redis.call('ZADD', KEYS[1 + nc + j], 'XX', 'GT', until_s, rid .. ' ' .. string.format('%d', reserved))
+for _, r in ipairs(rs) do
+  local v = get(r)
+  if v then
+    local amount, e = string.match(v, '^(%d+) (%d+)$')
+    put(r, amount .. ' ' .. int(math.max(tonumber(e), until_ms)))
+    keep(until_ms)
   end
 end
+flush()
 return 1
