@@ -43,8 +43,8 @@ class Runtime:
     index: PolicyIndex
     auth: AuthStage
     # Request stages in order: auth -> decode (the body, only once authenticated) -> route (policy
-    # engine, explain) -> limits (one store call) -> upstream (terminal: dispatch, response shaping,
-    # error accounting).
+    # engine, explain) -> limits (one store call) -> upstream (terminal: dispatch, response shaping);
+    # taps at the end of every answered request: live signals, token metrics, accounting (span).
     pipeline: Pipeline
     dispatcher: Dispatcher
     adapters: Mapping[str, Adapter]
@@ -96,7 +96,7 @@ def build_runtime(
         redactor_for((b.api_key for b in policy.backends), os.environ if environ is None else environ),
         tracing=services.tracing,
     )
-    upstream = UpstreamStage(dispatcher, metrics, signals, services.accounting)
+    upstream = UpstreamStage(dispatcher, metrics, signals)
     return Runtime(
         index=index,
         auth=auth,
@@ -105,6 +105,8 @@ def build_runtime(
             upstream,
             tracing=services.tracing,
             on_refused=services.accounting.refused,
+            # Accounting ends every answered request (records, slot release, lease keepalive of a stream).
+            taps=(services.accounting,),
         ),
         dispatcher=dispatcher,
         adapters=adapters,

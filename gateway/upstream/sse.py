@@ -1,15 +1,11 @@
-"""Server-sent events: an incremental decoder for upstream streams and the encoder for client streams."""
+"""Server-sent events from upstreams: an incremental decoder (the client side's encoder is the edge's:
+gateway.api.openai.sse_encode)."""
 
 from __future__ import annotations
 
 DONE = b"[DONE]"
-DONE_EVENT = b"data: [DONE]\n\n"
 # Longest line (and longest event: its data lines joined) an upstream may send; a real chunk is a few KiB.
 MAX_EVENT_BYTES = 1024 * 1024
-
-
-def encode_event(payload: bytes) -> bytes:
-    return b"data: " + payload + b"\n\n"
 
 
 class SSELineTooLong(ValueError):

@@ -1,0 +1,1 @@
+"""The OpenAI wire protocol at the edge: decoding what clients send, encoding what they get back."""
