@@ -39,7 +39,9 @@ class UpstreamResponse:
     yields, per read from the upstream, the SSE `data` payloads it completed (JSON bytes of one chunk
     each; never an empty list; the terminal `[DONE]` is not yielded): the relay forwards a batch to the
     client in one write. A simple adapter may set `events` instead, one payload at a time. `close`
-    releases the upstream connection; it is always awaited, also when the client leaves.
+    releases the upstream connection; it is always called, also when the client leaves. It may be a
+    plain function (aiohttp's release and close do not wait: nothing to schedule) or return an
+    awaitable, then awaited shielded from the client's cancellation.
     """
 
     status: int
@@ -47,7 +49,7 @@ class UpstreamResponse:
     headers: dict[str, str] = field(default_factory=dict)
     events: AsyncIterator[bytes] | None = None
     batches: AsyncIterator[list[bytes]] | None = None
-    close: Callable[[], Awaitable[None]] | None = None
+    close: Callable[[], Awaitable[None] | None] | None = None
     # Events already received but not yet yielded, without waiting (those buffered when the connection
     # failed included): what a client that left, or a stream that broke, cost too. Called once, after
     # `events` stopped and before `close`.

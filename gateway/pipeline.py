@@ -31,7 +31,7 @@ from gateway.context import RequestContext
 from gateway.contracts import End, Tap
 from gateway.errors import GatewayError
 from gateway.relay import Relay, end_taps, overrides, settled
-from gateway.reply import Reply
+from gateway.reply import Reply, close_stream
 from gateway.spans import SpanTap, end_request_span, start_request_span
 from gateway.tracing import Tracing
 
@@ -153,7 +153,7 @@ class Pipeline:
                         reply = await stages[i].on_response(ctx, reply)
             except BaseException:
                 if reply.stream is not None:
-                    await reply.stream.close("client_gone")  # nobody will pull it: end it now
+                    await close_stream(reply.stream, "client_gone")  # nobody will pull it: end it now
                 raise
         return reply
 
@@ -177,7 +177,7 @@ class Pipeline:
         if stream is None:
             end_taps(ctx, self.taps, reply.end if reply.end is not None else End("completed", reply.status))
             await settled(ctx)
-        elif self.taps:
+        else:
             reply.stream = Relay(ctx, stream, self.taps, self._start_taps, self._event_taps)
         return reply
 

@@ -8,11 +8,13 @@ one: the others cost nothing per event).
 The stream ends exactly once, whichever way it ends: by itself (completed, upstream failed, timed out:
 `next` returns []), or by the edge's `close(client_gone)` in its `finally` (the client left, a send
 failed, the handler was cancelled; also before the first event was ever pulled, when no generator
-`finally` would have run). Ending = the source releases the upstream (drain, close) and tells how it
-ended (`End`), then every tap's `on_end`, in order. It runs as a task of its own, awaited through
-`asyncio.shield`: a cancellation of the consumer cannot cut it short. After an end of its own, `next`
-also waits until the request's concurrency slots are given back (`ctx.settling`), so the client's last
-byte comes after it and its next request finds them free.
+`finally` would have run). Ending = the source tells how it ended (`stop`: drains what was received
+but not relayed, builds the `End`), every tap's `on_end` runs, in order, then the upstream connection
+is released. The first two are plain functions: nothing can interrupt them halfway, and they cost no
+task. The release is awaited (in a task of its own, through `asyncio.shield`) only when the adapter's
+close has to wait. After an end of its own, `next` also waits until the request's concurrency slots
+are given back (`ctx.settling`), so the client's last byte comes after it and its next request finds
+them free.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 
 from gateway.context import RequestContext
 from gateway.contracts import End, Outcome, Tap
-from gateway.reply import EventStream
+from gateway.reply import EventStream, close_stream
 
 log = logging.getLogger("strait.relay")
 
@@ -64,7 +66,7 @@ async def settled(ctx: RequestContext) -> None:
 class Relay:
     """An `EventStream` around the upstream stage's: the same events, with the taps."""
 
-    __slots__ = ("_ctx", "_ending", "_event_taps", "_source", "_taps")
+    __slots__ = ("_ctx", "_end", "_event_taps", "_released", "_releasing", "_source", "_taps")
 
     def __init__(
         self,
@@ -78,12 +80,14 @@ class Relay:
         self._source = source
         self._taps = taps
         self._event_taps = event_taps
-        self._ending: asyncio.Future[End] | None = None
+        self._end: End | None = None
+        self._released = False
+        self._releasing: asyncio.Future[None] | None = None
         for tap in start_taps:
             tap.on_start(ctx)
 
     async def next(self) -> list[bytes]:
-        if self._ending is not None:
+        if self._end is not None:
             return []
         batch = await self._source.next()
         if batch:
@@ -93,23 +97,34 @@ class Relay:
                     for event in batch:
                         tap.on_event(ctx, event)
             return batch
-        await self.close()
+        await close_stream(self)
         await settled(self._ctx)
         return []
 
-    async def close(self, outcome: Outcome | None = None) -> End:
-        ending = self._ending
-        if ending is None:
-            ending = self._ending = asyncio.ensure_future(self._end(outcome))
-        return await asyncio.shield(ending)
-
-    async def _end(self, outcome: Outcome | None) -> End:
-        ctx = self._ctx
-        try:
-            end = await self._source.close(outcome)
-        except Exception:
-            # A bug in the source must not skip accounting: the request is recorded as failed.
-            log.exception("request %s: closing the upstream stream failed", ctx.request_id)
-            end = End(outcome or "upstream_failed", 502, partial=True, stream=True)
-        end_taps(ctx, self._taps, end)
+    def stop(self, outcome: Outcome | None = None) -> End:
+        """The source's End, then every tap's on_end: once, in one go (nothing here awaits, so no
+        cancellation can land halfway)."""
+        end = self._end
+        if end is None:
+            try:
+                end = self._source.stop(outcome)
+            except Exception:
+                # A bug in the source must not skip accounting: the request is recorded as failed.
+                log.exception("request %s: ending the upstream stream failed", self._ctx.request_id)
+                end = End(outcome or "upstream_failed", 502, partial=True, stream=True)
+            self._end = end
+            end_taps(self._ctx, self._taps, end)
         return end
+
+    def release(self) -> asyncio.Future[None] | None:
+        if not self._released:
+            self._released = True
+            try:
+                releasing = self._source.release()
+            except Exception:
+                log.exception("request %s: releasing the upstream failed", self._ctx.request_id)
+                return None
+            if releasing is not None:
+                # A task of its own: it finishes even if whoever awaits it is cancelled.
+                self._releasing = asyncio.ensure_future(releasing)
+        return self._releasing

@@ -7,6 +7,8 @@ with the client protocol's codec (gateway.api.openai.sse_encode).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,17 +25,34 @@ def id_headers(request_id: str, client_request_id: str | None) -> dict[str, str]
 class EventStream(Protocol):
     """A streamed answer, pulled by its consumer: the upstream stage's event source, and the relay the
     pipeline wraps around it (the taps). Events are the payloads of the upstream's chunks (OpenAI chunk
-    JSON), unframed; the edge frames them."""
+    JSON), unframed; the edge frames them.
+
+    Ending is two steps, so that the part that must happen exactly once cannot be cut short by a
+    cancellation: `stop` (a plain function: how it ended; the relay's taps run in it) and `release`
+    (the upstream connection; an awaitable only when that has to wait)."""
 
     async def next(self) -> list[bytes]:
         """The next events for the client, as many as are ready (one write); [] once the stream is over."""
         ...
 
-    async def close(self, outcome: Outcome | None = None) -> End:
+    def stop(self, outcome: Outcome | None = None) -> End:
         """End the stream (idempotent: the first call decides, later ones return the same End). None:
         as the stream itself ended (after `next` returned []); an outcome: it stops there (the client
-        left: `client_gone`). The upstream is released in every case."""
+        left: `client_gone`)."""
         ...
+
+    def release(self) -> Awaitable[None] | None:
+        """Release the upstream, after `stop` (idempotent): None when done at once, else what to await."""
+        ...
+
+
+async def close_stream(stream: EventStream, outcome: Outcome | None = None) -> End:
+    """Stop the stream and release its upstream, the release shielded from the caller's cancellation."""
+    end = stream.stop(outcome)
+    releasing = stream.release()
+    if releasing is not None:
+        await asyncio.shield(releasing)
+    return end
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ answer and aborts it otherwise (so the engine stops generating for a client that
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final
 
 import aiohttp
@@ -249,8 +249,8 @@ def _drainer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[
     return drain
 
 
-def _closer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[[], Awaitable[None]]:
-    async def close() -> None:
+def _closer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[[], None]:
+    def close() -> None:
         if state.done:
             response.release()  # back to the pool (aiohttp closes it instead if bytes are left unread)
         else:

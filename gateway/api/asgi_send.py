@@ -19,7 +19,7 @@ from typing import Any
 from gateway.api.openai.sse_encode import encode_batch, encode_end
 from gateway.context import RequestContext
 from gateway.errors import ClientClosedRequest, RequestTimeout
-from gateway.reply import EventStream, Reply
+from gateway.reply import EventStream, Reply, close_stream
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -46,8 +46,8 @@ async def send_reply(reply: Reply, receive: Receive, send: Send, ctx: RequestCon
         await _send_stream(reply, stream, ctx, receive, send)
     finally:
         # Whatever happened above (even before the first event): the stream ends here if it did not by
-        # itself. Idempotent, and shielded inside the relay.
-        await stream.close("client_gone")
+        # itself (idempotent; the upstream's release shielded).
+        await close_stream(stream, "client_gone")
 
 
 class _Watch:
@@ -79,7 +79,7 @@ async def _send_stream(reply: Reply, stream: EventStream, ctx: RequestContext, r
     try:
         while batch := await stream.next():
             await send({"type": "http.response.body", "body": encode_batch(batch), "more_body": True})
-        end = await stream.close()
+        end = stream.stop()
         watch.over = True  # the answer is complete from here: a disconnect now changes nothing
         await send({"type": "http.response.body", "body": encode_end(ctx, end), "more_body": False})
     except asyncio.CancelledError:

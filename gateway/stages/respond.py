@@ -5,9 +5,9 @@ A stream is read batch by batch (the events one upstream read completed go to th
 never buffered: every event is checked (one small msgspec decode: valid JSON, an error, a usage block),
 the usage chunk Strait always asks for is dropped when the client did not ask for it, and a mid-stream
 upstream failure ends the stream with an error (redacted) that the edge sends instead of `[DONE]`, so
-the SDK raises instead of returning a silently truncated answer. Closing (always, exactly once, through
-the relay) drains what the upstream had already sent, releases the upstream connection and tells how it
-ended. Framing the events for the client is the edge's job (gateway.api.openai.sse_encode).
+the SDK raises instead of returning a silently truncated answer. Stopping (always, exactly once, through
+the relay) charges what the upstream had already sent (drain) and tells how it ended; then the upstream
+connection is released. Framing the events for the client is the edge's job (gateway.api.openai.sse_encode).
 """
 
 from __future__ import annotations
@@ -92,10 +92,6 @@ _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 _BAD_EVENT = ErrorBody(
     message="The upstream sent an invalid stream event.", type="server_error", code="upstream_bad_event"
 )
-
-
-async def _no_close() -> None:
-    return None
 
 
 def _one_at_a_time(events: AsyncIterator[bytes]) -> Callable[[], Awaitable[list[bytes]]]:
@@ -192,20 +188,17 @@ class UpstreamEvents:
         self._status = status
         self._error = error
 
-    async def close(self, outcome: Outcome | None = None) -> End:
-        """Stop reading (the relay calls this once): drain what was received but not relayed, close the
-        upstream, and tell how it ended. `outcome` (client_gone) applies unless it had ended by itself."""
-        upstream = self._upstream
+    def stop(self, outcome: Outcome | None = None) -> End:
+        """Stop reading (the relay calls this once): charge what was received but not relayed, and tell
+        how it ended. `outcome` (client_gone) applies unless it had ended by itself."""
         own = self._outcome
         if own is None:
             own = self._outcome = outcome or "client_gone"
-        if own != "completed" and upstream.drain is not None:
+        drain = self._upstream.drain
+        if own != "completed" and drain is not None:
             # Left early or failed: what the upstream already sent is charged too, not only what was
             # relayed (a usage chunk among it wins, as it would have).
-            self._drain(upstream.drain())
-        # The relay runs this shielded: a client that went away does not stop the upstream from being
-        # closed (so the engine stops generating for nobody).
-        await (upstream.close or _no_close)()
+            self._drain(drain())
         usage = self._usage
         meter = self._meter
         return End(
@@ -219,6 +212,11 @@ class UpstreamEvents:
             error=self._error,
             last_event=meter.last,
         )
+
+    def release(self) -> Awaitable[None] | None:
+        """Close the upstream (after `stop`), so the engine stops generating for nobody."""
+        close, self._upstream.close = self._upstream.close, None
+        return close() if close is not None else None
 
     def _drain(self, events: list[bytes]) -> None:
         if not events:

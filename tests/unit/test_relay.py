@@ -28,7 +28,7 @@ from gateway.contracts import End, UpstreamResponse, UpstreamStreamBroken
 from gateway.pipeline import Pipeline
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Backend, Deployment, Model, Price
-from gateway.reply import EventStream, Reply
+from gateway.reply import EventStream, Reply, close_stream
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.upstream import UpstreamStage
 from gateway.state import MemoryStore
@@ -280,7 +280,7 @@ async def test_client_leaving_mid_stream_charges_what_the_upstream_had_delivered
     h.upstream.buffered = [chunk(t[3]), chunk(t[4])]
     assert await h.read() == [chunk(t[0])]
     assert await h.read() == [chunk(t[1])]
-    await h.relay.close("client_gone")  # the client went away at its second event (the edge's finally)
+    await close_stream(h.relay, "client_gone")  # the client went away at its second event (the edge's finally)
     r = h.record()
     # Relayed (2) + handed over but not yet read by the client (0: the relay pulls one at a time)
     # + buffered (2). The third queued event was never received by Strait: not charged.
@@ -324,7 +324,7 @@ async def test_a_usage_chunk_among_the_drained_events_wins() -> None:
     h.upstream.push(chunk(t[0]))
     h.upstream.buffered = [chunk(t[1]), usage_chunk(9, 6)]
     await h.read()
-    await h.relay.close("client_gone")
+    await close_stream(h.relay, "client_gone")
     r = h.record()
     assert (r.completion_tokens, r.usage_source, r.partial) == (6, "provider", True)
 
