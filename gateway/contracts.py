@@ -37,8 +37,9 @@ class UpstreamResponse:
 
     Non-streaming (or any error status): `body` holds the JSON bytes. Streaming success: `batches`
     yields, per read from the upstream, the SSE `data` payloads it completed (JSON bytes of one chunk
-    each; never an empty list; the terminal `[DONE]` is not yielded): the relay forwards a batch to the
-    client in one write. A simple adapter may set `events` instead, one payload at a time. `close`
+    each; never an empty list): the relay forwards a batch to the client in one write. The terminal
+    `[DONE]` may end the last batch (nothing follows it; the relay then sends that batch with the end
+    of the answer, in one write) or not be yielded at all. A simple adapter may set `events` instead, one payload at a time. `close`
     releases the upstream connection; it is always called, also when the client leaves. It may be a
     plain function (aiohttp's release and close do not wait: nothing to schedule) or return an
     awaitable, then awaited shielded from the client's cancellation.

@@ -101,6 +101,10 @@ class Relay:
         await settled(self._ctx)
         return []
 
+    @property
+    def finished(self) -> bool:
+        return self._end is not None or self._source.finished
+
     def stop(self, outcome: Outcome | None = None) -> End:
         """The source's End, then every tap's on_end: once, in one go (nothing here awaits, so no
         cancellation can land halfway)."""

@@ -35,6 +35,12 @@ class EventStream(Protocol):
         """The next events for the client, as many as are ready (one write); [] once the stream is over."""
         ...
 
+    @property
+    def finished(self) -> bool:
+        """The stream ended by itself with the batch `next` just returned (its end came in the same
+        read): the next `next` returns [] at once, so that batch can go out with the end, in one write."""
+        ...
+
     def stop(self, outcome: Outcome | None = None) -> End:
         """End the stream (idempotent: the first call decides, later ones return the same End). None:
         as the stream itself ended (after `next` returned []); an outcome: it stops there (the client

@@ -175,9 +175,7 @@ class OpenAICompatAdapter:
                 if batch:
                     if DONE in batch:
                         state.done = True
-                        batch = batch[: batch.index(DONE)]
-                        if batch:
-                            yield batch
+                        yield batch[: batch.index(DONE) + 1]  # [DONE] last: the relay knows it is over
                         return
                     yield batch
                 if not chunk:

@@ -3,7 +3,8 @@ signature parsing and response machinery (measured: about a fifth of the gateway
 
 A `Reply` is either a whole JSON body or a stream of events (the pipeline's relay). A stream's events
 are framed by the OpenAI codec (gateway.api.openai.sse_encode), each batch the upstream delivered in
-one read as one ASGI message, and its last bytes go with the end of the body in one message. A task
+one read as one ASGI message; the last bytes (`[DONE]` or an error event) go in the message that ends
+the body, with the last batch when the upstream's end came in the same read. A task
 watches for the client's disconnect and cancels the sending when it comes; the stream is then closed
 in a `finally` that runs whatever happened, even if not one event was pulled yet (the client left, a
 send failed, the handler was cancelled): the relay ends the request through its taps exactly once
@@ -77,11 +78,15 @@ async def _send_stream(reply: Reply, stream: EventStream, ctx: RequestContext, r
     watch = _Watch()
     watcher = asyncio.ensure_future(_watch_disconnect(receive, sender, watch))
     try:
+        last = b""
         while batch := await stream.next():
-            await send({"type": "http.response.body", "body": encode_batch(batch), "more_body": True})
+            if stream.finished:
+                last = encode_batch(batch)  # the upstream's end came with it: sent with the end, one write
+            else:
+                await send({"type": "http.response.body", "body": encode_batch(batch), "more_body": True})
         end = stream.stop()
         watch.over = True  # the answer is complete from here: a disconnect now changes nothing
-        await send({"type": "http.response.body", "body": encode_end(ctx, end), "more_body": False})
+        await send({"type": "http.response.body", "body": last + encode_end(ctx, end), "more_body": False})
     except asyncio.CancelledError:
         # Our own cancel (the client left) ends the sending quietly; anyone else's goes on.
         if not watch.gone or sender.uncancel() > 0:

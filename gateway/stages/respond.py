@@ -26,6 +26,7 @@ from gateway.reply import Reply, id_headers
 from gateway.telemetry import Metrics
 from gateway.tokens import FALLBACK_ENCODING
 from gateway.upstream.normalize import upstream_error
+from gateway.upstream.sse import DONE
 from gateway.upstream.wire import UpstreamErrorBody, Usage, UsageProbe
 
 log = logging.getLogger("strait.relay")
@@ -142,6 +143,13 @@ class UpstreamEvents:
                 else:
                     self._fail("upstream_failed", 502, error)
                 return []
+            if batch[-1] == DONE:
+                # The upstream's end came with this read: the stream completed (the relay sends this
+                # batch together with the end).
+                self._outcome = "completed"
+                batch.pop()
+                if not batch:
+                    return []
             if self._ttft is None:
                 self._ttft = time.perf_counter() - self._ctx.started
             # Received is charged (when no usage arrives), relayed or not.
@@ -150,6 +158,11 @@ class UpstreamEvents:
             if out:
                 return out
         return []
+
+    @property
+    def finished(self) -> bool:
+        """The stream ended by itself with the last batch: the next `next` returns [] without waiting."""
+        return self._outcome is not None
 
     def _inspect(self, batch: list[bytes]) -> list[bytes]:
         """The batch's events for the client: all of them, unless one is the usage chunk the client did

@@ -54,6 +54,43 @@ class SSEDecoder:
             self._pending = 0
         else:
             buf = chunk
+        if b"\r" in buf:
+            return self._scan(buf)
+        # The common case (LF line ends only): one split, one pass, no call per line.
+        lines = buf.split(b"\n")
+        rest = lines.pop()  # the incomplete last line (b"" when the chunk ended with a line end)
+        events: list[bytes] = []
+        data = self._data
+        size = self._data_size
+        limit = self._max
+        for line in lines:
+            if not line:
+                if data:
+                    events.append(b"\n".join(data))
+                    data = []
+                    size = 0
+                continue
+            if len(line) > limit:
+                raise SSELineTooLong(limit, events)
+            if line.startswith(b"data:"):
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                size += len(value) + 1
+                if size > limit + 1:
+                    raise SSELineTooLong(limit, events)
+                data.append(value)
+            # Comments (":...") and other fields (event, id, retry) carry nothing Strait forwards.
+        self._data = data
+        self._data_size = size
+        if rest:
+            self._cr = False
+            self._pending = len(rest)
+            if self._pending > limit:
+                raise SSELineTooLong(limit, events)
+            self._parts = [rest]
+        return events
+
+    def _scan(self, buf: bytes) -> list[bytes]:
+        """Any line ends (CR, CRLF, LF), a line at a time."""
         events: list[bytes] = []
         start = 0
         n = len(buf)

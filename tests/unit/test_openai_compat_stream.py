@@ -110,8 +110,8 @@ async def test_done_ends_the_stream_and_the_events_before_it_in_the_same_read_ar
     a = adapter()
     r = reader()
     events, drain = stream(a, r)
-    r.feed_data(sse(1) + sse(2) + b"data: [DONE]\n\n")
-    assert await events.__anext__() == [event(1), event(2)]
+    r.feed_data(sse(1) + sse(2) + b"data: [DONE]\n\n" + sse(3))
+    assert await events.__anext__() == [event(1), event(2), b"[DONE]"]  # the end, last: nothing after it
     with pytest.raises(StopAsyncIteration):
         await events.__anext__()
     assert drain() == []

@@ -171,6 +171,10 @@ class ScriptedSource:
     async def next(self) -> list[bytes]:
         return self.batches.pop(0) if self.batches else []
 
+    @property
+    def finished(self) -> bool:
+        return not self.batches
+
     def stop(self, outcome: Outcome | None = None) -> End:
         self.stopped.append(outcome)
         ended = self.outcome if not self.batches else (outcome or "client_gone")

@@ -518,6 +518,22 @@ async def test_a_batch_is_one_write_and_the_usage_chunk_inside_it_is_dropped() -
     assert (r.completion_tokens, r.usage_source, r.partial) == (9, "provider", False)
 
 
+async def test_a_batch_that_brings_the_upstreams_end_goes_out_with_the_end_in_one_write() -> None:
+    h = Harness(batched=True)
+    t = texts(3)
+    h.upstream.push([chunk(t[0])], [chunk(t[1]), chunk(t[2]), usage_chunk(9, 9), b"[DONE]"])
+    out = await h.read_all()
+    bodies = [(m["body"], m["more_body"]) for m in h.client.messages if m["type"] == "http.response.body"]
+    assert bodies == [
+        (framed(chunk(t[0])), True),
+        (framed(chunk(t[1])) + framed(chunk(t[2])) + b"data: [DONE]\n\n", False),
+    ]
+    assert len(out) == 4
+    r = h.record()
+    assert (r.completion_tokens, r.usage_source, r.partial, r.status) == (9, "provider", False, 200)
+    assert h.upstream.drained == 0
+
+
 async def test_an_error_inside_a_batch_relays_the_events_before_it_then_the_error() -> None:
     h = Harness(batched=True)
     t = texts(3)
