@@ -53,8 +53,13 @@ class UpstreamResponse:
     close: Callable[[], Awaitable[None] | None] | None = None
     # Events already received but not yet yielded, without waiting (those buffered when the connection
     # failed included): what a client that left, or a stream that broke, cost too. Called once, after
-    # `events` stopped and before `close`.
+    # the stream stopped and before `close`.
     drain: Callable[[], list[bytes]] | None = None
+
+    @property
+    def streaming(self) -> bool:
+        """A stream (`batches` or `events`): it holds its upstream until closed."""
+        return self.batches is not None or self.events is not None
 
 
 class UpstreamConnectError(Exception):

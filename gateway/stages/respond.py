@@ -60,7 +60,7 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -
             end=End("upstream_failed", status),
         )
     metrics.child(metrics.latency, route).observe(time.perf_counter() - ctx.started)
-    if upstream.events is None and upstream.batches is None:
+    if not upstream.streaming:
         metrics.child(metrics.requests, route, str(upstream.status)).inc()
         usage: Usage | None = None
         try:

@@ -34,6 +34,7 @@ from gateway.stages.upstream import UpstreamStage
 from gateway.state import MemoryStore
 from gateway.telemetry import Metrics
 from gateway.tokens import count_text
+from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.redact import redactor_for
 from gateway.upstream.signals import LiveSignals
 
@@ -580,3 +581,30 @@ async def test_upstream_error_text_mid_stream_is_redacted() -> None:
     out = await h.read_all()
     message = json.loads(out[-1][6:])["error"]["message"]
     assert "sk-live" not in message and "corp.internal" not in message
+
+
+class OneStreamAdapter:
+    def __init__(self, upstream: DrivenUpstream) -> None:
+        self.upstream = upstream
+
+    async def send(self, call: Any) -> UpstreamResponse:
+        return self.upstream.response()
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("batched", [True, False])
+async def test_a_stream_holds_its_backends_in_flight_count_until_it_ends(batched: bool) -> None:
+    h = Harness(batched=batched)
+    assert h.ctx.target is not None
+    h.ctx.plan = (h.ctx.target,)
+    dispatcher = Dispatcher({"b1": OneStreamAdapter(h.upstream)}, Metrics(), h.signals)  # type: ignore[dict-item]
+    h.pipeline.terminal.dispatcher = dispatcher  # type: ignore[attr-defined]
+    h.upstream.push([chunk("a")] if batched else chunk("a"))
+    await h.reply()
+    assert await h.read() == [chunk("a")]
+    assert h.signals.in_flight == {"b1": 1}  # still generating for this stream
+    h.upstream.push(END)
+    assert await h.read() == []
+    assert h.signals.in_flight == {"b1": 0} and h.signals.finished_calls == ["b1"]
