@@ -90,6 +90,7 @@ class _EventProbe(msgspec.Struct):
 
 _probe_event = msgspec.json.Decoder(_EventProbe).decode
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+_BROKEN = ErrorBody(message="The upstream stream failed.", type="server_error", code="upstream_stream_broken")
 _BAD_EVENT = ErrorBody(
     message="The upstream sent an invalid stream event.", type="server_error", code="upstream_bad_event"
 )
@@ -142,6 +143,11 @@ class UpstreamEvents:
                     self._fail("timed_out", 504, error)
                 else:
                     self._fail("upstream_failed", 502, error)
+                return []
+            except Exception:
+                # An adapter bug: the client is told the stream failed (not left with a truncated one).
+                log.exception("request %s: the upstream stream failed", self._ctx.request_id)
+                self._fail("upstream_failed", 502, _BROKEN)
                 return []
             if batch[-1] == DONE:
                 # The upstream's end came with this read: the stream completed (the relay sends this

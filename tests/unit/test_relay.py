@@ -608,3 +608,12 @@ async def test_a_stream_holds_its_backends_in_flight_count_until_it_ends(batched
     h.upstream.push(END)
     assert await h.read() == []
     assert h.signals.in_flight == {"b1": 0} and h.signals.finished_calls == ["b1"]
+
+
+async def test_an_adapter_bug_mid_stream_is_an_error_event_and_the_stream_still_ends_once() -> None:
+    h = Harness()
+    h.upstream.push(chunk(texts(1)[0]), RuntimeError("adapter bug"))
+    out = await h.read_all()
+    assert len(out) == 2 and json.loads(out[1][6:])["error"]["code"] == "upstream_stream_broken"
+    r = h.record()
+    assert (r.status, r.partial, r.completion_tokens) == (502, True, 3)
