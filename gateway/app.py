@@ -1,15 +1,22 @@
 """create_app: the one wiring point.
 
-The handler builds a RequestContext (ids, headers, a body source) and runs the pipeline
-(gateway.pipeline); stages, in order, `on_request`:
+The handler builds a RequestContext (ids, headers, a body source), runs the pipeline
+(gateway.pipeline) and sends its Reply (gateway.api.asgi_send, a stream framed by the OpenAI codec in
+gateway.api.openai.sse_encode); stages, in order, `on_request`:
   auth (before the body is read) -> decode (gateway.api.decode_stage: the body, read and decoded only
   once authenticated; injected here so nothing below api/ imports it) -> route (policy engine,
   explain) -> limits (one state-store call) -> upstream (terminal, gateway.stages.upstream: walks the
-  plan with fallback, shapes the JSON reply or the SSE relay in gateway.stages.respond).
-`on_response` runs in reverse for stages that have one (none yet). Accounting (usage records to the
-ledger writer, reservation reconciled, both in the background) is reached only through
-gateway.stages.respond.finish: JSON answer, upstream error, dispatch failure, or the relay's finally.
-A stage refuses by raising a GatewayError, rendered below as an OpenAI error envelope.
+  plan with fallback; gateway.stages.respond makes the JSON reply, or the upstream's stream an event
+  source).
+`on_response` runs in reverse for stages that have one (none yet). Taps (gateway.contracts.Tap), in
+the order their `on_end` runs: live signals and token metrics (the upstream stage's), accounting
+(usage records to the ledger writer, reservation reconciled, both in the background; a stream's lease
+renewed by a timer), the request's span when tracing. The pipeline ends every request that reached the
+upstream stage through them exactly once: a JSON answer, an upstream error, a dispatch failure or a
+cancellation right away; a stream through the one relay it wraps around it (gateway.relay), when it is
+over or when the edge closes it (the client left, even before the first event). So accounting is
+reached from one place, `AccountingStage.on_end`. A stage refuses by raising a GatewayError, rendered
+below as an OpenAI error envelope.
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ class RequestContext:
     target: Target | None = None
     # Written by `limits`: what to hand back to the store once the usage is known.
     ticket: Ticket | None = None
-    # When the ticket's lease was last renewed (monotonic s; 0 = at admission); read by accounting.
-    lease_renewed: float = 0.0
+    # While a stream lasts: the timer that renews the ticket's lease; written and cancelled by accounting.
+    lease_timer: asyncio.Handle | None = None
     # Written by `upstream` (the runtime's, knowing its backends' secrets); read by the relay, which
     # redacts upstream error text with it.
     redact: Redactor = NO_SECRETS
@@ -70,8 +70,8 @@ class RequestContext:
     # Written by accounting: the release of this request's concurrency slots, to be awaited by the edge
     # before the answer's last byte (a sequential client must find its slot free).
     settling: asyncio.Future[None] | None = None
-    # Tracing (only when configured): the request's SERVER span, written by the pipeline and ended by it
-    # (JSON, errors) or by `finish` (streams); the usage and time to first chunk it reports, by `finish`.
+    # Tracing (only when configured): the request's SERVER span, written by the pipeline and ended by its
+    # span tap (gateway.spans.SpanTap) when the answer is over; the usage it reports, by accounting.
     span: Span | None = None
     usage_in: int | None = None
     usage_out: int | None = None

@@ -1,16 +1,22 @@
-"""Extension points: the small Protocols plugins implement. Every implementation runs one contract suite."""
+"""Extension points: the small Protocols plugins implement (adapters, stream taps). Every implementation
+runs one contract suite."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from gateway.canonical import Operation as Operation
 from gateway.canonical import Request
+from gateway.errors import ErrorBody
 from gateway.errors import UpstreamResponseTooLarge as UpstreamResponseTooLarge
 from gateway.passthrough import splice
 from gateway.policy.model import Backend
+from gateway.upstream.wire import Usage
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
 
 
 @dataclass(slots=True)
@@ -44,20 +50,31 @@ class UpstreamCall:
 class UpstreamResponse:
     """What an adapter got back, already in OpenAI's wire format.
 
-    Non-streaming (or any error status): `body` holds the JSON bytes. Streaming success: `events`
-    yields each SSE `data` payload (JSON bytes of one chunk; the terminal `[DONE]` is not yielded),
-    and `close` releases the upstream connection; it is always awaited, also when the client leaves.
+    Non-streaming (or any error status): `body` holds the JSON bytes. Streaming success: `batches`
+    yields, per read from the upstream, the SSE `data` payloads it completed (JSON bytes of one chunk
+    each; never an empty list): the relay forwards a batch to the client in one write. The terminal
+    `[DONE]` may end the last batch (nothing follows it; the relay then sends that batch with the end
+    of the answer, in one write) or not be yielded at all. A simple adapter may set `events` instead, one payload at a time. `close`
+    releases the upstream connection; it is always called, also when the client leaves. It may be a
+    plain function (aiohttp's release and close do not wait: nothing to schedule) or return an
+    awaitable, then awaited shielded from the client's cancellation.
     """
 
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     events: AsyncIterator[bytes] | None = None
-    close: Callable[[], Awaitable[None]] | None = None
+    batches: AsyncIterator[list[bytes]] | None = None
+    close: Callable[[], Awaitable[None] | None] | None = None
     # Events already received but not yet yielded, without waiting (those buffered when the connection
     # failed included): what a client that left, or a stream that broke, cost too. Called once, after
-    # `events` stopped and before `close`.
+    # the stream stopped and before `close`.
     drain: Callable[[], list[bytes]] | None = None
+
+    @property
+    def streaming(self) -> bool:
+        """A stream (`batches` or `events`): it holds its upstream until closed."""
+        return self.batches is not None or self.events is not None
 
 
 class UpstreamConnectError(Exception):
@@ -79,10 +96,13 @@ class UpstreamStreamBroken(Exception):
         *,
         client_message: str = "The upstream stream ended unexpectedly.",
         code: str = "upstream_stream_broken",
+        timeout: bool = False,
     ) -> None:
         super().__init__(message)
         self.client_message = client_message
         self.code = code
+        # The upstream went silent longer than the backend's read timeout (the stream `timed_out`).
+        self.timeout = timeout
 
 
 class Adapter(Protocol):
@@ -97,3 +117,56 @@ class AdapterFactory(Protocol):
     """Entry point `strait.adapters`: builds the adapter for one backend of the policy."""
 
     def __call__(self, backend: Backend) -> Adapter: ...
+
+
+# ---- stream taps: how an answered request ended, told once to every tap ----
+
+# completed: the upstream finished the answer (a JSON body, or a stream up to `[DONE]`);
+# client_gone: the client left (or the request was cancelled) before the answer was over;
+# upstream_failed: the upstream answered an error, broke the stream, or could not be reached;
+# timed_out: the upstream went silent past its read timeout mid-stream.
+Outcome = Literal["completed", "client_gone", "upstream_failed", "timed_out"]
+
+
+@dataclass(slots=True)
+class End:
+    """How a request that reached the upstream stage ended: what every tap's `on_end` is told, once."""
+
+    outcome: Outcome
+    # The status the request is recorded with (a stream that started is 200 unless the upstream
+    # failed: 502, or timed out: 504; a client that left while waiting for the upstream: 499).
+    status: int
+    # The provider's usage, when it sent one (a usage chunk among drained events included).
+    usage: Usage | None = None
+    # Without provider usage: a stream's own count of what the upstream produced (the meter), or a
+    # JSON body to count (`produced`).
+    completion_tokens: int | None = None
+    produced: Sequence[bytes] = ()
+    ttft_s: float | None = None
+    # The answer was cut short after the upstream started on it (a stream that did not complete, a
+    # client that left while waiting): charged for what was produced, flagged in the usage record.
+    partial: bool = False
+    # The answer was a stream (its upstream connection was held until now).
+    stream: bool = False
+    # What the client is told instead of `[DONE]` (already redacted), for a stream that failed.
+    error: ErrorBody | None = None
+    # The stream's last event: the model of a usage chunk the client asked for and the upstream never sent.
+    last_event: bytes | None = None
+
+
+class Tap(Protocol):
+    """Observes an answer as it goes. Stages (and the pipeline itself) contribute taps; the pipeline
+    composes them into one relay per request.
+
+    `on_start` runs when the upstream stage answered with a stream, `on_event` for each event relayed
+    (only for taps that define it: a tap that does not costs nothing per event), and `on_end` exactly
+    once per request that reached the upstream stage, whichever way it ended (JSON answer, error,
+    stream completed or broken, client gone, cancelled). All three are plain functions: they run to
+    completion in one turn of the event loop, so a cancellation cannot cut them short; a tap with I/O
+    to do queues it (as accounting does)."""
+
+    def on_start(self, ctx: RequestContext) -> None: ...
+
+    def on_event(self, ctx: RequestContext, event: bytes) -> None: ...
+
+    def on_end(self, ctx: RequestContext, end: End) -> None: ...

@@ -8,10 +8,18 @@ may also refuse by raising a GatewayError: it propagates out of `run` without an
 
 Most stages only look at the request: they subclass `RequestOnly`, and the pipeline leaves them out of
 the response pass entirely (no await per stage per request for a no-op).
+
+Taps (gateway.contracts.Tap) observe the answer: the stages and the terminal contribute them in a
+`taps` attribute, the pipeline adds its own (the request's span, when tracing), and composes them once
+per policy. Every request that reaches the terminal is ended through them exactly once: a whole answer
+or an error right here (then the answer waits for its concurrency slots to be given back), a stream
+when it is over, through the one relay the pipeline wraps around it (gateway.relay). Accounting, lease
+keepalive and slot release, live signals and token metrics are taps; nothing of theirs is in the edge.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -20,13 +28,17 @@ from opentelemetry.trace import Tracer as OtelTracer
 from opentelemetry.trace import set_span_in_context
 
 from gateway.context import RequestContext
+from gateway.contracts import End, Tap
 from gateway.errors import GatewayError
-from gateway.reply import Reply
-from gateway.spans import end_request_span, start_request_span
+from gateway.relay import Relay, end_taps, overrides, settled
+from gateway.reply import Reply, close_stream
+from gateway.spans import SpanTap, end_request_span, start_request_span
 from gateway.tracing import Tracing
 
 
 class Stage(Protocol):
+    """A request stage. It may also contribute taps: a `taps` attribute (a tuple of Tap)."""
+
     name: str
 
     async def on_request(self, ctx: RequestContext) -> Reply | None: ...
@@ -35,7 +47,9 @@ class Stage(Protocol):
 
 
 class Terminal(Protocol):
-    """The last stage: it always answers (the upstream; a fake in tests)."""
+    """The last stage: it always answers (the upstream; a fake in tests). A whole answer carries its
+    `End` (`Reply.end`); a stream is an EventStream that tells it when it is over. It may contribute
+    taps like a stage."""
 
     name: str
 
@@ -88,9 +102,20 @@ class Pipeline:
         terminal: Terminal,
         tracing: Tracing | None = None,
         on_refused: Callable[[RequestContext, int, str | None], None] | None = None,
+        taps: Sequence[Tap] = (),
     ) -> None:
         self.stages: tuple[Stage, ...] = tuple(stages)
         self.terminal = terminal
+        # Every tap, in the order their on_end runs: the stages', the terminal's, those given here, and
+        # the request span's last (it reports what accounting charged). Which of them need a call at
+        # the start or per event is known here, once per policy, not per request.
+        own: list[Tap] = [t for part in (*self.stages, terminal) for t in getattr(part, "taps", ())]
+        own += taps
+        if tracing is not None:
+            own.append(SpanTap())
+        self.taps: tuple[Tap, ...] = tuple(own)
+        self._start_taps = tuple(t for t in own if overrides(t, "on_start"))
+        self._event_taps = tuple(t for t in own if overrides(t, "on_event"))
         # Told of every GatewayError leaving the pipeline (the request's log line when no upstream ran).
         self.on_refused = on_refused
         # Position of each stage with a real `on_response`, known once per policy, not per request.
@@ -115,21 +140,50 @@ class Pipeline:
                     break
                 ran += 1
             if reply is None:
-                reply = await self.terminal.call(ctx)
+                reply = await self._answer(ctx)
         except GatewayError as exc:
             if self.on_refused is not None:
                 self.on_refused(ctx, exc.status, exc.code)
             raise
         if self._responders:
             stages = self.stages
-            for i in reversed(self._responders):
-                if i < ran:
-                    reply = await stages[i].on_response(ctx, reply)
+            try:
+                for i in reversed(self._responders):
+                    if i < ran:
+                        reply = await stages[i].on_response(ctx, reply)
+            except BaseException:
+                if reply.stream is not None:
+                    await close_stream(reply.stream, "client_gone")  # nobody will pull it: end it now
+                raise
+        return reply
+
+    async def _answer(self, ctx: RequestContext) -> Reply:
+        """The terminal's answer; the request is ended through the taps here (a whole answer, an
+        error, a cancellation) or by the relay (a stream)."""
+        try:
+            reply = await self.terminal.call(ctx)
+        except GatewayError as exc:
+            end_taps(ctx, self.taps, End("timed_out" if exc.status == 504 else "upstream_failed", exc.status))
+            await settled(ctx)
+            raise
+        except asyncio.CancelledError:
+            # The client left while the upstream was being asked: charged as a cut-short answer.
+            end_taps(ctx, self.taps, End("client_gone", 499, partial=True))
+            raise
+        except Exception:
+            end_taps(ctx, self.taps, End("upstream_failed", 500))
+            raise
+        stream = reply.stream
+        if stream is None:
+            end_taps(ctx, self.taps, reply.end if reply.end is not None else End("completed", reply.status))
+            await settled(ctx)
+        else:
+            reply.stream = Relay(ctx, stream, self.taps, self._start_taps, self._event_taps)
         return reply
 
     async def _run_traced(self, ctx: RequestContext) -> Reply:
-        """`run` inside the request's SERVER span. The span ends here for a whole answer or an error; a
-        stream's ends with the stream (`finish`)."""
+        """`run` inside the request's SERVER span. The span ends in its tap (SpanTap: with the tokens
+        charged; a stream's when it is over), or here for a request refused before the upstream."""
         assert self.tracing is not None
         span = start_request_span(self.tracing, ctx)
         token = attach(set_span_in_context(span))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 from types import MappingProxyType
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-from gateway.contracts import AdapterFactory
+if TYPE_CHECKING:  # the policy's offline tools import this module: no upstream code at run time
+    from gateway.contracts import AdapterFactory
 
 ADAPTER_GROUP = "strait.adapters"
 
@@ -16,5 +17,5 @@ def discover_adapters() -> MappingProxyType[str, AdapterFactory]:
     `[project.entry-points."strait.adapters"] name = "module:factory"`."""
     found: dict[str, AdapterFactory] = {}
     for ep in entry_points(group=ADAPTER_GROUP):
-        found[ep.name] = cast(AdapterFactory, ep.load())
+        found[ep.name] = cast("AdapterFactory", ep.load())
     return MappingProxyType(found)

@@ -48,6 +48,7 @@ class Runtime:
     # -> upstream (terminal: dispatch, response shaping, error accounting). Everything the stages
     # derive from the policy alone is built here, once: the index's compiled tables
     # (gateway.policy.compile) and the limits stage's store Limits per (tenant, route).
+    # Taps at the end of every answered request: live signals, token metrics, accounting (span).
     pipeline: Pipeline
     dispatcher: Dispatcher
     adapters: Mapping[str, Adapter]
@@ -101,7 +102,7 @@ def build_runtime(
         redactor_for((b.api_key for b in policy.backends), os.environ if environ is None else environ),
         tracing=services.tracing,
     )
-    upstream = UpstreamStage(dispatcher, metrics, signals, services.accounting)
+    upstream = UpstreamStage(dispatcher, metrics, signals)
     return Runtime(
         index=index,
         auth=auth,
@@ -110,6 +111,8 @@ def build_runtime(
             upstream,
             tracing=services.tracing,
             on_refused=services.accounting.refused,
+            # Accounting ends every answered request (records, slot release, lease keepalive of a stream).
+            taps=(services.accounting,),
         ),
         dispatcher=dispatcher,
         adapters=adapters,

@@ -1,7 +1,8 @@
 """The request's spans: one SERVER span per request (continuing the client's `traceparent`), a child per
 stage, a CLIENT span per upstream attempt, with the OpenTelemetry GenAI semantic-convention attributes
 and Strait's own. Only used when tracing is configured (`gateway.tracing`); no prompt or completion text
-and never a key goes into a span.
+and never a key goes into a span. The request's span ends in its tap (`SpanTap`, the last of the
+pipeline's taps: after accounting, so it reports the tokens charged), a stream's when it is over.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
 
 from gateway.context import RequestContext
+from gateway.contracts import End
+from gateway.relay import EndTap
 from gateway.tracing import Tracing
 
 # gen_ai.operation.name values (semantic conventions) for Strait's operations.
@@ -73,3 +76,12 @@ def end_request_span(ctx: RequestContext, status: int, *, error: str | None = No
     if status >= 500 or error is not None:
         span.set_status(Status(StatusCode.ERROR, error))
     span.end()
+
+
+class SpanTap(EndTap):
+    """Ends the request's span with the answer (accounting, an earlier tap, set the tokens it charged)."""
+
+    def on_end(self, ctx: RequestContext, end: End) -> None:
+        if ctx.span is not None:
+            ctx.ttft_s = end.ttft_s
+            end_request_span(ctx, end.status, error=end.error.code if end.error is not None else None)

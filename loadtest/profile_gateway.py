@@ -2,6 +2,7 @@
 
     pip install py-spy   # into the venv; not a project dependency
     python -m loadtest.profile_gateway [--server uvicorn] [--state off|memory|redis] [--stream] [--seconds 10]
+        [--chunk-delay-ms 5]   # a paced upstream: each streamed event in its own read
 
 Starts the fast upstream and the gateway like `loadtest.overhead` (with `--state redis`, also a throwaway
 redis-server on a free port, and the bench tenant with every limit on), drives `--concurrency` clients at it
@@ -104,13 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--out", type=Path, help="keep the raw collapsed stacks here")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="paced upstream: first token and gap")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="upstream latency of a JSON answer")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(py_spy).exists():
         parser.error("py-spy is not installed (pip install py-spy)")
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="strait-profile-")))
-        _, up_port = stack.enter_context(upstream(tmp, 0.0, 0.0))
+        _, up_port = stack.enter_context(upstream(tmp, args.chunk_delay_ms, args.latency_ms))
         redis = stack.enter_context(redis_server(tmp)) if args.state == "redis" else None
         gw = stack.enter_context(gateway(tmp, args.server, args.state, up_port, redis))
         raw_path = args.out or tmp / "stacks.txt"

@@ -9,14 +9,14 @@ only the backend's key from the environment (`api_key: env:NAME`), a content typ
 The body is the client's own bytes with only the model replaced (byte-faithful passthrough,
 gateway/passthrough.py): fields Strait does not know, key order and number spellings reach the upstream
 as the client wrote them.
-Streams are relayed event by event; `close` returns the connection to the pool after a complete
+Streams are handed over read by read (the events one read completed, together); `close` returns the connection to the pool after a complete
 answer and aborts it otherwise (so the engine stops generating for a client that left).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final
 
 import aiohttp
@@ -141,7 +141,7 @@ class OpenAICompatAdapter:
         return UpstreamResponse(
             status=200,
             headers=headers,
-            events=self._events(response, state),
+            batches=self._batches(response, state),
             close=_closer(response, state),
             drain=_drainer(response, state),
         )
@@ -170,26 +170,25 @@ class OpenAICompatAdapter:
             "(max_body_bytes of the backend's upstream limits)."
         )
 
-    async def _events(self, response: aiohttp.ClientResponse, state: _StreamState) -> AsyncIterator[bytes]:
+    async def _batches(self, response: aiohttp.ClientResponse, state: _StreamState) -> AsyncIterator[list[bytes]]:
+        """The events of each read, together: the relay forwards them to the client in one write."""
         decoder = state.decoder
         content = response.content
         try:
             while True:
                 chunk = await content.readany()
                 # At the end of the body, a last event without its blank line still counts.
-                batch = state.batch = decoder.feed(chunk) if chunk else decoder.close()
-                # `pos` is what was handed over: a client that leaves while this batch is being relayed
-                # is charged for the rest of it too (drain).
-                for i, event in enumerate(batch):
-                    state.pos = i + 1
-                    if event == DONE:
+                batch = decoder.feed(chunk) if chunk else decoder.close()
+                if batch:
+                    if DONE in batch:
                         state.done = True
+                        yield batch[: batch.index(DONE) + 1]  # [DONE] last: the relay knows it is over
                         return
-                    yield event
+                    yield batch
                 if not chunk:
                     break
         except SSELineTooLong as exc:
-            state.batch, state.pos = exc.events, 0  # decoded before the oversize line: charged (drain)
+            state.refused = exc.events  # decoded before the oversize line: charged (drain)
             raise UpstreamStreamBroken(
                 f"{self.name}: {exc}",
                 client_message=(
@@ -198,20 +197,26 @@ class OpenAICompatAdapter:
                 ),
                 code="upstream_event_too_large",
             ) from None
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except TimeoutError:
+            raise UpstreamStreamBroken(
+                f"{self.name}: stream stalled past the read timeout",
+                client_message="The upstream stopped sending before the answer was complete.",
+                code="upstream_timeout",
+                timeout=True,
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamStreamBroken(f"{self.name}: stream failed ({type(exc).__name__})") from None
         raise UpstreamStreamBroken(f"{self.name}: stream ended without [DONE]")
 
 
 class _StreamState:
-    __slots__ = ("batch", "decoder", "done", "pos")
+    __slots__ = ("decoder", "done", "refused")
 
     def __init__(self, max_event_bytes: int) -> None:
         self.decoder = SSEDecoder(max_event_bytes)
         self.done = False
-        # The events decoded from the last read, and how many of them `events` has yielded.
-        self.batch: list[bytes] = []
-        self.pos = 0
+        # The complete events of the read that held an oversize line (never yielded, charged by the drain).
+        self.refused: list[bytes] = []
 
 
 def _buffered(content: aiohttp.StreamReader) -> bytes:
@@ -234,9 +239,10 @@ def _buffered(content: aiohttp.StreamReader) -> bytes:
 
 def _drainer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[[], list[bytes]]:
     def drain() -> list[bytes]:
-        # The rest of the batch being relayed, then whatever complete events are buffered.
-        events = [e for e in state.batch[state.pos :] if e != DONE]
-        state.batch, state.pos = [], 0
+        # Each batch is handed over whole (the relay charges all of it); what is left: the events of a
+        # refused read, then whatever complete events are buffered.
+        events = [e for e in state.refused if e != DONE]
+        state.refused = []
         # Complete events only: a torn last line is not one (an ended stream was closed by `events`).
         try:
             decoded = state.decoder.feed(_buffered(response.content))
@@ -248,8 +254,8 @@ def _drainer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[
     return drain
 
 
-def _closer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[[], Awaitable[None]]:
-    async def close() -> None:
+def _closer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[[], None]:
+    def close() -> None:
         if state.done:
             response.release()  # back to the pool (aiohttp closes it instead if bytes are left unread)
         else:

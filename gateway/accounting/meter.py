@@ -13,7 +13,7 @@ import msgspec
 
 from gateway.policy.model import Price
 from gateway.tokens import count_text
-from gateway.upstream.wire import PromptTokensDetails, UpstreamErrorBody, Usage
+from gateway.upstream.wire import PromptTokensDetails, Usage
 
 
 class _FunctionArgs(msgspec.Struct):
@@ -74,71 +74,84 @@ def completion_tokens_of(payloads: Iterable[bytes], encoding: str) -> int:
 
 
 class _StreamChoice(msgspec.Struct):
-    index: int = 0
-    finish_reason: str | None = None
     delta: _StreamDelta | None = None
     text: str | None = None
 
 
-class StreamChunk(msgspec.Struct):
-    """What the relay reads of each streamed chunk, in one decode: the usage chunk, an error, and the
-    delta texts it counts when no usage arrives."""
+class _StreamTexts(msgspec.Struct):
+    """What the meter reads of a streamed chunk: the texts of its deltas."""
 
     choices: list[_StreamChoice] | None = None
-    usage: Usage | None = None
-    error: UpstreamErrorBody | str | None = None
 
 
-decode_stream_chunk = msgspec.json.Decoder(StreamChunk).decode
+_decode_texts = msgspec.json.Decoder(_StreamTexts).decode
 
-# Delta text is held up to this many characters, then counted with tiktoken and dropped: a relay holds
-# O(1) of a stream, whatever its length, and an answer shorter than this (most) is never tokenised
-# when the provider's usage arrives.
+# Events are held as received, up to this many bytes, and only then decoded and their text counted: the
+# upstream is always asked for usage, so for most streams (shorter than this, or ending with a usage
+# chunk) nothing is ever decoded or tokenised for the meter. Delta text is then held up to
+# TEXT_FOLD_CHARS characters, counted with tiktoken and dropped: a relay holds O(1) of a stream,
+# whatever its length.
+RAW_HOLD_BYTES = 32 * 1024
 TEXT_FOLD_CHARS = 8 * 1024
 _WHITESPACE = (" ", "\n", "\t", "\r")
 
 
 class StreamMeter:
-    """Completion tokens of a streamed answer, counted as it goes (tiktoken over the text of its
-    deltas: content, legacy `text`, tool arguments).
+    """Completion tokens of a streamed answer, counted lazily (tiktoken over the text of its deltas:
+    content, legacy `text`, tool arguments), for when the upstream sends no usage.
 
     Text is counted in pieces cut before a whitespace: tiktoken's words carry their leading space, so a
     cut there splits no token and the sum matches counting the whole text at once (English text: within
     a token per piece; the texts of several choices are counted as one text).
     """
 
-    __slots__ = ("_encoding", "_held", "_texts", "_tokens", "last")
+    __slots__ = ("_encoding", "_held", "_raw", "_raw_bytes", "_texts", "_tokens", "last")
 
     def __init__(self, encoding: str) -> None:
         self._encoding = encoding
+        self._raw: list[bytes] = []
+        self._raw_bytes = 0
         self._texts: list[str] = []
         self._held = 0
         self._tokens = 0
         # The last event seen (a model of the chunk Strait adds when the upstream sends no usage).
         self.last: bytes | None = None
 
-    def add(self, chunk: StreamChunk, payload: bytes) -> None:
-        """One event, already decoded by the relay (no second decode)."""
-        self.last = payload
-        choices = chunk.choices
-        if not choices:
-            return
+    def add(self, payloads: list[bytes]) -> None:
+        """Events as received (a batch, never empty): held, decoded only past RAW_HOLD_BYTES."""
+        self.last = payloads[-1]
+        self._raw += payloads
+        size = self._raw_bytes
+        for payload in payloads:
+            size += len(payload)
+        self._raw_bytes = size
+        if size > RAW_HOLD_BYTES:
+            self._decode_held()
+
+    def _decode_held(self) -> None:
         texts = self._texts
         held = self._held
-        for c in choices:
-            d = c.delta
-            if d is not None:
-                if d.content:
-                    texts.append(d.content)
-                    held += len(d.content)
-                if d.tool_calls:
-                    for call in d.tool_calls:
-                        if call.function is not None and call.function.arguments:
-                            texts.append(call.function.arguments)
-                            held += len(call.function.arguments)
-            if c.text:
-                texts.append(c.text)
-                held += len(c.text)
+        for payload in self._raw:
+            try:
+                chunk = _decode_texts(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue  # not a chunk (the relay refuses it); nothing to count
+            for c in chunk.choices or ():
+                d = c.delta
+                if d is not None:
+                    if d.content:
+                        texts.append(d.content)
+                        held += len(d.content)
+                    if d.tool_calls:
+                        for call in d.tool_calls:
+                            if call.function is not None and call.function.arguments:
+                                texts.append(call.function.arguments)
+                                held += len(call.function.arguments)
+                if c.text:
+                    texts.append(c.text)
+                    held += len(c.text)
+        self._raw = []
+        self._raw_bytes = 0
         self._held = held
         if held > TEXT_FOLD_CHARS:
             self._fold()
@@ -155,6 +168,8 @@ class StreamMeter:
 
     def tokens(self) -> int:
         """Every token so far (what is still held is counted, not dropped: the meter can go on)."""
+        if self._raw:
+            self._decode_held()
         return self._tokens + count_text("".join(self._texts), self._encoding)
 
 

@@ -1,9 +1,14 @@
 """Sending an answer straight over ASGI: the three model endpoints skip Litestar's per-request
 signature parsing and response machinery (measured: about a fifth of the gateway's CPU per request).
 
-A `Reply` is either a whole JSON body or an SSE iterator. A streamed reply stops as soon as the client
-disconnects; the iterator is then closed (shielded), so the relay's cleanup (closing the upstream,
-accounting) always runs.
+A `Reply` is either a whole JSON body or a stream of events (the pipeline's relay). A stream's events
+are framed by the OpenAI codec (gateway.api.openai.sse_encode), each batch the upstream delivered in
+one read as one ASGI message; the last bytes (`[DONE]` or an error event) go in the message that ends
+the body, with the last batch when the upstream's end came in the same read. A task
+watches for the client's disconnect and cancels the sending when it comes; the stream is then closed
+in a `finally` that runs whatever happened, even if not one event was pulled yet (the client left, a
+send failed, the handler was cancelled): the relay ends the request through its taps exactly once
+(upstream closed, accounting, live signals), promptly, not at garbage collection.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-import anyio
-
+from gateway.api.openai.sse_encode import encode_batch, encode_end
+from gateway.context import RequestContext
 from gateway.errors import ClientClosedRequest, RequestTimeout
-from gateway.reply import Reply
+from gateway.reply import EventStream, Reply, close_stream
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -32,32 +37,65 @@ def _raw_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
     return raw
 
 
-async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
-    await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
-    if reply.stream is None:
+async def send_reply(reply: Reply, receive: Receive, send: Send, ctx: RequestContext) -> None:
+    stream = reply.stream
+    if stream is None:
+        await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
         await send({"type": "http.response.body", "body": reply.body})
         return
-    stream = reply.stream
     try:
-        async with anyio.create_task_group() as group:
+        await _send_stream(reply, stream, ctx, receive, send)
+    finally:
+        # Whatever happened above (even before the first event): the stream ends here if it did not by
+        # itself (idempotent; the upstream's release shielded).
+        await close_stream(stream, "client_gone")
 
-            async def watch_disconnect() -> None:
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        group.cancel_scope.cancel()
-                        return
 
-            group.start_soon(watch_disconnect)
-            async for chunk in stream:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            group.cancel_scope.cancel()
+class _Watch:
+    """The disconnect watcher's state: whether the client left, and whether it still matters."""
+
+    __slots__ = ("gone", "over")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.over = False
+
+
+async def _watch_disconnect(receive: Receive, sender: asyncio.Task[Any], watch: _Watch) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not watch.over:
+                watch.gone = True
+                sender.cancel()
+            return
+
+
+async def _send_stream(reply: Reply, stream: EventStream, ctx: RequestContext, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
+    sender = asyncio.current_task()
+    assert sender is not None
+    watch = _Watch()
+    watcher = asyncio.ensure_future(_watch_disconnect(receive, sender, watch))
+    try:
+        last = b""
+        while batch := await stream.next():
+            if stream.finished:
+                last = encode_batch(batch)  # the upstream's end came with it: sent with the end, one write
+            else:
+                await send({"type": "http.response.body", "body": encode_batch(batch), "more_body": True})
+        end = stream.stop()
+        watch.over = True  # the answer is complete from here: a disconnect now changes nothing
+        await send({"type": "http.response.body", "body": last + encode_end(ctx, end), "more_body": False})
+    except asyncio.CancelledError:
+        # Our own cancel (the client left) ends the sending quietly; anyone else's goes on.
+        if not watch.gone or sender.uncancel() > 0:
+            raise
     except OSError:
         pass  # the client went away while we were writing
     finally:
-        with anyio.CancelScope(shield=True):
-            await stream.aclose()  # type: ignore[attr-defined]
+        watch.over = True
+        watcher.cancel()
 
 
 async def body_chunks(

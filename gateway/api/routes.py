@@ -19,7 +19,7 @@ from gateway.api.wire import ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
 from gateway.errors import MethodNotAllowed, ModelNotFound, NotFound
-from gateway.reply import JSON, Reply
+from gateway.reply import JSON
 from gateway.runtime import Gateway
 
 _encode = msgspec.json.encode
@@ -32,7 +32,7 @@ def _headers(scope: Any) -> dict[str, str]:
 def build_handlers(
     gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS, *, metrics_token: str | None = None
 ) -> list[BaseRouteHandler]:
-    async def handle(scope: Any, receive: Receive, operation: Operation) -> Reply:
+    async def handle(scope: Any, receive: Receive, send: Send, operation: Operation) -> None:
         started = time.perf_counter()
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
@@ -49,21 +49,22 @@ def build_handlers(
             decision_id=secrets.token_hex(5),
         )
         # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
-        return await gateway.runtime.pipeline.run(ctx)
+        reply = await gateway.runtime.pipeline.run(ctx)
+        await send_reply(reply, receive, send, ctx)
 
     # The model endpoints are raw ASGI handlers: Litestar routes them and renders their errors (raised
     # before the response starts), but does not parse signatures or build responses for them.
     @asgi("/v1/chat/completions", copy_scope=False)
     async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
-        await send_reply(await handle(scope, receive, "chat"), receive, send)
+        await handle(scope, receive, send, "chat")
 
     @asgi("/v1/completions", copy_scope=False)
     async def completions(scope: Any, receive: Receive, send: Send) -> None:
-        await send_reply(await handle(scope, receive, "completions"), receive, send)
+        await handle(scope, receive, send, "completions")
 
     @asgi("/v1/embeddings", copy_scope=False)
     async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
-        await send_reply(await handle(scope, receive, "embeddings"), receive, send)
+        await handle(scope, receive, send, "embeddings")
 
     def visible_routes(request: Request[Any, Any, Any]) -> list[str]:
         runtime = gateway.runtime

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
-from gateway.contracts import Operation
+from gateway.canonical import Operation
 from gateway.policy.compliance import compliance_reason
 from gateway.policy.model import Budget, Compliance, RateLimits, Route, Rule, Tenant
 

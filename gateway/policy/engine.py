@@ -22,7 +22,7 @@ from typing import Final
 
 import msgspec
 
-from gateway.contracts import Operation
+from gateway.canonical import Operation
 from gateway.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.policy.compile import RuleTest
 from gateway.policy.index import PolicyIndex, Principal, Target

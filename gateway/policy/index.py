@@ -13,7 +13,7 @@ from typing import Final
 
 import msgspec
 
-from gateway.contracts import Operation
+from gateway.canonical import Operation
 from gateway.policy.compile import (
     Candidates,
     PromptNeeds,

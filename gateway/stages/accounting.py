@@ -1,5 +1,10 @@
-"""Stage `accounting` (on response): a usage record per upstream attempt, the store's reservation
-reconciled to what was really used, both off the request path.
+"""Stage `accounting`, a tap (gateway.contracts.Tap): a usage record per upstream attempt, the store's
+reservation reconciled to what was really used, both off the request path; while a stream lasts, its
+ticket's lease is renewed by a timer (no work per event).
+
+`on_end` is the one place a request that reached the upstream stage is accounted: the pipeline calls it
+exactly once per request (JSON answer, upstream error, dispatch failure, cancellation, or a stream's end
+through the relay), so `complete` has that one caller.
 
 Tokens: the provider's usage when it sent one; otherwise tiktoken over what the upstream produced,
 flagged `usage_source=estimated` (never 0 for an answer that had text). A client that left mid-stream
@@ -11,17 +16,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
+from functools import partial
 
 from gateway.access_log import AccessLog
 from gateway.accounting.meter import cached_tokens, completion_tokens_of, cost_micro_usd
 from gateway.accounting.records import UsageRecord, UsageSource
 from gateway.accounting.writer import UsageWriter
 from gateway.context import RequestContext
+from gateway.contracts import End
+from gateway.relay import EndTap
 from gateway.state import MemoryStore, Store, Ticket
 from gateway.state import Usage as StoreUsage
 from gateway.telemetry import Metrics
-from gateway.upstream.wire import Usage
+
+# Runs a callback after a delay and returns its handle (the event loop's `call_later`; a test's own).
+Schedule = Callable[[float, Callable[[], None]], asyncio.Handle]
+
+
+def _call_later(delay: float, callback: Callable[[], None]) -> asyncio.Handle:
+    return asyncio.get_running_loop().call_later(delay, callback)
+
 
 log = logging.getLogger("strait.accounting")
 
@@ -32,13 +47,21 @@ RECONCILE_EVERY_S = 0.01
 RECONCILE_BATCH = 64
 
 
-class AccountingStage:
+class AccountingStage(EndTap):
+    """A tap with a start (the lease timer) and an end (the records, the release); nothing per event."""
+
     name = "accounting"
 
     def __init__(
-        self, writer: UsageWriter, store: Store, metrics: Metrics, access_log: AccessLog | None = None
+        self,
+        writer: UsageWriter,
+        store: Store,
+        metrics: Metrics,
+        access_log: AccessLog | None = None,
+        schedule: Schedule = _call_later,
     ) -> None:
         self.writer = writer
+        self._schedule = schedule
         self.access_log = access_log
         self.store = store
         self.metrics = metrics
@@ -50,22 +73,39 @@ class AccountingStage:
         self._urgent: list[tuple[Ticket, StoreUsage, asyncio.Future[None]]] = []
         self._urgent_flusher: asyncio.Future[None] | None = None
 
-    def complete(
-        self,
-        ctx: RequestContext,
-        *,
-        status: int,
-        usage: Usage | None,
-        produced: Sequence[bytes] = (),
-        estimated_completion: int | None = None,
-        partial: bool = False,
-        ttft_s: float | None = None,
-    ) -> tuple[int, int]:
+    def on_start(self, ctx: RequestContext) -> None:
+        """A stream starts: its ticket's lease (concurrency slot, budget reservation) is renewed every
+        RENEW_EVERY_S while it lasts, so a stream longer than the lease keeps what it holds."""
+        if ctx.ticket is not None:
+            ctx.lease_timer = self._schedule(RENEW_EVERY_S, partial(self._renew, ctx))
+
+    def on_end(self, ctx: RequestContext, end: End) -> None:
+        timer = ctx.lease_timer
+        if timer is not None:
+            timer.cancel()
+            ctx.lease_timer = None
+        prompt, completion = self.complete(ctx, end)
+        if ctx.span is not None:
+            # Tracing on: the request's span (ended by a later tap) reports exactly what was charged.
+            ctx.usage_in, ctx.usage_out = prompt, completion
+
+    def _renew(self, ctx: RequestContext) -> None:
+        ticket = ctx.ticket
+        if ticket is None:
+            ctx.lease_timer = None
+            return
+        task: asyncio.Task[object] = asyncio.ensure_future(self.store.renew(ticket, ticket.request.lease_s))
+        self._reconciles.add(task)
+        task.add_done_callback(self._reconciled)
+        ctx.lease_timer = self._schedule(RENEW_EVERY_S, partial(self._renew, ctx))
+
+    def complete(self, ctx: RequestContext, end: End) -> tuple[int, int]:
         """The answer is over (sent, failed or abandoned): record it and release the reservation.
         Returns the (prompt, completion) tokens charged.
 
-        Without provider `usage`, completion tokens are `estimated_completion` (a stream's running
-        count) or else tiktoken over `produced` (a JSON body)."""
+        Without provider usage, completion tokens are the End's `completion_tokens` (a stream's count)
+        or else tiktoken over `produced` (a JSON body)."""
+        status, usage, partial_, ttft_s = end.status, end.usage, end.partial, end.ttft_s
         now = time.time()
         ts_ms = int(now * 1000)
         prompt = completion = cached = cost = 0
@@ -95,12 +135,12 @@ class AccountingStage:
             if usage is not None:
                 prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, cached_tokens(usage)
                 source = "provider"
-            elif status < 400 or partial:
+            elif status < 400 or partial_:
                 prompt = ctx.prompt_tokens.count_now()  # the upstream reported none: estimated
                 completion = (
-                    estimated_completion
-                    if estimated_completion is not None
-                    else completion_tokens_of(produced, target.model.tokenizer)
+                    end.completion_tokens
+                    if end.completion_tokens is not None
+                    else completion_tokens_of(end.produced, target.model.tokenizer)
                 )
                 source = "estimated"
             cost = cost_micro_usd(target.deployment.price, prompt, completion, cached)
@@ -119,14 +159,14 @@ class AccountingStage:
                 cost,
                 time.perf_counter() - ctx.started,
                 ttft_s,
-                partial,
+                partial_,
                 source,
             )
         self.release(ctx, prompt + completion, cost)
         ctx.accounted = True
         if self.access_log is not None:
             self.access_log.write(
-                ctx, status, prompt=prompt, completion=completion, cost_micro_usd=cost, ttft_s=ttft_s, partial=partial
+                ctx, status, prompt=prompt, completion=completion, cost_micro_usd=cost, ttft_s=ttft_s, partial=partial_
             )
         return prompt, completion
 
@@ -134,17 +174,6 @@ class AccountingStage:
         """A request refused before any upstream (auth, body, route, limits): its log line."""
         if self.access_log is not None and not ctx.accounted:
             self.access_log.write(ctx, status, error=code)
-
-    def keepalive(self, ctx: RequestContext, now: float) -> None:
-        """Called as a long answer streams: renew the ticket's lease (concurrency slot, budget
-        reservation) before it expires, so a stream longer than the lease keeps what it holds."""
-        ticket = ctx.ticket
-        if ticket is None or now - ctx.lease_renewed < RENEW_EVERY_S:
-            return
-        ctx.lease_renewed = now
-        task: asyncio.Task[object] = asyncio.ensure_future(self.store.renew(ticket, ticket.request.lease_s))
-        self._reconciles.add(task)
-        task.add_done_callback(self._reconciled)
 
     def release(self, ctx: RequestContext, tokens: int, cost: int) -> None:
         """Hand the reservation back to the store with the real usage.

@@ -1,53 +1,60 @@
-"""Stage `upstream` (terminal): the Dispatcher walks the plan; its answer becomes the client's Reply.
+"""Stage `upstream` (terminal): the Dispatcher walks the plan; its answer becomes the client's Reply
+(gateway.stages.respond: a JSON body with how it ended, or the upstream's stream as an event source).
 
-Error accounting lives here: an upstream that cannot be reached (the GatewayError the Dispatcher
-raises) or a client that leaves while waiting (cancelled) is recorded and its reservation released
-before the error propagates, so every request that reached an upstream is accounted exactly once.
+It contributes two taps, run when the answer is over: live signals (a stream holds its backend's
+in-flight count until then) and token metrics (the provider's usage, the stream's time to first event).
+A dispatch failure or a client that leaves while waiting propagates to the pipeline, which ends the
+request through every tap (accounting included) before the error goes on.
 """
 
 from __future__ import annotations
 
-import asyncio
-
 from gateway.context import RequestContext
-from gateway.errors import GatewayError
+from gateway.contracts import End
+from gateway.relay import EndTap
 from gateway.reply import Reply
-from gateway.stages.accounting import AccountingStage
-from gateway.stages.respond import finish, respond
+from gateway.stages.respond import respond
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.signals import LiveSignals
 
 
-async def settled(ctx: RequestContext) -> None:
-    """Wait until the request's concurrency slots are given back (before the answer's last byte)."""
-    if ctx.settling is not None:
-        await asyncio.shield(ctx.settling)
+class SignalsTap(EndTap):
+    """A stream's backend is no longer working on it: its in-flight count goes down (the dispatcher
+    counts a whole answer down itself)."""
+
+    def __init__(self, signals: LiveSignals) -> None:
+        self.signals = signals
+
+    def on_end(self, ctx: RequestContext, end: End) -> None:
+        if end.stream and ctx.target is not None:
+            self.signals.finished(ctx.target.backend.name)
+
+
+class MetricsTap(EndTap):
+    """Tokens the provider reported, by route; a stream's time to first event."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def on_end(self, ctx: RequestContext, end: End) -> None:
+        m = self.metrics
+        route = ctx.route_name
+        if end.stream and end.ttft_s is not None:
+            m.child(m.ttft, route).observe(end.ttft_s)
+        usage = end.usage
+        if usage is not None:
+            m.child(m.tokens, route, "prompt").inc(usage.prompt_tokens)
+            m.child(m.tokens, route, "completion").inc(usage.completion_tokens)
 
 
 class UpstreamStage:
     name = "upstream"
 
-    def __init__(
-        self, dispatcher: Dispatcher, metrics: Metrics, signals: LiveSignals, accounting: AccountingStage
-    ) -> None:
+    def __init__(self, dispatcher: Dispatcher, metrics: Metrics, signals: LiveSignals) -> None:
         self.dispatcher = dispatcher
         self.metrics = metrics
-        self.signals = signals
-        self.accounting = accounting
+        self.taps = (SignalsTap(signals), MetricsTap(metrics))
 
     async def call(self, ctx: RequestContext) -> Reply:
-        try:
-            upstream = await self.dispatcher.call(ctx)
-        except GatewayError as exc:
-            finish(self.accounting, ctx, status=exc.status, usage=None)
-            await settled(ctx)
-            raise
-        except BaseException:
-            # The client left while waiting (cancelled): record the attempts, release the reservation.
-            finish(self.accounting, ctx, status=499, usage=None, partial=True)
-            raise
-        reply = respond(ctx, upstream, self.metrics, self.signals, self.accounting)
-        if reply.stream is None:
-            await settled(ctx)
-        return reply
+        return respond(ctx, await self.dispatcher.call(ctx), self.metrics)

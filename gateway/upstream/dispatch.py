@@ -138,7 +138,7 @@ class Dispatcher:
                 )
             if response.status < 500:
                 signals.answered(backend, target.label, time.perf_counter() - t0)
-            if response.events is None:
+            if not response.streaming:
                 # A stream holds its in-flight slot until the relay closes it.
                 signals.finished(backend)
             ctx.target = target

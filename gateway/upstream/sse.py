@@ -1,15 +1,11 @@
-"""Server-sent events: an incremental decoder for upstream streams and the encoder for client streams."""
+"""Server-sent events from upstreams: an incremental decoder (the client side's encoder is the edge's:
+gateway.api.openai.sse_encode)."""
 
 from __future__ import annotations
 
 DONE = b"[DONE]"
-DONE_EVENT = b"data: [DONE]\n\n"
 # Longest line (and longest event: its data lines joined) an upstream may send; a real chunk is a few KiB.
 MAX_EVENT_BYTES = 1024 * 1024
-
-
-def encode_event(payload: bytes) -> bytes:
-    return b"data: " + payload + b"\n\n"
 
 
 class SSELineTooLong(ValueError):
@@ -58,6 +54,43 @@ class SSEDecoder:
             self._pending = 0
         else:
             buf = chunk
+        if b"\r" in buf:
+            return self._scan(buf)
+        # The common case (LF line ends only): one split, one pass, no call per line.
+        lines = buf.split(b"\n")
+        rest = lines.pop()  # the incomplete last line (b"" when the chunk ended with a line end)
+        events: list[bytes] = []
+        data = self._data
+        size = self._data_size
+        limit = self._max
+        for line in lines:
+            if not line:
+                if data:
+                    events.append(b"\n".join(data))
+                    data = []
+                    size = 0
+                continue
+            if len(line) > limit:
+                raise SSELineTooLong(limit, events)
+            if line.startswith(b"data:"):
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                size += len(value) + 1
+                if size > limit + 1:
+                    raise SSELineTooLong(limit, events)
+                data.append(value)
+            # Comments (":...") and other fields (event, id, retry) carry nothing Strait forwards.
+        self._data = data
+        self._data_size = size
+        if rest:
+            self._cr = False
+            self._pending = len(rest)
+            if self._pending > limit:
+                raise SSELineTooLong(limit, events)
+            self._parts = [rest]
+        return events
+
+    def _scan(self, buf: bytes) -> list[bytes]:
+        """Any line ends (CR, CRLF, LF), a line at a time."""
         events: list[bytes] = []
         start = 0
         n = len(buf)

@@ -17,6 +17,8 @@ BELOW_API = ("stages", "upstream", "policy", "state", "accounting")
 # Top-level modules below the edge (app.py and __main__.py wire everything and may import anything).
 BELOW_API_MODULES = (
     "pipeline.py",
+    "relay.py",
+    "spans.py",
     "context.py",
     "contracts.py",
     "reply.py",

@@ -67,7 +67,7 @@ def reader() -> StreamReader:
 def stream(a: OpenAICompatAdapter, r: StreamReader) -> tuple[Any, Any]:
     response = _Response(r)
     state = _StreamState(a._max_event)
-    return a._events(response, state), _drainer(response, state)  # type: ignore[arg-type]
+    return a._batches(response, state), _drainer(response, state)  # type: ignore[arg-type]
 
 
 async def test_aiohttp_hides_buffered_bytes_once_the_connection_failed() -> None:
@@ -85,7 +85,7 @@ async def test_events_received_before_a_reset_are_salvaged_for_the_drain() -> No
     r = reader()
     events, drain = stream(a, r)
     r.feed_data(sse(1))
-    assert await events.__anext__() == event(1)
+    assert await events.__anext__() == [event(1)]
     # While the relay is busy with event 1, two more events and half of a third arrive, then a reset.
     r.feed_data(sse(2) + sse(3) + sse(4)[:20])
     r.set_exception(aiohttp.ClientPayloadError("Response payload is not completed"))
@@ -95,15 +95,36 @@ async def test_events_received_before_a_reset_are_salvaged_for_the_drain() -> No
     assert drain() == [event(2), event(3)]  # charged; the torn fourth is not an event
 
 
-async def test_a_client_leaving_mid_batch_is_charged_for_the_rest_of_the_batch() -> None:
+async def test_a_read_is_handed_over_whole_and_the_drain_gives_what_is_buffered_behind_it() -> None:
     a = adapter()
     r = reader()
     events, drain = stream(a, r)
-    r.feed_data(sse(1) + sse(2) + sse(3))  # one read, three events
-    assert await events.__anext__() == event(1)
+    r.feed_data(sse(1) + sse(2) + sse(3))  # one read, three events: one batch (the relay charges all three)
+    assert await events.__anext__() == [event(1), event(2), event(3)]
     r.feed_data(sse(4))  # buffered, not read yet
-    # The client leaves while event 1 is being relayed: 2 and 3 were decoded, 4 was received.
-    assert drain() == [event(2), event(3), event(4)]
+    # The client leaves while the batch is being relayed: 4 was received, and is charged too.
+    assert drain() == [event(4)]
+
+
+async def test_done_ends_the_stream_and_the_events_before_it_in_the_same_read_are_relayed() -> None:
+    a = adapter()
+    r = reader()
+    events, drain = stream(a, r)
+    r.feed_data(sse(1) + sse(2) + b"data: [DONE]\n\n" + sse(3))
+    assert await events.__anext__() == [event(1), event(2), b"[DONE]"]  # the end, last: nothing after it
+    with pytest.raises(StopAsyncIteration):
+        await events.__anext__()
+    assert drain() == []
+
+
+async def test_a_stream_that_goes_silent_past_the_read_timeout_is_timed_out() -> None:
+    a = adapter()
+    r = reader()
+    events, _ = stream(a, r)
+    r.set_exception(aiohttp.ServerTimeoutError("Timeout on reading data from socket"))
+    with pytest.raises(UpstreamStreamBroken) as broken:
+        await events.__anext__()
+    assert broken.value.timeout and broken.value.code == "upstream_timeout"
 
 
 async def test_an_event_over_the_cap_breaks_the_stream_and_what_came_before_is_charged() -> None:
@@ -111,7 +132,7 @@ async def test_an_event_over_the_cap_breaks_the_stream_and_what_came_before_is_c
     r = reader()
     events, drain = stream(a, r)
     r.feed_data(sse(1))
-    assert await events.__anext__() == event(1)
+    assert await events.__anext__() == [event(1)]
     r.feed_data(sse(2) + b'data: {"pad":"' + b"x" * 300)  # no line end needed: refused at the cap
     with pytest.raises(UpstreamStreamBroken) as broken:
         await events.__anext__()

@@ -1,32 +1,42 @@
 """The SSE relay in-process, driven event by event: no sockets, no sleeps.
 
 The upstream is a stream the test feeds: each event, a reset, an error event or the end arrives exactly
-when the test says, and the client reads (or leaves) at an exact point. Each test states which tokens
-are charged and that every cleanup (upstream close, accounting.complete, signals.finished) ran once.
+when the test says, and the client reads (or leaves) at an exact point. The relay is the one the
+pipeline composes (the upstream stage's event source with its taps and accounting's); a whole answer is
+read through the edge's ASGI send path (`send_reply`, the OpenAI SSE codec). Each test states which
+tokens are charged and that every cleanup (upstream close, accounting.complete, signals.finished) ran
+once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import pytest
 
 from gateway.accounting.records import UsageRecord
+from gateway.api.asgi_send import Message, send_reply
+from gateway.canonical import Request
 from gateway.context import RequestContext
-from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
+from gateway.contracts import End, UpstreamResponse, UpstreamStreamBroken
+from gateway.pipeline import Pipeline
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Backend, Deployment, Model, Price
+from gateway.reply import EventStream, Reply, close_stream
 from gateway.stages.accounting import AccountingStage
-from gateway.stages.respond import respond
+from gateway.stages.upstream import UpstreamStage
 from gateway.state import MemoryStore
 from gateway.telemetry import Metrics
 from gateway.tokens import PromptTokens, count_text
+from gateway.upstream.dispatch import Dispatcher
+from gateway.upstream.redact import redactor_for
 from gateway.upstream.signals import LiveSignals
 
 ENCODING = "cl100k_base"
@@ -49,19 +59,25 @@ def usage_chunk(prompt: int, completion: int) -> bytes:
     return msgspec.json.encode({"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": usage})
 
 
+def framed(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
 ERROR_EVENT = b'{"error":{"message":"engine died","type":"server_error","code":"engine_error"}}'
 
 
 class DrivenUpstream:
     """An upstream stream the test drives. `buffered` is what the adapter had received but not handed
-    over when the stream stopped (what `drain` returns)."""
+    over when the stream stopped (what `drain` returns). Items pushed as a list arrive as one batch
+    (one read) when `batched`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, batched: bool = False) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.buffered: list[bytes] = []
         self.closed = 0
         self.drained = 0
         self.handed = 0
+        self.batched = batched
         self.waiting = asyncio.Event()  # set while the relay waits for the next event
 
     def push(self, *items: Any) -> None:
@@ -71,7 +87,7 @@ class DrivenUpstream:
     def __aiter__(self) -> DrivenUpstream:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> Any:
         self.waiting.set()
         try:
             item = await self.queue.get()
@@ -81,8 +97,7 @@ class DrivenUpstream:
             raise StopAsyncIteration
         if isinstance(item, BaseException):
             raise item
-        self.handed += 1
-        assert isinstance(item, bytes)
+        self.handed += len(item) if isinstance(item, list) else 1
         return item
 
     def drain(self) -> list[bytes]:
@@ -94,6 +109,8 @@ class DrivenUpstream:
         self.closed += 1
 
     def response(self) -> UpstreamResponse:
+        if self.batched:
+            return UpstreamResponse(status=200, batches=self, close=self.close, drain=self.drain)
         return UpstreamResponse(status=200, events=self, close=self.close, drain=self.drain)
 
 
@@ -108,11 +125,11 @@ class Writer:
 class CountingAccounting(AccountingStage):
     def __init__(self, writer: Writer) -> None:
         super().__init__(writer, MemoryStore(), Metrics())  # type: ignore[arg-type]
-        self.completed: list[dict[str, Any]] = []
+        self.completed: list[End] = []
 
-    def complete(self, ctx: RequestContext, **kw: Any) -> tuple[int, int]:
-        self.completed.append(kw)
-        return super().complete(ctx, **kw)
+    def complete(self, ctx: RequestContext, end: End) -> tuple[int, int]:
+        self.completed.append(end)
+        return super().complete(ctx, end)
 
 
 class CountingSignals(LiveSignals):
@@ -141,25 +158,73 @@ def make_ctx(*, include_usage: bool = False) -> RequestContext:
     )
     ctx.target = Target(model=model, deployment=deployment, backend=backend)
     ctx.prompt_tokens = PromptTokens.of(9)
+    ctx.request = Request(operation="chat", model="chat", stream=True, include_usage=include_usage)
     return ctx
 
 
+class FixedDispatcher:
+    """The dispatcher's place: hands the upstream stage the test's upstream."""
+
+    def __init__(self, upstream: DrivenUpstream) -> None:
+        self.upstream = upstream
+
+    async def call(self, ctx: RequestContext) -> UpstreamResponse:
+        return self.upstream.response()
+
+
+class Client:
+    """The ASGI side of one response: what was sent, and a disconnect the test triggers."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.disconnect = asyncio.Event()
+
+    async def receive(self) -> Message:
+        await self.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def events(self) -> list[bytes]:
+        body = b"".join(m.get("body", b"") for m in self.messages if m["type"] == "http.response.body")
+        return [part + b"\n\n" for part in body.split(b"\n\n") if part]
+
+
 class Harness:
-    def __init__(self, *, include_usage: bool = False) -> None:
-        self.upstream = DrivenUpstream()
+    """The relay as the runtime composes it: Pipeline(upstream stage, taps=(accounting,))."""
+
+    def __init__(self, *, include_usage: bool = False, batched: bool = False) -> None:
+        self.upstream = DrivenUpstream(batched=batched)
         self.writer = Writer()
         self.accounting = CountingAccounting(self.writer)
         self.signals = CountingSignals()
         self.ctx = make_ctx(include_usage=include_usage)
-        reply = respond(self.ctx, self.upstream.response(), Metrics(), self.signals, self.accounting)
-        assert reply.stream is not None
-        self.relay: AsyncIterator[bytes] = reply.stream  # type: ignore[assignment]
+        stage = UpstreamStage(FixedDispatcher(self.upstream), Metrics(), self.signals)  # type: ignore[arg-type]
+        self.pipeline = Pipeline([], stage, taps=(self.accounting,))
+        self._relay: EventStream | None = None
+        self.client = Client()
 
-    async def read(self) -> bytes:
-        return await self.relay.__anext__()
+    async def reply(self) -> Reply:
+        reply = await self.pipeline.run(self.ctx)
+        assert reply.stream is not None
+        self._relay = reply.stream
+        return reply
+
+    @property
+    def relay(self) -> EventStream:
+        assert self._relay is not None
+        return self._relay
+
+    async def read(self) -> list[bytes]:
+        if self._relay is None:
+            await self.reply()
+        return await self.relay.next()
 
     async def read_all(self) -> list[bytes]:
-        return [e async for e in self.relay]
+        """The whole answer through the edge's send path: the client's SSE events, framed."""
+        await send_reply(await self.reply(), self.client.receive, self.client.send, self.ctx)
+        return self.client.events()
 
     def record(self) -> UsageRecord:
         """The one usage record, after every cleanup ran exactly once."""
@@ -201,7 +266,7 @@ async def test_upstream_reset_charges_relayed_and_salvaged_events_and_sends_no_d
     # Received by the adapter before the reset, never handed over: charged, not relayed.
     h.upstream.buffered = [chunk(t[2]), chunk(t[3])]
     out = await h.read_all()
-    assert out[:2] == [b"data: " + chunk(t[0]) + b"\n\n", b"data: " + chunk(t[1]) + b"\n\n"]
+    assert out[:2] == [framed(chunk(t[0])), framed(chunk(t[1]))]
     assert len(out) == 3 and json.loads(out[2][6:])["error"]["code"] == "upstream_stream_broken"
     assert all(b"[DONE]" not in e for e in out)
     r = h.record()
@@ -215,9 +280,9 @@ async def test_client_leaving_mid_stream_charges_what_the_upstream_had_delivered
     t = texts(6)
     h.upstream.push(*(chunk(x) for x in t[:3]))
     h.upstream.buffered = [chunk(t[3]), chunk(t[4])]
-    assert await h.read() == b"data: " + chunk(t[0]) + b"\n\n"
-    assert await h.read() == b"data: " + chunk(t[1]) + b"\n\n"
-    await h.relay.aclose()  # type: ignore[attr-defined]  # the client went away at its second event
+    assert await h.read() == [chunk(t[0])]
+    assert await h.read() == [chunk(t[1])]
+    await close_stream(h.relay, "client_gone")  # the client went away at its second event (the edge's finally)
     r = h.record()
     # Relayed (2) + handed over but not yet read by the client (0: the relay pulls one at a time)
     # + buffered (2). The third queued event was never received by Strait: not charged.
@@ -230,18 +295,19 @@ async def test_client_leaving_mid_stream_charges_what_the_upstream_had_delivered
     )
 
 
-async def test_client_cancelled_while_waiting_for_the_upstream_still_closes_it_once() -> None:
+async def test_client_leaving_while_the_relay_waits_for_the_upstream_closes_it_once() -> None:
     h = Harness()
     t = texts(2)
     h.upstream.push(chunk(t[0]))
-    assert await h.read() == b"data: " + chunk(t[0]) + b"\n\n"
-    waiting = asyncio.ensure_future(h.read())
-    await h.upstream.waiting.wait()  # the relay now waits for the upstream's next event
-    waiting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
+    sending = asyncio.ensure_future(send_reply(await h.reply(), h.client.receive, h.client.send, h.ctx))
+    await h.upstream.waiting.wait()  # event 0 relayed; the relay now waits for the upstream's next event
+    assert h.upstream.handed == 1 and h.accounting.completed == []
+    h.client.disconnect.set()
+    await sending  # the watcher cancelled the wait; send_reply ends quietly
     r = h.record()
     assert (r.completion_tokens, r.partial) == (3, True)
+    assert h.accounting.completed[0].outcome == "client_gone"
+    assert h.client.events() == [framed(chunk(t[0]))]  # no [DONE], no error event: nobody is listening
 
 
 async def test_upstream_error_event_mid_stream_is_relayed_as_an_error_without_done() -> None:
@@ -260,7 +326,7 @@ async def test_a_usage_chunk_among_the_drained_events_wins() -> None:
     h.upstream.push(chunk(t[0]))
     h.upstream.buffered = [chunk(t[1]), usage_chunk(9, 6)]
     await h.read()
-    await h.relay.aclose()  # type: ignore[attr-defined]
+    await close_stream(h.relay, "client_gone")
     r = h.record()
     assert (r.completion_tokens, r.usage_source, r.partial) == (6, "provider", True)
 
@@ -308,13 +374,14 @@ class GeneratedUpstream(DrivenUpstream):
 async def _relay_peak(n: int) -> tuple[int, UsageRecord]:
     h = Harness()
     h.upstream = GeneratedUpstream(n)
-    reply = respond(h.ctx, h.upstream.response(), Metrics(), h.signals, h.accounting)
+    h.pipeline.terminal.dispatcher = FixedDispatcher(h.upstream)  # type: ignore[attr-defined]
+    reply = await h.reply()
     assert reply.stream is not None
     count_text("load the encoding before measuring", ENCODING)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        async for _ in reply.stream:  # type: ignore[attr-defined]
+        while await reply.stream.next():
             pass
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
@@ -339,3 +406,215 @@ async def test_a_long_stream_does_not_grow_the_relay_and_is_counted_closely() ->
         pieces = len(whole) // (8 * 1024) + 1
         assert abs(r.completion_tokens - exact) <= pieces, (r.completion_tokens, exact, pieces)
         assert r.usage_source == "estimated"
+
+
+# ---- the edge's send path: the stream always ends, promptly, also before its first event ----
+
+
+class FailingHead(Client):
+    """A client already gone when the response head is written (servers that raise on a closed socket)."""
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            raise OSError("connection reset by peer")
+        await super().send(message)
+
+
+async def test_a_client_gone_before_the_first_chunk_is_ended_at_once_not_at_garbage_collection() -> None:
+    gc.disable()  # nothing may depend on a collection
+    try:
+        h = Harness()
+        h.upstream.push(chunk("never sent"))
+        h.client = FailingHead()
+        with pytest.raises(OSError):
+            await send_reply(await h.reply(), h.client.receive, h.client.send, h.ctx)
+        # Before: the relay was a generator never started, so its `finally` never ran: no close, no
+        # record, the backend's in-flight count never went down.
+        r = h.record()
+        assert h.upstream.handed == 0 and h.client.messages == []
+        assert (r.status, r.partial, r.completion_tokens) == (200, True, 0)
+        assert h.accounting.completed[0].outcome == "client_gone"
+    finally:
+        gc.enable()
+
+
+class PausedHead(Client):
+    """A client that stopped reading: writing the head waits (the server's flow control) until the test
+    lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.paused.set()
+            await self.release.wait()
+        await super().send(message)
+
+
+async def test_a_handler_cancelled_while_writing_the_head_still_ends_the_stream_once() -> None:
+    gc.disable()
+    try:
+        h = Harness()
+        h.client = client = PausedHead()
+        sending = asyncio.ensure_future(send_reply(await h.reply(), client.receive, client.send, h.ctx))
+        await client.paused.wait()
+        sending.cancel()  # shutdown, or the server giving up on the connection
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        h.record()
+        assert h.accounting.completed[0].outcome == "client_gone"
+    finally:
+        gc.enable()
+
+
+async def test_a_client_that_left_before_the_upstream_sent_anything_is_ended_by_the_watcher() -> None:
+    gc.disable()
+    try:
+        h = Harness()
+        h.client.disconnect.set()  # gone already: the first receive says so
+        await send_reply(await h.reply(), h.client.receive, h.client.send, h.ctx)
+        r = h.record()
+        assert h.upstream.handed == 0 and (r.partial, r.status) == (True, 200)
+        assert [m["type"] for m in h.client.messages] == ["http.response.start"]
+    finally:
+        gc.enable()
+
+
+async def test_a_stage_failing_on_a_stream_reply_ends_the_stream() -> None:
+    h = Harness()
+
+    class Broken:
+        name = "broken"
+
+        async def on_request(self, ctx: RequestContext) -> None:
+            return None
+
+        async def on_response(self, ctx: RequestContext, reply: Reply) -> Reply:
+            raise RuntimeError("a stage bug")
+
+    h.pipeline = Pipeline([Broken()], h.pipeline.terminal, taps=(h.accounting,))
+    with pytest.raises(RuntimeError):
+        await h.pipeline.run(h.ctx)
+    h.record()
+
+
+# ---- batches: the events of one upstream read go to the client in one write ----
+
+
+async def test_a_batch_is_one_write_and_the_usage_chunk_inside_it_is_dropped() -> None:
+    h = Harness(batched=True)
+    t = texts(3)
+    h.upstream.push([chunk(t[0]), chunk(t[1])], [chunk(t[2]), usage_chunk(9, 9)], END)
+    out = await h.read_all()
+    bodies = [m["body"] for m in h.client.messages if m["type"] == "http.response.body"]
+    assert bodies == [
+        framed(chunk(t[0])) + framed(chunk(t[1])),
+        framed(chunk(t[2])),
+        b"data: [DONE]\n\n",
+    ]
+    assert out[-1] == b"data: [DONE]\n\n" and len(out) == 4
+    r = h.record()
+    assert (r.completion_tokens, r.usage_source, r.partial) == (9, "provider", False)
+
+
+async def test_a_batch_that_brings_the_upstreams_end_goes_out_with_the_end_in_one_write() -> None:
+    h = Harness(batched=True)
+    t = texts(3)
+    h.upstream.push([chunk(t[0])], [chunk(t[1]), chunk(t[2]), usage_chunk(9, 9), b"[DONE]"])
+    out = await h.read_all()
+    bodies = [(m["body"], m["more_body"]) for m in h.client.messages if m["type"] == "http.response.body"]
+    assert bodies == [
+        (framed(chunk(t[0])), True),
+        (framed(chunk(t[1])) + framed(chunk(t[2])) + b"data: [DONE]\n\n", False),
+    ]
+    assert len(out) == 4
+    r = h.record()
+    assert (r.completion_tokens, r.usage_source, r.partial, r.status) == (9, "provider", False, 200)
+    assert h.upstream.drained == 0
+
+
+async def test_an_error_inside_a_batch_relays_the_events_before_it_then_the_error() -> None:
+    h = Harness(batched=True)
+    t = texts(3)
+    h.upstream.push([chunk(t[0]), ERROR_EVENT, chunk(t[1])], END)
+    out = await h.read_all()
+    assert out[0] == framed(chunk(t[0])) and len(out) == 2
+    assert json.loads(out[1][6:])["error"]["code"] == "engine_error"
+    r = h.record()
+    # Received is charged, relayed or not (the event after the error came in the same read).
+    assert (r.completion_tokens, r.status, r.partial) == (6, 502, True)
+    assert h.accounting.completed[0].outcome == "upstream_failed"
+
+
+async def test_an_invalid_event_ends_the_stream_with_an_error() -> None:
+    h = Harness()
+    h.upstream.push(chunk(texts(1)[0]), b"{not json", END)
+    out = await h.read_all()
+    assert len(out) == 2 and json.loads(out[1][6:])["error"]["code"] == "upstream_bad_event"
+    assert h.record().status == 502
+
+
+async def test_a_stalled_upstream_is_timed_out() -> None:
+    h = Harness()
+    h.upstream.push(
+        chunk(texts(1)[0]),
+        UpstreamStreamBroken("stalled", code="upstream_timeout", client_message="late", timeout=True),
+    )
+    out = await h.read_all()
+    assert json.loads(out[-1][6:])["error"] == {
+        "message": "late",
+        "type": "server_error",
+        "param": None,
+        "code": "upstream_timeout",
+    }
+    r = h.record()
+    assert (r.status, r.partial) == (504, True) and h.accounting.completed[0].outcome == "timed_out"
+
+
+async def test_upstream_error_text_mid_stream_is_redacted() -> None:
+    h = Harness()
+    h.ctx.redact = redactor_for(["env:SECRET_KEY"], {"SECRET_KEY": "sk-live-abcdef0123456789"})
+    error = {"error": {"message": "died on gpu-7.corp.internal:8000 with sk-live-abcdef0123456789", "type": "x"}}
+    h.upstream.push(msgspec.json.encode(error), END)
+    out = await h.read_all()
+    message = json.loads(out[-1][6:])["error"]["message"]
+    assert "sk-live" not in message and "corp.internal" not in message
+
+
+class OneStreamAdapter:
+    def __init__(self, upstream: DrivenUpstream) -> None:
+        self.upstream = upstream
+
+    async def send(self, call: Any) -> UpstreamResponse:
+        return self.upstream.response()
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("batched", [True, False])
+async def test_a_stream_holds_its_backends_in_flight_count_until_it_ends(batched: bool) -> None:
+    h = Harness(batched=batched)
+    assert h.ctx.target is not None
+    h.ctx.plan = (h.ctx.target,)
+    dispatcher = Dispatcher({"b1": OneStreamAdapter(h.upstream)}, Metrics(), h.signals)  # type: ignore[dict-item]
+    h.pipeline.terminal.dispatcher = dispatcher  # type: ignore[attr-defined]
+    h.upstream.push([chunk("a")] if batched else chunk("a"))
+    await h.reply()
+    assert await h.read() == [chunk("a")]
+    assert h.signals.in_flight == {"b1": 1}  # still generating for this stream
+    h.upstream.push(END)
+    assert await h.read() == []
+    assert h.signals.in_flight == {"b1": 0} and h.signals.finished_calls == ["b1"]
+
+
+async def test_an_adapter_bug_mid_stream_is_an_error_event_and_the_stream_still_ends_once() -> None:
+    h = Harness()
+    h.upstream.push(chunk(texts(1)[0]), RuntimeError("adapter bug"))
+    out = await h.read_all()
+    assert len(out) == 2 and json.loads(out[1][6:])["error"]["code"] == "upstream_stream_broken"
+    r = h.record()
+    assert (r.status, r.partial, r.completion_tokens) == (502, True, 3)

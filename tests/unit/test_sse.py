@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.upstream.sse import MAX_EVENT_BYTES, SSEDecoder, SSELineTooLong, encode_event
+from gateway.api.openai.sse_encode import encode_event
+from gateway.upstream.sse import MAX_EVENT_BYTES, SSEDecoder, SSELineTooLong
 
 payload = st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b and b"\r" not in b)
 

@@ -1,2 +1,2 @@
-"""The OpenAI codec: Chat Completions, legacy Completions and Embeddings bodies to canonical requests
-(request side: decode.py, to_canonical.py, request_stage.py)."""
+"""The OpenAI wire protocol at the edge: decoding what clients send (decode.py, to_canonical.py,
+request_stage.py) and encoding what they get back (sse_encode.py)."""
