@@ -85,6 +85,23 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
 
+        self.limit_decisions = Counter(
+            "strait_limit_decisions",
+            "Admissions by route and result: allowed, downgraded (a spent budget moved the request to the "
+            "tenant's downgrade route), rate_limited, concurrency, budget, too_large (more than the limit's "
+            "whole capacity), degraded (the state store was unreachable: rate limits open).",
+            ("route", "result"),
+            registry=self.registry,
+        )
+        self.state_latency = Histogram(
+            "strait_state_call_seconds",
+            "State store calls (Redis round trips) by call: admit (on the request path), reconcile (a batch "
+            "of releases, in the background).",
+            ("call",),
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+        )
+
     def child(self, metric: Any, *labels: str) -> Any:
         """A metric's child for these label values, looked up once: `labels()` hashes and locks on every
         call, measurable on the hot path. Label values come from the policy (routes, backends), so the

@@ -209,9 +209,14 @@ class AccountingStage(EndTap):
         while self._pending:
             batch, self._pending = self._pending[:RECONCILE_BATCH], self._pending[RECONCILE_BATCH:]
             try:
-                await self.store.reconcile_many(batch)
+                await self._reconcile(batch)
             except Exception:  # never let a store bug kill the flusher; leases expire the rest
                 log.exception("reconcile batch failed")
+
+    async def _reconcile(self, batch: list[tuple[Ticket, StoreUsage]]) -> None:
+        started = time.perf_counter()
+        await self.store.reconcile_many(batch)
+        self.metrics.child(self.metrics.state_latency, "reconcile").observe(time.perf_counter() - started)
 
     async def _flush_urgent(self) -> None:
         """Slot releases go at the next turn of the event loop (those of one turn travel together in
@@ -222,7 +227,7 @@ class AccountingStage(EndTap):
             room = RECONCILE_BATCH - len(urgent)
             rest, self._pending = self._pending[:room], self._pending[room:]
             try:
-                await self.store.reconcile_many([(t, u) for t, u, _ in urgent] + rest)
+                await self._reconcile([(t, u) for t, u, _ in urgent] + rest)
             except Exception:  # never let a store bug kill the flusher; leases expire the rest
                 log.exception("reconcile batch failed")
             finally:

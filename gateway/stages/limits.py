@@ -161,12 +161,15 @@ class LimitsStage(RequestOnly):
         if limits is None:
             return  # an open policy (no tenants) has no limits
         admission = await self._admit(ctx, limits)
+        result = "allowed"
         if not admission.allowed:
             denied = admission.denied_by
             if all(isinstance(c.limit, BudgetLimit) for c in denied):
                 downgrade = plan.downgrade
                 if downgrade is None:
+                    self._count(ctx, "budget")
                     raise BudgetExceeded(_budget_refusal(denied), headers={"x-should-retry": "false"})
+                result = "downgraded"
                 # The budget is spent and the tenant downgrades: the plan decided with the request's.
                 self._switch(ctx, downgrade)
                 limits = self.limits.get(principal.tenant, downgrade.route.name, with_budgets=False)
@@ -174,6 +177,7 @@ class LimitsStage(RequestOnly):
                 admission = await self._admit(ctx, limits)
         if not admission.allowed:
             what = ", ".join(f"{c.limit.scope} {_limit_text(c)}" for c in admission.denied_by)
+            self._count(ctx, _refusal_kind(admission))
             if any(not c.fits for c in admission.denied_by):
                 # Larger than the limit's whole capacity: waiting will never help (OpenAI's "Request too large").
                 raise RateLimited(
@@ -189,6 +193,10 @@ class LimitsStage(RequestOnly):
             )
         ctx.ticket = admission.ticket
         ctx.extra_headers.update(rate_headers(admission))
+        self._count(ctx, "degraded" if admission.degraded else result)
+
+    def _count(self, ctx: RequestContext, result: str) -> None:
+        self.metrics.child(self.metrics.limit_decisions, ctx.route_name, result).inc()
 
     def _switch(self, ctx: RequestContext, plan: RoutePlan) -> None:
         """The request continues on the downgrade plan: everything after this stage (upstream, accounting,
@@ -230,6 +238,7 @@ class LimitsStage(RequestOnly):
                 param=request.output_tokens_field,
                 code="request_too_large",
             )
+        started = time.perf_counter()
         admission = await self.store.admit(
             AdmissionRequest(
                 request_id=ctx.request_id,
@@ -241,6 +250,7 @@ class LimitsStage(RequestOnly):
                 cost_micro_usd=worst,
             )
         )
+        self.metrics.child(self.metrics.state_latency, "admit").observe(time.perf_counter() - started)
         if admission.degraded:
             self.metrics.limits_degraded.inc()
             now = time.monotonic()
@@ -248,6 +258,18 @@ class LimitsStage(RequestOnly):
                 self._last_degraded_log = now
                 log.warning("state store unreachable: rate limits open, budgets on the local share")
         return admission
+
+
+def _refusal_kind(admission: Admission) -> str:
+    """The metric's result for a refusal: what a dashboard needs to tell apart (bounded labels)."""
+    denied = admission.denied_by
+    if any(not c.fits for c in denied):
+        return "too_large"
+    if any(isinstance(c.limit, ConcurrencyLimit) for c in denied):
+        return "concurrency"
+    if all(isinstance(c.limit, BudgetLimit) for c in denied):
+        return "budget"
+    return "rate_limited"
 
 
 def _counts_tokens(limits: Limits) -> bool:

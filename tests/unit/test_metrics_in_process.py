@@ -75,3 +75,27 @@ def test_usage_ttft_fallbacks_and_gauges_are_exported(client: TestClient[object]
     assert _value(text, "strait_state_breaker") == 0
     assert _value(text, "strait_usage_spool_bytes") == 0
     assert "strait_usage_queue_records" in text and 'strait_state_calls_unanswered_total{reason="failed"}' in text
+
+
+LIMITED = (
+    POLICY
+    + """    limits:
+      tenant: {requests_per_minute: 2}
+"""
+)
+
+
+def test_limiter_decisions_and_state_latency_are_exported(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(LIMITED)
+    app = create_app(Settings(policy_path=str(policy), spool_dir=str(tmp_path / "spool")))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hello"}]}
+    with TestClient(app) as c:
+        c.headers["authorization"] = f"Bearer {KEY}"
+        statuses = [c.post("/v1/chat/completions", json=body).status_code for _ in range(5)]
+        text = c.get("/metrics").text
+    assert statuses == [200, 200, 429, 429, 429]
+    assert _value(text, 'strait_limit_decisions_total{result="allowed",route="chat"}') == 2
+    assert _value(text, 'strait_limit_decisions_total{result="rate_limited",route="chat"}') == 3
+    # Every admission went to the store once (in-process here; a Redis round trip in production).
+    assert _value(text, 'strait_state_call_seconds_count{call="admit"}') == 5
