@@ -129,7 +129,8 @@ def _with_usage(value: bytes) -> bytes | None:
         options = _members.decode(value)
     except (msgspec.ValidationError, msgspec.DecodeError):
         return b'{"include_usage":true}'  # null or not an object: replaced whole
-    if bytes(options.get("include_usage", b"")) == b"true" and value.count(b'"include_usage"') == 1:
+    plain = b"\\" not in value  # no escaped name (`include\u005fusage`) can repeat the key
+    if plain and bytes(options.get("include_usage", b"")) == b"true" and value.count(b'"include_usage"') == 1:
         return None
     options["include_usage"] = _TRUE
     return msgspec.json.encode(options)

@@ -198,3 +198,6 @@ def test_stream_options_that_already_ask_for_usage_stay_unless_a_false_could_hid
     hidden = b'{"model":"a","stream_options": {"include_usage": false, "include_usage": true}}'
     out = splice(original_of("openai", hidden, _skim.decode(hidden)), "b", stream_usage=True)
     assert out == b'{"model":"b","stream_options": {"include_usage":true}}'
+    escaped = b'{"model":"a","stream_options": {"include\\u005fusage": false, "include_usage": true}}'
+    out = splice(original_of("openai", escaped, _skim.decode(escaped)), "b", stream_usage=True)
+    assert out == b'{"model":"b","stream_options": {"include_usage":true}}'
