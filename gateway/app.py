@@ -3,7 +3,7 @@
 The handler builds a RequestContext (ids, headers, a body source), runs the pipeline
 (gateway.pipeline) and sends its Reply (gateway.api.asgi_send, a stream framed by the OpenAI codec in
 gateway.api.openai.sse_encode); stages, in order, `on_request`:
-  auth (before the body is read) -> decode (gateway.api.decode_stage: the body, read and decoded only
+  auth (before the body is read) -> decode (gateway.api.openai.request_stage: the body, read and decoded only
   once authenticated; injected here so nothing below api/ imports it) -> route (policy engine,
   explain) -> limits (one state-store call) -> upstream (terminal, gateway.stages.upstream: walks the
   plan with fallback; gateway.stages.respond makes the JSON reply, or the upstream's stream an event
@@ -34,9 +34,9 @@ from gateway.access_log import AccessLog
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
-from gateway.api.decode_stage import DecodeStage
 from gateway.api.identity import request_id_of, scope_id_headers
 from gateway.api.inbound import inbound_limits
+from gateway.api.openai.request_stage import DecodeStage
 from gateway.api.routes import build_handlers
 from gateway.contracts import AdapterFactory
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
