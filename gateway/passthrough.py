@@ -21,6 +21,7 @@ _KEY = rb'"([^"\\]*+(?:\\.[^"\\]*+)*+)"'  # group 1: the key's text, escapes und
 _OPEN = re.compile(_WS + rb"\{" + _WS)
 _FIRST = re.compile(_KEY + _WS + rb":" + _WS)
 _NEXT = re.compile(_WS + rb"," + _WS + _KEY + _WS + rb":" + _WS)
+_CLOSE = re.compile(_WS + rb"\}")
 _members = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _str = msgspec.json.Decoder(str)
 _TRUE = msgspec.Raw(b"true")
@@ -53,8 +54,9 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
 
     Each value's bytes are compared with the body where the walk expects them, so the walk cannot drift
     into a nested object unnoticed (two complete JSON values differ unless one is a number prefixing the
-    other, and then the next member cannot follow). A name that appears twice raises RepeatedField: the
-    decoded mapping kept only the last value, and the upstream might read the first.
+    other, and then the next member cannot follow: the walk stops short of the closing brace). A name
+    that appears twice raises RepeatedField: the decoded mapping kept only the last value, and the
+    upstream might read the first (`"max_tokens": 100000, "max_tokens": 1` must not pass as 1).
     """
     opened = _OPEN.match(body)
     assert opened is not None  # `values` was decoded from `body`: it is an object
@@ -92,8 +94,9 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
                 cut = (previous_end, end)
         previous_end = pos = end
         match = _NEXT.match
-    if count != len(values):
-        # The walk stayed aligned (every value matched): more members than names means a name repeats.
+    if count != len(values) or _CLOSE.match(body, pos) is None:
+        # More members than names means a name repeats; so does a walk that stopped before the closing
+        # brace (a repeated number whose last value prefixes the first: `12` read where `1` was kept).
         raise RepeatedField(_repeated(body, values))
     if model is None:
         raise KeyError("model")
@@ -106,16 +109,17 @@ def _repeated(body: bytes, values: dict[str, msgspec.Raw]) -> str:
     match = _FIRST.match
     opened = _OPEN.match(body)
     pos = opened.end() if opened is not None else 0
+    name = next(iter(values))
     while (m := match(body, pos)) is not None:
         key = m.group(1)
         name = _str.decode(b'"' + key + b'"') if b"\\" in key else key.decode()
         value = values.get(name)
-        if name in seen or value is None:
+        if name in seen or value is None or not body.startswith(value, m.end()):
             return name
         seen.add(name)
         pos = m.end() + len(value)
         match = _NEXT.match
-    return next(iter(values))
+    return name  # the walk stopped inside the last name's value: a repeat kept a prefix of it
 
 
 def _with_usage(value: bytes) -> bytes | None:
@@ -125,7 +129,8 @@ def _with_usage(value: bytes) -> bytes | None:
         options = _members.decode(value)
     except (msgspec.ValidationError, msgspec.DecodeError):
         return b'{"include_usage":true}'  # null or not an object: replaced whole
-    if bytes(options.get("include_usage", b"")) == b"true" and value.count(b'"include_usage"') == 1:
+    plain = b"\\" not in value  # no escaped name (`include\u005fusage`) can repeat the key
+    if plain and bytes(options.get("include_usage", b"")) == b"true" and value.count(b'"include_usage"') == 1:
         return None
     options["include_usage"] = _TRUE
     return msgspec.json.encode(options)

@@ -179,7 +179,8 @@ class PromptTokens:
 
     `bound()` costs one pass over the texts' lengths; `count()` runs the tokenizer once (in a worker thread
     above OFFLOAD_CHARS) and remembers the result; `count_now()` counts on the calling thread, for the
-    rare synchronous readers (an upstream that reported no usage). `known` is None until counted.
+    rare synchronous readers (an upstream that reported no usage), who first `await count()` when the
+    prompt is `long()` (a few MB of text can take seconds). `known` is None until counted.
     """
 
     __slots__ = ("_chat", "_encoding", "_texts", "known")
@@ -217,6 +218,10 @@ class PromptTokens:
         if self._chat:
             return count_chat(texts, self._encoding)
         return sum(count_text(t, self._encoding) for t in texts)
+
+    def long(self) -> bool:
+        """Not counted yet, and long enough to be counted off the event loop (`count`, not `count_now`)."""
+        return self.known is None and sum(len(t) for t in self._read()) > OFFLOAD_CHARS
 
     async def count(self) -> int:
         if self.known is None:

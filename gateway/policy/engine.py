@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -35,15 +35,22 @@ DEFAULT_OUTPUT_TOKENS: Final = 256
 LATENCY_PRIOR_MS: Final[dict[str, float]] = {"edge": 150.0, "self-hosted": 300.0, "provider": 600.0}
 
 
+# A client's lists of places or model names: short, and bounded, since places are expanded through a
+# cache keyed by the list itself (places.expand): unbounded, one request could pin megabytes in it.
+MAX_PREFERENCE_ITEMS: Final = 64
+_Name = Annotated[str, msgspec.Meta(max_length=128)]
+_Names = Annotated[tuple[_Name, ...], msgspec.Meta(max_length=MAX_PREFERENCE_ITEMS)]
+
+
 class Preferences(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What a client may ask per request (header `x-strait-policy` or body `strait`); it only narrows."""
 
     objective: Objective | None = None
     max_price_per_mtok: float | None = None
-    jurisdictions: tuple[str, ...] | None = None
-    origins: tuple[str, ...] | None = None
+    jurisdictions: _Names | None = None
+    origins: _Names | None = None
     # Model names of the route, most preferred first.
-    order: tuple[str, ...] | None = None
+    order: _Names | None = None
 
 
 class LiveState(msgspec.Struct, frozen=True, kw_only=True):

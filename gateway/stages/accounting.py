@@ -47,6 +47,13 @@ RECONCILE_EVERY_S = 0.01
 RECONCILE_BATCH = 64
 
 
+def _estimates_prompt(ctx: RequestContext, end: End) -> bool:
+    """Whether `complete` counts the prompt itself: an answer (or a cut-short one) without provider usage."""
+    return (
+        end.usage is None and ctx.target is not None and ctx.principal is not None and (end.status < 400 or end.partial)
+    )
+
+
 class AccountingStage(EndTap):
     """A tap with a start (the lease timer) and an end (the records, the release); nothing per event."""
 
@@ -72,6 +79,8 @@ class AccountingStage(EndTap):
         # Releases a client waits for (they free concurrency slots): flushed without the batching delay.
         self._urgent: list[tuple[Ticket, StoreUsage, asyncio.Future[None]]] = []
         self._urgent_flusher: asyncio.Future[None] | None = None
+        # Requests being completed once their long prompt is counted in a worker thread.
+        self._deferred: set[asyncio.Task[None]] = set()
 
     def on_start(self, ctx: RequestContext) -> None:
         """A stream starts: its ticket's lease (concurrency slot, budget reservation) is renewed every
@@ -84,10 +93,36 @@ class AccountingStage(EndTap):
         if timer is not None:
             timer.cancel()
             ctx.lease_timer = None
+        if _estimates_prompt(ctx, end) and ctx.prompt_tokens.long():
+            # The upstream reported no usage (a client that left early, an engine that sends none) and the
+            # prompt was never counted: counting a long one here would stall the event loop, every other
+            # request with it (seconds for a few MB). It is counted in a worker thread and the request
+            # completed then; the answer's last byte waits for that (`ctx.settling`), as for a slot release.
+            ctx.accounted = True
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            ctx.settling = done
+            task = asyncio.ensure_future(self._complete_counted(ctx, end, done))
+            self._deferred.add(task)
+            task.add_done_callback(self._deferred.discard)
+            return
         prompt, completion = self.complete(ctx, end)
         if ctx.span is not None:
             # Tracing on: the request's span (ended by a later tap) reports exactly what was charged.
             ctx.usage_in, ctx.usage_out = prompt, completion
+
+    async def _complete_counted(self, ctx: RequestContext, end: End, done: asyncio.Future[None]) -> None:
+        """`complete` once the prompt is counted off the event loop; `done` when its release has landed.
+        (The request's span, ended by a later tap meanwhile, goes without the token counts.)"""
+        try:
+            try:
+                await ctx.prompt_tokens.count()
+            finally:
+                self.complete(ctx, end)  # counted now (or, if cancelled at shutdown, on this thread)
+            if ctx.settling is not None and ctx.settling is not done:
+                await asyncio.shield(ctx.settling)
+        finally:
+            if not done.done():
+                done.set_result(None)
 
     def _renew(self, ctx: RequestContext) -> None:
         ticket = ctx.ticket
@@ -135,7 +170,7 @@ class AccountingStage(EndTap):
             if usage is not None:
                 prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, cached_tokens(usage)
                 source = "provider"
-            elif status < 400 or partial_:
+            elif _estimates_prompt(ctx, end):
                 prompt = ctx.prompt_tokens.count_now()  # the upstream reported none: estimated
                 completion = (
                     end.completion_tokens
@@ -295,6 +330,8 @@ class AccountingStage(EndTap):
 
     async def drain(self) -> None:
         """Send every queued reconcile and wait for background calls (shutdown)."""
+        if self._deferred:
+            await asyncio.gather(*self._deferred, return_exceptions=True)
         if self._urgent_flusher is not None:
             await asyncio.gather(self._urgent_flusher, return_exceptions=True)
         if self._flusher is not None:

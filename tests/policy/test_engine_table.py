@@ -11,14 +11,17 @@ from typing import Any
 import msgspec
 import pytest
 
+from gateway.canonical import Request
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.policy.compliance import compliance_reason
 from gateway.policy.engine import (
     DEFAULT_OUTPUT_TOKENS,
     LATENCY_PRIOR_MS,
+    MAX_PREFERENCE_ITEMS,
     LiveState,
     Preferences,
 )
+from gateway.policy.features import preferences
 from gateway.policy.model import Budgets, Compliance
 from tests.policy.helpers import (
     ALL_CAPS,
@@ -1176,6 +1179,23 @@ def test_preferences_narrowing_to_nothing_is_403_not_a_wider_plan() -> None:
         run(_prefs_index(), preferences=Preferences(jurisdictions=("SE",)))
     assert info.value.param == "model"
     assert "llama@de: you asked for jurisdictions ['SE']" in info.value.message
+
+
+@pytest.mark.parametrize("field", ["jurisdictions", "origins", "order"])
+@pytest.mark.parametrize("where", ["body", "header"])
+def test_preference_lists_are_bounded(field: str, where: str) -> None:
+    """Places are expanded through a cache keyed by the client's list: a list of 400,000 names held
+    ~60 MB per request in it. Longer lists, or longer names, than any real one are a 400."""
+    ok = {field: ["DE"] * MAX_PREFERENCE_ITEMS}
+    for prefs in ({field: ["DE"] * (MAX_PREFERENCE_ITEMS + 1)}, {field: ["D" * 129]}):
+        raw = msgspec.json.encode(prefs)
+        request = Request(operation="chat", model="m", preferences=msgspec.Raw(raw) if where == "body" else None)
+        headers = {"x-strait-policy": raw.decode()} if where == "header" else {}
+        with pytest.raises(InvalidRequest) as info:
+            preferences(request, headers)
+        assert (info.value.status, info.value.param) == (400, "strait")
+        assert "length" in info.value.message
+    assert preferences(Request(operation="chat", model="m", preferences=msgspec.Raw(msgspec.json.encode(ok))), {})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -83,6 +83,26 @@ async def test_scopes_and_tenants_are_independent(backend: Backend, clock: FakeC
 
 
 @pytest.mark.parametrize("backend", LIMITER_BACKENDS, indirect=True)
+async def test_hostile_identifiers_keep_slots_and_budgets_apart_through_a_sweep(
+    backend: Backend, clock: FakeClock
+) -> None:
+    """Names with the layout's separators (`|`, `:`, braces, spaces) or that spell another name's
+    percent-encoding hold slots and budget reservations of their own, and the sweep of expired ones
+    (which parses field names) frees exactly theirs."""
+    store = backend.store(clock=clock)
+    limits = Limits(concurrency=(slots(1, "key"),), budgets=(budget(100, "key"),))
+    names = [("a}|b", "k| 1"), ("a", "}|b k| 1"), ("a", "k| 1"), ("a}|b", "k%7C%201"), ("a%7D%7Cb", "k| 1")]
+    for tenant, key in names:
+        assert (await store.admit(request(limits, tenant=tenant, key=key, cost=60, lease_s=1))).allowed
+        denied = await store.admit(request(limits, tenant=tenant, key=key, cost=10))
+        assert [c.allowed for c in denied.checks] == [False, True] and denied.checks[1].remaining == 30
+    clock.advance(1_000)  # every lease ended: the next call sweeps each tenant's state
+    for tenant, key in names:
+        again = await store.admit(request(limits, tenant=tenant, key=key, cost=60, lease_s=1))
+        assert again.allowed and [c.remaining for c in again.checks] == [0, 40], (tenant, key)
+
+
+@pytest.mark.parametrize("backend", LIMITER_BACKENDS, indirect=True)
 async def test_tpm_reserves_max_tokens_and_reconcile_releases_the_unused_part(
     backend: Backend, clock: FakeClock
 ) -> None:

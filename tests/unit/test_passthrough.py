@@ -141,19 +141,53 @@ def test_bytes_survive_exactly_even_odd_ones() -> None:
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("body", "name"),
     [
-        b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "model": "b"}',
-        b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "mod\\u0065l": "a"}',
-        b'{"n": 12, "model": "a", "messages": [{"role": "user", "content": "x"}], "n": 1}',
+        (b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "model": "b"}', "model"),
+        (b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "mod\\u0065l": "a"}', "model"),
+        (b'{"n": 12, "model": "a", "messages": [{"role": "user", "content": "x"}], "n": 1}', "n"),
+        # The kept (last) value a prefix of the first, nothing after it: the walk stops inside the first.
+        (
+            b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000, "max_tokens": 1}',
+            "max_tokens",
+        ),
+        (b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "n": 12,"n":1}', "n"),
+        (
+            b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "temperature": 1.5, "temperature": 1}',
+            "temperature",
+        ),
     ],
 )
-def test_a_repeated_top_level_field_is_refused(body: bytes) -> None:
+def test_a_repeated_top_level_field_is_refused(body: bytes, name: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         decode(body, "chat")
     assert info.value.status == 400 and "more than once" in info.value.message
+    assert info.value.param == name
     with pytest.raises(RepeatedField):
         original_of("openai", body, _skim.decode(body))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=bodies(), data=st.data())
+def test_any_repeated_top_level_name_is_refused(case: tuple[bytes, dict[str, Any]], data: st.DataObject) -> None:
+    """Whatever the two values (a number whose later spelling prefixes the earlier one included) and
+    wherever the two stand, the upstream could read the other value: refused."""
+    _, doc = case
+    name = data.draw(st.sampled_from(sorted(doc)))
+    second = data.draw(st.integers(min_value=1, max_value=10**6) | values)
+    if isinstance(second, int) and not isinstance(second, bool) and data.draw(st.booleans()):
+        first = f"{second}{data.draw(st.integers(min_value=0, max_value=9))}"  # the kept value prefixes it
+    else:
+        first = json.dumps(data.draw(values))
+    members = [(k, json.dumps(v)) for k, v in doc.items() if k != name]
+    at = data.draw(st.integers(min_value=0, max_value=len(members)))
+    later = data.draw(st.integers(min_value=at, max_value=len(members)))
+    members.insert(later, (name, json.dumps(second)))
+    members.insert(at, (name, first))
+    body = ("{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in members) + "}").encode()
+    with pytest.raises(RepeatedField) as info:
+        original_of("openai", body, _skim.decode(body))
+    assert info.value.name == name
 
 
 def test_stream_options_that_already_ask_for_usage_stay_unless_a_false_could_hide_in_them() -> None:
@@ -163,4 +197,7 @@ def test_stream_options_that_already_ask_for_usage_stay_unless_a_false_could_hid
     )
     hidden = b'{"model":"a","stream_options": {"include_usage": false, "include_usage": true}}'
     out = splice(original_of("openai", hidden, _skim.decode(hidden)), "b", stream_usage=True)
+    assert out == b'{"model":"b","stream_options": {"include_usage":true}}'
+    escaped = b'{"model":"a","stream_options": {"include\\u005fusage": false, "include_usage": true}}'
+    out = splice(original_of("openai", escaped, _skim.decode(escaped)), "b", stream_usage=True)
     assert out == b'{"model":"b","stream_options": {"include_usage":true}}'

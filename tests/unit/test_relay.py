@@ -34,7 +34,7 @@ from gateway.stages.accounting import AccountingStage
 from gateway.stages.upstream import UpstreamStage
 from gateway.state import MemoryStore
 from gateway.telemetry import Metrics
-from gateway.tokens import PromptTokens, count_text
+from gateway.tokens import PromptTokens, count_chat, count_text
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.redact import redactor_for
 from gateway.upstream.signals import LiveSignals
@@ -618,3 +618,48 @@ async def test_an_adapter_bug_mid_stream_is_an_error_event_and_the_stream_still_
     assert len(out) == 2 and json.loads(out[1][6:])["error"]["code"] == "upstream_stream_broken"
     r = h.record()
     assert (r.status, r.partial, r.completion_tokens) == (502, True, 3)
+
+
+async def test_a_long_prompt_left_uncounted_is_counted_off_the_event_loop_when_no_usage_arrives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prompts are counted lazily; a client that leaves before the usage chunk (or an engine that sends
+    none) leaves accounting to estimate one. A few MB of text take seconds to tokenize: on the event
+    loop that stalls every request of the process, so the count runs in a worker thread, and the
+    record and the release follow it."""
+    import threading
+
+    import gateway.tokens
+
+    counted_on: list[threading.Thread] = []
+    real = gateway.tokens.count_chat
+
+    def spy(texts: list[str], encoding_name: str = ENCODING) -> int:
+        counted_on.append(threading.current_thread())
+        return real(texts, encoding_name)
+
+    monkeypatch.setattr(gateway.tokens, "count_chat", spy)
+    h = Harness()
+    prompt = ["word " * 5_000] * 2  # past OFFLOAD_CHARS
+    h.ctx.prompt_tokens = PromptTokens(lambda: prompt, chat=True, encoding_name=ENCODING)
+    t = texts(2)
+    h.upstream.push(chunk(t[0]), chunk(t[1]))
+    assert await h.read() == [chunk(t[0])]
+    await close_stream(h.relay, "client_gone")
+    assert h.ctx.settling is not None
+    await h.ctx.settling  # what the edge awaits before the last byte
+    [thread] = counted_on
+    assert thread is not threading.main_thread()
+    r = h.record()
+    assert (r.prompt_tokens, r.completion_tokens, r.partial) == (real(prompt, ENCODING), tokens(t[0]), True)
+    await h.accounting.drain()
+
+
+async def test_a_short_uncounted_prompt_is_still_counted_at_once() -> None:
+    h = Harness()
+    h.ctx.prompt_tokens = PromptTokens(lambda: ["hello there"], chat=True, encoding_name=ENCODING)
+    h.upstream.push(chunk(texts(1)[0]))
+    await h.read()
+    await close_stream(h.relay, "client_gone")
+    assert h.ctx.settling is None  # in-process state, nothing deferred: recorded within the tap
+    assert h.record().prompt_tokens == count_chat(["hello there"], ENCODING)
