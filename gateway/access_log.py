@@ -73,7 +73,8 @@ class AccessLog:
             client_request_id=ctx.client_request_id,
             tenant=principal.tenant if principal is not None else None,
             key_id=principal.key_id if principal is not None else None,
-            route=ctx.route.name if ctx.route is not None else (ctx.route_name or None),
+            # The policy's route only: a refused request's `model` is the client's string (unbounded).
+            route=ctx.route.name if ctx.route is not None else None,
             deployment=ctx.target.label if ctx.target is not None else None,
             prompt_tokens=prompt,
             completion_tokens=completion,

@@ -56,7 +56,8 @@ def end_request_span(ctx: RequestContext, status: int, *, error: str | None = No
         return
     ctx.span = None
     span.set_attribute("http.response.status_code", status)
-    span.set_attribute("gen_ai.request.model", ctx.route_name)
+    # What the client asked for, bounded: for a refused request it is the client's own string.
+    span.set_attribute("gen_ai.request.model", ctx.route_name[:128])
     if ctx.route is not None:
         span.set_attribute("strait.route", ctx.route.name)
     if ctx.principal is not None:

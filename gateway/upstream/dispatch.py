@@ -75,6 +75,8 @@ class Dispatcher:
 
     async def call(self, ctx: RequestContext) -> UpstreamResponse:
         last_response: UpstreamResponse | None = None
+        last_target: Target | None = None
+        last_index = -1
         last_error: UpstreamConnectError | None = None
         plan = ctx.plan
         signals = self.signals
@@ -145,10 +147,15 @@ class Dispatcher:
             if (response.status in NEXT_TARGET_STATUS or redirect) and attempt + 1 < len(plan):
                 self.metrics.child(self.metrics.fallbacks, ctx.route_name).inc()
                 ctx.failed_attempts.append((target, response.status, time.perf_counter() - t0))
-                last_response = response
+                last_response, last_target = response, target
+                last_index = len(ctx.failed_attempts) - 1
                 continue
             return response
         if last_response is not None:
+            # Every later target failed to connect: the client gets this answer, so its attempt is the
+            # final one, recorded once (not also among the failed ones).
+            del ctx.failed_attempts[last_index]
+            ctx.target = last_target
             return last_response
         if last_error is not None and last_error.timeout:
             raise UpstreamTimeout("The upstream did not answer in time.")

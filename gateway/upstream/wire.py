@@ -19,12 +19,30 @@ class CompletionTokensDetails(_Wire, kw_only=True):
     reasoning_tokens: int = 0
 
 
+# The most tokens an upstream's usage may claim for one answer (far above any context window).
+MAX_USAGE_TOKENS = 2**40
+
+
+def _clamp(n: int) -> int:
+    return 0 if n < 0 else MAX_USAGE_TOKENS if n > MAX_USAGE_TOKENS else n
+
+
 class Usage(_Wire, kw_only=True):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | msgspec.UnsetType = msgspec.UNSET
     completion_tokens_details: CompletionTokensDetails | msgspec.UnsetType = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        # An upstream's numbers, clamped where they are decoded: a negative count would credit a
+        # budget (and fail a Prometheus counter), a huge one would overflow the store's exact range.
+        self.prompt_tokens = _clamp(self.prompt_tokens)
+        self.completion_tokens = _clamp(self.completion_tokens)
+        self.total_tokens = _clamp(self.total_tokens)
+        details = self.prompt_tokens_details
+        if isinstance(details, PromptTokensDetails):
+            details.cached_tokens = min(_clamp(details.cached_tokens), self.prompt_tokens)
 
 
 # ---- what Strait reads back from upstream answers (probes decode only what they need) ----

@@ -85,6 +85,8 @@ def test_one_line_per_request_answered_or_refused(tmp_path: Path, out: io.BytesI
     assert "ttft_ms" in lines[1]
     assert lines[2]["error"] == "missing_api_key" and "tenant" not in lines[2]
     assert lines[3]["error"] == "model_not_found" and lines[3]["tenant"] == "acme"
+    # The client's unknown `model` is its own (unbounded) string, not a policy name: not logged.
+    assert "route" not in lines[3] and "nope" not in json.dumps(lines[3])
     raw = out.getvalue().decode()
     assert KEY not in raw and secret_prompt not in raw
 
