@@ -14,6 +14,7 @@ is charged for what the upstream generated until it was closed, flagged `partial
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from gateway.relay import EndTap
 from gateway.state import MemoryStore, Store, Ticket
 from gateway.state import Usage as StoreUsage
 from gateway.telemetry import Metrics
+from gateway.tokens import OFFLOAD_CHARS
 
 # Runs a callback after a delay and returns its handle (the event loop's `call_later`; a test's own).
 Schedule = Callable[[float, Callable[[], None]], asyncio.Handle]
@@ -52,6 +54,11 @@ def _estimates_prompt(ctx: RequestContext, end: End) -> bool:
     return (
         end.usage is None and ctx.target is not None and ctx.principal is not None and (end.status < 400 or end.partial)
     )
+
+
+def _long_answer(end: End) -> bool:
+    """A JSON answer to count (no provider usage) too long to tokenize on the event loop."""
+    return end.completion_tokens is None and sum(len(b) for b in end.produced) > OFFLOAD_CHARS
 
 
 class AccountingStage(EndTap):
@@ -93,7 +100,7 @@ class AccountingStage(EndTap):
         if timer is not None:
             timer.cancel()
             ctx.lease_timer = None
-        if _estimates_prompt(ctx, end) and ctx.prompt_tokens.long():
+        if _estimates_prompt(ctx, end) and (ctx.prompt_tokens.long() or _long_answer(end)):
             # The upstream reported no usage (a client that left early, an engine that sends none) and the
             # prompt was never counted: counting a long one here would stall the event loop, every other
             # request with it (seconds for a few MB). It is counted in a worker thread and the request
@@ -116,6 +123,10 @@ class AccountingStage(EndTap):
         try:
             try:
                 await ctx.prompt_tokens.count()
+                if _long_answer(end) and ctx.target is not None:
+                    # A JSON answer without usage (up to the upstream body limit, 16 MiB by default).
+                    counted = await asyncio.to_thread(completion_tokens_of, end.produced, ctx.target.model.tokenizer)
+                    end = dataclasses.replace(end, completion_tokens=counted)
             finally:
                 self.complete(ctx, end)  # counted now (or, if cancelled at shutdown, on this thread)
             if ctx.settling is not None and ctx.settling is not done:

@@ -15,7 +15,7 @@ import gc
 import json
 import random
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -663,3 +663,33 @@ async def test_a_short_uncounted_prompt_is_still_counted_at_once() -> None:
     await close_stream(h.relay, "client_gone")
     assert h.ctx.settling is None  # in-process state, nothing deferred: recorded within the tap
     assert h.record().prompt_tokens == count_chat(["hello there"], ENCODING)
+
+
+async def test_a_long_json_answer_without_usage_is_counted_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JSON answer may be up to the upstream body limit (16 MiB by default): without provider usage
+    its completion is tokenized in a worker thread, and the record and release follow it."""
+    import threading
+
+    import gateway.stages.accounting
+
+    counted_on: list[threading.Thread] = []
+    real = gateway.stages.accounting.completion_tokens_of
+
+    def spy(produced: Sequence[bytes], encoding_name: str) -> int:
+        counted_on.append(threading.current_thread())
+        return real(produced, encoding_name)
+
+    monkeypatch.setattr(gateway.stages.accounting, "completion_tokens_of", spy)
+    writer = Writer()
+    accounting = CountingAccounting(writer)
+    ctx = make_ctx()
+    ctx.stream = False
+    body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "word " * 10_000}}]}).encode()
+    accounting.on_end(ctx, End("completed", 200, produced=(body,)))
+    assert ctx.settling is not None
+    await ctx.settling
+    [thread] = counted_on
+    assert thread is not threading.main_thread()
+    [record] = writer.records
+    assert record.completion_tokens == real((body,), ENCODING) and record.usage_source == "estimated"
+    await accounting.drain()
