@@ -175,7 +175,8 @@ def test_any_repeated_top_level_name_is_refused(case: tuple[bytes, dict[str, Any
     _, doc = case
     name = data.draw(st.sampled_from(sorted(doc)))
     second = data.draw(st.integers(min_value=1, max_value=10**6) | values)
-    if isinstance(second, int) and not isinstance(second, bool) and data.draw(st.booleans()):
+    # (Not 0: a digit after a leading 0 is no JSON number.)
+    if isinstance(second, int) and not isinstance(second, bool) and second != 0 and data.draw(st.booleans()):
         first = f"{second}{data.draw(st.integers(min_value=0, max_value=9))}"  # the kept value prefixes it
     else:
         first = json.dumps(data.draw(values))
