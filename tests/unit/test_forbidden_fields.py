@@ -66,6 +66,8 @@ def test_the_measured_spellings() -> None:
         ({"apiBase": "http://evil"}, "apiBase"),
         ({"extra_body": {"apiBase": "http://evil"}}, "extra_body.apiBase"),
         ({"extra_headers": {"Authorization": "Bearer stolen"}}, "extra_headers.Authorization"),
+        # LiteLLM forwards a top-level `headers` object to the provider as request headers.
+        ({"headers": {"x-api-key": "stolen"}}, "headers.x-api-key"),
         ({"metadata": {"x": {"Custom-LLM-Provider": "openai"}}}, "metadata.x.Custom-LLM-Provider"),
     ):
         assert _refused({**BASE, **doc}).param == param

@@ -81,7 +81,7 @@ _FORBIDDEN_FIELDS = frozenset(
 # Where SDKs and proxies read pass-through options from (normalised names): OpenAI's extra_*, LiteLLM's
 # client-side `user_config` / `litellm_params` (its own way to send a key and a base URL per request).
 _OPTION_CONTAINERS = frozenset(
-    {"extrabody", "extraheaders", "extraquery", "metadata", "userconfig", "litellmparams", "litellmmetadata"}
+    {"extrabody", "extraheaders", "extraquery", "headers", "metadata", "userconfig", "litellmparams", "litellmmetadata"}
 )
 _NON_ALNUM = re.compile(r"[^a-z0-9]")
 # Top-level names that are neither forbidden nor option containers (the common case skips normalising).
