@@ -22,9 +22,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.app import create_app
 from gateway.policy.index import key_digest
@@ -36,6 +36,7 @@ BODY = (
     b'{"model":"bench","messages":[{"role":"user","content":"Write one short sentence about rivers."}],"max_tokens":16}'
 )
 PATH = "/v1/chat/completions"
+T = TypeVar("T")
 
 
 def _scope() -> dict[str, Any]:
@@ -115,13 +116,13 @@ async def _lifespan(app: Any) -> Any:
 
     task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send))
     await inbox.put({"type": "lifespan.startup"})
-    started = await outbox.get()
+    started = await _watched(outbox.get(), "the app's start-up")
     assert started["type"] == "lifespan.startup.complete", started
     try:
         yield
     finally:
         await inbox.put({"type": "lifespan.shutdown"})
-        await outbox.get()
+        await _watched(outbox.get(), "the app's shutdown")
         await task
 
 
@@ -131,8 +132,19 @@ async def _bench(args: argparse.Namespace, policy: Path, state: str, workdir: Pa
         Settings(policy_path=str(policy), state=state, spool_dir=str(workdir / "spool")), access_log_out=log
     )
     async with _lifespan(app):
-        await _round(app, 200, args.concurrency)  # warm-up: connections, tokenizer, caches
-        return [await _round(app, args.requests, args.concurrency) for _ in range(args.rounds)]
+        await _watched(_round(app, 200, args.concurrency), "the warm-up")  # connections, tokenizer, caches
+        return [await _watched(_round(app, args.requests, args.concurrency), "a round") for _ in range(args.rounds)]
+
+
+async def _watched(step: Awaitable[T], what: str, limit_s: float = 120.0) -> T:
+    """A step that has not ended after `limit_s` is stuck: where every task waits is printed."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait([task], timeout=limit_s)
+    if not done:
+        for other in asyncio.all_tasks():
+            other.print_stack(file=sys.stderr)
+        raise SystemExit(f"{what} did not end within {limit_s:g} s (the tasks' stacks are above)")
+    return task.result()
 
 
 @contextlib.contextmanager
