@@ -95,6 +95,10 @@ def _serve(args: argparse.Namespace) -> int:
         limit_concurrency=settings.max_connections or None,
         lifespan="on",
         access_log=False,
+        # Nothing in the gateway reads the client's address or scheme (its log lines carry ids, not
+        # addresses), so uvicorn's X-Forwarded-* middleware is pure cost: about 0.8 us per request to
+        # read the headers, and one more frame that every resumption of the request's task walks through.
+        proxy_headers=False,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=10,
     )

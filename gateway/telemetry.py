@@ -1,4 +1,9 @@
-"""Prometheus metrics, one registry per app (no module globals), exposed at GET /metrics."""
+"""Prometheus metrics, one registry per app (no module globals), exposed at GET /metrics.
+
+The request path counts through `Metrics.child`: a labelled counter's increments are summed in a
+plain float (`Tally`) and handed to prometheus_client when the metrics are read (`render`), because
+each prometheus_client increment takes a lock (about 0.4 us; a JSON request makes about nine).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,31 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 
+class Tally:
+    """A counter child's increments since the metrics were last read; only ever touched on the event
+    loop's thread (the request path and GET /metrics), so no lock."""
+
+    __slots__ = ("child", "pending")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.pending = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.pending += amount
+
+    def fold(self) -> None:
+        if self.pending:
+            self.child.inc(self.pending)
+            self.pending = 0.0
+
+
 class Metrics:
     def __init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._tallies: list[Tally] = []
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "strait_requests", "Requests answered, by route and status.", ("route", "status"), registry=self.registry
@@ -105,12 +132,18 @@ class Metrics:
     def child(self, metric: Any, *labels: str) -> Any:
         """A metric's child for these label values, looked up once: `labels()` hashes and locks on every
         call, measurable on the hot path. Label values come from the policy (routes, backends), so the
-        cache is bounded."""
+        cache is bounded. A counter's child is its `Tally` (read through `render`)."""
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
-            found = self._children[key] = metric.labels(*labels)
+            found = metric.labels(*labels)
+            if isinstance(metric, Counter):
+                found = Tally(found)
+                self._tallies.append(found)
+            self._children[key] = found
         return found
 
     def render(self) -> bytes:
+        for tally in self._tallies:
+            tally.fold()
         return generate_latest(self.registry)

@@ -20,11 +20,12 @@ with <scope> = `k:<key>` | `t` | `r:<route>`, <bscope> = `k:<key>` | `t`, <windo
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from urllib.parse import quote
 
 import msgspec
 
-from gateway.state.base import AdmissionRequest, BudgetLimit, RateLimit
+from gateway.state.base import AdmissionRequest, BudgetLimit, Limits, RateLimit
 
 PREFIX = "strait"
 # Budget counters outlive their window by this much, so a late reconcile still lands in its window.
@@ -52,21 +53,35 @@ class RequestKeys(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def request_keys(request: AdmissionRequest, day: str, month: str) -> RequestKeys:
-    tag = tenant_tag(request.tenant)
-    limits = request.limits
-    ids = {"tenant": "t", "key": f"k:{_enc(request.key)}", "route": f"r:{_enc(request.route)}"}
+    rates, slots, budgets, reservations, tag = _shared_keys(
+        request.limits, request.tenant, request.key, request.route, day, month
+    )
+    return RequestKeys(
+        rates=rates,
+        slots=slots,
+        budgets=budgets,
+        reservations=reservations,
+        ticket=f"{tag}:tk:{_enc(request.request_id)}",
+    )
+
+
+# The keys every request of one (limits, tenant, key, route, window) shares: computed once, not twice
+# per request (admit and reconcile). Bounded: the policy names the tenants, keys and routes, and only
+# the current windows are asked for.
+@functools.lru_cache(maxsize=4096)
+def _shared_keys(
+    limits: Limits, tenant: str, key: str, route: str, day: str, month: str
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...], str]:
+    tag = tenant_tag(tenant)
+    ids = {"tenant": "t", "key": f"k:{_enc(key)}", "route": f"r:{_enc(route)}"}
     budgets = tuple(
         f"{tag}:bud:{ids[b.scope]}:{b.metric}:{day if b.window == 'day' else month}" for b in limits.budgets
     )
-    return RequestKeys(
-        rates=tuple(
-            f"{tag}:gcra:{ids[r.scope]}:{'req' if r.unit == 'requests' else 'tok'}:{r.period_s}" for r in limits.rates
-        ),
-        slots=tuple(f"{tag}:cc:{ids[c.scope]}" for c in limits.concurrency),
-        budgets=budgets,
-        reservations=tuple(f"{b}:rsv" for b in budgets),
-        ticket=f"{tag}:tk:{_enc(request.request_id)}",
+    rates = tuple(
+        f"{tag}:gcra:{ids[r.scope]}:{'req' if r.unit == 'requests' else 'tok'}:{r.period_s}" for r in limits.rates
     )
+    slots = tuple(f"{tag}:cc:{ids[c.scope]}" for c in limits.concurrency)
+    return rates, slots, budgets, tuple(f"{b}:rsv" for b in budgets), tag
 
 
 def rate_cost(rate: RateLimit, request: AdmissionRequest) -> int:

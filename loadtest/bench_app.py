@@ -1,0 +1,189 @@
+"""CPU of the whole gateway app per JSON request, in-process: `python -m loadtest.bench_app`.
+
+    python -m loadtest.bench_app [--state off|memory|redis] [--requests 3000] [--concurrency 32]
+                                 [--rounds 7]
+
+Builds the app as `strait serve` does (create_app: every stage, the access log written to a file,
+`overhead`'s limits policy for memory/redis), starts it through its ASGI lifespan, and drives it with
+ASGI calls from tasks in the same process: no HTTP server, no client library, no load generator. The
+upstream is loadtest.fast_upstream in its own process (the gateway's aiohttp client is measured). Prints
+the least process CPU time per request over the rounds (the least: the machine is shared; the noise of
+other processes only adds). What it leaves out is uvicorn's HTTP parsing and writing; what it keeps is
+every line of the gateway's own, so a change to it is measured here with a few microseconds' resolution,
+where `loadtest.overhead` needs many alternated runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.app import create_app
+from gateway.policy.index import key_digest
+from gateway.settings import Settings
+from loadtest.overhead import HOST, POLICY_LIMITS, POLICY_OPEN, redis_server, upstream
+
+KEY = "sk-bench-app-0123456789abcdef"
+BODY = (
+    b'{"model":"bench","messages":[{"role":"user","content":"Write one short sentence about rivers."}],"max_tokens":16}'
+)
+PATH = "/v1/chat/completions"
+T = TypeVar("T")
+
+
+def _scope() -> dict[str, Any]:
+    headers = [
+        (b"host", b"127.0.0.1:8000"),
+        (b"user-agent", b"Python/3.11 aiohttp/3.10"),
+        (b"accept", b"*/*"),
+        (b"accept-encoding", b"gzip, deflate"),
+        (b"authorization", f"Bearer {KEY}".encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(BODY)).encode()),
+    ]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+        "scheme": "http",
+        "method": "POST",
+        "root_path": "",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "headers": headers,
+        "state": {},
+    }
+
+
+async def _one(app: Any) -> int:
+    sent = False
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": BODY, "more_body": False}
+        await asyncio.Future()  # the client stays until the answer is over
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(_scope(), receive, send)
+    return status
+
+
+async def _round(app: Any, requests: int, concurrency: int) -> float:
+    left = requests
+    bad = 0
+
+    async def worker() -> None:
+        nonlocal left, bad
+        while left > 0:
+            left -= 1
+            if await _one(app) != 200:
+                bad += 1
+
+    cpu = time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    cpu = time.process_time() - cpu
+    if bad:
+        raise SystemExit(f"{bad} requests did not get 200")
+    return cpu / requests
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Any) -> Any:
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def send(message: dict[str, Any]) -> None:
+        await outbox.put(message)
+
+    task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send))
+    await inbox.put({"type": "lifespan.startup"})
+    started = await _watched(outbox.get(), "the app's start-up")
+    assert started["type"] == "lifespan.startup.complete", started
+    try:
+        yield
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await _watched(outbox.get(), "the app's shutdown")
+        await task
+
+
+async def _bench(args: argparse.Namespace, policy: Path, state: str, workdir: Path) -> list[float]:
+    log = (workdir / "access.log").open("wb")
+    app = create_app(
+        Settings(policy_path=str(policy), state=state, spool_dir=str(workdir / "spool")), access_log_out=log
+    )
+    async with _lifespan(app):
+        await _watched(_round(app, 200, args.concurrency), "the warm-up")  # connections, tokenizer, caches
+        return [await _watched(_round(app, args.requests, args.concurrency), "a round") for _ in range(args.rounds)]
+
+
+async def _watched(step: Awaitable[T], what: str, limit_s: float = 120.0) -> T:
+    """A step that has not ended after `limit_s` is stuck: where every task waits is printed."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait([task], timeout=limit_s)
+    if not done:
+        for other in asyncio.all_tasks():
+            other.print_stack(file=sys.stderr)
+        raise SystemExit(f"{what} did not end within {limit_s:g} s (the tasks' stacks are above)")
+    return task.result()
+
+
+@contextlib.contextmanager
+def _state(kind: str, workdir: Path) -> Iterator[str]:
+    if kind == "redis":
+        with redis_server(workdir) as redis:
+            yield redis.url()
+    else:
+        yield "memory"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state", choices=("off", "memory", "redis"), default="memory")
+    parser.add_argument("--requests", "-n", type=int, default=3000, help="requests per round")
+    parser.add_argument("--concurrency", "-c", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="strait-bench-app-") as tmp:
+        workdir = Path(tmp)
+        with upstream(workdir, 0.0, 0.0) as (_, port), _state(args.state, workdir) as state:
+            template = POLICY_OPEN if args.state == "off" else POLICY_LIMITS
+            policy = workdir / "policy.yaml"
+            policy.write_text(template.format(host=HOST, port=port, digest=key_digest(KEY)))
+            try:
+                import uvloop
+
+                runner = uvloop.run
+            except ImportError:
+                runner = asyncio.run
+            per_request = runner(_bench(args, policy, state, workdir))
+    us = sorted(x * 1e6 for x in per_request)
+    print(
+        f"state={args.state} c={args.concurrency} {args.rounds}x{args.requests} requests: CPU per request "
+        f"least {us[0]:.1f} us, median {statistics.median(us):.1f} us, all {' '.join(f'{x:.0f}' for x in us)}",
+        file=sys.stdout,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
