@@ -68,6 +68,7 @@ class Reply:
     body: bytes = b""
     stream: EventStream | None = None
     media_type: str = "application/json"
+    # Header pairs already encoded (once per policy), sent after `headers`.
     extra: list[tuple[bytes, bytes]] = field(default_factory=list)
     # A whole answer from the upstream stage: how it ended (usage, status), for the taps. A stream's
     # End comes from the stream when it is over.

@@ -34,6 +34,7 @@ def _raw_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
     if reply.stream is None:
         raw.append((b"content-length", str(len(reply.body)).encode("latin-1")))
     raw += [(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in reply.headers.items()]
+    raw += reply.extra  # already encoded (once per policy)
     return raw
 
 

@@ -13,10 +13,8 @@
 - per (route, operation), `PromptNeeds`: whether any decision for it reads the exact prompt size (a rule
   on prompt size, a cost-ranked objective) and the smallest context window of any candidate it may
   reach, so the `route` stage knows at once whether the prompt's cheap bound decides the same;
-- header blocks, pre-encoded for the ASGI send: `x-strait-route` per route (`PolicyIndex.route_headers`)
-  and `x-strait-deployment` per target (`Target.header`). Not read yet: `stages/respond.py`'s
-  `response_headers` builds these per request as str pairs; when its reply carries raw header pairs it
-  can append `ctx.target.header` and the route's block instead of encoding them again.
+- header blocks, pre-encoded for the ASGI send: `x-strait-deployment` per target (`Target.header`), sent
+  as the reply's `extra` pairs (gateway.stages.respond.header_blocks) instead of encoded per request.
 
 Layering. Limits are compiled here in the policy's own terms (sections of `gateway.policy.model`), not
 as the state store's `Limits`: the policy layer imports no stage and no state (ARCHITECTURE's import
@@ -186,12 +184,8 @@ def compile_tenants(
     return out
 
 
-def route_header(name: str) -> tuple[bytes, bytes]:
-    """`x-strait-route` as the ASGI send wants it (latin-1, as every response header is sent)."""
-    return (b"x-strait-route", name.encode("latin-1", "replace"))
-
-
 def deployment_header(label: str) -> tuple[bytes, bytes]:
+    """`x-strait-deployment` as the ASGI send wants it (latin-1, as every response header is sent)."""
     return (b"x-strait-deployment", label.encode("latin-1", "replace"))
 
 

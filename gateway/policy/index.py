@@ -22,7 +22,6 @@ from gateway.policy.compile import (
     compile_prompt_needs,
     compile_tenants,
     deployment_header,
-    route_header,
 )
 from gateway.policy.model import Backend, Deployment, Model, PolicySet, Route, Tenant
 
@@ -122,5 +121,3 @@ class PolicyIndex:
         self.prompt_needs: dict[tuple[str, Operation], PromptNeeds] = compile_prompt_needs(
             self.routes, policy.rules, self.targets
         )
-        # Pre-encoded `x-strait-route` headers (for the response; see gateway.policy.compile).
-        self.route_headers: dict[str, tuple[bytes, bytes]] = {name: route_header(name) for name in self.routes}

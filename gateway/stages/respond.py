@@ -38,11 +38,14 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
     headers = {**id_headers(ctx.request_id, ctx.client_request_id), **ctx.extra_headers}
     if ctx.route is not None:
         headers["x-strait-route"] = ctx.route.name
-    if ctx.target is not None:
-        headers["x-strait-deployment"] = ctx.target.label
     if ctx.decision_id:
         headers["x-strait-decision"] = ctx.decision_id
     return headers
+
+
+def header_blocks(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    """Headers encoded once per policy: `x-strait-deployment` (`Target.header`, gateway.policy.compile)."""
+    return [ctx.target.header] if ctx.target is not None else []
 
 
 def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -> Reply:
@@ -58,6 +61,7 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -
             headers={**headers, **error.headers},
             body=error.body(),
             end=End("upstream_failed", status),
+            extra=header_blocks(ctx),
         )
     metrics.child(metrics.latency, route).observe(time.perf_counter() - ctx.started)
     if not upstream.streaming:
@@ -69,11 +73,17 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -
             log.warning("upstream %s returned a body without readable usage", ctx.target.label if ctx.target else "?")
         produced = (upstream.body,) if usage is None and ctx.operation != "embeddings" else ()
         end = End("completed", upstream.status, usage=usage, produced=produced)
-        return Reply(status=upstream.status, headers=headers, body=upstream.body, end=end)
+        return Reply(status=upstream.status, headers=headers, body=upstream.body, end=end, extra=header_blocks(ctx))
     metrics.child(metrics.requests, route, "200").inc()
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
-    return Reply(status=200, headers=headers, stream=UpstreamEvents(ctx, upstream), media_type="text/event-stream")
+    return Reply(
+        status=200,
+        headers=headers,
+        stream=UpstreamEvents(ctx, upstream),
+        media_type="text/event-stream",
+        extra=header_blocks(ctx),
+    )
 
 
 class _Any(msgspec.Struct):

@@ -143,7 +143,6 @@ def test_tenants_with_equal_compliance_share_one_verdict_table_and_rules_are_ind
     cands = index.candidates[("r", "chat")]
     assert [t.label for t in cands.targets] == ["m@us"] and cands.own == 1
     assert index.candidates[("r", "embeddings")].targets == ()
-    assert index.route_headers["r"] == (b"x-strait-route", b"r")
     assert cands.targets[0].header == (b"x-strait-deployment", b"m@us")
 
 
