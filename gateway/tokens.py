@@ -183,7 +183,7 @@ class PromptTokens:
     prompt is `long()` (a few MB of text can take seconds). `known` is None until counted.
     """
 
-    __slots__ = ("_chat", "_encoding", "_texts", "known")
+    __slots__ = ("_chat", "_encoding", "_read_texts", "_texts", "known")
 
     def __init__(
         self,
@@ -193,6 +193,8 @@ class PromptTokens:
         encoding_name: str = FALLBACK_ENCODING,
     ) -> None:
         self._texts = texts
+        # The texts once read (bound, long and count all need them; reading joins multi-part messages).
+        self._read_texts: list[str] | None = None
         self._chat = chat
         self._encoding = encoding_name
         self.known: int | None = None if texts is not None else 0
@@ -205,7 +207,10 @@ class PromptTokens:
         return counted
 
     def _read(self) -> list[str]:
-        return self._texts() if self._texts is not None else []
+        texts = self._read_texts
+        if texts is None:
+            texts = self._read_texts = self._texts() if self._texts is not None else []
+        return texts
 
     def bound(self) -> int:
         if self.known is not None:
