@@ -59,7 +59,5 @@ class RouteStage(RequestOnly):
         from these features (a bound could exclude a downgrade candidate the prompt really fits), and its
         budgets make `limits` count the prompt anyway (counted once, remembered)."""
         assert ctx.principal is not None
-        tenant = self.index.tenants.get(ctx.principal.tenant)
-        return (
-            tenant is not None and tenant.budgets.on_exhausted == "downgrade" and bool(tenant.budgets.downgrade_route)
-        )
+        tables = self.index.tenant_tables.get(ctx.principal.tenant)  # compiled: downgrade_route or None
+        return tables is not None and tables.downgrade_route is not None
