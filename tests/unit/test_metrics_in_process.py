@@ -4,6 +4,7 @@ scrape time (upstream in flight and ejected, usage queue and spool, the state br
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,13 +36,19 @@ tenants:
 """
 
 
-@pytest.fixture()
-def client(tmp_path: Path) -> Iterator[TestClient[object]]:
+@contextlib.contextmanager
+def _client(tmp_path: Path, policy_text: str) -> Iterator[TestClient[object]]:
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
+    policy.write_text(policy_text)
     app = create_app(Settings(policy_path=str(policy), spool_dir=str(tmp_path / "spool")))
     with TestClient(app) as c:
         c.headers["authorization"] = f"Bearer {KEY}"
+        yield c
+
+
+@pytest.fixture()
+def client(tmp_path: Path) -> Iterator[TestClient[object]]:
+    with _client(tmp_path, POLICY) as c:
         yield c
 
 
@@ -86,12 +93,8 @@ LIMITED = (
 
 
 def test_limiter_decisions_and_state_latency_are_exported(tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(LIMITED)
-    app = create_app(Settings(policy_path=str(policy), spool_dir=str(tmp_path / "spool")))
     body = {"model": "chat", "messages": [{"role": "user", "content": "hello"}]}
-    with TestClient(app) as c:
-        c.headers["authorization"] = f"Bearer {KEY}"
+    with _client(tmp_path, LIMITED) as c:
         statuses = [c.post("/v1/chat/completions", json=body).status_code for _ in range(5)]
         text = c.get("/metrics").text
     assert statuses == [200, 200, 429, 429, 429]
