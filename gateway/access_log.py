@@ -35,6 +35,9 @@ class AccessLine(msgspec.Struct, omit_defaults=True, kw_only=True):
     attempts: int = 0
     error: str | None = None
     trace_id: str | None = None
+    # "hit" or "semantic-hit" when the cache answered (tokens_saved: what that answer did not cost).
+    cache: str | None = None
+    tokens_saved: int = 0
 
 
 _encode = msgspec.json.Encoder().encode
@@ -59,6 +62,8 @@ class AccessLog:
         ttft_s: float | None = None,
         partial: bool = False,
         error: str | None = None,
+        cache: str | None = None,
+        tokens_saved: int = 0,
     ) -> None:
         if status < 400 and self.sample < 1.0 and random.random() >= self.sample:
             return
@@ -81,9 +86,11 @@ class AccessLog:
             cost_usd=cost_micro_usd / 1e6,
             ttft_ms=None if ttft_s is None else round(ttft_s * 1000, 3),
             partial=partial,
-            attempts=len(ctx.failed_attempts) + (1 if ctx.target is not None else 0),
+            attempts=0 if cache is not None else len(ctx.failed_attempts) + (1 if ctx.target is not None else 0),
             error=error,
             trace_id=trace_id,
+            cache=cache,
+            tokens_saved=tokens_saved,
         )
         stream = self._stream()
         stream.write(_encode(line) + b"\n")

@@ -152,6 +152,11 @@ class End:
     error: ErrorBody | None = None
     # The stream's last event: the model of a usage chunk the client asked for and the upstream never sent.
     last_event: bytes | None = None
+    # Answered from the cache (no upstream ran): "hit" (exact) or "semantic-hit"; `saved` is the cached
+    # answer's own usage (the tokens not spent again), `hit_price` the share of its cost charged.
+    cache: Literal["hit", "semantic-hit"] | None = None
+    saved: Usage | None = None
+    hit_price: float = 0.0
 
 
 class Tap(Protocol):

@@ -2,7 +2,9 @@
 
 A stage's `on_request` returns None to go on, or a Reply that short-circuits (a cache hit, a refusal
 answered in band): later stages and the terminal do not run, and `on_response` runs for the stages
-before it, in reverse (the stage that answered built the reply; it has nothing to observe). A stage
+before it, in reverse (the stage that answered built the reply; it has nothing to observe). A
+short-circuit that is an answer (a Reply with an `end`, or a stream: a cache hit) is ended through the
+taps exactly like the terminal's, so it is accounted, logged and traced; a refusal (neither) is not. A stage
 may also refuse by raising a GatewayError: it propagates out of `run` without any `on_response`
 (app.py's exception handlers render it as an OpenAI error envelope).
 
@@ -137,6 +139,9 @@ class Pipeline:
             for stage in self.stages:
                 reply = await stage.on_request(ctx)
                 if reply is not None:
+                    if reply.end is not None or reply.stream is not None:
+                        # An answer (a cache hit), not a refusal: ended through the taps like the terminal's.
+                        reply = await self._ended(ctx, reply)
                     break
                 ran += 1
             if reply is None:
@@ -173,6 +178,10 @@ class Pipeline:
         except Exception:
             end_taps(ctx, self.taps, End("upstream_failed", 500))
             raise
+        return await self._ended(ctx, reply)
+
+    async def _ended(self, ctx: RequestContext, reply: Reply) -> Reply:
+        """A whole answer is ended through the taps now; a stream by the relay wrapped around it."""
         stream = reply.stream
         if stream is None:
             end_taps(ctx, self.taps, reply.end if reply.end is not None else End("completed", reply.status))

@@ -129,6 +129,42 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
         )
 
+        self.cache_lookups = Counter(
+            "strait_cache_lookups",
+            "Cache lookups by route and result: hit (exact), semantic_hit, miss, bypass (Cache-Control or "
+            "not cacheable), vetoed (a neighbour above the threshold refused by the lexical veto), error (the "
+            "cache store or the embedder failed: served as a miss).",
+            ("route", "result"),
+            registry=self.registry,
+        )
+        self.cache_stores = Counter(
+            "strait_cache_stores",
+            "Answers written to the cache, by route and result (stored, skipped: incomplete, an error, cut by "
+            "max_tokens, too large).",
+            ("route", "result"),
+            registry=self.registry,
+        )
+        self.cache_tokens_saved = Counter(
+            "strait_cache_tokens_saved",
+            "Tokens the cached answers served did not cost again, by tenant and route.",
+            ("tenant", "route"),
+            registry=self.registry,
+        )
+        self.cache_bad_hits = Counter(
+            "strait_cache_bad_hits",
+            "Semantic hits reported bad (POST /v1/cache/feedback, or regenerated with Cache-Control: "
+            "no-cache right after), by route; each raises its namespace's threshold (bounded).",
+            ("route",),
+            registry=self.registry,
+        )
+        self.cache_lookup_seconds = Histogram(
+            "strait_cache_lookup_seconds",
+            "Time a cache lookup added to the request, by tier (exact, semantic).",
+            ("tier",),
+            registry=self.registry,
+            buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+        )
+
     def child(self, metric: Any, *labels: str) -> Any:
         """A metric's child for these label values, looked up once: `labels()` hashes and locks on every
         call, measurable on the hot path. Label values come from the policy (routes, backends), so the

@@ -30,6 +30,9 @@ def _add(row: UsageRow, r: UsageRecord) -> None:
     row.prompt_tokens += r.prompt_tokens
     row.completion_tokens += r.completion_tokens
     row.cost_usd += r.cost_micro_usd / 1e6
+    if r.cache_hit:
+        row.cache_hits += 1
+        row.tokens_saved += r.tokens_saved
 
 
 class MemoryLedger:
@@ -82,6 +85,8 @@ class MemoryLedger:
                     row.prompt_tokens += src.prompt_tokens
                     row.completion_tokens += src.completion_tokens
                     row.cost_usd += src.cost_usd
+                    row.cache_hits += src.cache_hits
+                    row.tokens_saved += src.tokens_saved
         return sorted(rows.values(), key=lambda row: (row.tenant, row.value))
 
     async def close(self) -> None:

@@ -32,7 +32,10 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     cost_micro_usd: int = 0
     latency_ms: float = 0.0
     ttft_ms: float | None = None
+    # Answered from the cache: no upstream ran; `tokens_saved` is what the cached answer cost to make
+    # (its prompt + completion tokens), not charged (prompt and completion are 0 for a hit).
     cache_hit: bool = False
+    tokens_saved: int = 0
     # The client went away (or the upstream failed) mid-answer: tokens are what the upstream produced.
     partial: bool = False
     usage_source: UsageSource = "provider"
@@ -60,6 +63,9 @@ class UsageRow(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    # Requests answered from the cache, and the tokens those answers did not cost.
+    cache_hits: int = 0
+    tokens_saved: int = 0
 
 
 def days_between(since: dt.date, until: dt.date) -> list[str]:

@@ -51,6 +51,8 @@ def _record_args(r: UsageRecord) -> list[Any]:
         r.prompt_tokens,
         r.completion_tokens,
         r.cost_micro_usd,
+        1 if r.cache_hit else 0,
+        r.tokens_saved,
         *(r.dimension(d) for d in DIMENSIONS),
     ]
 
@@ -130,6 +132,10 @@ class RedisLedger:
                     row.completion_tokens += amount
                 elif metric == "cost":
                     row.cost_usd += amount / 1e6
+                elif metric == "hits":
+                    row.cache_hits += amount
+                elif metric == "saved":
+                    row.tokens_saved += amount
         return sorted(rows.values(), key=lambda row: (row.tenant, row.value))
 
     async def close(self) -> None:

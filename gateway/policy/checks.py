@@ -19,6 +19,7 @@ from gateway.policy.places import expand
 
 Report = Callable[[Any, str, str, str], None]
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+ENV_REF = re.compile(r"^env:[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def check_routes(policy: PolicySet, source: Any, route_names: set[str], report: Report) -> None:
@@ -117,6 +118,67 @@ def check_rules(policy: PolicySet, source: Any, names: dict[str, set[str]], repo
             and w.min_prompt_tokens > w.max_prompt_tokens
         ):
             report(source, f"{base}.when", f"rule {rule.name!r}: min_prompt_tokens exceeds max_prompt_tokens", "error")
+
+
+def check_cache(policy: PolicySet, merged: PolicySet, source: Any, report: Report) -> None:
+    """The `cache` section of this file, and its tenants' and routes' cache settings, against the whole
+    policy: embedders named once and reachable, tenants naming known embedders and routes."""
+    embedders = {e.name: e for e in merged.cache.embedders}
+    backends = {b.name for b in merged.backends}
+    routes = {r.name for r in merged.routes}
+    seen: set[str] = set()
+    for i, e in enumerate(policy.cache.embedders):
+        base = f"$.cache.embedders[{i}]"
+        if e.name in seen:
+            report(source, f"{base}.name", f"duplicate embedder name {e.name!r}", "error")
+        seen.add(e.name)
+        if e.kind == "remote":
+            if (e.base_url is None) == (e.backend is None):
+                report(source, base, f"embedder {e.name!r}: a remote embedder needs base_url or backend (one)", "error")
+            if e.base_url is not None and not e.base_url.startswith(("http://", "https://")):
+                report(
+                    source,
+                    f"{base}.base_url",
+                    f"embedder {e.name!r}: base_url must start with http:// or https://",
+                    "error",
+                )
+            if e.backend is not None and e.backend not in backends:
+                report(source, f"{base}.backend", f"embedder {e.name!r}: unknown backend {e.backend!r}", "error")
+            if e.model is None:
+                report(
+                    source, f"{base}.model", f"embedder {e.name!r}: a remote embedder needs the upstream model", "error"
+                )
+        elif e.base_url is not None or e.backend is not None or e.api_key is not None:
+            report(source, base, f"embedder {e.name!r}: base_url, backend and api_key are for kind: remote", "error")
+        if e.api_key is not None and not ENV_REF.match(e.api_key):
+            report(
+                source,
+                f"{base}.api_key",
+                f"embedder {e.name!r}: api_key must be an env:NAME reference, never the secret itself",
+                "error",
+            )
+    for i, t in enumerate(policy.tenants):
+        c = t.cache
+        base = f"$.tenants[{i}].cache"
+        if c.embedder is not None and c.embedder not in embedders:
+            report(source, f"{base}.embedder", f"tenant {t.name!r}: unknown embedder {c.embedder!r}", "error")
+        for j, name in enumerate(c.routes):
+            if name != "*" and name not in routes:
+                report(source, f"{base}.routes[{j}]", f"tenant {t.name!r}: cache names unknown route {name!r}", "error")
+        chosen = embedders.get(c.embedder) if c.embedder is not None else next(iter(embedders.values()), None)
+        if (
+            c.threshold is not None
+            and chosen is not None
+            and chosen.threshold is not None
+            and c.threshold < chosen.threshold
+        ):
+            report(
+                source,
+                f"{base}.threshold",
+                f"tenant {t.name!r}: threshold {c.threshold} is below embedder {chosen.name!r}'s {chosen.threshold} "
+                "(a tenant may only make the cache stricter)",
+                "error",
+            )
 
 
 def rewrite_cycle(policy: PolicySet) -> list[str] | None:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from gateway.canonical import Operation
 from gateway.policy.compliance import compliance_reason
-from gateway.policy.model import Budget, Compliance, RateLimits, Route, Rule, Tenant
+from gateway.policy.model import Budget, Compliance, RateLimits, Route, RouteCache, Rule, Tenant
 
 if TYPE_CHECKING:
     from gateway.policy.index import Target
@@ -102,6 +102,43 @@ def compile_rule(rule: Rule) -> RuleTest:
 
 
 @dataclass(frozen=True, slots=True)
+class CachePlan:
+    """What the cache does for one (tenant, route): the tenant's opt-in within the route's bounds."""
+
+    exact: bool
+    semantic: bool
+    # The embedder's name in `cache.embedders`, or None: the packaged default.
+    embedder: str | None
+    # The tenant's own threshold (never below the embedder's); None: the embedder's.
+    threshold: float | None
+    ttl_s: int
+    route: RouteCache
+
+
+def compile_cache(tenant: Tenant, routes: Mapping[str, Route], first_embedder: str | None) -> dict[str, CachePlan]:
+    """The routes this tenant caches on, with what; a route absent here is never cached for it."""
+    c = tenant.cache
+    exact = c.exact or c.enabled
+    if not (exact or c.semantic):
+        return {}
+    out: dict[str, CachePlan] = {}
+    for route in routes.values():
+        allowed = route.cache
+        if not allowed.allowed or ("*" not in c.routes and route.name not in c.routes):
+            continue
+        ttl = allowed.ttl_s if c.ttl_s is None else min(c.ttl_s, allowed.ttl_s)
+        out[route.name] = CachePlan(
+            exact=exact,
+            semantic=c.semantic,
+            embedder=c.embedder if c.embedder is not None else first_embedder,
+            threshold=c.threshold,
+            ttl_s=ttl,
+            route=allowed,
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class TenantTables:
     """Everything per tenant the request path reads, derived from the policy alone."""
 
@@ -116,6 +153,8 @@ class TenantTables:
     # Limit sections by route name, for the routes with a section of their own; `limits` otherwise.
     route_limits: Mapping[str, LimitSections]
     limits: LimitSections
+    # By route name: what the cache does there (absent: no cache).
+    cache: Mapping[str, CachePlan]
 
 
 def compile_candidates(
@@ -166,7 +205,11 @@ def _sections(tenant: Tenant, route: str | None) -> LimitSections:
 
 
 def compile_tenants(
-    tenants: Iterable[Tenant], rules: tuple[Rule, ...], candidates: Mapping[tuple[str, Operation], Candidates]
+    tenants: Iterable[Tenant],
+    rules: tuple[Rule, ...],
+    candidates: Mapping[tuple[str, Operation], Candidates],
+    routes: Mapping[str, Route] | None = None,
+    first_embedder: str | None = None,
 ) -> dict[str, TenantTables]:
     envelopes = _Envelopes(candidates)
     tests = [compile_rule(r) for r in rules]
@@ -180,6 +223,7 @@ def compile_tenants(
             downgrade_route=budgets.downgrade_route if budgets.on_exhausted == "downgrade" else None,
             route_limits={name: _sections(tenant, name) for name in tenant.limits.routes},
             limits=_sections(tenant, None),
+            cache=compile_cache(tenant, routes or {}, first_embedder),
         )
     return out
 

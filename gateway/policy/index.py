@@ -112,7 +112,10 @@ class PolicyIndex:
                 )
         # Compiled once here: what every request would otherwise recompute from the policy.
         self.candidates: dict[tuple[str, Operation], Candidates] = compile_candidates(self.routes, self.targets)
-        self.tenant_tables: dict[str, TenantTables] = compile_tenants(policy.tenants, policy.rules, self.candidates)
+        first_embedder = policy.cache.embedders[0].name if policy.cache.embedders else None
+        self.tenant_tables: dict[str, TenantTables] = compile_tenants(
+            policy.tenants, policy.rules, self.candidates, self.routes, first_embedder
+        )
         # The open tenant's apart: a policy tenant may be named like it.
         self.open_tables: TenantTables = compile_tenants([self.open_tenant], policy.rules, self.candidates)[
             self.open_tenant.name

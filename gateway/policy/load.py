@@ -24,7 +24,7 @@ _PATH_TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
 _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_ENV_REF = re.compile(r"^env:[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_REF = checks.ENV_REF
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +169,17 @@ def _merge(decoded: list[tuple[PolicySet, _Source]], problems: list[Problem]) ->
                 line, col = source.locate("$.server")
                 problems.append(Problem(source.file, line, col, "server: set in more than one policy file"))
             server = policy.server
+    default_cache = PolicySet().cache
+    cache = default_cache
+    for policy, source in decoded:
+        if policy.cache != default_cache:
+            if cache != default_cache:
+                line, col = source.locate("$.cache")
+                problems.append(Problem(source.file, line, col, "cache: set in more than one policy file"))
+            cache = policy.cache
     return PolicySet(
         server=server,
+        cache=cache,
         backends=tuple(b for p, _ in decoded for b in p.backends),
         models=tuple(m for p, _ in decoded for m in p.models),
         routes=tuple(r for p, _ in decoded for r in p.routes),
@@ -272,6 +281,7 @@ def _cross_check(
         checks.check_routes(policy, source, route_names, at)
         checks.check_tenants(policy, source, route_names, at)
         checks.check_rules(policy, source, known, at)
+        checks.check_cache(policy, merged, source, at)
     if not problems:
         cycle = checks.rewrite_cycle(merged)
         if cycle:

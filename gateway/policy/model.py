@@ -126,6 +126,73 @@ class Model(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     tokenizer: str = "o200k_base"
 
 
+Similarity = Annotated[float, msgspec.Meta(gt=0, le=1)]
+Share = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class CacheEmbedder(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """An embedder the semantic tier may use (`cache.embedders`). `local`: a model packaged with the
+    `cache` extra, run in process on one thread; `remote`: any OpenAI-compatible `/v1/embeddings`
+    (`base_url` with `api_key: env:NAME`, or `backend`: a backend of this policy)."""
+
+    name: str
+    kind: Literal["local", "remote"] = "local"
+    # local: which packaged model (None: the default); remote: the upstream model name.
+    model: str | None = None
+    base_url: str | None = None
+    backend: str | None = None
+    api_key: str | None = None
+    # Cosine similarity at or above which a neighbour may be served (after the veto); calibrated per
+    # embedder (docs/cache.md). None: the embedder's measured default.
+    threshold: Similarity | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
+    dims: Positive | None = None
+
+
+class CacheConfig(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The top-level `cache` section: the embedders tenants may name."""
+
+    embedders: tuple[CacheEmbedder, ...] = ()
+    # How far bad-hit reports may raise a namespace's threshold, and by how much each report does.
+    feedback_step: Annotated[float, msgspec.Meta(ge=0, le=0.1)] = 0.01
+    feedback_max_raise: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.04
+
+
+class RouteCache(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """What a route allows of the cache (a tenant opts in; the route sets the bounds and may forbid)."""
+
+    allowed: bool = True
+    ttl_s: Positive = 3600
+    # Per namespace (tenant x route x deployment x answer-changing parameters): oldest evicted first.
+    max_entries: Positive = 10_000
+    max_bytes: Positive = 64 * 1024 * 1024
+    # Only deterministic requests (temperature 0, or unset) unless this allows more.
+    max_temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.0
+    # Whether answers to requests with tools, and with a response_format, may be cached.
+    tools: bool = False
+    response_format: bool = True
+    # Whether answers cut by max_tokens (finish_reason `length`) may be stored.
+    truncated: bool = False
+    # A hit is charged this share of what the answer cost when it was made (0: hits are free).
+    hit_price: Share = 0.0
+
+
+class CacheSettings(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A tenant's opt-in. It can only tighten what the route allows (a shorter TTL, a higher threshold)."""
+
+    exact: bool = False
+    semantic: bool = False
+    # Older files: `enabled: true` means the exact tier.
+    enabled: bool = False
+    # Routes the tenant caches on; "*": every route that allows it.
+    routes: tuple[str, ...] = ("*",)
+    # An embedder of `cache.embedders` (None: the first one, or the packaged default when none is named).
+    embedder: str | None = None
+    threshold: Similarity | None = None
+    ttl_s: Positive | None = None
+
+
 Objective = Literal["cost", "latency", "balanced", "ordered"]
 
 
@@ -157,6 +224,7 @@ class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     fallback: tuple[str, ...] = ()
     # Upper bound on upstream attempts (first try + fallbacks) before an error goes back to the client.
     max_attempts: int = 3
+    cache: RouteCache = RouteCache()
 
 
 class TenantKey(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -245,12 +313,6 @@ class Budgets(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     downgrade_route: str | None = None
 
 
-class CacheSettings(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    enabled: bool = False
-    ttl_s: int = 3600
-    semantic: bool = False
-
-
 class Tenant(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     name: str
     keys: tuple[TenantKey, ...] = ()
@@ -329,3 +391,4 @@ class PolicySet(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     routes: tuple[Route, ...] = ()
     tenants: tuple[Tenant, ...] = ()
     rules: tuple[Rule, ...] = ()
+    cache: CacheConfig = CacheConfig()

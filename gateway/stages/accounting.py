@@ -52,7 +52,11 @@ RECONCILE_BATCH = 64
 def _estimates_prompt(ctx: RequestContext, end: End) -> bool:
     """Whether `complete` counts the prompt itself: an answer (or a cut-short one) without provider usage."""
     return (
-        end.usage is None and ctx.target is not None and ctx.principal is not None and (end.status < 400 or end.partial)
+        end.usage is None
+        and end.cache is None
+        and ctx.target is not None
+        and ctx.principal is not None
+        and (end.status < 400 or end.partial)
     )
 
 
@@ -151,6 +155,8 @@ class AccountingStage(EndTap):
 
         Without provider usage, completion tokens are the End's `completion_tokens` (a stream's count)
         or else tiktoken over `produced` (a JSON body)."""
+        if end.cache is not None:
+            return self._complete_hit(ctx, end)
         status, usage, partial_, ttft_s = end.status, end.usage, end.partial, end.ttft_s
         now = time.time()
         ts_ms = int(now * 1000)
@@ -215,6 +221,45 @@ class AccountingStage(EndTap):
                 ctx, status, prompt=prompt, completion=completion, cost_micro_usd=cost, ttft_s=ttft_s, partial=partial_
             )
         return prompt, completion
+
+    def _complete_hit(self, ctx: RequestContext, end: End) -> tuple[int, int]:
+        """A cache hit: one record (cache_hit, the tokens it saved, no tokens charged), its reservation
+        released with no tokens (the request counted against the request rates, not the token rates) and
+        the route's hit price, if any, charged against budgets."""
+        saved = end.saved
+        target, principal = ctx.target, ctx.principal
+        tokens_saved = cost = 0
+        if saved is not None:
+            tokens_saved = saved.prompt_tokens + saved.completion_tokens
+            if target is not None and end.hit_price > 0:
+                made = cost_micro_usd(target.deployment.price, saved.prompt_tokens, saved.completion_tokens, 0)
+                cost = round(made * end.hit_price)
+        if target is not None and principal is not None:
+            self._submit(
+                ctx,
+                1,
+                True,
+                int(time.time() * 1000),
+                target.model.name,
+                target.label,
+                target.backend.name,
+                end.status,
+                0,
+                0,
+                0,
+                cost,
+                time.perf_counter() - ctx.started,
+                None,
+                False,
+                "none",
+                cache_hit=True,
+                tokens_saved=tokens_saved,
+            )
+        self.release(ctx, 0, cost)
+        ctx.accounted = True
+        if self.access_log is not None:
+            self.access_log.write(ctx, end.status, cost_micro_usd=cost, cache=end.cache, tokens_saved=tokens_saved)
+        return 0, 0
 
     def refused(self, ctx: RequestContext, status: int, code: str | None) -> None:
         """A request refused before any upstream (auth, body, route, limits): its log line."""
@@ -304,6 +349,9 @@ class AccountingStage(EndTap):
         ttft_s: float | None,
         partial: bool,
         source: UsageSource,
+        *,
+        cache_hit: bool = False,
+        tokens_saved: int = 0,
     ) -> None:
         principal = ctx.principal
         assert principal is not None
@@ -329,6 +377,8 @@ class AccountingStage(EndTap):
                 partial=partial,
                 usage_source=source,
                 client_request_id=ctx.client_request_id,
+                cache_hit=cache_hit,
+                tokens_saved=tokens_saved,
             )
         )
         self.metrics.child(self.metrics.usage_records, source).inc()

@@ -27,7 +27,7 @@ class SignalsTap(EndTap):
         self.signals = signals
 
     def on_end(self, ctx: RequestContext, end: End) -> None:
-        if end.stream and ctx.target is not None:
+        if end.stream and end.cache is None and ctx.target is not None:
             self.signals.finished(ctx.target.backend.name)
 
 
@@ -38,6 +38,8 @@ class MetricsTap(EndTap):
         self.metrics = metrics
 
     def on_end(self, ctx: RequestContext, end: End) -> None:
+        if end.cache is not None:
+            return  # no upstream ran: its tokens and time to first event are not the provider's
         m = self.metrics
         route = ctx.route_name
         if end.stream and end.ttft_s is not None:
