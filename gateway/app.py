@@ -38,6 +38,8 @@ from gateway.api.identity import request_id_of, scope_id_headers
 from gateway.api.inbound import inbound_limits
 from gateway.api.openai.request_stage import DecodeStage
 from gateway.api.routes import build_handlers
+from gateway.cache.pool import EmbedderPool
+from gateway.cache.store import open_cache_store
 from gateway.contracts import AdapterFactory
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.gauges import GatewayGauges
@@ -116,6 +118,8 @@ def create_app(
         DecisionLog(),
         decode=lambda policy: DecodeStage(limits, policy.server.max_body_bytes),
         tracing=tracing_from_env(os.environ),
+        cache_store=open_cache_store(settings.cache_url, timeout_s=settings.state_timeout_ms / 1000),
+        embedders=EmbedderPool(),
     )
     runtime = build_runtime(policy, factories, services)
     gateway = Gateway(runtime, services, writer, ledger)

@@ -19,6 +19,8 @@ from gateway.upstream.redact import NO_SECRETS, Redactor
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from gateway.stages.cache import CacheTicket
+
 
 @dataclass(slots=True)
 class RequestContext:
@@ -80,3 +82,6 @@ class RequestContext:
     accounted: bool = False
     # Headers any stage adds to the response (rate-limit state, budget downgrade).
     extra_headers: dict[str, str] = field(default_factory=dict)
+    # Written by `cache` on a miss it may store (its scope, settings and the query's vector); read by its
+    # `on_response`. None: the cache is not in play for this request.
+    cache: CacheTicket | None = None

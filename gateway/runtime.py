@@ -13,6 +13,9 @@ import msgspec
 
 from gateway.accounting.ledger import Ledger
 from gateway.accounting.writer import UsageWriter
+from gateway.cache.embedders import DEFAULT_THRESHOLD, Embedder
+from gateway.cache.pool import DEFAULT_SPEC, EmbedderPool, spec_of
+from gateway.cache.store import CacheStore
 from gateway.contracts import Adapter, AdapterFactory
 from gateway.pipeline import Pipeline, Stage
 from gateway.policy.decisions import DecisionLog
@@ -20,6 +23,7 @@ from gateway.policy.index import PolicyIndex
 from gateway.policy.model import Backend, PolicySet, UpstreamLimits
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.auth import AuthStage
+from gateway.stages.cache import CacheStage
 from gateway.stages.explain import Explain
 from gateway.stages.limits import LimitsStage
 from gateway.stages.route import RouteStage
@@ -53,6 +57,8 @@ class Runtime:
     dispatcher: Dispatcher
     adapters: Mapping[str, Adapter]
     upstream_limits: UpstreamLimits
+    # The cache stage, when a tenant of the policy caches (POST /v1/cache/feedback reports to it).
+    cache: CacheStage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +75,9 @@ class Services:
     decode: Callable[[PolicySet], Stage]
     # OpenTelemetry, when the OTEL_* variables configure it (gateway.tracing); None: no tracing code runs.
     tracing: Tracing | None = None
+    # Where cached answers live (a key space, or a Redis, of their own) and the embedders opened so far.
+    cache_store: CacheStore | None = None
+    embedders: EmbedderPool | None = None
 
 
 def build_runtime(
@@ -103,11 +112,15 @@ def build_runtime(
         tracing=services.tracing,
     )
     upstream = UpstreamStage(dispatcher, metrics, signals)
+    stages: list[Stage] = [auth, services.decode(policy), route, LimitsStage(index, store, metrics, explain)]
+    cache = _cache_stage(index, services)
+    if cache is not None:
+        stages.append(cache)
     return Runtime(
         index=index,
         auth=auth,
         pipeline=Pipeline(
-            [auth, services.decode(policy), route, LimitsStage(index, store, metrics, explain)],
+            stages,
             upstream,
             tracing=services.tracing,
             on_refused=services.accounting.refused,
@@ -117,7 +130,24 @@ def build_runtime(
         dispatcher=dispatcher,
         adapters=adapters,
         upstream_limits=limits,
+        cache=cache,
     )
+
+
+def _cache_stage(index: PolicyIndex, services: Services) -> CacheStage | None:
+    """The cache stage when some tenant caches on some route; its embedders opened now (a missing
+    optional dependency is a load-time error naming the extra, never a request's)."""
+    plans = [plan for tables in index.tenant_tables.values() for plan in tables.cache.values()]
+    if not plans or services.cache_store is None:
+        return None
+    pool = services.embedders if services.embedders is not None else EmbedderPool()
+    by_name = {e.name: e for e in index.policy.cache.embedders}
+    embedders: dict[str | None, Embedder] = {}
+    for plan in plans:
+        if plan.semantic and plan.embedder not in embedders:
+            spec = DEFAULT_SPEC if plan.embedder is None else spec_of(by_name[plan.embedder], index.backends)
+            embedders[plan.embedder] = pool.get(spec)
+    return CacheStage(index, services.cache_store, embedders, services.metrics, DEFAULT_THRESHOLD)
 
 
 def _with_limits(backend: Backend, limits: UpstreamLimits) -> Backend:
@@ -163,10 +193,16 @@ class Gateway:
     async def aclose(self) -> None:
         if self._epoch_task is not None:
             self._epoch_task.cancel()
+        if self.runtime.cache is not None:
+            await self.runtime.cache.drain()
         await self.accounting.drain()
         await self.writer.stop()
         await self.ledger.close()
         await self.store.close()
+        if self.services.cache_store is not None:
+            await self.services.cache_store.aclose()
+        if self.services.embedders is not None:
+            await self.services.embedders.aclose()
         for adapter in self.runtime.adapters.values():
             await adapter.aclose()
         if self.services.tracing is not None:

@@ -21,6 +21,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "WARNING"
     # The process log (not the access log): classic text lines, or one JSON object per line.
     log_format: Literal["text", "json"] = "text"
+    # Where cached answers live: `memory`, redis:// or rediss://. Unset: the state's Redis (its own key
+    # space) or memory. Production: a Redis of its own with maxmemory + allkeys-lru (docker/compose.yaml),
+    # so cache entries can never evict limiter or ledger state.
+    cache: str | None = None
     # How many gateway processes share the state (sizes budget fallbacks; `memory` refuses more than 1).
     replicas: int = 1
     # Bound on every state-store call on the request path (ms): a down or frozen Redis costs at most this
@@ -57,6 +61,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if self.metrics_token is not None and not all("!" <= c <= "~" for c in self.metrics_token):
             raise ValueError("STRAIT_METRICS_TOKEN must be printable ASCII without spaces")
 
+    @property
+    def cache_url(self) -> str:
+        if self.cache:
+            return self.cache
+        return self.state if self.state.startswith(("redis://", "rediss://")) else "memory"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ
@@ -67,6 +77,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("port", "STRAIT_PORT"),
             ("workers", "STRAIT_WORKERS"),
             ("state", "STRAIT_STATE"),
+            ("cache", "STRAIT_CACHE"),
             ("log_level", "STRAIT_LOG_LEVEL"),
             ("log_format", "STRAIT_LOG_FORMAT"),
             ("server", "STRAIT_SERVER"),

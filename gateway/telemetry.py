@@ -152,9 +152,10 @@ class Metrics:
         )
         self.cache_bad_hits = Counter(
             "strait_cache_bad_hits",
-            "Semantic hits reported bad (POST /v1/cache/feedback, or regenerated with Cache-Control: "
-            "no-cache right after), by route; each raises its namespace's threshold (bounded).",
-            ("route",),
+            "Cache hits reported bad, by source: feedback (POST /v1/cache/feedback) or regenerate (the same "
+            "request again with Cache-Control: no-cache right after a semantic hit); each removes the entry and "
+            "raises its namespace's threshold (bounded).",
+            ("source",),
             registry=self.registry,
         )
         self.cache_lookup_seconds = Histogram(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, Response, asgi, get
+from litestar import Request, Response, asgi, get, post
 from litestar.handlers import BaseRouteHandler
 
 from gateway.api.asgi_send import Receive, Send, body_chunks, send_reply
@@ -18,11 +18,22 @@ from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
-from gateway.errors import MethodNotAllowed, ModelNotFound, NotFound
+from gateway.errors import InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge
 from gateway.reply import JSON
 from gateway.runtime import Gateway
 
 _encode = msgspec.json.encode
+FEEDBACK_MAX_BYTES = 4096
+
+
+class CacheFeedback(msgspec.Struct, forbid_unknown_fields=False):
+    """`POST /v1/cache/feedback`: the response id a cache hit was served with; a reason, optionally."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    reason: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
+
+
+_decode_feedback = msgspec.json.Decoder(CacheFeedback).decode
 
 
 def _headers(scope: Any) -> dict[str, str]:
@@ -95,6 +106,29 @@ def build_handlers(
             raise NotFound(f"No decision '{decision_id}' is kept for your tenant (ask with x-strait-explain: 1).")
         return Response(_encode(decision), media_type=JSON, headers=scope_id_headers(request.scope))
 
+    @post("/v1/cache/feedback", status_code=200)
+    async def cache_feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Report a cached answer as wrong (by the response id a hit was served with): it leaves the cache
+        and its namespace's threshold goes up. Only the tenant it was served to can report it."""
+        runtime = gateway.runtime
+        principal = runtime.auth.authenticate(_headers(request.scope))
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > FEEDBACK_MAX_BYTES:
+                raise PayloadTooLarge(f"A feedback body is at most {FEEDBACK_MAX_BYTES} bytes.")
+        try:
+            report = _decode_feedback(bytes(body))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise InvalidRequest(f"Invalid feedback body: {exc}", param="id") from None
+        cache = runtime.cache
+        served = await cache.store.served(principal.tenant, report.id) if cache is not None else None
+        if cache is None or served is None:
+            raise NotFound(f"No cached answer '{report.id}' was served to your tenant recently.")
+        reports = await cache.report_bad("feedback", served[0], served[1])
+        out = {"object": "cache.feedback", "id": report.id, "recorded": True, "namespace_reports": reports}
+        return Response(_encode(out), media_type=JSON, headers=scope_id_headers(request.scope))
+
     @get("/healthz")
     async def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
         return Response(b'{"status":"ok"}', media_type=JSON, headers=scope_id_headers(request.scope))
@@ -136,6 +170,7 @@ def build_handlers(
         list_models,
         get_model,
         get_decision,
+        cache_feedback,
         healthz,
         readyz,
         metrics,

@@ -148,6 +148,13 @@ def check_cache(policy: PolicySet, merged: PolicySet, source: Any, report: Repor
                 report(
                     source, f"{base}.model", f"embedder {e.name!r}: a remote embedder needs the upstream model", "error"
                 )
+            if e.threshold is None:
+                report(
+                    source,
+                    f"{base}.threshold",
+                    f"embedder {e.name!r}: a remote embedder needs its threshold (calibrate it: docs/cache.md)",
+                    "error",
+                )
         elif e.base_url is not None or e.backend is not None or e.api_key is not None:
             report(source, base, f"embedder {e.name!r}: base_url, backend and api_key are for kind: remote", "error")
         if e.api_key is not None and not ENV_REF.match(e.api_key):

@@ -116,10 +116,9 @@ class AccountingStage(EndTap):
             self._deferred.add(task)
             task.add_done_callback(self._deferred.discard)
             return
-        prompt, completion = self.complete(ctx, end)
-        if ctx.span is not None:
-            # Tracing on: the request's span (ended by a later tap) reports exactly what was charged.
-            ctx.usage_in, ctx.usage_out = prompt, completion
+        # What was charged: the request's span (ended by a later tap) reports it, the cache keeps it with
+        # the answer it stores.
+        ctx.usage_in, ctx.usage_out = self.complete(ctx, end)
 
     async def _complete_counted(self, ctx: RequestContext, end: End, done: asyncio.Future[None]) -> None:
         """`complete` once the prompt is counted off the event loop; `done` when its release has landed.
@@ -132,7 +131,8 @@ class AccountingStage(EndTap):
                     counted = await asyncio.to_thread(completion_tokens_of, end.produced, ctx.target.model.tokenizer)
                     end = dataclasses.replace(end, completion_tokens=counted)
             finally:
-                self.complete(ctx, end)  # counted now (or, if cancelled at shutdown, on this thread)
+                # Counted now (or, if cancelled at shutdown, on this thread).
+                ctx.usage_in, ctx.usage_out = self.complete(ctx, end)
             if ctx.settling is not None and ctx.settling is not done:
                 await asyncio.shield(ctx.settling)
         finally:
