@@ -33,7 +33,7 @@ __all__ = [
 
 # The local model and the cosine threshold chosen by measurement (docs/cache.md).
 DEFAULT_LOCAL_MODEL = "minilm-l6-int8"
-DEFAULT_THRESHOLD = 0.95
+DEFAULT_THRESHOLD = 0.92
 # Per local model: its measured default threshold (cosine scales differ between models).
 LOCAL_THRESHOLDS: dict[str, float] = {"minilm-l6-int8": DEFAULT_THRESHOLD}
 
