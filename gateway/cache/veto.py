@@ -1,0 +1,273 @@
+"""The semantic tier's veto: cheap lexical checks that refuse a near neighbour whose meaning differs in a
+way sentence embeddings are known to miss (one-word traps: another number or date, a negation, another
+named thing). Pure Python, no model: it runs after the cosine threshold, on the few candidates above it.
+
+The rules and word lists are general English (numbers and dates, negation, opposites, names, swapped
+`from X to Y` roles), but they were extended after reading the false hits on the fow-cache benchmark, so
+that benchmark's numbers for them are in-sample (docs/cache.md says how much). `veto(query, candidate)`
+returns the first objection, or None; it is symmetric.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from typing import Final
+
+
+def _words(words: str) -> list[str]:
+    return words.split()
+
+
+def _set(words: str) -> frozenset[str]:
+    return frozenset(words.split())
+
+
+# Words, numbers (with their decimal/thousands/time/date separators), and possessive 's kept on the word.
+_TOKEN = re.compile(r"\d+(?:[.,:/]\d+)*|[^\W\d_]+(?:['\u2019][^\W\d_]+)*")
+
+# Number words; not `one` (a pronoun: "quick one") nor `second` ("a second").
+NUMBER_WORDS: Final = _set(
+    "zero two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million "
+    "billion trillion dozen half quarter twice double triple first third fourth fifth sixth seventh "
+    "eighth ninth tenth once"
+)
+# Dates and times named by words: another day is another answer. Not `may`, `march`, `fall` (verbs).
+DATE_WORDS: Final = _set(
+    "monday tuesday wednesday thursday friday saturday sunday weekday weekdays weekend weekends january february "
+    "april june july august september october november december today tomorrow yesterday tonight "
+    "morning afternoon evening night overnight daily weekly monthly yearly annual annually quarterly "
+    "spring summer autumn winter christmas easter am pm"
+)
+# Negation: how many of these a text holds must match (`can't` and `cannot` both count once).
+NEGATIONS: Final = _set(
+    "not no never none nothing nobody nowhere neither nor without non cannot cant dont doesnt didnt isnt arent "
+    "wasnt werent wont wouldnt shouldnt couldnt hasnt havent hadnt mustnt"
+)
+# Polarity words whose presence on one side only reverses the question, whatever the other side says.
+POLARITY: Final = _set("off avoid unsafe")
+# Opposites: one side holding a word of one group and the other side a word of the opposite group (and not
+# the first) is another question. Synonyms inside a group never object ("start" / "begin").
+_OPPOSITES: Final[tuple[tuple[str, str], ...]] = (
+    ("open opened opening", "closed close closing shut"),
+    ("safe safely", "unsafe dangerous harmful"),
+    ("allowed allow allows permitted permit", "banned ban forbidden forbid prohibited prohibit"),
+    ("include included includes including", "exclude excluded excludes excluding"),
+    ("hot warm hotter warmer", "cold cool colder cooler"),
+    ("best", "worst"),
+    ("pass passed passing", "fail failed failing"),
+    ("increase increased increases increasing raise raised rise", "decrease decreased decreases reduce reduced lower"),
+    ("compulsory mandatory required", "optional"),
+    ("benefits advantages pros", "drawbacks disadvantages cons risks"),
+    ("most", "least"),
+    ("more", "less fewer"),
+    ("over above", "under below"),
+    ("am", "pm"),
+    ("men man male", "women woman female"),
+    ("adult adults", "child children kids"),
+    ("full", "part"),
+    ("buy buying bought purchase", "sell selling sold"),
+    ("import", "export"),
+    ("upload", "download"),
+    ("enable enabled", "disable disabled"),
+    ("add adding", "remove removing delete deleting"),
+    ("start starting begin", "stop stopping end finish"),
+    ("deposit", "withdraw withdrawal"),
+    ("before", "after"),
+    ("early earlier earliest", "late later latest"),
+    ("cheapest", "dearest priciest"),
+    ("first", "last"),
+    ("accept accepted", "reject rejected decline declined refuse refused"),
+    ("win won winning", "lose lost losing"),
+    ("arrive arrival arrivals", "depart departure departures"),
+    ("inbound incoming", "outbound outgoing"),
+    ("maximum max", "minimum min"),
+    ("upgrade", "downgrade"),
+    ("in", "out"),
+)
+OPPOSITES: Final[dict[str, frozenset[str]]] = {}
+for _one, _other in _OPPOSITES:
+    for _w in _one.split():
+        OPPOSITES[_w] = OPPOSITES.get(_w, frozenset()) | _set(_other)
+    for _w in _other.split():
+        OPPOSITES[_w] = OPPOSITES.get(_w, frozenset()) | _set(_one)
+# Prepositions that give a word a role (`from X to Y`): the same words in swapped roles is another question.
+_DIRECTIONS: Final = _set("to from into onto than vs versus")
+# Number words as digits, so "fifteen" matches "15".
+_DIGITS: Final = {
+    w: str(i)
+    for i, w in enumerate(
+        _words(
+            "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+            "sixteen seventeen eighteen nineteen twenty"
+        )
+    )
+} | {
+    "thirty": "30",
+    "forty": "40",
+    "fifty": "50",
+    "sixty": "60",
+    "seventy": "70",
+    "eighty": "80",
+    "ninety": "90",
+    "hundred": "100",
+    "thousand": "1000",
+    "million": "1000000",
+    "dozen": "12",
+}
+_SKIP_AFTER_DIRECTION: Final = _set("a an the my your our their his her its this that")
+# Negating prefixes: `unsubscribe` against `subscribe`, `disallow` against `allow`.
+_PREFIXES: Final = ("un", "dis", "non", "de", "in", "im", "il", "ir", "anti")
+# Capitalised words that are not names.
+_NOT_NAMES: Final = _set("i i'm i've i'd i'll ok hi hello hey thanks please dear")
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text)
+
+
+def _word(raw: str) -> str:
+    """A token as the rules compare it: lower case, `don't` -> `dont` (NEGATIONS holds it), `Bob's` -> `bob`."""
+    w = raw.lower().replace("\u2019", "'")
+    if w.endswith("n't"):
+        return w.replace("'", "")
+    return w[:-2] if w.endswith("'s") else w
+
+
+class _Text:
+    """One text's words (lower case, in order) and the ones that look like names: a capital letter inside
+    the word (`iPhone`, `HubSpot`), an acronym (`HMRC`), or a capitalised word that does not start a
+    sentence. Both come from one pass, so a text's names are always among its own words."""
+
+    __slots__ = ("names", "words")
+
+    def __init__(self, text: str) -> None:
+        folded = _fold(text)
+        self.words: list[str] = []
+        self.names: set[str] = set()
+        prev_end = 0
+        for m in _TOKEN.finditer(folded):
+            raw = m.group(0)
+            w = _word(raw)
+            self.words.append(w)
+            starts_sentence = prev_end == 0 or any(ch in ".?!:" for ch in folded[prev_end : m.start()])
+            prev_end = m.end()
+            if not raw[0].isalpha():
+                continue
+            inner_capital = any(ch.isupper() for ch in raw[1:]) and not raw.isupper()
+            acronym = len(raw) > 1 and raw.isupper()
+            capitalised = raw[0].isupper() and not starts_sentence
+            if (inner_capital or acronym or capitalised) and w not in _NOT_NAMES:
+                self.names.add(w)
+
+
+def tokens(text: str) -> list[str]:
+    return _Text(text).words
+
+
+def numbers(text: str) -> frozenset[str]:
+    """Digits (commas as thousands separators dropped), number words, and date words."""
+    out = set()
+    for t in tokens(text):
+        if t[0].isdigit():
+            out.add(t.replace(",", ""))
+        elif t in NUMBER_WORDS or t in DATE_WORDS:
+            out.add(_DIGITS.get(t, t))
+    return frozenset(out)
+
+
+def names(text: str) -> frozenset[str]:
+    return frozenset(_Text(text).names)
+
+
+def _negations(words: list[str]) -> int:
+    return sum(w in NEGATIONS for w in words)
+
+
+def _prefix_flip(a: set[str], b: set[str]) -> str | None:
+    """A word on one side whose negated form (by prefix) is on the other: `mute` / `unmute`."""
+    for x, y in ((a, b), (b, a)):
+        for w in sorted(x - y):
+            for p in _PREFIXES:
+                if w.startswith(p) and len(w) - len(p) >= 3 and w[len(p) :] in y:
+                    return f"{w[len(p) :]}/{w}"
+    return None
+
+
+def _opposite(a: set[str], b: set[str]) -> str | None:
+    """A word on one side whose opposite is on the other side (and the word itself is not)."""
+    for x, y in ((a, b), (b, a)):
+        for w in sorted(x - y):
+            hit = sorted((OPPOSITES.get(w, frozenset()) & y) - x)
+            if hit:
+                return f"{w}/{hit[0]}"
+    return None
+
+
+def _roles(words: list[str]) -> set[tuple[str, str]]:
+    """(preposition, the word it governs) for the direction prepositions, determiners skipped. `to` counts
+    only beside a `from` (alone it is mostly an infinitive: "how much notice to give")."""
+    out = set()
+    with_from = "from" in words
+    for i, w in enumerate(words):
+        if w in _DIRECTIONS and (w != "to" or with_from):
+            j = i + 1
+            while j < len(words) and words[j] in _SKIP_AFTER_DIRECTION:
+                j += 1
+            if j < len(words):
+                out.add((w, words[j]))
+    return out
+
+
+def _numbers_rule(q: str, c: str) -> str | None:
+    return "numbers differ" if numbers(q) != numbers(c) else None
+
+
+def _negation_rule(q: str, c: str) -> str | None:
+    wq, wc = tokens(q), tokens(c)
+    sq, sc = set(wq), set(wc)
+    if _negations(wq) != _negations(wc) or (sq ^ sc) & POLARITY:
+        return "negation differs"
+    if _prefix_flip(sq, sc) or _opposite(sq, sc):
+        return "negation differs"
+    return None
+
+
+def _direction_rule(q: str, c: str) -> str | None:
+    # The same things in other roles: "from savings to current" against "from current to savings".
+    wq, wc = tokens(q), tokens(c)
+    sq, sc = set(wq), set(wc)
+    rq, rc = _roles(wq), _roles(wc)
+    for p, x in rq - rc:
+        if x in sc and any(y in sq for p2, y in rc - rq if p2 == p):
+            return "direction differs"
+    return None
+
+
+def _names_rule(q: str, c: str) -> str | None:
+    # A name on one side must be a word of the other, in any case ("visa" answers "Visa").
+    tq, tc = _Text(q), _Text(c)
+    if not (tq.names <= set(tc.words) and tc.names <= set(tq.words)):
+        return "names differ"
+    return None
+
+
+RULES: Final[dict[str, Callable[[str, str], str | None]]] = {
+    "numbers": _numbers_rule,
+    "negation": _negation_rule,
+    "names": _names_rule,
+    "direction": _direction_rule,
+}
+# The rules `veto` applies (the measured set; cache_eval measures each one alone too).
+DEFAULT_RULES: Final = ("numbers", "negation", "names", "direction")
+
+
+def veto(query: str, candidate: str, rules: tuple[str, ...] = DEFAULT_RULES) -> str | None:
+    """Why `candidate`'s answer must not be served for `query` (e.g. "numbers differ"), or None."""
+    for name in rules:
+        reason = RULES[name](query, candidate)
+        if reason is not None:
+            return reason
+    return None
