@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from litestar import Litestar, Request, Response
+from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 
 from gateway.access_log import AccessLog
@@ -135,6 +136,8 @@ def create_app(
         on_startup=[gateway.start, reloader.start],
         on_shutdown=[reloader.stop, gateway.aclose],
         request_max_body_size=None,
+        # The running gateway, for in-process tests and tools (e.g. to wait for the cache's background writes).
+        state=State({"gateway": gateway}),
         openapi_config=None,
         logging_config=None,
         debug=False,

@@ -138,7 +138,7 @@ class CacheStage:
             e.name: e.threshold if e.threshold is not None else default_threshold for e in self.config.embedders
         }
         self._default_threshold = default_threshold
-        self._writes: set[asyncio.Future[None]] = set()
+        self._writes: set[asyncio.Future[object]] = set()
 
     # ---- lookup ----
 
@@ -152,7 +152,8 @@ class CacheStage:
             return None  # no tenant (an open policy), or this tenant does not cache on this route
         no_cache, no_store = _cache_control(ctx.headers)
         if uncacheable(request, plan.route) is not None:
-            return self._mark(ctx, "bypass")
+            self._mark(ctx, "bypass")
+            return None
         target = ctx.plan[0]
         embedder = self.embedders.get(plan.embedder) if plan.semantic else None
         tag = f"{embedder.id}@{embedder.version}" if embedder is not None else ""
@@ -161,7 +162,11 @@ class CacheStage:
         ctx.cache = ticket
         if no_cache:
             await self._regenerated(ctx, scope)
-            return self._mark(ctx, "bypass")
+            if embedder is not None and scope.query is not None and ticket.store:
+                # The fresh answer will be stored with its vector, computed now (a write never waits on it).
+                ticket.vector = await self._embed(ctx, embedder, scope.query)
+            self._mark(ctx, "bypass")
+            return None
         started = time.perf_counter()
         entry = await self.store.get(scope.namespace, scope.exact_key) if plan.exact else None
         self.metrics.child(self.metrics.cache_lookup_seconds, "exact").observe(time.perf_counter() - started)
@@ -171,7 +176,8 @@ class CacheStage:
             found = await self._semantic(ctx, ticket, embedder, scope.query)
             if found is not None:
                 return found
-        return self._mark(ctx, "miss")
+        self._mark(ctx, "miss")
+        return None
 
     async def _semantic(self, ctx: RequestContext, ticket: CacheTicket, embedder: Embedder, query: str) -> Reply | None:
         from gateway.cache.match import decide  # numpy: only with the semantic tier (the `cache` extra)
@@ -206,6 +212,14 @@ class CacheStage:
         finally:
             self.metrics.child(self.metrics.cache_lookup_seconds, "semantic").observe(time.perf_counter() - started)
 
+    async def _embed(self, ctx: RequestContext, embedder: Embedder, query: str) -> bytes | None:
+        try:
+            return bytes((await embedder.embed([query]))[0].tobytes())
+        except Exception:  # the exact tier can still keep the answer
+            log.warning("request %s: embedding for the cache failed", ctx.request_id, exc_info=True)
+            self._count(ctx, "error")
+            return None
+
     def _threshold(self, plan: CachePlan) -> float:
         base = self._thresholds.get(plan.embedder, self._default_threshold)
         return max(base, plan.threshold) if plan.threshold is not None else base
@@ -232,7 +246,11 @@ class CacheStage:
         headers["x-strait-cache"] = kind
         if similarity is not None:
             headers["x-strait-cache-similarity"] = f"{similarity:.4f}"
-        saved = Usage(prompt_tokens=entry.prompt_tokens, completion_tokens=entry.completion_tokens)
+        saved = Usage(
+            prompt_tokens=entry.prompt_tokens,
+            completion_tokens=entry.completion_tokens,
+            total_tokens=entry.prompt_tokens + entry.completion_tokens,
+        )
         hit_price = ticket.plan.route.hit_price
         principal = ctx.principal
         assert principal is not None
@@ -284,7 +302,6 @@ class CacheStage:
     def _mark(self, ctx: RequestContext, result: CacheResult) -> None:
         ctx.extra_headers["x-strait-cache"] = result
         self._count(ctx, result)
-        return None
 
     def _count(self, ctx: RequestContext, result: str) -> None:
         self.metrics.child(self.metrics.cache_lookups, ctx.route_name, result).inc()
@@ -341,13 +358,6 @@ class CacheStage:
     async def _write(self, ctx: RequestContext, ticket: CacheTicket, body: bytes, prompt: int, completion: int) -> None:
         scope, plan = ticket.scope, ticket.plan
         vector = ticket.vector
-        if vector is None and plan.semantic and scope.query is not None:
-            embedder = self.embedders.get(plan.embedder)
-            if embedder is not None:
-                try:
-                    vector = (await embedder.embed([scope.query]))[0].tobytes()
-                except Exception:  # the exact tier can still keep it
-                    log.warning("request %s: embedding for the cache failed", ctx.request_id, exc_info=True)
         if prompt or completion:
             body = _with_usage(body, prompt, completion)
         now_ms = int(time.time() * 1000)
@@ -373,11 +383,11 @@ class CacheStage:
 
     def _background(self, work: Awaitable[object]) -> None:
         task = asyncio.ensure_future(work)
-        self._writes.add(task)  # type: ignore[arg-type]
+        self._writes.add(task)
         task.add_done_callback(self._written)
 
     def _written(self, task: asyncio.Future[object]) -> None:
-        self._writes.discard(task)  # type: ignore[arg-type]
+        self._writes.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("cache write failed: %s", task.exception())
 
