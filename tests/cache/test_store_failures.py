@@ -1,0 +1,212 @@
+"""A cache store failure is a miss or a no-op within the timeout, never an exception: Redis killed,
+frozen, never there, or holding garbage. And the replica sync's own promises (one round trip when
+current; a namespace that lost its data is rebuilt, not merged)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+import redis
+
+from gateway.cache.redis_store import RedisCacheStore, namespace_prefix
+from gateway.cache.store import open_cache_store
+from gateway.state.breaker import BreakerConfig
+from tests.cache.conftest import FAST_BREAKER, Backend, FakeClock, entry, unique, vec
+from tests.harness.procs import free_port
+from tests.harness.redis_proc import RedisProc
+
+pytestmark = pytest.mark.timeout(60)
+T = TypeVar("T")
+
+# Generous enough that a healthy Redis answers in time on a loaded 2-core machine.
+TIMEOUT_S = 0.25
+# What a failed call may cost beyond the timeout on a busy machine (scheduling), far below "hangs".
+MARGIN_S = 0.15
+BIG = 1 << 30
+
+
+async def timed(fn: Callable[[], Awaitable[T]]) -> tuple[T, float]:
+    started = time.monotonic()
+    result = await fn()
+    return result, time.monotonic() - started
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll with a deadline (no fixed sleeps as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def redis_store(url: str, clock: FakeClock, breaker: BreakerConfig = FAST_BREAKER) -> RedisCacheStore:
+    store = open_cache_store(url, timeout_s=TIMEOUT_S, clock=clock, breaker=breaker)
+    assert isinstance(store, RedisCacheStore)
+    return store
+
+
+async def every_call_misses(store: RedisCacheStore, clock: FakeClock, ns: str) -> list[float]:
+    """Each operation once against a failed store: a miss / no-op, no exception; the time each took."""
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: store.get(ns, "k1"),
+        lambda: store.vectors(ns),
+        lambda: store.put(ns, "k9", entry(clock, query="q", vector=vec(1, 0)), max_entries=10, max_bytes=BIG),
+        lambda: store.delete(ns, "k1"),
+        lambda: store.add_bad_hit(ns),
+        lambda: store.bad_hits(ns),
+        lambda: store.remember_served("acme", "r1", ns, "k1", 60),
+        lambda: store.served("acme", "r1"),
+    ]
+    expected: list[Any] = [None, 0, None, None, 0, 0, None, None]
+    took = []
+    for call, want in zip(calls, expected, strict=True):
+        result, seconds = await timed(call)
+        assert (len(result) if want == 0 and hasattr(result, "keys") else result) == want
+        took.append(seconds)
+    return took
+
+
+async def test_killed_redis_misses_within_the_timeout_then_the_breaker_skips_it(
+    fresh_redis: RedisProc, clock: FakeClock
+) -> None:
+    store = redis_store(fresh_redis.url, clock, BreakerConfig(failures=3, cooldown_s=30))
+    ns = unique()
+    try:
+        await store.put(ns, "k1", entry(clock, query="q", vector=vec(1, 0)), max_entries=10, max_bytes=BIG)
+        assert await store.get(ns, "k1") is not None and len(await store.vectors(ns)) == 1
+        fresh_redis.kill()
+        took = await every_call_misses(store, clock, ns)
+        assert max(took) < TIMEOUT_S + MARGIN_S
+        assert store.errors == 3 and store.breaker_state == "open"
+        assert store.skipped == 5  # after three failures the breaker skipped the other five calls
+        _, seconds = await timed(lambda: store.get(ns, "k1"))
+        assert seconds < TIMEOUT_S / 2 and store.skipped == 6
+    finally:
+        await store.aclose()
+
+
+async def test_frozen_redis_costs_at_most_the_timeout_and_recovers(fresh_redis: RedisProc, clock: FakeClock) -> None:
+    store = redis_store(fresh_redis.url, clock)
+    ns = unique()
+    try:
+        await store.put(ns, "k1", entry(clock), max_entries=10, max_bytes=BIG)
+        fresh_redis.freeze()
+        took = await every_call_misses(store, clock, ns)
+        assert max(took) < TIMEOUT_S + MARGIN_S
+        assert store.errors >= 3
+        fresh_redis.thaw()
+
+        async def back() -> bool:
+            return await store.get(ns, "k1") is not None
+
+        await wait_until(back)  # the same store object recovers once the breaker's cool-down passed
+        assert store.breaker_state == "closed"
+    finally:
+        if fresh_redis.frozen:
+            fresh_redis.thaw()
+        await store.aclose()
+
+
+async def test_a_store_opened_with_redis_never_there_misses(clock: FakeClock) -> None:
+    store = redis_store(f"redis://127.0.0.1:{free_port()}/0", clock)
+    try:
+        took = await every_call_misses(store, clock, unique())
+        assert max(took) < TIMEOUT_S + MARGIN_S and store.errors >= 1
+    finally:
+        await store.aclose()
+
+
+async def test_garbage_in_redis_is_a_miss_and_counted(redis_backend: Backend) -> None:
+    store = redis_backend.store()
+    assert isinstance(store, RedisCacheStore)
+    clock = redis_backend.clock
+    ns = unique()
+    prefix = namespace_prefix(ns)
+    await store.put(ns, "good", entry(clock, query="q", vector=vec(1, 0)), max_entries=10, max_bytes=BIG)
+    await store.put(ns, "bad", entry(clock, query="q2", vector=vec(0, 1)), max_entries=10, max_bytes=BIG)
+    with redis_backend.redis() as r:
+        r.set(prefix + "e:bad", b"\xc1 not msgpack", keepttl=True)
+        r.hset(prefix + "vec", "bad", b"\x00garbage")
+        r.hset(prefix + "e:wrongtype", "a", "b")  # WRONGTYPE on GET: a server error, not garbage bytes
+        r.set(prefix + "bad", b"many")
+        r.set("strait:cache:served:{x}:y", b"junk")
+    assert await store.get(ns, "bad") is None and store.errors == 1
+    assert (await store.vectors(ns)).keys == ("good",) and store.errors == 2
+    assert await store.get(ns, "wrongtype") is None and store.errors == 3
+    assert await store.bad_hits(ns) == 0 and store.errors == 4
+    assert await store.get(ns, "good") is not None
+
+
+async def test_a_current_replica_pays_one_round_trip_per_lookup(redis_backend: Backend) -> None:
+    store, clock = redis_backend.store(), redis_backend.clock
+    ns = unique()
+    for i in range(20):
+        await store.put(ns, f"k{i}", entry(clock, query=f"q{i}", vector=vec(i, 1)), max_entries=100, max_bytes=BIG)
+    assert len(await store.vectors(ns)) == 20
+    with redis_backend.redis() as r:
+        before = r.info("commandstats")
+        for _ in range(5):
+            assert len(await store.vectors(ns)) == 20
+        after = r.info("commandstats")
+    changed = {k: after[k]["calls"] - before.get(k, {"calls": 0})["calls"] for k in after}
+    changed = {k: v for k, v in changed.items() if v and k != "cmdstat_info"}
+    # One EVALSHA per lookup (commandstats also counts the script's own HMGET inside it; nothing else,
+    # so the current copy was answered without fetching a row).
+    assert changed == {"cmdstat_evalsha": 5, "cmdstat_hmget": 5}
+
+
+async def test_many_concurrent_lookups_of_one_namespace_share_one_sync(redis_backend: Backend) -> None:
+    store, clock = redis_backend.store(), redis_backend.clock
+    ns = unique()
+    await store.put(ns, "k", entry(clock, query="q", vector=vec(1, 0)), max_entries=10, max_bytes=BIG)
+    with redis_backend.redis() as r:
+        before = r.info("commandstats")["cmdstat_evalsha"]["calls"]
+        sets = await asyncio.gather(*(store.vectors(ns) for _ in range(50)))
+        after = r.info("commandstats")["cmdstat_evalsha"]["calls"]
+    assert all(s.keys == ("k",) for s in sets)
+    assert after - before == 1
+
+
+async def test_a_namespace_that_lost_its_data_is_rebuilt_not_merged(redis_backend: Backend) -> None:
+    """Redis restarted empty (or the namespace expired whole): new entries reuse sequence numbers, so a
+    replica must notice the new life (`born`) and drop what it had."""
+    one, two = redis_backend.replicas(2)
+    clock = redis_backend.clock
+    ns = unique()
+    await one.put(ns, "old1", entry(clock, query="old1", vector=vec(1, 0)), max_entries=10, max_bytes=BIG)
+    await one.put(ns, "old2", entry(clock, query="old2", vector=vec(1, 0)), max_entries=10, max_bytes=BIG)
+    assert (await two.vectors(ns)).keys == ("old1", "old2")
+    with redis_backend.redis() as r:
+        r.flushall()
+    assert len(await two.vectors(ns)) == 0
+    await one.put(ns, "new1", entry(clock, query="new1", vector=vec(0, 1)), max_entries=10, max_bytes=BIG)
+    await one.put(ns, "new2", entry(clock, query="new2", vector=vec(0, 1)), max_entries=10, max_bytes=BIG)
+    await one.put(ns, "new3", entry(clock, query="new3", vector=vec(0, 1)), max_entries=10, max_bytes=BIG)
+    assert (await two.vectors(ns)).keys == ("new1", "new2", "new3")
+    # Without an intermediate look, too: the replica's copy (new1..3, sequences 1..3) vs a new life.
+    with redis_backend.redis() as r:
+        r.flushall()
+    for name in ("x1", "x2", "x3", "x4"):
+        await one.put(ns, name, entry(clock, query=name, vector=vec(0, 1)), max_entries=10, max_bytes=BIG)
+    assert (await two.vectors(ns)).keys == ("x1", "x2", "x3", "x4")
+
+
+async def test_expired_rows_leave_each_replica_by_its_clock(redis_backend: Backend) -> None:
+    one, two = redis_backend.replicas(2)
+    clock = redis_backend.clock
+    ns = unique()
+    await one.put(ns, "short", entry(clock, query="s", vector=vec(1, 0), ttl_ms=1000), max_entries=10, max_bytes=BIG)
+    await one.put(ns, "long", entry(clock, query="l", vector=vec(0, 1), ttl_ms=60_000), max_entries=10, max_bytes=BIG)
+    assert (await two.vectors(ns)).keys == ("short", "long")
+    clock.advance(1000)
+    assert (await two.vectors(ns)).keys == ("long",)
+    # The writer purges the expired entry from the index on its next put (nothing left behind).
+    await one.put(ns, "later", entry(clock, query="x", vector=vec(1, 1)), max_entries=10, max_bytes=BIG)
+    with redis.Redis(port=redis_backend.port) as r:
+        assert r.zrange(namespace_prefix(ns) + "seq", 0, -1) == [b"long", b"later"]
