@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
@@ -264,7 +263,11 @@ class CacheStage:
             # A regeneration of this very request soon after says the neighbour's answer was wrong.
             self._background(
                 self.store.remember_served(
-                    principal.tenant, _regenerate_key(scope), scope.namespace, key or scope.exact_key, REGENERATE_WINDOW_S
+                    principal.tenant,
+                    _regenerate_key(scope),
+                    scope.namespace,
+                    key or scope.exact_key,
+                    REGENERATE_WINDOW_S,
                 )
             )
         self._count(ctx, "semantic_hit" if kind == "semantic-hit" else "hit")
@@ -272,7 +275,9 @@ class CacheStage:
             entry.prompt_tokens + entry.completion_tokens
         )
         if ctx.stream:
-            chunks = replay_chunks(entry.body, response_id=response_id, created=created, include_usage=ctx.include_usage)
+            chunks = replay_chunks(
+                entry.body, response_id=response_id, created=created, include_usage=ctx.include_usage
+            )
             headers["cache-control"] = "no-cache"
             return Reply(
                 status=200,
@@ -487,4 +492,3 @@ class Recorder:
 
     def release(self) -> Awaitable[None] | None:
         return self._inner.release()
-

@@ -101,9 +101,7 @@ def sse_payloads(response: Any) -> list[dict[str, Any]]:
 
 
 def streamed_content(response: Any) -> str:
-    return "".join(
-        (c["choices"][0]["delta"].get("content") or "") for c in sse_payloads(response) if c.get("choices")
-    )
+    return "".join((c["choices"][0]["delta"].get("content") or "") for c in sse_payloads(response) if c.get("choices"))
 
 
 _n = iter(range(10**9))
@@ -175,7 +173,9 @@ def test_every_answer_changing_parameter_is_a_miss(
     assert ask(client, "acme", q).headers["x-strait-cache"] == "hit"
     body = dict(change)
     if "messages_system" in body:
-        body = {"messages": [{"role": "system", "content": body.pop("messages_system")}, {"role": "user", "content": q}]}
+        body = {
+            "messages": [{"role": "system", "content": body.pop("messages_system")}, {"role": "user", "content": q}]
+        }
     elif "messages_prior" in body:
         prior = body.pop("messages_prior")
         body = {
@@ -289,6 +289,7 @@ def test_usage_shows_hits_and_tokens_saved(tmp_path: Path) -> None:
         ask(client, "acme", q)
         ask(client, "acme", q, model="chat-priced")
         ask(client, "acme", q, model="chat-priced")
+        client.blocking_portal.call(client.app.state["gateway"].writer.flush)
         r = client.get("/v1/usage?by=route", headers={"authorization": f"Bearer {KEYS['acme']}"})
         assert r.status_code == 200, r.text
         rows = {row["value"]: row for row in r.json()["data"]}
@@ -307,7 +308,7 @@ def test_a_paraphrase_is_a_semantic_hit_and_a_changed_number_is_not(
     client, _ = env
     first = ask(client, "acme", "What is the capital city of France?")
     assert first.headers["x-strait-cache"] in ("miss", "hit")
-    r = ask(client, "acme", "what is the capital city of France")
+    r = ask(client, "acme", "What's the capital city of France?")
     assert r.headers["x-strait-cache"] == "semantic-hit"
     assert float(r.headers["x-strait-cache-similarity"]) >= 0.9
     assert content(r) == content(first)
@@ -321,16 +322,14 @@ def test_feedback_removes_the_hit_and_only_its_tenant_can_send_it(
 ) -> None:
     client, _ = env
     ask(client, "acme", "Which river flows through the city of Vienna?")
-    hit = ask(client, "acme", "which river flows through the city of Vienna")
+    hit = ask(client, "acme", "Which river runs through the city of Vienna?")
     assert hit.headers["x-strait-cache"] == "semantic-hit"
     rid = hit.json()["id"]
-    other = client.post(
-        "/v1/cache/feedback", json={"id": rid}, headers={"authorization": f"Bearer {KEYS['globex']}"}
-    )
+    other = client.post("/v1/cache/feedback", json={"id": rid}, headers={"authorization": f"Bearer {KEYS['globex']}"})
     assert other.status_code == 404 and other.json()["error"]["type"] == "invalid_request_error"
     ok = client.post("/v1/cache/feedback", json={"id": rid}, headers={"authorization": f"Bearer {KEYS['acme']}"})
     assert ok.status_code == 200 and ok.json()["recorded"] is True
-    assert ask(client, "acme", "which river flows through the city of Vienna").headers["x-strait-cache"] == "miss"
+    assert ask(client, "acme", "Which river runs through the city of Vienna?").headers["x-strait-cache"] == "miss"
     bad = client.post("/v1/cache/feedback", content=b"{", headers={"authorization": f"Bearer {KEYS['acme']}"})
     assert bad.status_code == 400
     big = client.post(
@@ -343,11 +342,11 @@ def test_feedback_removes_the_hit_and_only_its_tenant_can_send_it(
 def test_regenerating_right_after_a_semantic_hit_reports_it(env: tuple[TestClient[Any], EchoFactory]) -> None:
     client, _ = env
     ask(client, "globex", "What is the boiling point of water at sea level?")
-    hit = ask(client, "globex", "what is the boiling point of water at sea level")
+    hit = ask(client, "globex", "What's the boiling point of water at sea level?")
     assert hit.headers["x-strait-cache"] == "semantic-hit"
     before = _metric(client, 'strait_cache_bad_hits_total{source="regenerate"}')
     regen = ask(
-        client, "globex", "what is the boiling point of water at sea level", headers={"cache-control": "no-cache"}
+        client, "globex", "What's the boiling point of water at sea level?", headers={"cache-control": "no-cache"}
     )
     assert regen.headers["x-strait-cache"] == "bypass"
     assert _metric(client, 'strait_cache_bad_hits_total{source="regenerate"}') == before + 1
