@@ -13,7 +13,7 @@ import msgspec
 
 from gateway.accounting.ledger import Ledger
 from gateway.accounting.writer import UsageWriter
-from gateway.cache.embedders import DEFAULT_THRESHOLD
+from gateway.cache.embedders import threshold_of
 from gateway.cache.pool import EmbedderPool, embedder_specs
 from gateway.cache.store import CacheStore
 from gateway.contracts import Adapter, AdapterFactory
@@ -140,8 +140,10 @@ def _cache_stage(index: PolicyIndex, services: Services) -> CacheStage | None:
     if services.cache_store is None or not any(tables.cache for tables in index.tenant_tables.values()):
         return None
     pool = services.embedders if services.embedders is not None else EmbedderPool()
-    embedders = {name: pool.get(spec) for name, spec in embedder_specs(index).items()}
-    return CacheStage(index, services.cache_store, embedders, services.metrics, DEFAULT_THRESHOLD)
+    specs = embedder_specs(index)
+    embedders = {name: pool.get(spec) for name, spec in specs.items()}
+    thresholds = {name: threshold_of(spec) for name, spec in specs.items()}
+    return CacheStage(index, services.cache_store, embedders, services.metrics, thresholds)
 
 
 def _with_limits(backend: Backend, limits: UpstreamLimits) -> Backend:

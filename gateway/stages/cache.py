@@ -125,18 +125,16 @@ class CacheStage:
         store: CacheStore,
         embedders: Mapping[str | None, Embedder],
         metrics: Metrics,
-        default_threshold: float,
+        thresholds: Mapping[str | None, float],
     ) -> None:
         self.index = index
         self.store = store
-        # By the plan's embedder name (None: the packaged default); only those the policy's plans use.
+        # By the plan's embedder name (None: the packaged default); only those the policy's plans use,
+        # each with its similarity threshold (the policy's, or the one measured for its model).
         self.embedders = embedders
+        self._thresholds = thresholds
         self.metrics = metrics
         self.config: CacheConfig = index.policy.cache
-        self._thresholds: dict[str | None, float] = {
-            e.name: e.threshold if e.threshold is not None else default_threshold for e in self.config.embedders
-        }
-        self._default_threshold = default_threshold
         self._writes: set[asyncio.Future[object]] = set()
 
     # ---- lookup ----
@@ -220,7 +218,7 @@ class CacheStage:
             return None
 
     def _threshold(self, plan: CachePlan) -> float:
-        base = self._thresholds.get(plan.embedder, self._default_threshold)
+        base = self._thresholds[plan.embedder]
         return max(base, plan.threshold) if plan.threshold is not None else base
 
     def _raised(self, base: float, bad_hits: int) -> float:
@@ -271,6 +269,9 @@ class CacheStage:
                 )
             )
         self._count(ctx, "semantic_hit" if kind == "semantic-hit" else "hit")
+        # The hit's result header is the request's too (the access log and the span read it there).
+        ctx.extra_headers["x-strait-cache"] = kind
+        self.metrics.child(self.metrics.requests, ctx.route_name, "200").inc()
         self.metrics.child(self.metrics.cache_tokens_saved, principal.tenant, ctx.route_name).inc(
             entry.prompt_tokens + entry.completion_tokens
         )

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from litestar.testing import TestClient
 
 from gateway.app import create_app
+from gateway.cache.embedders import DEFAULT_THRESHOLD
 from gateway.policy.index import key_digest
 from gateway.settings import Settings
 from tests.cache.echo_adapter import EchoFactory
@@ -377,3 +378,28 @@ def test_no_sequence_of_requests_serves_one_tenant_anothers_answer(
         else:
             assert r.headers["x-strait-cache"] in ("hit", "semantic-hit")
             assert made_for.get(number) == tenant, f"{tenant} was served an answer made for {made_for.get(number)}"
+
+
+def test_bad_hit_reports_raise_the_namespace_threshold(tmp_path: Path) -> None:
+    policy = POLICY.replace(
+        "cache:\n  embedders:", "cache:\n  feedback_step: 0.04\n  feedback_max_raise: 0.04\n  embedders:"
+    )
+    with gateway(tmp_path, policy) as (client, _):
+        original, reworded = "What is the capital city of France?", "Tell me the capital city of France."
+        ask(client, "acme", original)
+        hit = ask(client, "acme", reworded)
+        assert hit.headers["x-strait-cache"] == "semantic-hit"
+        similarity = float(hit.headers["x-strait-cache-similarity"])
+        assert similarity < DEFAULT_THRESHOLD + 0.04  # the pair sits inside the band one report takes away
+        r = client.post(
+            "/v1/cache/feedback", json={"id": hit.json()["id"]}, headers={"authorization": f"Bearer {KEYS['acme']}"}
+        )
+        assert r.status_code == 200 and r.json()["namespace_reports"] == 1
+        ask(client, "acme", original)  # the entry comes back...
+        assert ask(client, "acme", original).headers["x-strait-cache"] == "hit"
+        # ...but the rewording no longer reaches the namespace's raised threshold.
+        assert ask(client, "acme", reworded).headers["x-strait-cache"] == "miss"
+        assert _metric(client, 'strait_cache_lookups_total{result="raised_threshold",route="chat"}') == 1
+        # Another tenant's namespace is as strict as before.
+        ask(client, "globex", original)
+        assert ask(client, "globex", reworded).headers["x-strait-cache"] == "semantic-hit"
