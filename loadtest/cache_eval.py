@@ -338,6 +338,7 @@ def report(
 
 
 def write_docs(body: str) -> None:
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
     text = DOCS.read_text() if DOCS.exists() else f"# Cache\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         text += f"\n{BEGIN}\n{END}\n"
