@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
-from gateway.cache.replay import StreamAggregator, replay_chunks, with_id
+from gateway.cache.replay import StreamAggregator, replay_chunks, replayable, with_id
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -309,3 +309,15 @@ def test_with_id_keeps_the_answer(body: dict[str, Any]) -> None:
 
 def test_with_id_leaves_a_non_object_alone() -> None:
     assert with_id(b"[1,2]", "x", 1) == b"[1,2]"
+
+
+def test_replayable_says_which_bodies_replay() -> None:
+    assert replayable((FIXTURES / "openai" / "chat_completion.json").read_bytes())
+    assert replayable((FIXTURES / "llamacpp" / "chat_completion.json").read_bytes())
+    assert not replayable(b"not json")
+    assert not replayable(b'{"choices": "nope"}')
+    # Nulls where a lax upstream leaves them still replay (as an assistant message, empty names).
+    lax = b'{"choices":[{"message":{"role":null,"content":"hi","tool_calls":[{"id":null,"function":{"name":null,"arguments":null}}]},"finish_reason":"stop"}]}'
+    assert replayable(lax)
+    got = aggregate(replay_chunks(lax, response_id="r", created=1, include_usage=False))
+    assert got is not None and got["choices"][0]["message"]["content"] == "hi"
