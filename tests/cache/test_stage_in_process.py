@@ -403,3 +403,32 @@ def test_bad_hit_reports_raise_the_namespace_threshold(tmp_path: Path) -> None:
         # Another tenant's namespace is as strict as before.
         ask(client, "globex", original)
         assert ask(client, "globex", reworded).headers["x-strait-cache"] == "semantic-hit"
+
+
+def test_entries_get_the_route_ttl_and_bounds_and_a_tenant_may_only_shorten(tmp_path: Path) -> None:
+    policy = POLICY.replace(
+        "  - {name: chat, models: [m]}",
+        "  - {name: chat, models: [m], cache: {ttl_s: 600, max_entries: 7, max_bytes: 100000}}",
+    ).replace(
+        f'{key_digest(KEYS["globex"])}"}}]\n    cache: {{exact: true, semantic: true}}',
+        f'{key_digest(KEYS["globex"])}"}}]\n    cache: {{exact: true, ttl_s: 60}}',
+    )
+    assert "ttl_s: 60" in policy
+    with gateway(tmp_path, policy) as (client, _):
+        store = client.app.state["gateway"].services.cache_store
+        puts: list[tuple[Any, dict[str, Any]]] = []
+        real_put = store.put
+
+        async def spy(namespace: str, key: str, entry: Any, **bounds: Any) -> None:
+            puts.append((entry, bounds))
+            await real_put(namespace, key, entry, **bounds)
+
+        store.put = spy
+        ask(client, "acme", fresh())
+        ask(client, "globex", fresh())
+        (acme, bounds), (globex, _) = puts
+        assert acme.expires_ms - acme.created_ms == 600_000
+        assert bounds == {"max_entries": 7, "max_bytes": 100000}
+        assert globex.expires_ms - globex.created_ms == 60_000
+        assert acme.vector is not None and globex.vector is None  # globex is on the exact tier only
+        assert acme.prompt_tokens == 11 and acme.completion_tokens > 0
