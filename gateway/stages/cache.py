@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 
 from gateway.cache.entry import CacheEntry
-from gateway.cache.replay import StreamAggregator, replay_chunks, with_id
+from gateway.cache.replay import StreamAggregator, replay_chunks, replayable, with_id
 from gateway.cache.scope import Scope, scope_of
 from gateway.cache.store import CacheStore
 from gateway.canonical import Request
@@ -168,7 +168,9 @@ class CacheStage:
         entry = await self.store.get(scope.namespace, scope.exact_key) if plan.exact else None
         self.metrics.child(self.metrics.cache_lookup_seconds, "exact").observe(time.perf_counter() - started)
         if entry is not None:
-            return self._hit(ctx, ticket, entry, "hit", None)
+            hit = self._hit(ctx, ticket, entry, "hit", None)
+            if hit is not None:
+                return hit
         if embedder is not None and scope.query is not None:
             found = await self._semantic(ctx, ticket, embedder, scope.query)
             if found is not None:
@@ -234,11 +236,25 @@ class CacheStage:
         kind: Literal["hit", "semantic-hit"],
         similarity: float | None,
         key: str | None = None,
-    ) -> Reply:
-        ctx.target = ticket.target
-        ctx.cache = None  # nothing to store: the answer came from the cache
+    ) -> Reply | None:
+        """The hit's reply, or None (a miss) when the stored body cannot be served."""
         response_id = f"chatcmpl-{ctx.request_id}"
         created = int(time.time())
+        chunks: list[bytes] | None = None
+        body = b""
+        try:
+            if ctx.stream:
+                chunks = replay_chunks(
+                    entry.body, response_id=response_id, created=created, include_usage=ctx.include_usage
+                )
+            else:
+                body = with_id(entry.body, response_id, created)
+        except Exception:  # an entry written by another version, or damaged: a miss, never the client's error
+            log.warning("request %s: a cached answer could not be served", ctx.request_id, exc_info=True)
+            self._count(ctx, "error")
+            return None
+        ctx.target = ticket.target
+        ctx.cache = None  # nothing to store: the answer came from the cache
         headers = response_headers(ctx)
         headers["x-strait-cache"] = kind
         if similarity is not None:
@@ -275,10 +291,7 @@ class CacheStage:
         self.metrics.child(self.metrics.cache_tokens_saved, principal.tenant, ctx.route_name).inc(
             entry.prompt_tokens + entry.completion_tokens
         )
-        if ctx.stream:
-            chunks = replay_chunks(
-                entry.body, response_id=response_id, created=created, include_usage=ctx.include_usage
-            )
+        if chunks is not None:
             headers["cache-control"] = "no-cache"
             return Reply(
                 status=200,
@@ -288,7 +301,6 @@ class CacheStage:
                 extra=[ticket.target.header],
             )
         end = End("completed", 200, cache=kind, saved=saved, hit_price=hit_price)
-        body = with_id(entry.body, response_id, created)
         return Reply(status=200, headers=headers, body=body, end=end, extra=[ticket.target.header])
 
     async def _regenerated(self, ctx: RequestContext, scope: Scope) -> None:
@@ -349,6 +361,8 @@ class CacheStage:
         try:
             probe = _probe(body)
         except (msgspec.DecodeError, msgspec.ValidationError):
+            return "unreadable"
+        if not replayable(body):
             return "unreadable"
         if len(probe.choices) != 1:
             return "incomplete"

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -432,3 +433,30 @@ def test_entries_get_the_route_ttl_and_bounds_and_a_tenant_may_only_shorten(tmp_
         assert globex.expires_ms - globex.created_ms == 60_000
         assert acme.vector is not None and globex.vector is None  # globex is on the exact tier only
         assert acme.prompt_tokens == 11 and acme.completion_tokens > 0
+
+
+def test_a_damaged_entry_is_a_miss_never_an_error(env: tuple[TestClient[Any], EchoFactory]) -> None:
+    client, _ = env
+    store = client.app.state["gateway"].services.cache_store
+    seen: list[tuple[str, str, Any]] = []
+    real_put = store.put
+
+    async def spy(namespace: str, key: str, entry: Any, **bounds: Any) -> None:
+        seen.append((namespace, key, entry))
+        await real_put(namespace, key, entry, **bounds)
+
+    store.put = spy
+    try:
+        q = fresh()
+        ask(client, "acme", q)
+        namespace, key, entry = seen[-1]
+        damaged = msgspec.structs.replace(entry, body=b'{"choices": "not a list"}')
+        for stream in (False, True):
+            client.blocking_portal.call(lambda: real_put(namespace, key, damaged, max_entries=10, max_bytes=10**6))
+            r = ask(client, "acme", q, stream=stream)
+            assert r.status_code == 200
+            assert r.headers["x-strait-cache"] == "miss"
+        # The fresh answer replaced the damaged entry.
+        assert ask(client, "acme", q).headers["x-strait-cache"] == "hit"
+    finally:
+        store.put = real_put
