@@ -247,8 +247,10 @@ class CacheStage:
                 chunks = replay_chunks(
                     entry.body, response_id=response_id, created=created, include_usage=ctx.include_usage
                 )
-            else:
+            elif replayable(entry.body):  # the shape a fresh answer has, or not served at all
                 body = with_id(entry.body, response_id, created)
+            else:
+                raise ValueError("the stored body is not a chat.completion")
         except Exception:  # an entry written by another version, or damaged: a miss, never the client's error
             log.warning("request %s: a cached answer could not be served", ctx.request_id, exc_info=True)
             self._count(ctx, "error")
