@@ -14,11 +14,56 @@ expiry out of order, a prefix grown past half the lists) rebuilds the lists once
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar, overload
 
 from gateway.cache.entry import VectorRecord
 
 _FAR = 2**62
+T = TypeVar("T")
+
+
+class Rows(Sequence[T]):
+    """A read-only window [start, end) of an append-only list: a snapshot's column without copying it
+    (the list only grows past `end`, so the window never changes). Compares equal to any sequence with
+    the same items."""
+
+    __slots__ = ("_end", "_items", "_start")
+
+    def __init__(self, items: list[T], start: int = 0, end: int | None = None) -> None:
+        self._items = items
+        self._start = start
+        self._end = len(items) if end is None else end
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[T]: ...
+    def __getitem__(self, i: int | slice) -> T | Sequence[T]:
+        if isinstance(i, slice):
+            return tuple(self._items[self._start : self._end][i])
+        n = self._end - self._start
+        if not -n <= i < n:
+            raise IndexError("row index out of range")
+        return self._items[self._start + (i % n)]
+
+    def __iter__(self) -> Iterator[T]:
+        items = self._items
+        for i in range(self._start, self._end):
+            yield items[i]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=False))
+
+    __hash__ = None  # type: ignore[assignment]  # a window onto a list: unhashable, like a list
+
+    def __repr__(self) -> str:
+        return f"Rows({list(self)!r})"
 
 
 class _Rows:
@@ -50,6 +95,8 @@ class _Rows:
 
 class VectorSet:
     """Rows i = (keys[i], queries[i], vectors[i]) of one namespace, none expired when it was taken.
+    The columns are read-only sequences (windows onto the index's lists: taking a snapshot copies
+    nothing).
 
     Every row has `dims` float32 values (rows of another width were left out when the set was built:
     a namespace has one embedder, so a different width can only be garbage).
@@ -59,10 +106,10 @@ class VectorSet:
 
     def __init__(
         self,
-        keys: tuple[str, ...] = (),
-        queries: tuple[str, ...] = (),
-        vectors: tuple[bytes, ...] = (),
-        expires: tuple[int, ...] = (),
+        keys: Sequence[str] = (),
+        queries: Sequence[str] = (),
+        vectors: Sequence[bytes] = (),
+        expires: Sequence[int] = (),
         *,
         rows: _Rows | None = None,
         span: tuple[int, int] = (0, 0),
@@ -203,12 +250,11 @@ class VectorIndex:
             self._rebuild()
         if self._snapshot is None:
             start, end = self._start, len(self._keys)
-            vectors = self._rows.vectors[start:end] if self._rows is not None else []
             self._snapshot = VectorSet(
-                tuple(self._keys[start:end]),
-                tuple(self._queries[start:end]),
-                tuple(vectors),
-                tuple(self._expires[start:end]),
+                Rows(self._keys, start, end),
+                Rows(self._queries, start, end),
+                Rows(self._rows.vectors, start, end) if self._rows is not None else (),
+                Rows(self._expires, start, end),
                 rows=self._rows,
                 span=(start, end),
             )

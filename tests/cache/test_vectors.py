@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.cache.entry import VectorRecord
-from gateway.cache.vectors import EMPTY, VectorIndex, VectorSet
+from gateway.cache.vectors import EMPTY, Rows, VectorIndex, VectorSet
 from tests.cache.conftest import vec
 from tests.harness.procs import REPO_ROOT
 
@@ -165,8 +165,21 @@ def test_the_index_matches_a_plain_rebuild_after_any_changes(program: list[tuple
         assert vs.queries == tuple(r.query for _, (_, r) in want)
         if np is not None and len(vs):
             assert vs.matrix.tobytes() == b"".join(vs.vectors)
-        kept.append((vs, vs.keys, b"".join(vs.vectors)))
+        kept.append((vs, tuple(vs.keys), b"".join(vs.vectors)))
     for vs, keys, raw in kept:  # a snapshot never changes after it was taken
-        assert vs.keys == keys
+        assert tuple(vs.keys) == keys and b"".join(vs.vectors) == raw
         if np is not None and len(vs):
             assert vs.matrix.tobytes() == raw
+
+
+def test_rows_is_a_read_only_window_that_later_appends_do_not_change() -> None:
+    items = ["a", "b", "c", "d"]
+    window = Rows(items, 1, 3)
+    items.append("e")
+    assert len(window) == 2 and list(window) == ["b", "c"] and window == ("b", "c") and window != ("b",)
+    assert window[0] == "b" and window[-1] == "c" and window[::-1] == ("c", "b")
+    with pytest.raises(IndexError):
+        window[2]
+    with pytest.raises(IndexError):
+        window[-3]
+    assert window != "bc" and "c" in window and window.index("c") == 1
