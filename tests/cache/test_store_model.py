@@ -167,3 +167,40 @@ def test_three_redis_replicas_match_the_model(
 ) -> None:
     stores, clock = model_redis
     model_loop.run_until_complete(run(stores, clock, program, limits))
+
+
+served_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["acme", "globex", "acme-2", "ACME"]),
+        st.sampled_from(["r1", "r2", "chatcmpl-3"]),
+        st.integers(0, 99),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+async def run_served(store: CacheStore, program: list[tuple[str, str, int]]) -> None:
+    """Whatever is remembered, a tenant reads back exactly its own last mapping for a response id."""
+    tag = next(_programs)
+    model: dict[tuple[str, str], tuple[str, str]] = {}
+    for tenant, rid, n in program:
+        rid = f"{rid}-{tag}"
+        await store.remember_served(tenant, rid, f"ns{n}", f"key{n}", 600)
+        model[(tenant, rid)] = (f"ns{n}", f"key{n}")
+        for t in ("acme", "globex", "acme-2", "ACME"):
+            for r in ("r1", "r2", "chatcmpl-3"):
+                assert await store.served(t, f"{r}-{tag}") == model.get((t, f"{r}-{tag}"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(program=served_ops)
+def test_a_tenant_reads_only_its_own_served_mappings(
+    model_loop: asyncio.AbstractEventLoop,
+    model_redis: tuple[list[CacheStore], FakeClock],
+    program: list[tuple[str, str, int]],
+) -> None:
+    stores, clock = model_redis
+    memory = open_cache_store("memory", clock=clock, timeout_s=1.0)
+    model_loop.run_until_complete(run_served(memory, program))
+    model_loop.run_until_complete(run_served(stores[0], program))
