@@ -48,6 +48,7 @@ Failures and garbage reads are counted in `errors`, breaker skips in `skipped`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -248,7 +249,10 @@ class RedisCacheStore:
             task.cancel()
         if self._syncing:
             await asyncio.gather(*self._syncing.values(), return_exceptions=True)
-        await self._client.aclose()
+        # Bounded: closing must not hang a shutdown on a frozen server.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(max(1.0, self._timeout_s)):
+                await self._client.aclose()
 
     # -- vectors ----------------------------------------------------------------------------------------
 
