@@ -61,7 +61,8 @@ def test_rows_of_another_width_are_left_out() -> None:
 
 
 def test_the_matrix_is_float32_rows_built_once() -> None:
-    np = pytest.importorskip("numpy", reason="numpy comes with the `cache` extra")
+    import numpy as np  # the `cache` extra, in the test lock
+
     index = VectorIndex()
     index.put("a", 1, record("qa", 0.6, 0.8, 0.0))
     index.put("b", 2, record("qb", 0.0, 0.0, 1.0))
