@@ -235,16 +235,22 @@ def exact_variants(pairs: Sequence[Pair]) -> list[tuple[str, int, int]]:
 SHORT_PROMPT = "How do I change the email address on my account?"
 
 
-async def latency(embedder: Any, n: int = 300) -> tuple[float, float]:
-    """p50 and p99 (ms) of embedding one short prompt at a time, through the executor (what a lookup pays)."""
+async def latency(embedder: Any, n: int = 150, rounds: int = 3) -> tuple[float, float, float]:
+    """p50 and p99 (ms) of embedding one short prompt at a time through the executor (what a lookup pays):
+    the best round of `rounds` (this VM is shared, so the best round is the one least disturbed), and the
+    worst round's p50 beside it."""
     await embedder.embed([SHORT_PROMPT])
-    times = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        await embedder.embed([f"{SHORT_PROMPT} {i}"])
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
+    results = []
+    for r in range(rounds):
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            await embedder.embed([f"{SHORT_PROMPT} {r} {i}"])
+            times.append((time.perf_counter() - t0) * 1000)
+        times.sort()
+        results.append((statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]))
+    best = min(results)
+    return best[0], best[1], max(results)[0]
 
 
 _RSS_PROBE = """
@@ -259,6 +265,7 @@ from gateway.cache.embedders import EmbedderSpec, open_embedder
 async def main():
     e = open_embedder(EmbedderSpec(name='probe', model=%r))
     await e.embed(['warm up'] * 32)
+    await e.embed(['how do I change the billing address on my account ' * 40] * 32)  # 32 texts of 256 tokens
     await e.aclose()
 asyncio.run(main())
 print(json.dumps({'base_mb': base, 'rss_mb': rss(), 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -266,7 +273,8 @@ print(json.dumps({'base_mb': base, 'rss_mb': rss(), 'peak_mb': resource.getrusag
 
 
 def rss(model: str) -> dict[str, float]:
-    """RSS of a fresh interpreter with numpy, then with the model loaded and a batch of 32 embedded."""
+    """RSS of a fresh interpreter with numpy, then with the model loaded after 32 short and 32 longest texts
+    (256 tokens), and the peak."""
     out = subprocess.run([sys.executable, "-c", _RSS_PROBE % model], capture_output=True, text=True, check=True)
     result: dict[str, float] = json.loads(out.stdout)
     return result
@@ -371,11 +379,15 @@ def report(
         w("")
         w("### Embedder cost (one intra-op thread, through the executor)")
         w("")
-        w("| short prompt p50 | p99 | RSS: python + numpy | RSS with the model loaded | peak RSS |")
-        w("|---|---|---|---|---|")
+        w("Short prompt: one 10-word question at a time, 3 rounds of 150; p50 and p99 of the best round, and the")
+        w("worst round's p50 (other sessions share this 2-core VM). RSS: a fresh interpreter with numpy, then after")
+        w("loading the model and embedding 32 short and 32 full-length (256-token) texts; peak is the high-water mark.")
+        w("")
+        w("| short prompt p50 | p99 | worst round p50 | RSS: python + numpy | RSS, model loaded and used | peak RSS |")
+        w("|---|---|---|---|---|---|")
         w(
-            f"| {perf['p50_ms']:.2f} ms | {perf['p99_ms']:.2f} ms | {perf['base_mb']:.0f} MB | "
-            f"{perf['rss_mb']:.0f} MB | {perf['peak_mb']:.0f} MB |"
+            f"| {perf['p50_ms']:.2f} ms | {perf['p99_ms']:.2f} ms | {perf['worst_p50_ms']:.2f} ms | "
+            f"{perf['base_mb']:.0f} MB | {perf['rss_mb']:.0f} MB | {perf['peak_mb']:.0f} MB |"
         )
     return "\n".join(lines)
 
@@ -400,8 +412,8 @@ async def run(model: str, threshold: float, *, docs: bool, perf: bool) -> str:
         print(f"embedded {len(vectors)} texts in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         measured: dict[str, float] | None = None
         if perf:
-            p50, p99 = await latency(embedder)
-            measured = {"p50_ms": p50, "p99_ms": p99, **rss(model)}
+            p50, p99, worst_p50 = await latency(embedder)
+            measured = {"p50_ms": p50, "p99_ms": p99, "worst_p50_ms": worst_p50, **rss(model)}
     finally:
         await embedder.aclose()
     body = report(pairs, vectors, model=model, tag=tag, threshold=threshold, perf=measured)

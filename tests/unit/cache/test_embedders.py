@@ -14,9 +14,11 @@ import msgspec
 import numpy as np
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.cache.embedders import Embedder, EmbedderSpec, open_embedder, tag_of
-from gateway.cache.embedders.local import LocalEmbedder
+from gateway.cache.embedders.local import ATTENTION_BUDGET, BATCH, LocalEmbedder
 from gateway.cache.errors import CacheDependencyError, EmbedderError
 
 
@@ -281,3 +283,13 @@ def test_the_gateway_and_the_exact_tier_run_without_the_cache_extra() -> None:
     out = subprocess.run([sys.executable, "-c", BLOCKED_IMPORTS], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'strait-gateway[cache]'" in out.stdout
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 256), max_size=100))
+def test_runs_stay_within_the_attention_budget(local: Any, lengths: list[int]) -> None:
+    groups = local._groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) <= BATCH
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) ** 2 <= ATTENTION_BUDGET
