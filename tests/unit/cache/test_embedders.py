@@ -120,6 +120,15 @@ async def test_a_paraphrase_is_nearer_than_another_question(embedder: Embedder) 
     assert float(q @ para) > float(q @ other) + 0.3
 
 
+async def test_many_texts(embedder: Embedder) -> None:
+    """More texts than one request or run holds (the remote's answers are then ~0.5 MB each)."""
+    texts = [f"question {i}: how do I change my address?" for i in range(150)]
+    v = await embedder.embed(texts)
+    assert v.shape == (150, embedder.dims)
+    one = (await embedder.embed([texts[97]]))[0]
+    assert float(v[97] @ one) > 0.999
+
+
 async def test_long_input_is_bounded(embedder: Embedder) -> None:
     v = await embedder.embed(["word " * 50_000])
     assert v.shape == (1, embedder.dims)
