@@ -212,11 +212,24 @@ def test_remote_spec_errors_never_echo_the_key() -> None:
         open_embedder(EmbedderSpec(name="r", kind="remote", model="m"))
 
 
-def test_spec_is_strict() -> None:
-    with pytest.raises(msgspec.ValidationError):
-        msgspec.convert({"name": "x", "kind": "local", "colour": "red"}, EmbedderSpec)
-    with pytest.raises(msgspec.ValidationError):
-        msgspec.convert({"name": "x", "kind": "cloud"}, EmbedderSpec)
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "x", "kind": "local", "colour": "red"}, "unknown field"),
+        ({"name": "x", "kind": "cloud"}, "kind"),
+        ({"name": "x", "threshold": 1.5}, "threshold"),
+        ({"name": "x", "timeout_s": 0}, "timeout_s"),
+        ({"name": "x", "kind": "remote", "model": "m"}, "needs base_url"),
+        ({"name": "x", "kind": "remote", "base_url": "ftp://h/v1", "model": "m"}, "needs base_url"),
+        ({"name": "x", "kind": "remote", "base_url": "http://h/v1"}, "needs model"),
+        ({"name": "x", "base_url": "http://h/v1"}, "for remote embedders"),
+        ({"name": "x", "kind": "remote", "base_url": "http://h/v1", "model": "m", "api_key": "sk-live-1"}, "env:NAME"),
+    ],
+)
+def test_spec_is_checked_when_decoded(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=message) as err:
+        msgspec.convert(spec, EmbedderSpec)
+    assert "sk-live" not in str(err.value)
 
 
 def test_unknown_local_model() -> None:
