@@ -58,7 +58,9 @@ def decide(
     above = np.flatnonzero(sims >= threshold)
     if above.size == 0:
         return None
-    order = above[np.argsort(-sims[above], kind="stable")][:VETO_CANDIDATES]
+    if above.size > VETO_CANDIDATES:  # only the best few are read: select them, do not sort them all
+        above = above[np.argpartition(-sims[above], VETO_CANDIDATES - 1)[:VETO_CANDIDATES]]
+    order = above[np.argsort(-sims[above], kind="stable")]
     best = float(sims[order[0]])
     first_reason: str | None = None
     query = Analysed(query_text) if rules else query_text
