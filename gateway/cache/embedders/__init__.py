@@ -29,6 +29,7 @@ __all__ = [
     "EmbedderSpec",
     "open_embedder",
     "tag_of",
+    "threshold_of",
 ]
 
 # The local model and the cosine threshold chosen by measurement (docs/cache.md).
@@ -58,8 +59,7 @@ def tag_of(embedder: Embedder) -> str:
 
 
 def threshold_of(spec: EmbedderSpec) -> float:
-    """The spec's threshold, else the measured default of its local model; a remote embedder has no
-    measured default, so it gets the default model's (set one in the policy after measuring yours)."""
+    """The spec's threshold, else the measured default of its local model (a remote spec always has one)."""
     if spec.threshold is not None:
         return spec.threshold
     return LOCAL_THRESHOLDS.get(spec.model or DEFAULT_LOCAL_MODEL, DEFAULT_THRESHOLD)

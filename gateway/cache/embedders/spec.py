@@ -26,7 +26,8 @@ class EmbedderSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     base_url: str | None = None
     # Only `env:NAME`; the secret itself never appears in a policy file.
     api_key: str | None = None
-    # Cosine similarity at or above which a candidate may be served; None: the embedder's measured default.
+    # Cosine similarity at or above which a candidate may be served; None: the local model's measured
+    # default (required for a remote embedder: see loadtest/cache_eval.py to measure one).
     threshold: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     timeout_s: Annotated[float, msgspec.Meta(gt=0.0, le=120.0)] = 5.0
     # Remote only: the vector size the backend must answer with (checked on every answer); None: learnt
@@ -42,5 +43,9 @@ class EmbedderSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
                 raise ValueError(f"embedder {self.name!r}: a remote embedder needs base_url (http:// or https://)")
             if not self.model:
                 raise ValueError(f"embedder {self.name!r}: a remote embedder needs model")
+            if self.threshold is None:
+                # Cosine scales differ between models (e5-small scores unrelated prompts ~0.92): a default
+                # measured on the local model could serve almost anything from another one.
+                raise ValueError(f"embedder {self.name!r}: a remote embedder needs a threshold measured for its model")
         elif self.base_url is not None or self.api_key is not None or self.dims is not None:
             raise ValueError(f"embedder {self.name!r}: base_url, api_key and dims are for remote embedders")

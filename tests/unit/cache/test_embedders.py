@@ -17,7 +17,14 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.cache.embedders import Embedder, EmbedderSpec, open_embedder, tag_of
+from gateway.cache.embedders import (
+    DEFAULT_THRESHOLD,
+    Embedder,
+    EmbedderSpec,
+    open_embedder,
+    tag_of,
+    threshold_of,
+)
 from gateway.cache.embedders.local import ATTENTION_BUDGET, BATCH, LocalEmbedder
 from gateway.cache.errors import CacheDependencyError, EmbedderError
 
@@ -82,7 +89,9 @@ async def embedder(
         return
     fake, url = backend
     remote = open_embedder(
-        EmbedderSpec(name="r", kind="remote", base_url=url, model="m", api_key="env:EMBED_KEY", dims=384),
+        EmbedderSpec(
+            name="r", kind="remote", threshold=0.9, base_url=url, model="m", api_key="env:EMBED_KEY", dims=384
+        ),
         environ={"EMBED_KEY": "sekrit"},
     )
     yield remote
@@ -149,7 +158,7 @@ async def test_long_input_is_bounded(embedder: Embedder) -> None:
 async def test_remote_bad_answers(backend: tuple[FakeBackend, str], mode: str, message: str) -> None:
     fake, url = backend
     fake.mode = mode
-    remote = open_embedder(EmbedderSpec(name="r", kind="remote", base_url=url, model="m", dims=384))
+    remote = open_embedder(EmbedderSpec(name="r", kind="remote", threshold=0.9, base_url=url, model="m", dims=384))
     try:
         with pytest.raises(EmbedderError, match=message):
             await remote.embed(["one", "two"])
@@ -160,7 +169,7 @@ async def test_remote_bad_answers(backend: tuple[FakeBackend, str], mode: str, m
 async def test_remote_timeout(backend: tuple[FakeBackend, str]) -> None:
     fake, url = backend
     fake.mode = "hang"
-    remote = open_embedder(EmbedderSpec(name="r", kind="remote", base_url=url, model="m", timeout_s=0.2))
+    remote = open_embedder(EmbedderSpec(name="r", kind="remote", threshold=0.9, base_url=url, model="m", timeout_s=0.2))
     try:
         with pytest.raises(EmbedderError, match="no answer within"):
             await remote.embed(["one"])
@@ -175,7 +184,9 @@ async def test_remote_down() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    remote = open_embedder(EmbedderSpec(name="r", kind="remote", base_url=f"http://127.0.0.1:{port}/v1", model="m"))
+    remote = open_embedder(
+        EmbedderSpec(name="r", kind="remote", threshold=0.9, base_url=f"http://127.0.0.1:{port}/v1", model="m")
+    )
     try:
         with pytest.raises(EmbedderError):
             await remote.embed(["one"])
@@ -186,7 +197,8 @@ async def test_remote_down() -> None:
 async def test_remote_learns_dims_then_enforces_them(backend: tuple[FakeBackend, str]) -> None:
     fake, url = backend
     remote = open_embedder(
-        EmbedderSpec(name="r", kind="remote", base_url=url, model="m", api_key="env:K"), environ={"K": "k1"}
+        EmbedderSpec(name="r", kind="remote", threshold=0.9, base_url=url, model="m", api_key="env:K"),
+        environ={"K": "k1"},
     )
     try:
         assert remote.dims == 0
@@ -201,15 +213,21 @@ async def test_remote_learns_dims_then_enforces_them(backend: tuple[FakeBackend,
 
 def test_remote_spec_errors_never_echo_the_key() -> None:
     with pytest.raises(ValueError, match="env:NAME"):
-        open_embedder(EmbedderSpec(name="r", kind="remote", base_url="http://x/v1", model="m", api_key="sk-live-123"))
+        open_embedder(
+            EmbedderSpec(
+                name="r", kind="remote", threshold=0.9, base_url="http://x/v1", model="m", api_key="sk-live-123"
+            )
+        )
     with pytest.raises(ValueError, match="EMBED_KEY") as err:
         open_embedder(
-            EmbedderSpec(name="r", kind="remote", base_url="http://x/v1", model="m", api_key="env:EMBED_KEY"),
+            EmbedderSpec(
+                name="r", kind="remote", threshold=0.9, base_url="http://x/v1", model="m", api_key="env:EMBED_KEY"
+            ),
             environ={},
         )
     assert "sk-" not in str(err.value)
     with pytest.raises(ValueError, match="base_url"):
-        open_embedder(EmbedderSpec(name="r", kind="remote", model="m"))
+        open_embedder(EmbedderSpec(name="r", kind="remote", threshold=0.9, model="m"))
 
 
 @pytest.mark.parametrize(
@@ -222,14 +240,21 @@ def test_remote_spec_errors_never_echo_the_key() -> None:
         ({"name": "x", "kind": "remote", "model": "m"}, "needs base_url"),
         ({"name": "x", "kind": "remote", "base_url": "ftp://h/v1", "model": "m"}, "needs base_url"),
         ({"name": "x", "kind": "remote", "base_url": "http://h/v1"}, "needs model"),
+        ({"name": "x", "kind": "remote", "base_url": "http://h/v1", "model": "m"}, "needs a threshold"),
         ({"name": "x", "base_url": "http://h/v1"}, "for remote embedders"),
         ({"name": "x", "kind": "remote", "base_url": "http://h/v1", "model": "m", "api_key": "sk-live-1"}, "env:NAME"),
+        ({"name": "x", "kind": "local", "threshold": 1.01}, "threshold"),
     ],
 )
 def test_spec_is_checked_when_decoded(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(msgspec.ValidationError, match=message) as err:
         msgspec.convert(spec, EmbedderSpec)
     assert "sk-live" not in str(err.value)
+
+
+def test_threshold_of() -> None:
+    assert threshold_of(EmbedderSpec(name="x")) == DEFAULT_THRESHOLD
+    assert threshold_of(EmbedderSpec(name="x", threshold=0.97)) == 0.97
 
 
 def test_unknown_local_model() -> None:
@@ -278,7 +303,7 @@ def test_missing_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch, mod
 def test_remote_without_numpy_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "numpy", None)
     with pytest.raises(CacheDependencyError, match=r"strait-gateway\[cache\]"):
-        open_embedder(EmbedderSpec(name="r", kind="remote", base_url="http://x/v1", model="m"))
+        open_embedder(EmbedderSpec(name="r", kind="remote", threshold=0.9, base_url="http://x/v1", model="m"))
 
 
 BLOCKED_IMPORTS = """
