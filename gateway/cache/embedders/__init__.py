@@ -51,6 +51,10 @@ class Embedder(Protocol):
         """(len(texts), dims) float32, each row of norm 1. Raises EmbedderError (a miss for the stage)."""
         ...
 
+    async def warm(self) -> None:
+        """Get ready off the event loop (load a local model) so the first lookup does not pay for it."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

@@ -157,6 +157,9 @@ class RemoteEmbedder:
         normalised: npt.NDArray[np.float32] = (matrix / norms).astype(np.float32)
         return normalised
 
+    async def warm(self) -> None:
+        """Nothing to load; the connection opens with the first request."""
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()

@@ -103,6 +103,7 @@ async def embedder(
 
 
 async def test_shape_dtype_and_unit_norm(embedder: Embedder) -> None:
+    await embedder.warm()
     v = await embedder.embed(["How do I reset my password?", "What are your opening hours?", ""])
     assert v.shape == (3, embedder.dims) and v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
