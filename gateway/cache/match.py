@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from gateway.cache.veto import DEFAULT_RULES, veto
+from gateway.cache.veto import DEFAULT_RULES, Analysed, veto
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,11 +58,14 @@ def decide(
     above = np.flatnonzero(sims >= threshold)
     if above.size == 0:
         return None
-    order = above[np.argsort(-sims[above], kind="stable")][:VETO_CANDIDATES]
+    if above.size > VETO_CANDIDATES:  # only the best few are read: select them, do not sort them all
+        above = above[np.argpartition(-sims[above], VETO_CANDIDATES - 1)[:VETO_CANDIDATES]]
+    order = above[np.argsort(-sims[above], kind="stable")]
     best = float(sims[order[0]])
     first_reason: str | None = None
+    query = Analysed(query_text) if rules else query_text
     for i in order:
-        reason = veto(query_text, candidates_texts[int(i)], rules) if rules else None
+        reason = veto(query, candidates_texts[int(i)], rules) if rules else None
         if reason is None:
             return Match(index=int(i), similarity=float(sims[i]))
         first_reason = first_reason or reason

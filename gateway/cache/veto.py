@@ -136,41 +136,48 @@ def _word(raw: str) -> str:
     return w[:-2] if w.endswith("'s") else w
 
 
-class _Text:
-    """One text's words (lower case, in order) and the ones that look like names: a capital letter inside
-    the word (`iPhone`, `HubSpot`), an acronym (`HMRC`), or a capitalised word that does not start a
-    sentence. Both come from one pass, so a text's names are always among its own words."""
+_SENTENCE_END = re.compile(r"[.?!:]")
 
-    __slots__ = ("names", "words")
+
+class Analysed:
+    """What the rules read of one text, computed once: its words (lower case, in order), the set of them,
+    and the ones that look like names: a capital letter inside the word (`iPhone`, `HubSpot`), an acronym
+    (`HMRC`), or a capitalised word that does not start a sentence. Both come from one pass, so a text's
+    names are always among its own words."""
+
+    __slots__ = ("names", "word_set", "words")
 
     def __init__(self, text: str) -> None:
         folded = _fold(text)
-        self.words: list[str] = []
-        self.names: set[str] = set()
+        words: list[str] = []
+        names: set[str] = set()
         prev_end = 0
         for m in _TOKEN.finditer(folded):
             raw = m.group(0)
             w = _word(raw)
-            self.words.append(w)
-            starts_sentence = prev_end == 0 or any(ch in ".?!:" for ch in folded[prev_end : m.start()])
+            words.append(w)
+            starts_sentence = prev_end == 0 or _SENTENCE_END.search(folded, prev_end, m.start()) is not None
             prev_end = m.end()
-            if not raw[0].isalpha():
+            if not raw[0].isalpha() or w in _NOT_NAMES:
                 continue
-            inner_capital = any(ch.isupper() for ch in raw[1:]) and not raw.isupper()
-            acronym = len(raw) > 1 and raw.isupper()
+            upper = raw.isupper()
+            acronym = upper and len(raw) > 1
+            inner_capital = not upper and raw[1:] != raw[1:].lower()
             capitalised = raw[0].isupper() and not starts_sentence
-            if (inner_capital or acronym or capitalised) and w not in _NOT_NAMES:
-                self.names.add(w)
+            if acronym or inner_capital or capitalised:
+                names.add(w)
+        self.words = words
+        self.word_set = frozenset(words)
+        self.names = frozenset(names)
 
 
 def tokens(text: str) -> list[str]:
-    return _Text(text).words
+    return Analysed(text).words
 
 
-def numbers(text: str) -> frozenset[str]:
-    """Digits (commas as thousands separators dropped), number words, and date words."""
+def _numbers_of(words: list[str]) -> frozenset[str]:
     out = set()
-    for t in tokens(text):
+    for t in words:
         if t[0].isdigit():
             out.add(t.replace(",", ""))
         elif t in NUMBER_WORDS or t in DATE_WORDS:
@@ -178,15 +185,20 @@ def numbers(text: str) -> frozenset[str]:
     return frozenset(out)
 
 
+def numbers(text: str) -> frozenset[str]:
+    """Digits (commas as thousands separators dropped), number words as digits, and date words."""
+    return _numbers_of(tokens(text))
+
+
 def names(text: str) -> frozenset[str]:
-    return frozenset(_Text(text).names)
+    return Analysed(text).names
 
 
 def _negations(words: list[str]) -> int:
     return sum(w in NEGATIONS for w in words)
 
 
-def _prefix_flip(a: set[str], b: set[str]) -> str | None:
+def _prefix_flip(a: frozenset[str], b: frozenset[str]) -> str | None:
     """A word on one side whose negated form (by prefix) is on the other: `mute` / `unmute`."""
     for x, y in ((a, b), (b, a)):
         for w in sorted(x - y):
@@ -196,7 +208,7 @@ def _prefix_flip(a: set[str], b: set[str]) -> str | None:
     return None
 
 
-def _opposite(a: set[str], b: set[str]) -> str | None:
+def _opposite(a: frozenset[str], b: frozenset[str]) -> str | None:
     """A word on one side whose opposite is on the other side (and the word itself is not)."""
     for x, y in ((a, b), (b, a)):
         for w in sorted(x - y):
@@ -221,40 +233,35 @@ def _roles(words: list[str]) -> set[tuple[str, str]]:
     return out
 
 
-def _numbers_rule(q: str, c: str) -> str | None:
-    return "numbers differ" if numbers(q) != numbers(c) else None
+def _numbers_rule(q: Analysed, c: Analysed) -> str | None:
+    return "numbers differ" if _numbers_of(q.words) != _numbers_of(c.words) else None
 
 
-def _negation_rule(q: str, c: str) -> str | None:
-    wq, wc = tokens(q), tokens(c)
-    sq, sc = set(wq), set(wc)
-    if _negations(wq) != _negations(wc) or (sq ^ sc) & POLARITY:
+def _negation_rule(q: Analysed, c: Analysed) -> str | None:
+    if _negations(q.words) != _negations(c.words) or (q.word_set ^ c.word_set) & POLARITY:
         return "negation differs"
-    if _prefix_flip(sq, sc) or _opposite(sq, sc):
+    if _prefix_flip(q.word_set, c.word_set) or _opposite(q.word_set, c.word_set):
         return "negation differs"
     return None
 
 
-def _direction_rule(q: str, c: str) -> str | None:
+def _direction_rule(q: Analysed, c: Analysed) -> str | None:
     # The same things in other roles: "from savings to current" against "from current to savings".
-    wq, wc = tokens(q), tokens(c)
-    sq, sc = set(wq), set(wc)
-    rq, rc = _roles(wq), _roles(wc)
+    rq, rc = _roles(q.words), _roles(c.words)
     for p, x in rq - rc:
-        if x in sc and any(y in sq for p2, y in rc - rq if p2 == p):
+        if x in c.word_set and any(y in q.word_set for p2, y in rc - rq if p2 == p):
             return "direction differs"
     return None
 
 
-def _names_rule(q: str, c: str) -> str | None:
+def _names_rule(q: Analysed, c: Analysed) -> str | None:
     # A name on one side must be a word of the other, in any case ("visa" answers "Visa").
-    tq, tc = _Text(q), _Text(c)
-    if not (tq.names <= set(tc.words) and tc.names <= set(tq.words)):
+    if not (q.names <= c.word_set and c.names <= q.word_set):
         return "names differ"
     return None
 
 
-RULES: Final[dict[str, Callable[[str, str], str | None]]] = {
+RULES: Final[dict[str, Callable[[Analysed, Analysed], str | None]]] = {
     "numbers": _numbers_rule,
     "negation": _negation_rule,
     "names": _names_rule,
@@ -264,10 +271,15 @@ RULES: Final[dict[str, Callable[[str, str], str | None]]] = {
 DEFAULT_RULES: Final = ("numbers", "negation", "names", "direction")
 
 
-def veto(query: str, candidate: str, rules: tuple[str, ...] = DEFAULT_RULES) -> str | None:
-    """Why `candidate`'s answer must not be served for `query` (e.g. "numbers differ"), or None."""
+def veto(query: str | Analysed, candidate: str | Analysed, rules: tuple[str, ...] = DEFAULT_RULES) -> str | None:
+    """Why `candidate`'s answer must not be served for `query` (e.g. "numbers differ"), or None. Either may
+    be given already analysed (`Analysed(text)`), so a query checked against several candidates is read once."""
+    if not rules:
+        return None
+    q = query if isinstance(query, Analysed) else Analysed(query)
+    c = candidate if isinstance(candidate, Analysed) else Analysed(candidate)
     for name in rules:
-        reason = RULES[name](query, candidate)
+        reason = RULES[name](q, c)
         if reason is not None:
             return reason
     return None

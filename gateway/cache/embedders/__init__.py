@@ -29,6 +29,7 @@ __all__ = [
     "EmbedderSpec",
     "open_embedder",
     "tag_of",
+    "threshold_of",
 ]
 
 # The local model and the cosine threshold chosen by measurement (docs/cache.md).
@@ -50,6 +51,10 @@ class Embedder(Protocol):
         """(len(texts), dims) float32, each row of norm 1. Raises EmbedderError (a miss for the stage)."""
         ...
 
+    async def warm(self) -> None:
+        """Get ready off the event loop (load a local model) so the first lookup does not pay for it."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -58,8 +63,7 @@ def tag_of(embedder: Embedder) -> str:
 
 
 def threshold_of(spec: EmbedderSpec) -> float:
-    """The spec's threshold, else the measured default of its local model; a remote embedder has no
-    measured default, so it gets the default model's (set one in the policy after measuring yours)."""
+    """The spec's threshold, else the measured default of its local model (a remote spec always has one)."""
     if spec.threshold is not None:
         return spec.threshold
     return LOCAL_THRESHOLDS.get(spec.model or DEFAULT_LOCAL_MODEL, DEFAULT_THRESHOLD)

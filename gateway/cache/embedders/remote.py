@@ -42,6 +42,19 @@ class _Answer(msgspec.Struct):
 _DECODER = msgspec.json.Decoder(_Answer)
 
 
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first `limit` bytes when it is longer (`read(n)` alone may stop at any chunk)."""
+    chunks: list[bytes] = []
+    total = 0
+    while total < limit:
+        chunk = await resp.content.read(limit - total)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
 def resolve_key(ref: str | None, environ: Mapping[str, str]) -> str | None:
     if ref is None:
         return None
@@ -102,7 +115,7 @@ class RemoteEmbedder:
                 async with self._client().post(self._url, data=body, headers=self._headers) as resp:
                     if resp.status != 200:
                         raise EmbedderError(f"remote embedder {self.id}: HTTP {resp.status}")
-                    raw = await resp.content.read(limit + 1)
+                    raw = await _read_at_most(resp, limit + 1)
         except TimeoutError as exc:
             raise EmbedderError(f"remote embedder {self.id}: no answer within {self._timeout_s}s") from exc
         except aiohttp.ClientError as exc:
@@ -143,6 +156,9 @@ class RemoteEmbedder:
         self.dims = size
         normalised: npt.NDArray[np.float32] = (matrix / norms).astype(np.float32)
         return normalised
+
+    async def warm(self) -> None:
+        """Nothing to load; the connection opens with the first request."""
 
     async def aclose(self) -> None:
         if self._session is not None:

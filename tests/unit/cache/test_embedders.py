@@ -14,9 +14,18 @@ import msgspec
 import numpy as np
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.cache.embedders import Embedder, EmbedderSpec, open_embedder, tag_of
-from gateway.cache.embedders.local import LocalEmbedder
+from gateway.cache.embedders import (
+    DEFAULT_THRESHOLD,
+    Embedder,
+    EmbedderSpec,
+    open_embedder,
+    tag_of,
+    threshold_of,
+)
+from gateway.cache.embedders.local import ATTENTION_BUDGET, BATCH, LocalEmbedder
 from gateway.cache.errors import CacheDependencyError, EmbedderError
 
 
@@ -80,7 +89,9 @@ async def embedder(
         return
     fake, url = backend
     remote = open_embedder(
-        EmbedderSpec(name="r", kind="remote", base_url=url, model="m", api_key="env:EMBED_KEY", dims=384),
+        EmbedderSpec(
+            name="r", kind="remote", threshold=0.9, base_url=url, model="m", api_key="env:EMBED_KEY", dims=384
+        ),
         environ={"EMBED_KEY": "sekrit"},
     )
     yield remote
@@ -92,6 +103,7 @@ async def embedder(
 
 
 async def test_shape_dtype_and_unit_norm(embedder: Embedder) -> None:
+    await embedder.warm()
     v = await embedder.embed(["How do I reset my password?", "What are your opening hours?", ""])
     assert v.shape == (3, embedder.dims) and v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
@@ -118,6 +130,15 @@ async def test_a_paraphrase_is_nearer_than_another_question(embedder: Embedder) 
     assert float(q @ para) > float(q @ other) + 0.3
 
 
+async def test_many_texts(embedder: Embedder) -> None:
+    """More texts than one request or run holds (the remote's answers are then ~0.5 MB each)."""
+    texts = [f"question {i}: how do I change my address?" for i in range(150)]
+    v = await embedder.embed(texts)
+    assert v.shape == (150, embedder.dims)
+    one = (await embedder.embed([texts[97]]))[0]
+    assert float(v[97] @ one) > 0.999
+
+
 async def test_long_input_is_bounded(embedder: Embedder) -> None:
     v = await embedder.embed(["word " * 50_000])
     assert v.shape == (1, embedder.dims)
@@ -138,7 +159,7 @@ async def test_long_input_is_bounded(embedder: Embedder) -> None:
 async def test_remote_bad_answers(backend: tuple[FakeBackend, str], mode: str, message: str) -> None:
     fake, url = backend
     fake.mode = mode
-    remote = open_embedder(EmbedderSpec(name="r", kind="remote", base_url=url, model="m", dims=384))
+    remote = open_embedder(EmbedderSpec(name="r", kind="remote", threshold=0.9, base_url=url, model="m", dims=384))
     try:
         with pytest.raises(EmbedderError, match=message):
             await remote.embed(["one", "two"])
@@ -149,7 +170,7 @@ async def test_remote_bad_answers(backend: tuple[FakeBackend, str], mode: str, m
 async def test_remote_timeout(backend: tuple[FakeBackend, str]) -> None:
     fake, url = backend
     fake.mode = "hang"
-    remote = open_embedder(EmbedderSpec(name="r", kind="remote", base_url=url, model="m", timeout_s=0.2))
+    remote = open_embedder(EmbedderSpec(name="r", kind="remote", threshold=0.9, base_url=url, model="m", timeout_s=0.2))
     try:
         with pytest.raises(EmbedderError, match="no answer within"):
             await remote.embed(["one"])
@@ -164,7 +185,9 @@ async def test_remote_down() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    remote = open_embedder(EmbedderSpec(name="r", kind="remote", base_url=f"http://127.0.0.1:{port}/v1", model="m"))
+    remote = open_embedder(
+        EmbedderSpec(name="r", kind="remote", threshold=0.9, base_url=f"http://127.0.0.1:{port}/v1", model="m")
+    )
     try:
         with pytest.raises(EmbedderError):
             await remote.embed(["one"])
@@ -175,7 +198,8 @@ async def test_remote_down() -> None:
 async def test_remote_learns_dims_then_enforces_them(backend: tuple[FakeBackend, str]) -> None:
     fake, url = backend
     remote = open_embedder(
-        EmbedderSpec(name="r", kind="remote", base_url=url, model="m", api_key="env:K"), environ={"K": "k1"}
+        EmbedderSpec(name="r", kind="remote", threshold=0.9, base_url=url, model="m", api_key="env:K"),
+        environ={"K": "k1"},
     )
     try:
         assert remote.dims == 0
@@ -190,22 +214,48 @@ async def test_remote_learns_dims_then_enforces_them(backend: tuple[FakeBackend,
 
 def test_remote_spec_errors_never_echo_the_key() -> None:
     with pytest.raises(ValueError, match="env:NAME"):
-        open_embedder(EmbedderSpec(name="r", kind="remote", base_url="http://x/v1", model="m", api_key="sk-live-123"))
+        open_embedder(
+            EmbedderSpec(
+                name="r", kind="remote", threshold=0.9, base_url="http://x/v1", model="m", api_key="sk-live-123"
+            )
+        )
     with pytest.raises(ValueError, match="EMBED_KEY") as err:
         open_embedder(
-            EmbedderSpec(name="r", kind="remote", base_url="http://x/v1", model="m", api_key="env:EMBED_KEY"),
+            EmbedderSpec(
+                name="r", kind="remote", threshold=0.9, base_url="http://x/v1", model="m", api_key="env:EMBED_KEY"
+            ),
             environ={},
         )
     assert "sk-" not in str(err.value)
     with pytest.raises(ValueError, match="base_url"):
-        open_embedder(EmbedderSpec(name="r", kind="remote", model="m"))
+        open_embedder(EmbedderSpec(name="r", kind="remote", threshold=0.9, model="m"))
 
 
-def test_spec_is_strict() -> None:
-    with pytest.raises(msgspec.ValidationError):
-        msgspec.convert({"name": "x", "kind": "local", "colour": "red"}, EmbedderSpec)
-    with pytest.raises(msgspec.ValidationError):
-        msgspec.convert({"name": "x", "kind": "cloud"}, EmbedderSpec)
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "x", "kind": "local", "colour": "red"}, "unknown field"),
+        ({"name": "x", "kind": "cloud"}, "kind"),
+        ({"name": "x", "threshold": 1.5}, "threshold"),
+        ({"name": "x", "timeout_s": 0}, "timeout_s"),
+        ({"name": "x", "kind": "remote", "model": "m"}, "needs base_url"),
+        ({"name": "x", "kind": "remote", "base_url": "ftp://h/v1", "model": "m"}, "needs base_url"),
+        ({"name": "x", "kind": "remote", "base_url": "http://h/v1"}, "needs model"),
+        ({"name": "x", "kind": "remote", "base_url": "http://h/v1", "model": "m"}, "needs a threshold"),
+        ({"name": "x", "base_url": "http://h/v1"}, "for remote embedders"),
+        ({"name": "x", "kind": "remote", "base_url": "http://h/v1", "model": "m", "api_key": "sk-live-1"}, "env:NAME"),
+        ({"name": "x", "kind": "local", "threshold": 1.01}, "threshold"),
+    ],
+)
+def test_spec_is_checked_when_decoded(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=message) as err:
+        msgspec.convert(spec, EmbedderSpec)
+    assert "sk-live" not in str(err.value)
+
+
+def test_threshold_of() -> None:
+    assert threshold_of(EmbedderSpec(name="x")) == DEFAULT_THRESHOLD
+    assert threshold_of(EmbedderSpec(name="x", threshold=0.97)) == 0.97
 
 
 def test_unknown_local_model() -> None:
@@ -254,7 +304,7 @@ def test_missing_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch, mod
 def test_remote_without_numpy_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "numpy", None)
     with pytest.raises(CacheDependencyError, match=r"strait-gateway\[cache\]"):
-        open_embedder(EmbedderSpec(name="r", kind="remote", base_url="http://x/v1", model="m"))
+        open_embedder(EmbedderSpec(name="r", kind="remote", threshold=0.9, base_url="http://x/v1", model="m"))
 
 
 BLOCKED_IMPORTS = """
@@ -281,3 +331,13 @@ def test_the_gateway_and_the_exact_tier_run_without_the_cache_extra() -> None:
     out = subprocess.run([sys.executable, "-c", BLOCKED_IMPORTS], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "pip install 'strait-gateway[cache]'" in out.stdout
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 256), max_size=100))
+def test_runs_stay_within_the_attention_budget(local: Any, lengths: list[int]) -> None:
+    groups = local._groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) <= BATCH
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) ** 2 <= ATTENTION_BUDGET
