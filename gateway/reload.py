@@ -96,6 +96,8 @@ class PolicyReloader:
                 # A new embedder loads its model in a worker thread first, never on the event loop.
                 await asyncio.to_thread(open_embedders, policy, self.gateway.services.embedders)
                 new = build_runtime(policy, self.factories, self.gateway.services, previous=old)
+                if new.cache is not None:
+                    await new.cache.warm()
             except (ValueError, CacheDependencyError, EmbedderError) as exc:  # e.g. an api_key env var that is not set
                 log.error("policy reload refused: %s", exc)
                 metrics.policy_reloads.labels("rejected").inc()

@@ -169,6 +169,9 @@ class Gateway:
         self._epoch_task: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
+        if self.runtime.cache is not None:
+            # Local models load now, in their own threads, not on the first request that needs them.
+            await self.runtime.cache.warm()
         await self.writer.start()
         self._epoch_task = asyncio.ensure_future(self._watch_epoch())
 

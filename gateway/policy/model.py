@@ -157,6 +157,9 @@ class CacheConfig(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # How far bad-hit reports may raise a namespace's threshold, and by how much each report does.
     feedback_step: Annotated[float, msgspec.Meta(ge=0, le=0.1)] = 0.01
     feedback_max_raise: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.04
+    # The most a semantic lookup may wait for its embedding (the model runs one text at a time); past
+    # it the lookup is a miss, counted as `timeout`.
+    semantic_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 250
 
 
 class RouteCache(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -5,6 +5,7 @@ cross tenants, and every answer-changing parameter is a miss."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
@@ -485,3 +486,45 @@ def test_hits_count_against_request_rates_not_token_rates(tmp_path: Path) -> Non
         refused = ask(client, "acme", q, max_tokens=40)
         assert refused.status_code == 429
         assert refused.json()["error"]["type"] in ("rate_limit_error", "requests")
+
+
+class _StuckEmbedder:
+    """An embedder that never answers (a wedged model thread), with the real one's tag."""
+
+    def __init__(self, like: Any) -> None:
+        self.id, self.version, self.dims = like.id, like.version, like.dims
+        self.calls = 0
+
+    async def embed(self, texts: Any) -> Any:
+        self.calls += 1
+        await asyncio.Event().wait()  # never set: only the lookup's timeout ends this
+
+    async def warm(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_stuck_embedder_costs_a_bounded_wait_then_a_miss(tmp_path: Path) -> None:
+    policy = POLICY.replace("cache:\n  embedders:", "cache:\n  semantic_timeout_ms: 50\n  embedders:")
+    with gateway(tmp_path, policy) as (client, upstream):
+        stage = client.app.state["gateway"].runtime.cache
+        stuck = _StuckEmbedder(stage.embedders["minilm"])
+        stage.embedders = {**stage.embedders, "minilm": stuck}
+        q = fresh()
+        r = ask(client, "acme", q)
+        assert r.status_code == 200 and r.headers["x-strait-cache"] == "miss"
+        assert stuck.calls == 1
+        assert _metric(client, 'strait_cache_lookups_total{result="timeout",route="chat"}') == 1
+        # The exact tier does not need the embedder: the answer was kept and is served.
+        assert ask(client, "acme", q).headers["x-strait-cache"] == "hit"
+        # With the embedder's backlog full, a lookup skips the semantic tier at once.
+        from gateway.stages.cache import MAX_EMBEDDING_BACKLOG
+
+        stage._embedding = MAX_EMBEDDING_BACKLOG
+        r = ask(client, "acme", fresh())
+        assert r.status_code == 200 and r.headers["x-strait-cache"] == "miss"
+        assert stuck.calls == 1
+        assert _metric(client, 'strait_cache_lookups_total{result="busy",route="chat"}') == 1
+        assert upstream.calls == 2
