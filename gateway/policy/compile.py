@@ -113,6 +113,7 @@ class CachePlan:
     threshold: float | None
     ttl_s: int
     route: RouteCache
+    partition: Literal["tenant", "key", "user"] = "tenant"
 
 
 def compile_cache(tenant: Tenant, routes: Mapping[str, Route], first_embedder: str | None) -> dict[str, CachePlan]:
@@ -134,6 +135,7 @@ def compile_cache(tenant: Tenant, routes: Mapping[str, Route], first_embedder: s
             threshold=c.threshold,
             ttl_s=ttl,
             route=allowed,
+            partition=c.partition,
         )
     return out
 

@@ -179,6 +179,8 @@ class RouteCache(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     truncated: bool = False
     # A hit is charged this share of what the answer cost when it was made (0: hits are free).
     hit_price: Share = 0.0
+    # Part of every namespace of the route: bump it to retire every entry at once (a new prompt or model).
+    generation: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class CacheSettings(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -190,6 +192,9 @@ class CacheSettings(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True
     enabled: bool = False
     # Routes the tenant caches on; "*": every route that allows it.
     routes: tuple[str, ...] = ("*",)
+    # Who shares entries: the whole tenant, each API key, or each end user (the request's `user` field;
+    # a request without one is not cached).
+    partition: Literal["tenant", "key", "user"] = "tenant"
     # An embedder of `cache.embedders` (None: the first one, or the packaged default when none is named).
     embedder: str | None = None
     threshold: Similarity | None = None

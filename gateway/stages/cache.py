@@ -42,7 +42,7 @@ from gateway.canonical import Request
 from gateway.context import RequestContext
 from gateway.contracts import End, Outcome
 from gateway.policy.compile import CachePlan
-from gateway.policy.index import PolicyIndex, Target
+from gateway.policy.index import PolicyIndex, Principal, Target
 from gateway.policy.model import CacheConfig, RouteCache
 from gateway.reply import EventStream, Reply
 from gateway.stages.respond import response_headers
@@ -163,10 +163,21 @@ class CacheStage:
         if uncacheable(request, plan.route) is not None:
             self._mark(ctx, "bypass")
             return None
+        owner = _owner(plan, principal, request)
+        if owner is None:
+            self._mark(ctx, "bypass")  # partitioned by end user, and the request names none
+            return None
         target = ctx.plan[0]
         embedder = self.embedders.get(plan.embedder) if plan.semantic else None
         tag = f"{embedder.id}@{embedder.version}" if embedder is not None else ""
-        scope = scope_of(request, tenant=principal.tenant, route=route.name, deployment=target.label, embedder_tag=tag)
+        # The route's generation is part of it: bumping it in the policy retires every entry of the route.
+        scope = scope_of(
+            request,
+            tenant=owner,
+            route=f"{route.name}#{plan.route.generation}",
+            deployment=target.label,
+            embedder_tag=tag,
+        )
         ticket = CacheTicket(scope=scope, plan=plan, target=target, store=not no_store)
         ctx.cache = ticket
         if no_cache:
@@ -444,6 +455,19 @@ class CacheStage:
         """Wait for the writes still in flight (shutdown, tests)."""
         while self._writes:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+
+def _owner(plan: CachePlan, principal: Principal, request: Request) -> str | None:
+    """Who may share this request's entries: the tenant, one of its keys, or one end user of it (always
+    inside the tenant; length-prefixed so no two owners collide). None: partitioned by user, no user."""
+    tenant = principal.tenant
+    if plan.partition == "tenant":
+        return tenant
+    if plan.partition == "key":
+        return f"{len(tenant)}:{tenant}|key:{principal.key_id}"
+    if not request.user:
+        return None
+    return f"{len(tenant)}:{tenant}|user:{request.user}"
 
 
 def _with_usage(body: bytes, prompt: int, completion: int) -> bytes:

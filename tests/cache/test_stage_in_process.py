@@ -528,3 +528,50 @@ def test_a_stuck_embedder_costs_a_bounded_wait_then_a_miss(tmp_path: Path) -> No
         assert stuck.calls == 1
         assert _metric(client, 'strait_cache_lookups_total{result="busy",route="chat"}') == 1
         assert upstream.calls == 2
+
+
+def test_partitions_by_key_or_end_user_and_a_generation_bump_retires_entries(tmp_path: Path) -> None:
+    k2 = "sk-cache-acme-0002"
+    policy = POLICY.replace(
+        f'    keys: [{{id: a1, digest: "{key_digest(KEYS["acme"])}"}}]\n    cache: {{exact: true, semantic: true}}',
+        f'    keys: [{{id: a1, digest: "{key_digest(KEYS["acme"])}"}}, {{id: a2, digest: "{key_digest(k2)}"}}]\n'
+        "    cache: {exact: true, partition: key}",
+    ).replace(
+        f'{key_digest(KEYS["globex"])}"}}]\n    cache: {{exact: true, semantic: true}}',
+        f'{key_digest(KEYS["globex"])}"}}]\n    cache: {{exact: true, partition: user}}',
+    )
+    assert "partition: key" in policy and "partition: user" in policy
+    with gateway(tmp_path, policy) as (client, _):
+        q = fresh()
+        ask(client, "acme", q)
+        assert ask(client, "acme", q).headers["x-strait-cache"] == "hit"
+        other_key = client.post(
+            "/v1/chat/completions",
+            json={"model": "chat", "temperature": 0, "messages": [{"role": "user", "content": q}]},
+            headers={"authorization": f"Bearer {k2}"},
+        )
+        assert other_key.headers["x-strait-cache"] == "miss"
+        ask(client, "globex", q, user="alice")
+        assert ask(client, "globex", q, user="alice").headers["x-strait-cache"] == "hit"
+        assert ask(client, "globex", q, user="bob").headers["x-strait-cache"] == "miss"
+        assert ask(client, "globex", q).headers["x-strait-cache"] == "bypass"  # no user: never cached
+    bumped = policy.replace("  - {name: chat, models: [m]}", "  - {name: chat, models: [m], cache: {generation: 1}}")
+    assert bumped != policy
+    with gateway(tmp_path, policy) as (client, _):
+        q = fresh()
+        ask(client, "acme", q)
+        assert ask(client, "acme", q).headers["x-strait-cache"] == "hit"
+        path = tmp_path / "policy.yaml"
+        path.write_text(bumped)
+        reloaded = client.blocking_portal.call(_reload, client, path)
+        assert reloaded
+        assert ask(client, "acme", q).headers["x-strait-cache"] == "miss"
+
+
+async def _reload(client: TestClient[Any], path: Path) -> bool:
+    from gateway.registry import discover_adapters  # noqa: F401  (the echo factory is the app's own)
+    from gateway.reload import PolicyReloader
+
+    gw = client.app.state["gateway"]
+    factories = {"echo": EchoFactory()}
+    return await PolicyReloader(gw, str(path), factories).reload()
