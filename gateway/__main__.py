@@ -35,6 +35,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(p, file=sys.stderr)
     if policy is None:
         return 1
+    from gateway.cache.pool import embedder_specs, missing_dependency
+    from gateway.policy.index import PolicyIndex
+
+    missing = missing_dependency(embedder_specs(PolicyIndex(policy)).values())
+    if missing is not None:
+        print(f"strait: {missing}", file=sys.stderr)
+        return 2
     if settings.state == "memory" and settings.workers > 1:
         print(
             f"strait: --workers {settings.workers} with STRAIT_STATE=memory would give each worker its own copy of "

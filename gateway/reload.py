@@ -14,6 +14,8 @@ import signal
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 
+from gateway.cache.errors import CacheDependencyError, EmbedderError
+from gateway.cache.pool import open_embedders
 from gateway.contracts import Adapter, AdapterFactory
 from gateway.policy.load import check_policy
 from gateway.runtime import Gateway, build_runtime
@@ -91,8 +93,10 @@ class PolicyReloader:
                 return False
             old = self.gateway.runtime
             try:
+                # A new embedder loads its model in a worker thread first, never on the event loop.
+                await asyncio.to_thread(open_embedders, policy, self.gateway.services.embedders)
                 new = build_runtime(policy, self.factories, self.gateway.services, previous=old)
-            except ValueError as exc:  # e.g. an api_key env var that is not set
+            except (ValueError, CacheDependencyError, EmbedderError) as exc:  # e.g. an api_key env var that is not set
                 log.error("policy reload refused: %s", exc)
                 metrics.policy_reloads.labels("rejected").inc()
                 return False

@@ -13,8 +13,8 @@ import msgspec
 
 from gateway.accounting.ledger import Ledger
 from gateway.accounting.writer import UsageWriter
-from gateway.cache.embedders import DEFAULT_THRESHOLD, Embedder
-from gateway.cache.pool import DEFAULT_SPEC, EmbedderPool, spec_of
+from gateway.cache.embedders import threshold_of
+from gateway.cache.pool import EmbedderPool, embedder_specs
 from gateway.cache.store import CacheStore
 from gateway.contracts import Adapter, AdapterFactory
 from gateway.pipeline import Pipeline, Stage
@@ -137,17 +137,13 @@ def build_runtime(
 def _cache_stage(index: PolicyIndex, services: Services) -> CacheStage | None:
     """The cache stage when some tenant caches on some route; its embedders opened now (a missing
     optional dependency is a load-time error naming the extra, never a request's)."""
-    plans = [plan for tables in index.tenant_tables.values() for plan in tables.cache.values()]
-    if not plans or services.cache_store is None:
+    if services.cache_store is None or not any(tables.cache for tables in index.tenant_tables.values()):
         return None
     pool = services.embedders if services.embedders is not None else EmbedderPool()
-    by_name = {e.name: e for e in index.policy.cache.embedders}
-    embedders: dict[str | None, Embedder] = {}
-    for plan in plans:
-        if plan.semantic and plan.embedder not in embedders:
-            spec = DEFAULT_SPEC if plan.embedder is None else spec_of(by_name[plan.embedder], index.backends)
-            embedders[plan.embedder] = pool.get(spec)
-    return CacheStage(index, services.cache_store, embedders, services.metrics, DEFAULT_THRESHOLD)
+    specs = embedder_specs(index)
+    embedders = {name: pool.get(spec) for name, spec in specs.items()}
+    thresholds = {name: threshold_of(spec) for name, spec in specs.items()}
+    return CacheStage(index, services.cache_store, embedders, services.metrics, thresholds)
 
 
 def _with_limits(backend: Backend, limits: UpstreamLimits) -> Backend:

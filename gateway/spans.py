@@ -68,6 +68,9 @@ def end_request_span(ctx: RequestContext, status: int, *, error: str | None = No
         span.set_attribute("strait.deployment", ctx.target.label)
         span.set_attribute("gen_ai.response.model", ctx.target.deployment.upstream_model)
     span.set_attribute("strait.fallback", len(ctx.failed_attempts))
+    cache = ctx.extra_headers.get("x-strait-cache")
+    if cache is not None:
+        span.set_attribute("strait.cache", cache)
     if ctx.usage_in is not None:
         span.set_attribute("gen_ai.usage.input_tokens", ctx.usage_in)
     if ctx.usage_out is not None:

@@ -132,8 +132,10 @@ class Metrics:
         self.cache_lookups = Counter(
             "strait_cache_lookups",
             "Cache lookups by route and result: hit (exact), semantic_hit, miss, bypass (Cache-Control or "
-            "not cacheable), vetoed (a neighbour above the threshold refused by the lexical veto), error (the "
-            "cache store or the embedder failed: served as a miss).",
+            "not cacheable), vetoed (a neighbour above the threshold refused by the lexical veto), "
+            "raised_threshold (a neighbour below its namespace's threshold raised by bad-hit reports), error "
+            "(the cache store or the embedder failed: served as a miss). vetoed, raised_threshold and error "
+            "are also counted as miss.",
             ("route", "result"),
             registry=self.registry,
         )

@@ -174,6 +174,35 @@ def fine_sweep(pairs: Sequence[Pair], vectors: dict[str, np.ndarray], rules: tup
     return {t: rates(qs, [served(p, vectors, t, rules)[0] for p in qs]) for t in grid}
 
 
+def crowded(
+    pairs: Sequence[Pair], vectors: dict[str, np.ndarray], threshold: float, rules: tuple[str, ...]
+) -> tuple[float, float, float]:
+    """One namespace holding every cached question at once (the 600 `a` sides, deduplicated): each `b` is
+    looked up against all of them. An entry asking exactly `b` (some traps' `b` is another pair's `a`) or the
+    pair's own `a` of a should-hit pair is a right answer; any other served entry is a wrong one, even when
+    it asks the same thing in other words (pessimistic). Returns (recall: should-hit `b` rightly served;
+    wrong answers per should-hit `b`; wrong answers per trap `b`)."""
+    qs = [p for p in pairs if p.dataset == "questions" and p.a.query is not None and p.b.query is not None]
+    texts = sorted({p.a.query for p in qs if p.a.query is not None})
+    matrix = np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, 1), np.float32)
+    right = wrong_should = wrong_trap = 0
+    for p in qs:
+        assert p.b.query is not None
+        m = decide(p.b.query, vectors[p.b.query], texts, matrix, threshold, rules=rules)
+        if m is None or m.index is None:
+            continue
+        entry = texts[m.index]
+        if normalise(entry) == normalise(p.b.query) or (p.same_answer and entry == p.a.query):
+            right += p.same_answer
+        elif p.same_answer:
+            wrong_should += 1
+        else:
+            wrong_trap += 1
+    n_should = sum(p.same_answer for p in qs)
+    n_trap = len(qs) - n_should
+    return right / n_should, wrong_should / n_should, wrong_trap / n_trap
+
+
 # -- the exact tier's normalisation, measured ----------------------------------------------------------
 
 _PUNCT = re.compile(r"[^\w\s]")
@@ -314,6 +343,20 @@ def report(
             cells.append("—" if best is None else f"{best[0]:.3f}: {pct(best[1].recall)} (FHR {pct(best[1].fhr)})")
         w(f"| {v.name} | " + " | ".join(cells) + " |")
     w("")
+    w("### One crowded namespace (all cached questions at once), questions")
+    w("")
+    w("Each `b` looked up against every cached `a` (semantic tier only). Right: its own `a` (should-hit pairs)")
+    w("or an entry asking exactly `b`; wrong: any other entry, even a paraphrase of `b` (pessimistic).")
+    w("")
+    w("| cos ≥ | cosine only: recall / wrong on should-hits / wrong on traps (%) | cosine + veto: the same |")
+    w("|---|---|---|")
+    for t in (0.85, 0.88, 0.90, threshold, 0.94, 0.96):
+        cells = []
+        for v in (COSINE_ONLY, WITH_VETO):
+            right, wrong_should, wrong_trap = crowded(pairs, vectors, t, v.rules)
+            cells.append(f"{100 * right:.1f} / {100 * wrong_should:.1f} / {100 * wrong_trap:.1f}")
+        w(f"| {t:.2f} | " + " | ".join(cells) + " |")
+    w("")
     w("### Exact tier: normalisation of the last user message, measured")
     w("")
     w("| normalisation | exact hits, should-hit pairs (of 300) | exact hits, traps (of 300) |")
@@ -338,6 +381,7 @@ def report(
 
 
 def write_docs(body: str) -> None:
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
     text = DOCS.read_text() if DOCS.exists() else f"# Cache\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         text += f"\n{BEGIN}\n{END}\n"

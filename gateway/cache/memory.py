@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from gateway.cache.entry import CacheEntry, encode_entry, vector_record
+from gateway.cache.entry import CacheEntry, encode_entry, encode_record, vector_record
 from gateway.cache.vectors import VectorIndex, VectorSet
 from gateway.state.base import Clock
 from gateway.state.memory import wall_clock_ms
@@ -89,8 +89,9 @@ class MemoryCacheStore:
 
     async def put(self, namespace: str, key: str, entry: CacheEntry, *, max_entries: int, max_bytes: int) -> None:
         now = self._clock()
-        # Sized as the Redis store sizes it (the encoded entry), so the two bound alike.
-        size = len(encode_entry(entry)) + len(key)
+        # Sized as the Redis store sizes it (entry + vector record + key), so the two bound alike.
+        record = vector_record(entry)
+        size = len(encode_entry(entry)) + (len(encode_record(record)) if record is not None else 0) + len(key)
         if entry.expires_ms <= now or max_entries < 1 or size > max_bytes or size > self._max_total_bytes:
             return
         self._drop(namespace, key)
@@ -106,7 +107,7 @@ class MemoryCacheStore:
         self._seq += 1
         ns.entries[key] = _Stored(entry, self._seq, size)
         ns.bytes += size
-        ns.index.put(key, self._seq, vector_record(entry))
+        ns.index.put(key, self._seq, record)
         ns.next_expiry = min(ns.next_expiry, entry.expires_ms)
         self._order[(namespace, key)] = None
         self._total_bytes += size

@@ -38,18 +38,18 @@ def _present(raw: msgspec.Raw) -> bool:
 
 
 class _Function(msgspec.Struct):
-    name: str = ""
-    arguments: str = ""
+    name: str | None = None
+    arguments: str | None = None
 
 
 class _ToolCall(msgspec.Struct):
-    id: str = ""
-    type: str = "function"
+    id: str | None = None
+    type: str | None = None
     function: _Function = msgspec.field(default_factory=_Function)
 
 
 class _Message(msgspec.Struct):
-    role: str = "assistant"
+    role: str | None = None
     content: str | None = None
     refusal: str | msgspec.UnsetType | None = msgspec.UNSET
     tool_calls: list[_ToolCall] | None = None
@@ -88,9 +88,18 @@ def _pieces(text: str, parts: int = 8, min_size: int = 24) -> list[str]:
     return out
 
 
+def replayable(body: bytes) -> bool:
+    """Whether `replay_chunks` can replay `body` (check before storing an answer, so a hit never fails)."""
+    try:
+        msgspec.json.decode(body, type=_Body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    return True
+
+
 def replay_chunks(body: bytes, *, response_id: str, created: int, include_usage: bool) -> list[bytes]:
-    """The stream chunks of a stored `chat.completion` (raises msgspec.DecodeError/ValidationError if
-    `body` is not one: bodies come from this module or a validated upstream answer)."""
+    """The stream chunks of a stored `chat.completion`. Raises msgspec.DecodeError / ValidationError
+    when `body` is not one (see `replayable`; every body the aggregator builds is)."""
     answer = msgspec.json.decode(body, type=_Body)
     head: dict[str, Any] = {
         "id": response_id,
@@ -111,7 +120,10 @@ def replay_chunks(body: bytes, *, response_id: str, created: int, include_usage:
 
     for choice in answer.choices:
         message = choice.message
-        first: dict[str, Any] = {"role": message.role, "content": "" if message.content is not None else None}
+        first: dict[str, Any] = {
+            "role": message.role or "assistant",
+            "content": "" if message.content is not None else None,
+        }
         if message.refusal is not msgspec.UNSET:
             first["refusal"] = None
         emit(choice.index, first)
@@ -122,12 +134,12 @@ def replay_chunks(body: bytes, *, response_id: str, created: int, include_usage:
         for i, call in enumerate(message.tool_calls or ()):
             header = {
                 "index": i,
-                "id": call.id,
-                "type": call.type,
-                "function": {"name": call.function.name, "arguments": ""},
+                "id": call.id or "",
+                "type": call.type or "function",
+                "function": {"name": call.function.name or "", "arguments": ""},
             }
             emit(choice.index, {"tool_calls": [header]})
-            for piece in _pieces(call.function.arguments):
+            for piece in _pieces(call.function.arguments or ""):
                 emit(choice.index, {"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
         logprobs = choice.logprobs if _present(choice.logprobs) else None
         emit(choice.index, {}, choice.finish_reason, logprobs)

@@ -66,8 +66,7 @@ def _digest(*parts: bytes | str) -> str:
 
 def _plain_text(message: Message) -> str | None:
     if message.content and all(type(p) is Text for p in message.content):
-        text = "\n".join(p.text for p in message.content if isinstance(p, Text))
-        return text if text.strip() else None
+        return "\n".join(p.text for p in message.content if isinstance(p, Text))
     return None
 
 
@@ -98,11 +97,13 @@ def scope_of(request: Request, *, tenant: str, route: str, deployment: str, embe
         answer_parameters(request),
         _canonical(context),
     )
-    query = _plain_text(last) if last is not None else None
+    text = _plain_text(last) if last is not None else None
     if last is None:
         exact_key = _digest(namespace, "no-final-user-message")
-    elif query is not None:
-        exact_key = _digest(namespace, "text", _canonical(last.name), normalise(query))
+    elif text is not None:
+        exact_key = _digest(namespace, "text", _canonical(last.name), normalise(text))
     else:
         exact_key = _digest(namespace, "parts", _canonical(last))
+    # Nothing to embed in white space alone: the semantic tier is skipped (the exact tier still applies).
+    query = text if text is not None and text.strip() else None
     return Scope(namespace=namespace, exact_key=exact_key, query=query)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 
 from gateway.cache.entry import CacheEntry
-from gateway.cache.replay import StreamAggregator, replay_chunks, with_id
+from gateway.cache.replay import StreamAggregator, replay_chunks, replayable, with_id
 from gateway.cache.scope import Scope, scope_of
 from gateway.cache.store import CacheStore
 from gateway.canonical import Request
@@ -125,18 +125,16 @@ class CacheStage:
         store: CacheStore,
         embedders: Mapping[str | None, Embedder],
         metrics: Metrics,
-        default_threshold: float,
+        thresholds: Mapping[str | None, float],
     ) -> None:
         self.index = index
         self.store = store
-        # By the plan's embedder name (None: the packaged default); only those the policy's plans use.
+        # By the plan's embedder name (None: the packaged default); only those the policy's plans use,
+        # each with its similarity threshold (the policy's, or the one measured for its model).
         self.embedders = embedders
+        self._thresholds = thresholds
         self.metrics = metrics
         self.config: CacheConfig = index.policy.cache
-        self._thresholds: dict[str | None, float] = {
-            e.name: e.threshold if e.threshold is not None else default_threshold for e in self.config.embedders
-        }
-        self._default_threshold = default_threshold
         self._writes: set[asyncio.Future[object]] = set()
 
     # ---- lookup ----
@@ -170,7 +168,9 @@ class CacheStage:
         entry = await self.store.get(scope.namespace, scope.exact_key) if plan.exact else None
         self.metrics.child(self.metrics.cache_lookup_seconds, "exact").observe(time.perf_counter() - started)
         if entry is not None:
-            return self._hit(ctx, ticket, entry, "hit", None)
+            hit = self._hit(ctx, ticket, entry, "hit", None)
+            if hit is not None:
+                return hit
         if embedder is not None and scope.query is not None:
             found = await self._semantic(ctx, ticket, embedder, scope.query)
             if found is not None:
@@ -220,7 +220,7 @@ class CacheStage:
             return None
 
     def _threshold(self, plan: CachePlan) -> float:
-        base = self._thresholds.get(plan.embedder, self._default_threshold)
+        base = self._thresholds[plan.embedder]
         return max(base, plan.threshold) if plan.threshold is not None else base
 
     def _raised(self, base: float, bad_hits: int) -> float:
@@ -236,11 +236,27 @@ class CacheStage:
         kind: Literal["hit", "semantic-hit"],
         similarity: float | None,
         key: str | None = None,
-    ) -> Reply:
-        ctx.target = ticket.target
-        ctx.cache = None  # nothing to store: the answer came from the cache
+    ) -> Reply | None:
+        """The hit's reply, or None (a miss) when the stored body cannot be served."""
         response_id = f"chatcmpl-{ctx.request_id}"
         created = int(time.time())
+        chunks: list[bytes] | None = None
+        body = b""
+        try:
+            if ctx.stream:
+                chunks = replay_chunks(
+                    entry.body, response_id=response_id, created=created, include_usage=ctx.include_usage
+                )
+            elif replayable(entry.body):  # the shape a fresh answer has, or not served at all
+                body = with_id(entry.body, response_id, created)
+            else:
+                raise ValueError("the stored body is not a chat.completion")
+        except Exception:  # an entry written by another version, or damaged: a miss, never the client's error
+            log.warning("request %s: a cached answer could not be served", ctx.request_id, exc_info=True)
+            self._count(ctx, "error")
+            return None
+        ctx.target = ticket.target
+        ctx.cache = None  # nothing to store: the answer came from the cache
         headers = response_headers(ctx)
         headers["x-strait-cache"] = kind
         if similarity is not None:
@@ -271,13 +287,13 @@ class CacheStage:
                 )
             )
         self._count(ctx, "semantic_hit" if kind == "semantic-hit" else "hit")
+        # The hit's result header is the request's too (the access log and the span read it there).
+        ctx.extra_headers["x-strait-cache"] = kind
+        self.metrics.child(self.metrics.requests, ctx.route_name, "200").inc()
         self.metrics.child(self.metrics.cache_tokens_saved, principal.tenant, ctx.route_name).inc(
             entry.prompt_tokens + entry.completion_tokens
         )
-        if ctx.stream:
-            chunks = replay_chunks(
-                entry.body, response_id=response_id, created=created, include_usage=ctx.include_usage
-            )
+        if chunks is not None:
             headers["cache-control"] = "no-cache"
             return Reply(
                 status=200,
@@ -287,7 +303,6 @@ class CacheStage:
                 extra=[ticket.target.header],
             )
         end = End("completed", 200, cache=kind, saved=saved, hit_price=hit_price)
-        body = with_id(entry.body, response_id, created)
         return Reply(status=200, headers=headers, body=body, end=end, extra=[ticket.target.header])
 
     async def _regenerated(self, ctx: RequestContext, scope: Scope) -> None:
@@ -348,6 +363,8 @@ class CacheStage:
         try:
             probe = _probe(body)
         except (msgspec.DecodeError, msgspec.ValidationError):
+            return "unreadable"
+        if not replayable(body):
             return "unreadable"
         if len(probe.choices) != 1:
             return "incomplete"

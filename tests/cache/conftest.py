@@ -24,10 +24,12 @@ FAST_BREAKER = BreakerConfig(failures=3, cooldown_s=0.2)
 
 
 class FakeClock:
-    """Epoch milliseconds, starting at the real time, that only move when a test says so."""
+    """Epoch milliseconds that only move when a test says so. It starts a day ahead of the real time:
+    Redis applies the absolute expiries we send (PXAT) on its own clock, so an entry the fake clock
+    gives 1 ms must not vanish in Redis before the test reads it (read-time expiry is ours to check)."""
 
     def __init__(self) -> None:
-        self.now_ms = time.time_ns() // 1_000_000
+        self.now_ms = time.time_ns() // 1_000_000 + 86_400_000
 
     def __call__(self) -> int:
         return self.now_ms

@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
 
 from gateway.app import create_app
+from gateway.cache.embedders import DEFAULT_THRESHOLD
 from gateway.policy.index import key_digest
 from gateway.settings import Settings
 from tests.cache.echo_adapter import EchoFactory
@@ -377,3 +379,84 @@ def test_no_sequence_of_requests_serves_one_tenant_anothers_answer(
         else:
             assert r.headers["x-strait-cache"] in ("hit", "semantic-hit")
             assert made_for.get(number) == tenant, f"{tenant} was served an answer made for {made_for.get(number)}"
+
+
+def test_bad_hit_reports_raise_the_namespace_threshold(tmp_path: Path) -> None:
+    policy = POLICY.replace(
+        "cache:\n  embedders:", "cache:\n  feedback_step: 0.04\n  feedback_max_raise: 0.04\n  embedders:"
+    )
+    with gateway(tmp_path, policy) as (client, _):
+        original, reworded = "What is the capital city of France?", "Tell me the capital city of France."
+        ask(client, "acme", original)
+        hit = ask(client, "acme", reworded)
+        assert hit.headers["x-strait-cache"] == "semantic-hit"
+        similarity = float(hit.headers["x-strait-cache-similarity"])
+        assert similarity < DEFAULT_THRESHOLD + 0.04  # the pair sits inside the band one report takes away
+        r = client.post(
+            "/v1/cache/feedback", json={"id": hit.json()["id"]}, headers={"authorization": f"Bearer {KEYS['acme']}"}
+        )
+        assert r.status_code == 200 and r.json()["namespace_reports"] == 1
+        ask(client, "acme", original)  # the entry comes back...
+        assert ask(client, "acme", original).headers["x-strait-cache"] == "hit"
+        # ...but the rewording no longer reaches the namespace's raised threshold.
+        assert ask(client, "acme", reworded).headers["x-strait-cache"] == "miss"
+        assert _metric(client, 'strait_cache_lookups_total{result="raised_threshold",route="chat"}') == 1
+        # Another tenant's namespace is as strict as before.
+        ask(client, "globex", original)
+        assert ask(client, "globex", reworded).headers["x-strait-cache"] == "semantic-hit"
+
+
+def test_entries_get_the_route_ttl_and_bounds_and_a_tenant_may_only_shorten(tmp_path: Path) -> None:
+    policy = POLICY.replace(
+        "  - {name: chat, models: [m]}",
+        "  - {name: chat, models: [m], cache: {ttl_s: 600, max_entries: 7, max_bytes: 100000}}",
+    ).replace(
+        f'{key_digest(KEYS["globex"])}"}}]\n    cache: {{exact: true, semantic: true}}',
+        f'{key_digest(KEYS["globex"])}"}}]\n    cache: {{exact: true, ttl_s: 60}}',
+    )
+    assert "ttl_s: 60" in policy
+    with gateway(tmp_path, policy) as (client, _):
+        store = client.app.state["gateway"].services.cache_store
+        puts: list[tuple[Any, dict[str, Any]]] = []
+        real_put = store.put
+
+        async def spy(namespace: str, key: str, entry: Any, **bounds: Any) -> None:
+            puts.append((entry, bounds))
+            await real_put(namespace, key, entry, **bounds)
+
+        store.put = spy
+        ask(client, "acme", fresh())
+        ask(client, "globex", fresh())
+        (acme, bounds), (globex, _) = puts
+        assert acme.expires_ms - acme.created_ms == 600_000
+        assert bounds == {"max_entries": 7, "max_bytes": 100000}
+        assert globex.expires_ms - globex.created_ms == 60_000
+        assert acme.vector is not None and globex.vector is None  # globex is on the exact tier only
+        assert acme.prompt_tokens == 11 and acme.completion_tokens > 0
+
+
+def test_a_damaged_entry_is_a_miss_never_an_error(env: tuple[TestClient[Any], EchoFactory]) -> None:
+    client, _ = env
+    store = client.app.state["gateway"].services.cache_store
+    seen: list[tuple[str, str, Any]] = []
+    real_put = store.put
+
+    async def spy(namespace: str, key: str, entry: Any, **bounds: Any) -> None:
+        seen.append((namespace, key, entry))
+        await real_put(namespace, key, entry, **bounds)
+
+    store.put = spy
+    try:
+        q = fresh()
+        ask(client, "acme", q)
+        namespace, key, entry = seen[-1]
+        damaged = msgspec.structs.replace(entry, body=b'{"choices": "not a list"}')
+        for stream in (False, True):
+            client.blocking_portal.call(lambda: real_put(namespace, key, damaged, max_entries=10, max_bytes=10**6))
+            r = ask(client, "acme", q, stream=stream)
+            assert r.status_code == 200
+            assert r.headers["x-strait-cache"] == "miss"
+        # The fresh answer replaced the damaged entry.
+        assert ask(client, "acme", q).headers["x-strait-cache"] == "hit"
+    finally:
+        store.put = real_put

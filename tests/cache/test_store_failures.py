@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
+import redis.asyncio
 
 from gateway.cache.redis_store import RedisCacheStore, namespace_prefix
 from gateway.cache.store import open_cache_store
@@ -210,3 +211,22 @@ async def test_expired_rows_leave_each_replica_by_its_clock(redis_backend: Backe
     await one.put(ns, "later", entry(clock, query="x", vector=vec(1, 1)), max_entries=10, max_bytes=BIG)
     with redis.Redis(port=redis_backend.port) as r:
         assert r.zrange(namespace_prefix(ns) + "seq", 0, -1) == [b"long", b"later"]
+
+
+async def test_in_process_copies_are_bounded_and_reload_when_needed(redis_server: RedisProc, clock: FakeClock) -> None:
+    store = RedisCacheStore(
+        redis.asyncio.Redis.from_url(redis_server.url), timeout_s=2.0, clock=clock, max_views=2, max_rows=5
+    )
+    try:
+        names = [unique() for _ in range(3)]
+        for ns in names:
+            for k in range(3):
+                await store.put(ns, f"k{k}", entry(clock, query="q", vector=vec(k, 1)), max_entries=10, max_bytes=BIG)
+        for ns in names:
+            assert (await store.vectors(ns)).keys == ("k0", "k1", "k2")
+            # Never more than max_views copies, never more rows than max_rows beyond the current one's.
+            assert len(store._views) <= 2 and store._rows == sum(len(v.rows) for v in store._views.values())
+        assert names[0] not in store._views
+        assert (await store.vectors(names[0])).keys == ("k0", "k1", "k2")  # reloaded in full
+    finally:
+        await store.aclose()

@@ -47,6 +47,8 @@ class LocalModel:
     tokenizer_sha256: str
     dims: int
     max_tokens: int
+    # The output holding the last hidden state (batch, tokens, dims); None: the first output.
+    hidden_output: str | None = None
 
 
 MODELS: dict[str, LocalModel] = {
@@ -150,7 +152,8 @@ class LocalEmbedder:
             feeds = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self._inputs:
                 feeds["token_type_ids"] = np.zeros_like(ids)
-            hidden = self._session.run(None, feeds)[0]
+            outputs = None if self._spec.hidden_output is None else [self._spec.hidden_output]
+            hidden = self._session.run(outputs, feeds)[0]
             # Mean pooling over the real tokens, then L2 (the model's sentence-transformers head).
             weights = mask[..., None].astype(np.float32)
             pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
