@@ -19,7 +19,8 @@ Sequential requests (concurrency 1, one keep-alive connection), latency from sen
   (d) semantic miss: a question never asked before (an exact miss, an embedding, a search with nothing
       above the threshold, then the upstream call; the answer is stored in the background).
 
-The four kinds alternate in R rounds so that outside load hits them alike. For each: p50/p99 and the
+The gateways run side by side and everything alternates: each of R rounds runs a block of every kind on
+each gateway in turn, so that outside load hits all of them alike. For each kind: p50/p99 and the
 added latency against (a) at the same percentile, and the gateway's own account of the lookup (mean of
 `strait_cache_lookup_seconds`, both tiers, per request, diffed from /metrics around each block). A request
 whose `x-strait-cache` header is not the expected one is counted and left out of the percentiles.
@@ -413,60 +414,60 @@ async def warm_up(client: Client, questions: Questions, deadline_s: float) -> No
             raise RuntimeError(f"{paraphrase!r} (of {question!r}) came back {cache or error!r}, not a semantic hit")
 
 
-async def measure_kinds(client: Client, gw: CacheGateway, questions: Questions, plan: Plan) -> dict[str, Samples]:
-    """(a)-(d): the four kinds alternating in `plan.rounds` blocks each."""
-    samples = {kind: Samples() for kind in KINDS}
-    cycle = {kind: 0 for kind in KINDS}
-    per_block = _blocks(plan.requests, plan.rounds)
-    for n in per_block:
-        for kind in KINDS:
-            s = samples[kind]
-            before = lookup_seconds(gw)
-            for _ in range(n):
-                i = cycle[kind]
-                cycle[kind] += 1
-                if kind == "off":
-                    result = await client.ask("plain", PAIRS[i % len(PAIRS)][0])
-                elif kind == "exact":
-                    result = await client.ask("cached", PAIRS[i % len(PAIRS)][0])
-                elif kind == "semantic_hit":
-                    result = await client.ask("cached", PAIRS[i % len(PAIRS)][1])
-                else:
-                    result = await client.ask("cached", questions.next())
-                _record(s, EXPECTED[kind], result)
-            s.lookup_s += lookup_seconds(gw) - before
-            s.lookups_requests += n
-    return samples
+@dataclass
+class Side:
+    """One gateway under measurement: its two connections, its unasked questions, its samples so far."""
+
+    gw: CacheGateway
+    result: StateResult
+    fg: Client  # the timed requests
+    bg: Client  # the concurrent stream of (e)
+    questions: Questions = field(default_factory=lambda: Questions(miss_questions()))
+    kinds: dict[str, Samples] = field(default_factory=lambda: {kind: Samples() for kind in KINDS})
+    cycle: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    fore: dict[str, Samples] = field(default_factory=lambda: {c: Samples() for c in LOOP_CONDITIONS})
+    back: dict[str, Samples] = field(default_factory=lambda: {c: Samples() for c in BACKGROUND})
 
 
-async def measure_loop(
-    fg: Client, bg: Client, questions: Questions, plan: Plan, spinner: Burner
-) -> tuple[dict[str, Samples], dict[str, Samples]]:
-    """(e): plain requests alone; with a concurrent closed-loop stream of plain requests; with a process
-    spinning on one core; with a concurrent closed-loop stream of semantic misses. The conditions alternate
-    in `plan.rounds` blocks. Returns (foreground, background streams)."""
-    fore = {c: Samples() for c in LOOP_CONDITIONS}
-    back = {c: Samples() for c in BACKGROUND}
-    for n in _blocks(plan.loop_requests, plan.rounds):
-        for condition in LOOP_CONDITIONS:
-            stop = asyncio.Event()
-            running = asyncio.Event()
-            task: asyncio.Task[None] | None = None
-            if condition in back:
-                task = asyncio.create_task(_stream(bg, condition, questions, back[condition], stop, running))
-                await running.wait()  # the concurrent stream is under way before the first timed request
-            elif condition == "with_busy_core":
-                spinner.resume()
-            try:
-                for i in range(n):
-                    _record(fore[condition], None, await fg.ask("plain", PAIRS[i % len(PAIRS)][0]))
-            finally:
-                stop.set()
-                if task is not None:
-                    await task
-                if condition == "with_busy_core":
-                    spinner.pause()
-    return fore, back
+async def kinds_block(side: Side, kind: str, n: int) -> None:
+    """(a)-(d): n sequential requests of one kind, and the gateway's lookup time over them."""
+    s, client = side.kinds[kind], side.fg
+    before = lookup_seconds(side.gw)
+    for _ in range(n):
+        i = side.cycle[kind]
+        side.cycle[kind] += 1
+        if kind == "off":
+            result = await client.ask("plain", PAIRS[i % len(PAIRS)][0])
+        elif kind == "exact":
+            result = await client.ask("cached", PAIRS[i % len(PAIRS)][0])
+        elif kind == "semantic_hit":
+            result = await client.ask("cached", PAIRS[i % len(PAIRS)][1])
+        else:
+            result = await client.ask("cached", side.questions.next())
+        _record(s, EXPECTED[kind], result)
+    s.lookup_s += lookup_seconds(side.gw) - before
+    s.lookups_requests += n
+
+
+async def loop_block(side: Side, condition: str, n: int, spinner: Burner) -> None:
+    """(e): n sequential plain requests alone, or with a concurrent stream / a busy core (`condition`)."""
+    stop = asyncio.Event()
+    running = asyncio.Event()
+    task: asyncio.Task[None] | None = None
+    if condition in side.back:
+        task = asyncio.create_task(_stream(side.bg, condition, side.questions, side.back[condition], stop, running))
+        await running.wait()  # the concurrent stream is under way before the first timed request
+    elif condition == "with_busy_core":
+        spinner.resume()
+    try:
+        for i in range(n):
+            _record(side.fore[condition], None, await side.fg.ask("plain", PAIRS[i % len(PAIRS)][0]))
+    finally:
+        stop.set()
+        if task is not None:
+            await task
+        if condition == "with_busy_core":
+            spinner.pause()
 
 
 async def _stream(
@@ -477,8 +478,9 @@ async def _stream(
     try:
         while not stop.is_set():
             if condition == "with_long_misses":
-                _record(samples, "miss", await client.ask("cached", long_question(questions.long_used, questions.pool)))
+                question = long_question(questions.long_used, questions.pool)
                 questions.long_used += 1
+                _record(samples, "miss", await client.ask("cached", question))
             elif condition == "with_misses":
                 try:
                     question = questions.next()
@@ -498,43 +500,70 @@ def _blocks(total: int, rounds: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(rounds) if base + (1 if r < extra else 0) > 0]
 
 
-async def measure_state(gw: CacheGateway, plan: Plan, result: StateResult, spinner: Burner) -> None:
-    questions = Questions(miss_questions())
-    timeout = aiohttp.ClientTimeout(total=plan.timeout_s)
-    # Idle connections close on our side after KEEPALIVE_S, before uvicorn's (5 s) could close one under a
-    # request we are about to send (a ServerDisconnectedError, not the gateway's fault).
-    connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=KEEPALIVE_S)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
-    ) as session:
-        fg = Client(session, gw)
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1, keepalive_timeout=KEEPALIVE_S),
-            timeout=timeout,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-        ) as bg_session:
-            bg = Client(bg_session, gw)
-            await warm_up(fg, questions, plan.warm_deadline_s)
-            busy = wait_quiet(plan.quiet_wait)
-            await fg.ask("plain", PAIRS[0][0])  # untimed: the connection again after the quiet wait
-            print(f"  {result.state}: warmed up; machine busy {busy:.0f}% before measuring", file=sys.stderr)
-            ours = [gw.child.pid, spinner.child.pid] + ([gw.redis_pid] if gw.redis_pid is not None else [])
-            cpu_before = sum(tree_cpu_seconds(p) for p in ours) + _self_cpu()
-            busy_before = machine_busy()
-            started = time.monotonic()
-            kinds = await measure_kinds(fg, gw, questions, plan)
-            fore, back = await measure_loop(fg, bg, questions, plan, spinner)
-            window = time.monotonic() - started
-            busy_after = machine_busy()
-            cpu_after = sum(tree_cpu_seconds(p) for p in ours) + _self_cpu()
-    result.kinds = {k: _summary(s) for k, s in kinds.items()}
-    result.loop = {c: _summary(s) for c, s in fore.items()}
-    result.background = {c: _summary(s) for c, s in back.items()}
-    result.questions_used = questions.used
+def _session(plan: Plan) -> aiohttp.ClientSession:
+    # One connection; idle ones close on our side after KEEPALIVE_S, before uvicorn's (5 s) could close one
+    # under a request we are about to send (a ServerDisconnectedError, not the gateway's fault).
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1, keepalive_timeout=KEEPALIVE_S),
+        timeout=aiohttp.ClientTimeout(total=plan.timeout_s),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+    )
+
+
+async def measure_all(gateways: list[CacheGateway], results: list[StateResult], plan: Plan, spinner: Burner) -> None:
+    """Warm every gateway up, then measure them all in alternation: each round runs a block of every kind
+    (then of every condition of (e)) on each gateway in turn, so outside load falls on all alike."""
+    async with contextlib.AsyncExitStack() as stack:
+        sides: list[Side] = []
+        for gw, result in zip(gateways, results, strict=True):
+            fg = Client(await stack.enter_async_context(_session(plan)), gw)
+            bg = Client(await stack.enter_async_context(_session(plan)), gw)
+            side = Side(gw, result, fg, bg)
+            try:
+                await warm_up(fg, side.questions, plan.warm_deadline_s)
+            except (RuntimeError, OSError, aiohttp.ClientError) as exc:
+                result.error = f"warm-up: {str(exc).splitlines()[0][:300]}"
+                print(f"  {result.state} failed: {exc}\n{gw.child.tail()}", file=sys.stderr)
+                continue
+            sides.append(side)
+        if not sides:
+            return
+        busy = wait_quiet(plan.quiet_wait)
+        print(f"  warmed up; machine busy {busy:.0f}% before measuring", file=sys.stderr)
+        for side in sides:
+            await side.fg.ask("plain", PAIRS[0][0])  # untimed: the connection again after the quiet wait
+        ours = {spinner.child.pid} | {p for side in sides for p in (side.gw.child.pid, side.gw.redis_pid) if p}
+        cpu_before = sum(tree_cpu_seconds(p) for p in ours) + _self_cpu()
+        busy_before = machine_busy()
+        started = time.monotonic()
+        try:
+            for n in _blocks(plan.requests, plan.rounds):
+                for side in sides:
+                    for kind in KINDS:
+                        await kinds_block(side, kind, n)
+            for n in _blocks(plan.loop_requests, plan.rounds):
+                for side in sides:
+                    for condition in LOOP_CONDITIONS:
+                        await loop_block(side, condition, n, spinner)
+        except (RuntimeError, OSError, aiohttp.ClientError) as exc:
+            for side in sides:
+                side.result.error = f"measuring: {str(exc).splitlines()[0][:300]}"
+            print(f"  measuring failed: {exc}", file=sys.stderr)
+            return
+        window = time.monotonic() - started
+        busy_after = machine_busy()
+        cpu_after = sum(tree_cpu_seconds(p) for p in ours) + _self_cpu()
     machine_s = (busy_after[0] - busy_before[0]) / CLK_TCK
     # The upstream's CPU is outside `ours`: it is light (about 0.02 ms per request), so noise includes it.
-    result.noise_cores = max(0.0, (machine_s - (cpu_after - cpu_before)) / window) if window > 0 else 0.0
+    noise = max(0.0, (machine_s - (cpu_after - cpu_before)) / window) if window > 0 else 0.0
+    for side in sides:
+        r = side.result
+        r.kinds = {k: _summary(s) for k, s in side.kinds.items()}
+        r.loop = {c: _summary(s) for c, s in side.fore.items()}
+        r.background = {c: _summary(s) for c, s in side.back.items()}
+        r.questions_used = side.questions.used
+        r.noise_cores = noise
 
 
 def _self_cpu() -> float:
@@ -551,8 +580,8 @@ class Redis:
 
 
 def run_bench(plan: Plan, workdir: Path, redis: Redis | None = None) -> list[StateResult]:
-    """Start everything, measure every state in turn, stop everything (by PID, in `finally`). The redis case
-    runs on `redis` when given (the caller's own throwaway server), else on one this starts and stops."""
+    """Start everything, measure the states side by side, stop everything (by PID, in `finally`). The redis
+    case runs on `redis` when given (the caller's own throwaway server), else on one this starts and stops."""
     results = [StateResult(state) for state in plan.states]
     with contextlib.ExitStack() as stack:
         _, up_port = stack.enter_context(upstream(workdir, 0.0, 0.0))
@@ -565,11 +594,8 @@ def run_bench(plan: Plan, workdir: Path, redis: Redis | None = None) -> list[Sta
             os.nice(10)  # after the gateways started: they keep normal priority, the client yields to them
         for result, gw in zip(results, gateways, strict=True):
             result.rss_idle_mb = gw.rss_idle_mb
-            try:
-                asyncio.run(measure_state(gw, plan, result, spinner))
-            except (RuntimeError, OSError, aiohttp.ClientError) as exc:
-                result.error = str(exc).splitlines()[0][:300]
-                print(f"  {result.state} failed: {exc}\n{gw.child.tail()}", file=sys.stderr)
+        asyncio.run(measure_all(gateways, results, plan, spinner))
+        for result, gw in zip(results, gateways, strict=True):
             result.rss_end_mb = tree_rss_mb(gw.child.pid)
     return results
 
