@@ -5,10 +5,52 @@ semantic hit, miss, no cache), never a timing bound. Every process is stopped by
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-from loadtest.cache_bench import BACKGROUND, KINDS, LABELS, LOOP_CONDITIONS, Plan, Redis, report, run_bench
+from gateway.cache.embedders import DEFAULT_THRESHOLD, EmbedderSpec, open_embedder
+from gateway.cache.match import decide
+from loadtest.cache_bench import (
+    BACKGROUND,
+    KINDS,
+    LABELS,
+    LOOP_CONDITIONS,
+    PAIRS,
+    Plan,
+    Redis,
+    long_question,
+    miss_questions,
+    report,
+    run_bench,
+)
 from tests.harness.redis_proc import RedisProc
+
+
+def test_the_questions_are_what_the_rows_say() -> None:
+    """Each paraphrase is served its own question by the real decision (threshold, then veto); no new
+    question reaches the threshold against a cached one or another new one; long questions are all new."""
+
+    async def check() -> None:
+        embedder = open_embedder(EmbedderSpec(name="default", kind="local"))
+        try:
+            cached, paraphrases = [q for q, _ in PAIRS], [p for _, p in PAIRS]
+            cached_vecs, para_vecs = await embedder.embed(cached), await embedder.embed(paraphrases)
+            for i, paraphrase in enumerate(paraphrases):
+                match = decide(paraphrase, para_vecs[i], cached, cached_vecs, DEFAULT_THRESHOLD)
+                assert match is not None and match.index == i, (paraphrase, match)
+            new = miss_questions()
+            assert len(set(new)) == len(new) and not set(new) & (set(cached) | set(paraphrases))
+            new_vecs = await embedder.embed(new)
+            assert float((new_vecs @ cached_vecs.T).max()) < DEFAULT_THRESHOLD
+            sims = new_vecs @ new_vecs.T
+            sims[range(len(new)), range(len(new))] = 0.0
+            assert float(sims.max()) < DEFAULT_THRESHOLD
+            longs = [long_question(i, new) for i in range(50)]
+            assert len(set(longs)) == len(longs)
+        finally:
+            await embedder.aclose()
+
+    asyncio.run(check())
 
 
 def test_every_row_from_tiny_counts(tmp_path: Path) -> None:
