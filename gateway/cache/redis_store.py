@@ -10,6 +10,8 @@ carries the hash tag `{ns}`, so a namespace lives on one cluster slot and its sc
     strait:cache:{ns}:size      hash    key -> bytes counted         same
     strait:cache:{ns}:vec       hash    key -> msgpack VectorRecord  same (entries with a vector only)
                                         (query, float32 vector, expires_ms), so vectors load without bodies
+    strait:cache:{ns}:dels      zset    deleted key -> its deletion  same (the last 256 deletions)
+                                        number (`removed` after it)
     strait:cache:{ns}:meta      hash    born (random id of this life of the namespace), removed
                                         (deletions), next (last sequence), floor (every sequence below
                                         it was evicted), bytes, until (the index's expiry)   same
@@ -22,13 +24,16 @@ entry and in `vec`): about 1.5 KB per entry for 384 dimensions, counted in the n
 
 Coherence of the in-process vectors across replicas: each replica keeps, per namespace, the rows it
 has plus (born, removed, highest sequence seen). `vectors()` sends those to one script call (one round
-trip) which answers with the namespace's current (born, removed, next, floor) and only the rows added
-after the sequence seen; all rows if born or removed changed. So: new entries arrive incrementally;
-an overwrite arrives as a new sequence for the same key; eviction (always oldest first) raises `floor`
-and replicas drop rows below it without fetching anything; expiry needs no message (each replica drops
-expired rows by its clock, and `get` checks expiry again); a `delete` (rare: bad-hit feedback) bumps
-`removed`, and each replica reloads the namespace once. A replica whose copy is current pays one small
-reply. A stale row can at worst name an entry that is gone: its `get` is then a miss.
+trip), which answers with the namespace's current (born, removed, next, floor), the keys deleted since
+the replica's `removed` (from the deletion log), and the rows added after the sequence seen, at most
+`sync_page` of them (a replica new to a big namespace catches up over a few lookups, each reply
+bounded, with the rows it has so far). So: new entries arrive incrementally; an overwrite arrives as a
+new sequence for the same key; eviction (always oldest first) raises `floor` and replicas drop rows
+below it without fetching anything; expiry needs no message (each replica drops expired rows by its
+clock, and `get` checks expiry again); a `delete` (rare: bad-hit feedback) is logged, and replicas
+remove that row. Only a new life of the namespace (`born`: it expired or was lost whole) or a replica
+more than 256 deletions behind starts over. A replica whose copy is current pays one small reply. A
+stale row can at worst name an entry that is gone: its `get` is then a miss.
 
 Deployment: give the cache its own Redis (or at least its own `maxmemory` with `allkeys-lru` or
 `volatile-lru`; every cache key has a TTL) so cache entries can never evict limiter or ledger state;
@@ -43,6 +48,7 @@ Failures and garbage reads are counted in `errors`, breaker skips in `skipped`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -71,6 +77,11 @@ DEFAULT_BAD_HIT_TTL_S = 7 * 86_400
 # namespaces go first; they reload on their next lookup).
 DEFAULT_MAX_VIEWS = 1024
 DEFAULT_MAX_ROWS = 200_000
+# Rows per sync reply: a replica loading a big namespace catches up over several lookups, each reply
+# small enough to arrive well within the timeout (512 x 384 dims: about 0.8 MB).
+DEFAULT_SYNC_PAGE = 512
+# Deletions each namespace logs for replicas; one further behind reloads the namespace.
+DELETION_LOG = 256
 _SAFE = re.compile(r"[0-9A-Za-z_.\-]{1,128}")
 _served_decoder = msgspec.msgpack.Decoder(tuple[str, str, str])
 _encode = msgspec.msgpack.encode
@@ -92,7 +103,7 @@ def served_key(tenant: str, response_id: str) -> str:
 
 
 def _index_keys(prefix: str) -> list[str]:
-    return [prefix + "meta", prefix + "seq", prefix + "exp", prefix + "size", prefix + "vec"]
+    return [prefix + "meta", prefix + "seq", prefix + "exp", prefix + "size", prefix + "vec", prefix + "dels"]
 
 
 def _text(value: Any) -> str:
@@ -111,6 +122,7 @@ class RedisCacheStore:
         bad_hit_ttl_s: int = DEFAULT_BAD_HIT_TTL_S,
         max_views: int = DEFAULT_MAX_VIEWS,
         max_rows: int = DEFAULT_MAX_ROWS,
+        sync_page: int = DEFAULT_SYNC_PAGE,
     ) -> None:
         self._client = client
         self._timeout_s = timeout_s
@@ -125,6 +137,7 @@ class RedisCacheStore:
         self._rows = 0  # rows across views
         self._max_views = max_views
         self._max_rows = max_rows
+        self._sync_page = max(1, sync_page)
         self._syncing: dict[str, asyncio.Future[VectorSet]] = {}  # one sync per namespace at a time
         self.errors = 0
         self.skipped = 0  # calls not made: breaker open
@@ -184,7 +197,7 @@ class RedisCacheStore:
         prefix = namespace_prefix(namespace)
         safe_key = safe_part(key)
         keys = [*_index_keys(prefix), prefix + "e:" + safe_key]
-        await self._call(lambda: self._delete(keys=keys, args=[prefix + "e:", safe_key]))
+        await self._call(lambda: self._delete(keys=keys, args=[prefix + "e:", safe_key, DELETION_LOG]))
 
     async def add_bad_hit(self, namespace: str, *, ttl_s: int | None = None) -> int:
         counter = namespace_prefix(namespace) + "bad"
@@ -236,7 +249,10 @@ class RedisCacheStore:
             task.cancel()
         if self._syncing:
             await asyncio.gather(*self._syncing.values(), return_exceptions=True)
-        await self._client.aclose()
+        # Bounded: closing must not hang a shutdown on a frozen server.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(max(1.0, self._timeout_s)):
+                await self._client.aclose()
 
     # -- vectors ----------------------------------------------------------------------------------------
 
@@ -247,24 +263,30 @@ class RedisCacheStore:
         self._views.move_to_end(ns)
         prefix = f"{PREFIX}{{{ns}}}:"
         keys = _index_keys(prefix)
-        args: list[str | int] = [view.born, view.removed, view.seen]
+        args: list[str | int] = [view.born, view.removed, view.seen, self._sync_page]
         raw = await self._call(lambda: self._sync(keys=keys, args=args))
-        if not isinstance(raw, list) or len(raw) < 5 or (len(raw) - 5) % 3:
+        if not isinstance(raw, list) or len(raw) < 6:
             if raw is not None:
                 self._garbage("sync reply", prefix)
             return EMPTY  # the store failed: a miss (a stale copy could only name entries we cannot fetch)
         before = len(view.rows)
         try:
-            born, removed, _next, floor, full = _text(raw[0]), _text(raw[1]), int(raw[2]), int(raw[3]), int(raw[4])
+            born, removed, floor, full, gone = _text(raw[0]), _text(raw[1]), int(raw[3]), int(raw[4]), int(raw[5])
+            rows = raw[6 + gone :]
+            if len(rows) % 3:
+                raise ValueError("sync rows come in threes")
             if full:
                 view.reset(born, removed)
+            for deleted in raw[6 : 6 + gone]:
+                view.remove(_text(deleted))
+            view.removed = removed
             view.drop_below(floor)
-            for i in range(5, len(raw), 3):
-                blob = raw[i + 2]
+            for i in range(0, len(rows), 3):
+                blob = rows[i + 2]
                 record = decode_record(blob) if blob else None
                 if blob and record is None:
                     self._garbage("vector record", prefix)
-                view.put(_text(raw[i]), int(raw[i + 1]), record)
+                view.put(_text(rows[i]), int(rows[i + 1]), record)
         except (ValueError, TypeError, UnicodeDecodeError):
             self._garbage("sync reply", prefix)
             view.reset("", "")

@@ -1,13 +1,14 @@
 """The Redis store's Lua scripts (one namespace each: every key carries the namespace's hash tag).
 
-KEYS (every script): 1 meta, 2 seq, 3 exp, 4 size, 5 vec (see redis_store.py for the layout).
+KEYS (every script): 1 meta, 2 seq, 3 exp, 4 size, 5 vec, 6 dels (see redis_store.py for the layout);
+put and delete add 7, the entry's own key.
 """
 
 from __future__ import annotations
 
 # Shared by the writing scripts: drop one entry and its index rows, keeping the byte count right.
 _DROP = """
-local meta, seqz, expz, sizes, vecs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local meta, seqz, expz, sizes, vecs, dels = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local function drop(eprefix, k)
   local s = redis.call('HGET', sizes, k)
   redis.call('DEL', eprefix .. k)
@@ -21,7 +22,7 @@ local function drop(eprefix, k)
 end
 """
 
-# KEYS[6] the entry's key. ARGV: 1 entry key prefix, 2 key, 3 entry (msgpack), 4 vector record or '',
+# ARGV: 1 entry key prefix, 2 key, 3 entry (msgpack), 4 vector record or '',
 # 5 expires_ms, 6 now_ms, 7 max_entries, 8 max_bytes, 9 a fresh random `born` (used if the namespace
 # is new). Returns the entry's sequence number, or 0 when it was not stored.
 PUT = (
@@ -37,7 +38,7 @@ end
 if redis.call('EXISTS', meta) == 0 then
   -- A new life of the namespace (first put, or all of it expired or was evicted): a new `born` tells
   -- every replica to rebuild its copy; leftovers of an index whose meta went first are cleared.
-  redis.call('DEL', seqz, expz, sizes, vecs)
+  redis.call('DEL', seqz, expz, sizes, vecs, dels)
   redis.call('HSET', meta, 'born', ARGV[9], 'removed', 0, 'next', 0, 'floor', 0, 'bytes', 0, 'until', 0)
 end
 -- Expired entries leave the index (replicas drop them by their own clock: no rebuild needed).
@@ -60,7 +61,7 @@ while count > 0 and (count + 1 > max_entries or bytes + size > max_bytes) do
   bytes = tonumber(redis.call('HGET', meta, 'bytes'))
 end
 local seq = redis.call('HINCRBY', meta, 'next', 1)
-redis.call('SET', KEYS[6], blob, 'PXAT', expires)
+redis.call('SET', KEYS[7], blob, 'PXAT', expires)
 redis.call('ZADD', seqz, seq, key)
 redis.call('ZADD', expz, expires, key)
 redis.call('HSET', sizes, key, size)
@@ -72,7 +73,7 @@ redis.call('HSET', meta, 'floor', floor)
 -- The index lives exactly as long as its longest-lived entry: moved by puts only, never by reads.
 if expires > tonumber(redis.call('HGET', meta, 'until')) then
   redis.call('HSET', meta, 'until', expires)
-  for _, k in ipairs({meta, seqz, expz, sizes, vecs}) do
+  for _, k in ipairs({meta, seqz, expz, sizes, vecs, dels}) do
     redis.call('PEXPIREAT', k, expires)
   end
 end
@@ -80,37 +81,57 @@ return seq
 """
 )
 
-# KEYS[6] the entry's key. ARGV: 1 entry key prefix, 2 key. A deletion bumps `removed`: replicas
-# rebuild their copy (deletions are rare: bad-hit feedback).
+# ARGV: 1 entry key prefix, 2 key, 3 how many deletions the log keeps. A deletion bumps `removed` and
+# is logged under that number, so replicas remove just that row (deletions are rare: bad-hit feedback).
 DELETE = (
     _DROP
     + """
 if redis.call('ZSCORE', seqz, ARGV[2]) then
   drop(ARGV[1], ARGV[2])
-  redis.call('HINCRBY', meta, 'removed', 1)
+  local n = redis.call('HINCRBY', meta, 'removed', 1)
+  redis.call('ZADD', dels, n, ARGV[2])
+  redis.call('ZREMRANGEBYRANK', dels, 0, -tonumber(ARGV[3]) - 1)
+  redis.call('PEXPIREAT', dels, redis.call('HGET', meta, 'until'))
 end
-redis.call('DEL', KEYS[6])
+redis.call('DEL', KEYS[7])
 return 1
 """
 )
 
-# ARGV: 1 born, 2 removed, 3 highest sequence seen (as the replica last saw them).
-# Returns {born, removed, next, floor, full, key1, seq1, vec1, ...}: every row when `full` is 1 (the
-# replica's copy is of another life or predates a deletion), else only rows after the sequence seen.
+# ARGV: 1 born, 2 removed, 3 highest sequence seen (as the replica last saw them), 4 most rows to return.
+# Returns {born, removed, next, floor, full, n, deleted key 1..n, key1, seq1, vec1, ...}:
+# - full = 1 when the replica's copy is of another life of the namespace, or predates deletions the log
+#   no longer holds: it must start over, and the rows are the first ones of the namespace;
+# - else the keys deleted since the replica's `removed`, and rows after the sequence seen.
+# At most ARGV[4] rows, oldest first: a replica catches up over several calls, each reply bounded.
 # A row whose vector is '' has none (exact tier only; it may overwrite a row that had one).
 SYNC = """
-local meta, seqz, vecs = KEYS[1], KEYS[2], KEYS[5]
+local meta, seqz, vecs, dels = KEYS[1], KEYS[2], KEYS[5], KEYS[6]
 local m = redis.call('HMGET', meta, 'born', 'removed', 'next', 'floor')
 if not m[1] then
-  return {'', '', 0, 0, 1}
+  return {'', '', 0, 0, 1, 0}
 end
-local full = m[1] ~= ARGV[1] or m[2] ~= ARGV[2]
-local out = {m[1], m[2], m[3], m[4], full and 1 or 0}
-if not full and m[3] == ARGV[3] then
-  return out
+local full = 0
+local gone = {}
+if m[1] ~= ARGV[1] then
+  full = 1
+elseif m[2] ~= ARGV[2] then
+  local mine = tonumber(ARGV[2])
+  local oldest = redis.call('ZRANGE', dels, 0, 0, 'WITHSCORES')
+  if mine == nil or #oldest == 0 or tonumber(oldest[2]) > mine + 1 then
+    full = 1
+  else
+    gone = redis.call('ZRANGEBYSCORE', dels, '(' .. mine, '+inf')
+  end
+elseif m[3] == ARGV[3] then
+  return {m[1], m[2], m[3], m[4], 0, 0}
 end
-local after = full and '-inf' or '(' .. ARGV[3]
-local rows = redis.call('ZRANGEBYSCORE', seqz, after, '+inf', 'WITHSCORES')
+local out = {m[1], m[2], m[3], m[4], full, #gone}
+for _, k in ipairs(gone) do
+  out[#out + 1] = k
+end
+local after = full == 1 and '-inf' or '(' .. ARGV[3]
+local rows = redis.call('ZRANGEBYSCORE', seqz, after, '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
 for i = 1, #rows, 2 do
   out[#out + 1] = rows[i]
   out[#out + 1] = rows[i + 1]

@@ -56,8 +56,9 @@ class CacheStore(Protocol):
 
     async def delete(self, namespace: str, key: str) -> None: ...
 
-    async def add_bad_hit(self, namespace: str) -> int:
-        """Count one bad-hit report for the namespace; the count so far (0 when the store failed)."""
+    async def add_bad_hit(self, namespace: str, *, ttl_s: int | None = None) -> int:
+        """Count one bad-hit report for the namespace; the count so far (0 when the store failed). The
+        count expires `ttl_s` (default: the store's, 7 days) after its first report, never moved."""
         ...
 
     async def bad_hits(self, namespace: str) -> int: ...

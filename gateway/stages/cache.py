@@ -504,7 +504,19 @@ class Recorder:
         end = self._inner.stop(outcome)
         aggregator, self._aggregator = self._aggregator, None
         if aggregator is not None and end.outcome == "completed" and end.status == 200:
-            self._stage.keep(self._ctx, self._ticket, aggregator.result())
+            # The usage chunk is not among the relayed events when the client did not ask for it: the
+            # answer is kept with what accounting charged (set by its tap, in the stop above).
+            ctx = self._ctx
+            usage = None
+            if ctx.usage_in is not None and ctx.usage_out is not None:
+                usage = msgspec.json.encode(
+                    {
+                        "prompt_tokens": ctx.usage_in,
+                        "completion_tokens": ctx.usage_out,
+                        "total_tokens": ctx.usage_in + ctx.usage_out,
+                    }
+                )
+            self._stage.keep(ctx, self._ticket, aggregator.result(usage=usage))
         return end
 
     def release(self) -> Awaitable[None] | None:

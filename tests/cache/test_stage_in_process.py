@@ -460,3 +460,28 @@ def test_a_damaged_entry_is_a_miss_never_an_error(env: tuple[TestClient[Any], Ec
         assert ask(client, "acme", q).headers["x-strait-cache"] == "hit"
     finally:
         store.put = real_put
+
+
+def test_hits_count_against_request_rates_not_token_rates(tmp_path: Path) -> None:
+    policy = POLICY.replace(
+        "    cache: {exact: true, semantic: true}\n  - name: globex",
+        "    cache: {exact: true, semantic: true}\n"
+        "    limits: {tenant: {requests_per_minute: 8, tokens_per_minute: 100}}\n"
+        "  - name: globex",
+    )
+    assert "tokens_per_minute: 100" in policy
+    with gateway(tmp_path, policy) as (client, _):
+        q = fresh()
+        first = ask(client, "acme", q, max_tokens=40)
+        assert first.status_code == 200 and first.headers["x-strait-cache"] == "miss"
+        charged = first.json()["usage"]["total_tokens"]
+        # Were the seven hits charged `charged` tokens each, the minute's 100 tokens would not cover the eight
+        # requests (each also reserves its prompt + 40 output tokens before it is answered); they are not
+        # charged, so only the request rate binds.
+        assert 8 * charged > 100
+        for _ in range(7):
+            r = ask(client, "acme", q, max_tokens=40)
+            assert r.status_code == 200 and r.headers["x-strait-cache"] == "hit"
+        refused = ask(client, "acme", q, max_tokens=40)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] in ("rate_limit_error", "requests")

@@ -15,6 +15,7 @@ import redis.asyncio
 
 from gateway.cache.redis_store import RedisCacheStore, namespace_prefix
 from gateway.cache.store import open_cache_store
+from gateway.cache.vectors import VectorIndex
 from gateway.state.breaker import BreakerConfig
 from tests.cache.conftest import FAST_BREAKER, Backend, FakeClock, entry, unique, vec
 from tests.harness.procs import free_port
@@ -108,6 +109,9 @@ async def test_frozen_redis_costs_at_most_the_timeout_and_recovers(fresh_redis: 
 
         await wait_until(back)  # the same store object recovers once the breaker's cool-down passed
         assert store.breaker_state == "closed"
+        fresh_redis.freeze()
+        _, seconds = await timed(store.aclose)  # shutting down never hangs on a frozen server
+        assert seconds < 1.0 + MARGIN_S
     finally:
         if fresh_redis.frozen:
             fresh_redis.thaw()
@@ -230,3 +234,52 @@ async def test_in_process_copies_are_bounded_and_reload_when_needed(redis_server
         assert (await store.vectors(names[0])).keys == ("k0", "k1", "k2")  # reloaded in full
     finally:
         await store.aclose()
+
+
+async def test_a_replica_new_to_a_big_namespace_catches_up_a_page_per_lookup(
+    redis_server: RedisProc, clock: FakeClock
+) -> None:
+    writer = open_cache_store(redis_server.url, timeout_s=2.0, clock=clock)
+    reader = RedisCacheStore(redis.asyncio.Redis.from_url(redis_server.url), timeout_s=2.0, clock=clock, sync_page=3)
+    ns = unique()
+    try:
+        for i in range(10):
+            await writer.put(ns, f"k{i}", entry(clock, query=f"q{i}", vector=vec(i, 1)), max_entries=20, max_bytes=BIG)
+        sizes = [len(await reader.vectors(ns)) for _ in range(5)]
+        assert sizes == [3, 6, 9, 10, 10]
+        assert (await reader.vectors(ns)).keys == tuple(f"k{i}" for i in range(10))
+    finally:
+        await writer.aclose()
+        await reader.aclose()
+
+
+async def test_a_delete_reaches_replicas_through_the_log_without_a_reload(
+    redis_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.cache import redis_store
+
+    one, two = redis_backend.replicas(2)
+    assert isinstance(two, RedisCacheStore)
+    clock = redis_backend.clock
+    ns = unique()
+    for i in range(6):
+        await one.put(ns, f"k{i}", entry(clock, query=f"q{i}", vector=vec(i, 1)), max_entries=20, max_bytes=BIG)
+    assert len(await two.vectors(ns)) == 6
+    view = two._views[ns]
+    await one.delete(ns, "k3")
+    await one.delete(ns, "k0")
+    reloads = 0
+    reset = VectorIndex.reset
+
+    def counting_reset(self: VectorIndex, born: str, removed: str) -> None:
+        nonlocal reloads
+        reloads += self is view
+        reset(self, born, removed)
+
+    monkeypatch.setattr(VectorIndex, "reset", counting_reset)
+    assert (await two.vectors(ns)).keys == ("k1", "k2", "k4", "k5") and reloads == 0
+    # More deletions than the log keeps: the replica starts over, and is still right.
+    monkeypatch.setattr(redis_store, "DELETION_LOG", 2)
+    for key in ("k1", "k2", "k4"):
+        await one.delete(ns, key)
+    assert (await two.vectors(ns)).keys == ("k5",) and reloads == 1

@@ -8,9 +8,11 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.cache.entry import VectorRecord
-from gateway.cache.vectors import EMPTY, VectorIndex
+from gateway.cache.vectors import EMPTY, Rows, VectorIndex, VectorSet
 from tests.cache.conftest import vec
 from tests.harness.procs import REPO_ROOT
 
@@ -59,7 +61,8 @@ def test_rows_of_another_width_are_left_out() -> None:
 
 
 def test_the_matrix_is_float32_rows_built_once() -> None:
-    np = pytest.importorskip("numpy", reason="numpy comes with the `cache` extra")
+    import numpy as np  # the `cache` extra, in the test lock
+
     index = VectorIndex()
     index.put("a", 1, record("qa", 0.6, 0.8, 0.0))
     index.put("b", 2, record("qb", 0.0, 0.0, 1.0))
@@ -110,3 +113,74 @@ def test_importing_the_store_loads_no_numpy() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# (op, key index, value): put (value: ttl), put-none, remove, evict-below (value: how many of the oldest), advance
+index_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "put", "put", "put-none", "remove", "evict", "advance"]),
+        st.integers(0, 7),
+        st.sampled_from([10, 10, 10, 3, 50]),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(index_ops)
+def test_the_index_matches_a_plain_rebuild_after_any_changes(program: list[tuple[str, int, int]]) -> None:
+    """The incremental bookkeeping (appends, prefix drops, a shared growing buffer) against the
+    obvious definition: live rows by sequence, unexpired. Older snapshots must stay as they were."""
+    try:
+        import numpy as np
+    except ImportError:  # the `cache` extra is absent: rows and bytes are still checked
+        np = None
+    index = VectorIndex()
+    model: dict[str, tuple[int, VectorRecord]] = {}
+    now, seq = 0, 0
+    kept: list[tuple[VectorSet, tuple[str, ...], bytes]] = []
+    for op, k, value in program:
+        key = f"k{k}"
+        if op in ("put", "put-none"):
+            seq += 1
+            rec = record(f"q{seq}", float(seq), float(k), expires=now + value) if op == "put" else None
+            index.put(key, seq, rec)
+            model.pop(key, None)
+            if rec is not None:
+                model[key] = (seq, rec)
+        elif op == "remove":
+            index.remove(key)
+            model.pop(key, None)
+        elif op == "evict":
+            live = sorted(s for s, _ in model.values())
+            floor = live[min(value, len(live)) - 1] + 1 if live and value <= len(live) else 0
+            index.drop_below(floor)
+            model = {kk: v for kk, v in model.items() if v[0] >= floor}
+        else:
+            now += value
+        model = {kk: v for kk, v in model.items() if v[1].expires_ms > now}
+        want = sorted(model.items(), key=lambda item: item[1][0])
+        vs = index.snapshot(now)
+        assert vs.keys == tuple(kk for kk, _ in want)
+        assert vs.vectors == tuple(r.vector for _, (_, r) in want)
+        assert vs.queries == tuple(r.query for _, (_, r) in want)
+        if np is not None and len(vs):
+            assert vs.matrix.tobytes() == b"".join(vs.vectors)
+        kept.append((vs, tuple(vs.keys), b"".join(vs.vectors)))
+    for vs, keys, raw in kept:  # a snapshot never changes after it was taken
+        assert tuple(vs.keys) == keys and b"".join(vs.vectors) == raw
+        if np is not None and len(vs):
+            assert vs.matrix.tobytes() == raw
+
+
+def test_rows_is_a_read_only_window_that_later_appends_do_not_change() -> None:
+    items = ["a", "b", "c", "d"]
+    window = Rows(items, 1, 3)
+    items.append("e")
+    assert len(window) == 2 and list(window) == ["b", "c"] and window == ("b", "c") and window != ("b",)
+    assert window[0] == "b" and window[-1] == "c" and window[::-1] == ("c", "b")
+    with pytest.raises(IndexError):
+        window[2]
+    with pytest.raises(IndexError):
+        window[-3]
+    assert window != "bc" and "c" in window and window.index("c") == 1
