@@ -341,3 +341,15 @@ def test_runs_stay_within_the_attention_budget(local: Any, lengths: list[int]) -
     for g in groups:
         assert len(g) <= BATCH
         assert len(g) == 1 or len(g) * max(lengths[i] for i in g) ** 2 <= ATTENTION_BUDGET
+
+
+async def test_the_local_model_thread_runs_below_the_event_loop(local: Any) -> None:
+    """Its executor thread is niced: on a busy box requests that need no embedding get the CPU first."""
+    import os
+    import threading
+
+    from gateway.cache.embedders.local import EMBED_NICENESS
+
+    await local.embed(["warm"])
+    tid = await asyncio.get_running_loop().run_in_executor(local._executor, threading.get_native_id)
+    assert os.getpriority(os.PRIO_PROCESS, tid) == os.getpriority(os.PRIO_PROCESS, 0) + EMBED_NICENESS
