@@ -76,7 +76,7 @@ def missing_dependency(specs: Iterable[EmbedderSpec]) -> CacheDependencyError | 
     """The first optional module these embedders need that is not installed, as the error to print (for
     `strait serve`, before it binds a port), or None."""
     for spec in specs:
-        for module in _NEEDS[spec.kind]:
+        for module in _NEEDS.get(spec.kind, ()):
             try:
                 found = importlib.util.find_spec(module)
             except (ImportError, ValueError):  # ValueError: present in sys.modules as None (made unimportable)

@@ -16,6 +16,7 @@ from gateway.policy.compliance import compliance_reason
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import PolicySet, Tenant
 from gateway.policy.places import expand
+from gateway.registry import embedder_kinds
 
 Report = Callable[[Any, str, str, str], None]
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
@@ -127,8 +128,16 @@ def check_cache(policy: PolicySet, merged: PolicySet, source: Any, report: Repor
     backends = {b.name for b in merged.backends}
     routes = {r.name for r in merged.routes}
     seen: set[str] = set()
+    kinds = embedder_kinds()
     for i, e in enumerate(policy.cache.embedders):
         base = f"$.cache.embedders[{i}]"
+        if e.kind not in kinds:
+            report(
+                source,
+                f"{base}.kind",
+                f"embedder {e.name!r}: unknown kind {e.kind!r} (installed: {', '.join(sorted(kinds))})",
+                "error",
+            )
         if e.name in seen:
             report(source, f"{base}.name", f"duplicate embedder name {e.name!r}", "error")
         seen.add(e.name)
@@ -155,7 +164,7 @@ def check_cache(policy: PolicySet, merged: PolicySet, source: Any, report: Repor
                     f"embedder {e.name!r}: a remote embedder needs its threshold (calibrate it: docs/cache.md)",
                     "error",
                 )
-        elif e.base_url is not None or e.backend is not None or e.api_key is not None:
+        elif e.kind == "local" and (e.base_url is not None or e.backend is not None or e.api_key is not None):
             report(source, base, f"embedder {e.name!r}: base_url, backend and api_key are for kind: remote", "error")
         if e.api_key is not None and not ENV_REF.match(e.api_key):
             report(

@@ -137,7 +137,8 @@ class CacheEmbedder(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True
     (`base_url` with `api_key: env:NAME`, or `backend`: a backend of this policy)."""
 
     name: str
-    kind: Literal["local", "remote"] = "local"
+    # `local`, `remote`, or a kind an installed plugin registers (entry points `strait.embedders`).
+    kind: str = "local"
     # local: which packaged model (None: the default); remote: the upstream model name.
     model: str | None = None
     base_url: str | None = None

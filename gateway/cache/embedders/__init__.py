@@ -10,6 +10,7 @@ benchmark (docs/cache.md): the policy uses them when an embedder spec leaves the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -26,6 +27,7 @@ __all__ = [
     "CacheDependencyError",
     "Embedder",
     "EmbedderError",
+    "EmbedderFactory",
     "EmbedderSpec",
     "open_embedder",
     "tag_of",
@@ -69,13 +71,28 @@ def threshold_of(spec: EmbedderSpec) -> float:
     return LOCAL_THRESHOLDS.get(spec.model or DEFAULT_LOCAL_MODEL, DEFAULT_THRESHOLD)
 
 
-def open_embedder(spec: EmbedderSpec, *, environ: Mapping[str, str] | None = None) -> Embedder:
-    """Build the embedder a policy names. Raises CacheDependencyError (naming the `cache` extra) when its
-    dependencies are missing, ValueError when the spec is unusable."""
-    if spec.kind == "local":
-        from gateway.cache.embedders.local import LocalEmbedder
+class EmbedderFactory(Protocol):
+    """Entry point `strait.embedders`: builds one kind of embedder from the policy's spec."""
 
-        return LocalEmbedder(spec.model or DEFAULT_LOCAL_MODEL)
-    from gateway.cache.embedders.remote import RemoteEmbedder
+    def __call__(self, spec: EmbedderSpec, environ: Mapping[str, str]) -> Embedder: ...
 
-    return RemoteEmbedder(spec, environ=environ)
+
+def open_embedder(
+    spec: EmbedderSpec,
+    *,
+    environ: Mapping[str, str] | None = None,
+    factories: Mapping[str, EmbedderFactory] | None = None,
+) -> Embedder:
+    """Build the embedder a policy names, by its kind's plugin (`local` and `remote` ship with Strait).
+    Raises CacheDependencyError (naming the `cache` extra) when its dependencies are missing, ValueError
+    when the spec is unusable or its kind is not installed."""
+    if factories is None:
+        from gateway.registry import discover_embedders
+
+        factories = discover_embedders()
+    factory = factories.get(spec.kind)
+    if factory is None:
+        raise ValueError(
+            f"embedder {spec.name!r}: unknown kind {spec.kind!r} (installed: {', '.join(sorted(factories))})"
+        )
+    return factory(spec, os.environ if environ is None else environ)

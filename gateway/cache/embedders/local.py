@@ -15,12 +15,13 @@ import hashlib
 import importlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.cache.embedders.spec import EmbedderSpec
 from gateway.cache.errors import CacheDependencyError, EmbedderError
 
 if TYPE_CHECKING:
@@ -214,3 +215,10 @@ class LocalEmbedder:
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def factory(spec: EmbedderSpec, environ: Mapping[str, str]) -> LocalEmbedder:
+    """Entry point `strait.embedders` `local`."""
+    from gateway.cache.embedders import DEFAULT_LOCAL_MODEL
+
+    return LocalEmbedder(spec.model or DEFAULT_LOCAL_MODEL)

@@ -164,3 +164,8 @@ class RemoteEmbedder:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def factory(spec: EmbedderSpec, environ: Mapping[str, str]) -> RemoteEmbedder:
+    """Entry point `strait.embedders` `remote`."""
+    return RemoteEmbedder(spec, environ=environ)

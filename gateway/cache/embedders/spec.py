@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
@@ -21,7 +21,9 @@ class EmbedderSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     """
 
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    kind: Literal["local", "remote"] = "local"
+    # `local` or `remote` (shipped), or any kind an installed plugin registers (entry points
+    # `strait.embedders`); the checks below are the shipped kinds' own.
+    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "local"
     model: str | None = None
     base_url: str | None = None
     # Only `env:NAME`; the secret itself never appears in a policy file.
@@ -47,5 +49,5 @@ class EmbedderSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
                 # Cosine scales differ between models (e5-small scores unrelated prompts ~0.92): a default
                 # measured on the local model could serve almost anything from another one.
                 raise ValueError(f"embedder {self.name!r}: a remote embedder needs a threshold measured for its model")
-        elif self.base_url is not None or self.api_key is not None or self.dims is not None:
+        elif self.kind == "local" and (self.base_url is not None or self.api_key is not None or self.dims is not None):
             raise ValueError(f"embedder {self.name!r}: base_url, api_key and dims are for remote embedders")

@@ -235,7 +235,6 @@ def test_remote_spec_errors_never_echo_the_key() -> None:
     ("spec", "message"),
     [
         ({"name": "x", "kind": "local", "colour": "red"}, "unknown field"),
-        ({"name": "x", "kind": "cloud"}, "kind"),
         ({"name": "x", "threshold": 1.5}, "threshold"),
         ({"name": "x", "timeout_s": 0}, "timeout_s"),
         ({"name": "x", "kind": "remote", "model": "m"}, "needs base_url"),
