@@ -239,8 +239,12 @@ class FaultProxy:
             conn.client.transport.abort()
             if conn.target is not None:
                 conn.target.transport.abort()
-            for task in conn.tasks:
-                task.cancel()
+        # Every connection handler and pump ends here, so the loop stops with no task left pending.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(writer)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import itertools
 import json
 import sys
 import time
@@ -72,7 +71,7 @@ def wait_record(http: httpx.Client, test_id: str, pred: Any, timeout: float = 5.
 
 
 def stream_events(http: httpx.Client, payload: dict[str, Any], **kw: Any) -> tuple[list[tuple[float, str]], bytes]:
-    """(arrival time, data) of each SSE event, and the raw bytes; the request must complete."""
+    """(arrival wall-clock time, data) of each SSE event, and the raw bytes; the request must complete."""
     parser = SSEParser()
     events: list[tuple[float, str]] = []
     raw = b""
@@ -80,7 +79,7 @@ def stream_events(http: httpx.Client, payload: dict[str, Any], **kw: Any) -> tup
         assert r.status_code == 200
         for chunk in r.iter_raw():
             raw += chunk
-            now = time.monotonic()
+            now = time.time()  # wall clock: comparable with the fake's ledger times (same machine)
             events.extend((now, e.data) for e in parser.feed(chunk))
     return events, raw
 
@@ -235,14 +234,13 @@ def test_no_response_at_all(fake: str, http: httpx.Client) -> None:
 
 def test_first_token_very_late_but_headers_at_once(http: httpx.Client) -> None:
     headers = tid()
-    events, _ = stream_events(http, body("fault:slow-first-token-600", stream=True), headers=headers)
+    events, _ = stream_events(http, body("fault:slow-first-token-1000", stream=True), headers=headers)
     datas = [d for _, d in events]
-    assert datas[-1] == "[DONE]"
-    role_at = events[0][0]
-    first_content_at = next(t for t, d in events if d != "[DONE]" and '"content":"<<req' in d)
-    assert first_content_at - role_at >= 0.55  # the 200 and role chunk came first, the content 0.6 s later
+    assert datas[-1] == "[DONE]" and '"role":"assistant"' in datas[0]
     rec = records(http, headers["x-test-id"])[0]
-    assert rec["first_token_at"] - rec["first_byte_at"] >= 0.55
+    # The 200 and the role chunk reached the client before the fake even produced the first token (1 s later).
+    assert events[0][0] < rec["first_token_at"]
+    assert rec["first_token_at"] - rec["first_byte_at"] >= 0.99
     assert rec["started_at"] <= rec["first_byte_at"] < rec["first_token_at"] <= rec["ended_at"]
 
 
@@ -287,10 +285,12 @@ def test_stream_stall_with_the_connection_open(fake: str, http: httpx.Client) ->
 
 
 def test_bounded_stall_then_the_answer_goes_on(http: httpx.Client) -> None:
-    events, _ = stream_events(http, body(stream=True, fake={"stall_after_chunks": 1, "stall_ms": 300}))
-    times = [t for t, _ in events]
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert events[-1][1] == "[DONE]" and max(gaps) >= 0.29
+    headers = tid()
+    payload = body(stream=True, fake={"stall_after_chunks": 1, "stall_ms": 300})
+    events, _ = stream_events(http, payload, headers=headers)
+    assert events[-1][1] == "[DONE]" and len(content_of([d for _, d in events]).split()) == 20
+    rec = records(http, headers["x-test-id"])[0]
+    assert rec["finished"] and rec["ended_at"] - rec["stalled_at"] >= 0.3
 
 
 def test_non_stream_stall_sends_half_the_body(fake: str, http: httpx.Client) -> None:
