@@ -1,15 +1,32 @@
 """An OpenAI-compatible fake upstream for the gateway's tests (aiohttp.web, one process, loopback only).
 
-Run: ``python -m tests.harness.fake_upstream --port P`` (binds 127.0.0.1; ``--models a,b`` sets the model list).
+Run: ``python -m tests.harness.fake_upstream --port P`` (binds 127.0.0.1; ``--models a,b`` sets the model list,
+``--slots N`` the engine slots its metrics assume).  The full reference, with examples: ``tests/harness/README.md``.
 
-Endpoints: ``GET /healthz``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
-``POST /v1/completions``, ``POST /v1/embeddings``.  Control (not recorded): ``GET /_ledger`` (``?since=N``),
-``POST /_reset`` (``?counter=1`` also resets the request counter), ``GET /_info`` (tokenizer in use, counter).
+Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``POST /v1/embeddings``; engine-style ``GET /health`` (200, or 503 when switched off) and ``GET /metrics`` (vLLM
+gauge names, see below).  Control (never in the ledger): ``GET /healthz`` (the harness's own readiness, always 200),
+``GET /_ledger`` (``?since=N``), ``POST /_reset`` (ledger, attempt counters, health and metrics back to defaults;
+``?counter=1`` also resets the request counter), ``GET /_info``, ``GET|POST /_health`` (``{"ok": false}`` makes
+/health 503 and the inference endpoints 503; ``"serve": true|false`` sets the latter apart), ``GET|POST /_metrics``
+(pin ``running`` / ``waiting`` / ``kv_cache_usage``, null un-pins; ``slots``; ``status`` makes the scrape fail;
+``kv_names``; ``reset``).
 
 Directives steer the behaviour per request, given as request headers ``x-fake-<name>`` (dashes or underscores:
 ``x-fake-fail-after-chunks: 2``) or as a JSON body field ``"fake": {"<name>": value}`` (the body wins when both are
-given; the gateway forwards unknown body fields).  Unknown names or bad values get a 400, so a typo cannot pass
-silently.  See ``DIRECTIVES`` for names and meanings.
+given; the gateway forwards unknown body fields), or by the model name: ``"model": "fault:<item>[+<item>...]"``
+(lowest precedence) so a policy can point one deployment at a faulty "model" and another at a healthy one.  Items are
+presets such as ``429-retry-after-2``, ``429-retry-after-date-2``, ``429-no-retry-after``, ``500-once``, ``503``,
+``503-ratio-0.5``, ``reset``, ``fin``, ``hang``, ``slow-first-token-3000``, ``cut-after-3``, ``stall-after-3``,
+``malformed-after-2``, ``no-done``, ``context-length``, ``context-window-N``, ``content-filter``, ``invalid-prompt``
+(any preset takes ``-once`` / ``-first-N`` / ``-ratio-P``), or raw ``name=value`` directives; see
+``tests/harness/fake_faults.py``.  Unknown names or bad values get a 400, so a typo cannot pass silently.  See
+``DIRECTIVES`` for names and meanings.
+
+Gates: ``fail_first: N`` serves the fault directives (``fake_faults.FAULT_DIRECTIVES``) only to the first N attempts
+under a key, and ``fail_ratio: p`` to exactly floor(n*p) of the first n; the key is ``key`` (``x-fake-key``) when
+given, else the request itself (path + exact body bytes, which a gateway's retries repeat) for fail_first and the
+model name for fail_ratio.
 
 Text is deterministic: NATO-alphabet words, one per completion token, the first token being the per-request marker
 ``<<req:N>>`` (N = this process's request counter, never reused) unless ``marker`` is false.  With a ``seed`` in the
@@ -21,9 +38,17 @@ approximation; ``TOKENIZER`` says which).
 Ledger record (one per non-control request, appended when the request arrives and updated in place)::
 
     {"n", "path", "method", "headers" (lower-case names), "body" (parsed JSON or null), "body_b64" (its exact
-     bytes), "stream", "status" (null until answered), "completion_tokens_generated" (tokens written so far), "client_disconnected", "finished" (the whole
-     response, ending with [DONE] for streams, was written), "aborted" (the fake cut the connection on purpose),
-     "started_at", "ended_at" (epoch seconds; ended_at null while in progress)}
+     bytes), "stream", "model", "status" (null until answered), "completion_tokens_generated" (tokens written so
+     far), "client_disconnected" (the client - e.g. the gateway - went away before the end), "finished" (the whole
+     response was written), "aborted" (the fake cut the connection on purpose), "faults" (fault directives in force
+     for this attempt, "down" when health was off), "key" / "attempt" (gate key and 1-based attempt number, null
+     without a gate), "stalled_at", "malformed_events", and epoch-second times "started_at" (arrival),
+     "first_byte_at", "first_token_at", "ended_at" (null while in progress)}
+
+Metrics (``GET /metrics``, Prometheus text, labels ``engine="0",model_name=<first model>``):
+``vllm:num_requests_running`` = min(in-flight, slots), ``vllm:num_requests_waiting`` = the rest,
+``vllm:kv_cache_usage_perc`` and ``vllm:gpu_cache_usage_perc`` = running / slots, ``vllm:generation_tokens_total``.
+In-flight counts the inference requests in progress.
 """
 
 from __future__ import annotations
