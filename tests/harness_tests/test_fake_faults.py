@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.harness import fake_faults as ff
+from tests.harness.fake_control import FakeControl
 from tests.harness.procs import ServerProcess, free_port
 from tests.harness.sse import SSEParser, parse_sse
 
@@ -390,21 +391,24 @@ def test_bad_fault_names_are_a_clear_400(http: httpx.Client) -> None:
 # Health switch and engine metrics.
 
 
-def test_health_can_be_flipped_at_run_time(http: httpx.Client) -> None:
-    assert http.get("/health").status_code == 200
-    assert http.post("/_health", json={"ok": False}).json()["ok"] is False
-    assert http.get("/health").status_code == 503
-    down = http.post("/v1/chat/completions", json=body())
-    assert down.status_code == 503 and down.json()["error"]["type"] == "server_error"
-    assert http.get("/healthz").status_code == 200  # the harness's own readiness is not the engine's health
-    http.post("/_health", json={"ok": False, "serve": True})
-    assert http.get("/health").status_code == 503
-    assert http.post("/v1/chat/completions", json=body()).status_code == 200
-    http.post("/_health", json={"ok": True})
-    assert http.get("/health").status_code == 200
-    assert http.post("/v1/chat/completions", json=body()).status_code == 200
-    assert http.get("/_health").json()["probes"] == 4
-    assert http.post("/_health", json={"ok": "yes"}).status_code == 400
+def test_health_can_be_flipped_at_run_time(fake: str, http: httpx.Client) -> None:
+    with FakeControl(fake) as ctl:
+        assert http.get("/health").status_code == 200
+        assert ctl.set_health(ok=False)["ok"] is False
+        assert http.get("/health").status_code == 503
+        down = http.post("/v1/chat/completions", json=body(), headers=(h := tid()))
+        assert down.status_code == 503 and down.json()["error"]["type"] == "server_error"
+        assert ctl.records(test_id=h["x-test-id"])[0]["faults"] == ["down"]
+        assert http.get("/v1/models").status_code == 503
+        assert http.get("/healthz").status_code == 200  # the harness's own readiness is not the engine's health
+        ctl.set_health(ok=False, serve=True)
+        assert http.get("/health").status_code == 503
+        assert http.post("/v1/chat/completions", json=body()).status_code == 200
+        ctl.set_health(ok=True)
+        assert http.get("/health").status_code == 200
+        assert http.post("/v1/chat/completions", json=body()).status_code == 200
+        assert ctl.health_state()["probes"] == 4
+        assert http.post("/_health", json={"ok": "yes"}).status_code == 400
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -439,19 +443,21 @@ async def test_metrics_follow_in_flight_requests(fake: str) -> None:
         assert parse_metrics((await c.get("/metrics")).text)["vllm:num_requests_running"] == 0
 
 
-def test_metrics_overrides_and_failures(http: httpx.Client) -> None:
-    http.post("/_metrics", json={"waiting": 12, "kv_cache_usage": 0.93})
-    m = parse_metrics(http.get("/metrics").text)
-    assert m["vllm:num_requests_waiting"] == 12 and m["vllm:gpu_cache_usage_perc"] == 0.93
-    http.post("/_metrics", json={"waiting": None, "kv_names": ["gpu_cache_usage_perc"]})
-    m = parse_metrics(http.get("/metrics").text)
-    assert m["vllm:num_requests_waiting"] == 0 and "vllm:kv_cache_usage_perc" not in m
-    http.post("/_metrics", json={"status": 503})
-    assert http.get("/metrics").status_code == 503
-    assert http.post("/_metrics", json={"bogus": 1}).status_code == 400
-    assert http.post("/_metrics", json={"running": -1}).status_code == 400
-    http.post("/_reset")
-    assert http.get("/metrics").status_code == 200
+def test_metrics_overrides_and_failures(fake: str, http: httpx.Client) -> None:
+    with FakeControl(fake) as ctl:
+        ctl.set_metrics(waiting=12, kv_cache_usage=0.93)
+        m = ctl.metrics()
+        assert m["vllm:num_requests_waiting"] == 12 and m["vllm:gpu_cache_usage_perc"] == 0.93
+        ctl.set_metrics(waiting=None, kv_names=["gpu_cache_usage_perc"])
+        m = ctl.metrics()
+        assert m["vllm:num_requests_waiting"] == 0 and "vllm:kv_cache_usage_perc" not in m
+        ctl.set_metrics(status=503)
+        assert http.get("/metrics").status_code == 503
+        assert http.post("/_metrics", json={"bogus": 1}).status_code == 400
+        assert http.post("/_metrics", json={"running": -1}).status_code == 400
+        assert ctl.metrics_state()["scrapes"] == 3
+        ctl.reset()
+        assert http.get("/metrics").status_code == 200
 
 
 def test_generation_tokens_counter_and_scrapes_stay_off_the_ledger(http: httpx.Client) -> None:
