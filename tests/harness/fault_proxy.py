@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import socket
 import struct
@@ -349,3 +350,54 @@ class FaultProxy:
             await dst.drain()
             self._count(**{counter: len(piece)})
             await asyncio.sleep(len(piece) / rate)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Process mode, for load runs driven from another process:
+#   python -m tests.harness.fault_proxy --target-port T --port P --control-port C
+# GET  http://127.0.0.1:C/_proxy           -> {"settings": {...}, "stats": {...}}
+# POST http://127.0.0.1:C/_proxy {"mode": "latency", "latency_ms": 200}   (the arguments of FaultProxy.set)
+# GET  http://127.0.0.1:C/healthz          -> 200 once listening (ServerProcess's readiness check)
+
+
+def _control_app(proxy: FaultProxy) -> Any:
+    from aiohttp import web
+
+    async def view(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            raw = await request.read()
+            try:
+                spec = json.loads(raw) if raw else {}
+                if not isinstance(spec, dict) or len(raw) > 4096:
+                    raise ValueError("expected a small JSON object")
+                await asyncio.to_thread(proxy.set, **spec)
+            except (ValueError, TypeError) as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"settings": asdict(proxy.settings), "stats": proxy.stats()})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "port": proxy.port})
+
+    app = web.Application()
+    app.router.add_route("*", "/_proxy", view)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from aiohttp import web
+
+    parser = argparse.ArgumentParser(description="TCP fault proxy (loopback)")
+    parser.add_argument("--target-port", type=int, required=True)
+    parser.add_argument("--target-host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True, help="where clients connect")
+    parser.add_argument("--control-port", type=int, required=True, help="HTTP control: GET/POST /_proxy")
+    args = parser.parse_args(argv)
+    with FaultProxy(args.target_port, args.target_host, listen_port=args.port) as proxy:
+        web.run_app(_control_app(proxy), host="127.0.0.1", port=args.control_port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

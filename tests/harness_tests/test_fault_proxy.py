@@ -256,3 +256,24 @@ def test_upstream_rst_is_passed_on_as_rst(fake: ServerProcess) -> None:
             c.post("/v1/chat/completions", json={"model": "fault:fin", "messages": MESSAGES})
         ok = c.post("/v1/chat/completions", json=chat())
         assert ok.status_code == 200 and json.loads(ok.text)["object"] == "chat.completion"
+
+
+def test_process_mode_with_http_control(redis_server: RedisProc) -> None:
+    port, control = free_port(), free_port()
+    argv = [sys.executable, "-m", "tests.harness.fault_proxy", "--target-port", str(redis_server.port)]
+    argv += ["--port", str(port), "--control-port", str(control)]
+    with ServerProcess(argv, control, ready_path="/healthz") as proc, httpx.Client(base_url=proc.base_url) as c:
+        with connect(port) as s:
+            assert command(s, "PING") == b"+PONG\r\n"
+        view = c.post("/_proxy", json={"mode": "reset"}).json()
+        assert view["settings"]["mode"] == "reset"
+        with pytest.raises((ConnectionResetError, BrokenPipeError)), connect(port) as s:
+            command(s, "PING")
+        assert c.post("/_proxy", json={"mode": "nope"}).status_code == 400
+        c.post("/_proxy", json={"mode": "pass"})
+        with connect(port) as s:
+            assert command(s, "PING") == b"+PONG\r\n"
+        stats = c.get("/_proxy").json()["stats"]
+        assert stats["accepted"] == 3 and stats["reset"] == 1
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)  # stopped by PID: nothing listens any more
