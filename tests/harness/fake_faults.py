@@ -67,6 +67,8 @@ PRESETS: list[tuple[str, Callable[..., dict[str, Any]]]] = [
     (r"context-window-" + _N, lambda n: {"context_window": int(n)}),
     (r"content-filter", lambda: {"refusal": "azure"}),
     (r"invalid-prompt", lambda: {"refusal": "openai"}),
+    (r"prefill", lambda: {"prefill": "auto"}),
+    (r"no-prefill", lambda: {"prefill": "reject"}),
 ]
 _COMPILED = [(re.compile(p), fn) for p, fn in PRESETS]
 _GATES: list[tuple[re.Pattern[str], Callable[[str], dict[str, Any]]]] = [

@@ -18,7 +18,8 @@ given; the gateway forwards unknown body fields), or by the model name: ``"model
 (lowest precedence) so a policy can point one deployment at a faulty "model" and another at a healthy one.  Items are
 presets such as ``429-retry-after-2``, ``429-retry-after-date-2``, ``429-no-retry-after``, ``500-once``, ``503``,
 ``503-ratio-0.5``, ``reset``, ``fin``, ``hang``, ``slow-first-token-3000``, ``cut-after-3``, ``stall-after-3``,
-``malformed-after-2``, ``no-done``, ``context-length``, ``context-window-N``, ``content-filter``, ``invalid-prompt``
+``malformed-after-2``, ``no-done``, ``context-length``, ``context-window-N``, ``content-filter``, ``invalid-prompt``,
+``prefill`` / ``no-prefill`` (continue / refuse a final assistant message; ``continue_final_message`` also continues)
 (any preset takes ``-once`` / ``-first-N`` / ``-ratio-P``), or raw ``name=value`` directives; see
 ``tests/harness/fake_faults.py``.  Unknown names or bad values get a 400, so a typo cannot pass silently.  See
 ``DIRECTIVES`` for names and meanings.
@@ -42,7 +43,8 @@ Ledger record (one per non-control request, appended when the request arrives an
      far), "client_disconnected" (the client - e.g. the gateway - went away before the end), "finished" (the whole
      response was written), "aborted" (the fake cut the connection on purpose), "faults" (fault directives in force
      for this attempt, "down" when health was off), "key" / "attempt" (gate key and 1-based attempt number, null
-     without a gate), "stalled_at", "malformed_events", and epoch-second times "started_at" (arrival),
+     without a gate), "stalled_at", "malformed_events", "prefill_words" (words of a continued assistant prefix),
+     and epoch-second times "started_at" (arrival),
      "first_byte_at", "first_token_at", "ended_at" (null while in progress)}
 
 Metrics (``GET /metrics``, Prometheus text, labels ``engine="0",model_name=<first model>``):
@@ -281,6 +283,10 @@ DIRECTIVES: dict[str, Callable[[Any], Any]] = {
     "fail_first": _as_int,  # gate: only the first N attempts under `key` get the fault directives, later ones are OK
     "fail_ratio": _as_float,  # gate: exactly floor(n*p) of the first n attempts under `key` are faulty, evenly spread
     "key": _as_str,  # the attempt-counter key for the gates (default: see fake_faults.default_key)
+    # assistant prefill (mid-stream rescue): a final assistant message is continued when the body says
+    # continue_final_message (vLLM) or with prefill=auto (llama.cpp, Anthropic); prefill=reject answers such a
+    # request with a 400 (a deployment without the capability)
+    "prefill": _one_of("auto", "reject"),
 }
 
 
@@ -548,6 +554,7 @@ async def ledger_middleware(request: web.Request, handler: Any) -> web.StreamRes
         "faults": [],
         "stalled_at": None,
         "malformed_events": 0,
+        "prefill_words": None,
     }
     state.ledger.append(record)
     ctx = Ctx(request, record)
@@ -827,6 +834,22 @@ def plan_text(ctx: Ctx, body: dict[str, Any], choice: int, cap: int | None) -> T
     return TextPlan(pieces, finish)
 
 
+def plan_continuation(ctx: Ctx, body: dict[str, Any], choice: int, cap: int | None, prefix: str) -> TextPlan:
+    """Continue an assistant prefix: the answer this request would have had, minus as many words as the prefix
+    holds (each planned piece is one word), so prefix + continuation is the whole deterministic answer even when
+    the prefix came from another attempt (its marker counts as one word).  max_tokens bounds the new part."""
+    full = plan_text(ctx, body, choice, None)
+    skip = len(prefix.split())
+    ctx.record["prefill_words"] = skip
+    rest = full.pieces[skip:]
+    if rest and skip > 0 and not rest[0].startswith(" "):
+        rest[0] = " " + rest[0]
+    finish = "stop"
+    if cap is not None and cap < len(rest):
+        rest, finish = rest[:cap], "length"
+    return TextPlan(rest, finish)
+
+
 def _example_value(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return "Paris"
@@ -1035,12 +1058,31 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if "context_window" in ctx.d and prompt_tokens > ctx.d["context_window"]:
         return await send_error(ctx, 400, model=model, prompt_tokens=prompt_tokens)
 
+    trailing = messages[-1] if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant" else None
+    if trailing is not None and ctx.d.get("prefill") == "reject":
+        return await send_error(
+            ctx,
+            400,
+            message="This deployment does not support continuing a final assistant message (assistant prefill).",
+            etype="invalid_request_error",
+            param="messages",
+            code="unsupported_prefill",
+        )
+    prefix: str | None = None
+    if trailing is not None and (body.get("continue_final_message") is True or ctx.d.get("prefill") == "auto"):
+        prefix = _content_text(trailing.get("content"))
+
     n = body.get("n") or 1
     cap = _cap(body)
     plans: list[TextPlan | ToolPlan] = []
     for i in range(n):
-        tool = plan_tool(body, i)
-        plans.append(tool if tool is not None else plan_text(ctx, body, i, cap))
+        tool = plan_tool(body, i) if prefix is None else None
+        if tool is not None:
+            plans.append(tool)
+        elif prefix is not None:
+            plans.append(plan_continuation(ctx, body, i, cap, prefix))
+        else:
+            plans.append(plan_text(ctx, body, i, cap))
     cid, created = make_ids(body, "chatcmpl-")
 
     if body.get("stream"):

@@ -466,3 +466,46 @@ def test_generation_tokens_counter_and_scrapes_stay_off_the_ledger(http: httpx.C
     after = parse_metrics(http.get("/metrics").text)["vllm:generation_tokens_total"]
     assert after - before == 7
     assert [r["path"] for r in http.get("/_ledger").json()] == ["/v1/chat/completions"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Assistant prefill (what mid-stream rescue re-issues to the next deployment).
+
+
+def test_prefill_continues_a_cut_stream_into_the_whole_answer(http: httpx.Client) -> None:
+    quiet = {"marker": False}
+    whole = http.post("/v1/chat/completions", json=body(fake=quiet)).json()["choices"][0]["message"]["content"]
+    parser = SSEParser()
+    datas: list[str] = []
+    with (
+        pytest.raises(httpx.ReadError),
+        http.stream("POST", "/v1/chat/completions", json=body("fault:cut-after-2", stream=True, fake=quiet)) as r,
+    ):
+        for chunk in r.iter_raw():
+            datas.extend(e.data for e in parser.feed(chunk))
+    sent = content_of(datas)
+    assert 0 < len(sent) < len(whole)
+    resumed = [*MESSAGES, {"role": "assistant", "content": sent}]
+    headers = tid()
+    events, _ = stream_events(
+        http,
+        body(messages=resumed, continue_final_message=True, add_generation_prompt=False, fake=quiet, **STREAM_USAGE),
+        headers=headers,
+    )
+    rest = content_of([d for _, d in events])
+    assert sent + rest == whole
+    usage = json.loads(events[-2][1])["usage"]
+    assert usage["completion_tokens"] == 10 and records(http, headers["x-test-id"])[0]["prefill_words"] == 10
+
+
+def test_prefill_by_model_name_and_rejection(http: httpx.Client) -> None:
+    resumed = [*MESSAGES, {"role": "assistant", "content": "alpha bravo"}]
+    quiet5 = {"tokens": 5, "marker": False}
+    r = http.post("/v1/chat/completions", json=body("fault:prefill", messages=resumed, fake=quiet5))
+    assert r.json()["choices"][0]["message"]["content"] == " charlie delta echo"  # 2 of the 5 words were given
+    assert r.json()["usage"]["completion_tokens"] == 3
+    plain = http.post("/v1/chat/completions", json=body(messages=resumed, fake={"marker": False, "tokens": 3}))
+    assert plain.json()["choices"][0]["message"]["content"] == "alpha bravo charlie"  # no prefill: a new answer
+    refused = http.post("/v1/chat/completions", json=body("fault:no-prefill", messages=resumed))
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_prefill"
+    assert http.post("/v1/chat/completions", json=body("fault:no-prefill")).status_code == 200
