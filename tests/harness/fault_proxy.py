@@ -17,6 +17,8 @@ Modes (``set`` returns once the change is in effect):
 - ``blackhole``: accept and read, never answer: new connections get no target connection, open ones stop
   forwarding both ways.  A connection that was blackholed stays so until it closes (bytes were dropped, the
   stream it carries is broken); new connections after ``pass`` forward normally.
+- ``reset_after_bytes=N`` (any forwarding mode, counted per connection in the chosen ``direction``): forward
+  exactly N bytes, then RST both ends (toxiproxy's limit_data; a stream cut at a byte offset, e.g. mid-event).
 - ``refuse``: close the listening socket (connects get ECONNREFUSED); open connections keep working.  Any other
   mode re-opens the listener on the same port.
 
@@ -49,6 +51,7 @@ class Settings:
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
     bandwidth_bps: float | None = None  # bytes per second; None = unlimited
+    reset_after_bytes: int | None = None  # RST a connection once it forwarded this many bytes (toxiproxy limit_data)
     direction: str = "both"
 
     def applies(self, direction: str) -> bool:
@@ -72,6 +75,7 @@ class _Conn:
     client: asyncio.StreamWriter
     target: asyncio.StreamWriter | None = None
     blackholed: bool = False
+    forwarded: int = 0  # bytes forwarded in the directions `reset_after_bytes` watches
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -158,7 +162,7 @@ class FaultProxy:
         changes: dict[str, Any] = dict(knobs)
         if mode is not None:
             changes["mode"] = mode
-        unknown = set(changes) - {"mode", "latency_ms", "jitter_ms", "bandwidth_bps", "direction"}
+        unknown = set(changes) - {"mode", "latency_ms", "jitter_ms", "bandwidth_bps", "direction", "reset_after_bytes"}
         if unknown:
             raise ValueError(f"unknown fault proxy settings {sorted(unknown)}")
         new = replace(self._settings, **changes)
@@ -168,11 +172,15 @@ class FaultProxy:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {new.direction!r}")
         if new.latency_ms < 0 or new.jitter_ms < 0 or (new.bandwidth_bps is not None and new.bandwidth_bps <= 0):
             raise ValueError("latency_ms and jitter_ms must be >= 0, bandwidth_bps > 0 or None")
+        if new.reset_after_bytes is not None and new.reset_after_bytes < 0:
+            raise ValueError("reset_after_bytes must be >= 0 or None")
         self._call(self._apply(new, reset_existing))
 
     def clear(self) -> None:
         """Back to plain pass-through with no latency or bandwidth cap."""
-        self.set(mode="pass", latency_ms=0.0, jitter_ms=0.0, bandwidth_bps=None, direction="both")
+        self.set(
+            mode="pass", latency_ms=0.0, jitter_ms=0.0, bandwidth_bps=None, direction="both", reset_after_bytes=None
+        )
 
     @property
     def settings(self) -> Settings:
@@ -322,6 +330,17 @@ class FaultProxy:
                 if conn.blackholed:
                     self._count(bytes_dropped=len(data))
                     continue
+                limit = self._settings.reset_after_bytes if self._settings.applies(direction) else None
+                if limit is not None and conn.forwarded + len(data) >= limit:
+                    # Forward exactly up to the limit, then cut the connection (both ends) with an RST.
+                    head = data[: max(0, limit - conn.forwarded)]
+                    if head:
+                        await self._write_paced(dst, head, direction, counter)
+                    conn.forwarded += len(head)
+                    self._reset_conn(conn)
+                    return
+                if limit is not None:
+                    conn.forwarded += len(data)
                 await self._write_paced(dst, data, direction, counter)
             if not conn.blackholed and dst.can_write_eof() and not dst.transport.is_closing():
                 with contextlib.suppress(OSError):

@@ -123,6 +123,23 @@ def test_bandwidth_cap(proxy: FaultProxy, redis_server: RedisProc) -> None:
     assert elapsed >= 0.6  # 30 kB at 40 kB/s is 0.75 s; pacing writes then sleeps, so at least 28 kB/40 kB/s
 
 
+def test_reset_after_bytes_cuts_at_an_exact_offset(proxy: FaultProxy, redis_server: RedisProc) -> None:
+    key = "cut-" + uuid.uuid4().hex
+    with connect(redis_server.port) as direct:
+        assert command(direct, "SET", key, "x" * 5000) == b"+OK\r\n"
+    proxy.set(reset_after_bytes=1000, direction="downstream")
+    got = b""
+    with connect(proxy.port) as s, pytest.raises(ConnectionResetError):
+        s.sendall(f"GET {key}\r\n".encode())
+        while chunk := s.recv(65536):
+            got += chunk
+    assert len(got) == 1000 and got.startswith(b"$5000\r\n")
+    proxy.set(reset_after_bytes=None)
+    with connect(proxy.port) as s:
+        s.sendall(f"GET {key}\r\n".encode())
+        assert read_bulk(s, 5000).endswith(b"x\r\n")
+
+
 def test_reset_existing_and_new_connections(proxy: FaultProxy) -> None:
     s = connect(proxy.port)
     assert command(s, "PING") == b"+PONG\r\n"
@@ -148,6 +165,7 @@ def test_blackhole_accepts_and_never_answers(proxy: FaultProxy, redis_server: Re
     with connect(proxy.port, timeout=0.3) as new, pytest.raises(TimeoutError):
         command(new, "PING")  # new connection: accepted, read, never answered
     assert redis_server.ping()  # Redis itself is fine
+    proxy.wait_for(lambda st: st["blackholed"] == 2)  # both were taken in by the blackhole (not just queued)
     proxy.set(mode="pass")
     with connect(proxy.port) as fresh:
         assert command(fresh, "PING") == b"+PONG\r\n"
@@ -265,6 +283,9 @@ def test_process_mode_with_http_control(redis_server: RedisProc) -> None:
     with ServerProcess(argv, control, ready_path="/healthz") as proc, httpx.Client(base_url=proc.base_url) as c:
         with connect(port) as s:
             assert command(s, "PING") == b"+PONG\r\n"
+        deadline = time.monotonic() + 5
+        while c.get("/_proxy").json()["stats"]["active"]:  # the proxy has seen that connection close
+            assert time.monotonic() < deadline
         view = c.post("/_proxy", json={"mode": "reset"}).json()
         assert view["settings"]["mode"] == "reset"
         with pytest.raises((ConnectionResetError, BrokenPipeError)), connect(port) as s:
