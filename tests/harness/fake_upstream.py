@@ -979,7 +979,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.StreamResponse:
     ctx: Ctx = request[CTX]
     try:
-        ctx.d = parse_directives(request.headers, None)
+        ctx.d = resolve_directives(ctx, None, b"", "")
     except DirectiveError as exc:
         return await send_error(ctx, 400, message=str(exc))
     sent = await before_answer(ctx, model="", prompt_tokens=0)
@@ -992,8 +992,8 @@ async def get_model(request: web.Request) -> web.StreamResponse:
     ctx: Ctx = request[CTX]
     model = request.match_info["model"]
     try:
-        ctx.d = parse_directives(request.headers, None)
-    except DirectiveError as exc:
+        ctx.d = resolve_directives(ctx, None, b"", model)  # GET /v1/models/fault:... carries faults too
+    except (DirectiveError, ff.FaultNameError) as exc:
         return await send_error(ctx, 400, message=str(exc))
     sent = await before_answer(ctx, model=model, prompt_tokens=0)
     if sent is not None:

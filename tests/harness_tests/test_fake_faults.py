@@ -509,3 +509,10 @@ def test_prefill_by_model_name_and_rejection(http: httpx.Client) -> None:
     refused = http.post("/v1/chat/completions", json=body("fault:no-prefill", messages=resumed))
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_prefill"
     assert http.post("/v1/chat/completions", json=body("fault:no-prefill")).status_code == 200
+
+
+def test_model_lookups_and_listing_take_faults_too(http: httpx.Client) -> None:
+    """A free health probe (GET /v1/models...) can be made to fail as well, by name or by header gate."""
+    assert http.get("/v1/models/fault:503").status_code == 503
+    gate = {"x-fake-status": "500", "x-fake-fail-first": "1", "x-fake-key": uuid.uuid4().hex}
+    assert [http.get("/v1/models", headers=gate).status_code for _ in range(2)] == [500, 200]
