@@ -481,6 +481,18 @@ def test_context_length_error_matches_fixture(http: httpx.Client) -> None:
     assert f"resulted in {fu.count_prompt_tokens(big)} tokens" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("refusal", "fixture"), [("azure", "error_content_filter.json"), ("openai", "error_invalid_prompt.json")]
+)
+def test_refusal_errors_match_fixtures(http: httpx.Client, refusal: str, fixture: str) -> None:
+    """Content-policy refusals in the providers' recorded shapes (fixtures from public error reports)."""
+    r = http.post("/v1/chat/completions", json=body(fake={"refusal": refusal}))
+    assert r.status_code == 400
+    expected = load_json(fixture)
+    assert_same_shape(r.json(), expected)
+    assert r.json()["error"]["code"] == expected["error"]["code"]
+
+
 def test_401_masks_the_key(http: httpx.Client) -> None:
     key = "sk-secret-abcdefghijklmnop-WXYZ"
     r = http.post(

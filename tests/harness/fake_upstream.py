@@ -1,15 +1,33 @@
 """An OpenAI-compatible fake upstream for the gateway's tests (aiohttp.web, one process, loopback only).
 
-Run: ``python -m tests.harness.fake_upstream --port P`` (binds 127.0.0.1; ``--models a,b`` sets the model list).
+Run: ``python -m tests.harness.fake_upstream --port P`` (binds 127.0.0.1; ``--models a,b`` sets the model list,
+``--slots N`` the engine slots its metrics assume).  The full reference, with examples: ``tests/harness/README.md``.
 
-Endpoints: ``GET /healthz``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
-``POST /v1/completions``, ``POST /v1/embeddings``.  Control (not recorded): ``GET /_ledger`` (``?since=N``),
-``POST /_reset`` (``?counter=1`` also resets the request counter), ``GET /_info`` (tokenizer in use, counter).
+Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``POST /v1/embeddings``; engine-style ``GET /health`` (200, or 503 when switched off) and ``GET /metrics`` (vLLM
+gauge names, see below).  Control (never in the ledger): ``GET /healthz`` (the harness's own readiness, always 200),
+``GET /_ledger`` (``?since=N``), ``POST /_reset`` (ledger, attempt counters, health and metrics back to defaults;
+``?counter=1`` also resets the request counter), ``GET /_info``, ``GET|POST /_health`` (``{"ok": false}`` makes
+/health 503 and the inference endpoints 503; ``"serve": true|false`` sets the latter apart), ``GET|POST /_metrics``
+(pin ``running`` / ``waiting`` / ``kv_cache_usage``, null un-pins; ``slots``; ``status`` makes the scrape fail;
+``kv_names``; ``reset``).
 
 Directives steer the behaviour per request, given as request headers ``x-fake-<name>`` (dashes or underscores:
 ``x-fake-fail-after-chunks: 2``) or as a JSON body field ``"fake": {"<name>": value}`` (the body wins when both are
-given; the gateway forwards unknown body fields).  Unknown names or bad values get a 400, so a typo cannot pass
-silently.  See ``DIRECTIVES`` for names and meanings.
+given; the gateway forwards unknown body fields), or by the model name: ``"model": "fault:<item>[+<item>...]"``
+(lowest precedence) so a policy can point one deployment at a faulty "model" and another at a healthy one.  Items are
+presets such as ``429-retry-after-2``, ``429-retry-after-date-2``, ``429-no-retry-after``, ``500-once``, ``503``,
+``503-ratio-0.5``, ``reset``, ``fin``, ``hang``, ``slow-first-token-3000``, ``cut-after-3``, ``stall-after-3``,
+``malformed-after-2``, ``no-done``, ``context-length``, ``context-window-N``, ``content-filter``, ``invalid-prompt``,
+``prefill`` / ``no-prefill`` (continue / refuse a final assistant message; ``continue_final_message`` also continues)
+(any preset takes ``-once`` / ``-first-N`` / ``-ratio-P``), or raw ``name=value`` directives; see
+``tests/harness/fake_faults.py``.  Unknown names or bad values get a 400, so a typo cannot pass silently.  See
+``DIRECTIVES`` for names and meanings.
+
+Gates: ``fail_first: N`` serves the fault directives (``fake_faults.FAULT_DIRECTIVES``) only to the first N attempts
+under a key, and ``fail_ratio: p`` to exactly floor(n*p) of the first n; the key is ``key`` (``x-fake-key``) when
+given, else the request itself (path + exact body bytes, which a gateway's retries repeat) for fail_first and the
+model name for fail_ratio.
 
 Text is deterministic: NATO-alphabet words, one per completion token, the first token being the per-request marker
 ``<<req:N>>`` (N = this process's request counter, never reused) unless ``marker`` is false.  With a ``seed`` in the
@@ -21,9 +39,18 @@ approximation; ``TOKENIZER`` says which).
 Ledger record (one per non-control request, appended when the request arrives and updated in place)::
 
     {"n", "path", "method", "headers" (lower-case names), "body" (parsed JSON or null), "body_b64" (its exact
-     bytes), "stream", "status" (null until answered), "completion_tokens_generated" (tokens written so far), "client_disconnected", "finished" (the whole
-     response, ending with [DONE] for streams, was written), "aborted" (the fake cut the connection on purpose),
-     "started_at", "ended_at" (epoch seconds; ended_at null while in progress)}
+     bytes), "stream", "model", "status" (null until answered), "completion_tokens_generated" (tokens written so
+     far), "client_disconnected" (the client - e.g. the gateway - went away before the end), "finished" (the whole
+     response was written), "aborted" (the fake cut the connection on purpose), "faults" (fault directives in force
+     for this attempt, "down" when health was off), "key" / "attempt" (gate key and 1-based attempt number, null
+     without a gate), "stalled_at", "malformed_events", "prefill_words" (words of a continued assistant prefix),
+     and epoch-second times "started_at" (arrival),
+     "first_byte_at", "first_token_at", "ended_at" (null while in progress)}
+
+Metrics (``GET /metrics``, Prometheus text, labels ``engine="0",model_name=<first model>``):
+``vllm:num_requests_running`` = min(in-flight, slots), ``vllm:num_requests_waiting`` = the rest,
+``vllm:kv_cache_usage_perc`` and ``vllm:gpu_cache_usage_perc`` = running / slots, ``vllm:generation_tokens_total``.
+In-flight counts the inference requests in progress.
 """
 
 from __future__ import annotations
@@ -46,6 +73,8 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+
+from tests.harness import fake_faults as ff
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Token counting: tiktoken o200k_base when its BPE file is available offline, else a regex approximation.
@@ -241,6 +270,23 @@ DIRECTIVES: dict[str, Callable[[Any], Any]] = {
     # chat: add a "pad" field of this many bytes to the answer (non-stream: a huge JSON body) or to the first
     # content chunk (stream: one huge SSE line); it carries no tokens
     "pad_bytes": _as_int,
+    # --- faults for resilience tests (issue 10); see the module docstring for the model-name mapping ---
+    "retry_after_date": _as_int,  # 429/503: Retry-After as an HTTP-date this many seconds ahead (rounded up)
+    "reset": _as_bool,  # end the connection before any response byte (RST; FIN with fail_mode=fin)
+    "first_token_ms": _as_float,  # stream: 200 + role chunk at once, first content chunk this late (non-stream: = ttft)
+    "stall_after_chunks": _as_int,  # after N content chunks stop writing, connection open (non-stream: half the body)
+    "stall_ms": _as_float,  # how long a stall lasts, then the answer goes on (default: until the client leaves)
+    "malformed_after_chunks": _as_int,  # after N content chunks send one malformed event, then go on normally
+    "malformed_kind": _one_of("json", "utf8"),  # truncated JSON (default) or invalid UTF-8 bytes in the data line
+    "no_done": _as_bool,  # stream ends cleanly (FIN) after the finish_reason (and usage) chunk, without [DONE]
+    "refusal": _one_of("azure", "openai"),  # 400 content-policy refusal: Azure content_filter / OpenAI invalid_prompt
+    "fail_first": _as_int,  # gate: only the first N attempts under `key` get the fault directives, later ones are OK
+    "fail_ratio": _as_float,  # gate: exactly floor(n*p) of the first n attempts under `key` are faulty, evenly spread
+    "key": _as_str,  # the attempt-counter key for the gates (default: see fake_faults.default_key)
+    # assistant prefill (mid-stream rescue): a final assistant message is continued when the body says
+    # continue_final_message (vLLM) or with prefill=auto (llama.cpp, Anthropic); prefill=reject answers such a
+    # request with a 400 (a deployment without the capability)
+    "prefill": _one_of("auto", "reject"),
 }
 
 
@@ -248,8 +294,9 @@ class DirectiveError(ValueError):
     pass
 
 
-def parse_directives(headers: Any, body: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = {}
+def parse_directives(headers: Any, body: Any, model_raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Directives from a ``fault:`` model name (lowest precedence), then headers, then the body's "fake" object."""
+    raw: dict[str, Any] = dict(model_raw or {})
     for name, value in headers.items():
         lname = name.lower()
         if lname.startswith("x-fake-"):
@@ -311,6 +358,11 @@ def error_response(
     window = d.get("context_window", 8192)
     headers: dict[str, str] = {}
     retry_after = str(d.get("retry_after", "1"))
+    if "retry_after_date" in d:
+        retry_after = ff.retry_after_http_date(d["retry_after_date"])
+    wait_s = str(d["retry_after_date"]) if "retry_after_date" in d else retry_after
+    if not wait_s.isdigit():
+        wait_s = "1"
     extra: dict[str, Any] = {}
     if message is None and "error_message" in d:
         message = d["error_message"]
@@ -356,7 +408,7 @@ def error_response(
         elif status == 429:
             message = (
                 f"Rate limit reached for {model or 'default'} in organization org-fake on requests per min (RPM): "
-                f"Limit 60, Used 60, Requested 1. Please try again in {retry_after}s. "
+                f"Limit 60, Used 60, Requested 1. Please try again in {wait_s}s. "
                 "Visit https://platform.openai.com/account/rate-limits to learn more."
             )
             etype, code = "requests", "rate_limit_exceeded"
@@ -393,9 +445,12 @@ def error_response(
     else:
         err = {"message": message, "type": etype, "param": param, "code": code}
 
+    no_header = retry_after.strip().lower() in ("", "none")
     if status == 429:
-        headers.update({"retry-after": retry_after, **ratelimit_headers(retry_after)})
-    elif status == 503 and "retry_after" in d:
+        headers.update(ratelimit_headers(wait_s))
+        if not no_header:
+            headers["retry-after"] = retry_after
+    elif status == 503 and ("retry_after" in d or "retry_after_date" in d) and not no_header:
         headers["retry-after"] = retry_after
     return {"error": err}, headers
 
@@ -415,14 +470,20 @@ def ratelimit_headers(reset: str = "1") -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Server state and the ledger.
 
-CONTROL_PATHS = frozenset({"/healthz", "/_ledger", "/_reset", "/_info"})
+CONTROL_PATHS = frozenset({"/healthz", "/_ledger", "/_reset", "/_info", "/health", "/metrics", "/_health", "/_metrics"})
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
 class State:
-    def __init__(self, models: list[str]) -> None:
+    def __init__(self, models: list[str], slots: int = 4) -> None:
         self.models = models
         self.counter = 0
         self.ledger: list[dict[str, Any]] = []
+        self.attempts = ff.AttemptCounter()
+        self.health = ff.Health()
+        self.metrics = ff.Metrics(models[0] if models else "fake-model", slots)
+        self.inflight = 0  # inference requests in progress (what the metrics gauges follow)
+        self.generation_tokens = 0
         self.models_body = _dumps(
             {
                 "object": "list",
@@ -452,7 +513,14 @@ class Ctx:
         return int(self.record["n"])
 
     def add_tokens(self, k: int) -> None:
+        if k > 0 and self.record["first_token_at"] is None:
+            self.record["first_token_at"] = time.time()
         self.record["completion_tokens_generated"] += k
+        self.request.app[STATE].generation_tokens += k
+
+    def mark_first_byte(self) -> None:
+        if self.record["first_byte_at"] is None:
+            self.record["first_byte_at"] = time.time()
 
 
 CTX = "fake_ctx"
@@ -477,11 +545,23 @@ async def ledger_middleware(request: web.Request, handler: Any) -> web.StreamRes
         "finished": False,
         "aborted": False,
         "started_at": time.time(),
+        "first_byte_at": None,
+        "first_token_at": None,
         "ended_at": None,
+        "model": None,
+        "key": None,
+        "attempt": None,
+        "faults": [],
+        "stalled_at": None,
+        "malformed_events": 0,
+        "prefill_words": None,
     }
     state.ledger.append(record)
     ctx = Ctx(request, record)
     request[CTX] = ctx
+    counted = request.path in INFERENCE_PATHS
+    if counted:
+        state.inflight += 1
     try:
         return await handler(request)
     except asyncio.CancelledError:
@@ -494,6 +574,8 @@ async def ledger_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return ctx.response or web.Response(status=499)
     finally:
         record["ended_at"] = time.time()
+        if counted:
+            state.inflight -= 1
 
 
 def _header_dict(request: web.Request) -> dict[str, str]:
@@ -514,19 +596,40 @@ async def send_json(
     """Write a whole JSON response now (so write errors surface here) and mark the ledger record finished."""
     body = obj if isinstance(obj, bytes) else _dumps(obj).encode()
     limits = ratelimit_headers() if ctx.d.get("ratelimit_headers") else {}
-    resp = web.Response(
-        status=status,
-        body=body,
-        content_type="application/json",
-        headers={"x-request-id": _request_id(), **limits, **(headers or {})},
-    )
-    ctx.response = resp
-    ctx.record["status"] = status
-    await resp.prepare(ctx.request)
+    all_headers = {"x-request-id": _request_id(), **limits, **(headers or {})}
+    resp: web.StreamResponse
+    if ctx.d.get("stall_after_chunks") is not None:
+        # Headers and half the body, then the stall (a read timeout test for non-streamed answers).
+        resp = web.StreamResponse(status=status, headers=all_headers)
+        resp.content_type = "application/json"
+        resp.content_length = len(body)
+        ctx.response = resp
+        ctx.record["status"] = status
+        await resp.prepare(ctx.request)
+        await resp.write(body[: len(body) // 2])
+        ctx.mark_first_byte()
+        await _stall(ctx)
+        await resp.write(body[len(body) // 2 :])
+    else:
+        resp = web.Response(status=status, body=body, content_type="application/json", headers=all_headers)
+        ctx.response = resp
+        ctx.record["status"] = status
+        await resp.prepare(ctx.request)
+        ctx.mark_first_byte()
     await resp.write_eof()
     ctx.add_tokens(tokens)
     ctx.record["finished"] = True
     return resp
+
+
+async def _stall(ctx: Ctx) -> None:
+    """Keep the connection open and write nothing: for `stall_ms`, or until the client disconnects."""
+    ctx.record["stalled_at"] = time.time()
+    ms = ctx.d.get("stall_ms")
+    if ms is None:
+        await asyncio.Event().wait()  # ended by aiohttp cancelling the handler when the client goes
+    else:
+        await asyncio.sleep(ms / 1000.0)
 
 
 async def send_error(ctx: Ctx, status: int, **kw: Any) -> web.StreamResponse:
@@ -576,11 +679,13 @@ async def read_json(ctx: Ctx) -> tuple[Any, web.StreamResponse | None]:
             etype="invalid_request_error",
         )
     ctx.record["body"] = body
+    model = body.get("model") if isinstance(body, dict) else None
     if isinstance(body, dict):
         ctx.record["stream"] = bool(body.get("stream"))
+        ctx.record["model"] = model if isinstance(model, str) else None
     try:
-        ctx.d = parse_directives(ctx.request.headers, body)
-    except DirectiveError as exc:
+        ctx.d = resolve_directives(ctx, body, raw, model if isinstance(model, str) else "")
+    except (DirectiveError, ff.FaultNameError) as exc:
         return body, await send_error(ctx, 400, message=str(exc), etype="invalid_request_error")
     if not isinstance(body, dict):
         return body, await send_error(
@@ -589,14 +694,36 @@ async def read_json(ctx: Ctx) -> tuple[Any, web.StreamResponse | None]:
     return body, None
 
 
+def resolve_directives(ctx: Ctx, body: Any, raw_body: bytes, model: str) -> dict[str, Any]:
+    """Parse the directives (model name, headers, body) and apply the attempt gates; records key, attempt, faults."""
+    d = parse_directives(ctx.request.headers, body, ff.model_directives(model))
+    if ff.GATE_DIRECTIVES & d.keys():
+        key = ff.default_key(d, path=ctx.request.path, raw_body=raw_body, model=model)
+        attempt = ctx.request.app[STATE].attempts.next(key)
+        ctx.record["key"], ctx.record["attempt"] = key, attempt
+        if not ff.gate_says_fail(d, attempt):
+            d = ff.strip_faults(d)
+    ctx.record["faults"] = sorted(ff.FAULT_DIRECTIVES & d.keys())
+    return d
+
+
 async def before_answer(ctx: Ctx, *, model: str, prompt_tokens: int) -> web.StreamResponse | None:
-    """hang / ttft / deny_key_prefix / status / fail-before-first-byte, in that order.  Returns a response when one was sent."""
+    """down / hang / ttft / reset / deny_key_prefix / refusal / status, in that order.  Returns a response when one
+    was sent (or raises _Aborted after a reset)."""
     d = ctx.d
+    if not ctx.request.app[STATE].health.serve:
+        ctx.record["faults"] = [*ctx.record["faults"], "down"]
+        return await send_error(ctx, 503, message="The engine is down (the fake's health is switched off).")
     if d.get("hang"):
         await asyncio.Event().wait()  # until the client disconnects and aiohttp cancels us
     ttft = d.get("ttft_ms", 0.0)
+    if not ctx.record["stream"]:
+        ttft += d.get("first_token_ms", 0.0)  # without a stream the first token comes with the headers
     if ttft > 0:
         await asyncio.sleep(ttft / 1000.0)
+    if d.get("reset"):
+        abort_connection(ctx)
+        raise _Aborted
     key = (ctx.request.headers.get("authorization") or "").removeprefix("Bearer ").strip()
     if "deny_key_prefix" in d and key.startswith(d["deny_key_prefix"]):
         # Some providers echo the key they were sent: the gateway must not pass that on.
@@ -607,6 +734,8 @@ async def before_answer(ctx: Ctx, *, model: str, prompt_tokens: int) -> web.Stre
             etype="invalid_request_error",
             code="invalid_api_key",
         )
+    if "refusal" in d:
+        return await send_json(ctx, 400, ff.refusal_body(d["refusal"]))
     if "status" in d and d["status"] >= 400:
         return await send_error(ctx, d["status"], model=model, prompt_tokens=prompt_tokens)
     return None
@@ -705,6 +834,22 @@ def plan_text(ctx: Ctx, body: dict[str, Any], choice: int, cap: int | None) -> T
     return TextPlan(pieces, finish)
 
 
+def plan_continuation(ctx: Ctx, body: dict[str, Any], choice: int, cap: int | None, prefix: str) -> TextPlan:
+    """Continue an assistant prefix: the answer this request would have had, minus as many words as the prefix
+    holds (each planned piece is one word), so prefix + continuation is the whole deterministic answer even when
+    the prefix came from another attempt (its marker counts as one word).  max_tokens bounds the new part."""
+    full = plan_text(ctx, body, choice, None)
+    skip = len(prefix.split())
+    ctx.record["prefill_words"] = skip
+    rest = full.pieces[skip:]
+    if rest and skip > 0 and not rest[0].startswith(" "):
+        rest[0] = " " + rest[0]
+    finish = "stop"
+    if cap is not None and cap < len(rest):
+        rest, finish = rest[:cap], "length"
+    return TextPlan(rest, finish)
+
+
 def _example_value(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return "Paris"
@@ -769,17 +914,72 @@ async def get_ledger(request: web.Request) -> web.Response:
 
 
 async def reset(request: web.Request) -> web.Response:
+    """Clear the ledger and the attempt counters, and bring health and metrics back to their defaults."""
     state = request.app[STATE]
     state.ledger.clear()
+    state.attempts.clear()
+    state.health = ff.Health()
+    state.metrics = ff.Metrics(state.metrics.model_name, state.metrics.slots)
     if request.query.get("counter") in ("1", "true"):
         state.counter = 0
     return web.json_response({"status": "ok"})
 
 
+async def health(request: web.Request) -> web.Response:
+    """vLLM-style liveness: 200 with an empty body when healthy, 503 when switched off by ``POST /_health``."""
+    h = request.app[STATE].health
+    h.probes += 1
+    return web.Response(status=200 if h.ok else 503)
+
+
+async def _json_spec(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if len(raw) > 64 * 1024:
+        raise ValueError("control body too large")
+    spec = json.loads(raw) if raw else {}
+    if not isinstance(spec, dict):
+        raise ValueError("expected a JSON object")
+    return spec
+
+
+async def control_health(request: web.Request) -> web.Response:
+    """``GET /_health``: the state; ``POST /_health {"ok": false}``: /health answers 503 and the inference endpoints
+    answer 503 (``"serve": true`` keeps them serving while /health says down, or the reverse)."""
+    state = request.app[STATE]
+    if request.method == "POST":
+        try:
+            state.health.set(await _json_spec(request))
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response(state.health.view())
+
+
+async def control_metrics(request: web.Request) -> web.Response:
+    """``GET /_metrics``: gauges and settings; ``POST /_metrics {...}``: see ``fake_faults.Metrics``."""
+    state = request.app[STATE]
+    if request.method == "POST":
+        try:
+            state.metrics.set(await _json_spec(request))
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+    return web.json_response(state.metrics.view(state.inflight))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text in vLLM's names (real-backends.md §4), following the in-flight count."""
+    state = request.app[STATE]
+    m = state.metrics
+    m.scrapes += 1
+    if m.status != 200:
+        return web.Response(status=m.status, text="metrics unavailable\n")
+    text = m.render(state.inflight, state.generation_tokens)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
 async def list_models(request: web.Request) -> web.StreamResponse:
     ctx: Ctx = request[CTX]
     try:
-        ctx.d = parse_directives(request.headers, None)
+        ctx.d = resolve_directives(ctx, None, b"", "")
     except DirectiveError as exc:
         return await send_error(ctx, 400, message=str(exc))
     sent = await before_answer(ctx, model="", prompt_tokens=0)
@@ -792,8 +992,8 @@ async def get_model(request: web.Request) -> web.StreamResponse:
     ctx: Ctx = request[CTX]
     model = request.match_info["model"]
     try:
-        ctx.d = parse_directives(request.headers, None)
-    except DirectiveError as exc:
+        ctx.d = resolve_directives(ctx, None, b"", model)  # GET /v1/models/fault:... carries faults too
+    except (DirectiveError, ff.FaultNameError) as exc:
         return await send_error(ctx, 400, message=str(exc))
     sent = await before_answer(ctx, model=model, prompt_tokens=0)
     if sent is not None:
@@ -858,12 +1058,31 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if "context_window" in ctx.d and prompt_tokens > ctx.d["context_window"]:
         return await send_error(ctx, 400, model=model, prompt_tokens=prompt_tokens)
 
+    trailing = messages[-1] if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant" else None
+    if trailing is not None and ctx.d.get("prefill") == "reject":
+        return await send_error(
+            ctx,
+            400,
+            message="This deployment does not support continuing a final assistant message (assistant prefill).",
+            etype="invalid_request_error",
+            param="messages",
+            code="unsupported_prefill",
+        )
+    prefix: str | None = None
+    if trailing is not None and (body.get("continue_final_message") is True or ctx.d.get("prefill") == "auto"):
+        prefix = _content_text(trailing.get("content"))
+
     n = body.get("n") or 1
     cap = _cap(body)
     plans: list[TextPlan | ToolPlan] = []
     for i in range(n):
-        tool = plan_tool(body, i)
-        plans.append(tool if tool is not None else plan_text(ctx, body, i, cap))
+        tool = plan_tool(body, i) if prefix is None else None
+        if tool is not None:
+            plans.append(tool)
+        elif prefix is not None:
+            plans.append(plan_continuation(ctx, body, i, cap, prefix))
+        else:
+            plans.append(plan_text(ctx, body, i, cap))
     cid, created = make_ids(body, "chatcmpl-")
 
     if body.get("stream"):
@@ -915,12 +1134,25 @@ class _Streamer:
         self.delay = self.d.get("chunk_delay_ms", 0.0) / 1000.0
         self.fail_after = self.d.get("fail_after_chunks")
         self.error_after = self.d.get("midstream_error")
+        self.stall_after = self.d.get("stall_after_chunks")
+        self.malformed_after = self.d.get("malformed_after_chunks")
+        self.first_token_delay = self.d.get("first_token_ms", 0.0) / 1000.0
 
     async def write(self, payload: str) -> None:
         await self.resp.write(b"data: " + payload.encode() + b"\n\n")
+        self.ctx.mark_first_byte()
 
     async def before_content(self) -> bool:
         """Called before each content chunk; returns False when the stream must end now (error or abort)."""
+        if self.content_chunks == 0 and self.first_token_delay > 0:
+            await asyncio.sleep(self.first_token_delay)
+        if self.stall_after is not None and self.content_chunks == self.stall_after:
+            self.stall_after = None
+            await _stall(self.ctx)
+        if self.malformed_after is not None and self.content_chunks == self.malformed_after:
+            self.malformed_after = None
+            await self.resp.write(_malformed_event(self.ctx))
+            self.ctx.record["malformed_events"] += 1
         if self.error_after is not None and self.content_chunks >= self.error_after:
             body, _ = error_response(500, self.d)
             await self.write(_dumps(body))
@@ -940,9 +1172,17 @@ class _Streamer:
         self.ctx.add_tokens(tokens)
 
     async def finish(self) -> None:
-        await self.resp.write(SSE_DONE)
+        if not self.d.get("no_done"):
+            await self.resp.write(SSE_DONE)
         self.ctx.record["finished"] = True
         await self.resp.write_eof()
+
+
+def _malformed_event(ctx: Ctx) -> bytes:
+    """One event a strict parser cannot use: a chunk cut off mid-JSON, or a data line that is not UTF-8."""
+    if ctx.d.get("malformed_kind") == "utf8":
+        return b'data: {"choices":[{"index":0,"delta":{"content":"\xff\xfe"}}]}\n\n'
+    return b'data: {"id":"chatcmpl-malformed","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"con\n\n'
 
 
 async def _start_stream(ctx: Ctx) -> web.StreamResponse:
@@ -1203,10 +1443,14 @@ async def aborted_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return (ctx.response if ctx else None) or web.Response(status=499)
 
 
-def make_app(models: list[str] | None = None) -> web.Application:
+def make_app(models: list[str] | None = None, *, slots: int = 4) -> web.Application:
     app = web.Application(middlewares=[ledger_middleware, aborted_middleware], client_max_size=64 * 1024 * 1024)
-    app[STATE] = State(list(models or DEFAULT_MODELS))
+    app[STATE] = State(list(models or DEFAULT_MODELS), slots)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/_health", control_health)
+    app.router.add_route("*", "/_metrics", control_metrics)
     app.router.add_get("/_info", info)
     app.router.add_get("/_ledger", get_ledger)
     app.router.add_post("/_reset", reset)
@@ -1224,8 +1468,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1", help="loopback only (default 127.0.0.1)")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated ids for /v1/models")
+    parser.add_argument("--slots", type=int, default=4, help="engine slots the metrics gauges assume (default 4)")
     args = parser.parse_args(argv)
-    app = make_app([m for m in args.models.split(",") if m])
+    app = make_app([m for m in args.models.split(",") if m], slots=args.slots)
     web.run_app(
         app,
         host=args.host,

@@ -46,6 +46,8 @@ _DOC_URLS = (
     "https://platform.openai.com/account/rate-limits",
     "https://platform.openai.com/account/api-keys",
     "https://platform.openai.com/docs/guides/error-codes/api-errors",
+    "https://platform.openai.com/docs/guides/reasoning#advice-on-prompting",  # OpenAI's invalid_prompt refusal
+    "https://go.microsoft.com/fwlink/?linkid=2198766",  # Azure's content_filter refusal
 )
 
 
