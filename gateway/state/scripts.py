@@ -52,12 +52,10 @@ def bulk(value: bytes) -> bytes:
 
 
 def pack(items: Sequence[str | int | bytes]) -> bytes:
-    """A command in RESP, as redis-py would send it (strings UTF-8, integers in decimal)."""
-    out = [b"*%d\r\n" % len(items)]
-    for item in items:
-        raw = item if isinstance(item, bytes) else str(item).encode()
-        out.append(bulk(raw))
-    return b"".join(out)
+    """A command in RESP, as redis-py would send it (strings UTF-8, integers in decimal). One pass that
+    makes bytes and one that frames them: the ledger packs ~16 arguments per usage record."""
+    raws = [item if isinstance(item, bytes) else str(item).encode() for item in items]
+    return b"*%d\r\n" % len(raws) + b"".join([b"$%d\r\n%b\r\n" % (len(raw), raw) for raw in raws])
 
 
 class _Wire(asyncio.Protocol):
