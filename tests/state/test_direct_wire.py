@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -22,9 +24,43 @@ async def test_replies_come_in_order_with_error_replies_as_values_and_the_connec
         big = "x" * 300_000
         assert await direct.call(pack(["SET", "big", big])) == b"OK"
         assert await direct.call(pack(["GET", "big"])) == big.encode()
-        assert len(direct._idle) == 1 and isinstance(direct._idle[0], _Wire)  # one connection, reused
+        assert isinstance(direct._wire, _Wire) and direct._idle == []  # one connection, reused
         with pytest.raises(ResponseError):
             await direct.call(pack(["INCR", "k"]))
+        await direct.close()
+        await client.aclose()
+    finally:
+        server.cleanup()
+
+
+async def test_calls_of_one_loop_turn_share_one_write_and_each_gets_its_own_replies() -> None:
+    server = RedisProc().start()
+    try:
+        client = Redis(port=server.port, socket_timeout=2)
+        direct = DirectConnections(client)
+        assert await direct.call(pack(["PING"])) == b"PONG"  # connected
+        wire = direct._wire
+        assert wire is not None
+        writes: list[bytes] = []
+        real_write = wire.transport.write
+
+        def counting(data: bytes) -> None:
+            writes.append(data)
+            real_write(data)
+
+        wire.transport.write = counting  # type: ignore[method-assign]
+        calls = [direct.call_many([pack(["INCRBY", "n", str(i)]), pack(["ECHO", f"e{i}"])]) for i in range(1, 6)]
+        results = await asyncio.gather(*calls)
+        assert len(writes) == 1  # five callers, one send
+        totals = [r[0] for r in results]
+        assert sorted(totals) == [1, 3, 6, 10, 15] and [r[1] for r in results] == [b"e1", b"e2", b"e3", b"e4", b"e5"]
+        # A caller that leaves does not put the connection out of step: its replies are dropped.
+        left = asyncio.ensure_future(direct.call(pack(["ECHO", "gone"])))
+        stays = asyncio.ensure_future(direct.call(pack(["ECHO", "here"])))
+        await asyncio.sleep(0)
+        left.cancel()
+        assert await stays == b"here"
+        assert await direct.call(pack(["ECHO", "next"])) == b"next"
         await direct.close()
         await client.aclose()
     finally:
@@ -38,11 +74,13 @@ async def test_a_silent_redis_times_out_and_the_connection_is_not_reused() -> No
         direct = DirectConnections(client)
         assert await direct.call(pack(["PING"])) == b"PONG"
         server.freeze()
+        frozen = direct._wire
         with pytest.raises(RedisTimeoutError):
             await direct.call(pack(["PING"]))
-        assert direct._idle == []  # closed, so the late PONG can never answer another call
+        assert frozen is not None and not frozen.alive  # closed: the late PONG can never answer another call
         server.thaw()
         assert await direct.call(pack(["PING"])) == b"PONG"
+        assert direct._wire is not frozen
         await direct.close()
         await client.aclose()
     finally:
