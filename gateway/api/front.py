@@ -12,7 +12,7 @@ the exception's class, its Response sent), so clients see the same answers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from litestar import Litestar, Request, Response
@@ -22,6 +22,23 @@ from gateway.api.asgi_send import Message
 from gateway.api.routes import ASGIEndpoint
 
 ErrorHandler = Callable[[Request[Any, Any, Any], Any], Response[Any]]
+
+
+class _Tracked:
+    """`send`, noting whether the response started; a plain call returning `send`'s awaitable (no
+    coroutine of its own per message: a stream sends one per batch of events)."""
+
+    __slots__ = ("send", "started")
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.started = False
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if not self.started and message["type"] == "http.response.start":
+            self.started = True
+        result: Awaitable[None] = self.send(message)
+        return result
 
 
 class FrontedLitestar(Litestar):
@@ -45,18 +62,11 @@ class FrontedLitestar(Litestar):
             return
         scope["app"] = scope["litestar_app"] = self
         scope.setdefault("state", {})
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = _Tracked(send)
         try:
             await endpoint(scope, receive, tracked)
         except Exception as exc:
-            if started:
+            if tracked.started:
                 raise LitestarException("Exception caught after response started") from exc
             await self._render(scope, receive, send, exc)
 
