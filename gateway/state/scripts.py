@@ -140,6 +140,10 @@ class _Wire(asyncio.Protocol):
             return
         self._fail(TimeoutError(f"Timeout reading from Redis ({self._timeout_s:g} s)"))
 
+    def waiting_since(self) -> float:
+        """When the oldest unanswered call was queued (loop time; infinity when none is waiting)."""
+        return self._waiting[0][3] if self._waiting else float("inf")
+
     def close_failing(self, exc: Exception) -> None:
         """Close it; every call still waiting fails with `exc`."""
         self._fail(exc)
@@ -295,14 +299,18 @@ class DirectConnections:
         except ResponseError as exc:
             return exc  # an error reply: the connection is in step
 
-    def reset(self) -> None:
-        """Close the connection (a call on it timed out): the calls still waiting on it fail now, what it
-        sent is never read as anything else's, and the next call opens a new one (as redis-py did)."""
-        wire, self._wire = self._wire, None
-        if wire is not None:
-            wire.close_failing(TimeoutError("Redis did not answer in time; the connection was reset"))
-            wire.conn._writer = None  # its transport is closed above; redis-py's own close is not needed
-            wire.conn._reader = None
+    def reset(self, stuck_s: float) -> None:
+        """A call timed out in Redis: close the connection if its oldest unanswered call has waited at
+        least `stuck_s` (a connection opened since, with only fresh calls, is left alone). The calls
+        waiting on it fail now, what it sent is never read as anything else's, and the next call opens a
+        new one (as redis-py's per-call connections did)."""
+        wire = self._wire
+        if wire is None or not wire.alive or wire.waiting_since() > asyncio.get_running_loop().time() - stuck_s:
+            return
+        self._wire = None
+        wire.close_failing(TimeoutError("Redis did not answer in time; the connection was reset"))
+        wire.conn._writer = None  # its transport is closed above; redis-py's own close is not needed
+        wire.conn._reader = None
 
     async def close(self) -> None:
         wire, self._wire = self._wire, None

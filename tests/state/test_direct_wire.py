@@ -85,3 +85,27 @@ async def test_a_silent_redis_times_out_and_the_connection_is_not_reused() -> No
         await client.aclose()
     finally:
         server.cleanup()
+
+
+async def test_a_reset_closes_only_a_connection_whose_oldest_call_is_stuck() -> None:
+    server = RedisProc().start()
+    try:
+        client = Redis(port=server.port, socket_timeout=5)
+        direct = DirectConnections(client)
+        assert await direct.call(pack(["PING"])) == b"PONG"
+        first = direct._wire
+        fresh = asyncio.ensure_future(direct.call(pack(["ECHO", "fresh"])))
+        await asyncio.sleep(0)  # queued on the connection
+        direct.reset(stuck_s=10.0)  # its oldest call is younger than that: left alone
+        assert await fresh == b"fresh" and direct._wire is first
+        stuck = asyncio.ensure_future(direct.call(pack(["ECHO", "stuck"])))
+        await asyncio.sleep(0)
+        direct.reset(stuck_s=0.0)
+        with pytest.raises(RedisTimeoutError):
+            await stuck
+        assert first is not None and not first.alive
+        assert await direct.call(pack(["ECHO", "again"])) == b"again" and direct._wire is not first
+        await direct.close()
+        await client.aclose()
+    finally:
+        server.cleanup()
