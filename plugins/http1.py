@@ -34,6 +34,9 @@ import httptools
 from aiohttp import ClientPayloadError, InvalidURL, ServerDisconnectedError, ServerTimeoutError, StreamReader
 
 _READER_LIMIT: Final = 2**16  # aiohttp's default: reading pauses past twice this much buffered
+# The answer's status line and headers, all together (aiohttp allowed 8190 bytes per line): an upstream
+# that sends more, or never ends its header block, is refused before it is buffered.
+MAX_HEAD_BYTES: Final = 64 * 1024
 _USER_AGENT: Final = b"strait"
 
 
@@ -109,6 +112,8 @@ class _Connection(asyncio.Protocol):
         # The read timeout, lazily: moved by arrivals only when it fires (no timer churn per read).
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
+        self._head_bytes = 0  # received while the answer's head is awaited
+        self._header_bytes = 0  # of the header lines parsed (exact)
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -118,11 +123,23 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self._loop.time()
+        if self._reader is None and self._head is None:
+            self.drop()  # bytes nobody asked for (on an idle connection): it is out of step, never reused
+            return
+        awaiting_head = self._reader is None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(ClientPayloadError(f"Invalid HTTP response from the upstream: {exc}"))
             self.drop()
+            return
+        if awaiting_head and self._reader is None:
+            # Still no complete head: all that arrived is head, so a header block that never ends (one
+            # endless line included, which the parser buffers) is refused as soon as it is too long.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(ClientPayloadError(f"The upstream's answer head exceeds {MAX_HEAD_BYTES} bytes"))
+                self.drop()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too (connection_lost follows)
@@ -158,6 +175,9 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4  # exact: ": " and CRLF
+        if self._header_bytes > MAX_HEAD_BYTES:
+            raise ClientPayloadError(f"The upstream's answer head exceeds {MAX_HEAD_BYTES} bytes")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         prior = self._headers.get(key)
@@ -168,14 +188,18 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:
             self._headers = {}  # an interim answer: the real one follows
             return
+        head = self._head
+        if head is None:
+            # A second answer behind the one asked for: the connection is out of step (stops the parse;
+            # data_received closes it; the answer already handed over keeps what it had received).
+            raise ClientPayloadError("The upstream sent an answer nobody asked for")
+        self._head = None
         self._keep_alive = self._parser.should_keep_alive()
         encoding = self._headers.get("content-encoding", "").strip().lower()
         if encoding in ("gzip", "x-gzip", "deflate"):
             self._decoder = _Decoder("deflate" if encoding == "deflate" else "gzip")
         reader = self._reader = StreamReader(self, _READER_LIMIT, loop=self._loop)  # type: ignore[arg-type]
-        head = self._head
-        self._head = None
-        if head is not None and not head.done():
+        if not head.done():
             head.set_result(Response(self, status, self._headers, reader))
 
     def on_body(self, body: bytes) -> None:
@@ -203,6 +227,7 @@ class _Connection(asyncio.Protocol):
         self._reader = None
         self._decoder = None
         self._headers = {}
+        self._head_bytes = self._header_bytes = 0
         head: asyncio.Future[Response] = self._loop.create_future()
         self._head = head
         self.transport.write(request)

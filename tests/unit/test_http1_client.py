@@ -214,3 +214,48 @@ async def test_a_header_that_would_break_the_framing_is_refused() -> None:
     p = pool("http://127.0.0.1:9/v1")
     with pytest.raises(ValueError, match="invalid character"):
         await p.post("/chat/completions", b"{}", {"x-request-id": "a\r\nx-evil: 1"})
+
+
+async def test_an_endless_or_oversized_head_is_refused(serve) -> None:  # type: ignore[no-untyped-def]
+    async def endless(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\nx-long: ")
+        for _ in range(200):  # one header line that never ends: 200 x 1 KiB
+            w.write(b"a" * 1024)
+            await w.drain()
+        await asyncio.sleep(30)
+
+    async def many(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 100) for i in range(2000)))
+        await w.drain()
+        await asyncio.sleep(30)
+
+    for handler in (endless, many):
+        up = await serve(handler)
+        p = pool(up.url)
+        with pytest.raises(ClientPayloadError):
+            await read_all(p)
+        await p.close()
+
+
+async def test_a_small_head_with_a_large_body_in_one_read_is_accepted(serve) -> None:  # type: ignore[no-untyped-def]
+    body = b"b" * 300_000
+
+    async def big(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(answer(body))
+
+    up = await serve(big)
+    p = pool(up.url)
+    assert await read_all(p) == (200, body)
+    await p.close()
+
+
+async def test_bytes_on_an_idle_connection_retire_it(serve) -> None:  # type: ignore[no-untyped-def]
+    async def chatty(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(answer(b"{}") + b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstale")  # one answer too many
+
+    up = await serve(chatty)
+    p = pool(up.url)
+    assert await read_all(p) == (200, b"{}")
+    assert await read_all(p) == (200, b"{}")  # not the stale answer: a new connection
+    await p.close()
+    assert up.connections == 2
