@@ -37,28 +37,41 @@ _READER_LIMIT: Final = 2**16  # aiohttp's default: reading pauses past twice thi
 # The answer's status line and headers, all together (aiohttp allowed 8190 bytes per line): an upstream
 # that sends more, or never ends its header block, is refused before it is buffered.
 MAX_HEAD_BYTES: Final = 64 * 1024
+_EXPAND_BYTES: Final = 256 * 1024  # decompressed per step (then the reader's flow control decides)
 _USER_AGENT: Final = b"strait"
 
 
 class _Decoder:
-    """gzip or deflate (zlib-wrapped or raw, as aiohttp accepts both), fed as the body arrives."""
+    """gzip or deflate (zlib-wrapped or raw, as aiohttp accepts both), at most _EXPAND_BYTES out per call:
+    what a compressed read expands to beyond that waits in `tail` until the reader wants more (a small
+    body may expand a thousandfold; it is never decompressed all at once)."""
 
-    __slots__ = ("_obj", "_raw_tried")
+    __slots__ = ("_obj", "_raw_tried", "_started")
 
     def __init__(self, encoding: str) -> None:
         self._raw_tried = encoding != "deflate"
+        self._started = False
         self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+
+    @property
+    def tail(self) -> bool:
+        return bool(self._obj.unconsumed_tail)
+
+    def more(self) -> bytes:
+        return self._obj.decompress(self._obj.unconsumed_tail, _EXPAND_BYTES)
 
     def feed(self, data: bytes) -> bytes:
         try:
-            return self._obj.decompress(data)
+            out = self._obj.decompress(data, _EXPAND_BYTES)
         except zlib.error:
-            if self._raw_tried:
+            if self._raw_tried or self._started:
                 raise
             # `deflate` sent without its zlib header (common): raw deflate, from the start.
             self._raw_tried = True
             self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self._obj.decompress(data)
+            out = self._obj.decompress(data, _EXPAND_BYTES)
+        self._started = True
+        return out
 
     def flush(self) -> bytes:
         return self._obj.flush()
@@ -106,6 +119,10 @@ class _Connection(asyncio.Protocol):
         self._reader: StreamReader | None = None
         self._headers: dict[str, str] = {}
         self._decoder: _Decoder | None = None
+        # A compressed answer: its bytes not decompressed yet (the reader is full), and whether its end
+        # has arrived meanwhile (the end goes to the reader once all of it is decompressed).
+        self._stash: deque[bytes] = deque()
+        self._ended = False
         self._complete = False
         self._keep_alive = False
         self._paused = False
@@ -150,7 +167,7 @@ class _Connection(asyncio.Protocol):
         head, reader = self._head, self._reader
         if head is not None and not head.done():
             head.set_exception(ServerDisconnectedError())
-        elif reader is not None and not self._complete:
+        elif reader is not None and not self._complete and not self._ended:
             if self._reads_to_close():
                 self._end_body()  # a body delimited by the connection's end (no length, not chunked)
             else:
@@ -168,7 +185,9 @@ class _Connection(asyncio.Protocol):
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-            if not self._complete:
+            if self._decoder is not None and self._reader is not None:
+                self._pump()
+            if not self._complete and not self._ended:
                 self._last_read = self._loop.time()
                 self._start_timer()
 
@@ -207,17 +226,45 @@ class _Connection(asyncio.Protocol):
         if reader is None:
             return
         if self._decoder is not None:
-            try:
-                body = self._decoder.feed(body)
-            except zlib.error as exc:
-                raise ClientPayloadError(f"Can not decode the upstream's content-encoding: {exc}") from None
-        if body:
+            self._stash.append(body)
+            self._pump()
+        elif body:
             reader.feed_data(body)
 
     def on_message_complete(self) -> None:
         if self._reader is None:
             return  # the end of an interim (1xx) answer
-        self._end_body()
+        if self._decoder is not None:
+            self._ended = True
+            self._stop_timer()  # everything has arrived
+            self._pump()
+        else:
+            self._end_body()
+
+    def _pump(self) -> None:
+        """Decompress what waits, a step at a time, while the reader wants more (it pauses us when full:
+        resume_reading comes back here); then the end, if it has arrived."""
+        decoder, reader = self._decoder, self._reader
+        assert decoder is not None and reader is not None
+        try:
+            while not self._paused:
+                if decoder.tail:
+                    out = decoder.more()
+                elif self._stash:
+                    out = decoder.feed(self._stash.popleft())
+                else:
+                    break
+                if out:
+                    reader.feed_data(out)
+        except zlib.error as exc:
+            self._ended = False
+            self._stash.clear()
+            reader.set_exception(ClientPayloadError(f"Can not decode the upstream's content-encoding: {exc}"))
+            self.drop()
+            return
+        if self._ended and not self._paused and not self._stash and not decoder.tail:
+            self._ended = False
+            self._end_body()
 
     # -- the request -------------------------------------------------------------------------------
 
@@ -226,6 +273,8 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._reader = None
         self._decoder = None
+        self._stash.clear()
+        self._ended = False
         self._headers = {}
         self._head_bytes = self._header_bytes = 0
         head: asyncio.Future[Response] = self._loop.create_future()

@@ -259,3 +259,25 @@ async def test_bytes_on_an_idle_connection_retire_it(serve) -> None:  # type: ig
     assert await read_all(p) == (200, b"{}")  # not the stale answer: a new connection
     await p.close()
     assert up.connections == 2
+
+
+async def test_a_compressed_answer_is_decompressed_as_it_is_read_not_all_at_once(serve) -> None:  # type: ignore[no-untyped-def]
+    size = 40 * 1024 * 1024
+    packed = gzip.compress(b"\0" * size, compresslevel=9)  # ~40 KB that expand a thousandfold
+
+    async def bomb(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(answer(packed, b"content-encoding: gzip"))
+
+    up = await serve(bomb)
+    p = pool(up.url)
+    response = await p.post("/chat/completions", b"{}", {})
+    await asyncio.sleep(0.05)  # more of the compressed bytes arrive meanwhile (the bound holds either way)
+    held = sum(len(c) for c in response.content._buffer)
+    assert held <= 1024 * 1024  # the reader's limit plus one step, not 40 MB
+    total = 0
+    while chunk := await response.content.readany():
+        total += len(chunk)
+    response.release()
+    assert total == size
+    await p.close()
+    assert up.connections == 1
