@@ -28,7 +28,7 @@ import zlib
 from collections import deque
 from collections.abc import Mapping
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httptools
 from aiohttp import ClientPayloadError, InvalidURL, ServerDisconnectedError, ServerTimeoutError, StreamReader
@@ -375,7 +375,8 @@ class Http1Pool:
         except ValueError:  # a port that is not a number
             port, self._invalid = None, True
         self.port = port or (443 if self.tls else 80)
-        self.prefix = parts.path.rstrip("/")
+        # Encoded once, as aiohttp would send it (a space or a non-ASCII letter percent-encoded).
+        self.prefix = quote(parts.path.rstrip("/"), safe="/%:@!$&'()*+,;=-._~")
         host = f"[{self.host}]" if ":" in self.host else self.host
         authority = host if port is None else f"{host}:{self.port}"
         self._fixed = b"Host: %b\r\nUser-Agent: %b\r\nAccept-Encoding: gzip, deflate\r\n%b" % (
