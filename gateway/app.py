@@ -35,10 +35,11 @@ from gateway.access_log import AccessLog
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
+from gateway.api.front import FrontedLitestar
 from gateway.api.identity import request_id_of, scope_id_headers
 from gateway.api.inbound import inbound_limits
 from gateway.api.openai.request_stage import DecodeStage
-from gateway.api.routes import build_handlers
+from gateway.api.routes import build_handlers, model_endpoints
 from gateway.cache.pool import EmbedderPool
 from gateway.cache.store import open_cache_store
 from gateway.contracts import AdapterFactory
@@ -126,8 +127,10 @@ def create_app(
     gateway = Gateway(runtime, services, writer, ledger)
     metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
-    return Litestar(
-        route_handlers=build_handlers(gateway, limits, metrics_token=settings.metrics_token),
+    endpoints = model_endpoints(gateway, limits)
+    return FrontedLitestar(
+        endpoints=endpoints,
+        route_handlers=build_handlers(gateway, limits, metrics_token=settings.metrics_token, endpoints=endpoints),
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_exception,

@@ -1,9 +1,10 @@
 """`openai`: any OpenAI-compatible upstream (OpenAI, vLLM, SGLang, TGI, llama.cpp, Ollama, Together, Groq,
 DeepSeek, Fireworks...).
 
-One pooled aiohttp session per backend. aiohttp directly, not httpx: measured on this kind of
-machine, httpx (on its own transport or on aiohttp's) cost 0.46-3.4 ms of CPU per request against
-0.16 ms for aiohttp alone (loadtest/README.md). No cookie jar: an upstream's cookies must never be
+One connection pool per backend (plugins/http1.py: a lean HTTP/1.1 client whose answers arrive in an
+aiohttp StreamReader). Neither httpx nor aiohttp's ClientSession: measured on this kind of machine, httpx
+(on its own transport or on aiohttp's) cost 0.46-3.4 ms of CPU per request, aiohttp's client 0.16 ms
+(loadtest/README.md) and about 65 us in a later, quieter measurement, the lean client about 7 us. No cookie jar: an upstream's cookies must never be
 replayed on another tenant's request. The client's own headers are never forwarded: the upstream sees
 only the backend's key from the environment (`api_key: env:NAME`), a content type and the request id.
 The body is the client's own bytes with only the model replaced (byte-faithful passthrough,
@@ -31,6 +32,7 @@ from gateway.contracts import (
 )
 from gateway.policy.model import Backend, UpstreamLimits
 from gateway.upstream.sse import DONE, SSEDecoder, SSELineTooLong
+from plugins.http1 import Http1Pool, Response
 
 _PATHS: Final[dict[Operation, str]] = {
     "chat": "/chat/completions",
@@ -82,33 +84,23 @@ class OpenAICompatAdapter:
         if key:
             self._headers["authorization"] = f"Bearer {key}"
         t = backend.timeouts
-        # sock_read bounds the wait for each read (first byte included); connect bounds the handshake.
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=t.read_s)
-        self._limit = backend.max_connections
+        # read_s bounds the wait for each read (first byte included); connect_s bounds the handshake.
+        # The pool holds no connection until the first request (they belong to the running event loop).
+        self._pool = Http1Pool(
+            self._base,
+            limit=backend.max_connections,
+            connect_timeout_s=t.connect_s,
+            read_timeout_s=t.read_s,
+            headers=self._headers,
+        )
         limits = backend.limits if backend.limits is not None else UpstreamLimits()
         self._max_body = limits.max_body_bytes
         self._max_event = limits.max_event_bytes
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        # Created on first use: a session belongs to the running event loop.
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit, limit_per_host=self._limit, ttl_dns_cache=60),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=self._timeout,
-                headers=self._headers,
-                trust_env=False,
-                auto_decompress=True,
-            )
-        return self._session
 
     async def aclose(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
+        await self._pool.close()
 
     async def send(self, call: UpstreamCall) -> UpstreamResponse:
-        url = self._base + _PATHS[call.operation]
         body = call.passthrough(PROTOCOL)
         if body is None:
             # Only OpenAI ingress exists so far; the codec from other protocols comes with their ingress.
@@ -116,7 +108,7 @@ class OpenAICompatAdapter:
                 f"{self.name}: the request did not come in OpenAI's protocol (no translation yet)"
             )
         try:
-            response = await self._client().post(url, data=body, headers=_call_headers(call), allow_redirects=False)
+            response = await self._pool.post(_PATHS[call.operation], body, _call_headers(call))
         except TimeoutError as exc:
             raise UpstreamConnectError(f"{self.name}: timed out ({type(exc).__name__})", timeout=True) from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -146,7 +138,7 @@ class OpenAICompatAdapter:
             drain=_drainer(response, state),
         )
 
-    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+    async def _read_body(self, response: Response) -> bytes:
         """The whole body, or UpstreamResponseTooLarge as soon as more than the limit arrived."""
         limit = self._max_body
         if response.content_length is not None and response.content_length > limit:
@@ -170,7 +162,7 @@ class OpenAICompatAdapter:
             "(max_body_bytes of the backend's upstream limits)."
         )
 
-    async def _batches(self, response: aiohttp.ClientResponse, state: _StreamState) -> AsyncIterator[list[bytes]]:
+    async def _batches(self, response: Response, state: _StreamState) -> AsyncIterator[list[bytes]]:
         """The events of each read, together: the relay forwards them to the client in one write."""
         decoder = state.decoder
         content = response.content
@@ -237,7 +229,7 @@ def _buffered(content: aiohttp.StreamReader) -> bytes:
     return data
 
 
-def _drainer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[[], list[bytes]]:
+def _drainer(response: Response, state: _StreamState) -> Callable[[], list[bytes]]:
     def drain() -> list[bytes]:
         # Each batch is handed over whole (the relay charges all of it); what is left: the events of a
         # refused read, then whatever complete events are buffered.
@@ -254,7 +246,7 @@ def _drainer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[
     return drain
 
 
-def _closer(response: aiohttp.ClientResponse, state: _StreamState) -> Callable[[], None]:
+def _closer(response: Response, state: _StreamState) -> Callable[[], None]:
     def close() -> None:
         if state.done:
             response.release()  # back to the pool (aiohttp closes it instead if bytes are left unread)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -23,6 +24,7 @@ from gateway.reply import JSON
 from gateway.runtime import Gateway
 
 _encode = msgspec.json.encode
+ASGIEndpoint = Callable[[Any, Receive, Send], Awaitable[None]]
 FEEDBACK_MAX_BYTES = 4096
 
 
@@ -40,9 +42,10 @@ def _headers(scope: Any) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-def build_handlers(
-    gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS, *, metrics_token: str | None = None
-) -> list[BaseRouteHandler]:
+def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) -> dict[str, ASGIEndpoint]:
+    """The model endpoints as plain ASGI callables, by path: Litestar routes them (build_handlers), and
+    the app's front (gateway.app) calls them directly for the hot path, before Litestar's router."""
+
     async def handle(scope: Any, receive: Receive, send: Send, operation: Operation) -> None:
         started = time.perf_counter()
         if scope["method"] != "POST":
@@ -63,19 +66,44 @@ def build_handlers(
         reply = await gateway.runtime.pipeline.run(ctx)
         await send_reply(reply, receive, send, ctx)
 
+    async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
+        await handle(scope, receive, send, "chat")
+
+    async def completions(scope: Any, receive: Receive, send: Send) -> None:
+        await handle(scope, receive, send, "completions")
+
+    async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
+        await handle(scope, receive, send, "embeddings")
+
+    return {
+        "/v1/chat/completions": chat_completions,
+        "/v1/completions": completions,
+        "/v1/embeddings": embeddings,
+    }
+
+
+def build_handlers(
+    gateway: Gateway,
+    limits: InboundLimits = DEFAULT_LIMITS,
+    *,
+    metrics_token: str | None = None,
+    endpoints: dict[str, ASGIEndpoint] | None = None,
+) -> list[BaseRouteHandler]:
+    endpoints = model_endpoints(gateway, limits) if endpoints is None else endpoints
+
     # The model endpoints are raw ASGI handlers: Litestar routes them and renders their errors (raised
     # before the response starts), but does not parse signatures or build responses for them.
     @asgi("/v1/chat/completions", copy_scope=False)
     async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
-        await handle(scope, receive, send, "chat")
+        await endpoints["/v1/chat/completions"](scope, receive, send)
 
     @asgi("/v1/completions", copy_scope=False)
     async def completions(scope: Any, receive: Receive, send: Send) -> None:
-        await handle(scope, receive, send, "completions")
+        await endpoints["/v1/completions"](scope, receive, send)
 
     @asgi("/v1/embeddings", copy_scope=False)
     async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
-        await handle(scope, receive, send, "embeddings")
+        await endpoints["/v1/embeddings"](scope, receive, send)
 
     def visible_routes(request: Request[Any, Any, Any]) -> list[str]:
         runtime = gateway.runtime

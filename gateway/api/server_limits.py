@@ -86,6 +86,60 @@ def _warn(reason: str, client: object) -> None:
     log.warning("connection from %s refused: %s%s", client, reason, extra)
 
 
+class _HeadHoldingTransport:
+    """The response cycle's view of the connection: the first write of each response (its status line and
+    headers, written by uvicorn on `http.response.start`) is held until the next write, so a whole JSON
+    answer leaves in one send instead of two (uvloop writes each `write` at once), or until the end of
+    the event loop's current turn (a stream's head does not wait for its first event). Everything else
+    is the connection's transport."""
+
+    __slots__ = ("_first", "_held", "_loop", "_transport")
+
+    _COALESCE_LIMIT = 64 * 1024  # a larger body goes in its own write, not copied behind the head
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._first = False
+
+    def next_response(self) -> None:
+        self.flush()
+        self._first = True
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if len(data) <= self._COALESCE_LIMIT:
+                self._transport.write(held + data)
+                return
+            self._transport.write(held)
+        elif self._first:
+            self._first = False
+            self._held = data
+            self._loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        """Write the held head now (before anything the protocol itself writes)."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: ServerLimits | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -101,11 +155,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_since: float | None = None
         self._body_since: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._cycle_transport: _HeadHoldingTransport | None = None
 
     # -- connection --
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._cycle_transport = _HeadHoldingTransport(transport, self.loop)
         self._head_since = self.loop.time()
         self._arm_watchdog(self._head_since + self.limits.header_timeout_s)
 
@@ -125,6 +181,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._close_with(self._too_large(f"a header block of over {self.limits.max_header_bytes} bytes"))
 
     def send_400_response(self, msg: str) -> None:
+        if self._cycle_transport is not None:
+            self._cycle_transport.flush()
         if self._refusal is None:
             super().send_400_response(msg)
             return
@@ -158,6 +216,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._raw_head_bytes = 0
         self._head_since = None
         super().on_headers_complete()
+        if self.cycle is not None and self._cycle_transport is not None:
+            self._cycle_transport.next_response()
+            self.cycle.transport = self._cycle_transport  # type: ignore[assignment]
         if self.cycle is not None and self.cycle.more_body:
             # Backstop for a body nobody reads (the application answered without it, or never reads it).
             self._body_since = now = self.loop.time()
@@ -187,6 +248,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _close_with(self, response: bytes) -> None:
         self._cancel_watchdog()
+        if self._cycle_transport is not None:
+            self._cycle_transport.flush()
         if not self.transport.is_closing():
             # Only when no earlier (pipelined) response is still being written on this connection.
             if self.cycle is None or self.cycle.response_complete:

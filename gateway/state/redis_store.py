@@ -419,6 +419,9 @@ class RedisStore:
             if in_redis_since and (
                 not isinstance(exc, TimeoutError) or loop.time() - in_redis_since >= self._timeout_s / 2
             ):
+                if isinstance(exc, TimeoutError) and self._direct is not None:
+                    # Redis did not answer in time: the pipelined connection is suspect (if still stuck).
+                    self._direct.reset(self._timeout_s / 2)
                 self._failed(exc)
             else:
                 self._saturated += 1

@@ -9,12 +9,17 @@ running, and are sent again through the `Script` object, which loads it.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
+from redis._parsers.hiredis import _AsyncHiredisParser
 from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, InvalidResponse, NoScriptError, ResponseError, TimeoutError
+
+_NOT_ENOUGH_DATA: Any = object()
 
 
 async def run_script_many(
@@ -48,35 +53,162 @@ def bulk(value: bytes) -> bytes:
 
 
 def pack(items: Sequence[str | int | bytes]) -> bytes:
-    """A command in RESP, as redis-py would send it (strings UTF-8, integers in decimal)."""
-    out = [b"*%d\r\n" % len(items)]
-    for item in items:
-        raw = item if isinstance(item, bytes) else str(item).encode()
-        out.append(bulk(raw))
-    return b"".join(out)
+    """A command in RESP, as redis-py would send it (strings UTF-8, integers in decimal). One pass that
+    makes bytes and one that frames them: the ledger packs ~16 arguments per usage record."""
+    raws = [item if isinstance(item, bytes) else str(item).encode() for item in items]
+    return b"*%d\r\n" % len(raws) + b"".join([b"$%d\r\n%b\r\n" % (len(raw), raw) for raw in raws])
+
+
+class _Wire(asyncio.Protocol):
+    """One Redis connection of our own once redis-py has opened it (AUTH, SELECT, TLS done): its
+    transport is handed to this protocol, which pipelines the callers' packed commands and parses the
+    replies with hiredis as they arrive.
+
+    Commands given during one turn of the event loop leave together in one write at its end (the
+    admissions of the requests that arrived together: one send and one reply read for all of them, and
+    one read and one write for Redis), and each caller's replies are handed to its own future in order.
+    redis-py's read path (a StreamReader, a read coroutine and a parser call per reply, `wait_for`
+    around each write, one connection per call in flight) cost more CPU per admission than everything
+    else in it (loadtest/README.md, "Issue 8 cost, second pass").
+
+    A caller that leaves (cancelled) just drops its future: its replies still arrive in their place
+    and are discarded, so the connection stays in step. redis-py's socket_timeout bounds the wait of the
+    oldest call still unanswered; past it, or on a protocol error or a lost connection, every waiting
+    call fails and the connection is closed.
+    """
+
+    def __init__(self, conn: Any, transport: asyncio.Transport, reader: Any) -> None:
+        self.conn = conn  # the redis-py connection it came from (for its final disconnect)
+        self.transport = transport
+        self.alive = True
+        self._reader = reader
+        self._loop = asyncio.get_running_loop()
+        # Callers in the order their commands were written: [replies wanted, replies so far, future, sent at].
+        self._waiting: deque[tuple[int, list[Any], asyncio.Future[list[Any]], float]] = deque()
+        self._out: list[bytes] = []  # commands of this loop turn, written together by _flush
+        self._timeout_s: float | None = conn.socket_timeout
+        self._timer: asyncio.TimerHandle | None = None
+
+    def request(self, data: bytes, replies: int) -> asyncio.Future[list[Any]]:
+        """Queue `data` (that many commands) for this turn's write; the future of their replies, in order."""
+        waiter: asyncio.Future[list[Any]] = self._loop.create_future()
+        if not self.alive:
+            waiter.set_exception(ConnectionError("Connection closed by server."))
+            return waiter
+        now = self._loop.time()
+        self._waiting.append((replies, [], waiter, now))
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(data)
+        if self._timeout_s is not None and self._timer is None:
+            self._timer = self._loop.call_at(now + self._timeout_s, self._on_timer)
+        return waiter
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.alive and out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        waiting = self._waiting
+        try:
+            while waiting:
+                want, got, waiter, _ = waiting[0]
+                while len(got) < want:
+                    reply = self._reader.gets()
+                    if reply is _NOT_ENOUGH_DATA:
+                        return
+                    got.append(reply)
+                waiting.popleft()
+                if not waiter.done():  # else its caller left: the replies are dropped
+                    waiter.set_result(got)
+        except (InvalidResponse, hiredis.HiredisError) as exc:  # a protocol error: out of step
+            self._fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError("Connection closed by server."))
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._waiting:
+            return
+        assert self._timeout_s is not None
+        due = self._waiting[0][3] + self._timeout_s
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._on_timer)  # the oldest call is younger than that
+            return
+        self._fail(TimeoutError(f"Timeout reading from Redis ({self._timeout_s:g} s)"))
+
+    def waiting_since(self) -> float:
+        """When the oldest unanswered call was queued (loop time; infinity when none is waiting)."""
+        return self._waiting[0][3] if self._waiting else float("inf")
+
+    def close_failing(self, exc: Exception) -> None:
+        """Close it; every call still waiting fails with `exc`."""
+        self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        self.close()
+        waiting, self._waiting = self._waiting, deque()
+        for _, _, waiter, _ in waiting:
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+    def close(self) -> None:
+        self.alive = False
+        self._out = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport.close()
+
+
+def _hijack(conn: Any) -> _Wire | None:
+    """A connected redis-py connection's transport, handed to a _Wire; None if it cannot be (a parser
+    other than hiredis, or no stream transport): the connection is then used through redis-py."""
+    writer = getattr(conn, "_writer", None)
+    parser = getattr(conn, "_parser", None)
+    transport = getattr(writer, "transport", None)
+    if not isinstance(parser, _AsyncHiredisParser) or transport is None or not hasattr(transport, "set_protocol"):
+        return None
+    buffered = getattr(parser, "_reader", None)
+    if buffered is None or buffered.has_data():
+        return None
+    kwargs: dict[str, Any] = {
+        "protocolError": InvalidResponse,
+        "replyError": parser.parse_error,
+        "notEnoughData": _NOT_ENOUGH_DATA,
+    }
+    if conn.encoder.decode_responses:
+        kwargs["encoding"] = conn.encoder.encoding
+        kwargs["errors"] = conn.encoder.encoding_errors
+    wire = _Wire(conn, transport, hiredis.Reader(**kwargs))
+    transport.set_protocol(wire)
+    return wire
 
 
 class DirectConnections:
-    """EVALSHA on connections of our own, for the single-Redis hot path (admission, reconcile, renew).
+    """EVALSHA on a connection of our own, for the single-Redis hot path (admission, reconcile, renew).
 
     redis-py's `Script.__call__` -> `execute_command` -> pool costs ~30 us of CPU per call here (argument
     encoding item by item, pool locks, retry wrapper, observability events on every acquire/release):
     about as much as everything else in an admission. Here a command arrives packed (its constant
-    part packed once per binding), goes out on a connection from a plain free list and its reply is
-    read with the same connection class and parser (hiredis). Connections are made from the client
-    pool's settings (address, auth, db, TLS); the store's semaphore caps how many exist.
-
-    A connection goes back to the free list only after a complete request/reply or disconnected (an
-    error or cancellation mid-call: redis-py's send/read disconnect, and anything else is disconnected
-    here), so no late reply can ever be read as another call's. NOSCRIPT (Redis restarted or flushed
-    its scripts) falls back to the `Script` object once, which loads the script.
+    part packed once per binding) and goes out pipelined on one connection (_Wire: the calls of one loop
+    turn in one write, replies parsed by hiredis as they arrive). The connection is opened by redis-py
+    from the client pool's settings (address, auth, db, TLS), again after it failed. NOSCRIPT (Redis
+    restarted or flushed its scripts) loads the script and runs those commands again, once.
+    Without hiredis, calls go through redis-py's own connections (one per call in flight).
     """
 
-    __slots__ = ("_idle", "_pool")
+    __slots__ = ("_connecting", "_idle", "_plain", "_pool", "_wire")
 
     def __init__(self, client: Redis) -> None:
         self._pool = client.connection_pool
-        self._idle: list[Any] = []
+        self._wire: _Wire | None = None
+        self._connecting: asyncio.Future[_Wire | None] | None = None
+        self._idle: list[Any] = []  # redis-py connections, when they cannot be handed to a _Wire
+        self._plain = False  # set once a connection could not be handed over: redis-py's path from then on
 
     async def call(self, packed: bytes, script: str | None = None) -> Any:
         """Send one packed command and return its reply (an error reply raises). `script`: the source of
@@ -87,8 +219,58 @@ class DirectConnections:
         return reply
 
     async def call_many(self, commands: Sequence[bytes], script: str | None = None) -> list[Any]:
-        """Send packed commands in one write and read their replies, in order; an error reply is returned
+        """Send packed commands together and read their replies, in order; an error reply is returned
         as its exception. EVALSHAs answered NOSCRIPT are run again after loading `script` (if given)."""
+        if self._plain:
+            return await self._call_many_redis_py(commands, script)
+        wire = self._wire
+        if wire is None or not wire.alive:
+            wire = await self._connect()
+            if wire is None:
+                return await self._call_many_redis_py(commands, script)
+        replies = await wire.request(commands[0] if len(commands) == 1 else b"".join(commands), len(commands))
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing and script is not None:
+            (loaded,) = await wire.request(pack(["SCRIPT", "LOAD", script]), 1)
+            if isinstance(loaded, Exception):
+                raise loaded
+            again = await wire.request(b"".join(commands[i] for i in missing), len(missing))
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _connect(self) -> _Wire | None:
+        """The pipelined connection, opened once for every caller waiting for it (None: no hiredis)."""
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _open(self) -> _Wire | None:
+        old = self._wire
+        if old is not None:
+            self._wire = None
+            await old.conn.disconnect(nowait=True)
+        conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.connect()
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        wire = _hijack(conn)
+        if wire is None:
+            self._plain = True
+            self._idle.append(conn)
+            return None
+        self._wire = wire
+        return wire
+
+    async def _call_many_redis_py(self, commands: Sequence[bytes], script: str | None) -> list[Any]:
+        """`call_many` through redis-py's own connections (a parser other than hiredis)."""
         conn = self._idle.pop() if self._idle else self._pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             if not conn.is_connected:
@@ -117,7 +299,24 @@ class DirectConnections:
         except ResponseError as exc:
             return exc  # an error reply: the connection is in step
 
+    def reset(self, stuck_s: float) -> None:
+        """A call timed out in Redis: close the connection if its oldest unanswered call has waited at
+        least `stuck_s` (a connection opened since, with only fresh calls, is left alone). The calls
+        waiting on it fail now, what it sent is never read as anything else's, and the next call opens a
+        new one (as redis-py's per-call connections did)."""
+        wire = self._wire
+        if wire is None or not wire.alive or wire.waiting_since() > asyncio.get_running_loop().time() - stuck_s:
+            return
+        self._wire = None
+        wire.close_failing(TimeoutError("Redis did not answer in time; the connection was reset"))
+        wire.conn._writer = None  # its transport is closed above; redis-py's own close is not needed
+        wire.conn._reader = None
+
     async def close(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
+            await wire.conn.disconnect(nowait=True)
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.disconnect()
