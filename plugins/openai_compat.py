@@ -119,8 +119,11 @@ class OpenAICompatAdapter:
             response = await self._client().post(url, data=body, headers=_call_headers(call), allow_redirects=False)
         except TimeoutError as exc:
             raise UpstreamConnectError(f"{self.name}: timed out ({type(exc).__name__})", timeout=True) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(f"{self.name}: {type(exc).__name__}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            # Connected, then dropped before the head arrived (reset, disconnected).
+            raise UpstreamConnectError(f"{self.name}: {type(exc).__name__}", reset=True) from None
         headers = _kept_headers(response.headers)
         streaming = call.stream and response.status == 200 and "text/event-stream" in headers.get("content-type", "")
         if not streaming:
@@ -134,7 +137,7 @@ class OpenAICompatAdapter:
                 raise UpstreamConnectError(f"{self.name}: timed out reading the body", timeout=True) from None
             except (aiohttp.ClientError, OSError) as exc:
                 response.close()
-                raise UpstreamConnectError(f"{self.name}: {type(exc).__name__} reading the body") from None
+                raise UpstreamConnectError(f"{self.name}: {type(exc).__name__} reading the body", reset=True) from None
             response.release()
             return UpstreamResponse(status=response.status, body=body, headers=headers)
         state = _StreamState(self._max_event)
