@@ -199,7 +199,7 @@ class Dispatcher:
                 metrics.child(metrics.retries, ctx.route_name).inc()
                 if move.wait_s > 0:
                     # Bounded: a backoff is capped by backoff_max_ms, a Retry-After by max_retry_after_s.
-                    await asyncio.sleep(move.wait_s)
+                    await _sleep_at_least(move.wait_s)
             else:
                 retries_here = 0
                 metrics.child(metrics.fallbacks, ctx.route_name).inc()
@@ -229,6 +229,14 @@ class Dispatcher:
                 backend,
                 status,
             )
+
+
+async def _sleep_at_least(seconds: float) -> None:
+    """Sleep `seconds` by the monotonic clock, never less: the event loop's timers (uvloop's have
+    millisecond resolution and a cached "now") may fire a little early, and a Retry-After must not be."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(left)
 
 
 def _next_index(plan: tuple[Target, ...], index: int, failure: Failure) -> int | None:
