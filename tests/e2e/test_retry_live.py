@@ -40,6 +40,7 @@ PRIMARIES = {
     "hangjson": "fault:hang",
     "filter": "fault:content-filter",
     "billing": "fault:503",
+    "cut": "fault:cut-after-3",
 }
 HANG_TIMEOUT_S = 2
 
@@ -294,6 +295,15 @@ def test_a_content_filter_refusal_is_not_retried_and_its_reason_is_passed_on_red
     assert "content management policy" in error["message"]
     assert "microsoft.com" not in r.text  # the upstream's URL is redacted
     assert _models(_attempts(fake, marker)) == [PRIMARIES["filter"]]
+
+
+def test_nothing_is_retried_after_the_first_byte_reached_the_client(client: httpx.Client, fake: FakeControl) -> None:
+    r, marker = _chat(client, "r-cut", stream=True)
+    assert r.status_code == 200  # committed at the upstream's 200
+    assert "data: [DONE]" not in r.text and '"error"' in r.text  # an in-band error, never a false end
+    records = _attempts(fake, marker)
+    assert _models(records) == [PRIMARIES["cut"]]  # the fallback was never asked
+    assert records[0]["aborted"]
 
 
 def _poll(check: Any, timeout: float = 15.0) -> Any:
