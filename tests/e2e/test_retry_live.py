@@ -123,13 +123,13 @@ def client(gw: tuple[ServerProcess, Path]) -> Iterator[httpx.Client]:
         yield c
 
 
-def _chat(client: httpx.Client, route: str, *, stream: bool = False) -> tuple[httpx.Response, str]:
+def _chat(client: httpx.Client, route: str, *, stream: bool = False, max_tokens: int = 5) -> tuple[httpx.Response, str]:
     """One request with a marker of its own (the fake's ledger is filtered on it)."""
     marker = uuid.uuid4().hex
     body: dict[str, Any] = {
         "model": route,
         "messages": [{"role": "user", "content": "Say hello"}],
-        "max_tokens": 5,
+        "max_tokens": max_tokens,
         "user": marker,
         "stream": stream,
     }
@@ -298,8 +298,9 @@ def test_a_content_filter_refusal_is_not_retried_and_its_reason_is_passed_on_red
 
 
 def test_nothing_is_retried_after_the_first_byte_reached_the_client(client: httpx.Client, fake: FakeControl) -> None:
-    r, marker = _chat(client, "r-cut", stream=True)
+    r, marker = _chat(client, "r-cut", stream=True, max_tokens=60)  # long enough to be cut after 3 chunks
     assert r.status_code == 200  # committed at the upstream's 200
+    assert r.headers["x-strait-deployment"] == "m-cut@cut", r.headers
     assert "data: [DONE]" not in r.text and '"error"' in r.text  # an in-band error, never a false end
     records = _attempts(fake, marker)
     assert _models(records) == [PRIMARIES["cut"]]  # the fallback was never asked
