@@ -78,11 +78,15 @@ class UpstreamResponse:
 
 
 class UpstreamConnectError(Exception):
-    """The upstream could not be reached or did not answer in time; safe to try the next target."""
+    """The upstream could not be reached or did not answer in time; safe to try the next target.
 
-    def __init__(self, message: str, *, timeout: bool = False) -> None:
+    `reset`: the connection was made and then dropped (RST or FIN) before the answer was read, as opposed
+    to one never made (refused, unreachable): the dispatcher may retry the same deployment after a reset."""
+
+    def __init__(self, message: str, *, timeout: bool = False, reset: bool = False) -> None:
         super().__init__(message)
         self.timeout = timeout
+        self.reset = reset
 
 
 class UpstreamStreamBroken(Exception):

@@ -43,7 +43,7 @@ class Metrics:
         )
         self.upstream_attempts = Counter(
             "strait_upstream_attempts",
-            "Upstream attempts by backend and outcome (HTTP status, connect_error, timeout).",
+            "Upstream attempts by backend and outcome (HTTP status, connect_error, reset, timeout).",
             ("backend", "outcome"),
             registry=self.registry,
         )
@@ -101,6 +101,18 @@ class Metrics:
         self.fallbacks = Counter(
             "strait_fallbacks",
             "Attempts that failed before the first byte and moved on to the next deployment, by route.",
+            ("route",),
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "strait_retries",
+            "Attempts that retried the same deployment (after a backoff or the upstream's Retry-After), by route.",
+            ("route",),
+            registry=self.registry,
+        )
+        self.retry_budget_exhausted = Counter(
+            "strait_retry_budget_exhausted",
+            "Retries or fallbacks refused because the route's retry budget was spent, by route.",
             ("route",),
             registry=self.registry,
         )

@@ -111,8 +111,11 @@ class OpenAICompatAdapter:
             response = await self._pool.post(_PATHS[call.operation], body, _call_headers(call))
         except TimeoutError as exc:
             raise UpstreamConnectError(f"{self.name}: timed out ({type(exc).__name__})", timeout=True) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(f"{self.name}: {type(exc).__name__}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            # Connected, then dropped before the head arrived (reset, disconnected).
+            raise UpstreamConnectError(f"{self.name}: {type(exc).__name__}", reset=True) from None
         headers = _kept_headers(response.headers)
         streaming = call.stream and response.status == 200 and "text/event-stream" in headers.get("content-type", "")
         if not streaming:
@@ -126,7 +129,7 @@ class OpenAICompatAdapter:
                 raise UpstreamConnectError(f"{self.name}: timed out reading the body", timeout=True) from None
             except (aiohttp.ClientError, OSError) as exc:
                 response.close()
-                raise UpstreamConnectError(f"{self.name}: {type(exc).__name__} reading the body") from None
+                raise UpstreamConnectError(f"{self.name}: {type(exc).__name__} reading the body", reset=True) from None
             response.release()
             return UpstreamResponse(status=response.status, body=body, headers=headers)
         state = _StreamState(self._max_event)

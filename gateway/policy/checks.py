@@ -14,7 +14,7 @@ from typing import Any
 from gateway.policy.compile import OPERATIONS
 from gateway.policy.compliance import compliance_reason
 from gateway.policy.index import PolicyIndex
-from gateway.policy.model import PolicySet, Tenant
+from gateway.policy.model import PolicySet, Route, Tenant
 from gateway.policy.places import expand
 from gateway.registry import embedder_kinds
 
@@ -41,6 +41,28 @@ def check_routes(policy: PolicySet, source: Any, route_names: set[str], report: 
             report(
                 source, f"$.routes[{i}].spillover.threshold", f"route {r.name!r}: threshold must be in (0, 1]", "error"
             )
+        check_retry(r, f"$.routes[{i}]", source, report)
+
+
+def check_retry(r: Route, base: str, source: Any, report: Report) -> None:
+    """A route's retry policy: contradictions are errors, a budget that can never allow a retry a warning."""
+    retry = r.retry
+    if retry.backoff_base_ms > retry.backoff_max_ms:
+        report(
+            source,
+            f"{base}.retry.backoff_base_ms",
+            f"route {r.name!r}: backoff_base_ms ({retry.backoff_base_ms}) exceeds backoff_max_ms ({retry.backoff_max_ms})",
+            "error",
+        )
+    if len(set(retry.retry_on)) != len(retry.retry_on):
+        report(source, f"{base}.retry.retry_on", f"route {r.name!r}: retry_on names a class twice", "error")
+    if retry.budget_ratio == 0 and retry.budget_min == 0 and retry.retry_on:
+        report(
+            source,
+            f"{base}.retry",
+            f"route {r.name!r}: a retry budget of 0 % and budget_min 0 allows no retry at all",
+            "warning",
+        )
 
 
 def check_tenants(policy: PolicySet, source: Any, route_names: set[str], report: Report) -> None:

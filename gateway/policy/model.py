@@ -219,6 +219,48 @@ class Spillover(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     threshold: float = 0.8
 
 
+# A failure class a route retries (before any byte reached the client): `connect` (the upstream could not
+# be reached), `timeout` (no answer head within the try's timeout, or an upstream 408), `reset` (the
+# connection dropped before the answer's head), `429`, `5xx` (500-599), `context_length` (a 400
+# context_length_exceeded: moves on to a candidate with a larger context window, never the same model).
+RetryOn = Literal["connect", "timeout", "reset", "429", "5xx", "context_length"]
+
+
+class RetryPolicy(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How a route retries a failed attempt. Only before the first byte of the answer reached the client;
+    every attempt counts against the route's `max_attempts` and, after the first, against the retry budget."""
+
+    retry_on: tuple[RetryOn, ...] = ("connect", "timeout", "reset", "429", "5xx", "context_length")
+    # Retries of one deployment before the next is tried: after a 500/502/504 or a reset (backoff), a 429
+    # without Retry-After (backoff), or a 429/503/529 whose Retry-After is within `max_retry_after_s`.
+    # Connect failures, timeouts and a 503/529 without Retry-After move on at once.
+    same_deployment: Annotated[int, msgspec.Meta(ge=0, le=5)] = 1
+    # Backoff before retrying the same deployment: exponential, capped, with jitter (half fixed, half
+    # random: never less than half the step, so a retry never comes at once).
+    backoff_base_ms: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    backoff_max_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1_000
+    # The longest upstream Retry-After (429/503/529) waited out to retry the same deployment; a longer
+    # one moves to the next deployment at once. Never retried sooner than the upstream asked.
+    max_retry_after_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
+    # Retry budget (Envoy's 20 % / 3, counted over a sliding window rather than concurrently): retries
+    # in the last `budget_window_s` <= `budget_ratio` x the route's requests in it + `budget_min`.
+    budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
+    budget_min: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 3
+    budget_window_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+
+
+class TryTimeouts(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Per attempt. The connect timeout is the backend's own (`timeouts.connect_s`); a timed-out attempt
+    fails over like any other failure (retry class `timeout`)."""
+
+    # A streaming request: from sending it to the upstream's status line (connect included). Engines
+    # answer a stream's head before generating, so this waits out only a dead or hung upstream.
+    stream_headers_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 15.0
+    # A non-streaming request: the whole answer (its head comes with it, after the generation). None:
+    # only the backend's `read_s` bounds the silence between reads.
+    response_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+
+
 class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """A name clients send as `model`: candidate models, how to rank them, how to fall back."""
 
@@ -231,9 +273,13 @@ class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Other routes whose candidates are appended (after this route's own) as the last resort; the
     # tenant's compliance applies to them exactly as to the route's own candidates.
     fallback: tuple[str, ...] = ()
-    # Upper bound on upstream attempts (first try + fallbacks) before an error goes back to the client.
+    # Upper bound on upstream attempts (first try + same-deployment retries + fallbacks) before an error
+    # goes back to the client; the plan holds at most this many deployments.
     max_attempts: int = 3
     cache: RouteCache = RouteCache()
+    # Retries and failover before the first byte (gateway.upstream.retry), and per-attempt timeouts.
+    retry: RetryPolicy = RetryPolicy()
+    timeouts: TryTimeouts = TryTimeouts()
 
 
 class TenantKey(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -1,17 +1,24 @@
-"""Stage `upstream` (terminal): walk the route's plan until a target answers.
+"""Stage `upstream` (terminal): walk the route's plan until a target answers, retrying per the route's
+`retry` policy (gateway.upstream.retry) with per-attempt `timeouts`.
 
-A target is skipped for the next one when it cannot be reached, times out before answering, or
-answers 408/429/5xx, or 401/403: the provider refused the gateway's own credentials, which is the
-gateway's problem (counted in `strait_upstream_auth_failures_total`, logged with the backend's name),
-so the next deployment is tried and, if none answers, the client gets 502 `upstream_auth_failed`
-(gateway.upstream.normalize). Nothing is retried once a byte of the answer has gone to the client: for streams
-the commit point is the upstream's 200 status line. Each attempt updates the live signals the engine
-ranks with (in-flight, latency EWMA, passive ejection after repeated connection failures).
+After a failed attempt the dispatcher retries the same deployment (a transient 5xx or a reset, after a
+jittered backoff; a 429/503 after its Retry-After when that is within the route's bound), moves on to
+the plan's next deployment (connect failures, timeouts, unavailable, a longer Retry-After; after a 400
+`context_length_exceeded`, the next one with a larger context window), or gives the failure to the
+client. Every attempt counts against `max_attempts`, every one after the first against the route's
+retry budget. 401/403 mean the provider refused the gateway's own credentials, which is the gateway's
+problem (counted in `strait_upstream_auth_failures_total`, logged with the backend's name), so the next
+deployment is tried and, if none answers, the client gets 502 `upstream_auth_failed`
+(gateway.upstream.normalize). Nothing is retried once a byte of the answer has gone to the client: for
+streams the commit point is the upstream's 200 status line. Each attempt updates the live signals the
+engine ranks with (in-flight, latency EWMA, `failed` for connect errors, resets, timeouts and 5xx).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 from collections.abc import Mapping
 
@@ -21,18 +28,21 @@ from gateway.context import RequestContext
 from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse, UpstreamResponseTooLarge
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.policy.index import Target
+from gateway.policy.model import RetryPolicy, TryTimeouts
 from gateway.spans import start_attempt_span
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
-from gateway.upstream.normalize import AUTH_FAILURE_STATUS
 from gateway.upstream.redact import NO_SECRETS, Redactor
+from gateway.upstream.retry import Failure, RetryBudgets, classify_status, next_move
 from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait.upstream")
 
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 529})
-# Statuses after which the next target is tried (before the first byte).
-NEXT_TARGET_STATUS = RETRYABLE_STATUS | AUTH_FAILURE_STATUS
+# For a request without a policy route (tests driving the dispatcher alone): the documented defaults.
+DEFAULT_RETRY = RetryPolicy()
+DEFAULT_TIMEOUTS = TryTimeouts()
+# Failures after which the deployment counts as failing in the live signals (a 429 or a 4xx does not).
+_UNHEALTHY: frozenset[Failure] = frozenset({"connect", "timeout", "reset", "5xx"})
 
 
 class Dispatcher:
@@ -43,6 +53,7 @@ class Dispatcher:
         signals: LiveSignals,
         redact: Redactor = NO_SECRETS,
         tracing: Tracing | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.adapters = adapters
         self.metrics = metrics
@@ -50,6 +61,10 @@ class Dispatcher:
         # Knows this runtime's backend secrets; the relay redacts upstream error text with it.
         self.redact = redact
         self.tracing = tracing
+        # Per route: how many retries its recent requests have earned (gateway.upstream.retry).
+        self.budgets = RetryBudgets()
+        # Backoff jitter (a test may pass a seeded one).
+        self.rng = rng if rng is not None else random.Random()
 
     async def _send_traced(self, ctx: RequestContext, call: UpstreamCall, target: Target) -> UpstreamResponse:
         """One attempt inside its CLIENT span, the trace context sent upstream (`traceparent`)."""
@@ -73,17 +88,49 @@ class Dispatcher:
         span.end()
         return response
 
+    async def _send(
+        self, ctx: RequestContext, call: UpstreamCall, target: Target, timeouts: TryTimeouts
+    ) -> UpstreamResponse:
+        """One attempt, bounded by the route's per-try timeout: a stream's head, or a whole JSON answer."""
+        if self.tracing is not None and ctx.span is not None:
+            sending = self._send_traced(ctx, call, target)
+        else:
+            sending = self.adapters[target.backend.name].send(call)
+        limit = timeouts.stream_headers_s if ctx.stream else timeouts.response_s
+        if limit is None:
+            return await sending
+        try:
+            async with asyncio.timeout(limit):
+                return await sending
+        except TimeoutError:
+            what = "a stream's head" if ctx.stream else "an answer"
+            raise UpstreamConnectError(
+                f"{target.backend.name}: no {what} within {limit:g} s (the route's timeouts)", timeout=True
+            ) from None
+
     async def call(self, ctx: RequestContext) -> UpstreamResponse:
-        last_response: UpstreamResponse | None = None
-        last_target: Target | None = None
-        last_index = -1
-        last_error: UpstreamConnectError | None = None
         plan = ctx.plan
+        route = ctx.route
+        policy = route.retry if route is not None else DEFAULT_RETRY
+        timeouts = route.timeouts if route is not None else DEFAULT_TIMEOUTS
+        max_attempts = route.max_attempts if route is not None else len(plan)
+        budget = self.budgets.of(ctx.route_name, policy.budget_window_s)
+        budget.request(time.monotonic())
+        metrics = self.metrics
         signals = self.signals
         ctx.redact = self.redact
         request = ctx.request
         assert request is not None
-        for attempt, target in enumerate(plan):
+        last_response: UpstreamResponse | None = None
+        last_target: Target | None = None
+        last_index = -1
+        last_error: UpstreamConnectError | None = None
+        index = 0  # the plan's deployment being tried
+        retries_here = 0  # retries of that deployment so far
+        attempt = 0
+        while index < len(plan):
+            target = plan[index]
+            attempt += 1
             # The adapter sends the client's bytes with this model (passthrough) or translates the request;
             # a stream always asks for usage (the relay strips the chunk if the client did not ask for it).
             call = UpstreamCall(
@@ -96,22 +143,18 @@ class Dispatcher:
             backend = target.backend.name
             signals.started(backend)
             t0 = time.perf_counter()
+            status: int | None = None
+            headers: Mapping[str, str] = {}
             try:
-                if self.tracing is not None and ctx.span is not None:
-                    response = await self._send_traced(ctx, call, target)
-                else:
-                    response = await self.adapters[backend].send(call)
+                response = await self._send(ctx, call, target, timeouts)
             except UpstreamConnectError as exc:
                 signals.finished(backend)
-                signals.failed(backend, time.monotonic())
-                outcome = "timeout" if exc.timeout else "connect_error"
-                self.metrics.child(self.metrics.upstream_attempts, backend, outcome).inc()
-                log.warning("upstream %s unreachable (attempt %d): %s", backend, attempt + 1, exc)
+                failure: Failure = "timeout" if exc.timeout else "reset" if exc.reset else "connect"
+                outcome = "connect_error" if failure == "connect" else failure
+                metrics.child(metrics.upstream_attempts, backend, outcome).inc()
+                log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, outcome, exc)
                 ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
-                if attempt + 1 < len(plan):
-                    self.metrics.child(self.metrics.fallbacks, ctx.route_name).inc()
                 last_error = exc
-                continue
             except UpstreamResponseTooLarge:
                 # It answered, too much to read: not retried; the attempt is the one recorded.
                 signals.finished(backend)
@@ -120,43 +163,92 @@ class Dispatcher:
             except BaseException:
                 signals.finished(backend)
                 raise
-            self.metrics.child(self.metrics.upstream_attempts, backend, str(response.status)).inc()
-            if response.status in AUTH_FAILURE_STATUS:
-                # Never the key, never the upstream's text (it may echo the key): the backend's name.
-                self.metrics.child(self.metrics.upstream_auth_failures, backend).inc()
-                log.warning(
-                    "upstream %s refused the gateway's credentials (HTTP %d): check the backend's api_key",
-                    backend,
-                    response.status,
-                )
-            redirect = 300 <= response.status < 400
-            if redirect:
-                # Redirects are never followed (an upstream URL comes only from the policy) and never
-                # passed on (the Location and body may name internal hosts or carry secrets).
-                log.warning(
-                    "upstream %s answered with a redirect (HTTP %d), which is not followed: check its base_url",
-                    backend,
-                    response.status,
-                )
-            if response.status < 500:
-                signals.answered(backend, target.label, time.perf_counter() - t0)
-            if not response.streaming:
-                # A stream holds its in-flight slot until the relay closes it.
-                signals.finished(backend)
-            ctx.target = target
-            if (response.status in NEXT_TARGET_STATUS or redirect) and attempt + 1 < len(plan):
-                self.metrics.child(self.metrics.fallbacks, ctx.route_name).inc()
-                ctx.failed_attempts.append((target, response.status, time.perf_counter() - t0))
+            else:
+                status = response.status
+                metrics.child(metrics.upstream_attempts, backend, str(status)).inc()
+                if status < 500:
+                    signals.answered(backend, target.label, time.perf_counter() - t0)
+                if not response.streaming:
+                    # A stream holds its in-flight slot until the relay closes it.
+                    signals.finished(backend)
+                ctx.target = target
+                # A stream is only ever a 200: nothing of an error is streamed.
+                found = None if response.streaming else classify_status(status, response.body)
+                if found is None:
+                    return response
+                failure = found
+                self._log_refusal(backend, status, failure)
+                headers = response.headers
+                ctx.failed_attempts.append((target, status, time.perf_counter() - t0))
                 last_response, last_target = response, target
                 last_index = len(ctx.failed_attempts) - 1
-                continue
-            return response
+            if failure in _UNHEALTHY:
+                signals.failed(backend, time.monotonic())
+            move = next_move(policy, failure, status, headers, retries_here, time.time(), self.rng)
+            if move is None or attempt >= max_attempts:
+                break
+            following = index if move.same else _next_index(plan, index, failure)
+            if following is None:
+                break
+            if not budget.try_retry(time.monotonic(), policy.budget_ratio, policy.budget_min):
+                metrics.child(metrics.retry_budget_exhausted, ctx.route_name).inc()
+                log.info("route %s: retry budget spent, no further attempt for %s", ctx.route_name, ctx.request_id)
+                break
+            if move.same:
+                retries_here += 1
+                metrics.child(metrics.retries, ctx.route_name).inc()
+                if move.wait_s > 0:
+                    # Bounded: a backoff is capped by backoff_max_ms, a Retry-After by max_retry_after_s.
+                    await _sleep_at_least(move.wait_s)
+            else:
+                retries_here = 0
+                metrics.child(metrics.fallbacks, ctx.route_name).inc()
+            index = following
         if last_response is not None:
-            # Every later target failed to connect: the client gets this answer, so its attempt is the
-            # final one, recorded once (not also among the failed ones).
+            # The client gets the last answer there was: its attempt is the final one, recorded once (not
+            # also among the failed ones), whatever failed to connect after it.
             del ctx.failed_attempts[last_index]
             ctx.target = last_target
             return last_response
         if last_error is not None and last_error.timeout:
             raise UpstreamTimeout("The upstream did not answer in time.")
         raise UpstreamUnavailable("No upstream could be reached for this model.")
+
+    def _log_refusal(self, backend: str, status: int, failure: Failure) -> None:
+        if failure == "auth":
+            # Never the key, never the upstream's text (it may echo the key): the backend's name.
+            self.metrics.child(self.metrics.upstream_auth_failures, backend).inc()
+            log.warning(
+                "upstream %s refused the gateway's credentials (HTTP %d): check the backend's api_key", backend, status
+            )
+        elif failure == "redirect":
+            # Redirects are never followed (an upstream URL comes only from the policy) and never passed
+            # on (the Location and body may name internal hosts or carry secrets).
+            log.warning(
+                "upstream %s answered with a redirect (HTTP %d), which is not followed: check its base_url",
+                backend,
+                status,
+            )
+
+
+async def _sleep_at_least(seconds: float) -> None:
+    """Sleep `seconds` by the monotonic clock, never less: the event loop's timers (uvloop's have
+    millisecond resolution and a cached "now") may fire a little early, and a Retry-After must not be."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(left)
+
+
+def _next_index(plan: tuple[Target, ...], index: int, failure: Failure) -> int | None:
+    """The plan's next deployment to try after `plan[index]` failed; after a context-length refusal, the
+    next whose model declares a larger context window than the refusing one (none declared: none larger)."""
+    if failure != "context_length":
+        return index + 1 if index + 1 < len(plan) else None
+    window = plan[index].model.context_window
+    if window is None:
+        return None
+    for j in range(index + 1, len(plan)):
+        other = plan[j].model.context_window
+        if other is not None and other > window:
+            return j
+    return None

@@ -96,6 +96,16 @@ def upstream_error(
     )
 
 
+def is_context_length_error(body: bytes) -> bool:
+    """Whether a 400's body says the prompt does not fit the model's context window (OpenAI's
+    `context_length_exceeded`, vLLM's and llama.cpp's wordings): the dispatcher then tries a larger model."""
+    err = _parse(body)
+    if err.code == "context_length_exceeded":
+        return True
+    lowered = f"{err.message or ''} {err.type or ''}".lower()
+    return any(h in lowered for h in _CONTEXT_HINTS)
+
+
 def _default_code(status: int) -> str | None:
     return {
         429: "rate_limit_exceeded",

@@ -257,7 +257,8 @@ def test_ledger_matches_the_upstreams_own_record_after_chaos(
 
     def settled() -> list[dict[str, Any]] | None:
         records = [r for r in ledger.records() if r["n"] > start]
-        if len(records) != made or any(r["ended_at"] is None for r in records):
+        # Each 500 was retried once on the same deployment (the route's default retry policy).
+        if len(records) != made + 2 or any(r["ended_at"] is None for r in records):
             return None
         rows = _usage(replicas[1], "metered")  # another replica reads the same shared ledger
         return rows if rows and rows[0]["requests"] == made else None
