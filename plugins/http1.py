@@ -351,6 +351,11 @@ class _Connection(asyncio.Protocol):
         self.drop()
 
 
+class ConnectFailed(OSError):
+    """No connection could be made (refused, unreachable, name not resolved, TLS handshake failed): the
+    request was never sent, unlike a connection dropped after it was (ServerDisconnectedError)."""
+
+
 class Http1Pool:
     """Connections to one upstream (scheme, host, port), at most `limit` open; requests wait for one."""
 
@@ -469,10 +474,13 @@ class Http1Pool:
         if self.tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
         conn = _Connection(self)
-        async with asyncio.timeout(self.connect_timeout_s):
-            await self.loop.create_connection(
-                lambda: conn, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self.tls else None
-            )
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                await self.loop.create_connection(
+                    lambda: conn, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self.tls else None
+                )
+        except OSError as exc:  # refused, unreachable, DNS, TLS handshake: nothing was sent
+            raise ConnectFailed(str(exc) or type(exc).__name__) from exc
         return conn
 
     def put_back(self, conn: _Connection) -> None:

@@ -32,7 +32,7 @@ from gateway.contracts import (
 )
 from gateway.policy.model import Backend, UpstreamLimits
 from gateway.upstream.sse import DONE, SSEDecoder, SSELineTooLong
-from plugins.http1 import Http1Pool, Response
+from plugins.http1 import ConnectFailed, Http1Pool, Response
 
 _PATHS: Final[dict[Operation, str]] = {
     "chat": "/chat/completions",
@@ -111,7 +111,7 @@ class OpenAICompatAdapter:
             response = await self._pool.post(_PATHS[call.operation], body, _call_headers(call))
         except TimeoutError as exc:
             raise UpstreamConnectError(f"{self.name}: timed out ({type(exc).__name__})", timeout=True) from None
-        except aiohttp.ClientConnectorError as exc:
+        except (aiohttp.ClientConnectorError, ConnectFailed) as exc:
             raise UpstreamConnectError(f"{self.name}: {type(exc).__name__}") from None
         except (aiohttp.ClientError, OSError) as exc:
             # Connected, then dropped before the head arrived (reset, disconnected).

@@ -281,3 +281,16 @@ async def test_a_compressed_answer_is_decompressed_as_it_is_read_not_all_at_once
     assert total == size
     await p.close()
     assert up.connections == 1
+
+
+async def test_a_refused_connection_is_connect_failed_not_a_drop() -> None:
+    """Nothing was sent: the dispatcher may fail over at once (a drop after sending is retried instead)."""
+    from plugins.http1 import ConnectFailed
+    from tests.harness.procs import free_port
+
+    pool = Http1Pool(f"http://127.0.0.1:{free_port()}/v1", limit=2, connect_timeout_s=2, read_timeout_s=2, headers={})
+    try:
+        with pytest.raises(ConnectFailed):
+            await pool.post("/chat/completions", b"{}", {})
+    finally:
+        await pool.close()
