@@ -150,6 +150,11 @@ class _Connection(asyncio.Protocol):
             self._fail(ClientPayloadError(f"Invalid HTTP response from the upstream: {exc}"))
             self.drop()
             return
+        except httptools.HttpParserUpgrade:
+            # A 101 (or CONNECT-like) switch: not an answer to a POST; the connection is no longer HTTP.
+            self._fail(ClientPayloadError("The upstream switched protocols (101): not an answer to the request"))
+            self.drop()
+            return
         if awaiting_head and self._reader is None:
             # Still no complete head: all that arrived is head, so a header block that never ends (one
             # endless line included, which the parser buffers) is refused as soon as it is too long.
@@ -167,9 +172,15 @@ class _Connection(asyncio.Protocol):
         head, reader = self._head, self._reader
         if head is not None and not head.done():
             head.set_exception(ServerDisconnectedError())
-        elif reader is not None and not self._complete and not self._ended:
-            if self._reads_to_close():
-                self._end_body()  # a body delimited by the connection's end (no length, not chunked)
+        elif reader is not None and not self._complete and not self._ended and reader.exception() is None:
+            # A body delimited by the connection's end (no length, not chunked) ends with a clean close
+            # only: a reset (exc) cut it short.
+            if exc is None and self._reads_to_close():
+                if self._decoder is not None:
+                    self._ended = True  # what waits compressed still goes out, a step at a time
+                    self._pump()
+                else:
+                    self._end_body()
             else:
                 reader.set_exception(ClientPayloadError("Response payload is not completed"))
         self._pool.forget(self)
@@ -197,6 +208,8 @@ class _Connection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4  # exact: ": " and CRLF
         if self._header_bytes > MAX_HEAD_BYTES:
             raise ClientPayloadError(f"The upstream's answer head exceeds {MAX_HEAD_BYTES} bytes")
+        if self._reader is not None:
+            return  # a trailer (after a chunked body): bounded above, never mixed into the answer's headers
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         prior = self._headers.get(key)
@@ -295,6 +308,11 @@ class _Connection(asyncio.Protocol):
 
     def drop(self) -> None:
         self._stop_timer()
+        reader = self._reader
+        if reader is not None and not self._complete and reader.exception() is None:
+            # A reader still waiting must fail now: aiohttp's reader raises a bare RuntimeError when it
+            # finds its protocol disconnected before connection_lost has told it why.
+            reader.set_exception(ClientPayloadError("Response payload is not completed"))
         if self.transport is not None:
             self.transport.close()
         self.connected = False
@@ -389,6 +407,7 @@ class Http1Pool:
         self.read_timeout_s = read_timeout_s
         self.keepalive_s = keepalive_s
         self._idle: list[_Connection] = []
+        self._conns: set[_Connection] = set()  # every connection counted in _open (closed by close())
         self._open = 0
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._ssl: ssl.SSLContext | None = None
@@ -423,8 +442,9 @@ class Http1Pool:
 
     async def close(self) -> None:
         self.closed = True
-        idle, self._idle = self._idle, []
-        for conn in idle:
+        self._idle = []
+        # In use or idle: every transport is closed (an answer still being read fails as cut short).
+        for conn in list(self._conns):
             conn.drop()
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -450,30 +470,34 @@ class Http1Pool:
             try:
                 handed = await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled() and (conn_ := waiter.result()) is not None:
-                    self.put_back(conn_)  # handed over as we were cancelled: not lost
+                if waiter.done() and not waiter.cancelled():
+                    if (conn_ := waiter.result()) is not None:
+                        self.put_back(conn_)  # handed over as we were cancelled: not lost
+                    else:
+                        self._wake()  # told a slot is free as we were cancelled: the next waiter takes it
                 raise
             if handed is not None:
                 return handed
             if self.closed:
                 raise ServerDisconnectedError("the upstream client is closed")
         self._open += 1
+        conn = _Connection(self)
+        self._conns.add(conn)
         try:
-            return await self._connect()
+            await self._connect(conn)
         except BaseException:
-            self._open -= 1
-            self._wake()
+            # Once only, whether or not the transport was made (and lost) before the failure.
+            self.forget(conn)
             raise
+        return conn
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, conn: _Connection) -> None:
         if self.tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
-        conn = _Connection(self)
         async with asyncio.timeout(self.connect_timeout_s):
             await self.loop.create_connection(
                 lambda: conn, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self.tls else None
             )
-        return conn
 
     def put_back(self, conn: _Connection) -> None:
         if self.closed or not conn.connected:
@@ -492,6 +516,7 @@ class Http1Pool:
         if conn.counted:
             conn.counted = False
             self._open -= 1
+            self._conns.discard(conn)
             if conn in self._idle:
                 self._idle.remove(conn)
             self._wake()
