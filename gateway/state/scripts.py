@@ -123,6 +123,10 @@ class _Wire(asyncio.Protocol):
                 waiting.popleft()
                 if not waiter.done():  # else its caller left: the replies are dropped
                     waiter.set_result(got)
+            if self._reader.has_data():
+                # Bytes with no call waiting for them: the connection is out of step (a later call must
+                # never take them for its reply).
+                raise InvalidResponse("Redis sent a reply no call was waiting for")
         except (InvalidResponse, hiredis.HiredisError) as exc:  # a protocol error: out of step
             self._fail(exc)
 
