@@ -22,6 +22,7 @@ What it keeps of aiohttp's behaviour (what the adapter relied on):
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 import zlib
@@ -39,6 +40,8 @@ _READER_LIMIT: Final = 2**16  # aiohttp's default: reading pauses past twice thi
 MAX_HEAD_BYTES: Final = 64 * 1024
 _EXPAND_BYTES: Final = 256 * 1024  # decompressed per step (then the reader's flow control decides)
 _USER_AGENT: Final = b"strait"
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE: Final = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 
 class _Decoder:
@@ -477,7 +480,9 @@ class Http1Pool:
                         self._wake()  # told a slot is free as we were cancelled: the next waiter takes it
                 raise
             if handed is not None:
-                return handed
+                if handed.connected:
+                    return handed
+                continue  # lost between the hand-over and now (its slot went to the next waiter)
             if self.closed:
                 raise ServerDisconnectedError("the upstream client is closed")
         self._open += 1
@@ -532,7 +537,9 @@ class Http1Pool:
 def _header_lines(headers: Mapping[str, str]) -> bytes:
     out = []
     for name, value in headers.items():
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+        # A name is an RFC 9110 token; a value is latin-1 text without controls but tab (CR, LF and NUL
+        # would break or smuggle the request's framing).
+        if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
             raise ValueError(f"invalid character in the upstream request header {name!r}")
         out.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
     return b"".join(out)

@@ -174,3 +174,31 @@ async def test_trailers_never_change_the_answers_headers(serve) -> None:  # type
     response.release()
     assert p._idle  # a complete answer: kept alive
     await p.close()
+
+
+async def test_a_connection_lost_while_handed_to_a_waiter_is_not_used(serve) -> None:  # type: ignore[no-untyped-def]
+    async def ok(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(answer(b'{"ok":1}'))
+
+    up = await serve(ok)
+    p = Http1Pool(up.url, limit=1, connect_timeout_s=5.0, read_timeout_s=60.0, headers={})
+    response = await p.post("/chat/completions", b"{}", {})
+    assert await response.content.read() == b'{"ok":1}'
+    waiting = asyncio.ensure_future(read_all(p))
+    while not p._waiters:
+        await asyncio.sleep(0)
+    conn = response._conn
+    assert conn is not None and conn.transport is not None
+    # The upstream's close is processed after the connection was handed over, before the waiter runs.
+    conn.transport.abort()
+    response.release()
+    assert await asyncio.wait_for(waiting, 10) == (200, b'{"ok":1}')
+    await p.close()
+
+
+def test_header_names_and_values_that_are_not_http_are_refused() -> None:
+    for headers in ({"x-a": "a\x00b"}, {"bad name": "v"}, {"": "v"}, {"x-a\x7f": "v"}, {"x-a": "caf\u00e9\u2603"}):
+        with pytest.raises(ValueError, match="upstream request header"):
+            Http1Pool("http://127.0.0.1:9/v1", limit=1, connect_timeout_s=1, read_timeout_s=1, headers=headers)
+    # A tab inside a value and latin-1 text are legal.
+    Http1Pool("http://127.0.0.1:9/v1", limit=1, connect_timeout_s=1, read_timeout_s=1, headers={"x-a": "a\tb é"})
