@@ -134,6 +134,8 @@ class _Connection(asyncio.Protocol):
         self._last_read = 0.0
         self._head_bytes = 0  # received while the answer's head is awaited
         self._header_bytes = 0  # of the header lines parsed (exact)
+        self._framing_bytes = 0  # received after the head with no body byte in between
+        self._body_fed = False  # the current read held body bytes
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -147,6 +149,7 @@ class _Connection(asyncio.Protocol):
             self.drop()  # bytes nobody asked for (on an idle connection): it is out of step, never reused
             return
         awaiting_head = self._reader is None
+        self._body_fed = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -164,6 +167,15 @@ class _Connection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._fail(ClientPayloadError(f"The upstream's answer head exceeds {MAX_HEAD_BYTES} bytes"))
+                self.drop()
+        elif not awaiting_head and not self._complete:
+            # Bytes after the head that carried no body (chunk framing, trailers): the parser buffers a
+            # trailer line until it ends, so as many without a body byte in between are bounded too.
+            self._framing_bytes = 0 if self._body_fed else self._framing_bytes + len(data)
+            if self._framing_bytes > MAX_HEAD_BYTES:
+                self._fail(
+                    ClientPayloadError(f"The upstream's chunk framing or trailers exceed {MAX_HEAD_BYTES} bytes")
+                )
                 self.drop()
 
     def eof_received(self) -> bool | None:
@@ -238,6 +250,7 @@ class _Connection(asyncio.Protocol):
             head.set_result(Response(self, status, self._headers, reader))
 
     def on_body(self, body: bytes) -> None:
+        self._body_fed = True
         reader = self._reader
         if reader is None:
             return
@@ -292,7 +305,7 @@ class _Connection(asyncio.Protocol):
         self._stash.clear()
         self._ended = False
         self._headers = {}
-        self._head_bytes = self._header_bytes = 0
+        self._head_bytes = self._header_bytes = self._framing_bytes = 0
         head: asyncio.Future[Response] = self._loop.create_future()
         self._head = head
         self.transport.write(request)

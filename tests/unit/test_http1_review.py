@@ -202,3 +202,19 @@ def test_header_names_and_values_that_are_not_http_are_refused() -> None:
             Http1Pool("http://127.0.0.1:9/v1", limit=1, connect_timeout_s=1, read_timeout_s=1, headers=headers)
     # A tab inside a value and latin-1 text are legal.
     Http1Pool("http://127.0.0.1:9/v1", limit=1, connect_timeout_s=1, read_timeout_s=1, headers={"x-a": "a\tb é"})
+
+
+async def test_an_endless_trailer_is_refused_not_buffered(serve) -> None:  # type: ignore[no-untyped-def]
+    async def endless(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-trailer: ")
+        for _ in range(40):
+            w.write(b"a" * 8192)
+            await w.drain()
+
+    up = await serve(endless)
+    p = pool(up.url, read_s=60.0)
+    response = await p.post("/chat/completions", b"{}", {})
+    with pytest.raises(ClientPayloadError, match="exceed"):
+        await response.content.read()
+    response.close()
+    await p.close()
