@@ -218,3 +218,29 @@ async def test_an_endless_trailer_is_refused_not_buffered(serve) -> None:  # typ
         await response.content.read()
     response.close()
     await p.close()
+
+
+async def test_interim_answers_bodiless_statuses_and_ambiguous_framing(serve) -> None:  # type: ignore[no-untyped-def]
+    answers = iter(
+        [
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" + answer(b'{"ok":1}'),
+            b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ]
+    )
+
+    async def scripted(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(next(answers))
+
+    up = await serve(scripted)
+    p = pool(up.url, limit=1)
+    status, body = await read_all(p)
+    assert (status, body) == (200, b'{"ok":1}')
+    assert await read_all(p) == (204, b"")
+    assert await read_all(p) == (304, b"")
+    assert up.connections == 1  # each complete: the one connection kept alive
+    with pytest.raises(ClientPayloadError, match="Content-Length"):
+        await read_all(p)  # both lengths: refused, never guessed
+    assert p._open == 0
+    await p.close()
