@@ -22,6 +22,7 @@ What it keeps of aiohttp's behaviour (what the adapter relied on):
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 import zlib
@@ -39,6 +40,8 @@ _READER_LIMIT: Final = 2**16  # aiohttp's default: reading pauses past twice thi
 MAX_HEAD_BYTES: Final = 64 * 1024
 _EXPAND_BYTES: Final = 256 * 1024  # decompressed per step (then the reader's flow control decides)
 _USER_AGENT: Final = b"strait"
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE: Final = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 
 class _Decoder:
@@ -131,6 +134,8 @@ class _Connection(asyncio.Protocol):
         self._last_read = 0.0
         self._head_bytes = 0  # received while the answer's head is awaited
         self._header_bytes = 0  # of the header lines parsed (exact)
+        self._framing_bytes = 0  # received after the head with no body byte in between
+        self._body_fed = False  # the current read held body bytes
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -144,10 +149,16 @@ class _Connection(asyncio.Protocol):
             self.drop()  # bytes nobody asked for (on an idle connection): it is out of step, never reused
             return
         awaiting_head = self._reader is None
+        self._body_fed = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(ClientPayloadError(f"Invalid HTTP response from the upstream: {exc}"))
+            self.drop()
+            return
+        except httptools.HttpParserUpgrade:
+            # A 101 (or CONNECT-like) switch: not an answer to a POST; the connection is no longer HTTP.
+            self._fail(ClientPayloadError("The upstream switched protocols (101): not an answer to the request"))
             self.drop()
             return
         if awaiting_head and self._reader is None:
@@ -156,6 +167,15 @@ class _Connection(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._fail(ClientPayloadError(f"The upstream's answer head exceeds {MAX_HEAD_BYTES} bytes"))
+                self.drop()
+        elif not awaiting_head and not self._complete:
+            # Bytes after the head that carried no body (chunk framing, trailers): the parser buffers a
+            # trailer line until it ends, so as many without a body byte in between are bounded too.
+            self._framing_bytes = 0 if self._body_fed else self._framing_bytes + len(data)
+            if self._framing_bytes > MAX_HEAD_BYTES:
+                self._fail(
+                    ClientPayloadError(f"The upstream's chunk framing or trailers exceed {MAX_HEAD_BYTES} bytes")
+                )
                 self.drop()
 
     def eof_received(self) -> bool | None:
@@ -167,9 +187,15 @@ class _Connection(asyncio.Protocol):
         head, reader = self._head, self._reader
         if head is not None and not head.done():
             head.set_exception(ServerDisconnectedError())
-        elif reader is not None and not self._complete and not self._ended:
-            if self._reads_to_close():
-                self._end_body()  # a body delimited by the connection's end (no length, not chunked)
+        elif reader is not None and not self._complete and not self._ended and reader.exception() is None:
+            # A body delimited by the connection's end (no length, not chunked) ends with a clean close
+            # only: a reset (exc) cut it short.
+            if exc is None and self._reads_to_close():
+                if self._decoder is not None:
+                    self._ended = True  # what waits compressed still goes out, a step at a time
+                    self._pump()
+                else:
+                    self._end_body()
             else:
                 reader.set_exception(ClientPayloadError("Response payload is not completed"))
         self._pool.forget(self)
@@ -197,6 +223,8 @@ class _Connection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4  # exact: ": " and CRLF
         if self._header_bytes > MAX_HEAD_BYTES:
             raise ClientPayloadError(f"The upstream's answer head exceeds {MAX_HEAD_BYTES} bytes")
+        if self._reader is not None:
+            return  # a trailer (after a chunked body): bounded above, never mixed into the answer's headers
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         prior = self._headers.get(key)
@@ -222,6 +250,7 @@ class _Connection(asyncio.Protocol):
             head.set_result(Response(self, status, self._headers, reader))
 
     def on_body(self, body: bytes) -> None:
+        self._body_fed = True
         reader = self._reader
         if reader is None:
             return
@@ -276,7 +305,7 @@ class _Connection(asyncio.Protocol):
         self._stash.clear()
         self._ended = False
         self._headers = {}
-        self._head_bytes = self._header_bytes = 0
+        self._head_bytes = self._header_bytes = self._framing_bytes = 0
         head: asyncio.Future[Response] = self._loop.create_future()
         self._head = head
         self.transport.write(request)
@@ -295,6 +324,11 @@ class _Connection(asyncio.Protocol):
 
     def drop(self) -> None:
         self._stop_timer()
+        reader = self._reader
+        if reader is not None and not self._complete and reader.exception() is None:
+            # A reader still waiting must fail now: aiohttp's reader raises a bare RuntimeError when it
+            # finds its protocol disconnected before connection_lost has told it why.
+            reader.set_exception(ClientPayloadError("Response payload is not completed"))
         if self.transport is not None:
             self.transport.close()
         self.connected = False
@@ -394,6 +428,7 @@ class Http1Pool:
         self.read_timeout_s = read_timeout_s
         self.keepalive_s = keepalive_s
         self._idle: list[_Connection] = []
+        self._conns: set[_Connection] = set()  # every connection counted in _open (closed by close())
         self._open = 0
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._ssl: ssl.SSLContext | None = None
@@ -428,8 +463,9 @@ class Http1Pool:
 
     async def close(self) -> None:
         self.closed = True
-        idle, self._idle = self._idle, []
-        for conn in idle:
+        self._idle = []
+        # In use or idle: every transport is closed (an answer still being read fails as cut short).
+        for conn in list(self._conns):
             conn.drop()
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -455,25 +491,32 @@ class Http1Pool:
             try:
                 handed = await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled() and (conn_ := waiter.result()) is not None:
-                    self.put_back(conn_)  # handed over as we were cancelled: not lost
+                if waiter.done() and not waiter.cancelled():
+                    if (conn_ := waiter.result()) is not None:
+                        self.put_back(conn_)  # handed over as we were cancelled: not lost
+                    else:
+                        self._wake()  # told a slot is free as we were cancelled: the next waiter takes it
                 raise
             if handed is not None:
-                return handed
+                if handed.connected:
+                    return handed
+                continue  # lost between the hand-over and now (its slot went to the next waiter)
             if self.closed:
                 raise ServerDisconnectedError("the upstream client is closed")
         self._open += 1
+        conn = _Connection(self)
+        self._conns.add(conn)
         try:
-            return await self._connect()
+            await self._connect(conn)
         except BaseException:
-            self._open -= 1
-            self._wake()
+            # Once only, whether or not the transport was made (and lost) before the failure.
+            self.forget(conn)
             raise
+        return conn
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, conn: _Connection) -> None:
         if self.tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
-        conn = _Connection(self)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 await self.loop.create_connection(
@@ -481,7 +524,6 @@ class Http1Pool:
                 )
         except OSError as exc:  # refused, unreachable, DNS, TLS handshake: nothing was sent
             raise ConnectFailed(str(exc) or type(exc).__name__) from exc
-        return conn
 
     def put_back(self, conn: _Connection) -> None:
         if self.closed or not conn.connected:
@@ -500,6 +542,7 @@ class Http1Pool:
         if conn.counted:
             conn.counted = False
             self._open -= 1
+            self._conns.discard(conn)
             if conn in self._idle:
                 self._idle.remove(conn)
             self._wake()
@@ -515,7 +558,9 @@ class Http1Pool:
 def _header_lines(headers: Mapping[str, str]) -> bytes:
     out = []
     for name, value in headers.items():
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+        # A name is an RFC 9110 token; a value is latin-1 text without controls but tab (CR, LF and NUL
+        # would break or smuggle the request's framing).
+        if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
             raise ValueError(f"invalid character in the upstream request header {name!r}")
         out.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
     return b"".join(out)

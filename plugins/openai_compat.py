@@ -130,6 +130,9 @@ class OpenAICompatAdapter:
             except (aiohttp.ClientError, OSError) as exc:
                 response.close()
                 raise UpstreamConnectError(f"{self.name}: {type(exc).__name__} reading the body", reset=True) from None
+            except BaseException:
+                response.close()  # cancelled mid-body: the connection (and its slot) is not left behind
+                raise
             response.release()
             return UpstreamResponse(status=response.status, body=body, headers=headers)
         state = _StreamState(self._max_event)

@@ -123,6 +123,10 @@ class _Wire(asyncio.Protocol):
                 waiting.popleft()
                 if not waiter.done():  # else its caller left: the replies are dropped
                     waiter.set_result(got)
+            if self._reader.has_data():
+                # Bytes with no call waiting for them: the connection is out of step (a later call must
+                # never take them for its reply).
+                raise InvalidResponse("Redis sent a reply no call was waiting for")
         except (InvalidResponse, hiredis.HiredisError) as exc:  # a protocol error: out of step
             self._fail(exc)
 
@@ -241,14 +245,19 @@ class DirectConnections:
 
     async def _connect(self) -> _Wire | None:
         """The pipelined connection, opened once for every caller waiting for it (None: no hiredis)."""
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open())
         connecting = self._connecting
-        try:
-            return await asyncio.shield(connecting)
-        finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
+        if connecting is None:
+            connecting = self._connecting = asyncio.ensure_future(self._open())
+            # Forgotten as soon as it is done, even if every caller waiting for it has left: a later
+            # call connects afresh, never receives an old failure.
+            connecting.add_done_callback(self._opened)
+        return await asyncio.shield(connecting)
+
+    def _opened(self, connecting: asyncio.Future[_Wire | None]) -> None:
+        if self._connecting is connecting:
+            self._connecting = None
+        if not connecting.cancelled():
+            connecting.exception()  # retrieved: the callers that waited got it; none is logged unseen
 
     async def _open(self) -> _Wire | None:
         old = self._wire

@@ -109,3 +109,46 @@ async def test_a_reset_closes_only_a_connection_whose_oldest_call_is_stuck() -> 
         await client.aclose()
     finally:
         server.cleanup()
+
+
+async def test_a_reply_nobody_asked_for_retires_the_connection_and_never_answers_a_later_call() -> None:
+    server = RedisProc().start()
+    try:
+        client = Redis(port=server.port, socket_timeout=5)
+        direct = DirectConnections(client)
+        assert await direct.call(pack(["PING"])) == b"PONG"
+        wire = direct._wire
+        assert wire is not None
+        # A reply with no caller waiting (what an out-of-step connection or a server push looks like).
+        wire.transport.write(pack(["ECHO", "stray"]))
+        deadline = asyncio.get_running_loop().time() + 10
+        while wire.alive and not wire._reader.has_data():
+            assert asyncio.get_running_loop().time() < deadline, "the stray reply never arrived"
+            await asyncio.sleep(0.01)
+        assert await direct.call(pack(["ECHO", "next"])) == b"next"
+        await direct.close()
+        await client.aclose()
+    finally:
+        server.cleanup()
+
+
+async def test_a_failed_connect_nobody_waited_for_does_not_fail_the_next_call() -> None:
+    server = RedisProc().start()
+    try:
+        server.kill()  # nothing listens: the connect fails
+        client = Redis(port=server.port, socket_timeout=5)
+        direct = DirectConnections(client)
+        left = asyncio.ensure_future(direct.call(pack(["PING"])))
+        await asyncio.sleep(0)  # the connect started
+        connecting = direct._connecting
+        assert connecting is not None
+        left.cancel()  # its only caller leaves before it fails
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        await asyncio.wait([connecting])
+        server.start()
+        assert await direct.call(pack(["PING"])) == b"PONG"  # a fresh connect, not the old failure
+        await direct.close()
+        await client.aclose()
+    finally:
+        server.cleanup()
