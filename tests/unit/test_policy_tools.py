@@ -106,7 +106,9 @@ def test_diff_shows_changed_decisions_and_why(tmp_path: Path) -> None:
     assert (changed, total) == (1, 3)
     # Old policy: its only candidate is ejected, so it is tried anyway (panic mode); the new one has a fallback.
     assert lines[0].startswith("request 2 (tenant health-eu, model 'chat'): mistral-small@gpu-frankfurt ->")
-    assert "-> mistral-small@mistral-api (new policy excludes mistral-small@gpu-frankfurt: backend is ejected" in lines[0]
+    assert (
+        "-> mistral-small@mistral-api (new policy excludes mistral-small@gpu-frankfurt: backend is ejected" in lines[0]
+    )
     cases = tmp_path / "cases.jsonl"
     cases.write_text(
         "\n".join(json.dumps({"tenant": r.tenant, "request": r.request, "signals": r.signals}) for r in replays)
