@@ -75,10 +75,14 @@ class Capacity(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # None: recognised from the metric names on the page.
     metrics_format: Literal["vllm", "sglang", "tgi", "llamacpp"] | None = None
     # How often the page is fetched, how long a fetch may take, and how old the last good scrape may be
-    # before routing falls back to in-flight counting (flagged `stale` in explain). None: 3 intervals.
+    # before routing falls back to in-flight counting (flagged `stale` in explain). None: the timeout is
+    # the interval (at most 1 s); stale after 3 intervals.
     scrape_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = 2.0
-    scrape_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    scrape_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] | None = None
     stale_after_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] | None = None
+
+    def scrape_timeout(self) -> float:
+        return self.scrape_timeout_s if self.scrape_timeout_s is not None else min(1.0, self.scrape_interval_s)
 
 
 ProbeKind = Literal["auto", "health", "models", "metrics", "none"]

@@ -238,7 +238,7 @@ class HealthMonitor:
         name = backend.name
         try:
             if cap.metrics_url:
-                status, text = await self._get(cap.metrics_url, cap.scrape_timeout_s)
+                status, text = await self._get(cap.metrics_url, cap.scrape_timeout())
                 if status != 200:
                     raise MetricsPageError(f"HTTP {status}")
             elif engine is not None:
