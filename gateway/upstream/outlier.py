@@ -158,7 +158,9 @@ class OutlierTracker:
                 len(self._backends),
             )
             return None
-        if now - st.readmitted_at >= p.max_ejection_s:
+        if key not in self.ejected and now - st.readmitted_at >= p.max_ejection_s:
+            # Healthy long enough since it last came back: this is a first ejection again. (A failed
+            # half-open probe, still ejected, keeps counting up.)
             st.ejections = 0
         st.ejections += 1
         period = min(p.base_ejection_s * st.ejections, p.max_ejection_s)
