@@ -226,14 +226,15 @@ EJECTED: Final = "backend is ejected (unhealthy)"
 
 
 def _utilisation(t: Target, live: LiveState) -> float:
-    u = live.utilisation.get(t.backend.name)
-    if u is not None:
-        return u
+    """The engine's gauge (fresh scrapes only), but never less than this gateway's own in-flight requests
+    over `max_concurrency`: the gauge lags by up to a scrape interval, while the requests this gateway has
+    just sent are known now (a burst must not all pile onto a backend that was idle at the last scrape)."""
+    name = t.backend.name
     cap = t.backend.capacity.max_concurrency
-    flying = live.in_flight.get(t.backend.name)
-    if cap and flying is not None:
-        return flying / cap
-    return 0.0
+    flying = live.in_flight.get(name)
+    counted = flying / cap if cap and flying is not None else 0.0
+    u = live.utilisation.get(name)
+    return counted if u is None else max(u, counted)
 
 
 def _load_source(t: Target, live: LiveState) -> str | None:

@@ -615,10 +615,9 @@ def test_plan_length_is_bounded_by_max_attempts(w: World) -> None:
 
 
 def _utilisation(t: Target, live: LiveState) -> float:
-    if t.backend.name in live.utilisation:
-        return live.utilisation[t.backend.name]
     cap, flying = t.backend.capacity.max_concurrency, live.in_flight.get(t.backend.name)
-    return flying / cap if cap and flying is not None else 0.0
+    counted = flying / cap if cap and flying is not None else 0.0
+    return max(live.utilisation.get(t.backend.name, 0.0), counted)
 
 
 @SETTINGS
