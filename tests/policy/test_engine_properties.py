@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from gateway.errors import InvalidRequest, PermissionDenied
 from gateway.policy.compliance import compliance_reason
 from gateway.policy.engine import (
+    EJECTED,
     LiveState,
     Preferences,
     RequestFeatures,
@@ -499,9 +500,15 @@ def test_preferences_only_narrow(w: World, data: st.DataObject) -> None:
     if isinstance(narrowed, PermissionDenied | InvalidRequest):
         return
     assert isinstance(without, RoutePlan), "preferences produced a plan where the tenant's policy gives none"
+    kept = {r.deployment for r in narrowed.decision.rows if r.excluded is None}
+    if narrowed.decision.panic and not without.decision.panic:
+        # Narrowing left only ejected candidates: they are tried (panic mode), but nothing the tenant's
+        # policy excludes for any other reason.
+        allowed = {r.deployment for r in without.decision.rows if r.excluded in (None, EJECTED)}
+        assert kept <= allowed
+        return
     assert set(narrowed.decision.plan) <= set(without.decision.plan)
     # Survivors too, not only the truncated plan.
-    kept = {r.deployment for r in narrowed.decision.rows if r.excluded is None}
     assert kept <= {r.deployment for r in without.decision.rows if r.excluded is None}
 
 
