@@ -37,12 +37,58 @@ def check_routes(policy: PolicySet, source: Any, route_names: set[str], report: 
                 report(source, f"$.routes[{i}].fallback[{j}]", f"route {r.name!r}: falls back to itself", "error")
         if r.weights.cost < 0 or r.weights.latency < 0:
             report(source, f"$.routes[{i}].weights", f"route {r.name!r}: weights must not be negative", "error")
-        spill = r.spillover
-        if spill is not None and not 0 < spill.threshold <= 1:
+        if r.spillover is not None and not 0 < r.spillover.threshold <= 1:
             report(
                 source, f"$.routes[{i}].spillover.threshold", f"route {r.name!r}: threshold must be in (0, 1]", "error"
             )
-        elif spill is not None and spill.resume_below is not None and not 0 <= spill.resume_below < spill.threshold:
+
+
+def check_tenants(policy: PolicySet, source: Any, route_names: set[str], report: Report) -> None:
+    for i, t in enumerate(policy.tenants):
+        c = t.compliance
+        base = f"$.tenants[{i}]"
+        for name in t.limits.routes:
+            if name not in route_names:
+                report(
+                    source, f"{base}.limits.routes", f"tenant {t.name!r}: limits name unknown route {name!r}", "error"
+                )
+        b = t.budgets
+        if b.on_exhausted == "downgrade" and b.downgrade_route is None:
+            report(
+                source, f"{base}.budgets", f"tenant {t.name!r}: on_exhausted downgrade needs downgrade_route", "error"
+            )
+        if b.downgrade_route is not None and b.downgrade_route not in route_names:
+            report(
+                source,
+                f"{base}.budgets.downgrade_route",
+                f"tenant {t.name!r}: unknown downgrade route {b.downgrade_route!r}",
+                "error",
+            )
+        if c.allowed_jurisdictions is not None and not expand(c.allowed_jurisdictions) - expand(c.denied_jurisdictions):
+            report(
+                source,
+                f"{base}.compliance",
+                f"tenant {t.name!r}: impossible constraints: every allowed jurisdiction is also denied",
+                "error",
+            )
+        if c.allowed_origin_countries is not None and not expand(c.allowed_origin_countries) - expand(
+            c.denied_origin_countries
+        ):
+            report(
+                source,
+                f"{base}.compliance",
+                f"tenant {t.name!r}: impossible constraints: every allowed origin country is also denied",
+                "error",
+            )
+
+
+def check_spillover(policy: PolicySet, source: Any, report: Report) -> None:
+    """A spillover's lower marks must sit below its thresholds (else it could never flow back)."""
+    for i, r in enumerate(policy.routes):
+        spill = r.spillover
+        if spill is None or not 0 < spill.threshold <= 1:
+            continue
+        if spill.resume_below is not None and not 0 <= spill.resume_below < spill.threshold:
             report(
                 source,
                 f"$.routes[{i}].spillover.resume_below",
@@ -50,8 +96,7 @@ def check_routes(policy: PolicySet, source: Any, route_names: set[str], report: 
                 "error",
             )
         if (
-            spill is not None
-            and spill.queue_threshold is not None
+            spill.queue_threshold is not None
             and spill.queue_resume_below is not None
             and spill.queue_resume_below >= spill.queue_threshold
         ):
@@ -114,45 +159,6 @@ def check_backends(policy: PolicySet, source: Any, report: Report) -> None:
                 f"{base}.capacity.stale_after_s",
                 f"backend {b.name!r}: stale_after_s ({stale:g}) is below scrape_interval_s "
                 f"({cap.scrape_interval_s:g}): metrics would be stale between two scrapes",
-                "error",
-            )
-
-
-def check_tenants(policy: PolicySet, source: Any, route_names: set[str], report: Report) -> None:
-    for i, t in enumerate(policy.tenants):
-        c = t.compliance
-        base = f"$.tenants[{i}]"
-        for name in t.limits.routes:
-            if name not in route_names:
-                report(
-                    source, f"{base}.limits.routes", f"tenant {t.name!r}: limits name unknown route {name!r}", "error"
-                )
-        b = t.budgets
-        if b.on_exhausted == "downgrade" and b.downgrade_route is None:
-            report(
-                source, f"{base}.budgets", f"tenant {t.name!r}: on_exhausted downgrade needs downgrade_route", "error"
-            )
-        if b.downgrade_route is not None and b.downgrade_route not in route_names:
-            report(
-                source,
-                f"{base}.budgets.downgrade_route",
-                f"tenant {t.name!r}: unknown downgrade route {b.downgrade_route!r}",
-                "error",
-            )
-        if c.allowed_jurisdictions is not None and not expand(c.allowed_jurisdictions) - expand(c.denied_jurisdictions):
-            report(
-                source,
-                f"{base}.compliance",
-                f"tenant {t.name!r}: impossible constraints: every allowed jurisdiction is also denied",
-                "error",
-            )
-        if c.allowed_origin_countries is not None and not expand(c.allowed_origin_countries) - expand(
-            c.denied_origin_countries
-        ):
-            report(
-                source,
-                f"{base}.compliance",
-                f"tenant {t.name!r}: impossible constraints: every allowed origin country is also denied",
                 "error",
             )
 
