@@ -129,6 +129,8 @@ class HealthMonitor:
             if watches.get(name) != self._watches.get(name):
                 task.cancel()
                 del self._scrapers[name]
+                # Its last gauge must not steer routing forever: in-flight counting until a new scrape.
+                self.signals.forget_engine(name)
         self._next_active = {n: t for n, t in self._next_active.items() if watches.get(n) == self._watches.get(n)}
         self._watches = watches
         if self._ticker is not None:
@@ -183,6 +185,7 @@ class HealthMonitor:
 
     def tick(self) -> None:
         now = self.clock()
+        self.signals.refresh_all(now)
         for key in self.signals.outliers.due_probes(now):
             self._spawn_probe(key, active=False)
         for name, w in self._watches.items():

@@ -158,6 +158,21 @@ class LiveSignals:
             self._stale = self._stale | {backend}
             self._state = self._build()
 
+    def forget_engine(self, backend: str) -> None:
+        """Its metrics are no longer scraped (a reload removed `metrics_url`): routing counts in-flight."""
+        self.engine.pop(backend, None)
+        self.utilisation.pop(backend, None)
+        self.queue.pop(backend, None)
+        self.scrape_failures.pop(backend, None)
+        if backend in self._stale:
+            self._stale = self._stale - {backend}
+            self._state = self._build()
+
+    def refresh_all(self, now: float) -> None:
+        """Flag every backend whose last good scrape is too old (a scrape that never comes back included)."""
+        for backend in list(self.engine):
+            self.refresh_staleness(backend, now)
+
     def load_age(self, backend: str, now: float) -> float | None:
         load = self.engine.get(backend)
         return None if load is None else now - load.at

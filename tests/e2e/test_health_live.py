@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -222,3 +223,44 @@ def test_stale_metrics_fall_back_to_in_flight_counting_flagged_in_explain(gw: Se
     fresh = _chat(gw, "spill")
     assert "stale_metrics" not in _explain(fresh)
     assert fresh.headers["x-strait-deployment"] == PRIMARY
+
+
+def _reloads_applied(gw: ServerProcess) -> float:
+    for line in httpx.get(gw.base_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith('strait_policy_reloads_total{result="applied"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_reloaded_policy_gets_its_scraper_and_a_removed_one_stops(
+    fake_upstream: ServerProcess, tmp_path: Path
+) -> None:
+    """A backend gains `metrics_url` by a hot reload: the new runtime's scraper starts and its load steers
+    spillover; the reload that removes it stops the scraper. Its own fake engine, so no other gateway scrapes it."""
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.harness.fake_upstream", "--port", str(port)]
+    engine = ServerProcess(argv, port, ready_path="/healthz", log_path=tmp_path / "fake.log")
+    with_metrics = _policy(engine.base_url, fake_upstream.base_url)
+    without = with_metrics.replace(f', metrics_url: "{engine.base_url}/metrics"', "")
+    assert without != with_metrics
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(without)
+    with engine, FakeControl(engine.base_url) as fake, gateway_process(policy, log_path=tmp_path / "gw.log") as gw:
+        fake.set_metrics(kv_cache_usage=0.9, running=0, waiting=0)
+        assert int(fake.metrics_state()["scrapes"]) == 0  # nothing scrapes a page no policy names
+        assert _chat(gw, "spill").headers["x-strait-deployment"] == PRIMARY
+        policy.write_text(with_metrics)
+        _until(lambda: int(fake.metrics_state()["scrapes"]) >= 2, "the reloaded policy's scraper started")
+        _fresh_scrapes(fake)
+        assert _chat(gw, "spill").headers["x-strait-spill"].startswith("primary: utilisation 0.90")
+        applied = _reloads_applied(gw)
+        policy.write_text(without)
+        _until(lambda: _reloads_applied(gw) > applied, "the reload without metrics_url applied")
+        stopped_at = int(fake.metrics_state()["scrapes"])
+        # Several requests later (each a full decision), the page is no longer read: at most one scrape that
+        # was already under way when the reload landed.
+        for _ in range(10):
+            r = _chat(gw, "spill")
+        assert int(fake.metrics_state()["scrapes"]) <= stopped_at + 1
+        # And its last gauge no longer steers routing: counted from in-flight requests, the primary serves.
+        assert r.headers["x-strait-deployment"] == PRIMARY

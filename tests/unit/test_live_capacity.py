@@ -102,6 +102,14 @@ def test_stale_metrics_fall_back_to_in_flight_and_explain_says_so() -> None:
     # A good scrape makes it fresh again.
     _load(s, 4.0, 0.5)
     assert s.snapshot(4.0).stale == frozenset() and s.snapshot(4.0).utilisation == {"edge": 0.5}
+    # A scrape that never comes back (no failure reported either): the monitor's tick flags it all the same.
+    s.refresh_all(6.0)
+    assert s.snapshot(6.0).utilisation == {"edge": 0.5}
+    s.refresh_all(7.5)
+    assert s.snapshot(7.5).stale == {"edge"} and s.snapshot(7.5).utilisation == {}
+    # A reload that stops scraping it forgets the gauge: plain in-flight counting, not "stale".
+    s.forget_engine("edge")
+    assert s.snapshot(8.0).stale == frozenset() and "edge" not in s.engine
 
 
 def test_latency_objective_ranks_on_time_to_first_token() -> None:
