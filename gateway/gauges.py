@@ -46,13 +46,36 @@ class GatewayGauges:
         yield in_flight
         ejected = GaugeMetricFamily(
             "strait_upstream_ejected",
-            "1 while a backend is ejected after repeated connection failures.",
+            "1 while a backend (or a model@backend deployment) is ejected by outlier detection.",
             labels=["backend"],
         )
-        unhealthy = g.signals.snapshot(time.monotonic()).unhealthy
-        for backend in sorted(g.signals.in_flight):
+        live = g.signals.snapshot(time.monotonic())
+        unhealthy = live.unhealthy
+        for backend in sorted(set(g.signals.in_flight) | unhealthy):
             ejected.add_metric([backend], 1 if backend in unhealthy else 0)
         yield ejected
+        utilisation = GaugeMetricFamily(
+            "strait_backend_utilisation",
+            "Utilisation (0-1) from the engine's scraped metrics, while fresh.",
+            labels=["backend"],
+        )
+        queue = GaugeMetricFamily(
+            "strait_backend_queue", "Requests waiting in the engine (scraped metrics, while fresh).", labels=["backend"]
+        )
+        for backend, u in sorted(live.utilisation.items()):
+            utilisation.add_metric([backend], u)
+        for backend, q in sorted(live.queue.items()):
+            queue.add_metric([backend], q)
+        yield utilisation
+        yield queue
+        stale = GaugeMetricFamily(
+            "strait_backend_metrics_stale",
+            "1 while a backend's engine metrics are stale (utilisation counted from in-flight requests).",
+            labels=["backend"],
+        )
+        for backend in sorted(live.stale):
+            stale.add_metric([backend], 1)
+        yield stale
         yield GaugeMetricFamily(
             "strait_usage_queue_records", "Usage records waiting in memory for the ledger.", value=g.writer.queued()
         )

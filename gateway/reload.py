@@ -102,7 +102,7 @@ class PolicyReloader:
                 log.error("policy reload refused: %s", exc)
                 metrics.policy_reloads.labels("rejected").inc()
                 return False
-            self.gateway.runtime = new
+            self.gateway.use(new)
             metrics.policy_reloads.labels("applied").inc()
             log.warning("policy %s in force (version %s)", self.path, new.index.version)
             dropped = [a for name, a in old.adapters.items() if new.adapters.get(name) is not a]

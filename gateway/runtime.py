@@ -32,6 +32,7 @@ from gateway.state import Store
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
 from gateway.upstream.dispatch import Dispatcher
+from gateway.upstream.health import HealthMonitor, probe_plan
 from gateway.upstream.redact import redactor_for
 from gateway.upstream.signals import LiveSignals
 
@@ -99,6 +100,8 @@ def build_runtime(
             adapters[b.name] = previous.adapters[b.name]
         else:
             adapters[b.name] = factories[b.adapter](_with_limits(b, limits))
+    # Outlier thresholds per backend, and which can be probed for free (half-open) before traffic returns.
+    signals.configure(policy.backends, probed=[b.name for b in policy.backends if probe_plan(b) is not None])
     auth = AuthStage(index)
     # Shared by `route` and `limits` (which explains again when it switches to the downgrade plan).
     explain = Explain(index, services.decisions)
@@ -167,6 +170,15 @@ class Gateway:
         self.decisions = services.decisions
         self.started_at = int(time.time())
         self._epoch_task: asyncio.Future[None] | None = None
+        # Probes ejected backends and scrapes engine metrics, off the request path (gateway.upstream.health).
+        self.health = HealthMonitor(self.signals)
+        self.health.apply(list(runtime.index.policy.backends), runtime.adapters)
+
+    def use(self, runtime: Runtime) -> None:
+        """Put a new runtime in force (a reload): its backends get their probes and scrapers, removed or
+        changed ones' stop."""
+        self.runtime = runtime
+        self.health.apply(list(runtime.index.policy.backends), runtime.adapters)
 
     async def start(self) -> None:
         if self.runtime.cache is not None:
@@ -174,6 +186,7 @@ class Gateway:
             await self.runtime.cache.warm()
         await self.writer.start()
         self._epoch_task = asyncio.ensure_future(self._watch_epoch())
+        await self.health.start()
 
     async def _watch_epoch(self) -> None:
         """Notice a shared store that came back empty: log it and count it (budgets started over)."""
@@ -192,6 +205,7 @@ class Gateway:
     async def aclose(self) -> None:
         if self._epoch_task is not None:
             self._epoch_task.cancel()
+        await self.health.aclose()
         if self.runtime.cache is not None:
             await self.runtime.cache.drain()
         await self.accounting.drain()

@@ -4,18 +4,24 @@ It answers chat, legacy completions and embeddings in OpenAI's wire format, read
 (it does not speak any client's protocol, so it never gets the client's bytes), with configurable time to
 first token, tokens per second, output length and failure rate, and counts usage with tiktoken so the
 numbers look like a real engine's.
+
+Like an engine, it has slots: `capacity.max_concurrency` requests run at once, the rest wait (FIFO), and
+it serves vLLM's load gauges in process (`engine_metrics`, read by the gateway's scraper without HTTP):
+`vllm:num_requests_running`, `vllm:num_requests_waiting` (growing with the requests in flight beyond
+the slots) and `vllm:kv_cache_usage_perc` (running / slots). So the demo shows spillover happening.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import itertools
 import random
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -98,9 +104,50 @@ class SimulatedAdapter:
         self._rng = rng or random.Random()
         self._words = _single_token_words()
         self._ids = itertools.count(1)
+        # Engine slots (None: unlimited) and the requests in flight: running, or waiting for a slot.
+        self.slots = backend.capacity.max_concurrency
+        self.in_flight = 0
+        self._free = asyncio.Semaphore(self.slots) if self.slots else None
 
     async def aclose(self) -> None:
         return None
+
+    def engine_metrics(self) -> str:
+        """vLLM's load gauges for this simulated engine (Prometheus text, as vLLM's /metrics)."""
+        slots = self.slots
+        running = min(self.in_flight, slots) if slots else self.in_flight
+        waiting = self.in_flight - running
+        kv = running / slots if slots else 0.0
+        labels = f'{{engine="0",model_name="{self.name}"}}'
+        return (
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{labels} {float(running)}\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{labels} {float(waiting)}\n"
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            f"vllm:kv_cache_usage_perc{labels} {kv}\n"
+        )
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        if self._free is None:
+            yield
+            return
+        async with self._free:
+            yield
+
+    def _admit(self) -> Callable[[], None]:
+        """Count a request in flight; the returned function counts it out (once, whatever calls it)."""
+        self.in_flight += 1
+        done = False
+
+        def leave() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.in_flight -= 1
+
+        return leave
 
     async def send(self, call: UpstreamCall) -> UpstreamResponse:
         o = self.options
@@ -123,10 +170,19 @@ class SimulatedAdapter:
         }
         ident = f"{'chatcmpl' if call.operation == 'chat' else 'cmpl'}-sim{next(self._ids):08d}"
         model = call.model
+        leave = self._admit()
         if call.stream:
-            events = self._stream(call.operation, ident, model, words, choices, finish, tool, usage)
-            return UpstreamResponse(status=200, events=events, close=_noop)
-        await asyncio.sleep(o.ttft_ms / 1000 + n_tokens / max(o.tokens_per_second, 1e-6))
+            events = self._stream(call.operation, ident, model, words, choices, finish, tool, usage, leave)
+
+            async def close() -> None:
+                leave()
+
+            return UpstreamResponse(status=200, events=events, close=close)
+        try:
+            async with self._slot():
+                await asyncio.sleep(o.ttft_ms / 1000 + n_tokens / max(o.tokens_per_second, 1e-6))
+        finally:
+            leave()
         return UpstreamResponse(
             status=200, body=self._whole(call.operation, ident, model, words, choices, finish, tool, usage)
         )
@@ -201,7 +257,28 @@ class SimulatedAdapter:
         finish: str,
         tool: dict[str, Any] | None,
         usage: dict[str, int],
+        leave: Callable[[], None],
     ) -> AsyncIterator[bytes]:
+        try:
+            async with self._slot():
+                events = self._events(op, ident, model, words, n, finish, tool, usage)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        yield event
+        finally:
+            leave()
+
+    async def _events(
+        self,
+        op: str,
+        ident: str,
+        model: str,
+        words: list[str],
+        n: int,
+        finish: str,
+        tool: dict[str, Any] | None,
+        usage: dict[str, int],
+    ) -> AsyncGenerator[bytes, None]:
         o = self.options
         created = int(time.time())
         step = max(1, o.chunk_tokens)
@@ -284,10 +361,6 @@ def _vector(text: str, dims: int) -> list[float]:
     vec = [rng.gauss(0.0, 1.0) for _ in range(dims)]
     norm = sum(v * v for v in vec) ** 0.5 or 1.0
     return [v / norm for v in vec]
-
-
-async def _noop() -> None:
-    return None
 
 
 def factory(backend: Backend) -> SimulatedAdapter:

@@ -104,6 +104,87 @@ def check_tenants(policy: PolicySet, source: Any, route_names: set[str], report:
             )
 
 
+def check_spillover(policy: PolicySet, source: Any, report: Report) -> None:
+    """A spillover's lower marks must sit below its thresholds (else it could never flow back)."""
+    for i, r in enumerate(policy.routes):
+        spill = r.spillover
+        if spill is None or not 0 < spill.threshold <= 1:
+            continue
+        if spill.resume_below is not None and not 0 <= spill.resume_below < spill.threshold:
+            report(
+                source,
+                f"$.routes[{i}].spillover.resume_below",
+                f"route {r.name!r}: resume_below must be at least 0 and below the threshold ({spill.threshold})",
+                "error",
+            )
+        if (
+            spill.queue_threshold is not None
+            and spill.queue_resume_below is not None
+            and spill.queue_resume_below >= spill.queue_threshold
+        ):
+            report(
+                source,
+                f"$.routes[{i}].spillover.queue_resume_below",
+                f"route {r.name!r}: queue_resume_below must be below queue_threshold ({spill.queue_threshold})",
+                "error",
+            )
+
+
+def check_backends(policy: PolicySet, source: Any, report: Report) -> None:
+    """Outlier and capacity settings that cannot work together."""
+    for i, b in enumerate(policy.backends):
+        base = f"$.backends[{i}]"
+        o, cap = b.outlier, b.capacity
+        if o.max_ejection_s < o.base_ejection_s:
+            report(
+                source,
+                f"{base}.outlier.max_ejection_s",
+                f"backend {b.name!r}: max_ejection_s ({o.max_ejection_s:g}) is below base_ejection_s "
+                f"({o.base_ejection_s:g})",
+                "error",
+            )
+        if o.probe == "metrics" and cap.metrics_url is None:
+            report(
+                source,
+                f"{base}.outlier.probe",
+                f"backend {b.name!r}: probe metrics needs capacity.metrics_url",
+                "error",
+            )
+        if o.probe in ("health", "models") and b.base_url is None:
+            report(source, f"{base}.outlier.probe", f"backend {b.name!r}: probe {o.probe} needs base_url", "error")
+        if o.active_interval_s is not None and o.probe == "none":
+            report(
+                source,
+                f"{base}.outlier.active_interval_s",
+                f"backend {b.name!r}: active health checks need a probe (probe is none)",
+                "error",
+            )
+        if cap.metrics_url is not None and not cap.metrics_url.startswith(("http://", "https://")):
+            report(
+                source,
+                f"{base}.capacity.metrics_url",
+                f"backend {b.name!r}: metrics_url must start with http:// or https://",
+                "error",
+            )
+        if cap.scrape_timeout_s is not None and cap.scrape_timeout_s > cap.scrape_interval_s:
+            report(
+                source,
+                f"{base}.capacity.scrape_timeout_s",
+                f"backend {b.name!r}: scrape_timeout_s ({cap.scrape_timeout_s:g}) exceeds scrape_interval_s "
+                f"({cap.scrape_interval_s:g}): scrapes would overlap",
+                "error",
+            )
+        stale = cap.stale_after_s
+        if stale is not None and stale < cap.scrape_interval_s:
+            report(
+                source,
+                f"{base}.capacity.stale_after_s",
+                f"backend {b.name!r}: stale_after_s ({stale:g}) is below scrape_interval_s "
+                f"({cap.scrape_interval_s:g}): metrics would be stale between two scrapes",
+                "error",
+            )
+
+
 def check_rules(policy: PolicySet, source: Any, names: dict[str, set[str]], report: Report) -> None:
     for i, rule in enumerate(policy.rules):
         base = f"$.rules[{i}]"

@@ -26,7 +26,7 @@ from gateway.canonical import Operation
 from gateway.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.policy.compile import RuleTest
 from gateway.policy.index import PolicyIndex, Principal, Target
-from gateway.policy.model import Constraints, Objective, Route, Tenant, Weights
+from gateway.policy.model import Constraints, Objective, Route, Spillover, Tenant, Weights
 from gateway.policy.places import expand
 
 # Output tokens assumed for cost ranking when the request sets no max_tokens.
@@ -54,12 +54,23 @@ class Preferences(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 class LiveState(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of live signals, by backend name (latency also by `model@backend`)."""
+    """A snapshot of live signals, by backend name (latency, TTFT and throughput by `model@backend`)."""
 
+    # Ejected backends (or deployments, by label): out of the plan unless every candidate is (panic).
     unhealthy: frozenset[str] = frozenset()
+    # EWMA of the time to response headers.
     latency_ms: Mapping[str, float] = {}
+    # EWMAs of the time to first token and of output tokens per second (streams).
+    ttft_ms: Mapping[str, float] = {}
+    tokens_per_s: Mapping[str, float] = {}
     in_flight: Mapping[str, int] = {}
+    # The engine's own gauges, scraped and fresh: utilisation (0-1) and requests waiting.
     utilisation: Mapping[str, float] = {}
+    queue: Mapping[str, int] = {}
+    # Backends whose engine metrics are stale: their utilisation is counted from in-flight requests.
+    stale: frozenset[str] = frozenset()
+    # (route, backend) pairs spilling now: they come back only below the route's lower mark.
+    spilling: frozenset[tuple[str, str]] = frozenset()
 
 
 EMPTY_LIVE: Final = LiveState()
@@ -89,7 +100,18 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     excluded: str | None = None
     est_cost_usd: float | None = None
     latency_ms: float | None = None
+    # The EWMA of the time to first token the latency objective ranks on (None: no stream measured yet).
+    ttft_ms: float | None = None
+    tokens_per_s: float | None = None
     utilisation: float | None = None
+    queue: int | None = None
+    # Where utilisation came from: engine (scraped, fresh), in-flight (counted), stale (the engine's
+    # metrics are too old: counted from in-flight), or None (nothing known: 0).
+    load: str | None = None
+    # Why this deployment was moved behind the others (spillover), or None.
+    spilled: str | None = None
+    # Ejected, yet in the plan: every candidate was ejected (panic mode).
+    ejected: bool = False
     score: float | None = None
     rank: int | None = None
 
@@ -104,6 +126,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     rules: tuple[str, ...]
     rows: tuple[Row, ...]
     plan: tuple[str, ...]
+    # Every compliant candidate was ejected: they were ranked anyway, rather than refusing (panic mode).
+    panic: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,6 +218,7 @@ def _narrowing_reason(t: Target, extra: list[Constraints], p: Preferences | None
 
 
 CONTEXT_PREFIX: Final = "context window is "
+EJECTED: Final = "backend is ejected (unhealthy)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,21 +226,55 @@ CONTEXT_PREFIX: Final = "context window is "
 
 
 def _utilisation(t: Target, live: LiveState) -> float:
-    u = live.utilisation.get(t.backend.name)
-    if u is not None:
-        return u
+    """The engine's gauge (fresh scrapes only), but never less than this gateway's own in-flight requests
+    over `max_concurrency`: the gauge lags by up to a scrape interval, while the requests this gateway has
+    just sent are known now (a burst must not all pile onto a backend that was idle at the last scrape)."""
+    name = t.backend.name
     cap = t.backend.capacity.max_concurrency
-    flying = live.in_flight.get(t.backend.name)
-    if cap and flying is not None:
-        return flying / cap
-    return 0.0
+    flying = live.in_flight.get(name)
+    counted = flying / cap if cap and flying is not None else 0.0
+    u = live.utilisation.get(name)
+    return counted if u is None else max(u, counted)
+
+
+def _load_source(t: Target, live: LiveState) -> str | None:
+    name = t.backend.name
+    if name in live.utilisation:
+        return "engine"
+    counted = t.backend.capacity.max_concurrency and name in live.in_flight
+    if name in live.stale:
+        return "stale"
+    return "in-flight" if counted else None
 
 
 def _latency(t: Target, live: LiveState) -> float:
-    measured = live.latency_ms.get(t.label)
+    """What the latency objective ranks on: the time to first token when streams were measured, else the
+    time to response headers (a whole answer's first token comes with it), else the tier's prior."""
+    measured = live.ttft_ms.get(t.label)
+    if measured is None:
+        measured = live.latency_ms.get(t.label)
     if measured is None:
         measured = live.latency_ms.get(t.backend.name)
     return measured if measured is not None else LATENCY_PRIOR_MS.get(t.backend.tier, 600.0)
+
+
+def spill_verdict(t: Target, route: Route, spill: Spillover, live: LiveState) -> str | None:
+    """Why the target's backend spills on this route now, or None. Hysteresis: a backend already spilling
+    stays behind until its utilisation is at or below the lower mark (and its queue at or below its own)."""
+    u = _utilisation(t, live)
+    q = live.queue.get(t.backend.name)
+    if (route.name, t.backend.name) in live.spilling:
+        resume, queue_resume = spill.resume_mark(), spill.queue_resume_mark()
+        if u > resume:
+            return f"still spilling: utilisation {u:.2f} above the resume mark {resume:.2f}"
+        if queue_resume is not None and q is not None and q > queue_resume:
+            return f"still spilling: queue {q} above the resume mark {queue_resume}"
+        return None
+    if u >= spill.threshold:
+        return f"utilisation {u:.2f} >= threshold {spill.threshold:.2f}"
+    if spill.queue_threshold is not None and q is not None and q >= spill.queue_threshold:
+        return f"queue {q} >= threshold {spill.queue_threshold}"
+    return None
 
 
 def _cost(t: Target, prompt_tokens: int, out_tokens: int) -> float:
@@ -236,6 +295,35 @@ class RoutePlan:
         self._facts = facts
         self._decision: Decision | None = None
         self._downgrade = downgrade
+
+    @property
+    def spilled(self) -> Mapping[str, str]:
+        """Backends moved behind the others by spillover, with why (empty without spillover)."""
+        return self._facts.spilled
+
+    @property
+    def spill_changes(self) -> list[tuple[str, str, bool]]:
+        """(route, backend, spilling) for each ranked backend whose spill state this decision changed:
+        what the caller remembers for the next decision (hysteresis)."""
+        f = self._facts
+        before = f.live.spilling
+        seen: set[str] = set()
+        out: list[tuple[str, str, bool]] = []
+        if self.route.spillover is None:
+            return out
+        for _, t in f.ranked:
+            name = t.backend.name
+            if name in seen:
+                continue
+            seen.add(name)
+            now = name in f.spilled
+            if now != ((self.route.name, name) in before):
+                out.append((self.route.name, name, now))
+        return out
+
+    @property
+    def panic(self) -> bool:
+        return self._facts.panic
 
     @property
     def decision(self) -> Decision:
@@ -294,6 +382,9 @@ class _Facts:
     prompt_tokens: int
     out_tokens: int
     live: LiveState
+    # Backends spilled by this decision, with why; whether every candidate was ejected (panic).
+    spilled: dict[str, str]
+    panic: bool
 
     def decision(self, route: Route, plan: tuple[Target, ...]) -> Decision:
         rank_of = {id(target): (score, rank) for rank, (score, target) in enumerate(self.ranked, start=1)}
@@ -301,6 +392,8 @@ class _Facts:
         for target, reason in self.verdicts:
             score, rank = rank_of.get(id(target), (None, None))
             cost = _cost(target, self.prompt_tokens, self.out_tokens)
+            live = self.live
+            backend = target.backend.name
             rows.append(
                 Row(
                     deployment=target.label,
@@ -309,8 +402,14 @@ class _Facts:
                     tier=target.backend.tier,
                     excluded=reason,
                     est_cost_usd=round(cost, 8),
-                    latency_ms=None if reason else round(_latency(target, self.live), 3),
-                    utilisation=None if reason else round(_utilisation(target, self.live), 4),
+                    latency_ms=None if reason else round(_latency(target, live), 3),
+                    ttft_ms=_rounded(live.ttft_ms.get(target.label)),
+                    tokens_per_s=_rounded(live.tokens_per_s.get(target.label)),
+                    utilisation=None if reason else round(_utilisation(target, live), 4),
+                    queue=live.queue.get(backend),
+                    load=None if reason else _load_source(target, live),
+                    spilled=None if reason else self.spilled.get(backend),
+                    ejected=self.panic and reason is None and _ejected(target, live.unhealthy),
                     score=None if score is None else round(score, 6),
                     rank=rank,
                 )
@@ -325,7 +424,16 @@ class _Facts:
             rules=self.rules,
             rows=tuple(rows),
             plan=tuple(t.label for t in plan),
+            panic=self.panic,
         )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _ejected(t: Target, unhealthy: frozenset[str]) -> bool:
+    return bool(unhealthy) and (t.backend.name in unhealthy or t.label in unhealthy)
 
 
 def decide(
@@ -403,16 +511,24 @@ def decide(
                     reason = f"model lacks {', '.join(sorted(needs - target.capabilities))}"
                 elif target.model.context_window is not None and needed_context > target.model.context_window:
                     reason = f"{CONTEXT_PREFIX}{target.model.context_window} tokens, the request needs {needed_context}"
-                elif unhealthy and target.backend.name in unhealthy:
-                    reason = "backend is ejected (unhealthy)"
+                elif _ejected(target, unhealthy):
+                    reason = EJECTED
         verdicts.append((target, reason))
         if reason is None:
             survivors.append((position, target))
     out_tokens = features.max_tokens or DEFAULT_OUTPUT_TOKENS
+    panic = False
+    if not survivors and any(r == EJECTED for _, r in verdicts):
+        # Panic mode (Envoy's): every candidate left is ejected. Refusing everyone helps no one; rank
+        # them as if healthy, so the request is tried and a recovered backend is found by a real answer.
+        panic = True
+        verdicts = [(t, None if r == EJECTED else r) for t, r in verdicts]
+        survivors = [(position, t) for position, (t, r) in enumerate(verdicts) if r is None]
     if not survivors:
         _refuse(route, rows, verdicts, features)
     own = index.candidates[(route.name, operation)].own
-    ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own)
+    spilled: dict[str, str] = {}
+    ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own, spilled)
     facts = _Facts(
         decision_id,
         index.version,
@@ -425,6 +541,8 @@ def decide(
         features.prompt_tokens,
         out_tokens,
         live,
+        spilled,
+        panic,
     )
     later = None
     if downgrade and tables.downgrade_route is not None:
@@ -465,8 +583,10 @@ def _rank(
     live: LiveState,
     prefs: Preferences | None,
     own: int,
+    spilled: dict[str, str],
 ) -> list[tuple[float, Target]]:
-    """(score, target) best first. Sort key: (spill/fallback group, objective score, declared order)."""
+    """(score, target) best first. Sort key: (spill/fallback group, objective score, declared order).
+    Fills `spilled` with the backends spillover moved behind the others, and why."""
     order = {m: i for i, m in enumerate(prefs.order)} if prefs is not None and prefs.order else None
     spill = route.spillover
     tiers = spill.tiers if spill is not None else ()
@@ -493,7 +613,10 @@ def _rank(
         if spill is not None:
             tier = target.backend.tier
             group += tiers.index(tier) if tier in tiers else len(tiers)
-            if _utilisation(target, live) >= spill.threshold:
+            name = target.backend.name
+            why = spilled.get(name) if name in spilled else spill_verdict(target, route, spill, live)
+            if why is not None:
+                spilled[name] = why
                 group += len(tiers) + 1
         declared = order.get(target.model.name, len(order) + position) if order is not None else position
         keyed.append(((group, score, declared), target))

@@ -279,6 +279,8 @@ def _cross_check(
     known = {"routes": route_names, "tenants": {t.name for t in merged.tenants}}
     for policy, source in decoded:
         checks.check_routes(policy, source, route_names, at)
+        checks.check_backends(policy, source, at)
+        checks.check_spillover(policy, source, at)
         checks.check_tenants(policy, source, route_names, at)
         checks.check_rules(policy, source, known, at)
         checks.check_cache(policy, merged, source, at)

@@ -63,13 +63,56 @@ class Hardware(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
 
 class Capacity(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """How much a backend can take. Utilisation = in-flight / max_concurrency (or the engine's own gauge)."""
+    """How much a backend can take. Utilisation is the engine's own gauge (KV-cache use, or running /
+    max_concurrency) when its metrics are scraped and fresh, else in-flight / max_concurrency."""
 
     max_concurrency: int | None = None
     # committed: reserved or owned capacity, already paid for; on-demand: paid per token.
     commitment: Literal["committed", "on-demand"] = "on-demand"
+    # The engine's Prometheus page (vLLM, SGLang, TGI, llama.cpp), scraped off the request path. The
+    # `simulated` adapter serves its own in process: it needs no URL.
     metrics_url: str | None = None
+    # None: recognised from the metric names on the page.
     metrics_format: Literal["vllm", "sglang", "tgi", "llamacpp"] | None = None
+    # How often the page is fetched, how long a fetch may take, and how old the last good scrape may be
+    # before routing falls back to in-flight counting (flagged `stale` in explain). None: the timeout is
+    # the interval (at most 1 s); stale after 3 intervals.
+    scrape_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] = 2.0
+    scrape_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] | None = None
+    stale_after_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] | None = None
+
+    def scrape_timeout(self) -> float:
+        return self.scrape_timeout_s if self.scrape_timeout_s is not None else min(1.0, self.scrape_interval_s)
+
+
+ProbeKind = Literal["auto", "health", "models", "metrics", "none"]
+
+
+class OutlierPolicy(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """When a backend is taken out of routing (ejected) and how it comes back (Envoy's outlier detection,
+    for LLM backends). A failure is an attempt that failed: 5xx, a timeout, a connection reset or refused
+    (a 429 is the retry policy's business, not a sign of a broken engine). Defaults: policies/README.md."""
+
+    # Eject after this many failures in a row (0: never for consecutive failures).
+    consecutive_failures: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 5
+    # Or when failures / attempts over the last `window_s` reach this ratio, once at least
+    # `min_requests` attempts were seen in the window (0: never for the ratio).
+    error_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    min_requests: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 20
+    window_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    # The n-th ejection in a row lasts base x n seconds, never more than max (Envoy: 30 s x n).
+    base_ejection_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 30.0
+    max_ejection_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 300.0
+    # At most this share of the policy's backends is ejected at once (at least one always may be).
+    max_ejected_share: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    # Half-open probe when an ejection ends, before traffic is let back: a free request only (never a
+    # completion). auto: `metrics` when metrics_url is set, else `models` for a provider, `health` otherwise.
+    # none: traffic comes back when the period ends (the next request is the probe).
+    probe: ProbeKind = "auto"
+    probe_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
+    # Also probe while healthy, every so many seconds (active health checking; a failed probe counts as
+    # a failure). None: only ejected backends are probed.
+    active_interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=3600)] | None = None
 
 
 class SimulatedOptions(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -100,6 +143,7 @@ class Backend(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     hardware: Hardware | None = None
     capacity: Capacity = Capacity()
     simulated: SimulatedOptions | None = None
+    outlier: OutlierPolicy = OutlierPolicy()
 
 
 class Deployment(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -213,10 +257,26 @@ class Weights(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
 
 class Spillover(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Prefer tiers in this order; a backend at or above `threshold` utilisation moves behind all others."""
+    """Prefer tiers in this order; a backend at or above `threshold` utilisation (or `queue_threshold`
+    waiting requests) moves behind all others, and comes back only once its utilisation is at or below
+    `resume_below` (and its queue at or below `queue_resume_below`): hysteresis, so it does not flap."""
 
     tiers: tuple[Tier, ...] = ("edge", "self-hosted", "provider")
     threshold: float = 0.8
+    # None: threshold - 0.2 (at least 0).
+    resume_below: float | None = None
+    # Requests waiting in the engine's queue (scraped metrics only). None: the queue does not spill.
+    queue_threshold: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # None: queue_threshold // 2.
+    queue_resume_below: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+    def resume_mark(self) -> float:
+        return self.resume_below if self.resume_below is not None else max(0.0, self.threshold - 0.2)
+
+    def queue_resume_mark(self) -> int | None:
+        if self.queue_threshold is None:
+            return None
+        return self.queue_resume_below if self.queue_resume_below is not None else self.queue_threshold // 2
 
 
 # A failure class a route retries (before any byte reached the client): `connect` (the upstream could not

@@ -29,7 +29,20 @@ def explain_header(decision: Decision) -> str:
     """A header-size-safe summary of the decision: the plan and why each other candidate was excluded;
     the whole table (scores, costs, signals) is at /admin/decisions/{id}."""
     excluded = {r.deployment: r.excluded for r in decision.rows if r.excluded}
-    doc = {"decision": decision.id, "route": decision.route, "objective": decision.objective, "plan": decision.plan}
+    doc: dict[str, object] = {
+        "decision": decision.id,
+        "route": decision.route,
+        "objective": decision.objective,
+        "plan": decision.plan,
+    }
+    spilled = {r.deployment: r.spilled for r in decision.rows if r.spilled}
+    if spilled:
+        doc["spilled"] = spilled
+    stale = [r.deployment for r in decision.rows if r.load == "stale"]
+    if stale:
+        doc["stale_metrics"] = stale
+    if decision.panic:
+        doc["panic"] = "every candidate is ejected: tried anyway"
     full = _encode({**doc, "excluded": excluded, "table": f"/admin/decisions/{decision.id}"})
     if len(full) <= EXPLAIN_HEADER_MAX and full.isascii():
         return full.decode()

@@ -18,11 +18,20 @@ import time
 
 from gateway.context import RequestContext
 from gateway.pipeline import RequestOnly
-from gateway.policy.engine import decide
+from gateway.policy.engine import RoutePlan, decide
 from gateway.policy.features import exact_prompt_needed, extract, preferences
 from gateway.policy.index import PolicyIndex
 from gateway.stages.explain import Explain
 from gateway.upstream.signals import LiveSignals
+
+# Sent when spillover moved a backend behind the others for this request: which, and why.
+SPILL_HEADER = "x-strait-spill"
+
+
+def spill_header(plan: RoutePlan) -> str:
+    """`backend: reason; ...` (ASCII, bounded: backend names come from the policy)."""
+    text = "; ".join(f"{name}: {why}" for name, why in sorted(plan.spilled.items()))
+    return text[:512].encode("ascii", "replace").decode("ascii")
 
 
 class RouteStage(RequestOnly):
@@ -48,6 +57,13 @@ class RouteStage(RequestOnly):
         plan = decide(
             self.index, ctx.principal, features, self.signals.snapshot(time.monotonic()), decision_id=ctx.decision_id
         )
+        if plan.route.spillover is not None:
+            changes = plan.spill_changes
+            if changes:
+                # Remembered for the next decisions: a spilled backend comes back only below the lower mark.
+                self.signals.set_spilling(changes)
+            if plan.spilled:
+                ctx.extra_headers[SPILL_HEADER] = spill_header(plan)
         ctx.route = plan.route
         ctx.plan = plan.targets
         ctx.route_plan = plan

@@ -9,6 +9,8 @@ request through every tap (accounting included) before the error goes on.
 
 from __future__ import annotations
 
+import time
+
 from gateway.context import RequestContext
 from gateway.contracts import End
 from gateway.relay import EndTap
@@ -21,14 +23,28 @@ from gateway.upstream.signals import LiveSignals
 
 class SignalsTap(EndTap):
     """A stream's backend is no longer working on it: its in-flight count goes down (the dispatcher
-    counts a whole answer down itself)."""
+    counts a whole answer down itself). A completed stream also feeds the deployment's EWMAs of time to
+    first token (the latency objective ranks on it) and of output tokens per second."""
 
     def __init__(self, signals: LiveSignals) -> None:
         self.signals = signals
 
     def on_end(self, ctx: RequestContext, end: End) -> None:
-        if end.stream and end.cache is None and ctx.target is not None:
-            self.signals.finished(ctx.target.backend.name)
+        target = ctx.target
+        if not end.stream or end.cache is not None or target is None:
+            return
+        self.signals.finished(target.backend.name)
+        if end.outcome != "completed" or end.ttft_s is None:
+            return
+        # The client's time to first event, less the attempts that failed before this deployment answered.
+        spent_elsewhere = sum(seconds for _, _, seconds in ctx.failed_attempts)
+        ttft = max(0.0, end.ttft_s - spent_elsewhere)
+        self.signals.first_token(target.label, ttft)
+        usage = end.usage
+        tokens = usage.completion_tokens if usage is not None else end.completion_tokens
+        generating = time.perf_counter() - ctx.started - end.ttft_s
+        if tokens and generating > 0:
+            self.signals.throughput(target.label, tokens / generating)
 
 
 class MetricsTap(EndTap):

@@ -183,7 +183,7 @@ class Dispatcher:
                 last_response, last_target = response, target
                 last_index = len(ctx.failed_attempts) - 1
             if failure in _UNHEALTHY:
-                signals.failed(backend, time.monotonic())
+                signals.failed(backend, time.monotonic(), target.label)
             move = next_move(policy, failure, status, headers, retries_here, time.time(), self.rng)
             if move is None or attempt >= max_attempts:
                 break

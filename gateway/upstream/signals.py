@@ -1,39 +1,97 @@
-"""Live signals the engine ranks with: in-flight requests per backend and latency EWMAs per deployment.
+"""Live signals the engine ranks with, per backend and per deployment (`model@backend`).
 
-Updated by the dispatcher as attempts start and end (no I/O of their own). Engine metrics scraped
-from vLLM/SGLang/TGI/llama.cpp feed `utilisation` when that arrives.
+- in flight, per backend: counted by the dispatcher (`started` / `finished`);
+- latency: EWMAs of the time to response headers (`answered`), of the time to first token and of
+  output tokens per second (`first_token`, `throughput`, from the upstream stage's tap);
+- outlier ejection (gateway.upstream.outlier): failed attempts (`failed`), successes (`answered`) and
+  health probes (`probe_result`, from gateway.upstream.health);
+- engine load, per backend: utilisation and queue depth scraped from its metrics page
+  (gateway.upstream.scrape, `engine_load`); once the last good scrape is older than the backend's
+  `stale_after_s`, routing falls back to in-flight counting and explain says `stale`;
+- spillover memory: which (route, backend) pairs are spilling, so that a backend comes back only
+  below the route's lower mark (hysteresis; the engine decides, the route stage records it here).
+
+No I/O of its own. `snapshot(now)` is what one decision ranks with; it shares the dicts (no copy on
+the hot path).
 """
 
 from __future__ import annotations
 
-from gateway.policy.engine import LiveState
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-# Weight of the newest sample in the latency EWMA.
+from gateway.policy.engine import LiveState
+from gateway.policy.model import Backend
+from gateway.upstream.outlier import Ejection, OutlierTracker
+
+# Weight of the newest sample in the latency, TTFT and throughput EWMAs.
 ALPHA = 0.2
-# Consecutive connection failures after which a backend is ejected, and for how long (seconds).
-EJECT_AFTER = 5
-EJECT_FOR_S = 10.0
+
+
+@dataclass(slots=True)
+class EngineLoad:
+    """The last good scrape of one backend's engine metrics."""
+
+    at: float
+    running: float
+    waiting: float
+    utilisation: float
+    format: str
 
 
 class LiveSignals:
     def __init__(self) -> None:
         self.in_flight: dict[str, int] = {}
         self.latency_ms: dict[str, float] = {}
+        self.ttft_ms: dict[str, float] = {}
+        self.tokens_per_s: dict[str, float] = {}
+        # Fresh engine gauges only (stale ones are removed by `refresh_staleness`).
         self.utilisation: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
-        self._ejected_until: dict[str, float] = {}
-        self._state = LiveState(latency_ms=self.latency_ms, in_flight=self.in_flight, utilisation=self.utilisation)
+        self.queue: dict[str, int] = {}
+        self.engine: dict[str, EngineLoad] = {}
+        self.scrape_failures: dict[str, int] = {}
+        self.outliers = OutlierTracker()
+        self._stale: frozenset[str] = frozenset()
+        self._stale_after: dict[str, float] = {}
+        self._spilling: frozenset[tuple[str, str]] = frozenset()
+        self._state = self._build()
+
+    def _build(self, unhealthy: frozenset[str] = frozenset()) -> LiveState:
+        return LiveState(
+            unhealthy=unhealthy,
+            latency_ms=self.latency_ms,
+            ttft_ms=self.ttft_ms,
+            tokens_per_s=self.tokens_per_s,
+            in_flight=self.in_flight,
+            utilisation=self.utilisation,
+            queue=self.queue,
+            stale=self._stale,
+            spilling=self._spilling,
+        )
+
+    def configure(self, backends: Iterable[Backend], probed: Iterable[str]) -> None:
+        """A policy was loaded: its backends' outlier thresholds, which can be probed, how old their
+        engine metrics may get. Signals of backends it no longer has are dropped."""
+        backends = list(backends)
+        names = {b.name for b in backends}
+        self.outliers.configure({b.name: b.outlier for b in backends}, probed)
+        self._stale_after = {b.name: b.capacity.stale_after_s or 3 * b.capacity.scrape_interval_s for b in backends}
+        for table in (self.utilisation, self.queue, self.engine, self.scrape_failures):
+            for name in [n for n in table if n not in names]:
+                del table[name]
+        self._stale = frozenset(n for n in self._stale if n in names)
+        self._spilling = frozenset(p for p in self._spilling if p[1] in names)
+        self._state = self._build()
 
     def snapshot(self, now: float) -> LiveState:
-        """The live state for one decision. Shares the dicts (no copy on the hot path) unless a backend is ejected."""
-        if not self._ejected_until:
+        """The live state for one decision."""
+        if not self.outliers.ejected:
             return self._state
-        unhealthy = frozenset(b for b, until in self._ejected_until.items() if until > now)
-        if len(unhealthy) < len(self._ejected_until):
-            self._ejected_until = {b: u for b, u in self._ejected_until.items() if u > now}
-        return LiveState(
-            unhealthy=unhealthy, latency_ms=self.latency_ms, in_flight=self.in_flight, utilisation=self.utilisation
-        )
+        return self._build(self.outliers.unhealthy(now))
+
+    # ---- the dispatcher's calls ----
 
     def started(self, backend: str) -> None:
         self.in_flight[backend] = self.in_flight.get(backend, 0) + 1
@@ -41,16 +99,93 @@ class LiveSignals:
     def finished(self, backend: str) -> None:
         self.in_flight[backend] = max(0, self.in_flight.get(backend, 1) - 1)
 
-    def answered(self, backend: str, label: str, seconds: float) -> None:
-        """The upstream answered (its head arrived) after `seconds`."""
+    def answered(self, backend: str, label: str, seconds: float, now: float | None = None) -> None:
+        """The upstream answered (its head arrived, not a 5xx) after `seconds`."""
         ms = seconds * 1000.0
         old = self.latency_ms.get(label)
         self.latency_ms[label] = ms if old is None else old + ALPHA * (ms - old)
-        self._failures.pop(backend, None)
+        t = time.monotonic() if now is None else now
+        self.outliers.success(backend, t)
+        if label != backend:
+            self.outliers.success(label, t)
 
-    def failed(self, backend: str, now: float) -> None:
-        n = self._failures.get(backend, 0) + 1
-        self._failures[backend] = n
-        if n >= EJECT_AFTER:
-            self._ejected_until[backend] = now + EJECT_FOR_S
-            self._failures[backend] = 0
+    def failed(self, backend: str, now: float, label: str | None = None) -> Ejection | None:
+        """An attempt failed (5xx, timeout, reset, refused): counted towards the backend's ejection
+        (and the deployment's, when `label` names it)."""
+        ejection = self.outliers.failure(backend, now)
+        if label is not None and label != backend:
+            ejection = self.outliers.failure(label, now) or ejection
+        return ejection
+
+    # ---- the upstream stage's tap: time to first token and throughput of answers ----
+
+    def first_token(self, label: str, seconds: float) -> None:
+        ms = seconds * 1000.0
+        old = self.ttft_ms.get(label)
+        self.ttft_ms[label] = ms if old is None else old + ALPHA * (ms - old)
+
+    def throughput(self, label: str, tokens_per_s: float) -> None:
+        if not math.isfinite(tokens_per_s) or tokens_per_s <= 0:
+            return
+        old = self.tokens_per_s.get(label)
+        self.tokens_per_s[label] = tokens_per_s if old is None else old + ALPHA * (tokens_per_s - old)
+
+    # ---- the health monitor and the scraper ----
+
+    def probe_result(self, key: str, ok: bool, now: float) -> Ejection | None:
+        return self.outliers.probe_result(key, ok, now)
+
+    def engine_load(self, backend: str, load: EngineLoad) -> None:
+        self.engine[backend] = load
+        self.utilisation[backend] = load.utilisation
+        self.queue[backend] = int(load.waiting)
+        self.scrape_failures.pop(backend, None)
+        if backend in self._stale:
+            self._stale = self._stale - {backend}
+            self._state = self._build()
+
+    def scrape_failed(self, backend: str, now: float) -> None:
+        self.scrape_failures[backend] = self.scrape_failures.get(backend, 0) + 1
+        self.refresh_staleness(backend, now)
+
+    def refresh_staleness(self, backend: str, now: float) -> None:
+        """Drop a backend's engine gauges once its last good scrape is too old: routing counts in-flight."""
+        load = self.engine.get(backend)
+        too_old = load is None or now - load.at > self._stale_after.get(backend, math.inf)
+        if too_old and backend not in self._stale:
+            self.utilisation.pop(backend, None)
+            self.queue.pop(backend, None)
+            self._stale = self._stale | {backend}
+            self._state = self._build()
+
+    def forget_engine(self, backend: str) -> None:
+        """Its metrics are no longer scraped (a reload removed `metrics_url`): routing counts in-flight."""
+        self.engine.pop(backend, None)
+        self.utilisation.pop(backend, None)
+        self.queue.pop(backend, None)
+        self.scrape_failures.pop(backend, None)
+        if backend in self._stale:
+            self._stale = self._stale - {backend}
+            self._state = self._build()
+
+    def refresh_all(self, now: float) -> None:
+        """Flag every backend whose last good scrape is too old (a scrape that never comes back included)."""
+        for backend in list(self.engine):
+            self.refresh_staleness(backend, now)
+
+    def load_age(self, backend: str, now: float) -> float | None:
+        load = self.engine.get(backend)
+        return None if load is None else now - load.at
+
+    # ---- spillover memory ----
+
+    def set_spilling(self, changes: Iterable[tuple[str, str, bool]]) -> None:
+        current = set(self._spilling)
+        for route, backend, on in changes:
+            if on:
+                current.add((route, backend))
+            else:
+                current.discard((route, backend))
+        if current != self._spilling:
+            self._spilling = frozenset(current)
+            self._state = self._build()

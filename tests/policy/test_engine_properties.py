@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from gateway.errors import InvalidRequest, PermissionDenied
 from gateway.policy.compliance import compliance_reason
 from gateway.policy.engine import (
+    EJECTED,
     LiveState,
     Preferences,
     RequestFeatures,
@@ -435,22 +436,31 @@ def test_plan_is_inside_every_constraint_and_exclusions_are_real(w: World) -> No
         too_long = bool(compliant) and all(violations(t, w)[0] == "context" for t in compliant)
         assert not too_long, "too long for every usable candidate must be a 400, not a 403"
         for label, t in cands.items():
-            assert violations(t, w), f"{label} was refused with no violation"
+            # A candidate whose only fault is its ejection would have been tried (panic mode), not refused.
+            assert [v for v in violations(t, w) if v != "health"], f"{label} was refused with no violation"
             assert f"{label}: " in result.message
         return
     assert isinstance(result, RoutePlan)
     assert result.decision.rules == tuple(r.name for r in applied_rules(w))
+    # Panic mode exactly when no candidate is clean and some are only ejected: ejection is then ignored.
+    panic = result.decision.panic
+    only_ejected = [t for t in cands.values() if violations(t, w) == ["health"]]
+    assert panic == (not any(violations(t, w) == [] for t in cands.values()) and bool(only_ejected))
+
+    def faults(t: Target) -> list[str]:
+        return [v for v in violations(t, w) if not (panic and v == "health")]
+
     for t in result.targets:
         assert compliance_reason(t, w.tenant.compliance) is None
         assert w.features.needs <= set(t.model.capabilities)
         window = t.model.context_window
         assert window is None or w.features.prompt_tokens + (w.features.max_tokens or 0) <= window
-        assert t.backend.name not in w.live.unhealthy
-        assert violations(t, w) == []
+        assert panic or t.backend.name not in w.live.unhealthy
+        assert faults(t) == []
     rows = result.decision.rows
     assert {r.deployment for r in rows} == set(cands), "the decision table must show every candidate"
     for row in rows:
-        found = violations(cands[row.deployment], w)
+        found = faults(cands[row.deployment])
         if row.excluded is None:
             assert found == [], f"{row.deployment} kept despite {found}"
             assert row.rank is not None
@@ -490,9 +500,15 @@ def test_preferences_only_narrow(w: World, data: st.DataObject) -> None:
     if isinstance(narrowed, PermissionDenied | InvalidRequest):
         return
     assert isinstance(without, RoutePlan), "preferences produced a plan where the tenant's policy gives none"
+    kept = {r.deployment for r in narrowed.decision.rows if r.excluded is None}
+    if narrowed.decision.panic and not without.decision.panic:
+        # Narrowing left only ejected candidates: they are tried (panic mode), but nothing the tenant's
+        # policy excludes for any other reason.
+        allowed = {r.deployment for r in without.decision.rows if r.excluded in (None, EJECTED)}
+        assert kept <= allowed
+        return
     assert set(narrowed.decision.plan) <= set(without.decision.plan)
     # Survivors too, not only the truncated plan.
-    kept = {r.deployment for r in narrowed.decision.rows if r.excluded is None}
     assert kept <= {r.deployment for r in without.decision.rows if r.excluded is None}
 
 
@@ -606,10 +622,9 @@ def test_plan_length_is_bounded_by_max_attempts(w: World) -> None:
 
 
 def _utilisation(t: Target, live: LiveState) -> float:
-    if t.backend.name in live.utilisation:
-        return live.utilisation[t.backend.name]
     cap, flying = t.backend.capacity.max_concurrency, live.in_flight.get(t.backend.name)
-    return flying / cap if cap and flying is not None else 0.0
+    counted = flying / cap if cap and flying is not None else 0.0
+    return max(live.utilisation.get(t.backend.name, 0.0), counted)
 
 
 @SETTINGS

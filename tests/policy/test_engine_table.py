@@ -531,12 +531,25 @@ def test_health(unhealthy: frozenset[str], plan: list[str]) -> None:
         assert rows_by_label(result)[f"m@{name}"].excluded == "backend is ejected (unhealthy)"
 
 
-def test_every_backend_unhealthy_is_403_with_reasons() -> None:
+def test_every_backend_ejected_is_panic_mode_not_a_refusal() -> None:
+    """Envoy's panic mode: when every candidate is ejected, refusing everyone helps no one; they are ranked
+    as if healthy, flagged in the table."""
     idx = index([backend("b1"), backend("b2")], [model("m", dep("b1"), dep("b2"))], [route("r", "m")])
-    with pytest.raises(PermissionDenied) as info:
-        run(idx, live=LiveState(unhealthy=frozenset({"b1", "b2"})))
-    assert "m@b1: backend is ejected (unhealthy)" in info.value.message
-    assert "m@b2: backend is ejected (unhealthy)" in info.value.message
+    result = run(idx, live=LiveState(unhealthy=frozenset({"b1", "b2"})))
+    assert labels(result) == ["m@b1", "m@b2"]
+    assert result.decision.panic and result.panic
+    assert all(r.ejected and r.excluded is None for r in result.decision.rows)
+    # One healthy candidate left: no panic, the ejected one is excluded.
+    one = run(idx, live=LiveState(unhealthy=frozenset({"b1"})))
+    assert labels(one) == ["m@b2"] and not one.decision.panic
+    assert not any(r.ejected for r in one.decision.rows)
+
+
+def test_a_deployment_label_can_be_ejected_alone() -> None:
+    idx = index([backend("b1")], [model("m", dep("b1")), model("n", dep("b1"))], [route("r", "m", "n")])
+    result = run(idx, live=LiveState(unhealthy=frozenset({"m@b1"})))
+    assert labels(result) == ["n@b1"]
+    assert rows_by_label(result)["m@b1"].excluded == "backend is ejected (unhealthy)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -662,9 +675,15 @@ SPILL_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("in-flight-below", {"in_flight": {"edge": 7}}, ["edge", "prov"]),
     ("in-flight-at-threshold-spills", {"in_flight": {"edge": 8}}, ["prov", "edge"]),
     (
-        "utilisation-gauge-wins-over-in-flight",
+        "utilisation-gauge-wins-over-fewer-in-flight",
+        {"utilisation": {"edge": 0.9}, "in_flight": {"edge": 1}},
+        ["prov", "edge"],
+    ),
+    (
+        # The gauge lags a scrape behind: this gateway's own in-flight requests are a floor known now.
+        "in-flight-floor-over-a-lagging-gauge",
         {"utilisation": {"edge": 0.1}, "in_flight": {"edge": 10}},
-        ["edge", "prov"],
+        ["prov", "edge"],
     ),
     ("both-full-keep-tier-order", {"utilisation": {"edge": 0.9, "prov": 0.95}}, ["edge", "prov"]),
 ]
@@ -737,10 +756,12 @@ def test_fallback_is_filtered_by_compliance() -> None:
 
 
 def test_eu_tenant_never_gets_a_us_fallback_even_when_everything_eu_is_down() -> None:
+    """Panic mode re-admits ejected candidates only: never one outside the compliance envelope."""
     idx = _fallback_index(allowed_jurisdictions=["EU"])
-    with pytest.raises(PermissionDenied) as info:
-        run(idx, live=LiveState(unhealthy=frozenset({"eu-1", "eu-2"})))
-    assert "fb-us@us: hosting jurisdiction US is not in the allowed ['EU']" in info.value.message
+    result = run(idx, live=LiveState(unhealthy=frozenset({"eu-1", "eu-2"})))
+    assert result.panic
+    assert labels(result) == ["own@eu-1", "fb-eu@eu-2"]
+    assert "is not in the allowed ['EU']" in (rows_by_label(result)["fb-us@us"].excluded or "")
 
 
 def test_fallback_used_when_own_candidates_all_excluded() -> None:

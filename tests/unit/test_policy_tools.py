@@ -104,8 +104,11 @@ def test_diff_shows_changed_decisions_and_why(tmp_path: Path) -> None:
     ]
     lines, changed, total = diff(old, new, replays)
     assert (changed, total) == (1, 3)
-    assert lines[0].startswith("request 2 (tenant health-eu, model 'chat'): refused 403")
-    assert lines[0].endswith("-> mistral-small@mistral-api")
+    # Old policy: its only candidate is ejected, so it is tried anyway (panic mode); the new one has a fallback.
+    assert lines[0].startswith("request 2 (tenant health-eu, model 'chat'): mistral-small@gpu-frankfurt ->")
+    assert (
+        "-> mistral-small@mistral-api (new policy excludes mistral-small@gpu-frankfurt: backend is ejected" in lines[0]
+    )
     cases = tmp_path / "cases.jsonl"
     cases.write_text(
         "\n".join(json.dumps({"tenant": r.tenant, "request": r.request, "signals": r.signals}) for r in replays)
