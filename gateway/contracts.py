@@ -101,12 +101,16 @@ class UpstreamStreamBroken(Exception):
         client_message: str = "The upstream stream ended unexpectedly.",
         code: str = "upstream_stream_broken",
         timeout: bool = False,
+        clean_end: bool = False,
     ) -> None:
         super().__init__(message)
         self.client_message = client_message
         self.code = code
         # The upstream went silent longer than the backend's read timeout (the stream `timed_out`).
         self.timeout = timeout
+        # The connection ended cleanly (no error, no cut event), only the `[DONE]` line was missing: the
+        # relay calls the stream complete if every choice had already finished (finish_reason seen).
+        self.clean_end = clean_end
 
 
 class Adapter(Protocol):

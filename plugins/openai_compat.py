@@ -204,7 +204,7 @@ class OpenAICompatAdapter:
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamStreamBroken(f"{self.name}: stream failed ({type(exc).__name__})") from None
-        raise UpstreamStreamBroken(f"{self.name}: stream ended without [DONE]")
+        raise UpstreamStreamBroken(f"{self.name}: stream ended without [DONE]", clean_end=True)
 
 
 class _StreamState:

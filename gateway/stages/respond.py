@@ -86,14 +86,17 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -
     )
 
 
-class _Any(msgspec.Struct):
-    """A choice, skipped (only how many there are matters)."""
+class _Choice(msgspec.Struct):
+    """A choice of an event: only whether (and which) finished."""
+
+    index: int = 0
+    finish_reason: str | None = None
 
 
 class _EventProbe(msgspec.Struct):
     """What the relay reads of every event, in one decode that also checks it is JSON."""
 
-    choices: list[_Any] | None = None
+    choices: list[_Choice] | None = None
     usage: Usage | None = None
     error: UpstreamErrorBody | str | None = None
 
@@ -118,7 +121,21 @@ def _one_at_a_time(events: AsyncIterator[bytes]) -> Callable[[], Awaitable[list[
 class UpstreamEvents:
     """The upstream's stream as the relay pulls it (a gateway.reply.EventStream)."""
 
-    __slots__ = ("_ctx", "_error", "_meter", "_outcome", "_pull", "_status", "_strip", "_ttft", "_upstream", "_usage")
+    __slots__ = (
+        "_choices",
+        "_ctx",
+        "_done_choices",
+        "_error",
+        "_finished",
+        "_meter",
+        "_outcome",
+        "_pull",
+        "_status",
+        "_strip",
+        "_ttft",
+        "_upstream",
+        "_usage",
+    )
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamResponse) -> None:
         self._ctx = ctx
@@ -138,6 +155,11 @@ class UpstreamEvents:
         self._outcome: Outcome | None = None
         self._status = 200
         self._error: ErrorBody | None = None
+        # Choices that sent their finish_reason, and how many the answer has (`n`).
+        self._done_choices: set[int] = set()
+        self._finished = 0
+        request = ctx.request
+        self._choices = max(1, request.n or 1) if request is not None else 1
 
     async def next(self) -> list[bytes]:
         while self._outcome is None:
@@ -147,6 +169,12 @@ class UpstreamEvents:
                 self._outcome = "completed"
                 return []
             except UpstreamStreamBroken as exc:
+                if exc.clean_end and self._finished >= self._choices:
+                    # Every choice had finished and the connection ended cleanly: only `[DONE]` was
+                    # missing (some engines omit it). Complete: the edge sends `[DONE]` itself.
+                    log.info("request %s: %s after every choice finished: complete", self._ctx.request_id, exc)
+                    self._outcome = "completed"
+                    return []
                 log.warning("request %s: %s", self._ctx.request_id, exc)
                 error = ErrorBody(message=exc.client_message, type="server_error", code=exc.code)
                 if exc.timeout:
@@ -193,6 +221,12 @@ class UpstreamEvents:
             if probe.error is not None:
                 self._fail("upstream_failed", 502, self._redacted(probe.error))
                 return out if out is not batch else batch[:i]
+            choices = probe.choices
+            if choices:
+                for choice in choices:
+                    if choice.finish_reason is not None and choice.index not in self._done_choices:
+                        self._done_choices.add(choice.index)
+                        self._finished += 1
             if probe.usage is not None:
                 self._usage = probe.usage
                 if self._strip and probe.choices is not None and not probe.choices:
