@@ -141,6 +141,13 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
         )
 
+        self.malformed_events = Counter(
+            "strait_upstream_malformed_events",
+            "Stream events from an upstream that were not valid JSON, skipped (a stream sending more than a "
+            "few ends with an error), by backend.",
+            ("backend",),
+            registry=self.registry,
+        )
         self.cache_lookups = Counter(
             "strait_cache_lookups",
             "Cache lookups by route and result: hit (exact), semantic_hit, miss, bypass (Cache-Control or "

@@ -80,7 +80,7 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -
     return Reply(
         status=200,
         headers=headers,
-        stream=UpstreamEvents(ctx, upstream),
+        stream=UpstreamEvents(ctx, upstream, metrics),
         media_type="text/event-stream",
         extra=header_blocks(ctx),
     )
@@ -104,8 +104,10 @@ class _EventProbe(msgspec.Struct):
 _probe_event = msgspec.json.Decoder(_EventProbe).decode
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 _BROKEN = ErrorBody(message="The upstream stream failed.", type="server_error", code="upstream_stream_broken")
+# Malformed events a stream may skip before it is called broken.
+MAX_MALFORMED_EVENTS = 8
 _BAD_EVENT = ErrorBody(
-    message="The upstream sent an invalid stream event.", type="server_error", code="upstream_bad_event"
+    message="The upstream kept sending invalid stream events.", type="server_error", code="upstream_bad_event"
 )
 
 
@@ -127,7 +129,9 @@ class UpstreamEvents:
         "_done_choices",
         "_error",
         "_finished",
+        "_malformed",
         "_meter",
+        "_metrics",
         "_outcome",
         "_pull",
         "_status",
@@ -137,8 +141,9 @@ class UpstreamEvents:
         "_usage",
     )
 
-    def __init__(self, ctx: RequestContext, upstream: UpstreamResponse) -> None:
+    def __init__(self, ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics | None = None) -> None:
         self._ctx = ctx
+        self._metrics = metrics
         self._upstream = upstream
         if upstream.batches is not None:
             self._pull: Callable[[], Awaitable[list[bytes]]] = upstream.batches.__anext__
@@ -155,6 +160,7 @@ class UpstreamEvents:
         self._outcome: Outcome | None = None
         self._status = 200
         self._error: ErrorBody | None = None
+        self._malformed = 0
         # Choices that sent their finish_reason, and how many the answer has (`n`).
         self._done_choices: set[int] = set()
         self._finished = 0
@@ -210,14 +216,22 @@ class UpstreamEvents:
 
     def _inspect(self, batch: list[bytes]) -> list[bytes]:
         """The batch's events for the client: all of them, unless one is the usage chunk the client did
-        not ask for (dropped), or an error or not JSON (the stream ends there)."""
+        not ask for or a malformed event (dropped), or an error (the stream ends there)."""
         out = batch
         for i, payload in enumerate(batch):
             try:
                 probe = _probe_event(payload)
             except _DECODE_ERRORS:
-                self._fail("upstream_failed", 502, _BAD_EVENT)
-                return out if out is not batch else batch[:i]
+                # A malformed event (not JSON, not UTF-8) is skipped, counted and logged: the answer goes on.
+                # Only a stream that keeps sending them cannot continue: it ends with an error.
+                self._malformed += 1
+                self._on_malformed()
+                if self._malformed > MAX_MALFORMED_EVENTS:
+                    self._fail("upstream_failed", 502, _BAD_EVENT)
+                    return out if out is not batch else batch[:i]
+                if out is batch:
+                    out = batch[:i]
+                continue
             if probe.error is not None:
                 self._fail("upstream_failed", 502, self._redacted(probe.error))
                 return out if out is not batch else batch[:i]
@@ -236,6 +250,14 @@ class UpstreamEvents:
             if out is not batch:
                 out.append(payload)
         return out
+
+    def _on_malformed(self) -> None:
+        target = self._ctx.target
+        backend = target.backend.name if target is not None else "?"
+        log.warning("request %s: upstream %s sent a malformed stream event (skipped)", self._ctx.request_id, backend)
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.child(metrics.malformed_events, backend).inc()
 
     def _redacted(self, error: UpstreamErrorBody | str) -> ErrorBody:
         """The upstream's error, redacted like any upstream error text: no secret, host, address or path

@@ -53,3 +53,22 @@ def test_a_stream_cut_cleanly_before_its_finish_reason_is_still_an_error(client:
     with pytest.raises(openai.APIError):
         for _ in stream:
             pass
+
+
+def test_a_malformed_chunk_mid_stream_is_skipped_and_counted(client: openai.OpenAI, gateway: ServerProcess) -> None:
+    stream = client.chat.completions.create(
+        model="gpt-fake",
+        messages=USER,
+        stream=True,
+        extra_body={"fake": {"tokens": 12, "chunk_tokens": 2, "malformed_after_chunks": 3}},
+    )
+    chunks = list(stream)  # no exception: the answer went on past the bad event
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == 12
+    metrics = httpx.get(gateway.base_url + "/metrics", timeout=10).text
+    counted = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('strait_upstream_malformed_events_total{backend="fake"}')
+    ]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1

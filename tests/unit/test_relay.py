@@ -549,9 +549,21 @@ async def test_an_error_inside_a_batch_relays_the_events_before_it_then_the_erro
     assert h.accounting.completed[0].outcome == "upstream_failed"
 
 
-async def test_an_invalid_event_ends_the_stream_with_an_error() -> None:
+async def test_an_invalid_event_is_skipped_and_the_answer_goes_on() -> None:
     h = Harness()
-    h.upstream.push(chunk(texts(1)[0]), b"{not json", END)
+    t = texts(2)
+    h.upstream.push(chunk(t[0]), b"{not json", chunk(t[1]), END)
+    out = await h.read_all()
+    assert out[:2] == [framed(chunk(t[0])), framed(chunk(t[1]))]
+    assert out[-1] == b"data: [DONE]\n\n"
+    assert h.record().status == 200
+
+
+async def test_a_stream_that_keeps_sending_invalid_events_ends_with_an_error() -> None:
+    from gateway.stages.respond import MAX_MALFORMED_EVENTS
+
+    h = Harness()
+    h.upstream.push(chunk(texts(1)[0]), *([b"{not json"] * (MAX_MALFORMED_EVENTS + 1)), END)
     out = await h.read_all()
     assert len(out) == 2 and json.loads(out[1][6:])["error"]["code"] == "upstream_bad_event"
     assert h.record().status == 502
