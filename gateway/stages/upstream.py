@@ -34,6 +34,11 @@ class SignalsTap(EndTap):
         if not end.stream or end.cache is not None or target is None:
             return
         self.signals.finished(target.backend.name)
+        if end.outcome in ("upstream_failed", "timed_out"):
+            # Broken or stalled after its head: a failure of the deployment like one before it (its
+            # 200 head was counted a success), so a backend that keeps cutting streams is ejected too.
+            self.signals.failed(target.backend.name, time.monotonic(), target.label)
+            return
         if end.outcome != "completed" or end.ttft_s is None:
             return
         # The client's time to first event, less the attempts that failed before this deployment answered.
