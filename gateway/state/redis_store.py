@@ -416,12 +416,13 @@ class RedisStore:
                 in_redis_since = loop.time()
                 result = await (fn() if keys is None else fn(keys=keys, args=args))
         except _FAILURES as exc:
+            if isinstance(exc, TimeoutError) and self._direct is not None:
+                # Redis did not answer in time: the pipelined connection is suspect (if still stuck, or if
+                # every call on it was given up, also when this one mostly waited here for a slot).
+                self._direct.reset(self._timeout_s / 2)
             if in_redis_since and (
                 not isinstance(exc, TimeoutError) or loop.time() - in_redis_since >= self._timeout_s / 2
             ):
-                if isinstance(exc, TimeoutError) and self._direct is not None:
-                    # Redis did not answer in time: the pipelined connection is suspect (if still stuck).
-                    self._direct.reset(self._timeout_s / 2)
                 self._failed(exc)
             else:
                 self._saturated += 1

@@ -144,6 +144,10 @@ class _Wire(asyncio.Protocol):
             return
         self._fail(TimeoutError(f"Timeout reading from Redis ({self._timeout_s:g} s)"))
 
+    def abandoned(self) -> bool:
+        """Calls are waiting for replies and every one of their callers has left (timed out, cancelled)."""
+        return bool(self._waiting) and all(waiter.done() for _, _, waiter, _ in self._waiting)
+
     def waiting_since(self) -> float:
         """When the oldest unanswered call was queued (loop time; infinity when none is waiting)."""
         return self._waiting[0][3] if self._waiting else float("inf")
@@ -310,11 +314,14 @@ class DirectConnections:
 
     def reset(self, stuck_s: float) -> None:
         """A call timed out in Redis: close the connection if its oldest unanswered call has waited at
-        least `stuck_s` (a connection opened since, with only fresh calls, is left alone). The calls
-        waiting on it fail now, what it sent is never read as anything else's, and the next call opens a
-        new one (as redis-py's per-call connections did)."""
+        least `stuck_s`, or if every call waiting on it was given up (a connection opened since, with
+        fresh calls still waited for, is left alone). The calls waiting on it fail now, what it sent is
+        never read as anything else's, and the next call opens a new one (as redis-py's per-call
+        connections did). A frozen Redis leaves no given-up connection open behind it."""
         wire = self._wire
-        if wire is None or not wire.alive or wire.waiting_since() > asyncio.get_running_loop().time() - stuck_s:
+        if wire is None or not wire.alive:
+            return
+        if wire.waiting_since() > asyncio.get_running_loop().time() - stuck_s and not wire.abandoned():
             return
         self._wire = None
         wire.close_failing(TimeoutError("Redis did not answer in time; the connection was reset"))

@@ -111,6 +111,34 @@ async def test_a_reset_closes_only_a_connection_whose_oldest_call_is_stuck() -> 
         server.cleanup()
 
 
+async def test_a_reset_closes_a_connection_whose_callers_all_left_even_if_young() -> None:
+    """A frozen Redis: callers that gave up (cancelled) must not leave their connection open behind them."""
+    server = RedisProc().start()
+    try:
+        client = Redis(port=server.port, socket_timeout=5)
+        direct = DirectConnections(client)
+        assert await direct.call(pack(["PING"])) == b"PONG"
+        first = direct._wire
+        assert first is not None
+        server.freeze()
+        left = asyncio.ensure_future(direct.call(pack(["ECHO", "left"])))
+        await asyncio.sleep(0)  # queued and written
+        left.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        assert first.abandoned()
+        direct.reset(stuck_s=10.0)  # young, but nobody waits for it any more: closed
+        assert not first.alive and direct._wire is None
+        server.thaw()
+        assert await direct.call(pack(["ECHO", "again"])) == b"again"
+        await direct.close()
+        await client.aclose()
+    finally:
+        if server.frozen:
+            server.thaw()
+        server.cleanup()
+
+
 async def test_a_reply_nobody_asked_for_retires_the_connection_and_never_answers_a_later_call() -> None:
     server = RedisProc().start()
     try:
