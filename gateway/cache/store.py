@@ -19,7 +19,6 @@ Contract, for every implementation:
 from __future__ import annotations
 
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
 
 from gateway.cache.entry import CacheEntry
 from gateway.cache.vectors import EMPTY, VectorSet
@@ -89,43 +88,16 @@ def open_cache_store(
         from gateway.cache.memory import MemoryCacheStore
 
         return MemoryCacheStore(clock=clock)
-    from redis.asyncio import ConnectionPool, Redis, RedisCluster
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
     from gateway.cache.redis_store import RedisCacheStore
+    from gateway.state import StoreConfigError, redis_client
 
-    no_retry = Retry(NoBackoff(), 0)
-    if scheme in ("redis", "rediss"):
-        # No socket timeout: the store's Deadline bounds each whole call (connect + send + reply), as
-        # in gateway/state (a socket timeout costs a task per command on Python 3.11).
-        pool = ConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            socket_timeout=None,
-            socket_connect_timeout=timeout_s,
-            retry=no_retry,
-        )
+    try:
+        found = redis_client(url, timeout_s=timeout_s, max_connections=max_connections)
+    except StoreConfigError as exc:
+        raise CacheStoreConfigError(f"cache: {exc}") from None
+    if found is not None:
         return RedisCacheStore(
-            Redis.from_pool(pool), timeout_s=timeout_s, clock=clock, breaker=breaker, max_connections=max_connections
-        )
-    if scheme in ("redis+cluster", "rediss+cluster"):
-        parts = urlsplit(url)
-        if not parts.hostname:
-            raise CacheStoreConfigError("cache cluster URL needs host:port")
-        cluster = RedisCluster(
-            host=parts.hostname,
-            port=parts.port or 6379,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            ssl=scheme == "rediss+cluster",
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            max_connections=max_connections,
-            retry=no_retry,
-        )
-        return RedisCacheStore(
-            cluster, timeout_s=timeout_s, clock=clock, breaker=breaker, max_connections=max_connections
+            found[0], timeout_s=timeout_s, clock=clock, breaker=breaker, max_connections=max_connections
         )
     raise CacheStoreConfigError(
         f"unknown cache store URL scheme {scheme!r}: use memory, redis://, rediss:// or redis+cluster://"

@@ -56,10 +56,48 @@ __all__ = [
     "Ticket",
     "Usage",
     "open_store",
+    "redis_client",
 ]
 
 DEFAULT_TIMEOUT_S = 0.08
 _DEFAULT_BREAKER = BreakerConfig()
+
+
+def redis_client(url: str, *, timeout_s: float, max_connections: int) -> tuple[Redis | RedisCluster, StoreKind] | None:
+    """The redis-py client a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL names (None
+    for any other scheme), built for calls bounded by the caller's own deadline: no retries, and on one
+    Redis no socket timeout (the state and cache stores share this). Nothing connects here."""
+    scheme = url.split("://", 1)[0].lower()
+    no_retry = Retry(NoBackoff(), 0)
+    if scheme in ("redis", "rediss"):
+        # No socket timeout: the store's Deadline bounds each whole call (a cancelled call drops its
+        # connection). With one, redis-py wraps every send in asyncio.wait_for (a Task per command on
+        # Python 3.11) and every read in a timeout context: CPU on every admission for nothing.
+        pool = ConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            socket_timeout=None,  # explicitly: redis-py 8 otherwise defaults to 5 s
+            socket_connect_timeout=timeout_s,
+            retry=no_retry,
+        )
+        return Redis.from_pool(pool), "redis"
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise StoreConfigError(f"cluster URL needs host:port: {url!r}")
+        cluster = RedisCluster(
+            host=parts.hostname,
+            port=parts.port or 6379,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            ssl=scheme == "rediss+cluster",
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=max_connections,
+            retry=no_retry,
+        )
+        return cluster, "redis-cluster"
+    return None
 
 
 def open_store(
@@ -88,41 +126,12 @@ def open_store(
                 "its own limits (limit x replicas). Use a redis:// or redis+cluster:// state URL."
             )
         return MemoryStore(clock=clock) if clock is not None else MemoryStore()
-    no_retry = Retry(NoBackoff(), 0)
-    kind: StoreKind
-    if scheme in ("redis", "rediss"):
-        # No socket timeout: the store's Deadline bounds each whole call (a cancelled call drops its
-        # connection). With one, redis-py wraps every send in asyncio.wait_for (a Task per command on
-        # Python 3.11) and every read in a timeout context: CPU on every admission for nothing.
-        pool = ConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            socket_timeout=None,  # explicitly: redis-py 8 otherwise defaults to 5 s
-            socket_connect_timeout=timeout_s,
-            retry=no_retry,
-        )
-        client: Redis | RedisCluster = Redis.from_pool(pool)
-        kind = "redis"
-    elif scheme in ("redis+cluster", "rediss+cluster"):
-        parts = urlsplit(url)
-        if not parts.hostname:
-            raise StoreConfigError(f"cluster URL needs host:port: {url!r}")
-        client = RedisCluster(
-            host=parts.hostname,
-            port=parts.port or 6379,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            ssl=scheme == "rediss+cluster",
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            max_connections=max_connections,
-            retry=no_retry,
-        )
-        kind = "redis-cluster"
-    else:
+    found = redis_client(url, timeout_s=timeout_s, max_connections=max_connections)
+    if found is None:
         raise StoreConfigError(
             f"unknown state URL scheme {scheme!r}: use memory, redis://, rediss:// or redis+cluster://"
         )
+    client, kind = found
     return RedisStore(
         client,
         kind=kind,
