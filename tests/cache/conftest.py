@@ -81,16 +81,6 @@ def redis_server() -> Iterator[RedisProc]:
 
 
 @pytest.fixture
-def fresh_redis() -> Iterator[RedisProc]:
-    """A server of the test's own, for chaos (kill, freeze)."""
-    server = RedisProc().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 

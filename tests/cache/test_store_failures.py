@@ -5,7 +5,6 @@ current; a namespace that lost its data is rebuilt, not merged)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,6 +19,7 @@ from gateway.state.breaker import BreakerConfig
 from tests.cache.conftest import FAST_BREAKER, Backend, FakeClock, entry, unique, vec
 from tests.harness.procs import free_port
 from tests.harness.redis_proc import RedisProc
+from tests.harness.waiting import timed, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 T = TypeVar("T")
@@ -29,22 +29,6 @@ TIMEOUT_S = 0.25
 # What a failed call may cost beyond the timeout on a busy machine (scheduling), far below "hangs".
 MARGIN_S = 0.15
 BIG = 1 << 30
-
-
-async def timed(fn: Callable[[], Awaitable[T]]) -> tuple[T, float]:
-    started = time.monotonic()
-    result = await fn()
-    return result, time.monotonic() - started
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Poll with a deadline (no fixed sleeps as synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def redis_store(url: str, clock: FakeClock, breaker: BreakerConfig = FAST_BREAKER) -> RedisCacheStore:

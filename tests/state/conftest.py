@@ -122,16 +122,6 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def fresh_redis() -> Iterator[RedisProc]:
-    """A server of the test's own, for chaos (kill, freeze, restart)."""
-    server = RedisProc().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
 FAST_BREAKER = BreakerConfig(failures=3, cooldown_s=0.2)
 
 

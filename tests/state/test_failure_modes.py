@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -19,6 +18,7 @@ from gateway.state import Admission, BreakerConfig, Limits, Store, StoreConfigEr
 from gateway.state.breaker import Breaker
 from tests.harness.procs import free_port
 from tests.harness.redis_proc import RedisProc
+from tests.harness.waiting import timed, wait_until
 from tests.state.conftest import FAST_BREAKER, Backend
 from tests.state.helpers import budget, request, rpm, slots, tpm
 
@@ -31,22 +31,6 @@ TIMEOUT_S = 0.25
 # What a degraded call may cost beyond the timeout on a busy 2-core machine (event loop, scheduling).
 MARGIN_S = 0.15  # scheduling slack on a busy 2-core machine; still far below "hangs with Redis"
 LIMITS = Limits(rates=(rpm(1000), tpm(100_000, "tenant")), concurrency=(slots(10),))
-
-
-async def timed(fn: Callable[[], Awaitable[T]]) -> tuple[T, float]:
-    started = time.monotonic()
-    result = await fn()
-    return result, time.monotonic() - started
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Poll with a deadline (no fixed sleeps as synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def store_for(url: str, **kw: Any) -> Store:
