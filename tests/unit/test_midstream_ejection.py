@@ -6,17 +6,14 @@ from __future__ import annotations
 
 from gateway.context import RequestContext
 from gateway.contracts import End
-from gateway.policy.index import Target
-from gateway.policy.model import Backend, Deployment, Model
 from gateway.stages.upstream import SignalsTap
 from gateway.upstream.signals import LiveSignals
+from tests.unit.test_dispatch_attempts import target
 
 
 def _ctx() -> RequestContext:
-    backend = Backend(name="b", adapter="openai", base_url="http://127.0.0.1:9/v1")
-    deployment = Deployment(backend="b", upstream_model="u")
     ctx = RequestContext(request_id="r", operation="chat", started=0.0, headers={})
-    ctx.target = Target(model=Model(name="m", deployments=(deployment,)), deployment=deployment, backend=backend)
+    ctx.target = target("b")
     return ctx
 
 

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from gateway.canonical import Request
 from gateway.context import RequestContext
-from gateway.contracts import UpstreamCall, UpstreamConnectError, UpstreamResponse
+from gateway.contracts import UpstreamCall, UpstreamResponse
 from gateway.policy.index import Principal, Target
-from gateway.policy.model import Backend, Deployment, Model, RetryPolicy, Route
+from gateway.policy.model import RetryPolicy, Route
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.retry import (
@@ -28,6 +28,7 @@ from gateway.upstream.retry import (
     retry_after_s,
 )
 from gateway.upstream.signals import LiveSignals
+from tests.unit.test_dispatch_attempts import Down, target
 
 NOW = 1_800_000_000.0
 POLICY = RetryPolicy()
@@ -195,20 +196,6 @@ class Answers:
         return None
 
 
-class Refused:
-    async def send(self, call: UpstreamCall) -> UpstreamResponse:
-        raise UpstreamConnectError("refused")
-
-    async def aclose(self) -> None:
-        return None
-
-
-def target(name: str) -> Target:
-    backend = Backend(name=name, adapter="openai", base_url="http://upstream.invalid/v1")
-    deployment = Deployment(backend=name, upstream_model="m")
-    return Target(model=Model(name=f"model-{name}", deployments=(deployment,)), deployment=deployment, backend=backend)
-
-
 def context(route: Route, plan: tuple[Target, ...], n: int) -> RequestContext:
     ctx = RequestContext(request_id=f"r{n}", operation="chat", started=0.0, headers={}, route_name=route.name)
     ctx.principal = Principal(tenant="t", key_id="k", allowed_routes=None)
@@ -233,7 +220,7 @@ async def test_the_dispatcher_stops_failing_over_when_the_budget_is_spent() -> N
 async def test_without_a_route_the_defaults_apply_and_connect_failures_move_on_at_once() -> None:
     a, b = target("a"), target("b")
     fallback = Answers()
-    dispatcher = Dispatcher({"a": Refused(), "b": fallback}, Metrics(), LiveSignals())  # type: ignore[dict-item]
+    dispatcher = Dispatcher({"a": Down(), "b": fallback}, Metrics(), LiveSignals())  # type: ignore[dict-item]
     ctx = RequestContext(request_id="x", operation="chat", started=0.0, headers={}, route_name="chat")
     ctx.request = Request(operation="chat", model="chat")
     ctx.plan = (a, b)
