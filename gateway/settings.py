@@ -21,7 +21,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "WARNING"
     # The process log (not the access log): classic text lines, or one JSON object per line.
     log_format: Literal["text", "json"] = "text"
-    # Where cached answers live: `memory`, redis:// or rediss://. Unset: the state's Redis (its own key
+    # Where cached answers live: `memory`, redis://, rediss:// or redis+cluster://. Unset: the state's Redis (its own key
     # space) or memory. Production: a Redis of its own with maxmemory + allkeys-lru (docker/compose.yaml),
     # so cache entries can never evict limiter or ledger state.
     cache: str | None = None
@@ -65,7 +65,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def cache_url(self) -> str:
         if self.cache:
             return self.cache
-        return self.state if self.state.startswith(("redis://", "rediss://")) else "memory"
+        return (
+            self.state
+            if self.state.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://"))
+            else "memory"
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
