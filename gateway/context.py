@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from gateway.stages.cache import CacheTicket
+    from gateway.upstream.retry import BudgetClaim
 
 
 @dataclass(slots=True)
@@ -69,6 +70,9 @@ class RequestContext:
     redact: Redactor = NO_SECRETS
     # Written by `upstream`: attempts that failed before the one that answered (target, outcome, seconds).
     failed_attempts: list[tuple[Target, int, float]] = field(default_factory=list)
+    # Written by `upstream`: this request's share of its route's retry budget (active, and its retry in
+    # flight), from dispatch until the upstream stage's tap ends it with the answer.
+    retry_claim: BudgetClaim | None = None
     # Written by accounting: the release of this request's concurrency slots, to be awaited by the edge
     # before the answer's last byte (a sequential client must find its slot free).
     settling: asyncio.Future[None] | None = None

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from gateway.accounting.writer import UsageWriter
 from gateway.state import Store
+from gateway.upstream.retry import RetryBudgets
 from gateway.upstream.signals import LiveSignals
 
 _BREAKER = {"closed": 0, "half-open": 1, "open": 2}
@@ -21,6 +22,7 @@ _BREAKER = {"closed": 0, "half-open": 1, "open": 2}
 
 class _Source(Protocol):
     signals: LiveSignals
+    retry_budgets: RetryBudgets
     writer: UsageWriter
     store: Store
 
@@ -76,6 +78,21 @@ class GatewayGauges:
         for backend in sorted(live.stale):
             stale.add_metric([backend], 1)
         yield stale
+        active = GaugeMetricFamily(
+            "strait_route_active_requests",
+            "Requests being dispatched or streamed, by route (what the retry budget is a share of).",
+            labels=["route"],
+        )
+        retrying = GaugeMetricFamily(
+            "strait_route_retries_in_flight",
+            "Retries the route's retry budget has in flight, by route.",
+            labels=["route"],
+        )
+        for route, (n_active, n_retrying) in sorted(g.retry_budgets.by_route().items()):
+            active.add_metric([route], n_active)
+            retrying.add_metric([route], n_retrying)
+        yield active
+        yield retrying
         yield GaugeMetricFamily(
             "strait_usage_queue_records", "Usage records waiting in memory for the ledger.", value=g.writer.queued()
         )

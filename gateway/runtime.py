@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -34,6 +34,7 @@ from gateway.tracing import Tracing
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.health import HealthMonitor, probe_plan
 from gateway.upstream.redact import redactor_for
+from gateway.upstream.retry import RetryBudgets
 from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait")
@@ -79,6 +80,8 @@ class Services:
     # Where cached answers live (a key space, or a Redis, of their own) and the embedders opened so far.
     cache_store: CacheStore | None = None
     embedders: EmbedderPool | None = None
+    # Active requests and retries in flight per route (the retry budget): a reload must not forget them.
+    retry_budgets: RetryBudgets = field(default_factory=RetryBudgets)
 
 
 def build_runtime(
@@ -113,6 +116,7 @@ def build_runtime(
         signals,
         redactor_for((b.api_key for b in policy.backends), os.environ if environ is None else environ),
         tracing=services.tracing,
+        budgets=services.retry_budgets,
     )
     upstream = UpstreamStage(dispatcher, metrics, signals)
     stages: list[Stage] = [auth, services.decode(policy), route, LimitsStage(index, store, metrics, explain)]
@@ -163,6 +167,7 @@ class Gateway:
         self.services = services
         self.metrics = services.metrics
         self.signals = services.signals
+        self.retry_budgets = services.retry_budgets
         self.store = services.store
         self.writer = writer
         self.ledger = ledger

@@ -302,11 +302,10 @@ class RetryPolicy(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # The longest upstream Retry-After (429/503/529) waited out to retry the same deployment; a longer
     # one moves to the next deployment at once. Never retried sooner than the upstream asked.
     max_retry_after_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
-    # Retry budget (Envoy's 20 % / 3, counted over a sliding window rather than concurrently): retries
-    # in the last `budget_window_s` <= `budget_ratio` x the route's requests in it + `budget_min`.
+    # Retry budget (Envoy's): a retry starts only while the route's retries in flight are fewer than
+    # max(`budget_min`, `budget_ratio` x its active requests), counted per replica.
     budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
     budget_min: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 3
-    budget_window_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
 
 
 class TryTimeouts(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -1,8 +1,9 @@
 """Stage `upstream` (terminal): the Dispatcher walks the plan; its answer becomes the client's Reply
 (gateway.stages.respond: a JSON body with how it ended, or the upstream's stream as an event source).
 
-It contributes two taps, run when the answer is over: live signals (a stream holds its backend's
-in-flight count until then) and token metrics (the provider's usage, the stream's time to first event).
+It contributes three taps, run when the answer is over: the route's retry budget (the request stops
+counting as active), live signals (a stream holds its backend's in-flight count until then) and token
+metrics (the provider's usage, the stream's time to first event).
 A dispatch failure or a client that leaves while waiting propagates to the pipeline, which ends the
 request through every tap (accounting included) before the error goes on.
 """
@@ -19,6 +20,17 @@ from gateway.stages.respond import respond
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.signals import LiveSignals
+
+
+class RetryBudgetTap(EndTap):
+    """The request no longer counts against its route's retry budget (gateway.upstream.retry): the
+    pipeline ends every request that reached the dispatcher through its taps exactly once, whether it
+    answered, failed, streamed to its end or was cancelled; the claim's `end` is idempotent besides."""
+
+    def on_end(self, ctx: RequestContext, end: End) -> None:
+        claim = ctx.retry_claim
+        if claim is not None:
+            claim.end()
 
 
 class SignalsTap(EndTap):
@@ -77,7 +89,7 @@ class UpstreamStage:
     def __init__(self, dispatcher: Dispatcher, metrics: Metrics, signals: LiveSignals) -> None:
         self.dispatcher = dispatcher
         self.metrics = metrics
-        self.taps = (SignalsTap(signals), MetricsTap(metrics))
+        self.taps = (RetryBudgetTap(), SignalsTap(signals), MetricsTap(metrics))
 
     async def call(self, ctx: RequestContext) -> Reply:
         return respond(ctx, await self.dispatcher.call(ctx), self.metrics)

@@ -54,6 +54,7 @@ class Dispatcher:
         redact: Redactor = NO_SECRETS,
         tracing: Tracing | None = None,
         rng: random.Random | None = None,
+        budgets: RetryBudgets | None = None,
     ) -> None:
         self.adapters = adapters
         self.metrics = metrics
@@ -61,8 +62,8 @@ class Dispatcher:
         # Knows this runtime's backend secrets; the relay redacts upstream error text with it.
         self.redact = redact
         self.tracing = tracing
-        # Per route: how many retries its recent requests have earned (gateway.upstream.retry).
-        self.budgets = RetryBudgets()
+        # Per route: active requests and retries in flight (gateway.upstream.retry); outlives a reload.
+        self.budgets = budgets if budgets is not None else RetryBudgets()
         # Backoff jitter (a test may pass a seeded one).
         self.rng = rng if rng is not None else random.Random()
 
@@ -114,8 +115,9 @@ class Dispatcher:
         policy = route.retry if route is not None else DEFAULT_RETRY
         timeouts = route.timeouts if route is not None else DEFAULT_TIMEOUTS
         max_attempts = route.max_attempts if route is not None else len(plan)
-        budget = self.budgets.of(ctx.route_name, policy.budget_window_s)
-        budget.request(time.monotonic())
+        if ctx.retry_claim is None:  # ended by the upstream stage's tap when the answer is over
+            ctx.retry_claim = self.budgets.start(ctx.route_name)
+        budget = ctx.retry_claim
         metrics = self.metrics
         signals = self.signals
         ctx.redact = self.redact
@@ -190,7 +192,7 @@ class Dispatcher:
             following = index if move.same else _next_index(plan, index, failure)
             if following is None:
                 break
-            if not budget.try_retry(time.monotonic(), policy.budget_ratio, policy.budget_min):
+            if not budget.try_retry(policy.budget_ratio, policy.budget_min):
                 metrics.child(metrics.retry_budget_exhausted, ctx.route_name).inc()
                 log.info("route %s: retry budget spent, no further attempt for %s", ctx.route_name, ctx.request_id)
                 break

@@ -10,7 +10,6 @@ from __future__ import annotations
 import email.utils
 import math
 import random
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -28,8 +27,6 @@ OVERLOAD_STATUS: Final = frozenset({429, 503, 529})
 TRANSIENT_STATUS: Final = frozenset({500, 502, 504})
 # The longest Retry-After read at all (anything longer is as good as "not soon").
 MAX_PARSED_WAIT_S: Final = 86_400.0
-# Buckets a budget's window is cut into (its counts expire a bucket at a time).
-BUDGET_BUCKETS: Final = 10
 
 
 def classify_status(status: int, body: bytes) -> Failure | None:
@@ -128,62 +125,86 @@ def next_move(
     return NEXT
 
 
+def retry_limit(ratio: float, minimum: int, active: int) -> int:
+    """Retries a route may have in flight: max(minimum, ratio x active), the share rounded down as
+    Envoy does (the epsilon keeps 0.29 x 100 at 29)."""
+    return max(minimum, math.floor(ratio * active + 1e-9))
+
+
 class RetryBudget:
-    """One route's retry budget: retries in the last `window_s` <= ratio x requests in it + minimum.
+    """One route's retry budget, Envoy's: a retry may start only while the route's retries in flight
+    are fewer than max(`budget_min`, `budget_ratio` x its active requests, rounded down).
 
-    Envoy's budget (20 % of active requests, at least 3) caps retries in flight at once, which a
-    sequential client never reaches; counted over a window instead, it bounds what a brown-out costs
-    the upstreams: over any window, attempts <= (1 + ratio) x requests + minimum. Counts are kept in
-    `BUDGET_BUCKETS` buckets, so memory does not grow with traffic."""
+    A request is active from the start of its dispatch until its answer is over (a stream: until the
+    relay ends); a retry (any attempt after a request's first: the same deployment again, or a
+    fallback) is in flight from when the budget grants it until its request ends or asks for the next
+    one. Counts of this replica only, bounded by its concurrency, so nothing expires and memory does not
+    grow with traffic. In a brown-out, the retries the route adds at any moment stay a fifth of what
+    it is doing anyway (plus the minimum, which lets a quiet route still retry)."""
 
-    __slots__ = ("_buckets", "_requests", "_retries", "_width")
+    __slots__ = ("active", "retrying")
 
-    def __init__(self, window_s: float) -> None:
-        self._width = window_s / BUDGET_BUCKETS
-        # (bucket number, requests, retries), oldest first.
-        self._buckets: deque[list[int]] = deque()
-        self._requests = 0
-        self._retries = 0
+    def __init__(self) -> None:
+        self.active = 0
+        self.retrying = 0
 
-    def _current(self, now: float) -> list[int]:
-        bucket = int(now / self._width)
-        buckets = self._buckets
-        while buckets and buckets[0][0] <= bucket - BUDGET_BUCKETS:
-            _, requests, retries = buckets.popleft()
-            self._requests -= requests
-            self._retries -= retries
-        if not buckets or buckets[-1][0] != bucket:
-            buckets.append([bucket, 0, 0])
-        return buckets[-1]
+    def start(self) -> BudgetClaim:
+        """A request of the route starts (its first attempt is never refused); end its claim once."""
+        self.active += 1
+        return BudgetClaim(self)
 
-    def request(self, now: float) -> None:
-        """A request of the route started (its first attempt is never refused)."""
-        self._current(now)[1] += 1
-        self._requests += 1
 
-    def try_retry(self, now: float, ratio: float, minimum: int) -> bool:
-        """Take one retry from the budget if it allows one."""
-        current = self._current(now)
-        if self._retries + 1 > ratio * self._requests + minimum:
+class BudgetClaim:
+    """One request's share of its route's budget: it counts as active, and holds at most one retry
+    at a time, until `end` (idempotent: every way a request can end may call it)."""
+
+    __slots__ = ("_budget", "_open", "_retrying")
+
+    def __init__(self, budget: RetryBudget) -> None:
+        self._budget = budget
+        self._open = True
+        self._retrying = False
+
+    def try_retry(self, ratio: float, minimum: int) -> bool:
+        """Start one more retry if the route's other retries in flight leave room for it (the one this
+        request may already hold is over: it is replaced, not added)."""
+        budget = self._budget
+        if not self._open:
             return False
-        current[2] += 1
-        self._retries += 1
+        others = budget.retrying - self._retrying
+        if others >= retry_limit(ratio, minimum, budget.active):
+            return False
+        if not self._retrying:
+            self._retrying = True
+            budget.retrying += 1
         return True
 
-    def counts(self) -> tuple[int, int]:
-        """(requests, retries) in the window, for tests and debugging."""
-        return self._requests, self._retries
+    def end(self) -> None:
+        """The request is over: no longer active, its retry (if any) no longer in flight."""
+        if not self._open:
+            return
+        self._open = False
+        budget = self._budget
+        budget.active -= 1
+        if self._retrying:
+            self._retrying = False
+            budget.retrying -= 1
 
 
 class RetryBudgets:
-    """The budgets of every route, by name (a reloaded policy keeps the counts of a route it still has)."""
+    """The budgets of every route, by name. Lives as long as the process (a reload keeps the counts of
+    the requests in flight; a request's claim ends on the budget it started on)."""
 
     def __init__(self) -> None:
-        self._by_route: dict[tuple[str, float], RetryBudget] = {}
+        self._by_route: dict[str, RetryBudget] = {}
 
-    def of(self, route: str, window_s: float) -> RetryBudget:
-        key = (route, window_s)
-        budget = self._by_route.get(key)
+    def start(self, route: str) -> BudgetClaim:
+        """A request of `route` starts: its claim (gateway.stages.upstream's tap ends it)."""
+        budget = self._by_route.get(route)
         if budget is None:
-            budget = self._by_route[key] = RetryBudget(window_s)
-        return budget
+            budget = self._by_route[route] = RetryBudget()
+        return budget.start()
+
+    def by_route(self) -> dict[str, tuple[int, int]]:
+        """(active requests, retries in flight) per route, for the gauges and tests."""
+        return {route: (b.active, b.retrying) for route, b in self._by_route.items()}

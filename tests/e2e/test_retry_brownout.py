@@ -41,7 +41,7 @@ models:
 routes:
   - name: chat
     models: [m-primary, m-fallback]
-    retry: {{budget_ratio: 0.2, budget_min: 3, budget_window_s: 600}}
+    retry: {{budget_ratio: 0.2, budget_min: 3}}
 tenants:
   - name: t
     keys: [{{id: t-1, digest: "{key_digest(KEY)}"}}]

@@ -1,11 +1,14 @@
 """The retry policy's parts: Retry-After parsing, jittered backoff, the next move after each failure class,
-the windowed retry budget, and the dispatcher refusing a retry the budget does not allow."""
+the retry budget (retries in flight against active requests), and the dispatcher refusing a retry the
+budget does not allow."""
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import math
 import random
+from collections.abc import Awaitable, Callable
 
 import pytest
 from hypothesis import given, settings
@@ -13,21 +16,25 @@ from hypothesis import strategies as st
 
 from gateway.canonical import Request
 from gateway.context import RequestContext
-from gateway.contracts import UpstreamCall, UpstreamResponse
+from gateway.contracts import End, UpstreamCall, UpstreamResponse
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import RetryPolicy, Route
+from gateway.stages.upstream import RetryBudgetTap
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.retry import (
     MAX_PARSED_WAIT_S,
     NEXT,
-    RetryBudget,
+    BudgetClaim,
+    RetryBudgets,
     backoff_s,
     classify_status,
     next_move,
     retry_after_s,
+    retry_limit,
 )
 from gateway.upstream.signals import LiveSignals
+from tests.harness.waiting import wait_until
 from tests.unit.test_dispatch_attempts import Down, target
 
 NOW = 1_800_000_000.0
@@ -137,39 +144,83 @@ def test_next_moves() -> None:
     assert move("auth", 401, retry_on=()) is NEXT
 
 
-@settings(max_examples=200)
-@given(
-    st.lists(st.tuples(st.booleans(), st.floats(min_value=0, max_value=5)), max_size=300),
-    st.floats(min_value=0, max_value=1),
-    st.integers(min_value=0, max_value=10),
+# ---- the retry budget (Envoy's: retries in flight < max(minimum, ratio x active requests)) ----
+
+# An operation on the budget: start a request, ask a retry for open request i, end request i (again).
+BudgetOp = tuple[str, int]
+budget_ops = st.lists(
+    st.tuples(st.sampled_from(["start", "retry", "end"]), st.integers(min_value=0, max_value=60)), max_size=400
 )
-def test_budget_retries_never_exceed_ratio_of_requests_plus_minimum_within_a_window(
-    ops: list[tuple[bool, float]], ratio: float, minimum: int
+
+
+@settings(max_examples=300)
+@given(budget_ops, st.floats(min_value=0, max_value=1), st.integers(min_value=0, max_value=10))
+def test_budget_grants_a_retry_only_while_retries_in_flight_are_below_the_limit(
+    ops: list[BudgetOp], ratio: float, minimum: int
 ) -> None:
-    budget = RetryBudget(window_s=10.0)
-    now, requests, retries = 100.0, 0, 0
-    for is_request, dt in ops:
-        now += dt / 100  # all within one window
-        if is_request:
-            budget.request(now)
-            requests += 1
-        elif budget.try_retry(now, ratio, minimum):
-            retries += 1
-    assert retries <= ratio * requests + minimum
-    assert budget.counts() == (requests, retries)
+    budgets = RetryBudgets()
+    claims: list[BudgetClaim] = []
+    open_: set[int] = set()
+    holding: set[int] = set()
+    for op, i in ops:
+        if op == "start":
+            claims.append(budgets.start("chat"))
+            open_.add(len(claims) - 1)
+        elif claims:
+            i %= len(claims)
+            if op == "retry":
+                active = len(open_)
+                others = len(holding - {i})
+                granted = claims[i].try_retry(ratio, minimum)
+                # Granted exactly when the request is open and the other retries in flight leave room.
+                assert granted == (i in open_ and others < max(minimum, math.floor(ratio * active + 1e-9)))
+                if granted:
+                    holding.add(i)
+            else:
+                claims[i].end()  # ending twice is harmless: each request leaves the counts once
+                open_.discard(i)
+                holding.discard(i)
+        active, retrying = budgets.by_route().get("chat", (0, 0))
+        assert (active, retrying) == (len(open_), len(holding))
+        # A request holds at most one retry, so retries in flight never exceed the requests in flight.
+        assert retrying <= active
+    for claim in claims:
+        claim.end()
+    assert budgets.by_route().get("chat", (0, 0)) == (0, 0)
 
 
-def test_budget_allows_the_minimum_then_a_share_and_forgets_old_traffic() -> None:
-    budget = RetryBudget(window_s=10.0)
-    budget.request(0.0)
-    assert [budget.try_retry(0.0, 0.2, 3) for _ in range(4)] == [True, True, True, False]
-    for _ in range(10):
-        budget.request(1.0)
-    # 11 requests: 0.2 x 11 + 3 = 5.2, so two more.
-    assert [budget.try_retry(1.0, 0.2, 3) for _ in range(3)] == [True, True, False]
-    # A window later, the old requests and retries are gone: the minimum is back.
-    assert budget.try_retry(12.0, 0.2, 3)
-    assert budget.counts() == (0, 1)
+@settings(max_examples=100)
+@given(st.integers(min_value=0, max_value=500), st.floats(min_value=0, max_value=1), st.integers(0, 10))
+def test_a_burst_of_failing_requests_gets_at_most_the_limit_of_retries_at_once(
+    active: int, ratio: float, minimum: int
+) -> None:
+    budgets = RetryBudgets()
+    claims = [budgets.start("chat") for _ in range(active)]
+    granted = sum(claim.try_retry(ratio, minimum) for claim in claims)
+    assert granted == min(active, retry_limit(ratio, minimum, active))
+    # A request's next retry replaces its own: asking again changes nothing.
+    assert sum(claim.try_retry(ratio, minimum) for claim in claims[:granted]) == granted
+    assert budgets.by_route().get("chat", (0, 0)) == (active, granted)
+
+
+def test_budget_allows_the_minimum_then_a_share_of_active_requests_and_frees_a_slot_when_a_request_ends() -> None:
+    budgets = RetryBudgets()
+    first = budgets.start("chat")
+    others = [budgets.start("chat") for _ in range(3)]
+    # 4 active: max(3, 0.8) = 3 retries in flight.
+    assert [c.try_retry(0.2, 3) for c in [first, *others]] == [True, True, True, False]
+    # 20 active: max(3, 4) = 4.
+    more = [budgets.start("chat") for _ in range(16)]
+    assert [c.try_retry(0.2, 3) for c in more[:2]] == [True, False]
+    first.end()  # its retry is over, and it is no longer active: 19 active (limit 3), 3 in flight
+    assert not more[1].try_retry(0.2, 3)
+    late = budgets.start("chat")  # 20 active again: room for a 4th
+    assert more[1].try_retry(0.2, 3)
+    assert not late.try_retry(0.2, 3)
+    first.end()
+    assert budgets.by_route() == {"chat": (20, 4)}
+    # An ended claim never retries again (and does not count).
+    assert not first.try_retry(1.0, 100)
 
 
 class Unavailable:
@@ -205,16 +256,73 @@ def context(route: Route, plan: tuple[Target, ...], n: int) -> RequestContext:
     return ctx
 
 
-async def test_the_dispatcher_stops_failing_over_when_the_budget_is_spent() -> None:
+class Gated:
+    """Answers `status` once `go` is set, counting the calls waiting for it."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.go = asyncio.Event()
+        self.calls = 0
+        self.waiting = 0
+
+    async def send(self, call: UpstreamCall) -> UpstreamResponse:
+        self.calls += 1
+        self.waiting += 1
+        await self.go.wait()
+        self.waiting -= 1
+        return UpstreamResponse(status=self.status, body=b'{"error": {"message": "busy"}}')
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_the_dispatcher_fails_over_only_as_many_requests_at_once_as_the_budget_allows() -> None:
+    """50 requests in flight, the primary fails them all at once: 10 (20 % of 50) fail over, the other
+    40 get the primary's 503. Once the answers are over (the tap), the route counts nothing."""
     a, b = target("a"), target("b")
-    route = Route(name="chat", models=("model-a", "model-b"), retry=RetryPolicy(budget_ratio=0.5, budget_min=1))
+    route = Route(name="chat", models=("model-a", "model-b"))  # the defaults: 20 %, at least 3
+    primary, fallback = Gated(503), Gated(200)
+    signals = LiveSignals()
+    dispatcher = Dispatcher({"a": primary, "b": fallback}, Metrics(), signals)  # type: ignore[dict-item]
+    contexts = [context(route, (a, b), n) for n in range(50)]
+    calls = [asyncio.ensure_future(dispatcher.call(ctx)) for ctx in contexts]
+    await wait_until(_true_when(lambda: primary.waiting == 50))
+    primary.go.set()
+    # Each request either gave up (its call is done) or waits on the fallback.
+    await wait_until(_true_when(lambda: sum(c.done() for c in calls) + fallback.waiting == 50))
+    assert fallback.waiting == 10 and dispatcher.budgets.by_route() == {"chat": (50, 10)}
+    fallback.go.set()
+    statuses = [r.status for r in await asyncio.gather(*calls)]
+    assert statuses.count(200) == fallback.calls == 10 and statuses.count(503) == 40
+    tap = RetryBudgetTap()
+    for ctx in contexts:
+        tap.on_end(ctx, End("completed", 200))
+        tap.on_end(ctx, End("completed", 200))  # a second end changes nothing
+    assert dispatcher.budgets.by_route() == {"chat": (0, 0)}
+
+
+async def test_a_sequential_client_retries_within_the_minimum() -> None:
+    """One request at a time: the minimum (3 retries in flight) always has room, so each request fails
+    over; the budget bounds bursts, and outlier ejection bounds a primary that keeps failing."""
+    a, b = target("a"), target("b")
+    route = Route(name="chat", models=("model-a", "model-b"), retry=RetryPolicy(budget_ratio=0.2, budget_min=1))
     primary, fallback = Unavailable(), Answers()
     dispatcher = Dispatcher({"a": primary, "b": fallback}, Metrics(), LiveSignals())  # type: ignore[dict-item]
-    statuses = [(await dispatcher.call(context(route, (a, b), n))).status for n in range(10)]
-    # Retries <= 0.5 x requests + 1, counted as requests arrive: 1, 1, 2, 2, 3, 3... of 10 requests, 6 fail over.
-    assert statuses.count(200) == fallback.calls == 6
-    assert primary.calls == 10
-    assert primary.calls + fallback.calls <= 1.5 * 10 + 1
+    for n in range(4):
+        ctx = context(route, (a, b), n)
+        assert (await dispatcher.call(ctx)).status == 200
+        RetryBudgetTap().on_end(ctx, End("completed", 200))
+    assert fallback.calls == 4 and dispatcher.budgets.by_route() == {"chat": (0, 0)}
+    # Without the minimum and with one request active, 20 % of it leaves no room for a retry.
+    none = Route(name="strict", models=("model-a", "model-b"), retry=RetryPolicy(budget_ratio=0.2, budget_min=0))
+    assert (await dispatcher.call(context(none, (a, b), 9))).status == 503
+
+
+def _true_when(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return condition()
+
+    return check
 
 
 async def test_without_a_route_the_defaults_apply_and_connect_failures_move_on_at_once() -> None:
@@ -227,3 +335,8 @@ async def test_without_a_route_the_defaults_apply_and_connect_failures_move_on_a
     response = await dispatcher.call(ctx)
     assert response.status == 200 and ctx.target is b and fallback.calls == 1
     assert [(t.backend.name, status) for t, status, _ in ctx.failed_attempts] == [("a", 502)]
+
+
+def test_the_limit_rounds_the_share_down_as_envoy_does() -> None:
+    assert [retry_limit(0.2, 0, n) for n in (0, 1, 4, 5, 9, 10)] == [0, 0, 0, 1, 1, 2]
+    assert retry_limit(0.29, 0, 100) == 29 and retry_limit(0.2, 3, 10) == 3 and retry_limit(0.2, 3, 50) == 10
