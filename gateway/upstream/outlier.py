@@ -8,7 +8,8 @@ Pure state, the clock passed in (tests drive it). Per key (a backend's name, or 
 - the n-th ejection in a row lasts `base_ejection_s` x n, capped at `max_ejection_s` (n goes back to
   zero once the key has stayed healthy for `max_ejection_s` after it came back);
 - never more than `max_ejected_share` of the policy's backends ejected at once (at least one may be);
-  a refused ejection is counted, the key keeps serving;
+  a backend counts once however many of its keys are out (itself and its deployments' `model@backend`
+  keys, which fail together); a refused ejection is counted, the key keeps serving;
 - half-open: when the period ends, a key whose backend can be probed for free stays out until a
   probe succeeds (`probe_result`); a failed probe ejects it again for a longer period. Without a probe
   the key comes back when the period ends.
@@ -148,13 +149,13 @@ class OutlierTracker:
     def _eject(
         self, key: str, st: KeyState, p: OutlierPolicy, now: float, reason: str, force: bool = False
     ) -> Ejection | None:
-        if not force and not self._room():
+        if not force and not self._room(key):
             self.refused_ejections += 1
             log.warning(
                 "upstream %s not ejected (%s): %d of %d backends already out (max_ejected_share)",
                 key,
                 reason,
-                len(self.ejected),
+                len(self._backends_out()),
                 len(self._backends),
             )
             return None
@@ -180,14 +181,21 @@ class OutlierTracker:
         st.readmitted_at = now
         log.warning("upstream %s back in routing", key)
 
-    def _room(self) -> bool:
-        """Whether one more backend may be ejected under the tightest share of the policy."""
+    def _backends_out(self) -> set[str]:
+        return {self._backend_of(k) for k in self.ejected}
+
+    def _room(self, key: str) -> bool:
+        """Whether `key` may be ejected under the tightest share of the policy: its backend is out
+        already (a backend's keys take one place between them), or one more backend may be."""
         total = len(self._backends)
         if total == 0:
             return True
+        out = self._backends_out()
+        if self._backend_of(key) in out:
+            return True
         share = min((self._policy[b].max_ejected_share for b in self._backends), default=1.0)
         allowed = max(1, math.floor(share * total + 1e-9))
-        return len(self.ejected) + 1 <= allowed
+        return len(out) + 1 <= allowed
 
     # ---- reading ----
 

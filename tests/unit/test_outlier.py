@@ -142,3 +142,17 @@ def test_tracker_defaults_apply_to_a_backend_the_policy_does_not_name() -> None:
     for i in range(4):
         assert t.failure("x", float(i)) is None
     assert t.failure("x", 4.0) is not None  # Envoy's default: 5 in a row
+
+
+def test_a_backend_and_its_deployments_take_one_place_in_the_ejected_share() -> None:
+    """Found by loadtest/brownout.py: a backend ejected with its `model@backend` key took two places of
+    the share, so with 4 backends (share 0.75) the third failing backend was never ejected."""
+    names = ["p1", "p2", "p3", "fallback"]
+    s = signals(*(backend(n, consecutive_failures=1, max_ejected_share=0.75) for n in names))
+    for n in ("p1", "p2", "p3"):
+        assert s.failed(n, 1.0, f"m-{n}@{n}") is not None
+    assert s.snapshot(1.0).unhealthy == {"p1", "m-p1@p1", "p2", "m-p2@p2", "p3", "m-p3@p3"}
+    assert s.outliers.refused_ejections == 0
+    # The share is full: a fourth backend stays in, and so does a deployment of it.
+    assert s.failed("fallback", 1.0, "m@fallback") is None
+    assert s.outliers.refused_ejections == 2
