@@ -5,18 +5,24 @@ writes) can swallow a cancellation that arrives as its inner operation completes
 call then runs on until the next socket timeout, and a request pays twice the configured timeout
 (seen under load: 0.2 s for a 0.1 s deadline). Re-cancelling every `_RETRY_S` after expiry makes the
 deadline hold whatever the library does with one cancellation.
+
+And never early: the loop's timers may fire before their time (uvloop's have millisecond resolution and
+a cached "now", late by as much as the loop iteration that armed them), and a caller that gave up must
+have waited its whole deadline: the admission script refuses to run past that deadline (by Redis TIME),
+which only protects a caller that was still waiting until then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from types import TracebackType
 
 _RETRY_S = 0.002
 
 
 class Deadline:
-    __slots__ = ("_base", "_delay", "_fired", "_handle", "_loop", "_task")
+    __slots__ = ("_base", "_delay", "_end", "_fired", "_handle", "_loop", "_task")
 
     def __init__(self, delay_s: float) -> None:
         self._delay = delay_s
@@ -29,10 +35,16 @@ class Deadline:
         self._task = task
         self._loop = asyncio.get_running_loop()
         self._base = task.cancelling()
+        self._end = time.monotonic() + self._delay
         self._handle = self._loop.call_later(self._delay, self._fire)
         return self
 
     def _fire(self) -> None:
+        if not self._fired:
+            left = self._end - time.monotonic()
+            if left > 0:  # the timer fired early: wait out the rest
+                self._handle = self._loop.call_later(left, self._fire)
+                return
         self._fired += 1
         self._task.cancel()
         self._handle = self._loop.call_later(_RETRY_S, self._fire)

@@ -64,6 +64,8 @@ _UNKNOWN = object()
 EPOCH_KEY = "strait:epoch"
 EPOCH_TTL_MS = 7 * 86_400_000
 _TIME = pack(["TIME"])
+# How much earlier than the caller's own give-up an admission's deadline falls (at most a tenth of it).
+DEADLINE_SLACK_MS = 5
 _PING = pack(["PING"])
 # Bound on remembered budget remainders (one per budget key seen today); cleared when exceeded.
 _SEEN_MAX = 50_000
@@ -100,6 +102,11 @@ class RedisStore:
         self._kind: StoreKind = kind
         self._timeout_s = timeout_s
         self._timeout_ms = max(1, int(timeout_s * 1000))
+        # The script's deadline comes this much before the caller gives up: both clocks are read in whole
+        # milliseconds and the offset is learnt to within one, so without it a script run in the very
+        # millisecond the caller gave up (Redis frozen, thawed right then) still took a concurrency slot
+        # for the whole lease (the failure-mode test's flake, ~1 run in 10).
+        self._deadline_slack_ms = min(DEADLINE_SLACK_MS, self._timeout_ms // 10)
         # Redis TIME minus our wall clock (ms), learned from each admission's answer; see _deadline.
         self._offset_ms: int | None = None
         # Admissions the script refused as past their deadline while we still waited (offset corrected).
@@ -184,11 +191,12 @@ class RedisStore:
     def _deadline(self, now: int) -> str:
         """The admission's deadline on Redis's clock: our send time plus the call's bound, shifted by
         the clock offset last observed (a lower bound, so the deadline errs early by at most a round
-        trip). Unknown before the first answer (no deadline), and unneeded on a test clock (the script
-        then uses our clock)."""
+        trip), less a few milliseconds of rounding: a script that runs after the caller gave up never
+        takes anything. Unknown before the first answer (no deadline), and unneeded on a test clock (the
+        script then uses our clock)."""
         if self._offset_ms is None or self._test_clock is not None:
             return ""
-        return str(now + self._offset_ms + self._timeout_ms)
+        return str(now + self._offset_ms + self._timeout_ms - self._deadline_slack_ms)
 
     async def _learn_clock(self) -> None:
         """Redis TIME, asked at the first admission, so admissions carry a deadline from then on."""

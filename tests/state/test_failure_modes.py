@@ -426,3 +426,31 @@ async def test_a_redis_that_comes_back_empty_is_noticed_by_every_replica(fresh_r
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_deadline_whose_timer_fires_early_still_waits_its_whole_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop's timers may fire early (millisecond resolution, a cached "now"); a store call that gave up
+    before its deadline could still see its admission run (the script checks the deadline, not us)."""
+    from gateway.state.deadline import Deadline
+
+    loop = asyncio.get_running_loop()
+    call_later = loop.call_later
+    monkeypatch.setattr(loop, "call_later", lambda delay, cb, *args: call_later(delay / 4, cb, *args))
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with Deadline(0.08):
+            await asyncio.sleep(10)
+    assert time.monotonic() - started >= 0.08
+
+
+async def test_an_admissions_deadline_falls_before_its_caller_gives_up(fresh_redis: RedisProc) -> None:
+    """The script's deadline (Redis clock) is a few milliseconds before the call's own bound, so that
+    whole-millisecond clocks cannot let a script run in the millisecond its caller gave up."""
+    store = store_for(fresh_redis.url, timeout_s=0.2)
+    try:
+        assert (await store.admit(request(LIMITS, tokens=1))).allowed  # learns Redis's clock offset
+        offset = store._offset_ms
+        assert offset is not None
+        assert int(store._deadline(1_000_000)) == 1_000_000 + offset + 200 - 5
+    finally:
+        await store.close()
