@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -25,6 +26,24 @@ _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ENV_REF = checks.ENV_REF
+
+
+def _url_problem(url: str) -> str | None:
+    """Why an upstream base URL cannot be used as given, or None. Credentials in a URL would be logged
+    and echoed wherever the URL is (the key belongs in `api_key: env:NAME`); a fragment is never sent.
+    A query (e.g. Azure's `?api-version=`) is kept and sent with every request."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "is not a valid URL"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry credentials (user:password@): give the key as api_key: env:NAME"
+    if parts.fragment:
+        return "must not have a #fragment"
+    if not parts.hostname:
+        return "has no host"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +255,8 @@ def _cross_check(
                     f"$.backends[{i}].base_url",
                     f"backend {b.name!r}: base_url must start with http:// or https://",
                 )
+            if b.base_url and (problem := _url_problem(b.base_url)) is not None:
+                at(source, f"$.backends[{i}].base_url", f"backend {b.name!r}: base_url {problem}")
             if b.api_key is not None and not _ENV_REF.match(b.api_key):
                 at(
                     source,
