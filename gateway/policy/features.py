@@ -67,6 +67,7 @@ def extract(
         needs=frozenset(needs),
         headers=headers,
         preferences=prefs if prefs is not None else preferences(request, headers),
+        messages=request.messages,
     )
 
 
