@@ -84,18 +84,18 @@ def rendezvous_order(key: bytes, replicas: Sequence[Target]) -> list[Target]:
 
 
 def choose(
-    key: bytes, replicas: Sequence[Target], saturated: Callable[[Target], str | None]
+    key: bytes, replicas: Sequence[Target], unavailable: Callable[[Target], str | None]
 ) -> tuple[Target | None, str]:
-    """The key's replica: the first in its rendezvous order that is not saturated (`saturated` says why
-    one is), with what explain says about it; None when every replica is saturated."""
+    """The key's replica: the first in its rendezvous order that is available (`unavailable` says why
+    one is not: "ejected", "saturated (...)"), with what explain says about it; None when none is."""
     order = rendezvous_order(key, replicas)
     passed: list[tuple[Target, str]] = []
     for t in order:
-        why = saturated(t)
+        why = unavailable(t)
         if why is None:
             if not passed:
                 return t, f"{t.label} is the conversation's replica"
             first, reason = passed[0]
-            return t, f"{t.label}: the conversation's replica {first.label} is saturated ({reason})"
+            return t, f"{t.label}: the conversation's replica {first.label} is {reason}"
         passed.append((t, why))
-    return None, "not applied: every replica is saturated (" + "; ".join(f"{t.label}: {w}" for t, w in passed) + ")"
+    return None, "not applied: no replica can take it (" + "; ".join(f"{t.label}: {w}" for t, w in passed) + ")"

@@ -538,7 +538,9 @@ def decide(
     ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own, spilled)
     affinity = None
     if route.affinity is not None:
-        ranked, affinity = _keep_conversation(route.affinity, tenant.name, features, live, ranked, spilled, panic)
+        ranked, affinity = _keep_conversation(
+            route.affinity, tenant.name, features, live, ranked, verdicts, spilled, panic
+        )
     facts = _Facts(
         decision_id,
         index.version,
@@ -641,12 +643,14 @@ def _keep_conversation(
     features: RequestFeatures,
     live: LiveState,
     ranked: list[tuple[float, Target]],
+    verdicts: list[tuple[Target, str | None]],
     spilled: Mapping[str, str],
     panic: bool,
 ) -> tuple[list[tuple[float, Target]], str]:
-    """Session affinity (gateway.policy.affinity): among the healthy replicas of the model the objective
-    ranked first, in its tier, the conversation's replica goes first (the others keep their rank behind
-    it, as the fallbacks). Returns the ranking and what explain says."""
+    """Session affinity (gateway.policy.affinity): among the replicas of the model the objective ranked
+    first, in its tier, the conversation's replica goes first unless it is ejected or saturated (then its
+    next one in the key's order); the others keep their rank behind it, as the fallbacks. Returns the
+    ranking and what explain says."""
     if panic:
         return ranked, "not applied: every candidate is ejected (panic)"
     first = ranked[0][1]
@@ -657,19 +661,24 @@ def _keep_conversation(
     if isinstance(key, str):
         return ranked, "not applied: " + key
     # A model's deployments are all the route's own or all a fallback route's (gateway.policy.compile),
-    # so the same model in the same tier is one pool of interchangeable replicas.
+    # so the same model in the same tier is one pool of interchangeable replicas. Ejected ones hash too
+    # (they are passed over): the others' conversations stay where they are.
     model = first.model.name
-    replicas = [t for _, t in ranked if t.model.name == model and t.backend.tier == tier]
+    ejected = [t for t, why in verdicts if why == EJECTED and t.model.name == model and t.backend.tier == tier]
+    replicas = [t for _, t in ranked if t.model.name == model and t.backend.tier == tier] + ejected
+    out = {t.label for t in ejected}
     ceiling = affinity.max_utilisation
 
-    def saturated(t: Target) -> str | None:
+    def unavailable(t: Target) -> str | None:
+        if t.label in out:
+            return "ejected"
         why = spilled.get(t.backend.name)
         if why is not None:
-            return f"spilling: {why}"
+            return f"spilling ({why})"
         u = _utilisation(t, live)
-        return f"utilisation {u:.2f} >= {ceiling:.2f}" if u >= ceiling else None
+        return f"saturated (utilisation {u:.2f} >= {ceiling:.2f})" if u >= ceiling else None
 
-    chosen, note = choose(key, replicas, saturated)
+    chosen, note = choose(key, replicas, unavailable)
     if chosen is None or chosen is first:
         return ranked, note
     at = next(i for i, (_, t) in enumerate(ranked) if t is chosen)

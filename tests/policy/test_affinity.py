@@ -119,11 +119,11 @@ def test_conversations_spread_evenly() -> None:
 @given(keys_st, st.sets(st.integers(0, len(REPLICAS) - 1), max_size=len(REPLICAS)))
 def test_saturated_replicas_are_passed_over_in_the_keys_order(k: bytes, full: set[int]) -> None:
     busy = {REPLICAS[i].label for i in full}
-    chosen, note = choose(k, REPLICAS, lambda t: "full" if t.label in busy else None)
+    chosen, note = choose(k, REPLICAS, lambda t: "saturated (full)" if t.label in busy else None)
     order = rendezvous_order(k, REPLICAS)
     free = [t for t in order if t.label not in busy]
     if not free:
-        assert chosen is None and note.startswith("not applied: every replica is saturated")
+        assert chosen is None and note.startswith("not applied: no replica can take it (")
         return
     assert chosen is free[0]
     if order[0].label in busy:
@@ -181,6 +181,9 @@ def test_an_ejected_replica_loses_only_its_conversations_until_it_comes_back() -
     during = {c: _first(idx, c, ejected) for c in convos}
     assert "m@gpu1" in before.values() and "m@gpu1" not in during.values()
     assert all(during[c] == before[c] for c in convos if before[c] != "m@gpu1")
+    moved = next(c for c in convos if before[c] == "m@gpu1")
+    note = run(idx, messages=moved, live=ejected).decision.affinity
+    assert note == f"{during[moved]}: the conversation's replica m@gpu1 is ejected"
     # Back: every conversation returns to its replica.
     assert {c: _first(idx, c) for c in convos} == before
 
@@ -201,7 +204,7 @@ def test_a_saturated_replica_is_passed_over_and_taken_back_below_the_ceiling() -
     every = LiveState(utilisation={"gpu0": 0.9, "gpu1": 0.9, "gpu2": 0.9})
     plan = run(idx, messages=convo, live=every)
     assert labels(plan)[0] == "m@gpu0"  # the objective's order
-    assert (plan.decision.affinity or "").startswith("not applied: every replica is saturated (")
+    assert (plan.decision.affinity or "").startswith("not applied: no replica can take it (")
 
 
 def test_affinity_never_overrides_the_objective_across_models_or_tiers() -> None:
