@@ -4,16 +4,19 @@ replica is ejected or saturated, comes back when it recovers, says why in the de
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.api.openai.decode import decode
 from gateway.canonical import Message, Text
 from gateway.errors import InvalidRequest
 from gateway.policy.affinity import choose, conversation_key, rendezvous_order, replica_weight, stable_prefix
 from gateway.policy.engine import LiveState
+from gateway.policy.features import extract, request_of
 from gateway.policy.index import PolicyIndex, Target
 from gateway.policy.model import AFFINITY_HEADER_MAX, Affinity
 from gateway.stages.explain import explain_header
@@ -233,3 +236,19 @@ def test_panic_ranks_without_affinity() -> None:
     live = LiveState(unhealthy=frozenset({"gpu0", "gpu1", "gpu2", "api"}))
     plan = run(idx, messages=turns("x", 1)[0], live=live)
     assert plan.panic and plan.decision.affinity == "not applied: every candidate is ejected (panic)"
+
+
+def test_offline_tools_key_a_conversation_as_the_gateway_does() -> None:
+    payload = {
+        "model": "r",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi."},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye."},
+        ],
+    }
+    served = decode(json.dumps(payload).encode(), "chat").messages
+    offline = extract(request_of(payload), {}, 0).messages
+    assert [m.role for m in offline] == ["system", "user", "assistant", "user"]
+    assert key(offline) == key(served) == key(served[:2])
