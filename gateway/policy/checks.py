@@ -42,6 +42,34 @@ def check_routes(policy: PolicySet, source: Any, route_names: set[str], report: 
                 source, f"$.routes[{i}].spillover.threshold", f"route {r.name!r}: threshold must be in (0, 1]", "error"
             )
         check_retry(r, f"$.routes[{i}]", source, report)
+        check_affinity(r, f"$.routes[{i}]", source, report)
+
+
+def check_affinity(r: Route, base: str, source: Any, report: Report) -> None:
+    """A route's session affinity: each key kind with its own settings only, and tiers it can act on."""
+    aff = r.affinity
+    if aff is None:
+        return
+    if aff.key == "header" and aff.header is None:
+        report(source, f"{base}.affinity", f"route {r.name!r}: affinity key header needs `header` (its name)", "error")
+    if aff.key == "prefix" and aff.header is not None:
+        report(
+            source,
+            f"{base}.affinity.header",
+            f"route {r.name!r}: affinity `header` is only read with key: header (the key is prefix)",
+            "error",
+        )
+    if aff.key == "header" and aff.prefix_messages is not None:
+        report(
+            source,
+            f"{base}.affinity.prefix_messages",
+            f"route {r.name!r}: affinity prefix_messages is only read with key: prefix (the key is header)",
+            "error",
+        )
+    if not aff.tiers:
+        report(source, f"{base}.affinity.tiers", f"route {r.name!r}: affinity with no tiers never applies", "error")
+    elif len(set(aff.tiers)) != len(aff.tiers):
+        report(source, f"{base}.affinity.tiers", f"route {r.name!r}: affinity tiers name a tier twice", "error")
 
 
 def check_retry(r: Route, base: str, source: Any, report: Report) -> None:

@@ -279,6 +279,28 @@ class Spillover(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
         return self.queue_resume_below if self.queue_resume_below is not None else self.queue_threshold // 2
 
 
+# Longest value of an affinity session header: a longer one is a client mistake (400), never hashed whole.
+AFFINITY_HEADER_MAX: Final = 256
+
+
+class Affinity(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Session affinity (gateway.policy.affinity): requests of one conversation go to the same replica of
+    the model the objective ranked first, while it is healthy and not saturated, so its prompt cache
+    stays warm. The replica is chosen by rendezvous hashing of the conversation's key over the replicas:
+    the same on every gateway replica without shared state, and only a leaving replica's conversations move."""
+
+    # prefix: a hash of the conversation's stable start (the leading messages through the first user
+    # message, or the first `prefix_messages`); header: the value of the request header `header`.
+    key: Literal["prefix", "header"] = "prefix"
+    header: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9-]+$")] | None = None
+    prefix_messages: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
+    # The tiers whose replicas are kept per conversation (a provider keeps its own caches).
+    tiers: tuple[Tier, ...] = ("edge", "self-hosted")
+    # A replica at or above this utilisation is saturated: the conversation goes to its next replica in
+    # hashing order, and comes back once the preferred one is below it again.
+    max_utilisation: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
+
+
 # A failure class a route retries (before any byte reached the client): `connect` (the upstream could not
 # be reached), `timeout` (no answer head within the try's timeout, or an upstream 408), `reset` (the
 # connection dropped before the answer's head), `429`, `5xx` (500-599), `context_length` (a 400
@@ -330,6 +352,8 @@ class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     objective: Objective = "ordered"
     weights: Weights = Weights()
     spillover: Spillover | None = None
+    # None: no session affinity (nothing about it is computed per request).
+    affinity: Affinity | None = None
     # Other routes whose candidates are appended (after this route's own) as the last resort; the
     # tenant's compliance applies to them exactly as to the route's own candidates.
     fallback: tuple[str, ...] = ()
