@@ -14,18 +14,28 @@ send failed, the handler was cancelled): the relay ends the request through its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from gateway.api.openai.sse_encode import encode_batch, encode_end
+from gateway.api.openai.sse_encode import encode_batch, encode_end, error_event
 from gateway.context import RequestContext
-from gateway.errors import ClientClosedRequest, RequestTimeout
+from gateway.errors import ClientClosedRequest, ErrorBody, RequestTimeout
 from gateway.reply import EventStream, Reply, close_stream
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+WasCut = Callable[["asyncio.Task[Any]"], bool]
+# The last event of a stream the shutdown's grace period cut short (OpenAI's envelope: the SDKs raise).
+SHUTDOWN_EVENT = error_event(
+    ErrorBody(
+        message="The gateway shut down before the answer was complete (its grace period ran out); retry.",
+        type="server_error",
+        code="shutting_down",
+    )
+)
 __all__ = ["Message", "Receive", "Reply", "Scope", "Send", "body_chunks", "send_reply"]
 
 
@@ -38,14 +48,18 @@ def _raw_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
     return raw
 
 
-async def send_reply(reply: Reply, receive: Receive, send: Send, ctx: RequestContext) -> None:
+async def send_reply(
+    reply: Reply, receive: Receive, send: Send, ctx: RequestContext, was_cut: WasCut | None = None
+) -> None:
+    """`was_cut`: tells whether a cancellation of the sending task is the shutdown's (its grace period
+    ran out, gateway.inflight): a stream then ends with an in-band error event instead of a cut."""
     stream = reply.stream
     if stream is None:
         await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
         await send({"type": "http.response.body", "body": reply.body})
         return
     try:
-        await _send_stream(reply, stream, ctx, receive, send)
+        await _send_stream(reply, stream, ctx, receive, send, was_cut)
     finally:
         # Whatever happened above (even before the first event): the stream ends here if it did not by
         # itself (idempotent; the upstream's release shielded).
@@ -72,7 +86,9 @@ async def _watch_disconnect(receive: Receive, sender: asyncio.Task[Any], watch: 
             return
 
 
-async def _send_stream(reply: Reply, stream: EventStream, ctx: RequestContext, receive: Receive, send: Send) -> None:
+async def _send_stream(
+    reply: Reply, stream: EventStream, ctx: RequestContext, receive: Receive, send: Send, was_cut: WasCut | None
+) -> None:
     await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
     sender = asyncio.current_task()
     assert sender is not None
@@ -89,6 +105,16 @@ async def _send_stream(reply: Reply, stream: EventStream, ctx: RequestContext, r
         watch.over = True  # the answer is complete from here: a disconnect now changes nothing
         await send({"type": "http.response.body", "body": last + encode_end(ctx, end), "more_body": False})
     except asyncio.CancelledError:
+        if not watch.gone and was_cut is not None and was_cut(sender):
+            # The shutdown's grace period ran out mid-stream: the answer stops here, charged for what
+            # the upstream produced (partial), and the client is told so, never left with a stream that
+            # just stops.
+            sender.uncancel()
+            watch.over = True
+            stream.stop("client_gone")
+            with contextlib.suppress(OSError):  # the client went away meanwhile
+                await send({"type": "http.response.body", "body": SHUTDOWN_EVENT, "more_body": False})
+            return
         # Our own cancel (the client left) ends the sending quietly; anyone else's goes on.
         if not watch.gone or sender.uncancel() > 0:
             raise
