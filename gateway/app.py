@@ -3,7 +3,8 @@
 The handler builds a RequestContext (ids, headers, a body source), runs the pipeline
 (gateway.pipeline) and sends its Reply (gateway.api.asgi_send, a stream framed by the OpenAI codec in
 gateway.api.openai.sse_encode); stages, in order, `on_request`:
-  auth (before the body is read) -> decode (gateway.api.openai.request_stage: the body, read and decoded only
+  auth (before the body is read) -> priority (only when the policy sheds load or restricts classes:
+  gateway.stages.priority; a shed request is refused before its body is read) -> decode (gateway.api.openai.request_stage: the body, read and decoded only
   once authenticated; injected here so nothing below api/ imports it) -> route (policy engine,
   explain) -> limits (one state-store call; a spent budget may switch to the plan's downgrade) -> upstream (terminal, gateway.stages.upstream: walks the
   plan with fallback; gateway.stages.respond makes the JSON reply, or the upstream's stream an event
