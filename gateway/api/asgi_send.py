@@ -94,8 +94,8 @@ async def _send_stream(
     assert sender is not None
     watch = _Watch()
     watcher = asyncio.ensure_future(_watch_disconnect(receive, sender, watch))
+    last = b""
     try:
-        last = b""
         while batch := await stream.next():
             if stream.finished:
                 last = encode_batch(batch)  # the upstream's end came with it: sent with the end, one write
@@ -111,9 +111,12 @@ async def _send_stream(
             # just stops.
             sender.uncancel()
             watch.over = True
-            stream.stop("client_gone")
+            end = stream.stop("client_gone")
+            # A stream that had ended by itself (waiting only for its slots to be given back) ends as it
+            # would have; any other gets the shutdown's error event.
+            tail = SHUTDOWN_EVENT if end.outcome == "client_gone" else last + encode_end(ctx, end)
             with contextlib.suppress(OSError):  # the client went away meanwhile
-                await send({"type": "http.response.body", "body": SHUTDOWN_EVENT, "more_body": False})
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
             return
         # Our own cancel (the client left) ends the sending quietly; anyone else's goes on.
         if not watch.gone or sender.uncancel() > 0:
