@@ -8,7 +8,9 @@ the body, with the last batch when the upstream's end came in the same read. A t
 watches for the client's disconnect and cancels the sending when it comes; the stream is then closed
 in a `finally` that runs whatever happened, even if not one event was pulled yet (the client left, a
 send failed, the handler was cancelled): the relay ends the request through its taps exactly once
-(upstream closed, accounting, live signals), promptly, not at garbage collection.
+(upstream closed, accounting, live signals), promptly, not at garbage collection. When a shutdown's
+grace period runs out (gateway.inflight cancels the request, marked), the stream is stopped the same way
+and ends with the `shutting_down` error event instead of just stopping.
 """
 
 from __future__ import annotations
