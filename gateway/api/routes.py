@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from asyncio import CancelledError, current_task
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -19,7 +20,14 @@ from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
-from gateway.errors import InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge
+from gateway.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+    ShuttingDown,
+)
 from gateway.reply import JSON
 from gateway.runtime import Gateway
 
@@ -46,25 +54,48 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
     """The model endpoints as plain ASGI callables, by path: Litestar routes them (build_handlers), and
     the app's front (gateway.app) calls them directly for the hot path, before Litestar's router."""
 
+    inflight = gateway.inflight
+
     async def handle(scope: Any, receive: Receive, send: Send, operation: Operation) -> None:
         started = time.perf_counter()
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
-        headers = _headers(scope)
-        ctx = RequestContext(
-            request_id=request_id_of(scope),
-            client_request_id=client_request_id_of(scope),
-            operation=operation,
-            started=started,
-            headers=headers,
-            # Read by `decode`, after `auth`: not a byte is parsed for an unauthenticated client.
-            body=body_chunks(receive, limits.body_idle_timeout_s, limits.body_timeout_s),
-            content_length=headers.get("content-length"),
-            decision_id=secrets.token_hex(5),
-        )
-        # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
-        reply = await gateway.runtime.pipeline.run(ctx)
-        await send_reply(reply, receive, send, ctx)
+        # Counted from here to the last byte (load shedding reads the count; a shutdown cuts what is left).
+        task = current_task()
+        assert task is not None
+        inflight.enter(task)
+        reply = None
+        try:
+            headers = _headers(scope)
+            ctx = RequestContext(
+                request_id=request_id_of(scope),
+                client_request_id=client_request_id_of(scope),
+                operation=operation,
+                started=started,
+                headers=headers,
+                # Read by `decode`, after `auth`: not a byte is parsed for an unauthenticated client.
+                body=body_chunks(receive, limits.body_idle_timeout_s, limits.body_timeout_s),
+                content_length=headers.get("content-length"),
+                decision_id=secrets.token_hex(5),
+            )
+            # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
+            reply = await gateway.runtime.pipeline.run(ctx)
+            await send_reply(reply, receive, send, ctx, inflight.was_cut)
+            if inflight.draining and inflight.was_cut(task):
+                gateway.metrics.child(gateway.metrics.shutdown_cut, "true").inc()  # ended with an error event
+        except CancelledError:
+            # The shutdown's grace period ran out before the answer began (a stream that had begun is
+            # ended by send_reply with an error event): a 503 the client can retry elsewhere.
+            if reply is not None or not inflight.was_cut(task):
+                raise
+            task.uncancel()
+            gateway.metrics.child(gateway.metrics.shutdown_cut, "false").inc()
+            raise ShuttingDown(
+                "The gateway is shutting down and its grace period ran out before the answer began; retry.",
+                headers={"retry-after": "1", "connection": "close"},
+            ) from None
+        finally:
+            inflight.leave(task)
 
     async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
         await handle(scope, receive, send, "chat")
@@ -90,6 +121,7 @@ def build_handlers(
     endpoints: dict[str, ASGIEndpoint] | None = None,
 ) -> list[BaseRouteHandler]:
     endpoints = model_endpoints(gateway, limits) if endpoints is None else endpoints
+    inflight = gateway.inflight
 
     # The model endpoints are raw ASGI handlers: Litestar routes them and renders their errors (raised
     # before the response starts), but does not parse signatures or build responses for them.
@@ -164,11 +196,13 @@ def build_handlers(
     @get("/readyz")
     async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
         index = gateway.runtime.index
-        ready = bool(index.routes) and bool(index.backends)
+        draining = inflight.draining
+        ready = bool(index.routes) and bool(index.backends) and not draining
         status = gateway.store.status()
         body = _encode(
             {
-                "status": "ready" if ready else "not_ready",
+                # `draining`: shutting down (SIGTERM), in-flight requests finishing; take it out of rotation.
+                "status": "ready" if ready else ("draining" if draining else "not_ready"),
                 "policy_version": index.version,
                 "routes": len(index.routes),
                 "backends": len(index.backends),

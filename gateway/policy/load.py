@@ -331,6 +331,15 @@ def _cross_check(
                         f"tenant {t.name!r}: compliance leaves route {route!r} with no candidate ({'; '.join(reasons)})",
                         "error" if explicit else "warning",
                     )
+    for policy, source in decoded:
+        for i, t in enumerate(policy.tenants):
+            if t.priority.default is not None and t.priority.default not in t.priority.allowed:
+                at(
+                    source,
+                    f"$.tenants[{i}].priority.default",
+                    f"tenant {t.name!r}: priority.default {t.priority.default!r} is not among priority.allowed "
+                    f"({', '.join(t.priority.allowed)})",
+                )
     for j, digest in enumerate(merged.server.admin_keys):
         if not _DIGEST.match(digest):
             problems.append(Problem(decoded[0][1].file, 1, 1, f"server.admin_keys[{j}] must be sha256:<64 hex>"))

@@ -452,6 +452,26 @@ class Budgets(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     downgrade_route: str | None = None
 
 
+# Priority classes a request may name (header `x-strait-priority`), most important first. Under load,
+# lower classes are refused earlier (`server.shedding`); a tenant's policy says which it may use.
+PriorityClass = Literal["interactive", "batch"]
+PRIORITY_CLASSES: Final[tuple[PriorityClass, ...]] = ("interactive", "batch")
+
+
+class TenantPriority(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Which priority classes the tenant's requests may ask for, and the class of a request that names none."""
+
+    allowed: Annotated[tuple[PriorityClass, ...], msgspec.Meta(min_length=1)] = PRIORITY_CLASSES
+    # None: the most important of `allowed`.
+    default: PriorityClass | None = None
+
+    @property
+    def default_class(self) -> PriorityClass:
+        if self.default is not None:
+            return self.default
+        return next(c for c in PRIORITY_CLASSES if c in self.allowed)
+
+
 class Tenant(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     name: str
     keys: tuple[TenantKey, ...] = ()
@@ -463,6 +483,7 @@ class Tenant(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     limits: TenantLimits = TenantLimits()
     budgets: Budgets = Budgets()
     cache: CacheSettings = CacheSettings()
+    priority: TenantPriority = TenantPriority()
 
 
 class HeaderMatch(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -513,6 +534,19 @@ class Rule(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     then: Then
 
 
+class Shedding(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Load shedding, per replica (one gateway process): requests on the model endpoints in flight at once
+    (from arrival to their last byte) above which new ones are refused at once with 503 and
+    `Retry-After`, instead of queueing until a timeout. 0: no cap."""
+
+    max_in_flight: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+    # `batch` requests are refused once this share of the cap is in flight (`interactive` at the cap), so
+    # interactive traffic keeps the rest.
+    batch_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.7
+    # The `Retry-After` (seconds) of a refusal.
+    retry_after_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 1
+
+
 class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Requests with a larger body are refused with 413 before the body is read whole.
     max_body_bytes: int = 4 * 1024 * 1024
@@ -520,6 +554,7 @@ class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     upstream: UpstreamLimits = UpstreamLimits()
     # Digests (`strait keys hash`) of keys that may read every tenant's usage at /admin/usage.
     admin_keys: tuple[str, ...] = ()
+    shedding: Shedding = Shedding()
 
 
 class PolicySet(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
