@@ -128,7 +128,7 @@ class ToolChoice(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: str = "text"  # "text", "json_object", "json_schema", or an engine's own (vLLM's "structural_tag")
     json_schema: msgspec.Raw | None = None
 
 

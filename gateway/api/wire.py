@@ -90,7 +90,8 @@ class StreamOptions(_Wire, kw_only=True):
 
 
 class ResponseFormat(_Wire, kw_only=True):
-    type: Literal["text", "json_object", "json_schema"]
+    # Any type: vLLM's `structural_tag`, an engine's own kinds; OpenAI refuses the ones it does not know.
+    type: str
     json_schema: msgspec.Raw = NOT_SENT
 
 

@@ -33,9 +33,9 @@ def _chat(body: bytes) -> Request:
             "at least 1",
         ),
         (
-            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}',
-            "temperature",
-            "between 0 and 2",
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}',
+            "top_p",
+            "between 0 and 1",
         ),
         (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', None, "lone surrogate"),
     ],
