@@ -201,6 +201,11 @@ class Request(msgspec.Struct, kw_only=True):
             return out
         return [i for i in self.inputs if isinstance(i, str)]
 
+    def tool_outside(self, kinds: frozenset[str]) -> Tool | None:
+        """The first tool whose kind is not in `kinds`: what a translation that carries only those must
+        refuse (never drop: the model would answer without the tool the client offered)."""
+        return next((t for t in self.tools if t.kind not in kinds), None)
+
     def uses_images(self) -> bool:
         return any(isinstance(p, Image) for m in self.messages for p in m.content)
 

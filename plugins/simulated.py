@@ -71,6 +71,8 @@ _WORDS = [
     "tokens",
 ]
 _encode = msgspec.json.encode
+# The tool types the simulated model can call; any other is refused, never silently ignored.
+_TOOL_KINDS = frozenset({"function", "custom"})
 
 
 class _Schema(msgspec.Struct):
@@ -154,6 +156,15 @@ class SimulatedAdapter:
         if o.failure_rate > 0 and self._rng.random() < o.failure_rate:
             return _error(o.failure_status, "simulated backend failure", "server_error", "simulated_failure")
         r = call.request
+        foreign = r.tool_outside(_TOOL_KINDS)
+        if foreign is not None:
+            return _error(
+                400,
+                f"The simulated backend cannot run tools of type '{foreign.kind}' (it runs "
+                f"{' and '.join(sorted(_TOOL_KINDS))} tools); route this request to an upstream that has them.",
+                "invalid_request_error",
+                "unsupported_tool_type",
+            )
         if call.operation == "embeddings":
             return self._embeddings(r, call.model)
         limit = r.max_output_tokens
@@ -194,10 +205,13 @@ class SimulatedAdapter:
         fn = tools[0]
         if choice is not None and choice.mode == "tool" and choice.name:
             fn = next((t for t in tools if t.name == choice.name), fn)
+        ident = f"call_sim{next(self._ids):08d}"
+        if fn.kind == "custom":  # freeform: text in, not JSON arguments
+            return {"id": ident, "type": "custom", "custom": {"name": fn.name, "input": "simulated"}}
         props = _decode_schema(fn.parameters).properties if fn.parameters is not None else {}
         args = {k: "simulated" for k in props}
         return {
-            "id": f"call_sim{next(self._ids):08d}",
+            "id": ident,
             "type": "function",
             "function": {"name": fn.name or "tool", "arguments": _encode(args).decode()},
         }
@@ -302,7 +316,10 @@ class SimulatedAdapter:
                     for i in range(n)
                 ]
             )
-        if tool:
+        if tool and tool["type"] == "custom":
+            yield chunk([delta(i, {"tool_calls": [{"index": 0, **tool}]}) for i in range(n)])
+            fin = "tool_calls"
+        elif tool:
             fn = tool["function"]
             first = {
                 "index": 0,

@@ -46,10 +46,18 @@ class FunctionCall(_Wire, kw_only=True):
     arguments: str | None = None
 
 
+class CustomCall(_Wire, kw_only=True):
+    """A call of a custom (freeform) tool: its input is text, not JSON arguments."""
+
+    name: str | None = None
+    input: str | None = None
+
+
 class ToolCall(_Wire, kw_only=True):
     id: str | None = None
     type: str = "function"
     function: FunctionCall | None = None
+    custom: CustomCall | None = None
 
 
 class Message(_Wire, kw_only=True):
@@ -71,9 +79,21 @@ class FunctionDef(_Wire, kw_only=True):
     strict: bool | None = None
 
 
+class CustomDef(_Wire, kw_only=True):
+    """A custom (freeform) tool: text in, optionally constrained by a grammar (`format`, kept as bytes)."""
+
+    name: str | None = None
+    description: str | None = None
+    format: msgspec.Raw = NOT_SENT
+
+
 class Tool(_Wire, kw_only=True):
-    function: FunctionDef
+    """A tool of any type: `function` (which must carry its `function`), `custom`, or one Strait does not
+    know (an upstream's built-in tool), passed through to OpenAI-compatible upstreams as the client's bytes."""
+
     type: str = "function"
+    function: FunctionDef | None = None
+    custom: CustomDef | None = None
 
 
 class ToolChoiceFunction(_Wire, kw_only=True):
@@ -83,6 +103,7 @@ class ToolChoiceFunction(_Wire, kw_only=True):
 class ToolChoice(_Wire, kw_only=True):
     type: str = "function"
     function: ToolChoiceFunction | None = None
+    custom: ToolChoiceFunction | None = None
 
 
 class StreamOptions(_Wire, kw_only=True):

@@ -268,7 +268,13 @@ def _check_ranges(req: WireRequest) -> None:
 def _check_objects(req: ChatRequest) -> None:
     """JSON schemas are kept as the client's bytes (`Raw`), never decoded: they must still be objects."""
     for i, tool in enumerate(req.tools or ()):
-        _object(tool.function.parameters, f"tools[{i}].function.parameters")
+        if tool.type == "function":
+            if tool.function is None:
+                raise InvalidRequest(
+                    f"Invalid request: a tool of type 'function' needs its 'function' (at 'tools[{i}]').",
+                    param=f"tools[{i}].function",
+                )
+            _object(tool.function.parameters, f"tools[{i}].function.parameters")
     if req.response_format is not None:
         _object(req.response_format.json_schema, "response_format.json_schema")
 
