@@ -37,13 +37,16 @@ class UpstreamCall:
     request_id: str
     # Extra headers for the upstream: the trace context (`traceparent`) when tracing is on.
     headers: dict[str, str] | None = None
+    # The JSON `input` to send instead of the client's (embedding token arrays decoded to text for a model
+    # of another vocabulary, gateway.upstream.token_inputs); `request.inputs` holds the same texts.
+    inputs: bytes | None = None
 
     def passthrough(self, protocol: str) -> bytes | None:
         """The client's body for an upstream speaking `protocol`, or None if the client spoke another."""
         source = self.request.original
         if source is None or source.protocol != protocol:
             return None
-        return splice(source, self.model, stream_usage=self.stream)
+        return splice(source, self.model, stream_usage=self.stream, inputs=self.inputs)
 
 
 @dataclass(slots=True)

@@ -4,13 +4,17 @@ other upstreams accept but OpenAI's product limits would refuse reach the upstre
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from gateway.tokens import DATA_DIR, encoding
 from tests.e2e.conftest import ALPHA_KEY, Ledger
 from tests.harness.procs import ServerProcess
 
@@ -122,3 +126,65 @@ def test_a_backend_that_cannot_carry_a_tool_type_refuses_it_clearly(client: open
         client.chat.completions.create(model="sim-chat", messages=USER, tools=[BUILT_IN_TOOL])  # type: ignore[list-item]
     assert "cannot run tools of type 'web_search_preview'" in info.value.message
     assert isinstance(info.value.body, dict) and info.value.body.get("code") == "unsupported_tool_type"
+
+
+# ---- embeddings given as token arrays (cl100k_base ids, as LangChain's OpenAIEmbeddings sends them) ----
+
+RED_APPLES = [1171, 41776]  # "red apples" in cl100k_base
+
+
+def test_token_arrays_reach_a_model_of_another_vocabulary_as_text(client: openai.OpenAI, ledger: Ledger) -> None:
+    # `fake-embed` declares no tokenizer (o200k_base): its ids would mean other words.
+    reply = client.embeddings.create(model="embed", input=[RED_APPLES, [15339, 1917]], encoding_format="float")
+    assert len(reply.data) == 2
+    assert _sent(ledger)["input"] == ["red apples", "hello world"]
+    client.embeddings.create(model="embed", input=RED_APPLES, encoding_format="float")  # one array
+    assert _sent(ledger)["input"] == ["red apples"]
+
+
+def test_token_arrays_reach_a_cl100k_model_unchanged(client: openai.OpenAI, ledger: Ledger) -> None:
+    client.embeddings.create(model="embed-cl100k", input=[RED_APPLES], encoding_format="float")
+    sent = _sent(ledger)
+    assert sent["input"] == [RED_APPLES] and sent["model"] == "text-embedding-3-large"
+
+
+def test_the_simulated_backend_embeds_token_arrays_as_their_text(client: openai.OpenAI) -> None:
+    as_tokens = client.embeddings.create(model="sim-chat", input=[RED_APPLES], encoding_format="float")
+    as_text = client.embeddings.create(model="sim-chat", input=["red apples"], encoding_format="float")
+    assert as_tokens.data[0].embedding == as_text.data[0].embedding
+
+
+def test_an_id_cl100k_does_not_have_is_a_400_naming_the_input(client: openai.OpenAI, ledger: Ledger) -> None:
+    before = ledger.count()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model="embed", input=[RED_APPLES, [1171, 100261]])
+    assert "100261" in info.value.message and "cl100k_base" in info.value.message
+    assert isinstance(info.value.body, dict) and info.value.body.get("param") == "input[1]"
+    assert ledger.count() == before
+
+
+def test_langchain_openai_embeddings_default_reaches_the_model_as_text(
+    gateway: ServerProcess, ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LangChain tokenizes with tiktoken's cl100k_base and sends the ids: offline, from the bundled file."""
+    from langchain_openai import OpenAIEmbeddings
+
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    shutil.copy(DATA_DIR / "cl100k_base.tiktoken", tmp_path / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+
+    def embedder(route: str) -> OpenAIEmbeddings:
+        return OpenAIEmbeddings(
+            model=route,
+            tiktoken_model_name="text-embedding-3-small",
+            base_url=gateway.base_url + "/v1",
+            api_key=ALPHA_KEY,  # type: ignore[arg-type]
+            max_retries=0,
+        )
+
+    # To a cl100k model, LangChain's ids arrive as ids: it did send token arrays.
+    embedder("embed-cl100k").embed_documents(["red apples", "green pears"])
+    assert _sent(ledger)["input"] == [RED_APPLES, encoding("cl100k_base").encode("green pears")]
+    vectors = embedder("embed").embed_documents(["red apples", "green pears"])
+    assert len(vectors) == 2
+    assert _sent(ledger)["input"] == ["red apples", "green pears"]
