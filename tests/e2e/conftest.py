@@ -56,7 +56,7 @@ models:
     tokenizer: cl100k_base
     deployments: [{{backend: fake, upstream_model: text-embedding-3-large}}]
   - name: sim-model
-    capabilities: [chat, completions, tools, embeddings]
+    capabilities: [chat, completions, tools, json, embeddings]
     deployments: [{{backend: sim, upstream_model: sim-1}}]
 routes:
   - {{name: gpt-fake, models: [fake-model]}}

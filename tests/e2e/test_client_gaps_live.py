@@ -8,10 +8,11 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from gateway.tokens import DATA_DIR, encoding
@@ -188,3 +189,63 @@ def test_langchain_openai_embeddings_default_reaches_the_model_as_text(
     vectors = embedder("embed").embed_documents(["red apples", "green pears"])
     assert len(vectors) == 2
     assert _sent(ledger)["input"] == ["red apples", "green pears"]
+
+
+# ---- the simulated backend: structured output and the end of a tool loop (what `make run` serves) ----
+
+
+class Step(pydantic.BaseModel):
+    explanation: str
+    output: int = pydantic.Field(ge=1, le=10)
+
+
+class MathAnswer(pydantic.BaseModel):
+    steps: list[Step] = pydantic.Field(min_length=1)
+    verdict: Literal["right", "wrong"]
+    final_answer: str
+
+
+def test_the_sdks_parse_gets_an_instance_of_the_schema(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.parse(model="sim-chat", messages=USER, response_format=MathAnswer)
+    parsed = reply.choices[0].message.parsed
+    assert isinstance(parsed, MathAnswer) and parsed.steps and parsed.verdict in ("right", "wrong")
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_json_schema_and_json_object_stream_valid_json(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 3}}}
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "trip", "schema": schema, "strict": True}}
+    chunks = list(client.chat.completions.create(model="sim-chat", messages=USER, response_format=fmt, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert json.loads(text) == {"city": "simulated", "days": 3}
+    reply = client.chat.completions.create(model="sim-chat", messages=USER, response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_a_tool_loop_ends_with_a_text_answer(client: openai.OpenAI) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+    first = client.chat.completions.create(model="sim-chat", messages=messages, tools=[WEATHER])  # type: ignore[list-item]
+    calls = first.choices[0].message.tool_calls or []
+    assert first.choices[0].finish_reason == "tool_calls" and calls
+    messages += [first.choices[0].message.model_dump(exclude_none=True)]
+    messages += [{"role": "tool", "tool_call_id": calls[0].id, "content": "sunny, 21 C"}]
+    second = client.chat.completions.create(model="sim-chat", messages=messages, tools=[WEATHER])  # type: ignore[list-item]
+    assert second.choices[0].finish_reason == "stop" and not second.choices[0].message.tool_calls
+    assert second.choices[0].message.content
+    # A client that forces a tool still gets a call, as from a real model.
+    forced = client.chat.completions.create(
+        model="sim-chat",
+        messages=messages,
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="required",
+    )
+    assert forced.choices[0].message.tool_calls
