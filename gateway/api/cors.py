@@ -49,17 +49,14 @@ _MAX_HEADER_LIST = 2048
 class CorsRules:
     """One policy's `server.cors`, ready for the hot path."""
 
-    __slots__ = ("any", "credentials", "max_age", "origins")
+    __slots__ = ("active", "any", "credentials", "max_age", "origins")
 
     def __init__(self, cors: Cors) -> None:
         self.any = "*" in cors.allowed_origins and not cors.allow_credentials
         self.origins = frozenset(o.encode("latin-1") for o in cors.allowed_origins if o != "*")
         self.credentials = cors.allow_credentials
         self.max_age = str(cors.max_age_s).encode()
-
-    @property
-    def active(self) -> bool:
-        return self.any or bool(self.origins)
+        self.active = self.any or bool(self.origins)
 
     def allows(self, origin: bytes) -> bool:
         return self.any or origin in self.origins
