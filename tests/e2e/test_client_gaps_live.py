@@ -249,3 +249,22 @@ def test_a_tool_loop_ends_with_a_text_answer(client: openai.OpenAI) -> None:
         tool_choice="required",
     )
     assert forced.choices[0].message.tool_calls
+
+
+# ---- a base_url without /v1 (llama.cpp and vLLM accept it) ----
+
+
+def test_a_base_url_without_v1_reaches_the_same_endpoints(gateway: ServerProcess, ledger: Ledger) -> None:
+    bare = openai.OpenAI(base_url=gateway.base_url, api_key=ALPHA_KEY, max_retries=0, timeout=30)
+    reply = bare.chat.completions.create(model="gpt-fake", messages=USER, max_tokens=3)
+    assert reply.choices[0].message.content and ledger.records()[-1]["path"] == "/v1/chat/completions"
+    chunks = list(bare.chat.completions.create(model="gpt-fake", messages=USER, max_tokens=3, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert bare.completions.create(model="gpt-fake", prompt="Say", max_tokens=3).choices[0].text
+    assert len(bare.embeddings.create(model="embed", input=["a"]).data) == 1
+    assert "gpt-fake" in [m.id for m in bare.models.list()]
+    assert bare.models.retrieve("gpt-fake").id == "gpt-fake"
+    with pytest.raises(openai.NotFoundError):
+        bare.models.retrieve("ghost")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gateway.base_url, api_key="sk-wrong", max_retries=0).models.list()
