@@ -8,7 +8,7 @@ parameters, response formats) are kept as the client's bytes (`Raw`), never deco
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -134,7 +134,8 @@ class ChatRequest(_Wire, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = None
     user: str | None = None
-    metadata: dict[str, str] | None = None
+    # OpenAI takes string values only (and answers its own 400 otherwise); other upstreams take any JSON.
+    metadata: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Wire, kw_only=True):

@@ -239,6 +239,7 @@ OPENAI_ONLY = [
     ("chat", chat(logit_bias={"15043": 200, "2": False, "3": -1e5})),
     ("chat", chat(response_format={"type": "structural_tag", "structures": [], "triggers": []})),
     ("chat", chat(response_format={"type": "json_object", "schema": {"type": "object"}})),
+    ("chat", chat(metadata={"run": {"id": 7}, "tags": ["a"], "user": "u"})),
 ]
 
 

@@ -201,7 +201,8 @@ def canonical_request(
         stream=bool(wire.stream),
         include_usage=bool(options is not None and options.include_usage),
         user=wire.user,
-        metadata=wire.metadata,
+        # The string entries (OpenAI's kind); any others reach an upstream in the client's bytes.
+        metadata={k: v for k, v in wire.metadata.items() if isinstance(v, str)} if wire.metadata is not None else None,
         preferences=preferences,
         extra=extra,
         original=original,
