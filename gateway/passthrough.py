@@ -25,7 +25,7 @@ _CLOSE = re.compile(_WS + rb"\}")
 _members = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _str = msgspec.json.Decoder(str)
 _TRUE = msgspec.Raw(b"true")
-_EDITED = frozenset({"model", "strait", "stream_options", "input"})
+_EDITED = frozenset({"model", "strait", "stream_options", "input", "prompt"})
 
 
 class RepeatedField(ValueError):
@@ -45,7 +45,9 @@ class Original(msgspec.Struct, frozen=True, kw_only=True):
     # The `strait` member with one separator, to cut out (Strait's own preferences: not the upstream's).
     cut: tuple[int, int] | None = None
     stream_options: tuple[int, int] | None = None  # its value
-    input: tuple[int, int] | None = None  # its value (embeddings: replaced when token arrays become text)
+    # The values of `input` (embeddings) and `prompt` (completions): replaced when token arrays become text.
+    input: tuple[int, int] | None = None
+    prompt: tuple[int, int] | None = None
     end: int = 0  # after the last member's value: where a member is added
 
 
@@ -66,6 +68,7 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
     model: tuple[int, int] | None = None
     options: tuple[int, int] | None = None
     inputs: tuple[int, int] | None = None
+    prompt: tuple[int, int] | None = None
     cut: tuple[int, int] | None = None
     cut_next = False  # `strait` came first: its cut runs to the next key
     previous_end = -1
@@ -92,6 +95,8 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
                 options = (start, end)
             elif name == "input":
                 inputs = (start, end)
+            elif name == "prompt":
+                prompt = (start, end)
             elif previous_end < 0:  # `strait` first: up to the next key, its comma included
                 cut, cut_next = (m.start(1) - 1, end), True
             else:  # from the end of the previous value: the comma before it goes too
@@ -105,7 +110,14 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
     if model is None:
         raise KeyError("model")
     return Original(
-        protocol=protocol, body=body, model=model, cut=cut, stream_options=options, input=inputs, end=previous_end
+        protocol=protocol,
+        body=body,
+        model=model,
+        cut=cut,
+        stream_options=options,
+        input=inputs,
+        prompt=prompt,
+        end=previous_end,
     )
 
 
@@ -142,13 +154,17 @@ def _with_usage(value: bytes) -> bytes | None:
     return msgspec.json.encode(options)
 
 
-def splice(source: Original, model: str, *, stream_usage: bool = False, inputs: bytes | None = None) -> bytes:
+def splice(
+    source: Original, model: str, *, stream_usage: bool = False, inputs: tuple[str, bytes] | None = None
+) -> bytes:
     """The client's body with `model` set, `strait` removed, with `stream_usage` usage asked for, and with
-    `inputs` (JSON) as the value of `input`."""
+    `inputs` (a member name, `input` or `prompt`, and its new JSON value) replaced."""
     body = source.body
     edits: list[tuple[int, int, bytes]] = [(*source.model, msgspec.json.encode(model))]
-    if inputs is not None and source.input is not None:
-        edits.append((*source.input, inputs))
+    if inputs is not None:
+        span = source.input if inputs[0] == "input" else source.prompt
+        if span is not None:
+            edits.append((*span, inputs[1]))
     if source.cut is not None:
         edits.append((*source.cut, b""))
     if stream_usage:

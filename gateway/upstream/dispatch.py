@@ -144,7 +144,7 @@ class Dispatcher:
                 stream=ctx.stream,
                 request_id=ctx.request_id,
             )
-            if ctx.operation == "embeddings" and needs_text(request, target.model.tokenizer):
+            if ctx.operation != "chat" and needs_text(request, target.model.tokenizer):
                 if as_text is None:
                     as_text = await token_inputs_as_text(request)
                 call.request, call.inputs = as_text

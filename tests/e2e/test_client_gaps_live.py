@@ -140,7 +140,16 @@ def test_token_arrays_reach_a_model_of_another_vocabulary_as_text(client: openai
     assert len(reply.data) == 2
     assert _sent(ledger)["input"] == ["red apples", "hello world"]
     client.embeddings.create(model="embed", input=RED_APPLES, encoding_format="float")  # one array
-    assert _sent(ledger)["input"] == ["red apples"]
+    assert _sent(ledger)["input"] == "red apples"
+
+
+def test_a_completion_prompt_of_token_ids_reaches_the_model_as_text(client: openai.OpenAI, ledger: Ledger) -> None:
+    client.completions.create(model="gpt-fake", prompt=RED_APPLES, max_tokens=3)
+    assert _sent(ledger)["prompt"] == "red apples"
+    client.completions.create(model="gpt-fake", prompt=[RED_APPLES, [15339, 1917]], max_tokens=3)
+    assert _sent(ledger)["prompt"] == ["red apples", "hello world"]
+    client.completions.create(model="gpt-fake", prompt="as text", max_tokens=3)
+    assert _sent(ledger)["prompt"] == "as text"
 
 
 def test_token_arrays_reach_a_cl100k_model_unchanged(client: openai.OpenAI, ledger: Ledger) -> None:

@@ -63,6 +63,14 @@ def test_the_upstream_body_gets_the_text_in_place_of_the_arrays() -> None:
     assert call.passthrough("openai") == b'{"input" : ["red apples","hello"], "model": "up", "x_vendor": 1}'
 
 
+def test_one_completion_prompt_becomes_one_string() -> None:
+    request = decode(b'{"model": "m", "prompt": [1171, 41776], "max_tokens": 2}', "completions")
+    call = UpstreamCall(operation="completions", request=request, model="up", stream=False, request_id="r")
+    assert needs_text(request, "o200k_base")
+    call.request, call.inputs = asyncio.run(as_text(call.request))
+    assert call.passthrough("openai") == b'{"model": "up", "prompt": "red apples", "max_tokens": 2}'
+
+
 def test_a_bad_id_is_a_400_naming_the_input() -> None:
     call = _embeddings('{"model": "m", "input": [[1171], [5, 100270]]}')
     with pytest.raises(InvalidRequest) as info:
