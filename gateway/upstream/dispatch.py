@@ -131,7 +131,7 @@ class Dispatcher:
         index = 0  # the plan's deployment being tried
         retries_here = 0  # retries of that deployment so far
         attempt = 0
-        as_text: tuple[Request, bytes] | None = None  # embedding token arrays decoded, once, if a target needs it
+        as_text: tuple[Request, bytes] | None = None  # token arrays decoded to text, once, if a target needs it
         while index < len(plan):
             target = plan[index]
             attempt += 1
