@@ -36,6 +36,7 @@ from gateway.access_log import AccessLog
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
+from gateway.api.cors import CorsGate
 from gateway.api.front import FrontedLitestar
 from gateway.api.identity import request_id_of, scope_id_headers
 from gateway.api.inbound import inbound_limits
@@ -144,6 +145,7 @@ def create_app(
     endpoints = model_endpoints(gateway, limits)
     return FrontedLitestar(
         endpoints=endpoints,
+        cors=CorsGate(lambda: gateway.runtime.index.policy.server.cors),
         route_handlers=build_handlers(gateway, limits, metrics_token=settings.metrics_token, endpoints=endpoints),
         exception_handlers={
             GatewayError: _on_gateway_error,

@@ -106,11 +106,19 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
     async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
         await handle(scope, receive, send, "embeddings")
 
-    return {
+    by_path: dict[str, ASGIEndpoint] = {
         "/v1/chat/completions": chat_completions,
         "/v1/completions": completions,
         "/v1/embeddings": embeddings,
     }
+    # A `base_url` without `/v1` (`http://gateway:8080`) is a common misconfiguration that llama.cpp and
+    # vLLM accept: the model endpoints answer there too, the same as under /v1.
+    return by_path | {path.removeprefix("/v1"): endpoint for path, endpoint in by_path.items()}
+
+
+def _both(path: str) -> list[str]:
+    """A model endpoint's path under /v1 and without it (see model_endpoints)."""
+    return [path, path.removeprefix("/v1")]
 
 
 def build_handlers(
@@ -125,15 +133,15 @@ def build_handlers(
 
     # The model endpoints are raw ASGI handlers: Litestar routes them and renders their errors (raised
     # before the response starts), but does not parse signatures or build responses for them.
-    @asgi("/v1/chat/completions", copy_scope=False)
+    @asgi(_both("/v1/chat/completions"), copy_scope=False)
     async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
         await endpoints["/v1/chat/completions"](scope, receive, send)
 
-    @asgi("/v1/completions", copy_scope=False)
+    @asgi(_both("/v1/completions"), copy_scope=False)
     async def completions(scope: Any, receive: Receive, send: Send) -> None:
         await endpoints["/v1/completions"](scope, receive, send)
 
-    @asgi("/v1/embeddings", copy_scope=False)
+    @asgi(_both("/v1/embeddings"), copy_scope=False)
     async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
         await endpoints["/v1/embeddings"](scope, receive, send)
 
@@ -142,12 +150,12 @@ def build_handlers(
         principal = runtime.auth.authenticate(_headers(request.scope))
         return [name for name in runtime.index.routes if principal.may_use(name)]
 
-    @get("/v1/models")
+    @get(_both("/v1/models"))
     async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
         cards = [ModelCard(id=name, created=gateway.started_at) for name in visible_routes(request)]
         return Response(_encode(ModelList(data=cards)), media_type=JSON, headers=scope_id_headers(request.scope))
 
-    @get("/v1/models/{model_id:path}")
+    @get(_both("/v1/models/{model_id:path}"))
     async def get_model(request: Request[Any, Any, Any]) -> Response[bytes]:
         # Read from the request, not declared as a handler parameter (Litestar deprecates inferred ones).
         name = str(request.path_params["model_id"]).lstrip("/")

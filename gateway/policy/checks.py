@@ -158,6 +158,29 @@ def check_spillover(policy: PolicySet, source: Any, report: Report) -> None:
             )
 
 
+# A web origin as a browser sends it: scheme, host (a name, IPv4 or [IPv6]), optional port; lower case,
+# no path, no trailing slash (`https://app.example.com/` never matches what a browser sends).
+_ORIGIN = re.compile(r"^https?://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:[0-9]{1,5})?$")
+
+
+def check_cors(policy: PolicySet, source: Any, report: Report) -> None:
+    """`server.cors`: every origin as a browser writes it; "*" never with credentials."""
+    cors = policy.server.cors
+    for j, origin in enumerate(cors.allowed_origins):
+        where = f"$.server.cors.allowed_origins[{j}]"
+        if origin == "*":
+            if cors.allow_credentials:
+                report(source, where, "cors: '*' cannot be combined with allow_credentials: list the origins", "error")
+        elif not _ORIGIN.match(origin):
+            report(
+                source,
+                where,
+                f"cors: {origin!r} is not an origin as browsers send it (scheme://host[:port], lower case, "
+                "no path or trailing slash), e.g. 'https://app.example.com'",
+                "error",
+            )
+
+
 def check_backends(policy: PolicySet, source: Any, report: Report) -> None:
     """Outlier and capacity settings that cannot work together."""
     for i, b in enumerate(policy.backends):

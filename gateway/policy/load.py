@@ -299,6 +299,7 @@ def _cross_check(
                     at(source, f"$.tenants[{i}].allowed_routes[{j}]", f"tenant {t.name!r}: unknown route {name!r}")
     known = {"routes": route_names, "tenants": {t.name for t in merged.tenants}}
     for policy, source in decoded:
+        checks.check_cors(policy, source, at)
         checks.check_routes(policy, source, route_names, at)
         checks.check_backends(policy, source, at)
         checks.check_spillover(policy, source, at)

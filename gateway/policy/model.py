@@ -547,9 +547,23 @@ class Shedding(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     retry_after_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 1
 
 
+class Cors(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Browser clients (`server.cors`): which web origins may call the API from a page. None by default."""
+
+    # Origins exactly as browsers send them (`https://app.example.com`, `http://localhost:5173`: scheme,
+    # host, port; no path), or "*" for any origin (then never with credentials).
+    allowed_origins: tuple[str, ...] = ()
+    # Whether pages may send credentials (cookies); Strait's own keys travel in `Authorization`, which
+    # needs no credentials mode. Never with "*".
+    allow_credentials: bool = False
+    # How long a browser may reuse a preflight's answer.
+    max_age_s: Annotated[int, msgspec.Meta(ge=0, le=86_400)] = 600
+
+
 class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Requests with a larger body are refused with 413 before the body is read whole.
     max_body_bytes: int = 4 * 1024 * 1024
+    cors: Cors = Cors()
     # What Strait reads of an upstream's answer, for every backend without `limits` of its own.
     upstream: UpstreamLimits = UpstreamLimits()
     # Digests (`strait keys hash`) of keys that may read every tenant's usage at /admin/usage.

@@ -199,6 +199,9 @@ def test_estimated_completion_tokens_count_text_and_tool_arguments() -> None:
     assert completion_tokens_of(chunks, "cl100k_base") == 2 + 6
     body = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hello world"}}]}'
     assert completion_tokens_of([body], "cl100k_base") == 2
+    # A custom (freeform) tool's call: its input is what the model produced.
+    custom = b'{"choices":[{"index":0,"message":{"tool_calls":[{"type":"custom","custom":{"input":"hello world"}}]}}]}'
+    assert completion_tokens_of([custom], "cl100k_base") == 2
 
 
 def _data_commands(c: redis.Redis) -> dict[str, int]:
