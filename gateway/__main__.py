@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import math
 import os
 import signal
 import sys
@@ -15,6 +16,10 @@ from gateway.policy.load import check_policy
 from gateway.registry import discover_adapters
 from gateway.settings import Settings
 
+# How long uvicorn waits for connections past the app's grace period before cancelling what is left:
+# time for the error events the app sends at the end of its grace period to go out.
+SHUTDOWN_BACKSTOP_S = 5.0
+
 
 def app_from_env() -> object:
     """ASGI factory used by the server workers: settings come from STRAIT_* variables."""
@@ -24,7 +29,8 @@ def app_from_env() -> object:
     settings = Settings.from_env()
     # Every WARNING-and-above line of the process is rate-limited per call site (gateway.logs).
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings)
+    # Served by uvicorn: SIGTERM starts the drain (readiness, grace period) the moment it arrives.
+    return create_app(settings, drain_on_sigterm=settings.server == "uvicorn")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -82,7 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
-    # uvicorn drains in-flight requests and streams on SIGTERM, then restores the handler it found and
+    # On SIGTERM uvicorn stops accepting and waits for the open connections (the app starts its grace
+    # period at the same moment: gateway.api.shutdown), then restores the handler it found and
     # re-raises the signal "so the process exits with the right code". With Python's default handler that
     # is death by SIGTERM (exit status 143), which systemd, Kubernetes and compose report as a failure
     # after a clean, requested shutdown. This handler makes the re-raised signal a normal exit 0 (and a
@@ -107,7 +114,9 @@ def _serve(args: argparse.Namespace) -> int:
         # read the headers, and one more frame that every resumption of the request's task walks through.
         proxy_headers=False,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
+        # A backstop only: the app ends every request still running with an error at its own grace period
+        # (gateway.inflight), so this bound is reached only if that failed.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + SHUTDOWN_BACKSTOP_S),
     )
     return 0
 

@@ -3,7 +3,8 @@
 The handler builds a RequestContext (ids, headers, a body source), runs the pipeline
 (gateway.pipeline) and sends its Reply (gateway.api.asgi_send, a stream framed by the OpenAI codec in
 gateway.api.openai.sse_encode); stages, in order, `on_request`:
-  auth (before the body is read) -> decode (gateway.api.openai.request_stage: the body, read and decoded only
+  auth (before the body is read) -> priority (only when the policy sheds load or restricts classes:
+  gateway.stages.priority; a shed request is refused before its body is read) -> decode (gateway.api.openai.request_stage: the body, read and decoded only
   once authenticated; injected here so nothing below api/ imports it) -> route (policy engine,
   explain) -> limits (one state-store call; a spent budget may switch to the plan's downgrade) -> upstream (terminal, gateway.stages.upstream: walks the
   plan with fallback; gateway.stages.respond makes the JSON reply, or the upstream's stream an event
@@ -35,11 +36,13 @@ from gateway.access_log import AccessLog
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
+from gateway.api.cors import CorsGate
 from gateway.api.front import FrontedLitestar
 from gateway.api.identity import request_id_of, scope_id_headers
 from gateway.api.inbound import inbound_limits
 from gateway.api.openai.request_stage import DecodeStage
 from gateway.api.routes import build_handlers, model_endpoints
+from gateway.api.shutdown import before_sigterm
 from gateway.cache.pool import EmbedderPool
 from gateway.cache.store import open_cache_store
 from gateway.contracts import AdapterFactory
@@ -98,7 +101,10 @@ def create_app(
     *,
     factories: Mapping[str, AdapterFactory] | None = None,
     access_log_out: BinaryIO | None = None,
+    drain_on_sigterm: bool = False,
 ) -> Litestar:
+    """`drain_on_sigterm`: the app is served by `strait serve` (uvicorn): SIGTERM starts the drain at
+    once (gateway.api.shutdown); in-process tests leave it off and call `InFlight.drain` themselves."""
     factories = discover_adapters() if factories is None else factories
     metrics = Metrics()
     signals = LiveSignals()
@@ -127,17 +133,28 @@ def create_app(
     gateway = Gateway(runtime, services, writer, ledger)
     metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
+    inflight = services.inflight
+    grace_s = settings.shutdown_grace_s
+
+    async def drain_on_term() -> None:
+        before_sigterm(lambda: inflight.drain(grace_s))
+
+    async def stop_draining() -> None:
+        inflight.close()
+
     endpoints = model_endpoints(gateway, limits)
     return FrontedLitestar(
         endpoints=endpoints,
+        cors=CorsGate(lambda: gateway.runtime.index.policy.server.cors),
         route_handlers=build_handlers(gateway, limits, metrics_token=settings.metrics_token, endpoints=endpoints),
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_exception,
             Exception: _on_unexpected,
         },
-        on_startup=[gateway.start, reloader.start],
-        on_shutdown=[reloader.stop, gateway.aclose],
+        on_startup=[gateway.start, reloader.start, *([drain_on_term] if drain_on_sigterm else [])],
+        # The usage writer flushes (or spools) everything queued in `gateway.aclose`: nothing is lost.
+        on_shutdown=[stop_draining, reloader.stop, gateway.aclose],
         request_max_body_size=None,
         # The running gateway, for in-process tests and tools (e.g. to wait for the cache's background writes).
         state=State({"gateway": gateway}),

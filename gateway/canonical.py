@@ -128,7 +128,7 @@ class ToolChoice(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True):
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: str = "text"  # "text", "json_object", "json_schema", or an engine's own (vLLM's "structural_tag")
     json_schema: msgspec.Raw | None = None
 
 
@@ -200,6 +200,11 @@ class Request(msgspec.Struct, kw_only=True):
                 out.append(texts[0] if len(texts) == 1 else " ".join(texts))
             return out
         return [i for i in self.inputs if isinstance(i, str)]
+
+    def tool_outside(self, kinds: frozenset[str]) -> Tool | None:
+        """The first tool whose kind is not in `kinds`: what a translation that carries only those must
+        refuse (never drop: the model would answer without the tool the client offered)."""
+        return next((t for t in self.tools if t.kind not in kinds), None)
 
     def uses_images(self) -> bool:
         return any(isinstance(p, Image) for m in self.messages for p in m.content)

@@ -37,13 +37,18 @@ class UpstreamCall:
     request_id: str
     # Extra headers for the upstream: the trace context (`traceparent`) when tracing is on.
     headers: dict[str, str] | None = None
+    # The JSON `input` (embeddings) or `prompt` (completions) to send instead of the client's: token arrays
+    # decoded to text for a model of another vocabulary (gateway.upstream.token_inputs); `request.inputs`
+    # holds the same texts.
+    inputs: bytes | None = None
 
     def passthrough(self, protocol: str) -> bytes | None:
         """The client's body for an upstream speaking `protocol`, or None if the client spoke another."""
         source = self.request.original
         if source is None or source.protocol != protocol:
             return None
-        return splice(source, self.model, stream_usage=self.stream)
+        inputs = None if self.inputs is None else ("input" if self.operation == "embeddings" else "prompt", self.inputs)
+        return splice(source, self.model, stream_usage=self.stream, inputs=inputs)
 
 
 @dataclass(slots=True)

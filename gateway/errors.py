@@ -170,3 +170,21 @@ class InternalError(GatewayError):
     status = 500
     type = "server_error"
     code = "internal_error"
+
+
+class Overloaded(GatewayError):
+    """503: this replica has as many requests in flight as its priority class may have (load shedding);
+    sent with `Retry-After` at once, before the body is read, so the client retries elsewhere or later
+    instead of waiting in a queue."""
+
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+
+class ShuttingDown(GatewayError):
+    """503: the replica is shutting down and its grace period ran out before the answer began."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"

@@ -13,6 +13,7 @@ from typing import Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.accounting.writer import UsageWriter
+from gateway.inflight import InFlight
 from gateway.state import Store
 from gateway.upstream.retry import RetryBudgets
 from gateway.upstream.signals import LiveSignals
@@ -25,6 +26,7 @@ class _Source(Protocol):
     retry_budgets: RetryBudgets
     writer: UsageWriter
     store: Store
+    inflight: InFlight
 
 
 class GatewayGauges:
@@ -38,6 +40,16 @@ class GatewayGauges:
 
     def collect(self) -> Iterator[Metric]:
         g = self._gateway
+        yield GaugeMetricFamily(
+            "strait_in_flight_requests",
+            "Requests on the model endpoints in flight on this replica (what server.shedding caps).",
+            value=g.inflight.count,
+        )
+        yield GaugeMetricFamily(
+            "strait_draining",
+            "1 once a shutdown (SIGTERM) began: in-flight requests finishing.",
+            value=g.inflight.draining,
+        )
         in_flight = GaugeMetricFamily(
             "strait_upstream_in_flight",
             "Upstream requests (and open streams) in flight, by backend.",

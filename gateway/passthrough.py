@@ -25,7 +25,7 @@ _CLOSE = re.compile(_WS + rb"\}")
 _members = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _str = msgspec.json.Decoder(str)
 _TRUE = msgspec.Raw(b"true")
-_EDITED = frozenset({"model", "strait", "stream_options"})
+_EDITED = frozenset({"model", "strait", "stream_options", "input", "prompt"})
 
 
 class RepeatedField(ValueError):
@@ -45,6 +45,9 @@ class Original(msgspec.Struct, frozen=True, kw_only=True):
     # The `strait` member with one separator, to cut out (Strait's own preferences: not the upstream's).
     cut: tuple[int, int] | None = None
     stream_options: tuple[int, int] | None = None  # its value
+    # The values of `input` (embeddings) and `prompt` (completions): replaced when token arrays become text.
+    input: tuple[int, int] | None = None
+    prompt: tuple[int, int] | None = None
     end: int = 0  # after the last member's value: where a member is added
 
 
@@ -64,6 +67,8 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
     count = 0
     model: tuple[int, int] | None = None
     options: tuple[int, int] | None = None
+    inputs: tuple[int, int] | None = None
+    prompt: tuple[int, int] | None = None
     cut: tuple[int, int] | None = None
     cut_next = False  # `strait` came first: its cut runs to the next key
     previous_end = -1
@@ -88,6 +93,10 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
                 model = (start, end)
             elif name == "stream_options":
                 options = (start, end)
+            elif name == "input":
+                inputs = (start, end)
+            elif name == "prompt":
+                prompt = (start, end)
             elif previous_end < 0:  # `strait` first: up to the next key, its comma included
                 cut, cut_next = (m.start(1) - 1, end), True
             else:  # from the end of the previous value: the comma before it goes too
@@ -100,7 +109,16 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
         raise RepeatedField(_repeated(body, values))
     if model is None:
         raise KeyError("model")
-    return Original(protocol=protocol, body=body, model=model, cut=cut, stream_options=options, end=previous_end)
+    return Original(
+        protocol=protocol,
+        body=body,
+        model=model,
+        cut=cut,
+        stream_options=options,
+        input=inputs,
+        prompt=prompt,
+        end=previous_end,
+    )
 
 
 def _repeated(body: bytes, values: dict[str, msgspec.Raw]) -> str:
@@ -136,10 +154,17 @@ def _with_usage(value: bytes) -> bytes | None:
     return msgspec.json.encode(options)
 
 
-def splice(source: Original, model: str, *, stream_usage: bool = False) -> bytes:
-    """The client's body with `model` set, `strait` removed and, with `stream_usage`, usage asked for."""
+def splice(
+    source: Original, model: str, *, stream_usage: bool = False, inputs: tuple[str, bytes] | None = None
+) -> bytes:
+    """The client's body with `model` set, `strait` removed, with `stream_usage` usage asked for, and with
+    `inputs` (a member name, `input` or `prompt`, and its new JSON value) replaced."""
     body = source.body
     edits: list[tuple[int, int, bytes]] = [(*source.model, msgspec.json.encode(model))]
+    if inputs is not None:
+        span = source.input if inputs[0] == "input" else source.prompt
+        if span is not None:
+            edits.append((*span, inputs[1]))
     if source.cut is not None:
         edits.append((*source.cut, b""))
     if stream_usage:

@@ -17,10 +17,12 @@ from gateway.cache.embedders import threshold_of
 from gateway.cache.pool import EmbedderPool, embedder_specs
 from gateway.cache.store import CacheStore
 from gateway.contracts import Adapter, AdapterFactory
+from gateway.inflight import InFlight
 from gateway.pipeline import Pipeline, Stage
 from gateway.policy.decisions import DecisionLog
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import Backend, PolicySet, UpstreamLimits
+from gateway.stages import priority
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.auth import AuthStage
 from gateway.stages.cache import CacheStage
@@ -49,7 +51,7 @@ class Runtime:
 
     index: PolicyIndex
     auth: AuthStage
-    # Request stages in order: auth -> decode (the body, only once authenticated) -> route (policy
+    # Request stages in order: auth -> priority (when the policy sheds load or restricts classes) -> decode (the body, only once authenticated) -> route (policy
     # engine, explain) -> limits (one store call; a spent budget may switch to the plan's downgrade)
     # -> upstream (terminal: dispatch, response shaping, error accounting). Everything the stages
     # derive from the policy alone is built here, once: the index's compiled tables
@@ -82,6 +84,8 @@ class Services:
     embedders: EmbedderPool | None = None
     # Active requests and retries in flight per route (the retry budget): a reload must not forget them.
     retry_budgets: RetryBudgets = field(default_factory=RetryBudgets)
+    # The model requests in flight on this replica (load shedding, the shutdown's grace period).
+    inflight: InFlight = field(default_factory=InFlight)
 
 
 def build_runtime(
@@ -119,7 +123,11 @@ def build_runtime(
         budgets=services.retry_budgets,
     )
     upstream = UpstreamStage(dispatcher, metrics, signals)
-    stages: list[Stage] = [auth, services.decode(policy), route, LimitsStage(index, store, metrics, explain)]
+    stages: list[Stage] = [auth]
+    if priority.needed(index):
+        # Before `decode`: a shed request costs no body read.
+        stages.append(priority.PriorityStage(index, services.inflight, metrics))
+    stages += [services.decode(policy), route, LimitsStage(index, store, metrics, explain)]
     cache = _cache_stage(index, services)
     if cache is not None:
         stages.append(cache)
@@ -173,6 +181,7 @@ class Gateway:
         self.ledger = ledger
         self.accounting = services.accounting
         self.decisions = services.decisions
+        self.inflight = services.inflight
         self.started_at = int(time.time())
         self._epoch_task: asyncio.Future[None] | None = None
         # Probes ejected backends and scrapes engine metrics, off the request path (gateway.upstream.health).

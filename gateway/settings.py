@@ -53,6 +53,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_output_tokens: Annotated[int, msgspec.Meta(ge=1, le=50_000_000)] = 1_000_000
     # Open connections + running requests per worker before new requests get 503 (0: no limit).
     max_connections: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # SIGTERM: how long in-flight requests and streams get to finish before each is ended with an error
+    # (a stream: an in-band error event). Keep the orchestrator's kill timeout above it plus a few seconds
+    # (Kubernetes' terminationGracePeriodSeconds is 30 by default; docker/compose.yaml sets 30 s).
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 25.0
     # One JSON line per request on stderr (gateway.access_log); the share of successful ones written.
     access_log: Literal["on", "off"] = "on"
     access_log_sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
@@ -97,6 +101,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("max_json_depth", "STRAIT_MAX_JSON_DEPTH"),
             ("max_output_tokens", "STRAIT_MAX_OUTPUT_TOKENS"),
             ("max_connections", "STRAIT_MAX_CONNECTIONS"),
+            ("shutdown_grace_s", "STRAIT_SHUTDOWN_GRACE_S"),
             ("access_log", "STRAIT_ACCESS_LOG"),
             ("access_log_sample", "STRAIT_ACCESS_LOG_SAMPLE"),
         ):

@@ -187,6 +187,20 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
         )
+        self.shed = Counter(
+            "strait_shed",
+            "Requests refused with 503 because the replica had as many in flight as their priority class "
+            "may have (server.shedding), by class.",
+            ("priority",),
+            registry=self.registry,
+        )
+        self.shutdown_cut = Counter(
+            "strait_shutdown_cut",
+            "Requests still running when a shutdown's grace period ran out: ended with an error (a stream "
+            "with an in-band error event), by whether the answer had started.",
+            ("started",),
+            registry=self.registry,
+        )
 
     def child(self, metric: Any, *labels: str) -> Any:
         """A metric's child for these label values, looked up once: `labels()` hashes and locks on every

@@ -136,6 +136,15 @@ def verify(name: str) -> None:
     _read(_spec(name))
 
 
+# Encodings built so far in this process: building one takes 0.2-1.5 s, never to be paid on the event loop.
+_BUILT: set[str] = set()
+
+
+def built(name: str) -> bool:
+    """Whether `encoding(name)` is ready (calling it costs nothing more than a lookup)."""
+    return name in _BUILT
+
+
 @functools.cache
 def encoding(name: str) -> tiktoken.Encoding:
     """The tiktoken encoding `name`, built once from its bundled, hash-checked BPE file."""
@@ -146,6 +155,7 @@ def encoding(name: str) -> tiktoken.Encoding:
     # tiktoken keeps the Python dict only to pickle the Encoding (the ranks live in its Rust core):
     # about 20 MB for o200k_base that Strait never uses, so it is dropped (an Encoding is never pickled).
     enc._mergeable_ranks = {}
+    _BUILT.add(name)
     return enc
 
 
@@ -178,7 +188,7 @@ class PromptTokens:
     a rule on prompt size, a context window the cheap bound does not clear, an accounting estimate).
 
     `bound()` costs one pass over the texts' lengths; `count()` runs the tokenizer once (in a worker thread
-    above OFFLOAD_CHARS) and remembers the result; `count_now()` counts on the calling thread, for the
+    above OFFLOAD_CHARS, or when the encoding is still to be built) and remembers the result; `count_now()` counts on the calling thread, for the
     rare synchronous readers (an upstream that reported no usage), who first `await count()` when the
     prompt is `long()` (a few MB of text can take seconds). `known` is None until counted.
     """
@@ -225,13 +235,14 @@ class PromptTokens:
         return sum(count_text(t, self._encoding) for t in texts)
 
     def long(self) -> bool:
-        """Not counted yet, and long enough to be counted off the event loop (`count`, not `count_now`)."""
-        return self.known is None and sum(len(t) for t in self._read()) > OFFLOAD_CHARS
+        """Not counted yet, and to be counted off the event loop (`count`, not `count_now`): long enough,
+        or its encoding not built yet in this process (the first count builds it: up to a second or so)."""
+        return self.known is None and (not built(self._encoding) or sum(len(t) for t in self._read()) > OFFLOAD_CHARS)
 
     async def count(self) -> int:
         if self.known is None:
             texts = self._read()
-            if sum(len(t) for t in texts) > OFFLOAD_CHARS:
+            if not built(self._encoding) or sum(len(t) for t in texts) > OFFLOAD_CHARS:
                 self.known = await asyncio.to_thread(self._count, texts)
             else:
                 self.known = self._count(texts)

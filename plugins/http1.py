@@ -416,6 +416,8 @@ class Http1Pool:
         self.port = port or (443 if self.tls else 80)
         # Encoded once, as aiohttp would send it (a space or a non-ASCII letter percent-encoded).
         self.prefix = quote(parts.path.rstrip("/"), safe="/%:@!$&'()*+,;=-._~")
+        # A base URL's query (Azure's `?api-version=`) goes with every request, after the path.
+        self.query = b"?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?").encode("ascii") if parts.query else b""
         host = f"[{self.host}]" if ":" in self.host else self.host
         authority = host if port is None else f"{host}:{self.port}"
         self._fixed = b"Host: %b\r\nUser-Agent: %b\r\nAccept-Encoding: gzip, deflate\r\n%b" % (
@@ -447,8 +449,9 @@ class Http1Pool:
             raise ServerDisconnectedError("the upstream client is closed")
         if self._invalid:
             raise InvalidURL(self.base_url)
-        request = b"POST %b HTTP/1.1\r\n%b%bContent-Length: %d\r\n\r\n%b" % (
+        request = b"POST %b%b HTTP/1.1\r\n%b%bContent-Length: %d\r\n\r\n%b" % (
             (self.prefix + path).encode("ascii"),
+            self.query,
             self._fixed,
             _header_lines(headers),
             len(body),

@@ -3,7 +3,9 @@
 It answers chat, legacy completions and embeddings in OpenAI's wire format, reading the canonical request
 (it does not speak any client's protocol, so it never gets the client's bytes), with configurable time to
 first token, tokens per second, output length and failure rate, and counts usage with tiktoken so the
-numbers look like a real engine's.
+numbers look like a real engine's. Like a model it honours `response_format` (json_object: a JSON object;
+json_schema: a minimal instance of the schema, plugins.schema_instance) and plays its part in an agent's
+tool loop: given tools it calls one, and after a tool's result it answers in text.
 
 Like an engine, it has slots: `capacity.max_concurrency` requests run at once, the rest wait (FIFO), and
 it serves vLLM's load gauges in process (`engine_metrics`, read by the gateway's scraper without HTTP):
@@ -31,6 +33,7 @@ from gateway.contracts import UpstreamCall, UpstreamResponse
 from gateway.policy.features import count_prompt_tokens
 from gateway.policy.model import Backend, SimulatedOptions
 from gateway.tokens import count_text, encoding
+from plugins.schema_instance import instance
 
 _WORDS = [
     "the",
@@ -71,6 +74,8 @@ _WORDS = [
     "tokens",
 ]
 _encode = msgspec.json.encode
+# The tool types the simulated model can call; any other is refused, never silently ignored.
+_TOOL_KINDS = frozenset({"function", "custom"})
 
 
 class _Schema(msgspec.Struct):
@@ -154,6 +159,15 @@ class SimulatedAdapter:
         if o.failure_rate > 0 and self._rng.random() < o.failure_rate:
             return _error(o.failure_status, "simulated backend failure", "server_error", "simulated_failure")
         r = call.request
+        foreign = r.tool_outside(_TOOL_KINDS)
+        if foreign is not None:
+            return _error(
+                400,
+                f"The simulated backend cannot run tools of type '{foreign.kind}' (it runs "
+                f"{' and '.join(sorted(_TOOL_KINDS))} tools); route this request to an upstream that has them.",
+                "invalid_request_error",
+                "unsupported_tool_type",
+            )
         if call.operation == "embeddings":
             return self._embeddings(r, call.model)
         limit = r.max_output_tokens
@@ -162,6 +176,15 @@ class SimulatedAdapter:
         prompt_tokens = count_prompt_tokens(r)
         words = [self._words[i % len(self._words)] for i in range(n_tokens)]
         tool = self._tool_call(r) if call.operation == "chat" else None
+        structured = _structured_text(r) if call.operation == "chat" and tool is None else None
+        if structured is not None:
+            # The JSON the response_format asks for, whole unless max_tokens cuts it (as a model's would be).
+            tokens = encoding("cl100k_base").encode_ordinary(structured)
+            finish = "length" if limit and limit < len(tokens) else "stop"
+            if finish == "length":
+                structured = encoding("cl100k_base").decode(tokens[:limit])
+            n_tokens = min(len(tokens), limit) if limit else len(tokens)
+            words = [structured[k : k + 4] for k in range(0, len(structured), 4)]
         choices = max(1, r.n or 1)
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -188,16 +211,25 @@ class SimulatedAdapter:
         )
 
     def _tool_call(self, r: Request) -> dict[str, Any] | None:
+        """A call of the first tool (or the one tool_choice names), unless the conversation's last message
+        is a tool's result: then the model answers in text, which ends an agent's tool loop. A client that
+        forces a tool (`required`, or a named one) gets a call every time, as from a real model."""
         tools, choice = r.tools, r.tool_choice
         if not tools or (choice is not None and choice.mode == "none"):
+            return None
+        forced = choice is not None and choice.mode in ("required", "tool")
+        if not forced and r.messages and r.messages[-1].role == "tool":
             return None
         fn = tools[0]
         if choice is not None and choice.mode == "tool" and choice.name:
             fn = next((t for t in tools if t.name == choice.name), fn)
+        ident = f"call_sim{next(self._ids):08d}"
+        if fn.kind == "custom":  # freeform: text in, not JSON arguments
+            return {"id": ident, "type": "custom", "custom": {"name": fn.name, "input": "simulated"}}
         props = _decode_schema(fn.parameters).properties if fn.parameters is not None else {}
         args = {k: "simulated" for k in props}
         return {
-            "id": f"call_sim{next(self._ids):08d}",
+            "id": ident,
             "type": "function",
             "function": {"name": fn.name or "tool", "arguments": _encode(args).decode()},
         }
@@ -302,7 +334,10 @@ class SimulatedAdapter:
                     for i in range(n)
                 ]
             )
-        if tool:
+        if tool and tool["type"] == "custom":
+            yield chunk([delta(i, {"tool_calls": [{"index": 0, **tool}]}) for i in range(n)])
+            fin = "tool_calls"
+        elif tool:
             fn = tool["function"]
             first = {
                 "index": 0,
@@ -352,6 +387,22 @@ class SimulatedAdapter:
             }
         )
         return UpstreamResponse(status=200, body=body)
+
+
+def _structured_text(r: Request) -> str | None:
+    """The answer's JSON text when `response_format` asks for JSON: an instance of the json_schema's
+    `schema` (plugins.schema_instance), or for json_object an object holding the simulated text."""
+    fmt = r.response_format
+    if fmt is None or fmt.type not in ("json_object", "json_schema"):
+        return None
+    if fmt.type == "json_schema" and fmt.json_schema is not None:
+        try:
+            spec = msgspec.json.decode(fmt.json_schema)
+        except msgspec.DecodeError:
+            spec = None
+        if isinstance(spec, dict) and "schema" in spec:
+            return _encode(instance(spec["schema"])).decode()
+    return _encode({"answer": " ".join(_WORDS[:8])}).decode()
 
 
 def _vector(text: str, dims: int) -> list[float]:

@@ -20,8 +20,18 @@ class _FunctionArgs(msgspec.Struct):
     arguments: str | None = None
 
 
+class _CustomInput(msgspec.Struct):
+    input: str | None = None
+
+
 class _ToolDelta(msgspec.Struct):
     function: _FunctionArgs | None = None
+    custom: _CustomInput | None = None  # a custom (freeform) tool's call: its input is text
+
+    def text(self) -> str | None:
+        if self.function is not None and self.function.arguments:
+            return self.function.arguments
+        return self.custom.input if self.custom is not None else None
 
 
 class _Message(msgspec.Struct):
@@ -55,8 +65,8 @@ def _texts(answer: _Answer) -> Iterable[str]:
             if part.content:
                 yield part.content
             for call in part.tool_calls or ():
-                if call.function is not None and call.function.arguments:
-                    yield call.function.arguments
+                if text := call.text():
+                    yield text
         if c.text:
             yield c.text
 
@@ -144,9 +154,9 @@ class StreamMeter:
                         held += len(d.content)
                     if d.tool_calls:
                         for call in d.tool_calls:
-                            if call.function is not None and call.function.arguments:
-                                texts.append(call.function.arguments)
-                                held += len(call.function.arguments)
+                            if text := call.text():
+                                texts.append(text)
+                                held += len(text)
                 if c.text:
                     texts.append(c.text)
                     held += len(c.text)

@@ -34,6 +34,9 @@ class UsageWriter:
         self.spooled = 0
         self._queue: deque[UsageRecord] = deque()
         self._task: asyncio.Task[None] | None = None
+        # The writing round under way (a task of its own, so that stopping never cuts a batch in half:
+        # records popped from the queue and not yet written would be lost).
+        self._round: asyncio.Future[None] | None = None
         self._last_replay = 0.0
         self._last_error_log = 0.0
         # Set when a write fails; cleared when a replay succeeds.
@@ -59,6 +62,10 @@ class UsageWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._round is not None:
+            # The round the loop was in when stopped writes (or spools) the batch it holds.
+            await asyncio.gather(self._round, return_exceptions=True)
+            self._round = None
         while self._queue:
             await self.flush()
 
@@ -101,12 +108,18 @@ class UsageWriter:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            try:
-                # Everything queued, BATCH records per pipeline, yielding to requests in between.
-                for _ in range(max(1, -(-len(self._queue) // BATCH))):
-                    await self.flush()
-            except Exception:  # the writer must outlive any one bad batch
-                log.exception("usage writer failed a batch")
+            # Shielded: a stop while a batch is being written lets it finish (stop awaits it).
+            self._round = asyncio.ensure_future(self._write_queued())
+            await asyncio.shield(self._round)
+            self._round = None
+
+    async def _write_queued(self) -> None:
+        try:
+            # Everything queued, BATCH records per pipeline, yielding to requests in between.
+            for _ in range(max(1, -(-len(self._queue) // BATCH))):
+                await self.flush()
+        except Exception:  # the writer must outlive any one bad batch
+            log.exception("usage writer failed a batch")
 
     def _warn(self, message: str) -> None:
         # At most one line a second: a Redis outage must not flood the log.

@@ -8,24 +8,36 @@ the body, with the last batch when the upstream's end came in the same read. A t
 watches for the client's disconnect and cancels the sending when it comes; the stream is then closed
 in a `finally` that runs whatever happened, even if not one event was pulled yet (the client left, a
 send failed, the handler was cancelled): the relay ends the request through its taps exactly once
-(upstream closed, accounting, live signals), promptly, not at garbage collection.
+(upstream closed, accounting, live signals), promptly, not at garbage collection. When a shutdown's
+grace period runs out (gateway.inflight cancels the request, marked), the stream is stopped the same way
+and ends with the `shutting_down` error event instead of just stopping.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from gateway.api.openai.sse_encode import encode_batch, encode_end
+from gateway.api.openai.sse_encode import encode_batch, encode_end, error_event
 from gateway.context import RequestContext
-from gateway.errors import ClientClosedRequest, RequestTimeout
+from gateway.errors import ClientClosedRequest, ErrorBody, RequestTimeout
 from gateway.reply import EventStream, Reply, close_stream
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+WasCut = Callable[["asyncio.Task[Any]"], bool]
+# The last event of a stream the shutdown's grace period cut short (OpenAI's envelope: the SDKs raise).
+SHUTDOWN_EVENT = error_event(
+    ErrorBody(
+        message="The gateway shut down before the answer was complete (its grace period ran out); retry.",
+        type="server_error",
+        code="shutting_down",
+    )
+)
 __all__ = ["Message", "Receive", "Reply", "Scope", "Send", "body_chunks", "send_reply"]
 
 
@@ -38,14 +50,18 @@ def _raw_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
     return raw
 
 
-async def send_reply(reply: Reply, receive: Receive, send: Send, ctx: RequestContext) -> None:
+async def send_reply(
+    reply: Reply, receive: Receive, send: Send, ctx: RequestContext, was_cut: WasCut | None = None
+) -> None:
+    """`was_cut`: tells whether a cancellation of the sending task is the shutdown's (its grace period
+    ran out, gateway.inflight): a stream then ends with an in-band error event instead of a cut."""
     stream = reply.stream
     if stream is None:
         await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
         await send({"type": "http.response.body", "body": reply.body})
         return
     try:
-        await _send_stream(reply, stream, ctx, receive, send)
+        await _send_stream(reply, stream, ctx, receive, send, was_cut)
     finally:
         # Whatever happened above (even before the first event): the stream ends here if it did not by
         # itself (idempotent; the upstream's release shielded).
@@ -72,14 +88,16 @@ async def _watch_disconnect(receive: Receive, sender: asyncio.Task[Any], watch: 
             return
 
 
-async def _send_stream(reply: Reply, stream: EventStream, ctx: RequestContext, receive: Receive, send: Send) -> None:
+async def _send_stream(
+    reply: Reply, stream: EventStream, ctx: RequestContext, receive: Receive, send: Send, was_cut: WasCut | None
+) -> None:
     await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
     sender = asyncio.current_task()
     assert sender is not None
     watch = _Watch()
     watcher = asyncio.ensure_future(_watch_disconnect(receive, sender, watch))
+    last = b""
     try:
-        last = b""
         while batch := await stream.next():
             if stream.finished:
                 last = encode_batch(batch)  # the upstream's end came with it: sent with the end, one write
@@ -89,6 +107,19 @@ async def _send_stream(reply: Reply, stream: EventStream, ctx: RequestContext, r
         watch.over = True  # the answer is complete from here: a disconnect now changes nothing
         await send({"type": "http.response.body", "body": last + encode_end(ctx, end), "more_body": False})
     except asyncio.CancelledError:
+        if not watch.gone and was_cut is not None and was_cut(sender):
+            # The shutdown's grace period ran out mid-stream: the answer stops here, charged for what
+            # the upstream produced (partial), and the client is told so, never left with a stream that
+            # just stops.
+            sender.uncancel()
+            watch.over = True
+            end = stream.stop("client_gone")
+            # A stream that had ended by itself (waiting only for its slots to be given back) ends as it
+            # would have; any other gets the shutdown's error event.
+            tail = SHUTDOWN_EVENT if end.outcome == "client_gone" else last + encode_end(ctx, end)
+            with contextlib.suppress(OSError):  # the client went away meanwhile
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+            return
         # Our own cancel (the client left) ends the sending quietly; anyone else's goes on.
         if not watch.gone or sender.uncancel() > 0:
             raise

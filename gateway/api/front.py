@@ -19,6 +19,7 @@ from litestar import Litestar, Request, Response
 from litestar.exceptions import LitestarException
 
 from gateway.api.asgi_send import Message
+from gateway.api.cors import CorsGate
 from gateway.api.routes import ASGIEndpoint
 
 ErrorHandler = Callable[[Request[Any, Any, Any], Any], Response[Any]]
@@ -49,13 +50,22 @@ class FrontedLitestar(Litestar):
         *,
         endpoints: Mapping[str, ASGIEndpoint],
         exception_handlers: Mapping[type[Exception], ErrorHandler],
+        cors: CorsGate | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(exception_handlers=dict(exception_handlers), **kwargs)  # type: ignore[arg-type]
         self._endpoints = dict(endpoints)
         self._error_handlers = dict(exception_handlers)
+        self._cors = cors
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._cors is not None and scope["type"] == "http":
+            # Browser clients (gateway.api.cors): a preflight is answered here; any other answer gets its headers.
+            cors_send = self._cors.sender(scope, send)
+            if cors_send is None:
+                await self._cors.preflight(scope, send)
+                return
+            send = cors_send
         endpoint = self._endpoints.get(scope["path"]) if scope["type"] == "http" else None
         if endpoint is None:
             await super().__call__(scope, receive, send)

@@ -121,6 +121,17 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
 
+# Only Strait's own bounds are checked here, never OpenAI's product limits: a request may go to llama.cpp or
+# vLLM, which accept more (`top_logprobs` 50, `logprobs` 10, a penalty of 3, a logit bias of 200 or
+# `false`), and an OpenAI upstream answers its own 400 for them, passed on with its `param` (a route's
+# later candidates are not tried after a 400: the same body would be refused the same way by OpenAI, and
+# an engine that accepts it is the operator's first choice to list). Strait's bounds: the integers it
+# computes with (`max_tokens` and the `n`/`best_of` fan-out size the token reservation), the numbers an
+# engine must be able to hold (a 64-bit seed; no vocabulary has a million tokens), and numbers no double
+# can hold (a 401-digit bias).
+TOKEN_IDS_MAX = 1_000_000
+
+
 def _ranges(max_output_tokens: int) -> tuple[tuple[str, int, int], ...]:
     return (
         ("max_tokens", 1, max_output_tokens),
@@ -128,16 +139,16 @@ def _ranges(max_output_tokens: int) -> tuple[tuple[str, int, int], ...]:
         ("n", 1, 128),
         ("best_of", 1, 128),
         ("seed", INT64_MIN, INT64_MAX),
-        ("top_logprobs", 0, 20),
-        ("logprobs", 0, 20),  # an integer in legacy completions (a boolean in chat)
+        ("top_logprobs", 0, TOKEN_IDS_MAX),
+        ("logprobs", 0, TOKEN_IDS_MAX),  # an integer in legacy completions (a boolean in chat)
         ("dimensions", 1, 65_536),
-        ("top_k", -1, 1_000_000),  # vLLM, SGLang, llama.cpp: -1 (or 0) disables it
+        ("top_k", -1, TOKEN_IDS_MAX),  # vLLM, SGLang, llama.cpp: -1 (or 0) disables it
     )
 
 
-_FLOAT_RANGES = (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0))
 # Every top-level field `check_numbers` reads: the codec decodes just these to plain values.
-NUMBER_FIELDS = (*(name for name, _, _ in _ranges(1)), "logit_bias", *(name for name, _, _ in _FLOAT_RANGES))
+_FLOATS = ("presence_penalty", "frequency_penalty")  # modelled in chat only: checked for the others too
+NUMBER_FIELDS = (*(name for name, _, _ in _ranges(1)), "logit_bias", *_FLOATS)
 
 
 def _show(value: int) -> str:
@@ -161,13 +172,22 @@ def check_numbers(raw: Mapping[str, Any], limits: InboundLimits) -> None:
     bias = raw.get("logit_bias")
     if isinstance(bias, dict):
         for token, weight in bias.items():
-            # OpenAI's range; a huge number here would otherwise be forwarded as is.
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or not -100 <= weight <= 100:
-                raise InvalidRequest(
-                    "'logit_bias' values must be numbers between -100 and 100.", param=f"logit_bias.{token}"
-                )
-    # JSON cannot spell NaN or infinity and msgspec refuses out-of-range floats, so floats are finite here.
-    for name, flo, fhi in _FLOAT_RANGES:
+            # Any number a double holds, or a boolean (llama.cpp's `false` bans a token); OpenAI's ±100 is
+            # OpenAI's to enforce. A 401-digit integer would otherwise be forwarded as is.
+            if isinstance(weight, bool):
+                continue
+            if not isinstance(weight, int | float) or not _fits_a_double(weight):
+                raise InvalidRequest("'logit_bias' values must be numbers (or booleans).", param=f"logit_bias.{token}")
+    # JSON cannot spell NaN or infinity and msgspec refuses out-of-range floats: only a huge integer is left.
+    for name in _FLOATS:
         fvalue = raw.get(name)
-        if isinstance(fvalue, int | float) and not isinstance(fvalue, bool) and not flo <= fvalue <= fhi:
-            raise InvalidRequest(f"'{name}' must be between {flo:g} and {fhi:g}.", param=name)
+        if isinstance(fvalue, int) and not isinstance(fvalue, bool) and not _fits_a_double(fvalue):
+            raise InvalidRequest(f"'{name}' is too large a number.", param=name)
+
+
+def _fits_a_double(value: float) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from asyncio import CancelledError, current_task
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -19,7 +20,14 @@ from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
-from gateway.errors import InvalidRequest, MethodNotAllowed, ModelNotFound, NotFound, PayloadTooLarge
+from gateway.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+    ShuttingDown,
+)
 from gateway.reply import JSON
 from gateway.runtime import Gateway
 
@@ -46,25 +54,48 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
     """The model endpoints as plain ASGI callables, by path: Litestar routes them (build_handlers), and
     the app's front (gateway.app) calls them directly for the hot path, before Litestar's router."""
 
+    inflight = gateway.inflight
+
     async def handle(scope: Any, receive: Receive, send: Send, operation: Operation) -> None:
         started = time.perf_counter()
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
-        headers = _headers(scope)
-        ctx = RequestContext(
-            request_id=request_id_of(scope),
-            client_request_id=client_request_id_of(scope),
-            operation=operation,
-            started=started,
-            headers=headers,
-            # Read by `decode`, after `auth`: not a byte is parsed for an unauthenticated client.
-            body=body_chunks(receive, limits.body_idle_timeout_s, limits.body_timeout_s),
-            content_length=headers.get("content-length"),
-            decision_id=secrets.token_hex(5),
-        )
-        # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
-        reply = await gateway.runtime.pipeline.run(ctx)
-        await send_reply(reply, receive, send, ctx)
+        # Counted from here to the last byte (load shedding reads the count; a shutdown cuts what is left).
+        task = current_task()
+        assert task is not None
+        inflight.enter(task)
+        reply = None
+        try:
+            headers = _headers(scope)
+            ctx = RequestContext(
+                request_id=request_id_of(scope),
+                client_request_id=client_request_id_of(scope),
+                operation=operation,
+                started=started,
+                headers=headers,
+                # Read by `decode`, after `auth`: not a byte is parsed for an unauthenticated client.
+                body=body_chunks(receive, limits.body_idle_timeout_s, limits.body_timeout_s),
+                content_length=headers.get("content-length"),
+                decision_id=secrets.token_hex(5),
+            )
+            # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
+            reply = await gateway.runtime.pipeline.run(ctx)
+            await send_reply(reply, receive, send, ctx, inflight.was_cut)
+            if inflight.draining and inflight.was_cut(task):
+                gateway.metrics.child(gateway.metrics.shutdown_cut, "true").inc()  # ended with an error event
+        except CancelledError:
+            # The shutdown's grace period ran out before the answer began (a stream that had begun is
+            # ended by send_reply with an error event): a 503 the client can retry elsewhere.
+            if reply is not None or not inflight.was_cut(task):
+                raise
+            task.uncancel()
+            gateway.metrics.child(gateway.metrics.shutdown_cut, "false").inc()
+            raise ShuttingDown(
+                "The gateway is shutting down and its grace period ran out before the answer began; retry.",
+                headers={"retry-after": "1", "connection": "close"},
+            ) from None
+        finally:
+            inflight.leave(task)
 
     async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
         await handle(scope, receive, send, "chat")
@@ -75,11 +106,19 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
     async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
         await handle(scope, receive, send, "embeddings")
 
-    return {
+    by_path: dict[str, ASGIEndpoint] = {
         "/v1/chat/completions": chat_completions,
         "/v1/completions": completions,
         "/v1/embeddings": embeddings,
     }
+    # A `base_url` without `/v1` (`http://gateway:8080`) is a common misconfiguration that llama.cpp and
+    # vLLM accept: the model endpoints answer there too, the same as under /v1.
+    return by_path | {path.removeprefix("/v1"): endpoint for path, endpoint in by_path.items()}
+
+
+def _both(path: str) -> list[str]:
+    """A model endpoint's path under /v1 and without it (see model_endpoints)."""
+    return [path, path.removeprefix("/v1")]
 
 
 def build_handlers(
@@ -90,18 +129,19 @@ def build_handlers(
     endpoints: dict[str, ASGIEndpoint] | None = None,
 ) -> list[BaseRouteHandler]:
     endpoints = model_endpoints(gateway, limits) if endpoints is None else endpoints
+    inflight = gateway.inflight
 
     # The model endpoints are raw ASGI handlers: Litestar routes them and renders their errors (raised
     # before the response starts), but does not parse signatures or build responses for them.
-    @asgi("/v1/chat/completions", copy_scope=False)
+    @asgi(_both("/v1/chat/completions"), copy_scope=False)
     async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
         await endpoints["/v1/chat/completions"](scope, receive, send)
 
-    @asgi("/v1/completions", copy_scope=False)
+    @asgi(_both("/v1/completions"), copy_scope=False)
     async def completions(scope: Any, receive: Receive, send: Send) -> None:
         await endpoints["/v1/completions"](scope, receive, send)
 
-    @asgi("/v1/embeddings", copy_scope=False)
+    @asgi(_both("/v1/embeddings"), copy_scope=False)
     async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
         await endpoints["/v1/embeddings"](scope, receive, send)
 
@@ -110,12 +150,12 @@ def build_handlers(
         principal = runtime.auth.authenticate(_headers(request.scope))
         return [name for name in runtime.index.routes if principal.may_use(name)]
 
-    @get("/v1/models")
+    @get(_both("/v1/models"))
     async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
         cards = [ModelCard(id=name, created=gateway.started_at) for name in visible_routes(request)]
         return Response(_encode(ModelList(data=cards)), media_type=JSON, headers=scope_id_headers(request.scope))
 
-    @get("/v1/models/{model_id:path}")
+    @get(_both("/v1/models/{model_id:path}"))
     async def get_model(request: Request[Any, Any, Any]) -> Response[bytes]:
         # Read from the request, not declared as a handler parameter (Litestar deprecates inferred ones).
         name = str(request.path_params["model_id"]).lstrip("/")
@@ -164,11 +204,13 @@ def build_handlers(
     @get("/readyz")
     async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
         index = gateway.runtime.index
-        ready = bool(index.routes) and bool(index.backends)
+        draining = inflight.draining
+        ready = bool(index.routes) and bool(index.backends) and not draining
         status = gateway.store.status()
         body = _encode(
             {
-                "status": "ready" if ready else "not_ready",
+                # `draining`: shutting down (SIGTERM), in-flight requests finishing; take it out of rotation.
+                "status": "ready" if ready else ("draining" if draining else "not_ready"),
                 "policy_version": index.version,
                 "routes": len(index.routes),
                 "backends": len(index.backends),

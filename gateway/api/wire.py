@@ -8,7 +8,7 @@ parameters, response formats) are kept as the client's bytes (`Raw`), never deco
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -46,10 +46,18 @@ class FunctionCall(_Wire, kw_only=True):
     arguments: str | None = None
 
 
+class CustomCall(_Wire, kw_only=True):
+    """A call of a custom (freeform) tool: its input is text, not JSON arguments."""
+
+    name: str | None = None
+    input: str | None = None
+
+
 class ToolCall(_Wire, kw_only=True):
     id: str | None = None
     type: str = "function"
     function: FunctionCall | None = None
+    custom: CustomCall | None = None
 
 
 class Message(_Wire, kw_only=True):
@@ -71,9 +79,21 @@ class FunctionDef(_Wire, kw_only=True):
     strict: bool | None = None
 
 
+class CustomDef(_Wire, kw_only=True):
+    """A custom (freeform) tool: text in, optionally constrained by a grammar (`format`, kept as bytes)."""
+
+    name: str | None = None
+    description: str | None = None
+    format: msgspec.Raw = NOT_SENT
+
+
 class Tool(_Wire, kw_only=True):
-    function: FunctionDef
+    """A tool of any type: `function` (which must carry its `function`), `custom`, or one Strait does not
+    know (an upstream's built-in tool), passed through to OpenAI-compatible upstreams as the client's bytes."""
+
     type: str = "function"
+    function: FunctionDef | None = None
+    custom: CustomDef | None = None
 
 
 class ToolChoiceFunction(_Wire, kw_only=True):
@@ -83,6 +103,7 @@ class ToolChoiceFunction(_Wire, kw_only=True):
 class ToolChoice(_Wire, kw_only=True):
     type: str = "function"
     function: ToolChoiceFunction | None = None
+    custom: ToolChoiceFunction | None = None
 
 
 class StreamOptions(_Wire, kw_only=True):
@@ -90,7 +111,8 @@ class StreamOptions(_Wire, kw_only=True):
 
 
 class ResponseFormat(_Wire, kw_only=True):
-    type: Literal["text", "json_object", "json_schema"]
+    # Any type: vLLM's `structural_tag`, an engine's own kinds; OpenAI refuses the ones it does not know.
+    type: str
     json_schema: msgspec.Raw = NOT_SENT
 
 
@@ -112,7 +134,8 @@ class ChatRequest(_Wire, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = None
     user: str | None = None
-    metadata: dict[str, str] | None = None
+    # OpenAI takes string values only (and answers its own 400 otherwise); other upstreams take any JSON.
+    metadata: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Wire, kw_only=True):

@@ -42,6 +42,34 @@ def check_routes(policy: PolicySet, source: Any, route_names: set[str], report: 
                 source, f"$.routes[{i}].spillover.threshold", f"route {r.name!r}: threshold must be in (0, 1]", "error"
             )
         check_retry(r, f"$.routes[{i}]", source, report)
+        check_affinity(r, f"$.routes[{i}]", source, report)
+
+
+def check_affinity(r: Route, base: str, source: Any, report: Report) -> None:
+    """A route's session affinity: each key kind with its own settings only, and tiers it can act on."""
+    aff = r.affinity
+    if aff is None:
+        return
+    if aff.key == "header" and aff.header is None:
+        report(source, f"{base}.affinity", f"route {r.name!r}: affinity key header needs `header` (its name)", "error")
+    if aff.key == "prefix" and aff.header is not None:
+        report(
+            source,
+            f"{base}.affinity.header",
+            f"route {r.name!r}: affinity `header` is only read with key: header (the key is prefix)",
+            "error",
+        )
+    if aff.key == "header" and aff.prefix_messages is not None:
+        report(
+            source,
+            f"{base}.affinity.prefix_messages",
+            f"route {r.name!r}: affinity prefix_messages is only read with key: prefix (the key is header)",
+            "error",
+        )
+    if not aff.tiers:
+        report(source, f"{base}.affinity.tiers", f"route {r.name!r}: affinity with no tiers never applies", "error")
+    elif len(set(aff.tiers)) != len(aff.tiers):
+        report(source, f"{base}.affinity.tiers", f"route {r.name!r}: affinity tiers name a tier twice", "error")
 
 
 def check_retry(r: Route, base: str, source: Any, report: Report) -> None:
@@ -126,6 +154,29 @@ def check_spillover(policy: PolicySet, source: Any, report: Report) -> None:
                 source,
                 f"$.routes[{i}].spillover.queue_resume_below",
                 f"route {r.name!r}: queue_resume_below must be below queue_threshold ({spill.queue_threshold})",
+                "error",
+            )
+
+
+# A web origin as a browser sends it: scheme, host (a name, IPv4 or [IPv6]), optional port; lower case,
+# no path, no trailing slash (`https://app.example.com/` never matches what a browser sends).
+_ORIGIN = re.compile(r"^https?://(\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?)(:[0-9]{1,5})?$")
+
+
+def check_cors(policy: PolicySet, source: Any, report: Report) -> None:
+    """`server.cors`: every origin as a browser writes it; "*" never with credentials."""
+    cors = policy.server.cors
+    for j, origin in enumerate(cors.allowed_origins):
+        where = f"$.server.cors.allowed_origins[{j}]"
+        if origin == "*":
+            if cors.allow_credentials:
+                report(source, where, "cors: '*' cannot be combined with allow_credentials: list the origins", "error")
+        elif not _ORIGIN.match(origin):
+            report(
+                source,
+                where,
+                f"cors: {origin!r} is not an origin as browsers send it (scheme://host[:port], lower case, "
+                "no path or trailing slash), e.g. 'https://app.example.com'",
                 "error",
             )
 

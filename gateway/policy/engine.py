@@ -22,11 +22,12 @@ from typing import Annotated, Final
 
 import msgspec
 
-from gateway.canonical import Operation
+from gateway.canonical import Message, Operation
 from gateway.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, PermissionDenied
+from gateway.policy.affinity import choose, conversation_key
 from gateway.policy.compile import RuleTest
 from gateway.policy.index import PolicyIndex, Principal, Target
-from gateway.policy.model import Constraints, Objective, Route, Spillover, Tenant, Weights
+from gateway.policy.model import Affinity, Constraints, Objective, Route, Spillover, Tenant, Weights
 from gateway.policy.places import expand
 
 # Output tokens assumed for cost ranking when the request sets no max_tokens.
@@ -88,6 +89,8 @@ class RequestFeatures(msgspec.Struct, frozen=True, kw_only=True):
     headers: Mapping[str, str] = {}
     now: dt.datetime | None = None
     preferences: Preferences | None = None
+    # The request's messages (chat), shared with the request: a route's `affinity` may key on their start.
+    messages: tuple[Message, ...] = ()
 
 
 class Row(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +131,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     plan: tuple[str, ...]
     # Every compliant candidate was ejected: they were ranked anyway, rather than refusing (panic mode).
     panic: bool = False
+    # What session affinity did (the replica it chose, or why it chose none); None: the route has none.
+    affinity: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,6 +390,7 @@ class _Facts:
     # Backends spilled by this decision, with why; whether every candidate was ejected (panic).
     spilled: dict[str, str]
     panic: bool
+    affinity: str | None = None
 
     def decision(self, route: Route, plan: tuple[Target, ...]) -> Decision:
         rank_of = {id(target): (score, rank) for rank, (score, target) in enumerate(self.ranked, start=1)}
@@ -425,6 +431,7 @@ class _Facts:
             rows=tuple(rows),
             plan=tuple(t.label for t in plan),
             panic=self.panic,
+            affinity=self.affinity,
         )
 
 
@@ -529,6 +536,11 @@ def decide(
     own = index.candidates[(route.name, operation)].own
     spilled: dict[str, str] = {}
     ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own, spilled)
+    affinity = None
+    if route.affinity is not None:
+        ranked, affinity = _keep_conversation(
+            route.affinity, tenant.name, features, live, ranked, verdicts, spilled, panic
+        )
     facts = _Facts(
         decision_id,
         index.version,
@@ -543,6 +555,7 @@ def decide(
         live,
         spilled,
         panic,
+        affinity,
     )
     later = None
     if downgrade and tables.downgrade_route is not None:
@@ -622,3 +635,51 @@ def _rank(
         keyed.append(((group, score, declared), target))
     keyed.sort(key=lambda item: item[0])
     return [(key[1], target) for key, target in keyed]
+
+
+def _keep_conversation(
+    affinity: Affinity,
+    tenant: str,
+    features: RequestFeatures,
+    live: LiveState,
+    ranked: list[tuple[float, Target]],
+    verdicts: list[tuple[Target, str | None]],
+    spilled: Mapping[str, str],
+    panic: bool,
+) -> tuple[list[tuple[float, Target]], str]:
+    """Session affinity (gateway.policy.affinity): among the replicas of the model the objective ranked
+    first, in its tier, the conversation's replica goes first unless it is ejected or saturated (then its
+    next one in the key's order); the others keep their rank behind it, as the fallbacks. Returns the
+    ranking and what explain says."""
+    if panic:
+        return ranked, "not applied: every candidate is ejected (panic)"
+    first = ranked[0][1]
+    tier = first.backend.tier
+    if tier not in affinity.tiers:
+        return ranked, f"not applied: the first-ranked {first.label} is in tier {tier}, not in affinity.tiers"
+    key = conversation_key(affinity, tenant, features.messages, features.headers)
+    if isinstance(key, str):
+        return ranked, "not applied: " + key
+    # A model's deployments are all the route's own or all a fallback route's (gateway.policy.compile),
+    # so the same model in the same tier is one pool of interchangeable replicas. Ejected ones hash too
+    # (they are passed over): the others' conversations stay where they are.
+    model = first.model.name
+    ejected = [t for t, why in verdicts if why == EJECTED and t.model.name == model and t.backend.tier == tier]
+    replicas = [t for _, t in ranked if t.model.name == model and t.backend.tier == tier] + ejected
+    out = {t.label for t in ejected}
+    ceiling = affinity.max_utilisation
+
+    def unavailable(t: Target) -> str | None:
+        if t.label in out:
+            return "ejected"
+        why = spilled.get(t.backend.name)
+        if why is not None:
+            return f"spilling ({why})"
+        u = _utilisation(t, live)
+        return f"saturated (utilisation {u:.2f} >= {ceiling:.2f})" if u >= ceiling else None
+
+    chosen, note = choose(key, replicas, unavailable)
+    if chosen is None or chosen is first:
+        return ranked, note
+    at = next(i for i, (_, t) in enumerate(ranked) if t is chosen)
+    return [ranked[at], *ranked[:at], *ranked[at + 1 :]], note

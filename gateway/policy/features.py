@@ -5,11 +5,11 @@ the prompt's exact token count or can do with its cheap upper bound (`exact_prom
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
-from gateway.canonical import Image, Message, Opaque, Operation, Part, Request, ResponseFormat, Text, Tool
+from gateway.canonical import Image, Message, Opaque, Operation, Part, Request, ResponseFormat, Role, Text, Tool
 from gateway.errors import InvalidRequest
 from gateway.policy.compile import COST_OBJECTIVES, prompt_needs
 from gateway.policy.engine import Preferences, RequestFeatures
@@ -67,6 +67,7 @@ def extract(
         needs=frozenset(needs),
         headers=headers,
         preferences=prefs if prefs is not None else preferences(request, headers),
+        messages=request.messages,
     )
 
 
@@ -107,6 +108,9 @@ def _part(part: Any) -> Part:
     return Opaque(protocol="openai", kind=str(part.get("type")) if isinstance(part, Mapping) else "")
 
 
+_ROLES: dict[str, Role] = {r: r for r in get_args(Role)}
+
+
 def _messages(payload: Mapping[str, Any]) -> tuple[Message, ...]:
     out = []
     for m in payload.get("messages") or ():
@@ -116,7 +120,10 @@ def _messages(payload: Mapping[str, Any]) -> tuple[Message, ...]:
             parts = (Text(text=content),)
         elif isinstance(content, list):
             parts = tuple(_part(p) for p in content)
-        out.append(Message(role="user", content=parts))
+        given = m.get("role") if isinstance(m, Mapping) else None
+        # Roles kept: a route's prefix affinity keys on the messages through the first user message.
+        role: Role = _ROLES.get(given, "user") if isinstance(given, str) else "user"
+        out.append(Message(role=role, content=parts))
     return tuple(out)
 
 

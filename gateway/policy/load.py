@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -25,6 +26,24 @@ _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ENV_REF = checks.ENV_REF
+
+
+def _url_problem(url: str) -> str | None:
+    """Why an upstream base URL cannot be used as given, or None. Credentials in a URL would be logged
+    and echoed wherever the URL is (the key belongs in `api_key: env:NAME`); a fragment is never sent.
+    A query (e.g. Azure's `?api-version=`) is kept and sent with every request."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "is not a valid URL"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry credentials (user:password@): give the key as api_key: env:NAME"
+    if parts.fragment:
+        return "must not have a #fragment"
+    if not parts.hostname:
+        return "has no host"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +255,8 @@ def _cross_check(
                     f"$.backends[{i}].base_url",
                     f"backend {b.name!r}: base_url must start with http:// or https://",
                 )
+            if b.base_url and (problem := _url_problem(b.base_url)) is not None:
+                at(source, f"$.backends[{i}].base_url", f"backend {b.name!r}: base_url {problem}")
             if b.api_key is not None and not _ENV_REF.match(b.api_key):
                 at(
                     source,
@@ -278,6 +299,7 @@ def _cross_check(
                     at(source, f"$.tenants[{i}].allowed_routes[{j}]", f"tenant {t.name!r}: unknown route {name!r}")
     known = {"routes": route_names, "tenants": {t.name for t in merged.tenants}}
     for policy, source in decoded:
+        checks.check_cors(policy, source, at)
         checks.check_routes(policy, source, route_names, at)
         checks.check_backends(policy, source, at)
         checks.check_spillover(policy, source, at)
@@ -310,6 +332,15 @@ def _cross_check(
                         f"tenant {t.name!r}: compliance leaves route {route!r} with no candidate ({'; '.join(reasons)})",
                         "error" if explicit else "warning",
                     )
+    for policy, source in decoded:
+        for i, t in enumerate(policy.tenants):
+            if t.priority.default is not None and t.priority.default not in t.priority.allowed:
+                at(
+                    source,
+                    f"$.tenants[{i}].priority.default",
+                    f"tenant {t.name!r}: priority.default {t.priority.default!r} is not among priority.allowed "
+                    f"({', '.join(t.priority.allowed)})",
+                )
     for j, digest in enumerate(merged.server.admin_keys):
         if not _DIGEST.match(digest):
             problems.append(Problem(decoded[0][1].file, 1, 1, f"server.admin_keys[{j}] must be sha256:<64 hex>"))

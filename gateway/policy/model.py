@@ -279,6 +279,28 @@ class Spillover(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
         return self.queue_resume_below if self.queue_resume_below is not None else self.queue_threshold // 2
 
 
+# Longest value of an affinity session header: a longer one is a client mistake (400), never hashed whole.
+AFFINITY_HEADER_MAX: Final = 256
+
+
+class Affinity(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Session affinity (gateway.policy.affinity): requests of one conversation go to the same replica of
+    the model the objective ranked first, while it is healthy and not saturated, so its prompt cache
+    stays warm. The replica is chosen by rendezvous hashing of the conversation's key over the replicas:
+    the same on every gateway replica without shared state, and only a leaving replica's conversations move."""
+
+    # prefix: a hash of the conversation's stable start (the leading messages through the first user
+    # message, or the first `prefix_messages`); header: the value of the request header `header`.
+    key: Literal["prefix", "header"] = "prefix"
+    header: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9-]+$")] | None = None
+    prefix_messages: Annotated[int, msgspec.Meta(ge=1, le=64)] | None = None
+    # The tiers whose replicas are kept per conversation (a provider keeps its own caches).
+    tiers: tuple[Tier, ...] = ("edge", "self-hosted")
+    # A replica at or above this utilisation is saturated: the conversation goes to its next replica in
+    # hashing order, and comes back once the preferred one is below it again.
+    max_utilisation: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.9
+
+
 # A failure class a route retries (before any byte reached the client): `connect` (the upstream could not
 # be reached), `timeout` (no answer head within the try's timeout, or an upstream 408), `reset` (the
 # connection dropped before the answer's head), `429`, `5xx` (500-599), `context_length` (a 400
@@ -329,6 +351,8 @@ class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     objective: Objective = "ordered"
     weights: Weights = Weights()
     spillover: Spillover | None = None
+    # None: no session affinity (nothing about it is computed per request).
+    affinity: Affinity | None = None
     # Other routes whose candidates are appended (after this route's own) as the last resort; the
     # tenant's compliance applies to them exactly as to the route's own candidates.
     fallback: tuple[str, ...] = ()
@@ -427,6 +451,26 @@ class Budgets(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     downgrade_route: str | None = None
 
 
+# Priority classes a request may name (header `x-strait-priority`), most important first. Under load,
+# lower classes are refused earlier (`server.shedding`); a tenant's policy says which it may use.
+PriorityClass = Literal["interactive", "batch"]
+PRIORITY_CLASSES: Final[tuple[PriorityClass, ...]] = ("interactive", "batch")
+
+
+class TenantPriority(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Which priority classes the tenant's requests may ask for, and the class of a request that names none."""
+
+    allowed: Annotated[tuple[PriorityClass, ...], msgspec.Meta(min_length=1)] = PRIORITY_CLASSES
+    # None: the most important of `allowed`.
+    default: PriorityClass | None = None
+
+    @property
+    def default_class(self) -> PriorityClass:
+        if self.default is not None:
+            return self.default
+        return next(c for c in PRIORITY_CLASSES if c in self.allowed)
+
+
 class Tenant(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     name: str
     keys: tuple[TenantKey, ...] = ()
@@ -438,6 +482,7 @@ class Tenant(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     limits: TenantLimits = TenantLimits()
     budgets: Budgets = Budgets()
     cache: CacheSettings = CacheSettings()
+    priority: TenantPriority = TenantPriority()
 
 
 class HeaderMatch(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -488,13 +533,41 @@ class Rule(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     then: Then
 
 
+class Shedding(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Load shedding, per replica (one gateway process): requests on the model endpoints in flight at once
+    (from arrival to their last byte) above which new ones are refused at once with 503 and
+    `Retry-After`, instead of queueing until a timeout. 0: no cap."""
+
+    max_in_flight: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+    # `batch` requests are refused once this share of the cap is in flight (`interactive` at the cap), so
+    # interactive traffic keeps the rest.
+    batch_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.7
+    # The `Retry-After` (seconds) of a refusal.
+    retry_after_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 1
+
+
+class Cors(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Browser clients (`server.cors`): which web origins may call the API from a page. None by default."""
+
+    # Origins exactly as browsers send them (`https://app.example.com`, `http://localhost:5173`: scheme,
+    # host, port; no path), or "*" for any origin (then never with credentials).
+    allowed_origins: tuple[str, ...] = ()
+    # Whether pages may send credentials (cookies); Strait's own keys travel in `Authorization`, which
+    # needs no credentials mode. Never with "*".
+    allow_credentials: bool = False
+    # How long a browser may reuse a preflight's answer.
+    max_age_s: Annotated[int, msgspec.Meta(ge=0, le=86_400)] = 600
+
+
 class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Requests with a larger body are refused with 413 before the body is read whole.
     max_body_bytes: int = 4 * 1024 * 1024
+    cors: Cors = Cors()
     # What Strait reads of an upstream's answer, for every backend without `limits` of its own.
     upstream: UpstreamLimits = UpstreamLimits()
     # Digests (`strait keys hash`) of keys that may read every tenant's usage at /admin/usage.
     admin_keys: tuple[str, ...] = ()
+    shedding: Shedding = Shedding()
 
 
 class PolicySet(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -103,6 +103,9 @@ def _cache_control(headers: Mapping[str, str]) -> tuple[bool, bool]:
     return "no-cache" in tokens, "no-store" in tokens
 
 
+_CACHED_TOOL_KINDS = frozenset({"function"})
+
+
 def uncacheable(request: Request, bounds: RouteCache) -> str | None:
     """Why the route's cache bounds exclude this request, or None."""
     if request.operation != "chat":
@@ -111,6 +114,8 @@ def uncacheable(request: Request, bounds: RouteCache) -> str | None:
         return "temperature"
     if request.tools and not bounds.tools:
         return "tools"
+    if request.tool_outside(_CACHED_TOOL_KINDS) is not None:
+        return "tools"  # a custom tool's call (`custom.input`) has no place in a stored answer's replay
     if request.response_format is not None and request.response_format.type != "text" and not bounds.response_format:
         return "response_format"
     if request.n not in (None, 1) or request.best_of not in (None, 1):

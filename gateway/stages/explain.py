@@ -43,6 +43,8 @@ def explain_header(decision: Decision) -> str:
         doc["stale_metrics"] = stale
     if decision.panic:
         doc["panic"] = "every candidate is ejected: tried anyway"
+    if decision.affinity is not None:
+        doc["affinity"] = decision.affinity
     full = _encode({**doc, "excluded": excluded, "table": f"/admin/decisions/{decision.id}"})
     if len(full) <= EXPLAIN_HEADER_MAX and full.isascii():
         return full.decode()

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 from opentelemetry.trace import Status, StatusCode, set_span_in_context
 
+from gateway.canonical import Request
 from gateway.context import RequestContext
 from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse, UpstreamResponseTooLarge
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
@@ -35,6 +36,8 @@ from gateway.tracing import Tracing
 from gateway.upstream.redact import NO_SECRETS, Redactor
 from gateway.upstream.retry import Failure, RetryBudgets, classify_status, next_move
 from gateway.upstream.signals import LiveSignals
+from gateway.upstream.token_inputs import as_text as token_inputs_as_text
+from gateway.upstream.token_inputs import needs_text
 
 log = logging.getLogger("strait.upstream")
 
@@ -130,6 +133,7 @@ class Dispatcher:
         index = 0  # the plan's deployment being tried
         retries_here = 0  # retries of that deployment so far
         attempt = 0
+        as_text: tuple[Request, bytes] | None = None  # token arrays decoded to text, once, if a target needs it
         while index < len(plan):
             target = plan[index]
             attempt += 1
@@ -142,6 +146,10 @@ class Dispatcher:
                 stream=ctx.stream,
                 request_id=ctx.request_id,
             )
+            if ctx.operation != "chat" and needs_text(request, target.model.tokenizer):
+                if as_text is None:
+                    as_text = await token_inputs_as_text(request)
+                call.request, call.inputs = as_text
             backend = target.backend.name
             signals.started(backend)
             t0 = time.perf_counter()

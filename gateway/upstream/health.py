@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -52,8 +53,14 @@ class ProbePlan:
 
 
 def _root(base_url: str) -> str:
-    base = base_url.rstrip("/")
+    base = urlsplit(base_url)._replace(query="", fragment="").geturl().rstrip("/")
     return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def _under(base_url: str, path: str) -> str:
+    """`path` under the base URL, the base's query (e.g. `?api-version=`) kept after it."""
+    parts = urlsplit(base_url)
+    return parts._replace(path=parts.path.rstrip("/") + path, fragment="").geturl()
 
 
 def probe_plan(backend: Backend) -> ProbePlan | None:
@@ -74,7 +81,7 @@ def probe_plan(backend: Backend) -> ProbePlan | None:
     if backend.base_url is None:
         return None
     if kind == "models":
-        return ProbePlan("models", backend.base_url.rstrip("/") + "/models", True)
+        return ProbePlan("models", _under(backend.base_url, "/models"), True)
     return ProbePlan("health", _root(backend.base_url) + "/health", False)
 
 

@@ -3,8 +3,9 @@ exactly once when it returns. Real redis-server processes; nothing touches the m
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import msgspec
@@ -141,6 +142,38 @@ async def test_stop_flushes_everything_queued(tmp_path: Path) -> None:
     assert rows[0].requests == 1200
 
 
+async def test_stop_while_a_batch_is_being_written_loses_none_of_it(tmp_path: Path) -> None:
+    """A shutdown that lands while the background loop is writing a batch (records already taken from
+    the queue) lets that write finish: it used to cancel it, and the batch was lost."""
+
+    class SlowLedger(MemoryLedger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writing = asyncio.Event()
+            self.release = asyncio.Event()
+
+        async def write(self, records: Sequence[UsageRecord]) -> int:
+            self.writing.set()
+            await self.release.wait()
+            return await super().write(records)
+
+    ledger = SlowLedger()
+    writer = UsageWriter(ledger, Spool(tmp_path), interval_s=0.001)
+    await writer.start()
+    for i in range(3):
+        writer.submit(rec(f"r{i}"))
+    await ledger.writing.wait()  # the loop took the batch and is writing it
+    assert writer.queued() == 0
+    loop_task = writer._task
+    assert loop_task is not None
+    # The write may go on only once stop has cancelled the loop (the case that lost the batch).
+    loop_task.add_done_callback(lambda _: ledger.release.set())
+    await writer.stop()
+    assert loop_task.cancelled()
+    rows = await ledger.totals(["acme"], DAY, DAY, "route")
+    assert rows[0].requests == 3
+
+
 def test_full_spool_drops_and_counts(tmp_path: Path) -> None:
     one = len(msgspec.json.encode(rec("a"))) + 1
     spool = Spool(tmp_path, max_bytes=2 * one + 10)
@@ -166,6 +199,9 @@ def test_estimated_completion_tokens_count_text_and_tool_arguments() -> None:
     assert completion_tokens_of(chunks, "cl100k_base") == 2 + 6
     body = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hello world"}}]}'
     assert completion_tokens_of([body], "cl100k_base") == 2
+    # A custom (freeform) tool's call: its input is what the model produced.
+    custom = b'{"choices":[{"index":0,"message":{"tool_calls":[{"type":"custom","custom":{"input":"hello world"}}]}}]}'
+    assert completion_tokens_of([custom], "cl100k_base") == 2
 
 
 def _data_commands(c: redis.Redis) -> dict[str, int]:

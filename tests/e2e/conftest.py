@@ -51,13 +51,18 @@ models:
   - name: fake-embed
     capabilities: [embeddings]
     deployments: [{{backend: fake, upstream_model: text-embedding-3-small}}]
+  - name: fake-embed-cl100k
+    capabilities: [embeddings]
+    tokenizer: cl100k_base
+    deployments: [{{backend: fake, upstream_model: text-embedding-3-large}}]
   - name: sim-model
-    capabilities: [chat, completions, tools, embeddings]
+    capabilities: [chat, completions, tools, json, embeddings]
     deployments: [{{backend: sim, upstream_model: sim-1}}]
 routes:
   - {{name: gpt-fake, models: [fake-model]}}
   - {{name: fallback-chat, models: [dead-model, fake-model]}}
   - {{name: embed, models: [fake-embed]}}
+  - {{name: embed-cl100k, models: [fake-embed-cl100k]}}
   - {{name: sim-chat, models: [sim-model]}}
 tenants:
   - name: alpha

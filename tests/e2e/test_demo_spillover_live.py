@@ -83,3 +83,27 @@ def test_demo_spills_to_the_cloud_under_load_and_flows_back(demo: ServerProcess)
                 break
             assert time.monotonic() < deadline, "traffic never flowed back to the edge"
             time.sleep(0.05)
+
+
+def test_structured_output_and_a_tool_loop_work_on_the_demo(demo: ServerProcess) -> None:
+    """What people try first on `make run`: parse() with a pydantic model, and a two-step tool loop."""
+    import openai
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        name: str
+        population: int = pydantic.Field(ge=1)
+
+    client = openai.OpenAI(base_url=demo.base_url + "/v1", api_key=DEMO_KEY, max_retries=0, timeout=30)
+    parsed = client.chat.completions.parse(model="chat", messages=BODY["messages"], response_format=City)
+    assert isinstance(parsed.choices[0].message.parsed, City)
+    tool: Any = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    messages: list[Any] = [{"role": "user", "content": "Look it up"}]
+    first = client.chat.completions.create(model="chat", messages=messages, tools=[tool])
+    call = (first.choices[0].message.tool_calls or [])[0]
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "42"},
+    ]
+    second = client.chat.completions.create(model="chat", messages=messages, tools=[tool])
+    assert second.choices[0].finish_reason == "stop" and second.choices[0].message.content

@@ -259,7 +259,7 @@ def test_deep_json_is_a_400_envelope(gw: ServerProcess, body: bytes) -> None:
         ({"max_completion_tokens": 52_125_000}, "max_completion_tokens"),
         ({"n": 128, "max_tokens": 1_000_000}, "max_tokens"),  # in range each, too large together
         ({"seed": 2**63}, "seed"),
-        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": -1}, "top_logprobs"),
     ],
 )
 def test_out_of_range_integers_are_a_400_envelope(gw: ServerProcess, fields: dict[str, Any], param: str) -> None:

@@ -103,7 +103,13 @@ def test_embeddings_float_and_base64(client: openai.OpenAI, direct: openai.OpenA
 
 
 def test_models_list_and_retrieve_follow_the_tenant(gateway: ServerProcess, client: openai.OpenAI) -> None:
-    assert sorted(m.id for m in client.models.list()) == ["embed", "fallback-chat", "gpt-fake", "sim-chat"]
+    assert sorted(m.id for m in client.models.list()) == [
+        "embed",
+        "embed-cl100k",
+        "fallback-chat",
+        "gpt-fake",
+        "sim-chat",
+    ]
     assert client.models.retrieve("gpt-fake").id == "gpt-fake"
     beta = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=BETA_KEY, max_retries=0)
     assert [m.id for m in beta.models.list()] == ["sim-chat"]

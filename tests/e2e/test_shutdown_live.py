@@ -1,16 +1,25 @@
-"""SIGTERM: `strait serve` finishes the streams in flight, then exits 0 (not 143, death by the signal)."""
+"""SIGTERM against a real `strait serve` with Redis state: it stops accepting at once, finishes the streams
+in flight, flushes their usage records to the ledger, then exits 0 (not 143, death by the signal); a
+stream still running when the grace period (STRAIT_SHUTDOWN_GRACE_S) runs out ends with an in-band error
+event, never a silent cut, and is charged for what the upstream produced."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
+import redis
 
+from gateway.accounting.spool import Spool
 from gateway.policy.index import key_digest
+from tests.harness.fake_control import FakeControl
 from tests.harness.gateway import gateway_process
 from tests.harness.procs import ServerProcess
+from tests.harness.redis_proc import RedisProc
 
 KEY = "sk-tenant-shutdown-0b7e"
 TOKENS = 30
@@ -41,14 +50,36 @@ tenants:
 """
 
 
-def test_sigterm_drains_a_stream_then_exits_0(fake_upstream: ServerProcess, tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(_policy(fake_upstream.base_url))
-    proc = gateway_process(policy, log_path=tmp_path / "gateway.log", env={"SHUTDOWN_BACKEND_KEY": "sk-x-0000"})
+def _ledger(server: RedisProc) -> list[dict[str, Any]]:
+    """The final usage records in the tenant's ledger stream, read straight from Redis."""
+    with redis.Redis(port=server.port) as c:
+        entries = c.xrange("strait:{t:t}:ledger")
+    records = [json.loads(fields[b"r"]) for _, fields in entries]
+    return [r for r in records if r["final"]]
+
+
+def _gateway(fake: ServerProcess, redis_server: RedisProc, folder: Path, **env: str) -> ServerProcess:
+    policy = folder / "policy.yaml"
+    policy.write_text(_policy(fake.base_url))
+    env = {
+        "SHUTDOWN_BACKEND_KEY": "sk-x-0000",
+        "STRAIT_STATE": redis_server.url,
+        "STRAIT_SPOOL_DIR": str(folder / "spool"),
+        # Generous: event-loop lag on 2 shared cores counts against it.
+        "STRAIT_STATE_TIMEOUT_MS": "2000",
+        **env,
+    }
+    return gateway_process(policy, log_path=folder / "gateway.log", env=env)
+
+
+def test_sigterm_drains_a_stream_then_exits_0(
+    fake_upstream: ServerProcess, fresh_redis: RedisProc, tmp_path: Path
+) -> None:
+    proc = _gateway(fake_upstream, fresh_redis, tmp_path)
     with proc:
         client = openai.OpenAI(base_url=proc.base_url + "/v1", api_key=KEY, max_retries=0, timeout=30)
         # One token per event, 60 ms apart: the stream lasts about 1.8 s after its first event, far longer
-        # than the signal takes to arrive, and well inside uvicorn's 10 s graceful-shutdown bound.
+        # than the signal takes to arrive, and well inside the 25 s default grace period.
         fake = {"tokens": TOKENS, "chunk_tokens": 1, "chunk_delay_ms": 60, "marker": False}
         stream = client.chat.completions.create(
             model="chat", messages=[{"role": "user", "content": "hi"}], stream=True, extra_body={"fake": fake}
@@ -70,6 +101,52 @@ def test_sigterm_drains_a_stream_then_exits_0(fake_upstream: ServerProcess, tmp_
     # ...and the stream still ended normally ([DONE]: the SDK raised nothing), whole.
     assert len("".join(words).split()) == TOKENS
     assert returncode == 0, f"exit status {returncode}; log: {log}"
+    # Its usage record reached the ledger before the process exited (nothing left in memory or spooled).
+    [record] = _ledger(fresh_redis)
+    assert record["completion_tokens"] == TOKENS and not record["partial"] and record["status"] == 200
+    assert not Spool(tmp_path / "spool").pending()
+
+
+def test_a_stream_past_the_grace_period_ends_with_an_error_event_and_is_charged(
+    fake_upstream: ServerProcess, fresh_redis: RedisProc, tmp_path: Path
+) -> None:
+    proc = _gateway(fake_upstream, fresh_redis, tmp_path, STRAIT_SHUTDOWN_GRACE_S="1")
+    fake = FakeControl(fake_upstream.base_url)
+    start = max((r["n"] for r in fake.ledger()), default=0)
+    # Two events, then the upstream stalls with the connection open, for ever: only the grace period ends it.
+    body = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "fake": {"tokens": 20, "chunk_tokens": 1, "stall_after_chunks": 2, "marker": False},
+    }
+    lines: list[str] = []
+    signalled = False
+    with proc:
+        headers = {"authorization": f"Bearer {KEY}"}
+        with httpx.stream("POST", proc.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                lines.append(line)
+                if not signalled and line.startswith("data: {") and '"content"' in line:
+                    proc.signal(signal.SIGTERM)  # the synchronisation: content has arrived
+                    signalled = True
+        assert proc.proc is not None
+        returncode = proc.proc.wait(timeout=30)
+        log = proc.read_log()
+    events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    # Not a stream that just stops: its last event is an error the SDKs raise, and there is no [DONE].
+    assert "[DONE]" not in events
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "shutting_down", events
+    assert returncode == 0, f"exit status {returncode}; log: {log}"
+    # Charged for what the upstream produced, flagged partial.
+    [record] = _ledger(fresh_redis)
+    assert record["partial"] and record["completion_tokens"] >= 1, record
+    # The upstream was let go (the engine stops generating for nobody).
+    [upstream] = [r for r in fake.ledger(since=start) if r["path"] == "/v1/chat/completions"]
+    assert upstream["client_disconnected"] and upstream["ended_at"] is not None
+    fake.close()
 
 
 def test_sigterm_on_an_idle_gateway_exits_0(fake_upstream: ServerProcess, tmp_path: Path) -> None:

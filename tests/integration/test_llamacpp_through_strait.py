@@ -8,6 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from gateway.tokens import encoding
 from tests.harness.gateway import gateway_process
 from tests.harness.llamacpp import llamacpp_server
 from tests.harness.procs import ServerProcess
@@ -91,6 +92,15 @@ def test_embeddings_through_strait(client: openai.OpenAI) -> None:
     flt = client.embeddings.create(model="small-embed", input=["red", "blue"], encoding_format="float")
     assert len(b64.data) == 2 and len(flt.data[0].embedding) == 576
     assert b64.data[0].embedding == pytest.approx(flt.data[0].embedding, rel=1e-5)
+
+
+def test_cl100k_token_ids_embed_as_their_text(client: openai.OpenAI) -> None:
+    """LangChain's default: cl100k_base ids. llama.cpp would read them in SmolLM2's vocabulary (other
+    words); Strait decodes them to text first, so they embed as the text does."""
+    ids = encoding("cl100k_base").encode("red apples")
+    as_ids = client.embeddings.create(model="small-embed", input=[ids], encoding_format="float").data[0].embedding
+    as_text = client.embeddings.create(model="small-embed", input=["red apples"], encoding_format="float")
+    assert as_ids == pytest.approx(as_text.data[0].embedding, rel=1e-4, abs=1e-6)
 
 
 def test_context_overflow_is_openai_shaped(client: openai.OpenAI) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.api.decode import decode, read_body
-from gateway.canonical import Request, Text
+from gateway.canonical import Request, Text, ToolCall
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
 
@@ -33,9 +35,9 @@ def _chat(body: bytes) -> Request:
             "at least 1",
         ),
         (
-            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}',
-            "temperature",
-            "between 0 and 2",
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}',
+            "top_p",
+            "between 0 and 1",
         ),
         (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', None, "lone surrogate"),
     ],
@@ -142,3 +144,57 @@ def test_invalid_utf8_anywhere_is_refused_even_in_fields_passed_through(where: b
     with pytest.raises(InvalidRequest) as info:
         _chat(b'{"model": "m", "messages": [{"role": "user", ' + where + b"}]}")
     assert info.value.code == "invalid_json" and "UTF-8" in info.value.message
+
+
+def test_custom_and_unknown_tool_types_decode_to_their_kind() -> None:
+    tools = [
+        {"type": "custom", "custom": {"name": "run_sql", "format": {"type": "text"}}},
+        {"type": "web_search_preview"},
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+    ]
+    messages = [
+        {"role": "user", "content": "x"},
+        {
+            "role": "assistant",
+            "tool_calls": [{"id": "c1", "type": "custom", "custom": {"name": "run_sql", "input": "SELECT 1;"}}],
+        },
+    ]
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": messages,
+            "tools": tools,
+            "tool_choice": {"type": "custom", "custom": {"name": "run_sql"}},
+        }
+    ).encode()
+    request = decode(body, "chat")
+    assert [(t.kind, t.name) for t in request.tools] == [
+        ("custom", "run_sql"),
+        ("web_search_preview", "web_search_preview"),
+        ("function", "f"),
+    ]
+    assert request.tools[0].parameters is not None and bytes(request.tools[0].parameters) == b'{"type": "text"}'
+    assert request.messages[1].content == (ToolCall(id="c1", name="run_sql", arguments="SELECT 1;", kind="custom"),)
+    assert request.tool_choice is not None and request.tool_choice.name == "run_sql"
+    assert request.tool_outside(frozenset({"function", "custom"})) == request.tools[1]
+    assert request.original is not None and request.original.body == body
+
+
+def test_a_function_tool_without_its_function_is_refused_naming_it() -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})
+    with pytest.raises(InvalidRequest) as info:
+        decode(body.encode(), "chat")
+    assert info.value.param == "tools[0].function"
+
+
+def test_requests_with_custom_tools_are_never_cached() -> None:
+    """The cache replays function calls only; a custom tool's call would come back without its input."""
+    from gateway.policy.model import RouteCache
+    from gateway.stages.cache import uncacheable
+
+    bounds = RouteCache(tools=True)
+    function = {"type": "function", "function": {"name": "f"}}
+    custom = {"type": "custom", "custom": {"name": "run_sql"}}
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert uncacheable(decode(json.dumps({**base, "tools": [function]}).encode(), "chat"), bounds) is None
+    assert uncacheable(decode(json.dumps({**base, "tools": [function, custom]}).encode(), "chat"), bounds) == "tools"

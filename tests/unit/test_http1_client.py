@@ -294,3 +294,17 @@ async def test_a_refused_connection_is_connect_failed_not_a_drop() -> None:
             await pool.post("/chat/completions", b"{}", {})
     finally:
         await pool.close()
+
+
+async def test_a_base_urls_query_goes_with_every_request(serve) -> None:  # type: ignore[no-untyped-def]
+    # Azure OpenAI puts the API version in the query of every request (`?api-version=`).
+    async def ok(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(answer(b'{"ok":1}'))
+
+    up = await serve(ok)
+    p = pool(up.url.removesuffix("/v1") + "/openai/deployments/gpt?api-version=2024-10-21")
+    assert await read_all(p) == (200, b'{"ok":1}')
+    await p.close()
+    assert up.requests[0].startswith(
+        b"POST /openai/deployments/gpt/chat/completions?api-version=2024-10-21 HTTP/1.1\r\n"
+    )

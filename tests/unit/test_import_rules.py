@@ -27,6 +27,7 @@ BELOW_API_MODULES = (
     "canonical.py",
     "passthrough.py",
     "tokens.py",
+    "inflight.py",
 )
 
 

@@ -174,3 +174,29 @@ def test_the_cheap_bound_is_never_below_the_count(texts: list[str], chat: bool) 
     exact = count_chat(texts) if chat else sum(count_text(t) for t in texts)
     assert utf8_bound(texts) >= sum(count_text(t) for t in texts)
     assert counter.bound() >= exact == counter.count_now()
+
+
+async def test_the_first_count_with_an_encoding_not_yet_built_builds_it_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Building an encoding takes up to a second or so: the first short prompt must not pay it on the loop.
+    import threading
+
+    threads: list[str] = []
+    real = gateway.tokens.encoding
+    expected = count_chat(["a short question"])
+
+    def spy(name: str) -> object:
+        threads.append(threading.current_thread().name)
+        return real(name)
+
+    monkeypatch.setattr(gateway.tokens, "encoding", spy)
+    monkeypatch.setattr(gateway.tokens, "_BUILT", set())  # as in a process that never counted
+    real.cache_clear()
+    prompt = PromptTokens(lambda: ["a short question"], chat=True)
+    assert prompt.long()  # the accounting tap counts it in a worker thread for this reason
+    assert await prompt.count() == expected
+    assert threads and threading.main_thread().name not in threads
+    assert gateway.tokens.built(gateway.tokens.FALLBACK_ENCODING)
+    short = PromptTokens(lambda: ["again"], chat=True)
+    assert not short.long()  # built now: a short prompt is counted in place

@@ -191,6 +191,10 @@ def test_probe_plans_are_free_requests_only() -> None:
     m = probe_plan(b(base_url="http://h/v1", capacity={"metrics_url": "http://h/metrics"}))
     assert m is not None and (m.kind, m.url, m.authorised) == ("metrics", "http://h/metrics", False)
     assert probe_plan(b(base_url="http://h/v1", outlier={"probe": "none"})) is None
+    # A base URL's query (Azure's api-version) stays with the API's probe, not with /health at the root.
+    q = "https://a.azure/openai/v1?api-version=2024-10-21"
+    assert probe_plan(b(base_url=q, tier="provider")).url == "https://a.azure/openai/v1/models?api-version=2024-10-21"  # type: ignore[union-attr]
+    assert probe_plan(b(base_url=q, tier="self-hosted")).url == "https://a.azure/openai/health"  # type: ignore[union-attr]
     assert probe_plan(Backend(name="s", adapter="simulated")) is None
 
 

@@ -257,18 +257,24 @@ def _check_ranges(req: WireRequest) -> None:
         value = getattr(req, name, None)
         if value is not None and value < 1:
             raise InvalidRequest(f"'{name}' must be at least 1.", param=name)
-    if req.temperature is not None and not 0 <= req.temperature <= 2:
-        raise InvalidRequest("'temperature' must be between 0 and 2.", param="temperature")
+    # `top_p` is a probability by definition, for every engine. OpenAI's own product limits (temperature
+    # at most 2, at most 4 `stop` sequences, penalties within ±2, 20 logprobs, logit biases within ±100,
+    # the response_format types it knows) are not checked here: llama.cpp, vLLM and others accept more,
+    # and OpenAI answers its own 400 for them, which Strait passes on (see `gateway.api.inbound`).
     if req.top_p is not None and not 0 <= req.top_p <= 1:
         raise InvalidRequest("'top_p' must be between 0 and 1.", param="top_p")
-    if isinstance(req.stop, list) and len(req.stop) > 4:
-        raise InvalidRequest("'stop' takes at most 4 sequences.", param="stop")
 
 
 def _check_objects(req: ChatRequest) -> None:
     """JSON schemas are kept as the client's bytes (`Raw`), never decoded: they must still be objects."""
     for i, tool in enumerate(req.tools or ()):
-        _object(tool.function.parameters, f"tools[{i}].function.parameters")
+        if tool.type == "function":
+            if tool.function is None:
+                raise InvalidRequest(
+                    f"Invalid request: a tool of type 'function' needs its 'function' (at 'tools[{i}]').",
+                    param=f"tools[{i}].function",
+                )
+            _object(tool.function.parameters, f"tools[{i}].function.parameters")
     if req.response_format is not None:
         _object(req.response_format.json_schema, "response_format.json_schema")
 

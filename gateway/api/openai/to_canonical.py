@@ -17,6 +17,7 @@ from gateway.api.wire import (
     Tool,
     ToolChoice,
 )
+from gateway.api.wire import ToolCall as WireToolCall
 from gateway.canonical import (
     Image,
     Opaque,
@@ -77,21 +78,31 @@ def _message(m: Message) -> CMessage:
         result = ToolResult(call_id=m.tool_call_id or m.name or "", content=parts)
         return CMessage(role="tool", content=(result,), name=m.name)
     if m.tool_calls:
-        parts += tuple(
-            ToolCall(
-                id=c.id or "",
-                name=(c.function.name if c.function else None) or "",
-                arguments=(c.function.arguments if c.function else None) or "",
-                kind=c.type,
-            )
-            for c in m.tool_calls
-        )
+        parts += tuple(_tool_call(c) for c in m.tool_calls)
     return CMessage(role=_ROLES[m.role], content=parts, name=m.name)
+
+
+def _tool_call(c: WireToolCall) -> ToolCall:
+    if c.custom is not None:  # a custom tool's call: its input is text, carried as the arguments
+        return ToolCall(id=c.id or "", name=c.custom.name or "", arguments=c.custom.input or "", kind=c.type)
+    f = c.function
+    return ToolCall(
+        id=c.id or "", name=(f.name if f else None) or "", arguments=(f.arguments if f else None) or "", kind=c.type
+    )
 
 
 def _tool(t: Tool) -> CTool:
     f = t.function
-    return CTool(name=f.name, description=f.description, parameters=_schema(f.parameters), strict=f.strict, kind=t.type)
+    if f is not None and t.type == "function":
+        return CTool(
+            name=f.name, description=f.description, parameters=_schema(f.parameters), strict=f.strict, kind=t.type
+        )
+    # A custom tool (its grammar kept as `parameters`, the client's bytes) or a type Strait does not know
+    # (named by its type): carried for the upstream, which decides; a translation refuses what it cannot carry.
+    c = t.custom
+    if c is not None:
+        return CTool(name=c.name or t.type, description=c.description, parameters=_schema(c.format), kind=t.type)
+    return CTool(name=t.type, kind=t.type)
 
 
 def _tool_choice(choice: str | ToolChoice | None, parallel_raw: msgspec.Raw | None) -> CToolChoice | None:
@@ -101,7 +112,8 @@ def _tool_choice(choice: str | ToolChoice | None, parallel_raw: msgspec.Raw | No
     p = parallel
     if isinstance(choice, str):
         return CToolChoice(mode=choice, parallel=p)  # type: ignore[arg-type]  # the wire Literal is a subset
-    return CToolChoice(mode="tool", name=choice.function.name if choice.function else None, parallel=p)
+    named = choice.function or choice.custom
+    return CToolChoice(mode="tool", name=named.name if named else None, parallel=p)
 
 
 def _format(f: ResponseFormat | None) -> CResponseFormat | None:
@@ -189,7 +201,8 @@ def canonical_request(
         stream=bool(wire.stream),
         include_usage=bool(options is not None and options.include_usage),
         user=wire.user,
-        metadata=wire.metadata,
+        # The string entries (OpenAI's kind); any others reach an upstream in the client's bytes.
+        metadata={k: v for k, v in wire.metadata.items() if isinstance(v, str)} if wire.metadata is not None else None,
         preferences=preferences,
         extra=extra,
         original=original,
