@@ -324,10 +324,14 @@ class RetryPolicy(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # The longest upstream Retry-After (429/503/529) waited out to retry the same deployment; a longer
     # one moves to the next deployment at once. Never retried sooner than the upstream asked.
     max_retry_after_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 5.0
-    # Retry budget (Envoy's): a retry starts only while the route's retries in flight are fewer than
-    # max(`budget_min`, `budget_ratio` x its active requests), counted per replica.
+    # Retry budget, two conditions, both counted per replica: a retry starts only while the route's
+    # retries in flight are fewer than max(`budget_min`, `budget_ratio` x its active requests) (Envoy's),
+    # and while its retries in the last `budget_window_s` stay within `budget_ratio` x its requests in
+    # that window + `budget_min` (Finagle's), which bounds the total a brown-out adds, not only the
+    # retries at one moment.
     budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2
     budget_min: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 3
+    budget_window_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
 
 
 class TryTimeouts(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

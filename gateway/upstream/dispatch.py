@@ -119,7 +119,7 @@ class Dispatcher:
         timeouts = route.timeouts if route is not None else DEFAULT_TIMEOUTS
         max_attempts = route.max_attempts if route is not None else len(plan)
         if ctx.retry_claim is None:  # ended by the upstream stage's tap when the answer is over
-            ctx.retry_claim = self.budgets.start(ctx.route_name)
+            ctx.retry_claim = self.budgets.start(ctx.route_name, policy.budget_window_s)
         budget = ctx.retry_claim
         metrics = self.metrics
         signals = self.signals

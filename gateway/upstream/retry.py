@@ -10,6 +10,8 @@ from __future__ import annotations
 import email.utils
 import math
 import random
+import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -25,6 +27,8 @@ Failure = Literal["connect", "timeout", "reset", "429", "5xx", "context_length",
 OVERLOAD_STATUS: Final = frozenset({429, 503, 529})
 # 5xx statuses worth one more try on the same deployment (a transient error, not "unavailable").
 TRANSIENT_STATUS: Final = frozenset({500, 502, 504})
+# The retry budget's window is counted in this many buckets (memory bounded whatever the traffic).
+BUDGET_BUCKETS: Final = 10
 # The longest Retry-After read at all (anything longer is as good as "not soon").
 MAX_PARSED_WAIT_S: Final = 86_400.0
 
@@ -132,26 +136,64 @@ def retry_limit(ratio: float, minimum: int, active: int) -> int:
 
 
 class RetryBudget:
-    """One route's retry budget, Envoy's: a retry may start only while the route's retries in flight
-    are fewer than max(`budget_min`, `budget_ratio` x its active requests, rounded down).
+    """One route's retry budget. A retry may start only while
+
+    - the route's retries in flight are fewer than max(`budget_min`, `budget_ratio` x its active
+      requests, rounded down): Envoy's budget, which keeps the retries added at any moment a fifth of
+      what the route is doing anyway (the minimum lets a quiet route still retry); and
+    - its retries in the last `window_s` stay within `budget_ratio` x its requests in that window +
+      `budget_min`: Finagle's, which bounds the total a brown-out costs the upstreams — over any window,
+      attempts <= (1 + ratio) x requests + minimum — where Envoy's alone lets fast failovers that never
+      pile up retry without end.
 
     A request is active from the start of its dispatch until its answer is over (a stream: until the
     relay ends); a retry (any attempt after a request's first: the same deployment again, or a
     fallback) is in flight from when the budget grants it until its request ends or asks for the next
-    one. Counts of this replica only, bounded by its concurrency, so nothing expires and memory does not
-    grow with traffic. In a brown-out, the retries the route adds at any moment stay a fifth of what
-    it is doing anyway (plus the minimum, which lets a quiet route still retry)."""
+    one. Counts of this replica only; the window's in `BUDGET_BUCKETS` buckets, so memory does not grow
+    with traffic."""
 
-    __slots__ = ("active", "retrying")
+    __slots__ = ("_buckets", "_requests", "_retries", "_width", "active", "retrying")
 
-    def __init__(self) -> None:
+    def __init__(self, window_s: float = 10.0) -> None:
         self.active = 0
         self.retrying = 0
+        self._width = window_s / BUDGET_BUCKETS
+        # [bucket number, requests, retries], oldest first.
+        self._buckets: deque[list[int]] = deque()
+        self._requests = 0  # in the window
+        self._retries = 0  # in the window
 
-    def start(self) -> BudgetClaim:
+    def _current(self, now: float) -> list[int]:
+        bucket = int(now / self._width)
+        buckets = self._buckets
+        while buckets and buckets[0][0] <= bucket - BUDGET_BUCKETS:
+            _, requests, retries = buckets.popleft()
+            self._requests -= requests
+            self._retries -= retries
+        if not buckets or buckets[-1][0] != bucket:
+            buckets.append([bucket, 0, 0])
+        return buckets[-1]
+
+    def start(self, now: float) -> BudgetClaim:
         """A request of the route starts (its first attempt is never refused); end its claim once."""
         self.active += 1
+        self._current(now)[1] += 1
+        self._requests += 1
         return BudgetClaim(self)
+
+    def window_allows(self, now: float, ratio: float, minimum: int) -> bool:
+        """Whether one more retry keeps the window's retries within ratio x its requests + minimum;
+        if so it is counted."""
+        current = self._current(now)
+        if self._retries + 1 > ratio * self._requests + minimum:
+            return False
+        current[2] += 1
+        self._retries += 1
+        return True
+
+    def window_counts(self) -> tuple[int, int]:
+        """(requests, retries) in the window, for tests."""
+        return self._requests, self._retries
 
 
 class BudgetClaim:
@@ -165,14 +207,16 @@ class BudgetClaim:
         self._open = True
         self._retrying = False
 
-    def try_retry(self, ratio: float, minimum: int) -> bool:
+    def try_retry(self, ratio: float, minimum: int, now: float | None = None) -> bool:
         """Start one more retry if the route's other retries in flight leave room for it (the one this
-        request may already hold is over: it is replaced, not added)."""
+        request may already hold is over: it is replaced, not added) and the window's total allows it."""
         budget = self._budget
         if not self._open:
             return False
         others = budget.retrying - self._retrying
         if others >= retry_limit(ratio, minimum, budget.active):
+            return False
+        if not budget.window_allows(time.monotonic() if now is None else now, ratio, minimum):
             return False
         if not self._retrying:
             self._retrying = True
@@ -192,19 +236,25 @@ class BudgetClaim:
 
 
 class RetryBudgets:
-    """The budgets of every route, by name. Lives as long as the process (a reload keeps the counts of
-    the requests in flight; a request's claim ends on the budget it started on)."""
+    """The budgets of every route, by name and window. Lives as long as the process (a reload keeps the
+    counts of the requests in flight; a request's claim ends on the budget it started on; a reload that
+    changes a route's window starts a new budget)."""
 
     def __init__(self) -> None:
-        self._by_route: dict[str, RetryBudget] = {}
+        self._by_route: dict[tuple[str, float], RetryBudget] = {}
 
-    def start(self, route: str) -> BudgetClaim:
+    def start(self, route: str, window_s: float = 10.0, now: float | None = None) -> BudgetClaim:
         """A request of `route` starts: its claim (gateway.stages.upstream's tap ends it)."""
-        budget = self._by_route.get(route)
+        key = (route, window_s)
+        budget = self._by_route.get(key)
         if budget is None:
-            budget = self._by_route[route] = RetryBudget()
-        return budget.start()
+            budget = self._by_route[key] = RetryBudget(window_s)
+        return budget.start(time.monotonic() if now is None else now)
 
     def by_route(self) -> dict[str, tuple[int, int]]:
         """(active requests, retries in flight) per route, for the gauges and tests."""
-        return {route: (b.active, b.retrying) for route, b in self._by_route.items()}
+        counts: dict[str, tuple[int, int]] = {}
+        for (route, _), b in self._by_route.items():
+            active, retrying = counts.get(route, (0, 0))
+            counts[route] = (active + b.active, retrying + b.retrying)
+        return counts

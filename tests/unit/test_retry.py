@@ -162,19 +162,26 @@ def test_budget_grants_a_retry_only_while_retries_in_flight_are_below_the_limit(
     claims: list[BudgetClaim] = []
     open_: set[int] = set()
     holding: set[int] = set()
+    granted_total = 0  # all within one window (the clock stands still)
     for op, i in ops:
         if op == "start":
-            claims.append(budgets.start("chat"))
+            claims.append(budgets.start("chat", now=0.0))
             open_.add(len(claims) - 1)
         elif claims:
             i %= len(claims)
             if op == "retry":
                 active = len(open_)
                 others = len(holding - {i})
-                granted = claims[i].try_retry(ratio, minimum)
-                # Granted exactly when the request is open and the other retries in flight leave room.
-                assert granted == (i in open_ and others < max(minimum, math.floor(ratio * active + 1e-9)))
+                granted = claims[i].try_retry(ratio, minimum, now=0.0)
+                # Granted exactly when the request is open, the other retries in flight leave room, and
+                # the window's retries stay within ratio x its requests + minimum.
+                assert granted == (
+                    i in open_
+                    and others < max(minimum, math.floor(ratio * active + 1e-9))
+                    and granted_total + 1 <= ratio * len(claims) + minimum
+                )
                 if granted:
+                    granted_total += 1
                     holding.add(i)
             else:
                 claims[i].end()  # ending twice is harmless: each request leaves the counts once
@@ -195,11 +202,13 @@ def test_a_burst_of_failing_requests_gets_at_most_the_limit_of_retries_at_once(
     active: int, ratio: float, minimum: int
 ) -> None:
     budgets = RetryBudgets()
-    claims = [budgets.start("chat") for _ in range(active)]
-    granted = sum(claim.try_retry(ratio, minimum) for claim in claims)
+    claims = [budgets.start("chat", now=0.0) for _ in range(active)]
+    granted = sum(claim.try_retry(ratio, minimum, now=0.0) for claim in claims)
+    # Envoy's limit at once; the window's (ratio x requests + minimum) is never the smaller here.
     assert granted == min(active, retry_limit(ratio, minimum, active))
-    # A request's next retry replaces its own: asking again changes nothing.
-    assert sum(claim.try_retry(ratio, minimum) for claim in claims[:granted]) == granted
+    # A request's next retry replaces its own: asking again never adds to the retries in flight.
+    for claim in claims[:granted]:
+        claim.try_retry(ratio, minimum, now=0.0)
     assert budgets.by_route().get("chat", (0, 0)) == (active, granted)
 
 
@@ -221,6 +230,46 @@ def test_budget_allows_the_minimum_then_a_share_of_active_requests_and_frees_a_s
     assert budgets.by_route() == {"chat": (20, 4)}
     # An ended claim never retries again (and does not count).
     assert not first.try_retry(1.0, 100)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.floats(min_value=0, max_value=1), min_size=1, max_size=300),
+    st.floats(min_value=0, max_value=1),
+    st.integers(0, 10),
+    st.floats(min_value=0.5, max_value=60),
+)
+def test_over_any_window_retries_stay_within_the_ratio_of_requests_plus_the_minimum(
+    gaps: list[float], ratio: float, minimum: int, window_s: float
+) -> None:
+    # A sequential client (one request at a time: Envoy's limit never binds) whose every attempt fails
+    # and asks for a retry: Finagle's window is what bounds the brown-out's total.
+    budgets = RetryBudgets()
+    now = 0.0
+    history: list[tuple[float, bool]] = []  # (when, a retry was granted) per request
+    for gap in gaps:
+        now += gap
+        claim = budgets.start("chat", window_s, now=now)
+        history.append((now, claim.try_retry(ratio, minimum, now=now)))
+        claim.end()
+        # Every window of `window_s` ending now: retries <= ratio x requests + minimum. The buckets make
+        # the budget's window at most window_s long, so it may forget sooner, never later.
+        recent = [granted for when, granted in history if when > now - window_s * (1 - 1 / 10)]
+        assert sum(recent) <= ratio * len(recent) + minimum + 1e-9 or sum(recent) <= minimum
+    assert budgets.by_route()["chat"] == (0, 0)
+
+
+def test_a_sequential_failing_client_gets_retries_back_when_the_window_moves_on() -> None:
+    budgets = RetryBudgets()
+    grants = []
+    for _ in range(10):
+        claim = budgets.start("chat", 10.0, now=1.0)
+        grants.append(claim.try_retry(0.2, 3, now=1.0))
+        claim.end()
+    # After k requests, at most 0.2 x k + 3 retries: 5 of 10, never more (Envoy's limit alone allowed 10).
+    assert grants == [True, True, True, False, True, False, False, False, False, True]
+    later = budgets.start("chat", 10.0, now=12.0)  # the window has moved past all of them
+    assert later.try_retry(0.2, 3, now=12.0)
 
 
 class Unavailable:
@@ -301,18 +350,20 @@ async def test_the_dispatcher_fails_over_only_as_many_requests_at_once_as_the_bu
     assert dispatcher.budgets.by_route() == {"chat": (0, 0)}
 
 
-async def test_a_sequential_client_retries_within_the_minimum() -> None:
-    """One request at a time: the minimum (3 retries in flight) always has room, so each request fails
-    over; the budget bounds bursts, and outlier ejection bounds a primary that keeps failing."""
+async def test_a_sequential_client_retries_within_the_window_of_the_budget() -> None:
+    """One request at a time: Envoy's limit (1 retry in flight) always has room, so only the window
+    bounds the total: after k requests at most 0.2 x k + 1 retries, the rest get the primary's 503."""
     a, b = target("a"), target("b")
     route = Route(name="chat", models=("model-a", "model-b"), retry=RetryPolicy(budget_ratio=0.2, budget_min=1))
     primary, fallback = Unavailable(), Answers()
     dispatcher = Dispatcher({"a": primary, "b": fallback}, Metrics(), LiveSignals())  # type: ignore[dict-item]
-    for n in range(4):
+    statuses = []
+    for n in range(5):
         ctx = context(route, (a, b), n)
-        assert (await dispatcher.call(ctx)).status == 200
+        statuses.append((await dispatcher.call(ctx)).status)
         RetryBudgetTap().on_end(ctx, End("completed", 200))
-    assert fallback.calls == 4 and dispatcher.budgets.by_route() == {"chat": (0, 0)}
+    assert statuses == [200, 503, 503, 503, 200]
+    assert fallback.calls == 2 and primary.calls == 5 and dispatcher.budgets.by_route() == {"chat": (0, 0)}
     # Without the minimum and with one request active, 20 % of it leaves no room for a retry.
     none = Route(name="strict", models=("model-a", "model-b"), retry=RetryPolicy(budget_ratio=0.2, budget_min=0))
     assert (await dispatcher.call(context(none, (a, b), 9))).status == 503
