@@ -1,7 +1,7 @@
 """Brown-out through a real `strait serve`: a route's primary fails half of its attempts (503, 500, or a
 TCP reset before the headers; the fake's `fault:<x>-ratio-0.5`), a healthy fallback stands by, 200
-requests 20 at a time, outlier ejection on (the defaults). The retry budget (20 % of active requests,
-at least 3, in flight) and ejection together bound what the brown-out costs the upstreams: attempts
+requests 20 at a time, outlier ejection on (the defaults), and once without it. The retry budget (20 % of
+active requests, at least 3, in flight; 20 % of the window's requests + 3 in total) and ejection bound what the brown-out costs the upstreams: attempts
 <= 1.2 x requests + 3 (issue 10), counted in the fake's ledger. The drive and the figures are
 loadtest/brownout.py's (which also runs it without ejection); run with `-s` to see them:
 
@@ -47,6 +47,20 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProce
     folder = tmp_path_factory.mktemp("brownout")
     with fake_upstream(folder) as (proc, control):
         yield proc, control, folder
+
+
+def test_without_ejection_the_budget_alone_bounds_a_brown_out(fake: tuple[ServerProcess, FakeControl, Path]) -> None:
+    """503s fail over at once and the fallback answers fast, so retries never pile up in flight: the
+    budget's window (retries <= 0.2 x requests + 3) is what keeps the bound."""
+    proc, control, folder = fake
+    control.reset(counter=True)
+    with gateway(folder / "503-no-ejection", proc.base_url, FAIL_RATIO, ejection=False) as gw:
+        figures = measure(gw.base_url, control, "503", REQUESTS, CONCURRENCY)
+    print(f"\n{HEADER}\n{figures.row('503, ejection off')}")
+    assert figures.requests == REQUESTS
+    assert figures.attempts <= 1.2 * REQUESTS + 3
+    assert figures.answered + figures.budget_refusals == REQUESTS
+    assert figures.budget_refusals > 0  # the primary fails half its attempts: the budget had to refuse
 
 
 @pytest.mark.parametrize("fault", FAULTS)
