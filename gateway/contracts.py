@@ -70,6 +70,9 @@ class UpstreamResponse:
     # failed included): what a client that left, or a stream that broke, cost too. Called once, after
     # the stream stopped and before `close`.
     drain: Callable[[], list[bytes]] | None = None
+    # Set by the dispatcher, not the adapter: the events it read before committing the client's answer
+    # to this upstream (up to the first content event: gateway.upstream.commit), relayed first.
+    head: list[bytes] | None = None
 
     @property
     def streaming(self) -> bool:

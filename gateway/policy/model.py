@@ -319,6 +319,11 @@ class TryTimeouts(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # A non-streaming request: the whole answer (its head comes with it, after the generation). None:
     # only the backend's `read_s` bounds the silence between reads.
     response_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    # A streaming request: from sending it to the upstream's first content event (a chunk with content,
+    # a tool call, reasoning or a finish_reason; the role-only first chunk does not count). The client's
+    # answer is committed to an upstream only then: an attempt without content by this time, or whose
+    # stream fails or ends before content, is a failed attempt like one before the response head.
+    first_token_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
 
 
 class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -120,6 +120,18 @@ def _one_at_a_time(events: AsyncIterator[bytes]) -> Callable[[], Awaitable[list[
     return pull
 
 
+def _head_then(
+    head: list[bytes], rest: Callable[[], Awaitable[list[bytes]]], events: UpstreamEvents
+) -> Callable[[], Awaitable[list[bytes]]]:
+    """A pull that returns `head` once, then hands the stream's own pull back (no cost after that)."""
+
+    async def pull() -> list[bytes]:
+        events._pull = rest
+        return head
+
+    return pull
+
+
 class UpstreamEvents:
     """The upstream's stream as the relay pulls it (a gateway.reply.EventStream)."""
 
@@ -150,6 +162,9 @@ class UpstreamEvents:
         else:
             assert upstream.events is not None
             self._pull = _one_at_a_time(upstream.events)
+        if upstream.head:
+            # What the dispatcher held until the commit point goes first, in one batch.
+            self._pull = _head_then(upstream.head, self._pull, self)
         # The usage chunk Strait always asks for is the client's only if it asked for it too.
         self._strip = not ctx.include_usage
         self._usage: Usage | None = None

@@ -9,9 +9,12 @@ client. Every attempt counts against `max_attempts`, every one after the first a
 retry budget. 401/403 mean the provider refused the gateway's own credentials, which is the gateway's
 problem (counted in `strait_upstream_auth_failures_total`, logged with the backend's name), so the next
 deployment is tried and, if none answers, the client gets 502 `upstream_auth_failed`
-(gateway.upstream.normalize). Nothing is retried once a byte of the answer has gone to the client: for
-streams the commit point is the upstream's 200 status line. Each attempt updates the live signals the
-engine ranks with (in-flight, latency EWMA, `failed` for connect errors, resets, timeouts and 5xx).
+(gateway.upstream.normalize). Nothing is retried once a byte of the answer has gone to the client. A
+stream's commit point is its first content event, not its 200 status line (gateway.upstream.commit):
+until then the events are held, and a stream without content within the route's `first_token_s`, or
+that fails, ends or reports an error before content, is a failed attempt like one that never answered.
+Each attempt updates the live signals the engine ranks with (in-flight, latency EWMA, `failed` for
+connect errors, resets, timeouts and 5xx).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gateway.policy.model import RetryPolicy, TryTimeouts
 from gateway.spans import start_attempt_span
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
+from gateway.upstream.commit import NotCommitted, hold
 from gateway.upstream.redact import NO_SECRETS, Redactor
 from gateway.upstream.retry import Failure, RetryBudgets, classify_status, next_move
 from gateway.upstream.signals import LiveSignals
@@ -108,6 +112,25 @@ class Dispatcher:
                 f"{target.backend.name}: no {what} within {limit:g} s (the route's timeouts)", timeout=True
             ) from None
 
+    async def _commit(
+        self, ctx: RequestContext, response: UpstreamResponse, target: Target, timeouts: TryTimeouts, t0: float
+    ) -> list[bytes] | NotCommitted:
+        """Hold a streamed answer until its first content event (gateway.upstream.commit): the events
+        held, or why the attempt failed (the upstream then closed, its in-flight slot given back)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeouts.first_token_s - (time.perf_counter() - t0)
+        try:
+            return await hold(response, deadline, choices=_choices(ctx), name=target.backend.name)
+        except NotCommitted as exc:
+            await _close(response)
+            self.signals.finished(target.backend.name)
+            return exc
+        except BaseException:
+            # The client left (or the request was cancelled) while the answer was held.
+            await _close(response)
+            self.signals.finished(target.backend.name)
+            raise
+
     async def call(self, ctx: RequestContext) -> UpstreamResponse:
         plan = ctx.plan
         route = ctx.route
@@ -165,23 +188,36 @@ class Dispatcher:
                 raise
             else:
                 status = response.status
-                metrics.child(metrics.upstream_attempts, backend, str(status)).inc()
-                if status < 500:
-                    signals.answered(backend, target.label, time.perf_counter() - t0)
-                if not response.streaming:
-                    # A stream holds its in-flight slot until the relay closes it.
-                    signals.finished(backend)
                 ctx.target = target
-                # A stream is only ever a 200: nothing of an error is streamed.
-                found = None if response.streaming else classify_status(status, response.body)
-                if found is None:
-                    return response
-                failure = found
-                self._log_refusal(backend, status, failure)
-                headers = response.headers
-                ctx.failed_attempts.append((target, status, time.perf_counter() - t0))
-                last_response, last_target = response, target
-                last_index = len(ctx.failed_attempts) - 1
+                if response.streaming:
+                    # A stream is only ever a 200; it is the client's once its first content arrived.
+                    held = await self._commit(ctx, response, target, timeouts, t0)
+                    if not isinstance(held, NotCommitted):
+                        response.head = held
+                        metrics.child(metrics.upstream_attempts, backend, "200").inc()
+                        # It holds its in-flight slot until the relay closes it.
+                        signals.answered(backend, target.label, time.perf_counter() - t0)
+                        return response
+                    failure = held.failure
+                    status = None
+                    metrics.child(metrics.upstream_attempts, backend, failure).inc()
+                    log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, failure, held)
+                    ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
+                    last_error = UpstreamConnectError(str(held), timeout=held.timeout)
+                else:
+                    metrics.child(metrics.upstream_attempts, backend, str(status)).inc()
+                    if status < 500:
+                        signals.answered(backend, target.label, time.perf_counter() - t0)
+                    signals.finished(backend)
+                    found = classify_status(status, response.body)
+                    if found is None:
+                        return response
+                    failure = found
+                    self._log_refusal(backend, status, failure)
+                    headers = response.headers
+                    ctx.failed_attempts.append((target, status, time.perf_counter() - t0))
+                    last_response, last_target = response, target
+                    last_index = len(ctx.failed_attempts) - 1
             if failure in _UNHEALTHY:
                 signals.failed(backend, time.monotonic(), target.label)
             move = next_move(policy, failure, status, headers, retries_here, time.time(), self.rng)
@@ -229,6 +265,20 @@ class Dispatcher:
                 backend,
                 status,
             )
+
+
+def _choices(ctx: RequestContext) -> int:
+    request = ctx.request
+    return max(1, request.n or 1) if request is not None else 1
+
+
+async def _close(response: UpstreamResponse) -> None:
+    """Abort an uncommitted stream: the engine stops generating for nobody."""
+    close, response.close = response.close, None
+    if close is not None:
+        closing = close()
+        if closing is not None:
+            await asyncio.shield(closing)
 
 
 async def _sleep_at_least(seconds: float) -> None:

@@ -1,0 +1,209 @@
+"""The commit point of a streamed answer: the events an upstream sends before it is trusted with the
+client's response are held here, and a stream that fails before that point is a failed attempt the
+dispatcher retries or fails over like one that never answered (gateway.upstream.dispatch).
+
+`hold` reads an upstream stream (already answered 200) until its first content event: a chunk with a
+choice whose delta carries content, a tool call, reasoning or a refusal, a legacy completion's text, or
+a finish_reason. The role-only first chunk engines send at once (`delta: {role: assistant}`, content
+empty or null) is not content: an engine that answers its head and role chunk, then never generates,
+must not win the request. With `whole` (a route's `resume: restart`) it reads on to the stream's end:
+the client then only ever sees one complete answer.
+
+Until then the attempt fails (`NotCommitted`) when:
+- the deadline passes (the route's `timeouts.first_token_s` from the attempt's start; with `whole`,
+  after the first content, `timeouts.stall_s` of silence): class `timeout`;
+- the stream breaks, or ends (with or without `[DONE]`) before content: class `reset` (the connection
+  was made, then the answer failed), `timeout` if the adapter's own read timeout ended it;
+- an in-band error event arrives: class `5xx` (the engine reported a failure).
+
+What is held is bounded: past `MAX_HELD_EVENTS` events or `max_bytes` bytes without content (or, with
+`whole`, without the end) the stream is committed as it is (logged): holding more would be a memory
+cost per request, and such a stream is making progress. The held events go to the client in one batch,
+first (`UpstreamResponse.head`), then the stream goes on where it was.
+
+Costs one `asyncio.timeout` per streamed attempt and one small decode per held event (only before the
+commit point; the relay's own per-event check is unchanged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+import msgspec
+
+from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
+from gateway.upstream.retry import Failure
+from gateway.upstream.sse import DONE
+
+log = logging.getLogger("strait.upstream")
+
+# Events held before the first content event (an engine sends one role chunk, a few keep-alives at most).
+MAX_HELD_EVENTS: Final = 256
+# Bytes held before the first content event (with `whole`, the backend's max_body_bytes is the bound).
+MAX_HELD_BYTES: Final = 1024 * 1024
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[object] | None = None
+    function_call: object | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    refusal: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Probe(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    error: object | None = None
+
+
+_probe = msgspec.json.Decoder(_Probe).decode
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+def _has_content(choice: _Choice) -> bool:
+    if choice.finish_reason is not None or choice.text:
+        return True
+    delta = choice.delta
+    if delta is None:
+        return False
+    return bool(
+        delta.content
+        or delta.tool_calls
+        or delta.function_call
+        or delta.reasoning_content
+        or delta.reasoning
+        or delta.refusal
+    )
+
+
+class NotCommitted(Exception):
+    """The attempt failed before its answer was committed to the client."""
+
+    def __init__(self, failure: Failure, reason: str, *, after_content: bool = False) -> None:
+        super().__init__(reason)
+        self.failure: Failure = failure
+        # Content had reached the hold (only with `whole`): a restart moves on to the next deployment.
+        self.after_content = after_content
+
+    @property
+    def timeout(self) -> bool:
+        return self.failure == "timeout"
+
+
+class _Held:
+    __slots__ = ("bytes", "content", "done", "events", "finished")
+
+    def __init__(self) -> None:
+        self.events: list[bytes] = []
+        self.bytes = 0
+        self.content = False
+        self.done = False  # [DONE] seen (with `whole`: the stream is complete)
+        self.finished: set[int] = set()  # choices that sent their finish_reason
+
+
+def _inspect(held: _Held, batch: list[bytes], whole: bool) -> None:
+    """Add a batch to the hold; raises NotCommitted on an in-band error before the commit point. What
+    follows the first content event in its batch is the relay's to check (committed from there on)."""
+    for i, payload in enumerate(batch):
+        if held.content and not whole:
+            held.events.extend(batch[i:])
+            return
+        if payload == DONE:
+            held.done = True
+            held.events.append(payload)
+            return  # nothing follows [DONE]
+        held.events.append(payload)
+        held.bytes += len(payload)
+        try:
+            probe = _probe(payload)
+        except _DECODE_ERRORS:
+            continue  # malformed: the relay skips and counts it
+        if probe.error is not None:
+            raise NotCommitted("5xx", "an error event in the stream", after_content=held.content)
+        if probe.choices:
+            for choice in probe.choices:
+                if _has_content(choice):
+                    held.content = True
+                if choice.finish_reason is not None:
+                    held.finished.add(choice.index)
+
+
+async def hold(
+    response: UpstreamResponse,
+    deadline: float,
+    *,
+    whole: bool = False,
+    stall_s: float | None = None,
+    choices: int = 1,
+    max_bytes: int = MAX_HELD_BYTES,
+    name: str = "upstream",
+) -> list[bytes]:
+    """The events up to the commit point (the first content event, or with `whole` the end); raises
+    NotCommitted. `deadline` is in the event loop's clock. The caller closes the response on failure."""
+    if response.batches is not None:
+        pull = response.batches.__anext__
+    else:
+        assert response.events is not None
+        events = response.events
+
+        async def pull() -> list[bytes]:
+            return [await events.__anext__()]
+
+    held = _Held()
+    loop = asyncio.get_running_loop()
+    limit_events = MAX_HELD_EVENTS if not whole else 1 << 30
+    try:
+        async with asyncio.timeout_at(deadline) as timer:
+            while True:
+                try:
+                    batch = await pull()
+                except StopAsyncIteration:
+                    batch = []
+                except UpstreamStreamBroken as exc:
+                    if exc.clean_end and held.content and len(held.finished) >= choices:
+                        # Complete without `[DONE]` (some engines omit it): Strait sends it.
+                        held.events.append(DONE)
+                        return held.events
+                    failure: Failure = "timeout" if exc.timeout else "reset"
+                    raise NotCommitted(failure, f"{name}: {exc}", after_content=held.content) from None
+                except Exception as exc:
+                    log.exception("%s: the stream failed before it was committed", name)
+                    raise NotCommitted("reset", f"{name}: {type(exc).__name__}", after_content=held.content) from None
+                if not batch:
+                    what = "the answer's end" if whole and held.content else "any content"
+                    raise NotCommitted("reset", f"{name}: the stream ended before {what}", after_content=held.content)
+                _inspect(held, batch, whole)
+                if held.done:
+                    if not held.content:
+                        raise NotCommitted("reset", f"{name}: the stream ended before any content")
+                    return held.events
+                if held.content and not whole:
+                    return held.events
+                if held.bytes > max_bytes or len(held.events) > limit_events:
+                    log.warning(
+                        "%s: %d events (%d bytes) held %s: committed as it is",
+                        name,
+                        len(held.events),
+                        held.bytes,
+                        "without its end" if whole else "without content",
+                    )
+                    return held.events
+                if held.content:
+                    # Holding the whole answer: from its first content on, only silence is bounded.
+                    timer.reschedule(None if stall_s is None else loop.time() + stall_s)
+    except TimeoutError:
+        if held.content:
+            raise NotCommitted(
+                "timeout", f"{name}: the stream stalled past the route's stall_s", after_content=True
+            ) from None
+        raise NotCommitted("timeout", f"{name}: no content within the route's first_token_s") from None

@@ -1,0 +1,189 @@
+"""Issue 10's streaming rows through a real `strait serve` in front of the fake upstream's faults
+(tests/harness/README.md): a stream is the client's only from its first content event (a first token
+too late, a stream that fails or reports an error before content are failed attempts, retried or failed
+over like one that never answered), and a committed stream that goes silent ends with an error event.
+
+Each scenario has its own backend (one fake), so the live signals of one never steer another. Which
+attempts ran comes from the fake's ledger; waits are checked as lower bounds on the fake's clock."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.policy.index import key_digest
+from tests.harness.fake_control import FakeControl, Record
+from tests.harness.gateway import gateway_process
+from tests.harness.procs import ServerProcess, free_port
+from tests.harness.sse import json_payloads, parse_sse
+
+KEY = "sk-stream-tenant-6d2f91"
+FIRST_TOKEN_S = 1
+# (scenario: upstream model of its primary deployment, extra route fields)
+PRIMARIES: dict[str, tuple[str, str]] = {
+    "late": ("fault:slow-first-token-5000", f"timeouts: {{first_token_s: {FIRST_TOKEN_S}}}"),
+    "cut0": ("fault:cut-after-0", ""),
+    "err0": ("fault:error-event-after-0", ""),
+    "nocontent": ("fault:cut-after-0", ""),
+}
+
+
+def _policy(fake: str) -> str:
+    lines = ["version: 1", "backends:"]
+    lines += [f'  - {{name: {n}, adapter: openai, base_url: "{fake}/v1"}}' for n in PRIMARIES]
+    lines += [f'  - {{name: good, adapter: openai, base_url: "{fake}/v1"}}', "models:"]
+    lines += [
+        f"  - {{name: m-{n}, deployments: [{{backend: {n}, upstream_model: '{u}'}}]}}"
+        for n, (u, _) in PRIMARIES.items()
+    ]
+    lines += ["  - {name: m-good, deployments: [{backend: good, upstream_model: fake-model}]}", "routes:"]
+    for n, (_, extra) in PRIMARIES.items():
+        lines.append(f"  - {{name: r-{n}, models: [m-{n}, m-good]{', ' + extra if extra else ''}}}")
+    lines += ["tenants:", f'  - {{name: t, keys: [{{id: t-1, digest: "{key_digest(KEY)}"}}]}}', ""]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeControl]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("stream-fake") / "fake.log"
+    argv = [sys.executable, "-m", "tests.harness.fake_upstream", "--port", str(port)]
+    with ServerProcess(argv, port, ready_path="/healthz", log_path=log) as proc, FakeControl(proc.base_url) as control:
+        yield control
+
+
+@pytest.fixture(scope="module")
+def gw(fake: FakeControl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("stream-gw")
+    policy = folder / "policy.yaml"
+    policy.write_text(_policy(str(fake.client.base_url).rstrip("/")))
+    with gateway_process(policy, log_path=folder / "gateway.log", env={"STRAIT_SPOOL_DIR": str(folder / "spool")}) as p:
+        yield p
+
+
+@pytest.fixture()
+def client(gw: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gw.base_url, headers={"authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        yield c
+
+
+def _stream(client: httpx.Client, route: str, **extra: Any) -> tuple[httpx.Response, list[str], str]:
+    """One streamed request with a marker of its own (the fake's ledger is filtered on it): the response,
+    its SSE payloads, the marker."""
+    marker = uuid.uuid4().hex
+    body: dict[str, Any] = {
+        "model": route,
+        "messages": [{"role": "user", "content": "Say hello"}],
+        "max_tokens": 8,
+        "user": marker,
+        "stream": True,
+        "seed": 7,
+        **extra,
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    return r, parse_sse(r.content), marker
+
+
+def _attempts(fake: FakeControl, marker: str) -> list[Record]:
+    return [r for r in fake.ledger() if isinstance(r["body"], dict) and r["body"].get("user") == marker]
+
+
+def _wait_attempts(fake: FakeControl, marker: str, pred: Any, timeout: float = 10.0) -> list[Record]:
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _attempts(fake, marker)
+        if pred(records) or time.monotonic() >= deadline:
+            return records
+        time.sleep(0.05)  # polling the fake's ledger for an observable condition, with a deadline
+
+
+def _text(payloads: list[str]) -> str:
+    chunks = json_payloads(p for p in payloads if p != "[DONE]")
+    return "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
+
+
+def _expected_text(client: httpx.Client) -> str:
+    """What the healthy deployment answers this request (the fake's text is deterministic with a seed)."""
+    r, payloads, _ = _stream(client, "r-late", fake={"first_token_ms": 0})
+    assert r.status_code == 200 and payloads[-1] == "[DONE]"
+    return _text(payloads)
+
+
+def _assert_one_clean_answer(payloads: list[str]) -> None:
+    """The client saw one attempt's stream only: one role chunk, one id, no error, `[DONE]` last."""
+    assert payloads[-1] == "[DONE]"
+    chunks = json_payloads(payloads[:-1])
+    assert not any("error" in c for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    roles = [c for c in chunks if c.get("choices") and c["choices"][0]["delta"].get("role")]
+    assert len(roles) == 1
+
+
+def test_a_first_token_later_than_first_token_s_fails_over_before_the_client_sees_anything(
+    client: httpx.Client, fake: FakeControl
+) -> None:
+    r, payloads, marker = _stream(client, "r-late")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-strait-deployment"] == "m-good@good"
+    _assert_one_clean_answer(payloads)
+    assert len(_text(payloads).split()) == 8
+    late, good = _attempts(fake, marker)
+    assert (late["model"], good["model"]) == ("fault:slow-first-token-5000", "fake-model")
+    # The late one sent its 200 and role chunk at once; it was abandoned, not waited out for 5 s.
+    assert late["first_byte_at"] is not None and late["completion_tokens_generated"] == 0
+    late, _ = _wait_attempts(fake, marker, lambda rs: rs[0]["client_disconnected"])
+    assert late["client_disconnected"] and late["completion_tokens_generated"] == 0
+    # The fallback came no sooner than first_token_s after the first attempt started (the fake's clock).
+    assert good["started_at"] - late["started_at"] >= FIRST_TOKEN_S
+
+
+def test_a_stream_cut_before_content_is_retried_like_a_reset_then_fails_over(
+    client: httpx.Client, fake: FakeControl
+) -> None:
+    r, payloads, marker = _stream(client, "r-cut0")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-strait-deployment"] == "m-good@good"
+    _assert_one_clean_answer(payloads)
+    # A reset: one retry of the same deployment (retry.same_deployment 1), then the next.
+    assert [a["model"] for a in _attempts(fake, marker)] == ["fault:cut-after-0"] * 2 + ["fake-model"]
+
+
+def test_an_error_event_before_content_fails_over(client: httpx.Client, fake: FakeControl) -> None:
+    r, payloads, marker = _stream(client, "r-err0")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-strait-deployment"] == "m-good@good"
+    _assert_one_clean_answer(payloads)
+    assert [a["model"] for a in _attempts(fake, marker)] == ["fault:error-event-after-0", "fake-model"]
+
+
+def test_without_any_content_anywhere_the_client_gets_an_error_status_not_a_stream(
+    client: httpx.Client, fake: FakeControl
+) -> None:
+    # Every attempt is cut before content (the header variant reaches every deployment): nothing was
+    # committed, so the client gets a plain error answer, not a 200 stream.
+    marker = uuid.uuid4().hex
+    body = {
+        "model": "r-nocontent",
+        "messages": [{"role": "user", "content": "Say hello"}],
+        "max_tokens": 8,
+        "user": marker,
+        "stream": True,
+        "fake": {"fail_after_chunks": 0},
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 502, r.text
+    assert json.loads(r.text)["error"]["type"]
+    assert len(_attempts(fake, marker)) == 3  # max_attempts
+
+
+def test_the_healthy_answer_is_what_a_direct_request_gets(client: httpx.Client) -> None:
+    # The held role chunk and the first content are relayed, in order, with nothing lost.
+    _, payloads, _ = _stream(client, "r-err0")
+    assert _text(payloads) == _expected_text(client)
