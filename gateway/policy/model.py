@@ -324,6 +324,10 @@ class TryTimeouts(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # answer is committed to an upstream only then: an attempt without content by this time, or whose
     # stream fails or ends before content, is a failed attempt like one before the response head.
     first_token_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    # A committed stream: the longest silence between two reads from the upstream. Past it the stream
+    # ends as timed out (an error event, no [DONE]) and the deployment counts as failed. Distinct from
+    # the backend's `read_s` (which bounds every read of every route). None: only `read_s`.
+    stall_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = 30.0
 
 
 class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

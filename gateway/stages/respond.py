@@ -5,13 +5,16 @@ A stream is read batch by batch (the events one upstream read completed go to th
 never buffered: every event is checked (one small msgspec decode: valid JSON, an error, a usage block),
 the usage chunk Strait always asks for is dropped when the client did not ask for it, and a mid-stream
 upstream failure ends the stream with an error (redacted) that the edge sends instead of `[DONE]`, so
-the SDK raises instead of returning a silently truncated answer. Stopping (always, exactly once, through
+the SDK raises instead of returning a silently truncated answer. A stream silent for longer than the
+route's `timeouts.stall_s` ends the same way, as timed out (one timer per stream, woken at most once
+per `stall_s`, which cancels the waiting read: no timeout block per read). Stopping (always, exactly once, through
 the relay) charges what the upstream had already sent (drain) and tells how it ended; then the upstream
 connection is released. Framing the events for the client is the edge's job (gateway.api.openai.sse_encode).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +25,7 @@ from gateway.accounting.meter import StreamMeter
 from gateway.context import RequestContext
 from gateway.contracts import End, Outcome, UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody
+from gateway.policy.model import TryTimeouts
 from gateway.reply import Reply, id_headers
 from gateway.telemetry import Metrics
 from gateway.tokens import FALLBACK_ENCODING
@@ -32,6 +36,8 @@ from gateway.upstream.wire import UpstreamErrorBody, Usage, UsageProbe
 log = logging.getLogger("strait.relay")
 
 _probe_usage = msgspec.json.Decoder(UsageProbe).decode
+# For a stream without a policy route (tests driving the relay alone): the documented defaults.
+DEFAULT_TIMEOUTS = TryTimeouts()
 
 
 def response_headers(ctx: RequestContext) -> dict[str, str]:
@@ -104,6 +110,9 @@ class _EventProbe(msgspec.Struct):
 _probe_event = msgspec.json.Decoder(_EventProbe).decode
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 _BROKEN = ErrorBody(message="The upstream stream failed.", type="server_error", code="upstream_stream_broken")
+_STALLED = ErrorBody(
+    message="The upstream stopped sending before the answer was complete.", type="server_error", code="upstream_timeout"
+)
 # Malformed events a stream may skip before it is called broken.
 MAX_MALFORMED_EVENTS = 8
 _BAD_EVENT = ErrorBody(
@@ -141,16 +150,22 @@ class UpstreamEvents:
         "_done_choices",
         "_error",
         "_finished",
+        "_loop",
         "_malformed",
         "_meter",
         "_metrics",
         "_outcome",
         "_pull",
+        "_stall_s",
+        "_stalled",
         "_status",
         "_strip",
+        "_task",
+        "_timer",
         "_ttft",
         "_upstream",
         "_usage",
+        "_waiting",
     )
 
     def __init__(self, ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics | None = None) -> None:
@@ -181,11 +196,57 @@ class UpstreamEvents:
         self._finished = 0
         request = ctx.request
         self._choices = max(1, request.n or 1) if request is not None else 1
+        # Stall detection: one timer per stream, armed at the first `next`, woken at most once per
+        # `stall_s`; it checks how long the current read has been waiting (`_waiting`, the loop time
+        # the read began, 0 between reads) and re-arms itself, or cancels the read. Per read: two stores.
+        route = ctx.route
+        self._stall_s = (route.timeouts if route is not None else DEFAULT_TIMEOUTS).stall_s
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting = 0.0
+        self._stalled = False
+        self._task: asyncio.Task[object] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _arm(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        assert self._stall_s is not None
+        self._timer = loop.call_at(loop.time() + self._stall_s, self._check_stall)
+        return loop
+
+    def _check_stall(self) -> None:
+        """The timer: cancel the read if it has waited `stall_s`, else wake again when it would have."""
+        self._timer = None
+        loop, task, stall = self._loop, self._task, self._stall_s
+        if self._outcome is not None or loop is None or task is None or stall is None:
+            return
+        now = loop.time()
+        since = self._waiting
+        if since and now - since >= stall:
+            self._stalled = True
+            task.cancel()
+            return
+        self._timer = loop.call_at((since or now) + stall, self._check_stall)
 
     async def next(self) -> list[bytes]:
         while self._outcome is None:
+            if self._stall_s is not None:
+                loop = self._loop or self._arm()
+                self._waiting = loop.time()
             try:
                 batch = await self._pull()
+            except asyncio.CancelledError:
+                task = self._task
+                if not self._stalled or task is None or task.uncancel() > 0:
+                    raise  # the client left (or the request was cancelled): not ours to handle
+                self._waiting = 0.0
+                if self._finished >= self._choices:
+                    # Every choice had finished; only the end was missing: complete, as without [DONE].
+                    self._outcome = "completed"
+                    return []
+                log.warning("request %s: the upstream stream stalled past stall_s", self._ctx.request_id)
+                self._fail("timed_out", 504, _STALLED)
+                return []
             except StopAsyncIteration:
                 self._outcome = "completed"
                 return []
@@ -208,6 +269,7 @@ class UpstreamEvents:
                 log.exception("request %s: the upstream stream failed", self._ctx.request_id)
                 self._fail("upstream_failed", 502, _BROKEN)
                 return []
+            self._waiting = 0.0
             if batch[-1] == DONE:
                 # The upstream's end came with this read: the stream completed (the relay sends this
                 # batch together with the end).
@@ -294,6 +356,9 @@ class UpstreamEvents:
         own = self._outcome
         if own is None:
             own = self._outcome = outcome or "client_gone"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         drain = self._upstream.drain
         if own != "completed" and drain is not None:
             # Left early or failed: what the upstream already sent is charged too, not only what was

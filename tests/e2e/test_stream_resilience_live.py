@@ -26,18 +26,22 @@ from tests.harness.sse import json_payloads, parse_sse
 
 KEY = "sk-stream-tenant-6d2f91"
 FIRST_TOKEN_S = 1
+STALL_S = 1
 # (scenario: upstream model of its primary deployment, extra route fields)
 PRIMARIES: dict[str, tuple[str, str]] = {
     "late": ("fault:slow-first-token-5000", f"timeouts: {{first_token_s: {FIRST_TOKEN_S}}}"),
     "cut0": ("fault:cut-after-0", ""),
     "err0": ("fault:error-event-after-0", ""),
     "nocontent": ("fault:cut-after-0", ""),
+    "stall": ("fault:stall-after-2", f"timeouts: {{stall_s: {STALL_S}}}"),
 }
+# Extra backend fields: one stall is enough to eject the stalling backend (so the test sees it marked).
+BACKEND_EXTRA = {"stall": ", outlier: {consecutive_failures: 1}, timeouts: {read_s: 60}"}
 
 
 def _policy(fake: str) -> str:
     lines = ["version: 1", "backends:"]
-    lines += [f'  - {{name: {n}, adapter: openai, base_url: "{fake}/v1"}}' for n in PRIMARIES]
+    lines += [f'  - {{name: {n}, adapter: openai, base_url: "{fake}/v1"{BACKEND_EXTRA.get(n, "")}}}' for n in PRIMARIES]
     lines += [f'  - {{name: good, adapter: openai, base_url: "{fake}/v1"}}', "models:"]
     lines += [
         f"  - {{name: m-{n}, deployments: [{{backend: {n}, upstream_model: '{u}'}}]}}"
@@ -109,9 +113,10 @@ def _text(payloads: list[str]) -> str:
     return "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
 
 
-def _expected_text(client: httpx.Client) -> str:
+def _expected_text(client: httpx.Client, **fake: Any) -> str:
     """What the healthy deployment answers this request (the fake's text is deterministic with a seed)."""
-    r, payloads, _ = _stream(client, "r-late", fake={"first_token_ms": 0})
+    max_tokens = fake.pop("max_tokens", 8)
+    r, payloads, _ = _stream(client, "r-late", max_tokens=max_tokens, fake={"first_token_ms": 0, **fake})
     assert r.status_code == 200 and payloads[-1] == "[DONE]"
     return _text(payloads)
 
@@ -187,3 +192,22 @@ def test_the_healthy_answer_is_what_a_direct_request_gets(client: httpx.Client) 
     # The held role chunk and the first content are relayed, in order, with nothing lost.
     _, payloads, _ = _stream(client, "r-err0")
     assert _text(payloads) == _expected_text(client)
+
+
+def test_a_committed_stream_that_stalls_ends_with_a_timeout_event_and_no_done(
+    client: httpx.Client, fake: FakeControl, gw: ServerProcess
+) -> None:
+    r, payloads, marker = _stream(client, "r-stall", max_tokens=20, fake={"chunk_tokens": 1})
+    assert r.status_code == 200
+    assert r.headers["x-strait-deployment"] == "m-stall@stall"
+    assert payloads[-1] != "[DONE]"
+    last = json_payloads(payloads)[-1]
+    assert last["error"]["code"] == "upstream_timeout"
+    assert _text(payloads[:-1]).split() == _expected_text(client, max_tokens=20, chunk_tokens=1).split()[:2]
+    (record,) = _wait_attempts(fake, marker, lambda rs: rs and rs[0]["client_disconnected"])
+    # Strait gave up on the stalled stream itself (the fake never ends a stall), after stall_s, well
+    # before the backend's read_s of 60 s.
+    assert record["client_disconnected"] and record["stalled_at"] is not None
+    assert record["ended_at"] - record["stalled_at"] >= STALL_S
+    metrics = httpx.get(gw.base_url + "/metrics", timeout=5).text
+    assert 'strait_upstream_ejected{backend="stall"} 1.0' in metrics
