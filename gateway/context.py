@@ -22,6 +22,20 @@ if TYPE_CHECKING:
     from gateway.stages.cache import CacheTicket
 
 
+@dataclass(slots=True, frozen=True)
+class ContinuedAttempt:
+    """A stream that broke after sending content, continued on another deployment: what it produced
+    is billed at its own deployment's price (estimated when it sent no usage)."""
+
+    target: Target
+    status: int
+    seconds: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    estimated: bool
+
+
 @dataclass(slots=True)
 class RequestContext:
     # Written by the API edge; read by every stage. Minted by the gateway (gateway.api.identity): the
@@ -69,6 +83,12 @@ class RequestContext:
     redact: Redactor = NO_SECRETS
     # Written by `upstream`: attempts that failed before the one that answered (target, outcome, seconds).
     failed_attempts: list[tuple[Target, int, float]] = field(default_factory=list)
+    # Written by `upstream`: the plan index of `target` and the attempts made so far (a mid-stream
+    # rescue goes on from there), and the streams that broke after sending content and were continued
+    # on another deployment (billed for what they produced: written by the relay, read by accounting).
+    plan_index: int = 0
+    attempts: int = 0
+    continued: list[ContinuedAttempt] = field(default_factory=list)
     # Written by accounting: the release of this request's concurrency slots, to be awaited by the edge
     # before the answer's last byte (a sequential client must find its slot free).
     settling: asyncio.Future[None] | None = None

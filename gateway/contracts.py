@@ -11,7 +11,7 @@ from gateway.canonical import Operation as Operation
 from gateway.canonical import Request
 from gateway.errors import ErrorBody
 from gateway.errors import UpstreamResponseTooLarge as UpstreamResponseTooLarge
-from gateway.passthrough import splice
+from gateway.passthrough import splice, with_prefill
 from gateway.policy.model import Backend
 from gateway.upstream.wire import Usage
 
@@ -37,13 +37,20 @@ class UpstreamCall:
     request_id: str
     # Extra headers for the upstream: the trace context (`traceparent`) when tracing is on.
     headers: dict[str, str] | None = None
+    # Mid-stream rescue: the text the client already has, to be continued as the assistant's prefix
+    # (gateway.passthrough.with_prefill), and the tokens already produced (off the max_tokens).
+    prefill: str | None = None
+    prefill_tokens: int = 0
 
     def passthrough(self, protocol: str) -> bytes | None:
         """The client's body for an upstream speaking `protocol`, or None if the client spoke another."""
         source = self.request.original
         if source is None or source.protocol != protocol:
             return None
-        return splice(source, self.model, stream_usage=self.stream)
+        body = splice(source, self.model, stream_usage=self.stream)
+        if self.prefill is not None:
+            return with_prefill(body, self.prefill, self.prefill_tokens)
+        return body
 
 
 @dataclass(slots=True)
@@ -163,6 +170,9 @@ class End:
     error: ErrorBody | None = None
     # The stream's last event: the model of a usage chunk the client asked for and the upstream never sent.
     last_event: bytes | None = None
+    # A stream continued after a break (mid-stream rescue): the billed tokens of the attempts before
+    # the one this End describes, added to the usage the client is shown (never to this attempt's bill).
+    earlier: Usage | None = None
     # Answered from the cache (no upstream ran): "hit" (exact) or "semantic-hit"; `saved` is the cached
     # answer's own usage (the tokens not spent again), `hit_price` the share of its cost charged.
     cache: Literal["hit", "semantic-hit"] | None = None

@@ -13,6 +13,10 @@ import msgspec
 
 Tier = Literal["edge", "self-hosted", "provider"]
 Capability = Literal["chat", "completions", "tools", "vision", "json", "embeddings"]
+# What a deployment's serving engine can do beyond the model's capabilities: `prefill` continues a final
+# assistant message (llama.cpp's server; vLLM with `continue_final_message`; Anthropic): the target of
+# a route's `resume: continue`.
+ServingCapability = Literal["prefill"]
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -144,12 +148,16 @@ class Backend(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     capacity: Capacity = Capacity()
     simulated: SimulatedOptions | None = None
     outlier: OutlierPolicy = OutlierPolicy()
+    # For every deployment on this backend (a deployment may add its own).
+    capabilities: tuple[ServingCapability, ...] = ()
 
 
 class Deployment(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     backend: str
     upstream_model: str
     price: Price = Price()
+    # Added to its backend's `capabilities`.
+    capabilities: tuple[ServingCapability, ...] = ()
 
 
 class Origin(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -349,6 +357,12 @@ class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Retries and failover before the first byte (gateway.upstream.retry), and per-attempt timeouts.
     retry: RetryPolicy = RetryPolicy()
     timeouts: TryTimeouts = TryTimeouts()
+    # A committed stream that breaks (cut, stall, error event): `off` ends it with an error event;
+    # `continue` re-issues it to the plan's next deployment with capability `prefill`, the text already
+    # sent as the assistant's prefix, and stitches the continuation into the same stream; `restart`
+    # holds the whole stream until it completes (no streaming latency) and restarts a broken one on
+    # the next deployment, so the client only ever sees one complete answer.
+    resume: Literal["off", "continue", "restart"] = "off"
 
 
 class TenantKey(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 
-from gateway.accounting.meter import StreamMeter
-from gateway.context import RequestContext
+from gateway.accounting.meter import StreamMeter, cached_tokens
+from gateway.context import ContinuedAttempt, RequestContext
 from gateway.contracts import End, Outcome, UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody
 from gateway.policy.model import TryTimeouts
@@ -30,6 +30,7 @@ from gateway.reply import Reply, id_headers
 from gateway.telemetry import Metrics
 from gateway.tokens import FALLBACK_ENCODING
 from gateway.upstream.normalize import upstream_error
+from gateway.upstream.rescue import Stitch, add_usage, what_was_sent
 from gateway.upstream.sse import DONE
 from gateway.upstream.wire import UpstreamErrorBody, Usage, UsageProbe
 
@@ -54,7 +55,11 @@ def header_blocks(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     return [ctx.target.header] if ctx.target is not None else []
 
 
-def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -> Reply:
+# Mid-stream rescue: the dispatcher's `resume` (the context, the text the client has, the tokens spent).
+Rescue = Callable[[RequestContext, str, int], Awaitable[UpstreamResponse | None]]
+
+
+def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, rescue: Rescue | None = None) -> Reply:
     route = ctx.route_name
     headers = response_headers(ctx)
     if not 200 <= upstream.status < 300:
@@ -86,7 +91,7 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -
     return Reply(
         status=200,
         headers=headers,
-        stream=UpstreamEvents(ctx, upstream, metrics),
+        stream=UpstreamEvents(ctx, upstream, metrics, rescue),
         media_type="text/event-stream",
         extra=header_blocks(ctx),
     )
@@ -145,9 +150,11 @@ class UpstreamEvents:
     """The upstream's stream as the relay pulls it (a gateway.reply.EventStream)."""
 
     __slots__ = (
+        "_broken",
         "_choices",
         "_ctx",
         "_done_choices",
+        "_earlier",
         "_error",
         "_finished",
         "_loop",
@@ -156,9 +163,12 @@ class UpstreamEvents:
         "_metrics",
         "_outcome",
         "_pull",
+        "_relayed",
+        "_rescue",
         "_stall_s",
         "_stalled",
         "_status",
+        "_stitch",
         "_strip",
         "_task",
         "_timer",
@@ -168,18 +178,25 @@ class UpstreamEvents:
         "_waiting",
     )
 
-    def __init__(self, ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        ctx: RequestContext,
+        upstream: UpstreamResponse,
+        metrics: Metrics | None = None,
+        rescue: Rescue | None = None,
+    ) -> None:
         self._ctx = ctx
         self._metrics = metrics
         self._upstream = upstream
-        if upstream.batches is not None:
-            self._pull: Callable[[], Awaitable[list[bytes]]] = upstream.batches.__anext__
-        else:
-            assert upstream.events is not None
-            self._pull = _one_at_a_time(upstream.events)
-        if upstream.head:
-            # What the dispatcher held until the commit point goes first, in one batch.
-            self._pull = _head_then(upstream.head, self._pull, self)
+        self._pull = self._puller(upstream)
+        # Mid-stream rescue (`resume: continue`): the events relayed so far (what the client has, decoded
+        # only if the stream breaks), the failure waiting for a rescue, the continuation's rewriting and
+        # the billed usage of the attempts it continued.
+        self._rescue = rescue
+        self._relayed: list[bytes] | None = [] if rescue is not None else None
+        self._broken: tuple[Outcome, int, ErrorBody] | None = None
+        self._stitch: Stitch | None = None
+        self._earlier: Usage | None = None
         # The usage chunk Strait always asks for is the client's only if it asked for it too.
         self._strip = not ctx.include_usage
         self._usage: Usage | None = None
@@ -207,6 +224,17 @@ class UpstreamEvents:
         self._task: asyncio.Task[object] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def _puller(self, upstream: UpstreamResponse) -> Callable[[], Awaitable[list[bytes]]]:
+        if upstream.batches is not None:
+            pull: Callable[[], Awaitable[list[bytes]]] = upstream.batches.__anext__
+        else:
+            assert upstream.events is not None
+            pull = _one_at_a_time(upstream.events)
+        if upstream.head:
+            # What the dispatcher held until the commit point goes first, in one batch.
+            pull = _head_then(upstream.head, pull, self)
+        return pull
+
     def _arm(self) -> asyncio.AbstractEventLoop:
         loop = self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
@@ -230,8 +258,12 @@ class UpstreamEvents:
 
     async def next(self) -> list[bytes]:
         while self._outcome is None:
+            if self._broken is not None:
+                await self._resume()
+                continue
             if self._stall_s is not None:
-                loop = self._loop or self._arm()
+                # (Re-)armed after a stall was handled, when a rescue goes on.
+                loop = self._loop if self._timer is not None and self._loop is not None else self._arm()
                 self._waiting = loop.time()
             try:
                 batch = await self._pull()
@@ -240,13 +272,14 @@ class UpstreamEvents:
                 if not self._stalled or task is None or task.uncancel() > 0:
                     raise  # the client left (or the request was cancelled): not ours to handle
                 self._waiting = 0.0
+                self._stalled = False
                 if self._finished >= self._choices:
                     # Every choice had finished; only the end was missing: complete, as without [DONE].
                     self._outcome = "completed"
                     return []
                 log.warning("request %s: the upstream stream stalled past stall_s", self._ctx.request_id)
                 self._fail("timed_out", 504, _STALLED)
-                return []
+                continue
             except StopAsyncIteration:
                 self._outcome = "completed"
                 return []
@@ -263,12 +296,12 @@ class UpstreamEvents:
                     self._fail("timed_out", 504, error)
                 else:
                     self._fail("upstream_failed", 502, error)
-                return []
+                continue
             except Exception:
                 # An adapter bug: the client is told the stream failed (not left with a truncated one).
                 log.exception("request %s: the upstream stream failed", self._ctx.request_id)
                 self._fail("upstream_failed", 502, _BROKEN)
-                return []
+                continue
             self._waiting = 0.0
             if batch[-1] == DONE:
                 # The upstream's end came with this read: the stream completed (the relay sends this
@@ -283,8 +316,77 @@ class UpstreamEvents:
             self._meter.add(batch)
             out = self._inspect(batch)
             if out:
-                return out
+                if self._stitch is not None:
+                    out = self._stitch.events(out)
+                if self._relayed is not None:
+                    self._relayed += out
+                if out:
+                    return out
         return []
+
+    async def _resume(self) -> None:
+        """The committed stream broke and the route continues broken streams: ask the dispatcher for a
+        continuation of what the client already has, and go on with it; else end with the original
+        failure (never the fallback's own error)."""
+        broken = self._broken
+        assert broken is not None
+        self._broken = None
+        ctx = self._ctx
+        rescue = self._rescue
+        failed_target = ctx.target
+        sent = (
+            what_was_sent(self._relayed or ())
+            if rescue is not None and failed_target is not None and self._choices == 1 and ctx.operation == "chat"
+            else None
+        )
+        if sent is None or rescue is None or failed_target is None:
+            self._end_broken(broken)
+            return
+        # What the broken upstream sent but was not relayed is charged too; then it is let go.
+        old = self._upstream
+        drain, old.drain = old.drain, None
+        if drain is not None:
+            self._drain(drain())
+        close, old.close = old.close, None
+        if close is not None:
+            closing = close()
+            if closing is not None:
+                await asyncio.shield(closing)
+        usage = self._usage
+        produced = self._meter.tokens() if usage is None else usage.completion_tokens
+        response = await rescue(ctx, sent.text, produced)
+        if response is None:
+            log.warning("request %s: no deployment could continue the broken stream", ctx.request_id)
+            self._rescue = None
+            self._end_broken(broken)
+            return
+        log.info("request %s: broken stream continued on %s", ctx.request_id, ctx.target.label if ctx.target else "?")
+        prompt = usage.prompt_tokens if usage is not None else ctx.prompt_tokens.count_now()
+        cached = cached_tokens(usage) if usage is not None else 0
+        ctx.continued.append(
+            ContinuedAttempt(
+                target=failed_target,
+                status=broken[1],
+                seconds=time.perf_counter() - ctx.started,
+                prompt_tokens=prompt,
+                completion_tokens=produced,
+                cached_tokens=cached,
+                estimated=usage is None,
+            )
+        )
+        self._earlier = add_usage(
+            self._earlier, Usage(prompt_tokens=prompt, completion_tokens=produced, total_tokens=prompt + produced)
+        )
+        self._stitch = Stitch(sent.identity, self._earlier)
+        # The continuation is an attempt of its own: its usage, its meter, its upstream.
+        self._upstream = response
+        self._pull = self._puller(response)
+        self._usage = None
+        target = ctx.target
+        self._meter = StreamMeter(target.model.tokenizer if target is not None else FALLBACK_ENCODING)
+
+    def _end_broken(self, broken: tuple[Outcome, int, ErrorBody]) -> None:
+        self._outcome, self._status, self._error = broken
 
     @property
     def finished(self) -> bool:
@@ -346,6 +448,11 @@ class UpstreamEvents:
         return ErrorBody(message=message or "The upstream failed mid-stream.", type=type_ or "server_error", code=code)
 
     def _fail(self, outcome: Outcome, status: int, error: ErrorBody) -> None:
+        if self._rescue is not None:
+            # `resume: continue`: `next` tries a rescue before the stream ends with this failure.
+            self._broken = (outcome, status, error)
+            self._outcome = None
+            return
         self._outcome = outcome
         self._status = status
         self._error = error
@@ -366,6 +473,10 @@ class UpstreamEvents:
             self._drain(drain())
         usage = self._usage
         meter = self._meter
+        last = meter.last
+        if self._stitch is not None and last is not None:
+            # The model of a usage chunk Strait adds: with the ids the client saw.
+            last = next(iter(self._stitch.events([last])), last)
         return End(
             own,
             self._status,
@@ -375,7 +486,8 @@ class UpstreamEvents:
             partial=own != "completed",
             stream=True,
             error=self._error,
-            last_event=meter.last,
+            last_event=last,
+            earlier=self._earlier,
         )
 
     def release(self) -> Awaitable[None] | None:

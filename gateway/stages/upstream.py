@@ -80,4 +80,8 @@ class UpstreamStage:
         self.taps = (SignalsTap(signals), MetricsTap(metrics))
 
     async def call(self, ctx: RequestContext) -> Reply:
-        return respond(ctx, await self.dispatcher.call(ctx), self.metrics)
+        response = await self.dispatcher.call(ctx)
+        route = ctx.route
+        # `resume: continue`: a committed stream that breaks is continued on another deployment.
+        rescue = self.dispatcher.resume if route is not None and route.resume == "continue" else None
+        return respond(ctx, response, self.metrics, rescue)

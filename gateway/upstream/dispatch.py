@@ -31,13 +31,13 @@ from gateway.context import RequestContext
 from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse, UpstreamResponseTooLarge
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.policy.index import Target
-from gateway.policy.model import RetryPolicy, TryTimeouts
+from gateway.policy.model import RetryPolicy, TryTimeouts, UpstreamLimits
 from gateway.spans import start_attempt_span
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
-from gateway.upstream.commit import NotCommitted, hold
+from gateway.upstream.commit import MAX_HELD_BYTES, NotCommitted, hold
 from gateway.upstream.redact import NO_SECRETS, Redactor
-from gateway.upstream.retry import Failure, RetryBudgets, classify_status, next_move
+from gateway.upstream.retry import NEXT, Failure, Move, RetryBudgets, classify_status, next_move
 from gateway.upstream.signals import LiveSignals
 
 log = logging.getLogger("strait.upstream")
@@ -119,8 +119,21 @@ class Dispatcher:
         held, or why the attempt failed (the upstream then closed, its in-flight slot given back)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeouts.first_token_s - (time.perf_counter() - t0)
+        route = ctx.route
+        # `resume: restart` (a first attempt, not a continuation): the whole answer is held.
+        whole = route is not None and route.resume == "restart"
+        limits = target.backend.limits
+        max_bytes = (limits if limits is not None else UpstreamLimits()).max_body_bytes if whole else MAX_HELD_BYTES
         try:
-            return await hold(response, deadline, choices=_choices(ctx), name=target.backend.name)
+            return await hold(
+                response,
+                deadline,
+                whole=whole,
+                stall_s=timeouts.stall_s,
+                choices=_choices(ctx),
+                max_bytes=max_bytes,
+                name=target.backend.name,
+            )
         except NotCommitted as exc:
             await _close(response)
             self.signals.finished(target.backend.name)
@@ -168,6 +181,7 @@ class Dispatcher:
             t0 = time.perf_counter()
             status: int | None = None
             headers: Mapping[str, str] = {}
+            restart = False
             try:
                 response = await self._send(ctx, call, target, timeouts)
             except UpstreamConnectError as exc:
@@ -197,8 +211,12 @@ class Dispatcher:
                         metrics.child(metrics.upstream_attempts, backend, "200").inc()
                         # It holds its in-flight slot until the relay closes it.
                         signals.answered(backend, target.label, time.perf_counter() - t0)
+                        ctx.plan_index, ctx.attempts = index, attempt
                         return response
                     failure = held.failure
+                    # A held whole answer (`resume: restart`) that broke after content restarts on the
+                    # next deployment, not the same one.
+                    restart = held.after_content
                     status = None
                     metrics.child(metrics.upstream_attempts, backend, failure).inc()
                     log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, failure, held)
@@ -220,7 +238,11 @@ class Dispatcher:
                     last_index = len(ctx.failed_attempts) - 1
             if failure in _UNHEALTHY:
                 signals.failed(backend, time.monotonic(), target.label)
-            move = next_move(policy, failure, status, headers, retries_here, time.time(), self.rng)
+            if restart:
+                move: Move | None = NEXT if failure in policy.retry_on else None
+                restart = False
+            else:
+                move = next_move(policy, failure, status, headers, retries_here, time.time(), self.rng)
             if move is None or attempt >= max_attempts:
                 break
             following = index if move.same else _next_index(plan, index, failure)
@@ -249,6 +271,89 @@ class Dispatcher:
         if last_error is not None and last_error.timeout:
             raise UpstreamTimeout("The upstream did not answer in time.")
         raise UpstreamUnavailable("No upstream could be reached for this model.")
+
+    async def resume(self, ctx: RequestContext, prefix: str, produced: int) -> UpstreamResponse | None:
+        """Mid-stream rescue (`resume: continue`): the stream of `ctx.target` broke after `prefix` reached
+        the client; ask the plan's next deployments that declare `prefill` to continue it, within the
+        route's `max_attempts` and retry budget. Each continuation must reach its first content like any
+        stream (it is held until then); one that fails or refuses the prefill (a 4xx) is a failed attempt
+        and the next is tried. On success `ctx.target` is the continuing deployment (the broken one's
+        in-flight slot given back and its failure counted) and its response is returned; None: none could."""
+        plan = ctx.plan
+        route = ctx.route
+        policy = route.retry if route is not None else DEFAULT_RETRY
+        timeouts = route.timeouts if route is not None else DEFAULT_TIMEOUTS
+        max_attempts = route.max_attempts if route is not None else len(plan)
+        budget = self.budgets.of(ctx.route_name, policy.budget_window_s)
+        metrics, signals = self.metrics, self.signals
+        request = ctx.request
+        assert request is not None
+        for index in range(ctx.plan_index + 1, len(plan)):
+            target = plan[index]
+            if not target.prefill:
+                continue
+            if ctx.attempts >= max_attempts:
+                break
+            if not budget.try_retry(time.monotonic(), policy.budget_ratio, policy.budget_min):
+                metrics.child(metrics.retry_budget_exhausted, ctx.route_name).inc()
+                log.info("route %s: retry budget spent, no rescue for %s", ctx.route_name, ctx.request_id)
+                break
+            ctx.attempts += 1
+            metrics.child(metrics.fallbacks, ctx.route_name).inc()
+            call = UpstreamCall(
+                operation=ctx.operation,
+                request=request,
+                model=target.deployment.upstream_model,
+                stream=True,
+                request_id=ctx.request_id,
+                prefill=prefix,
+                prefill_tokens=produced,
+            )
+            backend = target.backend.name
+            signals.started(backend)
+            t0 = time.perf_counter()
+            failure: Failure | None = None
+            try:
+                response = await self._send(ctx, call, target, timeouts)
+            except UpstreamConnectError as exc:
+                signals.finished(backend)
+                failure = "timeout" if exc.timeout else "reset" if exc.reset else "connect"
+                outcome = "connect_error" if failure == "connect" else failure
+                metrics.child(metrics.upstream_attempts, backend, outcome).inc()
+                log.warning("rescue on %s failed (%s): %s", backend, outcome, exc)
+                ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
+            except BaseException:
+                signals.finished(backend)
+                raise
+            else:
+                if not response.streaming:
+                    # An error answer: a refused prefill (4xx) or a failure. Never the client's: the
+                    # stream ends with its original failure if no other deployment continues it.
+                    signals.finished(backend)
+                    metrics.child(metrics.upstream_attempts, backend, str(response.status)).inc()
+                    log.warning("rescue on %s refused (HTTP %d)", backend, response.status)
+                    ctx.failed_attempts.append((target, response.status, time.perf_counter() - t0))
+                    failure = "5xx" if response.status >= 500 else None
+                else:
+                    held = await self._commit(ctx, response, target, timeouts, t0)
+                    if not isinstance(held, NotCommitted):
+                        response.head = held
+                        metrics.child(metrics.upstream_attempts, backend, "200").inc()
+                        signals.answered(backend, target.label, time.perf_counter() - t0)
+                        broken = ctx.target
+                        if broken is not None:
+                            # The broken stream's slot and failure (the relay's tap counts the new one).
+                            signals.finished(broken.backend.name)
+                            signals.failed(broken.backend.name, time.monotonic(), broken.label)
+                        ctx.target, ctx.plan_index = target, index
+                        return response
+                    failure = held.failure
+                    metrics.child(metrics.upstream_attempts, backend, failure).inc()
+                    log.warning("rescue on %s failed (%s): %s", backend, failure, held)
+                    ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
+            if failure in _UNHEALTHY:
+                signals.failed(backend, time.monotonic(), target.label)
+        return None
 
     def _log_refusal(self, backend: str, status: int, failure: Failure) -> None:
         if failure == "auth":

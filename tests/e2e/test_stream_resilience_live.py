@@ -25,6 +25,8 @@ from tests.harness.procs import ServerProcess, free_port
 from tests.harness.sse import json_payloads, parse_sse
 
 KEY = "sk-stream-tenant-6d2f91"
+ADMIN = "sk-stream-admin-0b7e44"
+PRICE = "{input_per_mtok: 1000, output_per_mtok: 2000}"
 FIRST_TOKEN_S = 1
 STALL_S = 1
 # (scenario: upstream model of its primary deployment, extra route fields)
@@ -34,22 +36,46 @@ PRIMARIES: dict[str, tuple[str, str]] = {
     "err0": ("fault:error-event-after-0", ""),
     "nocontent": ("fault:cut-after-0", ""),
     "stall": ("fault:stall-after-2", f"timeouts: {{stall_s: {STALL_S}}}"),
+    # Mid-stream rescue: each primary breaks after 2 content chunks (10 words) of a 20-word answer.
+    "cont": ("fault:cut-after-2", "resume: continue"),
+    "contstall": ("fault:stall-after-2", f"resume: continue, timeouts: {{stall_s: {STALL_S}}}"),
+    "conterr": ("fault:error-event-after-2", "resume: continue"),
+    "contreject": ("fault:cut-after-2", "resume: continue"),
+    "restart": ("fault:cut-after-2", "resume: restart"),
+}
+# The plan after each primary (default: the healthy deployment). A rescue skips what cannot continue
+# a prefix: `cont` has the healthy one (no `prefill`) before the prefill-capable one.
+FALLBACKS = {
+    "cont": "m-good, m-prefill",
+    "contstall": "m-prefill",
+    "conterr": "m-prefill",
+    "contreject": "m-noprefill",
 }
 # Extra backend fields: one stall is enough to eject the stalling backend (so the test sees it marked).
 BACKEND_EXTRA = {"stall": ", outlier: {consecutive_failures: 1}, timeouts: {read_s: 60}"}
 
 
 def _policy(fake: str) -> str:
-    lines = ["version: 1", "backends:"]
+    lines = ["version: 1", f'server: {{admin_keys: ["{key_digest(ADMIN)}"]}}', "backends:"]
     lines += [f'  - {{name: {n}, adapter: openai, base_url: "{fake}/v1"{BACKEND_EXTRA.get(n, "")}}}' for n in PRIMARIES]
-    lines += [f'  - {{name: good, adapter: openai, base_url: "{fake}/v1"}}', "models:"]
+    lines += [f'  - {{name: good, adapter: openai, base_url: "{fake}/v1"}}']
+    # A backend whose engine continues a final assistant message; another that declares it and refuses.
+    lines += [f'  - {{name: pre, adapter: openai, base_url: "{fake}/v1", capabilities: [prefill]}}']
+    lines += [f'  - {{name: nopre, adapter: openai, base_url: "{fake}/v1"}}', "models:"]
     lines += [
-        f"  - {{name: m-{n}, deployments: [{{backend: {n}, upstream_model: '{u}'}}]}}"
+        f"  - {{name: m-{n}, deployments: [{{backend: {n}, upstream_model: '{u}', price: {PRICE}}}]}}"
         for n, (u, _) in PRIMARIES.items()
     ]
-    lines += ["  - {name: m-good, deployments: [{backend: good, upstream_model: fake-model}]}", "routes:"]
+    lines += [
+        "  - {name: m-good, deployments: [{backend: good, upstream_model: fake-model}]}",
+        f"  - {{name: m-prefill, deployments: [{{backend: pre, upstream_model: 'fault:prefill', price: {PRICE}}}]}}",
+        "  - {name: m-noprefill, deployments: [{backend: nopre, upstream_model: 'fault:no-prefill',"
+        " capabilities: [prefill]}]}",
+        "routes:",
+    ]
     for n, (_, extra) in PRIMARIES.items():
-        lines.append(f"  - {{name: r-{n}, models: [m-{n}, m-good]{', ' + extra if extra else ''}}}")
+        plan = f"m-{n}, {FALLBACKS.get(n, 'm-good')}"
+        lines.append(f"  - {{name: r-{n}, models: [{plan}]{', ' + extra if extra else ''}}}")
     lines += ["tenants:", f'  - {{name: t, keys: [{{id: t-1, digest: "{key_digest(KEY)}"}}]}}', ""]
     return "\n".join(lines)
 
@@ -211,3 +237,89 @@ def test_a_committed_stream_that_stalls_ends_with_a_timeout_event_and_no_done(
     assert record["ended_at"] - record["stalled_at"] >= STALL_S
     metrics = httpx.get(gw.base_url + "/metrics", timeout=5).text
     assert 'strait_upstream_ejected{backend="stall"} 1.0' in metrics
+
+
+FULL = {"max_tokens": 30}  # the fake's whole answer is 20 words (its default `tokens`), 5 per chunk
+
+
+def _usage_chunks(payloads: list[str]) -> list[dict[str, Any]]:
+    return [c for c in json_payloads(p for p in payloads if p != "[DONE]") if c.get("usage")]
+
+
+@pytest.mark.parametrize("scenario", ["cont", "contstall", "conterr"])
+def test_a_broken_stream_is_continued_on_a_prefill_deployment_into_one_complete_answer(
+    client: httpx.Client, fake: FakeControl, scenario: str
+) -> None:
+    r, payloads, marker = _stream(client, f"r-{scenario}", stream_options={"include_usage": True}, **FULL)
+    assert r.status_code == 200
+    # One complete answer: the whole deterministic text, one role chunk, the ids the client saw first.
+    _assert_one_clean_answer(payloads)
+    assert _text(payloads) == _expected_text(client, **FULL)
+    chunks = json_payloads(payloads[:-1])
+    assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
+    assert chunks[0]["model"] == PRIMARIES[scenario][0]  # the first upstream's, kept across the rescue
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
+    assert finish[-1] == "stop"
+    primary, continuation = _attempts(fake, marker)
+    assert (primary["model"], continuation["model"]) == (PRIMARIES[scenario][0], "fault:prefill")
+    # The continuation was asked to continue the 10 words the client had, as the assistant's prefix.
+    assert continuation["prefill_words"] == 10
+    sent_messages = continuation["body"]["messages"]
+    assert sent_messages[-1]["role"] == "assistant"
+    assert sent_messages[-1]["content"].split() == _text(payloads).split()[:10]
+    # One usage chunk, summing both attempts' billed tokens (the first one's estimated: it broke).
+    (usage_chunk,) = _usage_chunks(payloads)
+    usage = usage_chunk["usage"]
+    assert usage["completion_tokens"] > continuation["completion_tokens_generated"] == 10
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_the_broken_attempt_is_billed_at_its_own_price_as_well(client: httpx.Client, gw: ServerProcess) -> None:
+    r, payloads, _ = _stream(client, "r-cont", **FULL)
+    assert r.status_code == 200 and payloads[-1] == "[DONE]"
+
+    def rows() -> dict[str, dict[str, Any]] | None:
+        got = httpx.get(
+            gw.base_url + "/admin/usage",
+            params={"tenant": "t", "by": "deployment"},
+            headers={"authorization": f"Bearer {ADMIN}"},
+        )
+        assert got.status_code == 200, got.text
+        data = {row["value"]: row for row in got.json()["data"]}
+        return data if "m-cont@cont" in data and "m-prefill@pre" in data else None
+
+    deadline = time.monotonic() + 10
+    data = rows()
+    while data is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the admin API for the records, with a deadline
+        data = rows()
+    assert data is not None, "the usage records never arrived"
+    for label in ("m-cont@cont", "m-prefill@pre"):
+        assert data[label]["completion_tokens"] > 0 and data[label]["cost_usd"] > 0, data[label]
+
+
+def test_a_prefill_refused_by_the_fallback_ends_with_the_original_failure(
+    client: httpx.Client, fake: FakeControl
+) -> None:
+    r, payloads, marker = _stream(client, "r-contreject", **FULL)
+    assert r.status_code == 200
+    assert payloads[-1] != "[DONE]"
+    error = json_payloads(payloads)[-1]["error"]
+    # The real failure (the primary's stream broke), never the fallback's 400 about the prefill.
+    assert error["code"] == "upstream_stream_broken"
+    assert "prefill" not in json.dumps(error)
+    primary, refused = _attempts(fake, marker)
+    assert (primary["model"], refused["model"], refused["status"]) == ("fault:cut-after-2", "fault:no-prefill", 400)
+    assert len(_text(payloads[:-1]).split()) == 10  # what the client had before the break
+
+
+def test_restart_holds_the_stream_and_restarts_a_broken_one_whole(client: httpx.Client, fake: FakeControl) -> None:
+    r, payloads, marker = _stream(client, "r-restart", **FULL)
+    assert r.status_code == 200
+    assert r.headers["x-strait-deployment"] == "m-good@good"
+    _assert_one_clean_answer(payloads)  # nothing of the broken attempt reached the client
+    assert _text(payloads) == _expected_text(client, **FULL)
+    primary, restarted = _attempts(fake, marker)
+    # Broken after content: the next deployment at once (not the same one again, as before content).
+    assert (primary["model"], restarted["model"]) == ("fault:cut-after-2", "fake-model")
+    assert primary["completion_tokens_generated"] == 10

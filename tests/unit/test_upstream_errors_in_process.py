@@ -68,7 +68,10 @@ class Scripted:
         return UpstreamResponse(status=200, body=json.dumps(OK_BODY).encode(), headers=dict(PROVIDER_LIMITS))
 
     async def _midstream(self) -> AsyncIterator[bytes]:
-        yield json.dumps({**OK_BODY, "object": "chat.completion.chunk", "choices": [], "usage": None}).encode()
+        # Content first: an error before any content is a failed attempt (gateway.upstream.commit), not
+        # an event of the client's stream.
+        delta = {"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}
+        yield json.dumps({**OK_BODY, "object": "chat.completion.chunk", "choices": [delta], "usage": None}).encode()
         yield _error(f"engine died on 10.0.3.7:9000 at /srv/engine.py:12 using {GOOD_SECRET}")
 
     async def aclose(self) -> None:
