@@ -185,7 +185,7 @@ class AccountingStage(EndTap):
             )
         # Streams that broke after sending content and were continued elsewhere (`resume: continue`):
         # billed for what they produced, at their own deployment's price.
-        earlier_tokens = earlier_cost = 0
+        earlier_prompt = earlier_completion = earlier_cost = 0
         for n, part in enumerate(ctx.continued, start=len(ctx.failed_attempts) + 1):
             if principal is None:
                 break
@@ -210,7 +210,8 @@ class AccountingStage(EndTap):
                 True,
                 "estimated" if part.estimated else "provider",
             )
-            earlier_tokens += part.prompt_tokens + part.completion_tokens
+            earlier_prompt += part.prompt_tokens
+            earlier_completion += part.completion_tokens
             earlier_cost += part_cost
         if target is not None and principal is not None:
             if usage is not None:
@@ -243,14 +244,15 @@ class AccountingStage(EndTap):
                 partial_,
                 source,
             )
-        self.release(ctx, prompt + completion + earlier_tokens, cost + earlier_cost)
+        self.release(ctx, prompt + completion + earlier_prompt + earlier_completion, cost + earlier_cost)
         ctx.accounted = True
         if self.access_log is not None:
             self.access_log.write(
                 ctx,
                 status,
-                prompt=prompt,
-                completion=completion,
+                # The request's whole bill: a continued stream's earlier attempts included.
+                prompt=prompt + earlier_prompt,
+                completion=completion + earlier_completion,
                 cost_micro_usd=cost + earlier_cost,
                 ttft_s=ttft_s,
                 partial=partial_,
