@@ -7,7 +7,10 @@ the usage chunk Strait always asks for is dropped when the client did not ask fo
 upstream failure ends the stream with an error (redacted) that the edge sends instead of `[DONE]`, so
 the SDK raises instead of returning a silently truncated answer. A stream silent for longer than the
 route's `timeouts.stall_s` ends the same way, as timed out (one timer per stream, woken at most once
-per `stall_s`, which cancels the waiting read: no timeout block per read). Stopping (always, exactly once, through
+per `stall_s`, which cancels the waiting read: no timeout block per read). With the route's
+`resume: continue`, a broken stream is first offered to the dispatcher for a mid-stream rescue
+(gateway.upstream.rescue): its continuation goes on in the same stream, and the End describes the
+continuing attempt (the broken one is recorded in `ctx.continued`). Stopping (always, exactly once, through
 the relay) charges what the upstream had already sent (drain) and tells how it ended; then the upstream
 connection is released. Framing the events for the client is the edge's job (gateway.api.openai.sse_encode).
 """

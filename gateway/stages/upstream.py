@@ -3,7 +3,9 @@
 
 It contributes two taps, run when the answer is over: live signals (a stream holds its backend's
 in-flight count until then) and token metrics (the provider's usage, the stream's time to first event).
-A dispatch failure or a client that leaves while waiting propagates to the pipeline, which ends the
+A route with `resume: continue` gives the relay the dispatcher's `resume`, to continue a committed
+stream that breaks on another deployment (gateway.upstream.rescue). A dispatch failure or a client that
+leaves while waiting propagates to the pipeline, which ends the
 request through every tap (accounting included) before the error goes on.
 """
 
