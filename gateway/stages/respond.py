@@ -155,6 +155,7 @@ class UpstreamEvents:
     __slots__ = (
         "_broken",
         "_choices",
+        "_clock",
         "_ctx",
         "_done_choices",
         "_earlier",
@@ -226,6 +227,8 @@ class UpstreamEvents:
         self._stalled = False
         self._task: asyncio.Task[object] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The loop's clock while the timer is armed (None before, and after it ended a read).
+        self._clock: Callable[[], float] | None = None
 
     def _puller(self, upstream: UpstreamResponse) -> Callable[[], Awaitable[list[bytes]]]:
         if upstream.batches is not None:
@@ -238,12 +241,13 @@ class UpstreamEvents:
             pull = _head_then(upstream.head, pull, self)
         return pull
 
-    def _arm(self) -> asyncio.AbstractEventLoop:
+    def _arm(self) -> Callable[[], float]:
         loop = self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         assert self._stall_s is not None
         self._timer = loop.call_at(loop.time() + self._stall_s, self._check_stall)
-        return loop
+        clock = self._clock = loop.time
+        return clock
 
     def _check_stall(self) -> None:
         """The timer: cancel the read if it has waited `stall_s`, else wake again when it would have."""
@@ -255,6 +259,7 @@ class UpstreamEvents:
         since = self._waiting
         if since and now - since >= stall:
             self._stalled = True
+            self._clock = None  # re-armed if the stream goes on (a rescue)
             task.cancel()
             return
         self._timer = loop.call_at((since or now) + stall, self._check_stall)
@@ -265,9 +270,7 @@ class UpstreamEvents:
                 await self._resume()
                 continue
             if self._stall_s is not None:
-                # (Re-)armed after a stall was handled, when a rescue goes on.
-                loop = self._loop if self._timer is not None and self._loop is not None else self._arm()
-                self._waiting = loop.time()
+                self._waiting = (self._clock or self._arm())()
             try:
                 batch = await self._pull()
             except asyncio.CancelledError:
