@@ -337,6 +337,8 @@ class UpstreamEvents:
         broken = self._broken
         assert broken is not None
         self._broken = None
+        # No read is waiting: the timer must not take the wait for a continuation for a stall.
+        self._waiting = 0.0
         ctx = self._ctx
         rescue = self._rescue
         failed_target = ctx.target
