@@ -36,6 +36,7 @@ import msgspec
 from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.upstream.retry import Failure
 from gateway.upstream.sse import DONE
+from gateway.upstream.wire import UpstreamErrorBody
 
 log = logging.getLogger("strait.upstream")
 
@@ -63,7 +64,7 @@ class _Choice(msgspec.Struct):
 
 class _Probe(msgspec.Struct):
     choices: list[_Choice] | None = None
-    error: object | None = None
+    error: UpstreamErrorBody | str | None = None
 
 
 _probe = msgspec.json.Decoder(_Probe).decode
@@ -89,11 +90,25 @@ def _has_content(choice: _Choice) -> bool:
 class NotCommitted(Exception):
     """The attempt failed before its answer was committed to the client."""
 
-    def __init__(self, failure: Failure, reason: str, *, after_content: bool = False) -> None:
+    def __init__(
+        self,
+        failure: Failure,
+        reason: str,
+        *,
+        after_content: bool = False,
+        client_message: str | None = None,
+        code: str | None = None,
+        upstream_text: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.failure: Failure = failure
         # Content had reached the hold (only with `whole`): a restart moves on to the next deployment.
         self.after_content = after_content
+        # What the client is told if no other attempt answers: the gateway's own words, or with
+        # `upstream_text` the upstream's (redacted by the dispatcher before it reaches the client).
+        self.client_message = client_message
+        self.code = code
+        self.upstream_text = upstream_text
 
     @property
     def timeout(self) -> bool:
@@ -128,8 +143,17 @@ def _inspect(held: _Held, batch: list[bytes], whole: bool) -> None:
             probe = _probe(payload)
         except _DECODE_ERRORS:
             continue  # malformed: the relay skips and counts it
-        if probe.error is not None:
-            raise NotCommitted("5xx", "an error event in the stream", after_content=held.content)
+        error = probe.error
+        if error is not None:
+            body = error if isinstance(error, UpstreamErrorBody) else UpstreamErrorBody(message=error)
+            raise NotCommitted(
+                "5xx",
+                "an error event in the stream",
+                after_content=held.content,
+                client_message=body.message or None,
+                code=body.code if isinstance(body.code, str) else None,
+                upstream_text=True,
+            )
         if probe.choices:
             for choice in probe.choices:
                 if _has_content(choice):
@@ -175,7 +199,13 @@ async def hold(
                         held.events.append(DONE)
                         return held.events
                     failure: Failure = "timeout" if exc.timeout else "reset"
-                    raise NotCommitted(failure, f"{name}: {exc}", after_content=held.content) from None
+                    raise NotCommitted(
+                        failure,
+                        f"{name}: {exc}",
+                        after_content=held.content,
+                        client_message=exc.client_message,
+                        code=exc.code,
+                    ) from None
                 except Exception as exc:
                     log.exception("%s: the stream failed before it was committed", name)
                     raise NotCommitted("reset", f"{name}: {type(exc).__name__}", after_content=held.content) from None

@@ -100,7 +100,8 @@ class Dispatcher:
             sending = self._send_traced(ctx, call, target)
         else:
             sending = self.adapters[target.backend.name].send(call)
-        limit = timeouts.stream_headers_s if ctx.stream else timeouts.response_s
+        # A stream's head cannot come later than its first token may.
+        limit = min(timeouts.stream_headers_s, timeouts.first_token_s) if ctx.stream else timeouts.response_s
         if limit is None:
             return await sending
         try:
@@ -161,6 +162,8 @@ class Dispatcher:
         last_target: Target | None = None
         last_index = -1
         last_error: UpstreamConnectError | None = None
+        # The last failure, when it was a stream that failed before its first content: what it said.
+        last_stream: NotCommitted | None = None
         index = 0  # the plan's deployment being tried
         retries_here = 0  # retries of that deployment so far
         attempt = 0
@@ -192,6 +195,7 @@ class Dispatcher:
                 log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, outcome, exc)
                 ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
                 last_error = exc
+                last_stream = None
             except UpstreamResponseTooLarge:
                 # It answered, too much to read: not retried; the attempt is the one recorded.
                 signals.finished(backend)
@@ -222,6 +226,7 @@ class Dispatcher:
                     log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, failure, held)
                     ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
                     last_error = UpstreamConnectError(str(held), timeout=held.timeout)
+                    last_stream = held
                 else:
                     metrics.child(metrics.upstream_attempts, backend, str(status)).inc()
                     if status < 500:
@@ -268,6 +273,14 @@ class Dispatcher:
             del ctx.failed_attempts[last_index]
             ctx.target = last_target
             return last_response
+        if last_stream is not None and last_stream.client_message:
+            # Its stream failed before any content (an oversize event, an error event, a cut): the
+            # client is told why, redacted like any upstream text.
+            failed = UpstreamTimeout if last_stream.timeout else UpstreamUnavailable
+            message, code = last_stream.client_message, last_stream.code
+            if last_stream.upstream_text:
+                message, code = self.redact(message), self.redact.optional(code)
+            raise failed(message, code=code)
         if last_error is not None and last_error.timeout:
             raise UpstreamTimeout("The upstream did not answer in time.")
         raise UpstreamUnavailable("No upstream could be reached for this model.")

@@ -43,6 +43,7 @@ PRIMARIES: dict[str, tuple[str, str]] = {
     "conterr": ("fault:error-event-after-2", "resume: continue"),
     "contreject": ("fault:cut-after-2", "resume: continue"),
     "restart": ("fault:cut-after-2", "resume: restart"),
+    "restartstall": ("fault:stall-after-2", f"resume: restart, timeouts: {{stall_s: {STALL_S}}}"),
     # A rescue slower than stall_s: the wait for the continuation is not a stall of the stream.
     "contslow": ("fault:cut-after-2", f"resume: continue, timeouts: {{stall_s: {STALL_S}}}"),
 }
@@ -319,13 +320,16 @@ def test_a_prefill_refused_by_the_fallback_ends_with_the_original_failure(
     assert len(_text(payloads[:-1]).split()) == 10  # what the client had before the break
 
 
-def test_restart_holds_the_stream_and_restarts_a_broken_one_whole(client: httpx.Client, fake: FakeControl) -> None:
-    r, payloads, marker = _stream(client, "r-restart", **FULL)
+@pytest.mark.parametrize("scenario", ["restart", "restartstall"])
+def test_restart_holds_the_stream_and_restarts_a_broken_one_whole(
+    client: httpx.Client, fake: FakeControl, scenario: str
+) -> None:
+    r, payloads, marker = _stream(client, f"r-{scenario}", **FULL)
     assert r.status_code == 200
     assert r.headers["x-strait-deployment"] == "m-good@good"
     _assert_one_clean_answer(payloads)  # nothing of the broken attempt reached the client
     assert _text(payloads) == _expected_text(client, **FULL)
     primary, restarted = _attempts(fake, marker)
     # Broken after content: the next deployment at once (not the same one again, as before content).
-    assert (primary["model"], restarted["model"]) == ("fault:cut-after-2", "fake-model")
+    assert (primary["model"], restarted["model"]) == (PRIMARIES[scenario][0], "fake-model")
     assert primary["completion_tokens_generated"] == 10
