@@ -21,15 +21,17 @@ What is held is bounded: past `MAX_HELD_EVENTS` events or `max_bytes` bytes with
 cost per request, and such a stream is making progress. The held events go to the client in one batch,
 first (`UpstreamResponse.head`), then the stream goes on where it was.
 
-Costs one `asyncio.timeout` per streamed attempt and one small decode per held event (only before the
-commit point; the relay's own per-event check is unchanged).
+Runs under the attempt's own timeout block (the dispatcher's, moved from the head's deadline to the
+first token's: no second one) and costs one small decode per held event, only before the commit point
+(the relay's own per-event check is unchanged).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import msgspec
 
@@ -115,7 +117,10 @@ class NotCommitted(Exception):
         return self.failure == "timeout"
 
 
-class _Held:
+class Held:
+    """What an attempt sent before its commit point (events, bytes, whether content came, which choices
+    finished): the caller keeps it, so that a timeout can tell what it interrupted."""
+
     __slots__ = ("bytes", "content", "done", "events", "finished")
 
     def __init__(self) -> None:
@@ -126,7 +131,7 @@ class _Held:
         self.finished: set[int] = set()  # choices that sent their finish_reason
 
 
-def _inspect(held: _Held, batch: list[bytes], whole: bool) -> None:
+def _inspect(held: Held, batch: list[bytes], whole: bool) -> None:
     """Add a batch to the hold; raises NotCommitted on an in-band error before the commit point. What
     follows the first content event in its batch is the relay's to check (committed from there on)."""
     for i, payload in enumerate(batch):
@@ -162,9 +167,22 @@ def _inspect(held: _Held, batch: list[bytes], whole: bool) -> None:
                     held.finished.add(choice.index)
 
 
+def _puller(response: UpstreamResponse) -> Callable[[], Awaitable[list[bytes]]]:
+    if response.batches is not None:
+        return response.batches.__anext__
+    assert response.events is not None
+    events = response.events
+
+    async def pull() -> list[bytes]:
+        return [await events.__anext__()]
+
+    return pull
+
+
 async def hold(
     response: UpstreamResponse,
-    deadline: float,
+    timer: asyncio.Timeout,
+    held: Held,
     *,
     whole: bool = False,
     stall_s: float | None = None,
@@ -173,67 +191,70 @@ async def hold(
     name: str = "upstream",
 ) -> list[bytes]:
     """The events up to the commit point (the first content event, or with `whole` the end); raises
-    NotCommitted. `deadline` is in the event loop's clock. The caller closes the response on failure."""
-    if response.batches is not None:
-        pull = response.batches.__anext__
-    else:
-        assert response.events is not None
-        events = response.events
-
-        async def pull() -> list[bytes]:
-            return [await events.__anext__()]
-
-    held = _Held()
+    NotCommitted. Runs under the caller's `timer` (the attempt's one timeout block: its deadline is the
+    first token's; with `whole`, moved on by `stall_s` after each read once content came): a timeout
+    surfaces where the caller's block ends, where `timed_out(held)` says what it means. The caller
+    closes the response on failure."""
+    pull = _puller(response)
     loop = asyncio.get_running_loop()
     limit_events = MAX_HELD_EVENTS if not whole else 1 << 30
+    while True:
+        try:
+            batch = await pull()
+        except StopAsyncIteration:
+            batch = []
+        except UpstreamStreamBroken as exc:
+            if exc.clean_end and held.content and len(held.finished) >= choices:
+                # Complete without `[DONE]` (some engines omit it): Strait sends it.
+                held.events.append(DONE)
+                return held.events
+            failure: Failure = "timeout" if exc.timeout else "reset"
+            raise NotCommitted(
+                failure,
+                f"{name}: {exc}",
+                after_content=held.content,
+                client_message=exc.client_message,
+                code=exc.code,
+            ) from None
+        except Exception as exc:
+            log.exception("%s: the stream failed before it was committed", name)
+            raise NotCommitted("reset", f"{name}: {type(exc).__name__}", after_content=held.content) from None
+        if not batch:
+            what = "the answer's end" if whole and held.content else "any content"
+            raise NotCommitted("reset", f"{name}: the stream ended before {what}", after_content=held.content)
+        _inspect(held, batch, whole)
+        if held.done:
+            if not held.content:
+                raise NotCommitted("reset", f"{name}: the stream ended before any content")
+            return held.events
+        if held.content and not whole:
+            return held.events
+        if held.bytes > max_bytes or len(held.events) > limit_events:
+            log.warning(
+                "%s: %d events (%d bytes) held %s: committed as it is",
+                name,
+                len(held.events),
+                held.bytes,
+                "without its end" if whole else "without content",
+            )
+            return held.events
+        if held.content:
+            # Holding the whole answer: from its first content on, only silence is bounded.
+            timer.reschedule(None if stall_s is None else loop.time() + stall_s)
+
+
+def timed_out(held: Held, name: str = "upstream") -> NotCommitted:
+    """What a timeout during `hold` means: no content in time, or (holding the whole answer) a stall."""
+    if held.content:
+        return NotCommitted("timeout", f"{name}: the stream stalled past the route's stall_s", after_content=True)
+    return NotCommitted("timeout", f"{name}: no content within the route's first_token_s")
+
+
+async def hold_until(response: UpstreamResponse, deadline: float, **options: Any) -> list[bytes]:
+    """`hold` under a timeout block of its own ending at `deadline` (the loop's clock)."""
+    held = Held()
     try:
         async with asyncio.timeout_at(deadline) as timer:
-            while True:
-                try:
-                    batch = await pull()
-                except StopAsyncIteration:
-                    batch = []
-                except UpstreamStreamBroken as exc:
-                    if exc.clean_end and held.content and len(held.finished) >= choices:
-                        # Complete without `[DONE]` (some engines omit it): Strait sends it.
-                        held.events.append(DONE)
-                        return held.events
-                    failure: Failure = "timeout" if exc.timeout else "reset"
-                    raise NotCommitted(
-                        failure,
-                        f"{name}: {exc}",
-                        after_content=held.content,
-                        client_message=exc.client_message,
-                        code=exc.code,
-                    ) from None
-                except Exception as exc:
-                    log.exception("%s: the stream failed before it was committed", name)
-                    raise NotCommitted("reset", f"{name}: {type(exc).__name__}", after_content=held.content) from None
-                if not batch:
-                    what = "the answer's end" if whole and held.content else "any content"
-                    raise NotCommitted("reset", f"{name}: the stream ended before {what}", after_content=held.content)
-                _inspect(held, batch, whole)
-                if held.done:
-                    if not held.content:
-                        raise NotCommitted("reset", f"{name}: the stream ended before any content")
-                    return held.events
-                if held.content and not whole:
-                    return held.events
-                if held.bytes > max_bytes or len(held.events) > limit_events:
-                    log.warning(
-                        "%s: %d events (%d bytes) held %s: committed as it is",
-                        name,
-                        len(held.events),
-                        held.bytes,
-                        "without its end" if whole else "without content",
-                    )
-                    return held.events
-                if held.content:
-                    # Holding the whole answer: from its first content on, only silence is bounded.
-                    timer.reschedule(None if stall_s is None else loop.time() + stall_s)
+            return await hold(response, timer, held, **options)
     except TimeoutError:
-        if held.content:
-            raise NotCommitted(
-                "timeout", f"{name}: the stream stalled past the route's stall_s", after_content=True
-            ) from None
-        raise NotCommitted("timeout", f"{name}: no content within the route's first_token_s") from None
+        raise timed_out(held, options.get("name", "upstream")) from None

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 from opentelemetry.trace import Status, StatusCode, set_span_in_context
 
@@ -35,7 +35,7 @@ from gateway.policy.model import RetryPolicy, TryTimeouts, UpstreamLimits
 from gateway.spans import start_attempt_span
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
-from gateway.upstream.commit import MAX_HELD_BYTES, NotCommitted, hold
+from gateway.upstream.commit import MAX_HELD_BYTES, Held, NotCommitted, hold, timed_out
 from gateway.upstream.redact import NO_SECRETS, Redactor
 from gateway.upstream.retry import NEXT, Failure, Move, RetryBudgets, classify_status, next_move
 from gateway.upstream.signals import LiveSignals
@@ -95,55 +95,76 @@ class Dispatcher:
     async def _send(
         self, ctx: RequestContext, call: UpstreamCall, target: Target, timeouts: TryTimeouts
     ) -> UpstreamResponse:
-        """One attempt, bounded by the route's per-try timeout: a stream's head, or a whole JSON answer."""
+        """One attempt, bounded by the route's per-try timeout: a whole JSON answer, or a stream up to its
+        commit point (`_send_stream`)."""
         if self.tracing is not None and ctx.span is not None:
             sending = self._send_traced(ctx, call, target)
         else:
             sending = self.adapters[target.backend.name].send(call)
-        # A stream's head cannot come later than its first token may.
-        limit = min(timeouts.stream_headers_s, timeouts.first_token_s) if ctx.stream else timeouts.response_s
+        if ctx.stream:
+            return await self._send_stream(ctx, sending, target, timeouts)
+        limit = timeouts.response_s
         if limit is None:
             return await sending
         try:
             async with asyncio.timeout(limit):
                 return await sending
         except TimeoutError:
-            what = "a stream's head" if ctx.stream else "an answer"
             raise UpstreamConnectError(
-                f"{target.backend.name}: no {what} within {limit:g} s (the route's timeouts)", timeout=True
+                f"{target.backend.name}: no answer within {limit:g} s (the route's timeouts)", timeout=True
             ) from None
 
-    async def _commit(
-        self, ctx: RequestContext, response: UpstreamResponse, target: Target, timeouts: TryTimeouts, t0: float
-    ) -> list[bytes] | NotCommitted:
-        """Hold a streamed answer until its first content event (gateway.upstream.commit): the events
-        held, or why the attempt failed (the upstream then closed, its in-flight slot given back)."""
+    async def _send_stream(
+        self, ctx: RequestContext, sending: Awaitable[UpstreamResponse], target: Target, timeouts: TryTimeouts
+    ) -> UpstreamResponse:
+        """A streamed attempt under one timeout block: its head within `stream_headers_s` (at most
+        `first_token_s`), then held until its first content event within `first_token_s` of the start
+        (gateway.upstream.commit; with `resume: restart`, until its end). Raises UpstreamConnectError
+        (no head), or NotCommitted (it failed before its commit point; the upstream is then closed)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeouts.first_token_s - (time.perf_counter() - t0)
-        route = ctx.route
-        # `resume: restart` (a first attempt, not a continuation): the whole answer is held.
-        whole = route is not None and route.resume == "restart"
-        limits = target.backend.limits
-        max_bytes = (limits if limits is not None else UpstreamLimits()).max_body_bytes if whole else MAX_HELD_BYTES
+        start = loop.time()
+        first_token = timeouts.first_token_s
+        head_limit = min(timeouts.stream_headers_s, first_token)
+        name = target.backend.name
+        response: UpstreamResponse | None = None
+        held = Held()
+        failed: NotCommitted
         try:
-            return await hold(
-                response,
-                deadline,
-                whole=whole,
-                stall_s=timeouts.stall_s,
-                choices=_choices(ctx),
-                max_bytes=max_bytes,
-                name=target.backend.name,
-            )
+            async with asyncio.timeout_at(start + head_limit) as timer:
+                response = await sending
+                if not response.streaming:
+                    return response  # an error answer: the dispatcher's to classify
+                timer.reschedule(start + first_token)
+                route = ctx.route
+                whole = route is not None and route.resume == "restart"
+                limits = target.backend.limits
+                response.head = await hold(
+                    response,
+                    timer,
+                    held,
+                    whole=whole,
+                    stall_s=timeouts.stall_s,
+                    choices=_choices(ctx),
+                    max_bytes=(limits or UpstreamLimits()).max_body_bytes if whole else MAX_HELD_BYTES,
+                    name=name,
+                )
+                return response
+        except TimeoutError:
+            if response is None:
+                raise UpstreamConnectError(
+                    f"{name}: no stream head within {head_limit:g} s (the route's timeouts)", timeout=True
+                ) from None
+            failed = timed_out(held, name)
         except NotCommitted as exc:
-            await _close(response)
-            self.signals.finished(target.backend.name)
-            return exc
+            failed = exc
         except BaseException:
             # The client left (or the request was cancelled) while the answer was held.
-            await _close(response)
-            self.signals.finished(target.backend.name)
+            if response is not None:
+                await _close(response)
             raise
+        assert response is not None
+        await _close(response)
+        raise failed
 
     async def call(self, ctx: RequestContext) -> UpstreamResponse:
         plan = ctx.plan
@@ -196,6 +217,19 @@ class Dispatcher:
                 ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
                 last_error = exc
                 last_stream = None
+            except NotCommitted as held:
+                # A stream that failed before its first content (closed by `_send_stream`).
+                signals.finished(backend)
+                ctx.target = target
+                failure = held.failure
+                metrics.child(metrics.upstream_attempts, backend, failure).inc()
+                log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, failure, held)
+                ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
+                last_error = UpstreamConnectError(str(held), timeout=held.timeout)
+                last_stream = held
+                # A held whole answer (`resume: restart`) that broke after content restarts on the
+                # next deployment, not the same one.
+                restart = held.after_content
             except UpstreamResponseTooLarge:
                 # It answered, too much to read: not retried; the attempt is the one recorded.
                 signals.finished(backend)
@@ -208,25 +242,12 @@ class Dispatcher:
                 status = response.status
                 ctx.target = target
                 if response.streaming:
-                    # A stream is only ever a 200; it is the client's once its first content arrived.
-                    held = await self._commit(ctx, response, target, timeouts, t0)
-                    if not isinstance(held, NotCommitted):
-                        response.head = held
-                        metrics.child(metrics.upstream_attempts, backend, "200").inc()
-                        # It holds its in-flight slot until the relay closes it.
-                        signals.answered(backend, target.label, time.perf_counter() - t0)
-                        ctx.plan_index, ctx.attempts = index, attempt
-                        return response
-                    failure = held.failure
-                    # A held whole answer (`resume: restart`) that broke after content restarts on the
-                    # next deployment, not the same one.
-                    restart = held.after_content
-                    status = None
-                    metrics.child(metrics.upstream_attempts, backend, failure).inc()
-                    log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, failure, held)
-                    ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
-                    last_error = UpstreamConnectError(str(held), timeout=held.timeout)
-                    last_stream = held
+                    # A stream is only ever a 200, and the client's from its first content (held so far).
+                    metrics.child(metrics.upstream_attempts, backend, "200").inc()
+                    # It holds its in-flight slot until the relay closes it.
+                    signals.answered(backend, target.label, time.perf_counter() - t0)
+                    ctx.plan_index, ctx.attempts = index, attempt
+                    return response
                 else:
                     metrics.child(metrics.upstream_attempts, backend, str(status)).inc()
                     if status < 500:
@@ -335,6 +356,12 @@ class Dispatcher:
                 metrics.child(metrics.upstream_attempts, backend, outcome).inc()
                 log.warning("rescue on %s failed (%s): %s", backend, outcome, exc)
                 ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
+            except NotCommitted as held:
+                signals.finished(backend)
+                failure = held.failure
+                metrics.child(metrics.upstream_attempts, backend, failure).inc()
+                log.warning("rescue on %s failed (%s): %s", backend, failure, held)
+                ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
             except BaseException:
                 signals.finished(backend)
                 raise
@@ -348,22 +375,15 @@ class Dispatcher:
                     ctx.failed_attempts.append((target, response.status, time.perf_counter() - t0))
                     failure = "5xx" if response.status >= 500 else None
                 else:
-                    held = await self._commit(ctx, response, target, timeouts, t0)
-                    if not isinstance(held, NotCommitted):
-                        response.head = held
-                        metrics.child(metrics.upstream_attempts, backend, "200").inc()
-                        signals.answered(backend, target.label, time.perf_counter() - t0)
-                        broken = ctx.target
-                        if broken is not None:
-                            # The broken stream's slot and failure (the relay's tap counts the new one).
-                            signals.finished(broken.backend.name)
-                            signals.failed(broken.backend.name, time.monotonic(), broken.label)
-                        ctx.target, ctx.plan_index = target, index
-                        return response
-                    failure = held.failure
-                    metrics.child(metrics.upstream_attempts, backend, failure).inc()
-                    log.warning("rescue on %s failed (%s): %s", backend, failure, held)
-                    ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
+                    metrics.child(metrics.upstream_attempts, backend, "200").inc()
+                    signals.answered(backend, target.label, time.perf_counter() - t0)
+                    broken = ctx.target
+                    if broken is not None:
+                        # The broken stream's slot and failure (the relay's tap counts the new one).
+                        signals.finished(broken.backend.name)
+                        signals.failed(broken.backend.name, time.monotonic(), broken.label)
+                    ctx.target, ctx.plan_index = target, index
+                    return response
             if failure in _UNHEALTHY:
                 signals.failed(backend, time.monotonic(), target.label)
         return None

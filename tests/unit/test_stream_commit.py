@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
-from gateway.upstream.commit import MAX_HELD_EVENTS, NotCommitted, hold
+from gateway.upstream.commit import MAX_HELD_EVENTS, NotCommitted, hold_until
 
 ROLE = b'{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}'
 ROLE_NULL = b'{"choices":[{"index":0,"delta":{"role":"assistant","content":null}}]}'
@@ -39,19 +39,19 @@ def _later() -> float:
 
 @pytest.mark.parametrize("first", [CONTENT, TOOL, FINISH, TEXT])
 async def test_the_first_content_event_commits_and_everything_before_it_is_held(first: bytes) -> None:
-    held = await hold(_response([ROLE], [ROLE_NULL, first, CONTENT]), _later())
+    held = await hold_until(_response([ROLE], [ROLE_NULL, first, CONTENT]), _later())
     assert held == [ROLE, ROLE_NULL, first, CONTENT]
 
 
 async def test_the_stream_goes_on_after_the_held_events() -> None:
     response = _response([ROLE, CONTENT], [FINISH, DONE])
-    assert await hold(response, _later()) == [ROLE, CONTENT]
+    assert await hold_until(response, _later()) == [ROLE, CONTENT]
     assert response.batches is not None
     assert await response.batches.__anext__() == [FINISH, DONE]
 
 
 async def test_an_error_after_content_in_the_same_read_is_the_relays_business() -> None:
-    assert await hold(_response([ROLE, CONTENT, ERROR]), _later()) == [ROLE, CONTENT, ERROR]
+    assert await hold_until(_response([ROLE, CONTENT, ERROR]), _later()) == [ROLE, CONTENT, ERROR]
 
 
 @pytest.mark.parametrize(
@@ -67,31 +67,36 @@ async def test_an_error_after_content_in_the_same_read_is_the_relays_business() 
 )
 async def test_a_stream_that_fails_before_content_is_a_failed_attempt(response: UpstreamResponse, failure: str) -> None:
     with pytest.raises(NotCommitted) as caught:
-        await hold(response, _later())
+        await hold_until(response, _later())
     assert caught.value.failure == failure
 
 
 async def test_no_content_by_the_deadline_is_a_timeout() -> None:
     loop = asyncio.get_running_loop()
     with pytest.raises(NotCommitted) as caught:
-        await hold(_response([ROLE], forever=True), loop.time() + 0.05)
+        await hold_until(_response([ROLE], forever=True), loop.time() + 0.05)
     assert caught.value.failure == "timeout" and caught.value.timeout
 
 
 async def test_what_is_held_is_bounded() -> None:
     many = [ROLE] * (MAX_HELD_EVENTS + 5)
-    held = await hold(_response(many, forever=True), _later())
+    held = await hold_until(_response(many, forever=True), _later())
     assert len(held) == MAX_HELD_EVENTS + 5  # committed as it is, not held further
 
 
 async def test_whole_holds_to_the_end_and_fails_on_a_break_after_content() -> None:
-    assert await hold(_response([ROLE, CONTENT], [FINISH, DONE]), _later(), whole=True) == [ROLE, CONTENT, FINISH, DONE]
+    assert await hold_until(_response([ROLE, CONTENT], [FINISH, DONE]), _later(), whole=True) == [
+        ROLE,
+        CONTENT,
+        FINISH,
+        DONE,
+    ]
     with pytest.raises(NotCommitted) as caught:
-        await hold(_response([ROLE, CONTENT], then=UpstreamStreamBroken("cut")), _later(), whole=True)
+        await hold_until(_response([ROLE, CONTENT], then=UpstreamStreamBroken("cut")), _later(), whole=True)
     assert caught.value.failure == "reset" and caught.value.after_content
     # A clean end after every choice finished is complete without [DONE]: Strait adds it.
     clean = UpstreamStreamBroken("no [DONE]", clean_end=True)
-    assert await hold(_response([ROLE, CONTENT, FINISH], then=clean), _later(), whole=True) == [
+    assert await hold_until(_response([ROLE, CONTENT, FINISH], then=clean), _later(), whole=True) == [
         ROLE,
         CONTENT,
         FINISH,
@@ -102,5 +107,5 @@ async def test_whole_holds_to_the_end_and_fails_on_a_break_after_content() -> No
 async def test_whole_bounds_silence_after_content_with_stall_s() -> None:
     loop = asyncio.get_running_loop()
     with pytest.raises(NotCommitted) as caught:
-        await hold(_response([ROLE, CONTENT], forever=True), loop.time() + 60, whole=True, stall_s=0.05)
+        await hold_until(_response([ROLE, CONTENT], forever=True), loop.time() + 60, whole=True, stall_s=0.05)
     assert caught.value.failure == "timeout" and caught.value.after_content
