@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.contracts import UpstreamResponse, UpstreamStreamBroken
 from gateway.upstream.commit import MAX_HELD_EVENTS, NotCommitted, hold_until
@@ -109,3 +111,32 @@ async def test_whole_bounds_silence_after_content_with_stall_s() -> None:
     with pytest.raises(NotCommitted) as caught:
         await hold_until(_response([ROLE, CONTENT], forever=True), loop.time() + 60, whole=True, stall_s=0.05)
     assert caught.value.failure == "timeout" and caught.value.after_content
+
+
+@given(
+    st.lists(st.sampled_from([ROLE, ROLE_NULL, b"not json", b'{"choices":[]}']), max_size=6),
+    st.lists(st.sampled_from([CONTENT, TOOL, TEXT]), min_size=1, max_size=8),
+    st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=20),
+)
+async def test_nothing_is_lost_or_reordered_whatever_the_reads(
+    before: list[bytes], content: list[bytes], sizes: list[int]
+) -> None:
+    """The held events, then what the stream yields after, are exactly the upstream's events in order."""
+    events = [*before, *content, FINISH, DONE]
+    batches: list[list[bytes]] = []
+    i = 0
+    for size in sizes * len(events):
+        if i >= len(events):
+            break
+        batches.append(events[i : i + size])
+        i += size
+    response = _response(*batches)
+    held = await hold_until(response, _later())
+    rest: list[bytes] = []
+    assert response.batches is not None
+    async for batch in response.batches:
+        rest += batch
+    assert held + rest == events
+    # Held up to the read that brought the first content, not beyond it.
+    first = len(before)
+    assert first < len(held) <= first + 4
