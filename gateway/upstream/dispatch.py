@@ -14,7 +14,9 @@ stream's commit point is its first content event, not its 200 status line (gatew
 until then the events are held, and a stream without content within the route's `first_token_s`, or
 that fails, ends or reports an error before content, is a failed attempt like one that never answered.
 Each attempt updates the live signals the engine ranks with (in-flight, latency EWMA, `failed` for
-connect errors, resets, timeouts and 5xx).
+connect errors, resets, timeouts and 5xx). `resume` is the mid-stream rescue of a route with `resume:
+continue` (gateway.upstream.rescue): the plan's next deployments declaring `prefill` are asked to
+continue a committed stream that broke, within the same `max_attempts` and retry budget.
 """
 
 from __future__ import annotations
