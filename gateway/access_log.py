@@ -86,7 +86,9 @@ class AccessLog:
             cost_usd=cost_micro_usd / 1e6,
             ttft_ms=None if ttft_s is None else round(ttft_s * 1000, 3),
             partial=partial,
-            attempts=0 if cache is not None else len(ctx.failed_attempts) + (1 if ctx.target is not None else 0),
+            attempts=0
+            if cache is not None
+            else len(ctx.failed_attempts) + len(ctx.continued) + (1 if ctx.target is not None else 0),
             error=error,
             trace_id=trace_id,
             cache=cache,

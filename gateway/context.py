@@ -23,6 +23,20 @@ if TYPE_CHECKING:
     from gateway.upstream.retry import BudgetClaim
 
 
+@dataclass(slots=True, frozen=True)
+class ContinuedAttempt:
+    """A stream that broke after sending content, continued on another deployment: what it produced
+    is billed at its own deployment's price (estimated when it sent no usage)."""
+
+    target: Target
+    status: int
+    seconds: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    estimated: bool
+
+
 @dataclass(slots=True)
 class RequestContext:
     # Written by the API edge; read by every stage. Minted by the gateway (gateway.api.identity): the
@@ -73,6 +87,12 @@ class RequestContext:
     # Written by `upstream`: this request's share of its route's retry budget (active, and its retry in
     # flight), from dispatch until the upstream stage's tap ends it with the answer.
     retry_claim: BudgetClaim | None = None
+    # Written by `upstream`: the plan index of `target` and the attempts made so far (a mid-stream
+    # rescue goes on from there), and the streams that broke after sending content and were continued
+    # on another deployment (billed for what they produced: written by the relay, read by accounting).
+    plan_index: int = 0
+    attempts: int = 0
+    continued: list[ContinuedAttempt] = field(default_factory=list)
     # Written by accounting: the release of this request's concurrency slots, to be awaited by the edge
     # before the answer's last byte (a sequential client must find its slot free).
     settling: asyncio.Future[None] | None = None

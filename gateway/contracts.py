@@ -11,7 +11,7 @@ from gateway.canonical import Operation as Operation
 from gateway.canonical import Request
 from gateway.errors import ErrorBody
 from gateway.errors import UpstreamResponseTooLarge as UpstreamResponseTooLarge
-from gateway.passthrough import splice
+from gateway.passthrough import splice, with_prefill
 from gateway.policy.model import Backend
 from gateway.upstream.wire import Usage
 
@@ -41,6 +41,10 @@ class UpstreamCall:
     # decoded to text for a model of another vocabulary (gateway.upstream.token_inputs); `request.inputs`
     # holds the same texts.
     inputs: bytes | None = None
+    # Mid-stream rescue: the text the client already has, to be continued as the assistant's prefix
+    # (gateway.passthrough.with_prefill), and the tokens already produced (off the max_tokens).
+    prefill: str | None = None
+    prefill_tokens: int = 0
 
     def passthrough(self, protocol: str) -> bytes | None:
         """The client's body for an upstream speaking `protocol`, or None if the client spoke another."""
@@ -48,7 +52,10 @@ class UpstreamCall:
         if source is None or source.protocol != protocol:
             return None
         inputs = None if self.inputs is None else ("input" if self.operation == "embeddings" else "prompt", self.inputs)
-        return splice(source, self.model, stream_usage=self.stream, inputs=inputs)
+        body = splice(source, self.model, stream_usage=self.stream, inputs=inputs)
+        if self.prefill is not None:
+            return with_prefill(body, self.prefill, self.prefill_tokens)
+        return body
 
 
 @dataclass(slots=True)
@@ -75,6 +82,9 @@ class UpstreamResponse:
     # failed included): what a client that left, or a stream that broke, cost too. Called once, after
     # the stream stopped and before `close`.
     drain: Callable[[], list[bytes]] | None = None
+    # Set by the dispatcher, not the adapter: the events it read before committing the client's answer
+    # to this upstream (up to the first content event: gateway.upstream.commit), relayed first.
+    head: list[bytes] | None = None
 
     @property
     def streaming(self) -> bool:
@@ -165,6 +175,9 @@ class End:
     error: ErrorBody | None = None
     # The stream's last event: the model of a usage chunk the client asked for and the upstream never sent.
     last_event: bytes | None = None
+    # A stream continued after a break (mid-stream rescue): the billed tokens of the attempts before
+    # the one this End describes, added to the usage the client is shown (never to this attempt's bill).
+    earlier: Usage | None = None
     # Answered from the cache (no upstream ran): "hit" (exact) or "semantic-hit"; `saved` is the cached
     # answer's own usage (the tokens not spent again), `hit_price` the share of its cost charged.
     cache: Literal["hit", "semantic-hit"] | None = None

@@ -184,3 +184,31 @@ def splice(
         pos = end
     parts.append(body[pos:])
     return b"".join(parts)
+
+
+def with_prefill(body: bytes, prefix: str, produced: int) -> bytes | None:
+    """A chat body (already spliced) asking to continue `prefix` as the assistant's answer (mid-stream
+    rescue): the prefix appended as a final assistant message (joined to one the client sent itself),
+    vLLM's `continue_final_message: true` and `add_generation_prompt: false` set (llama.cpp's server
+    continues a final assistant message by itself and ignores them), and `max_tokens` /
+    `max_completion_tokens` lowered by the `produced` tokens already spent. Re-encoded: the rare path.
+    None when the body has no message list to continue."""
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if not isinstance(messages, list):
+        return None
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant" and isinstance(last.get("content"), str):
+        messages[-1] = {**last, "content": last["content"] + prefix}
+    else:
+        messages.append({"role": "assistant", "content": prefix})
+    data["continue_final_message"] = True
+    data["add_generation_prompt"] = False
+    for name in ("max_tokens", "max_completion_tokens"):
+        limit = data.get(name)
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            data[name] = max(1, limit - produced)
+    return msgspec.json.encode(data)

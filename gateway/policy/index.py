@@ -75,10 +75,14 @@ class Target:
     label: str = ""
     capabilities: frozenset[str] = frozenset()
     header: tuple[bytes, bytes] = (b"", b"")
+    # Its engine continues a final assistant message (the backend's or the deployment's `prefill`).
+    prefill: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "label", f"{self.model.name}@{self.backend.name}")
         object.__setattr__(self, "capabilities", frozenset(self.model.capabilities))
+        serving = (*self.backend.capabilities, *self.deployment.capabilities)
+        object.__setattr__(self, "prefill", "prefill" in serving)
         object.__setattr__(self, "header", deployment_header(self.label))
 
 

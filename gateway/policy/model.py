@@ -13,6 +13,10 @@ import msgspec
 
 Tier = Literal["edge", "self-hosted", "provider"]
 Capability = Literal["chat", "completions", "tools", "vision", "json", "embeddings"]
+# What a deployment's serving engine can do beyond the model's capabilities: `prefill` continues a final
+# assistant message (llama.cpp's server; vLLM with `continue_final_message`; Anthropic): the target of
+# a route's `resume: continue`.
+ServingCapability = Literal["prefill"]
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -144,12 +148,16 @@ class Backend(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     capacity: Capacity = Capacity()
     simulated: SimulatedOptions | None = None
     outlier: OutlierPolicy = OutlierPolicy()
+    # For every deployment on this backend (a deployment may add its own).
+    capabilities: tuple[ServingCapability, ...] = ()
 
 
 class Deployment(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     backend: str
     upstream_model: str
     price: Price = Price()
+    # Added to its backend's `capabilities`.
+    capabilities: tuple[ServingCapability, ...] = ()
 
 
 class Origin(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -344,6 +352,15 @@ class TryTimeouts(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # A non-streaming request: the whole answer (its head comes with it, after the generation). None:
     # only the backend's `read_s` bounds the silence between reads.
     response_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    # A streaming request: from sending it to the upstream's first content event (a chunk with content,
+    # a tool call, reasoning or a finish_reason; the role-only first chunk does not count). The client's
+    # answer is committed to an upstream only then: an attempt without content by this time, or whose
+    # stream fails or ends before content, is a failed attempt like one before the response head.
+    first_token_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    # A committed stream: the longest silence between two reads from the upstream. Past it the stream
+    # ends as timed out (an error event, no [DONE]) and the deployment counts as failed. Distinct from
+    # the backend's `read_s` (which bounds every read of every route). None: only `read_s`.
+    stall_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = 30.0
 
 
 class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -367,6 +384,12 @@ class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Retries and failover before the first byte (gateway.upstream.retry), and per-attempt timeouts.
     retry: RetryPolicy = RetryPolicy()
     timeouts: TryTimeouts = TryTimeouts()
+    # A committed stream that breaks (cut, stall, error event): `off` ends it with an error event;
+    # `continue` re-issues it to the plan's next deployment with capability `prefill`, the text already
+    # sent as the assistant's prefix, and stitches the continuation into the same stream; `restart`
+    # holds the whole stream until it completes (no streaming latency) and restarts a broken one on
+    # the next deployment, so the client only ever sees one complete answer.
+    resume: Literal["off", "continue", "restart"] = "off"
 
 
 class TenantKey(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -183,6 +183,36 @@ class AccountingStage(EndTap):
                 False,
                 "none",
             )
+        # Streams that broke after sending content and were continued elsewhere (`resume: continue`):
+        # billed for what they produced, at their own deployment's price.
+        earlier_prompt = earlier_completion = earlier_cost = 0
+        for n, part in enumerate(ctx.continued, start=len(ctx.failed_attempts) + 1):
+            if principal is None:
+                break
+            part_cost = cost_micro_usd(
+                part.target.deployment.price, part.prompt_tokens, part.completion_tokens, part.cached_tokens
+            )
+            self._submit(
+                ctx,
+                n,
+                False,
+                ts_ms,
+                part.target.model.name,
+                part.target.label,
+                part.target.backend.name,
+                part.status,
+                part.prompt_tokens,
+                part.completion_tokens,
+                part.cached_tokens,
+                part_cost,
+                part.seconds,
+                ttft_s,
+                True,
+                "estimated" if part.estimated else "provider",
+            )
+            earlier_prompt += part.prompt_tokens
+            earlier_completion += part.completion_tokens
+            earlier_cost += part_cost
         if target is not None and principal is not None:
             if usage is not None:
                 prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, cached_tokens(usage)
@@ -198,7 +228,7 @@ class AccountingStage(EndTap):
             cost = cost_micro_usd(target.deployment.price, prompt, completion, cached)
             self._submit(
                 ctx,
-                len(ctx.failed_attempts) + 1,
+                len(ctx.failed_attempts) + len(ctx.continued) + 1,
                 True,
                 ts_ms,
                 target.model.name,
@@ -214,11 +244,18 @@ class AccountingStage(EndTap):
                 partial_,
                 source,
             )
-        self.release(ctx, prompt + completion, cost)
+        self.release(ctx, prompt + completion + earlier_prompt + earlier_completion, cost + earlier_cost)
         ctx.accounted = True
         if self.access_log is not None:
             self.access_log.write(
-                ctx, status, prompt=prompt, completion=completion, cost_micro_usd=cost, ttft_s=ttft_s, partial=partial_
+                ctx,
+                status,
+                # The request's whole bill: a continued stream's earlier attempts included.
+                prompt=prompt + earlier_prompt,
+                completion=completion + earlier_completion,
+                cost_micro_usd=cost + earlier_cost,
+                ttft_s=ttft_s,
+                partial=partial_,
             )
         return prompt, completion
 
@@ -382,7 +419,7 @@ class AccountingStage(EndTap):
             )
         )
         self.metrics.child(self.metrics.usage_records, source).inc()
-        if final and (prompt or completion):
+        if prompt or completion:
             m = self.metrics
             route = ctx.route.name if ctx.route is not None else ctx.route_name
             m.child(m.usage_tokens, principal.tenant, route, deployment, "prompt").inc(prompt)

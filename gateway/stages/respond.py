@@ -5,33 +5,43 @@ A stream is read batch by batch (the events one upstream read completed go to th
 never buffered: every event is checked (one small msgspec decode: valid JSON, an error, a usage block),
 the usage chunk Strait always asks for is dropped when the client did not ask for it, and a mid-stream
 upstream failure ends the stream with an error (redacted) that the edge sends instead of `[DONE]`, so
-the SDK raises instead of returning a silently truncated answer. Stopping (always, exactly once, through
+the SDK raises instead of returning a silently truncated answer. A stream silent for longer than the
+route's `timeouts.stall_s` ends the same way, as timed out (one timer per stream, woken at most once
+per `stall_s`, which cancels the waiting read: no timeout block per read). With the route's
+`resume: continue`, a broken stream is first offered to the dispatcher for a mid-stream rescue
+(gateway.upstream.rescue): its continuation goes on in the same stream, and the End describes the
+continuing attempt (the broken one is recorded in `ctx.continued`). Stopping (always, exactly once, through
 the relay) charges what the upstream had already sent (drain) and tells how it ended; then the upstream
 connection is released. Framing the events for the client is the edge's job (gateway.api.openai.sse_encode).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 
-from gateway.accounting.meter import StreamMeter
-from gateway.context import RequestContext
+from gateway.accounting.meter import StreamMeter, cached_tokens
+from gateway.context import ContinuedAttempt, RequestContext
 from gateway.contracts import End, Outcome, UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody
+from gateway.policy.model import TryTimeouts
 from gateway.reply import Reply, id_headers
 from gateway.telemetry import Metrics
 from gateway.tokens import FALLBACK_ENCODING
 from gateway.upstream.normalize import upstream_error
+from gateway.upstream.rescue import Stitch, add_usage, what_was_sent
 from gateway.upstream.sse import DONE
 from gateway.upstream.wire import UpstreamErrorBody, Usage, UsageProbe
 
 log = logging.getLogger("strait.relay")
 
 _probe_usage = msgspec.json.Decoder(UsageProbe).decode
+# For a stream without a policy route (tests driving the relay alone): the documented defaults.
+DEFAULT_TIMEOUTS = TryTimeouts()
 
 
 def response_headers(ctx: RequestContext) -> dict[str, str]:
@@ -48,7 +58,11 @@ def header_blocks(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     return [ctx.target.header] if ctx.target is not None else []
 
 
-def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -> Reply:
+# Mid-stream rescue: the dispatcher's `resume` (the context, the text the client has, the tokens spent).
+Rescue = Callable[[RequestContext, str, int], Awaitable[UpstreamResponse | None]]
+
+
+def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, rescue: Rescue | None = None) -> Reply:
     route = ctx.route_name
     headers = response_headers(ctx)
     if not 200 <= upstream.status < 300:
@@ -80,7 +94,7 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics) -
     return Reply(
         status=200,
         headers=headers,
-        stream=UpstreamEvents(ctx, upstream, metrics),
+        stream=UpstreamEvents(ctx, upstream, metrics, rescue),
         media_type="text/event-stream",
         extra=header_blocks(ctx),
     )
@@ -104,6 +118,9 @@ class _EventProbe(msgspec.Struct):
 _probe_event = msgspec.json.Decoder(_EventProbe).decode
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 _BROKEN = ErrorBody(message="The upstream stream failed.", type="server_error", code="upstream_stream_broken")
+_STALLED = ErrorBody(
+    message="The upstream stopped sending before the answer was complete.", type="server_error", code="upstream_timeout"
+)
 # Malformed events a stream may skip before it is called broken.
 MAX_MALFORMED_EVENTS = 8
 _BAD_EVENT = ErrorBody(
@@ -120,36 +137,70 @@ def _one_at_a_time(events: AsyncIterator[bytes]) -> Callable[[], Awaitable[list[
     return pull
 
 
+def _head_then(
+    head: list[bytes], rest: Callable[[], Awaitable[list[bytes]]], events: UpstreamEvents
+) -> Callable[[], Awaitable[list[bytes]]]:
+    """A pull that returns `head` once, then hands the stream's own pull back (no cost after that)."""
+
+    async def pull() -> list[bytes]:
+        events._pull = rest
+        return head
+
+    return pull
+
+
 class UpstreamEvents:
     """The upstream's stream as the relay pulls it (a gateway.reply.EventStream)."""
 
     __slots__ = (
+        "_broken",
         "_choices",
+        "_clock",
         "_ctx",
         "_done_choices",
+        "_earlier",
         "_error",
         "_finished",
+        "_loop",
         "_malformed",
         "_meter",
         "_metrics",
         "_outcome",
         "_pull",
+        "_relayed",
+        "_rescue",
+        "_stall_s",
+        "_stalled",
         "_status",
+        "_stitch",
         "_strip",
+        "_task",
+        "_timer",
         "_ttft",
         "_upstream",
         "_usage",
+        "_waiting",
     )
 
-    def __init__(self, ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        ctx: RequestContext,
+        upstream: UpstreamResponse,
+        metrics: Metrics | None = None,
+        rescue: Rescue | None = None,
+    ) -> None:
         self._ctx = ctx
         self._metrics = metrics
         self._upstream = upstream
-        if upstream.batches is not None:
-            self._pull: Callable[[], Awaitable[list[bytes]]] = upstream.batches.__anext__
-        else:
-            assert upstream.events is not None
-            self._pull = _one_at_a_time(upstream.events)
+        self._pull = self._puller(upstream)
+        # Mid-stream rescue (`resume: continue`): the events relayed so far (what the client has, decoded
+        # only if the stream breaks), the failure waiting for a rescue, the continuation's rewriting and
+        # the billed usage of the attempts it continued.
+        self._rescue = rescue
+        self._relayed: list[bytes] | None = [] if rescue is not None else None
+        self._broken: tuple[Outcome, int, ErrorBody] | None = None
+        self._stitch: Stitch | None = None
+        self._earlier: Usage | None = None
         # The usage chunk Strait always asks for is the client's only if it asked for it too.
         self._strip = not ctx.include_usage
         self._usage: Usage | None = None
@@ -166,11 +217,75 @@ class UpstreamEvents:
         self._finished = 0
         request = ctx.request
         self._choices = max(1, request.n or 1) if request is not None else 1
+        # Stall detection: one timer per stream, armed at the first `next`, woken at most once per
+        # `stall_s`; it checks how long the current read has been waiting (`_waiting`, the loop time
+        # the read began, 0 between reads) and re-arms itself, or cancels the read. Per read: two stores.
+        route = ctx.route
+        self._stall_s = (route.timeouts if route is not None else DEFAULT_TIMEOUTS).stall_s
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting = 0.0
+        self._stalled = False
+        self._task: asyncio.Task[object] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # The loop's clock while the timer is armed (None before, and after it ended a read).
+        self._clock: Callable[[], float] | None = None
+
+    def _puller(self, upstream: UpstreamResponse) -> Callable[[], Awaitable[list[bytes]]]:
+        if upstream.batches is not None:
+            pull: Callable[[], Awaitable[list[bytes]]] = upstream.batches.__anext__
+        else:
+            assert upstream.events is not None
+            pull = _one_at_a_time(upstream.events)
+        if upstream.head:
+            # What the dispatcher held until the commit point goes first, in one batch.
+            pull = _head_then(upstream.head, pull, self)
+        return pull
+
+    def _arm(self) -> Callable[[], float]:
+        loop = self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        assert self._stall_s is not None
+        self._timer = loop.call_at(loop.time() + self._stall_s, self._check_stall)
+        clock = self._clock = loop.time
+        return clock
+
+    def _check_stall(self) -> None:
+        """The timer: cancel the read if it has waited `stall_s`, else wake again when it would have."""
+        self._timer = None
+        loop, task, stall = self._loop, self._task, self._stall_s
+        if self._outcome is not None or loop is None or task is None or stall is None:
+            return
+        now = loop.time()
+        since = self._waiting
+        if since and now - since >= stall:
+            self._stalled = True
+            self._clock = None  # re-armed if the stream goes on (a rescue)
+            task.cancel()
+            return
+        self._timer = loop.call_at((since or now) + stall, self._check_stall)
 
     async def next(self) -> list[bytes]:
         while self._outcome is None:
+            if self._broken is not None:
+                await self._resume()
+                continue
+            if self._stall_s is not None:
+                self._waiting = (self._clock or self._arm())()
             try:
                 batch = await self._pull()
+            except asyncio.CancelledError:
+                task = self._task
+                if not self._stalled or task is None or task.uncancel() > 0:
+                    raise  # the client left (or the request was cancelled): not ours to handle
+                self._waiting = 0.0
+                self._stalled = False
+                if self._finished >= self._choices:
+                    # Every choice had finished; only the end was missing: complete, as without [DONE].
+                    self._outcome = "completed"
+                    return []
+                log.warning("request %s: the upstream stream stalled past stall_s", self._ctx.request_id)
+                self._fail("timed_out", 504, _STALLED)
+                continue
             except StopAsyncIteration:
                 self._outcome = "completed"
                 return []
@@ -187,12 +302,13 @@ class UpstreamEvents:
                     self._fail("timed_out", 504, error)
                 else:
                     self._fail("upstream_failed", 502, error)
-                return []
+                continue
             except Exception:
                 # An adapter bug: the client is told the stream failed (not left with a truncated one).
                 log.exception("request %s: the upstream stream failed", self._ctx.request_id)
                 self._fail("upstream_failed", 502, _BROKEN)
-                return []
+                continue
+            self._waiting = 0.0
             if batch[-1] == DONE:
                 # The upstream's end came with this read: the stream completed (the relay sends this
                 # batch together with the end).
@@ -206,8 +322,79 @@ class UpstreamEvents:
             self._meter.add(batch)
             out = self._inspect(batch)
             if out:
-                return out
+                if self._stitch is not None:
+                    out = self._stitch.events(out)
+                if self._relayed is not None:
+                    self._relayed += out
+                if out:
+                    return out
         return []
+
+    async def _resume(self) -> None:
+        """The committed stream broke and the route continues broken streams: ask the dispatcher for a
+        continuation of what the client already has, and go on with it; else end with the original
+        failure (never the fallback's own error)."""
+        broken = self._broken
+        assert broken is not None
+        self._broken = None
+        # No read is waiting: the timer must not take the wait for a continuation for a stall.
+        self._waiting = 0.0
+        ctx = self._ctx
+        rescue = self._rescue
+        failed_target = ctx.target
+        sent = (
+            what_was_sent(self._relayed or ())
+            if rescue is not None and failed_target is not None and self._choices == 1 and ctx.operation == "chat"
+            else None
+        )
+        if sent is None or rescue is None or failed_target is None:
+            self._end_broken(broken)
+            return
+        # What the broken upstream sent but was not relayed is charged too; then it is let go.
+        old = self._upstream
+        drain, old.drain = old.drain, None
+        if drain is not None:
+            self._drain(drain())
+        close, old.close = old.close, None
+        if close is not None:
+            closing = close()
+            if closing is not None:
+                await asyncio.shield(closing)
+        usage = self._usage
+        produced = self._meter.tokens() if usage is None else usage.completion_tokens
+        response = await rescue(ctx, sent.text, produced)
+        if response is None:
+            log.warning("request %s: no deployment could continue the broken stream", ctx.request_id)
+            self._rescue = None
+            self._end_broken(broken)
+            return
+        log.info("request %s: broken stream continued on %s", ctx.request_id, ctx.target.label if ctx.target else "?")
+        prompt = usage.prompt_tokens if usage is not None else ctx.prompt_tokens.count_now()
+        cached = cached_tokens(usage) if usage is not None else 0
+        ctx.continued.append(
+            ContinuedAttempt(
+                target=failed_target,
+                status=broken[1],
+                seconds=time.perf_counter() - ctx.started,
+                prompt_tokens=prompt,
+                completion_tokens=produced,
+                cached_tokens=cached,
+                estimated=usage is None,
+            )
+        )
+        self._earlier = add_usage(
+            self._earlier, Usage(prompt_tokens=prompt, completion_tokens=produced, total_tokens=prompt + produced)
+        )
+        self._stitch = Stitch(sent.identity, self._earlier)
+        # The continuation is an attempt of its own: its usage, its meter, its upstream.
+        self._upstream = response
+        self._pull = self._puller(response)
+        self._usage = None
+        target = ctx.target
+        self._meter = StreamMeter(target.model.tokenizer if target is not None else FALLBACK_ENCODING)
+
+    def _end_broken(self, broken: tuple[Outcome, int, ErrorBody]) -> None:
+        self._outcome, self._status, self._error = broken
 
     @property
     def finished(self) -> bool:
@@ -269,6 +456,11 @@ class UpstreamEvents:
         return ErrorBody(message=message or "The upstream failed mid-stream.", type=type_ or "server_error", code=code)
 
     def _fail(self, outcome: Outcome, status: int, error: ErrorBody) -> None:
+        if self._rescue is not None:
+            # `resume: continue`: `next` tries a rescue before the stream ends with this failure.
+            self._broken = (outcome, status, error)
+            self._outcome = None
+            return
         self._outcome = outcome
         self._status = status
         self._error = error
@@ -279,6 +471,9 @@ class UpstreamEvents:
         own = self._outcome
         if own is None:
             own = self._outcome = outcome or "client_gone"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         drain = self._upstream.drain
         if own != "completed" and drain is not None:
             # Left early or failed: what the upstream already sent is charged too, not only what was
@@ -286,6 +481,10 @@ class UpstreamEvents:
             self._drain(drain())
         usage = self._usage
         meter = self._meter
+        last = meter.last
+        if self._stitch is not None and last is not None:
+            # The model of a usage chunk Strait adds: with the ids the client saw.
+            last = next(iter(self._stitch.events([last])), last)
         return End(
             own,
             self._status,
@@ -295,7 +494,8 @@ class UpstreamEvents:
             partial=own != "completed",
             stream=True,
             error=self._error,
-            last_event=meter.last,
+            last_event=last,
+            earlier=self._earlier,
         )
 
     def release(self) -> Awaitable[None] | None:

@@ -4,7 +4,9 @@
 It contributes three taps, run when the answer is over: the route's retry budget (the request stops
 counting as active), live signals (a stream holds its backend's in-flight count until then) and token
 metrics (the provider's usage, the stream's time to first event).
-A dispatch failure or a client that leaves while waiting propagates to the pipeline, which ends the
+A route with `resume: continue` gives the relay the dispatcher's `resume`, to continue a committed
+stream that breaks on another deployment (gateway.upstream.rescue). A dispatch failure or a client that
+leaves while waiting propagates to the pipeline, which ends the
 request through every tap (accounting included) before the error goes on.
 """
 
@@ -51,8 +53,8 @@ class SignalsTap(EndTap):
             # 200 head was counted a success), so a backend that keeps cutting streams is ejected too.
             self.signals.failed(target.backend.name, time.monotonic(), target.label)
             return
-        if end.outcome != "completed" or end.ttft_s is None:
-            return
+        if end.outcome != "completed" or end.ttft_s is None or ctx.continued:
+            return  # (a continued stream's first token was another deployment's)
         # The client's time to first event, less the attempts that failed before this deployment answered.
         spent_elsewhere = sum(seconds for _, _, seconds in ctx.failed_attempts)
         ttft = max(0.0, end.ttft_s - spent_elsewhere)
@@ -92,4 +94,8 @@ class UpstreamStage:
         self.taps = (RetryBudgetTap(), SignalsTap(signals), MetricsTap(metrics))
 
     async def call(self, ctx: RequestContext) -> Reply:
-        return respond(ctx, await self.dispatcher.call(ctx), self.metrics)
+        response = await self.dispatcher.call(ctx)
+        route = ctx.route
+        # `resume: continue`: a committed stream that breaks is continued on another deployment.
+        rescue = self.dispatcher.resume if route is not None and route.resume == "continue" else None
+        return respond(ctx, response, self.metrics, rescue)

@@ -9,9 +9,14 @@ client. Every attempt counts against `max_attempts`, every one after the first a
 retry budget. 401/403 mean the provider refused the gateway's own credentials, which is the gateway's
 problem (counted in `strait_upstream_auth_failures_total`, logged with the backend's name), so the next
 deployment is tried and, if none answers, the client gets 502 `upstream_auth_failed`
-(gateway.upstream.normalize). Nothing is retried once a byte of the answer has gone to the client: for
-streams the commit point is the upstream's 200 status line. Each attempt updates the live signals the
-engine ranks with (in-flight, latency EWMA, `failed` for connect errors, resets, timeouts and 5xx).
+(gateway.upstream.normalize). Nothing is retried once a byte of the answer has gone to the client. A
+stream's commit point is its first content event, not its 200 status line (gateway.upstream.commit):
+until then the events are held, and a stream without content within the route's `first_token_s`, or
+that fails, ends or reports an error before content, is a failed attempt like one that never answered.
+Each attempt updates the live signals the engine ranks with (in-flight, latency EWMA, `failed` for
+connect errors, resets, timeouts and 5xx). `resume` is the mid-stream rescue of a route with `resume:
+continue` (gateway.upstream.rescue): the plan's next deployments declaring `prefill` are asked to
+continue a committed stream that broke, within the same `max_attempts` and retry budget.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 from opentelemetry.trace import Status, StatusCode, set_span_in_context
 
@@ -29,12 +34,13 @@ from gateway.context import RequestContext
 from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse, UpstreamResponseTooLarge
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.policy.index import Target
-from gateway.policy.model import RetryPolicy, TryTimeouts
+from gateway.policy.model import RetryPolicy, TryTimeouts, UpstreamLimits
 from gateway.spans import start_attempt_span
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
+from gateway.upstream.commit import MAX_HELD_BYTES, Held, NotCommitted, hold, timed_out
 from gateway.upstream.redact import NO_SECRETS, Redactor
-from gateway.upstream.retry import Failure, RetryBudgets, classify_status, next_move
+from gateway.upstream.retry import NEXT, Failure, Move, RetryBudgets, classify_status, next_move
 from gateway.upstream.signals import LiveSignals
 from gateway.upstream.token_inputs import as_text as token_inputs_as_text
 from gateway.upstream.token_inputs import needs_text
@@ -95,22 +101,76 @@ class Dispatcher:
     async def _send(
         self, ctx: RequestContext, call: UpstreamCall, target: Target, timeouts: TryTimeouts
     ) -> UpstreamResponse:
-        """One attempt, bounded by the route's per-try timeout: a stream's head, or a whole JSON answer."""
+        """One attempt, bounded by the route's per-try timeout: a whole JSON answer, or a stream up to its
+        commit point (`_send_stream`)."""
         if self.tracing is not None and ctx.span is not None:
             sending = self._send_traced(ctx, call, target)
         else:
             sending = self.adapters[target.backend.name].send(call)
-        limit = timeouts.stream_headers_s if ctx.stream else timeouts.response_s
+        if ctx.stream:
+            return await self._send_stream(ctx, sending, target, timeouts)
+        limit = timeouts.response_s
         if limit is None:
             return await sending
         try:
             async with asyncio.timeout(limit):
                 return await sending
         except TimeoutError:
-            what = "a stream's head" if ctx.stream else "an answer"
             raise UpstreamConnectError(
-                f"{target.backend.name}: no {what} within {limit:g} s (the route's timeouts)", timeout=True
+                f"{target.backend.name}: no answer within {limit:g} s (the route's timeouts)", timeout=True
             ) from None
+
+    async def _send_stream(
+        self, ctx: RequestContext, sending: Awaitable[UpstreamResponse], target: Target, timeouts: TryTimeouts
+    ) -> UpstreamResponse:
+        """A streamed attempt under one timeout block: its head within `stream_headers_s` (at most
+        `first_token_s`), then held until its first content event within `first_token_s` of the start
+        (gateway.upstream.commit; with `resume: restart`, until its end). Raises UpstreamConnectError
+        (no head), or NotCommitted (it failed before its commit point; the upstream is then closed)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        first_token = timeouts.first_token_s
+        head_limit = min(timeouts.stream_headers_s, first_token)
+        name = target.backend.name
+        response: UpstreamResponse | None = None
+        held = Held()
+        failed: NotCommitted
+        try:
+            async with asyncio.timeout_at(start + head_limit) as timer:
+                response = await sending
+                if not response.streaming:
+                    return response  # an error answer: the dispatcher's to classify
+                timer.reschedule(start + first_token)
+                route = ctx.route
+                whole = route is not None and route.resume == "restart"
+                limits = target.backend.limits
+                response.head = await hold(
+                    response,
+                    timer,
+                    held,
+                    whole=whole,
+                    stall_s=timeouts.stall_s,
+                    choices=_choices(ctx),
+                    max_bytes=(limits or UpstreamLimits()).max_body_bytes if whole else MAX_HELD_BYTES,
+                    name=name,
+                )
+                return response
+        except TimeoutError:
+            if response is None:
+                raise UpstreamConnectError(
+                    f"{name}: no stream head within {head_limit:g} s (the route's timeouts)", timeout=True
+                ) from None
+            failed = timed_out(held, name)
+        except NotCommitted as exc:
+            failed = exc
+        except BaseException:
+            # The client left (or the request was cancelled) while the answer was held.
+            if response is not None:
+                await _close(response)
+            raise
+        assert response is not None
+        await _close(response)
+        raise failed
 
     async def call(self, ctx: RequestContext) -> UpstreamResponse:
         plan = ctx.plan
@@ -130,6 +190,8 @@ class Dispatcher:
         last_target: Target | None = None
         last_index = -1
         last_error: UpstreamConnectError | None = None
+        # The last failure, when it was a stream that failed before its first content: what it said.
+        last_stream: NotCommitted | None = None
         index = 0  # the plan's deployment being tried
         retries_here = 0  # retries of that deployment so far
         attempt = 0
@@ -155,6 +217,7 @@ class Dispatcher:
             t0 = time.perf_counter()
             status: int | None = None
             headers: Mapping[str, str] = {}
+            restart = False
             try:
                 response = await self._send(ctx, call, target, timeouts)
             except UpstreamConnectError as exc:
@@ -165,6 +228,20 @@ class Dispatcher:
                 log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, outcome, exc)
                 ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
                 last_error = exc
+                last_stream = None
+            except NotCommitted as held:
+                # A stream that failed before its first content (closed by `_send_stream`).
+                signals.finished(backend)
+                ctx.target = target
+                failure = held.failure
+                metrics.child(metrics.upstream_attempts, backend, failure).inc()
+                log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, failure, held)
+                ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
+                last_error = UpstreamConnectError(str(held), timeout=held.timeout)
+                last_stream = held
+                # A held whole answer (`resume: restart`) that broke after content restarts on the
+                # next deployment, not the same one.
+                restart = held.after_content
             except UpstreamResponseTooLarge:
                 # It answered, too much to read: not retried; the attempt is the one recorded.
                 signals.finished(backend)
@@ -175,26 +252,35 @@ class Dispatcher:
                 raise
             else:
                 status = response.status
-                metrics.child(metrics.upstream_attempts, backend, str(status)).inc()
-                if status < 500:
-                    signals.answered(backend, target.label, time.perf_counter() - t0)
-                if not response.streaming:
-                    # A stream holds its in-flight slot until the relay closes it.
-                    signals.finished(backend)
                 ctx.target = target
-                # A stream is only ever a 200: nothing of an error is streamed.
-                found = None if response.streaming else classify_status(status, response.body)
-                if found is None:
+                if response.streaming:
+                    # A stream is only ever a 200, and the client's from its first content (held so far).
+                    metrics.child(metrics.upstream_attempts, backend, "200").inc()
+                    # It holds its in-flight slot until the relay closes it.
+                    signals.answered(backend, target.label, time.perf_counter() - t0)
+                    ctx.plan_index, ctx.attempts = index, attempt
                     return response
-                failure = found
-                self._log_refusal(backend, status, failure)
-                headers = response.headers
-                ctx.failed_attempts.append((target, status, time.perf_counter() - t0))
-                last_response, last_target = response, target
-                last_index = len(ctx.failed_attempts) - 1
+                else:
+                    metrics.child(metrics.upstream_attempts, backend, str(status)).inc()
+                    if status < 500:
+                        signals.answered(backend, target.label, time.perf_counter() - t0)
+                    signals.finished(backend)
+                    found = classify_status(status, response.body)
+                    if found is None:
+                        return response
+                    failure = found
+                    self._log_refusal(backend, status, failure)
+                    headers = response.headers
+                    ctx.failed_attempts.append((target, status, time.perf_counter() - t0))
+                    last_response, last_target = response, target
+                    last_index = len(ctx.failed_attempts) - 1
             if failure in _UNHEALTHY:
                 signals.failed(backend, time.monotonic(), target.label)
-            move = next_move(policy, failure, status, headers, retries_here, time.time(), self.rng)
+            if restart:
+                move: Move | None = NEXT if failure in policy.retry_on else None
+                restart = False
+            else:
+                move = next_move(policy, failure, status, headers, retries_here, time.time(), self.rng)
             if move is None or attempt >= max_attempts:
                 break
             following = index if move.same else _next_index(plan, index, failure)
@@ -220,9 +306,101 @@ class Dispatcher:
             del ctx.failed_attempts[last_index]
             ctx.target = last_target
             return last_response
+        if last_stream is not None and last_stream.client_message:
+            # Its stream failed before any content (an oversize event, an error event, a cut): the
+            # client is told why, redacted like any upstream text.
+            failed = UpstreamTimeout if last_stream.timeout else UpstreamUnavailable
+            message, code = last_stream.client_message, last_stream.code
+            if last_stream.upstream_text:
+                message, code = self.redact(message), self.redact.optional(code)
+            raise failed(message, code=code)
         if last_error is not None and last_error.timeout:
             raise UpstreamTimeout("The upstream did not answer in time.")
         raise UpstreamUnavailable("No upstream could be reached for this model.")
+
+    async def resume(self, ctx: RequestContext, prefix: str, produced: int) -> UpstreamResponse | None:
+        """Mid-stream rescue (`resume: continue`): the stream of `ctx.target` broke after `prefix` reached
+        the client; ask the plan's next deployments that declare `prefill` to continue it, within the
+        route's `max_attempts` and retry budget. Each continuation must reach its first content like any
+        stream (it is held until then); one that fails or refuses the prefill (a 4xx) is a failed attempt
+        and the next is tried. On success `ctx.target` is the continuing deployment (the broken one's
+        in-flight slot given back and its failure counted) and its response is returned; None: none could."""
+        plan = ctx.plan
+        route = ctx.route
+        policy = route.retry if route is not None else DEFAULT_RETRY
+        timeouts = route.timeouts if route is not None else DEFAULT_TIMEOUTS
+        max_attempts = route.max_attempts if route is not None else len(plan)
+        if ctx.retry_claim is None:  # set by `call` for every request that reached the dispatcher
+            ctx.retry_claim = self.budgets.start(ctx.route_name, policy.budget_window_s)
+        budget = ctx.retry_claim
+        metrics, signals = self.metrics, self.signals
+        request = ctx.request
+        assert request is not None
+        for index in range(ctx.plan_index + 1, len(plan)):
+            target = plan[index]
+            if not target.prefill:
+                continue
+            if ctx.attempts >= max_attempts:
+                break
+            if not budget.try_retry(policy.budget_ratio, policy.budget_min):
+                metrics.child(metrics.retry_budget_exhausted, ctx.route_name).inc()
+                log.info("route %s: retry budget spent, no rescue for %s", ctx.route_name, ctx.request_id)
+                break
+            ctx.attempts += 1
+            metrics.child(metrics.fallbacks, ctx.route_name).inc()
+            call = UpstreamCall(
+                operation=ctx.operation,
+                request=request,
+                model=target.deployment.upstream_model,
+                stream=True,
+                request_id=ctx.request_id,
+                prefill=prefix,
+                prefill_tokens=produced,
+            )
+            backend = target.backend.name
+            signals.started(backend)
+            t0 = time.perf_counter()
+            failure: Failure | None = None
+            try:
+                response = await self._send(ctx, call, target, timeouts)
+            except UpstreamConnectError as exc:
+                signals.finished(backend)
+                failure = "timeout" if exc.timeout else "reset" if exc.reset else "connect"
+                outcome = "connect_error" if failure == "connect" else failure
+                metrics.child(metrics.upstream_attempts, backend, outcome).inc()
+                log.warning("rescue on %s failed (%s): %s", backend, outcome, exc)
+                ctx.failed_attempts.append((target, 504 if exc.timeout else 502, time.perf_counter() - t0))
+            except NotCommitted as held:
+                signals.finished(backend)
+                failure = held.failure
+                metrics.child(metrics.upstream_attempts, backend, failure).inc()
+                log.warning("rescue on %s failed (%s): %s", backend, failure, held)
+                ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
+            except BaseException:
+                signals.finished(backend)
+                raise
+            else:
+                if not response.streaming:
+                    # An error answer: a refused prefill (4xx) or a failure. Never the client's: the
+                    # stream ends with its original failure if no other deployment continues it.
+                    signals.finished(backend)
+                    metrics.child(metrics.upstream_attempts, backend, str(response.status)).inc()
+                    log.warning("rescue on %s refused (HTTP %d)", backend, response.status)
+                    ctx.failed_attempts.append((target, response.status, time.perf_counter() - t0))
+                    failure = "5xx" if response.status >= 500 else None
+                else:
+                    metrics.child(metrics.upstream_attempts, backend, "200").inc()
+                    signals.answered(backend, target.label, time.perf_counter() - t0)
+                    broken = ctx.target
+                    if broken is not None:
+                        # The broken stream's slot and failure (the relay's tap counts the new one).
+                        signals.finished(broken.backend.name)
+                        signals.failed(broken.backend.name, time.monotonic(), broken.label)
+                    ctx.target, ctx.plan_index = target, index
+                    return response
+            if failure in _UNHEALTHY:
+                signals.failed(backend, time.monotonic(), target.label)
+        return None
 
     def _log_refusal(self, backend: str, status: int, failure: Failure) -> None:
         if failure == "auth":
@@ -239,6 +417,20 @@ class Dispatcher:
                 backend,
                 status,
             )
+
+
+def _choices(ctx: RequestContext) -> int:
+    request = ctx.request
+    return max(1, request.n or 1) if request is not None else 1
+
+
+async def _close(response: UpstreamResponse) -> None:
+    """Abort an uncommitted stream: the engine stops generating for nobody."""
+    close, response.close = response.close, None
+    if close is not None:
+        closing = close()
+        if closing is not None:
+            await asyncio.shield(closing)
 
 
 async def _sleep_at_least(seconds: float) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
 
 from tests.e2e.conftest import ALPHA_KEY
@@ -25,12 +23,12 @@ def test_an_oversize_answer_is_a_502_naming_the_limit(gateway: ServerProcess) ->
     assert ok.status_code == 200 and len(ok.json()["pad"]) == 1024 * 1024
 
 
-def test_an_oversize_stream_event_ends_the_stream_with_an_error_and_no_done(gateway: ServerProcess) -> None:
+def test_an_oversize_stream_event_before_content_fails_with_its_reason(gateway: ServerProcess) -> None:
+    # The fake pads its first content chunk: the stream fails before its first content, so nothing was
+    # committed to the client (gateway.upstream.commit): a plain error answer that says why.
     body = {**BODY, "stream": True, "fake": {"pad_bytes": 2 * 1024 * 1024}}
     r = httpx.post(gateway.base_url + "/v1/chat/completions", json=body, headers=HEADERS, timeout=60)
-    assert r.status_code == 200
-    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
-    assert "[DONE]" not in events
-    error = json.loads(events[-1])["error"]
+    assert r.status_code == 502
+    assert len(r.content) < 1024 * 1024
+    error = r.json()["error"]
     assert error["code"] == "upstream_event_too_large" and "1048576 bytes" in error["message"]
-    assert all(len(e) < 1024 * 1024 for e in events)

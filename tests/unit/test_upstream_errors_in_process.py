@@ -65,10 +65,20 @@ class Scripted:
             )
         if self.name == "midstream":
             return UpstreamResponse(status=200, events=self._midstream(), headers=dict(PROVIDER_LIMITS))
+        if self.name == "precontent":
+            return UpstreamResponse(status=200, events=self._precontent(), headers=dict(PROVIDER_LIMITS))
         return UpstreamResponse(status=200, body=json.dumps(OK_BODY).encode(), headers=dict(PROVIDER_LIMITS))
 
     async def _midstream(self) -> AsyncIterator[bytes]:
-        yield json.dumps({**OK_BODY, "object": "chat.completion.chunk", "choices": [], "usage": None}).encode()
+        # Content first: an error before any content is a failed attempt (gateway.upstream.commit), not
+        # an event of the client's stream.
+        delta = {"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}
+        yield json.dumps({**OK_BODY, "object": "chat.completion.chunk", "choices": [delta], "usage": None}).encode()
+        yield _error(f"engine died on 10.0.3.7:9000 at /srv/engine.py:12 using {GOOD_SECRET}")
+
+    async def _precontent(self) -> AsyncIterator[bytes]:
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        yield json.dumps({**OK_BODY, "object": "chat.completion.chunk", "choices": [role], "usage": None}).encode()
         yield _error(f"engine died on 10.0.3.7:9000 at /srv/engine.py:12 using {GOOD_SECRET}")
 
     async def aclose(self) -> None:
@@ -85,6 +95,7 @@ backends:
   - {{name: limited, adapter: scripted, base_url: "http://upstream.invalid/v1", api_key: "env:GOOD_KEY"}}
   - {{name: midstream, adapter: scripted, base_url: "http://upstream.invalid/v1", api_key: "env:GOOD_KEY"}}
   - {{name: redirect, adapter: scripted, base_url: "http://upstream.invalid/v1", api_key: "env:GOOD_KEY"}}
+  - {{name: precontent, adapter: scripted, base_url: "http://upstream.invalid/v1", api_key: "env:GOOD_KEY"}}
 models:
   - {{name: m-revoked, deployments: [{{backend: revoked, upstream_model: x}}]}}
   - {{name: m-forbidden, deployments: [{{backend: forbidden, upstream_model: x}}]}}
@@ -93,6 +104,7 @@ models:
   - {{name: m-limited, deployments: [{{backend: limited, upstream_model: x}}]}}
   - {{name: m-midstream, deployments: [{{backend: midstream, upstream_model: x}}]}}
   - {{name: m-redirect, deployments: [{{backend: redirect, upstream_model: x}}]}}
+  - {{name: m-precontent, deployments: [{{backend: precontent, upstream_model: x}}]}}
 routes:
   - {{name: revoked-then-good, objective: ordered, models: [m-revoked, m-forbidden, m-good]}}
   - {{name: only-revoked, models: [m-revoked, m-forbidden]}}
@@ -102,6 +114,7 @@ routes:
   - {{name: limited, models: [m-limited]}}
   - {{name: redirect, models: [m-redirect]}}
   - {{name: redirect-then-good, objective: ordered, models: [m-redirect, m-good]}}
+  - {{name: precontent, models: [m-precontent]}}
 tenants:
   - name: t
     keys: [{{id: k, digest: "{key_digest(CLIENT_KEY)}"}}]
@@ -196,6 +209,14 @@ def test_a_mid_stream_error_event_is_redacted(client: TestClient[object]) -> Non
     assert events and events[-1] != "[DONE]"
     error = json.loads(events[-1])["error"]
     assert error["message"] == "engine died on [address] at [path] using [redacted]"
+    _no_secret(r)
+
+
+def test_an_error_event_before_any_content_is_a_failed_attempt_told_redacted(client: TestClient[object]) -> None:
+    # Nothing was committed to the client (gateway.upstream.commit): a plain 502 that says why, redacted.
+    r = _chat(client, "precontent", stream=True)
+    assert r.status_code == 502  # type: ignore[attr-defined]
+    assert r.json()["error"]["message"] == "engine died on [address] at [path] using [redacted]"  # type: ignore[attr-defined]
     _no_secret(r)
 
 

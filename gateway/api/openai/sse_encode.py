@@ -46,14 +46,18 @@ class _Head(msgspec.Struct):
     model: str | None = None
 
 
-def usage_chunk(ctx: RequestContext, last: bytes, completion: int) -> bytes:
+def usage_chunk(ctx: RequestContext, last: bytes, completion: int, earlier: Usage | None = None) -> bytes:
     """The chunk OpenAI would have sent (llama-cpp-python and older servers send none), its id, object,
-    created and model copied from the stream's last chunk."""
+    created and model copied from the stream's last chunk; with `earlier` (the billed tokens of the
+    attempts a rescued stream continued) added."""
     try:
         head = msgspec.json.decode(last, type=_Head)
     except (msgspec.DecodeError, msgspec.ValidationError):
         head = _Head()
     prompt = ctx.prompt_tokens.count_now()  # the upstream reported no usage: estimated
+    if earlier is not None:
+        prompt += earlier.prompt_tokens
+        completion += earlier.completion_tokens
     usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
     upstream_model = ctx.target.deployment.upstream_model if ctx.target is not None else ctx.route_name
     chunk = {
@@ -71,7 +75,7 @@ def encode_end(ctx: RequestContext, end: End) -> bytes:
     """The stream's last bytes, by how it ended."""
     if end.outcome == "completed":
         if ctx.include_usage and end.usage is None and end.last_event is not None and ctx.target is not None:
-            return encode_event(usage_chunk(ctx, end.last_event, end.completion_tokens or 0)) + DONE_EVENT
+            return encode_event(usage_chunk(ctx, end.last_event, end.completion_tokens or 0, end.earlier)) + DONE_EVENT
         return DONE_EVENT
     if end.error is not None:
         return error_event(end.error)
