@@ -309,14 +309,15 @@ def _utilisation_text(t: Target, live: LiveState, u: float) -> str:
     cap = t.backend.capacity.max_concurrency
     flying = live.in_flight.get(name, 0)
     scraped = live.utilisation.get(name)
-    if cap and flying and u == flying / cap and (scraped is None or u != scraped):
-        return f"{text} ({flying} of {cap} in flight)"
     basis = live.scrape_basis.get(name)
-    if scraped is None or basis is None or flying == basis.in_flight:
-        return text
-    delta = flying - basis.in_flight
-    since = f"{delta} started" if delta > 0 else f"{-delta} finished"
-    return f"{text} (estimated from the scrape's {scraped:.2f}, {since} since)"
+    moved = scraped is not None and basis is not None and flying != basis.in_flight
+    if moved and scraped is not None and basis is not None and u == _estimated(scraped, basis, flying, cap):
+        delta = flying - basis.in_flight
+        since = f"{delta} started" if delta > 0 else f"{-delta} finished"
+        return f"{text} (estimated from the scrape's {scraped:.2f}, {since} since)"
+    if cap and flying and u == flying / cap and u != scraped:
+        return f"{text} ({flying} of {cap} in flight)"
+    return text
 
 
 def _load_source(t: Target, live: LiveState) -> str | None:
