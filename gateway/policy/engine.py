@@ -643,7 +643,8 @@ def decide(
         _refuse(route, rows, verdicts, features)
     own = index.candidates[(route.name, operation)].own
     spilled: dict[str, str] = {}
-    fits: dict[str, str] = {}
+    # Only a route with spillover can have backends that spill yet take the request: nothing made otherwise.
+    fits: dict[str, str] | None = {} if route.spillover is not None else None
     ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own, spilled, fits)
     affinity = None
     if route.affinity is not None:
@@ -707,7 +708,7 @@ def _rank(
     prefs: Preferences | None,
     own: int,
     spilled: dict[str, str],
-    fits: dict[str, str],
+    fits: dict[str, str] | None,
 ) -> list[tuple[float, Target]]:
     """(score, target) best first. Sort key: (spill/fallback group, objective score, declared order).
     Fills `spilled` with the backends spillover moved behind the others, and why; `fits` with those that
@@ -735,7 +736,7 @@ def _rank(
     keyed = []
     for (position, target), score in zip(survivors, scores, strict=True):
         group = 0.0 if position < own else 1000.0  # a fallback route's candidates come last
-        if spill is not None:
+        if spill is not None and fits is not None:
             tier = target.backend.tier
             group += tiers.index(tier) if tier in tiers else len(tiers)
             name = target.backend.name
