@@ -310,8 +310,12 @@ def _utilisation_text(t: Target, live: LiveState, u: float) -> str:
     flying = live.in_flight.get(name, 0)
     scraped = live.utilisation.get(name)
     basis = live.scrape_basis.get(name)
-    moved = scraped is not None and basis is not None and flying != basis.in_flight
-    if moved and scraped is not None and basis is not None and u == _estimated(scraped, basis, flying, cap):
+    if (
+        scraped is not None
+        and basis is not None
+        and flying != basis.in_flight
+        and u == _estimated(scraped, basis, flying, cap)
+    ):
         delta = flying - basis.in_flight
         since = f"{delta} started" if delta > 0 else f"{-delta} finished"
         return f"{text} (estimated from the scrape's {scraped:.2f}, {since} since)"
@@ -352,11 +356,11 @@ def spill_verdict(t: Target, route: Route, spill: Spillover, live: LiveState) ->
     gateway's requests since, `_utilisation`) is below the threshold and its queue below its own: only the
     overflow spills, so committed capacity stays full. The spill state (what the caller remembers:
     `RoutePlan.spill_changes`) has hysteresis: it starts when a request does not fit and ends only at or
-    below the lower marks, by the estimate and by the last scrape both. While it lasts, load this gateway cannot account for keeps the backend behind:
-    if the part of the scraped utilisation that is not this gateway's requests is above the resume mark
-    (or the queue is above its own), nothing is sent there; otherwise the slots this gateway's own
-    finished requests freed are refilled, up to the threshold, because that count is exact, not a lagging
-    gauge that could make it flap."""
+    below the lower marks, by the estimate and by the last scrape both. While it lasts, load this gateway
+    cannot account for keeps the backend behind: if the part of the scraped utilisation that is not this
+    gateway's requests is above the resume mark (or the queue is above its own), nothing is sent there;
+    otherwise the slots this gateway's own finished requests freed are refilled, up to the threshold,
+    because that count is exact, not a lagging gauge that could make it flap."""
     u = _utilisation(t, live)
     q = live.queue.get(t.backend.name)
     spilling = (route.name, t.backend.name) in live.spilling
@@ -370,7 +374,7 @@ def spill_verdict(t: Target, route: Route, spill: Spillover, live: LiveState) ->
         if u > resume:
             foreign = _not_ours(t, live)
             if foreign > resume:
-                of = "" if abs(foreign - u) < 0.005 else f" (not this gateway's requests: {foreign:.2f})"
+                of = "" if abs(foreign - u) < 0.005 else f", {foreign:.2f} of it not this gateway's requests,"
                 return f"still spilling: utilisation {u:.2f}{of} above the resume mark {resume:.2f}", None
         if queue_high:
             return f"still spilling: queue {q} above the resume mark {queue_resume}", None

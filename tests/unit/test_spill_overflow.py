@@ -146,6 +146,11 @@ def test_load_this_gateway_did_not_send_keeps_a_spilling_backend_behind_hysteres
     assert _first(_ask(idx, s, 0.0)) == "engine"
     assert _first(_ask(idx, s, 0.0)) == "prov" and _spilling(s)
     _scrape(s, 0.25, running=4)
+    busy = _ask(idx, s, 0.26)
+    assert busy.spilled == {
+        "engine": "still spilling: utilisation 1.00, 0.75 of it not this gateway's requests, above the resume mark 0.50"
+    }
+    s.finished("prov")
     s.finished("engine")  # this gateway's one finished: 0.75 by the estimate, below the threshold...
     held = _ask(idx, s, 0.3)
     # ...but 0.75 of the engine is not this gateway's, above the resume mark: it stays behind.
