@@ -3,8 +3,9 @@
 Two fake upstreams (tests/harness/fake_upstream.py): a self-hosted engine with `--slots 4` whose
 vLLM-style metrics page (`vllm:num_requests_running` / `_waiting`, `kv_cache_usage_perc`) follows its
 in-flight requests, and a provider. One real `strait serve` scrapes the engine every 0.25 s; the route
-keeps the self-hosted tier first until its utilisation reaches `threshold` (0.8: all 4 slots busy),
-then spills to the provider, and flows back only once utilisation is at or below `resume_below` (0.5).
+keeps the self-hosted tier first and sends it every request that fits under `threshold` (0.8: a
+request that finds all 4 slots busy does not), spills only the overflow to the provider, and ends its
+spill state only once utilisation is at or below `resume_below` (0.5).
 Every answer takes ~300 ms on either side (`ttft_ms`), so the clients' concurrency is the load: it
 rises 1 -> 8 and falls back to 1, one step per slice.
 
@@ -17,8 +18,9 @@ rises 1 -> 8 and falls back to 1, one step per slice.
 starts at 0.8 and goes on down to 0.5.
 
 Prints one markdown table: per slice, the clients, answers, the share served by each tier, the
-answers that said `x-strait-spill`, spill starts and stops (in the order the answers were asked for),
-and the engine's mean running / waiting requests (its metrics page, sampled every 0.1 s).
+answers that said `x-strait-spill` (sent elsewhere), the engine's spill state's starts and stops (read
+off each answer's explain: spilled, or `spilling` while the request fit; in the order the answers were
+asked for), and the engine's mean running / waiting requests (its metrics page, sampled every 0.1 s).
 Loopback only, state in memory, every process stopped by its PID.
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import tempfile
 import time
 from collections.abc import Iterator
@@ -71,6 +74,7 @@ routes:
     spillover: {{tiers: [self-hosted, provider], threshold: {THRESHOLD}, resume_below: {RESUME_BELOW}}}
 tenants:
   - name: t
+    explain: true
     keys: [{{id: t-1, digest: "{key_digest(KEY)}"}}]
 """
 
@@ -79,8 +83,9 @@ tenants:
 class Slice:
     clients: int
     pinned: float | None = None  # the engine's reported KV-cache use, when pinned
-    # (time asked, backend that answered or "error", spilled) of each answer started in the slice.
-    answers: list[tuple[float, str, bool]] = field(default_factory=list)
+    # (time asked, backend that answered or "error", spilled, engine in spill state) of each answer
+    # started in the slice.
+    answers: list[tuple[float, str, bool, bool]] = field(default_factory=list)
     # (running, waiting) samples of the engine's metrics page.
     engine: list[tuple[float, float]] = field(default_factory=list)
 
@@ -103,7 +108,7 @@ async def run(
     gateway_url: str, engine_url: str, profile: tuple[int, ...], slice_s: float, pinned: tuple[float, ...] = ()
 ) -> list[Slice]:
     slices: list[Slice] = []
-    headers = {"authorization": f"Bearer {KEY}"}
+    headers = {"authorization": f"Bearer {KEY}", "x-strait-explain": "1"}
     body = {"model": "chat", "messages": [{"role": "user", "content": "spill?"}], "max_tokens": 5}
     limits = httpx.Limits(max_connections=max(profile) + 2)
     async with (
@@ -129,7 +134,9 @@ async def run(
                         r = await client.post("/v1/chat/completions", json=body)
                         backend = r.headers.get("x-strait-deployment", "").rpartition("@")[2]
                         spilled = "x-strait-spill" in r.headers
-                        current.answers.append((asked, backend if r.status_code == 200 else "error", spilled))
+                        state = spilled or "spilling" in json.loads(r.headers.get("x-strait-explain", "{}"))
+                        answer = (asked, backend if r.status_code == 200 else "error", spilled, state)
+                        current.answers.append(answer)
 
                 await asyncio.gather(*(worker() for _ in range(clients)))
         finally:
@@ -148,20 +155,20 @@ def table(slices: list[Slice], slice_s: float) -> str:
     for n, s in enumerate(slices):
         answers = sorted(s.answers)
         total = len(answers) or 1
-        by = {name: sum(1 for _, b, _ in answers if b == name) for name in (*TIERS, "error")}
+        by = {name: sum(1 for _, b, _, _ in answers if b == name) for name in (*TIERS, "error")}
         starts = stops = 0
-        for _, _, spilled in answers:
-            if spilled and not spilling:
+        for _, _, _, state in answers:
+            if state and not spilling:
                 starts += 1
-            elif not spilled and spilling:
+            elif not state and spilling:
                 stops += 1
-            spilling = spilled
+            spilling = state
         running = sum(r for r, _ in s.engine) / max(1, len(s.engine))
         waiting = sum(w for _, w in s.engine) / max(1, len(s.engine))
         rows.append(
             f"| {n * slice_s:g}-{(n + 1) * slice_s:g} | {s.clients} | {len(answers)} "
             f"| {by['engine'] / total:.0%} | {by['provider'] / total:.0%} | {by['error']} "
-            f"| {sum(sp for _, _, sp in answers)} | {starts} / {stops} "
+            f"| {sum(sp for _, _, sp, _ in answers)} | {starts} / {stops} "
             + (f"| {s.pinned:g} |" if s.pinned is not None else f"| {running:.1f} / {waiting:.1f} |")
         )
     return "\n".join(rows)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Final
+from typing import Annotated, Final, NamedTuple
 
 import msgspec
 
@@ -54,6 +54,18 @@ class Preferences(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     order: _Names | None = None
 
 
+class ScrapeBasis(NamedTuple):
+    """What one good scrape of a backend's engine saw, kept so that the gauge can be corrected between
+    scrapes with the requests this gateway started or finished there since (`_utilisation`)."""
+
+    # This gateway's requests in flight on the backend when the scrape came back.
+    in_flight: int
+    # Requests in the engine then (running + waiting, as it reported them).
+    in_engine: float
+    # Its KV-cache use then (0-1), None when its format has no such gauge.
+    kv: float | None
+
+
 class LiveState(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of live signals, by backend name (latency, TTFT and throughput by `model@backend`)."""
 
@@ -68,6 +80,9 @@ class LiveState(msgspec.Struct, frozen=True, kw_only=True):
     # The engine's own gauges, scraped and fresh: utilisation (0-1) and requests waiting.
     utilisation: Mapping[str, float] = {}
     queue: Mapping[str, int] = {}
+    # What each fresh scrape saw (by backend): the gauges above are corrected with the requests this
+    # gateway started or finished since. A backend without one: its gauge as scraped.
+    scrape_basis: Mapping[str, ScrapeBasis] = {}
     # Backends whose engine metrics are stale: their utilisation is counted from in-flight requests.
     stale: frozenset[str] = frozenset()
     # (route, backend) pairs spilling now: they come back only below the route's lower mark.
@@ -108,11 +123,15 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     tokens_per_s: float | None = None
     utilisation: float | None = None
     queue: int | None = None
-    # Where utilisation came from: engine (scraped, fresh), in-flight (counted), stale (the engine's
+    # Where utilisation came from: engine (scraped, fresh), estimated (the fresh scrape corrected with the
+    # requests this gateway started or finished there since), in-flight (counted), stale (the engine's
     # metrics are too old: counted from in-flight), or None (nothing known: 0).
     load: str | None = None
     # Why this deployment was moved behind the others (spillover), or None.
     spilled: str | None = None
+    # Its backend is spilling (hysteresis), yet this request fit under the threshold and may go to it:
+    # why it fits (spillover sends only the overflow elsewhere). None otherwise.
+    spilling: str | None = None
     # Ejected, yet in the plan: every candidate was ejected (panic mode).
     ejected: bool = False
     score: float | None = None
@@ -231,20 +250,86 @@ EJECTED: Final = "backend is ejected (unhealthy)"
 
 
 def _utilisation(t: Target, live: LiveState) -> float:
-    """The engine's gauge (fresh scrapes only), but never less than this gateway's own in-flight requests
-    over `max_concurrency`: the gauge lags by up to a scrape interval, while the requests this gateway has
-    just sent are known now (a burst must not all pile onto a backend that was idle at the last scrape)."""
+    """The engine's gauge (fresh scrapes only) corrected with the requests this gateway started or finished
+    there since that scrape (`_estimated`), but never less than this gateway's own in-flight requests over
+    `max_concurrency`: the gauge lags by up to a scrape interval, while the requests this gateway has just
+    sent or seen finish are known now (a burst must not all pile onto a backend that was idle at the last
+    scrape, and a slot freed since must not stay idle until the next one)."""
     name = t.backend.name
     cap = t.backend.capacity.max_concurrency
     flying = live.in_flight.get(name)
     counted = flying / cap if cap and flying is not None else 0.0
     u = live.utilisation.get(name)
-    return counted if u is None else max(u, counted)
+    if u is None:
+        return counted
+    basis = live.scrape_basis.get(name)
+    if basis is not None:
+        u = _estimated(u, basis, flying or 0, cap)
+    return max(u, counted)
+
+
+def _estimated(scraped: float, basis: ScrapeBasis, flying: int, cap: int | None) -> float:
+    """The scraped utilisation as it would read with `flying` of this gateway's requests on the backend
+    instead of the `basis.in_flight` it had at the scrape: each request started since is one more in the
+    engine, each finished one less; the slot part is (requests in the engine) / max_concurrency, and the
+    KV-cache part is scaled by the same ratio (each running request is taken to hold an equal share of the
+    cache; a cache in use with nothing running is not ours to correct). Clamped to [0, 1]."""
+    delta = flying - basis.in_flight
+    if delta == 0:
+        return scraped
+    before = basis.in_engine
+    after = max(0.0, before + delta)
+    parts = [0.0]
+    if basis.kv is not None:
+        parts.append(basis.kv * after / before if before > 0 else basis.kv)
+    if cap:
+        parts.append(after / cap)
+    if len(parts) == 1:
+        return scraped  # neither gauge can be corrected (no KV gauge, no max_concurrency)
+    return min(1.0, max(parts))
+
+
+def _not_ours(t: Target, live: LiveState) -> float:
+    """The part of the scraped utilisation this gateway's own requests do not explain: the gauge as it
+    would read without any of them. 0 without a fresh scrape (in-flight counting is all ours); the whole
+    gauge when the scrape has no basis to correct it with."""
+    name = t.backend.name
+    u = live.utilisation.get(name)
+    if u is None:
+        return 0.0
+    basis = live.scrape_basis.get(name)
+    return u if basis is None else _estimated(u, basis, 0, t.backend.capacity.max_concurrency)
+
+
+def _utilisation_text(t: Target, live: LiveState, u: float) -> str:
+    """`utilisation 0.75`, and what decided it when it is not the scrape as is: the estimate
+    (`estimated from the scrape's 1.00, 1 finished since`) or this gateway's count (`4 of 4 in flight`)."""
+    name = t.backend.name
+    text = f"utilisation {u:.2f}"
+    cap = t.backend.capacity.max_concurrency
+    flying = live.in_flight.get(name, 0)
+    scraped = live.utilisation.get(name)
+    basis = live.scrape_basis.get(name)
+    if (
+        scraped is not None
+        and basis is not None
+        and flying != basis.in_flight
+        and u == _estimated(scraped, basis, flying, cap)
+    ):
+        delta = flying - basis.in_flight
+        since = f"{delta} started" if delta > 0 else f"{-delta} finished"
+        return f"{text} (estimated from the scrape's {scraped:.2f}, {since} since)"
+    if cap and flying and u == flying / cap and u != scraped:
+        return f"{text} ({flying} of {cap} in flight)"
+    return text
 
 
 def _load_source(t: Target, live: LiveState) -> str | None:
     name = t.backend.name
     if name in live.utilisation:
+        basis = live.scrape_basis.get(name)
+        if basis is not None and live.in_flight.get(name, 0) != basis.in_flight:
+            return "estimated"
         return "engine"
     counted = t.backend.capacity.max_concurrency and name in live.in_flight
     if name in live.stale:
@@ -263,23 +348,46 @@ def _latency(t: Target, live: LiveState) -> float:
     return measured if measured is not None else LATENCY_PRIOR_MS.get(t.backend.tier, 600.0)
 
 
-def spill_verdict(t: Target, route: Route, spill: Spillover, live: LiveState) -> str | None:
-    """Why the target's backend spills on this route now, or None. Hysteresis: a backend already spilling
-    stays behind until its utilisation is at or below the lower mark (and its queue at or below its own)."""
+def spill_verdict(t: Target, route: Route, spill: Spillover, live: LiveState) -> tuple[str | None, str | None]:
+    """(why this request goes elsewhere, None) when the target's backend does not take it on this route;
+    (None, why it fits) when the backend is spilling yet takes it; (None, None) when it is not spilling.
+
+    Per request, a backend takes a request while its utilisation (the scrape corrected with this
+    gateway's requests since, `_utilisation`) is below the threshold and its queue below its own: only the
+    overflow spills, so committed capacity stays full. The spill state (what the caller remembers:
+    `RoutePlan.spill_changes`) has hysteresis: it starts when a request does not fit and ends only at or
+    below the lower marks, by the estimate and by the last scrape both. While it lasts, load this gateway
+    cannot account for keeps the backend behind: if the part of the scraped utilisation that is not this
+    gateway's requests is above the resume mark (or the queue is above its own), nothing is sent there;
+    otherwise the slots this gateway's own finished requests freed are refilled, up to the threshold,
+    because that count is exact, not a lagging gauge that could make it flap."""
     u = _utilisation(t, live)
     q = live.queue.get(t.backend.name)
-    if (route.name, t.backend.name) in live.spilling:
+    spilling = (route.name, t.backend.name) in live.spilling
+    if spilling:
         resume, queue_resume = spill.resume_mark(), spill.queue_resume_mark()
+        queue_high = queue_resume is not None and q is not None and q > queue_resume
+        # The state ends only once the engine's own gauge agrees (the estimate alone, from requests that
+        # just finished together and are about to be replaced, would end it at every dip: flapping).
+        if max(u, live.utilisation.get(t.backend.name, 0.0)) <= resume and not queue_high:
+            return None, None  # drained: flows back, the spill state ends
         if u > resume:
-            return f"still spilling: utilisation {u:.2f} above the resume mark {resume:.2f}"
-        if queue_resume is not None and q is not None and q > queue_resume:
-            return f"still spilling: queue {q} above the resume mark {queue_resume}"
-        return None
+            foreign = _not_ours(t, live)
+            if foreign > resume:
+                of = "" if abs(foreign - u) < 0.005 else f", {foreign:.2f} of it not this gateway's requests,"
+                return f"still spilling: utilisation {u:.2f}{of} above the resume mark {resume:.2f}", None
+        if queue_high:
+            return f"still spilling: queue {q} above the resume mark {queue_resume}", None
     if u >= spill.threshold:
-        return f"utilisation {u:.2f} >= threshold {spill.threshold:.2f}"
+        return f"{_utilisation_text(t, live, u)} >= threshold {spill.threshold:.2f}", None
     if spill.queue_threshold is not None and q is not None and q >= spill.queue_threshold:
-        return f"queue {q} >= threshold {spill.queue_threshold}"
-    return None
+        return f"queue {q} >= threshold {spill.queue_threshold}", None
+    if spilling:
+        return (
+            None,
+            f"spilling the overflow only: this request fits, {_utilisation_text(t, live, u)} < threshold {spill.threshold:.2f}",
+        )
+    return None, None
 
 
 def _cost(t: Target, prompt_tokens: int, out_tokens: int) -> float:
@@ -309,7 +417,8 @@ class RoutePlan:
     @property
     def spill_changes(self) -> list[tuple[str, str, bool]]:
         """(route, backend, spilling) for each ranked backend whose spill state this decision changed:
-        what the caller remembers for the next decision (hysteresis)."""
+        what the caller remembers for the next decision (hysteresis). A backend that is spilling stays so
+        while requests that fit still go to it (only the overflow spills), until the lower marks."""
         f = self._facts
         before = f.live.spilling
         seen: set[str] = set()
@@ -321,7 +430,7 @@ class RoutePlan:
             if name in seen:
                 continue
             seen.add(name)
-            now = name in f.spilled
+            now = name in f.spilled or (f.fits is not None and name in f.fits)
             if now != ((self.route.name, name) in before):
                 out.append((self.route.name, name, now))
         return out
@@ -391,6 +500,8 @@ class _Facts:
     spilled: dict[str, str]
     panic: bool
     affinity: str | None = None
+    # Backends spilling (hysteresis) that take this request all the same (it fits), with why.
+    fits: dict[str, str] | None = None
 
     def decision(self, route: Route, plan: tuple[Target, ...]) -> Decision:
         rank_of = {id(target): (score, rank) for rank, (score, target) in enumerate(self.ranked, start=1)}
@@ -415,6 +526,7 @@ class _Facts:
                     queue=live.queue.get(backend),
                     load=None if reason else _load_source(target, live),
                     spilled=None if reason else self.spilled.get(backend),
+                    spilling=None if reason or not self.fits else self.fits.get(backend),
                     ejected=self.panic and reason is None and _ejected(target, live.unhealthy),
                     score=None if score is None else round(score, 6),
                     rank=rank,
@@ -535,7 +647,9 @@ def decide(
         _refuse(route, rows, verdicts, features)
     own = index.candidates[(route.name, operation)].own
     spilled: dict[str, str] = {}
-    ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own, spilled)
+    # Only a route with spillover can have backends that spill yet take the request: nothing made otherwise.
+    fits: dict[str, str] | None = {} if route.spillover is not None else None
+    ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own, spilled, fits)
     affinity = None
     if route.affinity is not None:
         ranked, affinity = _keep_conversation(
@@ -556,6 +670,7 @@ def decide(
         spilled,
         panic,
         affinity,
+        fits,
     )
     later = None
     if downgrade and tables.downgrade_route is not None:
@@ -597,9 +712,11 @@ def _rank(
     prefs: Preferences | None,
     own: int,
     spilled: dict[str, str],
+    fits: dict[str, str] | None,
 ) -> list[tuple[float, Target]]:
     """(score, target) best first. Sort key: (spill/fallback group, objective score, declared order).
-    Fills `spilled` with the backends spillover moved behind the others, and why."""
+    Fills `spilled` with the backends spillover moved behind the others, and why; `fits` with those that
+    are spilling yet take this request (it fits under the threshold), and why."""
     order = {m: i for i, m in enumerate(prefs.order)} if prefs is not None and prefs.order else None
     spill = route.spillover
     tiers = spill.tiers if spill is not None else ()
@@ -623,14 +740,19 @@ def _rank(
     keyed = []
     for (position, target), score in zip(survivors, scores, strict=True):
         group = 0.0 if position < own else 1000.0  # a fallback route's candidates come last
-        if spill is not None:
+        if spill is not None and fits is not None:
             tier = target.backend.tier
             group += tiers.index(tier) if tier in tiers else len(tiers)
             name = target.backend.name
-            why = spilled.get(name) if name in spilled else spill_verdict(target, route, spill, live)
-            if why is not None:
-                spilled[name] = why
+            if name in spilled:
                 group += len(tiers) + 1
+            elif name not in fits:
+                why, fit = spill_verdict(target, route, spill, live)
+                if why is not None:
+                    spilled[name] = why
+                    group += len(tiers) + 1
+                elif fit is not None:
+                    fits[name] = fit
         declared = order.get(target.model.name, len(order) + position) if order is not None else position
         keyed.append(((group, score, declared), target))
     keyed.sort(key=lambda item: item[0])

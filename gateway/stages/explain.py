@@ -38,6 +38,9 @@ def explain_header(decision: Decision) -> str:
     spilled = {r.deployment: r.spilled for r in decision.rows if r.spilled}
     if spilled:
         doc["spilled"] = spilled
+    fits = {r.deployment: r.spilling for r in decision.rows if r.spilling}
+    if fits:
+        doc["spilling"] = fits
     stale = [r.deployment for r in decision.rows if r.load == "stale"]
     if stale:
         doc["stale_metrics"] = stale

@@ -269,6 +269,7 @@ class HealthMonitor:
             waiting=g.waiting,
             utilisation=g.utilisation(cap.max_concurrency),
             format=g.format,
+            kv=g.kv,
         )
         self.signals.engine_load(name, load)
         return True

@@ -7,7 +7,9 @@
   health probes (`probe_result`, from gateway.upstream.health);
 - engine load, per backend: utilisation and queue depth scraped from its metrics page
   (gateway.upstream.scrape, `engine_load`); once the last good scrape is older than the backend's
-  `stale_after_s`, routing falls back to in-flight counting and explain says `stale`;
+  `stale_after_s`, routing falls back to in-flight counting and explain says `stale`; with each good
+  scrape, how many of this gateway's requests were in flight there (`scrape_basis`), so that the engine
+  corrects the gauge with the requests started or finished since (gateway.policy.engine._utilisation);
 - spillover memory: which (route, backend) pairs are spilling, so that a backend comes back only
   below the route's lower mark (hysteresis; the engine decides, the route stage records it here).
 
@@ -22,7 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.policy.engine import LiveState
+from gateway.policy.engine import LiveState, ScrapeBasis
 from gateway.policy.model import Backend
 from gateway.upstream.outlier import Ejection, OutlierTracker
 
@@ -39,6 +41,8 @@ class EngineLoad:
     waiting: float
     utilisation: float
     format: str
+    # KV-cache use (0-1), when the engine's format reports it.
+    kv: float | None = None
 
 
 class LiveSignals:
@@ -51,6 +55,7 @@ class LiveSignals:
         self.utilisation: dict[str, float] = {}
         self.queue: dict[str, int] = {}
         self.engine: dict[str, EngineLoad] = {}
+        self.scrape_basis: dict[str, ScrapeBasis] = {}
         self.scrape_failures: dict[str, int] = {}
         self.outliers = OutlierTracker()
         self._stale: frozenset[str] = frozenset()
@@ -67,6 +72,7 @@ class LiveSignals:
             in_flight=self.in_flight,
             utilisation=self.utilisation,
             queue=self.queue,
+            scrape_basis=self.scrape_basis,
             stale=self._stale,
             spilling=self._spilling,
         )
@@ -78,7 +84,7 @@ class LiveSignals:
         names = {b.name for b in backends}
         self.outliers.configure({b.name: b.outlier for b in backends}, probed)
         self._stale_after = {b.name: b.capacity.stale_after_s or 3 * b.capacity.scrape_interval_s for b in backends}
-        for table in (self.utilisation, self.queue, self.engine, self.scrape_failures):
+        for table in (self.utilisation, self.queue, self.engine, self.scrape_basis, self.scrape_failures):
             for name in [n for n in table if n not in names]:
                 del table[name]
         self._stale = frozenset(n for n in self._stale if n in names)
@@ -138,6 +144,9 @@ class LiveSignals:
     def engine_load(self, backend: str, load: EngineLoad) -> None:
         self.engine[backend] = load
         self.utilisation[backend] = load.utilisation
+        # Taken when the page came back: the engine's figures include what this gateway had sent by then
+        # (to within the page's round trip), the base the route stage's estimate moves from.
+        self.scrape_basis[backend] = ScrapeBasis(self.in_flight.get(backend, 0), load.running + load.waiting, load.kv)
         self.queue[backend] = int(load.waiting)
         self.scrape_failures.pop(backend, None)
         if backend in self._stale:
@@ -155,6 +164,7 @@ class LiveSignals:
         if too_old and backend not in self._stale:
             self.utilisation.pop(backend, None)
             self.queue.pop(backend, None)
+            self.scrape_basis.pop(backend, None)
             self._stale = self._stale | {backend}
             self._state = self._build()
 
@@ -163,6 +173,7 @@ class LiveSignals:
         self.engine.pop(backend, None)
         self.utilisation.pop(backend, None)
         self.queue.pop(backend, None)
+        self.scrape_basis.pop(backend, None)
         self.scrape_failures.pop(backend, None)
         if backend in self._stale:
             self._stale = self._stale - {backend}

@@ -20,6 +20,7 @@ from gateway.policy.engine import (
     MAX_PREFERENCE_ITEMS,
     LiveState,
     Preferences,
+    ScrapeBasis,
 )
 from gateway.policy.features import preferences
 from gateway.policy.model import Budgets, Compliance
@@ -686,6 +687,18 @@ SPILL_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["prov", "edge"],
     ),
     ("both-full-keep-tier-order", {"utilisation": {"edge": 0.9, "prov": 0.95}}, ["edge", "prov"]),
+    (
+        # Scraped at the threshold with 8 of this gateway's requests in it; one finished since: its slot is free.
+        "a-request-finished-since-the-scrape-frees-its-slot",
+        {"utilisation": {"edge": 0.8}, "in_flight": {"edge": 7}, "scrape_basis": {"edge": ScrapeBasis(8, 8.0, None)}},
+        ["edge", "prov"],
+    ),
+    (
+        # Scraped at 0.7 (another client's load with 1 of ours); one more sent since: 0.8, though 2 are ours.
+        "a-request-started-since-the-scrape-counts",
+        {"utilisation": {"edge": 0.7}, "in_flight": {"edge": 2}, "scrape_basis": {"edge": ScrapeBasis(1, 7.0, None)}},
+        ["prov", "edge"],
+    ),
 ]
 
 
