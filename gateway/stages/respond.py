@@ -362,7 +362,10 @@ class UpstreamEvents:
                 await asyncio.shield(closing)
         usage = self._usage
         produced = self._meter.tokens() if usage is None else usage.completion_tokens
-        response = await rescue(ctx, sent.text, produced)
+        # The continuation may spend what is left of the client's max_tokens after every attempt so far
+        # (a second rescue continues the first one's text too).
+        spent = produced + (self._earlier.completion_tokens if self._earlier is not None else 0)
+        response = await rescue(ctx, sent.text, spent)
         if response is None:
             log.warning("request %s: no deployment could continue the broken stream", ctx.request_id)
             self._rescue = None
