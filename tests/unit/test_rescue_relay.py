@@ -67,7 +67,7 @@ async def _relay(adapters: dict[str, Breaking], plan: tuple[Target, ...]) -> tup
     ctx.request = Request(operation="chat", model="r", stream=True)
     ctx.route = Route(name="r", models=("m",), resume="continue", max_attempts=len(plan))
     ctx.plan = plan
-    dispatcher = Dispatcher(adapters, Metrics(), LiveSignals())  # type: ignore[arg-type]
+    dispatcher = Dispatcher(adapters, Metrics(), LiveSignals())
     events = UpstreamEvents(ctx, await dispatcher.call(ctx), None, dispatcher.resume)
     out: list[bytes] = []
     while batch := await events.next():
