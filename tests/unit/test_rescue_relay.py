@@ -61,7 +61,11 @@ def _target(name: str, prefill: bool) -> Target:
     return Target(model=Model(name=f"model-{name}", deployments=(deployment,)), deployment=deployment, backend=backend)
 
 
-async def _relay(adapters: dict[str, Breaking], plan: tuple[Target, ...]) -> tuple[list[bytes], UpstreamEvents]:
+async def _relay(
+    adapters: dict[str, Breaking], plan: tuple[Target, ...], kept: list[int] | None = None
+) -> tuple[list[bytes], UpstreamEvents]:
+    """The client's events of one streamed request; `kept`: after each batch, the bytes the relay keeps
+    of what it relayed (for a rescue)."""
     ctx = RequestContext(request_id="r1", operation="chat", started=0.0, headers={}, route_name="r", stream=True)
     ctx.principal = Principal(tenant="t", key_id="k", allowed_routes=None)
     ctx.request = Request(operation="chat", model="r", stream=True)
@@ -72,6 +76,8 @@ async def _relay(adapters: dict[str, Breaking], plan: tuple[Target, ...]) -> tup
     out: list[bytes] = []
     while batch := await events.next():
         out += batch
+        if kept is not None:
+            kept.append(sum(map(len, events._relayed or ())))
     return out, events
 
 
@@ -87,3 +93,37 @@ async def test_a_second_rescue_is_asked_for_what_is_left_after_every_earlier_att
     assert second.prefill_tokens == 2 * first.prefill_tokens
     text = "".join(c["delta"].get("content") or "" for e in out for c in json.loads(e)["choices"])
     assert text == WORDS + WORDS + " nine."
+
+
+class Long(Breaking):
+    """A long answer, one word a read, then the connection breaks."""
+
+    def __init__(self, words: int) -> None:
+        super().__init__("")
+        self.words = words
+
+    async def send(self, call: UpstreamCall) -> UpstreamResponse:
+        self.calls.append(call)
+
+        async def batches() -> AsyncIterator[list[bytes]]:
+            yield [_chunk({"role": "assistant", "content": ""})]
+            for i in range(self.words):
+                yield [_chunk({"content": f"w{i} "})]
+            raise UpstreamStreamBroken("cut", clean_end=False)
+
+        return UpstreamResponse(status=200, batches=batches())
+
+
+async def test_what_the_relay_keeps_for_a_rescue_is_bounded_by_the_text_not_the_events() -> None:
+    # 20 000 events (~1.6 MB of SSE payloads) carrying ~130 kB of text: the relay keeps what a rescue
+    # needs (the text and the ids), not every event, and the continuation still gets the whole prefix.
+    words = 20_000
+    a, b = Long(words), Breaking(" end.", complete=True)
+    kept: list[int] = []
+    _, events = await _relay({"a": a, "b": b}, (_target("a", False), _target("b", True)), kept)
+    assert events.stop().outcome == "completed"
+    text = "".join(f"w{i} " for i in range(words))
+    (call,) = b.calls
+    assert call.prefill == text
+    relayed_payloads = words * len(_chunk({"content": "w19999 "}))
+    assert max(kept) < relayed_payloads / 4
