@@ -64,6 +64,7 @@ class Dispatcher:
         tracing: Tracing | None = None,
         rng: random.Random | None = None,
         budgets: RetryBudgets | None = None,
+        upstream_limits: UpstreamLimits | None = None,
     ) -> None:
         self.adapters = adapters
         self.metrics = metrics
@@ -73,6 +74,9 @@ class Dispatcher:
         self.tracing = tracing
         # Per route: active requests and retries in flight (gateway.upstream.retry); outlives a reload.
         self.budgets = budgets if budgets is not None else RetryBudgets()
+        # The policy's `server.upstream`: the limits of a backend without its own (its Target carries the
+        # policy's backend as written; only its adapter was given these).
+        self.upstream_limits = upstream_limits if upstream_limits is not None else UpstreamLimits()
         # Backoff jitter (a test may pass a seeded one).
         self.rng = rng if rng is not None else random.Random()
 
@@ -151,7 +155,7 @@ class Dispatcher:
                     whole=whole,
                     stall_s=timeouts.stall_s,
                     choices=_choices(ctx),
-                    max_bytes=(limits or UpstreamLimits()).max_body_bytes if whole else MAX_HELD_BYTES,
+                    max_bytes=(limits or self.upstream_limits).max_body_bytes if whole else MAX_HELD_BYTES,
                     name=name,
                 )
                 return response

@@ -320,3 +320,42 @@ def test_restart_holds_the_stream_and_restarts_a_broken_one_whole(
     # Broken after content: the next deployment at once (not the same one again, as before content).
     assert (primary["model"], restarted["model"]) == (PRIMARIES[scenario][0], "fake-model")
     assert primary["completion_tokens_generated"] == 10
+
+
+def test_restart_holds_no_more_than_the_servers_upstream_max_body_bytes(
+    fake: FakeControl, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # `server.upstream` bounds every backend without limits of its own, the restart's hold included: past
+    # 300 bytes the stream is committed as it is, so its cut reaches the client (no restart elsewhere).
+    folder = tmp_path_factory.mktemp("stream-gw-bounded")
+    policy = folder / "policy.yaml"
+    fake_url = str(fake.client.base_url).rstrip("/")
+    policy.write_text(
+        "\n".join(
+            [
+                "version: 1",
+                "server: {upstream: {max_body_bytes: 300}}",
+                "backends:",
+                f'  - {{name: cut, adapter: openai, base_url: "{fake_url}/v1"}}',
+                f'  - {{name: good, adapter: openai, base_url: "{fake_url}/v1"}}',
+                "models:",
+                "  - {name: m-cut, deployments: [{backend: cut, upstream_model: 'fault:cut-after-2'}]}",
+                "  - {name: m-good, deployments: [{backend: good, upstream_model: fake-model}]}",
+                "routes:",
+                "  - {name: r-restart, models: [m-cut, m-good], resume: restart}",
+                "tenants:",
+                f'  - {{name: t, keys: [{{id: t-1, digest: "{key_digest(KEY)}"}}]}}',
+                "",
+            ]
+        )
+    )
+    env = {"STRAIT_SPOOL_DIR": str(folder / "spool")}
+    with (
+        gateway_process(policy, log_path=folder / "gateway.log", env=env) as gw,
+        httpx.Client(base_url=gw.base_url, headers={"authorization": f"Bearer {KEY}"}, timeout=60) as client,
+    ):
+        r, payloads, marker = _stream(client, "r-restart", **FULL)
+    assert r.status_code == 200
+    assert payloads[-1] != "[DONE]"
+    assert json.loads(payloads[-1])["error"]["code"] == "upstream_stream_broken"
+    assert [a["model"] for a in fake.by_user(marker)] == ["fault:cut-after-2"]
