@@ -390,7 +390,13 @@ class UpstreamEvents:
         # The continuation may spend what is left of the client's max_tokens after every attempt so far
         # (a second rescue continues the first one's text too).
         spent = produced + (self._earlier.completion_tokens if self._earlier is not None else 0)
-        response = await rescue(ctx, sent.text, spent)
+        try:
+            response = await rescue(ctx, sent.text, spent)
+        except Exception:
+            # A bug on the rescue's path: the stream ends with its original failure all the same (the
+            # dispatcher gave back what it started), never cut without an error.
+            log.exception("request %s: the rescue of a broken stream failed", ctx.request_id)
+            response = None
         if response is None:
             log.warning("request %s: no deployment could continue the broken stream", ctx.request_id)
             self._rescue = None

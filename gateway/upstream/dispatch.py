@@ -380,6 +380,11 @@ class Dispatcher:
                 metrics.child(metrics.upstream_attempts, backend, failure).inc()
                 log.warning("rescue on %s failed (%s): %s", backend, failure, held)
                 ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
+            except UpstreamResponseTooLarge:
+                # An error answer past the body limit: refused like any error answer (never the client's).
+                signals.finished(backend)
+                log.warning("rescue on %s refused (an error answer past max_body_bytes)", backend)
+                ctx.failed_attempts.append((target, 502, time.perf_counter() - t0))
             except BaseException:
                 signals.finished(backend)
                 raise

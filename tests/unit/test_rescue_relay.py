@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from gateway.canonical import Request
 from gateway.context import RequestContext
-from gateway.contracts import UpstreamCall, UpstreamResponse, UpstreamStreamBroken
+from gateway.contracts import UpstreamCall, UpstreamResponse, UpstreamResponseTooLarge, UpstreamStreamBroken
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Backend, Deployment, Model, Route
 from gateway.stages.respond import UpstreamEvents
@@ -127,3 +127,21 @@ async def test_what_the_relay_keeps_for_a_rescue_is_bounded_by_the_text_not_the_
     assert call.prefill == text
     relayed_payloads = words * len(_chunk({"content": "w19999 "}))
     assert max(kept) < relayed_payloads / 4
+
+
+class TooLarge(Breaking):
+    """Answers with an error whose body is past the gateway's limit (the adapter raises)."""
+
+    async def send(self, call: UpstreamCall) -> UpstreamResponse:
+        self.calls.append(call)
+        raise UpstreamResponseTooLarge("too large")
+
+
+async def test_a_continuation_that_fails_in_any_way_ends_the_stream_with_its_original_failure() -> None:
+    a, b = Breaking(WORDS), TooLarge("")
+    out, events = await _relay({"a": a, "b": b}, (_target("a", False), _target("b", True)))
+    assert len(b.calls) == 1
+    end = events.stop()
+    assert (end.outcome, end.status) == ("upstream_failed", 502)
+    assert end.error is not None and end.error.code == "upstream_stream_broken"
+    assert out[-1] != b"[DONE]"
