@@ -234,9 +234,9 @@ class Dispatcher:
                 last_error = exc
                 last_stream = None
             except NotCommitted as held:
-                # A stream that failed before its first content (closed by `_send_stream`).
+                # A stream that failed before its first content (closed by `_send_stream`): a failed
+                # attempt only, like a connect failure (not also the request's answer in its records).
                 signals.finished(backend)
-                ctx.target = target
                 failure = held.failure
                 metrics.child(metrics.upstream_attempts, backend, failure).inc()
                 log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, failure, held)

@@ -20,6 +20,7 @@ from gateway.policy.index import key_digest
 from tests.harness.fake_control import FakeControl, Record
 from tests.harness.gateway import gateway_process
 from tests.harness.procs import ServerProcess, free_port
+from tests.harness.waiting import poll
 
 KEY = "sk-retry-tenant-93b1d0"
 ADMIN = "sk-retry-admin-1c55e2"
@@ -294,16 +295,6 @@ def test_nothing_is_retried_after_the_first_byte_reached_the_client(client: http
     assert records[0]["aborted"]
 
 
-def _poll(check: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)  # polling an observable condition, with a deadline
-    return check()
-
-
 def test_primary_503_fallback_answers_named_and_billed_the_failed_attempt_recorded_free(
     client: httpx.Client, fake: FakeControl, gw: tuple[ServerProcess, Path]
 ) -> None:
@@ -326,7 +317,7 @@ def test_primary_503_fallback_answers_named_and_billed_the_failed_attempt_record
         data = {row["value"]: row for row in got.json()["data"]}
         return data if "m-billing@billing" in data and "m-good@good" in data else None
 
-    data = _poll(rows)
+    data = poll(rows)
     assert data is not None, "the usage records never arrived"
     primary = data["m-billing@billing"]
     # Recorded (the row exists), never billed: no request, no token, no cost.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from tests.harness.fake_control import FakeControl
 from tests.harness.gateway import gateway_process
 from tests.harness.procs import ServerProcess, free_port
 from tests.harness.sse import json_payloads, parse_sse
+from tests.harness.waiting import poll
 
 KEY = "sk-stream-tenant-6d2f91"
 ADMIN = "sk-stream-admin-0b7e44"
@@ -188,7 +188,7 @@ def test_an_error_event_before_content_fails_over(client: httpx.Client, fake: Fa
 
 
 def test_without_any_content_anywhere_the_client_gets_an_error_status_not_a_stream(
-    client: httpx.Client, fake: FakeControl
+    client: httpx.Client, fake: FakeControl, gw: ServerProcess
 ) -> None:
     # Every attempt is cut before content (the header variant reaches every deployment): nothing was
     # committed, so the client gets a plain error answer, not a 200 stream.
@@ -205,6 +205,17 @@ def test_without_any_content_anywhere_the_client_gets_an_error_status_not_a_stre
     assert r.status_code == 502, r.text
     assert json.loads(r.text)["error"]["type"]
     assert len(fake.by_user(marker)) == 3  # max_attempts
+    # Recorded as the three attempts there were, no fourth (the last one also counted as the answer).
+    request_id = r.headers["x-request-id"]
+    assert gw.log_path is not None
+
+    def line() -> dict[str, Any] | None:
+        lines = [json.loads(x) for x in gw.log_path.read_text().splitlines() if x.startswith("{") and request_id in x]
+        return next((x for x in lines if x.get("request_id") == request_id and "attempts" in x), None)
+
+    logged = poll(line)
+    assert logged is not None, "no access log line"
+    assert (logged["attempts"], logged.get("deployment")) == (3, None)
 
 
 def test_the_healthy_answer_is_what_a_direct_request_gets(client: httpx.Client) -> None:
@@ -282,11 +293,7 @@ def test_the_broken_attempt_is_billed_at_its_own_price_as_well(client: httpx.Cli
         data = {row["value"]: row for row in got.json()["data"]}
         return data if "m-cont@cont" in data and "m-prefill@pre" in data else None
 
-    deadline = time.monotonic() + 10
-    data = rows()
-    while data is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling the admin API for the records, with a deadline
-        data = rows()
+    data = poll(rows)
     assert data is not None, "the usage records never arrived"
     for label in ("m-cont@cont", "m-prefill@pre"):
         assert data[label]["completion_tokens"] > 0 and data[label]["cost_usd"] > 0, data[label]
