@@ -424,6 +424,7 @@ class UpstreamEvents:
         self._upstream = response
         self._pull = self._puller(response)
         self._usage = None
+        self._malformed = 0  # its own tolerance for malformed events, not what the broken one left
         target = ctx.target
         self._meter = StreamMeter(target.model.tokenizer if target is not None else FALLBACK_ENCODING)
 

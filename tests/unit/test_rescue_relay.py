@@ -12,7 +12,7 @@ from gateway.context import RequestContext
 from gateway.contracts import UpstreamCall, UpstreamResponse, UpstreamResponseTooLarge, UpstreamStreamBroken
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Backend, Deployment, Model, Route
-from gateway.stages.respond import UpstreamEvents
+from gateway.stages.respond import MAX_MALFORMED_EVENTS, UpstreamEvents
 from gateway.telemetry import Metrics
 from gateway.upstream.dispatch import Dispatcher
 from gateway.upstream.signals import LiveSignals
@@ -145,3 +145,36 @@ async def test_a_continuation_that_fails_in_any_way_ends_the_stream_with_its_ori
     assert (end.outcome, end.status) == ("upstream_failed", 502)
     assert end.error is not None and end.error.code == "upstream_stream_broken"
     assert out[-1] != b"[DONE]"
+
+
+class Garbled(Breaking):
+    """Sends `garbled` malformed events among its text, then breaks (or, `complete`, finishes)."""
+
+    def __init__(self, text: str, garbled: int, complete: bool = False) -> None:
+        super().__init__(text, complete)
+        self.garbled = garbled
+
+    async def send(self, call: UpstreamCall) -> UpstreamResponse:
+        self.calls.append(call)
+
+        async def batches() -> AsyncIterator[list[bytes]]:
+            yield [_chunk({"role": "assistant", "content": ""}), _chunk({"content": self.text})]
+            for _ in range(self.garbled):
+                yield [b"not json"]
+            if self.complete:
+                yield [_chunk({"content": "."}), _chunk({}, "stop"), b"[DONE]"]
+                return
+            raise UpstreamStreamBroken("cut", clean_end=False)
+
+        return UpstreamResponse(status=200, batches=batches())
+
+
+async def test_a_continuation_may_skip_as_many_malformed_events_as_any_stream() -> None:
+    # Each upstream skips fewer than MAX_MALFORMED_EVENTS; together they send more: the continuation is
+    # not failed for the broken attempt's garbage.
+    garbled = MAX_MALFORMED_EVENTS - 1
+    a, b = Garbled(WORDS, garbled), Garbled(" nine", garbled, complete=True)
+    out, events = await _relay({"a": a, "b": b}, (_target("a", False), _target("b", True)))
+    assert events.stop().outcome == "completed"
+    text = "".join(c["delta"].get("content") or "" for e in out for c in json.loads(e)["choices"])
+    assert text == WORDS + " nine."
