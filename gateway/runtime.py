@@ -121,6 +121,7 @@ def build_runtime(
         redactor_for((b.api_key for b in policy.backends), os.environ if environ is None else environ),
         tracing=services.tracing,
         budgets=services.retry_budgets,
+        upstream_limits=limits,
     )
     upstream = UpstreamStage(dispatcher, metrics, signals)
     stages: list[Stage] = [auth]

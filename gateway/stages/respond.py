@@ -33,7 +33,7 @@ from gateway.reply import Reply, id_headers
 from gateway.telemetry import Metrics
 from gateway.tokens import FALLBACK_ENCODING
 from gateway.upstream.normalize import upstream_error
-from gateway.upstream.rescue import Stitch, add_usage, what_was_sent
+from gateway.upstream.rescue import Stitch, add_usage, compacted, what_was_sent
 from gateway.upstream.sse import DONE
 from gateway.upstream.wire import UpstreamErrorBody, Usage, UsageProbe
 
@@ -121,6 +121,11 @@ _BROKEN = ErrorBody(message="The upstream stream failed.", type="server_error", 
 _STALLED = ErrorBody(
     message="The upstream stopped sending before the answer was complete.", type="server_error", code="upstream_timeout"
 )
+# Mid-stream rescue: past this many bytes of relayed events, what the relay keeps of them is compacted to
+# their text (gateway.upstream.rescue.compacted), then again each time what it keeps doubles.
+RELAYED_COMPACT_BYTES = 64 * 1024
+# A prefix longer than this is not kept at all (the stream is then not continued): no context holds it.
+MAX_PREFIX_BYTES = 4 * 1024 * 1024
 # Malformed events a stream may skip before it is called broken.
 MAX_MALFORMED_EVENTS = 8
 _BAD_EVENT = ErrorBody(
@@ -156,6 +161,7 @@ class UpstreamEvents:
         "_broken",
         "_choices",
         "_clock",
+        "_compact_at",
         "_ctx",
         "_done_choices",
         "_earlier",
@@ -168,6 +174,7 @@ class UpstreamEvents:
         "_outcome",
         "_pull",
         "_relayed",
+        "_relayed_bytes",
         "_rescue",
         "_stall_s",
         "_stalled",
@@ -198,6 +205,9 @@ class UpstreamEvents:
         # the billed usage of the attempts it continued.
         self._rescue = rescue
         self._relayed: list[bytes] | None = [] if rescue is not None else None
+        # Bounded: compacted to the text past `_compact_at` bytes (an answer's events are ~10x its text).
+        self._relayed_bytes = 0
+        self._compact_at = RELAYED_COMPACT_BYTES
         self._broken: tuple[Outcome, int, ErrorBody] | None = None
         self._stitch: Stitch | None = None
         self._earlier: Usage | None = None
@@ -326,9 +336,24 @@ class UpstreamEvents:
                     out = self._stitch.events(out)
                 if self._relayed is not None:
                     self._relayed += out
+                    self._relayed_bytes += sum(map(len, out))
+                    if self._relayed_bytes > self._compact_at:
+                        self._compact()
                 if out:
                     return out
         return []
+
+    def _compact(self) -> None:
+        """Keep only what a rescue reads of the relayed events (their text and ids), or nothing when the
+        stream can never be continued or its text outgrew MAX_PREFIX_BYTES."""
+        kept = compacted(self._relayed or ())
+        size = sum(map(len, kept)) if kept is not None else 0
+        if kept is None or size > MAX_PREFIX_BYTES:
+            self._relayed = None
+            return
+        self._relayed = kept
+        self._relayed_bytes = size
+        self._compact_at = max(RELAYED_COMPACT_BYTES, 2 * size)
 
     async def _resume(self) -> None:
         """The committed stream broke and the route continues broken streams: ask the dispatcher for a
@@ -362,7 +387,16 @@ class UpstreamEvents:
                 await asyncio.shield(closing)
         usage = self._usage
         produced = self._meter.tokens() if usage is None else usage.completion_tokens
-        response = await rescue(ctx, sent.text, produced)
+        # The continuation may spend what is left of the client's max_tokens after every attempt so far
+        # (a second rescue continues the first one's text too).
+        spent = produced + (self._earlier.completion_tokens if self._earlier is not None else 0)
+        try:
+            response = await rescue(ctx, sent.text, spent)
+        except Exception:
+            # A bug on the rescue's path: the stream ends with its original failure all the same (the
+            # dispatcher gave back what it started), never cut without an error.
+            log.exception("request %s: the rescue of a broken stream failed", ctx.request_id)
+            response = None
         if response is None:
             log.warning("request %s: no deployment could continue the broken stream", ctx.request_id)
             self._rescue = None
@@ -390,6 +424,7 @@ class UpstreamEvents:
         self._upstream = response
         self._pull = self._puller(response)
         self._usage = None
+        self._malformed = 0  # its own tolerance for malformed events, not what the broken one left
         target = ctx.target
         self._meter = StreamMeter(target.model.tokenizer if target is not None else FALLBACK_ENCODING)
 

@@ -64,6 +64,7 @@ class Dispatcher:
         tracing: Tracing | None = None,
         rng: random.Random | None = None,
         budgets: RetryBudgets | None = None,
+        upstream_limits: UpstreamLimits | None = None,
     ) -> None:
         self.adapters = adapters
         self.metrics = metrics
@@ -73,6 +74,9 @@ class Dispatcher:
         self.tracing = tracing
         # Per route: active requests and retries in flight (gateway.upstream.retry); outlives a reload.
         self.budgets = budgets if budgets is not None else RetryBudgets()
+        # The policy's `server.upstream`: the limits of a backend without its own (its Target carries the
+        # policy's backend as written; only its adapter was given these).
+        self.upstream_limits = upstream_limits if upstream_limits is not None else UpstreamLimits()
         # Backoff jitter (a test may pass a seeded one).
         self.rng = rng if rng is not None else random.Random()
 
@@ -151,7 +155,7 @@ class Dispatcher:
                     whole=whole,
                     stall_s=timeouts.stall_s,
                     choices=_choices(ctx),
-                    max_bytes=(limits or UpstreamLimits()).max_body_bytes if whole else MAX_HELD_BYTES,
+                    max_bytes=(limits or self.upstream_limits).max_body_bytes if whole else MAX_HELD_BYTES,
                     name=name,
                 )
                 return response
@@ -230,9 +234,9 @@ class Dispatcher:
                 last_error = exc
                 last_stream = None
             except NotCommitted as held:
-                # A stream that failed before its first content (closed by `_send_stream`).
+                # A stream that failed before its first content (closed by `_send_stream`): a failed
+                # attempt only, like a connect failure (not also the request's answer in its records).
                 signals.finished(backend)
-                ctx.target = target
                 failure = held.failure
                 metrics.child(metrics.upstream_attempts, backend, failure).inc()
                 log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, failure, held)
@@ -376,6 +380,11 @@ class Dispatcher:
                 metrics.child(metrics.upstream_attempts, backend, failure).inc()
                 log.warning("rescue on %s failed (%s): %s", backend, failure, held)
                 ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
+            except UpstreamResponseTooLarge:
+                # An error answer past the body limit: refused like any error answer (never the client's).
+                signals.finished(backend)
+                log.warning("rescue on %s refused (an error answer past max_body_bytes)", backend)
+                ctx.failed_attempts.append((target, 502, time.perf_counter() - t0))
             except BaseException:
                 signals.finished(backend)
                 raise

@@ -7,7 +7,9 @@ sent as the assistant's prefix (gateway.passthrough.with_prefill). The continuat
 rewritten so the client sees one stream: the `id`, `created`, `model` and `system_fingerprint` the client
 already saw, no second role chunk, and one usage chunk summing the billed tokens of every attempt that
 produced part of the answer. Only the rare path pays for this: the events relayed before a break are
-decoded once, when it breaks; a continuation's events are re-encoded one by one.
+decoded when it breaks (and, for a long answer, each time what the relay keeps of them doubles:
+`compacted` keeps their text and ids only, so a stream holds about its text, not every event); a
+continuation's events are re-encoded one by one.
 
 A stream can be continued only when it is one choice (`n` 1) of a chat answer whose content is plain text
 (no tool call) and which had not finished; otherwise it ends with its original error.
@@ -59,9 +61,9 @@ class Sent:
     identity: dict[str, Any]
 
 
-def what_was_sent(events: Iterable[bytes]) -> Sent | None:
-    """The text of choice 0 relayed so far and the first chunk's identity; None when the stream cannot be
-    continued (a tool call, a finished choice, another choice, no text at all)."""
+def _scan(events: Iterable[bytes]) -> tuple[list[str], dict[str, Any] | None] | None:
+    """The text pieces of choice 0 and the first chunk's identity; None when the stream can never be
+    continued (a tool call, a finished choice, another choice)."""
     parts: list[str] = []
     identity: dict[str, Any] | None = None
     for payload in events:
@@ -81,9 +83,33 @@ def what_was_sent(events: Iterable[bytes]) -> Sent | None:
                 return None
             if delta.content:
                 parts.append(delta.content)
+    return parts, identity
+
+
+def what_was_sent(events: Iterable[bytes]) -> Sent | None:
+    """The text of choice 0 relayed so far and the first chunk's identity; None when the stream cannot be
+    continued (a tool call, a finished choice, another choice, no text at all)."""
+    scanned = _scan(events)
+    if scanned is None:
+        return None
+    parts, identity = scanned
     if not parts or identity is None:
         return None
     return Sent("".join(parts), identity)
+
+
+def compacted(events: Iterable[bytes]) -> list[bytes] | None:
+    """The relayed events as one chunk that `what_was_sent` reads the same (its text, the identity if one
+    came yet): what the relay keeps of a long stream in case it breaks. None when it can never be
+    continued (nothing need be kept)."""
+    scanned = _scan(events)
+    if scanned is None:
+        return None
+    parts, identity = scanned
+    if not parts and identity is None:
+        return []
+    chunk = {**(identity or {}), "choices": [{"index": 0, "delta": {"content": "".join(parts)}}]}
+    return [msgspec.json.encode(chunk)]
 
 
 def add_usage(a: Usage | None, b: Usage) -> Usage:

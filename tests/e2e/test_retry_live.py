@@ -20,6 +20,7 @@ from gateway.policy.index import key_digest
 from tests.harness.fake_control import FakeControl, Record
 from tests.harness.gateway import gateway_process
 from tests.harness.procs import ServerProcess, free_port
+from tests.harness.waiting import poll
 
 KEY = "sk-retry-tenant-93b1d0"
 ADMIN = "sk-retry-admin-1c55e2"
@@ -136,19 +137,6 @@ def _chat(client: httpx.Client, route: str, *, stream: bool = False, max_tokens:
     return client.post("/v1/chat/completions", json=body), marker
 
 
-def _attempts(fake: FakeControl, marker: str) -> list[Record]:
-    return [r for r in fake.ledger() if isinstance(r["body"], dict) and r["body"].get("user") == marker]
-
-
-def _wait_attempts(fake: FakeControl, marker: str, pred: Any, timeout: float = 10.0) -> list[Record]:
-    deadline = time.monotonic() + timeout
-    while True:
-        records = _attempts(fake, marker)
-        if pred(records) or time.monotonic() >= deadline:
-            return records
-        time.sleep(0.05)  # polling the fake's ledger for an observable condition, with a deadline
-
-
 def _models(records: list[Record]) -> list[str]:
     return [r["model"] for r in records]
 
@@ -160,7 +148,7 @@ def test_429_with_retry_after_retries_the_same_deployment_no_sooner_than_asked(
         r, marker = _chat(client, route)
         assert r.status_code == 200, r.text
         assert r.headers["x-strait-deployment"] == f"m-{route[2:]}@{route[2:]}"
-        first, second = _attempts(fake, marker)
+        first, second = fake.by_user(marker)
         assert _models([first, second]) == [model, model]
         assert (first["status"], second["status"]) == (429, 200)
         # Retry-After: 1 (seconds, or an HTTP-date at least 1 s away): the retry arrived no sooner.
@@ -171,7 +159,7 @@ def test_429_with_a_retry_after_beyond_the_bound_moves_on_at_once(client: httpx.
     r, marker = _chat(client, "r-ralong")
     assert r.status_code == 200
     assert r.headers["x-strait-deployment"] == "m-good@good"
-    first, second = _attempts(fake, marker)
+    first, second = fake.by_user(marker)
     assert _models([first, second]) == [PRIMARIES["ralong"], "fake-model"]
     # It did not wait out the 30 s the primary asked for (and never went back to it).
     assert second["started_at"] - first["started_at"] < 30
@@ -180,7 +168,7 @@ def test_429_with_a_retry_after_beyond_the_bound_moves_on_at_once(client: httpx.
 def test_429_without_retry_after_backs_off_then_fails_over(client: httpx.Client, fake: FakeControl) -> None:
     r, marker = _chat(client, "r-nora")
     assert r.status_code == 200
-    a1, a2, b = _attempts(fake, marker)
+    a1, a2, b = fake.by_user(marker)
     assert _models([a1, a2, b]) == [PRIMARIES["nora"], PRIMARIES["nora"], "fake-model"]
     # The jittered backoff from 200 ms is never shorter than half a step.
     assert a2["started_at"] - a1["started_at"] >= 0.1  # from before the 429 was sent: a true lower bound
@@ -192,7 +180,7 @@ def test_persistent_429_everywhere_is_bounded_by_max_attempts(client: httpx.Clie
     assert r.status_code == 429
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     assert "retry-after" in r.headers
-    records = _attempts(fake, marker)
+    records = fake.by_user(marker)
     # max_attempts 3: the first deployment twice (one backed-off retry), then the second once.
     assert [(x["model"], x["status"]) for x in records] == [(PRIMARIES["nora"], 429)] * 2 + [(PRIMARIES["nora2"], 429)]
     assert records[1]["started_at"] - records[0]["started_at"] >= 0.1  # backoff_base_ms 200: at least 100 ms
@@ -202,7 +190,7 @@ def test_500_once_is_retried_on_the_same_deployment(client: httpx.Client, fake: 
     r, marker = _chat(client, "r-e500once")
     assert r.status_code == 200
     assert r.headers["x-strait-deployment"] == "m-e500once@e500once"
-    assert [(x["model"], x["status"]) for x in _attempts(fake, marker)] == [
+    assert [(x["model"], x["status"]) for x in fake.by_user(marker)] == [
         (PRIMARIES["e500once"], 500),
         (PRIMARIES["e500once"], 200),
     ]
@@ -212,7 +200,7 @@ def test_500_again_then_the_fallback(client: httpx.Client, fake: FakeControl) ->
     r, marker = _chat(client, "r-e500")
     assert r.status_code == 200
     assert r.headers["x-strait-deployment"] == "m-good@good"
-    assert [(x["model"], x["status"]) for x in _attempts(fake, marker)] == [
+    assert [(x["model"], x["status"]) for x in fake.by_user(marker)] == [
         (PRIMARIES["e500"], 500),
         (PRIMARIES["e500"], 500),
         ("fake-model", 200),
@@ -222,7 +210,7 @@ def test_500_again_then_the_fallback(client: httpx.Client, fake: FakeControl) ->
 def test_503_fails_over_without_hammering_the_unavailable_deployment(client: httpx.Client, fake: FakeControl) -> None:
     r, marker = _chat(client, "r-e503")
     assert r.status_code == 200
-    assert [(x["model"], x["status"]) for x in _attempts(fake, marker)] == [
+    assert [(x["model"], x["status"]) for x in fake.by_user(marker)] == [
         (PRIMARIES["e503"], 503),
         ("fake-model", 200),
     ]
@@ -236,14 +224,14 @@ def test_a_reset_before_headers_is_retried_then_failed_over(
     assert r.status_code == 200
     if stream:
         assert r.text.rstrip().endswith("data: [DONE]")
-    records = _attempts(fake, marker)
+    records = fake.by_user(marker)
     assert _models(records) == ["fault:reset", "fault:reset", "fake-model"]
     assert records[0]["aborted"] and records[1]["aborted"]
     # A FIN before headers, once: the same deployment's retry answers.
     r, marker = _chat(client, "r-fin", stream=stream)
     assert r.status_code == 200
     assert r.headers["x-strait-deployment"] == "m-fin@fin"
-    assert _models(_attempts(fake, marker)) == [PRIMARIES["fin"]] * 2
+    assert _models(fake.by_user(marker)) == [PRIMARIES["fin"]] * 2
 
 
 @pytest.mark.parametrize(("route", "stream"), [("r-hang", True), ("r-hangjson", False)])
@@ -255,7 +243,7 @@ def test_no_response_at_all_times_out_per_try_and_fails_over(
     assert r.status_code == 200
     assert r.headers["x-strait-deployment"] == "m-good@good"
     # The fake notices the gateway leaving on its own time: wait for it (a deadline, not a sleep).
-    hung, served = _wait_attempts(fake, marker, lambda rs: len(rs) == 2 and rs[0]["client_disconnected"])
+    hung, served = fake.wait_by_user(marker, lambda rs: len(rs) == 2 and rs[0]["client_disconnected"])
     assert hung["model"] == "fault:hang" and served["model"] == "fake-model"
     # The gateway gave up on the silent upstream (the fake saw it leave) after the route's timeout.
     assert hung["client_disconnected"] and hung["status"] is None
@@ -270,7 +258,7 @@ def test_context_length_exceeded_moves_to_a_larger_context_window(client: httpx.
     assert r.status_code == 200, r.text
     assert r.headers["x-strait-deployment"] == "m-ctx-large@good"
     # Not retried on that model, and the next candidate with the same window was skipped.
-    assert [(x["model"], x["status"]) for x in _attempts(fake, marker)] == [
+    assert [(x["model"], x["status"]) for x in fake.by_user(marker)] == [
         ("fault:context-length", 400),
         ("large-32k", 200),
     ]
@@ -282,7 +270,7 @@ def test_context_length_exceeded_without_a_larger_candidate_is_the_clients_400(
     r, marker = _chat(client, "r-ctx-none")
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "context_length_exceeded"
-    assert _models(_attempts(fake, marker)) == ["fault:context-length"]
+    assert _models(fake.by_user(marker)) == ["fault:context-length"]
 
 
 def test_a_content_filter_refusal_is_not_retried_and_its_reason_is_passed_on_redacted(
@@ -294,7 +282,7 @@ def test_a_content_filter_refusal_is_not_retried_and_its_reason_is_passed_on_red
     assert error["code"] == "content_filter" and error["param"] == "prompt"
     assert "content management policy" in error["message"]
     assert "microsoft.com" not in r.text  # the upstream's URL is redacted
-    assert _models(_attempts(fake, marker)) == [PRIMARIES["filter"]]
+    assert _models(fake.by_user(marker)) == [PRIMARIES["filter"]]
 
 
 def test_nothing_is_retried_after_the_first_byte_reached_the_client(client: httpx.Client, fake: FakeControl) -> None:
@@ -302,19 +290,9 @@ def test_nothing_is_retried_after_the_first_byte_reached_the_client(client: http
     assert r.status_code == 200  # committed at the upstream's 200
     assert r.headers["x-strait-deployment"] == "m-cut@cut", r.headers
     assert "data: [DONE]" not in r.text and '"error"' in r.text  # an in-band error, never a false end
-    records = _attempts(fake, marker)
+    records = fake.by_user(marker)
     assert _models(records) == [PRIMARIES["cut"]]  # the fallback was never asked
     assert records[0]["aborted"]
-
-
-def _poll(check: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)  # polling an observable condition, with a deadline
-    return check()
 
 
 def test_primary_503_fallback_answers_named_and_billed_the_failed_attempt_recorded_free(
@@ -325,7 +303,7 @@ def test_primary_503_fallback_answers_named_and_billed_the_failed_attempt_record
     body = r.json()
     assert r.headers["x-strait-deployment"] == "m-good@good"
     assert body["model"] == "fake-model"  # the fallback's model, as the fallback named it
-    failed, served = _attempts(fake, marker)
+    failed, served = fake.by_user(marker)
     assert (failed["model"], failed["status"], served["model"]) == (PRIMARIES["billing"], 503, "fake-model")
     assert body["usage"]["completion_tokens"] == served["completion_tokens_generated"]
 
@@ -339,7 +317,7 @@ def test_primary_503_fallback_answers_named_and_billed_the_failed_attempt_record
         data = {row["value"]: row for row in got.json()["data"]}
         return data if "m-billing@billing" in data and "m-good@good" in data else None
 
-    data = _poll(rows)
+    data = poll(rows)
     assert data is not None, "the usage records never arrived"
     primary = data["m-billing@billing"]
     # Recorded (the row exists), never billed: no request, no token, no cost.

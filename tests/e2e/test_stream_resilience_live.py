@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,10 +18,11 @@ import httpx
 import pytest
 
 from gateway.policy.index import key_digest
-from tests.harness.fake_control import FakeControl, Record
+from tests.harness.fake_control import FakeControl
 from tests.harness.gateway import gateway_process
 from tests.harness.procs import ServerProcess, free_port
 from tests.harness.sse import json_payloads, parse_sse
+from tests.harness.waiting import poll
 
 KEY = "sk-stream-tenant-6d2f91"
 ADMIN = "sk-stream-admin-0b7e44"
@@ -127,19 +127,6 @@ def _stream(client: httpx.Client, route: str, **extra: Any) -> tuple[httpx.Respo
     return r, parse_sse(r.content), marker
 
 
-def _attempts(fake: FakeControl, marker: str) -> list[Record]:
-    return [r for r in fake.ledger() if isinstance(r["body"], dict) and r["body"].get("user") == marker]
-
-
-def _wait_attempts(fake: FakeControl, marker: str, pred: Any, timeout: float = 10.0) -> list[Record]:
-    deadline = time.monotonic() + timeout
-    while True:
-        records = _attempts(fake, marker)
-        if pred(records) or time.monotonic() >= deadline:
-            return records
-        time.sleep(0.05)  # polling the fake's ledger for an observable condition, with a deadline
-
-
 def _text(payloads: list[str]) -> str:
     chunks = json_payloads(p for p in payloads if p != "[DONE]")
     return "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
@@ -171,11 +158,11 @@ def test_a_first_token_later_than_first_token_s_fails_over_before_the_client_see
     assert r.headers["x-strait-deployment"] == "m-good@good"
     _assert_one_clean_answer(payloads)
     assert len(_text(payloads).split()) == 8
-    late, good = _attempts(fake, marker)
+    late, good = fake.by_user(marker)
     assert (late["model"], good["model"]) == ("fault:slow-first-token-5000", "fake-model")
     # The late one sent its 200 and role chunk at once; it was abandoned, not waited out for 5 s.
     assert late["first_byte_at"] is not None and late["completion_tokens_generated"] == 0
-    late, _ = _wait_attempts(fake, marker, lambda rs: rs[0]["client_disconnected"])
+    late, _ = fake.wait_by_user(marker, lambda rs: rs[0]["client_disconnected"])
     assert late["client_disconnected"] and late["completion_tokens_generated"] == 0
     # The fallback came no sooner than first_token_s after the first attempt started (the fake's clock).
     assert good["started_at"] - late["started_at"] >= FIRST_TOKEN_S
@@ -189,7 +176,7 @@ def test_a_stream_cut_before_content_is_retried_like_a_reset_then_fails_over(
     assert r.headers["x-strait-deployment"] == "m-good@good"
     _assert_one_clean_answer(payloads)
     # A reset: one retry of the same deployment (retry.same_deployment 1), then the next.
-    assert [a["model"] for a in _attempts(fake, marker)] == ["fault:cut-after-0"] * 2 + ["fake-model"]
+    assert [a["model"] for a in fake.by_user(marker)] == ["fault:cut-after-0"] * 2 + ["fake-model"]
 
 
 def test_an_error_event_before_content_fails_over(client: httpx.Client, fake: FakeControl) -> None:
@@ -197,11 +184,11 @@ def test_an_error_event_before_content_fails_over(client: httpx.Client, fake: Fa
     assert r.status_code == 200, r.text
     assert r.headers["x-strait-deployment"] == "m-good@good"
     _assert_one_clean_answer(payloads)
-    assert [a["model"] for a in _attempts(fake, marker)] == ["fault:error-event-after-0", "fake-model"]
+    assert [a["model"] for a in fake.by_user(marker)] == ["fault:error-event-after-0", "fake-model"]
 
 
 def test_without_any_content_anywhere_the_client_gets_an_error_status_not_a_stream(
-    client: httpx.Client, fake: FakeControl
+    client: httpx.Client, fake: FakeControl, gw: ServerProcess
 ) -> None:
     # Every attempt is cut before content (the header variant reaches every deployment): nothing was
     # committed, so the client gets a plain error answer, not a 200 stream.
@@ -217,7 +204,18 @@ def test_without_any_content_anywhere_the_client_gets_an_error_status_not_a_stre
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 502, r.text
     assert json.loads(r.text)["error"]["type"]
-    assert len(_attempts(fake, marker)) == 3  # max_attempts
+    assert len(fake.by_user(marker)) == 3  # max_attempts
+    # Recorded as the three attempts there were, no fourth (the last one also counted as the answer).
+    request_id = r.headers["x-request-id"]
+    assert gw.log_path is not None
+
+    def line() -> dict[str, Any] | None:
+        lines = [json.loads(x) for x in gw.log_path.read_text().splitlines() if x.startswith("{") and request_id in x]
+        return next((x for x in lines if x.get("request_id") == request_id and "attempts" in x), None)
+
+    logged = poll(line)
+    assert logged is not None, "no access log line"
+    assert (logged["attempts"], logged.get("deployment")) == (3, None)
 
 
 def test_the_healthy_answer_is_what_a_direct_request_gets(client: httpx.Client) -> None:
@@ -236,7 +234,7 @@ def test_a_committed_stream_that_stalls_ends_with_a_timeout_event_and_no_done(
     last = json_payloads(payloads)[-1]
     assert last["error"]["code"] == "upstream_timeout"
     assert _text(payloads[:-1]).split() == _expected_text(client, max_tokens=20, chunk_tokens=1).split()[:2]
-    (record,) = _wait_attempts(fake, marker, lambda rs: rs and rs[0]["client_disconnected"])
+    (record,) = fake.wait_by_user(marker, lambda rs: rs and rs[0]["client_disconnected"])
     # Strait gave up on the stalled stream itself (the fake never ends a stall), after stall_s, well
     # before the backend's read_s of 60 s.
     assert record["client_disconnected"] and record["stalled_at"] is not None
@@ -266,7 +264,7 @@ def test_a_broken_stream_is_continued_on_a_prefill_deployment_into_one_complete_
     assert chunks[0]["model"] == PRIMARIES[scenario][0]  # the first upstream's, kept across the rescue
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
     assert finish[-1] == "stop"
-    primary, continuation = _attempts(fake, marker)
+    primary, continuation = fake.by_user(marker)
     assert primary["model"] == PRIMARIES[scenario][0]
     assert continuation["model"].startswith("fault:prefill")
     # The continuation was asked to continue the 10 words the client had, as the assistant's prefix.
@@ -295,11 +293,7 @@ def test_the_broken_attempt_is_billed_at_its_own_price_as_well(client: httpx.Cli
         data = {row["value"]: row for row in got.json()["data"]}
         return data if "m-cont@cont" in data and "m-prefill@pre" in data else None
 
-    deadline = time.monotonic() + 10
-    data = rows()
-    while data is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling the admin API for the records, with a deadline
-        data = rows()
+    data = poll(rows)
     assert data is not None, "the usage records never arrived"
     for label in ("m-cont@cont", "m-prefill@pre"):
         assert data[label]["completion_tokens"] > 0 and data[label]["cost_usd"] > 0, data[label]
@@ -315,7 +309,7 @@ def test_a_prefill_refused_by_the_fallback_ends_with_the_original_failure(
     # The real failure (the primary's stream broke), never the fallback's 400 about the prefill.
     assert error["code"] == "upstream_stream_broken"
     assert "prefill" not in json.dumps(error)
-    primary, refused = _attempts(fake, marker)
+    primary, refused = fake.by_user(marker)
     assert (primary["model"], refused["model"], refused["status"]) == ("fault:cut-after-2", "fault:no-prefill", 400)
     assert len(_text(payloads[:-1]).split()) == 10  # what the client had before the break
 
@@ -329,7 +323,46 @@ def test_restart_holds_the_stream_and_restarts_a_broken_one_whole(
     assert r.headers["x-strait-deployment"] == "m-good@good"
     _assert_one_clean_answer(payloads)  # nothing of the broken attempt reached the client
     assert _text(payloads) == _expected_text(client, **FULL)
-    primary, restarted = _attempts(fake, marker)
+    primary, restarted = fake.by_user(marker)
     # Broken after content: the next deployment at once (not the same one again, as before content).
     assert (primary["model"], restarted["model"]) == (PRIMARIES[scenario][0], "fake-model")
     assert primary["completion_tokens_generated"] == 10
+
+
+def test_restart_holds_no_more_than_the_servers_upstream_max_body_bytes(
+    fake: FakeControl, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # `server.upstream` bounds every backend without limits of its own, the restart's hold included: past
+    # 300 bytes the stream is committed as it is, so its cut reaches the client (no restart elsewhere).
+    folder = tmp_path_factory.mktemp("stream-gw-bounded")
+    policy = folder / "policy.yaml"
+    fake_url = str(fake.client.base_url).rstrip("/")
+    policy.write_text(
+        "\n".join(
+            [
+                "version: 1",
+                "server: {upstream: {max_body_bytes: 300}}",
+                "backends:",
+                f'  - {{name: cut, adapter: openai, base_url: "{fake_url}/v1"}}',
+                f'  - {{name: good, adapter: openai, base_url: "{fake_url}/v1"}}',
+                "models:",
+                "  - {name: m-cut, deployments: [{backend: cut, upstream_model: 'fault:cut-after-2'}]}",
+                "  - {name: m-good, deployments: [{backend: good, upstream_model: fake-model}]}",
+                "routes:",
+                "  - {name: r-restart, models: [m-cut, m-good], resume: restart}",
+                "tenants:",
+                f'  - {{name: t, keys: [{{id: t-1, digest: "{key_digest(KEY)}"}}]}}',
+                "",
+            ]
+        )
+    )
+    env = {"STRAIT_SPOOL_DIR": str(folder / "spool")}
+    with (
+        gateway_process(policy, log_path=folder / "gateway.log", env=env) as gw,
+        httpx.Client(base_url=gw.base_url, headers={"authorization": f"Bearer {KEY}"}, timeout=60) as client,
+    ):
+        r, payloads, marker = _stream(client, "r-restart", **FULL)
+    assert r.status_code == 200
+    assert payloads[-1] != "[DONE]"
+    assert json.loads(payloads[-1])["error"]["code"] == "upstream_stream_broken"
+    assert [a["model"] for a in fake.by_user(marker)] == ["fault:cut-after-2"]

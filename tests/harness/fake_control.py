@@ -77,6 +77,19 @@ class FakeControl:
             if time.monotonic() >= deadline:
                 raise AssertionError(f"fake ledger never satisfied the condition: {recs}")
 
+    def by_user(self, user: str) -> list[Record]:
+        """The records of the requests whose body's `user` is `user` (a test's marker), in order."""
+        return [r for r in self.ledger() if isinstance(r["body"], dict) and r["body"].get("user") == user]
+
+    def wait_by_user(self, user: str, pred: Callable[[list[Record]], bool], timeout: float = 10.0) -> list[Record]:
+        """`by_user(user)` once pred holds, or as it is at the deadline (the caller's assertions say why)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.by_user(user)
+            if pred(records) or time.monotonic() >= deadline:
+                return records
+            time.sleep(0.05)  # polling the fake's ledger for an observable condition, with a deadline
+
     def wait_record(self, pred: Callable[[Record], bool], *, test_id: str, timeout: float = 5.0) -> Record:
         """The single record of `test_id`, once pred holds for it."""
         recs = self.wait_records(lambda rs: len(rs) == 1 and pred(rs[0]), test_id=test_id, timeout=timeout)

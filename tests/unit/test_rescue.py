@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.passthrough import with_prefill
-from gateway.upstream.rescue import Stitch, what_was_sent
+from gateway.upstream.rescue import Stitch, compacted, what_was_sent
 from gateway.upstream.wire import Usage
 
 ID = {"id": "chatcmpl-first", "created": 111, "model": "first-model", "system_fingerprint": "fp-1"}
@@ -82,3 +82,26 @@ def test_a_continuation_is_stitched_into_the_stream_the_client_has() -> None:
     assert all({k: c[k] for k in ID} == ID for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"content": "ld"}
     assert chunks[2]["usage"] == {"prompt_tokens": 25, "completion_tokens": 10, "total_tokens": 35}
+
+
+@given(
+    st.lists(st.text(max_size=12), max_size=30),
+    st.integers(min_value=0, max_value=30),
+    st.sampled_from([None, "tool", "finish"]),
+)
+def test_compacting_the_relayed_events_changes_nothing_a_rescue_reads(
+    pieces: list[str], at: int, ending: str | None
+) -> None:
+    events = [_chunk({"role": "assistant", "content": ""})] + [_chunk({"content": p}) for p in pieces]
+    if ending == "tool":
+        events.append(_chunk({"tool_calls": [{"index": 0}]}))
+    elif ending == "finish":
+        events.append(_chunk({}, finish="stop"))
+    at = min(at, len(events))
+    # Compacted at any point, then the rest relayed after it: what a rescue reads is the same.
+    kept = compacted(events[:at])
+    if kept is None:
+        assert what_was_sent(events) is None
+        return
+    assert what_was_sent([*kept, *events[at:]]) == what_was_sent(events)
+    assert len(kept) <= 1
