@@ -185,7 +185,8 @@ class RetryBudget:
         """Whether one more retry keeps the window's retries within ratio x its requests + minimum;
         if so it is counted."""
         current = self._current(now)
-        if self._retries + 1 > ratio * self._requests + minimum:
+        # The epsilon keeps 0.7 x 170 at 119 (float products fall just short), as retry_limit does.
+        if self._retries + 1 > ratio * self._requests + minimum + 1e-9:
             return False
         current[2] += 1
         self._retries += 1
