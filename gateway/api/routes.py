@@ -1,4 +1,4 @@
-"""Litestar handlers for the OpenAI-compatible API and the operational endpoints."""
+"""Litestar handlers for the OpenAI-compatible API, the Anthropic Messages API and the operational endpoints."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import msgspec
 from litestar import Request, Response, asgi, get, post
 from litestar.handlers import BaseRouteHandler
 
+from gateway.api.anthropic.endpoint import count_message_tokens, messages_reply, send_error
 from gateway.api.asgi_send import Receive, Send, body_chunks, send_reply
 from gateway.api.bearer import check_bearer
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
@@ -21,6 +22,7 @@ from gateway.api.wire import ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
 from gateway.errors import (
+    GatewayError,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
@@ -56,7 +58,7 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
 
     inflight = gateway.inflight
 
-    async def handle(scope: Any, receive: Receive, send: Send, operation: Operation) -> None:
+    async def handle(scope: Any, receive: Receive, send: Send, operation: Operation, protocol: str = "openai") -> None:
         started = time.perf_counter()
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
@@ -78,9 +80,14 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
                 content_length=headers.get("content-length"),
                 decision_id=secrets.token_hex(5),
             )
+            codec = None
+            if protocol != "openai":
+                ctx.protocol = protocol
             # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
             reply = await gateway.runtime.pipeline.run(ctx)
-            await send_reply(reply, receive, send, ctx, inflight.was_cut)
+            if protocol != "openai":
+                codec = messages_reply(reply, ctx)  # the only other protocol so far: Anthropic Messages
+            await send_reply(reply, receive, send, ctx, inflight.was_cut, codec)
             if inflight.draining and inflight.was_cut(task):
                 gateway.metrics.child(gateway.metrics.shutdown_cut, "true").inc()  # ended with an error event
         except CancelledError:
@@ -106,10 +113,25 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
     async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
         await handle(scope, receive, send, "embeddings")
 
+    async def messages(scope: Any, receive: Receive, send: Send) -> None:
+        try:
+            await handle(scope, receive, send, "chat", "anthropic")
+        except GatewayError as exc:  # raised before the answer started: in Anthropic's envelope
+            await send_error(exc, scope, send)
+
+    async def count_tokens(scope: Any, receive: Receive, send: Send) -> None:
+        try:
+            await count_message_tokens(gateway, limits, scope, receive, send)
+        except GatewayError as exc:
+            await send_error(exc, scope, send)
+
     by_path: dict[str, ASGIEndpoint] = {
         "/v1/chat/completions": chat_completions,
         "/v1/completions": completions,
         "/v1/embeddings": embeddings,
+        # Anthropic Messages (gateway.api.anthropic): the same pipeline, translated at both ends.
+        "/v1/messages": messages,
+        "/v1/messages/count_tokens": count_tokens,
     }
     # A `base_url` without `/v1` (`http://gateway:8080`) is a common misconfiguration that llama.cpp and
     # vLLM accept: the model endpoints answer there too, the same as under /v1.
@@ -149,6 +171,14 @@ def build_handlers(
         runtime = gateway.runtime
         principal = runtime.auth.authenticate(_headers(request.scope))
         return [name for name in runtime.index.routes if principal.may_use(name)]
+
+    @asgi(_both("/v1/messages"), copy_scope=False)
+    async def messages(scope: Any, receive: Receive, send: Send) -> None:
+        await endpoints["/v1/messages"](scope, receive, send)
+
+    @asgi(_both("/v1/messages/count_tokens"), copy_scope=False)
+    async def count_tokens(scope: Any, receive: Receive, send: Send) -> None:
+        await endpoints["/v1/messages/count_tokens"](scope, receive, send)
 
     @get(_both("/v1/models"))
     async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -237,6 +267,8 @@ def build_handlers(
         chat_completions,
         completions,
         embeddings,
+        messages,
+        count_tokens,
         list_models,
         get_model,
         get_decision,

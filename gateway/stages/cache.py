@@ -165,6 +165,11 @@ class CacheStage:
         if plan is None:
             return None  # no tenant (an open policy), or this tenant does not cache on this route
         no_cache, no_store = _cache_control(ctx.headers)
+        if ctx.protocol != "openai":
+            # Entries hold OpenAI answers, keyed on OpenAI requests; a Messages request (translated at the
+            # edge) is not served from them nor stored yet: bypassed, and counted as such.
+            self._mark(ctx, "bypass")
+            return None
         if uncacheable(request, plan.route) is not None:
             self._mark(ctx, "bypass")
             return None
