@@ -2,7 +2,8 @@
 signature parsing and response machinery (measured: about a fifth of the gateway's CPU per request).
 
 A `Reply` is either a whole JSON body or a stream of events (the pipeline's relay). A stream's events
-are framed by the OpenAI codec (gateway.api.openai.sse_encode), each batch the upstream delivered in
+are framed by the OpenAI codec (gateway.api.openai.sse_encode), or by the `StreamCodec` of another
+protocol's endpoint (Anthropic Messages: gateway.api.anthropic.sse_encode), each batch the upstream delivered in
 one read as one ASGI message; the last bytes (`[DONE]` or an error event) go in the message that ends
 the body, with the last batch when the upstream's end came in the same read. A task
 watches for the client's disconnect and cancels the sending when it comes; the stream is then closed
