@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ from tests.harness.procs import ServerProcess
 from tests.harness.sse import parse_events
 from tests.harness.waiting import wait_until
 
+SHAPES = json.loads((Path(__file__).parents[1] / "fixtures" / "anthropic" / "shapes.json").read_text())
 KEY = "sk-anthropic-client-0001"
 TIGHT_KEY = "sk-anthropic-tight-0002"
 SDK_HEADERS = {"anthropic-version": "2026-10-21", "x-stainless-lang": "python", "content-type": "application/json"}
@@ -348,3 +350,41 @@ async def test_limits_and_usage_records_apply_to_messages(gw: ServerProcess) -> 
     row = next(r for r in rows if r["value"] == "sim-chat")
     # The records the OpenAI route writes: under the route name, with the tokens the client was shown.
     assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (TIGHT_RPM, spent_in, spent_out)
+
+
+# ---- against the recorded shapes of real Anthropic answers (tests/fixtures/anthropic) ----
+
+
+def _has(obj: dict[str, Any], keys: list[str], where: str) -> None:
+    missing = set(keys) - set(obj)
+    assert not missing, f"{where} lacks {sorted(missing)} (recorded: {keys})"
+
+
+def test_answers_have_every_key_real_anthropic_answers_have(gw: ServerProcess) -> None:
+    message = create(gw, model="sim-chat", tools=[TOOL]).json()
+    _has(message, SHAPES["message"]["keys"], "a message")
+    for block in message["content"]:
+        _has(block, SHAPES["content_block"][block["type"]], f"a {block['type']} block")
+    for tools in ([TOOL], []):
+        response = create(gw, model="sim-chat", tools=tools, stream=True)
+        events = [(ev.event, json.loads(ev.data)) for ev in parse_events(response.content)]
+        recorded = [n for n in SHAPES["stream_order_tool_turn"] if n != "ping"]
+        assert [n for n, _ in events if n not in ("ping", "content_block_delta")] == [
+            n for n in recorded if n != "content_block_delta"
+        ]
+        for name, data in events:
+            _has(data, SHAPES["events"][name]["keys"], name)
+            if name == "message_start":
+                _has(data["message"], SHAPES["message"]["keys"], "message_start.message")
+                _has(data["message"]["usage"], SHAPES["message_start_usage"]["keys"], "message_start usage")
+            elif name == "content_block_start":
+                block = data["content_block"]
+                _has(block, SHAPES["content_block"][block["type"]], f"a started {block['type']} block")
+            elif name == "content_block_delta":
+                _has(data["delta"], SHAPES["delta"][data["delta"]["type"]], data["delta"]["type"])
+            elif name == "message_delta":
+                _has(data["delta"], SHAPES["message_delta"]["delta_keys"], "message_delta.delta")
+                _has(data["usage"], SHAPES["message_delta"]["usage_keys"], "message_delta.usage")
+    error = create(gw, model="no-such-route").json()
+    _has(error, SHAPES["error"]["keys"], "an error")
+    _has(error["error"], SHAPES["error"]["error_keys"], "an error's error")
