@@ -3,7 +3,8 @@ the client spoke another protocol (Anthropic Messages). The OpenAI client's own 
 (they pass through, gateway.passthrough).
 
 What Chat Completions cannot carry is refused, never dropped (the fidelity rule of issue 11): thinking
-blocks with their signatures, redacted thinking, tool types other than functions, images inside a tool
+blocks with their signatures (an unsigned one, which Strait made from an upstream's reasoning, is left
+out: it holds no provider state), redacted thinking, tool types other than functions, images inside a tool
 result. `Untranslatable` names the part; the adapter answers it as a 400.
 """
 
@@ -111,9 +112,16 @@ def _result_text(result: ToolResult) -> str:
     return f"Error: {text}" if result.is_error else text
 
 
+def _unsigned(part: Part) -> bool:
+    """A thinking block without a signature: an OpenAI-compatible upstream's `reasoning_content`, which
+    the Messages edge gave the client as one. It carries no provider state; Chat Completions takes no
+    reasoning back, so it is left out, as an OpenAI client leaves it out."""
+    return isinstance(part, Thinking) and not part.signature
+
+
 def _message(role: str, parts: list[Part]) -> dict[str, Any]:
     calls = [p for p in parts if isinstance(p, ToolCall)]
-    content = [p for p in parts if not isinstance(p, ToolCall)]
+    content = [p for p in parts if not isinstance(p, ToolCall) and not _unsigned(p)]
     out: dict[str, Any] = {"role": role}
     if all(isinstance(p, Text) for p in content):
         text = "".join(p.text for p in content if isinstance(p, Text))

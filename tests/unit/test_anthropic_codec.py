@@ -349,3 +349,50 @@ def test_an_upstream_error_in_openais_envelope_is_translated() -> None:
     assert status == 429
     assert msgspec.json.decode(out)["error"] == {"type": "rate_limit_error", "message": "Rate limit reached"}
     assert error_status(503) == 529 and error_status(502) == 502
+
+
+# ---- an upstream's reasoning_content as thinking blocks, and back ----
+
+
+def test_reasoning_content_becomes_an_unsigned_thinking_block() -> None:
+    completion = {
+        "id": "chatcmpl-r",
+        "choices": [
+            {"index": 0, "message": {"content": "42", "reasoning_content": "6 times 7"}, "finish_reason": "stop"}
+        ],
+    }
+    message = json.loads(messages_response(json.dumps(completion).encode(), "r", "req_1"))
+    assert message["content"] == [
+        {"type": "thinking", "thinking": "6 times 7", "signature": ""},
+        {"type": "text", "text": "42"},
+    ]
+    chunks = [
+        json.dumps({"id": "chatcmpl-r", "choices": [{"index": 0, "delta": {"reasoning_content": piece}}]}).encode()
+        for piece in ("6 times", " 7")
+    ]
+    chunks.append(json.dumps({"id": "chatcmpl-r", "choices": [{"index": 0, "delta": {"content": "42"}}]}).encode())
+    encoder = MessagesStream(_ctx(), "r")
+    stream = encoder.batch(chunks) + encoder.end(_ctx(), End("completed", 200))
+    assert b'"type":"thinking_delta","thinking":" 7"' in stream
+    events = [frame.split("\n", 1) for frame in stream.decode().split("\n\n") if frame]
+    starts = [json.loads(data[6:])["content_block"] for head, data in events if head == "event: content_block_start"]
+    assert starts == [{"type": "thinking", "thinking": "", "signature": ""}, {"type": "text", "text": ""}]
+
+
+def test_an_unsigned_thinking_block_sent_back_is_left_out_a_signed_one_refused() -> None:
+    def history(signature: str | None) -> bytes:
+        thinking: dict[str, Any] = {"type": "thinking", "thinking": "6 times 7"}
+        if signature is not None:
+            thinking["signature"] = signature
+        turns = [
+            {"role": "user", "content": "6*7?"},
+            {"role": "assistant", "content": [thinking, {"type": "text", "text": "42"}]},
+            {"role": "user", "content": "thanks"},
+        ]
+        return body(messages=turns)
+
+    for unsigned in (None, ""):
+        sent = chat(chat_body(decode_messages(history(unsigned)), "x", stream=False))["messages"]
+        assert sent[1] == {"role": "assistant", "content": "42"}
+    with pytest.raises(Untranslatable):
+        chat_body(decode_messages(history("EqQBCgIYAhIM")), "x", stream=False)

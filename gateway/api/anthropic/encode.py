@@ -87,6 +87,7 @@ class _Call(msgspec.Struct):
 
 class _ChatMessage(msgspec.Struct):
     content: str | None = None
+    reasoning_content: str | None = None  # llama.cpp, vLLM, DeepSeek: the model's visible reasoning
     tool_calls: list[_Call] | None = None
 
 
@@ -144,6 +145,9 @@ def messages_response(body: bytes, model: str, request_id: str) -> bytes:
     choice = completion.choices[0] if completion.choices else _Choice()
     message = choice.message or _ChatMessage()
     content: list[dict[str, Any]] = []
+    if message.reasoning_content:
+        # Unsigned: no provider state to keep (gateway.upstream.chat_body drops it when it comes back).
+        content.append({"type": "thinking", "thinking": message.reasoning_content, "signature": ""})
     if message.content:
         content.append({"type": "text", "text": message.content})
     for call in message.tool_calls or ():

@@ -1,8 +1,9 @@
 """Encodes a streamed answer for an Anthropic client: the pipeline's chunks (OpenAI chunk JSON, as the
 relay hands them over) become Anthropic's named events, in Anthropic's order:
 
-    message_start, then per content block content_block_start, content_block_delta (text_delta or
-    input_json_delta)..., content_block_stop, then message_delta (stop_reason, usage), message_stop.
+    message_start, then per content block content_block_start, content_block_delta (text_delta,
+    input_json_delta, or thinking_delta for an upstream's `reasoning_content`)..., content_block_stop,
+    then message_delta (stop_reason, usage), message_stop.
 
 Every event has its `event:` line (the SDK skips unnamed ones). A stream that failed ends with
 `event: error` in Anthropic's envelope and no message_stop, so the SDK raises instead of returning a
@@ -36,6 +37,7 @@ class _CallDelta(msgspec.Struct):
 
 class _Delta(msgspec.Struct):
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[_CallDelta] | None = None
 
 
@@ -123,6 +125,10 @@ class MessagesStream:
                     continue  # Messages has one answer
                 delta = choice.delta
                 if delta is not None:
+                    if delta.reasoning_content:
+                        if self.open != "thinking":
+                            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
+                        self._delta({"type": "thinking_delta", "thinking": delta.reasoning_content}, out)
                     if delta.content:
                         if self.open != "text":
                             self._open("text", {"type": "text", "text": ""}, out)
