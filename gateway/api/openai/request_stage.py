@@ -2,9 +2,8 @@
 unauthenticated client costs no parsing.
 
 The edge puts only a body source on the context (`ctx.body`, `ctx.content_length`); this stage reads
-it (size-limited), decodes it once into the canonical request for `ctx.operation` with the codec of
-`ctx.protocol` (OpenAI's, or Anthropic Messages' for /v1/messages) (the client's bytes
-kept in it for passthrough) and fills the fields only the body knows: request, route_name, stream,
+it (size-limited), decodes it once into the canonical request for `ctx.operation` (the client's bytes
+kept in it for passthrough; a /v1/messages body, `ctx.protocol` "anthropic", by the Anthropic codec) and fills the fields only the body knows: request, route_name, stream,
 include_usage, and the lazy prompt-token count. It lives in api/ (it knows the wire types) and is
 injected into the pipeline by the wiring point, so pipeline.py and the stages never import api/.
 """
