@@ -396,3 +396,41 @@ def test_an_unsigned_thinking_block_sent_back_is_left_out_a_signed_one_refused()
         assert sent[1] == {"role": "assistant", "content": "42"}
     with pytest.raises(Untranslatable):
         chat_body(decode_messages(history("EqQBCgIYAhIM")), "x", stream=False)
+
+
+# ---- stop_sequence: only when the upstream says which sequence matched (vLLM's stop_reason) ----
+
+
+@pytest.mark.parametrize(
+    ("finish", "matched", "expected"),
+    [
+        ("stop", "END", ("stop_sequence", "END")),
+        ("stop", "OTHER", ("end_turn", None)),  # not one of the client's: not claimed
+        ("stop", 128009, ("end_turn", None)),  # a stop token id (vLLM's eos), not a sequence
+        ("stop", None, ("end_turn", None)),  # OpenAI, llama.cpp: no word on it
+        ("length", "END", ("max_tokens", None)),
+    ],
+)
+def test_stop_sequence_is_reported_when_the_upstream_names_it(
+    finish: str, matched: str | int | None, expected: tuple[str, str | None]
+) -> None:
+    completion = {
+        "id": "chatcmpl-s",
+        "choices": [{"index": 0, "message": {"content": "a b"}, "finish_reason": finish, "stop_reason": matched}],
+    }
+    whole = json.loads(messages_response(json.dumps(completion).encode(), "r", "req_1", ("END", "HALT")))
+    assert (whole["stop_reason"], whole["stop_sequence"]) == expected
+    ctx = _ctx()
+    ctx.request = decode_messages(body(messages=[{"role": "user", "content": "x"}], stop_sequences=["END", "HALT"]))
+    encoder = MessagesStream(ctx, "r")
+    chunk = {
+        "id": "chatcmpl-s",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": finish, "stop_reason": matched}],
+    }
+    stream = encoder.batch([json.dumps(chunk).encode()]) + encoder.end(ctx, End("completed", 200))
+    delta = next(
+        json.loads(data[6:])["delta"]
+        for head, data in (f.split("\n", 1) for f in stream.decode().split("\n\n") if f)
+        if head == "event: message_delta"
+    )
+    assert (delta["stop_reason"], delta["stop_sequence"]) == expected

@@ -41,6 +41,14 @@ def stop_reason(finish_reason: str | None) -> str | None:
     return _STOP_REASONS.get(finish_reason, "end_turn")
 
 
+def ending(finish_reason: str | None, matched: str | int | None, stops: tuple[str, ...]) -> tuple[str, str | None]:
+    """Anthropic's `stop_reason` and `stop_sequence`. `stop_sequence` only when the upstream says which of
+    the client's sequences matched (vLLM's `stop_reason`); OpenAI and llama.cpp do not, so `end_turn`."""
+    if finish_reason == "stop" and isinstance(matched, str) and matched in stops:
+        return "stop_sequence", matched
+    return stop_reason(finish_reason) or "end_turn", None
+
+
 def error_status(status: int) -> int:
     """Anthropic's status for one of ours: an overloaded gateway (503) is its 529."""
     return OVERLOADED if status == 503 else status
@@ -94,6 +102,7 @@ class _ChatMessage(msgspec.Struct):
 class _Choice(msgspec.Struct):
     message: _ChatMessage | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM: the stop string (or token id) that ended the answer
 
 
 class _Details(msgspec.Struct):
@@ -139,7 +148,7 @@ def usage_of(usage: ChatUsage | None) -> dict[str, int]:
     return out
 
 
-def messages_response(body: bytes, model: str, request_id: str) -> bytes:
+def messages_response(body: bytes, model: str, request_id: str, stops: tuple[str, ...] = ()) -> bytes:
     """A chat completion's JSON as a Messages response (the first choice: Messages has one)."""
     completion = msgspec.json.decode(body, type=_Completion)
     choice = completion.choices[0] if completion.choices else _Choice()
@@ -155,6 +164,7 @@ def messages_response(body: bytes, model: str, request_id: str) -> bytes:
         content.append(
             {"type": "tool_use", "id": call.id or "", "name": f.name or "", "input": tool_input(f.arguments)}
         )
+    reason, sequence = ending(choice.finish_reason, choice.stop_reason, stops)
     return msgspec.json.encode(
         {
             "id": message_id(completion.id, request_id),
@@ -162,8 +172,8 @@ def messages_response(body: bytes, model: str, request_id: str) -> bytes:
             "role": "assistant",
             "model": model,
             "content": content,
-            "stop_reason": stop_reason(choice.finish_reason) or "end_turn",
-            "stop_sequence": None,
+            "stop_reason": reason,
+            "stop_sequence": sequence,
             "usage": usage_of(completion.usage),
         }
     )

@@ -35,7 +35,8 @@ def messages_reply(reply: Reply, ctx: RequestContext) -> MessagesStream | None:
         return MessagesStream(ctx, model)
     if 200 <= reply.status < 300:
         try:
-            reply.body = messages_response(reply.body, model, ctx.request_id)
+            stops = ctx.request.stop if ctx.request is not None else ()
+            reply.body = messages_response(reply.body, model, ctx.request_id, stops)
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("request %s: the upstream's answer is not a chat completion", ctx.request_id)
             reply.status, reply.body = translated_error(502, b"", ctx.request_id)

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.api.anthropic.encode import ChatUsage, error_body, message_id, stop_reason, usage_of
+from gateway.api.anthropic.encode import ChatUsage, ending, error_body, message_id, usage_of
 from gateway.context import RequestContext
 from gateway.contracts import End
 from gateway.upstream.sse import DONE
@@ -45,6 +45,7 @@ class _Choice(msgspec.Struct):
     index: int = 0
     delta: _Delta | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's matched stop sequence
 
 
 class _Chunk(msgspec.Struct):
@@ -70,6 +71,7 @@ class MessagesStream:
         self.blocks = 0  # content blocks started so far (the next one's index)
         self.open: str | None = None  # "text", or the tool call index ("tool:N") of the open block
         self.finish: str | None = None
+        self.matched: str | int | None = None
         self.usage: ChatUsage | None = None
 
     def _start(self, upstream_id: str, out: list[bytes]) -> None:
@@ -144,6 +146,7 @@ class MessagesStream:
                             self._delta({"type": "input_json_delta", "partial_json": f.arguments}, out)
                 if choice.finish_reason is not None:
                     self.finish = choice.finish_reason
+                    self.matched = choice.stop_reason
         return b"".join(out)
 
     def end(self, ctx: RequestContext, end: End) -> bytes:
@@ -156,7 +159,9 @@ class MessagesStream:
             usage = usage_of(self.usage)
             if self.usage is None:  # the upstream reported none: what the relay counted
                 usage = {"input_tokens": ctx.prompt_tokens.count_now(), "output_tokens": end.completion_tokens or 0}
-            delta = {"stop_reason": stop_reason(self.finish) or "end_turn", "stop_sequence": None}
+            stops = ctx.request.stop if ctx.request is not None else ()
+            reason, sequence = ending(self.finish, self.matched, stops)
+            delta = {"stop_reason": reason, "stop_sequence": sequence}
             out.append(event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}))
             out.append(event("message_stop", {"type": "message_stop"}))
             return b"".join(out)
