@@ -220,7 +220,9 @@ def build_handlers(
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise InvalidRequest(f"Invalid feedback body: {exc}", param="id") from None
         cache = runtime.cache
-        served = await cache.store.served(principal.tenant, report.id) if cache is not None else None
+        # A hit served to a /v1/messages client carries the same id as `msg_...` (gateway.api.anthropic).
+        served_id = "chatcmpl-" + report.id.removeprefix("msg_") if report.id.startswith("msg_") else report.id
+        served = await cache.store.served(principal.tenant, served_id) if cache is not None else None
         if cache is None or served is None:
             raise NotFound(f"No cached answer '{report.id}' was served to your tenant recently.")
         reports = await cache.report_bad("feedback", served[0], served[1])
