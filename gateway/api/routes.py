@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from asyncio import CancelledError, current_task
@@ -23,6 +24,7 @@ from gateway.context import RequestContext
 from gateway.contracts import Operation
 from gateway.errors import (
     GatewayError,
+    InternalError,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
@@ -34,6 +36,7 @@ from gateway.reply import JSON
 from gateway.runtime import Gateway
 
 _encode = msgspec.json.encode
+log = logging.getLogger("strait")
 ASGIEndpoint = Callable[[Any, Receive, Send], Awaitable[None]]
 FEEDBACK_MAX_BYTES = 4096
 
@@ -118,6 +121,13 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
             await handle(scope, receive, send, "chat", "anthropic")
         except GatewayError as exc:  # raised before the answer started: in Anthropic's envelope
             await send_error(exc, scope, send)
+        except Exception:
+            # A bug, not the client's doing: the same 500 the app's handler sends, in Anthropic's envelope
+            # when the answer has not started (the front's `send` says; anything else re-raises to it).
+            if getattr(send, "started", True):
+                raise
+            log.exception("request %s failed", request_id_of(scope))
+            await send_error(InternalError("The gateway failed to process the request."), scope, send)
 
     async def count_tokens(scope: Any, receive: Receive, send: Send) -> None:
         try:
