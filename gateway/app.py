@@ -17,7 +17,7 @@ upstream stage through them exactly once: a JSON answer, an upstream error, a di
 cancellation right away; a stream through the one relay it wraps around it (gateway.relay), when it is
 over or when the edge closes it (the client left, even before the first event). So accounting is
 reached from one place, `AccountingStage.on_end`. A stage refuses by raising a GatewayError, rendered
-below as an OpenAI error envelope.
+below as an OpenAI error envelope (on /v1/messages, by its endpoint in Anthropic's: gateway.api.anthropic).
 """
 
 from __future__ import annotations

@@ -169,6 +169,7 @@ class Request(msgspec.Struct, kw_only=True):
     best_of: int | None = None  # legacy completions: generated, `n` of them returned
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None  # Anthropic's; llama.cpp, vLLM and SGLang take it in a chat body too
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

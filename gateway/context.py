@@ -45,6 +45,9 @@ class RequestContext:
     operation: Operation
     started: float
     headers: dict[str, str]
+    # The client's protocol (the edge's endpoint): which codec decodes the body and encodes the answer
+    # ("openai"; "anthropic" for /v1/messages, whose answer the edge translates back).
+    protocol: str = "openai"
     # The body as it arrives and the announced Content-Length; written by the edge, read (once, then
     # set to None) by `decode`, which runs after `auth`: an unauthenticated client costs no parsing.
     body: AsyncIterator[bytes] | None = None

@@ -9,7 +9,8 @@ replayed on another tenant's request. The client's own headers are never forward
 only the backend's key from the environment (`api_key: env:NAME`), a content type and the request id.
 The body is the client's own bytes with only the model replaced (byte-faithful passthrough,
 gateway/passthrough.py): fields Strait does not know, key order and number spellings reach the upstream
-as the client wrote them.
+as the client wrote them. A client of another protocol (Anthropic Messages) gets a chat body translated
+from the canonical request instead (gateway.upstream.chat_body); what it cannot carry is a 400.
 Streams are handed over read by read (the events one read completed, together); `close` returns the connection to the pool after a complete
 answer and aborts it otherwise (so the engine stops generating for a client that left).
 """
@@ -30,7 +31,9 @@ from gateway.contracts import (
     UpstreamResponseTooLarge,
     UpstreamStreamBroken,
 )
+from gateway.errors import InvalidRequest
 from gateway.policy.model import Backend, UpstreamLimits
+from gateway.upstream.chat_body import Untranslatable, chat_body
 from gateway.upstream.sse import DONE, SSEDecoder, SSELineTooLong
 from plugins.http1 import ConnectFailed, Http1Pool, Response
 
@@ -64,6 +67,11 @@ def _kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
         if name in _KEPT:
             out[name] = v
     return out
+
+
+def _refusal(message: str) -> bytes:
+    """The 400 for a request this upstream cannot be given faithfully (answered without sending it)."""
+    return InvalidRequest(message, code="untranslatable").body()
 
 
 def _call_headers(call: UpstreamCall) -> dict[str, str]:
@@ -103,10 +111,21 @@ class OpenAICompatAdapter:
     async def send(self, call: UpstreamCall) -> UpstreamResponse:
         body = call.passthrough(PROTOCOL)
         if body is None:
-            # Only OpenAI ingress exists so far; the codec from other protocols comes with their ingress.
-            raise UpstreamConnectError(
-                f"{self.name}: the request did not come in OpenAI's protocol (no translation yet)"
-            )
+            # Another protocol's client (Anthropic Messages): a chat body translated from the canonical request.
+            if call.operation != "chat":
+                raise UpstreamConnectError(f"{self.name}: no translation for a {call.operation} request")
+            try:
+                body = chat_body(
+                    call.request,
+                    call.model,
+                    stream=call.stream,
+                    prefill=call.prefill,
+                    prefill_tokens=call.prefill_tokens,
+                )
+            except Untranslatable as exc:
+                return UpstreamResponse(
+                    status=400, body=_refusal(str(exc)), headers={"content-type": "application/json"}
+                )
         try:
             response = await self._pool.post(_PATHS[call.operation], body, _call_headers(call))
         except TimeoutError as exc:

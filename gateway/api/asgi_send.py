@@ -2,7 +2,8 @@
 signature parsing and response machinery (measured: about a fifth of the gateway's CPU per request).
 
 A `Reply` is either a whole JSON body or a stream of events (the pipeline's relay). A stream's events
-are framed by the OpenAI codec (gateway.api.openai.sse_encode), each batch the upstream delivered in
+are framed by the OpenAI codec (gateway.api.openai.sse_encode), or by the `StreamCodec` of another
+protocol's endpoint (Anthropic Messages: gateway.api.anthropic.sse_encode), each batch the upstream delivered in
 one read as one ASGI message; the last bytes (`[DONE]` or an error event) go in the message that ends
 the body, with the last batch when the upstream's end came in the same read. A task
 watches for the client's disconnect and cancels the sending when it comes; the stream is then closed
@@ -18,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.api.openai.sse_encode import encode_batch, encode_end, error_event
 from gateway.context import RequestContext
+from gateway.contracts import End
 from gateway.errors import ClientClosedRequest, ErrorBody, RequestTimeout
 from gateway.reply import EventStream, Reply, close_stream
 
@@ -38,7 +40,20 @@ SHUTDOWN_EVENT = error_event(
         code="shutting_down",
     )
 )
-__all__ = ["Message", "Receive", "Reply", "Scope", "Send", "body_chunks", "send_reply"]
+__all__ = ["Message", "Receive", "Reply", "Scope", "Send", "StreamCodec", "body_chunks", "send_reply"]
+
+
+class StreamCodec(Protocol):
+    """Frames a stream for a client of another protocol than OpenAI's (one per request: it may hold
+    state). Without one, the OpenAI codec's functions frame it."""
+
+    def batch(self, payloads: list[bytes]) -> bytes: ...
+
+    def end(self, ctx: RequestContext, end: End) -> bytes: ...
+
+    def cut(self, ctx: RequestContext) -> bytes:
+        """The last bytes of a stream the shutdown's grace period cut short."""
+        ...
 
 
 def _raw_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
@@ -51,17 +66,23 @@ def _raw_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
 
 
 async def send_reply(
-    reply: Reply, receive: Receive, send: Send, ctx: RequestContext, was_cut: WasCut | None = None
+    reply: Reply,
+    receive: Receive,
+    send: Send,
+    ctx: RequestContext,
+    was_cut: WasCut | None = None,
+    codec: StreamCodec | None = None,
 ) -> None:
     """`was_cut`: tells whether a cancellation of the sending task is the shutdown's (its grace period
-    ran out, gateway.inflight): a stream then ends with an in-band error event instead of a cut."""
+    ran out, gateway.inflight): a stream then ends with an in-band error event instead of a cut.
+    `codec`: frames a stream for a non-OpenAI client (None: the OpenAI codec)."""
     stream = reply.stream
     if stream is None:
         await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
         await send({"type": "http.response.body", "body": reply.body})
         return
     try:
-        await _send_stream(reply, stream, ctx, receive, send, was_cut)
+        await _send_stream(reply, stream, ctx, receive, send, was_cut, codec)
     finally:
         # Whatever happened above (even before the first event): the stream ends here if it did not by
         # itself (idempotent; the upstream's release shielded).
@@ -89,8 +110,15 @@ async def _watch_disconnect(receive: Receive, sender: asyncio.Task[Any], watch: 
 
 
 async def _send_stream(
-    reply: Reply, stream: EventStream, ctx: RequestContext, receive: Receive, send: Send, was_cut: WasCut | None
+    reply: Reply,
+    stream: EventStream,
+    ctx: RequestContext,
+    receive: Receive,
+    send: Send,
+    was_cut: WasCut | None,
+    codec: StreamCodec | None,
 ) -> None:
+    frame, finish = (encode_batch, encode_end) if codec is None else (codec.batch, codec.end)
     await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
     sender = asyncio.current_task()
     assert sender is not None
@@ -100,12 +128,12 @@ async def _send_stream(
     try:
         while batch := await stream.next():
             if stream.finished:
-                last = encode_batch(batch)  # the upstream's end came with it: sent with the end, one write
+                last = frame(batch)  # the upstream's end came with it: sent with the end, one write
             else:
-                await send({"type": "http.response.body", "body": encode_batch(batch), "more_body": True})
+                await send({"type": "http.response.body", "body": frame(batch), "more_body": True})
         end = stream.stop()
         watch.over = True  # the answer is complete from here: a disconnect now changes nothing
-        await send({"type": "http.response.body", "body": last + encode_end(ctx, end), "more_body": False})
+        await send({"type": "http.response.body", "body": last + finish(ctx, end), "more_body": False})
     except asyncio.CancelledError:
         if not watch.gone and was_cut is not None and was_cut(sender):
             # The shutdown's grace period ran out mid-stream: the answer stops here, charged for what
@@ -116,7 +144,10 @@ async def _send_stream(
             end = stream.stop("client_gone")
             # A stream that had ended by itself (waiting only for its slots to be given back) ends as it
             # would have; any other gets the shutdown's error event.
-            tail = SHUTDOWN_EVENT if end.outcome == "client_gone" else last + encode_end(ctx, end)
+            if end.outcome != "client_gone":
+                tail = last + finish(ctx, end)
+            else:
+                tail = SHUTDOWN_EVENT if codec is None else codec.cut(ctx)
             with contextlib.suppress(OSError):  # the client went away meanwhile
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
             return

@@ -1,7 +1,8 @@
-"""Litestar handlers for the OpenAI-compatible API and the operational endpoints."""
+"""Litestar handlers for the OpenAI-compatible API, the Anthropic Messages API and the operational endpoints."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from asyncio import CancelledError, current_task
@@ -12,6 +13,7 @@ import msgspec
 from litestar import Request, Response, asgi, get, post
 from litestar.handlers import BaseRouteHandler
 
+from gateway.api.anthropic.endpoint import count_message_tokens, messages_reply, send_error
 from gateway.api.asgi_send import Receive, Send, body_chunks, send_reply
 from gateway.api.bearer import check_bearer
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
@@ -21,6 +23,8 @@ from gateway.api.wire import ModelCard, ModelList
 from gateway.context import RequestContext
 from gateway.contracts import Operation
 from gateway.errors import (
+    GatewayError,
+    InternalError,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
@@ -32,6 +36,7 @@ from gateway.reply import JSON
 from gateway.runtime import Gateway
 
 _encode = msgspec.json.encode
+log = logging.getLogger("strait")
 ASGIEndpoint = Callable[[Any, Receive, Send], Awaitable[None]]
 FEEDBACK_MAX_BYTES = 4096
 
@@ -56,7 +61,7 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
 
     inflight = gateway.inflight
 
-    async def handle(scope: Any, receive: Receive, send: Send, operation: Operation) -> None:
+    async def handle(scope: Any, receive: Receive, send: Send, operation: Operation, protocol: str = "openai") -> None:
         started = time.perf_counter()
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {scope['path']}.")
@@ -78,9 +83,14 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
                 content_length=headers.get("content-length"),
                 decision_id=secrets.token_hex(5),
             )
+            codec = None
+            if protocol != "openai":
+                ctx.protocol = protocol
             # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
             reply = await gateway.runtime.pipeline.run(ctx)
-            await send_reply(reply, receive, send, ctx, inflight.was_cut)
+            if protocol != "openai":
+                codec = messages_reply(reply, ctx)  # the only other protocol so far: Anthropic Messages
+            await send_reply(reply, receive, send, ctx, inflight.was_cut, codec)
             if inflight.draining and inflight.was_cut(task):
                 gateway.metrics.child(gateway.metrics.shutdown_cut, "true").inc()  # ended with an error event
         except CancelledError:
@@ -106,10 +116,32 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
     async def embeddings(scope: Any, receive: Receive, send: Send) -> None:
         await handle(scope, receive, send, "embeddings")
 
+    async def messages(scope: Any, receive: Receive, send: Send) -> None:
+        try:
+            await handle(scope, receive, send, "chat", "anthropic")
+        except GatewayError as exc:  # raised before the answer started: in Anthropic's envelope
+            await send_error(exc, scope, send)
+        except Exception:
+            # A bug, not the client's doing: the same 500 the app's handler sends, in Anthropic's envelope
+            # when the answer has not started (the front's `send` says; anything else re-raises to it).
+            if getattr(send, "started", True):
+                raise
+            log.exception("request %s failed", request_id_of(scope))
+            await send_error(InternalError("The gateway failed to process the request."), scope, send)
+
+    async def count_tokens(scope: Any, receive: Receive, send: Send) -> None:
+        try:
+            await count_message_tokens(gateway, limits, scope, receive, send)
+        except GatewayError as exc:
+            await send_error(exc, scope, send)
+
     by_path: dict[str, ASGIEndpoint] = {
         "/v1/chat/completions": chat_completions,
         "/v1/completions": completions,
         "/v1/embeddings": embeddings,
+        # Anthropic Messages (gateway.api.anthropic): the same pipeline, translated at both ends.
+        "/v1/messages": messages,
+        "/v1/messages/count_tokens": count_tokens,
     }
     # A `base_url` without `/v1` (`http://gateway:8080`) is a common misconfiguration that llama.cpp and
     # vLLM accept: the model endpoints answer there too, the same as under /v1.
@@ -149,6 +181,14 @@ def build_handlers(
         runtime = gateway.runtime
         principal = runtime.auth.authenticate(_headers(request.scope))
         return [name for name in runtime.index.routes if principal.may_use(name)]
+
+    @asgi(_both("/v1/messages"), copy_scope=False)
+    async def messages(scope: Any, receive: Receive, send: Send) -> None:
+        await endpoints["/v1/messages"](scope, receive, send)
+
+    @asgi(_both("/v1/messages/count_tokens"), copy_scope=False)
+    async def count_tokens(scope: Any, receive: Receive, send: Send) -> None:
+        await endpoints["/v1/messages/count_tokens"](scope, receive, send)
 
     @get(_both("/v1/models"))
     async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -190,7 +230,9 @@ def build_handlers(
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise InvalidRequest(f"Invalid feedback body: {exc}", param="id") from None
         cache = runtime.cache
-        served = await cache.store.served(principal.tenant, report.id) if cache is not None else None
+        # A hit served to a /v1/messages client carries the same id as `msg_...` (gateway.api.anthropic).
+        served_id = "chatcmpl-" + report.id.removeprefix("msg_") if report.id.startswith("msg_") else report.id
+        served = await cache.store.served(principal.tenant, served_id) if cache is not None else None
         if cache is None or served is None:
             raise NotFound(f"No cached answer '{report.id}' was served to your tenant recently.")
         reports = await cache.report_bad("feedback", served[0], served[1])
@@ -237,6 +279,8 @@ def build_handlers(
         chat_completions,
         completions,
         embeddings,
+        messages,
+        count_tokens,
         list_models,
         get_model,
         get_decision,

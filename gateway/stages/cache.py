@@ -15,6 +15,9 @@ request) carrying an `End` with `cache` set: the pipeline ends it through the ta
 accounting records it (`cache_hit`, tokens saved, the route's hit price), the access log and the span see
 it, and the limits reservation is released with no tokens (RPM counted the request; TPM is not charged).
 Every hit gets a fresh response id, remembered for the tenant so `POST /v1/cache/feedback` can report it.
+Entries are OpenAI answers keyed on the canonical request, whatever the client's protocol: a /v1/messages
+request is looked up and stored like the equal chat request (the edge translates the answer it gets, a
+hit included; its `msg_` id is the hit's `chatcmpl-` id, which feedback accepts too).
 
 Store. On a miss, `on_response` keeps the answer if it completed: a JSON body at once (in the background),
 a stream through a recorder around the relay that rebuilds the complete answer from its chunks. Never

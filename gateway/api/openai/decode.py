@@ -91,8 +91,10 @@ _PLAIN_FIELDS = (
 ) - {"metadata"}
 
 
-def decode(body: bytes, operation: Operation, limits: InboundLimits = DEFAULT_LIMITS) -> Request:
-    """Decode and validate an OpenAI request body into the canonical request (its bytes kept for passthrough)."""
+def skim(body: bytes, limits: InboundLimits = DEFAULT_LIMITS) -> dict[str, msgspec.Raw]:
+    """A body's top level as Raw values, after the input bounds every codec applies: a JSON object, valid
+    UTF-8, within the container count and nesting depth, and without a field that would redirect or
+    re-credential an upstream. Shared by the Anthropic codec (gateway.api.anthropic.decode)."""
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
     check_container_count(body)
@@ -126,18 +128,24 @@ def decode(body: bytes, operation: Operation, limits: InboundLimits = DEFAULT_LI
             raise _not_an_object(exc) from None
         if depth_exceeds(value, limits.max_json_depth):
             raise too_deep(limits.max_json_depth)
-    forbidden = _forbidden_field(top)
+    forbidden = forbidden_field(top)
     if forbidden is not None:
         raise InvalidRequest(
             f"'{forbidden}' is not accepted in a request body: upstreams and their credentials come from the policy.",
             param=forbidden,
         )
+    return top
+
+
+def decode(body: bytes, operation: Operation, limits: InboundLimits = DEFAULT_LIMITS) -> Request:
+    """Decode and validate an OpenAI request body into the canonical request (its bytes kept for passthrough)."""
+    top = skim(body, limits)
     try:
         typed: WireRequest = _decoders[operation].decode(body)
     except msgspec.ValidationError as exc:
-        raise _invalid(str(exc)) from None
+        raise invalid(str(exc)) from None
     _check_ranges(typed)
-    numbers = {name: _value(top, name) for name in NUMBER_FIELDS if name in top}
+    numbers = {name: value_of(top, name) for name in NUMBER_FIELDS if name in top}
     check_numbers(numbers, limits)
     try:
         source = original_of("openai", body, top)
@@ -155,7 +163,7 @@ def _not_an_object(exc: msgspec.ValidationError) -> InvalidRequest:
     return InvalidRequest(f"The request body must be a JSON object{reason}.", code="invalid_json")
 
 
-def _invalid(message: str) -> InvalidRequest:
+def invalid(message: str) -> InvalidRequest:
     """A msgspec validation message as a 400 naming the field (`messages[0].role`)."""
     at = _AT.search(message)
     missing = _MISSING.search(message)
@@ -167,7 +175,7 @@ def _invalid(message: str) -> InvalidRequest:
     return InvalidRequest(f"Invalid request: {reason}{where}.", param=param)
 
 
-def _value(top: dict[str, msgspec.Raw], name: str) -> Any:
+def value_of(top: dict[str, msgspec.Raw], name: str) -> Any:
     """A top-level value as plain Python (small fields only: numbers, option containers)."""
     try:
         return _any.decode(top[name])
@@ -183,7 +191,7 @@ def _normal(name: str) -> str:
     return _NON_ALNUM.sub("", name.casefold())
 
 
-def _forbidden_field(top: dict[str, msgspec.Raw]) -> str | None:
+def forbidden_field(top: dict[str, msgspec.Raw]) -> str | None:
     """The path (`extra_body.apiBase`, `metadata.opts[0].api_key`) of the first field that would redirect
     or re-credential an upstream, or None. Only option containers are decoded to be searched."""
     stack: list[tuple[str, Any]] = []
@@ -196,7 +204,7 @@ def _forbidden_field(top: dict[str, msgspec.Raw]) -> str | None:
             return name
         if normal in _OPTION_CONTAINERS:
             containers.append(name)
-            value = _value(top, name)
+            value = value_of(top, name)
             if isinstance(value, dict | list):
                 stack.append((name, value))
     if not containers:
@@ -225,7 +233,7 @@ _JSON_KEY = re.compile(rb'"((?:[^"\\]|\\.)*+)"[ \t\n\r]*:')
 def _forbidden_key_spelled(top: dict[str, msgspec.Raw], containers: list[str]) -> str | None:
     """A forbidden name anywhere in an option container's bytes, as `container.name`. The bytes are what goes
     upstream, and a name repeated inside an object (`{"a": {"api_key": ...}, "a": {}}`) is absent from the
-    decoded value `_forbidden_field` searches, so the keys are read from the bytes as well."""
+    decoded value `forbidden_field` searches, so the keys are read from the bytes as well."""
     for container in containers:
         for match in _JSON_KEY.finditer(bytes(top[container])):
             quoted = match.group(0)[: match.end(1) - match.start(0) + 1]

@@ -61,6 +61,7 @@ CHANGES: dict[str, st.SearchStrategy[Any]] = {
     "best_of": st.none() | st.integers(1, 16),
     "temperature": st.none() | st.floats(0, 2, allow_nan=False),
     "top_p": st.none() | st.floats(0, 1, allow_nan=False),
+    "top_k": st.none() | st.integers(-1, 500),
     "seed": st.none() | st.integers(-(2**63), 2**63 - 1),
     "presence_penalty": st.none() | st.floats(-2, 2, allow_nan=False),
     "frequency_penalty": st.none() | st.floats(-2, 2, allow_nan=False),

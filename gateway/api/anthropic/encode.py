@@ -1,0 +1,179 @@
+"""Answers for an Anthropic client: a chat completion (what the pipeline holds, OpenAI's wire format)
+as a Messages response, and every error in Anthropic's envelope with Anthropic's statuses.
+
+`{"type":"error","error":{"type":...,"message":...},"request_id":...}`; the type follows the status (the
+SDK picks its exception class from the status, and some from the pair): 400 invalid_request_error, 401
+authentication_error, 403 permission_error, 404 not_found_error, 413 request_too_large, 429
+rate_limit_error, 5xx api_error, and an overloaded gateway (503) is Anthropic's 529 overloaded_error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from gateway.errors import GatewayError
+
+_STOP_REASONS: Final[dict[str, str]] = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+_ERROR_TYPES: Final[dict[int, str]] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+OVERLOADED = 529
+
+
+def stop_reason(finish_reason: str | None) -> str | None:
+    if finish_reason is None:
+        return None
+    return _STOP_REASONS.get(finish_reason, "end_turn")
+
+
+def ending(finish_reason: str | None, matched: str | int | None, stops: tuple[str, ...]) -> tuple[str, str | None]:
+    """Anthropic's `stop_reason` and `stop_sequence`. `stop_sequence` only when the upstream says which of
+    the client's sequences matched (vLLM's `stop_reason`); OpenAI and llama.cpp do not, so `end_turn`."""
+    if finish_reason == "stop" and isinstance(matched, str) and matched in stops:
+        return "stop_sequence", matched
+    return stop_reason(finish_reason) or "end_turn", None
+
+
+def error_status(status: int) -> int:
+    """Anthropic's status for one of ours: an overloaded gateway (503) is its 529."""
+    return OVERLOADED if status == 503 else status
+
+
+def error_body(status: int, message: str, request_id: str) -> bytes:
+    kind = _ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+    return msgspec.json.encode({"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id})
+
+
+def gateway_error(exc: GatewayError, request_id: str) -> tuple[int, bytes]:
+    status = error_status(exc.status)
+    return status, error_body(status, exc.message, request_id)
+
+
+class _ErrorInner(msgspec.Struct):
+    message: str | None = None
+
+
+class _OpenAIError(msgspec.Struct):
+    error: _ErrorInner | None = None
+
+
+def translated_error(status: int, body: bytes, request_id: str) -> tuple[int, bytes]:
+    """An error answer in OpenAI's envelope (an upstream's, normalized) as Anthropic's."""
+    try:
+        inner = msgspec.json.decode(body, type=_OpenAIError).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        inner = None
+    message = (inner.message if inner is not None else None) or f"The request failed with HTTP {status}."
+    status = error_status(status)
+    return status, error_body(status, message, request_id)
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _Call(msgspec.Struct):
+    id: str | None = None
+    function: _Function | None = None
+
+
+class _ChatMessage(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None  # llama.cpp, vLLM, DeepSeek: the model's visible reasoning
+    tool_calls: list[_Call] | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _ChatMessage | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM: the stop string (or token id) that ended the answer
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class ChatUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_details: _Details | None = None
+
+
+class _Completion(msgspec.Struct):
+    id: str = ""
+    choices: list[_Choice] = []
+    usage: ChatUsage | None = None
+
+
+def message_id(upstream_id: str, request_id: str) -> str:
+    """`msg_...`: the upstream's completion id behind Anthropic's prefix (ours when it sent none)."""
+    return "msg_" + (upstream_id.removeprefix("chatcmpl-") or request_id)
+
+
+def tool_input(arguments: str | None) -> Any:
+    """A tool call's JSON arguments as Anthropic's `input` object; text that is not an object is kept
+    under `arguments` rather than lost (a small model's malformed call stays visible)."""
+    if not arguments:
+        return {}
+    try:
+        value = msgspec.json.decode(arguments)
+    except msgspec.DecodeError:
+        return {"arguments": arguments}
+    return value if isinstance(value, dict) else {"arguments": value}
+
+
+def usage_of(usage: ChatUsage | None) -> dict[str, int]:
+    if usage is None:
+        return {"input_tokens": 0, "output_tokens": 0}
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details is not None else None
+    out = {"input_tokens": usage.prompt_tokens - (cached or 0), "output_tokens": usage.completion_tokens}
+    if cached:
+        out["cache_read_input_tokens"] = cached
+    return out
+
+
+def messages_response(body: bytes, model: str, request_id: str, stops: tuple[str, ...] = ()) -> bytes:
+    """A chat completion's JSON as a Messages response (the first choice: Messages has one)."""
+    completion = msgspec.json.decode(body, type=_Completion)
+    choice = completion.choices[0] if completion.choices else _Choice()
+    message = choice.message or _ChatMessage()
+    content: list[dict[str, Any]] = []
+    if message.reasoning_content:
+        # Unsigned: no provider state to keep (gateway.upstream.chat_body drops it when it comes back).
+        content.append({"type": "thinking", "thinking": message.reasoning_content, "signature": ""})
+    if message.content:
+        content.append({"type": "text", "text": message.content})
+    for call in message.tool_calls or ():
+        f = call.function or _Function()
+        content.append(
+            {"type": "tool_use", "id": call.id or "", "name": f.name or "", "input": tool_input(f.arguments)}
+        )
+    reason, sequence = ending(choice.finish_reason, choice.stop_reason, stops)
+    return msgspec.json.encode(
+        {
+            "id": message_id(completion.id, request_id),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": content,
+            "stop_reason": reason,
+            "stop_sequence": sequence,
+            "usage": usage_of(completion.usage),
+        }
+    )

@@ -1,0 +1,98 @@
+"""Anthropic Messages request bodies as msgspec Structs: what `POST /v1/messages` (and its count_tokens)
+accepts. A wrong type is a 400 naming the field; fields not listed are ignored (Anthropic adds fields often,
+and `cache_control` or `citations` change nothing a translation can carry)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class _Block(msgspec.Struct, kw_only=True, tag_field="type"):
+    pass
+
+
+class TextBlock(_Block, tag="text"):
+    text: str
+    cache_control: msgspec.Raw = msgspec.Raw()  # absent: empty
+
+
+class ImageSource(msgspec.Struct, kw_only=True):
+    type: Literal["base64", "url"]
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+
+class ImageBlock(_Block, tag="image"):
+    source: ImageSource
+
+
+class ToolUseBlock(_Block, tag="tool_use"):
+    id: str
+    name: str
+    input: msgspec.Raw  # a JSON object, kept as the client's bytes
+
+
+class ToolResultBlock(_Block, tag="tool_result"):
+    tool_use_id: str
+    content: str | list[TextBlock | ImageBlock] | None = None
+    is_error: bool = False
+
+
+class ThinkingBlock(_Block, tag="thinking"):
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(_Block, tag="redacted_thinking"):
+    data: str
+
+
+Block = TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock
+
+
+class MessageParam(msgspec.Struct, kw_only=True):
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class ToolParam(msgspec.Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    input_schema: msgspec.Raw = msgspec.Raw()  # absent: empty
+    # Absent (or "custom") for a client tool; Anthropic's server tools (`bash_20250124`, `web_search_...`) by name.
+    type: str | None = None
+
+
+class ToolChoiceParam(msgspec.Struct, kw_only=True):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class ThinkingParam(msgspec.Struct, kw_only=True):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None
+
+
+class MetadataParam(msgspec.Struct, kw_only=True):
+    user_id: str | None = None
+
+
+class MessagesRequest(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[MessageParam]
+    # Required by Anthropic for a message; count_tokens takes none (checked by the codec).
+    max_tokens: int | None = None
+    system: str | list[TextBlock] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    metadata: MetadataParam | None = None
+    stream: bool | None = None
+    tools: list[ToolParam] | None = None
+    tool_choice: ToolChoiceParam | None = None
+    thinking: ThinkingParam | None = None
