@@ -8,7 +8,8 @@ Closed loop: `--concurrency` workers send requests back to back until `--request
         [--header 'Authorization: Bearer KEY'] [--redis 127.0.0.1:PORT] [--settle 0.15]
 
 Non-streaming: latency per request (status 200 and a body with "choices" count as success).
-Streaming: TTFT (time to the first `data:` event), total time, events per stream; a stream without
+Streaming: TTFT (time to the first `data:` event carrying content: the role-only chunk engines send at
+once does not count, as it is not a token, and Strait holds it until the first content arrives), total time, events per stream; a stream without
 `data: [DONE]` last, or with an error event, counts as an error.
 `--cpu NAME=PID` samples the CPU time of that process tree (from /proc) after the warm-up and at the end,
 and reports CPU ms per request: the measured window contains only the measured requests.
@@ -25,6 +26,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -36,6 +38,8 @@ import aiohttp
 from loadtest import redisinfo
 from loadtest.procstat import CLK_TCK, machine_busy, tree_cpu_seconds
 
+# A chunk whose delta (or legacy text) carries at least one character: the first token the client sees.
+_FIRST_CONTENT = re.compile(rb'"(?:content|text)": ?"[^"]')
 DEFAULT_MESSAGES = [{"role": "user", "content": "Write one short sentence about rivers."}]
 
 
@@ -158,7 +162,7 @@ async def _one_stream(
                     continue
                 complete, tail = buf[: cut + 2], buf[cut + 2 :]
                 n = complete.count(b"data:")
-                if n and first is None:
+                if first is None and _FIRST_CONTENT.search(complete):
                     first = time.perf_counter()
                 events += n
                 if b'data: {"error"' in complete:
