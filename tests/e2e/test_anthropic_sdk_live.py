@@ -16,7 +16,7 @@ import pytest
 from anthropic.types import Message, MessageParam, TextBlock, ToolParam, ToolUseBlock
 
 from tests.e2e.test_anthropic_messages_live import HELLO as HELLO_JSON
-from tests.e2e.test_anthropic_messages_live import KEY, gw, in_order
+from tests.e2e.test_anthropic_messages_live import KEY, TIGHT_KEY, TIGHT_RPM, gw, in_order
 from tests.e2e.test_anthropic_messages_live import TOOL as TOOL_JSON
 from tests.harness.procs import ServerProcess
 
@@ -176,6 +176,33 @@ def test_bearer_auth_token_is_accepted_as_well_as_x_api_key(gw: ServerProcess) -
     bad = anthropic.Anthropic(base_url=gw.base_url, auth_token="sk-wrong-0000", max_retries=0)
     with bad, pytest.raises(anthropic.AuthenticationError):
         bad.messages.create(model="sim-chat", max_tokens=8, messages=HELLO)
+
+
+def test_a_stream_that_fails_upstream_raises_in_the_sdk(client: anthropic.Anthropic) -> None:
+    """The answer started (200) then the upstream failed: Strait's `event: error` is what makes the SDK
+    raise instead of handing the application a message that silently stops short."""
+    pieces: list[str] = []
+    stream = client.messages.stream(model="broken", max_tokens=12, messages=HELLO)
+    with pytest.raises(anthropic.APIStatusError) as raised, stream as events:
+        for piece in events.text_stream:
+            pieces.append(piece)
+    assert pieces, "the error came before any text: not the mid-stream case"
+    body = raised.value.body
+    assert isinstance(body, dict) and body["type"] == "error" and body["error"]["type"] == "api_error"
+    assert raised.value.request_id  # the stream's request-id header
+
+
+def test_a_rate_limited_tenant_gets_rate_limit_error_with_retry_after(gw: ServerProcess) -> None:
+    """This module's gateway is its own process, so the tight tenant's minute starts here."""
+    tight = anthropic.Anthropic(base_url=gw.base_url, api_key=TIGHT_KEY, max_retries=0)
+    with tight:
+        for _ in range(TIGHT_RPM):
+            tight.messages.create(model="sim-chat", max_tokens=4, messages=HELLO)
+        with pytest.raises(anthropic.RateLimitError) as raised:
+            tight.messages.create(model="sim-chat", max_tokens=4, messages=HELLO)
+    assert raised.value.status_code == 429
+    # What the SDK's own retry waits on (it honours retry-after up to a minute).
+    assert 0 < float(raised.value.response.headers["retry-after"]) <= 120
 
 
 # ---- 6. the async client ----
