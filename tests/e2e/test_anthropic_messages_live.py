@@ -47,9 +47,9 @@ backends:
   - {{name: fake, adapter: openai, base_url: "{fake_url}/v1"}}
   - {{name: sim, adapter: simulated, simulated: {{ttft_ms: 1, tokens_per_second: 5000, output_tokens: 12}}}}
 models:
-  - {{name: fake-m, capabilities: [chat, tools, vision], deployments: [{{backend: fake, upstream_model: fake-model}}]}}
+  - {{name: fake-m, capabilities: [chat, tools, vision, json], deployments: [{{backend: fake, upstream_model: fake-model}}]}}
   - {{name: broken-m, deployments: [{{backend: fake, upstream_model: "fault:error-event-after-2"}}]}}
-  - {{name: sim-m, capabilities: [chat, tools], deployments: [{{backend: sim, upstream_model: sim-1}}]}}
+  - {{name: sim-m, capabilities: [chat, tools, json], deployments: [{{backend: sim, upstream_model: sim-1}}]}}
 routes:
   - {{name: gpt-fake, models: [fake-m]}}
   - {{name: broken, models: [broken-m]}}

@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from typing import cast
 
 import anthropic
+import pydantic
 import pytest
-from anthropic.types import Message, MessageParam, TextBlock, ToolParam, ToolUseBlock
+from anthropic.types import JSONOutputFormatParam, Message, MessageParam, TextBlock, ToolParam, ToolUseBlock
 
+from tests.e2e.conftest import Ledger
 from tests.e2e.test_anthropic_messages_live import HELLO as HELLO_JSON
 from tests.e2e.test_anthropic_messages_live import KEY, TIGHT_KEY, TIGHT_RPM, gw, in_order
 from tests.e2e.test_anthropic_messages_live import TOOL as TOOL_JSON
@@ -119,6 +121,42 @@ def test_a_tool_loop(client: anthropic.Anthropic, stream: bool) -> None:
     # The simulated model reads the tool's result and answers in text: the loop ends.
     assert second.stop_reason in ("end_turn", "max_tokens")
     assert [block.type for block in second.content] == ["text"] and _text(second)
+
+
+# ---- structured output: the SDK's `output_format` (sent as `output_config.format`) ----
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    celsius: int
+
+
+def test_structured_output_reaches_the_upstream_and_parses(client: anthropic.Anthropic, ledger: Ledger) -> None:
+    """SDK 2.17's structured output: `messages.parse(output_format=Model)` sends `output_config.format`
+    (a JSON schema). Ignoring it would hand the SDK's parser free text; Strait gives it to a chat upstream as
+    `response_format` json_schema, and the simulated backend answers an instance of the schema."""
+    parsed = client.messages.parse(model="sim-chat", max_tokens=64, messages=HELLO, output_format=Weather)
+    assert isinstance(parsed.parsed_output, Weather)
+    # The fake upstream ignores formats (its answer would not parse): what it was sent is the point here.
+    schema: JSONOutputFormatParam = {"type": "json_schema", "schema": Weather.model_json_schema()}
+    client.messages.create(model="gpt-fake", max_tokens=8, messages=HELLO, output_config={"format": schema})
+    fmt = ledger.records()[-1]["body"]["response_format"]
+    assert fmt["type"] == "json_schema"
+    assert fmt["json_schema"]["schema"]["properties"].keys() == {"city", "celsius"}
+    # A route whose models lack the `json` capability refuses it rather than answering free text.
+    with pytest.raises(anthropic.PermissionDeniedError, match="json"):
+        client.messages.parse(model="broken", max_tokens=8, messages=HELLO, output_format=Weather)
+
+
+def test_an_output_schema_that_is_not_an_object_is_a_400(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        client.messages.create(
+            model="sim-chat",
+            max_tokens=8,
+            messages=HELLO,
+            output_config={"format": {"type": "json_schema", "schema": cast(dict[str, object], [1])}},
+        )
+    assert "output_config.format.schema" in str(raised.value)
 
 
 # ---- 4. count_tokens ----

@@ -129,6 +129,26 @@ def test_the_openai_codecs_bounds_apply() -> None:
         decode_messages(body(messages=[{"role": "user", "content": "x"}], max_tokens=10**9))
 
 
+def test_structured_output_becomes_a_json_schema_response_format() -> None:
+    """`output_config.format` (the SDK's `messages.parse(output_format=...)`) is carried to a chat upstream
+    as `response_format` json_schema with the client's schema bytes, never dropped."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    hello = [{"role": "user", "content": "hi"}]
+    request = decode_messages(body(messages=hello, output_config={"format": {"type": "json_schema", "schema": schema}}))
+    sent = json.loads(chat_body(request, "up", stream=False))
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "strict": True, "schema": schema},
+    }
+    for config in ({"effort": "high"}, {"format": None}):  # no format: none asked for
+        assert "response_format" not in json.loads(
+            chat_body(decode_messages(body(messages=hello, output_config=config)), "up", stream=False)
+        )
+    with pytest.raises(InvalidRequest) as info:
+        decode_messages(body(messages=hello, output_config={"format": {"type": "json_schema", "schema": [1]}}))
+    assert info.value.param == "output_config.format.schema"
+
+
 def test_count_tokens_needs_no_max_tokens() -> None:
     raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
     assert decode_messages(raw, count_only=True).max_output_tokens is None

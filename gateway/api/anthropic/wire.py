@@ -81,6 +81,18 @@ class MetadataParam(msgspec.Struct, kw_only=True):
     user_id: str | None = None
 
 
+class OutputFormatParam(msgspec.Struct, kw_only=True):
+    type: Literal["json_schema"]
+    schema: msgspec.Raw  # a JSON schema object, kept as the client's bytes
+
+
+class OutputConfigParam(msgspec.Struct, kw_only=True):
+    """Structured output (`format`; the SDK's `messages.parse(output_format=...)` sends it). `effort` is
+    not listed: ignored, as reasoning effort is elsewhere a hint."""
+
+    format: OutputFormatParam | None = None
+
+
 class MessagesRequest(msgspec.Struct, kw_only=True):
     model: str
     messages: list[MessageParam]
@@ -96,3 +108,4 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     tools: list[ToolParam] | None = None
     tool_choice: ToolChoiceParam | None = None
     thinking: ThinkingParam | None = None
+    output_config: OutputConfigParam | None = None
