@@ -123,6 +123,15 @@ def test_a_tool_loop(client: anthropic.Anthropic, stream: bool) -> None:
     assert [block.type for block in second.content] == ["text"] and _text(second)
 
 
+def test_what_sdk_2_17_types_allow_is_accepted(client: anthropic.Anthropic, ledger: Ledger) -> None:
+    """SDK 2.17 types allow a `system` message among the messages and `thinking: between_tools`: a chat
+    upstream gets the system message where it stood; the thinking setting is accepted as enabled."""
+    turns: list[MessageParam] = [*HELLO, {"role": "system", "content": "Now answer in French."}]
+    client.messages.create(model="gpt-fake", max_tokens=4, messages=turns, thinking={"type": "between_tools"})
+    sent = ledger.records()[-1]["body"]["messages"]
+    assert sent[-1] == {"role": "system", "content": "Now answer in French."}
+
+
 # ---- structured output: the SDK's `output_format` (sent as `output_config.format`) ----
 
 

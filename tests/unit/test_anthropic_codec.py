@@ -97,7 +97,11 @@ def test_a_base64_image_becomes_a_data_url() -> None:
     [
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": None}, "max_tokens"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "system", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        (
+            {"messages": [{"role": "system", "content": [{"type": "image", "source": {"type": "url", "url": "u"}}]}]},
+            "messages[0].content[0]",
+        ),
         ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0].type"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_p": 2}, "top_p"),
@@ -147,6 +151,23 @@ def test_structured_output_becomes_a_json_schema_response_format() -> None:
     with pytest.raises(InvalidRequest) as info:
         decode_messages(body(messages=hello, output_config={"format": {"type": "json_schema", "schema": [1]}}))
     assert info.value.param == "output_config.format.schema"
+
+
+def test_a_system_message_in_the_list_stays_where_it_stands() -> None:
+    """SDK 2.17 types allow `role: system` among the messages (SystemMessageParam): a chat system message
+    at that place, as well as the top-level `system` first."""
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "Now answer in French."}]},
+        {"role": "user", "content": "again"},
+    ]
+    sent = json.loads(chat_body(decode_messages(body(system="Be terse.", messages=turns)), "up", stream=False))
+    assert [(m["role"], m["content"]) for m in sent["messages"]] == [
+        ("system", "Be terse."),
+        ("user", "hi"),
+        ("system", "Now answer in French."),
+        ("user", "again"),
+    ]
 
 
 def test_count_tokens_needs_no_max_tokens() -> None:

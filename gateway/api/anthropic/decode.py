@@ -125,6 +125,11 @@ def _messages(m: MessageParam, i: int) -> list[Message]:
     if isinstance(m.content, str):
         return [Message(role=m.role, content=(Text(text=m.content),))]
     parts = [_part(b, f"messages[{i}].content[{j}]") for j, b in enumerate(m.content)]
+    if m.role == "system":
+        for j, part in enumerate(parts):
+            if not isinstance(part, Text):
+                where = f"messages[{i}].content[{j}]"
+                raise InvalidRequest(f"{where}: a system message holds text blocks only.", param=where)
     out = [Message(role="tool", content=(p,)) for p in parts if isinstance(p, ToolResult)]
     rest = tuple(p for p in parts if not isinstance(p, ToolResult))
     if rest or not out:

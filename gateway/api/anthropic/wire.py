@@ -54,7 +54,8 @@ Block = TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock 
 
 
 class MessageParam(msgspec.Struct, kw_only=True):
-    role: Literal["user", "assistant"]
+    # `system` in the list: a system message where it stands (SDK 2.17's SystemMessageParam), text only.
+    role: Literal["user", "assistant", "system"]
     content: str | list[Block]
 
 
@@ -73,7 +74,7 @@ class ToolChoiceParam(msgspec.Struct, kw_only=True):
 
 
 class ThinkingParam(msgspec.Struct, kw_only=True):
-    type: Literal["enabled", "disabled", "adaptive"]
+    type: Literal["enabled", "disabled", "adaptive", "between_tools"]
     budget_tokens: int | None = None
 
 
