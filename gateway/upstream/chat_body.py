@@ -56,6 +56,16 @@ def chat_body(
         body["tools"] = [_tool(t.name, t.description, t.parameters) for t in request.tools]
     if request.tool_choice is not None:
         _choice(body, request.tool_choice)
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text":
+        body["response_format"] = (
+            {"type": fmt.type}
+            if fmt.json_schema is None
+            else {
+                "type": fmt.type,
+                "json_schema": fmt.json_schema,
+            }
+        )
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

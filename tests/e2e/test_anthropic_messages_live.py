@@ -2,10 +2,10 @@
 fake OpenAI upstream: create, stream, a tool loop, count_tokens, errors in Anthropic's envelope, limits and
 usage records as on the OpenAI route.
 
-The `anthropic` SDK is not in the lock (requirements/dev.txt), so these tests speak raw HTTP with the shapes
-the SDK 2.14.0 was verified to send and require (../shared/real-backends.md §2.2): `Authorization: Bearer`
-(and `x-api-key`), any `anthropic-version`, named SSE events in Anthropic's order, the error envelope and
-the `request-id` header.
+These tests speak raw HTTP, to check the bytes: the shapes the SDK was verified to send and require
+(../shared/real-backends.md §2.2): `Authorization: Bearer` (and `x-api-key`), any `anthropic-version`,
+named SSE events in Anthropic's order, the error envelope and the `request-id` header. The official SDK
+drives this module's gateway fixture in test_anthropic_sdk_live.py.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ backends:
   - {{name: fake, adapter: openai, base_url: "{fake_url}/v1"}}
   - {{name: sim, adapter: simulated, simulated: {{ttft_ms: 1, tokens_per_second: 5000, output_tokens: 12}}}}
 models:
-  - {{name: fake-m, capabilities: [chat, tools, vision], deployments: [{{backend: fake, upstream_model: fake-model}}]}}
+  - {{name: fake-m, capabilities: [chat, tools, vision, json], deployments: [{{backend: fake, upstream_model: fake-model}}]}}
   - {{name: broken-m, deployments: [{{backend: fake, upstream_model: "fault:error-event-after-2"}}]}}
-  - {{name: sim-m, capabilities: [chat, tools], deployments: [{{backend: sim, upstream_model: sim-1}}]}}
+  - {{name: sim-m, capabilities: [chat, tools, json], deployments: [{{backend: sim, upstream_model: sim-1}}]}}
 routes:
   - {{name: gpt-fake, models: [fake-m]}}
   - {{name: broken, models: [broken-m]}}

@@ -2,7 +2,7 @@
 with llama.cpp's own `/v1/messages` (xllamacpp serves it; nobody here wrote it) for the same request at
 temperature 0: the same text, the same stop reason, the same tokens, the same keys and event sequence.
 
-Raw HTTP: the `anthropic` SDK is not in the lock (the shapes it needs: ../shared/real-backends.md §2.2)."""
+Raw HTTP, to compare keys and events; the official SDK on the same servers: test_llamacpp_messages_sdk.py."""
 
 from __future__ import annotations
 

@@ -97,7 +97,11 @@ def test_a_base64_image_becomes_a_data_url() -> None:
     [
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": None}, "max_tokens"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "system", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        (
+            {"messages": [{"role": "system", "content": [{"type": "image", "source": {"type": "url", "url": "u"}}]}]},
+            "messages[0].content[0]",
+        ),
         ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "messages[0].content[0].type"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_p": 2}, "top_p"),
@@ -127,6 +131,43 @@ def test_the_openai_codecs_bounds_apply() -> None:
         decode_messages(deep, InboundLimits(max_json_depth=64))
     with pytest.raises(InvalidRequest, match="max_tokens"):
         decode_messages(body(messages=[{"role": "user", "content": "x"}], max_tokens=10**9))
+
+
+def test_structured_output_becomes_a_json_schema_response_format() -> None:
+    """`output_config.format` (the SDK's `messages.parse(output_format=...)`) is carried to a chat upstream
+    as `response_format` json_schema with the client's schema bytes, never dropped."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    hello = [{"role": "user", "content": "hi"}]
+    request = decode_messages(body(messages=hello, output_config={"format": {"type": "json_schema", "schema": schema}}))
+    sent = json.loads(chat_body(request, "up", stream=False))
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "strict": True, "schema": schema},
+    }
+    for config in ({"effort": "high"}, {"format": None}):  # no format: none asked for
+        assert "response_format" not in json.loads(
+            chat_body(decode_messages(body(messages=hello, output_config=config)), "up", stream=False)
+        )
+    with pytest.raises(InvalidRequest) as info:
+        decode_messages(body(messages=hello, output_config={"format": {"type": "json_schema", "schema": [1]}}))
+    assert info.value.param == "output_config.format.schema"
+
+
+def test_a_system_message_in_the_list_stays_where_it_stands() -> None:
+    """SDK 2.17 types allow `role: system` among the messages (SystemMessageParam): a chat system message
+    at that place, as well as the top-level `system` first."""
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "Now answer in French."}]},
+        {"role": "user", "content": "again"},
+    ]
+    sent = json.loads(chat_body(decode_messages(body(system="Be terse.", messages=turns)), "up", stream=False))
+    assert [(m["role"], m["content"]) for m in sent["messages"]] == [
+        ("system", "Be terse."),
+        ("user", "hi"),
+        ("system", "Now answer in French."),
+        ("user", "again"),
+    ]
 
 
 def test_count_tokens_needs_no_max_tokens() -> None:

@@ -17,6 +17,7 @@ from gateway.api.anthropic.wire import (
     ImageBlock,
     MessageParam,
     MessagesRequest,
+    OutputConfigParam,
     RedactedThinkingBlock,
     TextBlock,
     ThinkingBlock,
@@ -33,6 +34,7 @@ from gateway.canonical import (
     Part,
     RedactedThinking,
     Request,
+    ResponseFormat,
     Text,
     Thinking,
     ThinkingConfig,
@@ -87,6 +89,23 @@ def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, coun
         # The relay keeps the usage chunk for the edge: Anthropic's message_delta always reports usage.
         include_usage=True,
         user=wire.metadata.user_id if wire.metadata is not None else None,
+        response_format=_output_format(wire.output_config),
+    )
+
+
+def _output_format(config: OutputConfigParam | None) -> ResponseFormat | None:
+    """`output_config.format` as the canonical JSON-schema format, shaped as Chat Completions' `json_schema`
+    (`name`, `strict`, `schema`), which the chat body passes on and the simulated backend honours: never
+    dropped, or the SDK's parser would be handed free text."""
+    if config is None or config.format is None:
+        return None
+    schema = bytes(config.format.schema)
+    if schema[:1] != b"{":
+        raise InvalidRequest(
+            "output_config.format.schema: a JSON schema must be an object.", param="output_config.format.schema"
+        )
+    return ResponseFormat(
+        type="json_schema", json_schema=msgspec.Raw(b'{"name":"output","strict":true,"schema":' + schema + b"}")
     )
 
 
@@ -106,6 +125,11 @@ def _messages(m: MessageParam, i: int) -> list[Message]:
     if isinstance(m.content, str):
         return [Message(role=m.role, content=(Text(text=m.content),))]
     parts = [_part(b, f"messages[{i}].content[{j}]") for j, b in enumerate(m.content)]
+    if m.role == "system":
+        for j, part in enumerate(parts):
+            if not isinstance(part, Text):
+                where = f"messages[{i}].content[{j}]"
+                raise InvalidRequest(f"{where}: a system message holds text blocks only.", param=where)
     out = [Message(role="tool", content=(p,)) for p in parts if isinstance(p, ToolResult)]
     rest = tuple(p for p in parts if not isinstance(p, ToolResult))
     if rest or not out:

@@ -54,7 +54,8 @@ Block = TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock 
 
 
 class MessageParam(msgspec.Struct, kw_only=True):
-    role: Literal["user", "assistant"]
+    # `system` in the list: a system message where it stands (SDK 2.17's SystemMessageParam), text only.
+    role: Literal["user", "assistant", "system"]
     content: str | list[Block]
 
 
@@ -73,12 +74,24 @@ class ToolChoiceParam(msgspec.Struct, kw_only=True):
 
 
 class ThinkingParam(msgspec.Struct, kw_only=True):
-    type: Literal["enabled", "disabled", "adaptive"]
+    type: Literal["enabled", "disabled", "adaptive", "between_tools"]
     budget_tokens: int | None = None
 
 
 class MetadataParam(msgspec.Struct, kw_only=True):
     user_id: str | None = None
+
+
+class OutputFormatParam(msgspec.Struct, kw_only=True):
+    type: Literal["json_schema"]
+    schema: msgspec.Raw  # a JSON schema object, kept as the client's bytes
+
+
+class OutputConfigParam(msgspec.Struct, kw_only=True):
+    """Structured output (`format`; the SDK's `messages.parse(output_format=...)` sends it). `effort` is
+    not listed: ignored, as reasoning effort is elsewhere a hint."""
+
+    format: OutputFormatParam | None = None
 
 
 class MessagesRequest(msgspec.Struct, kw_only=True):
@@ -96,3 +109,4 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     tools: list[ToolParam] | None = None
     tool_choice: ToolChoiceParam | None = None
     thinking: ThinkingParam | None = None
+    output_config: OutputConfigParam | None = None
