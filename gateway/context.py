@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True, frozen=True)
 class ContinuedAttempt:
-    """A stream that broke after sending content, continued on another deployment: what it produced
+    """A stream that broke after sending content, continued on another deployment (`resume: continue`)
+    or, held whole and never shown to the client, restarted there (`resume: restart`): what it produced
     is billed at its own deployment's price (estimated when it sent no usage)."""
 
     target: Target
@@ -35,6 +36,9 @@ class ContinuedAttempt:
     completion_tokens: int
     cached_tokens: int
     estimated: bool
+    # Restarted (`resume: restart`): `seconds` is the attempt's own duration and the client's first
+    # token is the answering deployment's; continued: `seconds` runs from the request's start.
+    restarted: bool = False
 
 
 @dataclass(slots=True)
@@ -92,7 +96,8 @@ class RequestContext:
     retry_claim: BudgetClaim | None = None
     # Written by `upstream`: the plan index of `target` and the attempts made so far (a mid-stream
     # rescue goes on from there), and the streams that broke after sending content and were continued
-    # on another deployment (billed for what they produced: written by the relay, read by accounting).
+    # or restarted on another deployment (billed for what they produced: written by the relay for a
+    # continued one, by the dispatcher for a restarted one; read by accounting).
     plan_index: int = 0
     attempts: int = 0
     continued: list[ContinuedAttempt] = field(default_factory=list)

@@ -67,7 +67,7 @@ def end_request_span(ctx: RequestContext, status: int, *, error: str | None = No
     if ctx.target is not None:
         span.set_attribute("strait.deployment", ctx.target.label)
         span.set_attribute("gen_ai.response.model", ctx.target.deployment.upstream_model)
-    span.set_attribute("strait.fallback", len(ctx.failed_attempts))
+    span.set_attribute("strait.fallback", len(ctx.failed_attempts) + len(ctx.continued))
     cache = ctx.extra_headers.get("x-strait-cache")
     if cache is not None:
         span.set_attribute("strait.cache", cache)

@@ -53,10 +53,12 @@ class SignalsTap(EndTap):
             # 200 head was counted a success), so a backend that keeps cutting streams is ejected too.
             self.signals.failed(target.backend.name, time.monotonic(), target.label)
             return
-        if end.outcome != "completed" or end.ttft_s is None or ctx.continued:
+        if end.outcome != "completed" or end.ttft_s is None or not all(c.restarted for c in ctx.continued):
             return  # (a continued stream's first token was another deployment's)
-        # The client's time to first event, less the attempts that failed before this deployment answered.
+        # The client's time to first event, less the attempts that failed (or broke and were restarted)
+        # before this deployment answered.
         spent_elsewhere = sum(seconds for _, _, seconds in ctx.failed_attempts)
+        spent_elsewhere += sum(c.seconds for c in ctx.continued)
         ttft = max(0.0, end.ttft_s - spent_elsewhere)
         self.signals.first_token(target.label, ttft)
         usage = end.usage

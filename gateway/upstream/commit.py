@@ -111,6 +111,9 @@ class NotCommitted(Exception):
         self.client_message = client_message
         self.code = code
         self.upstream_text = upstream_text
+        # With `after_content`: the events held until the failure (set by the dispatcher's
+        # `_send_stream`), for billing what the broken attempt generated.
+        self.events: list[bytes] = []
 
     @property
     def timeout(self) -> bool:

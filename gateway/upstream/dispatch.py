@@ -38,6 +38,7 @@ from gateway.policy.model import RetryPolicy, TryTimeouts, UpstreamLimits
 from gateway.spans import start_attempt_span
 from gateway.telemetry import Metrics
 from gateway.tracing import Tracing
+from gateway.upstream.broken_bill import broken_attempt
 from gateway.upstream.commit import MAX_HELD_BYTES, Held, NotCommitted, hold, timed_out
 from gateway.upstream.redact import NO_SECRETS, Redactor
 from gateway.upstream.retry import NEXT, Failure, Move, RetryBudgets, classify_status, next_move
@@ -174,6 +175,8 @@ class Dispatcher:
             raise
         assert response is not None
         await _close(response)
+        if failed.after_content:
+            failed.events = held.events  # what it generated: billed (gateway.upstream.broken_bill)
         raise failed
 
     async def call(self, ctx: RequestContext) -> UpstreamResponse:
@@ -240,11 +243,16 @@ class Dispatcher:
                 failure = held.failure
                 metrics.child(metrics.upstream_attempts, backend, failure).inc()
                 log.warning("upstream %s failed (attempt %d, %s): %s", backend, attempt, failure, held)
-                ctx.failed_attempts.append((target, 504 if held.timeout else 502, time.perf_counter() - t0))
+                outcome_status = 504 if held.timeout else 502
+                if held.after_content:
+                    # A held whole answer (`resume: restart`) that broke after content: billed for what
+                    # it generated (the provider charges it), and restarted on the next deployment.
+                    broken = await broken_attempt(ctx, target, held.events, outcome_status, time.perf_counter() - t0)
+                    ctx.continued.append(broken)
+                else:
+                    ctx.failed_attempts.append((target, outcome_status, time.perf_counter() - t0))
                 last_error = UpstreamConnectError(str(held), timeout=held.timeout)
                 last_stream = held
-                # A held whole answer (`resume: restart`) that broke after content restarts on the
-                # next deployment, not the same one.
                 restart = held.after_content
             except UpstreamResponseTooLarge:
                 # It answered, too much to read: not retried; the attempt is the one recorded.

@@ -314,9 +314,20 @@ def test_a_prefill_refused_by_the_fallback_ends_with_the_original_failure(
     assert len(_text(payloads[:-1]).split()) == 10  # what the client had before the break
 
 
+def _usage_rows(gw: ServerProcess, by: str) -> dict[str, dict[str, Any]]:
+    """The tenant's ledger totals by one dimension, keyed by its value."""
+    got = httpx.get(
+        gw.base_url + "/admin/usage",
+        params={"tenant": "t", "by": by},
+        headers={"authorization": f"Bearer {ADMIN}"},
+    )
+    assert got.status_code == 200, got.text
+    return {row["value"]: row for row in got.json()["data"]}
+
+
 @pytest.mark.parametrize("scenario", ["restart", "restartstall"])
 def test_restart_holds_the_stream_and_restarts_a_broken_one_whole(
-    client: httpx.Client, fake: FakeControl, scenario: str
+    client: httpx.Client, fake: FakeControl, gw: ServerProcess, scenario: str
 ) -> None:
     r, payloads, marker = _stream(client, f"r-{scenario}", **FULL)
     assert r.status_code == 200
@@ -327,6 +338,31 @@ def test_restart_holds_the_stream_and_restarts_a_broken_one_whole(
     # Broken after content: the next deployment at once (not the same one again, as before content).
     assert (primary["model"], restarted["model"]) == (PRIMARIES[scenario][0], "fake-model")
     assert primary["completion_tokens_generated"] == 10
+    # The broken attempt is billed for what it generated (the provider charges it) though the client
+    # never saw it: a non-final record at its own deployment's price. Its deployment and route serve
+    # this scenario only, so their ledger rows are this request's records.
+    label = f"m-{scenario}@{scenario}"
+
+    def billed() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        deployments, routes = _usage_rows(gw, "deployment"), _usage_rows(gw, "route")
+        if label not in deployments or routes.get(f"r-{scenario}", {}).get("requests") != 1:
+            return None
+        return deployments[label], routes[f"r-{scenario}"]
+
+    rows = poll(billed)
+    assert rows is not None, "the usage records never arrived"
+    broken, route = rows
+    assert broken["requests"] == 0  # non-final: the request is counted once, on the answering attempt
+    # Estimated (the stream broke before any usage chunk): tiktoken over its 10 words, 1+ token each.
+    assert broken["completion_tokens"] >= primary["completion_tokens_generated"]
+    assert broken["prompt_tokens"] > 0
+    assert broken["cost_usd"] == pytest.approx(
+        (broken["prompt_tokens"] * 1000 + broken["completion_tokens"] * 2000) / 1e6
+    )
+    # The final record is the answering attempt's: its provider usage (m-good has no price: no cost).
+    assert route["completion_tokens"] - broken["completion_tokens"] == restarted["completion_tokens_generated"] > 0
+    assert route["prompt_tokens"] > broken["prompt_tokens"]
+    assert route["cost_usd"] == pytest.approx(broken["cost_usd"])
 
 
 def test_restart_holds_no_more_than_the_servers_upstream_max_body_bytes(
