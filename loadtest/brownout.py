@@ -84,6 +84,7 @@ async def drive(
     *,
     stream: bool = False,
     leave_after_first_event: bool = False,
+    max_tokens: int = 5,
 ) -> list[Outcome]:
     """`requests` chat completions on `route`, `concurrency` at a time (closed loop); a stream's client
     may leave after its first event (the gateway then ends the request as `client_gone`)."""
@@ -97,7 +98,7 @@ async def drive(
             body = {
                 "model": route,
                 "messages": [{"role": "user", "content": f"brown-out {i}"}],
-                "max_tokens": 5,
+                "max_tokens": max_tokens,
                 "user": marker,
                 "stream": stream,
             }
