@@ -1,7 +1,8 @@
 """The end of a shutdown's grace period, at the edge (gateway.inflight + gateway.api.asgi_send): a stream
 still running ends with the `shutting_down` error event (never a silent cut) and is stopped once; one
 that had already ended by itself ends as it would have; a JSON request cut while waiting for its upstream
-is recorded with the 503 its client gets; a cancellation that is not the shutdown's is
+is recorded with the 503 its client gets; a cut while the server holds a stream's head back still sends
+the head and the error event; a cancellation that is not the shutdown's is
 left alone. Against a real gateway process: tests/e2e/test_shutdown_live.py."""
 
 from __future__ import annotations
@@ -116,6 +117,50 @@ async def test_another_cancellation_is_not_taken_for_the_shutdown() -> None:
     assert isinstance(error, asyncio.CancelledError)
     assert all(b"shutting_down" not in m.get("body", b"") for m in sent)
     assert stream.stops == ["client_gone"]  # still stopped once, in send_reply's finally
+
+
+async def test_a_cut_while_the_server_holds_the_head_back_still_ends_with_the_shutdown_error_event() -> None:
+    """The grace period ends while `send(http.response.start)` waits (uvicorn: a paused transport, before
+    it writes anything): the head still goes out, followed by the error event, and the stream is stopped."""
+    stream, inflight = HeldStream(), InFlight()
+    sent: list[dict[str, Any]] = []
+    head_held = asyncio.Event()
+    held = True
+
+    async def send(message: Any) -> None:
+        nonlocal held
+        if held and message["type"] == "http.response.start":
+            held = False
+            head_held.set()
+            await asyncio.Event().wait()  # the server's flow control: nothing written yet
+        sent.append(dict(message))
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    ctx = RequestContext(request_id="r", operation="chat", started=0.0, headers={})
+    reply = Reply(status=200, headers={}, stream=stream, media_type="text/event-stream")
+
+    async def handler() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        inflight.enter(task)
+        try:
+            await send_reply(reply, receive, send, ctx, inflight.was_cut)
+        finally:
+            inflight.leave(task)
+
+    task = asyncio.ensure_future(handler())
+    await head_held.wait()
+    assert inflight.cut_all() == 1
+    await task  # handled: no CancelledError
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 200 and sent[1]["more_body"] is False
+    body = sent[1]["body"].decode()
+    assert json.loads(body.removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert stream.stops[0] == "client_gone" and stream.pulled == 0
+    assert inflight.count == 0
 
 
 def test_drain_is_idempotent_and_cuts_after_the_grace_period() -> None:
