@@ -1,5 +1,5 @@
 """Gauges read when Prometheus scrapes, not kept up to date per request: what the gateway holds right now
-(upstream requests in flight and ejected backends, the usage writer's queue and spool, the state store's
+(upstream requests in flight, ejected and spilling backends, the usage writer's queue and spool, the state store's
 breaker and failure counts). Labels come from the policy (backend names) or are fixed, so cardinality is
 bounded by the policy.
 """
@@ -90,6 +90,15 @@ class GatewayGauges:
         for backend in sorted(live.stale):
             stale.add_metric([backend], 1)
         yield stale
+        spilling = GaugeMetricFamily(
+            "strait_backend_spilling",
+            "1 while spillover sends a backend's overflow elsewhere (on any route), 0 otherwise.",
+            labels=["backend"],
+        )
+        spilled = {backend for _, backend in live.spilling}
+        for backend in sorted(g.signals.backends | spilled):
+            spilling.add_metric([backend], 1 if backend in spilled else 0)
+        yield spilling
         active = GaugeMetricFamily(
             "strait_route_active_requests",
             "Requests being dispatched or streamed, by route (what the retry budget is a share of).",

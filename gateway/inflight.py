@@ -20,6 +20,13 @@ log = logging.getLogger("strait.shutdown")
 CUT_MESSAGE = "strait: shutdown grace period over"
 
 
+def is_shutdown_cut(exc: BaseException) -> bool:
+    """Whether a CancelledError is the end of the grace period's (its message, which asyncio carries to
+    whatever the task was awaiting): code far from the edge (the pipeline) then records the 503 the
+    client gets instead of a client that left (499)."""
+    return exc.args[:1] == (CUT_MESSAGE,)
+
+
 class InFlight:
     __slots__ = ("_cut", "_grace_timer", "_tasks", "count", "draining", "grace_s")
 

@@ -32,6 +32,7 @@ from opentelemetry.trace import set_span_in_context
 from gateway.context import RequestContext
 from gateway.contracts import End, Tap
 from gateway.errors import GatewayError
+from gateway.inflight import is_shutdown_cut
 from gateway.relay import Relay, end_taps, overrides, settled
 from gateway.reply import Reply, close_stream
 from gateway.spans import SpanTap, end_request_span, start_request_span
@@ -171,9 +172,10 @@ class Pipeline:
             end_taps(ctx, self.taps, End("timed_out" if exc.status == 504 else "upstream_failed", exc.status))
             await settled(ctx)
             raise
-        except asyncio.CancelledError:
-            # The client left while the upstream was being asked: charged as a cut-short answer.
-            end_taps(ctx, self.taps, End("client_gone", 499, partial=True))
+        except asyncio.CancelledError as exc:
+            # The client left while the upstream was being asked: charged as a cut-short answer. Cut by
+            # the shutdown's grace period instead: recorded with the 503 the edge sends (ShuttingDown).
+            end_taps(ctx, self.taps, End("client_gone", 503 if is_shutdown_cut(exc) else 499, partial=True))
             raise
         except Exception:
             end_taps(ctx, self.taps, End("upstream_failed", 500))
@@ -200,6 +202,12 @@ class Pipeline:
             reply = await Pipeline.run(self, ctx)
         except GatewayError as exc:
             end_request_span(ctx, exc.status, error=exc.code)
+            raise
+        except asyncio.CancelledError as exc:
+            if is_shutdown_cut(exc):
+                end_request_span(ctx, 503, error="shutting_down")
+            else:
+                end_request_span(ctx, 499, error="cancelled")
             raise
         except BaseException:
             end_request_span(ctx, 499, error="cancelled")

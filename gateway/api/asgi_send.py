@@ -119,9 +119,22 @@ async def _send_stream(
     codec: StreamCodec | None,
 ) -> None:
     frame, finish = (encode_batch, encode_end) if codec is None else (codec.batch, codec.end)
-    await send({"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)})
     sender = asyncio.current_task()
     assert sender is not None
+    start = {"type": "http.response.start", "status": reply.status, "headers": _raw_headers(reply)}
+    try:
+        await send(start)
+    except asyncio.CancelledError:
+        if was_cut is None or not was_cut(sender):
+            raise
+        # The grace period ran out while the server held the head back (uvicorn: a paused transport, before
+        # it writes anything): the head goes out with the shutdown's error event, as for a cut mid-stream.
+        sender.uncancel()
+        with contextlib.suppress(OSError):
+            await send(start)
+            tail = _cut_tail(ctx, stream, b"", finish, codec)
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        return
     watch = _Watch()
     watcher = asyncio.ensure_future(_watch_disconnect(receive, sender, watch))
     last = b""
@@ -141,13 +154,7 @@ async def _send_stream(
             # just stops.
             sender.uncancel()
             watch.over = True
-            end = stream.stop("client_gone")
-            # A stream that had ended by itself (waiting only for its slots to be given back) ends as it
-            # would have; any other gets the shutdown's error event.
-            if end.outcome != "client_gone":
-                tail = last + finish(ctx, end)
-            else:
-                tail = SHUTDOWN_EVENT if codec is None else codec.cut(ctx)
+            tail = _cut_tail(ctx, stream, last, finish, codec)
             with contextlib.suppress(OSError):  # the client went away meanwhile
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
             return
@@ -159,6 +166,22 @@ async def _send_stream(
     finally:
         watch.over = True
         watcher.cancel()
+
+
+def _cut_tail(
+    ctx: RequestContext,
+    stream: EventStream,
+    last: bytes,
+    finish: Callable[[RequestContext, End], bytes],
+    codec: StreamCodec | None,
+) -> bytes:
+    """A stream the shutdown's grace period cut: stopped (charged for what the upstream produced), and
+    its last bytes. One that had ended by itself (waiting only for its slots to be given back) ends as
+    it would have; any other with the shutdown's error event."""
+    end = stream.stop("client_gone")
+    if end.outcome != "client_gone":
+        return last + finish(ctx, end)
+    return SHUTDOWN_EVENT if codec is None else codec.cut(ctx)
 
 
 async def body_chunks(

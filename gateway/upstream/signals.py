@@ -61,6 +61,8 @@ class LiveSignals:
         self._stale: frozenset[str] = frozenset()
         self._stale_after: dict[str, float] = {}
         self._spilling: frozenset[tuple[str, str]] = frozenset()
+        # The loaded policy's backend names: the label set of the per-backend gauges.
+        self.backends: frozenset[str] = frozenset()
         self._state = self._build()
 
     def _build(self, unhealthy: frozenset[str] = frozenset()) -> LiveState:
@@ -84,6 +86,7 @@ class LiveSignals:
         names = {b.name for b in backends}
         self.outliers.configure({b.name: b.outlier for b in backends}, probed)
         self._stale_after = {b.name: b.capacity.stale_after_s or 3 * b.capacity.scrape_interval_s for b in backends}
+        self.backends = frozenset(names)
         for table in (self.utilisation, self.queue, self.engine, self.scrape_basis, self.scrape_failures):
             for name in [n for n in table if n not in names]:
                 del table[name]

@@ -172,6 +172,14 @@ def _fresh_scrapes(fake: FakeControl, n: int = 2) -> None:
     _until(lambda: int(fake.metrics_state()["scrapes"]) >= seen + n, f"{n} more scrapes")
 
 
+def _spilling_gauge(gw: ServerProcess) -> float:
+    """What an operator's dashboard reads: strait_backend_spilling for the primary."""
+    for line in httpx.get(gw.base_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith('strait_backend_spilling{backend="primary"} '):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("strait_backend_spilling for the primary not in /metrics")
+
+
 def test_spillover_starts_at_the_threshold_and_flows_back_below_the_lower_mark(
     gw: ServerProcess, fake: FakeControl
 ) -> None:
@@ -182,17 +190,21 @@ def test_spillover_starts_at_the_threshold_and_flows_back_below_the_lower_mark(
 
     calm = at(0.3)
     assert calm.headers["x-strait-deployment"] == PRIMARY and "x-strait-spill" not in calm.headers
+    assert _spilling_gauge(gw) == 0
     full = at(0.9)
     assert full.headers["x-strait-deployment"] == FALLBACK
     assert full.headers["x-strait-spill"] == "primary: utilisation 0.90 >= threshold 0.80"
     assert _explain(full)["spilled"] == {PRIMARY: "utilisation 0.90 >= threshold 0.80"}
+    assert _spilling_gauge(gw) == 1
     # Between the marks: still spilling (hysteresis), and it says so.
     middle = at(0.6)
     assert middle.headers["x-strait-deployment"] == FALLBACK
     assert middle.headers["x-strait-spill"] == "primary: still spilling: utilisation 0.60 above the resume mark 0.40"
+    assert _spilling_gauge(gw) == 1
     # Below the lower mark: flows back.
     drained = at(0.35)
     assert drained.headers["x-strait-deployment"] == PRIMARY and "x-strait-spill" not in drained.headers
+    assert _spilling_gauge(gw) == 0
     # Back between the marks from below: stays on the primary.
     again = at(0.6)
     assert again.headers["x-strait-deployment"] == PRIMARY and "x-strait-spill" not in again.headers
