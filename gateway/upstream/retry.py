@@ -142,9 +142,9 @@ class RetryBudget:
       requests, rounded down): Envoy's budget, which keeps the retries added at any moment a fifth of
       what the route is doing anyway (the minimum lets a quiet route still retry); and
     - its retries in the last `window_s` stay within `budget_ratio` x its requests in that window +
-      `budget_min`: Finagle's, which bounds the total a brown-out costs the upstreams — over any window,
-      attempts <= (1 + ratio) x requests + minimum — where Envoy's alone lets fast failovers that never
-      pile up retry without end.
+      `budget_min`: Finagle's, which bounds the total a brown-out costs the upstreams (the window's retries
+      never exceed ratio x its requests + minimum) where Envoy's alone lets fast failovers that never pile
+      up retry without end. Kept in buckets, the window is between 0.9 and 1 x `window_s` long.
 
     A request is active from the start of its dispatch until its answer is over (a stream: until the
     relay ends); a retry (any attempt after a request's first: the same deployment again, or a

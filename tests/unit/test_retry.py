@@ -240,23 +240,29 @@ def test_budget_allows_the_minimum_then_a_share_of_active_requests_and_frees_a_s
     st.integers(0, 10),
     st.floats(min_value=0.5, max_value=60),
 )
+@example(gaps=[0.0, 0.25, 0.03125, 0.0, 0.4375], ratio=0.25, minimum=1, window_s=0.5)
 def test_over_any_window_retries_stay_within_the_ratio_of_requests_plus_the_minimum(
     gaps: list[float], ratio: float, minimum: int, window_s: float
 ) -> None:
     # A sequential client (one request at a time: Envoy's limit never binds) whose every attempt fails
-    # and asks for a retry: Finagle's window is what bounds the brown-out's total.
+    # and asks for a retry: Finagle's window is what bounds the brown-out's total. The window is kept in
+    # 10 buckets, so at time t it covers at least (t - 0.9 w, t] and at most (t - w, t]: when a retry is
+    # granted at t, the retries of the last 0.9 w are within ratio x the requests of the last w + minimum.
     budgets = RetryBudgets()
     now = 0.0
-    history: list[tuple[float, bool]] = []  # (when, a retry was granted) per request
+    eps = 1e-9 * max(1.0, window_s)
+    requests: list[float] = []
+    grants: list[float] = []
     for gap in gaps:
         now += gap
         claim = budgets.start("chat", window_s, now=now)
-        history.append((now, claim.try_retry(ratio, minimum, now=now)))
+        requests.append(now)
+        if claim.try_retry(ratio, minimum, now=now):
+            grants.append(now)
+            recent_grants = sum(1 for g in grants if g > now - 0.9 * window_s + eps)
+            recent_requests = sum(1 for r in requests if r > now - window_s - eps)
+            assert recent_grants <= ratio * recent_requests + minimum + 1e-9
         claim.end()
-        # Every window of `window_s` ending now: retries <= ratio x requests + minimum. The buckets make
-        # the budget's window at most window_s long, so it may forget sooner, never later.
-        recent = [granted for when, granted in history if when > now - window_s * (1 - 1 / 10)]
-        assert sum(recent) <= ratio * len(recent) + minimum + 1e-9 or sum(recent) <= minimum
     assert budgets.by_route()["chat"] == (0, 0)
 
 
