@@ -19,7 +19,7 @@ from gateway.api.bearer import check_bearer
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
 from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits
 from gateway.api.usage import build_usage_handlers
-from gateway.api.wire import ModelCard, ModelList
+from gateway.api.wire import model_card, model_list
 from gateway.context import RequestContext
 from gateway.contracts import Operation
 from gateway.errors import (
@@ -192,8 +192,8 @@ def build_handlers(
 
     @get(_both("/v1/models"))
     async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
-        cards = [ModelCard(id=name, created=gateway.started_at) for name in visible_routes(request)]
-        return Response(_encode(ModelList(data=cards)), media_type=JSON, headers=scope_id_headers(request.scope))
+        cards = [model_card(name, gateway.started_at) for name in visible_routes(request)]
+        return Response(_encode(model_list(cards)), media_type=JSON, headers=scope_id_headers(request.scope))
 
     @get(_both("/v1/models/{model_id:path}"))
     async def get_model(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -201,7 +201,7 @@ def build_handlers(
         name = str(request.path_params["model_id"]).lstrip("/")
         if name not in visible_routes(request):
             raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.", param="model")
-        card = ModelCard(id=name, created=gateway.started_at)
+        card = model_card(name, gateway.started_at)
         return Response(_encode(card), media_type=JSON, headers=scope_id_headers(request.scope))
 
     @get("/admin/decisions/{decision_id:str}")

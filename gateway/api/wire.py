@@ -8,6 +8,7 @@ parameters, response formats) are kept as the client's bytes (`Raw`), never deco
 
 from __future__ import annotations
 
+import datetime
 from typing import Any, Literal
 
 import msgspec
@@ -164,12 +165,34 @@ class EmbeddingsRequest(_Wire, kw_only=True):
 
 
 class ModelCard(_Wire, kw_only=True):
+    """One route as a model, in both OpenAI's shape (`object`, `created`, `owned_by`) and Anthropic's
+    (`type`, `display_name`, `created_at`): each SDK reads its own fields and ignores the others."""
+
     id: str
     object: str = "model"
     created: int = 0
     owned_by: str = "strait"
+    type: str = "model"
+    display_name: str = ""
+    created_at: str = ""  # RFC 3339
+
+
+def model_card(name: str, created: int) -> ModelCard:
+    when = datetime.datetime.fromtimestamp(created, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return ModelCard(id=name, created=created, display_name=name, created_at=when)
 
 
 class ModelList(_Wire, kw_only=True):
+    """OpenAI's list (`object`, `data`) with Anthropic's paging fields (one page: everything)."""
+
     data: list[ModelCard]
     object: str = "list"
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+def model_list(cards: list[ModelCard]) -> ModelList:
+    first = cards[0].id if cards else None
+    last = cards[-1].id if cards else None
+    return ModelList(data=cards, first_id=first, last_id=last)

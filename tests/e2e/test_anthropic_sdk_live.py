@@ -215,6 +215,17 @@ def test_an_unknown_model_raises_not_found(client: anthropic.Anthropic) -> None:
         client.messages.count_tokens(model="no-such-route", messages=HELLO)
 
 
+def test_the_model_list_reads_as_anthropics(client: anthropic.Anthropic) -> None:
+    # /v1/models carries Anthropic's fields beside OpenAI's: the SDK's types are filled, not None.
+    page = client.models.list()
+    ids = [m.id for m in page.data]
+    assert "sim-chat" in ids and page.has_more is False
+    assert page.first_id == ids[0] and page.last_id == ids[-1]
+    card = client.models.retrieve("sim-chat")
+    assert (card.type, card.display_name) == ("model", "sim-chat")
+    assert card.created_at.year >= 2026  # the gateway's start, parsed by the SDK as a datetime
+
+
 def test_bearer_auth_token_is_accepted_as_well_as_x_api_key(gw: ServerProcess) -> None:
     # api_key= sends `x-api-key`; auth_token= sends `Authorization: Bearer` (an LLM gateway's usual form).
     with anthropic.Anthropic(base_url=gw.base_url, auth_token=KEY, max_retries=0) as bearer:
