@@ -50,19 +50,12 @@ class HeldStream:
         return None
 
 
-async def _serve(
-    stream: HeldStream, inflight: InFlight, cut: bool
-) -> tuple[list[dict[str, Any]], BaseException | None]:
-    sent: list[dict[str, Any]] = []
-    first_event = asyncio.Event()
-
-    async def send(message: Any) -> None:
-        sent.append(dict(message))
-        if message["type"] == "http.response.body":
-            first_event.set()
+def _edge(stream: HeldStream, inflight: InFlight, send: Any) -> asyncio.Future[None]:
+    """The stream's reply sent as the edge sends it, the handler's task counted in flight; the client
+    never leaves."""
 
     async def receive() -> dict[str, Any]:
-        await asyncio.Event().wait()  # the client never leaves
+        await asyncio.Event().wait()
         return {"type": "http.disconnect"}
 
     ctx = RequestContext(request_id="r", operation="chat", started=0.0, headers={})
@@ -77,7 +70,21 @@ async def _serve(
         finally:
             inflight.leave(task)
 
-    task = asyncio.ensure_future(handler())
+    return asyncio.ensure_future(handler())
+
+
+async def _serve(
+    stream: HeldStream, inflight: InFlight, cut: bool
+) -> tuple[list[dict[str, Any]], BaseException | None]:
+    sent: list[dict[str, Any]] = []
+    first_event = asyncio.Event()
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+        if message["type"] == "http.response.body":
+            first_event.set()
+
+    task = _edge(stream, inflight, send)
     await first_event.wait()  # the stream is under way
     if cut:
         assert inflight.cut_all() == 1
@@ -135,23 +142,7 @@ async def test_a_cut_while_the_server_holds_the_head_back_still_ends_with_the_sh
             await asyncio.Event().wait()  # the server's flow control: nothing written yet
         sent.append(dict(message))
 
-    async def receive() -> dict[str, Any]:
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    ctx = RequestContext(request_id="r", operation="chat", started=0.0, headers={})
-    reply = Reply(status=200, headers={}, stream=stream, media_type="text/event-stream")
-
-    async def handler() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        inflight.enter(task)
-        try:
-            await send_reply(reply, receive, send, ctx, inflight.was_cut)
-        finally:
-            inflight.leave(task)
-
-    task = asyncio.ensure_future(handler())
+    task = _edge(stream, inflight, send)
     await head_held.wait()
     assert inflight.cut_all() == 1
     await task  # handled: no CancelledError
