@@ -32,9 +32,9 @@ from pathlib import Path
 import httpx
 
 from gateway.policy.index import key_digest
-from tests.harness.fake_control import FakeControl
+from tests.harness.fake_control import FakeControl, fake_upstream
 from tests.harness.gateway import gateway_process
-from tests.harness.procs import PYTHON, ServerProcess, free_port
+from tests.harness.procs import ServerProcess
 
 KEY = "sk-brownout-tenant-5e0f"
 FAULTS = ("503", "500", "reset")
@@ -185,15 +185,6 @@ def measure(gateway_url: str, fake: FakeControl, fault: str, requests: int, conc
         p50_s=latencies[len(latencies) // 2],
         p99_s=latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
     )
-
-
-@contextlib.contextmanager
-def fake_upstream(folder: Path) -> Iterator[tuple[ServerProcess, FakeControl]]:
-    port = free_port()
-    argv = [PYTHON, "-m", "tests.harness.fake_upstream", "--port", str(port)]
-    fake = ServerProcess(argv, port, ready_path="/healthz", log_path=folder / "fake.log")
-    with fake as proc, FakeControl(proc.base_url, timeout=30) as control:
-        yield proc, control
 
 
 @contextlib.contextmanager

@@ -25,13 +25,12 @@ from loadtest.brownout import (
     FAULTS,
     HEADER,
     drive,
-    fake_upstream,
     gateway,
     measure,
     metric,
     route_of,
 )
-from tests.harness.fake_control import FakeControl
+from tests.harness.fake_control import FakeControl, fake_upstream
 from tests.harness.procs import ServerProcess
 from tests.harness.waiting import wait_until
 

@@ -6,7 +6,6 @@ ledger; waits are checked as lower bounds on the fake's own clock (never as uppe
 from __future__ import annotations
 
 import json
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,9 +16,9 @@ import httpx
 import pytest
 
 from gateway.policy.index import key_digest
-from tests.harness.fake_control import FakeControl, Record
+from tests.harness.fake_control import FakeControl, Record, fake_upstream
 from tests.harness.gateway import gateway_process
-from tests.harness.procs import ServerProcess, free_port
+from tests.harness.procs import ServerProcess
 from tests.harness.waiting import poll
 
 KEY = "sk-retry-tenant-93b1d0"
@@ -101,10 +100,7 @@ def _policy(fake: str) -> str:
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeControl]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("retry-fake") / "fake.log"
-    argv = [sys.executable, "-m", "tests.harness.fake_upstream", "--port", str(port)]
-    with ServerProcess(argv, port, ready_path="/healthz", log_path=log) as proc, FakeControl(proc.base_url) as control:
+    with fake_upstream(tmp_path_factory.mktemp("retry-fake")) as (_, control):
         yield control
 
 

@@ -9,7 +9,6 @@ attempts ran comes from the fake's ledger; waits are checked as lower bounds on 
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,9 +17,9 @@ import httpx
 import pytest
 
 from gateway.policy.index import key_digest
-from tests.harness.fake_control import FakeControl
+from tests.harness.fake_control import FakeControl, fake_upstream
 from tests.harness.gateway import gateway_process
-from tests.harness.procs import ServerProcess, free_port
+from tests.harness.procs import ServerProcess
 from tests.harness.sse import json_payloads, parse_sse
 from tests.harness.waiting import poll
 
@@ -88,10 +87,7 @@ def _policy(fake: str) -> str:
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeControl]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("stream-fake") / "fake.log"
-    argv = [sys.executable, "-m", "tests.harness.fake_upstream", "--port", str(port)]
-    with ServerProcess(argv, port, ready_path="/healthz", log_path=log) as proc, FakeControl(proc.base_url) as control:
+    with fake_upstream(tmp_path_factory.mktemp("stream-fake")) as (_, control):
         yield control
 
 

@@ -11,11 +11,15 @@ Waiting is polling with a deadline on a condition (never a fixed sleep).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.harness.procs import PYTHON, ServerProcess, free_port
 
 Record = dict[str, Any]
 
@@ -130,3 +134,14 @@ class FakeControl:
                 return n
             if time.monotonic() >= deadline:
                 raise AssertionError(f"in-flight count stuck at {n}")
+
+
+@contextlib.contextmanager
+def fake_upstream(folder: Path, *args: str, timeout: float = 30) -> Iterator[tuple[ServerProcess, FakeControl]]:
+    """The fake upstream (tests/harness/fake_upstream.py) as a process on a free loopback port, its log in
+    `folder`, with its control client; stopped by its PID on exit. `args`: more command-line options."""
+    port = free_port()
+    argv = [PYTHON, "-m", "tests.harness.fake_upstream", "--port", str(port), *args]
+    fake = ServerProcess(argv, port, ready_path="/healthz", log_path=folder / "fake.log")
+    with fake as proc, FakeControl(proc.base_url, timeout=timeout) as control:
+        yield proc, control
