@@ -11,8 +11,12 @@ class _Wire(msgspec.Struct, kw_only=True):
     pass
 
 
-class PromptTokensDetails(_Wire, kw_only=True):
+class PromptTokensDetails(_Wire, kw_only=True, omit_defaults=True):
+    # Both are included in `prompt_tokens` (OpenAI counts cached reads in the prompt). `cache_write_tokens`
+    # is Strait's name for what Anthropic reports as `cache_creation_input_tokens`: prompt tokens written
+    # to the provider's prompt cache, priced apart on the rate card.
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class CompletionTokensDetails(_Wire, kw_only=True):
@@ -43,6 +47,9 @@ class Usage(_Wire, kw_only=True):
         details = self.prompt_tokens_details
         if isinstance(details, PromptTokensDetails):
             details.cached_tokens = min(_clamp(details.cached_tokens), self.prompt_tokens)
+            details.cache_write_tokens = min(
+                _clamp(details.cache_write_tokens), self.prompt_tokens - details.cached_tokens
+            )
 
 
 # ---- what Strait reads back from upstream answers (probes decode only what they need) ----
