@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gateway.accounting.counts import TokenCounts
 from gateway.canonical import Request
 from gateway.contracts import Operation
 from gateway.policy.engine import RoutePlan
@@ -32,9 +33,8 @@ class ContinuedAttempt:
     target: Target
     status: int
     seconds: float
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
+    # What it produced, by kind (the provider's usage, or the prompt and the relayed text counted).
+    tokens: TokenCounts
     estimated: bool
     # Restarted (`resume: restart`): `seconds` is the attempt's own duration and the client's first
     # token is the answering deployment's; continued: `seconds` runs from the request's start.

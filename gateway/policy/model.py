@@ -23,12 +23,33 @@ class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tru
     pass
 
 
-class Price(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """USD per million tokens; for own hardware, the amortised cost."""
+# A rate in USD per million tokens, or a fee in USD per request: never negative, bounded so that a cost
+# stays an exact integer of micro-USD (gateway.policy.rates) far below the state store's exact range.
+PriceUsd = Annotated[float, msgspec.Meta(ge=0, le=1_000_000)]
 
-    input_per_mtok: float = 0.0
-    output_per_mtok: float = 0.0
-    cached_input_per_mtok: float | None = None
+
+class Price(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A deployment's rate card: USD per million tokens of each kind, and a fee per request; for own
+    hardware, the amortised cost. How a usage record is priced: gateway.policy.rates.
+
+    A deployment of a backend other than `simulated` whose price is all zero (or omitted) is *unpriced*:
+    a warning at load, a log line and `strait_deployment_unpriced` = 1 (never silently $0), unless it
+    says `free: true` (free on purpose: own hardware not charged back, a free tier)."""
+
+    # Prompt tokens read neither from nor into the provider's prompt cache.
+    input_per_mtok: PriceUsd = 0.0
+    output_per_mtok: PriceUsd = 0.0
+    # Prompt tokens read from the provider's prompt cache. None: the input price.
+    cached_input_per_mtok: PriceUsd | None = None
+    # Prompt tokens written to the provider's prompt cache (Anthropic's cache_creation_input_tokens;
+    # Anthropic charges 1.25x input for a 5-minute write, 2x for 1 hour: state it). None: the input price.
+    cache_write_per_mtok: PriceUsd | None = None
+    # Reasoning (thinking) tokens, a part of the completion tokens. None: the output price.
+    reasoning_per_mtok: PriceUsd | None = None
+    # USD per request that reached this deployment (a per-call fee, a search), charged with its tokens.
+    per_request: PriceUsd = 0.0
+    # Zero on purpose: no unpriced warning. Every rate must then be zero.
+    free: bool = False
 
 
 class Timeouts(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
