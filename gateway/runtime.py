@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from gateway.accounting.ledger import Ledger
+from gateway.accounting.unpriced import report_unpriced
 from gateway.accounting.writer import UsageWriter
 from gateway.cache.embedders import threshold_of
 from gateway.cache.pool import EmbedderPool, embedder_specs
@@ -188,12 +189,14 @@ class Gateway:
         # Probes ejected backends and scrapes engine metrics, off the request path (gateway.upstream.health).
         self.health = HealthMonitor(self.signals)
         self.health.apply(list(runtime.index.policy.backends), runtime.adapters)
+        report_unpriced(runtime.index.policy, self.metrics)
 
     def use(self, runtime: Runtime) -> None:
         """Put a new runtime in force (a reload): its backends get their probes and scrapers, removed or
-        changed ones' stop."""
+        changed ones' stop; its unpriced deployments are reported again."""
         self.runtime = runtime
         self.health.apply(list(runtime.index.policy.backends), runtime.adapters)
+        report_unpriced(runtime.index.policy, self.metrics)
 
     async def start(self) -> None:
         if self.runtime.cache is not None:

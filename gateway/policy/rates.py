@@ -125,17 +125,22 @@ class Unpriced:
         return f"{self.model}@{self.backend}"
 
 
-def unpriced_deployments(models: tuple[Model, ...], simulated_backends: frozenset[str]) -> list[Unpriced]:
-    """Deployments that charge nothing and do not say `free: true`, except on `simulated` backends
-    (`simulated_backends`: their names), whose answers cost nothing by nature."""
+def unpriced_deployments(models: tuple[Model, ...], charging_backends: frozenset[str]) -> list[Unpriced]:
+    """Deployments that charge nothing and do not say `free: true`, on the backends named in
+    `charging_backends` (every backend but the `simulated` ones, whose answers cost nothing by nature)."""
     return [
         Unpriced(m.name, d.backend, i, j)
         for i, m in enumerate(models)
         for j, d in enumerate(m.deployments)
-        if d.backend not in simulated_backends and not d.price.free and charges_nothing(d.price)
+        if d.backend in charging_backends and not d.price.free and charges_nothing(d.price)
     ]
+
+
+def charging_backends(policy: PolicySet) -> frozenset[str]:
+    """The backends whose deployments must have a price: all but the `simulated` ones."""
+    return frozenset(b.name for b in policy.backends if b.adapter != "simulated")
 
 
 def unpriced_in(policy: PolicySet) -> list[Unpriced]:
     """`unpriced_deployments` over a whole (merged) policy."""
-    return unpriced_deployments(policy.models, frozenset(b.name for b in policy.backends if b.adapter == "simulated"))
+    return unpriced_deployments(policy.models, charging_backends(policy))

@@ -253,6 +253,9 @@ class AccountingStage(EndTap):
                 # The request's whole bill: a continued stream's earlier attempts included.
                 prompt=whole.prompt,
                 completion=whole.completion,
+                cached=whole.cached,
+                cache_write=whole.cache_write,
+                reasoning=whole.reasoning,
                 cost_micro_usd=cost + earlier_cost,
                 ttft_s=ttft_s,
                 partial=partial_,
