@@ -44,7 +44,7 @@ class _Block(msgspec.Struct):
     text: str | None = None
     id: str | None = None
     name: str | None = None
-    input: msgspec.Raw | None = None
+    input: msgspec.Raw = msgspec.Raw()  # absent: empty (msgspec takes no union with Raw)
     thinking: str | None = None
     signature: str | None = None
     data: str | None = None
@@ -103,7 +103,7 @@ def chat_completion(body: bytes) -> bytes:
         if block.type == "text":
             texts.append(block.text or "")
         elif block.type == "tool_use":
-            arguments = bytes(block.input).decode() if block.input is not None else "{}"
+            arguments = bytes(block.input).decode() if len(block.input) else "{}"
             calls.append(
                 {
                     "id": block.id or "",

@@ -245,7 +245,7 @@ def _thinking(request: Request) -> dict[str, Any] | None:
 
 
 class _NamedSchema(msgspec.Struct):
-    schema: msgspec.Raw | None = None
+    schema: msgspec.Raw = msgspec.Raw()  # absent: empty
 
 
 def _schema_of(json_schema: msgspec.Raw) -> msgspec.Raw:
@@ -253,7 +253,7 @@ def _schema_of(json_schema: msgspec.Raw) -> msgspec.Raw:
     try:
         inner = msgspec.json.decode(json_schema, type=_NamedSchema).schema
     except (msgspec.DecodeError, msgspec.ValidationError):
-        inner = None
-    if inner is None:
+        inner = msgspec.Raw()
+    if not bytes(inner).startswith(b"{"):
         raise Untranslatable("response_format.json_schema.schema: a JSON schema object is required.")
     return inner
