@@ -4,7 +4,7 @@ wire format that tests/fixtures/anthropic/ records: for the native `anthropic` a
 Run: ``python -m tests.harness.fake_anthropic --port P [--key K]``.
 
 ``POST /v1/messages`` checks what the real API checks and what the adapter must get right:
-- ``x-api-key`` (401 ``authentication_error`` when missing, or not ``--key`` when one is set) and
+- ``x-api-key`` or a bearer token (401 ``authentication_error`` when missing, or not ``--key`` when one is set) and
   ``anthropic-version`` (400 when missing);
 - a body with ``model``, ``max_tokens`` and ``messages``, and no top-level field the API does not know
   (400 ``invalid_request_error`` "<name>: Extra inputs are not permitted", as the real API answers);
@@ -230,7 +230,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(state: State, request: web.Request, raw: bytes) -> web.StreamResponse:
-    key = request.headers.get("x-api-key")
+    # The API's key header; the anthropic SDK 2.x sends its api_key as a bearer token, which the API takes too.
+    key = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ") or None
     if not key or (state.key is not None and key != state.key):
         return _error(401, "authentication_error", "invalid x-api-key")
     if "anthropic-version" not in request.headers:
