@@ -40,6 +40,9 @@ class ContentPart(_Wire, kw_only=True):
     type: str
     text: str | None = None
     image_url: ImageUrl | None = None
+    # Anthropic's prompt-caching marker on a part (as LiteLLM takes it in OpenAI messages): kept for an
+    # Anthropic upstream (plugins.anthropic_messages); an OpenAI-compatible one gets the client's bytes.
+    cache_control: msgspec.Raw = msgspec.Raw()
 
 
 class FunctionCall(_Wire, kw_only=True):

@@ -26,7 +26,7 @@ Faults by model name: ``fault:429`` (``retry-after: 1``), ``fault:529`` (``overl
 ``fault:400``, ``fault:500``, ``fault:error-event`` (a stream that sends a text delta, then ``event:
 error`` overloaded_error), ``fault:no-stop`` (a stream that ends after message_delta, without
 message_stop). Control: ``GET /healthz``, ``GET /_ledger`` (every request: path, headers lower-cased,
-``body_b64`` its exact bytes, ``status``), ``POST /_reset``. ``GET /v1/models`` lists the models.
+``body_b64`` its exact bytes, ``status``, ``response_b64`` the exact bytes of the answer's body), ``POST /_reset``. ``GET /v1/models`` lists the models.
 """
 
 from __future__ import annotations
@@ -222,14 +222,19 @@ async def messages(request: web.Request) -> web.StreamResponse:
         "headers": {k.lower(): v for k, v in request.headers.items()},
         "body_b64": base64.b64encode(raw).decode(),
         "status": None,
+        "response_b64": None,  # set once the answer is written whole
     }
     state.ledger.append(record)
-    response = await _answer(state, request, raw)
+    sent: list[bytes] = []
+    response = await _answer(state, request, raw, sent)
     record["status"] = response.status
+    if isinstance(response, web.Response) and response.body is not None:
+        sent.append(bytes(response.body))  # type: ignore[arg-type]
+    record["response_b64"] = base64.b64encode(b"".join(sent)).decode()
     return response
 
 
-async def _answer(state: State, request: web.Request, raw: bytes) -> web.StreamResponse:
+async def _answer(state: State, request: web.Request, raw: bytes, sent: list[bytes]) -> web.StreamResponse:
     # The API's key header; the anthropic SDK 2.x sends its api_key as a bearer token, which the API takes too.
     key = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ") or None
     if not key or (state.key is not None and key != state.key):
@@ -283,6 +288,11 @@ async def _answer(state: State, request: web.Request, raw: bytes) -> web.StreamR
         headers={"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
     )
     await stream.prepare(request)
+
+    async def write(data: bytes) -> None:
+        sent.append(data)
+        await stream.write(data)
+
     start_usage = {**usage, "output_tokens": 1}
     head = {
         "id": message_id,
@@ -294,24 +304,24 @@ async def _answer(state: State, request: web.Request, raw: bytes) -> web.StreamR
         "stop_sequence": None,
         "usage": start_usage,
     }
-    await stream.write(_sse("message_start", {"type": "message_start", "message": head}))
+    await write(_sse("message_start", {"type": "message_start", "message": head}))
     for index, block in enumerate(blocks):
         events = _block_events(index, block)
         if index == 0:
             events.insert(1, _sse("ping", {"type": "ping"}))  # where the API sends it: after the first start
-        await stream.write(b"".join(events))
+        await write(b"".join(events))
         if model == "fault:error-event":
             error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-            await stream.write(_sse("error", error))
+            await write(_sse("error", error))
             return stream
     delta = {
         "type": "message_delta",
         "delta": {"stop_reason": reason, "stop_sequence": sequence},
         "usage": {"output_tokens": output},
     }
-    await stream.write(_sse("message_delta", delta))
+    await write(_sse("message_delta", delta))
     if model != "fault:no-stop":
-        await stream.write(_sse("message_stop", {"type": "message_stop"}))
+        await write(_sse("message_stop", {"type": "message_stop"}))
     await stream.write_eof()
     return stream
 

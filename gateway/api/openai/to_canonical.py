@@ -61,10 +61,11 @@ def _schema(raw: msgspec.Raw) -> msgspec.Raw | None:
 
 
 def _part(p: ContentPart) -> Part:
+    cache = p.cache_control if len(p.cache_control) and bytes(p.cache_control) != _NULL else None
     if p.type == "text" and p.text is not None:
-        return Text(text=p.text)
+        return Text(text=p.text, cache_control=cache)
     if p.type == "image_url" and p.image_url is not None:
-        return Image(url=p.image_url.url, detail=p.image_url.detail)
+        return Image(url=p.image_url.url, detail=p.image_url.detail, cache_control=cache)
     return Opaque(protocol="openai", kind=p.type)
 
 
