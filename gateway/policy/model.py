@@ -153,6 +153,15 @@ class SimulatedOptions(_Base, kw_only=True, frozen=True, forbid_unknown_fields=T
     chunk_tokens: int = 4
 
 
+class AnthropicOptions(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The native `anthropic` adapter's options (plugins.anthropic_messages)."""
+
+    # Anthropic requires `max_tokens`; an OpenAI client may leave it out. Sent when the client gave none.
+    default_max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
+    # The `anthropic-version` header: the API version whose wire format the adapter speaks.
+    version: str = "2023-06-01"
+
+
 class Backend(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     name: str
     adapter: str
@@ -168,6 +177,7 @@ class Backend(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     hardware: Hardware | None = None
     capacity: Capacity = Capacity()
     simulated: SimulatedOptions | None = None
+    anthropic: AnthropicOptions | None = None
     outlier: OutlierPolicy = OutlierPolicy()
     # For every deployment on this backend (a deployment may add its own).
     capabilities: tuple[ServingCapability, ...] = ()
