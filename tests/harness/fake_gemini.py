@@ -209,7 +209,10 @@ class Fake:
                 limit = config.get("maxOutputTokens")
                 if limit is not None and len(words) > limit:
                     words, finish = words[:limit], "MAX_TOKENS"
-                parts.append({"text": " ".join(words)})
+                text_part: dict[str, Any] = {"text": " ".join(words)}
+                if show_thoughts:  # Gemini signs the answer's last part after visible thinking
+                    text_part["thoughtSignature"] = base64.b64encode(secrets.token_bytes(24)).decode()
+                parts.append(text_part)
             candidates.append({"content": {"parts": parts, "role": "model"}, "finishReason": finish, "index": index})
         return candidates
 
@@ -381,7 +384,8 @@ def _events(
             if "text" in part and not part.get("thought"):
                 words = part["text"].split(" ")
                 half = max(1, len(words) // 2)
-                pieces.append({**part, "text": " ".join(words[:half]) + (" " if len(words) > half else "")})
+                head = {k: v for k, v in part.items() if k != "thoughtSignature" or len(words) <= half}
+                pieces.append({**head, "text": " ".join(words[:half]) + (" " if len(words) > half else "")})
                 if len(words) > half:
                     pieces.append({**part, "text": " ".join(words[half:])})
             else:
