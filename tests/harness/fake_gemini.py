@@ -22,7 +22,8 @@ Behaviour is chosen by flags in the model name, joined with ``+`` (``gemini-2.5-
 then SAFETY), ``blocked`` (``promptFeedback.blockReason: SAFETY``, no candidates), ``503`` (UNAVAILABLE),
 ``429`` (RESOURCE_EXHAUSTED with RetryInfo ``retryDelay: "2s"``), ``400`` (INVALID_ARGUMENT), ``cut``
 (the stream closes after two events without a finishReason), ``error-event`` (an error envelope as the
-second stream event), ``cached``, ``thinking`` (thought parts even without includeThoughts).
+second stream event), ``cached``, ``thinking`` (thought parts even without includeThoughts), ``big`` (an
+answer of 200 kB).
 
 Control: ``GET /healthz``; ``GET /_ledger`` (every request: path, query, headers, body); ``POST /_reset``.
 """
@@ -203,6 +204,8 @@ class Fake:
                 if answered_tool:
                     result = next(p["functionResponse"] for p in last["parts"] if "functionResponse" in p)
                     text = f"The tool {result['name']} said {json.dumps(result['response'], sort_keys=True)}"
+                elif "big" in flags:
+                    text = ANSWER + " " + "x" * 200_000
                 else:
                     text = ANSWER if index == 0 else f"{ANSWER} ({index})"
                 words = text.split(" ")
