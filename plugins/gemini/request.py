@@ -8,7 +8,9 @@ and `:streamGenerateContent`).
 - parts: text; images and audio as base64 `inlineData` (a `data:` URL too; a remote URL is refused:
   Gemini fetches no arbitrary URLs); tool calls as `functionCall` with their `thoughtSignature` (the
   canonical `ToolCall.signature`) byte for byte; a thinking block with a signature is sent back as a
-  thought part (`thought: true`), an unsigned one (another upstream's reasoning) is left out;
+  thought part (`thought: true`), an empty one (how an Anthropic client holds a call's signature,
+  gateway.api.anthropic.encode) as the signature of the part after it, an unsigned one (another
+  upstream's reasoning) is left out;
 - tools -> `tools[].functionDeclarations` (the JSON schema as Gemini's Schema: plugins.gemini.schema);
   tool_choice -> `toolConfig.functionCallingConfig` (auto AUTO, none NONE, required ANY, a named tool ANY
   with `allowedFunctionNames`);
@@ -113,28 +115,44 @@ def _contents(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
 
 def _parts(message: Message, names: dict[str, str]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    # A thinking block with a signature and no text is how an Anthropic client holds a call's thought
+    # signature (gateway.api.anthropic.encode): it goes back on the part that follows it.
+    pending: str | None = None
     for part in message.content:
-        if isinstance(part, Text):
-            if part.text:
-                out.append({"text": part.text})
-        elif isinstance(part, ToolCall):
-            out.append(_function_call(part))
-        elif isinstance(part, ToolResult):
-            out.append(_function_response(part, names))
-        elif isinstance(part, Thinking):
-            if part.signature:
-                out.append({"text": part.text, "thought": True, "thoughtSignature": part.signature})
-            # Unsigned: reasoning another upstream showed, no provider state; left out (as chat_body does).
-        elif isinstance(part, Image | Audio | File):
-            out.append(_inline(part))
-        elif isinstance(part, RedactedThinking):
-            raise Untranslatable(
-                "A redacted_thinking block cannot be given to this route's upstream (Gemini): its provider "
-                "state would be lost. Leave it out or route to the upstream that produced it."
-            )
-        else:
-            raise Untranslatable(f"A '{_tag(part)}' part cannot be given to this route's upstream (Gemini).")
+        if isinstance(part, Thinking) and part.signature and not part.text:
+            pending = part.signature
+            continue
+        size = len(out)
+        _add(part, names, out)
+        if pending is not None and len(out) > size:
+            out[size].setdefault("thoughtSignature", pending)
+            pending = None
+    if pending is not None:  # nothing followed it: sent as an empty thought, never dropped
+        out.append({"text": "", "thought": True, "thoughtSignature": pending})
     return out
+
+
+def _add(part: Part, names: dict[str, str], out: list[dict[str, Any]]) -> None:
+    if isinstance(part, Text):
+        if part.text:
+            out.append({"text": part.text})
+    elif isinstance(part, ToolCall):
+        out.append(_function_call(part))
+    elif isinstance(part, ToolResult):
+        out.append(_function_response(part, names))
+    elif isinstance(part, Thinking):
+        if part.signature:
+            out.append({"text": part.text, "thought": True, "thoughtSignature": part.signature})
+        # Unsigned: reasoning another upstream showed, no provider state; left out (as chat_body does).
+    elif isinstance(part, Image | Audio | File):
+        out.append(_inline(part))
+    elif isinstance(part, RedactedThinking):
+        raise Untranslatable(
+            "A redacted_thinking block cannot be given to this route's upstream (Gemini): its provider "
+            "state would be lost. Leave it out or route to the upstream that produced it."
+        )
+    else:
+        raise Untranslatable(f"A '{_tag(part)}' part cannot be given to this route's upstream (Gemini).")
 
 
 def _function_call(call: ToolCall) -> dict[str, Any]:

@@ -291,3 +291,36 @@ def test_anthropic_safety_block_is_a_bad_request(claude: anthropic.Anthropic) ->
     with pytest.raises(anthropic.BadRequestError) as caught:
         claude.messages.create(model="gem-blocked", max_tokens=64, messages=USER)  # type: ignore[arg-type]
     assert "content filter" in caught.value.message
+
+
+def test_anthropic_tool_loop_keeps_the_signature_streamed_and_not(
+    claude: anthropic.Anthropic, fake: ServerProcess
+) -> None:
+    tool = {
+        "name": "get_weather",
+        "description": "Current weather for a place",
+        "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
+    }
+    for stream in (False, True):
+        if stream:
+            with claude.messages.stream(model="gem", max_tokens=64, messages=USER, tools=[tool]) as s:  # type: ignore[arg-type,list-item]
+                first = s.get_final_message()
+        else:
+            first = claude.messages.create(model="gem", max_tokens=64, messages=USER, tools=[tool])  # type: ignore[arg-type,list-item]
+        assert first.stop_reason == "tool_use"
+        # The call's signature rides in a signed, empty thinking block just before the tool_use block.
+        thinking, use = first.content
+        assert thinking.type == "thinking" and thinking.thinking == "" and thinking.signature
+        assert use.type == "tool_use" and use.input == {"location": "Paris"}
+        history = [
+            *USER,
+            {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]},
+        ]
+        second = claude.messages.create(model="gem", max_tokens=64, messages=history, tools=[tool])  # type: ignore[arg-type,list-item]
+        assert second.content[0].type == "text"
+        assert second.content[0].text == 'The tool get_weather said {"result": "sunny"}'
+        # The fake answers only a history whose call carries the exact signature it issued.
+        sent = ledger(fake)[-1]["body"]["contents"][1]["parts"]
+        call = {"name": "get_weather", "args": {"location": "Paris"}}
+        assert sent == [{"functionCall": call, "thoughtSignature": thinking.signature}]

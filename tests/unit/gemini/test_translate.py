@@ -384,3 +384,23 @@ def test_reasoning_effort_of_an_openai_client(effort: str, budget: int) -> None:
 def test_what_gemini_cannot_be_given_is_refused_by_name(request_: Request, says: str) -> None:
     with pytest.raises(Untranslatable, match=says):
         generate_content_body(request_)
+
+
+def test_an_anthropic_clients_signed_empty_thinking_goes_back_on_the_next_part() -> None:
+    request = chat(
+        user("Weather?"),
+        Message(
+            role="assistant",
+            content=(
+                Thinking(text="", signature="sig/1+"),
+                ToolCall(id="t1", name="get_weather", arguments="{}"),
+                Thinking(text="", signature="sig-end="),
+            ),
+        ),
+        Message(role="tool", content=(ToolResult(call_id="t1", content=(Text(text="sunny"),)),)),
+    )
+    parts = body_of(request)["contents"][1]["parts"]
+    assert parts == [
+        {"functionCall": {"name": "get_weather", "args": {}}, "thoughtSignature": "sig/1+"},
+        {"text": "", "thought": True, "thoughtSignature": "sig-end="},  # nothing after it: kept, not dropped
+    ]
