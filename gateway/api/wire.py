@@ -57,11 +57,23 @@ class CustomCall(_Wire, kw_only=True):
     input: str | None = None
 
 
+class GoogleExtra(_Wire, kw_only=True):
+    thought_signature: str | None = None
+
+
+class ExtraContent(_Wire, kw_only=True):
+    """Google's extension of a tool call (its OpenAI-compatible API and Strait's `gemini` adapter): the
+    call's `thought_signature`, which Gemini requires back byte for byte on the next turn."""
+
+    google: GoogleExtra | None = None
+
+
 class ToolCall(_Wire, kw_only=True):
     id: str | None = None
     type: str = "function"
     function: FunctionCall | None = None
     custom: CustomCall | None = None
+    extra_content: ExtraContent | None = None
 
 
 class ThinkingBlock(_Wire, kw_only=True):

@@ -88,9 +88,31 @@ class _Function(msgspec.Struct):
     arguments: str | None = None
 
 
+class GoogleCallExtra(msgspec.Struct):
+    thought_signature: str | None = None
+
+
+class CallExtra(msgspec.Struct):
+    google: GoogleCallExtra | None = None
+
+
 class _Call(msgspec.Struct):
     id: str | None = None
     function: _Function | None = None
+    # Gemini's thought signature of the call (plugins.gemini): given to an Anthropic client as a signed,
+    # empty thinking block before the tool_use block, which it sends back as it got it.
+    extra_content: CallExtra | None = None
+
+
+def call_signature(extra: CallExtra | None) -> str | None:
+    """The thought signature a tool call carries (Gemini's, via its OpenAI-format answer), if any."""
+    google = extra.google if extra is not None else None
+    return google.thought_signature if google is not None else None
+
+
+def signature_block(signature: str) -> dict[str, Any]:
+    """A call's provider state as Anthropic's clients keep it: a thinking block with only a signature."""
+    return {"type": "thinking", "thinking": "", "signature": signature}
 
 
 class ThinkingPiece(msgspec.Struct):
@@ -192,6 +214,9 @@ def messages_response(body: bytes, model: str, request_id: str, stops: tuple[str
         content.append({"type": "text", "text": message.content})
     for call in message.tool_calls or ():
         f = call.function or _Function()
+        signature = call_signature(call.extra_content)
+        if signature is not None:
+            content.append(signature_block(signature))
         content.append(
             {"type": "tool_use", "id": call.id or "", "name": f.name or "", "input": tool_input(f.arguments)}
         )

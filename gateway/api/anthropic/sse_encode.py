@@ -22,7 +22,17 @@ from typing import Any
 
 import msgspec
 
-from gateway.api.anthropic.encode import ChatUsage, ThinkingPiece, ending, error_body, message_id, usage_of
+from gateway.api.anthropic.encode import (
+    CallExtra,
+    ChatUsage,
+    ThinkingPiece,
+    call_signature,
+    ending,
+    error_body,
+    message_id,
+    signature_block,
+    usage_of,
+)
 from gateway.context import RequestContext
 from gateway.contracts import End
 from gateway.upstream.sse import DONE
@@ -39,6 +49,7 @@ class _CallDelta(msgspec.Struct):
     index: int = 0
     id: str | None = None
     function: _Function | None = None
+    extra_content: CallExtra | None = None  # Gemini's thought signature (on the call's first delta)
 
 
 class _Delta(msgspec.Struct):
@@ -156,6 +167,11 @@ class MessagesStream:
                         kind = f"tool:{call.index}"
                         f = call.function
                         if self.open != kind:
+                            signature = call_signature(call.extra_content)
+                            if signature is not None:
+                                # Its own signed thinking block first, as the non-streamed answer has it.
+                                self._open("signature", {**signature_block(""), "signature": ""}, out)
+                                self._delta({"type": "signature_delta", "signature": signature}, out)
                             name = (f.name if f is not None else None) or ""
                             block = {"type": "tool_use", "id": call.id or "", "name": name, "input": {}}
                             self._open(kind, block, out)

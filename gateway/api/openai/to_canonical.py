@@ -100,8 +100,13 @@ def _tool_call(c: WireToolCall) -> ToolCall:
     if c.custom is not None:  # a custom tool's call: its input is text, carried as the arguments
         return ToolCall(id=c.id or "", name=c.custom.name or "", arguments=c.custom.input or "", kind=c.type)
     f = c.function
+    google = c.extra_content.google if c.extra_content is not None else None
     return ToolCall(
-        id=c.id or "", name=(f.name if f else None) or "", arguments=(f.arguments if f else None) or "", kind=c.type
+        id=c.id or "",
+        name=(f.name if f else None) or "",
+        arguments=(f.arguments if f else None) or "",
+        kind=c.type,
+        signature=google.thought_signature if google is not None else None,
     )
 
 
