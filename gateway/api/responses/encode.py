@@ -171,11 +171,13 @@ def responses_object(body: bytes, exchange: Exchange, request_id: str) -> dict[s
     if message.refusal:
         parts.append({"type": "refusal", "refusal": message.refusal})
     if parts:
-        output.append(message_item(request_id, parts, "incomplete" if incomplete else "completed"))
+        output.append(message_item(request_id, parts))
     for i, call in enumerate(message.tool_calls or ()):
         f = call.function or _Function()
         call_id = call.id or item_id("call", request_id, i)
         output.append(call_item(request_id, i, call_id, f.name or "", f.arguments or "", "completed"))
+    if incomplete and output:
+        output[-1]["status"] = "incomplete"  # the item the answer stopped in (as the stream's last item)
     return response_object(
         exchange, request_id, status=status, output=output, usage=usage_of(completion.usage), incomplete=incomplete
     )

@@ -230,8 +230,7 @@ class ResponsesStream:
             if not self.started:
                 self._start(out)
             status, incomplete = status_of(self.finish)
-            cut_text = incomplete is not None and self.open is not None and self.open.kind == "message"
-            self._close(out, "incomplete" if cut_text else "completed")
+            self._close(out, "incomplete" if incomplete else "completed")  # the item the answer stopped in
             estimate = (ctx.prompt_tokens.count_now(), end.completion_tokens or 0)
             usage = usage_of(self.usage, estimate)
             self.final = response_object(
@@ -249,7 +248,10 @@ class ResponsesStream:
         if not self.started:
             self._start(out)
         output = self.output + ([self._item("incomplete")] if self.open is not None else [])
-        error = {"code": code, "message": message}
+        # The response object's `code` is one of OpenAI's listed few (the SDK's type says which); the
+        # gateway's own code and type ride in the error event and in `type` here.
+        listed = "rate_limit_exceeded" if code == "rate_limit_exceeded" else "server_error"
+        error = {"code": listed, "message": message, "type": kind}
         failed = response_object(self.exchange, self.rid, status="failed", output=output, usage=None, error=error)
         self._event("response.failed", out, response=failed)
         inner = {"type": kind, "code": code, "message": message, "param": None}
