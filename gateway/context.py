@@ -50,8 +50,12 @@ class RequestContext:
     started: float
     headers: dict[str, str]
     # The client's protocol (the edge's endpoint): which codec decodes the body and encodes the answer
-    # ("openai"; "anthropic" for /v1/messages, whose answer the edge translates back).
+    # ("openai"; "anthropic" for /v1/messages and "responses" for /v1/responses, whose answers the edge
+    # translates back).
     protocol: str = "openai"
+    # Written by `decode` for a protocol whose answer repeats the request's own data (Responses: its
+    # gateway.api.responses.decode.Exchange); read only by that protocol's encoder at the edge.
+    protocol_state: object | None = None
     # The body as it arrives and the announced Content-Length; written by the edge, read (once, then
     # set to None) by `decode`, which runs after `auth`: an unauthenticated client costs no parsing.
     body: AsyncIterator[bytes] | None = None

@@ -220,6 +220,9 @@ class MessagesStream:
             return event("error", body)
         return b""
 
+    async def settle(self, ctx: RequestContext) -> None:
+        return None  # nothing to do before the last byte
+
     def cut(self, ctx: RequestContext) -> bytes:
         message = "The gateway shut down before the answer was complete (its grace period ran out); retry."
         return event("error", msgspec.json.decode(error_body(529, message, ctx.request_id)))
