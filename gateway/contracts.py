@@ -190,6 +190,8 @@ class End:
     # Without provider usage: a stream's own count of what the upstream produced (the meter), or a
     # JSON body to count (`produced`).
     completion_tokens: int | None = None
+    # Of those, the reasoning text's (counted with them; 0 when the stream had none).
+    reasoning_tokens: int = 0
     produced: Sequence[bytes] = ()
     ttft_s: float | None = None
     # The answer was cut short after the upstream started on it (a stream that did not complete, a

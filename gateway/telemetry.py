@@ -49,7 +49,8 @@ class Metrics:
         )
         self.tokens = Counter(
             "strait_tokens",
-            "Tokens reported by upstream usage, by route and kind.",
+            "Tokens reported by upstream usage, by route and kind (prompt, completion; cached and cache_write "
+            "are parts of prompt, reasoning a part of completion).",
             ("route", "kind"),
             registry=self.registry,
         )

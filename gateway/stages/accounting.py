@@ -22,7 +22,7 @@ from functools import partial
 
 from gateway.access_log import AccessLog
 from gateway.accounting.counts import NONE, TokenCounts, cost_micro_usd, counts_of
-from gateway.accounting.meter import completion_tokens_of
+from gateway.accounting.meter import completion_counts_of
 from gateway.accounting.records import UsageRecord, UsageSource
 from gateway.accounting.writer import UsageWriter
 from gateway.context import RequestContext
@@ -129,8 +129,10 @@ class AccountingStage(EndTap):
                 await ctx.prompt_tokens.count()
                 if _long_answer(end) and ctx.target is not None:
                     # A JSON answer without usage (up to the upstream body limit, 16 MiB by default).
-                    counted = await asyncio.to_thread(completion_tokens_of, end.produced, ctx.target.model.tokenizer)
-                    end = dataclasses.replace(end, completion_tokens=counted)
+                    counted, reasoning = await asyncio.to_thread(
+                        completion_counts_of, end.produced, ctx.target.model.tokenizer
+                    )
+                    end = dataclasses.replace(end, completion_tokens=counted, reasoning_tokens=reasoning)
             finally:
                 # Counted now (or, if cancelled at shutdown, on this thread).
                 ctx.usage_in, ctx.usage_out = self.complete(ctx, end)
@@ -217,14 +219,12 @@ class AccountingStage(EndTap):
             elif _estimates_prompt(ctx, end):
                 # The upstream reported none: the prompt and what it produced, counted (a cut stream:
                 # what it sent before the cut, never a whole-answer estimate).
-                tokens = TokenCounts(
-                    prompt=ctx.prompt_tokens.count_now(),
-                    completion=(
-                        end.completion_tokens
-                        if end.completion_tokens is not None
-                        else completion_tokens_of(end.produced, target.model.tokenizer)
-                    ),
+                completion, reasoning = (
+                    (end.completion_tokens, end.reasoning_tokens)
+                    if end.completion_tokens is not None
+                    else completion_counts_of(end.produced, target.model.tokenizer)
                 )
+                tokens = TokenCounts(prompt=ctx.prompt_tokens.count_now(), completion=completion, reasoning=reasoning)
                 source = "estimated"
             cost = cost_micro_usd(target.deployment.price, tokens)
             self._submit(

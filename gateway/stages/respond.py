@@ -391,7 +391,7 @@ class UpstreamEvents:
             if closing is not None:
                 await asyncio.shield(closing)
         usage = self._usage
-        produced = self._meter.tokens() if usage is None else usage.completion_tokens
+        produced, thinking = self._meter.counts() if usage is None else (usage.completion_tokens, 0)
         # The continuation may spend what is left of the client's max_tokens after every attempt so far
         # (a second rescue continues the first one's text too).
         spent = produced + (self._earlier.completion_tokens if self._earlier is not None else 0)
@@ -413,7 +413,7 @@ class UpstreamEvents:
         tokens = (
             counts_of(usage)
             if usage is not None
-            else TokenCounts(prompt=ctx.prompt_tokens.count_now(), completion=produced)
+            else TokenCounts(prompt=ctx.prompt_tokens.count_now(), completion=produced, reasoning=thinking)
         )
         ctx.continued.append(
             ContinuedAttempt(
@@ -522,6 +522,7 @@ class UpstreamEvents:
             self._drain(drain())
         usage = self._usage
         meter = self._meter
+        completion, reasoning = meter.counts() if usage is None else (None, 0)
         last = meter.last
         if self._stitch is not None and last is not None:
             # The model of a usage chunk Strait adds: with the ids the client saw.
@@ -530,7 +531,8 @@ class UpstreamEvents:
             own,
             self._status,
             usage=usage,
-            completion_tokens=meter.tokens() if usage is None else None,
+            completion_tokens=completion,
+            reasoning_tokens=reasoning,
             ttft_s=self._ttft,
             partial=own != "completed",
             stream=True,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import msgspec
 
 from gateway.accounting.counts import TokenCounts, counts_of
-from gateway.accounting.meter import completion_tokens_of
+from gateway.accounting.meter import completion_counts_of
 from gateway.context import ContinuedAttempt, RequestContext
 from gateway.policy.index import Target
 from gateway.tokens import OFFLOAD_CHARS
@@ -55,14 +55,14 @@ async def broken_attempt(
     prompt = await ctx.prompt_tokens.count()
     encoding = target.model.tokenizer
     if sum(map(len, events)) > OFFLOAD_CHARS:
-        completion = await asyncio.to_thread(completion_tokens_of, list(events), encoding)
+        completion, reasoning = await asyncio.to_thread(completion_counts_of, list(events), encoding)
     else:
-        completion = completion_tokens_of(events, encoding)
+        completion, reasoning = completion_counts_of(events, encoding)
     return ContinuedAttempt(
         target=target,
         status=status,
         seconds=seconds,
-        tokens=TokenCounts(prompt=prompt, completion=completion),
+        tokens=TokenCounts(prompt=prompt, completion=completion, reasoning=reasoning),
         estimated=True,
         restarted=True,
     )

@@ -237,6 +237,12 @@ def test_token_kinds_are_bounded_metric_labels(rated: ServerProcess) -> None:
         if line.startswith("strait_usage_tokens_total{") and 'deployment="metered@fake"' in line
     }
     assert kinds == {"prompt", "completion", "cached", "cache_write", "reasoning"}
+    reported = {
+        line.split('kind="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("strait_tokens_total{") and 'route="metered"' in line
+    }
+    assert reported == kinds
 
 
 def _unpriced_gauge(gw: ServerProcess) -> dict[str, float]:
