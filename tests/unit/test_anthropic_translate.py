@@ -549,3 +549,12 @@ def test_an_assistant_turn_goes_up_as_it_came_from_an_anthropic_client(blocks: l
     body = json.loads(messages_body(request, "m", stream=False, default_max_tokens=1))
     assert body["messages"] == turns
     assert msgspec.json.decode(messages_body(request, "m", stream=True, default_max_tokens=1))["stream"] is True
+
+
+def test_the_health_probe_of_an_anthropic_backend_sends_its_key_as_anthropic_takes_it() -> None:
+    from gateway.policy.model import AnthropicOptions, Backend
+    from gateway.upstream.health import _auth_headers
+
+    native = Backend(name="a", adapter="anthropic", anthropic=AnthropicOptions(version="2023-06-01"))
+    assert _auth_headers(native, "k") == {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+    assert _auth_headers(Backend(name="o", adapter="openai"), "k") == {"authorization": "Bearer k"}
