@@ -196,7 +196,8 @@ def test_a_messages_request_goes_up_as_its_bytes_and_the_answer_comes_back_as_th
 ) -> None:
     body = (
         b'{"model": "claude", "max_tokens":64,  "thinking": {"type":"enabled","budget_tokens":1024},'
-        b' "messages":[{"role":"user","content":"Hi \\u00e9"}], "service_tier": "auto"}'
+        b' "messages":[{"role":"user","content":[{"type":"document","source":{"type":"text","media_type":"text/plain",'
+        b'"data":"Notes."},"citations":{"enabled":true}},{"type":"text","text":"Hi \\u00e9"}]}], "service_tier": "auto"}'
     )
     headers = {"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
     for stream in (False, True):

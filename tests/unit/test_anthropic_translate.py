@@ -558,3 +558,35 @@ def test_the_health_probe_of_an_anthropic_backend_sends_its_key_as_anthropic_tak
     native = Backend(name="a", adapter="anthropic", anthropic=AnthropicOptions(version="2023-06-01"))
     assert _auth_headers(native, "k") == {"x-api-key": "k", "anthropic-version": "2023-06-01"}
     assert _auth_headers(Backend(name="o", adapter="openai"), "k") == {"authorization": "Bearer k"}
+
+
+def test_a_block_type_strait_does_not_model_is_kept_opaque_for_anthropic_and_refused_elsewhere() -> None:
+    from gateway.canonical import Opaque
+    from gateway.upstream.chat_body import chat_body
+
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The sky is blue."}}
+    raw = json.dumps(
+        {
+            "model": "r",
+            "max_tokens": 9,
+            "messages": [{"role": "user", "content": [document, {"type": "text", "text": "Colour?"}]}],
+        }
+    ).encode()
+    request = decode_messages(raw)
+    part = request.messages[0].content[0]
+    assert isinstance(part, Opaque) and part.kind == "document" and json.loads(bytes(part.raw or b"")) == document
+    assert request.original is not None and request.original.body == raw  # what an Anthropic upstream gets
+    with pytest.raises(Untranslatable, match="'document'"):
+        chat_body(request, "m", stream=False)
+    with pytest.raises(Untranslatable, match="'document'"):
+        messages_body(request, "m", stream=False, default_max_tokens=9)
+
+
+def test_a_malformed_modelled_block_is_a_400_naming_where_it_is() -> None:
+    from gateway.errors import InvalidRequest
+
+    raw = json.dumps(
+        {"model": "r", "max_tokens": 9, "messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}
+    )
+    with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[0\]"):
+        decode_messages(raw.encode())

@@ -14,7 +14,9 @@ from typing import Final
 import msgspec
 
 from gateway.api.anthropic.wire import (
+    BLOCK_TYPES,
     Block,
+    BlockType,
     ImageBlock,
     MessageParam,
     MessagesRequest,
@@ -32,6 +34,7 @@ from gateway.api.openai.decode import invalid, skim, value_of
 from gateway.canonical import (
     Image,
     Message,
+    Opaque,
     Part,
     RedactedThinking,
     Request,
@@ -49,6 +52,8 @@ from gateway.passthrough import RepeatedField, original_of
 
 PROTOCOL: Final = "anthropic"
 _decoder = msgspec.json.Decoder(MessagesRequest)
+_block = msgspec.json.Decoder(Block).decode
+_block_type = msgspec.json.Decoder(BlockType).decode
 _NULL = b"null"
 
 
@@ -134,7 +139,7 @@ def _messages(m: MessageParam, i: int) -> list[Message]:
     (the OpenAI codec's too): what the stages and the simulated backend read as a tool's answer."""
     if isinstance(m.content, str):
         return [Message(role=m.role, content=(Text(text=m.content),))]
-    parts = [_part(b, f"messages[{i}].content[{j}]") for j, b in enumerate(m.content)]
+    parts = [_raw_part(b, f"messages[{i}].content[{j}]") for j, b in enumerate(m.content)]
     if m.role == "system":
         for j, part in enumerate(parts):
             if not isinstance(part, Text):
@@ -150,6 +155,22 @@ def _messages(m: MessageParam, i: int) -> list[Message]:
 def _cache(raw: msgspec.Raw) -> msgspec.Raw | None:
     """A block's `cache_control` as the client wrote it (None when absent or null)."""
     return raw if len(raw) and bytes(raw) != _NULL else None
+
+
+def _raw_part(raw: msgspec.Raw, where: str) -> Part:
+    """A content block: one Strait models, decoded (a wrong field is a 400 naming it), or one of a type it
+    does not model, kept as its bytes (`Opaque`): it reaches an Anthropic upstream in the client's own
+    body, and a translation to another protocol refuses it by name."""
+    try:
+        kind = _block_type(raw).type
+        if kind not in BLOCK_TYPES:
+            return Opaque(protocol=PROTOCOL, kind=kind, raw=raw)
+        return _part(_block(raw), where)
+    except msgspec.ValidationError as exc:
+        message = str(exc).replace(" - at `$", f" - at `$.{where}", 1)
+        if " - at `$" not in message:
+            message = f"{message} - at `$.{where}`"
+        raise invalid(message) from None
 
 
 def _part(b: Block, where: str) -> Part:
