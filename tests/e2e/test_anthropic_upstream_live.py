@@ -199,7 +199,13 @@ def test_a_messages_request_goes_up_as_its_bytes_and_the_answer_comes_back_as_th
         b' "messages":[{"role":"user","content":[{"type":"document","source":{"type":"text","media_type":"text/plain",'
         b'"data":"Notes."},"citations":{"enabled":true}},{"type":"text","text":"Hi \\u00e9"}]}], "service_tier": "auto"}'
     )
-    headers = {"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    beta = "interleaved-thinking-2025-05-14,extended-cache-ttl-2025-04-11"
+    headers = {
+        "x-api-key": CLIENT_KEY,
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": beta,
+        "content-type": "application/json",
+    }
     for stream in (False, True):
         sent_body = body if not stream else body.replace(b'"max_tokens":64', b'"max_tokens":64, "stream": true')
         r = httpx.post(gw.base_url + "/v1/messages", content=sent_body, headers=headers, timeout=30)
@@ -207,6 +213,8 @@ def test_a_messages_request_goes_up_as_its_bytes_and_the_answer_comes_back_as_th
         record = last_answered(fake)
         assert base64.b64decode(record["body_b64"]) == sent_body.replace(b'"claude"', b'"claude-fake"', 1)
         assert r.content == base64.b64decode(record["response_b64"])  # pings, order, signature: all as sent
+        assert record["headers"]["anthropic-beta"] == beta  # the features the client's body uses
+        assert record["headers"]["x-api-key"] == BACKEND_KEY
         assert r.headers["request-id"] and r.headers["x-strait-deployment"] == "claude-fake@claude"
 
 

@@ -590,3 +590,16 @@ def test_a_malformed_modelled_block_is_a_400_naming_where_it_is() -> None:
     )
     with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[0\]"):
         decode_messages(raw.encode())
+
+
+def test_anthropic_beta_goes_with_the_clients_body_and_a_malformed_one_is_refused() -> None:
+    from gateway.errors import InvalidRequest
+
+    raw = json.dumps({"model": "r", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = decode_messages(raw, headers={"anthropic-beta": "context-1m-2025-08-07, files-api-2025-04-14"})
+    assert request.original is not None
+    assert request.original.headers == (("anthropic-beta", "context-1m-2025-08-07, files-api-2025-04-14"),)
+    assert decode_messages(raw).original is not None and decode_messages(raw).original.headers == ()  # type: ignore[union-attr]
+    for bad in ("x\r\nhost: evil", "a" * 2000, "a;b"):
+        with pytest.raises(InvalidRequest, match="anthropic-beta"):
+            decode_messages(raw, headers={"anthropic-beta": bad})

@@ -9,6 +9,8 @@ Every failure is a GatewayError (400 naming the field); the edge renders it in A
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Final
 
 import msgspec
@@ -57,8 +59,21 @@ _block_type = msgspec.json.Decoder(BlockType).decode
 _NULL = b"null"
 
 
-def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, count_only: bool = False) -> Request:
-    """A Messages body as the canonical chat request. `count_only`: for count_tokens (no max_tokens)."""
+# `anthropic-beta`: comma-separated feature names (`interleaved-thinking-2025-05-14`, ...), bounded.
+_BETA = re.compile(r"[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*")
+MAX_BETA_BYTES: Final = 1024
+
+
+def decode_messages(
+    body: bytes,
+    limits: InboundLimits = DEFAULT_LIMITS,
+    *,
+    count_only: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> Request:
+    """A Messages body as the canonical chat request. `count_only`: for count_tokens (no max_tokens).
+    `headers` (the client's, lower-case names): its `anthropic-beta` goes with the body to an Anthropic
+    upstream (kept in `Request.original`)."""
     top = skim(body, limits)
     try:
         wire = _decoder.decode(body)
@@ -72,6 +87,7 @@ def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, coun
     check_numbers(numbers, limits)
     if wire.top_p is not None and not 0 <= wire.top_p <= 1:
         raise InvalidRequest("top_p: must be between 0 and 1.", param="top_p")
+    beta = _beta(headers)
     try:
         original = original_of(PROTOCOL, body, top)
     except RepeatedField as exc:
@@ -104,8 +120,21 @@ def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, coun
         include_usage=True,
         user=wire.metadata.user_id if wire.metadata is not None else None,
         response_format=_output_format(wire.output_config),
-        original=original,
+        original=original if beta is None else msgspec.structs.replace(original, headers=(("anthropic-beta", beta),)),
     )
+
+
+def _beta(headers: Mapping[str, str] | None) -> str | None:
+    value = headers.get("anthropic-beta") if headers is not None else None
+    if value is None:
+        return None
+    value = value.strip()
+    if len(value) > MAX_BETA_BYTES or not _BETA.fullmatch(value):
+        raise InvalidRequest(
+            f"anthropic-beta: a comma-separated list of beta names (at most {MAX_BETA_BYTES} characters).",
+            param="anthropic-beta",
+        )
+    return value
 
 
 def _output_format(config: OutputConfigParam | None) -> ResponseFormat | None:

@@ -33,7 +33,7 @@ class DecodeStage(RequestOnly):
         if ctx.protocol == "openai":
             request = decode(body, ctx.operation, self.limits)
         else:  # Anthropic Messages (/v1/messages): the same canonical request, the same bounds
-            request = decode_messages(body, self.limits)
+            request = decode_messages(body, self.limits, headers=ctx.headers)
         ctx.request = request
         ctx.route_name = request.model
         ctx.stream = request.stream
