@@ -603,3 +603,33 @@ def test_anthropic_beta_goes_with_the_clients_body_and_a_malformed_one_is_refuse
     for bad in ("x\r\nhost: evil", "a" * 2000, "a;b"):
         with pytest.raises(InvalidRequest, match="anthropic-beta"):
             decode_messages(raw, headers={"anthropic-beta": bad})
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "effort", "sent_max", "sent_budget"),
+    [
+        (None, "medium", 4096 + 512, 4096),  # none asked: the default on top of the budget
+        (8000, "high", 8000, 7999),  # asked at or below the budget: the budget fits under it
+        (8000, "low", 8000, 1024),
+        (300, None, 300, None),
+    ],
+)
+def test_max_tokens_always_exceeds_the_thinking_budget(
+    max_tokens: int | None, effort: str | None, sent_max: int, sent_budget: int | None
+) -> None:
+    fields: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]}
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    if effort is not None:
+        fields["reasoning_effort"] = effort
+    body = body_of(openai_request(**fields))
+    assert body["max_tokens"] == sent_max
+    assert body.get("thinking", {}).get("budget_tokens") == sent_budget
+
+
+def test_too_few_tokens_to_think_is_refused_and_tool_choice_goes_only_with_tools() -> None:
+    with pytest.raises(Untranslatable, match="no room for reasoning"):
+        body_of(openai_request(messages=[{"role": "user", "content": "hi"}], max_tokens=1000, reasoning_effort="low"))
+    assert "tool_choice" not in body_of(
+        openai_request(messages=[{"role": "user", "content": "hi"}], tool_choice="none")
+    )
