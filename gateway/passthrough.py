@@ -53,6 +53,9 @@ class Original(msgspec.Struct, frozen=True, kw_only=True):
     input: tuple[int, int] | None = None
     prompt: tuple[int, int] | None = None
     end: int = 0  # after the last member's value: where a member is added
+    # Request headers of the client's protocol that belong with its body when it goes to an upstream of
+    # that protocol (Anthropic's `anthropic-beta`: the beta features the body uses), lower-case names.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> Original:

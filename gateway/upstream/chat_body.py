@@ -18,6 +18,7 @@ import msgspec
 from gateway.canonical import (
     Image,
     Message,
+    Opaque,
     Part,
     Reasoning,
     RedactedThinking,
@@ -180,4 +181,7 @@ def _content_part(part: Part) -> dict[str, Any]:
             "which would lose its signature); leave earlier turns' thinking blocks out or route to an "
             "Anthropic upstream."
         )
-    raise Untranslatable(f"A '{part.__struct_config__.tag}' part cannot be given to this route's upstream.")
+    tag = part.kind if isinstance(part, Opaque) else part.__struct_config__.tag
+    raise Untranslatable(
+        f"A '{tag}' content block cannot be given to this route's upstream (it speaks OpenAI's Chat Completions)."
+    )

@@ -3,8 +3,9 @@
 (plugins.http1) with the backend's timeouts, connection limit and answer limits.
 
 Authentication is the backend's key (`api_key: env:NAME`) as `x-api-key`, with `anthropic-version`
-(`anthropic.version`, default 2023-06-01); nothing of the client's headers goes up but the request id and
-the trace context. The body:
+(`anthropic.version`, default 2023-06-01); nothing of the client's headers goes up but the request id, the
+trace context and, with a Messages client's own body, its `anthropic-beta` (the beta features that body
+uses; checked at the edge: names and commas only, bounded). The body:
 - a client that spoke Messages: its own bytes with only `model` replaced (gateway.passthrough), and its
   answer kept as the upstream sent it (contracts.NativeAnswer) for its edge, beside the translation;
 - any other client (OpenAI Chat Completions), or a rescue's continuation: a Messages body translated from
@@ -117,11 +118,10 @@ class AnthropicAdapter:
             body, native = self._body(call)
         except Untranslatable as exc:
             return UpstreamResponse(status=400, body=_refusal(str(exc)), headers=dict(_JSON))
-        headers = (
-            {"x-request-id": call.request_id}
-            if call.headers is None
-            else {**call.headers, "x-request-id": call.request_id}
-        )
+        headers = {**(call.headers or {}), "x-request-id": call.request_id}
+        original = call.request.original
+        if native and original is not None:
+            headers.update(original.headers)  # the client's anthropic-beta: the features its body uses
         try:
             response = await self._pool.post(PATH, body, headers)
         except TimeoutError as exc:

@@ -38,7 +38,8 @@ from gateway.upstream.chat_body import Untranslatable
 
 PROTOCOL: Final = "anthropic"
 # `reasoning_effort` (OpenAI) as a thinking budget: Anthropic's minimum is 1024 tokens.
-EFFORT_BUDGETS: Final[dict[str, int]] = {"low": 1024, "medium": 4096, "high": 16384}
+MIN_BUDGET: Final = 1024
+EFFORT_BUDGETS: Final[dict[str, int]] = {"low": MIN_BUDGET, "medium": 4096, "high": 16384}
 _EMPTY_SCHEMA: Final = msgspec.Raw(b'{"type":"object","properties":{}}')
 _str = msgspec.json.Decoder(str)
 
@@ -68,7 +69,8 @@ def messages_body(
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
-    limit = request.max_output_tokens if request.max_output_tokens is not None else default_max_tokens
+    thinking = _thinking(request)
+    limit = _max_tokens(request.max_output_tokens, default_max_tokens, thinking)
     if prefill is not None:
         # Messages continues a final assistant turn; it refuses one that ends in white space.
         text = prefill.rstrip()
@@ -90,9 +92,8 @@ def messages_body(
         body["stop_sequences"] = list(request.stop)
     if request.tools:
         body["tools"] = [_tool(t.name, t.description, t.parameters, t.cache_control) for t in request.tools]
-    if request.tool_choice is not None and (request.tools or request.tool_choice.mode == "none"):
+    if request.tool_choice is not None and request.tools:  # Messages takes a tool_choice only with tools
         body["tool_choice"] = _choice(request.tool_choice)
-    thinking = _thinking(request)
     if thinking is not None:
         body["thinking"] = thinking
     fmt = request.response_format
@@ -221,6 +222,26 @@ def _choice(choice: ToolChoice) -> dict[str, Any]:
     if choice.parallel is False and choice.mode != "none":
         out["disable_parallel_tool_use"] = True
     return out
+
+
+def _max_tokens(asked: int | None, default: int, thinking: dict[str, Any] | None) -> int:
+    """`max_tokens`, which Messages wants above the thinking budget (the budget is spent out of it): with
+    none asked, the default on top of the budget; one asked at or below the budget lowers the budget to
+    fit (thinking needs 1024 tokens at least, else the request is refused)."""
+    budget = thinking.get("budget_tokens") if thinking is not None else None
+    if budget is None:
+        return asked if asked is not None else default
+    if asked is None:
+        return int(budget) + default
+    if asked <= budget:
+        if asked <= MIN_BUDGET:
+            raise Untranslatable(
+                f"max_tokens: {asked} leaves no room for reasoning (Anthropic's thinking needs more than "
+                f"{MIN_BUDGET} tokens); raise it or send reasoning_effort: none."
+            )
+        assert thinking is not None
+        thinking["budget_tokens"] = asked - 1
+    return asked
 
 
 def _thinking(request: Request) -> dict[str, Any] | None:

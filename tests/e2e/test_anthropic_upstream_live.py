@@ -30,6 +30,7 @@ from tests.harness.procs import ServerProcess, free_port
 
 CLIENT_KEY = "sk-claude-client-canary-93a1"
 BACKEND_KEY = "anthropic-backend-secret-77f2"
+WRONG_KEY = "anthropic-revoked-secret-1b0e"
 TOOL_SCHEMA = {"type": "object", "properties": {"location": {"type": "string"}}}
 ANTHROPIC_TOOL = {"name": "get_weather", "description": "Weather now", "input_schema": TOOL_SCHEMA}
 OPENAI_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": TOOL_SCHEMA}}
@@ -45,6 +46,7 @@ backends:
   - {{name: claude, adapter: anthropic, base_url: "{fake}/v1", api_key: "env:ANTHROPIC_BACKEND_KEY", tier: provider,
      anthropic: {{default_max_tokens: 256}}, outlier: {{consecutive_failures: 0, error_ratio: 0}}}}
   - {{name: claude-b, adapter: anthropic, base_url: "{fake}/v1", api_key: "env:ANTHROPIC_BACKEND_KEY", tier: provider}}
+  - {{name: claude-wrong-key, adapter: anthropic, base_url: "{fake}/v1", api_key: "env:ANTHROPIC_WRONG_KEY", tier: provider}}
 models:
   - name: claude-fake
     capabilities: [chat, tools, vision, json]
@@ -63,6 +65,8 @@ models:
   - {{name: errors-mid-stream, deployments: [{{backend: claude, upstream_model: "fault:error-event"}}]}}
   - {{name: no-stop, deployments: [{{backend: claude, upstream_model: "fault:no-stop"}}]}}
   - {{name: refuses, deployments: [{{backend: claude, upstream_model: "fault:400"}}]}}
+  - {{name: unknown-model, deployments: [{{backend: claude, upstream_model: "fault:404"}}]}}
+  - {{name: wrong-key, deployments: [{{backend: claude-wrong-key, upstream_model: claude-fake}}]}}
 routes:
   - {{name: claude, models: [claude-fake]}}
   - {{name: claude-cached, models: [claude-cached]}}
@@ -72,6 +76,8 @@ routes:
   - {{name: errors-mid-stream, models: [errors-mid-stream]}}
   - {{name: no-stop, models: [no-stop]}}
   - {{name: refuses, models: [refuses]}}
+  - {{name: unknown-model, models: [unknown-model]}}
+  - {{name: wrong-key, models: [wrong-key]}}
 tenants:
   - name: acme
     keys: [{{id: acme-1, digest: "{key_digest(CLIENT_KEY)}"}}]
@@ -92,12 +98,14 @@ def gw(fake: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     folder = tmp_path_factory.mktemp("gw-anthropic")
     (folder / "policy.yaml").write_text(policy(fake.base_url))
     proc = gateway_process(
-        folder / "policy.yaml", log_path=folder / "gateway.log", env={"ANTHROPIC_BACKEND_KEY": BACKEND_KEY}
+        folder / "policy.yaml",
+        log_path=folder / "gateway.log",
+        env={"ANTHROPIC_BACKEND_KEY": BACKEND_KEY, "ANTHROPIC_WRONG_KEY": WRONG_KEY},
     )
     with proc:
         yield proc
     log = (folder / "gateway.log").read_text(errors="replace")
-    assert CLIENT_KEY not in log and BACKEND_KEY not in log, "a secret reached the gateway log"
+    assert CLIENT_KEY not in log and BACKEND_KEY not in log and WRONG_KEY not in log, "a secret reached the gateway log"
 
 
 def ledger(fake: ServerProcess) -> list[dict[str, Any]]:
@@ -196,9 +204,16 @@ def test_a_messages_request_goes_up_as_its_bytes_and_the_answer_comes_back_as_th
 ) -> None:
     body = (
         b'{"model": "claude", "max_tokens":64,  "thinking": {"type":"enabled","budget_tokens":1024},'
-        b' "messages":[{"role":"user","content":"Hi \\u00e9"}], "service_tier": "auto"}'
+        b' "messages":[{"role":"user","content":[{"type":"document","source":{"type":"text","media_type":"text/plain",'
+        b'"data":"Notes."},"citations":{"enabled":true}},{"type":"text","text":"Hi \\u00e9"}]}], "service_tier": "auto"}'
     )
-    headers = {"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    beta = "interleaved-thinking-2025-05-14,extended-cache-ttl-2025-04-11"
+    headers = {
+        "x-api-key": CLIENT_KEY,
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": beta,
+        "content-type": "application/json",
+    }
     for stream in (False, True):
         sent_body = body if not stream else body.replace(b'"max_tokens":64', b'"max_tokens":64, "stream": true')
         r = httpx.post(gw.base_url + "/v1/messages", content=sent_body, headers=headers, timeout=30)
@@ -206,6 +221,8 @@ def test_a_messages_request_goes_up_as_its_bytes_and_the_answer_comes_back_as_th
         record = last_answered(fake)
         assert base64.b64decode(record["body_b64"]) == sent_body.replace(b'"claude"', b'"claude-fake"', 1)
         assert r.content == base64.b64decode(record["response_b64"])  # pings, order, signature: all as sent
+        assert record["headers"]["anthropic-beta"] == beta  # the features the client's body uses
+        assert record["headers"]["x-api-key"] == BACKEND_KEY
         assert r.headers["request-id"] and r.headers["x-strait-deployment"] == "claude-fake@claude"
 
 
@@ -357,3 +374,19 @@ def test_an_openai_request_messages_cannot_carry_is_a_400_never_sent(gw: ServerP
         oai(gw).chat.completions.create(model="claude", messages=[{"role": "user", "content": "hi"}], n=2)
     assert "n=1" in str(info.value)
     assert len(ledger(fake)) == before
+
+
+def test_a_404_and_a_refused_key_reach_the_client_without_the_providers_internals(gw: ServerProcess) -> None:
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude(gw).messages.create(model="unknown-model", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        oai(gw).chat.completions.create(model="unknown-model", messages=[{"role": "user", "content": "hi"}])
+    # The provider refused the gateway's own key: a 502 that says so, never the provider's 401 or its text.
+    with pytest.raises(openai.APIStatusError) as refused:
+        oai(gw).chat.completions.create(model="wrong-key", messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.status_code == 502 and refused.value.code == "upstream_auth_failed"
+    assert "x-api-key" not in str(refused.value.body)
+    with pytest.raises(anthropic.APIStatusError) as refused_too:
+        claude(gw).messages.create(model="wrong-key", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert refused_too.value.status_code == 502 and "x-api-key" not in str(refused_too.value.body)

@@ -23,7 +23,7 @@ Streams send Anthropic's named events in its order (message_start, content_block
 first, deltas, content_block_stop, message_delta, message_stop).
 
 Faults by model name: ``fault:429`` (``retry-after: 1``), ``fault:529`` (``overloaded_error``),
-``fault:400``, ``fault:500``, ``fault:error-event`` (a stream that sends a text delta, then ``event:
+``fault:400``, ``fault:404`` (``not_found_error``, as for an unknown model), ``fault:500``, ``fault:error-event`` (a stream that sends a text delta, then ``event:
 error`` overloaded_error), ``fault:no-stop`` (a stream that ends after message_delta, without
 message_stop). Control: ``GET /healthz``, ``GET /_ledger`` (every request: path, headers lower-cased,
 ``body_b64`` its exact bytes, ``status``, ``response_b64`` the exact bytes of the answer's body), ``POST /_reset``. ``GET /v1/models`` lists the models.
@@ -262,6 +262,8 @@ async def _answer(state: State, request: web.Request, raw: bytes, sent: list[byt
         return _error(529, "overloaded_error", "Overloaded")
     if model == "fault:500":
         return _error(500, "api_error", "Internal server error")
+    if model == "fault:404":
+        return _error(404, "not_found_error", f"model: {model}")
     if model == "fault:400":
         return _error(400, "invalid_request_error", "prompt is invalid for this fake model")
     problem = _check_thinking(state, body["messages"])

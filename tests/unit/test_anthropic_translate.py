@@ -549,3 +549,87 @@ def test_an_assistant_turn_goes_up_as_it_came_from_an_anthropic_client(blocks: l
     body = json.loads(messages_body(request, "m", stream=False, default_max_tokens=1))
     assert body["messages"] == turns
     assert msgspec.json.decode(messages_body(request, "m", stream=True, default_max_tokens=1))["stream"] is True
+
+
+def test_the_health_probe_of_an_anthropic_backend_sends_its_key_as_anthropic_takes_it() -> None:
+    from gateway.policy.model import AnthropicOptions, Backend
+    from gateway.upstream.health import _auth_headers
+
+    native = Backend(name="a", adapter="anthropic", anthropic=AnthropicOptions(version="2023-06-01"))
+    assert _auth_headers(native, "k") == {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+    assert _auth_headers(Backend(name="o", adapter="openai"), "k") == {"authorization": "Bearer k"}
+
+
+def test_a_block_type_strait_does_not_model_is_kept_opaque_for_anthropic_and_refused_elsewhere() -> None:
+    from gateway.canonical import Opaque
+    from gateway.upstream.chat_body import chat_body
+
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The sky is blue."}}
+    raw = json.dumps(
+        {
+            "model": "r",
+            "max_tokens": 9,
+            "messages": [{"role": "user", "content": [document, {"type": "text", "text": "Colour?"}]}],
+        }
+    ).encode()
+    request = decode_messages(raw)
+    part = request.messages[0].content[0]
+    assert isinstance(part, Opaque) and part.kind == "document" and json.loads(bytes(part.raw or b"")) == document
+    assert request.original is not None and request.original.body == raw  # what an Anthropic upstream gets
+    with pytest.raises(Untranslatable, match="'document'"):
+        chat_body(request, "m", stream=False)
+    with pytest.raises(Untranslatable, match="'document'"):
+        messages_body(request, "m", stream=False, default_max_tokens=9)
+
+
+def test_a_malformed_modelled_block_is_a_400_naming_where_it_is() -> None:
+    from gateway.errors import InvalidRequest
+
+    raw = json.dumps(
+        {"model": "r", "max_tokens": 9, "messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}
+    )
+    with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[0\]"):
+        decode_messages(raw.encode())
+
+
+def test_anthropic_beta_goes_with_the_clients_body_and_a_malformed_one_is_refused() -> None:
+    from gateway.errors import InvalidRequest
+
+    raw = json.dumps({"model": "r", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = decode_messages(raw, headers={"anthropic-beta": "context-1m-2025-08-07, files-api-2025-04-14"})
+    assert request.original is not None
+    assert request.original.headers == (("anthropic-beta", "context-1m-2025-08-07, files-api-2025-04-14"),)
+    assert decode_messages(raw).original is not None and decode_messages(raw).original.headers == ()  # type: ignore[union-attr]
+    for bad in ("x\r\nhost: evil", "a" * 2000, "a;b"):
+        with pytest.raises(InvalidRequest, match="anthropic-beta"):
+            decode_messages(raw, headers={"anthropic-beta": bad})
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "effort", "sent_max", "sent_budget"),
+    [
+        (None, "medium", 4096 + 512, 4096),  # none asked: the default on top of the budget
+        (8000, "high", 8000, 7999),  # asked at or below the budget: the budget fits under it
+        (8000, "low", 8000, 1024),
+        (300, None, 300, None),
+    ],
+)
+def test_max_tokens_always_exceeds_the_thinking_budget(
+    max_tokens: int | None, effort: str | None, sent_max: int, sent_budget: int | None
+) -> None:
+    fields: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]}
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    if effort is not None:
+        fields["reasoning_effort"] = effort
+    body = body_of(openai_request(**fields))
+    assert body["max_tokens"] == sent_max
+    assert body.get("thinking", {}).get("budget_tokens") == sent_budget
+
+
+def test_too_few_tokens_to_think_is_refused_and_tool_choice_goes_only_with_tools() -> None:
+    with pytest.raises(Untranslatable, match="no room for reasoning"):
+        body_of(openai_request(messages=[{"role": "user", "content": "hi"}], max_tokens=1000, reasoning_effort="low"))
+    assert "tool_choice" not in body_of(
+        openai_request(messages=[{"role": "user", "content": "hi"}], tool_choice="none")
+    )

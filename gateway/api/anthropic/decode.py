@@ -9,12 +9,16 @@ Every failure is a GatewayError (400 naming the field); the edge renders it in A
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Final
 
 import msgspec
 
 from gateway.api.anthropic.wire import (
+    BLOCK_TYPES,
     Block,
+    BlockType,
     ImageBlock,
     MessageParam,
     MessagesRequest,
@@ -32,6 +36,7 @@ from gateway.api.openai.decode import invalid, skim, value_of
 from gateway.canonical import (
     Image,
     Message,
+    Opaque,
     Part,
     RedactedThinking,
     Request,
@@ -49,11 +54,26 @@ from gateway.passthrough import RepeatedField, original_of
 
 PROTOCOL: Final = "anthropic"
 _decoder = msgspec.json.Decoder(MessagesRequest)
+_block = msgspec.json.Decoder(Block).decode
+_block_type = msgspec.json.Decoder(BlockType).decode
 _NULL = b"null"
 
 
-def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, count_only: bool = False) -> Request:
-    """A Messages body as the canonical chat request. `count_only`: for count_tokens (no max_tokens)."""
+# `anthropic-beta`: comma-separated feature names (`interleaved-thinking-2025-05-14`, ...), bounded.
+_BETA = re.compile(r"[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*")
+MAX_BETA_BYTES: Final = 1024
+
+
+def decode_messages(
+    body: bytes,
+    limits: InboundLimits = DEFAULT_LIMITS,
+    *,
+    count_only: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> Request:
+    """A Messages body as the canonical chat request. `count_only`: for count_tokens (no max_tokens).
+    `headers` (the client's, lower-case names): its `anthropic-beta` goes with the body to an Anthropic
+    upstream (kept in `Request.original`)."""
     top = skim(body, limits)
     try:
         wire = _decoder.decode(body)
@@ -67,6 +87,7 @@ def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, coun
     check_numbers(numbers, limits)
     if wire.top_p is not None and not 0 <= wire.top_p <= 1:
         raise InvalidRequest("top_p: must be between 0 and 1.", param="top_p")
+    beta = _beta(headers)
     try:
         original = original_of(PROTOCOL, body, top)
     except RepeatedField as exc:
@@ -99,8 +120,21 @@ def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, coun
         include_usage=True,
         user=wire.metadata.user_id if wire.metadata is not None else None,
         response_format=_output_format(wire.output_config),
-        original=original,
+        original=original if beta is None else msgspec.structs.replace(original, headers=(("anthropic-beta", beta),)),
     )
+
+
+def _beta(headers: Mapping[str, str] | None) -> str | None:
+    value = headers.get("anthropic-beta") if headers is not None else None
+    if value is None:
+        return None
+    value = value.strip()
+    if len(value) > MAX_BETA_BYTES or not _BETA.fullmatch(value):
+        raise InvalidRequest(
+            f"anthropic-beta: a comma-separated list of beta names (at most {MAX_BETA_BYTES} characters).",
+            param="anthropic-beta",
+        )
+    return value
 
 
 def _output_format(config: OutputConfigParam | None) -> ResponseFormat | None:
@@ -134,7 +168,7 @@ def _messages(m: MessageParam, i: int) -> list[Message]:
     (the OpenAI codec's too): what the stages and the simulated backend read as a tool's answer."""
     if isinstance(m.content, str):
         return [Message(role=m.role, content=(Text(text=m.content),))]
-    parts = [_part(b, f"messages[{i}].content[{j}]") for j, b in enumerate(m.content)]
+    parts = [_raw_part(b, f"messages[{i}].content[{j}]") for j, b in enumerate(m.content)]
     if m.role == "system":
         for j, part in enumerate(parts):
             if not isinstance(part, Text):
@@ -150,6 +184,22 @@ def _messages(m: MessageParam, i: int) -> list[Message]:
 def _cache(raw: msgspec.Raw) -> msgspec.Raw | None:
     """A block's `cache_control` as the client wrote it (None when absent or null)."""
     return raw if len(raw) and bytes(raw) != _NULL else None
+
+
+def _raw_part(raw: msgspec.Raw, where: str) -> Part:
+    """A content block: one Strait models, decoded (a wrong field is a 400 naming it), or one of a type it
+    does not model, kept as its bytes (`Opaque`): it reaches an Anthropic upstream in the client's own
+    body, and a translation to another protocol refuses it by name."""
+    try:
+        kind = _block_type(raw).type
+        if kind not in BLOCK_TYPES:
+            return Opaque(protocol=PROTOCOL, kind=kind, raw=raw)
+        return _part(_block(raw), where)
+    except msgspec.ValidationError as exc:
+        message = str(exc).replace(" - at `$", f" - at `$.{where}", 1)
+        if " - at `$" not in message:
+            message = f"{message} - at `$.{where}`"
+        raise invalid(message) from None
 
 
 def _part(b: Block, where: str) -> Part:

@@ -56,12 +56,21 @@ class RedactedThinkingBlock(_Block, tag="redacted_thinking"):
 
 
 Block = TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock
+BLOCK_TYPES = frozenset({"text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"})
+
+
+class BlockType(msgspec.Struct):
+    """Just a block's `type`, to tell a modelled block from one kept opaque."""
+
+    type: str
 
 
 class MessageParam(msgspec.Struct, kw_only=True):
     # `system` in the list: a system message where it stands (SDK 2.17's SystemMessageParam), text only.
     role: Literal["user", "assistant", "system"]
-    content: str | list[Block]
+    # Each block decoded on its own (gateway.api.anthropic.decode): a type Strait does not model
+    # (`document`, `search_result`, `server_tool_use`...) is kept as its bytes, not refused.
+    content: str | list[msgspec.Raw]
 
 
 class ToolParam(msgspec.Struct, kw_only=True):

@@ -43,7 +43,7 @@ class DecodeStage(RequestOnly):
         elif ctx.protocol == "responses":
             request = await self._responses(body, ctx)
         else:  # Anthropic Messages (/v1/messages): the same canonical request, the same bounds
-            request = decode_messages(body, self.limits)
+            request = decode_messages(body, self.limits, headers=ctx.headers)
         ctx.request = request
         ctx.route_name = request.model
         ctx.stream = request.stream
