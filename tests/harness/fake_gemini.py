@@ -25,6 +25,7 @@ then SAFETY), ``blocked`` (``promptFeedback.blockReason: SAFETY``, no candidates
 second stream event), ``cached``, ``thinking`` (thought parts even without includeThoughts), ``big`` (an
 answer of 200 kB).
 
+``GET /v1beta/models`` lists one model (the key checked as above): the health monitor's free probe.
 Control: ``GET /healthz``; ``GET /_ledger`` (every request: path, query, headers, body); ``POST /_reset``.
 """
 
@@ -357,6 +358,20 @@ def build_app(fake: Fake) -> web.Application:
             )
         return await _send(request, True, _events(candidates, usage, base_model, response_id, flags))
 
+    async def models(request: web.Request) -> web.Response:
+        fake.ledger.append(
+            {
+                "path": request.path,
+                "query": request.query_string,
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "body": None,
+                "model": None,
+            }
+        )
+        if fake.key is not None and request.headers.get("x-goog-api-key") != fake.key:
+            return google_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
+        return web.json_response({"models": [{"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash"}]})
+
     async def ledger(request: web.Request) -> web.Response:
         return web.json_response(fake.ledger)
 
@@ -369,6 +384,7 @@ def build_app(fake: Fake) -> web.Application:
 
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app.router.add_post("/v1beta/models/{tail}", generate)
+    app.router.add_get("/v1beta/models", models)
     app.router.add_get("/_ledger", ledger)
     app.router.add_post("/_reset", reset)
     app.router.add_get("/healthz", healthz)

@@ -9,11 +9,14 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway.canonical import Message, Request, Text
 from gateway.contracts import UpstreamCall, UpstreamStreamBroken
-from gateway.policy.model import Backend
+from gateway.policy.model import Backend, OutlierPolicy
+from gateway.upstream.health import HealthMonitor
+from gateway.upstream.signals import LiveSignals
 from plugins.gemini.adapter import GeminiAdapter
 from tests.harness.procs import ServerProcess, free_port
 
@@ -102,3 +105,29 @@ def test_an_error_event_mid_stream_says_only_googles_status(fake: str) -> None:
     broken = run(fake, scenario)
     assert broken.code == "upstream_error" and "INTERNAL" in broken.client_message
     assert "Internal error encountered" not in broken.client_message
+
+
+def test_the_health_probe_is_geminis_model_list_with_its_own_key_header(fake: str) -> None:
+    probed = Backend(
+        name="g", adapter="gemini", base_url=fake, api_key="env:GK", outlier=OutlierPolicy(active_interval_s=0.05)
+    )
+    signals = LiveSignals()
+    signals.configure([probed], probed=["g"])
+    monitor = HealthMonitor(signals, environ={"GK": KEY})
+
+    async def scenario() -> None:
+        adapter = GeminiAdapter(probed, environ={"GK": KEY})
+        monitor.apply([probed], {"g": adapter})
+        await monitor.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while monitor.probes.get("g", 0) < 2:
+            assert loop.time() < deadline, "no probe was sent"
+            await asyncio.sleep(0.02)
+        await monitor.aclose()
+        await adapter.aclose()
+
+    asyncio.run(scenario())
+    probes = [r for r in httpx.get(f"{fake}/_ledger", timeout=5).json() if r["path"] == "/v1beta/models"]
+    assert probes and probes[0]["query"] == "pageSize=1"
+    assert probes[0]["headers"]["x-goog-api-key"] == KEY and "authorization" not in probes[0]["headers"]
