@@ -47,6 +47,10 @@ from gateway.canonical import (
 from gateway.upstream.chat_body import Untranslatable
 from plugins.gemini.schema import SchemaNotExpressible, to_gemini
 
+# Client fields (an OpenAI body's top level, kept in `Request.extra`) that change the answer and that
+# Gemini cannot be given: refused, never dropped. Other unmodelled fields (store, service_tier, ...) say
+# nothing about the answer and are not carried.
+REFUSED_EXTRAS: Final = ("logit_bias", "audio", "prediction", "web_search_options", "functions", "function_call")
 # OpenAI's `reasoning_effort` as a thinking budget (the mapping of Google's own OpenAI-compatible API).
 EFFORT_BUDGETS: Final = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576}
 _CHOICE_MODES: Final = {"auto": "AUTO", "none": "NONE", "required": "ANY", "tool": "ANY"}
@@ -63,6 +67,14 @@ def generate_content_body(request: Request) -> bytes:
         )
     if request.logprobs or request.top_logprobs:
         raise Untranslatable("logprobs cannot be asked of this route's upstream (Gemini) through the gateway.")
+    for name in REFUSED_EXTRAS:
+        if name in request.extra:
+            raise Untranslatable(f"'{name}' cannot be given to this route's upstream (Gemini) through the gateway.")
+    modalities = request.extra.get("modalities")
+    if modalities is not None and msgspec.json.decode(modalities) not in (["text"], None):
+        raise Untranslatable(
+            "Only text output ('modalities': ['text']) can be asked of this route's upstream (Gemini)."
+        )
     body: dict[str, Any] = {"contents": _contents(request.messages)}
     system = [{"text": _system_text(m)} for m in request.messages if m.role in ("system", "developer") and m.content]
     if system:
@@ -252,6 +264,12 @@ def _generation_config(request: Request) -> dict[str, Any]:
         value = getattr(request, name)
         if value is not None:
             out[key] = value
+    top_k = request.extra.get("top_k")  # an OpenAI-format client's (vLLM's) top_k, top level
+    if request.top_k is None and top_k is not None:
+        value = msgspec.json.decode(top_k)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise Untranslatable("top_k must be an integer.")
+        out["topK"] = value
     if request.stop:
         out["stopSequences"] = list(request.stop)
     fmt = request.response_format
