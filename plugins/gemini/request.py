@@ -7,7 +7,9 @@ and `:streamGenerateContent`).
   consecutive turns of one role are merged (several tool results answer one model turn);
 - parts: text; images and audio as base64 `inlineData` (a `data:` URL too; a remote URL is refused:
   Gemini fetches no arbitrary URLs); tool calls as `functionCall` with their `thoughtSignature` (the
-  canonical `ToolCall.signature`) byte for byte; a thinking block with a signature is sent back as a
+  canonical `ToolCall.signature`) byte for byte (a model turn whose calls have none, from another model
+  or a client that dropped it, gets Google's documented `skip_thought_signature_validator` on its first
+  call, so a conversation can move to Gemini); a thinking block with a signature is sent back as a
   thought part (`thought: true`), an empty one (how an Anthropic client holds a call's signature,
   gateway.api.anthropic.encode) as the signature of the part after it, an unsigned one (another
   upstream's reasoning) is left out;
@@ -53,6 +55,9 @@ from plugins.gemini.schema import SchemaNotExpressible, to_gemini
 REFUSED_EXTRAS: Final = ("logit_bias", "audio", "prediction", "web_search_options", "functions", "function_call")
 # OpenAI's `reasoning_effort` as a thinking budget (the mapping of Google's own OpenAI-compatible API).
 EFFORT_BUDGETS: Final = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576}
+# Google's documented stand-in for a function call that never had a signature (a history another model
+# produced, or a client that dropped it): Gemini 3 then answers instead of refusing the turn with a 400.
+SKIP_SIGNATURE: Final = "skip_thought_signature_validator"
 _CHOICE_MODES: Final = {"auto": "AUTO", "none": "NONE", "required": "ANY", "tool": "ANY"}
 _ROLES: Final = {"user": "user", "assistant": "model", "tool": "user"}
 
@@ -118,11 +123,21 @@ def _contents(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
         parts = _parts(message, names)
         if not parts:
             continue
+        if role == "model":
+            _sign_first_call(parts)
         if contents and contents[-1]["role"] == role:
             contents[-1]["parts"].extend(parts)  # one turn per role change, as Gemini expects
         else:
             contents.append({"role": role, "parts": parts})
     return contents
+
+
+def _sign_first_call(parts: list[dict[str, Any]]) -> None:
+    """Gemini validates the signature of a model turn's first function call (parallel calls carry one,
+    on the first): a turn whose calls have none at all gets Google's documented stand-in."""
+    calls = [p for p in parts if "functionCall" in p]
+    if calls and not any("thoughtSignature" in p for p in calls):
+        calls[0]["thoughtSignature"] = SKIP_SIGNATURE
 
 
 def _parts(message: Message, names: dict[str, str]) -> list[dict[str, Any]]:
