@@ -133,6 +133,12 @@ def test_lost_signature_is_refused_and_kept_one_accepted(fake: str) -> None:
     r = post(fake, "gemini-3-flash-preview", {**body, "contents": [*HELLO["contents"], lost, result]})
     assert r.status_code == 400 and paths(r.json()) == paths(fixture("error_missing_signature.json"))
     assert "thought_signature" in r.json()["error"]["message"]
+    stand_in = {
+        "role": "model",
+        "parts": [{**lost["parts"][0], "thoughtSignature": "skip_thought_signature_validator"}],
+    }
+    r = post(fake, "gemini-3-flash-preview", {**body, "contents": [*HELLO["contents"], stand_in, result]})
+    assert r.status_code == 200, r.text
     kept = {"role": "model", "parts": [part]}
     r = post(fake, "gemini-3-flash-preview", {**body, "contents": [*HELLO["contents"], kept, result]})
     assert r.status_code == 200, r.text

@@ -44,12 +44,23 @@ class InProcessEngine(Protocol):
     def engine_metrics(self) -> str: ...
 
 
+@runtime_checkable
+class OwnProbe(Protocol):
+    """An adapter whose provider is not OpenAI-shaped (`gemini`): the free request that proves it answers
+    (its model list), with the provider's own auth header, replaces `{base_url}/models` with a bearer key
+    and `/health` (a metrics page, when configured, is still scraped as it is)."""
+
+    def probe_request(self) -> tuple[str, dict[str, str]]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ProbePlan:
     kind: str
     url: str
     # Sent only to the backend's own API (/v1/models of a provider needs the key); never to metrics_url.
     authorised: bool
+    # The adapter's own headers for its probe (OwnProbe), instead of a bearer key.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def _auth_headers(backend: Backend, key: str) -> dict[str, str]:
@@ -140,7 +151,11 @@ class HealthMonitor:
         for b in backends:
             adapter = adapters.get(b.name)
             engine = adapter if isinstance(adapter, InProcessEngine) else None
-            watches[b.name] = _Watch(b, probe_plan(b), engine)
+            plan = probe_plan(b)
+            if plan is not None and plan.kind != "metrics" and isinstance(adapter, OwnProbe):
+                url, own_headers = adapter.probe_request()
+                plan = ProbePlan(plan.kind, url, False, tuple(own_headers.items()))
+            watches[b.name] = _Watch(b, plan, engine)
         for name, task in list(self._scrapers.items()):
             if watches.get(name) != self._watches.get(name):
                 task.cancel()
@@ -228,7 +243,7 @@ class HealthMonitor:
     async def _probe(self, key: str, backend: Backend, plan: ProbePlan) -> None:
         ok = False
         try:
-            headers = None
+            headers = dict(plan.headers) if plan.headers else None
             key_value = _secret(backend.api_key, self.environ) if plan.authorised else None
             if key_value:
                 headers = _auth_headers(backend, key_value)

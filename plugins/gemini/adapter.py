@@ -68,9 +68,11 @@ class GeminiAdapter:
         headers = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
         if key:
             headers["x-goog-api-key"] = key
+        self._base = backend.base_url.rstrip("/")
+        self._probe_headers = {"x-goog-api-key": key} if key else {}
         t = backend.timeouts
         self._pool = Http1Pool(
-            backend.base_url.rstrip("/"),
+            self._base,
             limit=backend.max_connections,
             connect_timeout_s=t.connect_s,
             read_timeout_s=t.read_s,
@@ -82,6 +84,11 @@ class GeminiAdapter:
 
     async def aclose(self) -> None:
         await self._pool.close()
+
+    def probe_request(self) -> tuple[str, dict[str, str]]:
+        """The health monitor's free probe (gateway.upstream.health.OwnProbe): one page of the model list,
+        the key in its header as for every request."""
+        return f"{self._base}/{API_VERSION}/models?pageSize=1", dict(self._probe_headers)
 
     async def send(self, call: UpstreamCall) -> UpstreamResponse:
         if call.operation != "chat":

@@ -7,7 +7,9 @@ and `:streamGenerateContent`).
   consecutive turns of one role are merged (several tool results answer one model turn);
 - parts: text; images and audio as base64 `inlineData` (a `data:` URL too; a remote URL is refused:
   Gemini fetches no arbitrary URLs); tool calls as `functionCall` with their `thoughtSignature` (the
-  canonical `ToolCall.signature`) byte for byte; a thinking block with a signature is sent back as a
+  canonical `ToolCall.signature`) byte for byte (a model turn whose calls have none, from another model
+  or a client that dropped it, gets Google's documented `skip_thought_signature_validator` on its first
+  call, so a conversation can move to Gemini); a thinking block with a signature is sent back as a
   thought part (`thought: true`), an empty one (how an Anthropic client holds a call's signature,
   gateway.api.anthropic.encode) as the signature of the part after it, an unsigned one (another
   upstream's reasoning) is left out;
@@ -47,8 +49,15 @@ from gateway.canonical import (
 from gateway.upstream.chat_body import Untranslatable
 from plugins.gemini.schema import SchemaNotExpressible, to_gemini
 
+# Client fields (an OpenAI body's top level, kept in `Request.extra`) that change the answer and that
+# Gemini cannot be given: refused, never dropped. Other unmodelled fields (store, service_tier, ...) say
+# nothing about the answer and are not carried.
+REFUSED_EXTRAS: Final = ("logit_bias", "audio", "prediction", "web_search_options", "functions", "function_call")
 # OpenAI's `reasoning_effort` as a thinking budget (the mapping of Google's own OpenAI-compatible API).
 EFFORT_BUDGETS: Final = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576}
+# Google's documented stand-in for a function call that never had a signature (a history another model
+# produced, or a client that dropped it): Gemini 3 then answers instead of refusing the turn with a 400.
+SKIP_SIGNATURE: Final = "skip_thought_signature_validator"
 _CHOICE_MODES: Final = {"auto": "AUTO", "none": "NONE", "required": "ANY", "tool": "ANY"}
 _ROLES: Final = {"user": "user", "assistant": "model", "tool": "user"}
 
@@ -63,6 +72,14 @@ def generate_content_body(request: Request) -> bytes:
         )
     if request.logprobs or request.top_logprobs:
         raise Untranslatable("logprobs cannot be asked of this route's upstream (Gemini) through the gateway.")
+    for name in REFUSED_EXTRAS:
+        if name in request.extra:
+            raise Untranslatable(f"'{name}' cannot be given to this route's upstream (Gemini) through the gateway.")
+    modalities = request.extra.get("modalities")
+    if modalities is not None and msgspec.json.decode(modalities) not in (["text"], None):
+        raise Untranslatable(
+            "Only text output ('modalities': ['text']) can be asked of this route's upstream (Gemini)."
+        )
     body: dict[str, Any] = {"contents": _contents(request.messages)}
     system = [{"text": _system_text(m)} for m in request.messages if m.role in ("system", "developer") and m.content]
     if system:
@@ -106,11 +123,21 @@ def _contents(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
         parts = _parts(message, names)
         if not parts:
             continue
+        if role == "model":
+            _sign_first_call(parts)
         if contents and contents[-1]["role"] == role:
             contents[-1]["parts"].extend(parts)  # one turn per role change, as Gemini expects
         else:
             contents.append({"role": role, "parts": parts})
     return contents
+
+
+def _sign_first_call(parts: list[dict[str, Any]]) -> None:
+    """Gemini validates the signature of a model turn's first function call (parallel calls carry one,
+    on the first): a turn whose calls have none at all gets Google's documented stand-in."""
+    calls = [p for p in parts if "functionCall" in p]
+    if calls and not any("thoughtSignature" in p for p in calls):
+        calls[0]["thoughtSignature"] = SKIP_SIGNATURE
 
 
 def _parts(message: Message, names: dict[str, str]) -> list[dict[str, Any]]:
@@ -252,6 +279,12 @@ def _generation_config(request: Request) -> dict[str, Any]:
         value = getattr(request, name)
         if value is not None:
             out[key] = value
+    top_k = request.extra.get("top_k")  # an OpenAI-format client's (vLLM's) top_k, top level
+    if request.top_k is None and top_k is not None:
+        value = msgspec.json.decode(top_k)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise Untranslatable("top_k must be an integer.")
+        out["topK"] = value
     if request.stop:
         out["stopSequences"] = list(request.stop)
     fmt = request.response_format

@@ -182,19 +182,28 @@ def test_two_turn_tool_loop_keeps_the_thought_signature(client: openai.OpenAI, f
     assert ledger(fake)[-1]["body"]["contents"][1]["parts"][0]["thoughtSignature"] == streamed_sig
 
 
-def test_a_lost_signature_is_geminis_clear_400(client: openai.OpenAI) -> None:
+def test_a_lost_signature_gets_googles_stand_in_and_a_forged_one_geminis_400(
+    client: openai.OpenAI, fake: ServerProcess
+) -> None:
     first = client.chat.completions.create(model="gem", messages=USER, tools=[WEATHER])  # type: ignore[arg-type,list-item]
     (call,) = first.choices[0].message.tool_calls or []
+    result = {"role": "tool", "tool_call_id": call.id, "content": "x"}
+    # A client that rebuilds the call from id and function only (as some frameworks do): Gemini gets the
+    # documented stand-in and answers rather than refusing the conversation.
     stripped = {
         "role": "assistant",
         "tool_calls": [{"id": call.id, "type": "function", "function": call.function.model_dump()}],
     }
+    answer = client.chat.completions.create(model="gem", messages=[*USER, stripped, result], tools=[WEATHER])  # type: ignore[list-item]
+    assert answer.choices[0].message.content == 'The tool get_weather said {"result": "x"}'
+    assert ledger(fake)[-1]["body"]["contents"][1]["parts"][0]["thoughtSignature"] == "skip_thought_signature_validator"
+    # A signature Gemini never issued is its 400, passed on clearly.
+    forged = {
+        **stripped,
+        "tool_calls": [{**stripped["tool_calls"][0], "extra_content": {"google": {"thought_signature": "Zm9yZ2Vk"}}}],
+    }  # type: ignore[dict-item]
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(
-            model="gem",
-            messages=[*USER, stripped, {"role": "tool", "tool_call_id": call.id, "content": "x"}],  # type: ignore[list-item]
-            tools=[WEATHER],  # type: ignore[list-item]
-        )
+        client.chat.completions.create(model="gem", messages=[*USER, forged, result], tools=[WEATHER])  # type: ignore[list-item]
     assert "thought_signature" in caught.value.message
 
 

@@ -11,8 +11,9 @@ Run: ``python -m tests.harness.fake_gemini --port P [--key K]``. It speaks the d
   not exactly one of text / inlineData / functionCall / functionResponse, a schema keyword Gemini's
   ``Schema`` lacks (``additionalProperties``, ``$ref``...) or a lower-case type are a 400 naming it;
 - every ``functionCall`` it answers carries a fresh ``thoughtSignature`` (base64 with ``+``, ``/`` and
-  ``=`` in it); a request whose history holds a ``functionCall`` without the exact signature it issued is
-  the 400 Gemini 3 answers ("Function call is missing a thought_signature");
+  ``=`` in it); a request whose history holds a model turn whose first ``functionCall`` lacks the exact
+  signature it issued is the 400 Gemini 3 answers ("Function call is missing a thought_signature"), unless
+  it carries Google's documented stand-in ``skip_thought_signature_validator``;
 - ``usageMetadata`` with ``promptTokenCount`` (words of the request's texts), ``candidatesTokenCount``,
   ``thoughtsTokenCount`` (when thinking is asked for) and ``cachedContentTokenCount`` (model flag
   ``cached``).
@@ -25,6 +26,7 @@ then SAFETY), ``blocked`` (``promptFeedback.blockReason: SAFETY``, no candidates
 second stream event), ``cached``, ``thinking`` (thought parts even without includeThoughts), ``big`` (an
 answer of 200 kB).
 
+``GET /v1beta/models`` lists one model (the key checked as above): the health monitor's free probe.
 Control: ``GET /healthz``; ``GET /_ledger`` (every request: path, query, headers, body); ``POST /_reset``.
 """
 
@@ -40,6 +42,7 @@ from aiohttp import web
 
 ANSWER = "Paris is the capital of France"
 THOUGHT = "The user asks a question; I will answer it plainly."
+SKIP_SIGNATURE = "skip_thought_signature_validator"  # Google's documented stand-in for a lost signature
 _TOP_FIELDS = {
     "contents",
     "systemInstruction",
@@ -153,10 +156,15 @@ class Fake:
         for i, content in enumerate(contents):
             if content.get("role") not in ("user", "model"):
                 raise BadRequest(f"Please use a valid role: user, model. (contents[{i}])")
+            first_call = True
             for j, part in enumerate(content.get("parts") or []):
                 _check_part(part, f"contents[{i}].parts[{j}]")
-                if "functionCall" in part:
+                if "functionCall" in part and first_call:
+                    # Gemini checks a step's first call (parallel calls: the signature is on the first).
+                    first_call = False
                     sig = part.get("thoughtSignature")
+                    if sig == SKIP_SIGNATURE:
+                        continue
                     if sig is None or self.signatures.get(sig) != part["functionCall"].get("name"):
                         raise BadRequest(
                             "Function call is missing a thought_signature in functionCall parts. This is required "
@@ -357,6 +365,20 @@ def build_app(fake: Fake) -> web.Application:
             )
         return await _send(request, True, _events(candidates, usage, base_model, response_id, flags))
 
+    async def models(request: web.Request) -> web.Response:
+        fake.ledger.append(
+            {
+                "path": request.path,
+                "query": request.query_string,
+                "headers": {k.lower(): v for k, v in request.headers.items()},
+                "body": None,
+                "model": None,
+            }
+        )
+        if fake.key is not None and request.headers.get("x-goog-api-key") != fake.key:
+            return google_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
+        return web.json_response({"models": [{"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash"}]})
+
     async def ledger(request: web.Request) -> web.Response:
         return web.json_response(fake.ledger)
 
@@ -369,6 +391,7 @@ def build_app(fake: Fake) -> web.Application:
 
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app.router.add_post("/v1beta/models/{tail}", generate)
+    app.router.add_get("/v1beta/models", models)
     app.router.add_get("/_ledger", ledger)
     app.router.add_post("/_reset", reset)
     app.router.add_get("/healthz", healthz)

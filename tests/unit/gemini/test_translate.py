@@ -404,3 +404,26 @@ def test_an_anthropic_clients_signed_empty_thinking_goes_back_on_the_next_part()
         {"functionCall": {"name": "get_weather", "args": {}}, "thoughtSignature": "sig/1+"},
         {"text": "", "thought": True, "thoughtSignature": "sig-end="},  # nothing after it: kept, not dropped
     ]
+
+
+def test_openai_extras_top_k_is_carried_and_answer_changing_ones_are_refused() -> None:
+    base = {"model": "r", "messages": [{"role": "user", "content": "x"}]}
+    config = body_of(decode(json.dumps({**base, "top_k": 5, "store": True}).encode(), "chat"))["generationConfig"]
+    assert config == {"topK": 5}
+    for extra in (
+        {"logit_bias": {"50256": -100}},
+        {"modalities": ["text", "audio"]},
+        {"prediction": {"type": "content"}},
+    ):
+        with pytest.raises(Untranslatable, match=next(iter(extra))):
+            generate_content_body(decode(json.dumps({**base, **extra}).encode(), "chat"))
+    assert "generationConfig" not in body_of(decode(json.dumps({**base, "modalities": ["text"]}).encode(), "chat"))
+
+
+def test_a_turn_whose_calls_lost_their_signatures_gets_googles_stand_in_on_the_first() -> None:
+    calls = (ToolCall(id="a", name="f", arguments="{}"), ToolCall(id="b", name="g", arguments="{}"))
+    parts = body_of(chat(user("x"), Message(role="assistant", content=calls)))["contents"][1]["parts"]
+    assert [p.get("thoughtSignature") for p in parts] == ["skip_thought_signature_validator", None]
+    signed = (ToolCall(id="a", name="f", arguments="{}", signature="S1"), calls[1])
+    parts = body_of(chat(user("x"), Message(role="assistant", content=signed)))["contents"][1]["parts"]
+    assert [p.get("thoughtSignature") for p in parts] == ["S1", None]  # parallel calls: only the first is signed
