@@ -243,6 +243,7 @@ def test_tool_turns_reach_an_openai_upstream_as_tool_calls_and_tool_messages(
             "name": "get_weather",
             "description": "The weather in a city",
             "parameters": TOOLS[0]["parameters"],
+            "strict": True,
         },
     }
     assert sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is False
