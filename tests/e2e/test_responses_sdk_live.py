@@ -66,10 +66,12 @@ models:
   - {{name: fake-m, capabilities: [chat, tools, vision, json], deployments: [{{backend: fake, upstream_model: fake-model}}]}}
   - {{name: broken-m, deployments: [{{backend: fake, upstream_model: "fault:error-event-after-2"}}]}}
   - {{name: sim-m, capabilities: [chat, tools, json], deployments: [{{backend: sim, upstream_model: sim-1}}]}}
+  - {{name: agent-m, capabilities: [chat, tools], deployments: [{{backend: fake, upstream_model: tools-in-turn}}]}}
 routes:
   - {{name: gpt-fake, models: [fake-m]}}
   - {{name: broken, models: [broken-m]}}
   - {{name: sim-chat, models: [sim-m]}}
+  - {{name: agent, models: [agent-m]}}
 tenants:
   - name: alpha
     keys: [{{id: a-1, digest: "{key_digest(KEY)}"}}]
