@@ -364,6 +364,8 @@ def test_previous_response_id_continues_the_conversation(client: openai.OpenAI, 
         {"role": "user", "content": "What is my name?"},
     ]
     assert second.previous_response_id == first.id
+    stored = client.responses.retrieve(first.id)  # stored before the stream's last event went out
+    assert (stored.output_text, stored.usage, stored.status) == (first.output_text, first.usage, first.status)
     third = ask(input="And again?", previous_response_id=second.id)
     assert len(_sent(ledger)["messages"]) == 5 and third.status == "completed"
 
