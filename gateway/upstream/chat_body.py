@@ -56,7 +56,7 @@ def chat_body(
     if request.stop:
         body["stop"] = list(request.stop)
     if request.tools:
-        body["tools"] = [_tool(t.name, t.description, t.parameters) for t in request.tools]
+        body["tools"] = [_tool(t.name, t.description, t.parameters, t.strict) for t in request.tools]
     if request.tool_choice is not None:
         _choice(body, request.tool_choice)
     thinking = request.thinking
@@ -82,12 +82,14 @@ def chat_body(
     return encoded
 
 
-def _tool(name: str, description: str | None, parameters: msgspec.Raw | None) -> dict[str, Any]:
+def _tool(name: str, description: str | None, parameters: msgspec.Raw | None, strict: bool | None) -> dict[str, Any]:
     function: dict[str, Any] = {"name": name}
     if description is not None:
         function["description"] = description
     if parameters is not None:
         function["parameters"] = parameters
+    if strict is not None:
+        function["strict"] = strict  # Responses' function `strict` (structured tool arguments)
     return {"type": "function", "function": function}
 
 

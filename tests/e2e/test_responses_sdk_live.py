@@ -29,6 +29,7 @@ from tests.harness.waiting import wait_until
 KEY = "sk-responses-alpha-0001"
 OTHER_KEY = "sk-responses-beta-0002"
 TIGHT_KEY = "sk-responses-tight-0003"
+CACHED_KEY = "sk-responses-cached-0004"
 TIGHT_RPM = 2
 TOOLS: list[FunctionToolParam] = [
     {
@@ -66,15 +67,20 @@ models:
   - {{name: fake-m, capabilities: [chat, tools, vision, json], deployments: [{{backend: fake, upstream_model: fake-model}}]}}
   - {{name: broken-m, deployments: [{{backend: fake, upstream_model: "fault:error-event-after-2"}}]}}
   - {{name: sim-m, capabilities: [chat, tools, json], deployments: [{{backend: sim, upstream_model: sim-1}}]}}
+  - {{name: agent-m, capabilities: [chat, tools], deployments: [{{backend: fake, upstream_model: tools-in-turn}}]}}
 routes:
   - {{name: gpt-fake, models: [fake-m]}}
   - {{name: broken, models: [broken-m]}}
   - {{name: sim-chat, models: [sim-m]}}
+  - {{name: agent, models: [agent-m]}}
 tenants:
   - name: alpha
     keys: [{{id: a-1, digest: "{key_digest(KEY)}"}}]
   - name: beta
     keys: [{{id: b-1, digest: "{key_digest(OTHER_KEY)}"}}]
+  - name: cached
+    keys: [{{id: c-1, digest: "{key_digest(CACHED_KEY)}"}}]
+    cache: {{exact: true, routes: [sim-chat]}}
   - name: tight
     keys: [{{id: t-1, digest: "{key_digest(TIGHT_KEY)}"}}]
     allowed_routes: [sim-chat]
@@ -243,6 +249,7 @@ def test_tool_turns_reach_an_openai_upstream_as_tool_calls_and_tool_messages(
             "name": "get_weather",
             "description": "The weather in a city",
             "parameters": TOOLS[0]["parameters"],
+            "strict": True,
         },
     }
     assert sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is False
@@ -357,6 +364,8 @@ def test_previous_response_id_continues_the_conversation(client: openai.OpenAI, 
         {"role": "user", "content": "What is my name?"},
     ]
     assert second.previous_response_id == first.id
+    stored = client.responses.retrieve(first.id)  # stored before the stream's last event went out
+    assert (stored.output_text, stored.usage, stored.status) == (first.output_text, first.usage, first.status)
     third = ask(input="And again?", previous_response_id=second.id)
     assert len(_sent(ledger)["messages"]) == 5 and third.status == "completed"
 
@@ -452,6 +461,38 @@ def test_unknown_model_and_key_are_404_and_401(gw: ServerProcess, client: openai
         client.responses.create(model="no-such-route", input="x")
     with _client(gw, "sk-unknown") as stranger, pytest.raises(openai.AuthenticationError):
         stranger.responses.create(model="sim-chat", input="x")
+
+
+# ---- the cache serves Responses clients as it serves chat ones ----
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cached_answer_is_served_to_a_responses_client(gw: ServerProcess, stream: bool) -> None:
+    with _client(gw, CACHED_KEY) as cached:
+        question = f"What is the capital of Norway? ({stream})"
+
+        def ask() -> tuple[str | None, Response]:
+            if stream:
+                with cached.responses.with_streaming_response.create(
+                    model="sim-chat", input=question, temperature=0, stream=True
+                ) as raw:
+                    events = list(raw.parse())
+                    final = events[-1]
+                    assert final.type == "response.completed"
+                    return raw.headers.get("x-strait-cache"), final.response
+            raw_whole = cached.responses.with_raw_response.create(model="sim-chat", input=question, temperature=0)
+            return raw_whole.headers.get("x-strait-cache"), raw_whole.parse()
+
+        (first_state, first), (second_state, second) = ask(), ask()
+        assert (first_state, second_state) == ("miss", "hit")
+        assert second.output_text == first.output_text and second.id != first.id
+        assert second.usage is not None and first.usage is not None
+        assert second.usage.output_tokens == first.usage.output_tokens
+        # A stored hit continues like any response, and feedback takes its `resp_` id.
+        cached.responses.retrieve(second.id)
+        headers = {"authorization": f"Bearer {CACHED_KEY}"}
+        report = httpx.post(f"{gw.base_url}/v1/cache/feedback", json={"id": second.id}, headers=headers, timeout=10)
+        assert report.status_code == 200 and report.json()["recorded"] is True
 
 
 # ---- limits and usage records apply as on /v1/chat/completions ----

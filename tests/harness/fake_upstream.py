@@ -20,6 +20,7 @@ presets such as ``429-retry-after-2``, ``429-retry-after-date-2``, ``429-no-retr
 ``503-ratio-0.5``, ``reset``, ``fin``, ``hang``, ``slow-first-token-3000``, ``cut-after-3``, ``stall-after-3``,
 ``malformed-after-2``, ``no-done``, ``context-length``, ``context-window-N``, ``content-filter``, ``invalid-prompt``,
 ``prefill`` / ``no-prefill`` (continue / refuse a final assistant message; ``continue_final_message`` also continues)
+and the plain model ``tools-in-turn`` (given tools, each is called once in turn, then it answers in text: an agent loop)
 (any preset takes ``-once`` / ``-first-N`` / ``-ratio-P``), or raw ``name=value`` directives; see
 ``tests/harness/fake_faults.py``.  Unknown names or bad values get a 400, so a typo cannot pass silently.  See
 ``DIRECTIVES`` for names and meanings.
@@ -876,6 +877,11 @@ def _example_value(schema: Any) -> Any:
     return {"integer": 1, "number": 1.5, "boolean": True, "array": [], "object": {}, "null": None}.get(t, "Paris")
 
 
+# The model name of an agent-like model: given tools, it calls each one once, in order (one per turn), and
+# answers in text once every one was called (other models call the first tool, or the chosen one, every time).
+TOOLS_IN_TURN = "tools-in-turn"
+
+
 class ToolPlan:
     def __init__(self, call_id: str, name: str, arguments: str) -> None:
         self.call_id = call_id
@@ -895,6 +901,19 @@ def plan_tool(body: dict[str, Any], choice: int) -> ToolPlan | None:
     if not fns:
         return None
     fn = fns[0]
+    if body.get("model") == TOOLS_IN_TURN:
+        # An agent's model: each offered function once, in order, then an answer in text.
+        called = {
+            (c.get("function") or {}).get("name")
+            for m in body.get("messages") or ()
+            if isinstance(m, dict)
+            for c in m.get("tool_calls") or ()
+            if isinstance(c, dict)
+        }
+        left = [f for f in fns if f.get("name") not in called]
+        if not left:
+            return None
+        fn = left[0]
     if isinstance(tool_choice, dict):
         wanted = (tool_choice.get("function") or {}).get("name")
         fn = next((f for f in fns if f.get("name") == wanted), fn)

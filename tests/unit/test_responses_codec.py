@@ -285,8 +285,10 @@ def _exchange(**fields: Any) -> Exchange:
     return build(wire, top)[1]
 
 
-def _completion(content: str | None, reasoning: str | None, calls: list[tuple[str, str, str]], finish: str) -> bytes:
-    message: dict[str, Any] = {"role": "assistant", "content": content}
+def _completion(
+    content: str | None, reasoning: str | None, refusal: str | None, calls: list[tuple[str, str, str]], finish: str
+) -> bytes:
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": refusal}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
     if calls:
@@ -313,6 +315,7 @@ def _validated(completion: bytes) -> Response:
 _answers = st.tuples(
     st.none() | _text.filter(bool),
     st.none() | _text.filter(bool),
+    st.none() | _text.filter(bool),
     st.lists(st.tuples(_ids, _ids, _arguments), max_size=3, unique_by=lambda c: c[0]),
     st.sampled_from(["stop", "length", "tool_calls", "content_filter"]),
 )
@@ -321,9 +324,11 @@ _answers = st.tuples(
 @settings(max_examples=100, deadline=None)
 @given(answer=_answers)
 def test_a_completion_is_a_response_the_sdk_validates(answer: tuple[Any, ...]) -> None:
-    content, reasoning, calls, finish = answer
-    response = _validated(_completion(content, reasoning, calls, finish))
+    content, reasoning, refusal, calls, finish = answer
+    response = _validated(_completion(content, reasoning, refusal, calls, finish))
     assert response.id == "resp_req_1" and response.output_text == (content or "")
+    refusals = [p.refusal for i in response.output if i.type == "message" for p in i.content if p.type == "refusal"]
+    assert refusals == ([refusal] if refusal else [])
     assert [(c.call_id, c.name, c.arguments) for c in response.output if c.type == "function_call"] == calls
     reasoning_items = [i for i in response.output if i.type == "reasoning"]
     assert [i.content[0].text for i in reasoning_items if i.content] == ([reasoning] if reasoning else [])
@@ -343,7 +348,12 @@ def _ctx() -> RequestContext:
 
 
 def _chunks(
-    content: str | None, reasoning: str | None, calls: list[tuple[str, str, str]], finish: str, cuts: list[int]
+    content: str | None,
+    reasoning: str | None,
+    refusal: str | None,
+    calls: list[tuple[str, str, str]],
+    finish: str,
+    cuts: list[int],
 ) -> list[bytes]:
     """A chat stream of the answer, its texts split at `cuts` (as an engine's tokens would split them)."""
 
@@ -358,6 +368,7 @@ def _chunks(
     out = [chunk({"role": "assistant"})]
     out += [chunk({"reasoning_content": p}) for p in pieces(reasoning or "")]
     out += [chunk({"content": p}) for p in pieces(content or "")]
+    out += [chunk({"refusal": p}) for p in pieces(refusal or "")]
     for i, (cid, name, arguments) in enumerate(calls):
         out.append(
             chunk(
@@ -395,8 +406,8 @@ def _parse(raw: bytes) -> list[Any]:
 def test_a_stream_in_any_pieces_is_events_the_sdk_accumulates(
     answer: tuple[Any, ...], cuts: list[int], split: int
 ) -> None:
-    content, reasoning, calls, finish = answer
-    chunks = _chunks(content, reasoning, calls, finish, cuts)
+    content, reasoning, refusal, calls, finish = answer
+    chunks = _chunks(content, reasoning, refusal, calls, finish, cuts)
     saved: list[dict[str, Any]] = []
 
     async def save(response: dict[str, Any]) -> None:
@@ -414,7 +425,7 @@ def test_a_stream_in_any_pieces_is_events_the_sdk_accumulates(
     assert events[-1].type == (
         "response.incomplete" if finish in ("length", "content_filter") else "response.completed"
     )
-    whole = _validated(_completion(content, reasoning, calls, finish))
+    whole = _validated(_completion(content, reasoning, refusal, calls, finish))
     # The same output as the whole answer's, item for item (ids, texts, calls, statuses).
     assert final.model_dump()["output"] == whole.model_dump()["output"]
     assert final.output_text == (content or "")
@@ -427,7 +438,7 @@ async def test_settle_stores_the_final_response_only_when_complete() -> None:
     async def save(response: dict[str, Any]) -> None:
         saved.append(response)
 
-    chunks = _chunks("hello", None, [], "stop", [2])
+    chunks = _chunks("hello", None, None, [], "stop", [2])
     broken = ResponsesStream(_ctx(), _exchange(), save)
     broken.batch(chunks[:2])  # the role chunk and "he"
     error = ErrorBody(message="upstream broke", type="upstream_error", code="upstream_error")

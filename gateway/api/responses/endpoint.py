@@ -43,8 +43,12 @@ async def responses_reply(reply: Reply, ctx: RequestContext, conversations: Conv
     tenant = ctx.principal.tenant if ctx.principal is not None else ""
 
     async def save(response: dict[str, Any]) -> None:
-        record = _encode({"response": response, "input": exchange.input_items})
-        await conversations.save(tenant, response_id(ctx.request_id), record)
+        # Never at the answer's expense: a response that could not be stored is still answered (logged).
+        try:
+            record = _encode({"response": response, "input": exchange.input_items})
+            await conversations.save(tenant, response_id(ctx.request_id), record)
+        except Exception:
+            log.exception("request %s: storing the response failed", ctx.request_id)
 
     if reply.stream is not None:
         return ResponsesStream(ctx, exchange, save if exchange.store else None)

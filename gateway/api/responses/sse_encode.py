@@ -74,17 +74,28 @@ _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 
 
 class _Open:
-    """The output item being streamed: its kind ("reasoning", "message", or "tool:N"), text so far, and a
-    function call's id and name."""
+    """The output item being streamed: its kind ("reasoning", "message", or "tool:N"), its parts so far
+    (kind and text pieces: a message's `output_text` and `refusal`, a reasoning's `reasoning_text`, a
+    call's arguments), how many of them are done, and a function call's id and name."""
 
-    __slots__ = ("call_id", "index", "kind", "name", "text")
+    __slots__ = ("call_id", "done", "index", "kind", "name", "parts")
 
     def __init__(self, kind: str, index: int, call_id: str = "", name: str = "") -> None:
         self.kind = kind
         self.index = index  # its output_index
-        self.text: list[str] = []
+        self.parts: list[tuple[str, list[str]]] = []
+        self.done = 0
         self.call_id = call_id
         self.name = name
+
+
+def _part(kind: str, pieces: list[str]) -> dict[str, Any]:
+    text = "".join(pieces)
+    if kind == "output_text":
+        return output_text_part(text)
+    if kind == "refusal":
+        return {"type": "refusal", "refusal": text}
+    return {"type": "reasoning_text", "text": text}
 
 
 class ResponsesStream:
@@ -119,12 +130,21 @@ class ResponsesStream:
         """The open item as it stands, with `status`."""
         o = self.open
         assert o is not None
-        text = "".join(o.text)
         if o.kind == "reasoning":
-            return reasoning_item(self.rid, text, status)
+            return reasoning_item(self.rid, "".join(o.parts[0][1]) if o.parts else "", status)
         if o.kind == "message":
-            return message_item(self.rid, [output_text_part(text)], status)
-        return call_item(self.rid, self.calls - 1, o.call_id, o.name, text, status)
+            return message_item(self.rid, [_part(kind, pieces) for kind, pieces in o.parts], status)
+        arguments = "".join(o.parts[0][1]) if o.parts else ""
+        return call_item(self.rid, self.calls - 1, o.call_id, o.name, arguments, status)
+
+    def _item_id(self) -> str:
+        o = self.open
+        assert o is not None
+        if o.kind == "message":
+            return item_id("msg", self.rid)
+        if o.kind == "reasoning":
+            return item_id("rs", self.rid)
+        return item_id("fc", self.rid, self.calls - 1)
 
     def _open(self, kind: str, out: list[bytes], call_id: str = "", name: str = "") -> None:
         self._close(out)
@@ -133,51 +153,74 @@ class ResponsesStream:
             self.calls += 1
         self.open = _Open(kind, index, call_id, name)
         item = self._item("in_progress")
-        if not kind.startswith("tool:"):
-            item["content"] = []  # its parts come with content_part.added
+        if kind == "reasoning":
+            item["content"] = []  # its part comes with content_part.added
         self._event("response.output_item.added", out, output_index=index, item=item)
-        if kind == "message":
-            part = output_text_part("")
-        elif kind == "reasoning":
-            part = {"type": "reasoning_text", "text": ""}
-        else:
+        if kind == "reasoning":
+            self._add_part("reasoning_text", out)
+        elif kind != "message":
+            self.open.parts.append(("arguments", []))  # a call's arguments: no content part of its own
+
+    def _add_part(self, kind: str, out: list[bytes]) -> None:
+        """A new content part of the open item (the one before it is done)."""
+        o = self.open
+        assert o is not None
+        self._part_done(out)
+        o.parts.append((kind, []))
+        ids = {"item_id": self._item_id(), "output_index": o.index, "content_index": len(o.parts) - 1}
+        self._event("response.content_part.added", out, **ids, part=_part(kind, []))
+
+    def _part_done(self, out: list[bytes]) -> None:
+        """The .done events of the open item's last part, unless it has had them."""
+        o = self.open
+        assert o is not None
+        if o.done == len(o.parts):
             return
-        ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        self._event("response.content_part.added", out, **ids, part=part)
+        o.done = len(o.parts)
+        kind, pieces = o.parts[-1]
+        text = "".join(pieces)
+        ids = {"item_id": self._item_id(), "output_index": o.index}
+        if kind == "arguments":
+            self._event("response.function_call_arguments.done", out, **ids, name=o.name, arguments=text)
+            return
+        ids["content_index"] = len(o.parts) - 1
+        if kind == "output_text":
+            self._event("response.output_text.done", out, **ids, text=text, logprobs=[])
+        elif kind == "refusal":
+            self._event("response.refusal.done", out, **ids, refusal=text)
+        else:
+            self._event("response.reasoning_text.done", out, **ids, text=text)
+        self._event("response.content_part.done", out, **ids, part=_part(kind, pieces))
 
     def _close(self, out: list[bytes], status: str = "completed") -> None:
         o = self.open
         if o is None:
             return
+        self._part_done(out)
         item = self._item(status)
-        text = "".join(o.text)
-        ids = {"item_id": item["id"], "output_index": o.index}
-        if o.kind == "message":
-            self._event("response.output_text.done", out, **ids, content_index=0, text=text, logprobs=[])
-            self._event("response.content_part.done", out, **ids, content_index=0, part=item["content"][0])
-        elif o.kind == "reasoning":
-            self._event("response.reasoning_text.done", out, **ids, content_index=0, text=text)
-            self._event("response.content_part.done", out, **ids, content_index=0, part=item["content"][0])
-        else:
-            self._event("response.function_call_arguments.done", out, **ids, name=o.name, arguments=text)
         self._event("response.output_item.done", out, output_index=o.index, item=item)
         self.output.append(item)
         self.open = None
 
-    def _text(self, delta: str, out: list[bytes]) -> None:
-        """A piece of the open item's text: output text, reasoning text or a call's arguments."""
+    def _text(self, kind: str, delta: str, out: list[bytes]) -> None:
+        """A piece of the open item's text: output text or a refusal (a message), reasoning text, or a
+        call's arguments."""
         o = self.open
         assert o is not None
-        o.text.append(delta)
-        if o.kind == "message":
-            ids = {"item_id": item_id("msg", self.rid), "output_index": o.index, "content_index": 0}
-            self._event("response.output_text.delta", out, **ids, delta=delta, logprobs=[])
-        elif o.kind == "reasoning":
-            ids = {"item_id": item_id("rs", self.rid), "output_index": o.index, "content_index": 0}
-            self._event("response.reasoning_text.delta", out, **ids, delta=delta)
-        else:
-            ids = {"item_id": item_id("fc", self.rid, self.calls - 1), "output_index": o.index}
+        if o.kind == "message" and (not o.parts or o.parts[-1][0] != kind):
+            self._add_part(kind, out)
+        o.parts[-1][1].append(delta)
+        ids = {"item_id": self._item_id(), "output_index": o.index}
+        if kind == "arguments":
             self._event("response.function_call_arguments.delta", out, **ids, delta=delta)
+            return
+        ids["content_index"] = len(o.parts) - 1
+        if kind == "output_text":
+            self._event("response.output_text.delta", out, **ids, delta=delta, logprobs=[])
+        elif kind == "refusal":
+            self._event("response.refusal.delta", out, **ids, delta=delta)
+        else:
+            self._event("response.reasoning_text.delta", out, **ids, delta=delta)
 
     # -- the codec ---------------------------------------------------------------------------------------
 
@@ -208,12 +251,12 @@ class ResponsesStream:
         if delta.reasoning_content:
             if self.open is None or self.open.kind != "reasoning":
                 self._open("reasoning", out)
-            self._text(delta.reasoning_content, out)
-        text = delta.content or delta.refusal
-        if text:
-            if self.open is None or self.open.kind != "message":
-                self._open("message", out)
-            self._text(text, out)
+            self._text("reasoning_text", delta.reasoning_content, out)
+        for kind, text in (("output_text", delta.content), ("refusal", delta.refusal)):
+            if text:
+                if self.open is None or self.open.kind != "message":
+                    self._open("message", out)
+                self._text(kind, text, out)
         for call in delta.tool_calls or ():
             kind = f"tool:{call.index}"
             f = call.function
@@ -221,7 +264,7 @@ class ResponsesStream:
                 call_id = call.id or item_id("call", self.rid, self.calls)
                 self._open(kind, out, call_id, (f.name if f is not None else None) or "")
             if f is not None and f.arguments:
-                self._text(f.arguments, out)
+                self._text("arguments", f.arguments, out)
 
     def end(self, ctx: RequestContext, end: End) -> bytes:
         """The stream's last events, by how it ended."""
