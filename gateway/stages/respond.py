@@ -79,6 +79,10 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, r
             extra=header_blocks(ctx),
         )
     metrics.child(metrics.latency, route).observe(time.perf_counter() - ctx.started)
+    # The upstream's own answer for the edge, unless a rescue may stitch another attempt into the stream
+    # (what the client sees is then the translation, one consistent stream).
+    native = upstream.native
+    ctx.native = native if native is not None and native.protocol == ctx.protocol and rescue is None else None
     if not upstream.streaming:
         metrics.child(metrics.requests, route, str(upstream.status)).inc()
         usage: Usage | None = None
