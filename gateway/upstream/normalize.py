@@ -89,7 +89,7 @@ def upstream_error(
             value = cap_retry_after(headers[name]) if name == "retry-after" else headers[name]
             if value is not None:
                 out_headers[name] = value
-    if status in (429, 503) and "retry-after" not in out_headers:
+    if status in (429, 503, 529) and "retry-after" not in out_headers:  # 529: Anthropic's overloaded
         out_headers["retry-after"] = "1"
     return UpstreamError(
         message, param=param, code=code or _default_code(status), status=status, headers=out_headers, type_=type_
@@ -112,6 +112,7 @@ def _default_code(status: int) -> str | None:
         500: "upstream_error",
         502: "upstream_error",
         503: "upstream_unavailable",
+        529: "upstream_unavailable",  # Anthropic's overloaded_error
         504: "upstream_timeout",
     }.get(status)
 

@@ -119,6 +119,16 @@ def test_retry_after_is_capped_and_a_missing_one_is_supplied() -> None:
     assert upstream_error(503, b"{}", {}).headers["retry-after"] == "1"
 
 
+def test_anthropics_overloaded_529_is_read_like_a_503() -> None:
+    body = b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}, "request_id": "req_1"}'
+    error = upstream_error(529, body, {})
+    env = _envelope(error.body())
+    assert error.status == 529 and error.headers["retry-after"] == "1"
+    assert (
+        env["message"] == "Overloaded" and env["type"] == "overloaded_error" and env["code"] == "upstream_unavailable"
+    )
+
+
 def test_html_error_page_never_reaches_the_client() -> None:
     html = b"<html><body>502 Bad Gateway from gpu-node-17.internal.corp</body></html>"
     env = _envelope(upstream_error(502, html, {}).body())
