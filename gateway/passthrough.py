@@ -26,6 +26,10 @@ _members = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _str = msgspec.json.Decoder(str)
 _TRUE = msgspec.Raw(b"true")
 _EDITED = frozenset({"model", "strait", "stream_options", "input", "prompt"})
+# The protocols whose streams report usage only when asked (`stream_options.include_usage`): a passthrough
+# body of theirs asks. Anthropic's streams always report it (message_start, message_delta), and its API
+# refuses fields it does not know, so its bodies are never given `stream_options`.
+ASKS_FOR_STREAM_USAGE = frozenset({"openai"})
 
 
 class RepeatedField(ValueError):
@@ -49,6 +53,9 @@ class Original(msgspec.Struct, frozen=True, kw_only=True):
     input: tuple[int, int] | None = None
     prompt: tuple[int, int] | None = None
     end: int = 0  # after the last member's value: where a member is added
+    # Request headers of the client's protocol that belong with its body when it goes to an upstream of
+    # that protocol (Anthropic's `anthropic-beta`: the beta features the body uses), lower-case names.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> Original:

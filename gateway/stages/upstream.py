@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+from gateway.accounting.counts import counts_of
 from gateway.context import RequestContext
 from gateway.contracts import End
 from gateway.relay import EndTap
@@ -83,8 +84,16 @@ class MetricsTap(EndTap):
             m.child(m.ttft, route).observe(end.ttft_s)
         usage = end.usage
         if usage is not None:
-            m.child(m.tokens, route, "prompt").inc(usage.prompt_tokens)
-            m.child(m.tokens, route, "completion").inc(usage.completion_tokens)
+            tokens = counts_of(usage)
+            m.child(m.tokens, route, "prompt").inc(tokens.prompt)
+            m.child(m.tokens, route, "completion").inc(tokens.completion)
+            # Parts of those (the same bounded kinds as strait_usage_tokens), only when reported.
+            if tokens.cached:
+                m.child(m.tokens, route, "cached").inc(tokens.cached)
+            if tokens.cache_write:
+                m.child(m.tokens, route, "cache_write").inc(tokens.cache_write)
+            if tokens.reasoning:
+                m.child(m.tokens, route, "reasoning").inc(tokens.reasoning)
 
 
 class UpstreamStage:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-from gateway.accounting.meter import cached_tokens, completion_tokens_of
+from gateway.accounting.counts import TokenCounts, counts_of
+from gateway.accounting.meter import completion_counts_of
 from gateway.context import ContinuedAttempt, RequestContext
 from gateway.policy.index import Target
 from gateway.tokens import OFFLOAD_CHARS
@@ -47,25 +48,21 @@ async def broken_attempt(
             target=target,
             status=status,
             seconds=seconds,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=cached_tokens(usage),
+            tokens=counts_of(usage),
             estimated=False,
             restarted=True,
         )
     prompt = await ctx.prompt_tokens.count()
     encoding = target.model.tokenizer
     if sum(map(len, events)) > OFFLOAD_CHARS:
-        completion = await asyncio.to_thread(completion_tokens_of, list(events), encoding)
+        completion, reasoning = await asyncio.to_thread(completion_counts_of, list(events), encoding)
     else:
-        completion = completion_tokens_of(events, encoding)
+        completion, reasoning = completion_counts_of(events, encoding)
     return ContinuedAttempt(
         target=target,
         status=status,
         seconds=seconds,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cached_tokens=0,
+        tokens=TokenCounts(prompt=prompt, completion=completion, reasoning=reasoning),
         estimated=True,
         restarted=True,
     )

@@ -63,6 +63,15 @@ class ProbePlan:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+def _auth_headers(backend: Backend, key: str) -> dict[str, str]:
+    """How the backend's API takes its key: Anthropic's as `x-api-key` with its version header (the
+    `anthropic` adapter's), every other provider's as a bearer token."""
+    if backend.adapter == "anthropic":
+        version = backend.anthropic.version if backend.anthropic is not None else "2023-06-01"
+        return {"x-api-key": key, "anthropic-version": version}
+    return {"authorization": f"Bearer {key}"}
+
+
 def _root(base_url: str) -> str:
     base = urlsplit(base_url)._replace(query="", fragment="").geturl().rstrip("/")
     return base[: -len("/v1")] if base.endswith("/v1") else base
@@ -237,7 +246,7 @@ class HealthMonitor:
             headers = dict(plan.headers) if plan.headers else None
             key_value = _secret(backend.api_key, self.environ) if plan.authorised else None
             if key_value:
-                headers = {"authorization": f"Bearer {key_value}"}
+                headers = _auth_headers(backend, key_value)
             self.probes[backend.name] = self.probes.get(backend.name, 0) + 1
             status, text = await self._get(plan.url, backend.outlier.probe_timeout_s, headers)
             ok = 200 <= status < 300

@@ -685,13 +685,13 @@ async def test_a_long_json_answer_without_usage_is_counted_off_the_event_loop(mo
     import gateway.stages.accounting
 
     counted_on: list[threading.Thread] = []
-    real = gateway.stages.accounting.completion_tokens_of
+    real = gateway.stages.accounting.completion_counts_of
 
-    def spy(produced: Sequence[bytes], encoding_name: str) -> int:
+    def spy(produced: Sequence[bytes], encoding_name: str) -> tuple[int, int]:
         counted_on.append(threading.current_thread())
         return real(produced, encoding_name)
 
-    monkeypatch.setattr(gateway.stages.accounting, "completion_tokens_of", spy)
+    monkeypatch.setattr(gateway.stages.accounting, "completion_counts_of", spy)
     writer = Writer()
     accounting = CountingAccounting(writer)
     ctx = make_ctx()
@@ -703,5 +703,6 @@ async def test_a_long_json_answer_without_usage_is_counted_off_the_event_loop(mo
     [thread] = counted_on
     assert thread is not threading.main_thread()
     [record] = writer.records
-    assert record.completion_tokens == real((body,), ENCODING) and record.usage_source == "estimated"
+    assert (record.completion_tokens, record.reasoning_tokens) == real((body,), ENCODING)
+    assert record.completion_tokens > 0 and record.usage_source == "estimated"
     await accounting.drain()

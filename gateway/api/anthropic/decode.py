@@ -1,19 +1,24 @@
 """Anthropic Messages request bodies, decoded once into the canonical request, with the input bounds of
 the OpenAI codec (the same skim: JSON object, UTF-8, container count, depth, no upstream-redirecting field;
-the same number ranges). The client's bytes are not kept for passthrough: no adapter speaks Messages to an
-upstream yet, so the upstream gets a body translated from the canonical request (gateway.upstream.chat_body).
+the same number ranges). The client's bytes are kept beside it (`Request.original`, protocol `anthropic`):
+an Anthropic upstream gets them with only the model replaced (plugins.anthropic_messages); an
+OpenAI-compatible one a chat body translated from the canonical request (gateway.upstream.chat_body).
 
 Every failure is a GatewayError (400 naming the field); the edge renders it in Anthropic's envelope.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Final
 
 import msgspec
 
 from gateway.api.anthropic.wire import (
+    BLOCK_TYPES,
     Block,
+    BlockType,
     ImageBlock,
     MessageParam,
     MessagesRequest,
@@ -31,6 +36,7 @@ from gateway.api.openai.decode import invalid, skim, value_of
 from gateway.canonical import (
     Image,
     Message,
+    Opaque,
     Part,
     RedactedThinking,
     Request,
@@ -44,14 +50,30 @@ from gateway.canonical import (
     ToolResult,
 )
 from gateway.errors import InvalidRequest
+from gateway.passthrough import RepeatedField, original_of
 
 PROTOCOL: Final = "anthropic"
 _decoder = msgspec.json.Decoder(MessagesRequest)
+_block = msgspec.json.Decoder(Block).decode
+_block_type = msgspec.json.Decoder(BlockType).decode
 _NULL = b"null"
 
 
-def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, count_only: bool = False) -> Request:
-    """A Messages body as the canonical chat request. `count_only`: for count_tokens (no max_tokens)."""
+# `anthropic-beta`: comma-separated feature names (`interleaved-thinking-2025-05-14`, ...), bounded.
+_BETA = re.compile(r"[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*")
+MAX_BETA_BYTES: Final = 1024
+
+
+def decode_messages(
+    body: bytes,
+    limits: InboundLimits = DEFAULT_LIMITS,
+    *,
+    count_only: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> Request:
+    """A Messages body as the canonical chat request. `count_only`: for count_tokens (no max_tokens).
+    `headers` (the client's, lower-case names): its `anthropic-beta` goes with the body to an Anthropic
+    upstream (kept in `Request.original`)."""
     top = skim(body, limits)
     try:
         wire = _decoder.decode(body)
@@ -65,6 +87,14 @@ def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, coun
     check_numbers(numbers, limits)
     if wire.top_p is not None and not 0 <= wire.top_p <= 1:
         raise InvalidRequest("top_p: must be between 0 and 1.", param="top_p")
+    beta = _beta(headers)
+    try:
+        original = original_of(PROTOCOL, body, top)
+    except RepeatedField as exc:
+        raise InvalidRequest(
+            f"The field '{exc.name}' appears more than once in the request body; send each field once.",
+            param=exc.name,
+        ) from None
     messages = [out for i, m in enumerate(wire.messages) for out in _messages(m, i)]
     system = _system(wire.system)
     if system is not None:
@@ -90,7 +120,21 @@ def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, coun
         include_usage=True,
         user=wire.metadata.user_id if wire.metadata is not None else None,
         response_format=_output_format(wire.output_config),
+        original=original if beta is None else msgspec.structs.replace(original, headers=(("anthropic-beta", beta),)),
     )
+
+
+def _beta(headers: Mapping[str, str] | None) -> str | None:
+    value = headers.get("anthropic-beta") if headers is not None else None
+    if value is None:
+        return None
+    value = value.strip()
+    if len(value) > MAX_BETA_BYTES or not _BETA.fullmatch(value):
+        raise InvalidRequest(
+            f"anthropic-beta: a comma-separated list of beta names (at most {MAX_BETA_BYTES} characters).",
+            param="anthropic-beta",
+        )
+    return value
 
 
 def _output_format(config: OutputConfigParam | None) -> ResponseFormat | None:
@@ -114,7 +158,7 @@ def _system(system: str | list[TextBlock] | None) -> Message | None:
         return None
     if isinstance(system, str):
         return Message(role="system", content=(Text(text=system),)) if system else None
-    parts = tuple(Text(text=b.text) for b in system)
+    parts = tuple(Text(text=b.text, cache_control=_cache(b.cache_control)) for b in system)
     return Message(role="system", content=parts) if parts else None
 
 
@@ -124,7 +168,7 @@ def _messages(m: MessageParam, i: int) -> list[Message]:
     (the OpenAI codec's too): what the stages and the simulated backend read as a tool's answer."""
     if isinstance(m.content, str):
         return [Message(role=m.role, content=(Text(text=m.content),))]
-    parts = [_part(b, f"messages[{i}].content[{j}]") for j, b in enumerate(m.content)]
+    parts = [_raw_part(b, f"messages[{i}].content[{j}]") for j, b in enumerate(m.content)]
     if m.role == "system":
         for j, part in enumerate(parts):
             if not isinstance(part, Text):
@@ -137,16 +181,37 @@ def _messages(m: MessageParam, i: int) -> list[Message]:
     return out
 
 
+def _cache(raw: msgspec.Raw) -> msgspec.Raw | None:
+    """A block's `cache_control` as the client wrote it (None when absent or null)."""
+    return raw if len(raw) and bytes(raw) != _NULL else None
+
+
+def _raw_part(raw: msgspec.Raw, where: str) -> Part:
+    """A content block: one Strait models, decoded (a wrong field is a 400 naming it), or one of a type it
+    does not model, kept as its bytes (`Opaque`): it reaches an Anthropic upstream in the client's own
+    body, and a translation to another protocol refuses it by name."""
+    try:
+        kind = _block_type(raw).type
+        if kind not in BLOCK_TYPES:
+            return Opaque(protocol=PROTOCOL, kind=kind, raw=raw)
+        return _part(_block(raw), where)
+    except msgspec.ValidationError as exc:
+        message = str(exc).replace(" - at `$", f" - at `$.{where}", 1)
+        if " - at `$" not in message:
+            message = f"{message} - at `$.{where}`"
+        raise invalid(message) from None
+
+
 def _part(b: Block, where: str) -> Part:
     if isinstance(b, TextBlock):
-        return Text(text=b.text, cache_control=b.cache_control if len(b.cache_control) else None)
+        return Text(text=b.text, cache_control=_cache(b.cache_control))
     if isinstance(b, ImageBlock):
         return _image(b, where)
     if isinstance(b, ToolUseBlock):
         raw = bytes(b.input)
         if not raw.startswith(b"{"):
             raise InvalidRequest(f"{where}.input: must be a JSON object.", param=f"{where}.input")
-        return ToolCall(id=b.id, name=b.name, arguments=raw.decode())
+        return ToolCall(id=b.id, name=b.name, arguments=raw.decode(), cache_control=_cache(b.cache_control))
     if isinstance(b, ToolResultBlock):
         content: tuple[Part, ...]
         if b.content is None:
@@ -155,7 +220,9 @@ def _part(b: Block, where: str) -> Part:
             content = (Text(text=b.content),)
         else:
             content = tuple(_part(c, f"{where}.content[{k}]") for k, c in enumerate(b.content))
-        return ToolResult(call_id=b.tool_use_id, content=content, is_error=b.is_error)
+        return ToolResult(
+            call_id=b.tool_use_id, content=content, is_error=b.is_error, cache_control=_cache(b.cache_control)
+        )
     if isinstance(b, ThinkingBlock):
         return Thinking(text=b.thinking, signature=b.signature)
     assert isinstance(b, RedactedThinkingBlock)
@@ -167,10 +234,10 @@ def _image(b: ImageBlock, where: str) -> Image:
     if source.type == "url":
         if not source.url:
             raise InvalidRequest(f"{where}.source.url: Field required.", param=f"{where}.source.url")
-        return Image(url=source.url)
+        return Image(url=source.url, cache_control=_cache(b.cache_control))
     if not source.data or not source.media_type:
         raise InvalidRequest(f"{where}.source: a base64 image needs 'media_type' and 'data'.", param=f"{where}.source")
-    return Image(data=source.data, media_type=source.media_type)
+    return Image(data=source.data, media_type=source.media_type, cache_control=_cache(b.cache_control))
 
 
 def _tool(t: ToolParam, i: int) -> Tool:
@@ -181,7 +248,13 @@ def _tool(t: ToolParam, i: int) -> Tool:
             raise InvalidRequest(f"tools.{i}.input_schema: Field required.", param=f"tools[{i}].input_schema")
         if not bytes(schema).lstrip().startswith(b"{"):
             raise InvalidRequest(f"tools.{i}.input_schema: must be a JSON object.", param=f"tools[{i}].input_schema")
-    return Tool(name=t.name, description=t.description, parameters=schema if len(schema) else None, kind=kind)
+    return Tool(
+        name=t.name,
+        description=t.description,
+        parameters=schema if len(schema) else None,
+        kind=kind,
+        cache_control=_cache(t.cache_control),
+    )
 
 
 def _tool_choice(choice: ToolChoiceParam | None) -> ToolChoice | None:
