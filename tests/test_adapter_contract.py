@@ -1,17 +1,23 @@
 """The Adapter contract (gateway.contracts), one suite for every adapter that talks to a wire upstream:
 each is loaded through its `strait.adapters` entry point and driven against its own fake upstream (a real
 process on loopback): `openai` against tests.harness.fake_upstream, `anthropic` against
-tests.harness.fake_anthropic. A new adapter adds a `Kit` to KITS.
+tests.harness.fake_anthropic, `gemini` against tests.harness.fake_gemini. A new adapter adds a `Kit` to KITS.
 
 What every adapter must do, whatever its upstream speaks:
-- answer a chat request (from a client of its own protocol, passed through, and of the other one,
-  translated) in OpenAI's chat completion format with usage, and a stream as batches of chunk payloads
-  (never an empty batch) ending in `[DONE]`, with a usage chunk, its connection released by `close`;
+- answer a chat request (from a client of either protocol: its own passed through, the other translated;
+  an adapter without a client protocol of its own translates both) in OpenAI's chat completion format
+  with usage, and a stream as batches of chunk payloads (never an empty batch) ending in `[DONE]`, with a
+  usage chunk, its connection released by `close`;
 - a tool offered: a `tool_calls` answer with the call's id and JSON arguments;
 - send a client of its own protocol its own bytes with only the model replaced;
-- pass an upstream 429 on with its status and `retry-after`;
+- pass an upstream 429 on with its status and `retry-after`, an upstream failure (5xx) in OpenAI's
+  envelope that gateway.upstream.normalize reads back with its status;
+- raise UpstreamStreamBroken for a stream that ends before its end (after relaying what came), with a
+  `drain` that answers;
+- raise UpstreamResponseTooLarge for an answer over the backend's `max_body_bytes`;
 - raise UpstreamConnectError for an upstream that cannot be reached (not a reset: nothing was sent);
-- answer what it cannot translate with a 400 without calling the upstream.
+- answer what it cannot translate with a 400 without calling the upstream;
+- send the backend's key in a header only (never in the URL) and the request id.
 """
 
 from __future__ import annotations
@@ -30,9 +36,17 @@ import pytest
 from gateway.api.anthropic.decode import decode_messages
 from gateway.api.openai.decode import decode as decode_openai
 from gateway.canonical import Request
-from gateway.contracts import Adapter, UpstreamCall, UpstreamConnectError, UpstreamResponse
-from gateway.policy.model import Backend
+from gateway.contracts import (
+    Adapter,
+    UpstreamCall,
+    UpstreamConnectError,
+    UpstreamResponse,
+    UpstreamResponseTooLarge,
+    UpstreamStreamBroken,
+)
+from gateway.policy.model import Backend, UpstreamLimits
 from gateway.registry import discover_adapters
+from gateway.upstream.normalize import upstream_error
 from tests.harness.procs import ServerProcess, free_port
 
 KEY_ENV = "CONTRACT_UPSTREAM_KEY"
@@ -68,6 +82,11 @@ class Kit:
     own_tools: dict[str, Any]
     foreign_tools: dict[str, Any]
     untranslatable: Callable[[str], Request]
+    failing_model: str  # the upstream answers a 5xx
+    cut_model: str  # a stream that ends before its end
+    key_header: str  # where the backend's key goes
+    # None: the adapter has no client protocol of its own (both sides are translated).
+    own_protocol: str | None = None
 
 
 KITS = [
@@ -90,6 +109,10 @@ KITS = [
                 {"role": "user", "content": "again"},
             ],
         ),
+        failing_model="fault:503",
+        cut_model="fault:cut-after-3",
+        key_header="authorization",
+        own_protocol="openai",
     ),
     Kit(
         adapter="anthropic",
@@ -103,6 +126,27 @@ KITS = [
         foreign_tools=OPENAI_TOOLS,
         # Several choices: Messages has one answer.
         untranslatable=lambda m: openai_client(m, n=2),
+        failing_model="fault:529",
+        cut_model="fault:no-stop",
+        key_header="x-api-key",
+        own_protocol="anthropic",
+    ),
+    Kit(
+        adapter="gemini",
+        argv=[sys.executable, "-m", "tests.harness.fake_gemini", "--key", KEY],
+        base_path="",
+        model="gemini-2.5-flash",
+        rate_limited_model="gemini-2.5-flash+429",
+        # No client speaks Gemini's protocol to Strait: both sides are translated.
+        own=openai_client,
+        foreign=anthropic_client,
+        own_tools=OPENAI_TOOLS,
+        foreign_tools=ANTHROPIC_TOOLS,
+        # A bias on token ids: Gemini has no such thing.
+        untranslatable=lambda m: openai_client(m, logit_bias={"50256": -100}),
+        failing_model="gemini-2.5-flash+503",
+        cut_model="gemini-2.5-flash+cut",
+        key_header="x-goog-api-key",
     ),
 ]
 
@@ -219,7 +263,13 @@ async def test_a_client_of_the_adapters_protocol_has_its_bytes_sent_with_only_th
         chat_message(await adapter.send(call(request, k.model)))
     finally:
         await adapter.aclose()
-    sent = base64.b64decode(ledger(url)[-1]["body_b64"])
+    record = ledger(url)[-1]
+    if k.own_protocol is None:
+        # No protocol of its own: the client's bytes are translated, never sent as they are.
+        assert request.original.protocol != k.adapter and "body_b64" not in record
+        assert record["body"]["generationConfig"]["temperature"] == 0.25
+        return
+    sent = base64.b64decode(record["body_b64"])
     assert sent == request.original.body.replace(b'"route-name"', json.dumps(k.model).encode())
 
 
@@ -258,12 +308,70 @@ async def test_what_cannot_be_translated_is_a_400_and_never_sent(adapter: Adapte
     assert len(ledger(url)) == before
 
 
-def test_every_installed_wire_adapter_runs_a_contract_suite() -> None:
-    # Two suites were written side by side (this one: both client protocols, passthrough, tools;
-    # test_adapter_wire_contract: errors, cuts, limits, key placement) and are to be folded into one;
-    # until then every wire adapter must run at least one of them.
-    from tests.test_adapter_wire_contract import DRIVERS
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_failure_is_an_openai_envelope_normalize_reads(
+    adapter: Adapter, kit: tuple[Kit, str], stream: bool
+) -> None:
+    k, _ = kit
+    try:
+        response = await adapter.send(call(k.own(k.failing_model, stream=stream), k.failing_model, stream=stream))
+    finally:
+        await adapter.aclose()
+    assert response.status >= 500 and not response.streaming
+    assert json.loads(response.body)["error"]["message"]
+    error = upstream_error(response.status, response.body, response.headers)
+    assert error.status == response.status and error.message
 
+
+async def test_a_stream_cut_before_its_end_is_broken_after_what_came(adapter: Adapter, kit: tuple[Kit, str]) -> None:
+    k, _ = kit
+    response = await adapter.send(call(k.own(k.cut_model, stream=True), k.cut_model, stream=True))
+    got: list[bytes] = []
+    try:
+        assert response.batches is not None
+        with pytest.raises(UpstreamStreamBroken):
+            async for batch in response.batches:
+                got += batch
+        assert got and b"[DONE]" not in got
+        assert response.drain is not None and isinstance(response.drain(), list)
+    finally:
+        assert response.close is not None
+        closing = response.close()
+        if closing is not None:
+            await closing
+        await adapter.aclose()
+
+
+async def test_an_answer_over_the_body_limit_is_refused(kit: tuple[Kit, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    k, url = kit
+    monkeypatch.setenv(KEY_ENV, KEY)
+    backend = Backend(
+        name="small",
+        adapter=k.adapter,
+        base_url=url + k.base_path,
+        api_key=f"env:{KEY_ENV}",
+        limits=UpstreamLimits(max_body_bytes=64),  # below any answer
+    )
+    adapter = discover_adapters()[k.adapter](backend)
+    try:
+        with pytest.raises(UpstreamResponseTooLarge):
+            await adapter.send(call(k.own(k.model), k.model))
+    finally:
+        await adapter.aclose()
+
+
+async def test_the_key_goes_in_a_header_only_and_the_request_id_goes_up(adapter: Adapter, kit: tuple[Kit, str]) -> None:
+    k, url = kit
+    try:
+        chat_message(await adapter.send(call(k.own(k.model), k.model)))
+    finally:
+        await adapter.aclose()
+    record = ledger(url)[-1]
+    assert KEY not in record["path"] + record["query"]
+    assert KEY in record["headers"][k.key_header]
+    assert record["headers"]["x-request-id"] == "req_contract"
+
+
+def test_every_installed_wire_adapter_runs_a_contract_suite() -> None:
     wire = {name for name in discover_adapters() if name != "simulated"}
-    covered = {k.adapter for k in KITS} | {d.name for d in DRIVERS}
-    assert wire <= covered, Path(__file__).name + " needs a Kit for every adapter"
+    assert wire <= {k.adapter for k in KITS}, Path(__file__).name + " needs a Kit for every adapter"

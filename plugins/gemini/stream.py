@@ -46,7 +46,6 @@ class StreamTranslator:
     """One stream's state: feed it each SSE payload, then `end()` when the upstream closed the stream."""
 
     def __init__(self, model: str, request_id: str, choices: int = 1) -> None:
-        self.name = "gemini"
         self.model = model
         self.id = "chatcmpl-" + request_id
         self.created = int(time.time())

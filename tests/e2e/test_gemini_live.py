@@ -333,3 +333,55 @@ def test_anthropic_tool_loop_keeps_the_signature_streamed_and_not(
         sent = ledger(fake)[-1]["body"]["contents"][1]["parts"]
         call = {"name": "get_weather", "args": {"location": "Paris"}}
         assert sent == [{"functionCall": call, "thoughtSignature": thinking.signature}]
+
+
+# ---- the openai SDK's Responses API (/v1/responses), the same routes ----
+
+
+def test_responses_create_stream_and_a_tool_loop_keeping_the_signature(
+    client: openai.OpenAI, fake: ServerProcess
+) -> None:
+    response = client.responses.create(model="gem", input="What is the capital of France?")
+    assert response.output_text == "Paris is the capital of France"
+    assert response.usage is not None and response.usage.input_tokens_details.cached_tokens == 3
+    with client.responses.stream(model="gem", input="What is the capital of France?") as stream:
+        final = stream.get_final_response()
+    assert final.output_text == "Paris is the capital of France"
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
+    }
+    for streamed in (False, True):
+        if streamed:
+            with client.responses.stream(model="gem", input="Weather in Paris?", tools=[tool]) as s:  # type: ignore[list-item]
+                first = s.get_final_response()
+        else:
+            first = client.responses.create(model="gem", input="Weather in Paris?", tools=[tool])  # type: ignore[list-item]
+        (call,) = [item for item in first.output if item.type == "function_call"]
+        # The item carries the call's signature as chat tool calls do; the SDK keeps it on the item.
+        signature = call.model_extra["extra_content"]["google"]["thought_signature"]  # type: ignore[index]
+        second = client.responses.create(
+            model="gem",
+            input=[
+                {"role": "user", "content": "Weather in Paris?"},
+                call.model_dump(exclude_none=True),  # type: ignore[list-item]
+                {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+            ],
+            tools=[tool],  # type: ignore[list-item]
+        )
+        assert second.output_text == 'The tool get_weather said {"result": "sunny"}'
+        sent = ledger(fake)[-1]["body"]["contents"][1]["parts"][0]
+        assert sent == {
+            "functionCall": {"name": "get_weather", "args": {"location": "Paris"}},
+            "thoughtSignature": signature,
+        }
+        # Continued from the stored response instead (previous_response_id): the stored item keeps it too.
+        third = client.responses.create(
+            model="gem",
+            previous_response_id=first.id,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "rainy"}],
+            tools=[tool],  # type: ignore[list-item]
+        )
+        assert third.output_text == 'The tool get_weather said {"result": "rainy"}'
+        assert ledger(fake)[-1]["body"]["contents"][1]["parts"][0]["thoughtSignature"] == signature

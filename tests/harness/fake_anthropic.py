@@ -25,7 +25,7 @@ first, deltas, content_block_stop, message_delta, message_stop).
 Faults by model name: ``fault:429`` (``retry-after: 1``), ``fault:529`` (``overloaded_error``),
 ``fault:400``, ``fault:404`` (``not_found_error``, as for an unknown model), ``fault:500``, ``fault:error-event`` (a stream that sends a text delta, then ``event:
 error`` overloaded_error), ``fault:no-stop`` (a stream that ends after message_delta, without
-message_stop). Control: ``GET /healthz``, ``GET /_ledger`` (every request: path, headers lower-cased,
+message_stop). Control: ``GET /healthz``, ``GET /_ledger`` (every request: path, query, headers lower-cased,
 ``body_b64`` its exact bytes, ``status``, ``response_b64`` the exact bytes of the answer's body), ``POST /_reset``. ``GET /v1/models`` lists the models.
 """
 
@@ -219,6 +219,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     record: dict[str, Any] = {
         "path": request.path,
+        "query": request.query_string,
         "headers": {k.lower(): v for k, v in request.headers.items()},
         "body_b64": base64.b64encode(raw).decode(),
         "status": None,

@@ -39,7 +39,7 @@ approximation; ``TOKENIZER`` says which).
 
 Ledger record (one per non-control request, appended when the request arrives and updated in place)::
 
-    {"n", "path", "method", "headers" (lower-case names), "body" (parsed JSON or null), "body_b64" (its exact
+    {"n", "path", "query", "method", "headers" (lower-case names), "body" (parsed JSON or null), "body_b64" (its exact
      bytes), "stream", "model", "status" (null until answered), "completion_tokens_generated" (tokens written so
      far), "client_disconnected" (the client - e.g. the gateway - went away before the end), "finished" (the whole
      response was written), "aborted" (the fake cut the connection on purpose), "faults" (fault directives in force
@@ -551,6 +551,7 @@ async def ledger_middleware(request: web.Request, handler: Any) -> web.StreamRes
     record: dict[str, Any] = {
         "n": state.counter,
         "path": request.path,
+        "query": request.query_string,
         "method": request.method,
         "headers": _header_dict(request),
         "body": None,

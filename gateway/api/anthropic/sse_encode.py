@@ -170,7 +170,7 @@ class MessagesStream:
                             signature = call_signature(call.extra_content)
                             if signature is not None:
                                 # Its own signed thinking block first, as the non-streamed answer has it.
-                                self._open("signature", {**signature_block(""), "signature": ""}, out)
+                                self._open("signature", signature_block(""), out)
                                 self._delta({"type": "signature_delta", "signature": signature}, out)
                             name = (f.name if f is not None else None) or ""
                             block = {"type": "tool_use", "id": call.id or "", "name": name, "input": {}}

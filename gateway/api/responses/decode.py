@@ -247,7 +247,9 @@ def _messages(items: list[msgspec.Raw], stored: int) -> list[Message]:
                     turn = []
                 turn.extend(_content(item.content, where))
             elif isinstance(item, FunctionCallItem):
-                turn.append(ToolCall(id=item.call_id, name=item.name, arguments=item.arguments))
+                google = item.extra_content.google if item.extra_content is not None else None
+                signature = google.thought_signature if google is not None else None
+                turn.append(ToolCall(id=item.call_id, name=item.name, arguments=item.arguments, signature=signature))
             else:
                 assert isinstance(item, ReasoningItem)
                 if any(isinstance(p, Text | ToolCall) for p in turn):

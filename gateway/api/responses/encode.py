@@ -19,6 +19,7 @@ from typing import Any, Final
 import msgspec
 
 from gateway.api.responses.decode import Exchange
+from gateway.api.wire import ExtraContent
 
 _INCOMPLETE: Final[dict[str, str]] = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -31,6 +32,7 @@ class _Function(msgspec.Struct):
 class _Call(msgspec.Struct):
     id: str | None = None
     function: _Function | None = None
+    extra_content: ExtraContent | None = None  # Gemini's thought signature (plugins.gemini)
 
 
 class _ChatMessage(msgspec.Struct):
@@ -121,8 +123,16 @@ def message_item(request_id: str, parts: list[dict[str, Any]], status: str = "co
     }
 
 
-def call_item(request_id: str, index: int, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    return {
+def call_item(
+    request_id: str,
+    index: int,
+    call_id: str,
+    name: str,
+    arguments: str,
+    status: str,
+    extra: ExtraContent | None = None,
+) -> dict[str, Any]:
+    item: dict[str, Any] = {
         "id": item_id("fc", request_id, index),
         "type": "function_call",
         "status": status,
@@ -130,6 +140,12 @@ def call_item(request_id: str, index: int, call_id: str, name: str, arguments: s
         "name": name,
         "arguments": arguments,
     }
+    google = extra.google if extra is not None else None
+    if google is not None and google.thought_signature is not None:
+        # Gemini's signature of the call, where OpenAI-format answers carry it: the SDK keeps the field
+        # on the item, so the item sent back as input brings it back (gateway.api.responses.decode).
+        item["extra_content"] = {"google": {"thought_signature": google.thought_signature}}
+    return item
 
 
 def response_object(
@@ -175,7 +191,9 @@ def responses_object(body: bytes, exchange: Exchange, request_id: str) -> dict[s
     for i, call in enumerate(message.tool_calls or ()):
         f = call.function or _Function()
         call_id = call.id or item_id("call", request_id, i)
-        output.append(call_item(request_id, i, call_id, f.name or "", f.arguments or "", "completed"))
+        output.append(
+            call_item(request_id, i, call_id, f.name or "", f.arguments or "", "completed", call.extra_content)
+        )
     if incomplete and output:
         output[-1]["status"] = "incomplete"  # the item the answer stopped in (as the stream's last item)
     return response_object(

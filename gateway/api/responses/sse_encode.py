@@ -32,6 +32,7 @@ from gateway.api.responses.encode import (
     status_of,
     usage_of,
 )
+from gateway.api.wire import ExtraContent
 from gateway.context import RequestContext
 from gateway.contracts import End
 from gateway.upstream.sse import DONE
@@ -50,6 +51,7 @@ class _CallDelta(msgspec.Struct):
     index: int = 0
     id: str | None = None
     function: _Function | None = None
+    extra_content: ExtraContent | None = None
 
 
 class _Delta(msgspec.Struct):
@@ -78,15 +80,18 @@ class _Open:
     (kind and text pieces: a message's `output_text` and `refusal`, a reasoning's `reasoning_text`, a
     call's arguments), how many of them are done, and a function call's id and name."""
 
-    __slots__ = ("call_id", "done", "index", "kind", "name", "parts")
+    __slots__ = ("call_id", "done", "extra", "index", "kind", "name", "parts")
 
-    def __init__(self, kind: str, index: int, call_id: str = "", name: str = "") -> None:
+    def __init__(
+        self, kind: str, index: int, call_id: str = "", name: str = "", extra: ExtraContent | None = None
+    ) -> None:
         self.kind = kind
         self.index = index  # its output_index
         self.parts: list[tuple[str, list[str]]] = []
         self.done = 0
         self.call_id = call_id
         self.name = name
+        self.extra = extra  # a call's Gemini thought signature (on its first delta)
 
 
 def _part(kind: str, pieces: list[str]) -> dict[str, Any]:
@@ -135,7 +140,7 @@ class ResponsesStream:
         if o.kind == "message":
             return message_item(self.rid, [_part(kind, pieces) for kind, pieces in o.parts], status)
         arguments = "".join(o.parts[0][1]) if o.parts else ""
-        return call_item(self.rid, self.calls - 1, o.call_id, o.name, arguments, status)
+        return call_item(self.rid, self.calls - 1, o.call_id, o.name, arguments, status, o.extra)
 
     def _item_id(self) -> str:
         o = self.open
@@ -146,12 +151,14 @@ class ResponsesStream:
             return item_id("rs", self.rid)
         return item_id("fc", self.rid, self.calls - 1)
 
-    def _open(self, kind: str, out: list[bytes], call_id: str = "", name: str = "") -> None:
+    def _open(
+        self, kind: str, out: list[bytes], call_id: str = "", name: str = "", extra: ExtraContent | None = None
+    ) -> None:
         self._close(out)
         index = len(self.output)
         if kind.startswith("tool:"):
             self.calls += 1
-        self.open = _Open(kind, index, call_id, name)
+        self.open = _Open(kind, index, call_id, name, extra)
         item = self._item("in_progress")
         if kind == "reasoning":
             item["content"] = []  # its part comes with content_part.added
@@ -262,7 +269,7 @@ class ResponsesStream:
             f = call.function
             if self.open is None or self.open.kind != kind:
                 call_id = call.id or item_id("call", self.rid, self.calls)
-                self._open(kind, out, call_id, (f.name if f is not None else None) or "")
+                self._open(kind, out, call_id, (f.name if f is not None else None) or "", call.extra_content)
             if f is not None and f.arguments:
                 self._text("arguments", f.arguments, out)
 

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from gateway.api.wire import ExtraContent
+
 # Item ids, call ids and response ids: bounded like any other input (OpenAI's are ~50 characters).
 Ident = Annotated[str, msgspec.Meta(max_length=512)]
 
@@ -63,6 +65,8 @@ class FunctionCallItem(msgspec.Struct, kw_only=True):
     name: str
     arguments: str
     id: Ident | None = None
+    # Gemini's thought signature of the call, as the gateway gave it (gateway.api.responses.encode).
+    extra_content: ExtraContent | None = None
 
 
 class FunctionCallOutputItem(msgspec.Struct, kw_only=True):
