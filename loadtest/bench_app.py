@@ -1,7 +1,7 @@
 """CPU of the whole gateway app per JSON request, in-process: `python -m loadtest.bench_app`.
 
     python -m loadtest.bench_app [--state off|memory|redis] [--requests 3000] [--concurrency 32]
-                                 [--rounds 7]
+                                 [--rounds 7] [--stream] [--latency-ms 50] [--chunk-delay-ms 20]
 
 Builds the app as `strait serve` does (create_app: every stage, the access log written to a file,
 `overhead`'s limits policy for memory/redis), starts it through its ASGI lifespan, and drives it with
@@ -10,7 +10,9 @@ upstream is loadtest.fast_upstream in its own process (the gateway's aiohttp cli
 the least process CPU time per request over the rounds (the least: the machine is shared; the noise of
 other processes only adds). What it leaves out is uvicorn's HTTP parsing and writing; what it keeps is
 every line of the gateway's own, so a change to it is measured here with a few microseconds' resolution,
-where `loadtest.overhead` needs many alternated runs.
+where `loadtest.overhead` needs many alternated runs. `--stream` sends `stream: true` (12 events, the
+usage chunk stripped); `--latency-ms` / `--chunk-delay-ms` pace the upstream as `overhead`'s paced run
+does, so requests no longer share the event loop's turns (their Redis writes, their wake-ups).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,11 +37,12 @@ KEY = "sk-bench-app-0123456789abcdef"
 BODY = (
     b'{"model":"bench","messages":[{"role":"user","content":"Write one short sentence about rivers."}],"max_tokens":16}'
 )
+STREAM_BODY = BODY[:-1] + b',"stream":true}'
 PATH = "/v1/chat/completions"
 T = TypeVar("T")
 
 
-def _scope() -> dict[str, Any]:
+def _scope(body: bytes) -> dict[str, Any]:
     headers = [
         (b"host", b"127.0.0.1:8000"),
         (b"user-agent", b"Python/3.11 aiohttp/3.10"),
@@ -47,7 +50,7 @@ def _scope() -> dict[str, Any]:
         (b"accept-encoding", b"gzip, deflate"),
         (b"authorization", f"Bearer {KEY}".encode()),
         (b"content-type", b"application/json"),
-        (b"content-length", str(len(BODY)).encode()),
+        (b"content-length", str(len(body)).encode()),
     ]
     return {
         "type": "http",
@@ -66,7 +69,7 @@ def _scope() -> dict[str, Any]:
     }
 
 
-async def _one(app: Any) -> int:
+async def _one(app: Any, body: bytes) -> int:
     sent = False
     status = 0
 
@@ -74,7 +77,7 @@ async def _one(app: Any) -> int:
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": BODY, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.Future()  # the client stays until the answer is over
         raise AssertionError
 
@@ -83,11 +86,11 @@ async def _one(app: Any) -> int:
         if message["type"] == "http.response.start":
             status = message["status"]
 
-    await app(_scope(), receive, send)
+    await app(_scope(body), receive, send)
     return status
 
 
-async def _round(app: Any, requests: int, concurrency: int) -> float:
+async def _round(app: Any, requests: int, concurrency: int, body: bytes) -> float:
     left = requests
     bad = 0
 
@@ -95,12 +98,19 @@ async def _round(app: Any, requests: int, concurrency: int) -> float:
         nonlocal left, bad
         while left > 0:
             left -= 1
-            if await _one(app) != 200:
+            if await _one(app, body) != 200:
                 bad += 1
 
-    cpu = time.process_time()
+    before = os.times()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    cpu = time.process_time() - cpu
+    after = os.times()
+    user, system = after.user - before.user, after.system - before.system
+    cpu = user + system
+    if os.environ.get("BENCH_APP_SPLIT"):
+        print(
+            f"  user {user / requests * 1e6:.1f} us, system {system / requests * 1e6:.1f} us per request",
+            file=sys.stderr,
+        )
     if bad:
         raise SystemExit(f"{bad} requests did not get 200")
     return cpu / requests
@@ -129,11 +139,20 @@ async def _lifespan(app: Any) -> Any:
 async def _bench(args: argparse.Namespace, policy: Path, state: str, workdir: Path) -> list[float]:
     log = (workdir / "access.log").open("wb")
     app = create_app(
-        Settings(policy_path=str(policy), state=state, spool_dir=str(workdir / "spool")), access_log_out=log
+        Settings(
+            policy_path=str(policy),
+            state=state,
+            spool_dir=str(workdir / "spool"),
+            state_timeout_ms=args.state_timeout_ms,
+        ),
+        access_log_out=log,
     )
     async with _lifespan(app):
-        await _watched(_round(app, 200, args.concurrency), "the warm-up")  # connections, tokenizer, caches
-        return [await _watched(_round(app, args.requests, args.concurrency), "a round") for _ in range(args.rounds)]
+        body = STREAM_BODY if args.stream else BODY
+        await _watched(_round(app, 200, args.concurrency, body), "the warm-up")  # connections, tokenizer, caches
+        return [
+            await _watched(_round(app, args.requests, args.concurrency, body), "a round") for _ in range(args.rounds)
+        ]
 
 
 async def _watched(step: Awaitable[T], what: str, limit_s: float = 120.0) -> T:
@@ -162,10 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", "-n", type=int, default=3000, help="requests per round")
     parser.add_argument("--concurrency", "-c", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--state-timeout-ms", type=int, default=250, help="the store's deadline (raise it under valgrind)"
+    )
+    parser.add_argument("--stream", action="store_true", help="streamed requests (12 SSE events each)")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="the upstream's delay before a JSON answer")
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="the upstream's TTFT and gap between events")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="strait-bench-app-") as tmp:
         workdir = Path(tmp)
-        with upstream(workdir, 0.0, 0.0) as (_, port), _state(args.state, workdir) as state:
+        with upstream(workdir, args.chunk_delay_ms, args.latency_ms) as (_, port), _state(args.state, workdir) as state:
             template = POLICY_OPEN if args.state == "off" else POLICY_LIMITS
             policy = workdir / "policy.yaml"
             policy.write_text(template.format(host=HOST, port=port, digest=key_digest(KEY)))
@@ -178,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             per_request = runner(_bench(args, policy, state, workdir))
     us = sorted(x * 1e6 for x in per_request)
     print(
-        f"state={args.state} c={args.concurrency} {args.rounds}x{args.requests} requests: CPU per request "
+        f"state={args.state} c={args.concurrency}{' stream' if args.stream else ''}"
+        f"{f' latency={args.latency_ms:g}ms' if args.latency_ms else ''}"
+        f"{f' chunk-delay={args.chunk_delay_ms:g}ms' if args.chunk_delay_ms else ''} "
+        f"{args.rounds}x{args.requests} requests: CPU per request "
         f"least {us[0]:.1f} us, median {statistics.median(us):.1f} us, all {' '.join(f'{x:.0f}' for x in us)}",
         file=sys.stdout,
     )

@@ -84,10 +84,13 @@ class UsageWriter:
                     self._warn(f"ledger unreachable ({exc}); spooling {len(batch)} records")
                     self.spooled += self.spool.append(batch)
                     return
+        # The spool is looked at (a directory listing) once a second, not at every flush: before, the
+        # listing ran every `interval_s` while the spool was empty (20 a second, idle or not).
         now = time.monotonic()
-        if now - self._last_replay >= REPLAY_EVERY_S and self.spool.pending():
+        if now - self._last_replay >= REPLAY_EVERY_S:
             self._last_replay = now
-            await self.replay()
+            if self.spool.pending():
+                await self.replay()
 
     async def replay(self) -> int:
         """Write spooled batches to the ledger; each file is deleted once all of it is written."""

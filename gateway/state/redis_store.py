@@ -47,7 +47,7 @@ from gateway.state.base import (
     Usage,
 )
 from gateway.state.breaker import Breaker
-from gateway.state.deadline import Deadline
+from gateway.state.deadline import Deadline, Gate
 from gateway.state.keys import Calendar
 from gateway.state.layout import Binding, Bindings, encode_id
 from gateway.state.memory import MemoryStore, ticket_ttl_ms, wall_clock_ms
@@ -132,7 +132,7 @@ class RedisStore:
         self._seen: dict[str, int] = {}
         # In-flight calls are capped at the pool size, so a burst waits for a connection (within the
         # deadline) instead of failing on an exhausted pool (Redis Cluster's node pools do not block).
-        self._inflight = asyncio.Semaphore(max_connections)
+        self._inflight = Gate(max_connections)
         self._failures = 0
         self._skipped = 0
         self._saturated = 0
@@ -419,10 +419,24 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         started = loop.time()
         in_redis_since = 0.0
+        gate = self._inflight
+        # `async with Deadline(...), gate:` spelled out: two async context managers cost four coroutines
+        # a call, twice per request (admission, release); the same steps in the same order cost none.
+        deadline = Deadline(self._timeout_s)
+        deadline.arm()
         try:
-            async with Deadline(self._timeout_s), self._inflight:
-                in_redis_since = loop.time()
-                result = await (fn() if keys is None else fn(keys=keys, args=args))
+            try:
+                if not gate.enter_now():
+                    await gate.enter()
+                try:
+                    in_redis_since = loop.time()
+                    result = await (fn() if keys is None else fn(keys=keys, args=args))
+                finally:
+                    gate.leave()
+            except BaseException as exc:
+                deadline.disarm(type(exc), exc)
+                raise
+            deadline.disarm(None, None)
         except _FAILURES as exc:
             if isinstance(exc, TimeoutError) and self._direct is not None:
                 # Redis did not answer in time: the pipelined connection is suspect (if still stuck, or if
