@@ -77,7 +77,10 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, r
             end=End("upstream_failed", status),
             extra=header_blocks(ctx),
         )
-    metrics.child(metrics.latency, route).observe(time.perf_counter() - ctx.started)
+    elapsed = time.perf_counter() - ctx.started
+    metrics.child(metrics.latency, route).observe(elapsed)
+    if ctx.target is not None:
+        metrics.child(metrics.deployment_latency, route, ctx.target.label).observe(elapsed)
     if not upstream.streaming:
         metrics.child(metrics.requests, route, str(upstream.status)).inc()
         usage: Usage | None = None
