@@ -425,7 +425,7 @@ class AccountingStage(EndTap):
             m.child(m.usage_tokens, principal.tenant, route, deployment, "prompt").inc(prompt)
             m.child(m.usage_tokens, principal.tenant, route, deployment, "completion").inc(completion)
             m.child(m.usage_cost, principal.tenant, route, deployment).inc(cost / 1e6)
-        served = _served_by(ctx, deployment)
+        served = None if cache_hit else _served_by(ctx, deployment)
         if served is not None:
             m = self.metrics
             route = ctx.route.name if ctx.route is not None else ctx.route_name
@@ -453,7 +453,7 @@ class AccountingStage(EndTap):
 def _served_by(ctx: RequestContext, deployment: str) -> tuple[str, str] | None:
     """The tier of the plan's deployment that produced a usage record, and "true" when spillover moved a
     backend of this request behind it (the request went past a full backend), else "false". None for a
-    record of no plan deployment (a cache hit)."""
+    record of no plan deployment."""
     spilled_past = ctx.route_plan.spilled if ctx.route_plan is not None else {}
     for target in ctx.plan:
         if target.label == deployment:

@@ -101,3 +101,20 @@ def test_latency_and_ttft_by_deployment(client: TestClient[object]) -> None:
     series = _series(client.get("/metrics").text)
     assert series['strait_deployment_request_duration_seconds_count{deployment="m@sim",route="chat"}'] == 2
     assert series['strait_deployment_time_to_first_token_seconds_count{deployment="m@sim",route="chat"}'] == 1
+
+
+def test_a_cache_hit_is_not_counted_as_served_by_a_tier(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        POLICY.replace("budgets: {tenant: {usd_per_day: 5.0, usd_per_month: 90.0}}", "cache: {exact: true}")
+    )
+    app = create_app(Settings(policy_path=str(policy), spool_dir=str(tmp_path / "spool")))
+    with TestClient(app) as c:
+        c.headers["authorization"] = f"Bearer {KEY}"
+        body = {"model": "chat", "messages": [{"role": "user", "content": "same question"}], "temperature": 0}
+        first = c.post("/v1/chat/completions", json=body)
+        second = c.post("/v1/chat/completions", json=body)
+        assert first.status_code == second.status_code == 200
+        assert second.headers["x-strait-cache"] == "hit"
+        series = _series(c.get("/metrics").text)
+    assert series['strait_served_requests_total{route="chat",spilled="false",tier="edge"}'] == 1
