@@ -7,6 +7,7 @@ nothing else there, usage in the state Redis, traces at the collector's endpoint
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,8 +52,11 @@ def test_a_replica_with_the_compose_environment(tmp_path: Path, two_redis: tuple
         env["STRAIT_STATE"] = env["STRAIT_STATE"].replace("redis:6379", f"127.0.0.1:{state.port}")
         env["STRAIT_CACHE"] = env["STRAIT_CACHE"].replace("redis-cache:6379", f"127.0.0.1:{cache.port}")
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
-        # ../policies is what compose mounts at /etc/strait/policies; the image sets the spool folder.
-        env["STRAIT_POLICY"] = env["STRAIT_POLICY"].replace("/etc/strait/policies", str(REPO_ROOT / "policies"))
+        # ../policies is what compose mounts at /etc/strait/policies (a copy here, edited below); the image sets
+        # the spool folder.
+        mounted = tmp_path / "policies"
+        shutil.copytree(REPO_ROOT / "policies", mounted)
+        env["STRAIT_POLICY"] = env["STRAIT_POLICY"].replace("/etc/strait/policies", str(mounted))
         env["STRAIT_SPOOL_DIR"] = str(tmp_path / "spool")
         env["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export spans within 0.1 s rather than 5 s
         port = free_port()
@@ -76,6 +80,21 @@ def test_a_replica_with_the_compose_environment(tmp_path: Path, two_redis: tuple
                 assert poll(lambda: s.xlen("strait:{t:demo}:ledger") >= 2, timeout=10)
             spans = poll(lambda: [sp for sp in receiver.snapshot() if sp.service == "strait"], timeout=20)
             assert spans, "no span reached the collector's endpoint"
+
+            # An edit of the mounted policy is in force without a restart.
+            policy = mounted / "compose.yaml"
+            policy.write_text(
+                policy.read_text().replace(
+                    "  - name: chat-edge\n",
+                    "  - name: chat-ops\n    models: [llama-3.1-8b-edge]\n  - name: chat-edge\n",
+                )
+            )
+
+            def routes() -> set[str]:
+                listed = httpx.get(gw.base_url + "/v1/models", headers=headers, timeout=10).json()["data"]
+                return {m["id"] for m in listed}
+
+            assert poll(lambda: "chat-ops" in routes(), timeout=20), "the edited policy was not reloaded"
         log = (tmp_path / "gw.log").read_text()
         json_lines = [line for line in log.splitlines() if line.startswith("{")]
         assert json_lines and all(json.loads(line) for line in json_lines)
