@@ -14,7 +14,12 @@ from tests.harness.procs import REPO_ROOT
 
 
 @pytest.fixture(scope="session")
-def exported_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
+def exported_metrics(metrics_page: str) -> set[str]:
+    return exported_names(metrics_page)
+
+
+@pytest.fixture(scope="session")
+def metrics_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder: Path = tmp_path_factory.mktemp("scrape")
     env = {"STRAIT_SPOOL_DIR": str(folder / "spool"), "STRAIT_STATE": "memory"}
     with gateway_process(REPO_ROOT / "policies" / "compose.yaml", log_path=folder / "gw.log", env=env) as gw:
@@ -26,4 +31,4 @@ def exported_metrics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[s
             timeout=30,
         )
         assert r.status_code == 200, r.text
-        yield exported_names(httpx.get(gw.base_url + "/metrics", timeout=10).text)
+        yield httpx.get(gw.base_url + "/metrics", timeout=10).text

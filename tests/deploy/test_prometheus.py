@@ -84,3 +84,15 @@ def test_rules_read_only_series_the_gateway_exports(exported_metrics: set[str]) 
     )
     # The tokenizer does find names (a guard against a check that passes on nothing).
     assert promql_metric_names('sum by (route) (rate(x_total{a="b"}[5m])) / on (i) y > 2') == {"x_total", "y"}
+
+
+def test_histogram_bounds_the_rules_name_are_buckets_the_gateway_has(metrics_page: str) -> None:
+    """A `le` the rules compare with must be a bucket bound exactly as the gateway writes it ("2.5", "1.0")."""
+    used = {
+        (name, le)
+        for rule in alert_rules()
+        for name, le in re.findall(r'(\w+_bucket)\{[^}]*le="([^"]+)"', rule["expr"])
+    }
+    assert used
+    for name, le in used:
+        assert re.search(rf'^{name}\{{[^}}]*le="{re.escape(le)}"', metrics_page, re.M), (name, le)
