@@ -19,7 +19,7 @@ LOCK := $(BIN)/uv pip compile -q --universal --python-version 3.11 --generate-ha
 PY_TAG := $(shell $(PY) -c 'import sys; print(sys.implementation.name + "-" + ".".join(map(str, sys.version_info[:3])))' 2>/dev/null)
 STAMP := $(VENV)/.python-$(PY_TAG)
 
-.PHONY: run test lint typecheck loadtest lock clean
+.PHONY: run test lint typecheck loadtest lock clean deploy-tools
 
 $(STAMP):
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Strait needs Python 3.11+ (set PY=python3.11)")'
@@ -51,21 +51,40 @@ lint: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy --strict gateway plugins
 
-test: lint typecheck
+# The tools tests/deploy runs (there is no Docker engine): promtool (Debian's `prometheus`), nginx and
+# docker-compose (Compose v1, for `docker-compose config`). Installed from Debian's packages when one is missing
+# and apt-get can run (root: CI and the project's machines), with services kept from starting (policy-rc.d:
+# the packages would start Prometheus on :9090 and nginx on :80). Elsewhere tests/deploy skips, saying what to install.
+DEPLOY_TOOLS := promtool nginx docker-compose
+DEPLOY_PACKAGES := prometheus nginx-light docker-compose
+
+deploy-tools:
+	@missing=""; for t in $(DEPLOY_TOOLS); do PATH="$$PATH:/usr/sbin" command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ]; then \
+		echo "warning:$$missing not installed; tests/deploy skips what needs them (apt-get install $(DEPLOY_PACKAGES))"; exit 0; fi; \
+	echo "installing$$missing from Debian's packages ($(DEPLOY_PACKAGES))"; \
+	own_rc=""; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+		chmod +x /usr/sbin/policy-rc.d; own_rc=1; fi; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEPLOY_PACKAGES); \
+	rc=$$?; if [ -n "$$own_rc" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc
+
+test: lint typecheck deploy-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 loadtest: $(VENV)/.dev-installed
 	$(BIN)/python -m loadtest.overhead
 
 # Re-resolve the lock files from requirements/*.in and pyproject.toml (run = the base + the `cache` extra,
-# dev = run + the `dev` extra,
-# constrained to run's pins so both agree). Needs the package index; commit what it changes.
+# dev = run + the `dev` extra, image = the base alone for docker/Dockerfile (no semantic cache tier),
+# constrained to run's pins so all agree). Needs the package index; commit what it changes.
 lock: $(STAMP)
 	$(PIP_LOCKED) -r requirements/uv.txt
 	$(LOCK) requirements/pip.in -o requirements/pip.txt
 	$(LOCK) requirements/uv.in -o requirements/uv.txt
 	$(LOCK) pyproject.toml --extra cache requirements/build.in -o requirements/run.txt
 	$(LOCK) pyproject.toml --extra cache --extra dev requirements/build.in -c requirements/run.txt -o requirements/dev.txt
+	$(LOCK) pyproject.toml requirements/build.in -c requirements/run.txt -o requirements/image.txt
 	$(LOCK) --no-deps requirements/models.in -o requirements/models.txt
 
 clean:

@@ -1,14 +1,15 @@
 """Gauges read when Prometheus scrapes, not kept up to date per request: what the gateway holds right now
-(upstream requests in flight, ejected and spilling backends, the usage writer's queue and spool, the state store's
-breaker and failure counts). Labels come from the policy (backend names) or are fixed, so cardinality is
-bounded by the policy.
+(upstream requests in flight, ejected and spilling backends, each route's deployments left after ejections, the usage
+writer's queue and spool, the state store's breaker and failure counts) and the policy's own numbers alerts compare
+against (the shedding cap, tenants' budgets). Labels come from the policy (backend, route and tenant names) or are
+fixed, so cardinality is bounded by the policy.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -17,6 +18,9 @@ from gateway.inflight import InFlight
 from gateway.state import Store
 from gateway.upstream.retry import RetryBudgets
 from gateway.upstream.signals import LiveSignals
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
 
 _BREAKER = {"closed": 0, "half-open": 1, "open": 2}
 
@@ -27,6 +31,7 @@ class _Source(Protocol):
     writer: UsageWriter
     store: Store
     inflight: InFlight
+    runtime: Runtime
 
 
 class GatewayGauges:
@@ -68,6 +73,27 @@ class GatewayGauges:
         for backend in sorted(set(g.signals.in_flight) | unhealthy):
             ejected.add_metric([backend], 1 if backend in unhealthy else 0)
         yield ejected
+        yield _route_deployments(g.runtime, unhealthy)
+        policy = g.runtime.index.policy
+        yield GaugeMetricFamily(
+            "strait_shedding_max_in_flight",
+            "The policy's server.shedding.max_in_flight: requests in flight per replica above which new ones "
+            "get 503 (0: no cap). Compare with strait_in_flight_requests.",
+            value=policy.server.shedding.max_in_flight,
+        )
+        budgets = GaugeMetricFamily(
+            "strait_tenant_budget_usd",
+            "A tenant's spending budget from the policy (budgets.tenant), by period (day, month); compare with "
+            "strait_usage_cost_usd_total summed over replicas.",
+            labels=["tenant", "period"],
+        )
+        for tenant in policy.tenants:
+            budget = tenant.budgets.tenant
+            if budget.usd_per_day is not None:
+                budgets.add_metric([tenant.name, "day"], budget.usd_per_day)
+            if budget.usd_per_month is not None:
+                budgets.add_metric([tenant.name, "month"], budget.usd_per_month)
+        yield budgets
         utilisation = GaugeMetricFamily(
             "strait_backend_utilisation",
             "Utilisation (0-1) from the engine's scraped metrics, while fresh.",
@@ -143,3 +169,24 @@ class GatewayGauges:
         calls.add_metric(["skipped"], status.skipped)
         calls.add_metric(["saturated"], status.saturated)
         yield calls
+
+
+def _route_deployments(runtime: Runtime, unhealthy: frozenset[str]) -> GaugeMetricFamily:
+    """Each route's deployments by state: `ejected` when outlier detection took out the deployment or its
+    backend (as routing judges it), else `available`. A route with none available routes in panic mode
+    (every candidate tried anyway): the `all upstreams of a route ejected` alert."""
+    family = GaugeMetricFamily(
+        "strait_route_deployments",
+        "A route's deployments (any operation) by state: available, or ejected by outlier detection.",
+        labels=["route", "state"],
+    )
+    labels_by_route: dict[str, dict[str, bool]] = {}
+    for (route, _op), targets in runtime.index.targets.items():
+        seen = labels_by_route.setdefault(route, {})
+        for t in targets:
+            seen[t.label] = t.backend.name in unhealthy or t.label in unhealthy
+    for route, states in sorted(labels_by_route.items()):
+        ejected = sum(states.values())
+        family.add_metric([route, "available"], len(states) - ejected)
+        family.add_metric([route, "ejected"], ejected)
+    return family

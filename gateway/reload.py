@@ -2,8 +2,8 @@
 
 A new policy is validated whole (in a worker thread) and swapped in with one assignment; requests
 already running finish on the runtime they started with. An invalid policy is refused with its
-reasons (logged, counted in `strait_policy_reloads_total{result="rejected"}`) and the running one
-keeps serving.
+reasons (logged, counted in `strait_policy_reloads_total{result="rejected"}`, and
+`strait_policy_last_reload_successful` 0 until a reload succeeds) and the running one keeps serving.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class PolicyReloader:
                     if p.severity == "error":
                         log.error("policy reload refused: %s", p)
                 metrics.policy_reloads.labels("rejected").inc()
+                metrics.policy_reload_ok.set(0)
                 return False
             old = self.gateway.runtime
             try:
@@ -101,9 +102,11 @@ class PolicyReloader:
             except (ValueError, CacheDependencyError, EmbedderError) as exc:  # e.g. an api_key env var that is not set
                 log.error("policy reload refused: %s", exc)
                 metrics.policy_reloads.labels("rejected").inc()
+                metrics.policy_reload_ok.set(0)
                 return False
             self.gateway.use(new)
             metrics.policy_reloads.labels("applied").inc()
+            metrics.policy_reload_ok.set(1)
             log.warning("policy %s in force (version %s)", self.path, new.index.version)
             dropped = [a for name, a in old.adapters.items() if new.adapters.get(name) is not a]
             if dropped:

@@ -87,6 +87,23 @@ class Metrics:
             registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        # The same two timings by the deployment that answered (model@backend), so a dashboard tells a slow
+        # deployment from a slow route. Labels: the policy's route x deployment pairs.
+        self.deployment_ttft = Histogram(
+            "strait_deployment_time_to_first_token_seconds",
+            "Time from request to the first streamed event, by route and the deployment that answered.",
+            ("route", "deployment"),
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.deployment_latency = Histogram(
+            "strait_deployment_request_duration_seconds",
+            "Time from request to the end of the response head (non-streaming: whole answer), by route and "
+            "the deployment that answered.",
+            ("route", "deployment"),
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
         self.usage_tokens = Counter(
             "strait_usage_tokens",
             "Tokens charged (every usage record), by tenant, route, deployment and kind: prompt and completion "
@@ -108,6 +125,29 @@ class Metrics:
             ("deployment",),
             registry=self.registry,
         )
+        # Spillover as operators budget it: which tier served a route's requests, and whether spillover
+        # moved a backend behind the one that served (the request spilled). Labels: policy routes x 3 tiers x 2.
+        self.served_requests = Counter(
+            "strait_served_requests",
+            "Requests answered by an upstream (usage records' final attempts), by route, the serving "
+            "deployment's tier and whether spillover sent the request past a full backend (spilled).",
+            ("route", "tier", "spilled"),
+            registry=self.registry,
+        )
+        self.served_cost = Counter(
+            "strait_served_cost_usd",
+            "Cost charged in USD (every attempt), by route, the deployment's tier and spilled (as "
+            "strait_served_requests): the spend spillover causes.",
+            ("route", "tier", "spilled"),
+            registry=self.registry,
+        )
+        self.policy_reload_ok = Gauge(
+            "strait_policy_last_reload_successful",
+            "1 when the last policy reload attempt (file change or SIGHUP) put the policy in force (or none "
+            "was tried yet), 0 while the last one was refused: the running policy is older than the files.",
+            registry=self.registry,
+        )
+        self.policy_reload_ok.set(1)
         self.fallbacks = Counter(
             "strait_fallbacks",
             "Attempts that failed before the first byte and moved on to the next deployment, by route.",

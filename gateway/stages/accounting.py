@@ -438,6 +438,15 @@ class AccountingStage(EndTap):
             m = self.metrics
             route = ctx.route.name if ctx.route is not None else ctx.route_name
             m.child(m.usage_cost, principal.tenant, route, deployment).inc(cost / 1e6)
+        served = None if cache_hit else _served_by(ctx, deployment)
+        if served is not None:
+            m = self.metrics
+            route = ctx.route.name if ctx.route is not None else ctx.route_name
+            tier, spilled = served
+            if final:
+                m.child(m.served_requests, route, tier, spilled).inc()
+            if cost:
+                m.child(m.served_cost, route, tier, spilled).inc(cost / 1e6)
 
     async def drain(self) -> None:
         """Send every queued reconcile and wait for background calls (shutdown)."""
@@ -452,3 +461,15 @@ class AccountingStage(EndTap):
             await self.store.reconcile_many(batch)
         if self._reconciles:
             await asyncio.gather(*self._reconciles, return_exceptions=True)
+
+
+def _served_by(ctx: RequestContext, deployment: str) -> tuple[str, str] | None:
+    """The tier of the plan's deployment that produced a usage record, and "true" when spillover moved a
+    backend of this request behind it (the request went past a full backend), else "false". None for a
+    record of no plan deployment."""
+    spilled_past = ctx.route_plan.spilled if ctx.route_plan is not None else {}
+    for target in ctx.plan:
+        if target.label == deployment:
+            moved = bool(spilled_past) and target.backend.name not in spilled_past
+            return target.backend.tier, "true" if moved else "false"
+    return None

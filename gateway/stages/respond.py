@@ -78,7 +78,10 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, r
             end=End("upstream_failed", status),
             extra=header_blocks(ctx),
         )
-    metrics.child(metrics.latency, route).observe(time.perf_counter() - ctx.started)
+    elapsed = time.perf_counter() - ctx.started
+    metrics.child(metrics.latency, route).observe(elapsed)
+    if ctx.target is not None:
+        metrics.child(metrics.deployment_latency, route, ctx.target.label).observe(elapsed)
     # The upstream's own answer for the edge, unless a rescue may stitch another attempt into the stream
     # (what the client sees is then the translation, one consistent stream).
     native = upstream.native

@@ -70,7 +70,7 @@ class SignalsTap(EndTap):
 
 
 class MetricsTap(EndTap):
-    """Tokens the provider reported, by route; a stream's time to first event."""
+    """Tokens the provider reported, by route; a stream's time to first event, by route and deployment."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -82,6 +82,8 @@ class MetricsTap(EndTap):
         route = ctx.route_name
         if end.stream and end.ttft_s is not None:
             m.child(m.ttft, route).observe(end.ttft_s)
+            if ctx.target is not None:
+                m.child(m.deployment_ttft, route, ctx.target.label).observe(end.ttft_s)
         usage = end.usage
         if usage is not None:
             tokens = counts_of(usage)

@@ -180,9 +180,21 @@ def _spilling_gauge(gw: ServerProcess) -> float:
     raise AssertionError("strait_backend_spilling for the primary not in /metrics")
 
 
+def _served(gw: ServerProcess, tier: str, spilled: str) -> float:
+    """strait_served_requests_total on route spill: what the spillover-share panel and spend alert read."""
+    series = f'strait_served_requests_total{{route="spill",spilled="{spilled}",tier="{tier}"}} '
+    for line in httpx.get(gw.base_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(series):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_spillover_starts_at_the_threshold_and_flows_back_below_the_lower_mark(
     gw: ServerProcess, fake: FakeControl
 ) -> None:
+    spilled_before = _served(gw, "provider", "true")
+    own_before = _served(gw, "self-hosted", "false")
+
     def at(kv: float) -> httpx.Response:
         fake.set_metrics(kv_cache_usage=kv, running=0, waiting=0)
         _fresh_scrapes(fake)
@@ -205,6 +217,9 @@ def test_spillover_starts_at_the_threshold_and_flows_back_below_the_lower_mark(
     drained = at(0.35)
     assert drained.headers["x-strait-deployment"] == PRIMARY and "x-strait-spill" not in drained.headers
     assert _spilling_gauge(gw) == 0
+    # The two spilled answers came from the provider tier, flagged spilled; the calm and drained ones not.
+    assert _served(gw, "provider", "true") - spilled_before == 2
+    assert _served(gw, "self-hosted", "false") - own_before == 2
     # Back between the marks from below: stays on the primary.
     again = at(0.6)
     assert again.headers["x-strait-deployment"] == PRIMARY and "x-strait-spill" not in again.headers

@@ -160,6 +160,16 @@ def test_hot_reload_on_change_and_refusal_on_sighup(
         assert us.chat.completions.create(model="chat-eu", messages=[{"role": "user", "content": "x"}], max_tokens=2)
         log = policy_gateway.read_log()
         assert "policy reload refused" in log and "unknown model 'ghost'" in log
+        # What the PolicyReloadFailing alert reads: 0 while the files hold a refused policy.
+        assert _reload_ok(policy_gateway) == 0
     finally:
         policy.write_text(original)
         assert _poll(lambda: "chat-eu" not in {m.id for m in us.models.list()})
+    assert _reload_ok(policy_gateway) == 1
+
+
+def _reload_ok(gw: ServerProcess) -> float:
+    for line in httpx.get(gw.base_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("strait_policy_last_reload_successful "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("strait_policy_last_reload_successful not in /metrics")
