@@ -10,6 +10,7 @@ What every adapter must do, whatever its upstream speaks:
   usage chunk, its connection released by `close`;
 - a tool offered: a `tool_calls` answer with the call's id and JSON arguments;
 - send a client of its own protocol its own bytes with only the model replaced;
+- hand over, without waiting, what a stream received but did not yield when the client leaves (`drain`);
 - pass an upstream 429 on with its status and `retry-after`, an upstream failure (5xx) in OpenAI's
   envelope that gateway.upstream.normalize reads back with its status;
 - raise UpstreamStreamBroken for a stream that ends before its end (after relaying what came), with a
@@ -271,6 +272,25 @@ async def test_a_client_of_the_adapters_protocol_has_its_bytes_sent_with_only_th
         return
     sent = base64.b64decode(record["body_b64"])
     assert sent == request.original.body.replace(b'"route-name"', json.dumps(k.model).encode())
+
+
+async def test_a_client_that_leaves_mid_stream_is_drained_and_closed(adapter: Adapter, kit: tuple[Kit, str]) -> None:
+    """What the relay does when the client goes: `drain` (never waits; hands over events received but not
+    yet yielded, each a chunk payload) once, then `close` (the connection aborted, not kept)."""
+    k, _ = kit
+    request = k.own(k.model, stream=True)
+    try:
+        response = await adapter.send(call(request, k.model, stream=True))
+        assert response.batches is not None and response.drain is not None and response.close is not None
+        first = await response.batches.__anext__()
+        assert first  # a short answer may be whole already: then nothing is left to drain
+        drained = response.drain()
+        assert b"[DONE]" not in drained and all(isinstance(json.loads(e), dict) for e in drained)
+        closing = response.close()
+        if closing is not None:
+            await closing
+    finally:
+        await adapter.aclose()
 
 
 async def test_a_429_keeps_its_status_and_retry_after(adapter: Adapter, kit: tuple[Kit, str]) -> None:

@@ -63,6 +63,7 @@ models:
   - {{name: overloaded, capabilities: [chat, tools], deployments: [{{backend: claude, upstream_model: "fault:529"}}]}}
   - {{name: limited, capabilities: [chat, tools], deployments: [{{backend: claude, upstream_model: "fault:429"}}]}}
   - {{name: errors-mid-stream, deployments: [{{backend: claude, upstream_model: "fault:error-event"}}]}}
+  - {{name: errors-at-start, capabilities: [chat, tools], deployments: [{{backend: claude, upstream_model: "fault:error-before-content"}}]}}
   - {{name: no-stop, deployments: [{{backend: claude, upstream_model: "fault:no-stop"}}]}}
   - {{name: refuses, deployments: [{{backend: claude, upstream_model: "fault:400"}}]}}
   - {{name: unknown-model, deployments: [{{backend: claude, upstream_model: "fault:404"}}]}}
@@ -74,6 +75,7 @@ routes:
   - {{name: overloaded-then-backup, models: [overloaded, claude-backup]}}
   - {{name: limited-then-backup, models: [limited, claude-backup], retry: {{max_retry_after_s: 0.5}}}}
   - {{name: errors-mid-stream, models: [errors-mid-stream]}}
+  - {{name: errors-at-start-then-backup, models: [errors-at-start, claude-backup]}}
   - {{name: no-stop, models: [no-stop]}}
   - {{name: refuses, models: [refuses]}}
   - {{name: unknown-model, models: [unknown-model]}}
@@ -327,6 +329,18 @@ def test_a_rate_limited_deployment_waits_its_retry_after_bound_then_fails_over(
     tried = [json.loads(base64.b64decode(r["body_b64"]))["model"] for r in ledger(fake)[before:]]
     # retry-after: 1 is past the route's 0.5 s bound: the next deployment at once, no second 429.
     assert tried == ["fault:429", "claude-fake"]
+
+
+def test_an_error_event_before_any_content_fails_over_like_a_5xx(gw: ServerProcess, fake: ServerProcess) -> None:
+    before = len(ledger(fake))
+    with claude(gw).messages.with_streaming_response.create(
+        model="errors-at-start-then-backup", max_tokens=32, stream=True, messages=[{"role": "user", "content": "hi"}]
+    ) as response:
+        assert response.headers["x-strait-deployment"] == "claude-backup@claude-b"
+        body = response.read()
+    assert b"event: error" not in body and body.rstrip().endswith(b'data: {"type":"message_stop"}')
+    tried = [json.loads(base64.b64decode(r["body_b64"]))["model"] for r in ledger(fake)[before:]]
+    assert tried[0] == "fault:error-before-content" and tried[-1] == "claude-fake"
 
 
 def test_a_mid_stream_error_event_ends_the_clients_stream_with_an_error(gw: ServerProcess) -> None:

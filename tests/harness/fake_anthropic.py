@@ -24,7 +24,7 @@ first, deltas, content_block_stop, message_delta, message_stop).
 
 Faults by model name: ``fault:429`` (``retry-after: 1``), ``fault:529`` (``overloaded_error``),
 ``fault:400``, ``fault:404`` (``not_found_error``, as for an unknown model), ``fault:500``, ``fault:error-event`` (a stream that sends a text delta, then ``event:
-error`` overloaded_error), ``fault:no-stop`` (a stream that ends after message_delta, without
+error`` overloaded_error), ``fault:error-before-content`` (message_start, ping, then the error), ``fault:no-stop`` (a stream that ends after message_delta, without
 message_stop). Control: ``GET /healthz``, ``GET /_ledger`` (every request: path, query, headers lower-cased,
 ``body_b64`` its exact bytes, ``status``, ``response_b64`` the exact bytes of the answer's body), ``POST /_reset``. ``GET /v1/models`` lists the models.
 """
@@ -308,6 +308,10 @@ async def _answer(state: State, request: web.Request, raw: bytes, sent: list[byt
         "usage": start_usage,
     }
     await write(_sse("message_start", {"type": "message_start", "message": head}))
+    if model == "fault:error-before-content":
+        await write(_sse("ping", {"type": "ping"}))
+        await write(_sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+        return stream
     for index, block in enumerate(blocks):
         events = _block_events(index, block)
         if index == 0:
