@@ -47,7 +47,7 @@ from gateway.policy.model import (
     Weights,
     When,
 )
-from gateway.policy.places import expand
+from gateway.policy.places import BUILTIN
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -85,6 +85,7 @@ S_DEVELOPER = st.sampled_from((*DEVELOPERS, None))
 S_DEVELOPERS = subset(DEVELOPERS)
 S_OPERATOR = st.sampled_from(OPERATORS)
 S_RETENTION = st.sampled_from((None, 0, 30, 90))
+S_TRAINS = st.sampled_from((None, False, True))
 S_MAX_RETENTION = st.sampled_from((0, 30))
 S_CERTS_HELD = subset(CERTS, 0, 3)
 S_CERTS_REQUIRED = subset(CERTS, 1, 2)
@@ -143,7 +144,7 @@ def backend_of(draw: st.DrawFn, name: str) -> Backend:
             operator=draw(S_OPERATOR),
             jurisdiction=draw(S_JURIS),
             retention_days=draw(S_RETENTION),
-            trains_on_data=draw(COIN),
+            trains_on_data=draw(S_TRAINS),
             certifications=draw(S_CERTS_HELD),
         ),
         capacity=Capacity(max_concurrency=draw(S_CONCURRENCY)),
@@ -292,7 +293,14 @@ def worlds(
 
 
 def _within(place: str, allowed: tuple[str, ...]) -> bool:
-    return bool(place) and place in expand(allowed)
+    """Restated from the places contract: every country the place may be in is one the list covers."""
+    if not place:
+        return False
+    members = BUILTIN.blocs.get(place.upper(), frozenset({place.upper()}))
+    room: set[str] = set()
+    for p in allowed:
+        room |= BUILTIN.blocs.get(p.upper(), frozenset({p.upper()}))
+    return members <= room
 
 
 def applied_rules(w: World) -> list[Rule]:
@@ -312,7 +320,7 @@ def violations(t: Target, w: World) -> list[str]:
     if compliance_reason(t, w.tenant.compliance) is not None:
         out.append("compliance")
     juris = (t.backend.hosting.jurisdiction or "").upper()
-    country = ((t.model.origin.country if t.model.origin else None) or "").upper()
+    country = ((t.origin.country if t.origin else None) or "").upper()
     price = max(t.deployment.price.input_per_mtok, t.deployment.price.output_per_mtok)
     for r in applied_rules(w):
         c = r.then.constraints
@@ -383,7 +391,7 @@ def preference_error(w: World) -> str | None:
     ):
         if asked is None:
             continue
-        if allowed is not None and not expand(asked) <= expand(allowed):
+        if allowed is not None and not all(_within(a, allowed) for a in asked):
             return param
     route = w.index.routes["main"]
     known = set(route.models) | {m for f in route.fallback for m in w.index.routes[f].models}
@@ -425,21 +433,26 @@ def test_plan_is_inside_every_constraint_and_exclusions_are_real(w: World) -> No
     if not cands:
         assert isinstance(result, InvalidRequest) and result.code == "unsupported_operation"
         return
-    # Candidates the tenant may use at all; "too long" is judged over these (the others never could serve).
-    compliant = [t for t in cands.values() if "compliance" not in violations(t, w)]
-    if isinstance(result, InvalidRequest):
-        assert result.code == "context_length_exceeded", result.message
-        assert compliant and all(violations(t, w)[0] == "context" for t in compliant)
-        return
-    if isinstance(result, PermissionDenied):
-        assert result.param == "model"
-        too_long = bool(compliant) and all(violations(t, w)[0] == "context" for t in compliant)
-        assert not too_long, "too long for every usable candidate must be a 400, not a 403"
-        for label, t in cands.items():
-            # A candidate whose only fault is its ejection would have been tried (panic mode), not refused.
-            assert [v for v in violations(t, w) if v != "health"], f"{label} was refused with no violation"
+    # The stages a refusal names, in order: compliance (the tenant's, the rules', the request's), then the
+    # capabilities the request uses, then the context window.
+    usable = [t for t in cands.values() if not {"compliance", "rule", "prefs"} & set(violations(t, w))]
+    capable = [t for t in usable if "capabilities" not in violations(t, w)]
+    fitting = [t for t in capable if "context" not in violations(t, w)]
+    if isinstance(result, PermissionDenied | InvalidRequest):
+        assert result.param in ("model", "messages")
+        for label in cands:
             assert f"{label}: " in result.message
+        if not usable:
+            assert (result.status, result.code) == (403, "no_compliant_candidate"), result.message
+        elif not capable:
+            assert (result.status, result.code) == (400, "capability_missing"), result.message
+        else:
+            assert not fitting, f"refused ({result.code}) though {[t.label for t in fitting]} could serve"
+            assert (result.status, result.code) == (400, "context_length_exceeded"), result.message
+            largest = max(t.model.context_window or 0 for t in capable)
+            assert f"maximum context length is {largest} tokens" in result.message
         return
+    assert fitting, "a plan where no candidate passes compliance, capabilities and context"
     assert isinstance(result, RoutePlan)
     assert result.decision.rules == tuple(r.name for r in applied_rules(w))
     # Panic mode exactly when no candidate is clean and some are only ejected: ejection is then ignored.

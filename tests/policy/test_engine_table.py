@@ -383,7 +383,7 @@ def test_compliance_through_decide(
     with pytest.raises(PermissionDenied) as info:
         run(idx)
     err = info.value
-    assert (err.status, err.type, err.code, err.param) == (403, "permission_denied", "policy_violation", "model")
+    assert (err.status, err.type, err.code, err.param) == (403, "permission_denied", "no_compliant_candidate", "model")
     assert f"m@b: {expected}" in err.message
 
 
@@ -443,10 +443,12 @@ def test_capabilities_the_request_uses(needs: set[str], plan: list[str], exclude
     assert got == excluded
 
 
-def test_request_needing_a_capability_no_candidate_has_is_refused() -> None:
+def test_request_needing_a_capability_no_candidate_has_is_400_capability_missing() -> None:
     idx = index([backend("b")], [model("m", dep("b"))], [route("r", "m")])
-    with pytest.raises(PermissionDenied, match=r"m@b: model lacks vision"):
+    with pytest.raises(InvalidRequest, match=r"m@b: model lacks vision") as info:
         run(idx, needs=frozenset({"vision"}))
+    assert (info.value.status, info.value.code, info.value.param) == (400, "capability_missing", "model")
+    assert "supports vision" in info.value.message
 
 
 def test_operation_no_candidate_supports_is_400_unsupported_operation() -> None:
