@@ -35,6 +35,7 @@ from gateway.policy.model import (
     Deployment,
     Hosting,
     Model,
+    Operator,
     Origin,
     OriginRule,
     PolicySet,
@@ -182,6 +183,8 @@ COMPLIANCE_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "allowed_tiers": S_TIERS,
     "max_retention_days": S_MAX_RETENTION,
     "no_training": st.just(True),
+    "allowed_operator_countries": S_ORIGINS,
+    "denied_operator_countries": S_ORIGINS,
     "required_certifications": S_CERTS_REQUIRED,
     "origin_rules": S_ORIGIN_RULES,
 }
@@ -255,6 +258,12 @@ def worlds(
     )
     alt = Route(name="alt", models=tuple(pick(draw, model_names, 1, 3)), objective=draw(S_OBJECTIVE))
     policy = PolicySet(
+        # Operators as entities: Acme belongs to Meta (deny_developer_operated matches Meta's models there).
+        operators=(
+            Operator(name="DeepSeek", headquarters="CN"),
+            Operator(name="Meta", headquarters="US"),
+            Operator(name="Acme", headquarters="FR", parent="Meta"),
+        ),
         backends=tuple(bs),
         models=tuple(ms),
         routes=(main, alt),
@@ -369,13 +378,17 @@ def candidates(w: World, route_name: str = "main") -> dict[str, Target]:
     idx = w.index
     route = idx.routes[route_name]
     out: dict[str, Target] = {}
+    # The index's targets carry what compliance reads, resolved from the policy (operator entities,
+    # inherited origins); which deployments are candidates is restated here.
+    resolved = {t.label: t for targets in idx.targets.values() for t in targets}
     for name in (route_name, *route.fallback):
         for m in (idx.models[n] for n in idx.routes[name].models):
             op_cap = w.features.operation
             if op_cap not in m.capabilities:
                 continue
             for d in m.deployments:
-                out.setdefault(f"{m.name}@{d.backend}", Target(model=m, deployment=d, backend=idx.backends[d.backend]))
+                label = f"{m.name}@{d.backend}"
+                out.setdefault(label, resolved[label])
     return out
 
 
