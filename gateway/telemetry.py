@@ -154,7 +154,8 @@ class Metrics:
             "not cacheable), vetoed (a neighbour above the threshold refused by the lexical veto), "
             "raised_threshold (a neighbour below its namespace's threshold raised by bad-hit reports), timeout "
             "(the embedding took longer than cache.semantic_timeout_ms), busy (too many lookups waiting for "
-            "the embedder), error (the cache store or the embedder failed). All but hit, semantic_hit and "
+            "the embedder), error (the cache store or the embedder failed), noncompliant (an entry produced by a "
+            "deployment the requesting tenant may not use now: never served). All but hit, semantic_hit and "
             "bypass are also counted as miss.",
             ("route", "result"),
             registry=self.registry,

@@ -493,6 +493,12 @@ class RoutePlan:
     def panic(self) -> bool:
         return self._facts.panic
 
+    def may_use(self, label: str) -> bool:
+        """Whether this request may be served by deployment `label` (`model@backend`): it is a candidate of
+        the route that passed compliance, the rules' constraints, the request's preferences, its
+        capabilities and context window (an ejected one counts: the cache serves without asking it)."""
+        return any(t.label == label and (r is None or r == EJECTED) for t, r in self._facts.verdicts)
+
     @property
     def decision(self) -> Decision:
         if self._decision is None:
