@@ -148,6 +148,14 @@ class Metrics:
             ("backend",),
             registry=self.registry,
         )
+        self.evidence_mismatch = Counter(
+            "strait_compliance_evidence_mismatch",
+            "Answers whose provider reported inference outside the backend's declared jurisdiction (e.g. "
+            "Anthropic's usage.inference_geo 'global' for a backend declared US): a compliance alert, by "
+            "deployment.",
+            ("deployment",),
+            registry=self.registry,
+        )
         self.cache_lookups = Counter(
             "strait_cache_lookups",
             "Cache lookups by route and result: hit (exact), semantic_hit, miss, bypass (Cache-Control or "

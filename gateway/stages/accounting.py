@@ -26,6 +26,7 @@ from gateway.accounting.records import UsageRecord, UsageSource
 from gateway.accounting.writer import UsageWriter
 from gateway.context import RequestContext
 from gateway.contracts import End
+from gateway.policy.evidence import contradicts, reported_geo
 from gateway.relay import EndTap
 from gateway.state import MemoryStore, Store, Ticket
 from gateway.state import Usage as StoreUsage
@@ -214,9 +215,20 @@ class AccountingStage(EndTap):
             earlier_completion += part.completion_tokens
             earlier_cost += part_cost
         if target is not None and principal is not None:
+            geo = None
             if usage is not None:
                 prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, cached_tokens(usage)
                 source = "provider"
+                geo = reported_geo(usage.inference_geo)
+                if geo is not None and contradicts(target, geo):
+                    self.metrics.child(self.metrics.evidence_mismatch, target.label).inc()
+                    log.warning(
+                        "request %s: %s reported inference in %r, outside its declared jurisdiction %s",
+                        ctx.request_id,
+                        target.label,
+                        geo,
+                        target.backend.hosting.jurisdiction,
+                    )
             elif _estimates_prompt(ctx, end):
                 prompt = ctx.prompt_tokens.count_now()  # the upstream reported none: estimated
                 completion = (
@@ -243,6 +255,7 @@ class AccountingStage(EndTap):
                 ttft_s,
                 partial_,
                 source,
+                inference_geo=geo,
             )
         self.release(ctx, prompt + completion + earlier_prompt + earlier_completion, cost + earlier_cost)
         ctx.accounted = True
@@ -389,6 +402,7 @@ class AccountingStage(EndTap):
         *,
         cache_hit: bool = False,
         tokens_saved: int = 0,
+        inference_geo: str | None = None,
     ) -> None:
         principal = ctx.principal
         assert principal is not None
@@ -416,6 +430,7 @@ class AccountingStage(EndTap):
                 client_request_id=ctx.client_request_id,
                 cache_hit=cache_hit,
                 tokens_saved=tokens_saved,
+                inference_geo=inference_geo,
             )
         )
         self.metrics.child(self.metrics.usage_records, source).inc()
