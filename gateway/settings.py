@@ -110,7 +110,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("access_log_sample", "STRAIT_ACCESS_LOG_SAMPLE"),
             ("region", "STRAIT_REGION"),
         ):
-            if var in env and (env[var] or field != "metrics_token"):
+            # Empty means unset for the optional names (a compose file's `${VAR:-}`).
+            if var in env and (env[var] or field not in ("metrics_token", "region")):
                 values[field] = env[var]
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
