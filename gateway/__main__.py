@@ -269,21 +269,37 @@ def _usage(args: argparse.Namespace) -> int:
         print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
     rows = doc["data"]
-    fields = ["tenant", "value", "requests", "prompt_tokens", "completion_tokens", "cost_usd"]
+    # cached (cache reads) and cache_write are parts of prompt, reasoning a part of completion.
+    fields = [
+        "tenant",
+        "value",
+        "requests",
+        "prompt_tokens",
+        "cached_tokens",
+        "cache_write_tokens",
+        "completion_tokens",
+        "reasoning_tokens",
+        "cost_usd",
+    ]
     if args.format == "json":
         print(json.dumps(doc, indent=2))
     elif args.format == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(["tenant", args.by, *fields[2:]])
         for r in rows:
-            writer.writerow([r[f] for f in fields])
+            # A gateway of an older version reports no token kinds: 0.
+            writer.writerow([r.get(f, 0) for f in fields])
     else:
         print(f"usage {doc['since']}..{doc['until']} by {args.by}")
-        print(f"{'tenant':<20} {args.by:<32} {'requests':>9} {'prompt':>10} {'completion':>10} {'USD':>12}")
+        print(
+            f"{'tenant':<20} {args.by:<32} {'requests':>9} {'prompt':>10} {'cached':>10} {'cache_write':>11} "
+            f"{'completion':>10} {'reasoning':>10} {'USD':>12}"
+        )
         for r in rows:
             print(
                 f"{r['tenant']:<20} {r['value']:<32} {r['requests']:>9} {r['prompt_tokens']:>10} "
-                f"{r['completion_tokens']:>10} {r['cost_usd']:>12.6f}"
+                f"{r.get('cached_tokens', 0):>10} {r.get('cache_write_tokens', 0):>11} "
+                f"{r['completion_tokens']:>10} {r.get('reasoning_tokens', 0):>10} {r['cost_usd']:>12.6f}"
             )
     return 0
 

@@ -29,6 +29,10 @@ class AccessLine(msgspec.Struct, omit_defaults=True, kw_only=True):
     deployment: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Parts of prompt_tokens (cache reads, cache writes) and of completion_tokens (reasoning); absent when 0.
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
     cost_usd: float = 0.0
     ttft_ms: float | None = None
     partial: bool = False
@@ -58,6 +62,9 @@ class AccessLog:
         *,
         prompt: int = 0,
         completion: int = 0,
+        cached: int = 0,
+        cache_write: int = 0,
+        reasoning: int = 0,
         cost_micro_usd: int = 0,
         ttft_s: float | None = None,
         partial: bool = False,
@@ -83,6 +90,9 @@ class AccessLog:
             deployment=ctx.target.label if ctx.target is not None else None,
             prompt_tokens=prompt,
             completion_tokens=completion,
+            cached_tokens=cached,
+            cache_write_tokens=cache_write,
+            reasoning_tokens=reasoning,
             cost_usd=cost_micro_usd / 1e6,
             ttft_ms=None if ttft_s is None else round(ttft_s * 1000, 3),
             partial=partial,

@@ -41,6 +41,7 @@ from gateway.api.front import FrontedLitestar
 from gateway.api.identity import request_id_of, scope_id_headers
 from gateway.api.inbound import inbound_limits
 from gateway.api.openai.request_stage import DecodeStage
+from gateway.api.responses.stored import Conversations
 from gateway.api.routes import build_handlers, model_endpoints
 from gateway.api.shutdown import before_sigterm
 from gateway.cache.pool import EmbedderPool
@@ -53,6 +54,7 @@ from gateway.policy.load import load_policy
 from gateway.registry import discover_adapters
 from gateway.reload import PolicyReloader
 from gateway.reply import JSON
+from gateway.responses_store import open_response_store
 from gateway.runtime import Gateway, Services, build_runtime
 from gateway.settings import Settings
 from gateway.stages.accounting import AccountingStage
@@ -113,6 +115,9 @@ def create_app(
     ledger = open_ledger(settings.state)
     writer = UsageWriter(ledger, Spool(Path(settings.spool_dir)))
     limits = inbound_limits(settings)
+    # Stored responses live where the limits do (the state's Redis when there is one: every replica
+    # reads them), not in the cache's Redis, whose LRU eviction would lose conversations.
+    responses = open_response_store(settings.state)
     services = Services(
         metrics,
         signals,
@@ -124,11 +129,14 @@ def create_app(
             AccessLog(sample=settings.access_log_sample, out=access_log_out) if settings.access_log == "on" else None,
         ),
         DecisionLog(),
-        decode=lambda policy: DecodeStage(limits, policy.server.max_body_bytes),
+        decode=lambda policy: DecodeStage(
+            limits, policy.server.max_body_bytes, Conversations(responses, policy.server.responses)
+        ),
         tracing=tracing_from_env(os.environ),
         cache_store=open_cache_store(settings.cache_url, timeout_s=settings.state_timeout_ms / 1000),
         embedders=EmbedderPool(),
         region=settings.region,
+        responses=responses,
     )
     runtime = build_runtime(policy, factories, services)
     gateway = Gateway(runtime, services, writer, ledger)

@@ -33,7 +33,10 @@ class _Part(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 class Text(_Part, frozen=True, tag="text"):
     text: str
-    # Anthropic's prompt-caching marker and citations ride along opaquely (same protocol only).
+    # Anthropic's prompt-caching marker (`{"type": "ephemeral", "ttl": ...}`), as the client wrote it. Images,
+    # tool calls, tool results and tools carry one too: the native Anthropic adapter (plugins.anthropic_messages)
+    # sends each where it was; a Chat Completions body has no place for it and leaves it out (a cache hint,
+    # not content: nothing the answer depends on is lost).
     cache_control: msgspec.Raw | None = None
 
 
@@ -44,6 +47,7 @@ class Image(_Part, frozen=True, tag="image"):
     data: str | None = None  # base64, without the `data:` prefix
     media_type: str | None = None
     detail: str | None = None
+    cache_control: msgspec.Raw | None = None
 
 
 class Audio(_Part, frozen=True, tag="audio"):
@@ -84,6 +88,10 @@ class ToolCall(_Part, frozen=True, tag="tool_call"):
     name: str
     arguments: str = "{}"
     kind: str = "function"
+    cache_control: msgspec.Raw | None = None
+    # Provider state bound to the call that must go back byte for byte (Gemini's `thoughtSignature`, which
+    # OpenAI-format answers carry as `extra_content.google.thought_signature` on the tool call).
+    signature: str | None = None
 
 
 class ToolResult(_Part, frozen=True, tag="tool_result"):
@@ -92,6 +100,7 @@ class ToolResult(_Part, frozen=True, tag="tool_result"):
     call_id: str
     content: tuple[Part, ...] = ()
     is_error: bool = False
+    cache_control: msgspec.Raw | None = None
 
 
 class Opaque(_Part, frozen=True, tag="opaque"):
@@ -119,6 +128,7 @@ class Tool(msgspec.Struct, frozen=True, kw_only=True):
     parameters: msgspec.Raw | None = None
     strict: bool | None = None
     kind: str = "function"  # "function"; other kinds (custom, built-in) by their protocol's name
+    cache_control: msgspec.Raw | None = None
 
 
 class ToolChoice(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gateway.accounting.counts import TokenCounts
 from gateway.canonical import Request
-from gateway.contracts import Operation
+from gateway.contracts import NativeAnswer, Operation
 from gateway.policy.engine import RoutePlan
 from gateway.policy.index import Principal, Target
 from gateway.policy.model import Route
@@ -32,9 +33,8 @@ class ContinuedAttempt:
     target: Target
     status: int
     seconds: float
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
+    # What it produced, by kind (the provider's usage, or the prompt and the relayed text counted).
+    tokens: TokenCounts
     estimated: bool
     # Restarted (`resume: restart`): `seconds` is the attempt's own duration and the client's first
     # token is the answering deployment's; continued: `seconds` runs from the request's start.
@@ -50,8 +50,12 @@ class RequestContext:
     started: float
     headers: dict[str, str]
     # The client's protocol (the edge's endpoint): which codec decodes the body and encodes the answer
-    # ("openai"; "anthropic" for /v1/messages, whose answer the edge translates back).
+    # ("openai"; "anthropic" for /v1/messages and "responses" for /v1/responses, whose answers the edge
+    # translates back).
     protocol: str = "openai"
+    # Written by `decode` for a protocol whose answer repeats the request's own data (Responses: its
+    # gateway.api.responses.decode.Exchange); read only by that protocol's encoder at the edge.
+    protocol_state: object | None = None
     # The body as it arrives and the announced Content-Length; written by the edge, read (once, then
     # set to None) by `decode`, which runs after `auth`: an unauthenticated client costs no parsing.
     body: AsyncIterator[bytes] | None = None
@@ -82,6 +86,10 @@ class RequestContext:
     route_plan: RoutePlan | None = None
     # Written by `upstream`: the target that answered.
     target: Target | None = None
+    # Written by `upstream` (gateway.stages.respond): the answering upstream's own wire format, kept by an
+    # adapter of the client's protocol (contracts.NativeAnswer); read by that protocol's edge, which
+    # relays it instead of re-encoding the translation. None for a cache hit or a continued stream.
+    native: NativeAnswer | None = None
     # Written by `limits`: what to hand back to the store once the usage is known.
     ticket: Ticket | None = None
     # While a stream lasts: the timer that renews the ticket's lease; written and cancelled by accounting.

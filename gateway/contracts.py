@@ -3,6 +3,7 @@ runs one contract suite."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -11,7 +12,7 @@ from gateway.canonical import Operation as Operation
 from gateway.canonical import Request
 from gateway.errors import ErrorBody
 from gateway.errors import UpstreamResponseTooLarge as UpstreamResponseTooLarge
-from gateway.passthrough import splice, with_prefill
+from gateway.passthrough import ASKS_FOR_STREAM_USAGE, splice, with_prefill
 from gateway.policy.model import Backend
 from gateway.upstream.wire import Usage
 
@@ -25,7 +26,7 @@ class UpstreamCall:
     and `model`, the deployment's upstream model name, which is what the upstream must be asked for.
 
     An adapter that speaks the client's protocol sends `passthrough(protocol)`: the client's own bytes with
-    only the model replaced (Strait's `strait` field removed; for a stream, usage asked for), never
+    only the model replaced (Strait's `strait` field removed; for an OpenAI stream, usage asked for), never
     re-encoded. Any other adapter translates `request`. A stream always asks the upstream for usage: the
     relay accounts every token and strips the usage chunk if the client did not ask for it.
     """
@@ -52,10 +53,33 @@ class UpstreamCall:
         if source is None or source.protocol != protocol:
             return None
         inputs = None if self.inputs is None else ("input" if self.operation == "embeddings" else "prompt", self.inputs)
-        body = splice(source, self.model, stream_usage=self.stream, inputs=inputs)
+        stream_usage = self.stream and protocol in ASKS_FOR_STREAM_USAGE
+        body = splice(source, self.model, stream_usage=stream_usage, inputs=inputs)
         if self.prefill is not None:
             return with_prefill(body, self.prefill, self.prefill_tokens)
         return body
+
+
+@dataclass(slots=True)
+class NativeAnswer:
+    """An answer's own wire format, beside the OpenAI translation the pipeline reads: what an adapter that
+    translated a *passthrough* request's answer (the client's protocol is the upstream's) keeps so the
+    edge can give the client the upstream's own bytes (the fidelity rule: signatures, unknown fields and
+    event order survive exactly), while the taps (accounting, limits, cache, commit) read the translation.
+
+    `body`: a JSON answer's bytes. For a stream, `frames` gets `(event name, data payload)` of every event
+    the adapter read, in order, before the translated batch that followed it is yielded (never an `error`
+    event: the pipeline reports those itself, redacted); the edge `take`s them as it relays each batch.
+    """
+
+    protocol: str
+    body: bytes = b""
+    frames: deque[tuple[bytes, bytes]] = field(default_factory=deque)
+
+    def take(self) -> list[tuple[bytes, bytes]]:
+        out = list(self.frames)
+        self.frames.clear()
+        return out
 
 
 @dataclass(slots=True)
@@ -85,6 +109,8 @@ class UpstreamResponse:
     # Set by the dispatcher, not the adapter: the events it read before committing the client's answer
     # to this upstream (up to the first content event: gateway.upstream.commit), relayed first.
     head: list[bytes] | None = None
+    # The upstream's own answer for a client of its protocol (NativeAnswer), when the adapter keeps it.
+    native: NativeAnswer | None = None
 
     @property
     def streaming(self) -> bool:

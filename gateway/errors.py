@@ -188,3 +188,12 @@ class ShuttingDown(GatewayError):
     status = 503
     type = "server_error"
     code = "shutting_down"
+
+
+class StoreUnavailable(GatewayError):
+    """503: a stored response could not be read (the state store is down or too slow); retryable, and
+    never a 404, which would tell the client its response is gone."""
+
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"

@@ -26,6 +26,10 @@ _members = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _str = msgspec.json.Decoder(str)
 _TRUE = msgspec.Raw(b"true")
 _EDITED = frozenset({"model", "strait", "stream_options", "input", "prompt"})
+# The protocols whose streams report usage only when asked (`stream_options.include_usage`): a passthrough
+# body of theirs asks. Anthropic's streams always report it (message_start, message_delta), and its API
+# refuses fields it does not know, so its bodies are never given `stream_options`.
+ASKS_FOR_STREAM_USAGE = frozenset({"openai"})
 
 
 class RepeatedField(ValueError):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from gateway.accounting.ledger import Ledger
+from gateway.accounting.unpriced import report_unpriced
 from gateway.accounting.writer import UsageWriter
 from gateway.cache.embedders import threshold_of
 from gateway.cache.pool import EmbedderPool, embedder_specs
@@ -22,6 +23,7 @@ from gateway.pipeline import Pipeline, Stage
 from gateway.policy.decisions import DecisionLog
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import Backend, PolicySet, UpstreamLimits
+from gateway.responses_store import ResponseStore
 from gateway.stages import priority
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.auth import AuthStage
@@ -82,6 +84,8 @@ class Services:
     # Where cached answers live (a key space, or a Redis, of their own) and the embedders opened so far.
     cache_store: CacheStore | None = None
     embedders: EmbedderPool | None = None
+    # Stored responses (POST /v1/responses with `store`): in process, or the state's Redis.
+    responses: ResponseStore | None = None
     # Active requests and retries in flight per route (the retry budget): a reload must not forget them.
     retry_budgets: RetryBudgets = field(default_factory=RetryBudgets)
     # The model requests in flight on this replica (load shedding, the shutdown's grace period).
@@ -190,12 +194,14 @@ class Gateway:
         # Probes ejected backends and scrapes engine metrics, off the request path (gateway.upstream.health).
         self.health = HealthMonitor(self.signals)
         self.health.apply(list(runtime.index.policy.backends), runtime.adapters)
+        report_unpriced(runtime.index.policy, self.metrics)
 
     def use(self, runtime: Runtime) -> None:
         """Put a new runtime in force (a reload): its backends get their probes and scrapers, removed or
-        changed ones' stop."""
+        changed ones' stop; its unpriced deployments are reported again."""
         self.runtime = runtime
         self.health.apply(list(runtime.index.policy.backends), runtime.adapters)
+        report_unpriced(runtime.index.policy, self.metrics)
 
     async def start(self) -> None:
         if self.runtime.cache is not None:
@@ -233,6 +239,8 @@ class Gateway:
             await self.services.cache_store.aclose()
         if self.services.embedders is not None:
             await self.services.embedders.aclose()
+        if self.services.responses is not None:
+            await self.services.responses.aclose()
         for adapter in self.runtime.adapters.values():
             await adapter.aclose()
         if self.services.tracing is not None:

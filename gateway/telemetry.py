@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Tally:
@@ -88,7 +88,8 @@ class Metrics:
         )
         self.usage_tokens = Counter(
             "strait_usage_tokens",
-            "Tokens charged (the usage records' final attempts), by tenant, route, deployment and kind.",
+            "Tokens charged (every usage record), by tenant, route, deployment and kind: prompt and completion "
+            "are totals; cached (cache reads) and cache_write are parts of prompt, reasoning a part of completion.",
             ("tenant", "route", "deployment", "kind"),
             registry=self.registry,
         )
@@ -96,6 +97,14 @@ class Metrics:
             "strait_usage_cost_usd",
             "Cost charged in USD (deployment prices), by tenant, route and deployment.",
             ("tenant", "route", "deployment"),
+            registry=self.registry,
+        )
+        self.deployment_unpriced = Gauge(
+            "strait_deployment_unpriced",
+            "1 for a deployment whose usage is charged $0 because its policy gives it no price (and does not "
+            "say `free: true`), 0 for every other deployment of the policy in force; set at start-up and on "
+            "each policy reload.",
+            ("deployment",),
             registry=self.registry,
         )
         self.fallbacks = Counter(

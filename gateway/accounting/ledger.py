@@ -29,6 +29,9 @@ def _add(row: UsageRow, r: UsageRecord) -> None:
     row.requests += 1 if r.final else 0
     row.prompt_tokens += r.prompt_tokens
     row.completion_tokens += r.completion_tokens
+    row.cached_tokens += r.cached_tokens
+    row.cache_write_tokens += r.cache_write_tokens
+    row.reasoning_tokens += r.reasoning_tokens
     row.cost_usd += r.cost_micro_usd / 1e6
     if r.cache_hit:
         row.cache_hits += 1
@@ -84,6 +87,9 @@ class MemoryLedger:
                     row.requests += src.requests
                     row.prompt_tokens += src.prompt_tokens
                     row.completion_tokens += src.completion_tokens
+                    row.cached_tokens += src.cached_tokens
+                    row.cache_write_tokens += src.cache_write_tokens
+                    row.reasoning_tokens += src.reasoning_tokens
                     row.cost_usd += src.cost_usd
                     row.cache_hits += src.cache_hits
                     row.tokens_saved += src.tokens_saved

@@ -11,9 +11,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from gateway.policy.model import Price
 from gateway.tokens import count_text
-from gateway.upstream.wire import PromptTokensDetails, Usage
 
 
 class _FunctionArgs(msgspec.Struct):
@@ -181,16 +179,3 @@ class StreamMeter:
         if self._raw:
             self._decode_held()
         return self._tokens + count_text("".join(self._texts), self._encoding)
-
-
-def cost_micro_usd(price: Price, prompt: int, completion: int, cached: int = 0) -> int:
-    cached = min(cached, prompt)
-    cached_rate = price.cached_input_per_mtok if price.cached_input_per_mtok is not None else price.input_per_mtok
-    usd_per_m = (prompt - cached) * price.input_per_mtok + cached * cached_rate + completion * price.output_per_mtok
-    # Per million tokens in USD equals micro-USD per token: no scaling needed.
-    return round(usd_per_m)
-
-
-def cached_tokens(usage: Usage) -> int:
-    details = usage.prompt_tokens_details
-    return details.cached_tokens if isinstance(details, PromptTokensDetails) else 0

@@ -26,9 +26,15 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     deployment: str
     backend: str
     status: int
+    # Tokens by kind, as the provider reported them (or estimated): `cached_tokens` (read from the
+    # provider's prompt cache) and `cache_write_tokens` (written to it) are parts of `prompt_tokens`,
+    # `reasoning_tokens` a part of `completion_tokens`. Each is priced at its own rate (gateway.policy.rates).
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    # The attempt's cost on its deployment's rate card, per-request fee included.
     cost_micro_usd: int = 0
     latency_ms: float = 0.0
     ttft_ms: float | None = None
@@ -64,6 +70,10 @@ class UsageRow(msgspec.Struct, kw_only=True):
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Parts of prompt_tokens (cache reads, cache writes) and of completion_tokens (reasoning).
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
     cost_usd: float = 0.0
     # Requests answered from the cache, and the tokens those answers did not cost.
     cache_hits: int = 0

@@ -8,10 +8,14 @@ into the day's aggregates with one HMGET + one HSET. Every key has a TTL. A batc
 (a pipeline of plain EVALSHAs when it spans several tenants or days), off the request path.
 
     strait:{t:<tenant>}:ledger             stream, one entry {r: <record JSON>} per record
-    strait:{t:<tenant>}:usage:<day>        hash `<dimension>|<value>|<metric>` -> sum, and `~` (created)
+    strait:{t:<tenant>}:usage:<day>        hash `<dimension>|<value>|<metric>` -> sum, and `~` (created);
+                                           metrics: requests, prompt, completion, cost (micro-USD), hits,
+                                           saved, cached, cache_write, reasoning
     strait:{t:<tenant>}:v2:seen:<day>      hash `<request id>|<attempt>` -> 1, and `~` (created)
 
-Rolling upgrade: the stream and aggregates are as before (old readers skip the `~` field); the markers
+Rolling upgrade: the stream and aggregates are as before (the `cached`, `cache_write` and `reasoning`
+metrics are new: a replica of an older version neither writes nor reads them, so a day's token kinds
+count only the records newer replicas wrote) (old readers skip the `~` field); the markers
 moved from one key per record (`...:rec:<id>:<attempt>`) to the per-day hash, so a record written by
 an old replica and retried by a new one (or the reverse) during the rollout could count twice.
 """
@@ -53,6 +57,9 @@ def _record_args(r: UsageRecord) -> list[Any]:
         r.cost_micro_usd,
         1 if r.cache_hit else 0,
         r.tokens_saved,
+        r.cached_tokens,
+        r.cache_write_tokens,
+        r.reasoning_tokens,
         *(r.dimension(d) for d in DIMENSIONS),
     ]
 
@@ -136,6 +143,12 @@ class RedisLedger:
                     row.cache_hits += amount
                 elif metric == "saved":
                     row.tokens_saved += amount
+                elif metric == "cached":
+                    row.cached_tokens += amount
+                elif metric == "cache_write":
+                    row.cache_write_tokens += amount
+                elif metric == "reasoning":
+                    row.reasoning_tokens += amount
         return sorted(rows.values(), key=lambda row: (row.tenant, row.value))
 
     async def close(self) -> None:

@@ -55,6 +55,11 @@ class StreamCodec(Protocol):
         """The last bytes of a stream the shutdown's grace period cut short."""
         ...
 
+    async def settle(self, ctx: RequestContext) -> None:
+        """What must be done before the stream's last byte, after `end` (the Responses codec stores the
+        response there, so that the client's next request finds it)."""
+        ...
+
 
 def _raw_headers(reply: Reply) -> list[tuple[bytes, bytes]]:
     raw = [(b"content-type", reply.media_type.encode("latin-1"))]
@@ -146,7 +151,10 @@ async def _send_stream(
                 await send({"type": "http.response.body", "body": frame(batch), "more_body": True})
         end = stream.stop()
         watch.over = True  # the answer is complete from here: a disconnect now changes nothing
-        await send({"type": "http.response.body", "body": last + finish(ctx, end), "more_body": False})
+        tail = finish(ctx, end)
+        if codec is not None:
+            await codec.settle(ctx)
+        await send({"type": "http.response.body", "body": last + tail, "more_body": False})
     except asyncio.CancelledError:
         if not watch.gone and was_cut is not None and was_cut(sender):
             # The shutdown's grace period ran out mid-stream: the answer stops here, charged for what

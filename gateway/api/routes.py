@@ -14,10 +14,12 @@ from litestar import Request, Response, asgi, get, post
 from litestar.handlers import BaseRouteHandler
 
 from gateway.api.anthropic.endpoint import count_message_tokens, messages_reply, send_error
-from gateway.api.asgi_send import Receive, Send, body_chunks, send_reply
+from gateway.api.asgi_send import Receive, Send, StreamCodec, body_chunks, send_reply
 from gateway.api.bearer import check_bearer
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
 from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits
+from gateway.api.responses.endpoint import build_responses_handlers, responses_reply
+from gateway.api.responses.stored import Conversations
 from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import model_card, model_list
 from gateway.context import RequestContext
@@ -61,6 +63,9 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
 
     inflight = gateway.inflight
 
+    def conversations() -> Conversations:
+        return stored_responses(gateway)
+
     async def handle(scope: Any, receive: Receive, send: Send, operation: Operation, protocol: str = "openai") -> None:
         started = time.perf_counter()
         if scope["method"] != "POST":
@@ -83,13 +88,15 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
                 content_length=headers.get("content-length"),
                 decision_id=secrets.token_hex(5),
             )
-            codec = None
+            codec: StreamCodec | None = None
             if protocol != "openai":
                 ctx.protocol = protocol
             # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
             reply = await gateway.runtime.pipeline.run(ctx)
-            if protocol != "openai":
-                codec = messages_reply(reply, ctx)  # the only other protocol so far: Anthropic Messages
+            if protocol == "anthropic":
+                codec = messages_reply(reply, ctx)
+            elif protocol == "responses":
+                codec = await responses_reply(reply, ctx, conversations())
             await send_reply(reply, receive, send, ctx, inflight.was_cut, codec)
             if inflight.draining and inflight.was_cut(task):
                 gateway.metrics.child(gateway.metrics.shutdown_cut, "true").inc()  # ended with an error event
@@ -129,6 +136,9 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
             log.exception("request %s failed", request_id_of(scope))
             await send_error(InternalError("The gateway failed to process the request."), scope, send)
 
+    async def responses(scope: Any, receive: Receive, send: Send) -> None:
+        await handle(scope, receive, send, "chat", "responses")
+
     async def count_tokens(scope: Any, receive: Receive, send: Send) -> None:
         try:
             await count_message_tokens(gateway, limits, scope, receive, send)
@@ -142,10 +152,20 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
         # Anthropic Messages (gateway.api.anthropic): the same pipeline, translated at both ends.
         "/v1/messages": messages,
         "/v1/messages/count_tokens": count_tokens,
+        # OpenAI Responses (gateway.api.responses): the same pipeline, translated at both ends; errors in
+        # OpenAI's envelope like the rest of /v1.
+        "/v1/responses": responses,
     }
     # A `base_url` without `/v1` (`http://gateway:8080`) is a common misconfiguration that llama.cpp and
     # vLLM accept: the model endpoints answer there too, the same as under /v1.
     return by_path | {path.removeprefix("/v1"): endpoint for path, endpoint in by_path.items()}
+
+
+def stored_responses(gateway: Gateway) -> Conversations:
+    """The stored responses under the policy in force (its `server.responses` bounds)."""
+    store = gateway.services.responses
+    assert store is not None, "create_app opens the response store"
+    return Conversations(store, gateway.runtime.index.policy.server.responses)
 
 
 def _both(path: str) -> list[str]:
@@ -190,6 +210,10 @@ def build_handlers(
     async def count_tokens(scope: Any, receive: Receive, send: Send) -> None:
         await endpoints["/v1/messages/count_tokens"](scope, receive, send)
 
+    @asgi(_both("/v1/responses"), copy_scope=False)
+    async def responses(scope: Any, receive: Receive, send: Send) -> None:
+        await endpoints["/v1/responses"](scope, receive, send)
+
     @get(_both("/v1/models"))
     async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
         cards = [model_card(name, gateway.started_at) for name in visible_routes(request)]
@@ -230,8 +254,12 @@ def build_handlers(
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise InvalidRequest(f"Invalid feedback body: {exc}", param="id") from None
         cache = runtime.cache
-        # A hit served to a /v1/messages client carries the same id as `msg_...` (gateway.api.anthropic).
-        served_id = "chatcmpl-" + report.id.removeprefix("msg_") if report.id.startswith("msg_") else report.id
+        # A hit served to a /v1/messages client carries the same id as `msg_...` (gateway.api.anthropic), to a
+        # /v1/responses client as `resp_...` (gateway.api.responses).
+        served_id = report.id
+        for prefix in ("msg_", "resp_"):
+            if report.id.startswith(prefix):
+                served_id = "chatcmpl-" + report.id.removeprefix(prefix)
         served = await cache.store.served(principal.tenant, served_id) if cache is not None else None
         if cache is None or served is None:
             raise NotFound(f"No cached answer '{report.id}' was served to your tenant recently.")
@@ -281,6 +309,7 @@ def build_handlers(
         embeddings,
         messages,
         count_tokens,
+        responses,
         list_models,
         get_model,
         get_decision,
@@ -289,4 +318,5 @@ def build_handlers(
         readyz,
         metrics,
     ]
-    return handlers + build_usage_handlers(gateway, scope_id_headers, _headers)
+    responses_handlers = build_responses_handlers(gateway, lambda: stored_responses(gateway), _headers)
+    return handlers + responses_handlers + build_usage_handlers(gateway, scope_id_headers, _headers)

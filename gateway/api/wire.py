@@ -40,6 +40,9 @@ class ContentPart(_Wire, kw_only=True):
     type: str
     text: str | None = None
     image_url: ImageUrl | None = None
+    # Anthropic's prompt-caching marker on a part (as LiteLLM takes it in OpenAI messages): kept for an
+    # Anthropic upstream (plugins.anthropic_messages); an OpenAI-compatible one gets the client's bytes.
+    cache_control: msgspec.Raw = msgspec.Raw()
 
 
 class FunctionCall(_Wire, kw_only=True):
@@ -54,11 +57,33 @@ class CustomCall(_Wire, kw_only=True):
     input: str | None = None
 
 
+class GoogleExtra(_Wire, kw_only=True):
+    thought_signature: str | None = None
+
+
+class ExtraContent(_Wire, kw_only=True):
+    """Google's extension of a tool call (its OpenAI-compatible API and Strait's `gemini` adapter): the
+    call's `thought_signature`, which Gemini requires back byte for byte on the next turn."""
+
+    google: GoogleExtra | None = None
+
+
 class ToolCall(_Wire, kw_only=True):
     id: str | None = None
     type: str = "function"
     function: FunctionCall | None = None
     custom: CustomCall | None = None
+    extra_content: ExtraContent | None = None
+
+
+class ThinkingBlock(_Wire, kw_only=True):
+    """An entry of an assistant message's `thinking_blocks` (the extension field in which Strait's answers
+    from an Anthropic upstream carry its thinking blocks: docs/anthropic.md), sent back on the next turn."""
+
+    type: Literal["thinking", "redacted_thinking"]
+    thinking: str | None = None
+    signature: str | None = None
+    data: str | None = None
 
 
 class Message(_Wire, kw_only=True):
@@ -67,6 +92,7 @@ class Message(_Wire, kw_only=True):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    thinking_blocks: list[ThinkingBlock] | None = None
 
 
 # A JSON value the client did not send (an empty Raw: `len(NOT_SENT) == 0`); `null` is Raw(b"null").

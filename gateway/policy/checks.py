@@ -16,6 +16,7 @@ from gateway.policy.compliance import compliance_reason
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import PolicySet, Route, Tenant
 from gateway.policy.places import expand
+from gateway.policy.rates import charges_nothing, charging_backends, unpriced_deployments
 from gateway.registry import embedder_kinds
 
 Report = Callable[[Any, str, str, str], None]
@@ -179,6 +180,30 @@ def check_cors(policy: PolicySet, source: Any, report: Report) -> None:
                 "no path or trailing slash), e.g. 'https://app.example.com'",
                 "error",
             )
+
+
+def check_prices(policy: PolicySet, merged: PolicySet, source: Any, report: Report) -> None:
+    """Rate cards: a deployment that would be charged $0 without saying so is a warning (the policy loads;
+    the running gateway also logs it and sets `strait_deployment_unpriced`); `free: true` with a rate is
+    a contradiction. Negative and absurd prices are refused by the model's bounds."""
+    for u in unpriced_deployments(policy.models, charging_backends(merged)):
+        report(
+            source,
+            f"$.models[{u.model_index}].deployments[{u.deployment_index}].price",
+            f"model {u.model!r}: deployment on backend {u.backend!r} has no price, so its usage would be charged "
+            "$0: give it a price (input_per_mtok, output_per_mtok, ...) or say `price: {free: true}`",
+            "warning",
+        )
+    for i, m in enumerate(policy.models):
+        for j, d in enumerate(m.deployments):
+            if d.price.free and not charges_nothing(d.price):
+                report(
+                    source,
+                    f"$.models[{i}].deployments[{j}].price.free",
+                    f"model {m.name!r}: deployment on backend {d.backend!r} says free: true but its price has a "
+                    "rate or fee: keep one or the other",
+                    "error",
+                )
 
 
 def check_backends(policy: PolicySet, source: Any, report: Report) -> None:

@@ -445,8 +445,10 @@ def spill_verdict(t: Target, route: Route, spill: Spillover, live: LiveState) ->
 
 
 def _cost(t: Target, prompt_tokens: int, out_tokens: int) -> float:
+    """The request's expected cost in USD for ranking: uncached input and plain output rates (cache hits
+    and reasoning cannot be known before the answer), plus the deployment's per-request fee."""
     price = t.deployment.price
-    return (prompt_tokens * price.input_per_mtok + out_tokens * price.output_per_mtok) / 1e6
+    return (prompt_tokens * price.input_per_mtok + out_tokens * price.output_per_mtok) / 1e6 + price.per_request
 
 
 class RoutePlan:

@@ -23,12 +23,33 @@ class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tru
     pass
 
 
-class Price(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """USD per million tokens; for own hardware, the amortised cost."""
+# A rate in USD per million tokens, or a fee in USD per request: never negative, bounded so that a cost
+# stays an exact integer of micro-USD (gateway.policy.rates) far below the state store's exact range.
+PriceUsd = Annotated[float, msgspec.Meta(ge=0, le=1_000_000)]
 
-    input_per_mtok: float = 0.0
-    output_per_mtok: float = 0.0
-    cached_input_per_mtok: float | None = None
+
+class Price(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A deployment's rate card: USD per million tokens of each kind, and a fee per request; for own
+    hardware, the amortised cost. How a usage record is priced: gateway.policy.rates.
+
+    A deployment of a backend other than `simulated` whose price is all zero (or omitted) is *unpriced*:
+    a warning at load, a log line and `strait_deployment_unpriced` = 1 (never silently $0), unless it
+    says `free: true` (free on purpose: own hardware not charged back, a free tier)."""
+
+    # Prompt tokens read neither from nor into the provider's prompt cache.
+    input_per_mtok: PriceUsd = 0.0
+    output_per_mtok: PriceUsd = 0.0
+    # Prompt tokens read from the provider's prompt cache. None: the input price.
+    cached_input_per_mtok: PriceUsd | None = None
+    # Prompt tokens written to the provider's prompt cache (Anthropic's cache_creation_input_tokens;
+    # Anthropic charges 1.25x input for a 5-minute write, 2x for 1 hour: state it). None: the input price.
+    cache_write_per_mtok: PriceUsd | None = None
+    # Reasoning (thinking) tokens, a part of the completion tokens. None: the output price.
+    reasoning_per_mtok: PriceUsd | None = None
+    # USD per request that reached this deployment (a per-call fee, a search), charged with its tokens.
+    per_request: PriceUsd = 0.0
+    # Zero on purpose: no unpriced warning. Every rate must then be zero.
+    free: bool = False
 
 
 class Timeouts(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -149,6 +170,15 @@ class SimulatedOptions(_Base, kw_only=True, frozen=True, forbid_unknown_fields=T
     chunk_tokens: int = 4
 
 
+class AnthropicOptions(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The native `anthropic` adapter's options (plugins.anthropic_messages)."""
+
+    # Anthropic requires `max_tokens`; an OpenAI client may leave it out. Sent when the client gave none.
+    default_max_tokens: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
+    # The `anthropic-version` header: the API version whose wire format the adapter speaks.
+    version: str = "2023-06-01"
+
+
 class Backend(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     name: str
     adapter: str
@@ -164,6 +194,7 @@ class Backend(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     hardware: Hardware | None = None
     capacity: Capacity = Capacity()
     simulated: SimulatedOptions | None = None
+    anthropic: AnthropicOptions | None = None
     outlier: OutlierPolicy = OutlierPolicy()
     # For every deployment on this backend (a deployment may add its own).
     capabilities: tuple[ServingCapability, ...] = ()
@@ -657,6 +688,19 @@ class Cors(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     max_age_s: Annotated[int, msgspec.Meta(ge=0, le=86_400)] = 600
 
 
+class StoredResponses(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """`POST /v1/responses` with `store` (OpenAI's default): the response and the conversation that led to it,
+    kept in the state store (memory, or the state's Redis: every replica reads it) for `previous_response_id`
+    and `GET /v1/responses/{id}` (docs/responses.md)."""
+
+    # How long a stored response can be read back (OpenAI keeps them 30 days); never renewed by a read.
+    ttl_s: Annotated[int, msgspec.Meta(ge=1, le=365 * 86_400)] = 30 * 86_400
+    # The largest stored response (its whole conversation, as JSON); a larger one is answered but not stored.
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 16 * 1024 * 1024
+    # Responses kept per tenant; beyond it the tenant's oldest go first.
+    max_per_tenant: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
+
+
 class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Requests with a larger body are refused with 413 before the body is read whole.
     max_body_bytes: int = 4 * 1024 * 1024
@@ -666,6 +710,7 @@ class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Digests (`strait keys hash`) of keys that may read every tenant's usage at /admin/usage.
     admin_keys: tuple[str, ...] = ()
     shedding: Shedding = Shedding()
+    responses: StoredResponses = StoredResponses()
 
 
 class PolicySet(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

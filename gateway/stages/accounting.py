@@ -21,7 +21,8 @@ from collections.abc import Callable
 from functools import partial
 
 from gateway.access_log import AccessLog
-from gateway.accounting.meter import cached_tokens, completion_tokens_of, cost_micro_usd
+from gateway.accounting.counts import NONE, TokenCounts, cost_micro_usd, counts_of
+from gateway.accounting.meter import completion_tokens_of
 from gateway.accounting.records import UsageRecord, UsageSource
 from gateway.accounting.writer import UsageWriter
 from gateway.context import RequestContext
@@ -161,7 +162,8 @@ class AccountingStage(EndTap):
         status, usage, partial_, ttft_s = end.status, end.usage, end.partial, end.ttft_s
         now = time.time()
         ts_ms = int(now * 1000)
-        prompt = completion = cached = cost = 0
+        tokens = NONE
+        cost = 0
         source: UsageSource = "none"
         target = ctx.target
         principal = ctx.principal
@@ -175,9 +177,7 @@ class AccountingStage(EndTap):
                 failed.label,
                 failed.backend.name,
                 outcome,
-                0,
-                0,
-                0,
+                NONE,
                 0,
                 seconds,
                 None,
@@ -185,14 +185,13 @@ class AccountingStage(EndTap):
                 "none",
             )
         # Streams that broke after sending content and were continued elsewhere (`resume: continue`):
-        # billed for what they produced, at their own deployment's price.
-        earlier_prompt = earlier_completion = earlier_cost = 0
+        # billed for what they produced, every kind of token, at their own deployment's price.
+        earlier = NONE
+        earlier_cost = 0
         for n, part in enumerate(ctx.continued, start=len(ctx.failed_attempts) + 1):
             if principal is None:
                 break
-            part_cost = cost_micro_usd(
-                part.target.deployment.price, part.prompt_tokens, part.completion_tokens, part.cached_tokens
-            )
+            part_cost = cost_micro_usd(part.target.deployment.price, part.tokens)
             self._submit(
                 ctx,
                 n,
@@ -202,22 +201,20 @@ class AccountingStage(EndTap):
                 part.target.label,
                 part.target.backend.name,
                 part.status,
-                part.prompt_tokens,
-                part.completion_tokens,
-                part.cached_tokens,
+                part.tokens,
                 part_cost,
                 part.seconds,
                 ttft_s,
                 True,
                 "estimated" if part.estimated else "provider",
             )
-            earlier_prompt += part.prompt_tokens
-            earlier_completion += part.completion_tokens
+            earlier += part.tokens
             earlier_cost += part_cost
         if target is not None and principal is not None:
             geo = None
             if usage is not None:
-                prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, cached_tokens(usage)
+                # What the provider reported, and only that (a cut stream's usage chunk included).
+                tokens = counts_of(usage)
                 source = "provider"
                 geo = reported_geo(usage.inference_geo)
                 if geo is not None and contradicts(target, geo):
@@ -230,14 +227,18 @@ class AccountingStage(EndTap):
                         target.backend.hosting.jurisdiction,
                     )
             elif _estimates_prompt(ctx, end):
-                prompt = ctx.prompt_tokens.count_now()  # the upstream reported none: estimated
-                completion = (
-                    end.completion_tokens
-                    if end.completion_tokens is not None
-                    else completion_tokens_of(end.produced, target.model.tokenizer)
+                # The upstream reported none: the prompt and what it produced, counted (a cut stream:
+                # what it sent before the cut, never a whole-answer estimate).
+                tokens = TokenCounts(
+                    prompt=ctx.prompt_tokens.count_now(),
+                    completion=(
+                        end.completion_tokens
+                        if end.completion_tokens is not None
+                        else completion_tokens_of(end.produced, target.model.tokenizer)
+                    ),
                 )
                 source = "estimated"
-            cost = cost_micro_usd(target.deployment.price, prompt, completion, cached)
+            cost = cost_micro_usd(target.deployment.price, tokens)
             self._submit(
                 ctx,
                 len(ctx.failed_attempts) + len(ctx.continued) + 1,
@@ -247,9 +248,7 @@ class AccountingStage(EndTap):
                 target.label,
                 target.backend.name,
                 status,
-                prompt,
-                completion,
-                cached,
+                tokens,
                 cost,
                 time.perf_counter() - ctx.started,
                 ttft_s,
@@ -257,20 +256,24 @@ class AccountingStage(EndTap):
                 source,
                 inference_geo=geo,
             )
-        self.release(ctx, prompt + completion + earlier_prompt + earlier_completion, cost + earlier_cost)
+        whole = tokens + earlier
+        self.release(ctx, whole.total, cost + earlier_cost)
         ctx.accounted = True
         if self.access_log is not None:
             self.access_log.write(
                 ctx,
                 status,
                 # The request's whole bill: a continued stream's earlier attempts included.
-                prompt=prompt + earlier_prompt,
-                completion=completion + earlier_completion,
+                prompt=whole.prompt,
+                completion=whole.completion,
+                cached=whole.cached,
+                cache_write=whole.cache_write,
+                reasoning=whole.reasoning,
                 cost_micro_usd=cost + earlier_cost,
                 ttft_s=ttft_s,
                 partial=partial_,
             )
-        return prompt, completion
+        return tokens.prompt, tokens.completion
 
     def _complete_hit(self, ctx: RequestContext, end: End) -> tuple[int, int]:
         """A cache hit: one record (cache_hit, the tokens it saved, no tokens charged), its reservation
@@ -282,7 +285,7 @@ class AccountingStage(EndTap):
         if saved is not None:
             tokens_saved = saved.prompt_tokens + saved.completion_tokens
             if target is not None and end.hit_price > 0:
-                made = cost_micro_usd(target.deployment.price, saved.prompt_tokens, saved.completion_tokens, 0)
+                made = cost_micro_usd(target.deployment.price, counts_of(saved))
                 cost = round(made * end.hit_price)
         if target is not None and principal is not None:
             self._submit(
@@ -294,9 +297,7 @@ class AccountingStage(EndTap):
                 target.label,
                 target.backend.name,
                 end.status,
-                0,
-                0,
-                0,
+                NONE,
                 cost,
                 time.perf_counter() - ctx.started,
                 None,
@@ -391,9 +392,7 @@ class AccountingStage(EndTap):
         deployment: str,
         backend: str,
         status: int,
-        prompt: int,
-        completion: int,
-        cached: int,
+        tokens: TokenCounts,
         cost: int,
         seconds: float,
         ttft_s: float | None,
@@ -419,9 +418,11 @@ class AccountingStage(EndTap):
                 deployment=deployment,
                 backend=backend,
                 status=status,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cached_tokens=cached,
+                prompt_tokens=tokens.prompt,
+                completion_tokens=tokens.completion,
+                cached_tokens=tokens.cached,
+                cache_write_tokens=tokens.cache_write,
+                reasoning_tokens=tokens.reasoning,
                 cost_micro_usd=cost,
                 latency_ms=round(seconds * 1000, 3),
                 ttft_ms=None if ttft_s is None else round(ttft_s * 1000, 3),
@@ -434,11 +435,23 @@ class AccountingStage(EndTap):
             )
         )
         self.metrics.child(self.metrics.usage_records, source).inc()
-        if prompt or completion:
+        if tokens.prompt or tokens.completion:
             m = self.metrics
             route = ctx.route.name if ctx.route is not None else ctx.route_name
-            m.child(m.usage_tokens, principal.tenant, route, deployment, "prompt").inc(prompt)
-            m.child(m.usage_tokens, principal.tenant, route, deployment, "completion").inc(completion)
+            tenant = principal.tenant
+            # `kind` is one of five (bounded): prompt and completion are totals; cached, cache_write
+            # (parts of prompt) and reasoning (a part of completion) only when there are any.
+            m.child(m.usage_tokens, tenant, route, deployment, "prompt").inc(tokens.prompt)
+            m.child(m.usage_tokens, tenant, route, deployment, "completion").inc(tokens.completion)
+            if tokens.cached:
+                m.child(m.usage_tokens, tenant, route, deployment, "cached").inc(tokens.cached)
+            if tokens.cache_write:
+                m.child(m.usage_tokens, tenant, route, deployment, "cache_write").inc(tokens.cache_write)
+            if tokens.reasoning:
+                m.child(m.usage_tokens, tenant, route, deployment, "reasoning").inc(tokens.reasoning)
+        if cost:
+            m = self.metrics
+            route = ctx.route.name if ctx.route is not None else ctx.route_name
             m.child(m.usage_cost, principal.tenant, route, deployment).inc(cost / 1e6)
 
     async def drain(self) -> None:

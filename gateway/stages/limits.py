@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from gateway.accounting.meter import cost_micro_usd
+from gateway.accounting.counts import worst_cost_micro_usd
 from gateway.context import RequestContext
 from gateway.errors import BudgetExceeded, InvalidRequest, RateLimited
 from gateway.pipeline import RequestOnly
@@ -230,7 +230,7 @@ class LimitsStage(RequestOnly):
                 param=request.output_tokens_field,
                 code="request_too_large",
             )
-        worst = max((cost_micro_usd(t.deployment.price, prompt, out) for t in ctx.plan), default=0)
+        worst = max((worst_cost_micro_usd(t.deployment.price, prompt, out) for t in ctx.plan), default=0)
         if worst > MAX_RESERVE_MICRO_USD:
             raise InvalidRequest(
                 f"This request's worst-case cost ({worst / 1e6:.0f} USD) is more than one request may reserve. "

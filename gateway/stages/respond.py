@@ -24,7 +24,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 
-from gateway.accounting.meter import StreamMeter, cached_tokens
+from gateway.accounting.counts import TokenCounts, counts_of, usage_of
+from gateway.accounting.meter import StreamMeter
 from gateway.context import ContinuedAttempt, RequestContext
 from gateway.contracts import End, Outcome, UpstreamResponse, UpstreamStreamBroken
 from gateway.errors import ErrorBody
@@ -78,6 +79,10 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, r
             extra=header_blocks(ctx),
         )
     metrics.child(metrics.latency, route).observe(time.perf_counter() - ctx.started)
+    # The upstream's own answer for the edge, unless a rescue may stitch another attempt into the stream
+    # (what the client sees is then the translation, one consistent stream).
+    native = upstream.native
+    ctx.native = native if native is not None and native.protocol == ctx.protocol and rescue is None else None
     if not upstream.streaming:
         metrics.child(metrics.requests, route, str(upstream.status)).inc()
         usage: Usage | None = None
@@ -403,22 +408,23 @@ class UpstreamEvents:
             self._end_broken(broken)
             return
         log.info("request %s: broken stream continued on %s", ctx.request_id, ctx.target.label if ctx.target else "?")
-        prompt = usage.prompt_tokens if usage is not None else ctx.prompt_tokens.count_now()
-        cached = cached_tokens(usage) if usage is not None else 0
+        # Every kind of token the broken attempt reported (cache reads and writes, reasoning) is billed
+        # and shown in the stitched usage; without usage, the prompt and what it relayed are counted.
+        tokens = (
+            counts_of(usage)
+            if usage is not None
+            else TokenCounts(prompt=ctx.prompt_tokens.count_now(), completion=produced)
+        )
         ctx.continued.append(
             ContinuedAttempt(
                 target=failed_target,
                 status=broken[1],
                 seconds=time.perf_counter() - ctx.started,
-                prompt_tokens=prompt,
-                completion_tokens=produced,
-                cached_tokens=cached,
+                tokens=tokens,
                 estimated=usage is None,
             )
         )
-        self._earlier = add_usage(
-            self._earlier, Usage(prompt_tokens=prompt, completion_tokens=produced, total_tokens=prompt + produced)
-        )
+        self._earlier = add_usage(self._earlier, usage_of(tokens))
         self._stitch = Stitch(sent.identity, self._earlier)
         # The continuation is an attempt of its own: its usage, its meter, its upstream.
         self._upstream = response

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-from gateway.accounting.meter import cached_tokens, completion_tokens_of
+from gateway.accounting.counts import TokenCounts, counts_of
+from gateway.accounting.meter import completion_tokens_of
 from gateway.context import ContinuedAttempt, RequestContext
 from gateway.policy.index import Target
 from gateway.tokens import OFFLOAD_CHARS
@@ -47,9 +48,7 @@ async def broken_attempt(
             target=target,
             status=status,
             seconds=seconds,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=cached_tokens(usage),
+            tokens=counts_of(usage),
             estimated=False,
             restarted=True,
         )
@@ -63,9 +62,7 @@ async def broken_attempt(
         target=target,
         status=status,
         seconds=seconds,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cached_tokens=0,
+        tokens=TokenCounts(prompt=prompt, completion=completion),
         estimated=True,
         restarted=True,
     )

@@ -1,10 +1,11 @@
 """A chat-completions body built from the canonical request: what an OpenAI-compatible upstream gets when
-the client spoke another protocol (Anthropic Messages). The OpenAI client's own bytes never come here
+the client spoke another protocol (Anthropic Messages, OpenAI Responses). The OpenAI client's own bytes never come here
 (they pass through, gateway.passthrough).
 
 What Chat Completions cannot carry is refused, never dropped (the fidelity rule of issue 11): thinking
 blocks with their signatures (an unsigned one, which Strait made from an upstream's reasoning, is left
-out: it holds no provider state), redacted thinking, tool types other than functions, images inside a tool
+out: it holds no provider state), redacted thinking, Responses reasoning items with encrypted content (one
+without is left out like an unsigned thinking block), tool types other than functions, images inside a tool
 result. `Untranslatable` names the part; the adapter answers it as a 400.
 """
 
@@ -18,6 +19,7 @@ from gateway.canonical import (
     Image,
     Message,
     Part,
+    Reasoning,
     RedactedThinking,
     Request,
     Text,
@@ -56,6 +58,10 @@ def chat_body(
         body["tools"] = [_tool(t.name, t.description, t.parameters) for t in request.tools]
     if request.tool_choice is not None:
         _choice(body, request.tool_choice)
+    thinking = request.thinking
+    if thinking is not None and thinking.effort is not None:
+        # Responses' `reasoning.effort`: Chat Completions' own field for it (engines that do not reason ignore it).
+        body["reasoning_effort"] = thinking.effort
     fmt = request.response_format
     if fmt is not None and fmt.type != "text":
         body["response_format"] = (
@@ -104,7 +110,9 @@ def _messages(message: Message) -> list[dict[str, Any]]:
         else:
             rest.append(part)
     if rest or not out:
-        out.append(_message(message.role, rest))
+        chat = _message(message.role, rest)
+        if chat is not None:
+            out.append(chat)
     return out
 
 
@@ -123,15 +131,21 @@ def _result_text(result: ToolResult) -> str:
 
 
 def _unsigned(part: Part) -> bool:
-    """A thinking block without a signature: an OpenAI-compatible upstream's `reasoning_content`, which
-    the Messages edge gave the client as one. It carries no provider state; Chat Completions takes no
-    reasoning back, so it is left out, as an OpenAI client leaves it out."""
+    """A thinking block without a signature, or a Responses reasoning item without encrypted content: an
+    OpenAI-compatible upstream's `reasoning_content`, which the Messages or Responses edge gave the client
+    as one. It carries no provider state; Chat Completions takes no reasoning back, so it is left out, as
+    an OpenAI client leaves it out."""
+    if isinstance(part, Reasoning):
+        return not part.encrypted_content
     return isinstance(part, Thinking) and not part.signature
 
 
-def _message(role: str, parts: list[Part]) -> dict[str, Any]:
+def _message(role: str, parts: list[Part]) -> dict[str, Any] | None:
+    """The chat message for `parts`; None for an assistant turn that held only reasoning left out."""
     calls = [p for p in parts if isinstance(p, ToolCall)]
     content = [p for p in parts if not isinstance(p, ToolCall) and not _unsigned(p)]
+    if parts and not calls and not content:
+        return None
     out: dict[str, Any] = {"role": role}
     if all(isinstance(p, Text) for p in content):
         text = "".join(p.text for p in content if isinstance(p, Text))
@@ -154,6 +168,12 @@ def _content_part(part: Part) -> dict[str, Any]:
         if part.detail is not None:
             image["detail"] = part.detail
         return {"type": "image_url", "image_url": image}
+    if isinstance(part, Reasoning):
+        raise Untranslatable(
+            "A reasoning item with encrypted content cannot be given to this route's upstream (it speaks OpenAI's "
+            "Chat Completions, which would lose that provider state); leave it out or route to an upstream that "
+            "speaks Responses."
+        )
     if isinstance(part, Thinking | RedactedThinking):
         raise Untranslatable(
             "A thinking block cannot be given to this route's upstream (it speaks OpenAI's Chat Completions, "

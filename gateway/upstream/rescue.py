@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.accounting.counts import counts_of, usage_of
 from gateway.upstream.sse import DONE
 from gateway.upstream.wire import Usage
 
@@ -113,11 +114,21 @@ def compacted(events: Iterable[bytes]) -> list[bytes] | None:
 
 
 def add_usage(a: Usage | None, b: Usage) -> Usage:
+    """The billed tokens of two attempts, every kind summed (cache reads and writes, reasoning)."""
     if a is None:
         return b
-    prompt = a.prompt_tokens + b.prompt_tokens
-    completion = a.completion_tokens + b.completion_tokens
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return usage_of(counts_of(a) + counts_of(b))
+
+
+def _add_detail(usage: dict[str, Any], details: str, name: str, extra: int) -> None:
+    """Adds `extra` to `usage[details][name]` (creating the details object when it has none)."""
+    if not extra:
+        return
+    block = usage.get(details)
+    if not isinstance(block, dict):
+        block = usage[details] = {}
+    value = block.get(name)
+    block[name] = (value if isinstance(value, int) and not isinstance(value, bool) else 0) + extra
 
 
 def _role_only(choices: list[Any]) -> bool:
@@ -140,7 +151,8 @@ class Stitch:
 
     def __init__(self, identity: dict[str, Any], earlier: Usage) -> None:
         self._identity = identity
-        self._earlier = earlier
+        # The billed tokens of every attempt before the continuation, by kind: added to its usage chunk.
+        self._earlier = counts_of(earlier)
 
     def events(self, batch: list[bytes]) -> list[bytes]:
         out: list[bytes] = []
@@ -171,12 +183,18 @@ class Stitch:
             if isinstance(usage, dict):
                 earlier = self._earlier
                 for name, extra in (
-                    ("prompt_tokens", earlier.prompt_tokens),
-                    ("completion_tokens", earlier.completion_tokens),
-                    ("total_tokens", earlier.total_tokens),
+                    ("prompt_tokens", earlier.prompt),
+                    ("completion_tokens", earlier.completion),
+                    ("total_tokens", earlier.total),
                 ):
                     value = usage.get(name)
                     if isinstance(value, int) and not isinstance(value, bool):
                         usage[name] = value + extra
+                for details, name, extra in (
+                    ("prompt_tokens_details", "cached_tokens", earlier.cached),
+                    ("prompt_tokens_details", "cache_write_tokens", earlier.cache_write),
+                    ("completion_tokens_details", "reasoning_tokens", earlier.reasoning),
+                ):
+                    _add_detail(usage, details, name, extra)
             out.append(msgspec.json.encode(chunk))
         return out

@@ -53,6 +53,10 @@ class Usage(_Wire, kw_only=True):
             details.cache_write_tokens = min(
                 _clamp(details.cache_write_tokens), self.prompt_tokens - details.cached_tokens
             )
+        reasoning = self.completion_tokens_details
+        if isinstance(reasoning, CompletionTokensDetails):
+            # A part of the completion tokens (priced apart on the rate card), never more than them.
+            reasoning.reasoning_tokens = min(_clamp(reasoning.reasoning_tokens), self.completion_tokens)
 
 
 # ---- what Strait reads back from upstream answers (probes decode only what they need) ----

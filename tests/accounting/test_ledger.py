@@ -13,8 +13,9 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from gateway.accounting.counts import TokenCounts, cost_micro_usd
 from gateway.accounting.ledger import Ledger, MemoryLedger
-from gateway.accounting.meter import completion_tokens_of, cost_micro_usd
+from gateway.accounting.meter import completion_tokens_of
 from gateway.accounting.records import UsageRecord
 from gateway.accounting.redis_ledger import RedisLedger
 from gateway.accounting.spool import Spool
@@ -76,6 +77,15 @@ async def test_writes_are_idempotent_per_request_and_attempt(ledger: Ledger) -> 
     rows = await ledger.totals(["acme"], DAY, DAY, "route")
     assert [(r.value, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [("chat", 2, 20, 10)]
     assert rows[0].cost_usd == pytest.approx(140e-6)
+
+
+async def test_totals_carry_every_token_kind(ledger: Ledger) -> None:
+    parts = {"cached_tokens": 3, "cache_write_tokens": 2, "reasoning_tokens": 4}
+    await ledger.write([rec("k1", **parts), rec("k2", **parts), rec("k3", attempt=2, final=False, **parts)])
+    for by in ("route", "model", "deployment", "key"):
+        rows = await ledger.totals(["acme"], DAY, DAY, by)  # type: ignore[arg-type]
+        got = [(r.requests, r.prompt_tokens, r.cached_tokens, r.cache_write_tokens, r.reasoning_tokens) for r in rows]
+        assert got == [(2, 30, 9, 6, 12)], by
 
 
 async def test_totals_by_dimension_and_tenant_isolation(ledger: Ledger) -> None:
@@ -184,9 +194,10 @@ def test_full_spool_drops_and_counts(tmp_path: Path) -> None:
 
 def test_cost_uses_cached_price_and_is_never_negative() -> None:
     price = Price(input_per_mtok=2.5, output_per_mtok=10.0, cached_input_per_mtok=1.25)
-    assert cost_micro_usd(price, 1000, 100) == 2500 + 1000
-    assert cost_micro_usd(price, 1000, 100, cached=400) == 600 * 2.5 + 400 * 1.25 + 1000
-    assert cost_micro_usd(price, 100, 0, cached=400) == 100 * 1.25  # cached never exceeds the prompt
+    assert cost_micro_usd(price, TokenCounts(prompt=1000, completion=100)) == 2500 + 1000
+    assert cost_micro_usd(price, TokenCounts(prompt=1000, completion=100, cached=400)) == 600 * 2.5 + 400 * 1.25 + 1000
+    # cached never exceeds the prompt
+    assert cost_micro_usd(price, TokenCounts(prompt=100, cached=400)) == 100 * 1.25
 
 
 def test_estimated_completion_tokens_count_text_and_tool_arguments() -> None:

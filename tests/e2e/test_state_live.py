@@ -416,7 +416,9 @@ def test_strait_usage_cli_reads_the_ledger(memory_gateway: ServerProcess) -> Non
     table = cli("--key", ADMIN, "--admin", "--by", "model")
     assert table.returncode == 0 and "cheap-model" in table.stdout
     csv_out = cli("--key", KEYS["other"], "--format", "csv")
-    assert csv_out.stdout.splitlines()[0] == "tenant,route,requests,prompt_tokens,completion_tokens,cost_usd"
+    assert csv_out.stdout.splitlines()[0] == (
+        "tenant,route,requests,prompt_tokens,cached_tokens,cache_write_tokens,completion_tokens,reasoning_tokens,cost_usd"
+    )
     assert all(line.startswith("other,") for line in csv_out.stdout.splitlines()[1:])
     refused = cli("--key", KEYS["other"], "--admin")
     assert refused.returncode == 1 and "401" in refused.stderr

@@ -187,16 +187,26 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def usage_object(prompt_tokens: int, completion_tokens: int, *, details: bool = True) -> dict[str, Any]:
+def usage_object(
+    prompt_tokens: int, completion_tokens: int, *, details: bool = True, d: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """OpenAI's usage block; the directives `d` may report prompt-cache reads and writes and reasoning
+    tokens (parts of the prompt and completion tokens, each clamped to its total)."""
+    d = d or {}
+    cached = min(max(0, d.get("cached_tokens", 0)), prompt_tokens)
+    cache_write = min(max(0, d.get("cache_write_tokens", 0)), prompt_tokens - cached)
+    reasoning = min(max(0, d.get("reasoning_tokens", 0)), completion_tokens)
     usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
     if details:
-        usage["prompt_tokens_details"] = {"cached_tokens": 0, "audio_tokens": 0}
+        usage["prompt_tokens_details"] = {"cached_tokens": cached, "audio_tokens": 0}
+        if "cache_write_tokens" in d:  # Strait's name for Anthropic's cache_creation_input_tokens
+            usage["prompt_tokens_details"]["cache_write_tokens"] = cache_write
         usage["completion_tokens_details"] = {
-            "reasoning_tokens": 0,
+            "reasoning_tokens": reasoning,
             "audio_tokens": 0,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,
@@ -270,6 +280,11 @@ DIRECTIVES: dict[str, Callable[[Any], Any]] = {
     # chat: add a "pad" field of this many bytes to the answer (non-stream: a huge JSON body) or to the first
     # content chunk (stream: one huge SSE line); it carries no tokens
     "pad_bytes": _as_int,
+    # chat: the usage block reports this many prompt tokens read from / written to the provider's prompt
+    # cache and this many reasoning tokens (parts of prompt_tokens and completion_tokens, clamped to them)
+    "cached_tokens": _as_int,
+    "cache_write_tokens": _as_int,
+    "reasoning_tokens": _as_int,
     # --- faults for resilience tests (issue 10); see the module docstring for the model-name mapping ---
     "retry_after_date": _as_int,  # 429/503: Retry-After as an HTTP-date this many seconds ahead (rounded up)
     "reset": _as_bool,  # end the connection before any response byte (RST; FIN with fail_mode=fin)
@@ -1114,7 +1129,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": usage_object(prompt_tokens, completion_tokens),
+        "usage": usage_object(prompt_tokens, completion_tokens, d=ctx.d),
         "service_tier": SERVICE_TIER,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
@@ -1255,7 +1270,7 @@ async def _stream_chat(
     if s.error_after is not None and not await s.before_content():
         return resp
     completion_tokens = sum(p.tokens for p in plans)
-    usage = _dumps(usage_object(prompt_tokens, completion_tokens))
+    usage = _dumps(usage_object(prompt_tokens, completion_tokens, d=ctx.d))
     for i, p in enumerate(plans):
         last = i == len(plans) - 1
         if mode == "final-with-choices" and last:

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.passthrough import with_prefill
-from gateway.upstream.rescue import Stitch, compacted, what_was_sent
-from gateway.upstream.wire import Usage
+from gateway.upstream.rescue import Stitch, add_usage, compacted, what_was_sent
+from gateway.upstream.wire import CompletionTokensDetails, PromptTokensDetails, Usage
 
 ID = {"id": "chatcmpl-first", "created": 111, "model": "first-model", "system_fingerprint": "fp-1"}
 
@@ -82,6 +82,44 @@ def test_a_continuation_is_stitched_into_the_stream_the_client_has() -> None:
     assert all({k: c[k] for k in ID} == ID for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"content": "ld"}
     assert chunks[2]["usage"] == {"prompt_tokens": 25, "completion_tokens": 10, "total_tokens": 35}
+
+
+def test_every_token_kind_of_the_earlier_attempts_is_summed_into_the_stitched_usage() -> None:
+    first = Usage(
+        prompt_tokens=10,
+        completion_tokens=4,
+        total_tokens=14,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=6, cache_write_tokens=3),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=2),
+    )
+    second = Usage(
+        prompt_tokens=12,
+        completion_tokens=5,
+        total_tokens=17,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=1),
+    )
+    earlier = add_usage(add_usage(None, first), second)
+    assert msgspec.json.decode(msgspec.json.encode(earlier)) == {
+        "prompt_tokens": 22,
+        "completion_tokens": 9,
+        "total_tokens": 31,
+        "prompt_tokens_details": {"cached_tokens": 7, "cache_write_tokens": 3},
+        "completion_tokens_details": {"reasoning_tokens": 2},
+    }
+    own = {
+        "prompt_tokens": 15,
+        "completion_tokens": 6,
+        "total_tokens": 21,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }
+    out = Stitch(ID, earlier).events([json.dumps({**ID, "choices": [], "usage": own}).encode()])
+    assert msgspec.json.decode(out[0])["usage"] == {
+        "prompt_tokens": 37,
+        "completion_tokens": 15,
+        "total_tokens": 52,
+        "prompt_tokens_details": {"cached_tokens": 11, "cache_write_tokens": 3},
+        "completion_tokens_details": {"reasoning_tokens": 2},
+    }
 
 
 @given(

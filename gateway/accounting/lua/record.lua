@@ -4,25 +4,27 @@
 -- KEYS[1] the tenant's stream, KEYS[2] the tenant's day hash (aggregates), KEYS[3] the tenant's day
 -- markers hash (one field per record written: `<request id>|<attempt>`)
 -- ARGV: 1 marker TTL s, 2 aggregate and stream TTL s, 3 stream max length,
---       then 12 per record: marker field, JSON, requests (1 for the final attempt, else 0), prompt tokens,
---       completion tokens, cost micro-USD, cache hits (1 or 0), tokens saved, route, model, deployment, key id.
+--       then 15 per record: marker field, JSON, then the 9 metrics: requests (1 for the final attempt, else 0),
+--       prompt tokens, completion tokens, cost micro-USD, cache hits (1 or 0), tokens saved, cached (cache
+--       read) tokens, cache write tokens, reasoning tokens; then route, model, deployment, key id.
 -- Both hashes carry a `~` field from their creation on: its absence says the hash is new and needs its
 -- TTL (set once, so a batch needs no EXPIRE). Numbers stay far below 2^53 (Lua doubles are exact).
 -- Returns how many records were new.
 local marker_ttl, agg_ttl, maxlen = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local dims = {'route', 'model', 'deployment', 'key'}
-local metrics = {'requests', 'prompt', 'completion', 'cost', 'hits', 'saved'}
-local n = (#ARGV - 3) / 12
+local metrics = {'requests', 'prompt', 'completion', 'cost', 'hits', 'saved', 'cached', 'cache_write', 'reasoning'}
+local per = 2 + #metrics + #dims
+local n = (#ARGV - 3) / per
 local marks = {'~'}
 for i = 1, n do
-  marks[i + 1] = ARGV[3 + (i - 1) * 12 + 1]
+  marks[i + 1] = ARGV[3 + (i - 1) * per + 1]
 end
 local seen = redis.call('HMGET', KEYS[3], unpack(marks))
 local written, new_marks = {}, {}
 local sums, order = {}, {}
 local new = 0
 for i = 1, n do
-  local a = 3 + (i - 1) * 12
+  local a = 3 + (i - 1) * per
   local mark = ARGV[a + 1]
   if not seen[i + 1] and not written[mark] then
     written[mark] = true
@@ -31,8 +33,8 @@ for i = 1, n do
     new_marks[#new_marks + 1] = '1'
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[a + 2])
     for d = 1, 4 do
-      local base = dims[d] .. '|' .. ARGV[a + 8 + d] .. '|'
-      for m = 1, 6 do
+      local base = dims[d] .. '|' .. ARGV[a + 2 + #metrics + d] .. '|'
+      for m = 1, #metrics do
         local amount = tonumber(ARGV[a + 2 + m])
         if amount ~= 0 then
           local field = base .. metrics[m]

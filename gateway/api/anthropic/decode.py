@@ -1,7 +1,8 @@
 """Anthropic Messages request bodies, decoded once into the canonical request, with the input bounds of
 the OpenAI codec (the same skim: JSON object, UTF-8, container count, depth, no upstream-redirecting field;
-the same number ranges). The client's bytes are not kept for passthrough: no adapter speaks Messages to an
-upstream yet, so the upstream gets a body translated from the canonical request (gateway.upstream.chat_body).
+the same number ranges). The client's bytes are kept beside it (`Request.original`, protocol `anthropic`):
+an Anthropic upstream gets them with only the model replaced (plugins.anthropic_messages); an
+OpenAI-compatible one a chat body translated from the canonical request (gateway.upstream.chat_body).
 
 Every failure is a GatewayError (400 naming the field); the edge renders it in Anthropic's envelope.
 """
@@ -44,6 +45,7 @@ from gateway.canonical import (
     ToolResult,
 )
 from gateway.errors import InvalidRequest
+from gateway.passthrough import RepeatedField, original_of
 
 PROTOCOL: Final = "anthropic"
 _decoder = msgspec.json.Decoder(MessagesRequest)
@@ -65,6 +67,13 @@ def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, coun
     check_numbers(numbers, limits)
     if wire.top_p is not None and not 0 <= wire.top_p <= 1:
         raise InvalidRequest("top_p: must be between 0 and 1.", param="top_p")
+    try:
+        original = original_of(PROTOCOL, body, top)
+    except RepeatedField as exc:
+        raise InvalidRequest(
+            f"The field '{exc.name}' appears more than once in the request body; send each field once.",
+            param=exc.name,
+        ) from None
     messages = [out for i, m in enumerate(wire.messages) for out in _messages(m, i)]
     system = _system(wire.system)
     if system is not None:
@@ -90,6 +99,7 @@ def decode_messages(body: bytes, limits: InboundLimits = DEFAULT_LIMITS, *, coun
         include_usage=True,
         user=wire.metadata.user_id if wire.metadata is not None else None,
         response_format=_output_format(wire.output_config),
+        original=original,
     )
 
 
@@ -114,7 +124,7 @@ def _system(system: str | list[TextBlock] | None) -> Message | None:
         return None
     if isinstance(system, str):
         return Message(role="system", content=(Text(text=system),)) if system else None
-    parts = tuple(Text(text=b.text) for b in system)
+    parts = tuple(Text(text=b.text, cache_control=_cache(b.cache_control)) for b in system)
     return Message(role="system", content=parts) if parts else None
 
 
@@ -137,16 +147,21 @@ def _messages(m: MessageParam, i: int) -> list[Message]:
     return out
 
 
+def _cache(raw: msgspec.Raw) -> msgspec.Raw | None:
+    """A block's `cache_control` as the client wrote it (None when absent or null)."""
+    return raw if len(raw) and bytes(raw) != _NULL else None
+
+
 def _part(b: Block, where: str) -> Part:
     if isinstance(b, TextBlock):
-        return Text(text=b.text, cache_control=b.cache_control if len(b.cache_control) else None)
+        return Text(text=b.text, cache_control=_cache(b.cache_control))
     if isinstance(b, ImageBlock):
         return _image(b, where)
     if isinstance(b, ToolUseBlock):
         raw = bytes(b.input)
         if not raw.startswith(b"{"):
             raise InvalidRequest(f"{where}.input: must be a JSON object.", param=f"{where}.input")
-        return ToolCall(id=b.id, name=b.name, arguments=raw.decode())
+        return ToolCall(id=b.id, name=b.name, arguments=raw.decode(), cache_control=_cache(b.cache_control))
     if isinstance(b, ToolResultBlock):
         content: tuple[Part, ...]
         if b.content is None:
@@ -155,7 +170,9 @@ def _part(b: Block, where: str) -> Part:
             content = (Text(text=b.content),)
         else:
             content = tuple(_part(c, f"{where}.content[{k}]") for k, c in enumerate(b.content))
-        return ToolResult(call_id=b.tool_use_id, content=content, is_error=b.is_error)
+        return ToolResult(
+            call_id=b.tool_use_id, content=content, is_error=b.is_error, cache_control=_cache(b.cache_control)
+        )
     if isinstance(b, ThinkingBlock):
         return Thinking(text=b.thinking, signature=b.signature)
     assert isinstance(b, RedactedThinkingBlock)
@@ -167,10 +184,10 @@ def _image(b: ImageBlock, where: str) -> Image:
     if source.type == "url":
         if not source.url:
             raise InvalidRequest(f"{where}.source.url: Field required.", param=f"{where}.source.url")
-        return Image(url=source.url)
+        return Image(url=source.url, cache_control=_cache(b.cache_control))
     if not source.data or not source.media_type:
         raise InvalidRequest(f"{where}.source: a base64 image needs 'media_type' and 'data'.", param=f"{where}.source")
-    return Image(data=source.data, media_type=source.media_type)
+    return Image(data=source.data, media_type=source.media_type, cache_control=_cache(b.cache_control))
 
 
 def _tool(t: ToolParam, i: int) -> Tool:
@@ -181,7 +198,13 @@ def _tool(t: ToolParam, i: int) -> Tool:
             raise InvalidRequest(f"tools.{i}.input_schema: Field required.", param=f"tools[{i}].input_schema")
         if not bytes(schema).lstrip().startswith(b"{"):
             raise InvalidRequest(f"tools.{i}.input_schema: must be a JSON object.", param=f"tools[{i}].input_schema")
-    return Tool(name=t.name, description=t.description, parameters=schema if len(schema) else None, kind=kind)
+    return Tool(
+        name=t.name,
+        description=t.description,
+        parameters=schema if len(schema) else None,
+        kind=kind,
+        cache_control=_cache(t.cache_control),
+    )
 
 
 def _tool_choice(choice: ToolChoiceParam | None) -> ToolChoice | None:

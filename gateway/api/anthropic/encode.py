@@ -88,14 +88,49 @@ class _Function(msgspec.Struct):
     arguments: str | None = None
 
 
+class GoogleCallExtra(msgspec.Struct):
+    thought_signature: str | None = None
+
+
+class CallExtra(msgspec.Struct):
+    google: GoogleCallExtra | None = None
+
+
 class _Call(msgspec.Struct):
     id: str | None = None
     function: _Function | None = None
+    # Gemini's thought signature of the call (plugins.gemini): given to an Anthropic client as a signed,
+    # empty thinking block before the tool_use block, which it sends back as it got it.
+    extra_content: CallExtra | None = None
+
+
+def call_signature(extra: CallExtra | None) -> str | None:
+    """The thought signature a tool call carries (Gemini's, via its OpenAI-format answer), if any."""
+    google = extra.google if extra is not None else None
+    return google.thought_signature if google is not None else None
+
+
+def signature_block(signature: str) -> dict[str, Any]:
+    """A call's provider state as Anthropic's clients keep it: a thinking block with only a signature."""
+    return {"type": "thinking", "thinking": "", "signature": signature}
+
+
+class ThinkingPiece(msgspec.Struct):
+    """An entry of `thinking_blocks`, the extension field in which a chat completion carries Anthropic's
+    thinking blocks whole (docs/anthropic.md; LiteLLM's name): a thinking block's signature (its text is
+    in `reasoning_content`) or a redacted_thinking block's data."""
+
+    type: str = "thinking"
+    thinking: str | None = None
+    signature: str | None = None
+    data: str | None = None
 
 
 class _ChatMessage(msgspec.Struct):
     content: str | None = None
     reasoning_content: str | None = None  # llama.cpp, vLLM, DeepSeek: the model's visible reasoning
+    # The native Anthropic adapter's thinking blocks, signatures included (plugins.anthropic_messages).
+    thinking_blocks: list[ThinkingPiece] | None = None
     tool_calls: list[_Call] | None = None
 
 
@@ -107,6 +142,7 @@ class _Choice(msgspec.Struct):
 
 class _Details(msgspec.Struct):
     cached_tokens: int | None = None
+    cache_write_tokens: int | None = None  # Anthropic's cache_creation_input_tokens
 
 
 class ChatUsage(msgspec.Struct):
@@ -122,7 +158,10 @@ class _Completion(msgspec.Struct):
 
 
 def message_id(upstream_id: str, request_id: str) -> str:
-    """`msg_...`: the upstream's completion id behind Anthropic's prefix (ours when it sent none)."""
+    """`msg_...`: the upstream's completion id behind Anthropic's prefix (ours when it sent none); an
+    Anthropic upstream's own id as it is."""
+    if upstream_id.startswith("msg_"):
+        return upstream_id
     return "msg_" + (upstream_id.removeprefix("chatcmpl-") or request_id)
 
 
@@ -141,11 +180,22 @@ def tool_input(arguments: str | None) -> Any:
 def usage_of(usage: ChatUsage | None) -> dict[str, int]:
     if usage is None:
         return {"input_tokens": 0, "output_tokens": 0}
-    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details is not None else None
-    out = {"input_tokens": usage.prompt_tokens - (cached or 0), "output_tokens": usage.completion_tokens}
+    details = usage.prompt_tokens_details
+    cached = (details.cached_tokens or 0) if details is not None else 0
+    written = (details.cache_write_tokens or 0) if details is not None else 0
+    # Anthropic's input_tokens are the prompt tokens neither read from nor written to the cache.
+    out = {"input_tokens": max(0, usage.prompt_tokens - cached - written), "output_tokens": usage.completion_tokens}
+    if written:
+        out["cache_creation_input_tokens"] = written
     if cached:
         out["cache_read_input_tokens"] = cached
     return out
+
+
+def thinking_block(piece: ThinkingPiece) -> dict[str, Any]:
+    if piece.type == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": piece.data or ""}
+    return {"type": "thinking", "thinking": piece.thinking or "", "signature": piece.signature or ""}
 
 
 def messages_response(body: bytes, model: str, request_id: str, stops: tuple[str, ...] = ()) -> bytes:
@@ -154,13 +204,19 @@ def messages_response(body: bytes, model: str, request_id: str, stops: tuple[str
     choice = completion.choices[0] if completion.choices else _Choice()
     message = choice.message or _ChatMessage()
     content: list[dict[str, Any]] = []
-    if message.reasoning_content:
+    if message.thinking_blocks:
+        # An Anthropic upstream's blocks, whole: each signature and redacted block byte for byte.
+        content.extend(thinking_block(piece) for piece in message.thinking_blocks)
+    elif message.reasoning_content:
         # Unsigned: no provider state to keep (gateway.upstream.chat_body drops it when it comes back).
         content.append({"type": "thinking", "thinking": message.reasoning_content, "signature": ""})
     if message.content:
         content.append({"type": "text", "text": message.content})
     for call in message.tool_calls or ():
         f = call.function or _Function()
+        signature = call_signature(call.extra_content)
+        if signature is not None:
+            content.append(signature_block(signature))
         content.append(
             {"type": "tool_use", "id": call.id or "", "name": f.name or "", "input": tool_input(f.arguments)}
         )

@@ -33,7 +33,9 @@ def messages_reply(reply: Reply, ctx: RequestContext) -> MessagesStream | None:
     model = ctx.request.model if ctx.request is not None else ctx.route_name
     if reply.stream is not None:
         return MessagesStream(ctx, model)
-    if 200 <= reply.status < 300:
+    if 200 <= reply.status < 300 and ctx.native is not None and ctx.native.body:
+        reply.body = ctx.native.body  # the upstream spoke Messages: its own answer, byte for byte
+    elif 200 <= reply.status < 300:
         try:
             stops = ctx.request.stop if ctx.request is not None else ()
             reply.body = messages_response(reply.body, model, ctx.request_id, stops)

@@ -5,6 +5,12 @@ relay hands them over) become Anthropic's named events, in Anthropic's order:
     input_json_delta, or thinking_delta for an upstream's `reasoning_content`)..., content_block_stop,
     then message_delta (stop_reason, usage), message_stop.
 
+A native Anthropic upstream's thinking comes with its signature in the chunk's `thinking_blocks` (the
+extension field, docs/anthropic.md): a `signature_delta` that closes the thinking block, or a whole
+`redacted_thinking` block. When the upstream spoke Messages itself (`ctx.native`, contracts.NativeAnswer)
+its own events are relayed instead, each as it came (`event:` line, then its data bytes), in its order,
+pings included; only a failure is the gateway's own `event: error` (redacted).
+
 Every event has its `event:` line (the SDK skips unnamed ones). A stream that failed ends with
 `event: error` in Anthropic's envelope and no message_stop, so the SDK raises instead of returning a
 truncated message. One encoder per request (it holds the open block); only this route pays for it.
@@ -16,7 +22,17 @@ from typing import Any
 
 import msgspec
 
-from gateway.api.anthropic.encode import ChatUsage, ending, error_body, message_id, usage_of
+from gateway.api.anthropic.encode import (
+    CallExtra,
+    ChatUsage,
+    ThinkingPiece,
+    call_signature,
+    ending,
+    error_body,
+    message_id,
+    signature_block,
+    usage_of,
+)
 from gateway.context import RequestContext
 from gateway.contracts import End
 from gateway.upstream.sse import DONE
@@ -33,11 +49,13 @@ class _CallDelta(msgspec.Struct):
     index: int = 0
     id: str | None = None
     function: _Function | None = None
+    extra_content: CallExtra | None = None  # Gemini's thought signature (on the call's first delta)
 
 
 class _Delta(msgspec.Struct):
     content: str | None = None
     reasoning_content: str | None = None
+    thinking_blocks: list[ThinkingPiece] | None = None
     tool_calls: list[_CallDelta] | None = None
 
 
@@ -59,6 +77,11 @@ _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 
 def event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
+
+
+def frames(native: list[tuple[bytes, bytes]]) -> bytes:
+    """An upstream's own events, framed as Anthropic frames them."""
+    return b"".join(b"event: " + name + b"\ndata: " + data + b"\n\n" for name, data in native)
 
 
 class MessagesStream:
@@ -110,6 +133,9 @@ class MessagesStream:
         )
 
     def batch(self, payloads: list[bytes]) -> bytes:
+        native = self.ctx.native
+        if native is not None:
+            return frames(native.take())
         out: list[bytes] = []
         for payload in payloads:
             if payload == DONE:
@@ -131,6 +157,8 @@ class MessagesStream:
                         if self.open != "thinking":
                             self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
                         self._delta({"type": "thinking_delta", "thinking": delta.reasoning_content}, out)
+                    for piece in delta.thinking_blocks or ():
+                        self._thinking_piece(piece, out)
                     if delta.content:
                         if self.open != "text":
                             self._open("text", {"type": "text", "text": ""}, out)
@@ -139,6 +167,11 @@ class MessagesStream:
                         kind = f"tool:{call.index}"
                         f = call.function
                         if self.open != kind:
+                            signature = call_signature(call.extra_content)
+                            if signature is not None:
+                                # Its own signed thinking block first, as the non-streamed answer has it.
+                                self._open("signature", {**signature_block(""), "signature": ""}, out)
+                                self._delta({"type": "signature_delta", "signature": signature}, out)
                             name = (f.name if f is not None else None) or ""
                             block = {"type": "tool_use", "id": call.id or "", "name": name, "input": {}}
                             self._open(kind, block, out)
@@ -149,9 +182,25 @@ class MessagesStream:
                     self.matched = choice.stop_reason
         return b"".join(out)
 
+    def _thinking_piece(self, piece: ThinkingPiece, out: list[bytes]) -> None:
+        """A signature ends the open thinking block (one is opened for a block without text); a redacted
+        block is whole at once. The next reasoning opens a new thinking block."""
+        if piece.type == "redacted_thinking":
+            self._open("redacted", {"type": "redacted_thinking", "data": piece.data or ""}, out)
+            return
+        if piece.signature is None:
+            return
+        if self.open != "thinking":
+            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
+        self._delta({"type": "signature_delta", "signature": piece.signature}, out)
+        self.open = "signed"
+
     def end(self, ctx: RequestContext, end: End) -> bytes:
         """The stream's last events, by how it ended."""
         out: list[bytes] = []
+        native = ctx.native
+        if native is not None and end.outcome == "completed":
+            return frames(native.take())  # the upstream's own message_delta and message_stop
         if end.outcome == "completed":
             if not self.started:
                 self._start("", out)
@@ -170,6 +219,9 @@ class MessagesStream:
             body = msgspec.json.decode(error_body(status, end.error.message, ctx.request_id))
             return event("error", body)
         return b""
+
+    async def settle(self, ctx: RequestContext) -> None:
+        return None  # nothing to do before the last byte
 
     def cut(self, ctx: RequestContext) -> bytes:
         message = "The gateway shut down before the answer was complete (its grace period ran out); retry."

@@ -1,6 +1,8 @@
 """Anthropic Messages request bodies as msgspec Structs: what `POST /v1/messages` (and its count_tokens)
-accepts. A wrong type is a 400 naming the field; fields not listed are ignored (Anthropic adds fields often,
-and `cache_control` or `citations` change nothing a translation can carry)."""
+accepts. A wrong type is a 400 naming the field; fields not listed are ignored here (Anthropic adds fields
+often): they reach an Anthropic upstream in the client's own bytes (passthrough), and a translation to
+another protocol has no place for them. `cache_control` is kept on every block and tool that takes one, for
+the native adapter's own translation (an OpenAI client's request, or a rescue)."""
 
 from __future__ import annotations
 
@@ -27,18 +29,21 @@ class ImageSource(msgspec.Struct, kw_only=True):
 
 class ImageBlock(_Block, tag="image"):
     source: ImageSource
+    cache_control: msgspec.Raw = msgspec.Raw()
 
 
 class ToolUseBlock(_Block, tag="tool_use"):
     id: str
     name: str
     input: msgspec.Raw  # a JSON object, kept as the client's bytes
+    cache_control: msgspec.Raw = msgspec.Raw()
 
 
 class ToolResultBlock(_Block, tag="tool_result"):
     tool_use_id: str
     content: str | list[TextBlock | ImageBlock] | None = None
     is_error: bool = False
+    cache_control: msgspec.Raw = msgspec.Raw()
 
 
 class ThinkingBlock(_Block, tag="thinking"):
@@ -65,6 +70,7 @@ class ToolParam(msgspec.Struct, kw_only=True):
     input_schema: msgspec.Raw = msgspec.Raw()  # absent: empty
     # Absent (or "custom") for a client tool; Anthropic's server tools (`bash_20250124`, `web_search_...`) by name.
     type: str | None = None
+    cache_control: msgspec.Raw = msgspec.Raw()
 
 
 class ToolChoiceParam(msgspec.Struct, kw_only=True):

@@ -14,6 +14,7 @@ from gateway.api.wire import (
     EmbeddingsRequest,
     Message,
     ResponseFormat,
+    ThinkingBlock,
     Tool,
     ToolChoice,
 )
@@ -23,9 +24,11 @@ from gateway.canonical import (
     Opaque,
     Operation,
     Part,
+    RedactedThinking,
     Request,
     Role,
     Text,
+    Thinking,
     ToolCall,
     ToolResult,
 )
@@ -58,10 +61,11 @@ def _schema(raw: msgspec.Raw) -> msgspec.Raw | None:
 
 
 def _part(p: ContentPart) -> Part:
+    cache = p.cache_control if len(p.cache_control) and bytes(p.cache_control) != _NULL else None
     if p.type == "text" and p.text is not None:
-        return Text(text=p.text)
+        return Text(text=p.text, cache_control=cache)
     if p.type == "image_url" and p.image_url is not None:
-        return Image(url=p.image_url.url, detail=p.image_url.detail)
+        return Image(url=p.image_url.url, detail=p.image_url.detail, cache_control=cache)
     return Opaque(protocol="openai", kind=p.type)
 
 
@@ -77,17 +81,32 @@ def _message(m: Message) -> CMessage:
     if m.role in ("tool", "function"):
         result = ToolResult(call_id=m.tool_call_id or m.name or "", content=parts)
         return CMessage(role="tool", content=(result,), name=m.name)
+    if m.thinking_blocks and m.role == "assistant":
+        # An Anthropic upstream's thinking, returned: first in the turn, as Messages wants it, each
+        # signature (or redacted block) as it came.
+        parts = tuple(_thinking(b) for b in m.thinking_blocks) + parts
     if m.tool_calls:
         parts += tuple(_tool_call(c) for c in m.tool_calls)
     return CMessage(role=_ROLES[m.role], content=parts, name=m.name)
+
+
+def _thinking(b: ThinkingBlock) -> Part:
+    if b.type == "redacted_thinking":
+        return RedactedThinking(data=b.data or "")
+    return Thinking(text=b.thinking or "", signature=b.signature or None)
 
 
 def _tool_call(c: WireToolCall) -> ToolCall:
     if c.custom is not None:  # a custom tool's call: its input is text, carried as the arguments
         return ToolCall(id=c.id or "", name=c.custom.name or "", arguments=c.custom.input or "", kind=c.type)
     f = c.function
+    google = c.extra_content.google if c.extra_content is not None else None
     return ToolCall(
-        id=c.id or "", name=(f.name if f else None) or "", arguments=(f.arguments if f else None) or "", kind=c.type
+        id=c.id or "",
+        name=(f.name if f else None) or "",
+        arguments=(f.arguments if f else None) or "",
+        kind=c.type,
+        signature=google.thought_signature if google is not None else None,
     )
 
 

@@ -1,0 +1,1 @@
+"""The `gemini` adapter: Google's Gemini API natively (plugins.gemini.adapter)."""
