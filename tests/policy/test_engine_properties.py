@@ -33,12 +33,14 @@ from gateway.policy.model import (
     Compliance,
     Constraints,
     Deployment,
+    Hardware,
     Hosting,
     Model,
     Operator,
     Origin,
     OriginRule,
     PolicySet,
+    Prefer,
     Price,
     Route,
     Rule,
@@ -87,6 +89,18 @@ S_DEVELOPERS = subset(DEVELOPERS)
 S_OPERATOR = st.sampled_from(OPERATORS)
 S_RETENTION = st.sampled_from((None, 0, 30, 90))
 S_TRAINS = st.sampled_from((None, False, True))
+CHIPS = ("H100", "L4", "MI300X")
+REGIONS = ("eu-west", "us-east")
+S_HARDWARE = st.none() | st.builds(
+    Hardware, chip=st.none() | st.sampled_from(CHIPS), memory_gb=st.none() | st.sampled_from((24.0, 80.0, 192.0))
+)
+S_REGION = st.none() | st.sampled_from(REGIONS)
+S_PREFER = st.builds(
+    Prefer,
+    chips=st.none() | st.permutations(CHIPS).map(tuple),
+    min_memory_gb=st.none() | st.sampled_from((24.0, 80.0, 141.0)),
+    ingress_region=COIN,
+)
 S_MAX_RETENTION = st.sampled_from((0, 30))
 S_CERTS_HELD = subset(CERTS, 0, 3)
 S_CERTS_REQUIRED = subset(CERTS, 1, 2)
@@ -146,9 +160,11 @@ def backend_of(draw: st.DrawFn, name: str) -> Backend:
             jurisdiction=draw(S_JURIS),
             retention_days=draw(S_RETENTION),
             trains_on_data=draw(S_TRAINS),
+            region=draw(S_REGION),
             certifications=draw(S_CERTS_HELD),
         ),
         capacity=Capacity(max_concurrency=draw(S_CONCURRENCY)),
+        hardware=draw(S_HARDWARE),
     )
 
 
@@ -689,3 +705,43 @@ def test_cost_objective_with_spillover_orders_groups_then_cost(w: World) -> None
 
     keys = [(group(t), rows[t.label].est_cost_usd or 0.0) for t in result.targets]
     assert keys == sorted(keys), keys
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (f) `prefer` (hardware, nearness to the ingress region) is soft: it excludes nothing and only orders.
+
+
+def _preference(t: Target, prefer: Prefer, ingress: str | None) -> tuple[int, int, int]:
+    """Restated from the documented order: enough memory per chip, then the chip's place in the list,
+    then in the ingress region; undeclared hardware or region never matches."""
+    hw = t.backend.hardware
+    memory = 0
+    if prefer.min_memory_gb is not None:
+        memory = 0 if hw is not None and hw.memory_gb is not None and hw.memory_gb >= prefer.min_memory_gb else 1
+    chips = [c.lower() for c in prefer.chips or ()]
+    chip = (chips.index(hw.chip.lower()) if hw and hw.chip and hw.chip.lower() in chips else len(chips)) if chips else 0
+    region = t.backend.hosting.region
+    near = 0 if not prefer.ingress_region or (ingress is not None and region == ingress) else 1
+    return (memory, chip, near)
+
+
+@SETTINGS
+@given(worlds(spillover=False, fallback=False, with_preferences=False), S_PREFER, S_REGION)
+def test_route_preferences_exclude_nothing_and_order_the_plan(w: World, prefer: Prefer, ingress: str | None) -> None:
+    routes = tuple(msgspec.structs.replace(r, prefer=prefer, affinity=None) for r in w.policy.routes)
+    index = PolicyIndex(msgspec.structs.replace(w.policy, routes=routes))
+    features = msgspec.structs.replace(w.features, ingress_region=ingress)
+    without = attempt(w, PolicyIndex(w.policy), features)
+    preferred = attempt(w, index, features)
+    if not isinstance(without, RoutePlan):
+        assert snapshot(preferred)[:3] == snapshot(without)[:3]  # the same refusal
+        return
+    assert isinstance(preferred, RoutePlan)
+    assert [(r.deployment, r.excluded) for r in preferred.decision.rows] == [
+        (r.deployment, r.excluded) for r in without.decision.rows
+    ]
+    rank = {r.deployment: r.rank for r in preferred.decision.rows if r.rank is not None}
+    cands = candidates(w)
+    ranked = sorted(rank, key=lambda label: rank[label])
+    keys = [_preference(cands[label], prefer, ingress) for label in ranked]
+    assert keys == sorted(keys), list(zip(ranked, keys, strict=True))
