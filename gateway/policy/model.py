@@ -486,8 +486,10 @@ class OriginRule(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
 
 class Compliance(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Where a tenant's requests may run. Fail closed: a backend or model whose attribute is unknown
-    does not satisfy an allow-list on that attribute."""
+    """Where a tenant's requests may run, on five attributes: the model's origin, the backend's operator
+    (an entity, with headquarters and parents), the ingress region, the inference jurisdiction, and
+    retention and training. Every one fails closed when unknown, for allow-lists, deny-lists and maximums
+    alike (gateway.policy.compliance; policies/README.md §4)."""
 
     allowed_jurisdictions: tuple[str, ...] | None = None
     denied_jurisdictions: tuple[str, ...] = ()
