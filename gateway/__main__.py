@@ -174,7 +174,12 @@ def _policy_explain(args: argparse.Namespace) -> int:
     headers = dict(h.split(":", 1) for h in args.header) if args.header else {}
     try:
         plan = run(
-            index, args.tenant, request, headers={k.strip(): v.strip() for k, v in headers.items()}, signals=signals
+            index,
+            args.tenant,
+            request,
+            headers={k.strip(): v.strip() for k, v in headers.items()},
+            signals=signals,
+            ingress_region=args.region,
         )
     except GatewayError as exc:
         print(f"refused: {exc.status} {exc.code}: {exc.message}")
@@ -345,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument("--request", required=True, help="request body as JSON")
     explain.add_argument("--signals", help="live signals as JSON: unhealthy, latency_ms, in_flight, utilisation")
     explain.add_argument("--header", action="append", help="'name: value', repeatable")
+    explain.add_argument("--region", help="the STRAIT_REGION of the replica the request enters through")
     explain.set_defaults(func=_policy_explain)
     test = policy_sub.add_parser("test", help="run YAML policy test cases; exit 1 on any failure")
     test.add_argument("paths", nargs="+")

@@ -135,6 +135,7 @@ def create_app(
         tracing=tracing_from_env(os.environ),
         cache_store=open_cache_store(settings.cache_url, timeout_s=settings.state_timeout_ms / 1000),
         embedders=EmbedderPool(),
+        region=settings.region,
         responses=responses,
     )
     runtime = build_runtime(policy, factories, services)

@@ -90,6 +90,8 @@ class Services:
     retry_budgets: RetryBudgets = field(default_factory=RetryBudgets)
     # The model requests in flight on this replica (load shedding, the shutdown's grace period).
     inflight: InFlight = field(default_factory=InFlight)
+    # This replica's region (STRAIT_REGION): every request's ingress region.
+    region: str | None = None
 
 
 def build_runtime(
@@ -116,7 +118,7 @@ def build_runtime(
     auth = AuthStage(index)
     # Shared by `route` and `limits` (which explains again when it switches to the downgrade plan).
     explain = Explain(index, services.decisions)
-    route = RouteStage(index, signals, explain)
+    route = RouteStage(index, signals, explain, services.region)
     # The redactor knows every backend's resolved key, so no upstream error text can echo one.
     dispatcher = Dispatcher(
         adapters,

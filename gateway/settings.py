@@ -60,6 +60,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # One JSON line per request on stderr (gateway.access_log); the share of successful ones written.
     access_log: Literal["on", "off"] = "on"
     access_log_sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # The region this replica runs in (`eu-west`): the ingress region of every request it receives, which
+    # a tenant's compliance may require (`required_ingress_regions`) and a route may prefer deployments in.
+    # Unset: in no region (a tenant that requires one is refused here).
+    region: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9._-]+$")] | None = None
 
     def __post_init__(self) -> None:
         if self.metrics_token is not None and not all("!" <= c <= "~" for c in self.metrics_token):
@@ -104,8 +108,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("shutdown_grace_s", "STRAIT_SHUTDOWN_GRACE_S"),
             ("access_log", "STRAIT_ACCESS_LOG"),
             ("access_log_sample", "STRAIT_ACCESS_LOG_SAMPLE"),
+            ("region", "STRAIT_REGION"),
         ):
-            if var in env and (env[var] or field != "metrics_token"):
+            # Empty means unset for the optional names (a compose file's `${VAR:-}`).
+            if var in env and (env[var] or field not in ("metrics_token", "region")):
                 values[field] = env[var]
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:

@@ -198,13 +198,22 @@ class Metrics:
             ("backend",),
             registry=self.registry,
         )
+        self.evidence_mismatch = Counter(
+            "strait_compliance_evidence_mismatch",
+            "Answers whose provider reported inference outside the backend's declared jurisdiction (e.g. "
+            "Anthropic's usage.inference_geo 'global' for a backend declared US): a compliance alert, by "
+            "deployment.",
+            ("deployment",),
+            registry=self.registry,
+        )
         self.cache_lookups = Counter(
             "strait_cache_lookups",
             "Cache lookups by route and result: hit (exact), semantic_hit, miss, bypass (Cache-Control or "
             "not cacheable), vetoed (a neighbour above the threshold refused by the lexical veto), "
             "raised_threshold (a neighbour below its namespace's threshold raised by bad-hit reports), timeout "
             "(the embedding took longer than cache.semantic_timeout_ms), busy (too many lookups waiting for "
-            "the embedder), error (the cache store or the embedder failed). All but hit, semantic_hit and "
+            "the embedder), error (the cache store or the embedder failed), noncompliant (an entry produced by a "
+            "deployment the requesting tenant may not use now: never served). All but hit, semantic_hit and "
             "bypass are also counted as miss.",
             ("route", "result"),
             registry=self.registry,

@@ -47,6 +47,8 @@ class UsageRecord(msgspec.Struct, frozen=True, kw_only=True):
     usage_source: UsageSource = "provider"
     # The client's own `x-request-id`, for correlation only (never a key).
     client_request_id: str | None = None
+    # Where the provider reported the inference ran (its usage's `inference_geo`), when it did.
+    inference_geo: str | None = None
 
     @property
     def day(self) -> str:

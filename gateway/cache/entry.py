@@ -22,6 +22,10 @@ class CacheEntry(msgspec.Struct, frozen=True, kw_only=True):
     completion_tokens: int = 0
     model: str = ""  # the upstream model that answered
     deployment: str = ""
+    # Every deployment that produced part of the answer (`model@backend`: the one that answered, and a
+    # broken stream's deployment it continued). A hit is served only if the requesting tenant may use
+    # each of them now. Empty (an entry written before this field): `deployment` alone.
+    producers: tuple[str, ...] = ()
 
 
 class VectorRecord(msgspec.Struct, frozen=True, array_like=True):

@@ -7,7 +7,9 @@
 2. Rank the survivors by the route's objective with the live signals given (latency EWMA,
    utilisation); the ordered survivors are the fallback plan. Fallbacks and spillover come from the
    same filtered list, so they never leave the compliance envelope: when nothing survives the
-   request is refused (403 policy_violation) with every reason, never sent somewhere else.
+   request is refused with every reason, never sent somewhere else: 403 `no_compliant_candidate`
+   (compliance, rules and preferences left nothing), 400 `capability_missing` (no compliant candidate
+   has a capability the request uses), 400 `context_length_exceeded` (none of those is large enough).
 3. The plan carries the tenant's budget downgrade (`RoutePlan.downgrade`, for `on_exhausted:
    downgrade`): the decision for its `downgrade_route`, made the same way, so the `limits` stage
    switches plans without running the `route` stage again; decided only if a spent budget asks.
@@ -27,8 +29,7 @@ from gateway.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, 
 from gateway.policy.affinity import choose, conversation_key
 from gateway.policy.compile import RuleTest
 from gateway.policy.index import PolicyIndex, Principal, Target
-from gateway.policy.model import Affinity, Constraints, Objective, Route, Spillover, Tenant, Weights
-from gateway.policy.places import expand
+from gateway.policy.model import Affinity, Constraints, Objective, Prefer, Route, Spillover, Tenant, Weights
 
 # Output tokens assumed for cost ranking when the request sets no max_tokens.
 DEFAULT_OUTPUT_TOKENS: Final = 256
@@ -106,6 +107,8 @@ class RequestFeatures(msgspec.Struct, frozen=True, kw_only=True):
     preferences: Preferences | None = None
     # The request's messages (chat), shared with the request: a route's `affinity` may key on their start.
     messages: tuple[Message, ...] = ()
+    # The region of the gateway replica that received the request (STRAIT_REGION); None: not set.
+    ingress_region: str | None = None
 
 
 class Row(msgspec.Struct, frozen=True, kw_only=True):
@@ -136,6 +139,9 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     ejected: bool = False
     score: float | None = None
     rank: int | None = None
+    # What the backend runs on (`8x H100 80GB`) and where (`hosting.region`), as declared.
+    hardware: str | None = None
+    region: str | None = None
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -152,6 +158,9 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     panic: bool = False
     # What session affinity did (the replica it chose, or why it chose none); None: the route has none.
     affinity: str | None = None
+    # The region of the replica that received the request, and the soft preferences the ranking applied.
+    ingress_region: str | None = None
+    prefer: Prefer | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,27 +193,33 @@ def rule_matches(test: RuleTest, route: str, f: RequestFeatures) -> bool:
     return True
 
 
+WIDENING: Final = "policy_widening_refused"
+
+
 def check_preferences(p: Preferences, tenant: Tenant, route: Route, index: PolicyIndex) -> None:
-    """Refuse (403) a preference that would widen the tenant's envelope; 400 for one that names nothing real."""
+    """Refuse (403 policy_widening_refused) a preference that would widen the tenant's envelope; 400 for
+    one that names nothing real. Narrowing to a place the tenant's contains (an EEA tenant asking for EU)
+    is not widening."""
     c = tenant.compliance
-    if p.jurisdictions is not None:
-        asked = expand(p.jurisdictions)
-        if c.allowed_jurisdictions is not None:
-            outside = sorted(asked - expand(c.allowed_jurisdictions))
-            if outside:
-                raise PermissionDenied(
-                    f"Your policy preferences ask for jurisdictions {outside}, outside what your tenant allows.",
-                    param="strait.jurisdictions",
-                )
-    if p.origins is not None:
-        asked = expand(p.origins)
-        if c.allowed_origin_countries is not None:
-            outside = sorted(asked - expand(c.allowed_origin_countries))
-            if outside:
-                raise PermissionDenied(
-                    f"Your policy preferences ask for model origins {outside}, outside what your tenant allows.",
-                    param="strait.origins",
-                )
+    places = index.places
+    if p.jurisdictions is not None and c.allowed_jurisdictions is not None:
+        outside = places.narrows(p.jurisdictions, c.allowed_jurisdictions)
+        if outside:
+            raise PermissionDenied(
+                f"Your policy preferences ask for jurisdictions {outside}, outside what your tenant allows "
+                f"({list(c.allowed_jurisdictions)}).",
+                param="strait.jurisdictions",
+                code=WIDENING,
+            )
+    if p.origins is not None and c.allowed_origin_countries is not None:
+        outside = places.narrows(p.origins, c.allowed_origin_countries)
+        if outside:
+            raise PermissionDenied(
+                f"Your policy preferences ask for model origins {outside}, outside what your tenant allows "
+                f"({list(c.allowed_origin_countries)}).",
+                param="strait.origins",
+                code=WIDENING,
+            )
     if p.order is not None:
         unknown = [
             m for m in p.order if m not in route.models and not any(m in index.routes[f].models for f in route.fallback)
@@ -217,30 +232,69 @@ def check_preferences(p: Preferences, tenant: Tenant, route: Route, index: Polic
         raise InvalidRequest("strait.max_price_per_mtok must not be negative.", param="strait.max_price_per_mtok")
 
 
+def _hardware_reason(t: Target, c: Constraints) -> str | None:
+    hw = t.backend.hardware
+    if c.chips is not None and (hw is None or hw.chip is None or hw.chip.lower() not in {x.lower() for x in c.chips}):
+        chip = hw.chip if hw is not None and hw.chip else "unknown"
+        return f"a rule allows only chips {list(c.chips)} (this backend: {chip})"
+    if c.min_memory_gb is not None and (hw is None or hw.memory_gb is None or hw.memory_gb < c.min_memory_gb):
+        memory = f"{hw.memory_gb:g} GB" if hw is not None and hw.memory_gb is not None else "unknown"
+        return f"a rule allows only chips with at least {c.min_memory_gb:g} GB (this backend: {memory})"
+    return None
+
+
 def _narrowing_reason(t: Target, extra: list[Constraints], p: Preferences | None) -> str | None:
-    juris = (t.backend.hosting.jurisdiction or "").upper()
-    origin = t.model.origin
-    country = ((origin.country if origin else None) or "").upper()
+    """Why a rule's constraints or the request's preferences exclude `t` (they only narrow: unknown
+    places, origins and hardware satisfy none of them)."""
+    places = t.places
+    juris = t.backend.hosting.jurisdiction
+    origin = t.origin
+    country = origin.country if origin else None
     price = t.deployment.price
     for c in extra:
-        if c.allowed_jurisdictions is not None and juris not in expand(c.allowed_jurisdictions):
+        if c.allowed_jurisdictions is not None and not places.satisfies(juris, c.allowed_jurisdictions):
             return f"a rule allows only jurisdictions {list(c.allowed_jurisdictions)}"
-        if c.allowed_origin_countries is not None and country not in expand(c.allowed_origin_countries):
+        if c.allowed_origin_countries is not None and not places.satisfies(country, c.allowed_origin_countries):
             return f"a rule allows only model origins {list(c.allowed_origin_countries)}"
         if c.allowed_tiers is not None and t.backend.tier not in c.allowed_tiers:
             return f"a rule allows only tiers {list(c.allowed_tiers)}"
         if c.max_price_per_mtok is not None and max(price.input_per_mtok, price.output_per_mtok) > c.max_price_per_mtok:
             return f"price above the rule's ceiling of {c.max_price_per_mtok} USD per million tokens"
+        if c.chips is not None or c.min_memory_gb is not None:
+            reason = _hardware_reason(t, c)
+            if reason:
+                return reason
     if p is not None:
-        if p.jurisdictions is not None and juris not in expand(p.jurisdictions):
+        if p.jurisdictions is not None and not places.satisfies(juris, p.jurisdictions):
             return f"you asked for jurisdictions {list(p.jurisdictions)}"
-        if p.origins is not None and country not in expand(p.origins):
+        if p.origins is not None and not places.satisfies(country, p.origins):
             return f"you asked for model origins {list(p.origins)}"
         if p.max_price_per_mtok is not None and max(price.input_per_mtok, price.output_per_mtok) > p.max_price_per_mtok:
             return f"price above your ceiling of {p.max_price_per_mtok} USD per million tokens"
     return None
 
 
+def _preference_key(t: Target, prefer: Prefer, ingress: str | None) -> tuple[int, int, int]:
+    """How well `t` matches a route's or rule's soft preferences, best first: (has the memory asked for,
+    the chip's place in the preferred list, in the ingress region). Unknown hardware or region ranks as
+    not matching."""
+    hw = t.backend.hardware
+    memory = 0
+    if prefer.min_memory_gb is not None:
+        memory = 0 if hw is not None and hw.memory_gb is not None and hw.memory_gb >= prefer.min_memory_gb else 1
+    chip = 0
+    if prefer.chips:
+        names = [c.lower() for c in prefer.chips]
+        mine = (hw.chip or "").lower() if hw is not None else ""
+        chip = names.index(mine) if mine in names else len(names)
+    near = 0
+    if prefer.ingress_region:
+        region = t.backend.hosting.region
+        near = 0 if ingress is not None and region is not None and region.lower() == ingress.lower() else 1
+    return (memory, chip, near)
+
+
+_NO_PREFERENCE: Final = (0, 0, 0)
 CONTEXT_PREFIX: Final = "context window is "
 EJECTED: Final = "backend is ejected (unhealthy)"
 
@@ -441,6 +495,12 @@ class RoutePlan:
     def panic(self) -> bool:
         return self._facts.panic
 
+    def may_use(self, label: str) -> bool:
+        """Whether this request may be served by deployment `label` (`model@backend`): it is a candidate of
+        the route that passed compliance, the rules' constraints, the request's preferences, its
+        capabilities and context window (an ejected one counts: the cache serves without asking it)."""
+        return any(t.label == label and (r is None or r == EJECTED) for t, r in self._facts.verdicts)
+
     @property
     def decision(self) -> Decision:
         if self._decision is None:
@@ -504,6 +564,8 @@ class _Facts:
     affinity: str | None = None
     # Backends spilling (hysteresis) that take this request all the same (it fits), with why.
     fits: dict[str, str] | None = None
+    ingress_region: str | None = None
+    prefer: Prefer | None = None
 
     def decision(self, route: Route, plan: tuple[Target, ...]) -> Decision:
         rank_of = {id(target): (score, rank) for rank, (score, target) in enumerate(self.ranked, start=1)}
@@ -532,6 +594,8 @@ class _Facts:
                     ejected=self.panic and reason is None and _ejected(target, live.unhealthy),
                     score=None if score is None else round(score, 6),
                     rank=rank,
+                    hardware=None if target.backend.hardware is None else target.backend.hardware.describe(),
+                    region=target.backend.hosting.region,
                 )
             )
         return Decision(
@@ -546,6 +610,8 @@ class _Facts:
             plan=tuple(t.label for t in plan),
             panic=self.panic,
             affinity=self.affinity,
+            ingress_region=self.ingress_region,
+            prefer=self.prefer,
         )
 
 
@@ -575,6 +641,7 @@ def decide(
             raise AuthenticationFailed("Your API key's tenant is not in the policy in force.")
         tables = index.open_tables
     tenant = tables.tenant
+    check_ingress(tenant, features.ingress_region)
     requested = features.route
     route_name = requested
     route = index.routes.get(route_name)
@@ -582,6 +649,7 @@ def decide(
         raise ModelNotFound(f"The model '{requested}' does not exist or you do not have access to it.", param="model")
     objective: Objective = route.objective
     weights: Weights = route.weights
+    prefer: Prefer | None = None
     extra: list[Constraints] = []
     applied: list[str] = []
     for test in tables.rules:
@@ -604,6 +672,10 @@ def decide(
             weights = then.weights
         if then.constraints is not None:
             extra.append(then.constraints)
+        if then.prefer is not None:
+            prefer = then.prefer
+    if prefer is None:
+        prefer = route.prefer
     prefs = features.preferences
     if prefs is not None:
         check_preferences(prefs, tenant, route, index)
@@ -646,12 +718,12 @@ def decide(
         verdicts = [(t, None if r == EJECTED else r) for t, r in verdicts]
         survivors = [(position, t) for position, (t, r) in enumerate(verdicts) if r is None]
     if not survivors:
-        _refuse(route, rows, verdicts, features)
+        _refuse(route, rows, verdicts, features, extra)
     own = index.candidates[(route.name, operation)].own
     spilled: dict[str, str] = {}
     # Only a route with spillover can have backends that spill yet take the request: nothing made otherwise.
     fits: dict[str, str] | None = {} if route.spillover is not None else None
-    ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own, spilled, fits)
+    ranked = _rank(survivors, route, objective, weights, features, out_tokens, live, prefs, own, spilled, fits, prefer)
     affinity = None
     if route.affinity is not None:
         ranked, affinity = _keep_conversation(
@@ -673,6 +745,8 @@ def decide(
         panic,
         affinity,
         fits,
+        features.ingress_region,
+        prefer,
     )
     later = None
     if downgrade and tables.downgrade_route is not None:
@@ -680,26 +754,72 @@ def decide(
     return RoutePlan(route, tuple(t for _, t in ranked[: route.max_attempts]), facts, later)
 
 
+def check_ingress(tenant: Tenant, region: str | None) -> None:
+    """403 `ingress_region_not_allowed` when the tenant requires ingress regions and the request entered
+    through a replica in none of them (a replica without STRAIT_REGION is in none)."""
+    required = tenant.compliance.required_ingress_regions
+    if required is None:
+        return
+    if region is None or region.lower() not in {r.lower() for r in required}:
+        where = f"region {region!r}" if region is not None else "a replica with no region set (STRAIT_REGION)"
+        raise PermissionDenied(
+            f"Your tenant's requests may enter only through regions {list(required)}; this request entered "
+            f"through {where}. Send it to a gateway in one of those regions.",
+            code="ingress_region_not_allowed",
+        )
+
+
+NO_COMPLIANT: Final = "no_compliant_candidate"
+
+
 def _refuse(
     route: Route,
     rows: tuple[tuple[Target, str | None], ...],
     verdicts: list[tuple[Target, str | None]],
     features: RequestFeatures,
+    extra: list[Constraints],
 ) -> None:
+    """Nothing survived the filter: say which stage left nothing, with every candidate's reason.
+
+    The stages in order: compliance (the tenant's, then the rules' constraints and the request's
+    preferences) -> 403 no_compliant_candidate; the capabilities the request uses -> 400
+    capability_missing; the context window -> 400 context_length_exceeded, naming the largest window
+    among the candidates that passed the stages before (what the tenant could use)."""
     reasons = "; ".join(f"{t.label}: {r}" for t, r in verdicts)
-    # Candidates the tenant may use at all; if each of them is only too small, say so as OpenAI does.
-    compliant = [(t, r) for (t, static), (_, r) in zip(rows, verdicts, strict=True) if static is None]
-    if compliant and all((r or "").startswith(CONTEXT_PREFIX) for _, r in compliant):
+    prefs = features.preferences
+    narrowing = bool(extra) or prefs is not None
+    compliant = [t for t, static in rows if static is None and not (narrowing and _narrowing_reason(t, extra, prefs))]
+    if not compliant:
+        raise PermissionDenied(
+            f"No deployment of '{route.name}' satisfies the policy for your key. Excluded: {reasons}.",
+            param="model",
+            code=NO_COMPLIANT,
+        )
+    needs = features.needs
+    capable = [t for t in compliant if needs <= t.capabilities]
+    if not capable:
+        missing = sorted(needs - frozenset().union(*(t.capabilities for t in compliant)))
+        lacking = ", ".join(missing) if missing else ", ".join(sorted(needs))
+        raise InvalidRequest(
+            f"No deployment of '{route.name}' you may use supports {lacking}, which this request uses. "
+            f"Excluded: {reasons}.",
+            param="model",
+            code="capability_missing",
+        )
+    needed = features.prompt_tokens + (features.max_tokens or 0)
+    if all(t.model.context_window is not None and needed > t.model.context_window for t in capable):
         # Too long for every usable candidate: what OpenAI answers, so clients' context handling works.
-        largest = max(t.model.context_window or 0 for t, _ in compliant)
+        largest = max(t.model.context_window or 0 for t in capable)
         raise InvalidRequest(
             f"This model's maximum context length is {largest} tokens. However, you requested "
-            f"{features.prompt_tokens + (features.max_tokens or 0)} tokens. ({reasons})",
+            f"{needed} tokens. ({reasons})",
             param="messages",
             code="context_length_exceeded",
         )
     raise PermissionDenied(
-        f"No deployment of '{route.name}' satisfies the policy for your key. Excluded: {reasons}.", param="model"
+        f"No deployment of '{route.name}' satisfies the policy for your key. Excluded: {reasons}.",
+        param="model",
+        code=NO_COMPLIANT,
     )
 
 
@@ -715,6 +835,7 @@ def _rank(
     own: int,
     spilled: dict[str, str],
     fits: dict[str, str] | None,
+    prefer: Prefer | None = None,
 ) -> list[tuple[float, Target]]:
     """(score, target) best first. Sort key: (spill/fallback group, objective score, declared order).
     Fills `spilled` with the backends spillover moved behind the others, and why; `fits` with those that
@@ -756,9 +877,10 @@ def _rank(
                 elif fit is not None:
                     fits[name] = fit
         declared = order.get(target.model.name, len(order) + position) if order is not None else position
-        keyed.append(((group, score, declared), target))
+        preferred = _preference_key(target, prefer, features.ingress_region) if prefer is not None else _NO_PREFERENCE
+        keyed.append(((group, preferred, score, declared), target))
     keyed.sort(key=lambda item: item[0])
-    return [(key[1], target) for key, target in keyed]
+    return [(key[2], target) for key, target in keyed]
 
 
 def _keep_conversation(

@@ -50,6 +50,7 @@ def extract(
     prompt_tokens: int,
     route: str | None = None,
     prefs: Preferences | None = None,
+    ingress_region: str | None = None,
 ) -> RequestFeatures:
     needs: set[str] = set()
     if request.operation == "chat" and request.uses_images():
@@ -68,6 +69,7 @@ def extract(
         headers=headers,
         preferences=prefs if prefs is not None else preferences(request, headers),
         messages=request.messages,
+        ingress_region=ingress_region,
     )
 
 

@@ -23,7 +23,9 @@ from gateway.policy.compile import (
     compile_tenants,
     deployment_header,
 )
-from gateway.policy.model import Backend, Deployment, Model, PolicySet, Route, Tenant
+from gateway.policy.entities import UNKNOWN_ENTITY, Entity, effective_origin, entity
+from gateway.policy.model import Backend, Deployment, Model, Origin, PolicySet, Route, Tenant
+from gateway.policy.places import BUILTIN, Places
 
 _NEEDS: Final[dict[Operation, str]] = {"chat": "chat", "completions": "completions", "embeddings": "embeddings"}
 
@@ -77,8 +79,19 @@ class Target:
     header: tuple[bytes, bytes] = (b"", b"")
     # Its engine continues a final assistant message (the backend's or the deployment's `prefill`).
     prefill: bool = False
+    # What compliance reads, resolved once by the policy's index (`resolved=True`): the model's effective
+    # origin (a fine-tune's base model's unless it declares its own), the operator as an entity with its
+    # parents, and the policy's places (its blocs). A Target built alone resolves them from itself: the
+    # model's own origin, the operator's name without parents, the built-in blocs.
+    origin: Origin | None = None
+    operator: Entity = UNKNOWN_ENTITY
+    places: Places = BUILTIN
+    resolved: bool = False
 
     def __post_init__(self) -> None:
+        if not self.resolved:
+            object.__setattr__(self, "origin", self.model.origin)
+            object.__setattr__(self, "operator", entity(self.backend.hosting.operator, {}))
         object.__setattr__(self, "label", f"{self.model.name}@{self.backend.name}")
         object.__setattr__(self, "capabilities", frozenset(self.model.capabilities))
         serving = (*self.backend.capabilities, *self.deployment.capabilities)
@@ -105,11 +118,23 @@ class PolicyIndex:
         self.admin_digests = frozenset(policy.server.admin_keys)
         # Without any key in the policy the gateway is open (demo and single-user setups).
         self.auth_required = bool(self.principals)
+        self.operators = {o.name: o for o in policy.operators}
+        self.places = Places((b.name, b.members) for b in policy.blocs)
+        origins = {name: effective_origin(name, self.models) for name in self.models}
+        entities = {b.name: entity(b.hosting.operator, self.operators) for b in policy.backends}
         self.targets: dict[tuple[str, Operation], tuple[Target, ...]] = {}
         for route in policy.routes:
             for op, capability in _NEEDS.items():
                 self.targets[(route.name, op)] = tuple(
-                    Target(model=m, deployment=d, backend=self.backends[d.backend])
+                    Target(
+                        model=m,
+                        deployment=d,
+                        backend=self.backends[d.backend],
+                        origin=origins[m.name],
+                        operator=entities[d.backend],
+                        places=self.places,
+                        resolved=True,
+                    )
                     for m in (self.models[name] for name in route.models)
                     if capability in m.capabilities
                     for d in m.deployments

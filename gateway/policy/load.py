@@ -17,7 +17,7 @@ import msgspec
 import yaml
 
 from gateway import tokens
-from gateway.policy import checks
+from gateway.policy import checks, compliance_checks
 from gateway.policy.index import PolicyIndex
 from gateway.policy.model import PolicySet
 
@@ -199,6 +199,8 @@ def _merge(decoded: list[tuple[PolicySet, _Source]], problems: list[Problem]) ->
     return PolicySet(
         server=server,
         cache=cache,
+        operators=tuple(o for p, _ in decoded for o in p.operators),
+        blocs=tuple(b for p, _ in decoded for b in p.blocs),
         backends=tuple(b for p, _ in decoded for b in p.backends),
         models=tuple(m for p, _ in decoded for m in p.models),
         routes=tuple(r for p, _ in decoded for r in p.routes),
@@ -307,6 +309,7 @@ def _cross_check(
         checks.check_tenants(policy, source, route_names, at)
         checks.check_rules(policy, source, known, at)
         checks.check_cache(policy, merged, source, at)
+        compliance_checks.check_entities(policy, merged, source, at)
     if not problems:
         cycle = checks.rewrite_cycle(merged)
         if cycle:

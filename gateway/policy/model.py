@@ -71,20 +71,37 @@ class UpstreamLimits(_Base, kw_only=True, frozen=True, forbid_unknown_fields=Tru
 
 
 class Hosting(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Where and by whom a backend is run: a different fact from who built the model it serves."""
+    """Where and by whom a backend is run: a different fact from who built the model it serves.
+    Every attribute left out is unknown, and an unknown attribute fails closed (policies/README.md §4)."""
 
+    # The name of an entry of the top-level `operators` list (who runs it, headquartered where).
     operator: str | None = None
+    # Where it runs, in the operator's or the gateway's terms (`eu-west`): compared with the ingress
+    # region of the replica a request entered through, for a route's `prefer: ingress_region`.
     region: str | None = None
+    # Where the tokens are computed: an ISO country code or a bloc (EU, EEA, one of the policy's `blocs`).
     jurisdiction: str | None = None
     retention_days: int | None = None
-    trains_on_data: bool = False
+    # None: not declared, which a `no_training` tenant treats as "it may train".
+    trains_on_data: bool | None = None
     certifications: tuple[str, ...] = ()
 
 
 class Hardware(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    accelerator: str | None = None
-    count: int | None = None
-    memory_gb: float | None = None
+    """What a backend runs on; rules and routes may select and prefer by it, explain shows it."""
+
+    # The accelerator's name as the policy's rules name it: H100, H200, MI300X, L4, TPU-v5e, LPU...
+    chip: str | None = None
+    count: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    # Memory per chip, in GB.
+    memory_gb: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] | None = None
+
+    def describe(self) -> str:
+        """`8x H100 80GB`, with what is unknown left out (explain's `hardware` column)."""
+        parts = [f"{self.count}x" if self.count else "", self.chip or "unknown chip"]
+        if self.memory_gb:
+            parts.append(f"{self.memory_gb:g}GB")
+        return " ".join(p for p in parts if p)
 
 
 class Capacity(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -198,12 +215,36 @@ class Origin(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     country: str | None = None
 
 
+class Operator(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Who runs backends, as an entity (`operators:`): its headquarters country and the entity it belongs
+    to. "Alibaba Cloud" with `parent: Alibaba` is Alibaba's own service, for origin rules that refuse a
+    model's developer's service, and is headquartered wherever its parents are too, for compliance."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    # ISO 3166 country code of its headquarters. None: unknown (fails closed).
+    headquarters: Annotated[str, msgspec.Meta(min_length=2, max_length=3)] | None = None
+    # Another operator's name, or a model developer's (an entity that runs nothing itself).
+    parent: str | None = None
+
+
+class Bloc(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A named set of places (`blocs:`): countries and other blocs, contained in it. EU and EEA are
+    built in; a policy adds its own (FIVE_EYES) and may name them wherever a country may be named."""
+
+    name: Annotated[str, msgspec.Meta(min_length=2, max_length=32, pattern="^[A-Za-z][A-Za-z0-9_-]*$")]
+    members: Annotated[tuple[str, ...], msgspec.Meta(min_length=1, max_length=512)]
+
+
 class Model(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     name: str
     deployments: tuple[Deployment, ...]
     capabilities: tuple[Capability, ...] = ("chat", "completions")
     context_window: int | None = None
+    # Who built the weights. None: the `base_model`'s origin (a fine-tune of it), else unknown.
     origin: Origin | None = None
+    # The model this one was fine-tuned from (a model of this policy): its origin is inherited unless
+    # this model declares its own.
+    base_model: str | None = None
     licence: str | None = None
     # tiktoken encoding used to count this model's tokens when the upstream gives no usage.
     tokenizer: str = "o200k_base"
@@ -402,6 +443,8 @@ class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     description: str | None = None
     objective: Objective = "ordered"
     weights: Weights = Weights()
+    # Soft preferences applied before the objective's score (hardware, nearness to the ingress region).
+    prefer: Prefer | None = None
     spillover: Spillover | None = None
     # None: no session affinity (nothing about it is computed per request).
     affinity: Affinity | None = None
@@ -437,13 +480,16 @@ class OriginRule(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     developers: tuple[str, ...] = ()
     allowed_tiers: tuple[Tier, ...] | None = None
     allowed_jurisdictions: tuple[str, ...] | None = None
-    # Refuse deployments operated by the model's own developer (its API), whatever the jurisdiction.
+    # Refuse deployments operated by the model's own developer (its API), whatever the jurisdiction:
+    # an operator is the developer's when the developer is the operator or one of its parents.
     deny_developer_operated: bool = False
 
 
 class Compliance(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Where a tenant's requests may run. Fail closed: a backend or model whose attribute is unknown
-    does not satisfy an allow-list on that attribute."""
+    """Where a tenant's requests may run, on five attributes: the model's origin, the backend's operator
+    (an entity, with headquarters and parents), the ingress region, the inference jurisdiction, and
+    retention and training. Every one fails closed when unknown, for allow-lists, deny-lists and maximums
+    alike (gateway.policy.compliance; policies/README.md §4)."""
 
     allowed_jurisdictions: tuple[str, ...] | None = None
     denied_jurisdictions: tuple[str, ...] = ()
@@ -452,6 +498,15 @@ class Compliance(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     allowed_developers: tuple[str, ...] | None = None
     denied_developers: tuple[str, ...] = ()
     allowed_tiers: tuple[Tier, ...] | None = None
+    # By the headquarters of the backend's operator and of every parent of it ("no provider headquartered
+    # in CN, wherever it hosts"); an operator or a headquarters not declared fails closed.
+    allowed_operator_countries: tuple[str, ...] | None = None
+    denied_operator_countries: tuple[str, ...] = ()
+    # By name: the operator or any of its parents.
+    denied_operators: tuple[str, ...] = ()
+    # The ingress regions (STRAIT_REGION of the replica that received the request) this tenant's
+    # requests may enter through; a request entering elsewhere is refused (403 ingress_region_not_allowed).
+    required_ingress_regions: tuple[str, ...] | None = None
     max_retention_days: int | None = None
     no_training: bool = False
     required_certifications: tuple[str, ...] = ()
@@ -575,6 +630,22 @@ class Constraints(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     allowed_origin_countries: tuple[str, ...] | None = None
     allowed_tiers: tuple[Tier, ...] | None = None
     max_price_per_mtok: float | None = None
+    # Only backends declaring one of these chips, and at least this much memory per chip (a backend whose
+    # hardware is not declared does not satisfy either).
+    chips: tuple[str, ...] | None = None
+    min_memory_gb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+class Prefer(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Soft preferences (a route's or a rule's): the candidates that match rank first, within their
+    fallback and spillover group, before the objective's score decides among equals. Nothing is excluded."""
+
+    # Chips in order of preference (e.g. cheapest first for batch traffic); others after them.
+    chips: tuple[str, ...] | None = None
+    # Backends with at least this much memory per chip first (long prompts on high-memory chips).
+    min_memory_gb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    # Backends whose `hosting.region` is the ingress region of the replica that received the request first.
+    ingress_region: bool = False
 
 
 class Then(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -583,6 +654,8 @@ class Then(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     constraints: Constraints | None = None
     # Send the request to another route (a rewrite); applied once per rule, in rule order.
     route: str | None = None
+    # Replaces the route's `prefer` for this request (the last matching rule's wins).
+    prefer: Prefer | None = None
 
 
 class Rule(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -645,6 +718,9 @@ class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
 class PolicySet(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     version: Literal[1] = 1
     server: Server = Server()
+    # Entities that run backends (a backend's `hosting.operator` names one) and user-defined blocs.
+    operators: tuple[Operator, ...] = ()
+    blocs: tuple[Bloc, ...] = ()
     backends: tuple[Backend, ...] = ()
     models: tuple[Model, ...] = ()
     routes: tuple[Route, ...] = ()

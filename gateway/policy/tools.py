@@ -45,9 +45,15 @@ def run(
     *,
     headers: Mapping[str, str] | None = None,
     signals: Mapping[str, Any] | None = None,
+    ingress_region: str | None = None,
 ) -> RoutePlan:
     canonical = request_of(request)
-    features = extract(canonical, {k.lower(): v for k, v in (headers or {}).items()}, count_prompt_tokens(canonical))
+    features = extract(
+        canonical,
+        {k.lower(): v for k, v in (headers or {}).items()},
+        count_prompt_tokens(canonical),
+        ingress_region=ingress_region,
+    )
     return decide(index, principal_for(index, tenant), features, live_state(signals), decision_id="offline")
 
 
@@ -69,6 +75,12 @@ def render(decision: Decision) -> str:
         lines.append(
             f"{rank:>4}  {row.deployment:<40} {row.tier:<12} {cost:>10} {latency:>10} {util:>5}  {row.excluded or ''}"
         )
+    hardware = [f"  {row.deployment}: {row.hardware}" for row in decision.rows if row.hardware is not None]
+    if hardware:
+        lines.append("hardware:")
+        lines.extend(hardware)
+    if decision.ingress_region is not None:
+        lines.append(f"ingress region: {decision.ingress_region}")
     lines.append("")
     lines.append(f"plan: {' -> '.join(decision.plan)}")
     return "\n".join(lines)
@@ -92,6 +104,8 @@ class Case(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tenant: str | None = None
     headers: dict[str, str] = {}
     signals: dict[str, Any] = {}
+    # The STRAIT_REGION of the replica the request is taken to enter through (None: no region set).
+    ingress_region: str | None = None
 
 
 class Suite(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -131,7 +145,14 @@ def run_suites(path: Path) -> list[Outcome]:
 def _run_case(file: str, index: PolicyIndex, case: Case) -> Outcome:
     e = case.expect
     try:
-        plan = run(index, case.tenant, case.request, headers=case.headers, signals=case.signals)
+        plan = run(
+            index,
+            case.tenant,
+            case.request,
+            headers=case.headers,
+            signals=case.signals,
+            ingress_region=case.ingress_region,
+        )
     except GatewayError as exc:
         if e.status is None:
             return Outcome(file, case.name, False, f"refused with {exc.status}: {exc.message}")

@@ -27,6 +27,7 @@ from gateway.accounting.records import UsageRecord, UsageSource
 from gateway.accounting.writer import UsageWriter
 from gateway.context import RequestContext
 from gateway.contracts import End
+from gateway.policy.evidence import contradicts, reported_geo
 from gateway.relay import EndTap
 from gateway.state import MemoryStore, Store, Ticket
 from gateway.state import Usage as StoreUsage
@@ -212,10 +213,21 @@ class AccountingStage(EndTap):
             earlier += part.tokens
             earlier_cost += part_cost
         if target is not None and principal is not None:
+            geo = None
             if usage is not None:
                 # What the provider reported, and only that (a cut stream's usage chunk included).
                 tokens = counts_of(usage)
                 source = "provider"
+                geo = reported_geo(usage.inference_geo)
+                if geo is not None and contradicts(target, geo):
+                    self.metrics.child(self.metrics.evidence_mismatch, target.label).inc()
+                    log.warning(
+                        "request %s: %s reported inference in %r, outside its declared jurisdiction %s",
+                        ctx.request_id,
+                        target.label,
+                        geo,
+                        target.backend.hosting.jurisdiction,
+                    )
             elif _estimates_prompt(ctx, end):
                 # The upstream reported none: the prompt and what it produced, counted (a cut stream:
                 # what it sent before the cut, never a whole-answer estimate).
@@ -242,6 +254,7 @@ class AccountingStage(EndTap):
                 ttft_s,
                 partial_,
                 source,
+                inference_geo=geo,
             )
         whole = tokens + earlier
         self.release(ctx, whole.total, cost + earlier_cost)
@@ -388,6 +401,7 @@ class AccountingStage(EndTap):
         *,
         cache_hit: bool = False,
         tokens_saved: int = 0,
+        inference_geo: str | None = None,
     ) -> None:
         principal = ctx.principal
         assert principal is not None
@@ -417,6 +431,7 @@ class AccountingStage(EndTap):
                 client_request_id=ctx.client_request_id,
                 cache_hit=cache_hit,
                 tokens_saved=tokens_saved,
+                inference_geo=inference_geo,
             )
         )
         self.metrics.child(self.metrics.usage_records, source).inc()

@@ -283,7 +283,13 @@ class CacheStage:
         similarity: float | None,
         key: str | None = None,
     ) -> Reply | None:
-        """The hit's reply, or None (a miss) when the stored body cannot be served."""
+        """The hit's reply, or None (a miss) when the stored body cannot be served, or was produced by a
+        deployment this request may not use (the tenant's compliance, as in force now, excludes it)."""
+        plan = ctx.route_plan
+        producers = entry.producers or ((entry.deployment,) if entry.deployment else ())
+        if not producers or plan is None or not all(plan.may_use(label) for label in producers):
+            self._count(ctx, "noncompliant")
+            return None
         response_id = f"chatcmpl-{ctx.request_id}"
         created = int(time.time())
         chunks: list[bytes] | None = None
@@ -426,6 +432,9 @@ class CacheStage:
     async def _write(self, ctx: RequestContext, ticket: CacheTicket, body: bytes, prompt: int, completion: int) -> None:
         scope, plan = ticket.scope, ticket.plan
         vector = ticket.vector
+        # The deployment that answered (a fallback's, when the first choice failed), not the one the
+        # namespace was keyed on: a hit is checked against what really produced it.
+        answered = ctx.target or ticket.target
         if prompt or completion:
             body = _with_usage(body, prompt, completion)
         now_ms = int(time.time() * 1000)
@@ -437,8 +446,9 @@ class CacheStage:
             expires_ms=now_ms + plan.ttl_s * 1000,
             prompt_tokens=prompt,
             completion_tokens=completion,
-            model=ticket.target.deployment.upstream_model,
-            deployment=ticket.target.label,
+            model=answered.deployment.upstream_model,
+            deployment=answered.label,
+            producers=tuple(dict.fromkeys([*(c.target.label for c in ctx.continued), answered.label])),
         )
         await self.store.put(
             scope.namespace,

@@ -37,10 +37,14 @@ def spill_header(plan: RoutePlan) -> str:
 class RouteStage(RequestOnly):
     name = "route"
 
-    def __init__(self, index: PolicyIndex, signals: LiveSignals, explain: Explain) -> None:
+    def __init__(
+        self, index: PolicyIndex, signals: LiveSignals, explain: Explain, ingress_region: str | None = None
+    ) -> None:
         self.index = index
         self.signals = signals
         self.explain = explain
+        # This replica's STRAIT_REGION: tenants may require it, routes may prefer deployments in it.
+        self.ingress_region = ingress_region
 
     async def on_request(self, ctx: RequestContext) -> None:
         assert ctx.principal is not None and ctx.request is not None
@@ -53,7 +57,9 @@ class RouteStage(RequestOnly):
             tokens = await prompt.count()
         else:
             tokens = bound
-        features = extract(request, ctx.headers, tokens, route=ctx.route_name, prefs=prefs)
+        features = extract(
+            request, ctx.headers, tokens, route=ctx.route_name, prefs=prefs, ingress_region=self.ingress_region
+        )
         plan = decide(
             self.index, ctx.principal, features, self.signals.snapshot(time.monotonic()), decision_id=ctx.decision_id
         )

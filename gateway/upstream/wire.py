@@ -37,6 +37,9 @@ class Usage(_Wire, kw_only=True):
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | msgspec.UnsetType = msgspec.UNSET
     completion_tokens_details: CompletionTokensDetails | msgspec.UnsetType = msgspec.UNSET
+    # Where the provider says inference ran (Anthropic's `usage.inference_geo`: "us", "global"), when it
+    # says: recorded on the usage record and compared with the backend's declared jurisdiction.
+    inference_geo: str | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         # An upstream's numbers, clamped where they are decoded: a negative count would credit a

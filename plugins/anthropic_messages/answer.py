@@ -11,7 +11,8 @@
   `stop_reason` (vLLM's field), so the Messages edge says `stop_sequence` again;
 - usage: prompt_tokens = input_tokens + cache_read_input_tokens + cache_creation_input_tokens (OpenAI
   counts the cached prompt in the prompt), `prompt_tokens_details.cached_tokens` the cache reads,
-  `cache_write_tokens` the cache writes, completion_tokens = output_tokens.
+  `cache_write_tokens` the cache writes, completion_tokens = output_tokens, and `inference_geo` (where
+  Anthropic says inference ran) as it came, when it came.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class MessagesUsage(msgspec.Struct):
     output_tokens: int | None = None
     cache_read_input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
+    # Where inference ran ("us", "global"): kept in the chat usage for the usage record and the
+    # compliance evidence check (gateway.policy.evidence).
+    inference_geo: str | None = None
 
 
 class _Block(msgspec.Struct):
@@ -81,6 +85,8 @@ def chat_usage(usage: MessagesUsage) -> dict[str, Any]:
     }
     if read or write:
         out["prompt_tokens_details"] = {"cached_tokens": read, "cache_write_tokens": write}
+    if usage.inference_geo:
+        out["inference_geo"] = usage.inference_geo
     return out
 
 

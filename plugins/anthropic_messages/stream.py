@@ -109,7 +109,13 @@ class ChunkTranslator:
             return
         kept = self._usage
         # message_delta's counts are cumulative: a field it sends replaces message_start's.
-        for name in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+        for name in (
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+            "inference_geo",
+        ):
             value = getattr(usage, name)
             if value is not None:
                 setattr(kept, name, value)

@@ -152,8 +152,9 @@ def test_structured_output_reaches_the_upstream_and_parses(client: anthropic.Ant
     fmt = ledger.records()[-1]["body"]["response_format"]
     assert fmt["type"] == "json_schema"
     assert fmt["json_schema"]["schema"]["properties"].keys() == {"city", "celsius"}
-    # A route whose models lack the `json` capability refuses it rather than answering free text.
-    with pytest.raises(anthropic.PermissionDeniedError, match="json"):
+    # A route whose models lack the `json` capability refuses it rather than answering free text: a 400
+    # (capability_missing), the request asks for what no candidate has.
+    with pytest.raises(anthropic.BadRequestError, match="supports json"):
         client.messages.parse(model="broken", max_tokens=8, messages=HELLO, output_format=Weather)
 
 

@@ -22,6 +22,9 @@ US_KEY = "sk-us-tenant-0002"
 
 POLICY = """
 version: 1
+operators:
+  - {{name: BigCloud, headquarters: US}}
+  - {{name: us, headquarters: DE}}
 backends:
   - name: us-api
     adapter: openai

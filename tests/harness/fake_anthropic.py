@@ -184,7 +184,7 @@ def _plan(state: State, body: dict[str, Any]) -> tuple[list[dict[str, Any]], str
     return blocks, reason, sequence
 
 
-def _usage(state: State, body: dict[str, Any], output: int) -> dict[str, int]:
+def _usage(state: State, body: dict[str, Any], output: int) -> dict[str, Any]:
     prompt = _words(body.get("system")) + _words(body["messages"]) + _words(body.get("tools"))
     usage = {
         "input_tokens": prompt,
@@ -202,6 +202,9 @@ def _usage(state: State, body: dict[str, Any], output: int) -> dict[str, int]:
             state.prefixes.add(digest)
             usage["cache_creation_input_tokens"] = size
         usage["input_tokens"] = prompt - size
+    if isinstance(body.get("inference_geo"), str):
+        # Anthropic reports where inference ran; the fake ran it where it was asked to.
+        usage["inference_geo"] = body["inference_geo"]
     return usage
 
 

@@ -32,7 +32,7 @@ def backend(
     tier: str = "provider",
     juris: str | None = None,
     retention: int | None = None,
-    trains: bool = False,
+    trains: bool | None = False,
     certs: tuple[str, ...] = (),
     operator: str | None = None,
     max_concurrency: int | None = None,

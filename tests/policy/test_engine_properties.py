@@ -33,11 +33,14 @@ from gateway.policy.model import (
     Compliance,
     Constraints,
     Deployment,
+    Hardware,
     Hosting,
     Model,
+    Operator,
     Origin,
     OriginRule,
     PolicySet,
+    Prefer,
     Price,
     Route,
     Rule,
@@ -47,7 +50,7 @@ from gateway.policy.model import (
     Weights,
     When,
 )
-from gateway.policy.places import expand
+from gateway.policy.places import BUILTIN
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -85,6 +88,19 @@ S_DEVELOPER = st.sampled_from((*DEVELOPERS, None))
 S_DEVELOPERS = subset(DEVELOPERS)
 S_OPERATOR = st.sampled_from(OPERATORS)
 S_RETENTION = st.sampled_from((None, 0, 30, 90))
+S_TRAINS = st.sampled_from((None, False, True))
+CHIPS = ("H100", "L4", "MI300X")
+REGIONS = ("eu-west", "us-east")
+S_HARDWARE = st.none() | st.builds(
+    Hardware, chip=st.none() | st.sampled_from(CHIPS), memory_gb=st.none() | st.sampled_from((24.0, 80.0, 192.0))
+)
+S_REGION = st.none() | st.sampled_from(REGIONS)
+S_PREFER = st.builds(
+    Prefer,
+    chips=st.none() | st.permutations(CHIPS).map(tuple),
+    min_memory_gb=st.none() | st.sampled_from((24.0, 80.0, 141.0)),
+    ingress_region=COIN,
+)
 S_MAX_RETENTION = st.sampled_from((0, 30))
 S_CERTS_HELD = subset(CERTS, 0, 3)
 S_CERTS_REQUIRED = subset(CERTS, 1, 2)
@@ -143,10 +159,12 @@ def backend_of(draw: st.DrawFn, name: str) -> Backend:
             operator=draw(S_OPERATOR),
             jurisdiction=draw(S_JURIS),
             retention_days=draw(S_RETENTION),
-            trains_on_data=draw(COIN),
+            trains_on_data=draw(S_TRAINS),
+            region=draw(S_REGION),
             certifications=draw(S_CERTS_HELD),
         ),
         capacity=Capacity(max_concurrency=draw(S_CONCURRENCY)),
+        hardware=draw(S_HARDWARE),
     )
 
 
@@ -181,6 +199,8 @@ COMPLIANCE_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "allowed_tiers": S_TIERS,
     "max_retention_days": S_MAX_RETENTION,
     "no_training": st.just(True),
+    "allowed_operator_countries": S_ORIGINS,
+    "denied_operator_countries": S_ORIGINS,
     "required_certifications": S_CERTS_REQUIRED,
     "origin_rules": S_ORIGIN_RULES,
 }
@@ -254,6 +274,12 @@ def worlds(
     )
     alt = Route(name="alt", models=tuple(pick(draw, model_names, 1, 3)), objective=draw(S_OBJECTIVE))
     policy = PolicySet(
+        # Operators as entities: Acme belongs to Meta (deny_developer_operated matches Meta's models there).
+        operators=(
+            Operator(name="DeepSeek", headquarters="CN"),
+            Operator(name="Meta", headquarters="US"),
+            Operator(name="Acme", headquarters="FR", parent="Meta"),
+        ),
         backends=tuple(bs),
         models=tuple(ms),
         routes=(main, alt),
@@ -292,7 +318,14 @@ def worlds(
 
 
 def _within(place: str, allowed: tuple[str, ...]) -> bool:
-    return bool(place) and place in expand(allowed)
+    """Restated from the places contract: every country the place may be in is one the list covers."""
+    if not place:
+        return False
+    members = BUILTIN.blocs.get(place.upper(), frozenset({place.upper()}))
+    room: set[str] = set()
+    for p in allowed:
+        room |= BUILTIN.blocs.get(p.upper(), frozenset({p.upper()}))
+    return members <= room
 
 
 def applied_rules(w: World) -> list[Rule]:
@@ -312,7 +345,7 @@ def violations(t: Target, w: World) -> list[str]:
     if compliance_reason(t, w.tenant.compliance) is not None:
         out.append("compliance")
     juris = (t.backend.hosting.jurisdiction or "").upper()
-    country = ((t.model.origin.country if t.model.origin else None) or "").upper()
+    country = ((t.origin.country if t.origin else None) or "").upper()
     price = max(t.deployment.price.input_per_mtok, t.deployment.price.output_per_mtok)
     for r in applied_rules(w):
         c = r.then.constraints
@@ -361,13 +394,17 @@ def candidates(w: World, route_name: str = "main") -> dict[str, Target]:
     idx = w.index
     route = idx.routes[route_name]
     out: dict[str, Target] = {}
+    # The index's targets carry what compliance reads, resolved from the policy (operator entities,
+    # inherited origins); which deployments are candidates is restated here.
+    resolved = {t.label: t for targets in idx.targets.values() for t in targets}
     for name in (route_name, *route.fallback):
         for m in (idx.models[n] for n in idx.routes[name].models):
             op_cap = w.features.operation
             if op_cap not in m.capabilities:
                 continue
             for d in m.deployments:
-                out.setdefault(f"{m.name}@{d.backend}", Target(model=m, deployment=d, backend=idx.backends[d.backend]))
+                label = f"{m.name}@{d.backend}"
+                out.setdefault(label, resolved[label])
     return out
 
 
@@ -383,7 +420,7 @@ def preference_error(w: World) -> str | None:
     ):
         if asked is None:
             continue
-        if allowed is not None and not expand(asked) <= expand(allowed):
+        if allowed is not None and not all(_within(a, allowed) for a in asked):
             return param
     route = w.index.routes["main"]
     known = set(route.models) | {m for f in route.fallback for m in w.index.routes[f].models}
@@ -425,21 +462,26 @@ def test_plan_is_inside_every_constraint_and_exclusions_are_real(w: World) -> No
     if not cands:
         assert isinstance(result, InvalidRequest) and result.code == "unsupported_operation"
         return
-    # Candidates the tenant may use at all; "too long" is judged over these (the others never could serve).
-    compliant = [t for t in cands.values() if "compliance" not in violations(t, w)]
-    if isinstance(result, InvalidRequest):
-        assert result.code == "context_length_exceeded", result.message
-        assert compliant and all(violations(t, w)[0] == "context" for t in compliant)
-        return
-    if isinstance(result, PermissionDenied):
-        assert result.param == "model"
-        too_long = bool(compliant) and all(violations(t, w)[0] == "context" for t in compliant)
-        assert not too_long, "too long for every usable candidate must be a 400, not a 403"
-        for label, t in cands.items():
-            # A candidate whose only fault is its ejection would have been tried (panic mode), not refused.
-            assert [v for v in violations(t, w) if v != "health"], f"{label} was refused with no violation"
+    # The stages a refusal names, in order: compliance (the tenant's, the rules', the request's), then the
+    # capabilities the request uses, then the context window.
+    usable = [t for t in cands.values() if not {"compliance", "rule", "prefs"} & set(violations(t, w))]
+    capable = [t for t in usable if "capabilities" not in violations(t, w)]
+    fitting = [t for t in capable if "context" not in violations(t, w)]
+    if isinstance(result, PermissionDenied | InvalidRequest):
+        assert result.param in ("model", "messages")
+        for label in cands:
             assert f"{label}: " in result.message
+        if not usable:
+            assert (result.status, result.code) == (403, "no_compliant_candidate"), result.message
+        elif not capable:
+            assert (result.status, result.code) == (400, "capability_missing"), result.message
+        else:
+            assert not fitting, f"refused ({result.code}) though {[t.label for t in fitting]} could serve"
+            assert (result.status, result.code) == (400, "context_length_exceeded"), result.message
+            largest = max(t.model.context_window or 0 for t in capable)
+            assert f"maximum context length is {largest} tokens" in result.message
         return
+    assert fitting, "a plan where no candidate passes compliance, capabilities and context"
     assert isinstance(result, RoutePlan)
     assert result.decision.rules == tuple(r.name for r in applied_rules(w))
     # Panic mode exactly when no candidate is clean and some are only ejected: ejection is then ignored.
@@ -663,3 +705,43 @@ def test_cost_objective_with_spillover_orders_groups_then_cost(w: World) -> None
 
     keys = [(group(t), rows[t.label].est_cost_usd or 0.0) for t in result.targets]
     assert keys == sorted(keys), keys
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (f) `prefer` (hardware, nearness to the ingress region) is soft: it excludes nothing and only orders.
+
+
+def _preference(t: Target, prefer: Prefer, ingress: str | None) -> tuple[int, int, int]:
+    """Restated from the documented order: enough memory per chip, then the chip's place in the list,
+    then in the ingress region; undeclared hardware or region never matches."""
+    hw = t.backend.hardware
+    memory = 0
+    if prefer.min_memory_gb is not None:
+        memory = 0 if hw is not None and hw.memory_gb is not None and hw.memory_gb >= prefer.min_memory_gb else 1
+    chips = [c.lower() for c in prefer.chips or ()]
+    chip = (chips.index(hw.chip.lower()) if hw and hw.chip and hw.chip.lower() in chips else len(chips)) if chips else 0
+    region = t.backend.hosting.region
+    near = 0 if not prefer.ingress_region or (ingress is not None and region == ingress) else 1
+    return (memory, chip, near)
+
+
+@SETTINGS
+@given(worlds(spillover=False, fallback=False, with_preferences=False), S_PREFER, S_REGION)
+def test_route_preferences_exclude_nothing_and_order_the_plan(w: World, prefer: Prefer, ingress: str | None) -> None:
+    routes = tuple(msgspec.structs.replace(r, prefer=prefer, affinity=None) for r in w.policy.routes)
+    index = PolicyIndex(msgspec.structs.replace(w.policy, routes=routes))
+    features = msgspec.structs.replace(w.features, ingress_region=ingress)
+    without = attempt(w, PolicyIndex(w.policy), features)
+    preferred = attempt(w, index, features)
+    if not isinstance(without, RoutePlan):
+        assert snapshot(preferred)[:3] == snapshot(without)[:3]  # the same refusal
+        return
+    assert isinstance(preferred, RoutePlan)
+    assert [(r.deployment, r.excluded) for r in preferred.decision.rows] == [
+        (r.deployment, r.excluded) for r in without.decision.rows
+    ]
+    rank = {r.deployment: r.rank for r in preferred.decision.rows if r.rank is not None}
+    cands = candidates(w)
+    ranked = sorted(rank, key=lambda label: rank[label])
+    keys = [_preference(cands[label], prefer, ingress) for label in ranked]
+    assert keys == sorted(keys), list(zip(ranked, keys, strict=True))

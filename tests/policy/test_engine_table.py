@@ -342,6 +342,84 @@ COMPLIANCE_CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]
     ),
     # -- no compliance at all admits anything, even with every attribute unknown
     ("empty-compliance-admits-unknowns", {}, {}, {}, None),
+    # -- training is tri-state: not declared fails a no_training tenant closed
+    (
+        "no-training-refuses-undeclared",
+        {"trains": None},
+        {},
+        {"no_training": True},
+        "the operator does not declare trains_on_data: false",
+    ),
+    ("training-allowed-admits-undeclared", {"trains": None}, {}, {}, None),
+    # -- blocs are sets with containment: EU ⊂ EEA
+    ("juris-allow-EEA-admits-EU-declared", {"juris": "EU"}, {}, {"allowed_jurisdictions": ["EEA"]}, None),
+    (
+        "juris-allow-EU-refuses-EEA-declared",
+        {"juris": "EEA"},
+        {},
+        {"allowed_jurisdictions": ["EU"]},
+        "hosting jurisdiction EEA is not in the allowed ['EU']",
+    ),
+    (
+        "juris-deny-EEA-refuses-EU-declared",
+        {"juris": "EU"},
+        {},
+        {"denied_jurisdictions": ["EEA"]},
+        "hosting jurisdiction EU is denied",
+    ),
+    (
+        "juris-deny-EU-refuses-EEA-declared-that-may-be-in-it",
+        {"juris": "EEA"},
+        {},
+        {"denied_jurisdictions": ["EU"]},
+        "hosting jurisdiction EEA may be in denied",
+    ),
+    ("juris-deny-EU-admits-NO", {"juris": "NO"}, {}, {"denied_jurisdictions": ["EU"]}, None),
+    ("origin-allow-EEA-admits-EU-origin", {}, {"country": "EU"}, {"allowed_origin_countries": ["EEA"]}, None),
+    # -- origin rules fail closed on what they cannot tell
+    (
+        "origin-rule-deny-developer-operated-refuses-unknown-developer",
+        {"tier": "provider", "juris": "US", "operator": "Together"},
+        {"country": "CN"},
+        {"origin_rules": [{"origin_countries": ["CN"], "deny_developer_operated": True}]},
+        "CN-origin models may not run on their developer's own service (developer unknown)",
+    ),
+    (
+        "origin-rule-deny-developer-operated-refuses-unknown-operator",
+        {"tier": "provider", "juris": "US"},
+        {"country": "CN", "developer": "DeepSeek"},
+        {"origin_rules": [{"origin_countries": ["CN"], "deny_developer_operated": True}]},
+        "CN-origin models may not run on their developer's own service (operator unknown)",
+    ),
+    (
+        "origin-rule-by-bloc-applies-to-bloc-origin",
+        {"tier": "provider", "juris": "US"},
+        {"country": "EU"},
+        {"origin_rules": [{"origin_countries": ["FR"], "allowed_jurisdictions": ["EU"]}]},
+        "EU-origin models may run only in ['EU']",
+    ),
+    # -- operators without declared entities (a Target built alone) fail headquarters rules closed
+    (
+        "operator-country-deny-refuses-undeclared-operator",
+        {"operator": "Together"},
+        {},
+        {"denied_operator_countries": ["CN"]},
+        "operator Together has no declared headquarters",
+    ),
+    (
+        "operator-name-deny-refuses-named",
+        {"operator": "Together"},
+        {},
+        {"denied_operators": ["together"]},
+        "operator Together is denied",
+    ),
+    (
+        "operator-name-deny-refuses-unknown",
+        {},
+        {},
+        {"denied_operators": ["Together"]},
+        "operator unknown (it may be a denied one)",
+    ),
 ]
 
 
@@ -383,7 +461,7 @@ def test_compliance_through_decide(
     with pytest.raises(PermissionDenied) as info:
         run(idx)
     err = info.value
-    assert (err.status, err.type, err.code, err.param) == (403, "permission_denied", "policy_violation", "model")
+    assert (err.status, err.type, err.code, err.param) == (403, "permission_denied", "no_compliant_candidate", "model")
     assert f"m@b: {expected}" in err.message
 
 
@@ -443,10 +521,12 @@ def test_capabilities_the_request_uses(needs: set[str], plan: list[str], exclude
     assert got == excluded
 
 
-def test_request_needing_a_capability_no_candidate_has_is_refused() -> None:
+def test_request_needing_a_capability_no_candidate_has_is_400_capability_missing() -> None:
     idx = index([backend("b")], [model("m", dep("b"))], [route("r", "m")])
-    with pytest.raises(PermissionDenied, match=r"m@b: model lacks vision"):
+    with pytest.raises(InvalidRequest, match=r"m@b: model lacks vision") as info:
         run(idx, needs=frozenset({"vision"}))
+    assert (info.value.status, info.value.code, info.value.param) == (400, "capability_missing", "model")
+    assert "supports vision" in info.value.message
 
 
 def test_operation_no_candidate_supports_is_400_unsupported_operation() -> None:

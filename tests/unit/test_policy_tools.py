@@ -115,3 +115,14 @@ def test_diff_shows_changed_decisions_and_why(tmp_path: Path) -> None:
     )
     out = _strait("policy", "diff", str(POLICIES / "eu-sovereignty.yaml"), str(new_file), "--requests", str(cases))
     assert out.returncode == 0 and out.stdout.strip().endswith("1 of 3 decisions change")
+
+
+def test_explain_takes_the_ingress_region_and_shows_hardware(tmp_path: Path) -> None:
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
+    args = ["policy", "explain", "--policy", str(POLICIES / "eu-sovereignty.yaml"), "--tenant", "records-eu"]
+    out = _strait(*args, "--request", str(req), "--region", "eu-west")
+    assert out.returncode == 0, out.stderr
+    assert "mistral-small@gpu-frankfurt: 8x H100 80GB" in out.stdout and "ingress region: eu-west" in out.stdout
+    refused = _strait(*args, "--request", str(req), "--region", "us-east")
+    assert refused.returncode == 2 and "403 ingress_region_not_allowed" in refused.stdout
