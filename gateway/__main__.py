@@ -44,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.cache.pool import embedder_specs, missing_dependency
     from gateway.policy.index import PolicyIndex
 
-    missing = missing_dependency(embedder_specs(PolicyIndex(policy)).values())
+    missing = missing_dependency(embedder_specs(PolicyIndex.of(policy)).values())
     if missing is not None:
         print(f"strait: {missing}", file=sys.stderr)
         return 2

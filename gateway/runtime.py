@@ -98,7 +98,7 @@ def build_runtime(
     """Everything for one policy. Adapters of backends whose definition did not change are reused
     from `previous`, so a reload keeps their connection pools warm."""
     metrics, signals, store = services.metrics, services.signals, services.store
-    index = PolicyIndex(policy)
+    index = PolicyIndex.of(policy)  # built once when the policy was checked
     adapters: dict[str, Adapter] = {}
     limits = policy.server.upstream
     for b in policy.backends:

@@ -1,14 +1,23 @@
 """Read policy YAML (a file or a directory of files), decode it into Structs, cross-check references.
 
-Every problem is reported as `file:line:col: reason`. YAML is parsed once with PyYAML's SafeLoader
-(never a full loader: policy files are data, not code); the node tree is kept so that a msgspec
-validation path such as `$.backends[2].tier` can be turned back into the line where it was written.
+Every problem is reported as `file:line:col: reason`. YAML is parsed once with PyYAML's safe loader
+(never a full loader: policy files are data, not code), the libyaml one (`CSafeLoader`) when PyYAML was
+built with it: its composer is C and gives every node the same marks; the node tree is kept so that a
+msgspec validation path such as `$.backends[2].tier` can be turned back into the line where it was
+written.
+
+Loading allocates a node and a few objects per YAML scalar and keeps them all: the cyclic garbage
+collector would scan the growing heap again and again for nothing (a 1 MB policy took 2 s to parse
+with it, 0.5 s without), so it is paused while a policy is read and checked (`_collector_paused`).
 """
 
 from __future__ import annotations
 
+import gc
 import re
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,6 +35,32 @@ _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ENV_REF = checks.ENV_REF
+# The C-accelerated safe loader when PyYAML has libyaml (nodes carry the same line/column marks).
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_pauses = 0
+_was_enabled = True
+_pauses_lock = threading.Lock()
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a policy is built (reference counting still frees). The
+    collector is process-wide: concurrent loads (a reload thread, a CLI) count, the last one resumes it,
+    and it is only resumed if it was running before."""
+    global _pauses, _was_enabled
+    with _pauses_lock:
+        if _pauses == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pauses_lock:
+            _pauses -= 1
+            if _pauses == 0 and _was_enabled:
+                gc.enable()
 
 
 def _url_problem(url: str) -> str | None:
@@ -105,6 +140,44 @@ def _child(node: yaml.Node, name: str, index: str) -> yaml.Node | None:
     return None
 
 
+_STR, _MAP, _SEQ = "tag:yaml.org,2002:str", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+
+
+def _plain_data(loader: yaml.SafeLoader, node: yaml.Node) -> object:
+    """The data of a node tree, as `construct_document` builds it, with a shortcut for what policies are
+    made of (strings, mappings, sequences): the generic constructor costs 4x as much. Any other scalar
+    (numbers, booleans, null) goes through the safe constructor; merge keys and anchors too."""
+    if type(node) is yaml.ScalarNode and node.tag == _STR:
+        return node.value
+    if type(node) is yaml.MappingNode and node.tag == _MAP:
+        out = {}
+        for k, v in node.value:
+            if k.tag == "tag:yaml.org,2002:merge":
+                return loader.construct_object(node, deep=True)
+            out[_plain_data(loader, k)] = _plain_data(loader, v)
+        return out
+    if type(node) is yaml.SequenceNode and node.tag == _SEQ:
+        return [_plain_data(loader, v) for v in node.value]
+    return loader.construct_object(node, deep=True)
+
+
+def _construct(loader: yaml.SafeLoader, root: yaml.Node) -> object:
+    try:
+        return _plain_data(loader, root)
+    except (TypeError, RecursionError):
+        # An unhashable key, a document nested too deeply: the safe constructor says it as YAML errors do.
+        return loader.construct_document(root)
+
+
+def _parse(text: str, loader_class: type[yaml.SafeLoader]) -> tuple[yaml.Node | None, object]:
+    loader = loader_class(text)
+    try:
+        root = loader.get_single_node()
+        return root, (_construct(loader, root) if root is not None else {})
+    finally:
+        loader.dispose()
+
+
 def _policy_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
@@ -121,18 +194,18 @@ def _decode_file(path: Path) -> tuple[PolicySet | None, _Source, list[Problem]]:
     except (OSError, UnicodeDecodeError) as exc:
         return None, _Source(name, None), [Problem(name, 1, 1, f"cannot read policy file: {exc}")]
     try:
-        loader = yaml.SafeLoader(text)
+        root, data = _parse(text, _SafeLoader)
+    except yaml.YAMLError:
+        # libyaml words errors its own way; the pure-Python parser (same positions) says them as the
+        # docs and tests show, with or without libyaml. Only a broken file pays the second parse.
         try:
-            root = loader.get_single_node()
-            data = loader.construct_document(root) if root is not None else {}
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        return None, _Source(name, None), [Problem(name, line, col, f"invalid YAML: {exc.problem or exc}")]
-    except yaml.YAMLError as exc:
-        return None, _Source(name, None), [Problem(name, 1, 1, f"invalid YAML: {exc}")]
+            root, data = _parse(text, yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+            return None, _Source(name, None), [Problem(name, line, col, f"invalid YAML: {exc.problem or exc}")]
+        except yaml.YAMLError as exc:
+            return None, _Source(name, None), [Problem(name, 1, 1, f"invalid YAML: {exc}")]
     source = _Source(name, root)
     if not isinstance(data, dict):
         return None, source, [Problem(name, 1, 1, "a policy file must be a mapping of sections")]
@@ -158,6 +231,12 @@ def load_policy(path: Path | str, *, adapters: Iterable[str] | None = None) -> P
 
 
 def check_policy(path: Path, *, adapters: Iterable[str] | None = None) -> tuple[PolicySet | None, list[Problem]]:
+    """The merged policy (None when any problem is an error) and every problem found."""
+    with _collector_paused():
+        return _check_policy(path, adapters)
+
+
+def _check_policy(path: Path, adapters: Iterable[str] | None) -> tuple[PolicySet | None, list[Problem]]:
     if not path.exists():
         return None, [Problem(str(path), 1, 1, "policy path does not exist")]
     try:
@@ -321,11 +400,11 @@ def _cross_check(
             )
             where = f"$.rules[{place[1]}].then.route" if place[1] >= 0 else "$"
             at(place[0], where, f"rules rewrite routes in a cycle: {' -> '.join(cycle)}")
-        index = PolicyIndex(merged)
+        empty = checks.EmptyRoutes(PolicyIndex.of(merged))
         for policy, source in decoded:
             for i, t in enumerate(policy.tenants):
                 explicit = "*" not in t.allowed_routes
-                for route, reasons in checks.empty_routes(index, t):
+                for route, reasons in empty.of(t):
                     at(
                         source,
                         f"$.tenants[{i}].compliance",
