@@ -187,23 +187,12 @@ def _policy_explain(args: argparse.Namespace) -> int:
 
 
 def _policy_test(args: argparse.Namespace) -> int:
-    from gateway.policy.load import PolicyError
-    from gateway.policy.tools import run_suites
+    from gateway.policy.suite import run_suites, summary
 
-    failed = 0
-    total = 0
-    for path in args.paths:
-        try:
-            outcomes = run_suites(Path(path))
-        except PolicyError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-        for o in outcomes:
-            total += 1
-            failed += not o.ok
-            print(f"{'PASS' if o.ok else 'FAIL'} {o.file}: {o.case}: {o.detail}")
-    print(f"{total - failed} passed, {failed} failed")
-    return 1 if failed or not total else 0
+    outcomes = [o for path in args.paths for o in run_suites(Path(path))]
+    lines, failed = summary(outcomes)
+    print("\n".join(lines))
+    return 1 if failed or not outcomes else 0
 
 
 def _policy_diff(args: argparse.Namespace) -> int:

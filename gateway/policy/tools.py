@@ -9,19 +9,15 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import yaml
 
 from gateway.errors import GatewayError
 from gateway.policy.engine import Decision, LiveState, RoutePlan, decide
 from gateway.policy.features import count_prompt_tokens, extract, request_of
 from gateway.policy.index import PolicyIndex, Principal
-from gateway.policy.load import load_policy
-from gateway.registry import discover_adapters
 
 
 def principal_for(index: PolicyIndex, tenant: str | None) -> Principal:
@@ -72,88 +68,6 @@ def render(decision: Decision) -> str:
     lines.append("")
     lines.append(f"plan: {' -> '.join(decision.plan)}")
     return "\n".join(lines)
-
-
-# ---- policy test ----
-
-
-class Expect(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    deployment: str | None = None
-    plan: tuple[str, ...] | None = None
-    route: str | None = None
-    status: int | None = None
-    message_contains: str | None = None
-
-
-class Case(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: str
-    request: dict[str, Any]
-    expect: Expect
-    tenant: str | None = None
-    headers: dict[str, str] = {}
-    signals: dict[str, Any] = {}
-
-
-class Suite(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    policy: str
-    cases: tuple[Case, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    file: str
-    case: str
-    ok: bool
-    detail: str
-
-
-def _suite_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*.y*ml") if p.suffix in (".yaml", ".yml"))
-    return [path]
-
-
-def run_suites(path: Path) -> list[Outcome]:
-    outcomes: list[Outcome] = []
-    adapters = discover_adapters().keys()
-    for file in _suite_files(path):
-        try:
-            suite = msgspec.convert(yaml.safe_load(file.read_text()), Suite)
-        except (msgspec.ValidationError, yaml.YAMLError) as exc:
-            outcomes.append(Outcome(str(file), "(file)", False, f"invalid test file: {exc}"))
-            continue
-        index = PolicyIndex(load_policy(file.parent / suite.policy, adapters=adapters))
-        for case in suite.cases:
-            outcomes.append(_run_case(str(file), index, case))
-    return outcomes
-
-
-def _run_case(file: str, index: PolicyIndex, case: Case) -> Outcome:
-    e = case.expect
-    try:
-        plan = run(index, case.tenant, case.request, headers=case.headers, signals=case.signals)
-    except GatewayError as exc:
-        if e.status is None:
-            return Outcome(file, case.name, False, f"refused with {exc.status}: {exc.message}")
-        if exc.status != e.status:
-            return Outcome(file, case.name, False, f"expected status {e.status}, got {exc.status}: {exc.message}")
-        if e.message_contains and e.message_contains not in exc.message:
-            return Outcome(file, case.name, False, f"message lacks {e.message_contains!r}: {exc.message}")
-        return Outcome(file, case.name, True, f"refused with {exc.status} as expected")
-    got = plan.decision.plan
-    if e.status is not None:
-        return Outcome(file, case.name, False, f"expected refusal {e.status}, got plan {list(got)}")
-    if e.deployment is not None and (not got or got[0] != e.deployment):
-        return Outcome(
-            file, case.name, False, f"expected {e.deployment}, got {got[0] if got else None}\n{render(plan.decision)}"
-        )
-    if e.plan is not None and got != e.plan:
-        return Outcome(
-            file, case.name, False, f"expected plan {list(e.plan)}, got {list(got)}\n{render(plan.decision)}"
-        )
-    if e.route is not None and plan.decision.route != e.route:
-        return Outcome(file, case.name, False, f"expected route {e.route}, got {plan.decision.route}")
-    return Outcome(file, case.name, True, f"-> {got[0]}")
 
 
 # ---- policy diff ----
