@@ -38,7 +38,8 @@ def _serve(args: argparse.Namespace) -> int:
     # Validate the policy before binding a port: a bad file is refused with its reasons.
     policy, problems = check_policy(Path(settings.policy_path), adapters=discover_adapters().keys())
     for p in problems:
-        print(p, file=sys.stderr)
+        if p.severity != "silenced":
+            print(p, file=sys.stderr)
     if policy is None:
         return 1
     from gateway.cache.pool import embedder_specs, missing_dependency
@@ -147,12 +148,15 @@ def _policy_check(args: argparse.Namespace) -> int:
     failed = False
     for path in args.paths:
         _, problems = check_policy(Path(path), adapters=adapters)
+        silenced = [p for p in problems if p.severity == "silenced"]
         for p in problems:
-            print(p)
+            if p.severity != "silenced" or args.show_silenced:
+                print(p)
         errors = [p for p in problems if p.severity == "error"]
         failed = failed or bool(errors)
         if not errors:
-            print(f"{path}: ok")
+            quiet = f" ({len(silenced)} warnings silenced)" if silenced and not args.show_silenced else ""
+            print(f"{path}: ok{quiet}")
     return 1 if failed else 0
 
 
@@ -311,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_sub.add_parser("check", help="validate policy files; print file:line:col: reason")
     check.add_argument("paths", nargs="+")
+    check.add_argument(
+        "--show-silenced", action="store_true", help="also print the warnings the policy's silenced_warnings accept"
+    )
     check.set_defaults(func=_policy_check)
     explain = policy_sub.add_parser("explain", help="print the filter/rank table the server would use")
     explain.add_argument("--policy", required=True)

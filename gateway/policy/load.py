@@ -13,6 +13,7 @@ with it, 0.5 s without), so it is paused while a policy is read and checked (`_c
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 import threading
@@ -87,12 +88,18 @@ class Problem:
     line: int
     col: int
     reason: str
-    # "error" refuses the policy; "warning" is printed and the policy still loads.
+    # "error" refuses the policy; "warning" is printed and the policy still loads; "silenced": a warning
+    # the policy's `silenced_warnings` accepts (printed only on request).
     severity: str = "error"
+    # For a warning that can be silenced: (kind, tenant, route), matched against `silenced_warnings`.
+    subject: tuple[str, str | None, str | None] | None = None
+    # Why it is silenced (the silence's reason).
+    silenced_because: str | None = None
 
     def __str__(self) -> str:
-        prefix = "warning: " if self.severity == "warning" else ""
-        return f"{self.file}:{self.line}:{self.col}: {prefix}{self.reason}"
+        prefix = {"warning": "warning: ", "silenced": "silenced warning: "}.get(self.severity, "")
+        suffix = f" [silenced: {self.silenced_because}]" if self.silenced_because else ""
+        return f"{self.file}:{self.line}:{self.col}: {prefix}{self.reason}{suffix}"
 
 
 class PolicyError(Exception):
@@ -283,6 +290,7 @@ def _merge(decoded: list[tuple[PolicySet, _Source]], problems: list[Problem]) ->
         routes=tuple(r for p, _ in decoded for r in p.routes),
         tenants=tuple(t for p, _ in decoded for t in p.tenants),
         rules=tuple(r for p, _ in decoded for r in p.rules),
+        silenced_warnings=tuple(w for p, _ in decoded for w in p.silenced_warnings),
     )
 
 
@@ -291,9 +299,15 @@ def _cross_check(
 ) -> list[Problem]:
     problems: list[Problem] = []
 
-    def at(source: _Source, path: str, reason: str, severity: str = "error") -> None:
+    def at(
+        source: _Source,
+        path: str,
+        reason: str,
+        severity: str = "error",
+        subject: tuple[str, str | None, str | None] | None = None,
+    ) -> None:
         line, col = source.locate(path)
-        problems.append(Problem(source.file, line, col, reason, severity))
+        problems.append(Problem(source.file, line, col, reason, severity, subject))
 
     seen: dict[tuple[str, str], str] = {}
     for policy, source in decoded:
@@ -410,6 +424,7 @@ def _cross_check(
                         f"$.tenants[{i}].compliance",
                         f"tenant {t.name!r}: compliance leaves route {route!r} with no candidate ({'; '.join(reasons)})",
                         "error" if explicit else "warning",
+                        ("empty_route", t.name, route),
                     )
     for policy, source in decoded:
         for i, t in enumerate(policy.tenants):
@@ -429,4 +444,45 @@ def _cross_check(
         problems.append(Problem(decoded[0][1].file, 1, 1, f"prompt tokenizer: {exc}"))
     if merged.server.max_body_bytes < 1024:
         problems.append(Problem(decoded[0][1].file, 1, 1, "server.max_body_bytes must be at least 1024"))
+    return _silence(problems, decoded, {"tenants": known["tenants"], "routes": route_names}, at)
+
+
+def _silence(
+    problems: list[Problem],
+    decoded: list[tuple[PolicySet, _Source]],
+    names: dict[str, set[str]],
+    at: checks.Report,
+) -> list[Problem]:
+    """Warnings the policy's `silenced_warnings` accept become "silenced" (in place); a silence that names
+    an unknown tenant or route is an error, one that matches no warning a warning (both appended by `at`)."""
+    found = len(problems)  # what `at` appends below is about the silences themselves
+    for policy, source in decoded:
+        for i, silence in enumerate(policy.silenced_warnings):
+            base = f"$.silenced_warnings[{i}]"
+            if silence.tenant is None and silence.route is None:
+                at(source, base, f"silenced warning {silence.warning}: name the tenant or the route it covers")
+                continue
+            for field, known in (("tenant", names["tenants"]), ("route", names["routes"])):
+                value = getattr(silence, field)
+                if value is not None and value not in known:
+                    at(source, f"{base}.{field}", f"silenced warning {silence.warning}: unknown {field} {value!r}")
+            matched = False
+            for j, p in enumerate(problems[:found]):
+                if p.severity not in ("warning", "silenced") or p.subject is None:
+                    continue
+                kind, tenant, route = p.subject
+                if (
+                    kind == silence.warning
+                    and (silence.tenant is None or silence.tenant == tenant)
+                    and (silence.route is None or silence.route == route)
+                ):
+                    matched = True
+                    problems[j] = dataclasses.replace(p, severity="silenced", silenced_because=silence.reason)
+            if not matched:
+                at(
+                    source,
+                    base,
+                    f"silenced warning {silence.warning} matches no warning (remove it, or fix its tenant/route)",
+                    "warning",
+                )
     return problems
