@@ -155,4 +155,6 @@ def test_a_route_without_a_compliant_candidate_anywhere_is_reported(tmp_path: Pa
     assert policy is None
     assert [p.severity for p in problems] == ["error"]
     assert "compliance leaves route 'main' with no candidate" in problems[0].reason
-    assert "us-model@us: allowed_jurisdictions: hosting jurisdiction US is not in the allowed ['EU']" in problems[0].reason
+    assert (
+        "us-model@us: allowed_jurisdictions: hosting jurisdiction US is not in the allowed ['EU']" in problems[0].reason
+    )
