@@ -161,32 +161,43 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 
 def _policy_explain(args: argparse.Namespace) -> int:
+    """Exit 0: the plan is printed; 2: the policy refuses the request (status, code, message printed);
+    1: the explain could not run (a policy that does not load, an unknown tenant, an unreadable file)."""
     import json
 
     from gateway.errors import GatewayError
     from gateway.policy.index import PolicyIndex
     from gateway.policy.load import PolicyError, load_policy
-    from gateway.policy.tools import render, run
+    from gateway.policy.tools import live_state, render, run
 
     try:
-        index = PolicyIndex(load_policy(args.policy, adapters=discover_adapters().keys()))
+        index = PolicyIndex.of(load_policy(args.policy, adapters=discover_adapters().keys()))
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
-    request = json.loads(Path(args.request).read_text())
-    signals = json.loads(Path(args.signals).read_text()) if args.signals else None
-    headers = dict(h.split(":", 1) for h in args.header) if args.header else {}
     try:
-        plan = run(
-            index, args.tenant, request, headers={k.strip(): v.strip() for k, v in headers.items()}, signals=signals
-        )
+        request = json.loads(Path(args.request).read_text())
+        signals = json.loads(Path(args.signals).read_text()) if args.signals else None
+        live = live_state(signals) if signals is not None else None
+    except (OSError, ValueError) as exc:  # msgspec.ValidationError is a ValueError
+        print(f"strait policy explain: {exc}", file=sys.stderr)
+        return 1
+    headers = {}
+    for h in args.header or ():
+        name, sep, value = h.partition(":")
+        if not sep:
+            print(f"strait policy explain: --header {h!r} is not 'name: value'", file=sys.stderr)
+            return 1
+        headers[name.strip()] = value.strip()
+    try:
+        plan = run(index, args.tenant, request, headers=headers, signals=signals)
     except GatewayError as exc:
         print(f"refused: {exc.status} {exc.code}: {exc.message}")
         return 2
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(render(plan.decision))
+    print(render(plan.decision, live))
     return 0
 
 
@@ -319,11 +330,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--show-silenced", action="store_true", help="also print the warnings the policy's silenced_warnings accept"
     )
     check.set_defaults(func=_policy_check)
-    explain = policy_sub.add_parser("explain", help="print the filter/rank table the server would use")
+    explain = policy_sub.add_parser(
+        "explain",
+        help="print the filter/rank table the server would use",
+        epilog="exit status: 0 the plan is printed; 2 the policy refuses the request (status, code and message "
+        "printed); 1 the explain could not run (the policy does not load, unknown tenant, unreadable file)",
+    )
     explain.add_argument("--policy", required=True)
     explain.add_argument("--tenant")
     explain.add_argument("--request", required=True, help="request body as JSON")
-    explain.add_argument("--signals", help="live signals as JSON: unhealthy, latency_ms, in_flight, utilisation")
+    explain.add_argument(
+        "--signals",
+        help="live signals as JSON: unhealthy, latency_ms, ttft_ms, tokens_per_s, in_flight, utilisation, queue, "
+        "scrape_basis, stale, spilling",
+    )
     explain.add_argument("--header", action="append", help="'name: value', repeatable")
     explain.set_defaults(func=_policy_explain)
     test = policy_sub.add_parser("test", help="run YAML policy test cases; exit 1 on any failure")

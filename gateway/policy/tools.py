@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import msgspec
 
 from gateway.errors import GatewayError
-from gateway.policy.engine import Decision, LiveState, RoutePlan, decide
+from gateway.policy.engine import Decision, LiveState, RoutePlan, Row, decide
 from gateway.policy.features import count_prompt_tokens, extract, request_of
 from gateway.policy.index import PolicyIndex, Principal
 
@@ -47,25 +48,76 @@ def run(
     return decide(index, principal_for(index, tenant), features, live_state(signals), decision_id="offline")
 
 
-def render(decision: Decision) -> str:
-    """The filter/rank table, as the server would use it."""
+def usd(value: float) -> str:
+    """A cost in three significant digits, never in exponent notation: cheap deployments differ in their
+    fourth decimal place and beyond (0.0000123 vs 0.0000456), which a fixed `%.6f` prints as 0.000012."""
+    if value == 0:
+        return "0"
+    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+def _live_columns(row: Row) -> tuple[str, str, str, str]:
+    latency = f"{row.latency_ms:.0f}" if row.latency_ms is not None else ""
+    ttft = f"{row.ttft_ms:.0f}" if row.ttft_ms is not None else ""
+    util = f"{row.utilisation:.2f}" if row.utilisation is not None else ""
+    if util and row.load:
+        util += f" {row.load}"
+    queue = str(row.queue) if row.queue is not None else ""
+    return latency, ttft, util, queue
+
+
+def _signals_line(live: LiveState | None) -> str:
+    """Which live signals the decision read (what `--signals` gave, or none: every backend idle and
+    unmeasured, as on a gateway that has just started)."""
+    if live is None:
+        return "live signals: none given (every backend idle, nothing measured yet)"
+    used = [
+        name
+        for name in ("unhealthy", "latency_ms", "ttft_ms", "tokens_per_s", "in_flight", "utilisation", "queue")
+        if getattr(live, name)
+    ]
+    used += [name for name in ("scrape_basis", "stale", "spilling") if getattr(live, name)]
+    return f"live signals: {', '.join(used) if used else 'given, all empty'}"
+
+
+def render(decision: Decision, live: LiveState | None = None) -> str:
+    """The filter/rank table, as the server would use it, then what spillover did and the live signals read."""
     lines = [
         f"route {decision.requested_route!r}"
         + (f" -> {decision.route!r}" if decision.route != decision.requested_route else "")
         + f"  objective {decision.objective}  policy {decision.policy_version}  tenant {decision.tenant}",
         f"rules applied: {', '.join(decision.rules) or 'none'}",
         "",
-        f"{'rank':>4}  {'deployment':<40} {'tier':<12} {'est. USD':>10} {'latency ms':>10} {'util':>5}  excluded because",
+        f"{'rank':>4}  {'deployment':<40} {'tier':<12} {'est. USD':>10} {'latency ms':>10} {'ttft ms':>7} "
+        f"{'util':<14} {'queue':>5}  excluded because / spill",
     ]
     for row in sorted(decision.rows, key=lambda r: (r.rank is None, r.rank or 0)):
         rank = str(row.rank) if row.rank is not None else "-"
-        cost = f"{row.est_cost_usd:.6f}" if row.est_cost_usd is not None else ""
-        latency = f"{row.latency_ms:.0f}" if row.latency_ms is not None else ""
-        util = f"{row.utilisation:.2f}" if row.utilisation is not None else ""
+        cost = usd(row.est_cost_usd) if row.est_cost_usd is not None else ""
+        latency, ttft, util, queue = _live_columns(row)
+        notes = [n for n in (row.excluded, row.spilled and f"spilled: {row.spilled}") if n]
+        if row.spilling:
+            notes.append(f"spilling, took this request: {row.spilling}")
+        if row.ejected:
+            notes.append("ejected (panic: every candidate is)")
         lines.append(
-            f"{rank:>4}  {row.deployment:<40} {row.tier:<12} {cost:>10} {latency:>10} {util:>5}  {row.excluded or ''}"
+            f"{rank:>4}  {row.deployment:<40} {row.tier:<12} {cost:>10} {latency:>10} {ttft:>7} {util:<14} "
+            f"{queue:>5}  {'; '.join(notes)}"
         )
     lines.append("")
+    spilled = [r for r in decision.rows if r.spilled]
+    spilling = [r for r in decision.rows if r.spilling]
+    if spilled or spilling:
+        lines += [f"spill: {r.backend} moved behind the others: {r.spilled}" for r in spilled]
+        lines += [f"spill: {r.backend} is spilling yet takes this request: {r.spilling}" for r in spilling]
+    else:
+        lines.append("spill: none (no candidate over its route's spillover threshold)")
+    if decision.panic:
+        lines.append("panic: every compliant candidate is ejected; they are tried anyway")
+    if decision.affinity is not None:
+        lines.append(f"affinity: {decision.affinity}")
+    lines.append(_signals_line(live))
     lines.append(f"plan: {' -> '.join(decision.plan)}")
     return "\n".join(lines)
 
