@@ -34,14 +34,28 @@ def app_from_env() -> object:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(policy_path=args.policy, host=args.host, port=args.port, workers=args.workers)
-    # Validate the policy before binding a port: a bad file is refused with its reasons.
+    settings = Settings.from_env(
+        policy_path=args.policy,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        shadow_policy=args.shadow_policy,
+    )
+    # Validate the policy (and a shadow policy) before binding a port: a bad file is refused with its reasons.
     policy, problems = check_policy(Path(settings.policy_path), adapters=discover_adapters().keys())
     for p in problems:
         if p.severity != "silenced":
             print(p, file=sys.stderr)
     if policy is None:
         return 1
+    if settings.shadow_policy is not None:
+        shadow, shadow_problems = check_policy(Path(settings.shadow_policy), adapters=discover_adapters().keys())
+        if shadow is None:
+            for p in shadow_problems:
+                if p.severity == "error":
+                    print(f"shadow policy: {p}", file=sys.stderr)
+            return 1
+        os.environ["STRAIT_SHADOW_POLICY"] = settings.shadow_policy
     from gateway.cache.pool import embedder_specs, missing_dependency
     from gateway.policy.index import PolicyIndex
 
@@ -213,20 +227,17 @@ def _policy_test(args: argparse.Namespace) -> int:
 def _policy_diff(args: argparse.Namespace) -> int:
     from gateway.policy.index import PolicyIndex
     from gateway.policy.load import PolicyError, load_policy
-    from gateway.policy.tools import diff, read_replays
+    from gateway.policy.replay import diff, read_samples
 
     adapters = discover_adapters().keys()
     try:
         old = PolicyIndex(load_policy(args.old, adapters=adapters))
         new = PolicyIndex(load_policy(args.new, adapters=adapters))
-        replays = read_replays(Path(args.requests))
-    except (PolicyError, ValueError) as exc:
+        samples = read_samples(Path(args.requests))
+    except (PolicyError, OSError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 1
-    lines, changed, total = diff(old, new, replays)
-    for line in lines:
-        print(line)
-    print(f"{changed} of {total} decisions change")
+    print("\n".join(diff(old, new, samples).render(top=args.top)))
     return 0
 
 
@@ -301,6 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", help="bind address (env STRAIT_HOST; default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (env STRAIT_PORT; default 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (env STRAIT_WORKERS; default 1)")
+    serve.add_argument(
+        "--shadow-policy",
+        help="a candidate policy decided next to the live one on every request, never acted on: disagreements "
+        "counted in strait_shadow_decisions_total and logged (env STRAIT_SHADOW_POLICY)",
+    )
     serve.set_defaults(func=_serve)
 
     keys = sub.add_parser("keys", help="API key tools")
@@ -349,10 +365,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     test = policy_sub.add_parser("test", help="run YAML policy test cases; exit 1 on any failure")
     test.add_argument("paths", nargs="+")
     test.set_defaults(func=_policy_test)
-    diff = policy_sub.add_parser("diff", help="replay requests against two policies; show changed decisions")
+    diff = policy_sub.add_parser(
+        "diff", help="replay a traffic sample against two policies: requests that move, where, cost per day"
+    )
     diff.add_argument("old")
     diff.add_argument("new")
-    diff.add_argument("--requests", required=True, help="JSON lines: {tenant, request, headers?, signals?}")
+    diff.add_argument(
+        "--requests",
+        required=True,
+        help="JSON lines: the gateway's feature log (STRAIT_FEATURE_LOG), or {tenant, request, headers?, signals?}",
+    )
+    diff.add_argument("--top", type=int, default=20, help="kinds of move listed (most frequent first)")
     diff.set_defaults(func=_policy_diff)
     schema = policy_sub.add_parser("schema", help="print the policy JSON Schema")
     schema.set_defaults(func=_policy_schema)

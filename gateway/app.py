@@ -56,6 +56,7 @@ from gateway.reply import JSON
 from gateway.runtime import Gateway, Services, build_runtime
 from gateway.settings import Settings
 from gateway.stages.accounting import AccountingStage
+from gateway.stages.observers import FeatureLogFile, ShadowPolicy
 from gateway.state import open_store
 from gateway.telemetry import Metrics
 from gateway.tracing import tracing_from_env
@@ -128,6 +129,8 @@ def create_app(
         tracing=tracing_from_env(os.environ),
         cache_store=open_cache_store(settings.cache_url, timeout_s=settings.state_timeout_ms / 1000),
         embedders=EmbedderPool(),
+        feature_log=FeatureLogFile(settings.feature_log, settings.feature_log_sample) if settings.feature_log else None,
+        shadow=ShadowPolicy(settings.shadow_policy, metrics) if settings.shadow_policy else None,
     )
     runtime = build_runtime(policy, factories, services)
     gateway = Gateway(runtime, services, writer, ledger)

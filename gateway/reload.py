@@ -17,7 +17,8 @@ from pathlib import Path
 from gateway.cache.errors import CacheDependencyError, EmbedderError
 from gateway.cache.pool import open_embedders
 from gateway.contracts import Adapter, AdapterFactory
-from gateway.policy.load import check_policy
+from gateway.policy.index import PolicyIndex
+from gateway.policy.load import PolicyError, check_policy, load_policy
 from gateway.runtime import Gateway, build_runtime
 
 log = logging.getLogger("strait.reload")
@@ -105,10 +106,25 @@ class PolicyReloader:
             self.gateway.use(new)
             metrics.policy_reloads.labels("applied").inc()
             log.warning("policy %s in force (version %s)", self.path, new.index.version)
+            await self._reload_shadow()
             dropped = [a for name, a in old.adapters.items() if new.adapters.get(name) is not a]
             if dropped:
                 self._spawn(self._close_later(dropped))
             return True
+
+    async def _reload_shadow(self) -> None:
+        """The shadow policy (if any) is read again with the live one, off the event loop; a shadow that
+        no longer loads is refused with its reasons and the previous one keeps shadowing."""
+        shadow = self.gateway.services.shadow
+        if shadow is None:
+            return
+        try:
+            index = await asyncio.to_thread(lambda: PolicyIndex(load_policy(shadow.path)))
+        except PolicyError as exc:
+            log.error("shadow policy reload refused: %s", exc)
+            return
+        shadow.replace(index)
+        log.warning("shadow policy %s in force (version %s)", shadow.path, index.version)
 
     async def _close_later(self, adapters: list[Adapter]) -> None:
         await asyncio.sleep(CLOSE_GRACE_S)

@@ -28,6 +28,7 @@ from gateway.stages.auth import AuthStage
 from gateway.stages.cache import CacheStage
 from gateway.stages.explain import Explain
 from gateway.stages.limits import LimitsStage
+from gateway.stages.observers import DecisionObserver, FeatureLog, FeatureLogFile, ShadowPolicy
 from gateway.stages.route import RouteStage
 from gateway.stages.upstream import UpstreamStage
 from gateway.state import Store
@@ -86,6 +87,9 @@ class Services:
     retry_budgets: RetryBudgets = field(default_factory=RetryBudgets)
     # The model requests in flight on this replica (load shedding, the shutdown's grace period).
     inflight: InFlight = field(default_factory=InFlight)
+    # The feature log's file (STRAIT_FEATURE_LOG) and the shadow policy (STRAIT_SHADOW_POLICY), if set.
+    feature_log: FeatureLogFile | None = None
+    shadow: ShadowPolicy | None = None
 
 
 def build_runtime(
@@ -112,7 +116,12 @@ def build_runtime(
     auth = AuthStage(index)
     # Shared by `route` and `limits` (which explains again when it switches to the downgrade plan).
     explain = Explain(index, services.decisions)
-    route = RouteStage(index, signals, explain)
+    observers: list[DecisionObserver] = []
+    if services.feature_log is not None:
+        observers.append(FeatureLog(services.feature_log, index))
+    if services.shadow is not None:
+        observers.append(services.shadow)
+    route = RouteStage(index, signals, explain, tuple(observers))
     # The redactor knows every backend's resolved key, so no upstream error text can echo one.
     dispatcher = Dispatcher(
         adapters,

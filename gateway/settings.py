@@ -60,6 +60,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # One JSON line per request on stderr (gateway.access_log); the share of successful ones written.
     access_log: Literal["on", "off"] = "on"
     access_log_sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # A JSON line per decided request (features, no content) appended to this file, for `strait policy
+    # diff` (gateway.stages.observers); the share of requests written.
+    feature_log: str | None = None
+    feature_log_sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # A candidate policy decided next to the live one on every request, never acted on (shadow mode).
+    shadow_policy: str | None = None
 
     def __post_init__(self) -> None:
         if self.metrics_token is not None and not all("!" <= c <= "~" for c in self.metrics_token):
@@ -104,6 +110,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("shutdown_grace_s", "STRAIT_SHUTDOWN_GRACE_S"),
             ("access_log", "STRAIT_ACCESS_LOG"),
             ("access_log_sample", "STRAIT_ACCESS_LOG_SAMPLE"),
+            ("feature_log", "STRAIT_FEATURE_LOG"),
+            ("feature_log_sample", "STRAIT_FEATURE_LOG_SAMPLE"),
+            ("shadow_policy", "STRAIT_SHADOW_POLICY"),
         ):
             if var in env and (env[var] or field != "metrics_token"):
                 values[field] = env[var]

@@ -7,15 +7,12 @@ production does.
 from __future__ import annotations
 
 import inspect
-import json
 import math
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
-from gateway.errors import GatewayError
 from gateway.policy.engine import Decision, LiveState, RoutePlan, Row, decide
 from gateway.policy.features import count_prompt_tokens, extract, request_of
 from gateway.policy.index import PolicyIndex, Principal
@@ -120,60 +117,6 @@ def render(decision: Decision, live: LiveState | None = None) -> str:
     lines.append(_signals_line(live))
     lines.append(f"plan: {' -> '.join(decision.plan)}")
     return "\n".join(lines)
-
-
-# ---- policy diff ----
-
-
-class Replay(msgspec.Struct, kw_only=True):
-    request: dict[str, Any]
-    tenant: str | None = None
-    headers: dict[str, str] = {}
-    signals: dict[str, Any] = {}
-
-
-def _outcome(index: PolicyIndex, r: Replay) -> tuple[str, RoutePlan | None]:
-    try:
-        plan = run(index, r.tenant, r.request, headers=r.headers, signals=r.signals)
-    except GatewayError as exc:
-        return f"refused {exc.status}: {exc.message}", None
-    return plan.decision.plan[0], plan
-
-
-def diff(old: PolicyIndex, new: PolicyIndex, replays: Iterable[Replay]) -> tuple[list[str], int, int]:
-    """Lines describing each changed decision, the number changed and the number replayed."""
-    out: list[str] = []
-    changed = total = 0
-    for n, r in enumerate(replays, start=1):
-        total += 1
-        before, _ = _outcome(old, r)
-        after, new_plan = _outcome(new, r)
-        if before == after:
-            continue
-        changed += 1
-        why = ""
-        if new_plan is not None:
-            row = next((x for x in new_plan.decision.rows if x.deployment == before), None)
-            if row is not None and row.excluded:
-                why = f" (new policy excludes {before}: {row.excluded})"
-            elif row is not None:
-                why = f" (now ranked {row.rank} under objective {new_plan.decision.objective})"
-        out.append(
-            f"request {n} (tenant {r.tenant or '-'}, model {r.request.get('model')!r}): {before} -> {after}{why}"
-        )
-    return out, changed, total
-
-
-def read_replays(path: Path) -> list[Replay]:
-    replays = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            replays.append(msgspec.convert(json.loads(line), Replay))
-        except (ValueError, msgspec.ValidationError) as exc:
-            raise ValueError(f"{path}:{line_no}: {exc}") from None
-    return replays
 
 
 # Keywords whose value is a map of name -> subschema, and keywords whose value is data, not a schema.
