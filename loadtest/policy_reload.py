@@ -69,7 +69,9 @@ async def measure(size: int, clients: int, steady_s: float) -> None:
         # Dumped now: dumping 1 MB of YAML takes seconds, which would stall the clients' own event loop.
         second = policy_text(size, seed=8)
         started = time.perf_counter()
-        with gateway_process(policy, log_path=log, env={"STRAIT_STATE": "memory"}).start(timeout=300) as gw:
+        with gateway_process(policy, log_path=log, env={"STRAIT_STATE": "memory", "STRAIT_ACCESS_LOG": "off"}).start(
+            timeout=300
+        ) as gw:
             print(f"S={size}: gateway ready in {time.perf_counter() - started:.1f} s")
             stop = asyncio.Event()
             samples: list[tuple[float, float]] = []
@@ -83,8 +85,10 @@ async def measure(size: int, clients: int, steady_s: float) -> None:
             done_at = time.perf_counter()
             await asyncio.sleep(max(steady_s, done_at - reload_at))
             stop.set()
+            log_text = log.read_text(errors="replace")
             await asyncio.gather(*tasks)
     print(f"reload took {done_at - reload_at:.2f} s (SIGHUP to 'in force')")
+    print(next(line for line in log_text.splitlines() if IN_FORCE.search(line)))
     print(summary("before reload", [d for t, d in samples if t < reload_at]))
     print(summary("during reload", [d for t, d in samples if reload_at <= t < done_at]))
     print(summary("after reload", [d for t, d in samples if t >= done_at]))
