@@ -49,7 +49,7 @@ from gateway.contracts import AdapterFactory
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.gauges import GatewayGauges
 from gateway.policy.decisions import DecisionLog
-from gateway.policy.load import load_policy
+from gateway.policy.load import freeze_loaded, load_policy
 from gateway.registry import discover_adapters
 from gateway.reload import PolicyReloader
 from gateway.reply import JSON
@@ -133,6 +133,10 @@ def create_app(
         shadow=ShadowPolicy(settings.shadow_policy, metrics) if settings.shadow_policy else None,
     )
     runtime = build_runtime(policy, factories, services)
+    if drain_on_sigterm:
+        # Served by `strait serve`: the policy and its runtime live until a reload, out of the cyclic
+        # collector's way. (In-process tests build many apps: they would freeze their own garbage.)
+        freeze_loaded()
     gateway = Gateway(runtime, services, writer, ledger)
     metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)

@@ -19,7 +19,8 @@ from gateway.cache.errors import CacheDependencyError, EmbedderError
 from gateway.cache.pool import open_embedders
 from gateway.contracts import Adapter, AdapterFactory
 from gateway.policy.index import PolicyIndex
-from gateway.policy.load import PolicyError, check_policy, load_policy
+from gateway.policy.load import PolicyError, Problem, check_policy, freeze_loaded, load_policy
+from gateway.policy.model import PolicySet
 from gateway.runtime import Gateway, build_runtime
 
 log = logging.getLogger("strait.reload")
@@ -86,7 +87,7 @@ class PolicyReloader:
         """Validate and swap; True when the new policy is in force."""
         metrics = self.gateway.metrics
         async with self._lock:
-            policy, problems = await asyncio.to_thread(check_policy, self.path, adapters=self.factories.keys())
+            policy, problems = await asyncio.to_thread(self._check)
             if policy is None:
                 for p in problems:
                     if p.severity == "error":
@@ -124,6 +125,14 @@ class PolicyReloader:
             if dropped:
                 self._spawn(self._close_later(dropped))
             return True
+
+    def _check(self) -> tuple[PolicySet | None, list[Problem]]:
+        """In the worker thread: check the policy (its index is built then, and reused by build_runtime)
+        and freeze what it built out of the cyclic collector's reach (gateway.policy.load.freeze_loaded)."""
+        policy, problems = check_policy(self.path, adapters=self.factories.keys())
+        if policy is not None:
+            freeze_loaded()
+        return policy, problems
 
     async def _reload_shadow(self) -> None:
         """The shadow policy (if any) is read again with the live one, off the event loop; a shadow that
