@@ -178,7 +178,7 @@ def measure(size: int, decisions: int, runs: int) -> None:
         walls, cpus = [], []
         for _ in range(runs):
             t0, c0 = time.perf_counter(), time.process_time()
-            policy, problems = check_policy(path, adapters=adapters)
+            policy, problems = check_policy(path, adapters=adapters, fresh=True)
             # The index the check built is the one `strait serve` and a reload then use (PolicyIndex.of).
             if policy is not None:
                 index = PolicyIndex.of(policy)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -247,10 +248,38 @@ def load_policy(path: Path | str, *, adapters: Iterable[str] | None = None) -> P
     return merged
 
 
-def check_policy(path: Path, *, adapters: Iterable[str] | None = None) -> tuple[PolicySet | None, list[Problem]]:
-    """The merged policy (None when any problem is an error) and every problem found."""
+# The last policy that loaded, by what it was loaded from: `strait serve` checks the policy before it
+# binds its port and the app loads it again in the same process; at enterprise size that is seconds.
+_last_loaded: tuple[tuple[object, ...], PolicySet, list[Problem]] | None = None
+
+
+def _load_key(path: Path, adapters: Iterable[str] | None) -> tuple[object, ...] | None:
+    """What a check's result depends on: each file's name and content digest, and the adapters."""
+    try:
+        files = _policy_files(path) if path.exists() else []
+        digests = tuple((str(f), hashlib.sha256(f.read_bytes()).hexdigest()) for f in files)
+    except (OSError, PolicyError):
+        return None
+    return (str(path), digests, None if adapters is None else frozenset(adapters))
+
+
+def check_policy(
+    path: Path, *, adapters: Iterable[str] | None = None, fresh: bool = False
+) -> tuple[PolicySet | None, list[Problem]]:
+    """The merged policy (None when any problem is an error) and every problem found. The same files
+    checked again (same content, same adapters) give the same policy object without a second load,
+    unless `fresh` (a benchmark, a test that changes the environment)."""
+    global _last_loaded
+    adapters = None if adapters is None else list(adapters)
+    key = None if fresh else _load_key(path, adapters)
+    last = _last_loaded
+    if key is not None and last is not None and last[0] == key:
+        return last[1], list(last[2])
     with _collector_paused():
-        return _check_policy(path, adapters)
+        policy, problems = _check_policy(path, adapters)
+    if key is not None and policy is not None:
+        _last_loaded = (key, policy, list(problems))
+    return policy, problems
 
 
 def _check_policy(path: Path, adapters: Iterable[str] | None) -> tuple[PolicySet | None, list[Problem]]:

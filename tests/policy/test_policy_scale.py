@@ -158,3 +158,20 @@ def test_a_route_without_a_compliant_candidate_anywhere_is_reported(tmp_path: Pa
     assert (
         "us-model@us: allowed_jurisdictions: hosting jurisdiction US is not in the allowed ['EU']" in problems[0].reason
     )
+
+
+def test_the_same_files_checked_again_are_not_loaded_again(tmp_path: Path) -> None:
+    """`strait serve` checks its policy, then the app loads it in the same process: one load."""
+    path = write_policy(1, tmp_path)
+    first, _ = check_policy(path, adapters=ADAPTERS)
+    again, _ = check_policy(path, adapters=ADAPTERS)
+    assert first is not None and again is first
+    assert check_policy(path, adapters=ADAPTERS, fresh=True)[0] is not first
+    # Same size, other content (a price digit): loaded again whatever the file's timestamps say.
+    text = path.read_text()
+    changed = text.replace("input_per_mtok: 1.", "input_per_mtok: 2.", 1)
+    assert changed != text and len(changed) == len(text)
+    path.write_text(changed)
+    reloaded, _ = check_policy(path, adapters=ADAPTERS)
+    assert reloaded is not None and reloaded is not first and reloaded != first
+    assert check_policy(path, adapters=["simulated"])[0] is not reloaded  # other adapters: checked again
