@@ -28,6 +28,8 @@ from gateway.policy.replay import FeatureLine
 from gateway.telemetry import Metrics
 
 log = logging.getLogger("strait.observers")
+# The most of a client's own text (the `model` it asked for) a feature line or a log line keeps.
+MAX_CLIENT_TEXT = 200
 
 
 class DecisionObserver(Protocol):
@@ -95,7 +97,8 @@ class FeatureLog:
         self.out.write(
             FeatureLine(
                 ts=time.time(),
-                route=features.route,
+                # A route the policy does not know is the client's text: kept, bounded.
+                route=features.route[:MAX_CLIENT_TEXT],
                 tenant=ctx.principal.tenant if ctx.principal is not None else None,
                 operation=features.operation,
                 prompt_tokens=features.prompt_tokens,
@@ -173,7 +176,7 @@ class ShadowPolicy:
             "shadow policy disagrees: request %s tenant %s route %s: live %s, shadow %s%s",
             ctx.request_id,
             tenant,
-            route,
+            route[:MAX_CLIENT_TEXT],
             live_choice,
             shadow_choice,
             more,
