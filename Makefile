@@ -19,7 +19,7 @@ LOCK := $(BIN)/uv pip compile -q --universal --python-version 3.11 --generate-ha
 PY_TAG := $(shell $(PY) -c 'import sys; print(sys.implementation.name + "-" + ".".join(map(str, sys.version_info[:3])))' 2>/dev/null)
 STAMP := $(VENV)/.python-$(PY_TAG)
 
-.PHONY: run test lint typecheck loadtest lock clean deploy-tools
+.PHONY: run test lint typecheck loadtest lock clean deploy-tools schema
 
 $(STAMP):
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Strait needs Python 3.11+ (set PY=python3.11)")'
@@ -74,6 +74,11 @@ test: lint typecheck deploy-tools
 
 loadtest: $(VENV)/.dev-installed
 	$(BIN)/python -m loadtest.overhead
+
+# The policy JSON Schema for editor completion, from the policy model; tests/policy/test_policy_schema.py
+# fails when the committed file is not what this writes.
+schema: $(VENV)/.dev-installed
+	$(BIN)/strait policy schema > policies/schema.json
 
 # Re-resolve the lock files from requirements/*.in and pyproject.toml (run = the base + the `cache` extra,
 # dev = run + the `dev` extra, image = the base alone for docker/Dockerfile (no semantic cache tier),

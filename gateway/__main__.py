@@ -34,17 +34,32 @@ def app_from_env() -> object:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(policy_path=args.policy, host=args.host, port=args.port, workers=args.workers)
-    # Validate the policy before binding a port: a bad file is refused with its reasons.
+    settings = Settings.from_env(
+        policy_path=args.policy,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        shadow_policy=args.shadow_policy,
+    )
+    # Validate the policy (and a shadow policy) before binding a port: a bad file is refused with its reasons.
     policy, problems = check_policy(Path(settings.policy_path), adapters=discover_adapters().keys())
     for p in problems:
-        print(p, file=sys.stderr)
+        if p.severity != "silenced":
+            print(p, file=sys.stderr)
     if policy is None:
         return 1
+    if settings.shadow_policy is not None:
+        shadow, shadow_problems = check_policy(Path(settings.shadow_policy), adapters=discover_adapters().keys())
+        if shadow is None:
+            for p in shadow_problems:
+                if p.severity == "error":
+                    print(f"shadow policy: {p}", file=sys.stderr)
+            return 1
+        os.environ["STRAIT_SHADOW_POLICY"] = settings.shadow_policy
     from gateway.cache.pool import embedder_specs, missing_dependency
     from gateway.policy.index import PolicyIndex
 
-    missing = missing_dependency(embedder_specs(PolicyIndex(policy)).values())
+    missing = missing_dependency(embedder_specs(PolicyIndex.of(policy)).values())
     if missing is not None:
         print(f"strait: {missing}", file=sys.stderr)
         return 2
@@ -147,87 +162,82 @@ def _policy_check(args: argparse.Namespace) -> int:
     failed = False
     for path in args.paths:
         _, problems = check_policy(Path(path), adapters=adapters)
+        silenced = [p for p in problems if p.severity == "silenced"]
         for p in problems:
-            print(p)
+            if p.severity != "silenced" or args.show_silenced:
+                print(p)
         errors = [p for p in problems if p.severity == "error"]
         failed = failed or bool(errors)
         if not errors:
-            print(f"{path}: ok")
+            quiet = f" ({len(silenced)} warnings silenced)" if silenced and not args.show_silenced else ""
+            print(f"{path}: ok{quiet}")
     return 1 if failed else 0
 
 
 def _policy_explain(args: argparse.Namespace) -> int:
+    """Exit 0: the plan is printed; 2: the policy refuses the request (status, code, message printed);
+    1: the explain could not run (a policy that does not load, an unknown tenant, an unreadable file)."""
     import json
 
     from gateway.errors import GatewayError
     from gateway.policy.index import PolicyIndex
     from gateway.policy.load import PolicyError, load_policy
-    from gateway.policy.tools import render, run
+    from gateway.policy.tools import live_state, render, run
 
     try:
-        index = PolicyIndex(load_policy(args.policy, adapters=discover_adapters().keys()))
+        index = PolicyIndex.of(load_policy(args.policy, adapters=discover_adapters().keys()))
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
-    request = json.loads(Path(args.request).read_text())
-    signals = json.loads(Path(args.signals).read_text()) if args.signals else None
-    headers = dict(h.split(":", 1) for h in args.header) if args.header else {}
     try:
-        plan = run(
-            index,
-            args.tenant,
-            request,
-            headers={k.strip(): v.strip() for k, v in headers.items()},
-            signals=signals,
-            ingress_region=args.region,
-        )
+        request = json.loads(Path(args.request).read_text())
+        signals = json.loads(Path(args.signals).read_text()) if args.signals else None
+        live = live_state(signals) if signals is not None else None
+    except (OSError, ValueError) as exc:  # msgspec.ValidationError is a ValueError
+        print(f"strait policy explain: {exc}", file=sys.stderr)
+        return 1
+    headers = {}
+    for h in args.header or ():
+        name, sep, value = h.partition(":")
+        if not sep:
+            print(f"strait policy explain: --header {h!r} is not 'name: value'", file=sys.stderr)
+            return 1
+        headers[name.strip()] = value.strip()
+    try:
+        plan = run(index, args.tenant, request, headers=headers, signals=signals, ingress_region=args.region)
     except GatewayError as exc:
         print(f"refused: {exc.status} {exc.code}: {exc.message}")
         return 2
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(render(plan.decision))
+    print(render(plan.decision, live))
     return 0
 
 
 def _policy_test(args: argparse.Namespace) -> int:
-    from gateway.policy.load import PolicyError
-    from gateway.policy.tools import run_suites
+    from gateway.policy.suite import run_suites, summary
 
-    failed = 0
-    total = 0
-    for path in args.paths:
-        try:
-            outcomes = run_suites(Path(path))
-        except PolicyError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-        for o in outcomes:
-            total += 1
-            failed += not o.ok
-            print(f"{'PASS' if o.ok else 'FAIL'} {o.file}: {o.case}: {o.detail}")
-    print(f"{total - failed} passed, {failed} failed")
-    return 1 if failed or not total else 0
+    outcomes = [o for path in args.paths for o in run_suites(Path(path))]
+    lines, failed = summary(outcomes)
+    print("\n".join(lines))
+    return 1 if failed or not outcomes else 0
 
 
 def _policy_diff(args: argparse.Namespace) -> int:
     from gateway.policy.index import PolicyIndex
     from gateway.policy.load import PolicyError, load_policy
-    from gateway.policy.tools import diff, read_replays
+    from gateway.policy.replay import diff, read_samples
 
     adapters = discover_adapters().keys()
     try:
         old = PolicyIndex(load_policy(args.old, adapters=adapters))
         new = PolicyIndex(load_policy(args.new, adapters=adapters))
-        replays = read_replays(Path(args.requests))
-    except (PolicyError, ValueError) as exc:
+        samples = read_samples(Path(args.requests))
+    except (PolicyError, OSError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 1
-    lines, changed, total = diff(old, new, replays)
-    for line in lines:
-        print(line)
-    print(f"{changed} of {total} decisions change")
+    print("\n".join(diff(old, new, samples).render(top=args.top)))
     return 0
 
 
@@ -318,6 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", help="bind address (env STRAIT_HOST; default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (env STRAIT_PORT; default 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (env STRAIT_WORKERS; default 1)")
+    serve.add_argument(
+        "--shadow-policy",
+        help="a candidate policy decided next to the live one on every request, never acted on: disagreements "
+        "counted in strait_shadow_decisions_total and logged (env STRAIT_SHADOW_POLICY)",
+    )
     serve.set_defaults(func=_serve)
 
     keys = sub.add_parser("keys", help="API key tools")
@@ -343,22 +358,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_sub.add_parser("check", help="validate policy files; print file:line:col: reason")
     check.add_argument("paths", nargs="+")
+    check.add_argument(
+        "--show-silenced", action="store_true", help="also print the warnings the policy's silenced_warnings accept"
+    )
     check.set_defaults(func=_policy_check)
-    explain = policy_sub.add_parser("explain", help="print the filter/rank table the server would use")
+    explain = policy_sub.add_parser(
+        "explain",
+        help="print the filter/rank table the server would use",
+        epilog="exit status: 0 the plan is printed; 2 the policy refuses the request (status, code and message "
+        "printed); 1 the explain could not run (the policy does not load, unknown tenant, unreadable file)",
+    )
     explain.add_argument("--policy", required=True)
     explain.add_argument("--tenant")
     explain.add_argument("--request", required=True, help="request body as JSON")
-    explain.add_argument("--signals", help="live signals as JSON: unhealthy, latency_ms, in_flight, utilisation")
+    explain.add_argument(
+        "--signals",
+        help="live signals as JSON: unhealthy, latency_ms, ttft_ms, tokens_per_s, in_flight, utilisation, queue, "
+        "scrape_basis, stale, spilling",
+    )
     explain.add_argument("--header", action="append", help="'name: value', repeatable")
     explain.add_argument("--region", help="the STRAIT_REGION of the replica the request enters through")
     explain.set_defaults(func=_policy_explain)
     test = policy_sub.add_parser("test", help="run YAML policy test cases; exit 1 on any failure")
     test.add_argument("paths", nargs="+")
     test.set_defaults(func=_policy_test)
-    diff = policy_sub.add_parser("diff", help="replay requests against two policies; show changed decisions")
+    diff = policy_sub.add_parser(
+        "diff", help="replay a traffic sample against two policies: requests that move, where, cost per day"
+    )
     diff.add_argument("old")
     diff.add_argument("new")
-    diff.add_argument("--requests", required=True, help="JSON lines: {tenant, request, headers?, signals?}")
+    diff.add_argument(
+        "--requests",
+        required=True,
+        help="JSON lines: the gateway's feature log (STRAIT_FEATURE_LOG), or {tenant, request, headers?, signals?}",
+    )
+    diff.add_argument("--top", type=int, default=20, help="kinds of move listed (most frequent first)")
     diff.set_defaults(func=_policy_diff)
     schema = policy_sub.add_parser("schema", help="print the policy JSON Schema")
     schema.set_defaults(func=_policy_schema)

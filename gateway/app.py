@@ -50,7 +50,7 @@ from gateway.contracts import AdapterFactory
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.gauges import GatewayGauges
 from gateway.policy.decisions import DecisionLog
-from gateway.policy.load import load_policy
+from gateway.policy.load import freeze_loaded, load_policy
 from gateway.registry import discover_adapters
 from gateway.reload import PolicyReloader
 from gateway.reply import JSON
@@ -58,6 +58,7 @@ from gateway.responses_store import open_response_store
 from gateway.runtime import Gateway, Services, build_runtime
 from gateway.settings import Settings
 from gateway.stages.accounting import AccountingStage
+from gateway.stages.observers import FeatureLogFile, ShadowPolicy
 from gateway.state import open_store
 from gateway.telemetry import Metrics
 from gateway.tracing import tracing_from_env
@@ -137,8 +138,14 @@ def create_app(
         embedders=EmbedderPool(),
         region=settings.region,
         responses=responses,
+        feature_log=FeatureLogFile(settings.feature_log, settings.feature_log_sample) if settings.feature_log else None,
+        shadow=ShadowPolicy(settings.shadow_policy, metrics) if settings.shadow_policy else None,
     )
     runtime = build_runtime(policy, factories, services)
+    if drain_on_sigterm:
+        # Served by `strait serve`: the policy and its runtime live until a reload, out of the cyclic
+        # collector's way. (In-process tests build many apps: they would freeze their own garbage.)
+        freeze_loaded()
     gateway = Gateway(runtime, services, writer, ledger)
     metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)

@@ -30,6 +30,7 @@ from gateway.stages.auth import AuthStage
 from gateway.stages.cache import CacheStage
 from gateway.stages.explain import Explain
 from gateway.stages.limits import LimitsStage
+from gateway.stages.observers import DecisionObserver, FeatureLog, FeatureLogFile, ShadowPolicy
 from gateway.stages.route import RouteStage
 from gateway.stages.upstream import UpstreamStage
 from gateway.state import Store
@@ -92,6 +93,9 @@ class Services:
     inflight: InFlight = field(default_factory=InFlight)
     # This replica's region (STRAIT_REGION): every request's ingress region.
     region: str | None = None
+    # The feature log's file (STRAIT_FEATURE_LOG) and the shadow policy (STRAIT_SHADOW_POLICY), if set.
+    feature_log: FeatureLogFile | None = None
+    shadow: ShadowPolicy | None = None
 
 
 def build_runtime(
@@ -104,7 +108,7 @@ def build_runtime(
     """Everything for one policy. Adapters of backends whose definition did not change are reused
     from `previous`, so a reload keeps their connection pools warm."""
     metrics, signals, store = services.metrics, services.signals, services.store
-    index = PolicyIndex(policy)
+    index = PolicyIndex.of(policy)  # built once when the policy was checked
     adapters: dict[str, Adapter] = {}
     limits = policy.server.upstream
     for b in policy.backends:
@@ -118,7 +122,12 @@ def build_runtime(
     auth = AuthStage(index)
     # Shared by `route` and `limits` (which explains again when it switches to the downgrade plan).
     explain = Explain(index, services.decisions)
-    route = RouteStage(index, signals, explain, services.region)
+    observers: list[DecisionObserver] = []
+    if services.feature_log is not None:
+        observers.append(FeatureLog(services.feature_log, index))
+    if services.shadow is not None:
+        observers.append(services.shadow)
+    route = RouteStage(index, signals, explain, tuple(observers), services.region)
     # The redactor knows every backend's resolved key, so no upstream error text can echo one.
     dispatcher = Dispatcher(
         adapters,

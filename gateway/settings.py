@@ -64,6 +64,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # a tenant's compliance may require (`required_ingress_regions`) and a route may prefer deployments in.
     # Unset: in no region (a tenant that requires one is refused here).
     region: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9._-]+$")] | None = None
+    # A JSON line per decided request (features, no content) appended to this file, for `strait policy
+    # diff` (gateway.stages.observers); the share of requests written.
+    feature_log: str | None = None
+    feature_log_sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # A candidate policy decided next to the live one on every request, never acted on (shadow mode).
+    shadow_policy: str | None = None
 
     def __post_init__(self) -> None:
         if self.metrics_token is not None and not all("!" <= c <= "~" for c in self.metrics_token):
@@ -109,6 +115,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("access_log", "STRAIT_ACCESS_LOG"),
             ("access_log_sample", "STRAIT_ACCESS_LOG_SAMPLE"),
             ("region", "STRAIT_REGION"),
+            ("feature_log", "STRAIT_FEATURE_LOG"),
+            ("feature_log_sample", "STRAIT_FEATURE_LOG_SAMPLE"),
+            ("shadow_policy", "STRAIT_SHADOW_POLICY"),
         ):
             # Empty means unset for the optional names (a compose file's `${VAR:-}`).
             if var in env and (env[var] or field not in ("metrics_token", "region")):

@@ -57,6 +57,12 @@ class Metrics:
         self.policy_reloads = Counter(
             "strait_policy_reloads", "Policy reload attempts by result.", ("result",), registry=self.registry
         )
+        self.shadow_decisions = Counter(
+            "strait_shadow_decisions",
+            "Decisions of the shadow policy (STRAIT_SHADOW_POLICY) next to the live one: agree or disagree.",
+            ("result",),
+            registry=self.registry,
+        )
         self.limits_degraded = Counter(
             "strait_limits_degraded",
             "Admissions decided without the shared store (rate limits open, budgets on the local share).",

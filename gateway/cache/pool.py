@@ -90,5 +90,5 @@ def open_embedders(policy: PolicySet, pool: EmbedderPool | None) -> None:
     """Open (load) every embedder the policy uses into `pool`: run in a worker thread on reload, so a
     model loads off the event loop and `build_runtime` then finds it open."""
     if pool is not None:
-        for spec in embedder_specs(PolicyIndex(policy)).values():
+        for spec in embedder_specs(PolicyIndex.of(policy)).values():
             pool.get(spec)

@@ -187,10 +187,16 @@ class _Envelopes:
     def rows(self, compliance: Compliance) -> Mapping[tuple[str, Operation], StaticRows]:
         table = self._tables.get(compliance)
         if table is None:
-            table = {
-                key: tuple((t, compliance_reason(t, compliance)) for t in found.targets)
-                for key, found in self._candidates.items()
-            }
+            # A deployment is a candidate of many (route, operation)s: judged once per envelope, by label
+            # (the same deployment is a distinct Target per route, and hashing one hashes its structs).
+            verdicts: dict[str, str | None] = {}
+
+            def verdict(t: Target) -> str | None:
+                if t.label not in verdicts:
+                    verdicts[t.label] = compliance_reason(t, compliance)
+                return verdicts[t.label]
+
+            table = {key: tuple((t, verdict(t)) for t in found.targets) for key, found in self._candidates.items()}
             self._tables[compliance] = table
         return table
 

@@ -100,6 +100,22 @@ class Target:
 
 
 class PolicyIndex:
+    # The index built last, with the policy it indexes: `of` hands it out again for the same policy
+    # object (a load checks a policy with its index, then the runtime, the embedders and the CLI use it).
+    _last: tuple[PolicySet, PolicyIndex] | None = None
+
+    @classmethod
+    def of(cls, policy: PolicySet) -> PolicyIndex:
+        """The index of `policy`, built once per policy object: at enterprise size (thousands of tenants)
+        a build costs a second, and a load would otherwise pay it three times. The object is compared by
+        identity, so a policy loaded again gets a new index; one tuple assignment, safe across threads."""
+        last = cls._last
+        if last is not None and last[0] is policy:
+            return last[1]
+        index = cls(policy)
+        cls._last = (policy, index)
+        return index
+
     def __init__(self, policy: PolicySet) -> None:
         self.policy = policy
         # Names the policy a decision was made under (in decisions and explain output).

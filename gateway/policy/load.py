@@ -1,14 +1,26 @@
 """Read policy YAML (a file or a directory of files), decode it into Structs, cross-check references.
 
-Every problem is reported as `file:line:col: reason`. YAML is parsed once with PyYAML's SafeLoader
-(never a full loader: policy files are data, not code); the node tree is kept so that a msgspec
-validation path such as `$.backends[2].tier` can be turned back into the line where it was written.
+Every problem is reported as `file:line:col: reason`. YAML is parsed once with PyYAML's safe loader
+(never a full loader: policy files are data, not code), the libyaml one (`CSafeLoader`) when PyYAML was
+built with it: its composer is C and gives every node the same marks; the node tree is kept so that a
+msgspec validation path such as `$.backends[2].tier` can be turned back into the line where it was
+written.
+
+Loading allocates a node and a few objects per YAML scalar and keeps them all: the cyclic garbage
+collector would scan the growing heap again and again for nothing (a 1 MB policy took 2 s to parse
+with it, 0.5 s without), so it is paused while a policy is read and checked (`_collector_paused`).
+The server then freezes what it loaded (`freeze_loaded`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import hashlib
 import re
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,6 +38,32 @@ _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ENV_REF = checks.ENV_REF
+# The C-accelerated safe loader when PyYAML has libyaml (nodes carry the same line/column marks).
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_pauses = 0
+_was_enabled = True
+_pauses_lock = threading.Lock()
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a policy is built (reference counting still frees). The
+    collector is process-wide: concurrent loads (a reload thread, a CLI) count, the last one resumes it,
+    and it is only resumed if it was running before."""
+    global _pauses, _was_enabled
+    with _pauses_lock:
+        if _pauses == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pauses_lock:
+            _pauses -= 1
+            if _pauses == 0 and _was_enabled:
+                gc.enable()
 
 
 def _url_problem(url: str) -> str | None:
@@ -52,12 +90,18 @@ class Problem:
     line: int
     col: int
     reason: str
-    # "error" refuses the policy; "warning" is printed and the policy still loads.
+    # "error" refuses the policy; "warning" is printed and the policy still loads; "silenced": a warning
+    # the policy's `silenced_warnings` accepts (printed only on request).
     severity: str = "error"
+    # For a warning that can be silenced: (kind, tenant, route), matched against `silenced_warnings`.
+    subject: tuple[str, str | None, str | None] | None = None
+    # Why it is silenced (the silence's reason).
+    silenced_because: str | None = None
 
     def __str__(self) -> str:
-        prefix = "warning: " if self.severity == "warning" else ""
-        return f"{self.file}:{self.line}:{self.col}: {prefix}{self.reason}"
+        prefix = {"warning": "warning: ", "silenced": "silenced warning: "}.get(self.severity, "")
+        suffix = f" [silenced: {self.silenced_because}]" if self.silenced_because else ""
+        return f"{self.file}:{self.line}:{self.col}: {prefix}{self.reason}{suffix}"
 
 
 class PolicyError(Exception):
@@ -105,6 +149,53 @@ def _child(node: yaml.Node, name: str, index: str) -> yaml.Node | None:
     return None
 
 
+_STR, _MAP, _SEQ = "tag:yaml.org,2002:str", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+
+
+def freeze_loaded() -> None:
+    """Move everything alive now out of the cyclic collector's reach (`gc.freeze`): called by the server
+    once a policy is loaded (start, reload), so no later full collection on the event loop rescans a large
+    policy's objects (0.1-0.4 s for an S=50 policy: a request stall after every reload). A policy replaced
+    later is still freed: it holds no reference cycles, reference counting frees it. Not done by
+    `check_policy` itself: the CLI and tests have no event loop to protect."""
+    gc.freeze()
+
+
+def _plain_data(loader: yaml.SafeLoader, node: yaml.Node) -> object:
+    """The data of a node tree, as `construct_document` builds it, with a shortcut for what policies are
+    made of (strings, mappings, sequences): the generic constructor costs 4x as much. Any other scalar
+    (numbers, booleans, null) goes through the safe constructor; merge keys and anchors too."""
+    if type(node) is yaml.ScalarNode and node.tag == _STR:
+        return node.value
+    if type(node) is yaml.MappingNode and node.tag == _MAP:
+        out = {}
+        for k, v in node.value:
+            if k.tag == "tag:yaml.org,2002:merge":
+                return loader.construct_object(node, deep=True)
+            out[_plain_data(loader, k)] = _plain_data(loader, v)
+        return out
+    if type(node) is yaml.SequenceNode and node.tag == _SEQ:
+        return [_plain_data(loader, v) for v in node.value]
+    return loader.construct_object(node, deep=True)
+
+
+def _construct(loader: yaml.SafeLoader, root: yaml.Node) -> object:
+    try:
+        return _plain_data(loader, root)
+    except (TypeError, RecursionError):
+        # An unhashable key, a document nested too deeply: the safe constructor says it as YAML errors do.
+        return loader.construct_document(root)
+
+
+def _parse(text: str, loader_class: type[yaml.SafeLoader]) -> tuple[yaml.Node | None, object]:
+    loader = loader_class(text)
+    try:
+        root = loader.get_single_node()
+        return root, (_construct(loader, root) if root is not None else {})
+    finally:
+        loader.dispose()
+
+
 def _policy_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
@@ -121,18 +212,18 @@ def _decode_file(path: Path) -> tuple[PolicySet | None, _Source, list[Problem]]:
     except (OSError, UnicodeDecodeError) as exc:
         return None, _Source(name, None), [Problem(name, 1, 1, f"cannot read policy file: {exc}")]
     try:
-        loader = yaml.SafeLoader(text)
+        root, data = _parse(text, _SafeLoader)
+    except yaml.YAMLError:
+        # libyaml words errors its own way; the pure-Python parser (same positions) says them as the
+        # docs and tests show, with or without libyaml. Only a broken file pays the second parse.
         try:
-            root = loader.get_single_node()
-            data = loader.construct_document(root) if root is not None else {}
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        return None, _Source(name, None), [Problem(name, line, col, f"invalid YAML: {exc.problem or exc}")]
-    except yaml.YAMLError as exc:
-        return None, _Source(name, None), [Problem(name, 1, 1, f"invalid YAML: {exc}")]
+            root, data = _parse(text, yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+            return None, _Source(name, None), [Problem(name, line, col, f"invalid YAML: {exc.problem or exc}")]
+        except yaml.YAMLError as exc:
+            return None, _Source(name, None), [Problem(name, 1, 1, f"invalid YAML: {exc}")]
     source = _Source(name, root)
     if not isinstance(data, dict):
         return None, source, [Problem(name, 1, 1, "a policy file must be a mapping of sections")]
@@ -157,7 +248,41 @@ def load_policy(path: Path | str, *, adapters: Iterable[str] | None = None) -> P
     return merged
 
 
-def check_policy(path: Path, *, adapters: Iterable[str] | None = None) -> tuple[PolicySet | None, list[Problem]]:
+# The last policy that loaded, by what it was loaded from: `strait serve` checks the policy before it
+# binds its port and the app loads it again in the same process; at enterprise size that is seconds.
+_last_loaded: tuple[tuple[object, ...], PolicySet, list[Problem]] | None = None
+
+
+def _load_key(path: Path, adapters: Iterable[str] | None) -> tuple[object, ...] | None:
+    """What a check's result depends on: each file's name and content digest, and the adapters."""
+    try:
+        files = _policy_files(path) if path.exists() else []
+        digests = tuple((str(f), hashlib.sha256(f.read_bytes()).hexdigest()) for f in files)
+    except (OSError, PolicyError):
+        return None
+    return (str(path), digests, None if adapters is None else frozenset(adapters))
+
+
+def check_policy(
+    path: Path, *, adapters: Iterable[str] | None = None, fresh: bool = False
+) -> tuple[PolicySet | None, list[Problem]]:
+    """The merged policy (None when any problem is an error) and every problem found. The same files
+    checked again (same content, same adapters) give the same policy object without a second load,
+    unless `fresh` (a benchmark, a test that changes the environment)."""
+    global _last_loaded
+    adapters = None if adapters is None else list(adapters)
+    key = None if fresh else _load_key(path, adapters)
+    last = _last_loaded
+    if key is not None and last is not None and last[0] == key:
+        return last[1], list(last[2])
+    with _collector_paused():
+        policy, problems = _check_policy(path, adapters)
+    if key is not None and policy is not None:
+        _last_loaded = (key, policy, list(problems))
+    return policy, problems
+
+
+def _check_policy(path: Path, adapters: Iterable[str] | None) -> tuple[PolicySet | None, list[Problem]]:
     if not path.exists():
         return None, [Problem(str(path), 1, 1, "policy path does not exist")]
     try:
@@ -206,6 +331,7 @@ def _merge(decoded: list[tuple[PolicySet, _Source]], problems: list[Problem]) ->
         routes=tuple(r for p, _ in decoded for r in p.routes),
         tenants=tuple(t for p, _ in decoded for t in p.tenants),
         rules=tuple(r for p, _ in decoded for r in p.rules),
+        silenced_warnings=tuple(w for p, _ in decoded for w in p.silenced_warnings),
     )
 
 
@@ -214,9 +340,15 @@ def _cross_check(
 ) -> list[Problem]:
     problems: list[Problem] = []
 
-    def at(source: _Source, path: str, reason: str, severity: str = "error") -> None:
+    def at(
+        source: _Source,
+        path: str,
+        reason: str,
+        severity: str = "error",
+        subject: tuple[str, str | None, str | None] | None = None,
+    ) -> None:
         line, col = source.locate(path)
-        problems.append(Problem(source.file, line, col, reason, severity))
+        problems.append(Problem(source.file, line, col, reason, severity, subject))
 
     seen: dict[tuple[str, str], str] = {}
     for policy, source in decoded:
@@ -325,16 +457,17 @@ def _cross_check(
             )
             where = f"$.rules[{place[1]}].then.route" if place[1] >= 0 else "$"
             at(place[0], where, f"rules rewrite routes in a cycle: {' -> '.join(cycle)}")
-        index = PolicyIndex(merged)
+        empty = checks.EmptyRoutes(PolicyIndex.of(merged))
         for policy, source in decoded:
             for i, t in enumerate(policy.tenants):
                 explicit = "*" not in t.allowed_routes
-                for route, reasons in checks.empty_routes(index, t):
+                for route, reasons in empty.of(t):
                     at(
                         source,
                         f"$.tenants[{i}].compliance",
                         f"tenant {t.name!r}: compliance leaves route {route!r} with no candidate ({'; '.join(reasons)})",
                         "error" if explicit else "warning",
+                        ("empty_route", t.name, route),
                     )
     for policy, source in decoded:
         for i, t in enumerate(policy.tenants):
@@ -354,4 +487,45 @@ def _cross_check(
         problems.append(Problem(decoded[0][1].file, 1, 1, f"prompt tokenizer: {exc}"))
     if merged.server.max_body_bytes < 1024:
         problems.append(Problem(decoded[0][1].file, 1, 1, "server.max_body_bytes must be at least 1024"))
+    return _silence(problems, decoded, {"tenants": known["tenants"], "routes": route_names}, at)
+
+
+def _silence(
+    problems: list[Problem],
+    decoded: list[tuple[PolicySet, _Source]],
+    names: dict[str, set[str]],
+    at: checks.Report,
+) -> list[Problem]:
+    """Warnings the policy's `silenced_warnings` accept become "silenced" (in place); a silence that names
+    an unknown tenant or route is an error, one that matches no warning a warning (both appended by `at`)."""
+    found = len(problems)  # what `at` appends below is about the silences themselves
+    for policy, source in decoded:
+        for i, silence in enumerate(policy.silenced_warnings):
+            base = f"$.silenced_warnings[{i}]"
+            if silence.tenant is None and silence.route is None:
+                at(source, base, f"silenced warning {silence.warning}: name the tenant or the route it covers")
+                continue
+            for field, known in (("tenant", names["tenants"]), ("route", names["routes"])):
+                value = getattr(silence, field)
+                if value is not None and value not in known:
+                    at(source, f"{base}.{field}", f"silenced warning {silence.warning}: unknown {field} {value!r}")
+            matched = False
+            for j, p in enumerate(problems[:found]):
+                if p.severity not in ("warning", "silenced") or p.subject is None:
+                    continue
+                kind, tenant, route = p.subject
+                if (
+                    kind == silence.warning
+                    and (silence.tenant is None or silence.tenant == tenant)
+                    and (silence.route is None or silence.route == route)
+                ):
+                    matched = True
+                    problems[j] = dataclasses.replace(p, severity="silenced", silenced_because=silence.reason)
+            if not matched:
+                at(
+                    source,
+                    base,
+                    f"silenced warning {silence.warning} matches no warning (remove it, or fix its tenant/route)",
+                    "warning",
+                )
     return problems

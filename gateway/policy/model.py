@@ -715,6 +715,19 @@ class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     responses: StoredResponses = StoredResponses()
 
 
+class SilencedWarning(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A `strait policy check` warning the platform team has reviewed and accepts, with why: it is no
+    longer printed (`--show-silenced` lists it). `tenant` and `route` narrow which warnings it covers (at
+    least one is required); a silence that matches no warning is itself a warning, so none goes stale."""
+
+    # empty_route: a tenant allowed every route (`*`) whose compliance leaves one with no candidate;
+    # retry_budget: a route whose retry budget can never allow a retry.
+    warning: Literal["empty_route", "retry_budget"]
+    tenant: str | None = None
+    route: str | None = None
+    reason: Annotated[str, msgspec.Meta(min_length=1)]
+
+
 class PolicySet(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     version: Literal[1] = 1
     server: Server = Server()
@@ -727,3 +740,4 @@ class PolicySet(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     tenants: tuple[Tenant, ...] = ()
     rules: tuple[Rule, ...] = ()
     cache: CacheConfig = CacheConfig()
+    silenced_warnings: tuple[SilencedWarning, ...] = ()

@@ -7,21 +7,15 @@ production does.
 from __future__ import annotations
 
 import inspect
-import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
-import yaml
 
-from gateway.errors import GatewayError
-from gateway.policy.engine import Decision, LiveState, RoutePlan, decide
+from gateway.policy.engine import Decision, LiveState, RoutePlan, Row, decide
 from gateway.policy.features import count_prompt_tokens, extract, request_of
 from gateway.policy.index import PolicyIndex, Principal
-from gateway.policy.load import load_policy
-from gateway.registry import discover_adapters
 
 
 def principal_for(index: PolicyIndex, tenant: str | None) -> Principal:
@@ -57,23 +51,62 @@ def run(
     return decide(index, principal_for(index, tenant), features, live_state(signals), decision_id="offline")
 
 
-def render(decision: Decision) -> str:
-    """The filter/rank table, as the server would use it."""
+def usd(value: float) -> str:
+    """A cost in three significant digits, never in exponent notation: cheap deployments differ in their
+    fourth decimal place and beyond (0.0000123 vs 0.0000456), which a fixed `%.6f` prints as 0.000012."""
+    if value == 0:
+        return "0"
+    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}"
+
+
+def _live_columns(row: Row) -> tuple[str, str, str, str]:
+    latency = f"{row.latency_ms:.0f}" if row.latency_ms is not None else ""
+    ttft = f"{row.ttft_ms:.0f}" if row.ttft_ms is not None else ""
+    util = f"{row.utilisation:.2f}" if row.utilisation is not None else ""
+    if util and row.load:
+        util += f" {row.load}"
+    queue = str(row.queue) if row.queue is not None else ""
+    return latency, ttft, util, queue
+
+
+def _signals_line(live: LiveState | None) -> str:
+    """Which live signals the decision read (what `--signals` gave, or none: every backend idle and
+    unmeasured, as on a gateway that has just started)."""
+    if live is None:
+        return "live signals: none given (every backend idle, nothing measured yet)"
+    used = [
+        name
+        for name in ("unhealthy", "latency_ms", "ttft_ms", "tokens_per_s", "in_flight", "utilisation", "queue")
+        if getattr(live, name)
+    ]
+    used += [name for name in ("scrape_basis", "stale", "spilling") if getattr(live, name)]
+    return f"live signals: {', '.join(used) if used else 'given, all empty'}"
+
+
+def render(decision: Decision, live: LiveState | None = None) -> str:
+    """The filter/rank table, as the server would use it, then what spillover did and the live signals read."""
     lines = [
         f"route {decision.requested_route!r}"
         + (f" -> {decision.route!r}" if decision.route != decision.requested_route else "")
         + f"  objective {decision.objective}  policy {decision.policy_version}  tenant {decision.tenant}",
         f"rules applied: {', '.join(decision.rules) or 'none'}",
         "",
-        f"{'rank':>4}  {'deployment':<40} {'tier':<12} {'est. USD':>10} {'latency ms':>10} {'util':>5}  excluded because",
+        f"{'rank':>4}  {'deployment':<40} {'tier':<12} {'est. USD':>10} {'latency ms':>10} {'ttft ms':>7} "
+        f"{'util':<14} {'queue':>5}  excluded because / spill",
     ]
     for row in sorted(decision.rows, key=lambda r: (r.rank is None, r.rank or 0)):
         rank = str(row.rank) if row.rank is not None else "-"
-        cost = f"{row.est_cost_usd:.6f}" if row.est_cost_usd is not None else ""
-        latency = f"{row.latency_ms:.0f}" if row.latency_ms is not None else ""
-        util = f"{row.utilisation:.2f}" if row.utilisation is not None else ""
+        cost = usd(row.est_cost_usd) if row.est_cost_usd is not None else ""
+        latency, ttft, util, queue = _live_columns(row)
+        notes = [n for n in (row.excluded, row.spilled and f"spilled: {row.spilled}") if n]
+        if row.spilling:
+            notes.append(f"spilling, took this request: {row.spilling}")
+        if row.ejected:
+            notes.append("ejected (panic: every candidate is)")
         lines.append(
-            f"{rank:>4}  {row.deployment:<40} {row.tier:<12} {cost:>10} {latency:>10} {util:>5}  {row.excluded or ''}"
+            f"{rank:>4}  {row.deployment:<40} {row.tier:<12} {cost:>10} {latency:>10} {ttft:>7} {util:<14} "
+            f"{queue:>5}  {'; '.join(notes)}"
         )
     hardware = [f"  {row.deployment}: {row.hardware}" for row in decision.rows if row.hardware is not None]
     if hardware:
@@ -82,153 +115,20 @@ def render(decision: Decision) -> str:
     if decision.ingress_region is not None:
         lines.append(f"ingress region: {decision.ingress_region}")
     lines.append("")
+    spilled = [r for r in decision.rows if r.spilled]
+    spilling = [r for r in decision.rows if r.spilling]
+    if spilled or spilling:
+        lines += [f"spill: {r.backend} moved behind the others: {r.spilled}" for r in spilled]
+        lines += [f"spill: {r.backend} is spilling yet takes this request: {r.spilling}" for r in spilling]
+    else:
+        lines.append("spill: none (no candidate over its route's spillover threshold)")
+    if decision.panic:
+        lines.append("panic: every compliant candidate is ejected; they are tried anyway")
+    if decision.affinity is not None:
+        lines.append(f"affinity: {decision.affinity}")
+    lines.append(_signals_line(live))
     lines.append(f"plan: {' -> '.join(decision.plan)}")
     return "\n".join(lines)
-
-
-# ---- policy test ----
-
-
-class Expect(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    deployment: str | None = None
-    plan: tuple[str, ...] | None = None
-    route: str | None = None
-    status: int | None = None
-    message_contains: str | None = None
-
-
-class Case(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: str
-    request: dict[str, Any]
-    expect: Expect
-    tenant: str | None = None
-    headers: dict[str, str] = {}
-    signals: dict[str, Any] = {}
-    # The STRAIT_REGION of the replica the request is taken to enter through (None: no region set).
-    ingress_region: str | None = None
-
-
-class Suite(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    policy: str
-    cases: tuple[Case, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    file: str
-    case: str
-    ok: bool
-    detail: str
-
-
-def _suite_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*.y*ml") if p.suffix in (".yaml", ".yml"))
-    return [path]
-
-
-def run_suites(path: Path) -> list[Outcome]:
-    outcomes: list[Outcome] = []
-    adapters = discover_adapters().keys()
-    for file in _suite_files(path):
-        try:
-            suite = msgspec.convert(yaml.safe_load(file.read_text()), Suite)
-        except (msgspec.ValidationError, yaml.YAMLError) as exc:
-            outcomes.append(Outcome(str(file), "(file)", False, f"invalid test file: {exc}"))
-            continue
-        index = PolicyIndex(load_policy(file.parent / suite.policy, adapters=adapters))
-        for case in suite.cases:
-            outcomes.append(_run_case(str(file), index, case))
-    return outcomes
-
-
-def _run_case(file: str, index: PolicyIndex, case: Case) -> Outcome:
-    e = case.expect
-    try:
-        plan = run(
-            index,
-            case.tenant,
-            case.request,
-            headers=case.headers,
-            signals=case.signals,
-            ingress_region=case.ingress_region,
-        )
-    except GatewayError as exc:
-        if e.status is None:
-            return Outcome(file, case.name, False, f"refused with {exc.status}: {exc.message}")
-        if exc.status != e.status:
-            return Outcome(file, case.name, False, f"expected status {e.status}, got {exc.status}: {exc.message}")
-        if e.message_contains and e.message_contains not in exc.message:
-            return Outcome(file, case.name, False, f"message lacks {e.message_contains!r}: {exc.message}")
-        return Outcome(file, case.name, True, f"refused with {exc.status} as expected")
-    got = plan.decision.plan
-    if e.status is not None:
-        return Outcome(file, case.name, False, f"expected refusal {e.status}, got plan {list(got)}")
-    if e.deployment is not None and (not got or got[0] != e.deployment):
-        return Outcome(
-            file, case.name, False, f"expected {e.deployment}, got {got[0] if got else None}\n{render(plan.decision)}"
-        )
-    if e.plan is not None and got != e.plan:
-        return Outcome(
-            file, case.name, False, f"expected plan {list(e.plan)}, got {list(got)}\n{render(plan.decision)}"
-        )
-    if e.route is not None and plan.decision.route != e.route:
-        return Outcome(file, case.name, False, f"expected route {e.route}, got {plan.decision.route}")
-    return Outcome(file, case.name, True, f"-> {got[0]}")
-
-
-# ---- policy diff ----
-
-
-class Replay(msgspec.Struct, kw_only=True):
-    request: dict[str, Any]
-    tenant: str | None = None
-    headers: dict[str, str] = {}
-    signals: dict[str, Any] = {}
-
-
-def _outcome(index: PolicyIndex, r: Replay) -> tuple[str, RoutePlan | None]:
-    try:
-        plan = run(index, r.tenant, r.request, headers=r.headers, signals=r.signals)
-    except GatewayError as exc:
-        return f"refused {exc.status}: {exc.message}", None
-    return plan.decision.plan[0], plan
-
-
-def diff(old: PolicyIndex, new: PolicyIndex, replays: Iterable[Replay]) -> tuple[list[str], int, int]:
-    """Lines describing each changed decision, the number changed and the number replayed."""
-    out: list[str] = []
-    changed = total = 0
-    for n, r in enumerate(replays, start=1):
-        total += 1
-        before, _ = _outcome(old, r)
-        after, new_plan = _outcome(new, r)
-        if before == after:
-            continue
-        changed += 1
-        why = ""
-        if new_plan is not None:
-            row = next((x for x in new_plan.decision.rows if x.deployment == before), None)
-            if row is not None and row.excluded:
-                why = f" (new policy excludes {before}: {row.excluded})"
-            elif row is not None:
-                why = f" (now ranked {row.rank} under objective {new_plan.decision.objective})"
-        out.append(
-            f"request {n} (tenant {r.tenant or '-'}, model {r.request.get('model')!r}): {before} -> {after}{why}"
-        )
-    return out, changed, total
-
-
-def read_replays(path: Path) -> list[Replay]:
-    replays = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            replays.append(msgspec.convert(json.loads(line), Replay))
-        except (ValueError, msgspec.ValidationError) as exc:
-            raise ValueError(f"{path}:{line_no}: {exc}") from None
-    return replays
 
 
 # Keywords whose value is a map of name -> subschema, and keywords whose value is data, not a schema.

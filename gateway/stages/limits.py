@@ -102,8 +102,15 @@ class LimitTable:
     budgets is for a request moved to the downgrade route: its budget is spent, only rates apply."""
 
     def __init__(self, index: PolicyIndex) -> None:
+        # Converted once per distinct set of sections: tenants mostly share limits, and a policy of
+        # thousands of tenants is built on the event loop when it is reloaded.
+        converted: dict[LimitSections, tuple[Limits, Limits]] = {}
+
         def both(sections: LimitSections) -> tuple[Limits, Limits]:
-            return store_limits(sections), store_limits(sections, with_budgets=False)
+            found = converted.get(sections)
+            if found is None:
+                found = converted[sections] = (store_limits(sections), store_limits(sections, with_budgets=False))
+            return found
 
         self._tenants = {
             name: _TenantLimits(

@@ -7,6 +7,9 @@ downgrade plan: `limits` switches to it without running this stage again). The p
 when the decision may depend on its exact size (gateway.policy.features.exact_prompt_needed); otherwise
 the engine is given its cheap upper bound (UTF-8 bytes), which decides the same.
 
+Observers (gateway.stages.observers: the feature log, the shadow policy) are told each decision, a
+refusal included, and act on none.
+
 Explain (gateway.stages.explain) is recorded here for the plan decided; `limits` records it again if
 it switches to the downgrade plan, so the header and the kept table are those of the route that
 finally answers.
@@ -14,15 +17,20 @@ finally answers.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from gateway.context import RequestContext
+from gateway.errors import GatewayError
 from gateway.pipeline import RequestOnly
-from gateway.policy.engine import RoutePlan, decide
+from gateway.policy.engine import LiveState, RequestFeatures, RoutePlan, decide
 from gateway.policy.features import exact_prompt_needed, extract, preferences
 from gateway.policy.index import PolicyIndex
 from gateway.stages.explain import Explain
+from gateway.stages.observers import DecisionObserver
 from gateway.upstream.signals import LiveSignals
+
+log = logging.getLogger("strait.route")
 
 # Sent when spillover moved a backend behind the others for this request: which, and why.
 SPILL_HEADER = "x-strait-spill"
@@ -38,13 +46,20 @@ class RouteStage(RequestOnly):
     name = "route"
 
     def __init__(
-        self, index: PolicyIndex, signals: LiveSignals, explain: Explain, ingress_region: str | None = None
+        self,
+        index: PolicyIndex,
+        signals: LiveSignals,
+        explain: Explain,
+        observers: tuple[DecisionObserver, ...] = (),
+        ingress_region: str | None = None,
     ) -> None:
         self.index = index
         self.signals = signals
         self.explain = explain
         # This replica's STRAIT_REGION: tenants may require it, routes may prefer deployments in it.
         self.ingress_region = ingress_region
+        # The feature log and the shadow policy (gateway.stages.observers): told every decision, act on none.
+        self.observers = observers
 
     async def on_request(self, ctx: RequestContext) -> None:
         assert ctx.principal is not None and ctx.request is not None
@@ -60,9 +75,16 @@ class RouteStage(RequestOnly):
         features = extract(
             request, ctx.headers, tokens, route=ctx.route_name, prefs=prefs, ingress_region=self.ingress_region
         )
-        plan = decide(
-            self.index, ctx.principal, features, self.signals.snapshot(time.monotonic()), decision_id=ctx.decision_id
-        )
+        live = self.signals.snapshot(time.monotonic())
+        if self.observers:
+            try:
+                plan = decide(self.index, ctx.principal, features, live, decision_id=ctx.decision_id)
+            except GatewayError as exc:
+                self._observe(ctx, features, live, exc)
+                raise
+            self._observe(ctx, features, live, plan)
+        else:
+            plan = decide(self.index, ctx.principal, features, live, decision_id=ctx.decision_id)
         if plan.route.spillover is not None:
             changes = plan.spill_changes
             if changes:
@@ -75,6 +97,15 @@ class RouteStage(RequestOnly):
         ctx.route_plan = plan
         if self.explain.asked(ctx):
             self.explain.record(ctx, plan)
+
+    def _observe(
+        self, ctx: RequestContext, features: RequestFeatures, live: LiveState, plan: RoutePlan | GatewayError
+    ) -> None:
+        for observer in self.observers:
+            try:
+                observer.observe(ctx, features, live, plan)
+            except Exception:  # an observer never fails a request
+                log.exception("decision observer %s failed", type(observer).__name__)
 
     def _downgrades(self, ctx: RequestContext) -> bool:
         """A tenant that downgrades on a spent budget gets exact counts: the plan's downgrade is decided

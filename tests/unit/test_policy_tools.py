@@ -9,7 +9,8 @@ from pathlib import Path
 
 from gateway.policy.index import PolicyIndex
 from gateway.policy.load import load_policy
-from gateway.policy.tools import Replay, _clean_descriptions, diff, schema
+from gateway.policy.replay import Replay, diff
+from gateway.policy.tools import _clean_descriptions, schema
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"
@@ -102,19 +103,20 @@ def test_diff_shows_changed_decisions_and_why(tmp_path: Path) -> None:
         ),
         Replay(tenant="marketing-us", request={"model": "chat", "messages": [{"role": "user", "content": "x"}]}),
     ]
-    lines, changed, total = diff(old, new, replays)
-    assert (changed, total) == (1, 3)
+    report = diff(old, new, replays)
+    assert (report.moved, report.total) == (1, 3)
     # Old policy: its only candidate is ejected, so it is tried anyway (panic mode); the new one has a fallback.
-    assert lines[0].startswith("request 2 (tenant health-eu, model 'chat'): mistral-small@gpu-frankfurt ->")
-    assert (
-        "-> mistral-small@mistral-api (new policy excludes mistral-small@gpu-frankfurt: backend is ejected" in lines[0]
+    lines = report.render()
+    assert lines[1] == "1 of 3 requests move (33.3 %)"
+    assert lines[2].startswith(
+        "  1 x mistral-small@gpu-frankfurt -> mistral-small@mistral-api  (excluded: backend is ejected"
     )
     cases = tmp_path / "cases.jsonl"
     cases.write_text(
         "\n".join(json.dumps({"tenant": r.tenant, "request": r.request, "signals": r.signals}) for r in replays)
     )
     out = _strait("policy", "diff", str(POLICIES / "eu-sovereignty.yaml"), str(new_file), "--requests", str(cases))
-    assert out.returncode == 0 and out.stdout.strip().endswith("1 of 3 decisions change")
+    assert out.returncode == 0 and "1 of 3 requests move (33.3 %)" in out.stdout
 
 
 def test_explain_takes_the_ingress_region_and_shows_hardware(tmp_path: Path) -> None:
