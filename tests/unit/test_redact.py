@@ -48,6 +48,7 @@ _DOC_URLS = (
     "https://platform.openai.com/docs/guides/error-codes/api-errors",
     "https://platform.openai.com/docs/guides/reasoning#advice-on-prompting",  # OpenAI's invalid_prompt refusal
     "https://go.microsoft.com/fwlink/?linkid=2198766",  # Azure's content_filter refusal
+    "https://ai.google.dev/gemini-api/docs/thought-signatures",  # Gemini's missing-signature 400
 )
 
 
