@@ -487,7 +487,7 @@ def ratelimit_headers(reset: str = "1") -> dict[str, str]:
 # Server state and the ledger.
 
 CONTROL_PATHS = frozenset({"/healthz", "/_ledger", "/_reset", "/_info", "/health", "/metrics", "/_health", "/_metrics"})
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
 
 
 class State:
@@ -1494,6 +1494,10 @@ def make_app(models: list[str] | None = None, *, slots: int = 4) -> web.Applicat
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    # Imported here: fake_responses uses this module's helpers.
+    from tests.harness.fake_responses import responses
+
+    app.router.add_post("/v1/responses", responses)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
