@@ -98,7 +98,7 @@ def test_the_request_goes_up_as_its_bytes_and_the_answer_comes_back_as_the_upstr
 ) -> None:
     body = (
         b'{"model": "reasoner",  "input": "Hi \\u00e9", "include": ["reasoning.encrypted_content"],'
-        b' "reasoning": {"effort": "low", "summary": "auto"}, "max_output_tokens": 1.0e2, "x_future": [1, {}]}'
+        b' "reasoning": {"effort": "low", "summary": "auto"}, "temperature": 1.0e0, "x_future": [1, {}]}'
     )
     headers = {"authorization": f"Bearer {CLIENT_KEY}", "content-type": "application/json"}
     for stream in (False, True):

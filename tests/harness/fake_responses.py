@@ -16,11 +16,10 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-
-from tests.harness import fake_upstream as fu
 
 _SECRET = secrets.token_hex(8)
 REASONING_TOKENS = 3
@@ -115,8 +114,18 @@ def _usage(prompt: int, output: int) -> dict[str, Any]:
     }
 
 
-async def responses(request: web.Request) -> web.StreamResponse:
-    ctx: fu.Ctx = request[fu.CTX]
+def handler(fu: Any) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The route's handler on the fake's own helpers: `fu` is the running fake_upstream module (run as
+    `__main__`, a second import of it would hold another app key)."""
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        return await _responses(fu, request)
+
+    return responses
+
+
+async def _responses(fu: Any, request: web.Request) -> web.StreamResponse:
+    ctx = request[fu.CTX]
     body, sent = await fu.read_json(ctx)
     if sent is not None:
         return sent
@@ -143,14 +152,14 @@ async def responses(request: web.Request) -> web.StreamResponse:
     output, tokens = _output(body, rid)
     usage = _usage(prompt_tokens, tokens)
     if body.get("stream"):
-        return await _stream(ctx, body, rid, output, usage, tokens)
+        return await _stream(fu, ctx, body, rid, output, usage, tokens)
     answer = fu._dumps(_response(body, rid, "completed", output, usage)).encode()
     ctx.record["response_b64"] = base64.b64encode(answer).decode()  # what was sent (passthrough tests)
     return await fu.send_json(ctx, 200, answer, tokens=tokens)
 
 
 async def _stream(
-    ctx: fu.Ctx, body: dict[str, Any], rid: str, output: list[dict[str, Any]], usage: Any, tokens: int
+    fu: Any, ctx: Any, body: dict[str, Any], rid: str, output: list[dict[str, Any]], usage: Any, tokens: int
 ) -> web.StreamResponse:
     resp = await fu._start_stream(ctx)
     seq = 0

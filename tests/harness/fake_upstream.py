@@ -68,6 +68,7 @@ import re
 import secrets
 import socket
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -76,6 +77,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.harness import fake_faults as ff
+from tests.harness import fake_responses
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Token counting: tiktoken o200k_base when its BPE file is available offline, else a regex approximation.
@@ -1494,10 +1496,7 @@ def make_app(models: list[str] | None = None, *, slots: int = 4) -> web.Applicat
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
-    # Imported here: fake_responses uses this module's helpers.
-    from tests.harness.fake_responses import responses
-
-    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/responses", fake_responses.handler(sys.modules[__name__]))
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
