@@ -25,12 +25,17 @@ _SECRET = secrets.token_hex(8)
 REASONING_TOKENS = 3
 
 
+_MINTED: set[str] = set()  # every blob this process issued (a test's worth: unbounded is fine)
+
+
 def _mint(seed: str) -> str:
-    return "gAAAA" + hashlib.sha256((_SECRET + seed).encode()).hexdigest()
+    blob = "gAAAA" + hashlib.sha256((_SECRET + seed).encode()).hexdigest()
+    _MINTED.add(blob)
+    return blob
 
 
 def _valid(blob: Any) -> bool:
-    return isinstance(blob, str) and blob.startswith("gAAAA") and len(blob) == 5 + 64
+    return isinstance(blob, str) and blob in _MINTED
 
 
 def _last_user_text(items: list[Any]) -> str:
