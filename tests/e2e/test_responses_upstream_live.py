@@ -6,6 +6,9 @@ capability `responses`): a real gateway process and the fake OpenAI upstream's `
   upstream's answer, JSON or its stream of named events, comes back byte for byte.
 - The encrypted reasoning the upstream issued survives a second turn, by `previous_response_id`
   (resolved by Strait: the upstream gets the whole input) and by the client sending the items back.
+- A stream the upstream breaks or fails (`response.failed`) ends with Strait's own `response.failed` and
+  `error` events after what was relayed, never the upstream's (its internals stay out); an upstream 400
+  reaches the client in OpenAI's envelope.
 - Usage (input, output, reasoning tokens) reaches the usage records; the same route on a backend
   without the capability still gets a translated chat request.
 """
@@ -45,9 +48,15 @@ models:
     deployments: [{{backend: speaks-responses, upstream_model: gpt-up, price: {price}}}]
   - name: chat-model
     deployments: [{{backend: chat-only, upstream_model: chat-model}}]
+  - {{name: cut, deployments: [{{backend: speaks-responses, upstream_model: "fault:cut-after-12"}}]}}
+  - {{name: fails, deployments: [{{backend: speaks-responses, upstream_model: "fault:error-event-after-12"}}]}}
+  - {{name: refuses, deployments: [{{backend: speaks-responses, upstream_model: "fault:400"}}]}}
 routes:
   - {{name: reasoner, models: [gpt-up]}}
   - {{name: chatty, models: [chat-model]}}
+  - {{name: cut, models: [cut]}}
+  - {{name: fails, models: [fails]}}
+  - {{name: refuses, models: [refuses]}}
 tenants:
   - name: acme
     keys: [{{id: acme-1, digest: "{key_digest(CLIENT_KEY)}"}}]
@@ -189,6 +198,27 @@ def test_usage_is_recorded_and_a_chat_only_backend_still_gets_a_translation(
     chat = sdk.responses.create(model="chatty", input="Translated?")
     assert chat.id.startswith("resp_") and chat.output_text
     assert ledger(fake)[-1]["path"] == "/v1/chat/completions"
+
+
+def test_a_broken_or_failed_stream_ends_with_the_gateways_own_failure(gw: ServerProcess, fake: ServerProcess) -> None:
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    for route in ("cut", "fails"):
+        body = {"model": route, "input": "Break me please now", "stream": True}
+        r = httpx.post(gw.base_url + "/v1/responses", json=body, headers=headers, timeout=30)
+        assert r.status_code == 200
+        upstream = base64.b64decode(last_answered(fake)["response_b64"])
+        relayed = upstream.split(b"event: response.failed")[0]  # the upstream's own failure is never relayed
+        assert r.content.startswith(relayed) and len(relayed) > 0
+        tail = [
+            json.loads(line[6:]) for line in r.content[len(relayed) :].decode().split("\n") if line.startswith("data: ")
+        ]
+        assert [e["type"] for e in tail] == ["response.failed", "error"], route
+        last = json.loads(relayed.decode().strip().split("\n")[-1][6:])["sequence_number"]
+        assert [e["sequence_number"] for e in tail] == [last + 1, last + 2]
+        assert b"internal-host-7" not in r.content
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(gw).responses.create(model="refuses", input="No")
+    assert refused.value.status_code == 400 and refused.value.body is not None
 
 
 def _usage_row(gw: ServerProcess, route: str) -> dict[str, Any]:

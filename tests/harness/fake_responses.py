@@ -157,10 +157,18 @@ async def _responses(fu: Any, request: web.Request) -> web.StreamResponse:
     output, tokens = _output(body, rid)
     usage = _usage(prompt_tokens, tokens)
     if body.get("stream"):
-        return await _stream(fu, ctx, body, rid, output, usage, tokens)
+        try:
+            return await _stream(fu, ctx, body, rid, output, usage, tokens)
+        except _Failed:
+            ctx.record["finished"] = True
+            return ctx.response
     answer = fu._dumps(_response(body, rid, "completed", output, usage)).encode()
     ctx.record["response_b64"] = base64.b64encode(answer).decode()  # what was sent (passthrough tests)
     return await fu.send_json(ctx, 200, answer, tokens=tokens)
+
+
+class _Failed(Exception):
+    """The stream ended with response.failed (its answer is written)."""
 
 
 async def _stream(
@@ -178,6 +186,19 @@ async def _stream(
         sent.append(frame)
         await resp.write(frame)
         ctx.mark_first_byte()
+        if seq == ctx.d.get("fail_after_chunks"):  # fault:cut-after-N: the connection drops after N events
+            ctx.record["response_b64"] = base64.b64encode(b"".join(sent)).decode()
+            fu.abort_connection(ctx)
+            raise fu._Aborted
+        if seq == ctx.d.get("midstream_error"):  # fault:error-event-after-N: the upstream fails the response
+            failed = _response(body, rid, "failed", [], None)
+            failed["error"] = {"code": "server_error", "message": "internal-host-7 failed"}
+            data = fu._dumps({"type": "response.failed", "sequence_number": seq, "response": failed})
+            sent.append(b"event: response.failed\ndata: " + data.encode() + b"\n\n")
+            await resp.write(sent[-1])
+            ctx.record["response_b64"] = base64.b64encode(b"".join(sent)).decode()
+            await resp.write_eof()
+            raise _Failed
 
     await emit("response.created", response=_response(body, rid, "in_progress", [], None))
     await emit("response.in_progress", response=_response(body, rid, "in_progress", [], None))
