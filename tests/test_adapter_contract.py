@@ -35,6 +35,7 @@ import pytest
 
 from gateway.api.anthropic.decode import decode_messages
 from gateway.api.openai.decode import decode as decode_openai
+from gateway.api.responses import decode as responses
 from gateway.canonical import Request
 from gateway.contracts import (
     Adapter,
@@ -64,6 +65,13 @@ def anthropic_client(model: str, **fields: Any) -> Request:
     return decode_messages(json.dumps(body).encode())
 
 
+def responses_client(model: str, **fields: Any) -> Request:
+    body = json.dumps({"model": model, "input": "Say hello.", "max_output_tokens": 16, **fields}).encode()
+    wire, top = responses.parse(body)
+    return responses.build(wire, top, None, body)[0]
+
+
+RESPONSES_TOOLS = {"tools": [{"type": "function", "name": "get_weather", "parameters": TOOL_SCHEMA}]}
 OPENAI_TOOLS = {"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": TOOL_SCHEMA}}]}
 ANTHROPIC_TOOLS = {"tools": [{"name": "get_weather", "input_schema": TOOL_SCHEMA}]}
 
@@ -87,6 +95,13 @@ class Kit:
     key_header: str  # where the backend's key goes
     # None: the adapter has no client protocol of its own (both sides are translated).
     own_protocol: str | None = None
+    # The backend's serving capabilities (`responses`: the openai adapter passes Responses through).
+    capabilities: tuple[str, ...] = ()
+    variant: str = ""  # tells two kits of one adapter apart
+
+    @property
+    def name(self) -> str:
+        return f"{self.adapter}-{self.variant}" if self.variant else self.adapter
 
 
 KITS = [
@@ -113,6 +128,31 @@ KITS = [
         cut_model="fault:cut-after-3",
         key_header="authorization",
         own_protocol="openai",
+    ),
+    Kit(
+        adapter="openai",
+        variant="responses",
+        argv=[sys.executable, "-m", "tests.harness.fake_upstream"],
+        base_path="/v1",
+        model="fake-model",
+        rate_limited_model="fault:429-retry-after-2",
+        own=responses_client,
+        foreign=openai_client,  # passed through as chat (the openai adapter's other protocol)
+        own_tools=RESPONSES_TOOLS,
+        foreign_tools=OPENAI_TOOLS,
+        untranslatable=lambda m: anthropic_client(
+            m,
+            messages=[
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "sig"}]},
+                {"role": "user", "content": "again"},
+            ],
+        ),
+        failing_model="fault:503",
+        cut_model="fault:cut-after-3",
+        key_header="authorization",
+        own_protocol="responses",
+        capabilities=("responses",),
     ),
     Kit(
         adapter="anthropic",
@@ -151,11 +191,11 @@ KITS = [
 ]
 
 
-@pytest.fixture(scope="module", params=KITS, ids=[k.adapter for k in KITS])
+@pytest.fixture(scope="module", params=KITS, ids=[k.name for k in KITS])
 def kit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kit, str]]:
     k: Kit = request.param
     port = free_port()
-    log = tmp_path_factory.mktemp(k.adapter) / "fake.log"
+    log = tmp_path_factory.mktemp(k.name) / "fake.log"
     with ServerProcess([*k.argv, "--port", str(port)], port, ready_path="/healthz", log_path=log) as proc:
         yield k, proc.base_url
 
@@ -165,7 +205,11 @@ def adapter(kit: tuple[Kit, str], monkeypatch: pytest.MonkeyPatch) -> Adapter:
     k, url = kit
     monkeypatch.setenv(KEY_ENV, KEY)
     backend = Backend(
-        name=f"contract-{k.adapter}", adapter=k.adapter, base_url=url + k.base_path, api_key=f"env:{KEY_ENV}"
+        name=f"contract-{k.name}",
+        adapter=k.adapter,
+        base_url=url + k.base_path,
+        api_key=f"env:{KEY_ENV}",
+        capabilities=k.capabilities,  # type: ignore[arg-type]
     )
     return discover_adapters()[k.adapter](backend)
 
@@ -351,6 +395,7 @@ async def test_an_answer_over_the_body_limit_is_refused(kit: tuple[Kit, str], mo
         base_url=url + k.base_path,
         api_key=f"env:{KEY_ENV}",
         limits=UpstreamLimits(max_body_bytes=64),  # below any answer
+        capabilities=k.capabilities,  # type: ignore[arg-type]
     )
     adapter = discover_adapters()[k.adapter](backend)
     try:
