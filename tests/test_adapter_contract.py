@@ -1,7 +1,8 @@
 """The Adapter contract (gateway.contracts), one suite for every adapter that talks to a wire upstream:
 each is loaded through its `strait.adapters` entry point and driven against its own fake upstream (a real
 process on loopback): `openai` against tests.harness.fake_upstream, `anthropic` against
-tests.harness.fake_anthropic, `gemini` against tests.harness.fake_gemini. A new adapter adds a `Kit` to KITS.
+tests.harness.fake_anthropic, `gemini` against tests.harness.fake_gemini; `openai` runs it again with the
+backend capability `responses` (its own client a Responses one). A new adapter adds a `Kit` to KITS.
 
 What every adapter must do, whatever its upstream speaks:
 - answer a chat request (from a client of either protocol: its own passed through, the other translated;
