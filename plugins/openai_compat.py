@@ -11,6 +11,11 @@ The body is the client's own bytes with only the model replaced (byte-faithful p
 gateway/passthrough.py): fields Strait does not know, key order and number spellings reach the upstream
 as the client wrote them. A client of another protocol (Anthropic Messages) gets a chat body translated
 from the canonical request instead (gateway.upstream.chat_body); what it cannot carry is a 400.
+A backend with the `responses` capability (OpenAI, vLLM) also speaks OpenAI's Responses API: a Responses
+client's body goes to `{base_url}/responses` as it came (model replaced; a `previous_response_id` already
+resolved by Strait into the full `input`: gateway.api.responses.decode), and its answer, JSON or stream,
+is kept as sent for that client (contracts.NativeAnswer) and translated to chat for the taps
+(plugins/openai_responses.py).
 Streams are handed over read by read (the events one read completed, together); `close` returns the connection to the pool after a complete
 answer and aborts it otherwise (so the engine stops generating for a client that left).
 """
@@ -22,8 +27,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final
 
 import aiohttp
+import msgspec
 
 from gateway.contracts import (
+    NativeAnswer,
     Operation,
     UpstreamCall,
     UpstreamConnectError,
@@ -36,6 +43,8 @@ from gateway.policy.model import Backend, UpstreamLimits
 from gateway.upstream.chat_body import Untranslatable, chat_body
 from gateway.upstream.sse import DONE, SSEDecoder, SSELineTooLong
 from plugins.http1 import ConnectFailed, Http1Pool, Response
+from plugins.openai_responses import PROTOCOL as RESPONSES
+from plugins.openai_responses import ResponsesStreamState, chat_completion
 
 _PATHS: Final[dict[Operation, str]] = {
     "chat": "/chat/completions",
@@ -104,11 +113,16 @@ class OpenAICompatAdapter:
         limits = backend.limits if backend.limits is not None else UpstreamLimits()
         self._max_body = limits.max_body_bytes
         self._max_event = limits.max_event_bytes
+        self._responses = "responses" in backend.capabilities
 
     async def aclose(self) -> None:
         await self._pool.close()
 
     async def send(self, call: UpstreamCall) -> UpstreamResponse:
+        if self._responses and call.prefill is None:
+            own = call.passthrough(RESPONSES)
+            if own is not None:
+                return await self._send_responses(call, own)
         body = call.passthrough(PROTOCOL)
         if body is None:
             # Another protocol's client (Anthropic Messages): a chat body translated from the canonical request.
@@ -126,34 +140,11 @@ class OpenAICompatAdapter:
                 return UpstreamResponse(
                     status=400, body=_refusal(str(exc)), headers={"content-type": "application/json"}
                 )
-        try:
-            response = await self._pool.post(_PATHS[call.operation], body, _call_headers(call))
-        except TimeoutError as exc:
-            raise UpstreamConnectError(f"{self.name}: timed out ({type(exc).__name__})", timeout=True) from None
-        except (aiohttp.ClientConnectorError, ConnectFailed) as exc:
-            raise UpstreamConnectError(f"{self.name}: {type(exc).__name__}") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            # Connected, then dropped before the head arrived (reset, disconnected).
-            raise UpstreamConnectError(f"{self.name}: {type(exc).__name__}", reset=True) from None
+        response = await self._post(_PATHS[call.operation], body, call)
         headers = _kept_headers(response.headers)
         streaming = call.stream and response.status == 200 and "text/event-stream" in headers.get("content-type", "")
         if not streaming:
-            try:
-                body = await self._read_body(response)
-            except UpstreamResponseTooLarge:
-                response.close()  # drop the connection: the rest is never read
-                raise
-            except TimeoutError:
-                response.close()
-                raise UpstreamConnectError(f"{self.name}: timed out reading the body", timeout=True) from None
-            except (aiohttp.ClientError, OSError) as exc:
-                response.close()
-                raise UpstreamConnectError(f"{self.name}: {type(exc).__name__} reading the body", reset=True) from None
-            except BaseException:
-                response.close()  # cancelled mid-body: the connection (and its slot) is not left behind
-                raise
-            response.release()
-            return UpstreamResponse(status=response.status, body=body, headers=headers)
+            return UpstreamResponse(status=response.status, body=await self._body(response), headers=headers)
         state = _StreamState(self._max_event)
         return UpstreamResponse(
             status=200,
@@ -162,6 +153,62 @@ class OpenAICompatAdapter:
             close=_closer(response, state),
             drain=_drainer(response, state),
         )
+
+    async def _send_responses(self, call: UpstreamCall, body: bytes) -> UpstreamResponse:
+        """A Responses client's own body to `/responses`; the answer kept native and translated to chat."""
+        response = await self._post("/responses", body, call)
+        headers = _kept_headers(response.headers)
+        streaming = call.stream and response.status == 200 and "text/event-stream" in headers.get("content-type", "")
+        if not streaming:
+            raw = await self._body(response)
+            if response.status != 200:
+                return UpstreamResponse(status=response.status, body=raw, headers=headers)
+            try:
+                translated = chat_completion(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                # Not a response object: the client gets a 502, never the upstream's bytes.
+                raise UpstreamConnectError(f"{self.name}: the answer is not a Responses object", reset=True) from None
+            native = NativeAnswer(RESPONSES, body=raw)
+            return UpstreamResponse(status=200, body=translated, headers=headers, native=native)
+        state = ResponsesStreamState(self._max_event, NativeAnswer(RESPONSES))
+        return UpstreamResponse(
+            status=200,
+            headers=headers,
+            batches=self._response_batches(response, state),
+            close=_closer(response, state),
+            drain=_drainer(response, state),
+            native=state.native,
+        )
+
+    async def _post(self, path: str, body: bytes, call: UpstreamCall) -> Response:
+        try:
+            return await self._pool.post(path, body, _call_headers(call))
+        except TimeoutError as exc:
+            raise UpstreamConnectError(f"{self.name}: timed out ({type(exc).__name__})", timeout=True) from None
+        except (aiohttp.ClientConnectorError, ConnectFailed) as exc:
+            raise UpstreamConnectError(f"{self.name}: {type(exc).__name__}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            # Connected, then dropped before the head arrived (reset, disconnected).
+            raise UpstreamConnectError(f"{self.name}: {type(exc).__name__}", reset=True) from None
+
+    async def _body(self, response: Response) -> bytes:
+        """The whole body; the connection back to the pool after a complete read, else dropped."""
+        try:
+            body = await self._read_body(response)
+        except UpstreamResponseTooLarge:
+            response.close()  # drop the connection: the rest is never read
+            raise
+        except TimeoutError:
+            response.close()
+            raise UpstreamConnectError(f"{self.name}: timed out reading the body", timeout=True) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            response.close()
+            raise UpstreamConnectError(f"{self.name}: {type(exc).__name__} reading the body", reset=True) from None
+        except BaseException:
+            response.close()  # cancelled mid-body: the connection (and its slot) is not left behind
+            raise
+        response.release()
+        return body
 
     async def _read_body(self, response: Response) -> bytes:
         """The whole body, or UpstreamResponseTooLarge as soon as more than the limit arrived."""
@@ -225,6 +272,40 @@ class OpenAICompatAdapter:
             raise UpstreamStreamBroken(f"{self.name}: stream failed ({type(exc).__name__})") from None
         raise UpstreamStreamBroken(f"{self.name}: stream ended without [DONE]", clean_end=True)
 
+    async def _response_batches(self, response: Response, state: ResponsesStreamState) -> AsyncIterator[list[bytes]]:
+        """Per read, the chunks its complete Responses events translate to, until response.completed."""
+        content = response.content
+        translator = state.translator
+        try:
+            while True:
+                data = await content.readany()
+                out = state.feed(data)
+                if out:
+                    yield out
+                if translator.ended or translator.errored or not data:
+                    break
+        except SSELineTooLong as exc:
+            state.refused = state.translate(exc.events)
+            raise UpstreamStreamBroken(
+                f"{self.name}: {exc}",
+                client_message=(
+                    f"The upstream sent a stream event larger than the gateway's limit of {exc.limit} bytes "
+                    "(max_event_bytes of the backend's upstream limits)."
+                ),
+                code="upstream_event_too_large",
+            ) from None
+        except TimeoutError:
+            raise UpstreamStreamBroken(
+                f"{self.name}: stream stalled past the read timeout",
+                client_message="The upstream stopped sending before the answer was complete.",
+                code="upstream_timeout",
+                timeout=True,
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamStreamBroken(f"{self.name}: stream failed ({type(exc).__name__})") from None
+        if not (translator.ended or translator.errored):
+            raise UpstreamStreamBroken(f"{self.name}: stream ended without response.completed")
+
 
 class _StreamState:
     __slots__ = ("decoder", "done", "refused")
@@ -254,7 +335,7 @@ def _buffered(content: aiohttp.StreamReader) -> bytes:
     return data
 
 
-def _drainer(response: Response, state: _StreamState) -> Callable[[], list[bytes]]:
+def _drainer(response: Response, state: _StreamState | ResponsesStreamState) -> Callable[[], list[bytes]]:
     def drain() -> list[bytes]:
         # Each batch is handed over whole (the relay charges all of it); what is left: the events of a
         # refused read, then whatever complete events are buffered.
@@ -265,13 +346,15 @@ def _drainer(response: Response, state: _StreamState) -> Callable[[], list[bytes
             decoded = state.decoder.feed(_buffered(response.content))
         except SSELineTooLong as exc:
             decoded = exc.events  # those before an oversize line are charged; it is not
+        if isinstance(state, ResponsesStreamState):
+            decoded = state.translate(decoded)  # Responses events, charged as the chunks they stand for
         events.extend(e for e in decoded if e != DONE)
         return events
 
     return drain
 
 
-def _closer(response: Response, state: _StreamState) -> Callable[[], None]:
+def _closer(response: Response, state: _StreamState | ResponsesStreamState) -> Callable[[], None]:
     def close() -> None:
         if state.done:
             response.release()  # back to the pool (aiohttp closes it instead if bytes are left unread)

@@ -1,7 +1,8 @@
 """The Adapter contract (gateway.contracts), one suite for every adapter that talks to a wire upstream:
 each is loaded through its `strait.adapters` entry point and driven against its own fake upstream (a real
 process on loopback): `openai` against tests.harness.fake_upstream, `anthropic` against
-tests.harness.fake_anthropic, `gemini` against tests.harness.fake_gemini. A new adapter adds a `Kit` to KITS.
+tests.harness.fake_anthropic, `gemini` against tests.harness.fake_gemini; `openai` runs it again with the
+backend capability `responses` (its own client a Responses one). A new adapter adds a `Kit` to KITS.
 
 What every adapter must do, whatever its upstream speaks:
 - answer a chat request (from a client of either protocol: its own passed through, the other translated;
@@ -36,6 +37,7 @@ import pytest
 
 from gateway.api.anthropic.decode import decode_messages
 from gateway.api.openai.decode import decode as decode_openai
+from gateway.api.responses import decode as responses
 from gateway.canonical import Request
 from gateway.contracts import (
     Adapter,
@@ -65,6 +67,13 @@ def anthropic_client(model: str, **fields: Any) -> Request:
     return decode_messages(json.dumps(body).encode())
 
 
+def responses_client(model: str, **fields: Any) -> Request:
+    body = json.dumps({"model": model, "input": "Say hello.", "max_output_tokens": 16, **fields}).encode()
+    wire, top = responses.parse(body)
+    return responses.build(wire, top, None, body)[0]
+
+
+RESPONSES_TOOLS = {"tools": [{"type": "function", "name": "get_weather", "parameters": TOOL_SCHEMA}]}
 OPENAI_TOOLS = {"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": TOOL_SCHEMA}}]}
 ANTHROPIC_TOOLS = {"tools": [{"name": "get_weather", "input_schema": TOOL_SCHEMA}]}
 
@@ -88,6 +97,13 @@ class Kit:
     key_header: str  # where the backend's key goes
     # None: the adapter has no client protocol of its own (both sides are translated).
     own_protocol: str | None = None
+    # The backend's serving capabilities (`responses`: the openai adapter passes Responses through).
+    capabilities: tuple[str, ...] = ()
+    variant: str = ""  # tells two kits of one adapter apart
+
+    @property
+    def name(self) -> str:
+        return f"{self.adapter}-{self.variant}" if self.variant else self.adapter
 
 
 KITS = [
@@ -114,6 +130,31 @@ KITS = [
         cut_model="fault:cut-after-3",
         key_header="authorization",
         own_protocol="openai",
+    ),
+    Kit(
+        adapter="openai",
+        variant="responses",
+        argv=[sys.executable, "-m", "tests.harness.fake_upstream"],
+        base_path="/v1",
+        model="fake-model",
+        rate_limited_model="fault:429-retry-after-2",
+        own=responses_client,
+        foreign=openai_client,  # passed through as chat (the openai adapter's other protocol)
+        own_tools=RESPONSES_TOOLS,
+        foreign_tools=OPENAI_TOOLS,
+        untranslatable=lambda m: anthropic_client(
+            m,
+            messages=[
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "sig"}]},
+                {"role": "user", "content": "again"},
+            ],
+        ),
+        failing_model="fault:503",
+        cut_model="fault:cut-after-3",
+        key_header="authorization",
+        own_protocol="responses",
+        capabilities=("responses",),
     ),
     Kit(
         adapter="anthropic",
@@ -152,11 +193,11 @@ KITS = [
 ]
 
 
-@pytest.fixture(scope="module", params=KITS, ids=[k.adapter for k in KITS])
+@pytest.fixture(scope="module", params=KITS, ids=[k.name for k in KITS])
 def kit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kit, str]]:
     k: Kit = request.param
     port = free_port()
-    log = tmp_path_factory.mktemp(k.adapter) / "fake.log"
+    log = tmp_path_factory.mktemp(k.name) / "fake.log"
     with ServerProcess([*k.argv, "--port", str(port)], port, ready_path="/healthz", log_path=log) as proc:
         yield k, proc.base_url
 
@@ -166,7 +207,11 @@ def adapter(kit: tuple[Kit, str], monkeypatch: pytest.MonkeyPatch) -> Adapter:
     k, url = kit
     monkeypatch.setenv(KEY_ENV, KEY)
     backend = Backend(
-        name=f"contract-{k.adapter}", adapter=k.adapter, base_url=url + k.base_path, api_key=f"env:{KEY_ENV}"
+        name=f"contract-{k.name}",
+        adapter=k.adapter,
+        base_url=url + k.base_path,
+        api_key=f"env:{KEY_ENV}",
+        capabilities=k.capabilities,  # type: ignore[arg-type]
     )
     return discover_adapters()[k.adapter](backend)
 
@@ -371,6 +416,7 @@ async def test_an_answer_over_the_body_limit_is_refused(kit: tuple[Kit, str], mo
         base_url=url + k.base_path,
         api_key=f"env:{KEY_ENV}",
         limits=UpstreamLimits(max_body_bytes=64),  # below any answer
+        capabilities=k.capabilities,  # type: ignore[arg-type]
     )
     adapter = discover_adapters()[k.adapter](backend)
     try:

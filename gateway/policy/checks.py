@@ -279,6 +279,28 @@ def check_backends(policy: PolicySet, source: Any, report: Report) -> None:
             )
 
 
+def check_responses(policy: PolicySet, source: Any, report: Report) -> None:
+    """`responses` (the upstream serves OpenAI's Responses API) switches the `openai` adapter, which is
+    built per backend: on another adapter, or on a deployment, it would be silently ignored."""
+    for i, b in enumerate(policy.backends):
+        if "responses" in b.capabilities and b.adapter != "openai":
+            report(
+                source,
+                f"$.backends[{i}].capabilities",
+                f"backend {b.name!r}: capability responses is for adapter openai (this one is {b.adapter!r})",
+                "error",
+            )
+    for i, m in enumerate(policy.models):
+        for j, d in enumerate(m.deployments):
+            if "responses" in d.capabilities:
+                report(
+                    source,
+                    f"$.models[{i}].deployments[{j}].capabilities",
+                    f"model {m.name!r}: capability responses belongs on the backend ({d.backend!r}), not a deployment",
+                    "error",
+                )
+
+
 def check_rules(policy: PolicySet, source: Any, names: dict[str, set[str]], report: Report) -> None:
     for i, rule in enumerate(policy.rules):
         base = f"$.rules[{i}]"

@@ -436,6 +436,7 @@ def _cross_check(
         checks.check_cors(policy, source, at)
         checks.check_routes(policy, source, route_names, at)
         checks.check_backends(policy, source, at)
+        checks.check_responses(policy, source, at)
         checks.check_prices(policy, merged, source, at)
         checks.check_spillover(policy, source, at)
         checks.check_tenants(policy, source, route_names, at)

@@ -15,8 +15,9 @@ Tier = Literal["edge", "self-hosted", "provider"]
 Capability = Literal["chat", "completions", "tools", "vision", "json", "embeddings"]
 # What a deployment's serving engine can do beyond the model's capabilities: `prefill` continues a final
 # assistant message (llama.cpp's server; vLLM with `continue_final_message`; Anthropic): the target of
-# a route's `resume: continue`.
-ServingCapability = Literal["prefill"]
+# a route's `resume: continue`. `responses`: the upstream serves OpenAI's Responses API too (OpenAI, vLLM):
+# the `openai` adapter passes a Responses client's request through to it (read from the backend's list).
+ServingCapability = Literal["prefill", "responses"]
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

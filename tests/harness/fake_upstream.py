@@ -68,6 +68,7 @@ import re
 import secrets
 import socket
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -76,6 +77,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.harness import fake_faults as ff
+from tests.harness import fake_responses
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Token counting: tiktoken o200k_base when its BPE file is available offline, else a regex approximation.
@@ -487,7 +489,7 @@ def ratelimit_headers(reset: str = "1") -> dict[str, str]:
 # Server state and the ledger.
 
 CONTROL_PATHS = frozenset({"/healthz", "/_ledger", "/_reset", "/_info", "/health", "/metrics", "/_health", "/_metrics"})
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
 
 
 class State:
@@ -1494,6 +1496,7 @@ def make_app(models: list[str] | None = None, *, slots: int = 4) -> web.Applicat
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", fake_responses.handler(sys.modules[__name__]))
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 

@@ -59,6 +59,6 @@ class DecodeStage(RequestOnly):
             if self.conversations is None or ctx.principal is None:
                 raise responses_not_found(wire.previous_response_id, "previous_response_id")
             previous = await self.conversations.conversation(ctx.principal.tenant, wire.previous_response_id)
-        request, exchange = responses.build(wire, top, previous)
+        request, exchange = responses.build(wire, top, previous, body)
         ctx.protocol_state = exchange
         return request

@@ -1,7 +1,11 @@
 """Responses request bodies, decoded once into the canonical chat request, with the input bounds of the
 OpenAI codec (the same skim: JSON object, UTF-8, container count, depth, no upstream-redirecting field;
-`max_output_tokens` within the server's range). No adapter speaks Responses to an upstream yet, so the
-upstream gets a chat body translated from the canonical request (gateway.upstream.chat_body).
+`max_output_tokens` within the server's range). A chat upstream gets a chat body translated from the
+canonical request (gateway.upstream.chat_body); an upstream that speaks Responses itself (an `openai`
+backend with the `responses` capability) gets the client's own bytes (`Request.original`), model
+replaced. Strait keeps the stored responses, so a `previous_response_id` is resolved here: that
+upstream's body is then re-assembled from the client's top-level values (each byte for byte) with
+`input` replaced by the whole conversation and `previous_response_id` left out.
 
 Two steps, because `previous_response_id` names a stored conversation that only the tenant can read:
 `parse` checks the body (before any store is asked), `build` turns it, after the stored items, into the
@@ -54,6 +58,7 @@ from gateway.canonical import (
     ToolResult,
 )
 from gateway.errors import InvalidRequest
+from gateway.passthrough import Original, RepeatedField, original_of
 
 PROTOCOL: Final = "responses"
 _decoder = msgspec.json.Decoder(ResponsesRequest)
@@ -122,9 +127,13 @@ def parse(body: bytes, limits: InboundLimits = DEFAULT_LIMITS) -> tuple[Response
 
 
 def build(
-    wire: ResponsesRequest, top: dict[str, msgspec.Raw], previous: list[msgspec.Raw] | None = None
+    wire: ResponsesRequest,
+    top: dict[str, msgspec.Raw],
+    previous: list[msgspec.Raw] | None = None,
+    body: bytes | None = None,
 ) -> tuple[Request, Exchange]:
-    """The canonical request for `wire`, after `previous` (the stored conversation's items, resolved)."""
+    """The canonical request for `wire`, after `previous` (the stored conversation's items, resolved);
+    `body`, the client's bytes, is kept for an upstream that speaks Responses (passthrough)."""
     own = _own_items(wire.input)
     items = [*(previous or ()), *own]
     messages = _messages(items, len(previous or ()))
@@ -152,12 +161,33 @@ def build(
         include_usage=True,
         user=wire.user,
         metadata=dict(wire.metadata) if wire.metadata else None,
+        original=_original(body, top, items if previous is not None else None),
     )
     store = True if wire.store is None else wire.store  # OpenAI's default
     exchange = Exchange(
         model=wire.model, store=store, created_at=int(time.time()), echo=_echo(wire, top, store), input_items=items
     )
     return request, exchange
+
+
+def _original(
+    body: bytes | None, top: dict[str, msgspec.Raw], conversation: list[msgspec.Raw] | None
+) -> Original | None:
+    """What a Responses upstream gets: the client's `body` as it came, or with a resolved conversation its
+    members in order, each value as it came, `input` all of the conversation. None: no body given."""
+    if body is None:
+        return None
+    if conversation is not None:
+        values = {name: value for name, value in top.items() if name != "previous_response_id"}
+        values["input"] = msgspec.Raw(_encode(conversation))
+        body, top = _encode(values), values
+    try:
+        return original_of(PROTOCOL, body, top)
+    except RepeatedField as exc:
+        raise InvalidRequest(
+            f"The field '{exc.name}' appears more than once in the request body; send each field once.",
+            param=exc.name,
+        ) from None
 
 
 def _echo(wire: ResponsesRequest, top: dict[str, msgspec.Raw], store: bool) -> dict[str, Any]:

@@ -20,8 +20,9 @@ from litestar.handlers import BaseRouteHandler
 from gateway.api.identity import scope_id_headers
 from gateway.api.responses.decode import Exchange
 from gateway.api.responses.encode import response_id, responses_object
+from gateway.api.responses.native import NativeResponsesStream
 from gateway.api.responses.sse_encode import ResponsesStream
-from gateway.api.responses.stored import Conversations
+from gateway.api.responses.stored import Conversations, storable
 from gateway.context import RequestContext
 from gateway.errors import InvalidRequest, UpstreamUnavailable
 from gateway.reply import JSON, Reply
@@ -33,7 +34,9 @@ _decode = msgspec.json.decode
 MAX_LIST = 100
 
 
-async def responses_reply(reply: Reply, ctx: RequestContext, conversations: Conversations) -> ResponsesStream | None:
+async def responses_reply(
+    reply: Reply, ctx: RequestContext, conversations: Conversations
+) -> ResponsesStream | NativeResponsesStream | None:
     """Turn the pipeline's answer (OpenAI chat's wire format) into a Responses object, in place, and store
     it when the client asked to (before the answer goes out: a next request may name it at once); a stream
     gets the encoder that frames its events and stores its end (returned). Errors are already OpenAI's."""
@@ -50,8 +53,22 @@ async def responses_reply(reply: Reply, ctx: RequestContext, conversations: Conv
         except Exception:
             log.exception("request %s: storing the response failed", ctx.request_id)
 
+    native = ctx.native
     if reply.stream is not None:
-        return ResponsesStream(ctx, exchange, save if exchange.store else None)
+        stream = ResponsesStream(ctx, exchange, save if exchange.store else None)
+        if native is None:
+            return stream
+
+        async def keep(body: bytes) -> None:
+            await save_native(body, exchange, tenant, conversations, ctx.request_id)
+
+        return NativeResponsesStream(native, stream, keep if exchange.store else None)
+    if native is not None and native.body:
+        # The upstream spoke Responses: its own answer, byte for byte, stored under its own id.
+        reply.body = native.body
+        if exchange.store:
+            await save_native(native.body, exchange, tenant, conversations, ctx.request_id)
+        return None
     try:
         response = responses_object(reply.body, exchange, ctx.request_id)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -64,6 +81,27 @@ async def responses_reply(reply: Reply, ctx: RequestContext, conversations: Conv
     reply.body = _encode(response)
     reply.media_type = JSON
     return None
+
+
+class _Id(msgspec.Struct):
+    id: str = ""
+
+
+async def save_native(
+    body: bytes, exchange: Exchange, tenant: str, conversations: Conversations, request_id: str
+) -> None:
+    """Store an upstream's own response object (JSON bytes) under its own id, the one its client was
+    given: a later `previous_response_id` or GET names it. Never at the answer's expense (logged)."""
+    try:
+        rid = msgspec.json.decode(body, type=_Id).id
+        if not storable(rid):
+            log.warning("request %s: the upstream's response id cannot be stored here; not stored", request_id)
+            return
+        record = _encode({"response": msgspec.Raw(body), "input": exchange.input_items})
+        if not await conversations.save(tenant, rid, record):
+            log.warning("request %s: the upstream's response was not stored", request_id)
+    except Exception:
+        log.exception("request %s: storing the upstream's response failed", request_id)
 
 
 def _list_args(request: Request[Any, Any, Any]) -> tuple[int, str, str | None]:

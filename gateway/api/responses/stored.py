@@ -35,6 +35,11 @@ _decode_record = msgspec.json.Decoder(Record).decode
 _decode_output = msgspec.json.Decoder(_Output).decode
 
 
+def storable(response_id: str) -> bool:
+    """An id this store can find again (an upstream's own `resp_...` ids included)."""
+    return _ID.fullmatch(response_id) is not None
+
+
 def not_found(response_id: str, param: str | None = None) -> NotFound:
     shown = response_id if len(response_id) <= 64 else response_id[:64] + "..."
     return NotFound(f"Response with id '{shown}' not found.", param=param)
