@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from gateway.accounting.records import DIMENSIONS, Dimension, UsageRecord, UsageRow, days_between
@@ -25,6 +25,15 @@ class Ledger(Protocol):
     async def close(self) -> None: ...
 
 
+def finish(rows: Iterable[UsageRow]) -> list[UsageRow]:
+    """Rows in answer order, with USD derived once from the exact micro-USD sum: adding floats per record
+    or per day would drift from the integer sum Redis keeps, and two ledgers would disagree in the last digit."""
+    out = sorted(rows, key=lambda row: (row.tenant, row.value))
+    for row in out:
+        row.cost_usd = row.cost_micro_usd / 1e6
+    return out
+
+
 def _add(row: UsageRow, r: UsageRecord) -> None:
     row.requests += 1 if r.final else 0
     row.prompt_tokens += r.prompt_tokens
@@ -32,7 +41,7 @@ def _add(row: UsageRow, r: UsageRecord) -> None:
     row.cached_tokens += r.cached_tokens
     row.cache_write_tokens += r.cache_write_tokens
     row.reasoning_tokens += r.reasoning_tokens
-    row.cost_usd += r.cost_micro_usd / 1e6
+    row.cost_micro_usd += r.cost_micro_usd
     if r.cache_hit:
         row.cache_hits += 1
         row.tokens_saved += r.tokens_saved
@@ -90,10 +99,10 @@ class MemoryLedger:
                     row.cached_tokens += src.cached_tokens
                     row.cache_write_tokens += src.cache_write_tokens
                     row.reasoning_tokens += src.reasoning_tokens
-                    row.cost_usd += src.cost_usd
+                    row.cost_micro_usd += src.cost_micro_usd
                     row.cache_hits += src.cache_hits
                     row.tokens_saved += src.tokens_saved
-        return sorted(rows.values(), key=lambda row: (row.tenant, row.value))
+        return finish(rows.values())
 
     async def close(self) -> None:
         return None

@@ -74,6 +74,8 @@ class UsageRow(msgspec.Struct, kw_only=True):
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    # The exact sum in whole micro-USD (what both ledgers add), and the same in USD for reading.
+    cost_micro_usd: int = 0
     cost_usd: float = 0.0
     # Requests answered from the cache, and the tokens those answers did not cost.
     cache_hits: int = 0

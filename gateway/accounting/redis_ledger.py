@@ -31,7 +31,7 @@ import msgspec
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
-from gateway.accounting.ledger import LedgerUnavailable
+from gateway.accounting.ledger import LedgerUnavailable, finish
 from gateway.accounting.records import DIMENSIONS, Dimension, UsageRecord, UsageRow, days_between
 from gateway.state.keys import _enc, tenant_tag
 from gateway.state.scripts import DirectConnections, pack, run_script_many
@@ -138,7 +138,7 @@ class RedisLedger:
                 elif metric == "completion":
                     row.completion_tokens += amount
                 elif metric == "cost":
-                    row.cost_usd += amount / 1e6
+                    row.cost_micro_usd += amount
                 elif metric == "hits":
                     row.cache_hits += amount
                 elif metric == "saved":
@@ -149,7 +149,7 @@ class RedisLedger:
                     row.cache_write_tokens += amount
                 elif metric == "reasoning":
                     row.reasoning_tokens += amount
-        return sorted(rows.values(), key=lambda row: (row.tenant, row.value))
+        return finish(rows.values())
 
     async def close(self) -> None:
         if self._direct is not None:

@@ -30,6 +30,7 @@ from gateway.policy.affinity import choose, conversation_key
 from gateway.policy.compile import RuleTest
 from gateway.policy.index import PolicyIndex, Principal, Target
 from gateway.policy.model import Affinity, Constraints, Objective, Prefer, Route, Spillover, Tenant, Weights
+from gateway.policy.rates import highest_token_rate
 
 # Output tokens assumed for cost ranking when the request sets no max_tokens.
 DEFAULT_OUTPUT_TOKENS: Final = 256
@@ -258,7 +259,7 @@ def _narrowing_reason(t: Target, extra: list[Constraints], p: Preferences | None
             return f"a rule allows only model origins {list(c.allowed_origin_countries)}"
         if c.allowed_tiers is not None and t.backend.tier not in c.allowed_tiers:
             return f"a rule allows only tiers {list(c.allowed_tiers)}"
-        if c.max_price_per_mtok is not None and max(price.input_per_mtok, price.output_per_mtok) > c.max_price_per_mtok:
+        if c.max_price_per_mtok is not None and highest_token_rate(price) > c.max_price_per_mtok:
             return f"price above the rule's ceiling of {c.max_price_per_mtok} USD per million tokens"
         if c.chips is not None or c.min_memory_gb is not None:
             reason = _hardware_reason(t, c)
@@ -269,7 +270,7 @@ def _narrowing_reason(t: Target, extra: list[Constraints], p: Preferences | None
             return f"you asked for jurisdictions {list(p.jurisdictions)}"
         if p.origins is not None and not places.satisfies(country, p.origins):
             return f"you asked for model origins {list(p.origins)}"
-        if p.max_price_per_mtok is not None and max(price.input_per_mtok, price.output_per_mtok) > p.max_price_per_mtok:
+        if p.max_price_per_mtok is not None and highest_token_rate(price) > p.max_price_per_mtok:
             return f"price above your ceiling of {p.max_price_per_mtok} USD per million tokens"
     return None
 

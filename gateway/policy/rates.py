@@ -108,6 +108,15 @@ def rate_card(price: Price) -> RateCard:
     )
 
 
+def highest_token_rate(price: Price) -> float:
+    """What a `max_price_per_mtok` ceiling is compared with: the dearest USD per million tokens the
+    deployment can charge, any kind (input, output, cache read, cache write, reasoning; unset kinds at the
+    price they fall back to). A per-request fee is not per token: budgets bound it, not this ceiling."""
+    rates = [price.input_per_mtok, price.output_per_mtok]
+    rates += [r for r in (price.cached_input_per_mtok, price.cache_write_per_mtok, price.reasoning_per_mtok) if r]
+    return max(rates)
+
+
 def charges_nothing(price: Price) -> bool:
     """Every rate and fee of the price is zero (or unset)."""
     return not any(

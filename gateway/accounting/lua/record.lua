@@ -36,7 +36,8 @@ for i = 1, n do
       local base = dims[d] .. '|' .. ARGV[a + 2 + #metrics + d] .. '|'
       for m = 1, #metrics do
         local amount = tonumber(ARGV[a + 2 + m])
-        if amount ~= 0 then
+        -- `requests` even when 0 (a failed attempt): the row exists, as in the in-process ledger.
+        if amount ~= 0 or m == 1 then
           local field = base .. metrics[m]
           if sums[field] == nil then
             sums[field] = 0

@@ -17,7 +17,7 @@ import msgspec
 from gateway.context import RequestContext
 from gateway.contracts import End
 from gateway.errors import ErrorBody, ErrorEnvelope
-from gateway.upstream.wire import Usage
+from gateway.upstream.wire import CompletionTokensDetails, PromptTokensDetails, Usage
 
 DONE_EVENT = b"data: [DONE]\n\n"
 _SEPARATOR = b"\n\ndata: "
@@ -46,7 +46,9 @@ class _Head(msgspec.Struct):
     model: str | None = None
 
 
-def usage_chunk(ctx: RequestContext, last: bytes, completion: int, earlier: Usage | None = None) -> bytes:
+def usage_chunk(
+    ctx: RequestContext, last: bytes, completion: int, earlier: Usage | None = None, reasoning: int = 0
+) -> bytes:
     """The chunk OpenAI would have sent (llama-cpp-python and older servers send none), its id, object,
     created and model copied from the stream's last chunk; with `earlier` (the billed tokens of the
     attempts a rescued stream continued) added."""
@@ -55,10 +57,26 @@ def usage_chunk(ctx: RequestContext, last: bytes, completion: int, earlier: Usag
     except (msgspec.DecodeError, msgspec.ValidationError):
         head = _Head()
     prompt = ctx.prompt_tokens.count_now()  # the upstream reported no usage: estimated
+    # The parts known without the upstream's word: the meter's reasoning count, and whatever the
+    # earlier attempts' provider usage said (this attempt's cache reads and writes are unknown, so 0).
+    cached = cache_write = 0
     if earlier is not None:
         prompt += earlier.prompt_tokens
         completion += earlier.completion_tokens
-    usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        if isinstance(earlier.prompt_tokens_details, PromptTokensDetails):
+            cached = earlier.prompt_tokens_details.cached_tokens
+            cache_write = earlier.prompt_tokens_details.cache_write_tokens
+        if isinstance(earlier.completion_tokens_details, CompletionTokensDetails):
+            reasoning += earlier.completion_tokens_details.reasoning_tokens
+    usage = Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached, cache_write_tokens=cache_write)
+        if cached or cache_write
+        else msgspec.UNSET,
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning) if reasoning else msgspec.UNSET,
+    )
     upstream_model = ctx.target.deployment.upstream_model if ctx.target is not None else ctx.route_name
     chunk = {
         "id": head.id or f"chatcmpl-{ctx.request_id}",
@@ -75,7 +93,12 @@ def encode_end(ctx: RequestContext, end: End) -> bytes:
     """The stream's last bytes, by how it ended."""
     if end.outcome == "completed":
         if ctx.include_usage and end.usage is None and end.last_event is not None and ctx.target is not None:
-            return encode_event(usage_chunk(ctx, end.last_event, end.completion_tokens or 0, end.earlier)) + DONE_EVENT
+            return (
+                encode_event(
+                    usage_chunk(ctx, end.last_event, end.completion_tokens or 0, end.earlier, end.reasoning_tokens)
+                )
+                + DONE_EVENT
+            )
         return DONE_EVENT
     if end.error is not None:
         return error_event(end.error)
