@@ -45,6 +45,7 @@ from gateway.upstream.sse import DONE, SSEDecoder, SSELineTooLong
 from plugins.http1 import ConnectFailed, Http1Pool, Response
 from plugins.openai_responses import PROTOCOL as RESPONSES
 from plugins.openai_responses import ResponsesStreamState, chat_completion
+from plugins.stream_failure import stream_broken
 
 _PATHS: Final[dict[Operation, str]] = {
     "chat": "/chat/completions",
@@ -253,23 +254,9 @@ class OpenAICompatAdapter:
                     break
         except SSELineTooLong as exc:
             state.refused = exc.events  # decoded before the oversize line: charged (drain)
-            raise UpstreamStreamBroken(
-                f"{self.name}: {exc}",
-                client_message=(
-                    f"The upstream sent a stream event larger than the gateway's limit of {exc.limit} bytes "
-                    "(max_event_bytes of the backend's upstream limits)."
-                ),
-                code="upstream_event_too_large",
-            ) from None
-        except TimeoutError:
-            raise UpstreamStreamBroken(
-                f"{self.name}: stream stalled past the read timeout",
-                client_message="The upstream stopped sending before the answer was complete.",
-                code="upstream_timeout",
-                timeout=True,
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamStreamBroken(f"{self.name}: stream failed ({type(exc).__name__})") from None
+            raise stream_broken(self.name, exc) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise stream_broken(self.name, exc) from None
         raise UpstreamStreamBroken(f"{self.name}: stream ended without [DONE]", clean_end=True)
 
     async def _response_batches(self, response: Response, state: ResponsesStreamState) -> AsyncIterator[list[bytes]]:
@@ -286,23 +273,9 @@ class OpenAICompatAdapter:
                     break
         except SSELineTooLong as exc:
             state.refused = state.translate(exc.events)
-            raise UpstreamStreamBroken(
-                f"{self.name}: {exc}",
-                client_message=(
-                    f"The upstream sent a stream event larger than the gateway's limit of {exc.limit} bytes "
-                    "(max_event_bytes of the backend's upstream limits)."
-                ),
-                code="upstream_event_too_large",
-            ) from None
-        except TimeoutError:
-            raise UpstreamStreamBroken(
-                f"{self.name}: stream stalled past the read timeout",
-                client_message="The upstream stopped sending before the answer was complete.",
-                code="upstream_timeout",
-                timeout=True,
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamStreamBroken(f"{self.name}: stream failed ({type(exc).__name__})") from None
+            raise stream_broken(self.name, exc) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise stream_broken(self.name, exc) from None
         if not (translator.ended or translator.errored):
             raise UpstreamStreamBroken(f"{self.name}: stream ended without response.completed")
 

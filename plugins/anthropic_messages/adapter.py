@@ -46,6 +46,7 @@ from plugins.anthropic_messages.request import PROTOCOL, messages_body
 from plugins.anthropic_messages.stream import ChunkTranslator, StreamEvent, decode_event
 from plugins.http1 import ConnectFailed, Http1Pool, Response
 from plugins.openai_compat import resolve_secret
+from plugins.stream_failure import stream_broken
 
 PATH: Final = "/messages"
 DONE: Final = b"[DONE]"
@@ -204,23 +205,9 @@ class AnthropicAdapter:
                     break
         except SSELineTooLong as exc:
             state.refused = state.translate(exc.events)
-            raise UpstreamStreamBroken(
-                f"{self.name}: {exc}",
-                client_message=(
-                    f"The upstream sent a stream event larger than the gateway's limit of {exc.limit} bytes "
-                    "(max_event_bytes of the backend's upstream limits)."
-                ),
-                code="upstream_event_too_large",
-            ) from None
-        except TimeoutError:
-            raise UpstreamStreamBroken(
-                f"{self.name}: stream stalled past the read timeout",
-                client_message="The upstream stopped sending before the answer was complete.",
-                code="upstream_timeout",
-                timeout=True,
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamStreamBroken(f"{self.name}: stream failed ({type(exc).__name__})") from None
+            raise stream_broken(self.name, exc) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise stream_broken(self.name, exc) from None
         # The connection ended without message_stop: whatever came before it, the answer is not known whole.
         raise UpstreamStreamBroken(f"{self.name}: stream ended without message_stop")
 

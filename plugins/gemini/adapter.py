@@ -41,6 +41,7 @@ from plugins.gemini.stream import StreamTranslator
 from plugins.gemini.wire import DECODE_ERRORS, decode_response
 from plugins.http1 import ConnectFailed, Http1Pool, Response
 from plugins.openai_compat import resolve_secret
+from plugins.stream_failure import stream_broken
 
 API_VERSION: Final = "v1beta"
 _KEPT = ("retry-after", "content-type")
@@ -210,23 +211,9 @@ class GeminiAdapter:
                 if not data:
                     return
         except SSELineTooLong as exc:
-            raise UpstreamStreamBroken(
-                f"{self.name}: {exc}",
-                client_message=(
-                    f"The upstream sent a stream event larger than the gateway's limit of {exc.limit} bytes "
-                    "(max_event_bytes of the backend's upstream limits)."
-                ),
-                code="upstream_event_too_large",
-            ) from None
-        except TimeoutError:
-            raise UpstreamStreamBroken(
-                f"{self.name}: stream stalled past the read timeout",
-                client_message="The upstream stopped sending before the answer was complete.",
-                code="upstream_timeout",
-                timeout=True,
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamStreamBroken(f"{self.name}: stream failed ({type(exc).__name__})") from None
+            raise stream_broken(self.name, exc) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise stream_broken(self.name, exc) from None
 
 
 class _StreamState:
