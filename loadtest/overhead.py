@@ -405,6 +405,8 @@ class ConfigResult:
 
     @property
     def label(self) -> str:
+        if self.title:
+            return self.title
         return "reference proxy" if self.server == REFERENCE else f"{self.server} + state {self.state}"
 
     @property
@@ -752,7 +754,7 @@ def report_side_by_side(results: list[ConfigResult], plan: Plan) -> str:
         )
     for r in rs:
         if r.state == "redis" and r.server != REFERENCE:
-            rows += ["", f"{r.server} + redis, per request in each measured window:", "", report_redis(r)]
+            rows += ["", f"{r.column}, per request in each measured window:", "", report_redis(r)]
     return "\n".join(rows)
 
 
