@@ -19,7 +19,7 @@ LOCK := $(BIN)/uv pip compile -q --universal --python-version 3.11 --generate-ha
 PY_TAG := $(shell $(PY) -c 'import sys; print(sys.implementation.name + "-" + ".".join(map(str, sys.version_info[:3])))' 2>/dev/null)
 STAMP := $(VENV)/.python-$(PY_TAG)
 
-.PHONY: run test lint typecheck loadtest lock clean deploy-tools schema
+.PHONY: run test lint typecheck loadtest soak lock clean deploy-tools schema
 
 $(STAMP):
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Strait needs Python 3.11+ (set PY=python3.11)")'
@@ -72,8 +72,19 @@ deploy-tools:
 test: lint typecheck deploy-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# The load-test kit (loadtest/kit.py): Strait with the full pipeline (auth, limits on a private redis-server,
+# routing, accounting; cache off and on) and minimal, next to direct and the reference proxy; a few minutes.
+# The report (report.md + PNG plots) lands in loadtest/results/<UTC stamp>/. Flags through LOADTEST_ARGS, e.g.
+# `make loadtest LOADTEST_ARGS='--phase-seconds 10 --level-seconds 5 --rounds 3'` to go longer.
+# `make soak`: the soak mode, SOAK_SECONDS (default 600) of steady load, RSS/fds/tasks/Redis keys over time.
+LOADTEST_ARGS ?=
+SOAK_SECONDS ?= 600
+
 loadtest: $(VENV)/.dev-installed
-	$(BIN)/python -m loadtest.overhead
+	$(BIN)/python -m loadtest.kit $(LOADTEST_ARGS)
+
+soak: $(VENV)/.dev-installed
+	$(BIN)/python -m loadtest.kit --soak --soak-seconds $(SOAK_SECONDS) $(LOADTEST_ARGS)
 
 # The policy JSON Schema for editor completion, from the policy model; tests/policy/test_policy_schema.py
 # fails when the committed file is not what this writes.
