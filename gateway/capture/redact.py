@@ -53,7 +53,7 @@ _IPV4 = re.compile(
     r"(?<![0-9])(?<![0-9]\.)(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
     r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?![0-9])(?!\.[0-9])"
 )
-_PHONE = re.compile(r"(?<![\w+])(?:\+|00)?\(?[0-9](?:[ .()-]{0,2}[0-9]){6,16}(?![\w:])")
+_PHONE = re.compile(r"(?<![\w+(])(?:\+|00)?\(?[0-9](?:(?:\) ?|[ .-])?[0-9]){6,16}(?![\w:])")
 
 PLACEHOLDERS = {
     "email": "[EMAIL]",
@@ -85,15 +85,26 @@ def iban_valid(compact: str) -> bool:
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
-def _iban(match: re.Match[str]) -> str:
-    """The longest prefix of the candidate (ending on a character) that is a valid IBAN, replaced."""
-    text = match.group(0)
-    positions = [i for i, c in enumerate(text) if c != " "]
-    compact = "".join(text[i] for i in positions)
-    for n in range(min(len(compact), 34), 14, -1):
-        if iban_valid(compact[:n]):
-            return "[IBAN]" + text[positions[n - 1] + 1 :]
-    return text
+def _redact_ibans(text: str) -> str:
+    """Each candidate's longest prefix that is a valid IBAN, replaced; the scan goes on after it (a
+    candidate may run on into the next word, or the next IBAN)."""
+    out: list[str] = []
+    pos = 0
+    while (match := _IBAN.search(text, pos)) is not None:
+        start = match.start()
+        positions = [i for i in range(start, match.end()) if text[i] != " "]
+        compact = "".join(text[i] for i in positions)
+        end = next(
+            (positions[n - 1] + 1 for n in range(min(len(compact), 34), 14, -1) if iban_valid(compact[:n])), None
+        )
+        if end is None:
+            out.append(text[pos : start + 1])
+            pos = start + 1
+            continue
+        out += [text[pos:start], "[IBAN]"]
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _card(match: re.Match[str]) -> str:
@@ -122,14 +133,17 @@ def _phone(match: re.Match[str]) -> str:
     return text
 
 
-_Step = tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]
-_STEPS: dict[str, tuple[_Step, ...]] = {
-    "api_key": ((_API_KEY, "[API_KEY]"),),
-    "email": ((_EMAIL, "[EMAIL]"),),
-    "iban": ((_IBAN, _iban),),
-    "card": ((_CARD, _card),),
-    "ip": ((_IPV6, _ipv6), (_IPV4, "[IP]")),
-    "phone": ((_PHONE, _phone),),
+def _sub(pattern: re.Pattern[str], replacement: str | Callable[[re.Match[str]], str]) -> Callable[[str], str]:
+    return lambda text: pattern.sub(replacement, text)
+
+
+_STEPS: dict[str, tuple[Callable[[str], str], ...]] = {
+    "api_key": (_sub(_API_KEY, "[API_KEY]"),),
+    "email": (_sub(_EMAIL, "[EMAIL]"),),
+    "iban": (_redact_ibans,),
+    "card": (_sub(_CARD, _card),),
+    "ip": (_sub(_IPV6, _ipv6), _sub(_IPV4, "[IP]")),
+    "phone": (_sub(_PHONE, _phone),),
 }
 # The order kinds run in, whatever order a policy names them in.
 _ORDER = ("api_key", "email", "iban", "card", "ip", "phone")
@@ -150,8 +164,8 @@ class PatternRedactor:
         self._steps = tuple(step for k in self.kinds for step in _STEPS[k])
 
     def redact(self, text: str) -> str:
-        for pattern, replacement in self._steps:
-            text = pattern.sub(replacement, text)
+        for step in self._steps:
+            text = step(text)
         return text
 
 
