@@ -36,8 +36,8 @@ class CapturedMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
 class CapturedTool(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     name: str
     description: str | None = None
-    # The JSON schema of its arguments, as the client sent it.
-    parameters: msgspec.Raw | None = None
+    # The JSON schema of its arguments, as the client sent it (JSON text).
+    parameters: str | None = None
 
 
 class CapturedRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
