@@ -42,9 +42,12 @@ _API_KEY = re.compile(
     r"|\bglpat-[A-Za-z0-9_-]{16,}"
     r"|\bhf_[A-Za-z0-9]{20,}"
     r"|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{16,}"
-    r"|(?<![A-Za-z0-9_+/=-])(?=[A-Za-z0-9_+/=-]*[0-9])(?=[A-Za-z0-9_+/=-]*[A-Za-z])[A-Za-z0-9_+/=-]{32,}"
     r")"
 )
+# Any long run of key characters: a key when it mixes letters and digits (checked by `_long_token`).
+_LONG_TOKEN = re.compile(r"(?<![A-Za-z0-9_+/=-])[A-Za-z0-9_+/=-]{32,}")
+_DIGIT = re.compile(r"[0-9]")
+_LETTER = re.compile(r"[A-Za-z]")
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}")
 _CARD = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])")
@@ -107,6 +110,11 @@ def _redact_ibans(text: str) -> str:
     return "".join(out)
 
 
+def _long_token(match: re.Match[str]) -> str:
+    text = match.group(0)
+    return "[API_KEY]" if _DIGIT.search(text) and _LETTER.search(text) else text
+
+
 def _card(match: re.Match[str]) -> str:
     text = match.group(0)
     digits = "".join(c for c in text if c.isdigit())
@@ -137,13 +145,36 @@ def _sub(pattern: re.Pattern[str], replacement: str | Callable[[re.Match[str]], 
     return lambda text: pattern.sub(replacement, text)
 
 
-_STEPS: dict[str, tuple[Callable[[str], str], ...]] = {
-    "api_key": (_sub(_API_KEY, "[API_KEY]"),),
-    "email": (_sub(_EMAIL, "[EMAIL]"),),
-    "iban": (_redact_ibans,),
-    "card": (_sub(_CARD, _card),),
-    "ip": (_sub(_IPV6, _ipv6), _sub(_IPV4, "[IP]")),
-    "phone": (_sub(_PHONE, _phone),),
+# Each kind's steps, and what a text must hold for the step to find anything, worked out once per text
+# (`_traits`): a prompt without a digit skips the number kinds' scans, so the common case costs a few
+# string searches. A placeholder adds no digit, `@`, `:` or key mark, so the traits of the text as given
+# stay true (or conservatively so) through every step.
+_KEY_MARK = re.compile(r"[spr]k[-_]|gh|xox|AKIA|AIza|glpat-|hf_|earer")
+DIGIT, AT, COLONS, DOT, KEY = 1, 2, 4, 8, 16
+
+
+def _traits(text: str) -> int:
+    traits = 0
+    if _DIGIT.search(text) is not None:
+        traits |= DIGIT
+        if "." in text:
+            traits |= DOT
+    if "@" in text:
+        traits |= AT
+    if text.count(":") >= 2:
+        traits |= COLONS
+    if _KEY_MARK.search(text) is not None:
+        traits |= KEY
+    return traits
+
+
+_STEPS: dict[str, tuple[tuple[Callable[[str], str], int], ...]] = {
+    "api_key": ((_sub(_API_KEY, "[API_KEY]"), KEY), (_sub(_LONG_TOKEN, _long_token), DIGIT)),
+    "email": ((_sub(_EMAIL, "[EMAIL]"), AT),),
+    "iban": ((_redact_ibans, DIGIT),),
+    "card": ((_sub(_CARD, _card), DIGIT),),
+    "ip": ((_sub(_IPV6, _ipv6), COLONS), (_sub(_IPV4, "[IP]"), DOT)),
+    "phone": ((_sub(_PHONE, _phone), DIGIT),),
 }
 # The order kinds run in, whatever order a policy names them in.
 _ORDER = ("api_key", "email", "iban", "card", "ip", "phone")
@@ -164,8 +195,10 @@ class PatternRedactor:
         self._steps = tuple(step for k in self.kinds for step in _STEPS[k])
 
     def redact(self, text: str) -> str:
-        for step in self._steps:
-            text = step(text)
+        traits = _traits(text)
+        for step, needs in self._steps:
+            if traits & needs:
+                text = step(text)
         return text
 
 
