@@ -12,7 +12,9 @@ gateway.api.openai.sse_encode); stages, in order, `on_request`:
 `on_response` runs in reverse for stages that have one (none yet). Taps (gateway.contracts.Tap), in
 the order their `on_end` runs: live signals and token metrics (the upstream stage's), accounting
 (usage records to the ledger writer, reservation reconciled, both in the background; a stream's lease
-renewed by a timer), the request's span when tracing. The pipeline ends every request that reached the
+renewed by a timer), capture (gateway.stages.capture: only when some tenant consents; a consenting
+tenant's request and answer queued for the capture writer, redacted and written off the request path),
+the request's span when tracing. The pipeline ends every request that reached the
 upstream stage through them exactly once: a JSON answer, an upstream error, a dispatch failure or a
 cancellation right away; a stream through the one relay it wraps around it (gateway.relay), when it is
 over or when the edge closes it (the client left, even before the first event). So accounting is
