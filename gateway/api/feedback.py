@@ -26,7 +26,7 @@ from litestar.handlers import HTTPRouteHandler
 
 from gateway.capture.records import Feedback, FeedbackKind
 from gateway.capture.redact import redactor_for
-from gateway.capture.writer import feedback_id
+from gateway.capture.writer import CaptureWriter, feedback_id
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge
 from gateway.policy.model import BUILTIN_REDACTIONS
 from gateway.reply import JSON
@@ -80,6 +80,24 @@ def _kind(fb: FeedbackBody) -> tuple[FeedbackKind, float | None, str | None]:
     return ("correction" if fb.correction is not None else kind), score, label
 
 
+async def _resolve(writer: CaptureWriter | None, tenant: str, fb: FeedbackBody) -> str | None:
+    """The tenant's capture the feedback names. A client may rate an answer the moment it has it, before
+    the writer's batch landed: when it is not found, what this replica has queued (or is writing) is
+    written first and it is looked up again."""
+    if writer is None or not writer.enabled:
+        return None
+    for attempt in range(2):
+        store = await writer.existing_store()
+        if store is not None:
+            found = await store.resolve(tenant, request_id=fb.request_id, client_id=fb.trace_id or fb.request_id)
+            if found is not None:
+                return found
+        if attempt:
+            return None
+        await writer.flush()
+    return None
+
+
 def build_feedback_handlers(gateway: Gateway, id_headers_of: Any, headers_of: Any) -> list[HTTPRouteHandler]:
     @post("/v1/feedback", status_code=200)
     async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -93,16 +111,7 @@ def build_feedback_handlers(gateway: Gateway, id_headers_of: Any, headers_of: An
         fb = _parse(bytes(body))
         named = fb.request_id or fb.trace_id
         writer = gateway.services.capture
-        store = await writer.existing_store() if writer is not None else None
-        request_id = (
-            await store.resolve(
-                principal.tenant,
-                request_id=fb.request_id,
-                client_id=fb.trace_id or fb.request_id,
-            )
-            if store is not None
-            else None
-        )
+        request_id = await _resolve(writer, principal.tenant, fb)
         if request_id is None or writer is None:
             raise NotFound(f"No captured request '{named}' for your tenant.", param="request_id")
         kind, score, label = _kind(fb)

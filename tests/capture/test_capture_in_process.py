@@ -261,6 +261,17 @@ def test_feedback_on_own_requests_and_404_on_anyone_elses(env: tuple[TestClient[
     assert captured.feedback[0].weight == 2 and captured.feedback[0].metadata == {"src": "thumbs"}
 
 
+def test_feedback_right_after_the_answer_finds_it(env: tuple[TestClient[Any], CaptureWriter, Path]) -> None:
+    client, writer, _db = env
+    # The writer's batching delay is longer than the test: only the feedback's own flush can land it.
+    writer.flush_every_s = 3600
+    rid = chat(client, "acme", "quick").headers["x-strait-request-id"]
+    assert writer.queued() == 1
+    rated = feedback(client, "acme", {"request_id": rid, "value": True})
+    assert rated.status_code == 200, rated.text
+    assert writer.queued() == 0
+
+
 @pytest.mark.parametrize(
     "body",
     [
