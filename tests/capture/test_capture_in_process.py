@@ -313,3 +313,30 @@ def test_a_regenerate_is_recorded_on_the_earlier_request(env: tuple[TestClient[A
     by_id = {c.record.request_id: c for c in stored(client, writer)}
     assert [(f.kind, f.by_request_id) for f in by_id[first].feedback] == [("regenerate", second)]
     assert by_id[second].feedback == ()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_anthropic_messages_client_is_captured_like_any_other(
+    env: tuple[TestClient[Any], CaptureWriter, Path], stream: bool
+) -> None:
+    client, writer, _db = env
+    response = client.post(
+        "/v1/messages",
+        json={
+            "model": "chat",
+            "max_tokens": 50,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hi bob@x.io"}],
+        },
+        headers={"x-api-key": KEYS["acme"], "anthropic-version": "2023-06-01"},
+    )
+    assert response.status_code == 200, response.text
+    [captured] = stored(client, writer)
+    record = captured.record
+    assert record.request_id == response.headers["x-strait-request-id"]
+    assert record.protocol == "anthropic"
+    assert record.request is not None and record.request.messages[0].content == "hi [EMAIL]"
+    assert (
+        record.answer is not None
+        and record.answer.content == f"answer {record.answer.content.split()[1]} to hi [EMAIL]"
+    )
