@@ -12,7 +12,9 @@ gateway.api.openai.sse_encode); stages, in order, `on_request`:
 `on_response` runs in reverse for stages that have one (none yet). Taps (gateway.contracts.Tap), in
 the order their `on_end` runs: live signals and token metrics (the upstream stage's), accounting
 (usage records to the ledger writer, reservation reconciled, both in the background; a stream's lease
-renewed by a timer), the request's span when tracing. The pipeline ends every request that reached the
+renewed by a timer), capture (gateway.stages.capture: only when some tenant consents; a consenting
+tenant's request and answer queued for the capture writer, redacted and written off the request path),
+the request's span when tracing. The pipeline ends every request that reached the
 upstream stage through them exactly once: a JSON answer, an upstream error, a dispatch failure or a
 cancellation right away; a stream through the one relay it wraps around it (gateway.relay), when it is
 over or when the edge closes it (the client left, even before the first event). So accounting is
@@ -46,6 +48,7 @@ from gateway.api.routes import build_handlers, model_endpoints
 from gateway.api.shutdown import before_sigterm
 from gateway.cache.pool import EmbedderPool
 from gateway.cache.store import open_cache_store
+from gateway.capture.writer import CaptureWriter
 from gateway.contracts import AdapterFactory
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.gauges import GatewayGauges
@@ -99,6 +102,12 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return _error_response(request, InternalError("The gateway failed to process the request."))
 
 
+def _retention_days(gateway: Gateway, tenant: str) -> int | None:
+    """The tenant's capture retention under the policy in force; None when it no longer captures."""
+    found = gateway.runtime.index.tenants.get(tenant)
+    return found.capture.retention_days if found is not None and found.capture.enabled else None
+
+
 def create_app(
     settings: Settings,
     *,
@@ -119,6 +128,7 @@ def create_app(
     # Stored responses live where the limits do (the state's Redis when there is one: every replica
     # reads them), not in the cache's Redis, whose LRU eviction would lose conversations.
     responses = open_response_store(settings.state)
+    capture = CaptureWriter(settings.capture_url, metrics)
     services = Services(
         metrics,
         signals,
@@ -140,6 +150,7 @@ def create_app(
         responses=responses,
         feature_log=FeatureLogFile(settings.feature_log, settings.feature_log_sample) if settings.feature_log else None,
         shadow=ShadowPolicy(settings.shadow_policy, metrics) if settings.shadow_policy else None,
+        capture=capture,
     )
     runtime = build_runtime(policy, factories, services)
     if drain_on_sigterm:
@@ -147,6 +158,7 @@ def create_app(
         # collector's way. (In-process tests build many apps: they would freeze their own garbage.)
         freeze_loaded()
     gateway = Gateway(runtime, services, writer, ledger)
+    capture.retention_days = lambda tenant: _retention_days(gateway, tenant)
     metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     inflight = services.inflight

@@ -17,6 +17,7 @@ from gateway.accounting.writer import UsageWriter
 from gateway.cache.embedders import threshold_of
 from gateway.cache.pool import EmbedderPool, embedder_specs
 from gateway.cache.store import CacheStore
+from gateway.capture.writer import CaptureWriter
 from gateway.contracts import Adapter, AdapterFactory
 from gateway.inflight import InFlight
 from gateway.pipeline import Pipeline, Stage
@@ -28,6 +29,7 @@ from gateway.stages import priority
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.auth import AuthStage
 from gateway.stages.cache import CacheStage
+from gateway.stages.capture import CaptureTap, captures_any
 from gateway.stages.explain import Explain
 from gateway.stages.limits import LimitsStage
 from gateway.stages.observers import DecisionObserver, FeatureLog, FeatureLogFile, ShadowPolicy
@@ -96,6 +98,8 @@ class Services:
     # The feature log's file (STRAIT_FEATURE_LOG) and the shadow policy (STRAIT_SHADOW_POLICY), if set.
     feature_log: FeatureLogFile | None = None
     shadow: ShadowPolicy | None = None
+    # The capture writer (STRAIT_CAPTURE): consenting tenants' requests, and feedback, to the capture store.
+    capture: CaptureWriter | None = None
 
 
 def build_runtime(
@@ -147,6 +151,11 @@ def build_runtime(
     cache = _cache_stage(index, services)
     if cache is not None:
         stages.append(cache)
+    # Capture only when some tenant consented: otherwise not a single call per request.
+    capture = services.capture
+    capture_taps = (
+        (CaptureTap(index, capture),) if capture is not None and capture.enabled and captures_any(index) else ()
+    )
     return Runtime(
         index=index,
         auth=auth,
@@ -155,8 +164,9 @@ def build_runtime(
             upstream,
             tracing=services.tracing,
             on_refused=services.accounting.refused,
-            # Accounting ends every answered request (records, slot release, lease keepalive of a stream).
-            taps=(services.accounting,),
+            # Accounting ends every answered request (records, slot release, lease keepalive of a stream);
+            # capture after it (it records the tokens accounting charged).
+            taps=(services.accounting, *capture_taps),
         ),
         dispatcher=dispatcher,
         adapters=adapters,
@@ -217,6 +227,8 @@ class Gateway:
             # Local models load now, in their own threads, not on the first request that needs them.
             await self.runtime.cache.warm()
         await self.writer.start()
+        if self.services.capture is not None:
+            await self.services.capture.start()
         self._epoch_task = asyncio.ensure_future(self._watch_epoch())
         await self.health.start()
 
@@ -241,6 +253,9 @@ class Gateway:
         if self.runtime.cache is not None:
             await self.runtime.cache.drain()
         await self.accounting.drain()
+        if self.services.capture is not None:
+            # What is queued is written (redacted) before the store closes.
+            await self.services.capture.aclose()
         await self.writer.stop()
         await self.ledger.close()
         await self.store.close()

@@ -259,6 +259,19 @@ class Metrics:
             ("priority",),
             registry=self.registry,
         )
+        self.capture_records = Counter(
+            "strait_capture_records",
+            'Capture records (README "The learning loop") by result: queued, written, dropped (the bounded '
+            "queue was full: never waited for), failed (the store refused the batch).",
+            ("result",),
+            registry=self.registry,
+        )
+        self.feedback = Counter(
+            "strait_feedback",
+            "Feedback recorded, by kind (score, boolean, label, correction, regenerate).",
+            ("kind",),
+            registry=self.registry,
+        )
         self.shutdown_cut = Counter(
             "strait_shutdown_cut",
             "Requests still running when a shutdown's grace period ran out: ended with an error (a stream "

@@ -419,6 +419,24 @@ def check_cache(policy: PolicySet, merged: PolicySet, source: Any, report: Repor
             )
 
 
+def check_capture(policy: PolicySet, source: Any, redactors: frozenset[str], report: Report) -> None:
+    """Tenants' `capture`: every redactor named is built in or installed (entry point `strait.redactors`);
+    consent without redaction is allowed, and said."""
+    for i, t in enumerate(policy.tenants):
+        c = t.capture
+        base = f"$.tenants[{i}].capture"
+        for j, name in enumerate(c.redact):
+            if name not in redactors:
+                report(
+                    source,
+                    f"{base}.redact[{j}]",
+                    f"tenant {t.name!r}: unknown redactor {name!r} (known: {', '.join(sorted(redactors))})",
+                    "error",
+                )
+        if c.enabled and not c.redact:
+            report(source, f"{base}.redact", f"tenant {t.name!r}: captures text unredacted (redact: [])", "warning")
+
+
 def rewrite_cycle(policy: PolicySet) -> list[str] | None:
     """A cycle of route rewrites (rule `then.route`), as route names, or None.
 

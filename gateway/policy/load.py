@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,7 +32,7 @@ import yaml
 from gateway import tokens
 from gateway.policy import checks, compliance_checks
 from gateway.policy.index import PolicyIndex
-from gateway.policy.model import PolicySet
+from gateway.policy.model import BUILTIN_REDACTIONS, PolicySet
 from gateway.policy.places import policy_places
 
 _PATH_TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
@@ -241,6 +242,11 @@ def _decode_file(path: Path) -> tuple[PolicySet | None, _Source, list[Problem]]:
         return None, source, [Problem(name, line, col, f"{where}: {reason}" if where != "$" else reason)]
 
 
+def _redactor_names() -> frozenset[str]:
+    """What a tenant's `capture.redact` may name: the built-in kinds and the installed redactor plugins."""
+    return frozenset(BUILTIN_REDACTIONS) | frozenset(ep.name for ep in entry_points(group="strait.redactors"))
+
+
 def load_policy(path: Path | str, *, adapters: Iterable[str] | None = None) -> PolicySet:
     """Load and check a policy file or directory; raise PolicyError listing every problem."""
     merged, problems = check_policy(Path(path), adapters=adapters)
@@ -444,6 +450,7 @@ def _cross_check(
         checks.check_tenants(policy, source, route_names, at, places)
         checks.check_rules(policy, source, known, at)
         checks.check_cache(policy, merged, source, at)
+        checks.check_capture(policy, source, _redactor_names(), at)
         compliance_checks.check_entities(policy, merged, source, at)
     if not problems:
         cycle = checks.rewrite_cycle(merged)
