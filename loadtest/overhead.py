@@ -429,7 +429,7 @@ class Plan:
 
 def median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several rounds of one window folded into one: counts (requests, errors, Redis calls) summed, every
-    other number the median."""
+    other number the median (lists of equal length, the quantiles, element by element)."""
     if len(results) == 1:
         return results[0]
     summed = ("count", "errors", "redis_stats", "redis_calls", "error_kinds")
@@ -441,6 +441,9 @@ def median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
             for v in values:  # union of keys: a Redis command may show up in one round only
                 keys += [k for k in v if k not in keys]
             return {k: fold([v.get(k, 0) for v in values], k, in_summed or k in summed) for k in keys}
+        if isinstance(first, list) and first and all(isinstance(v, list) and len(v) == len(first) for v in values):
+            # the latency at each percentile (loadgen.QUANTILES): the median round at each percentile
+            return [statistics.median(column) for column in zip(*values, strict=True)]
         if isinstance(first, bool) or not isinstance(first, int | float):
             return first
         if in_summed or key in summed:

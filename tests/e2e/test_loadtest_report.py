@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 
 from loadtest import report
 from loadtest.loadgen import run_load
-from loadtest.overhead import HOST, ConfigResult, Pair, Plan, gateway, headline, upstream
+from loadtest.overhead import HOST, ConfigResult, Pair, Plan, gateway, headline
+from tests.harness.procs import ServerProcess, free_port
 
 N = 12  # requests per measured window: enough for every percentile to exist, a second or two in all
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -47,7 +49,10 @@ async def _measure(
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> report.KitRun:
     tmp: Path = tmp_path_factory.mktemp("kit")
-    with upstream(tmp, 0.0, 0.0) as (_, up_port), gateway(tmp, "uvicorn", "off", up_port) as gw:
+    # The upstream at normal priority (the kit nices it; on a saturated test machine that starves it).
+    up_port = free_port()
+    up_argv = [sys.executable, "-m", "loadtest.fast_upstream", "--host", HOST, "--port", str(up_port)]
+    with ServerProcess(up_argv, up_port, log_path=tmp / "upstream.log"), gateway(tmp, "uvicorn", "off", up_port) as gw:
         phases, sweep = asyncio.run(
             _measure(
                 f"http://{HOST}:{up_port}/v1/chat/completions",

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loadtest.soak import SERIES, Sample, slope, trend, write
@@ -23,6 +23,7 @@ def test_a_linear_series_gives_its_slope(xs: list[int], a: float, b: float) -> N
     assert slope(x, [a + b * v for v in x]) == pytest.approx(b, rel=1e-7, abs=1e-6)
 
 
+@settings(max_examples=50)
 @given(
     xs=st.lists(st.integers(0, 10_000), min_size=3, max_size=40, unique=True),
     b=st.floats(-100, 100),
