@@ -48,6 +48,10 @@ def explain_header(decision: Decision) -> str:
         doc["panic"] = "every candidate is ejected: tried anyway"
     if decision.affinity is not None:
         doc["affinity"] = decision.affinity
+    if decision.canary is not None:
+        doc["canary"] = decision.canary
+    if decision.shadow is not None:
+        doc["shadow"] = decision.shadow
     full = _encode({**doc, "excluded": excluded, "table": f"/admin/decisions/{decision.id}"})
     if len(full) <= EXPLAIN_HEADER_MAX and full.isascii():
         return full.decode()
