@@ -16,6 +16,7 @@ from gateway.canonical import Message
 from gateway.policy.engine import RequestFeatures, decide
 from gateway.policy.index import PolicyIndex, Principal
 from gateway.policy.load import check_policy, load_policy
+from gateway.policy.tools import render
 from gateway.policy.trials import conversation_material, in_canary, share_of
 
 POLICY = """
@@ -190,3 +191,12 @@ def test_tenants_are_hashed_apart() -> None:
         for i in range(n)
     )
     assert 0.4 * n < differ < 0.6 * n
+
+
+def test_policy_explain_prints_what_the_canary_and_the_shadow_did(index: PolicyIndex) -> None:
+    text = render(decide(index, who("open"), chat("x", route="us")).decision)
+    assert "canary: cand-us@us serves this conversation" in text
+    assert "shadow: cand-us@us" in text
+    text = render(decide(index, who("eu-only"), chat("x", route="us")).decision)
+    assert "canary: not applied: cand-us@us:" in text
+    assert "shadow: not applied: cand-us@us:" in text
