@@ -69,7 +69,8 @@ class Metrics:
             "strait_shadow_requests",
             "Shadow copies by route and outcome: completed (the candidate answered 2xx), failed (an error "
             "status, a connection failure or a bad answer), timed_out (past the route's shadow.timeout_s), "
-            "dropped (the shadow queue was full), excluded (no deployment of the candidate may take the request).",
+            "dropped (the shadow queue was full), paused (the candidate failed PAUSE_AFTER copies in a row: not tried "
+            "for a while), excluded (no deployment of the candidate may take the request).",
             ("route", "outcome"),
             registry=self.registry,
         )

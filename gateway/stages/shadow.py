@@ -54,6 +54,13 @@ from gateway.telemetry import Metrics
 from gateway.upstream.wire import Usage, UsageProbe
 
 log = logging.getLogger("strait.shadow")
+# A candidate deployment whose copies fail (error, refused, timed out) this many times in a row is paused:
+# copies to it are not attempted (counted `paused`) for PAUSE_BASE_S, doubling per pause that ends in
+# another failure, up to PAUSE_MAX_S; the first copy after a pause probes it, a success clears it. A dead
+# candidate then costs the gateway nothing per request (a refused connect costs about 0.5 ms CPU each).
+PAUSE_AFTER = 5
+PAUSE_BASE_S = 1.0
+PAUSE_MAX_S = 30.0
 _usage_of = msgspec.json.Decoder(UsageProbe).decode
 
 
@@ -73,6 +80,15 @@ class LogSink:
             latency_s,
             None if usage is None else usage.completion_tokens,
         )
+
+
+@dataclass(slots=True)
+class _Failing:
+    """A candidate deployment's failures in a row, and until when its copies are paused."""
+
+    failures: int = 0
+    until: float = 0.0
+    pause_s: float = PAUSE_BASE_S
 
 
 @dataclass(slots=True)
@@ -98,6 +114,9 @@ class ShadowRunner:
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
         self._sink_failed = False
+        # By deployment label (bounded by the policy's deployments): candidates failing in a row.
+        self._failing: dict[str, _Failing] = {}
+        self.clock = time.monotonic
 
     def configure(self, limits: ShadowLimits) -> None:
         """The policy's caps (a reload may change them; copies already running finish)."""
@@ -110,6 +129,10 @@ class ShadowRunner:
     def submit(self, job: ShadowJob) -> bool:
         """Start the copy, queue it, or drop it (counted) when the queue is full; never blocks."""
         if self._closed:
+            return False
+        failing = self._failing.get(job.target.label)
+        if failing is not None and failing.until > self.clock():
+            self._count(job.route, "paused")
             return False
         if len(self._running) < self.limits.max_concurrency:
             self._start(job)
@@ -171,6 +194,7 @@ class ShadowRunner:
         m = self.metrics
         route = job.route
         usage: Usage | None = None
+        self._note(job.target.label, failed=not isinstance(answer, bytes))
         if isinstance(answer, bytes):
             self._count(route, "completed")
             try:
@@ -203,6 +227,25 @@ class ShadowRunner:
             m.child(m.shadow_sink_errors, route).inc()
         else:
             self._sink_failed = False
+
+    def _note(self, label: str, *, failed: bool) -> None:
+        """Count a candidate's failures in a row; pause its copies when they reach PAUSE_AFTER."""
+        if not failed:
+            self._failing.pop(label, None)
+            return
+        failing = self._failing.get(label)
+        if failing is None:
+            failing = self._failing[label] = _Failing()
+        failing.failures += 1
+        if failing.failures >= PAUSE_AFTER:
+            failing.until = self.clock() + failing.pause_s
+            log.warning(
+                "shadow copies to %s paused for %.0fs after %d failures in a row",
+                label,
+                failing.pause_s,
+                failing.failures,
+            )
+            failing.pause_s = min(failing.pause_s * 2, PAUSE_MAX_S)
 
     async def aclose(self) -> None:
         """Shutdown: waiting copies are forgotten, running ones cancelled (before the adapters close)."""

@@ -24,6 +24,7 @@ from gateway.policy.index import Target, key_digest
 from gateway.policy.model import Backend
 from gateway.runtime import Gateway
 from gateway.settings import Settings
+from gateway.stages.shadow import PAUSE_AFTER, PAUSE_BASE_S
 from gateway.upstream.wire import Usage
 
 KEY = "sk-shadow-test-1"
@@ -348,5 +349,45 @@ async def test_a_sink_that_raises_is_counted_and_the_client_never_knows(tmp_path
             assert (await h.post({"model": "chat", "messages": MESSAGES}))[0] == 200
         await h.until(lambda: h.count("strait_shadow_sink_errors_total", route="chat") == 2, "sink failures")
         assert h.count("strait_shadow_requests_total", route="chat", outcome="completed") == 2
+    finally:
+        await close()
+
+
+async def test_a_candidate_failing_in_a_row_is_paused_then_probed_and_cleared(tmp_path: Path) -> None:
+    h, close = await harness(tmp_path, policy())
+    runner = h.gateway.services.shadow_traffic
+    assert runner is not None
+    now = [1000.0]
+    runner.clock = lambda: now[0]
+    h.world.candidate = "connect"
+
+    async def one() -> None:
+        status, _body = await h.post({"model": "chat", "messages": MESSAGES})
+        assert status == 200
+        await h.until(lambda: runner.pending == 0, "the copy to end")
+
+    def copies(outcome: str) -> float:
+        return h.count("strait_shadow_requests_total", route="chat", outcome=outcome)
+
+    try:
+        for _ in range(PAUSE_AFTER + 3):
+            await one()
+        # PAUSE_AFTER failures in a row, then no attempt while paused (the clock has not moved).
+        assert copies("failed") == PAUSE_AFTER and copies("paused") == 3
+        assert h.world.events.count("shadow_started") == PAUSE_AFTER
+        # The pause ends: one probe, failing again, pauses it for twice as long.
+        now[0] += PAUSE_BASE_S + 0.01
+        await one()
+        await one()
+        assert copies("failed") == PAUSE_AFTER + 1 and copies("paused") == 4
+        now[0] += PAUSE_BASE_S + 0.01  # not yet: the second pause is twice as long
+        await one()
+        assert copies("paused") == 5
+        # The candidate recovers: the next probe succeeds and clears the pause.
+        h.world.candidate = "ok"
+        now[0] += PAUSE_BASE_S
+        for _ in range(3):
+            await one()
+        assert copies("completed") == 3 and copies("paused") == 5
     finally:
         await close()
