@@ -49,7 +49,7 @@ from gateway.api.shutdown import before_sigterm
 from gateway.cache.pool import EmbedderPool
 from gateway.cache.store import open_cache_store
 from gateway.capture.writer import CaptureWriter
-from gateway.contracts import AdapterFactory
+from gateway.contracts import AdapterFactory, ShadowSink
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.gauges import GatewayGauges
 from gateway.policy.decisions import DecisionLog
@@ -62,6 +62,7 @@ from gateway.runtime import Gateway, Services, build_runtime
 from gateway.settings import Settings
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.observers import FeatureLogFile, ShadowPolicy
+from gateway.stages.shadow import ShadowRunner
 from gateway.state import open_store
 from gateway.telemetry import Metrics
 from gateway.tracing import tracing_from_env
@@ -114,9 +115,11 @@ def create_app(
     factories: Mapping[str, AdapterFactory] | None = None,
     access_log_out: BinaryIO | None = None,
     drain_on_sigterm: bool = False,
+    shadow_sink: ShadowSink | None = None,
 ) -> Litestar:
     """`drain_on_sigterm`: the app is served by `strait serve` (uvicorn): SIGTERM starts the drain at
-    once (gateway.api.shutdown); in-process tests leave it off and call `InFlight.drain` themselves."""
+    once (gateway.api.shutdown); in-process tests leave it off and call `InFlight.drain` themselves.
+    `shadow_sink`: where routes' shadow copies' answers go (gateway.contracts.ShadowSink); None: logged."""
     factories = discover_adapters() if factories is None else factories
     metrics = Metrics()
     signals = LiveSignals()
@@ -151,6 +154,8 @@ def create_app(
         feature_log=FeatureLogFile(settings.feature_log, settings.feature_log_sample) if settings.feature_log else None,
         shadow=ShadowPolicy(settings.shadow_policy, metrics) if settings.shadow_policy else None,
         capture=capture,
+        # Routes' `shadow` copies; the default sink only logs (capture plugs its store in here).
+        shadow_traffic=ShadowRunner(metrics, shadow_sink),
     )
     runtime = build_runtime(policy, factories, services)
     if drain_on_sigterm:

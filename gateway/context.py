@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -123,6 +124,9 @@ class RequestContext:
     accounted: bool = False
     # Headers any stage adds to the response (rate-limit state, budget downgrade).
     extra_headers: dict[str, str] = field(default_factory=dict)
+    # Written by taps at the end of an answer (the shadow's: queue a copy of the request), run by the edge
+    # once the answer's last byte is sent (`answered`): work that must never delay or touch the client's answer.
+    after_answer: list[Callable[[], None]] | None = None
     # Written by `cache` on a miss it may store (its scope, settings and the query's vector); read by its
     # `on_response`. None: the cache is not in play for this request.
     cache: CacheTicket | None = None
@@ -132,3 +136,14 @@ class RequestContext:
     # Written by the capture tap when a consenting tenant's stream starts: its chunks as relayed; read by
     # the same tap at the end. None: this request is not captured (or not a stream).
     capture: StreamCapture | None = None
+
+
+def answered(ctx: RequestContext) -> None:
+    """The client has the whole answer: run what taps left for this moment, each once; one that fails is
+    logged and does not stop the others (the answer is already sent: nothing here may reach the client)."""
+    callbacks, ctx.after_answer = ctx.after_answer, None
+    for callback in callbacks or ():
+        try:
+            callback()
+        except Exception:
+            logging.getLogger("strait").exception("request %s: after-answer work failed", ctx.request_id)

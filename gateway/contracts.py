@@ -18,6 +18,7 @@ from gateway.upstream.wire import Usage
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
+    from gateway.policy.index import Target
 
 
 @dataclass(slots=True)
@@ -251,3 +252,35 @@ class RedactorFactory(Protocol):
     """Entry point `strait.redactors`: builds the named redactor (no arguments: it is configured by name)."""
 
     def __call__(self) -> TextRedactor: ...
+
+
+# ---- shadow copies: where a candidate's answer goes (gateway.stages.shadow) ----
+
+ShadowOutcome = Literal["failed", "timed_out"]
+
+
+@dataclass(slots=True, frozen=True)
+class ShadowFailure:
+    """A shadow copy that brought no answer: how it failed, the candidate's status if it sent one, and a
+    short reason for the log (never upstream text: it could hold secrets or internal hosts)."""
+
+    outcome: ShadowOutcome
+    status: int | None
+    reason: str
+
+
+class ShadowSink(Protocol):
+    """Receives each shadow copy's result next to the live request it copied (its `ctx`: request id,
+    tenant, route, the deployment that answered the client, decision id): the place capture stores the
+    candidate's answer beside the live one. `answer` is the candidate's OpenAI JSON body (2xx) or how it
+    failed; `usage` its reported usage, if any. Called on the event loop after the copy ended, never on a
+    client's path: like a tap it must not block (queue any I/O); an exception is logged and counted."""
+
+    def record(
+        self,
+        live: RequestContext,
+        target: Target,
+        answer: bytes | ShadowFailure,
+        latency_s: float,
+        usage: Usage | None,
+    ) -> None: ...

@@ -18,7 +18,7 @@ from gateway.cache.embedders import threshold_of
 from gateway.cache.pool import EmbedderPool, embedder_specs
 from gateway.cache.store import CacheStore
 from gateway.capture.writer import CaptureWriter
-from gateway.contracts import Adapter, AdapterFactory
+from gateway.contracts import Adapter, AdapterFactory, Tap
 from gateway.inflight import InFlight
 from gateway.pipeline import Pipeline, Stage
 from gateway.policy.decisions import DecisionLog
@@ -34,6 +34,7 @@ from gateway.stages.explain import Explain
 from gateway.stages.limits import LimitsStage
 from gateway.stages.observers import DecisionObserver, FeatureLog, FeatureLogFile, ShadowPolicy
 from gateway.stages.route import RouteStage
+from gateway.stages.shadow import ShadowRunner, ShadowTap
 from gateway.stages.upstream import UpstreamStage
 from gateway.state import Store
 from gateway.telemetry import Metrics
@@ -100,6 +101,9 @@ class Services:
     shadow: ShadowPolicy | None = None
     # The capture writer (STRAIT_CAPTURE): consenting tenants' requests, and feedback, to the capture store.
     capture: CaptureWriter | None = None
+    # Shadow traffic (routes' `shadow`): copies of answered requests to candidate models, bounded per
+    # process, handed to its sink (gateway.stages.shadow). None: no copies are made.
+    shadow_traffic: ShadowRunner | None = None
 
 
 def build_runtime(
@@ -156,6 +160,12 @@ def build_runtime(
     capture_taps = (
         (CaptureTap(index, capture),) if capture is not None and capture.enabled and captures_any(index) else ()
     )
+    taps: list[Tap] = [services.accounting, *capture_taps]
+    runner = services.shadow_traffic
+    if runner is not None and any(r.shadow is not None for r in policy.routes):
+        runner.configure(policy.server.shadow)
+        # After accounting: a copy is decided only once the live answer is accounted.
+        taps.append(ShadowTap(runner, adapters))
     return Runtime(
         index=index,
         auth=auth,
@@ -165,8 +175,8 @@ def build_runtime(
             tracing=services.tracing,
             on_refused=services.accounting.refused,
             # Accounting ends every answered request (records, slot release, lease keepalive of a stream);
-            # capture after it (it records the tokens accounting charged).
-            taps=(services.accounting, *capture_taps),
+            # capture after it (it records the tokens accounting charged); shadow copies last.
+            taps=taps,
         ),
         dispatcher=dispatcher,
         adapters=adapters,
@@ -250,6 +260,9 @@ class Gateway:
         if self._epoch_task is not None:
             self._epoch_task.cancel()
         await self.health.aclose()
+        if self.services.shadow_traffic is not None:
+            # Before the adapters close: a running copy is cancelled, not failed on a closed pool.
+            await self.services.shadow_traffic.aclose()
         if self.runtime.cache is not None:
             await self.runtime.cache.drain()
         await self.accounting.drain()

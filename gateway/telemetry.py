@@ -63,6 +63,55 @@ class Metrics:
             ("result",),
             registry=self.registry,
         )
+        # Shadow copies of live requests to a route's candidate model (gateway.stages.shadow). Labels: the
+        # policy's routes x a fixed set of outcomes, reasons and kinds.
+        self.shadow_requests = Counter(
+            "strait_shadow_requests",
+            "Shadow copies by route and outcome: completed (the candidate answered 2xx), failed (an error "
+            "status, a connection failure or a bad answer), timed_out (past the route's shadow.timeout_s), "
+            "dropped (the shadow queue was full), paused (the candidate failed PAUSE_AFTER copies in a row: not tried "
+            "for a while), excluded (no deployment of the candidate may take the request).",
+            ("route", "outcome"),
+            registry=self.registry,
+        )
+        self.shadow_excluded = Counter(
+            "strait_shadow_excluded",
+            "Sampled requests not copied because no candidate deployment may take them, by route and reason "
+            "(compliance, constraints, capability, context_length, ejected, no_deployment, stream).",
+            ("route", "reason"),
+            registry=self.registry,
+        )
+        self.shadow_latency = Histogram(
+            "strait_shadow_request_duration_seconds",
+            "Time a shadow copy took, from its start (after the client's answer) to the candidate's whole answer.",
+            ("route",),
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.shadow_tokens = Counter(
+            "strait_shadow_tokens",
+            "Tokens the candidate reported for shadow copies, by route and kind (prompt, completion): "
+            "accounted here only, never to a tenant's usage, limits or budgets.",
+            ("route", "kind"),
+            registry=self.registry,
+        )
+        self.shadow_cost = Counter(
+            "strait_shadow_cost_usd",
+            "What shadow copies cost at the candidate deployment's price, by route (never charged to a tenant).",
+            ("route",),
+            registry=self.registry,
+        )
+        self.shadow_sink_errors = Counter(
+            "strait_shadow_sink_errors",
+            "Shadow copies whose result the shadow sink (capture) failed to take, by route.",
+            ("route",),
+            registry=self.registry,
+        )
+        self.shadow_pending = Gauge(
+            "strait_shadow_pending",
+            "Shadow copies running or waiting for a slot on this replica (bounded by server.shadow).",
+            registry=self.registry,
+        )
         self.limits_degraded = Counter(
             "strait_limits_degraded",
             "Admissions decided without the shared store (rate limits open, budgets on the local share).",

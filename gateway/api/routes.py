@@ -23,7 +23,7 @@ from gateway.api.responses.endpoint import build_responses_handlers, responses_r
 from gateway.api.responses.stored import Conversations
 from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import model_card, model_list
-from gateway.context import RequestContext
+from gateway.context import RequestContext, answered
 from gateway.contracts import Operation
 from gateway.errors import (
     GatewayError,
@@ -99,6 +99,8 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
             elif protocol == "responses":
                 codec = await responses_reply(reply, ctx, conversations())
             await send_reply(reply, receive, send, ctx, inflight.was_cut, codec)
+            # The answer's last byte is sent: only now may a shadow copy of it start.
+            answered(ctx)
             if inflight.draining and inflight.was_cut(task):
                 gateway.metrics.child(gateway.metrics.shutdown_cut, "true").inc()  # ended with an error event
         except CancelledError:

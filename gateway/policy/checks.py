@@ -61,6 +61,39 @@ def check_routes(policy: PolicySet, source: Any, route_names: set[str], report: 
             )
         check_retry(r, f"$.routes[{i}]", source, report)
         check_affinity(r, f"$.routes[{i}]", source, report)
+        check_trials(r, f"$.routes[{i}]", source, report)
+
+
+def check_trials(r: Route, base: str, source: Any, report: Report) -> None:
+    """A route's shadow and canary: a candidate that is not already one of the route's own models (it
+    would be served anyway: nothing would be tried), and a canary that serves some share."""
+    if r.canary is not None:
+        if r.canary.model in r.models:
+            report(
+                source,
+                f"{base}.canary.model",
+                f"route {r.name!r}: canary model {r.canary.model!r} is already one of the route's models",
+                "error",
+            )
+        if r.canary.weight == 0:
+            report(
+                source, f"{base}.canary.weight", f"route {r.name!r}: a canary with weight 0 serves nothing", "warning"
+            )
+    if r.shadow is not None:
+        if r.shadow.model in r.models:
+            report(
+                source,
+                f"{base}.shadow.model",
+                f"route {r.name!r}: shadow model {r.shadow.model!r} is already one of the route's models",
+                "error",
+            )
+        if r.shadow.sample_rate == 0:
+            report(
+                source,
+                f"{base}.shadow.sample_rate",
+                f"route {r.name!r}: a shadow with sample_rate 0 copies nothing",
+                "warning",
+            )
 
 
 def check_affinity(r: Route, base: str, source: Any, report: Report) -> None:

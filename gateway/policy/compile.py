@@ -28,9 +28,9 @@ it accepts converts; tests/unit/test_policy_compile.py ties the two sides togeth
 from __future__ import annotations
 
 import zoneinfo
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Generic, Literal, TypeVar
 
 from gateway.canonical import Operation
 from gateway.policy.compliance import compliance_reason
@@ -40,10 +40,15 @@ if TYPE_CHECKING:
     from gateway.policy.index import Target
 
 OPERATIONS: Final[tuple[Operation, ...]] = ("chat", "completions", "embeddings")
+# A route's candidate model that is tried next to its own (`shadow`, `canary`): its deployments by
+# (kind, route, operation), judged by each tenant's compliance like the route's own candidates.
+TrialKind = Literal["shadow", "canary"]
+TrialKey = tuple[TrialKind, str, Operation]
 # (target, why the tenant's compliance excludes it, or None) for every candidate, in candidate order.
 StaticRows = tuple[tuple["Target", str | None], ...]
 RateScope = Literal["key", "tenant", "route"]
 BudgetScope = Literal["key", "tenant"]
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +162,8 @@ class TenantTables:
     limits: LimitSections
     # By route name: what the cache does there (absent: no cache).
     cache: Mapping[str, CachePlan]
+    # Compliance verdicts on the routes' shadow and canary deployments (absent: the route has none).
+    trials: Mapping[TrialKey, StaticRows] = field(default_factory=dict)
 
 
 def compile_candidates(
@@ -177,14 +184,14 @@ def compile_candidates(
     return out
 
 
-class _Envelopes:
+class _Envelopes(Generic[K]):
     """Compliance verdicts on every candidate, per distinct compliance envelope, computed once per policy."""
 
-    def __init__(self, candidates: Mapping[tuple[str, Operation], Candidates]) -> None:
+    def __init__(self, candidates: Mapping[K, Candidates]) -> None:
         self._candidates = candidates
-        self._tables: dict[Compliance, dict[tuple[str, Operation], StaticRows]] = {}
+        self._tables: dict[Compliance, dict[K, StaticRows]] = {}
 
-    def rows(self, compliance: Compliance) -> Mapping[tuple[str, Operation], StaticRows]:
+    def rows(self, compliance: Compliance) -> Mapping[K, StaticRows]:
         table = self._tables.get(compliance)
         if table is None:
             # A deployment is a candidate of many (route, operation)s: judged once per envelope, by label
@@ -218,8 +225,10 @@ def compile_tenants(
     candidates: Mapping[tuple[str, Operation], Candidates],
     routes: Mapping[str, Route] | None = None,
     first_embedder: str | None = None,
+    trials: Mapping[TrialKey, Candidates] | None = None,
 ) -> dict[str, TenantTables]:
     envelopes = _Envelopes(candidates)
+    trial_envelopes = _Envelopes(trials or {})
     tests = [compile_rule(r) for r in rules]
     out: dict[str, TenantTables] = {}
     for tenant in tenants:
@@ -232,7 +241,27 @@ def compile_tenants(
             route_limits={name: _sections(tenant, name) for name in tenant.limits.routes},
             limits=_sections(tenant, None),
             cache=compile_cache(tenant, routes or {}, first_embedder),
+            trials=trial_envelopes.rows(tenant.compliance),
         )
+    return out
+
+
+def compile_trials(
+    routes: Mapping[str, Route], targets_of: Callable[[str, Operation], tuple[Target, ...]]
+) -> dict[TrialKey, Candidates]:
+    """Each route's shadow and canary deployments by operation (`targets_of(model, operation)`)."""
+    out: dict[TrialKey, Candidates] = {}
+    for route in routes.values():
+        named: tuple[tuple[TrialKind, str | None], ...] = (
+            ("shadow", route.shadow.model if route.shadow else None),
+            ("canary", route.canary.model if route.canary else None),
+        )
+        for kind, model in named:
+            if model is None:
+                continue
+            for op in OPERATIONS:
+                found = targets_of(model, op)
+                out[(kind, route.name, op)] = Candidates(targets=found, own=len(found))
     return out
 
 

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Final, NamedTuple
 
@@ -27,10 +27,22 @@ import msgspec
 from gateway.canonical import Message, Operation
 from gateway.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.policy.affinity import choose, conversation_key
-from gateway.policy.compile import RuleTest
+from gateway.policy.compile import RuleTest, StaticRows, TrialKey, TrialKind
 from gateway.policy.index import PolicyIndex, Principal, Target
-from gateway.policy.model import Affinity, Constraints, Objective, Prefer, Route, Spillover, Tenant, Weights
+from gateway.policy.model import (
+    Affinity,
+    Canary,
+    Constraints,
+    Objective,
+    Prefer,
+    Route,
+    Shadow,
+    Spillover,
+    Tenant,
+    Weights,
+)
 from gateway.policy.rates import highest_token_rate
+from gateway.policy.trials import conversation_material, in_canary
 
 # Output tokens assumed for cost ranking when the request sets no max_tokens.
 DEFAULT_OUTPUT_TOKENS: Final = 256
@@ -110,6 +122,8 @@ class RequestFeatures(msgspec.Struct, frozen=True, kw_only=True):
     messages: tuple[Message, ...] = ()
     # The region of the gateway replica that received the request (STRAIT_REGION); None: not set.
     ingress_region: str | None = None
+    # Completions and embeddings: the inputs, shared with the request (a route's canary keys on them).
+    inputs: tuple[str | tuple[int, ...], ...] = ()
 
 
 class Row(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,6 +176,10 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     # The region of the replica that received the request, and the soft preferences the ranking applied.
     ingress_region: str | None = None
     prefer: Prefer | None = None
+    # What the route's canary did for this request (served it, or why not); None: the route has none.
+    canary: str | None = None
+    # The deployment a shadow copy of this request would go to, or why none may; None: no shadow.
+    shadow: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,6 +514,23 @@ class RoutePlan:
     def panic(self) -> bool:
         return self._facts.panic
 
+    @property
+    def shadow(self) -> Target | None:
+        """Where a shadow copy of this request may go (the route's shadow model, filtered like any
+        candidate), or None: the route has no shadow, or none of its deployments may take this request."""
+        return self._facts.shadow
+
+    @property
+    def shadow_excluded(self) -> str | None:
+        """Why no shadow copy may be made, as a metric label (`compliance`, `constraints`, `capability`,
+        `context_length`, `ejected`, `no_deployment`); None when one may, or the route has no shadow."""
+        return self._facts.shadow_excluded
+
+    @property
+    def canary(self) -> bool:
+        """The plan's first target is the route's canary (it serves this conversation)."""
+        return self._facts.canary_served
+
     def may_use(self, label: str) -> bool:
         """Whether this request may be served by deployment `label` (`model@backend`): it is a candidate of
         the route that passed compliance, the rules' constraints, the request's preferences, its
@@ -567,6 +602,11 @@ class _Facts:
     fits: dict[str, str] | None = None
     ingress_region: str | None = None
     prefer: Prefer | None = None
+    canary_note: str | None = None
+    canary_served: bool = False
+    shadow: Target | None = None
+    shadow_note: str | None = None
+    shadow_excluded: str | None = None
 
     def decision(self, route: Route, plan: tuple[Target, ...]) -> Decision:
         rank_of = {id(target): (score, rank) for rank, (score, target) in enumerate(self.ranked, start=1)}
@@ -613,6 +653,8 @@ class _Facts:
             affinity=self.affinity,
             ingress_region=self.ingress_region,
             prefer=self.prefer,
+            canary=self.canary_note,
+            shadow=self.shadow_note,
         )
 
 
@@ -698,15 +740,7 @@ def decide(
     survivors: list[tuple[int, Target]] = []
     for position, (target, reason) in enumerate(rows):
         if reason is None:
-            if narrowing:
-                reason = _narrowing_reason(target, extra, prefs)
-            if reason is None:
-                if needs and not needs <= target.capabilities:
-                    reason = f"model lacks {', '.join(sorted(needs - target.capabilities))}"
-                elif target.model.context_window is not None and needed_context > target.model.context_window:
-                    reason = f"{CONTEXT_PREFIX}{target.model.context_window} tokens, the request needs {needed_context}"
-                elif _ejected(target, unhealthy):
-                    reason = EJECTED
+            reason = _request_reason(target, narrowing, extra, prefs, needs, needed_context, unhealthy)
         verdicts.append((target, reason))
         if reason is None:
             survivors.append((position, target))
@@ -749,10 +783,131 @@ def decide(
         features.ingress_region,
         prefer,
     )
+    targets = tuple(t for _, t in ranked[: route.max_attempts])
+    if route.canary is not None or route.shadow is not None:
+        trial = _Trial(tables.trials, route, operation, narrowing, extra, prefs, needs, needed_context, unhealthy)
+
+        def rank(found: list[tuple[int, Target]]) -> list[tuple[float, Target]]:
+            """The route's objective over the trial's survivors (no spillover among them)."""
+            return _rank(
+                found, route, objective, weights, features, out_tokens, live, prefs, len(found), {}, None, prefer
+            )
+
+        if route.canary is not None:
+            chosen, facts.canary_note = trial.canary(route.canary, tenant.name, features, rank)
+            if chosen is not None:
+                # The canary first; the route's own plan behind it, as its fallbacks.
+                facts.canary_served = True
+                targets = (chosen, *targets)[: route.max_attempts]
+        if route.shadow is not None:
+            facts.shadow, facts.shadow_excluded, facts.shadow_note = trial.shadow(route.shadow, rank)
     later = None
     if downgrade and tables.downgrade_route is not None:
         later = _Downgrade(index, principal, features, tables.downgrade_route, live, decision_id)
-    return RoutePlan(route, tuple(t for _, t in ranked[: route.max_attempts]), facts, later)
+    return RoutePlan(route, targets, facts, later)
+
+
+def _request_reason(
+    target: Target,
+    narrowing: bool,
+    extra: list[Constraints],
+    prefs: Preferences | None,
+    needs: frozenset[str],
+    needed_context: int,
+    unhealthy: frozenset[str],
+) -> str | None:
+    """Why this request may not run on a candidate its tenant's compliance allows: a rule's constraints
+    or the request's preferences, a capability it uses, the context window, an ejected backend."""
+    if narrowing:
+        reason = _narrowing_reason(target, extra, prefs)
+        if reason is not None:
+            return reason
+    if needs and not needs <= target.capabilities:
+        return f"model lacks {', '.join(sorted(needs - target.capabilities))}"
+    if target.model.context_window is not None and needed_context > target.model.context_window:
+        return f"{CONTEXT_PREFIX}{target.model.context_window} tokens, the request needs {needed_context}"
+    if _ejected(target, unhealthy):
+        return EJECTED
+    return None
+
+
+Ranker = Callable[[list[tuple[int, Target]]], list[tuple[float, Target]]]
+
+
+@dataclass(slots=True)
+class _Trial:
+    """A route's shadow or canary model for one request: its deployments filtered exactly like the
+    route's own candidates (the tenant's compliance, then the request's constraints, capabilities,
+    context and health; no panic mode: an ejected candidate is simply not tried)."""
+
+    rows: Mapping[TrialKey, StaticRows]
+    route: Route
+    operation: Operation
+    narrowing: bool
+    extra: list[Constraints]
+    prefs: Preferences | None
+    needs: frozenset[str]
+    needed_context: int
+    unhealthy: frozenset[str]
+
+    def _filter(self, kind: TrialKind) -> tuple[list[tuple[int, Target]], list[tuple[str, str]]]:
+        """The survivors, and (label: reason, label code) for each excluded deployment."""
+        survivors: list[tuple[int, Target]] = []
+        excluded: list[tuple[str, str]] = []
+        for position, (target, static) in enumerate(self.rows.get((kind, self.route.name, self.operation), ())):
+            if static is not None:
+                excluded.append((f"{target.label}: {static}", "compliance"))
+                continue
+            reason = _request_reason(
+                target, self.narrowing, self.extra, self.prefs, self.needs, self.needed_context, self.unhealthy
+            )
+            if reason is None:
+                survivors.append((position, target))
+            else:
+                excluded.append(
+                    (f"{target.label}: {reason}", _reason_code(reason, self.narrowing, self.extra, self.prefs, target))
+                )
+        return survivors, excluded
+
+    def canary(self, canary: Canary, tenant: str, features: RequestFeatures, rank: Ranker) -> tuple[Target | None, str]:
+        """The canary's deployment when it serves this conversation, and what explain says."""
+        material = conversation_material(features.messages, features.inputs)
+        if material is None:
+            return None, "not applied: the request has no conversation to key on"
+        served, share = in_canary(tenant, self.route.name, material, canary.weight)
+        if not served:
+            return None, f"not in the canary's share (conversation {share:.4f} >= weight {canary.weight:g})"
+        survivors, excluded = self._filter("canary")
+        if not survivors:
+            why = (
+                "; ".join(text for text, _ in excluded) or f"no deployment of {canary.model!r} serves {self.operation}"
+            )
+            return None, f"not applied: {why}"
+        chosen = rank(survivors)[0][1]
+        return chosen, f"{chosen.label} serves this conversation (conversation {share:.4f} < weight {canary.weight:g})"
+
+    def shadow(self, shadow: Shadow, rank: Ranker) -> tuple[Target | None, str | None, str]:
+        """(the deployment a copy may go to, or None; why not, as a label; what explain says)."""
+        survivors, excluded = self._filter("shadow")
+        if survivors:
+            chosen = rank(survivors)[0][1]
+            return chosen, None, chosen.label
+        if not excluded:
+            return None, "no_deployment", f"not applied: no deployment of {shadow.model!r} serves {self.operation}"
+        # The first deployment's reason names the label (the most common case: one deployment).
+        return None, excluded[0][1], "not applied: " + "; ".join(text for text, _ in excluded)
+
+
+def _reason_code(
+    reason: str, narrowing: bool, extra: list[Constraints], prefs: Preferences | None, target: Target
+) -> str:
+    if reason == EJECTED:
+        return "ejected"
+    if reason.startswith(CONTEXT_PREFIX):
+        return "context_length"
+    if narrowing and _narrowing_reason(target, extra, prefs) is not None:
+        return "constraints"
+    return "capability"
 
 
 def check_ingress(tenant: Tenant, region: str | None) -> None:

@@ -70,6 +70,7 @@ def extract(
         preferences=prefs if prefs is not None else preferences(request, headers),
         messages=request.messages,
         ingress_region=ingress_region,
+        inputs=request.inputs,
     )
 
 

@@ -8,6 +8,7 @@ are compiled here by gateway.policy.compile.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -18,9 +19,11 @@ from gateway.policy.compile import (
     Candidates,
     PromptNeeds,
     TenantTables,
+    TrialKey,
     compile_candidates,
     compile_prompt_needs,
     compile_tenants,
+    compile_trials,
     deployment_header,
 )
 from gateway.policy.entities import UNKNOWN_ENTITY, Entity, effective_origin, entity
@@ -138,33 +141,40 @@ class PolicyIndex:
         self.places = Places((b.name, b.members) for b in policy.blocs)
         origins = {name: effective_origin(name, self.models) for name in self.models}
         entities = {b.name: entity(b.hosting.operator, self.operators) for b in policy.backends}
+
+        def targets_of(names: Iterable[str], op: Operation) -> tuple[Target, ...]:
+            capability = _NEEDS[op]
+            return tuple(
+                Target(
+                    model=m,
+                    deployment=d,
+                    backend=self.backends[d.backend],
+                    origin=origins[m.name],
+                    operator=entities[d.backend],
+                    places=self.places,
+                    resolved=True,
+                )
+                for m in (self.models[name] for name in names)
+                if capability in m.capabilities
+                for d in m.deployments
+            )
+
         self.targets: dict[tuple[str, Operation], tuple[Target, ...]] = {}
         for route in policy.routes:
-            for op, capability in _NEEDS.items():
-                self.targets[(route.name, op)] = tuple(
-                    Target(
-                        model=m,
-                        deployment=d,
-                        backend=self.backends[d.backend],
-                        origin=origins[m.name],
-                        operator=entities[d.backend],
-                        places=self.places,
-                        resolved=True,
-                    )
-                    for m in (self.models[name] for name in route.models)
-                    if capability in m.capabilities
-                    for d in m.deployments
-                )
+            for op in _NEEDS:
+                self.targets[(route.name, op)] = targets_of(route.models, op)
         # Compiled once here: what every request would otherwise recompute from the policy.
         self.candidates: dict[tuple[str, Operation], Candidates] = compile_candidates(self.routes, self.targets)
+        # The routes' shadow and canary deployments, judged per compliance envelope like the candidates.
+        self.trials: dict[TrialKey, Candidates] = compile_trials(self.routes, lambda m, op: targets_of((m,), op))
         first_embedder = policy.cache.embedders[0].name if policy.cache.embedders else None
         self.tenant_tables: dict[str, TenantTables] = compile_tenants(
-            policy.tenants, policy.rules, self.candidates, self.routes, first_embedder
+            policy.tenants, policy.rules, self.candidates, self.routes, first_embedder, self.trials
         )
         # The open tenant's apart: a policy tenant may be named like it.
-        self.open_tables: TenantTables = compile_tenants([self.open_tenant], policy.rules, self.candidates)[
-            self.open_tenant.name
-        ]
+        self.open_tables: TenantTables = compile_tenants(
+            [self.open_tenant], policy.rules, self.candidates, trials=self.trials
+        )[self.open_tenant.name]
         # Whether a decision may need the exact prompt size (else its cheap bound decides the same).
         self.prompt_needs: dict[tuple[str, Operation], PromptNeeds] = compile_prompt_needs(
             self.routes, policy.rules, self.targets

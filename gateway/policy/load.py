@@ -427,6 +427,9 @@ def _cross_check(
             for j, name in enumerate(r.models):
                 if name not in model_names:
                     at(source, f"$.routes[{i}].models[{j}]", f"route {r.name!r}: unknown model {name!r}")
+            for part, trial in (("shadow", r.shadow), ("canary", r.canary)):
+                if trial is not None and trial.model not in model_names:
+                    at(source, f"$.routes[{i}].{part}.model", f"route {r.name!r}: unknown {part} model {trial.model!r}")
         for i, t in enumerate(policy.tenants):
             for j, k in enumerate(t.keys):
                 if not _DIGEST.match(k.digest):

@@ -484,6 +484,37 @@ class TryTimeouts(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     stall_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = 30.0
 
 
+class Shadow(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A candidate model the route's traffic is copied to (gateway.stages.shadow): a sampled request is
+    sent to it again after the client's answer is complete, off the client's path, and its answer is
+    counted (and handed to the shadow sink, for capture) but never returned. The copy is filtered by
+    the tenant's compliance like any candidate; it never touches the tenant's limits or budgets."""
+
+    model: str
+    # The share of the route's completed answers that are copied (0: none, 1: every one).
+    sample_rate: Share = 1.0
+    # The copy's whole answer must come within this; past it the copy is counted `timed_out`.
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 60.0
+
+
+class Canary(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A candidate model that serves `weight` of the route's conversations (gateway.policy.trials): a
+    conversation's share is a hash of the tenant and the conversation's stable start, so every turn of
+    it goes to the same side. Compliance and the request's needs filter the candidate like any; when it
+    cannot serve, the request stays on the route's own plan. A failing canary falls back to that plan."""
+
+    model: str
+    weight: Share = 0.0
+
+
+class ShadowLimits(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """What shadow copies may take of a replica, all routes together: copies running at once, and copies
+    waiting for one of those slots. A copy that finds the queue full is dropped and counted."""
+
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 4
+    max_queue: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 64
+
+
 class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """A name clients send as `model`: candidate models, how to rank them, how to fall back."""
 
@@ -513,6 +544,10 @@ class Route(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # holds the whole stream until it completes (no streaming latency) and restarts a broken one on
     # the next deployment, so the client only ever sees one complete answer.
     resume: Literal["off", "continue", "restart"] = "off"
+    # A candidate model copied to after the answer (never returned), and one serving a share of the
+    # route's conversations: how a customised model is tried on live traffic before it is promoted.
+    shadow: Shadow | None = None
+    canary: Canary | None = None
 
 
 class TenantKey(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -764,6 +799,8 @@ class Server(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     admin_keys: tuple[str, ...] = ()
     shedding: Shedding = Shedding()
     responses: StoredResponses = StoredResponses()
+    # Shadow copies' own caps on this replica (every route's `shadow` together).
+    shadow: ShadowLimits = ShadowLimits()
 
 
 class SilencedWarning(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -126,6 +126,10 @@ def render(decision: Decision, live: LiveState | None = None) -> str:
         lines.append("panic: every compliant candidate is ejected; they are tried anyway")
     if decision.affinity is not None:
         lines.append(f"affinity: {decision.affinity}")
+    if decision.canary is not None:
+        lines.append(f"canary: {decision.canary}")
+    if decision.shadow is not None:
+        lines.append(f"shadow: {decision.shadow}")
     lines.append(_signals_line(live))
     lines.append(f"plan: {' -> '.join(decision.plan)}")
     return "\n".join(lines)

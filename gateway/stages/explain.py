@@ -52,6 +52,10 @@ def explain_header(decision: Decision) -> str:
         doc["panic"] = "every candidate is ejected: tried anyway"
     if decision.affinity is not None:
         doc["affinity"] = decision.affinity
+    if decision.canary is not None:
+        doc["canary"] = decision.canary
+    if decision.shadow is not None:
+        doc["shadow"] = decision.shadow
     planned = set(decision.plan)
     where: dict[str, object] = {}
     hardware = {r.deployment: r.hardware for r in decision.rows if r.deployment in planned and r.hardware}
