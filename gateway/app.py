@@ -36,6 +36,7 @@ from gateway.access_log import AccessLog
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
+from gateway.api.console.handlers import build_console_handlers
 from gateway.api.cors import CorsGate
 from gateway.api.front import FrontedLitestar
 from gateway.api.identity import request_id_of, scope_id_headers
@@ -59,6 +60,7 @@ from gateway.runtime import Gateway, Services, build_runtime
 from gateway.settings import Settings
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.observers import FeatureLogFile, ShadowPolicy
+from gateway.stages.recent import RecentDecisions
 from gateway.state import open_store
 from gateway.telemetry import Metrics
 from gateway.tracing import tracing_from_env
@@ -140,6 +142,7 @@ def create_app(
         responses=responses,
         feature_log=FeatureLogFile(settings.feature_log, settings.feature_log_sample) if settings.feature_log else None,
         shadow=ShadowPolicy(settings.shadow_policy, metrics) if settings.shadow_policy else None,
+        recent=RecentDecisions(),
     )
     runtime = build_runtime(policy, factories, services)
     if drain_on_sigterm:
@@ -162,7 +165,11 @@ def create_app(
     return FrontedLitestar(
         endpoints=endpoints,
         cors=CorsGate(lambda: gateway.runtime.index.policy.server.cors),
-        route_handlers=build_handlers(gateway, limits, metrics_token=settings.metrics_token, endpoints=endpoints),
+        route_handlers=[
+            *build_handlers(gateway, limits, metrics_token=settings.metrics_token, endpoints=endpoints),
+            # The console (/ui) and its JSON (/admin/api): admin keys only (gateway.api.console).
+            *build_console_handlers(gateway, reloader, factories.keys()),
+        ],
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_exception,

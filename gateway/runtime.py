@@ -31,6 +31,7 @@ from gateway.stages.cache import CacheStage
 from gateway.stages.explain import Explain
 from gateway.stages.limits import LimitsStage
 from gateway.stages.observers import DecisionObserver, FeatureLog, FeatureLogFile, ShadowPolicy
+from gateway.stages.recent import RecentDecisions, RecentLog
 from gateway.stages.route import RouteStage
 from gateway.stages.upstream import UpstreamStage
 from gateway.state import Store
@@ -96,6 +97,8 @@ class Services:
     # The feature log's file (STRAIT_FEATURE_LOG) and the shadow policy (STRAIT_SHADOW_POLICY), if set.
     feature_log: FeatureLogFile | None = None
     shadow: ShadowPolicy | None = None
+    # The last decisions of this replica (the console's search and its policy diff against recent traffic).
+    recent: RecentDecisions | None = None
 
 
 def build_runtime(
@@ -127,6 +130,8 @@ def build_runtime(
         observers.append(FeatureLog(services.feature_log, index))
     if services.shadow is not None:
         observers.append(services.shadow)
+    if services.recent is not None:
+        observers.append(RecentLog(services.recent, index))
     route = RouteStage(index, signals, explain, tuple(observers), services.region)
     # The redactor knows every backend's resolved key, so no upstream error text can echo one.
     dispatcher = Dispatcher(
