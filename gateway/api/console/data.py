@@ -42,6 +42,8 @@ class Overview(msgspec.Struct, kw_only=True):
     in_flight: int
     requests: int
     errors: int
+    # Requests answered with an error, refusals before any upstream included (strait_refusals_total).
+    refused: int
     # Shares in [0, 1]; None when nothing was served (or looked up) yet.
     spillover_share: float | None
     cache_hit_rate: float | None
@@ -217,6 +219,7 @@ async def overview(gateway: Gateway, reloader: PolicyReloader) -> Overview:
         in_flight=gateway.inflight.count,
         requests=sum(r.requests for r in routes),
         errors=sum(r.errors for r in routes),
+        refused=sum(sum(codes.values()) for codes in metrics_view.refusals_by_tenant(gateway.metrics).values()),
         spillover_share=_share(sum(r.spilled for r in routes), sum(served.values())),
         cache_hit_rate=_share(sum(r.cache_hits for r in routes), sum(r.cache_lookups for r in routes)),
         served_by_tier=dict(sorted(served.items())),

@@ -42,7 +42,8 @@ SECURITY_HEADERS = {
     "content-security-policy": CSP,
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer a browser sends `Origin: null` on its own form posts.
+    "referrer-policy": "same-origin",
     "cache-control": "no-store",
 }
 # The login form's own CSRF token (no session yet): a double-submit cookie.

@@ -21,6 +21,9 @@ def overview(doc: Overview, csrf: str | None) -> str:
                 num(doc.errors),
                 f"{doc.errors / doc.requests * 100:.1f} % of requests" if doc.requests else "",
             ),
+            _figure(
+                "Refused or failed", f'<span data-figure="refused">{num(doc.refused)}</span>', "any tenant, any reason"
+            ),
             _figure("Spillover share", pct(doc.spillover_share), "answers sent past a full backend"),
             _figure("Cache hit rate", pct(doc.cache_hit_rate), "exact and semantic hits / lookups"),
             _figure("In flight", num(doc.in_flight)),
