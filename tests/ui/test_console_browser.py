@@ -89,6 +89,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
                 assert c.post("/v1/chat/completions", json=CHAT, headers=beta).status_code in (403, 404)
             bad = {"authorization": "Bearer sk-nobody"}
             assert c.post("/v1/chat/completions", json=CHAT, headers=bad).status_code == 401
+            # The usage writer hands records to the ledger in the background: wait until all six are counted.
+            admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+            assert poll(lambda: sum(r["requests"] for r in c.get("/admin/usage", headers=admin).json()["data"]) == 6)
         yield proc, policy, traffic
 
 
