@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+import msgspec
 
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
@@ -26,8 +27,9 @@ from gateway.stages.observers import MAX_CLIENT_TEXT, rule_headers
 RECENT_DECISIONS = 1000
 
 
-@dataclass(frozen=True, slots=True)
-class RecentDecision:
+class RecentDecision(msgspec.Struct, frozen=True):
+    """One decided request (a Struct, not a dataclass: built on the request path, it is several times cheaper)."""
+
     ts: float
     request_id: str
     # The client's own x-request-id, when it sent one (recorded, never trusted as a key).
