@@ -178,7 +178,8 @@ def test_overview_figures_match_metrics_and_usage(
         spent = sum(row["cost_usd"] for row in usage if row["tenant"] == tenant)
         assert spent > 0
         assert page.inner_text(f'[data-figure="spend:{tenant}"]') == f"${spent:,.6f}"
-    assert page.locator("svg.chart").count() >= 2
+    assert page.locator("svg.chart").count() >= 3  # latency, tiers, answers by tier per minute
+    assert "Answers by serving tier per minute" in page.inner_text("main")
     page.screenshot(path=str(ARTIFACTS / "overview.png"), full_page=True)
     assert not violations, violations
 

@@ -17,6 +17,7 @@ from litestar.testing import TestClient
 
 from gateway.api.console.access import COOKIE, Sessions, Verdict, csrf_ok, identify
 from gateway.api.console.candidate import MAX_CANDIDATE_BYTES
+from gateway.api.console.history import SpillHistory
 from gateway.api.console.metrics_view import quantile
 from gateway.app import create_app
 from gateway.policy.index import PolicyIndex, key_digest
@@ -24,6 +25,7 @@ from gateway.policy.load import load_policy
 from gateway.policy.replay import FeatureLine
 from gateway.settings import Settings
 from gateway.stages.recent import RecentDecision, RecentDecisions
+from gateway.telemetry import Metrics
 from tests.harness.waiting import poll
 
 ADMIN = "sk-console-admin-0001"
@@ -290,3 +292,22 @@ def test_quantile_lies_in_the_bucket_that_holds_the_rank(values: list[float], q:
 def test_quantile_of_nothing_is_none() -> None:
     assert quantile(0.5, []) is None
     assert quantile(0.5, [(1.0, 0.0), (math.inf, 0.0)]) is None
+
+
+def test_spill_history_is_per_minute_differences_of_the_served_counters() -> None:
+    metrics = Metrics()
+    now = [1000.0]
+    history = SpillHistory(metrics, clock=lambda: now[0])
+    assert history.points() == []
+    history.sample()
+    metrics.child(metrics.served_requests, "chat", "edge", "false").inc(3)
+    metrics.child(metrics.served_requests, "chat", "provider", "true").inc(2)
+    now[0] = 1060.0
+    history.sample()
+    metrics.child(metrics.served_requests, "chat", "provider", "true").inc(1)
+    now[0] = 1090.0
+    points = history.points()
+    assert [(p.ts, p.by_tier, p.spilled) for p in points] == [
+        (1060.0, {"edge": 3, "provider": 2}, 2),
+        (1090.0, {"provider": 1}, 1),  # the minute under way
+    ]

@@ -14,6 +14,7 @@ import msgspec
 
 from gateway.accounting.ledger import LedgerUnavailable
 from gateway.api.console import metrics_view
+from gateway.api.console.history import SpillHistory, SpillPoint
 from gateway.api.console.metrics_view import RouteFigures
 from gateway.policy.engine import Decision
 from gateway.reload import PolicyReloader
@@ -48,6 +49,8 @@ class Overview(msgspec.Struct, kw_only=True):
     spillover_share: float | None
     cache_hit_rate: float | None
     served_by_tier: dict[str, int]
+    # Answers by tier per minute over the last hour (the last point: the minute under way).
+    spill_history: list[SpillPoint]
     routes: list[RouteFigures]
     spend_today: list[TenantSpend] | None
     ledger_error: str | None
@@ -186,7 +189,7 @@ def _tenant_names(gateway: Gateway) -> list[str]:
     return sorted(index.tenants) or [index.open_tenant.name]
 
 
-async def overview(gateway: Gateway, reloader: PolicyReloader) -> Overview:
+async def overview(gateway: Gateway, reloader: PolicyReloader, history: SpillHistory | None = None) -> Overview:
     index = gateway.runtime.index
     routes = metrics_view.route_figures(gateway.metrics, index.routes)
     served: dict[str, int] = defaultdict(int)
@@ -223,6 +226,7 @@ async def overview(gateway: Gateway, reloader: PolicyReloader) -> Overview:
         spillover_share=_share(sum(r.spilled for r in routes), sum(served.values())),
         cache_hit_rate=_share(sum(r.cache_hits for r in routes), sum(r.cache_lookups for r in routes)),
         served_by_tier=dict(sorted(served.items())),
+        spill_history=[] if history is None else history.points(),
         routes=routes,
         spend_today=spend,
         ledger_error=ledger_error,

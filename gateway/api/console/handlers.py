@@ -25,6 +25,7 @@ from gateway.api.console.access import (
     session_cookie,
 )
 from gateway.api.console.candidate import MAX_CANDIDATE_BYTES, CheckResult, check_candidate
+from gateway.api.console.history import SpillHistory
 from gateway.api.console.html import page
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from gateway.policy.index import key_digest
@@ -111,7 +112,7 @@ def _query(request: Request[Any, Any, Any], name: str) -> str:
 
 
 def build_console_handlers(
-    gateway: Gateway, reloader: PolicyReloader, adapters: Iterable[str]
+    gateway: Gateway, reloader: PolicyReloader, adapters: Iterable[str], history: SpillHistory | None = None
 ) -> list[HTTPRouteHandler]:
     sessions = Sessions()
     adapter_names = list(adapters)
@@ -200,7 +201,7 @@ def build_console_handlers(
         gate = page_gate(request)
         if isinstance(gate, Response):
             return gate
-        return _html(pages.overview(await data.overview(gateway, reloader), csrf_of(gate)))
+        return _html(pages.overview(await data.overview(gateway, reloader, history), csrf_of(gate)))
 
     @get("/ui/decisions")
     async def decisions_page(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -276,7 +277,7 @@ def build_console_handlers(
     @get("/admin/api/overview")
     async def overview_api(request: Request[Any, Any, Any]) -> Response[bytes]:
         api_gate(request)
-        return _json(await data.overview(gateway, reloader))
+        return _json(await data.overview(gateway, reloader, history))
 
     @get("/admin/api/decisions")
     async def decisions_api(request: Request[Any, Any, Any]) -> Response[bytes]:

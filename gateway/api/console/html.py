@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlencode
 
 PAGES = (
@@ -97,6 +97,42 @@ def bar_chart(title: str, bars: Sequence[tuple[str, float, str]], *, limit: floa
         parts.append(f'<line class="limit" x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{height}"></line>')
     parts.append("</svg>")
     return f"<figure><figcaption>{esc(title)}</figcaption>{''.join(parts)}</figure>"
+
+
+def column_chart(title: str, columns: Sequence[tuple[str, Mapping[str, int]]], series: Sequence[str]) -> str:
+    """Stacked columns, one per (label, value by series), oldest left; a legend names the series' colours."""
+    if not columns or not any(sum(v.values()) for _, v in columns):
+        return f'<p class="empty">{esc(title)}: nothing yet.</p>'
+    width, height, left, bottom = 600, 160, 40, 20
+    top = max(sum(v.values()) for _, v in columns)
+    # An hour's worth of slots, whatever is known yet: a column's width means the same minute every time.
+    step = (width - left) / max(len(columns), 60)
+    bar = max(1.0, step * 0.8)
+    parts = [
+        f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">'
+        f"<title>{esc(title)}</title>"
+        f'<text class="label" x="{left - 4}" y="12" text-anchor="end">{top}</text>'
+        f'<text class="label" x="{left - 4}" y="{height - bottom}" text-anchor="end">0</text>'
+    ]
+    usable = height - bottom - 8
+    for i, (label, values) in enumerate(columns):
+        x = left + i * step
+        y = float(height - bottom)
+        tip = ", ".join(f"{name} {values.get(name, 0)}" for name in series)
+        for k, name in enumerate(series):
+            h = values.get(name, 0) / top * usable if top else 0.0
+            if h <= 0:
+                continue
+            y -= h
+            parts.append(
+                f'<rect class="bar bar{k % 4}" x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{h:.1f}">'
+                f"<title>{esc(label)}: {esc(tip)}</title></rect>"
+            )
+    parts.append(f'<text class="label" x="{left}" y="{height - 4}">{esc(columns[0][0])}</text>')
+    parts.append(f'<text class="label" x="{width}" y="{height - 4}" text-anchor="end">{esc(columns[-1][0])}</text>')
+    parts.append("</svg>")
+    legend = "".join(f'<li><span class="swatch bar{k % 4}"></span>{esc(name)}</li>' for k, name in enumerate(series))
+    return f'<figure><figcaption>{esc(title)}</figcaption>{"".join(parts)}<ul class="legend">{legend}</ul></figure>'
 
 
 def page(title: str, current: str, body: str, *, csrf: str | None, refresh: bool = True) -> str:

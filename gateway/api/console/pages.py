@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import time
+
 from gateway.api.console.candidate import CheckResult
 from gateway.api.console.data import Backends, DecisionDetail, DecisionSearch, Overview, PolicyStatus, Tenants
-from gateway.api.console.html import bar_chart, esc, link, num, page, pct, table, usd, when
+from gateway.api.console.html import bar_chart, column_chart, esc, link, num, page, pct, table, usd, when
 
 
 def _figure(name: str, value: str, note: str = "") -> str:
@@ -76,6 +78,14 @@ def overview(doc: Overview, csrf: str | None) -> str:
         "Answers by serving tier",
         [(tier, float(n), f"{n:,} ({n / total_served * 100:.1f} %)") for tier, n in doc.served_by_tier.items()],
     )
+    tiers = sorted({t for p in doc.spill_history for t in p.by_tier} | set(doc.served_by_tier))
+    spilled_total = sum(p.spilled for p in doc.spill_history)
+    answered_total = sum(sum(p.by_tier.values()) for p in doc.spill_history)
+    over_time = column_chart(
+        f"Answers by serving tier per minute, last hour ({spilled_total} of {answered_total} spilled)",
+        [(time.strftime("%H:%M", time.gmtime(p.ts)), p.by_tier) for p in doc.spill_history],
+        tiers,
+    )
     if doc.spend_today is None:
         spend = f"<p class='warn'>Spend unavailable: {esc(doc.ledger_error)}</p>"
     else:
@@ -96,7 +106,7 @@ def overview(doc: Overview, csrf: str | None) -> str:
         )
     body = (
         f"<dl class='stats'>{stats}</dl><section aria-labelledby='alerts-h'><h2 id='alerts-h'>Alerts</h2>{alerts}</section>"
-        f"<section aria-labelledby='routes-h'><h2 id='routes-h'>Routes</h2>{routes}<div class='charts'>{latency_chart}{tier_chart}</div></section>"
+        f"<section aria-labelledby='routes-h'><h2 id='routes-h'>Routes</h2>{routes}<div class='charts'>{latency_chart}{tier_chart}</div>{over_time}</section>"
         f"<section aria-labelledby='spend-h'><h2 id='spend-h'>Spend</h2>{spend}</section>"
     )
     return page("Overview", "/ui", body, csrf=csrf)
