@@ -213,9 +213,6 @@ def tenants(doc: Tenants, csrf: str | None) -> str:
     if doc.ledger_error:
         parts.append(f"<p class='warn'>Usage unavailable: {esc(doc.ledger_error)}</p>")
     for t in doc.data:
-        limits = "; ".join(
-            f"{scope}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for scope, values in t.limits.items()
-        )
         facts = "".join(
             _figure(k, v)
             for k, v in (
@@ -229,7 +226,6 @@ def tenants(doc: Tenants, csrf: str | None) -> str:
                 ),
                 ("Spend this month", f"{usd(t.spend_month_usd)} of {usd(t.budget_usd_per_month)}"),
                 ("When spent", esc(t.on_exhausted)),
-                ("Limits", esc(limits or "none")),
             )
         )
         budget_bars = []
@@ -246,6 +242,15 @@ def tenants(doc: Tenants, csrf: str | None) -> str:
             if budget_bars
             else ""
         )
+        limits = table(
+            f"{t.name}: rate limits (policy)",
+            ["Scope", "Limits"],
+            (
+                [esc(scope), esc(", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in values.items() if v is not None))]
+                for scope, values in t.limits.items()
+            ),
+            empty="No rate limit.",
+        )
         refusals = table(
             f"{t.name}: refusals by reason (since this replica started)",
             ["Code", "Requests"],
@@ -255,7 +260,9 @@ def tenants(doc: Tenants, csrf: str | None) -> str:
             ),
             empty="No refusal.",
         )
-        parts.append(f"<section><h2>{esc(t.name)}</h2><dl class='stats'>{facts}</dl>{chart}{refusals}</section>")
+        parts.append(
+            f"<section><h2>{esc(t.name)}</h2><dl class='stats'>{facts}</dl>{chart}{limits}{refusals}</section>"
+        )
     if doc.unauthenticated_refusals:
         parts.append(
             table(
