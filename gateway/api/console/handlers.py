@@ -33,7 +33,8 @@ from gateway.reload import PolicyReloader
 from gateway.reply import JSON
 from gateway.runtime import Gateway
 
-HTML = "text/html; charset=utf-8"
+# Litestar adds `; charset=utf-8` to text types itself.
+HTML = "text/html"
 # No inline script or style, nothing from elsewhere, no framing; forms post only here.
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -53,7 +54,7 @@ LOGIN_COOKIE = "strait_console_login"
 MAX_FORM_BYTES = 3 * MAX_CANDIDATE_BYTES + 4096
 MAX_QUERY_TEXT = 200
 STATIC = Path(__file__).parent / "static"
-_STATIC_TYPES = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
+_STATIC_TYPES = {"console.js": "text/javascript", "console.css": "text/css"}
 # Candidate checks at once (each a policy load in a worker thread).
 CHECKS_AT_ONCE = 2
 
