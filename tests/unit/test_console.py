@@ -36,11 +36,17 @@ version: 1
 server: {{admin_keys: ["{key_digest(ADMIN)}"]}}
 backends:
   - {{name: sim, adapter: simulated, simulated: {{ttft_ms: 0, tokens_per_second: 1000000, output_tokens: 5}}}}
+  - name: broken
+    adapter: simulated
+    outlier: {{consecutive_failures: 2}}
+    simulated: {{ttft_ms: 0, failure_rate: 1.0, failure_status: 503}}
 models:
   - name: m
     deployments: [{{backend: sim, upstream_model: sim-1, price: {{input_per_mtok: 1000, output_per_mtok: 2000}}}}]
+  - {{name: m-broken, deployments: [{{backend: broken, upstream_model: b}}]}}
 routes:
   - {{name: chat, models: [m]}}
+  - {{name: flaky, models: [m-broken]}}
 tenants:
   - name: acme
     keys: [{{id: "key-{HOSTILE}", digest: "{key_digest(TENANT)}"}}]
@@ -311,3 +317,19 @@ def test_spill_history_is_per_minute_differences_of_the_served_counters() -> Non
         (1060.0, {"edge": 3, "provider": 2}, 2),
         (1090.0, {"provider": 1}, 1),  # the minute under way
     ]
+
+
+def test_backends_show_ejections_and_no_backend_secrets(client: TestClient[object]) -> None:
+    tenant = {"authorization": f"Bearer {TENANT}"}
+    for _ in range(2):
+        assert client.post("/v1/chat/completions", json={**CHAT, "model": "flaky"}, headers=tenant).status_code >= 500
+    doc = client.get("/admin/api/backends", headers=_admin()).json()
+    broken = next(b for b in doc["data"] if b["name"] == "broken")
+    assert (
+        broken["healthy"] is False
+        and broken["ejected_for_s"] > 0
+        and "2 consecutive failures" in broken["ejection_reason"]
+    )
+    assert sorted(e["key"] for e in doc["ejections"]) == ["broken", "m-broken@broken"]  # the backend and its deployment
+    page = client.get("/ui/backends", headers=_admin()).text
+    assert "Ejection history" in page and "2 consecutive failures" in page

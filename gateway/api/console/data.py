@@ -144,8 +144,18 @@ class BackendView(msgspec.Struct, kw_only=True):
     deployments: list[DeploymentView]
 
 
+class EjectionEvent(msgspec.Struct, kw_only=True):
+    ts: float
+    # A backend, or a deployment (model@backend).
+    key: str
+    reason: str
+    seconds: float
+
+
 class Backends(msgspec.Struct, kw_only=True):
     data: list[BackendView]
+    # This replica's last ejections, newest first.
+    ejections: list[EjectionEvent]
 
 
 class PolicyStatus(msgspec.Struct, kw_only=True):
@@ -440,7 +450,11 @@ def backends(gateway: Gateway) -> Backends:
                 deployments=sorted(deployments.get(b.name, []), key=lambda d: d.label),
             )
         )
-    return Backends(data=out)
+    history = [
+        EjectionEvent(ts=ts, key=key, reason=reason, seconds=round(seconds, 1))
+        for ts, key, reason, seconds in reversed(signals.ejections)
+    ]
+    return Backends(data=out, ejections=history)
 
 
 def _round(value: float | None) -> float | None:

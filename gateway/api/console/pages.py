@@ -347,7 +347,15 @@ def backends(doc: Backends, csrf: str | None) -> str:
             for d in b.deployments
         ),
     )
-    return page("Backends and deployments", "/ui/backends", summary + chart + hosting + deployments, csrf=csrf)
+    ejections = table(
+        "Ejection history (this replica, newest first)",
+        ["Backend or deployment", "When", "Reason", "Out for"],
+        ([esc(e.key), when(e.ts), esc(e.reason), num(e.seconds, unit=" s")] for e in doc.ejections),
+        empty="No ejection since this replica started.",
+    )
+    return page(
+        "Backends and deployments", "/ui/backends", summary + chart + ejections + hosting + deployments, csrf=csrf
+    )
 
 
 def policy(doc: PolicyStatus, csrf: str | None, *, candidate: str = "", result: CheckResult | None = None) -> str:
