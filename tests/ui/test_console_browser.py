@@ -184,6 +184,26 @@ def test_overview_figures_match_metrics_and_usage(
     assert not violations, violations
 
 
+def test_pages_refresh_themselves(session: tuple[Any, list[str]], served: tuple[ServerProcess, Path, Traffic]) -> None:
+    """The script fetches the page again every 10 s (the browser's clock is driven here, not waited for)."""
+    page = session[0].context.new_page()
+    try:
+        page.clock.install()
+        page.goto("/ui")
+        shown = int(page.inner_text('[data-figure="requests:chat"]'))
+        r = httpx.post(
+            served[0].base_url + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {DEMO_KEY}"}
+        )
+        assert r.status_code == 200
+        page.clock.run_for(11_000)
+        page.wait_for_function(
+            f"document.querySelector('[data-figure=\"requests:chat\"]').textContent === '{shown + 1}'", timeout=15_000
+        )
+        assert page.inner_text("#refreshed").startswith("Updated")
+    finally:
+        page.close()
+
+
 def test_a_request_id_leads_to_its_decision_table(
     session: tuple[Any, list[str]], served: tuple[ServerProcess, Path, Traffic]
 ) -> None:

@@ -1,6 +1,6 @@
 // The Strait console's only script (served by the gateway: the Content-Security-Policy allows no other).
 // A page whose <main> says data-refresh="N" is fetched again every N seconds while it is visible, and its
-// <main> replaced; never while the reader is typing in it or has paused the refresh with the button.
+// <main> replaced; never while focus is inside it (a link, a field) or the reader has paused the refresh with the button.
 "use strict";
 (function () {
   var main = document.getElementById("main");
@@ -20,13 +20,14 @@
   });
   if (status) status.parentNode.insertBefore(button, status);
 
-  function typing() {
+  // Focus inside <main> (a keyboard user on a link, someone typing): replacing it would lose their place.
+  function busy() {
     var active = document.activeElement;
-    return active && main.contains(active) && /^(INPUT|TEXTAREA|SELECT)$/.test(active.tagName);
+    return active && active !== main && main.contains(active);
   }
 
   function refresh() {
-    if (paused || document.visibilityState !== "visible" || typing()) return;
+    if (paused || document.visibilityState !== "visible" || busy()) return;
     fetch(window.location.href, { credentials: "same-origin", headers: { accept: "text/html" } })
       .then(function (r) {
         if (r.redirected || !r.ok) throw new Error("status " + r.status);
