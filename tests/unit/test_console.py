@@ -333,3 +333,15 @@ def test_backends_show_ejections_and_no_backend_secrets(client: TestClient[objec
     assert sorted(e["key"] for e in doc["ejections"]) == ["broken", "m-broken@broken"]  # the backend and its deployment
     page = client.get("/ui/backends", headers=_admin()).text
     assert "Ejection history" in page and "2 consecutive failures" in page
+
+
+def test_the_login_page_warns_when_the_session_cookie_cannot_be_kept(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    app = create_app(Settings(policy_path=str(policy), spool_dir=str(tmp_path / "spool")))
+    warning = "plain HTTP from another machine"
+    with TestClient(app, base_url="http://console.example.org") as plain:
+        assert warning in plain.get("/ui/login").text
+        assert warning not in plain.get("/ui/login", headers={"x-forwarded-proto": "https"}).text
+    with TestClient(app, base_url="http://127.0.0.1:8080") as local:
+        assert warning not in local.get("/ui/login").text

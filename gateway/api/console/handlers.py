@@ -108,6 +108,15 @@ def _same_origin(request: Request[Any, Any, Any]) -> bool:
     return urlsplit(origin).netloc == request.headers.get("host", "")
 
 
+def _plain_http(request: Request[Any, Any, Any]) -> bool:
+    """Reached over plain HTTP from elsewhere than this machine: a browser will not keep the Secure session cookie
+    (loopback names are secure contexts; a TLS proxy in front says so in X-Forwarded-Proto)."""
+    if request.scope.get("scheme") == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https":
+        return False
+    host = urlsplit("//" + request.headers.get("host", "")).hostname or ""
+    return host not in ("127.0.0.1", "localhost", "::1") and not host.endswith(".localhost")
+
+
 def _query(request: Request[Any, Any, Any], name: str) -> str:
     return str(request.query_params.get(name) or "")[:MAX_QUERY_TEXT].strip()
 
@@ -154,14 +163,14 @@ def build_console_handlers(
             static[name], media_type=_STATIC_TYPES[name], headers={**SECURITY_HEADERS, "cache-control": "no-cache"}
         )
 
-    def login_page(error: str | None = None, status: int = 200) -> Response[bytes]:
+    def login_page(request: Request[Any, Any, Any], error: str | None = None, status: int = 200) -> Response[bytes]:
         token = secrets.token_urlsafe(32)
         cookie = f"{LOGIN_COOKIE}={token}; Path=/ui/login; Max-Age=3600; HttpOnly; Secure; SameSite=Strict"
-        return _html(pages.login(token, error), status, {"set-cookie": cookie})
+        return _html(pages.login(token, error, plain_http=_plain_http(request)), status, {"set-cookie": cookie})
 
     @get("/ui/login")
     async def login_form(request: Request[Any, Any, Any]) -> Response[bytes]:
-        return login_page()
+        return login_page(request)
 
     @post("/ui/login", status_code=200)
     async def login(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -174,16 +183,16 @@ def build_console_handlers(
             or not presented
             or not secrets.compare_digest(expected, presented)
         ):
-            return login_page("The form expired; try again.", 403)
+            return login_page(request, "The form expired; try again.", 403)
         key = form.get("key", "").strip()
         if not key or len(key) > 512:
-            return login_page("Enter an admin key.", 401)
+            return login_page(request, "Enter an admin key.", 401)
         digest = key_digest(key)
         index = gateway.runtime.index
         if digest not in index.admin_digests:
             if digest in index.principals:
                 return _html(pages.forbidden(), 403)
-            return login_page("That key is not an admin key of this gateway.", 401)
+            return login_page(request, "That key is not an admin key of this gateway.", 401)
         session = sessions.open(digest)
         return _see_other("/ui", {"set-cookie": session_cookie(session)})
 

@@ -413,8 +413,13 @@ def policy(doc: PolicyStatus, csrf: str | None, *, candidate: str = "", result: 
     return page("Policy", "/ui/policy", body, csrf=csrf, refresh=False)
 
 
-def login(csrf: str, error: str | None = None) -> str:
+def login(csrf: str, error: str | None = None, *, plain_http: bool = False) -> str:
     message = f"<p class='warn' role='alert'>{esc(error)}</p>" if error else ""
+    if plain_http:
+        message += (
+            "<p class='warn'>This console is reached over plain HTTP from another machine: browsers keep its session "
+            "cookie only over HTTPS. Serve it behind TLS, or use <code>Authorization: Bearer</code> from scripts.</p>"
+        )
     body = (
         f"{message}<form method='post' action='/ui/login' class='login'>"
         f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
