@@ -124,6 +124,8 @@ def test_login_needs_its_form_token_and_an_admin_key(client: TestClient[object])
     assert (r.status_code == 403 and "set-cookie" not in r.headers) or COOKIE + "=" not in r.headers["set-cookie"]
     r = client.post("/ui/login", data={"csrf": "forged", "key": ADMIN})
     assert r.status_code == 403
+    r = client.post("/ui/login", data={"csrf": "fälschung-✓", "key": ADMIN})  # not ASCII: refused, not a 500
+    assert r.status_code == 403
     # A tenant key is not let in, and an unknown key is told so without echoing it.
     fresh = re.search(r'name="csrf" value="([^"]+)"', client.get("/ui/login").text)
     assert fresh is not None

@@ -181,7 +181,7 @@ def build_console_handlers(
             not _same_origin(request)
             or not expected
             or not presented
-            or not secrets.compare_digest(expected, presented)
+            or not secrets.compare_digest(expected.encode(), presented.encode())
         ):
             return login_page(request, "The form expired; try again.", 403)
         key = form.get("key", "").strip()
