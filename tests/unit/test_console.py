@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
 
@@ -347,3 +347,18 @@ def test_the_login_page_warns_when_the_session_cookie_cannot_be_kept(tmp_path: P
         assert warning not in plain.get("/ui/login", headers={"x-forwarded-proto": "https"}).text
     with TestClient(app, base_url="http://127.0.0.1:8080") as local:
         assert warning not in local.get("/ui/login").text
+
+
+def test_any_pasted_text_is_checked_never_a_server_error(tmp_path: Path) -> None:
+    with _client(tmp_path) as client:
+
+        @settings(max_examples=30, deadline=None)
+        @given(st.text(max_size=400))
+        def paste(text: str) -> None:
+            r = client.post("/admin/api/policy/check", json={"policy": text}, headers=_admin())
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["ok"] is (body["errors"] == 0)
+            assert all(p.startswith("candidate.yaml:") for p in body["problems"])
+
+        paste()
