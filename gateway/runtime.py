@@ -33,6 +33,7 @@ from gateway.stages.capture import CaptureTap, captures_any
 from gateway.stages.explain import Explain
 from gateway.stages.limits import LimitsStage
 from gateway.stages.observers import DecisionObserver, FeatureLog, FeatureLogFile, ShadowPolicy
+from gateway.stages.recent import RecentDecisions, RecentLog
 from gateway.stages.route import RouteStage
 from gateway.stages.shadow import ShadowRunner, ShadowTap
 from gateway.stages.upstream import UpstreamStage
@@ -104,6 +105,8 @@ class Services:
     # Shadow traffic (routes' `shadow`): copies of answered requests to candidate models, bounded per
     # process, handed to its sink (gateway.stages.shadow). None: no copies are made.
     shadow_traffic: ShadowRunner | None = None
+    # The last decisions of this replica (the console's search and its policy diff against recent traffic).
+    recent: RecentDecisions | None = None
 
 
 def build_runtime(
@@ -135,6 +138,8 @@ def build_runtime(
         observers.append(FeatureLog(services.feature_log, index))
     if services.shadow is not None:
         observers.append(services.shadow)
+    if services.recent is not None:
+        observers.append(RecentLog(services.recent, index))
     route = RouteStage(index, signals, explain, tuple(observers), services.region)
     # The redactor knows every backend's resolved key, so no upstream error text can echo one.
     dispatcher = Dispatcher(
