@@ -39,7 +39,7 @@ from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
 from gateway.api.console.handlers import build_console_handlers
-from gateway.api.console.history import SpillHistory
+from gateway.api.console.history import MetricHistory
 from gateway.api.cors import CorsGate
 from gateway.api.front import FrontedLitestar
 from gateway.api.identity import request_id_of, scope_id_headers
@@ -181,7 +181,7 @@ def create_app(
 
     endpoints = model_endpoints(gateway, limits)
     # The console's answers by tier per minute (its overview's "over time"), sampled from the metrics.
-    history = SpillHistory(metrics)
+    history = MetricHistory(metrics)
     return FrontedLitestar(
         endpoints=endpoints,
         cors=CorsGate(lambda: gateway.runtime.index.policy.server.cors),

@@ -17,7 +17,7 @@ from litestar.testing import TestClient
 
 from gateway.api.console.access import COOKIE, Sessions, Verdict, csrf_ok, identify
 from gateway.api.console.candidate import MAX_CANDIDATE_BYTES
-from gateway.api.console.history import SpillHistory
+from gateway.api.console.history import MetricHistory
 from gateway.api.console.metrics_view import quantile
 from gateway.app import create_app
 from gateway.policy.index import PolicyIndex, key_digest
@@ -305,7 +305,7 @@ def test_quantile_of_nothing_is_none() -> None:
 def test_spill_history_is_per_minute_differences_of_the_served_counters() -> None:
     metrics = Metrics()
     now = [1000.0]
-    history = SpillHistory(metrics, clock=lambda: now[0])
+    history = MetricHistory(metrics, clock=lambda: now[0])
     assert history.points() == []
     history.sample()
     metrics.child(metrics.served_requests, "chat", "edge", "false").inc(3)

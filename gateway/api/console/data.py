@@ -14,8 +14,9 @@ import msgspec
 
 from gateway.accounting.ledger import LedgerUnavailable
 from gateway.api.console import metrics_view
-from gateway.api.console.history import SpillHistory, SpillPoint
-from gateway.api.console.metrics_view import RouteFigures
+from gateway.api.console.alerting import Alert, Reader, judge
+from gateway.api.console.history import HOUR_S, MetricHistory, SpillPoint, Window
+from gateway.api.console.metrics_view import RouteFigures, Samples
 from gateway.policy.engine import Decision
 from gateway.reload import PolicyReloader
 from gateway.runtime import Gateway
@@ -23,11 +24,6 @@ from gateway.stages.recent import RecentDecision
 
 # Decisions listed by a search at most.
 MAX_LISTED = 200
-
-
-class Alert(msgspec.Struct, kw_only=True):
-    name: str
-    detail: str
 
 
 class TenantSpend(msgspec.Struct, kw_only=True):
@@ -41,6 +37,8 @@ class Overview(msgspec.Struct, kw_only=True):
     policy_version: str
     started_at: int
     in_flight: int
+    # What requests, errors, refused, the shares and `routes` cover: the last hour, or since this replica started.
+    window: Window
     requests: int
     errors: int
     # Requests answered with an error, refusals before any upstream included (strait_refusals_total).
@@ -55,6 +53,8 @@ class Overview(msgspec.Struct, kw_only=True):
     spend_today: list[TenantSpend] | None
     ledger_error: str | None
     alerts: list[Alert]
+    # alerts.yaml rules this replica cannot judge now, and why.
+    alerts_not_judged: list[str]
     day: str
 
 
@@ -199,9 +199,24 @@ def _tenant_names(gateway: Gateway) -> list[str]:
     return sorted(index.tenants) or [index.open_tenant.name]
 
 
-async def overview(gateway: Gateway, reloader: PolicyReloader, history: SpillHistory | None = None) -> Overview:
+def reader(gateway: Gateway, history: MetricHistory | None) -> Reader:
+    """The counters over a window: from the history's snapshots, or (none kept) everything since start."""
+    if history is not None:
+        return history.read
+
+    def since_start(span_s: float) -> tuple[Window, Samples]:
+        seconds = max(0.0, time.time() - gateway.started_at)
+        window = Window(kind="since_start", since=float(gateway.started_at), seconds=seconds, asked_s=span_s)
+        return window, Samples(gateway.metrics)
+
+    return since_start
+
+
+async def overview(gateway: Gateway, reloader: PolicyReloader, history: MetricHistory | None = None) -> Overview:
     index = gateway.runtime.index
-    routes = metrics_view.route_figures(gateway.metrics, index.routes)
+    read = reader(gateway, history)
+    window, samples = read(HOUR_S)
+    routes = metrics_view.route_figures(samples, index.routes)
     served: dict[str, int] = defaultdict(int)
     for r in routes:
         for tier, n in r.served_by_tier.items():
@@ -226,13 +241,15 @@ async def overview(gateway: Gateway, reloader: PolicyReloader, history: SpillHis
     ]
     if ledger_error is not None:
         spend = None
+    judged = judge(read, budgets)
     return Overview(
         policy_version=index.version,
         started_at=gateway.started_at,
         in_flight=gateway.inflight.count,
+        window=window,
         requests=sum(r.requests for r in routes),
         errors=sum(r.errors for r in routes),
-        refused=sum(sum(codes.values()) for codes in metrics_view.refusals_by_tenant(gateway.metrics).values()),
+        refused=sum(sum(codes.values()) for codes in metrics_view.refusals_by_tenant(samples).values()),
         spillover_share=_share(sum(r.spilled for r in routes), sum(served.values())),
         cache_hit_rate=_share(sum(r.cache_hits for r in routes), sum(r.cache_lookups for r in routes)),
         served_by_tier=dict(sorted(served.items())),
@@ -240,13 +257,15 @@ async def overview(gateway: Gateway, reloader: PolicyReloader, history: SpillHis
         routes=routes,
         spend_today=spend,
         ledger_error=ledger_error,
-        alerts=alerts(gateway, reloader, spend or []),
+        alerts=[*alerts(gateway, reloader), *judged.alerts],
+        alerts_not_judged=judged.not_judged,
         day=today.isoformat(),
     )
 
 
-def alerts(gateway: Gateway, reloader: PolicyReloader, spend: list[TenantSpend]) -> list[Alert]:
-    """The conditions of docker/prometheus/alerts.yaml that need no rate window, judged on this replica now."""
+def alerts(gateway: Gateway, reloader: PolicyReloader) -> list[Alert]:
+    """The conditions of docker/prometheus/alerts.yaml on gauges (no rate window), judged on this replica now;
+    those with a window are gateway.api.console.alerting's."""
     out: list[Alert] = []
     if reloader.last_rejected is not None and reloader.last_rejected.at > reloader.loaded_at:
         out.append(
@@ -278,14 +297,6 @@ def alerts(gateway: Gateway, reloader: PolicyReloader, spend: list[TenantSpend])
     cap = gateway.runtime.index.policy.server.shedding.max_in_flight
     if cap and gateway.inflight.count >= 0.9 * cap:
         out.append(Alert(name="StraitGatewaySaturated", detail=f"{gateway.inflight.count} requests in flight of {cap}"))
-    for s in spend:
-        if s.budget_usd_per_day and s.cost_usd >= 0.8 * s.budget_usd_per_day:
-            out.append(
-                Alert(
-                    name="StraitTenantBudgetBurn",
-                    detail=f"tenant {s.tenant} spent {s.cost_usd:.4f} of {s.budget_usd_per_day:g} USD today",
-                )
-            )
     return out
 
 
@@ -341,7 +352,7 @@ async def tenants(gateway: Gateway) -> Tenants:
         month = await _spend(gateway, names, month_start, today)
     except LedgerUnavailable:
         ledger_error, day, month = "the usage ledger is not readable right now", {}, {}
-    refusals = metrics_view.refusals_by_tenant(gateway.metrics)
+    refusals = metrics_view.refusals_by_tenant(Samples(gateway.metrics))
     by_name = {t.name: t for t in index.policy.tenants}
     views = []
     for name in names:

@@ -25,7 +25,7 @@ from gateway.api.console.access import (
     session_cookie,
 )
 from gateway.api.console.candidate import MAX_CANDIDATE_BYTES, CheckResult, check_candidate
-from gateway.api.console.history import SpillHistory
+from gateway.api.console.history import MetricHistory
 from gateway.api.console.html import page
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
 from gateway.policy.index import key_digest
@@ -122,7 +122,7 @@ def _query(request: Request[Any, Any, Any], name: str) -> str:
 
 
 def build_console_handlers(
-    gateway: Gateway, reloader: PolicyReloader, adapters: Iterable[str], history: SpillHistory | None = None
+    gateway: Gateway, reloader: PolicyReloader, adapters: Iterable[str], history: MetricHistory | None = None
 ) -> list[HTTPRouteHandler]:
     sessions = Sessions()
     adapter_names = list(adapters)

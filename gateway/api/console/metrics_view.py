@@ -1,5 +1,6 @@
-"""The console's figures from the gateway's own Prometheus registry (the numbers GET /metrics shows), since
-this replica started: requests and errors, latency and time-to-first-token percentiles per route (estimated
+"""The console's figures from the gateway's own Prometheus registry (the numbers GET /metrics shows), over a
+window (gateway.api.console.history: the last hour, as differences of the counters; since this replica
+started before it has run an hour): requests and errors, latency and time-to-first-token percentiles per route (estimated
 from the histogram buckets as PromQL's histogram_quantile does), spillover by tier, cache hit rate."""
 
 from __future__ import annotations
@@ -36,15 +37,35 @@ class RouteFigures(msgspec.Struct, kw_only=True):
     cache_lookups: int
 
 
+Rows = list[tuple[dict[str, str], float]]
+
+
 class Samples:
     """One read of the registry: (metric sample name, labels) -> value."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        metrics.fold()
-        self.values: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-        for family in metrics.registry.collect():
-            for sample in family.samples:
-                self.values[sample.name].append((sample.labels, sample.value))
+    def __init__(self, metrics: Metrics | None = None, *, values: dict[str, Rows] | None = None) -> None:
+        self.values: dict[str, Rows] = defaultdict(list, values or {})
+        if metrics is not None:
+            metrics.fold()
+            for family in metrics.registry.collect():
+                for sample in family.samples:
+                    self.values[sample.name].append((sample.labels, sample.value))
+
+    def only(self, names: Iterable[str]) -> Samples:
+        """The rows of these sample names, none for a name with no series yet (what a history snapshot keeps)."""
+        return Samples(values={n: list(self.values.get(n, ())) for n in names})
+
+    def minus(self, earlier: Samples) -> Samples:
+        """Each series' increase since `earlier` (counters and histogram buckets only grow within a process; a
+        series `earlier` lacks started at 0). Names `earlier` does not hold are left out."""
+        out: dict[str, Rows] = {}
+        for name, rows in earlier.values.items():
+            before = {tuple(sorted(labels.items())): value for labels, value in rows}
+            out[name] = [
+                (labels, value - before.get(tuple(sorted(labels.items())), 0.0))
+                for labels, value in self.values.get(name, ())
+            ]
+        return Samples(values=out)
 
     def by(self, name: str, label: str) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
@@ -86,9 +107,8 @@ def _percentiles(samples: Samples, name: str, route: str) -> Percentiles:
     return Percentiles(count=count, p50_ms=ms[0], p95_ms=ms[1], p99_ms=ms[2])
 
 
-def route_figures(metrics: Metrics, routes: Iterable[str]) -> list[RouteFigures]:
-    """Every route of the policy, and any other route label the registry holds (an older policy's)."""
-    samples = Samples(metrics)
+def route_figures(samples: Samples, routes: Iterable[str]) -> list[RouteFigures]:
+    """Every route of the policy, and any other route label the samples hold (an older policy's)."""
     status: dict[str, dict[str, int]] = defaultdict(dict)
     for labels, value in samples.rows("strait_requests_total"):
         status[labels["route"]][labels["status"]] = int(value)
@@ -127,10 +147,10 @@ def route_figures(metrics: Metrics, routes: Iterable[str]) -> list[RouteFigures]
     return out
 
 
-def refusals_by_tenant(metrics: Metrics) -> Mapping[str, dict[str, int]]:
+def refusals_by_tenant(samples: Samples) -> Mapping[str, dict[str, int]]:
     """tenant -> error code -> requests answered with it (strait_refusals_total)."""
     out: dict[str, dict[str, int]] = defaultdict(dict)
-    for labels, value in Samples(metrics).rows("strait_refusals_total"):
+    for labels, value in samples.rows("strait_refusals_total"):
         if value:
             out[labels["tenant"]][labels["code"]] = int(value)
     return out

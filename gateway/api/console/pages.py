@@ -7,6 +7,7 @@ import time
 
 from gateway.api.console.candidate import CheckResult
 from gateway.api.console.data import Backends, DecisionDetail, DecisionSearch, Overview, PolicyStatus, Tenants
+from gateway.api.console.history import Window
 from gateway.api.console.html import bar_chart, column_chart, esc, link, num, page, pct, table, usd, when
 
 
@@ -14,10 +15,19 @@ def _figure(name: str, value: str, note: str = "") -> str:
     return f'<div class="stat"><dt>{esc(name)}</dt><dd>{value}</dd>{f"<dd class=note>{esc(note)}</dd>" if note else ""}</div>'
 
 
+def window_label(w: Window) -> str:
+    """Which counters a figure covers, in words: over the last hour, or since this replica started."""
+    minutes = None if w.seconds is None else round(w.seconds / 60)
+    if w.kind == "window":
+        return f"over the last {minutes} min" if minutes != round(w.asked_s / 60) else "over the last hour"
+    return "since this replica started" + ("" if minutes is None else f" ({minutes} min ago)")
+
+
 def overview(doc: Overview, csrf: str | None) -> str:
+    span = window_label(doc.window)
     stats = "".join(
         [
-            _figure("Requests", num(doc.requests), "since this replica started"),
+            _figure("Requests", num(doc.requests), span),
             _figure(
                 "Errors",
                 num(doc.errors),
@@ -39,8 +49,14 @@ def overview(doc: Overview, csrf: str | None) -> str:
         if doc.alerts
         else "<p class='ok'>No alert condition holds on this replica.</p>"
     )
+    if doc.alerts_not_judged:
+        alerts += (
+            "<details><summary>Rules not judged here</summary><ul>"
+            + "".join(f"<li>{esc(n)}</li>" for n in doc.alerts_not_judged)
+            + "</ul></details>"
+        )
     routes = table(
-        "Per route (since this replica started)",
+        f"Per route ({span})",
         [
             "Route",
             "Requests",
