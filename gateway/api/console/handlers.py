@@ -15,7 +15,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
-from gateway.api.console import data, pages
+from gateway.api.console import data, loop, pages, pages_loop
 from gateway.api.console.access import (
     Sessions,
     Verdict,
@@ -246,6 +246,13 @@ def build_console_handlers(
             return gate
         return _html(pages.backends(data.backends(gateway), csrf_of(gate)))
 
+    @get("/ui/loop")
+    async def loop_page(request: Request[Any, Any, Any]) -> Response[bytes]:
+        gate = page_gate(request)
+        if isinstance(gate, Response):
+            return gate
+        return _html(pages_loop.loop(await loop.loop(gateway, data.reader(gateway, history)), csrf_of(gate)))
+
     @get("/ui/policy")
     async def policy_page(request: Request[Any, Any, Any]) -> Response[bytes]:
         gate = page_gate(request)
@@ -314,6 +321,11 @@ def build_console_handlers(
         api_gate(request)
         return _json(data.backends(gateway))
 
+    @get("/admin/api/loop")
+    async def loop_api(request: Request[Any, Any, Any]) -> Response[bytes]:
+        api_gate(request)
+        return _json(await loop.loop(gateway, data.reader(gateway, history)))
+
     @get("/admin/api/policy")
     async def policy_api(request: Request[Any, Any, Any]) -> Response[bytes]:
         api_gate(request)
@@ -344,6 +356,7 @@ def build_console_handlers(
         backends_page,
         policy_page,
         policy_check_page,
+        loop_page,
         overview_api,
         decisions_api,
         decision_api,
@@ -351,4 +364,5 @@ def build_console_handlers(
         backends_api,
         policy_api,
         policy_check_api,
+        loop_api,
     ]

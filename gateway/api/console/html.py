@@ -16,6 +16,7 @@ PAGES = (
     ("/ui/tenants", "Tenants"),
     ("/ui/backends", "Backends"),
     ("/ui/policy", "Policy"),
+    ("/ui/loop", "Learning loop"),
 )
 
 
