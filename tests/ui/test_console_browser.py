@@ -196,9 +196,8 @@ def test_pages_refresh_themselves(session: tuple[Any, list[str]], served: tuple[
         )
         assert r.status_code == 200
         page.clock.run_for(11_000)
-        page.wait_for_function(
-            f"document.querySelector('[data-figure=\"requests:chat\"]').textContent === '{shown + 1}'", timeout=15_000
-        )
+        # Polled from here: wait_for_function evaluates a string, which the page's CSP (no unsafe-eval) may refuse.
+        assert poll(lambda: page.inner_text('[data-figure="requests:chat"]') == str(shown + 1))
         assert page.inner_text("#refreshed").startswith("Updated")
     finally:
         page.close()
@@ -339,3 +338,39 @@ def test_a_refused_reload_shows_its_file_line_errors(
     text = page.inner_text("main")
     assert re.search(re.escape(str(policy)) + r":\d+:\d+: .*bogus_section", text), text
     page.screenshot(path=str(ARTIFACTS / "policy-rejected.png"), full_page=True)
+
+
+def test_learning_loop_page_shows_the_captures_the_store_holds(
+    session: tuple[Any, list[str]], served: tuple[ServerProcess, Path, Traffic]
+) -> None:
+    page, violations = session
+    proc = served[0]
+
+    def written() -> float:
+        # The capture writer stores off the request path: settled once every queued record is written.
+        text = httpx.get(proc.base_url + "/metrics", timeout=30).text
+        queued = _metric(text, "strait_capture_records_total", result="queued")
+        done = _metric(text, "strait_capture_records_total", result="written")
+        return done if queued > 0 and done == queued else -1.0
+
+    assert poll(lambda: written() > 0)
+    stored = int(written())
+    doc = _admin_get(proc, "/admin/api/loop").json()
+    assert doc["capture"] == "on" and doc["store"] == "sqlite"
+    captured = {(v["tenant"], v["route"]): v["records"] for v in doc["volume"]}
+    # The demo tenant consents (every answered request on chat, which only it may use, and 1 on chat-cloud); beta
+    # does not.
+    metrics = httpx.get(proc.base_url + "/metrics", timeout=30).text
+    answered_chat = int(_metric(metrics, "strait_requests_total", route="chat", status="200"))
+    assert answered_chat >= 4
+    assert captured == {("demo", "chat"): answered_chat, ("demo", "chat-cloud"): 1}
+    assert sum(captured.values()) == stored
+    page.goto("/ui/loop")
+    for (tenant, route), n in captured.items():
+        assert page.inner_text(f'[data-figure="captured:{tenant}:{route}"]') == str(n)
+    assert page.inner_text('[data-figure="writer:written"]') == str(stored)
+    text = page.inner_text("main")
+    assert "Feedback per route and model" in text and "Shadow copies by route and outcome" in text
+    assert "Capture is off" not in text and "hi" not in page.inner_text("table")
+    page.screenshot(path=str(ARTIFACTS / "loop.png"), full_page=True)
+    assert not violations, violations

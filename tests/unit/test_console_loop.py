@@ -111,3 +111,4 @@ def test_capture_on_shows_the_days_volume_feedback_and_writer_counts(tmp_path: P
         assert 'data-figure="captured:acme:chat">3<' in page
         assert 'data-figure="feedback:chat:m">2<' in page
         assert SECRET_PROMPT not in page and "Capture is off" not in page
+        assert "&lt;" not in page  # no markup escaped into a caption

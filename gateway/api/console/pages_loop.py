@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from gateway.api.console.html import bar_chart, esc, num, page, table, when
+import time
+
+from gateway.api.console.html import bar_chart, esc, num, page, table
 from gateway.api.console.loop import Loop
 from gateway.api.console.pages import window_label
 
@@ -17,12 +19,17 @@ _STATE = {
 }
 
 
+def _utc(ms: int) -> str:
+    # Plain text: a table caption is escaped whole.
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
+
+
 def loop(doc: Loop, csrf: str | None) -> str:
     parts = []
     if doc.capture in _STATE:
         parts.append(f"<p class='warn' data-capture='{esc(doc.capture)}'>{esc(_STATE[doc.capture])}</p>")
     if doc.capture in ("on", "no_consent"):
-        day = f"{when(doc.since_ms / 1000)} to {when(doc.until_ms / 1000)}"
+        day = f"{_utc(doc.since_ms)} to {_utc(doc.until_ms)}"
         stopped = f", the first {num(doc.scanned)} only: the day holds more" if doc.truncated else ""
         parts.append(
             table(
