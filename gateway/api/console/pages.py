@@ -66,6 +66,7 @@ def overview(doc: Overview, csrf: str | None) -> str:
             "p99 ms",
             "TTFT p50 ms",
             "TTFT p95 ms",
+            "TTFT p99 ms",
             "Spilled",
             "Cache hits",
         ],
@@ -79,6 +80,7 @@ def overview(doc: Overview, csrf: str | None) -> str:
                 num(r.latency.p99_ms),
                 num(r.ttft.p50_ms),
                 num(r.ttft.p95_ms),
+                num(r.ttft.p99_ms),
                 num(r.spilled),
                 f"{num(r.cache_hits)} / {num(r.cache_lookups)}",
             ]

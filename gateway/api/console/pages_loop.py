@@ -110,4 +110,5 @@ def loop(doc: Loop, csrf: str | None) -> str:
             empty="No shadow copy was sent (no route of the policy has a shadow target, or no traffic).",
         )
     )
-    return page("Learning loop", "/ui/loop", "".join(parts), csrf=csrf)
+    # Not refreshed by itself: each load reads a day of the capture store.
+    return page("Learning loop", "/ui/loop", "".join(parts), csrf=csrf, refresh=False)
