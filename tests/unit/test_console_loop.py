@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from litestar.testing import TestClient
 
+from gateway.api.console import loop
 from gateway.api.console.handlers import CSP
 from gateway.app import create_app
 from gateway.policy.index import key_digest
@@ -78,7 +80,9 @@ def test_capture_off_is_said_and_only_admins_get_in(tmp_path: Path) -> None:
         assert anonymous.status_code == 303 and anonymous.headers["location"] == "/ui/login"
 
 
-def test_capture_on_shows_the_days_volume_feedback_and_writer_counts(tmp_path: Path) -> None:
+def test_capture_on_shows_the_days_volume_feedback_and_writer_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with _client(tmp_path, f"sqlite:///{tmp_path / 'capture.db'}") as client:
         writer = client.app.state["gateway"].services.capture
         rated = _chat(client)
@@ -112,3 +116,8 @@ def test_capture_on_shows_the_days_volume_feedback_and_writer_counts(tmp_path: P
         assert 'data-figure="feedback:chat:m">2<' in page
         assert SECRET_PROMPT not in page and "Capture is off" not in page
         assert "&lt;" not in page  # no markup escaped into a caption
+        # A day holding more than the page reads: it stops there and says so.
+        monkeypatch.setattr(loop, "MAX_SCANNED", 2)
+        doc = client.get("/admin/api/loop", headers=_admin()).json()
+        assert doc["truncated"] and doc["scanned"] == 2 and doc["volume"][0]["records"] == 2
+        assert "the first 2 only" in client.get("/ui/loop", headers=_admin()).text

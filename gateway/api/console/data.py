@@ -200,16 +200,23 @@ def _tenant_names(gateway: Gateway) -> list[str]:
 
 
 def reader(gateway: Gateway, history: MetricHistory | None) -> Reader:
-    """The counters over a window: from the history's snapshots, or (none kept) everything since start."""
-    if history is not None:
-        return history.read
+    """The counters over a window: from the history's snapshots, or (none kept) everything since start. The
+    registry is read once, here: every window a page asks for is a difference from that one read."""
+    current = Samples(gateway.metrics)
+    # Several rules ask for the same window: each difference is taken once per page.
+    done: dict[float, tuple[Window, Samples]] = {}
 
-    def since_start(span_s: float) -> tuple[Window, Samples]:
-        seconds = max(0.0, time.time() - gateway.started_at)
-        window = Window(kind="since_start", since=float(gateway.started_at), seconds=seconds, asked_s=span_s)
-        return window, Samples(gateway.metrics)
+    def read(span_s: float) -> tuple[Window, Samples]:
+        if span_s not in done:
+            if history is not None:
+                done[span_s] = history.read(span_s, current)
+            else:
+                seconds = max(0.0, time.time() - gateway.started_at)
+                window = Window(kind="since_start", since=float(gateway.started_at), seconds=seconds, asked_s=span_s)
+                done[span_s] = window, current
+        return done[span_s]
 
-    return since_start
+    return read
 
 
 async def overview(gateway: Gateway, reloader: PolicyReloader, history: MetricHistory | None = None) -> Overview:

@@ -93,10 +93,11 @@ class MetricHistory:
             self.started = ts
         self._samples.append((ts, Samples(self.metrics).only(WATCHED)))
 
-    def read(self, span_s: float = HOUR_S) -> tuple[Window, Samples]:
-        """The counters' increase over the last `span_s` (at most the ring's hour), and which window that is."""
+    def read(self, span_s: float = HOUR_S, current: Samples | None = None) -> tuple[Window, Samples]:
+        """The counters' increase over the last `span_s` (at most the ring's hour), and which window that is.
+        `current`: a read of the registry to use for "now" (one read serves every window of a page)."""
         now = self.clock()
-        current = Samples(self.metrics)
+        current = Samples(self.metrics) if current is None else current
         if self.started is None or now - self.started < span_s:
             started = self.started
             return Window(

@@ -75,15 +75,21 @@ class Loop(msgspec.Struct, kw_only=True):
     shadow: list[ShadowOutcomes]
 
 
-def _fold(items: list[Captured]) -> tuple[list[CaptureVolume], list[FeedbackScores]]:
-    volume: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    scores: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * 9)
-    for item in items:
+class _Tally:
+    """Counts of the captures seen so far; a record is folded in and let go (a day can hold large texts)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.volume: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        self.scores: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * 9)
+
+    def add(self, item: Captured) -> None:
+        self.seen += 1
         r = item.record
-        v = volume[(r.tenant, r.route)]
+        v = self.volume[(r.tenant, r.route)]
         v[0] += 1
         v[1] += r.status >= 400
-        s = scores[(r.route, r.model or "-")]
+        s = self.scores[(r.route, r.model or "-")]
         s[0] += 1
         s[1] += bool(item.feedback)
         for f in item.feedback:
@@ -98,24 +104,27 @@ def _fold(items: list[Captured]) -> tuple[list[CaptureVolume], list[FeedbackScor
                 s[7] += 1
             elif f.kind == "label":
                 s[8] += 1
-    vols = [CaptureVolume(tenant=t, route=r, records=n, failed=f) for (t, r), (n, f) in sorted(volume.items())]
-    fb = [
-        FeedbackScores(
-            route=route,
-            model=model,
-            records=int(s[0]),
-            with_feedback=int(s[1]),
-            scores=int(s[2]),
-            mean_score=round(s[3] / s[2], 2) if s[2] else None,
-            thumbs_up=int(s[4]),
-            thumbs_down=int(s[5]),
-            regenerated=int(s[6]),
-            corrections=int(s[7]),
-            labels=int(s[8]),
-        )
-        for (route, model), s in sorted(scores.items())
-    ]
-    return vols, fb
+
+    def volumes(self) -> list[CaptureVolume]:
+        return [CaptureVolume(tenant=t, route=r, records=n, failed=f) for (t, r), (n, f) in sorted(self.volume.items())]
+
+    def feedback(self) -> list[FeedbackScores]:
+        return [
+            FeedbackScores(
+                route=route,
+                model=model,
+                records=int(s[0]),
+                with_feedback=int(s[1]),
+                scores=int(s[2]),
+                mean_score=round(s[3] / s[2], 2) if s[2] else None,
+                thumbs_up=int(s[4]),
+                thumbs_down=int(s[5]),
+                regenerated=int(s[6]),
+                corrections=int(s[7]),
+                labels=int(s[8]),
+            )
+            for (route, model), s in sorted(self.scores.items())
+        ]
 
 
 async def loop(gateway: Gateway, read: Reader, *, now_ms: int | None = None) -> Loop:
@@ -129,7 +138,7 @@ async def loop(gateway: Gateway, read: Reader, *, now_ms: int | None = None) -> 
             shadow[labels["route"]][labels["outcome"]] = int(v)
     capture = gateway.services.capture
     state, kind, truncated = "on", None, False
-    items: list[Captured] = []
+    tally = _Tally()
     if capture is None or not capture.enabled:
         state = "off"
     else:
@@ -140,25 +149,24 @@ async def loop(gateway: Gateway, read: Reader, *, now_ms: int | None = None) -> 
             else:
                 kind = store.kind
                 async for item in scan(store, CaptureQuery(since_ms=since_ms, until_ms=until_ms)):
-                    if len(items) >= MAX_SCANNED:
+                    if tally.seen >= MAX_SCANNED:
                         truncated = True
                         break
-                    items.append(item)
+                    tally.add(item)
         except Exception:  # the console reports a store that does not answer; it does not fail the page
             log.warning("console: the capture store could not be read", exc_info=True)
             state = "unreadable"
-        if state in ("on", "empty") and not items and not captures_any(gateway.runtime.index):
+        if state in ("on", "empty") and not tally.seen and not captures_any(gateway.runtime.index):
             state = "no_consent"
-    volume, feedback = _fold(items)
     return Loop(
         capture=state,
         store=kind,
         since_ms=since_ms,
         until_ms=until_ms,
-        scanned=len(items),
+        scanned=tally.seen,
         truncated=truncated,
-        volume=volume,
-        feedback=feedback,
+        volume=tally.volumes(),
+        feedback=tally.feedback(),
         window=window,
         writer=dict(sorted(writer.items())),
         shadow=[ShadowOutcomes(route=r, outcomes=dict(sorted(o.items()))) for r, o in sorted(shadow.items())],
