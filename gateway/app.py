@@ -12,7 +12,9 @@ gateway.api.openai.sse_encode); stages, in order, `on_request`:
 `on_response` runs in reverse for stages that have one (none yet). Taps (gateway.contracts.Tap), in
 the order their `on_end` runs: live signals and token metrics (the upstream stage's), accounting
 (usage records to the ledger writer, reservation reconciled, both in the background; a stream's lease
-renewed by a timer), the request's span when tracing. The pipeline ends every request that reached the
+renewed by a timer), capture (gateway.stages.capture: only when some tenant consents; a consenting
+tenant's request and answer queued for the capture writer, redacted and written off the request path),
+the request's span when tracing. The pipeline ends every request that reached the
 upstream stage through them exactly once: a JSON answer, an upstream error, a dispatch failure or a
 cancellation right away; a stream through the one relay it wraps around it (gateway.relay), when it is
 over or when the edge closes it (the client left, even before the first event). So accounting is
@@ -36,6 +38,8 @@ from gateway.access_log import AccessLog
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
+from gateway.api.console.handlers import build_console_handlers
+from gateway.api.console.history import SpillHistory
 from gateway.api.cors import CorsGate
 from gateway.api.front import FrontedLitestar
 from gateway.api.identity import request_id_of, scope_id_headers
@@ -46,6 +50,7 @@ from gateway.api.routes import build_handlers, model_endpoints
 from gateway.api.shutdown import before_sigterm
 from gateway.cache.pool import EmbedderPool
 from gateway.cache.store import open_cache_store
+from gateway.capture.writer import CaptureWriter
 from gateway.contracts import AdapterFactory, ShadowSink
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.gauges import GatewayGauges
@@ -59,6 +64,7 @@ from gateway.runtime import Gateway, Services, build_runtime
 from gateway.settings import Settings
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.observers import FeatureLogFile, ShadowPolicy
+from gateway.stages.recent import RecentDecisions
 from gateway.stages.shadow import ShadowRunner
 from gateway.state import open_store
 from gateway.telemetry import Metrics
@@ -100,6 +106,12 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
     return _error_response(request, InternalError("The gateway failed to process the request."))
 
 
+def _retention_days(gateway: Gateway, tenant: str) -> int | None:
+    """The tenant's capture retention under the policy in force; None when it no longer captures."""
+    found = gateway.runtime.index.tenants.get(tenant)
+    return found.capture.retention_days if found is not None and found.capture.enabled else None
+
+
 def create_app(
     settings: Settings,
     *,
@@ -122,6 +134,7 @@ def create_app(
     # Stored responses live where the limits do (the state's Redis when there is one: every replica
     # reads them), not in the cache's Redis, whose LRU eviction would lose conversations.
     responses = open_response_store(settings.state)
+    capture = CaptureWriter(settings.capture_url, metrics)
     services = Services(
         metrics,
         signals,
@@ -143,8 +156,10 @@ def create_app(
         responses=responses,
         feature_log=FeatureLogFile(settings.feature_log, settings.feature_log_sample) if settings.feature_log else None,
         shadow=ShadowPolicy(settings.shadow_policy, metrics) if settings.shadow_policy else None,
+        capture=capture,
         # Routes' `shadow` copies; the default sink only logs (capture plugs its store in here).
         shadow_traffic=ShadowRunner(metrics, shadow_sink),
+        recent=RecentDecisions(),
     )
     runtime = build_runtime(policy, factories, services)
     if drain_on_sigterm:
@@ -152,6 +167,7 @@ def create_app(
         # collector's way. (In-process tests build many apps: they would freeze their own garbage.)
         freeze_loaded()
     gateway = Gateway(runtime, services, writer, ledger)
+    capture.retention_days = lambda tenant: _retention_days(gateway, tenant)
     metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     inflight = services.inflight
@@ -164,18 +180,24 @@ def create_app(
         inflight.close()
 
     endpoints = model_endpoints(gateway, limits)
+    # The console's answers by tier per minute (its overview's "over time"), sampled from the metrics.
+    history = SpillHistory(metrics)
     return FrontedLitestar(
         endpoints=endpoints,
         cors=CorsGate(lambda: gateway.runtime.index.policy.server.cors),
-        route_handlers=build_handlers(gateway, limits, metrics_token=settings.metrics_token, endpoints=endpoints),
+        route_handlers=[
+            *build_handlers(gateway, limits, metrics_token=settings.metrics_token, endpoints=endpoints),
+            # The console (/ui) and its JSON (/admin/api): admin keys only (gateway.api.console).
+            *build_console_handlers(gateway, reloader, factories.keys(), history),
+        ],
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_exception,
             Exception: _on_unexpected,
         },
-        on_startup=[gateway.start, reloader.start, *([drain_on_term] if drain_on_sigterm else [])],
+        on_startup=[gateway.start, reloader.start, history.start, *([drain_on_term] if drain_on_sigterm else [])],
         # The usage writer flushes (or spools) everything queued in `gateway.aclose`: nothing is lost.
-        on_shutdown=[stop_draining, reloader.stop, gateway.aclose],
+        on_shutdown=[stop_draining, reloader.stop, history.stop, gateway.aclose],
         request_max_body_size=None,
         # The running gateway, for in-process tests and tools (e.g. to wait for the cache's background writes).
         state=State({"gateway": gateway}),

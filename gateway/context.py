@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from gateway.stages.cache import CacheTicket
+    from gateway.stages.capture import StreamCapture
     from gateway.upstream.retry import BudgetClaim
 
 
@@ -129,6 +130,12 @@ class RequestContext:
     # Written by `cache` on a miss it may store (its scope, settings and the query's vector); read by its
     # `on_response`. None: the cache is not in play for this request.
     cache: CacheTicket | None = None
+    # Written by the pipeline for a whole answer (not a stream), before the taps' `on_end`: its body (the
+    # OpenAI JSON every tap reads); read by capture.
+    answer_body: bytes | None = None
+    # Written by the capture tap when a consenting tenant's stream starts: its chunks as relayed; read by
+    # the same tap at the end. None: this request is not captured (or not a stream).
+    capture: StreamCapture | None = None
 
 
 def answered(ctx: RequestContext) -> None:

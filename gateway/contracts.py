@@ -232,6 +232,28 @@ class Tap(Protocol):
     def on_end(self, ctx: RequestContext, end: End) -> None: ...
 
 
+# ---- capture redactors: run over every captured text before anything is written ----
+
+
+class TextRedactor(Protocol):
+    """Replaces what must not be stored in a captured text (gateway.capture.redact; entry point
+    `strait.redactors`, named in a tenant's `capture.redact`). A plain function of the text, called in a
+    worker thread, never on the event loop: it may be slow, but must be pure. Contract (one suite over
+    every implementation: tests/capture/test_redactor_contract.py): it returns a str; it is idempotent
+    (redacting its own output changes nothing); text with nothing to redact comes back unchanged; it
+    never raises on any str."""
+
+    name: str
+
+    def redact(self, text: str) -> str: ...
+
+
+class RedactorFactory(Protocol):
+    """Entry point `strait.redactors`: builds the named redactor (no arguments: it is configured by name)."""
+
+    def __call__(self) -> TextRedactor: ...
+
+
 # ---- shadow copies: where a candidate's answer goes (gateway.stages.shadow) ----
 
 ShadowOutcome = Literal["failed", "timed_out"]

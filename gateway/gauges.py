@@ -1,12 +1,15 @@
 """Gauges read when Prometheus scrapes, not kept up to date per request: what the gateway holds right now
 (upstream requests in flight, ejected and spilling backends, each route's deployments left after ejections, the usage
-writer's queue and spool, the state store's breaker and failure counts) and the policy's own numbers alerts compare
-against (the shedding cap, tenants' budgets). Labels come from the policy (backend, route and tenant names) or are
+writer's queue and spool, the state store's breaker and failure counts, the process's open file descriptors and
+the event loop's tasks: what a soak test watches for leaks) and the policy's own numbers alerts compare against (the
+shedding cap, tenants' budgets). Labels come from the policy (backend, route and tenant names) or are
 fixed, so cardinality is bounded by the policy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
@@ -169,6 +172,27 @@ class GatewayGauges:
         calls.add_metric(["skipped"], status.skipped)
         calls.add_metric(["saturated"], status.saturated)
         yield calls
+        yield from _process_gauges()
+
+
+def _process_gauges() -> Iterator[Metric]:
+    """Open file descriptors (Linux: /proc/self/fd) and the event loop's live tasks: both flat under
+    steady load, so a line rising over a soak (loadtest/soak.py) is a leak of sockets or tasks."""
+    try:
+        fds = len(os.listdir("/proc/self/fd")) - 1  # less the descriptor listdir itself held open
+    except OSError:  # not Linux: no gauge rather than a wrong one
+        fds = -1
+    if fds >= 0:
+        yield GaugeMetricFamily("strait_process_open_fds", "File descriptors this process holds open.", value=fds)
+    try:
+        tasks = len(asyncio.all_tasks())
+    except RuntimeError:  # collected off the event loop (a direct registry read): nothing to count
+        return
+    yield GaugeMetricFamily(
+        "strait_event_loop_tasks",
+        "Tasks alive on this process's event loop (requests, streams, background).",
+        value=tasks,
+    )
 
 
 def _route_deployments(runtime: Runtime, unhealthy: frozenset[str]) -> GaugeMetricFamily:

@@ -186,6 +186,7 @@ class Pipeline:
         """A whole answer is ended through the taps now; a stream by the relay wrapped around it."""
         stream = reply.stream
         if stream is None:
+            ctx.answer_body = reply.body
             end_taps(ctx, self.taps, reply.end if reply.end is not None else End("completed", reply.status))
             await settled(ctx)
         else:

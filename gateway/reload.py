@@ -13,6 +13,7 @@ import logging
 import signal
 import time
 from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.cache.errors import CacheDependencyError, EmbedderError
@@ -43,11 +44,23 @@ def _fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A reload that was refused: when, and why (each error as `file:line:col: reason`)."""
+
+    at: float
+    errors: tuple[str, ...]
+
+
 class PolicyReloader:
     def __init__(self, gateway: Gateway, policy_path: str, factories: Mapping[str, AdapterFactory]) -> None:
         self.gateway = gateway
         self.path = Path(policy_path)
         self.factories = factories
+        # What the console shows (gateway.api.console): when the policy in force was loaded (wall clock),
+        # and the last refused reload (None: none since start; kept after a later success, which is newer).
+        self.loaded_at = time.time()
+        self.last_rejected: Rejected | None = None
         self._seen = _fingerprint(self.path)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[object]] = set()
@@ -89,9 +102,10 @@ class PolicyReloader:
         async with self._lock:
             policy, problems = await asyncio.to_thread(self._check)
             if policy is None:
-                for p in problems:
-                    if p.severity == "error":
-                        log.error("policy reload refused: %s", p)
+                errors = tuple(str(p) for p in problems if p.severity == "error")
+                for error in errors:
+                    log.error("policy reload refused: %s", error)
+                self.last_rejected = Rejected(time.time(), errors)
                 metrics.policy_reloads.labels("rejected").inc()
                 metrics.policy_reload_ok.set(0)
                 return False
@@ -107,10 +121,12 @@ class PolicyReloader:
                     await new.cache.warm()
             except (ValueError, CacheDependencyError, EmbedderError) as exc:  # e.g. an api_key env var that is not set
                 log.error("policy reload refused: %s", exc)
+                self.last_rejected = Rejected(time.time(), (f"{self.path}: {exc}",))
                 metrics.policy_reloads.labels("rejected").inc()
                 metrics.policy_reload_ok.set(0)
                 return False
             self.gateway.use(new)
+            self.loaded_at = time.time()
             # Wall clock, and this thread's CPU (steadier on a busy machine; both include the cache's warm-up).
             on_loop_ms = (time.perf_counter() - started) * 1000
             on_loop_cpu_ms = (time.thread_time() - started_cpu) * 1000

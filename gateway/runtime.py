@@ -17,6 +17,7 @@ from gateway.accounting.writer import UsageWriter
 from gateway.cache.embedders import threshold_of
 from gateway.cache.pool import EmbedderPool, embedder_specs
 from gateway.cache.store import CacheStore
+from gateway.capture.writer import CaptureWriter
 from gateway.contracts import Adapter, AdapterFactory, Tap
 from gateway.inflight import InFlight
 from gateway.pipeline import Pipeline, Stage
@@ -28,9 +29,11 @@ from gateway.stages import priority
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.auth import AuthStage
 from gateway.stages.cache import CacheStage
+from gateway.stages.capture import CaptureTap, captures_any
 from gateway.stages.explain import Explain
 from gateway.stages.limits import LimitsStage
 from gateway.stages.observers import DecisionObserver, FeatureLog, FeatureLogFile, ShadowPolicy
+from gateway.stages.recent import RecentDecisions, RecentLog
 from gateway.stages.route import RouteStage
 from gateway.stages.shadow import ShadowRunner, ShadowTap
 from gateway.stages.upstream import UpstreamStage
@@ -97,9 +100,13 @@ class Services:
     # The feature log's file (STRAIT_FEATURE_LOG) and the shadow policy (STRAIT_SHADOW_POLICY), if set.
     feature_log: FeatureLogFile | None = None
     shadow: ShadowPolicy | None = None
+    # The capture writer (STRAIT_CAPTURE): consenting tenants' requests, and feedback, to the capture store.
+    capture: CaptureWriter | None = None
     # Shadow traffic (routes' `shadow`): copies of answered requests to candidate models, bounded per
     # process, handed to its sink (gateway.stages.shadow). None: no copies are made.
     shadow_traffic: ShadowRunner | None = None
+    # The last decisions of this replica (the console's search and its policy diff against recent traffic).
+    recent: RecentDecisions | None = None
 
 
 def build_runtime(
@@ -131,6 +138,8 @@ def build_runtime(
         observers.append(FeatureLog(services.feature_log, index))
     if services.shadow is not None:
         observers.append(services.shadow)
+    if services.recent is not None:
+        observers.append(RecentLog(services.recent, index))
     route = RouteStage(index, signals, explain, tuple(observers), services.region)
     # The redactor knows every backend's resolved key, so no upstream error text can echo one.
     dispatcher = Dispatcher(
@@ -151,7 +160,12 @@ def build_runtime(
     cache = _cache_stage(index, services)
     if cache is not None:
         stages.append(cache)
-    taps: list[Tap] = [services.accounting]
+    # Capture only when some tenant consented: otherwise not a single call per request.
+    capture = services.capture
+    capture_taps = (
+        (CaptureTap(index, capture),) if capture is not None and capture.enabled and captures_any(index) else ()
+    )
+    taps: list[Tap] = [services.accounting, *capture_taps]
     runner = services.shadow_traffic
     if runner is not None and any(r.shadow is not None for r in policy.routes):
         runner.configure(policy.server.shadow)
@@ -165,7 +179,8 @@ def build_runtime(
             upstream,
             tracing=services.tracing,
             on_refused=services.accounting.refused,
-            # Accounting ends every answered request (records, slot release, lease keepalive of a stream).
+            # Accounting ends every answered request (records, slot release, lease keepalive of a stream);
+            # capture after it (it records the tokens accounting charged); shadow copies last.
             taps=taps,
         ),
         dispatcher=dispatcher,
@@ -227,6 +242,8 @@ class Gateway:
             # Local models load now, in their own threads, not on the first request that needs them.
             await self.runtime.cache.warm()
         await self.writer.start()
+        if self.services.capture is not None:
+            await self.services.capture.start()
         self._epoch_task = asyncio.ensure_future(self._watch_epoch())
         await self.health.start()
 
@@ -254,6 +271,9 @@ class Gateway:
         if self.runtime.cache is not None:
             await self.runtime.cache.drain()
         await self.accounting.drain()
+        if self.services.capture is not None:
+            # What is queued is written (redacted) before the store closes.
+            await self.services.capture.aclose()
         await self.writer.stop()
         await self.ledger.close()
         await self.store.close()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+
+from gateway.capture.store import check_capture_url
 
 AsgiServer = Literal["uvicorn", "granian"]
 
@@ -70,10 +73,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     feature_log_sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
     # A candidate policy decided next to the live one on every request, never acted on (shadow mode).
     shadow_policy: str | None = None
+    # Where captured requests and feedback are stored (README "The learning loop"): sqlite:///path/capture.db
+    # (one file, WAL; relative to the working directory, sqlite:////abs for an absolute path),
+    # postgresql://user@host/db (several replicas), or `off`. Unset: capture.db beside the spool directory
+    # (`.strait/capture.db` by default). Opened only once a tenant that consented is captured.
+    capture: str | None = None
 
     def __post_init__(self) -> None:
         if self.metrics_token is not None and not all("!" <= c <= "~" for c in self.metrics_token):
             raise ValueError("STRAIT_METRICS_TOKEN must be printable ASCII without spaces")
+        check_capture_url(self.capture_url)
 
     @property
     def cache_url(self) -> str:
@@ -84,6 +93,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             if self.state.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://"))
             else "memory"
         )
+
+    @property
+    def capture_url(self) -> str:
+        if self.capture:
+            return self.capture
+        return "sqlite:///" + str(Path(self.spool_dir).parent / "capture.db")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -118,6 +133,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("feature_log", "STRAIT_FEATURE_LOG"),
             ("feature_log_sample", "STRAIT_FEATURE_LOG_SAMPLE"),
             ("shadow_policy", "STRAIT_SHADOW_POLICY"),
+            ("capture", "STRAIT_CAPTURE"),
         ):
             # Empty means unset for the optional names (a compose file's `${VAR:-}`).
             if var in env and (env[var] or field not in ("metrics_token", "region")):

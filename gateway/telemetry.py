@@ -308,6 +308,27 @@ class Metrics:
             ("priority",),
             registry=self.registry,
         )
+        self.capture_records = Counter(
+            "strait_capture_records",
+            'Capture records (README "The learning loop") by result: queued, written, dropped (the bounded '
+            "queue was full: never waited for), failed (the store refused the batch).",
+            ("result",),
+            registry=self.registry,
+        )
+        self.feedback = Counter(
+            "strait_feedback",
+            "Feedback recorded, by kind (score, boolean, label, correction, regenerate).",
+            ("kind",),
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "strait_refusals",
+            "Requests the gateway answered with an error (refused before an upstream: authentication, body, "
+            "route, limits, budget, shedding; or an upstream failure no fallback recovered), by tenant ('-' "
+            "before authentication) and error code. Labels: the policy's tenants x the gateway's error codes.",
+            ("tenant", "code"),
+            registry=self.registry,
+        )
         self.shutdown_cut = Counter(
             "strait_shutdown_cut",
             "Requests still running when a shutdown's grace period ran out: ended with an error (a stream "
@@ -330,7 +351,11 @@ class Metrics:
             self._children[key] = found
         return found
 
-    def render(self) -> bytes:
+    def fold(self) -> None:
+        """Hand every pending tally to prometheus_client: the registry is up to date after this."""
         for tally in self._tallies:
             tally.fold()
+
+    def render(self) -> bytes:
+        self.fold()
         return generate_latest(self.registry)

@@ -1,7 +1,7 @@
 """CPU of the whole gateway app per JSON request, in-process: `python -m loadtest.bench_app`.
 
     python -m loadtest.bench_app [--state off|memory|redis] [--requests 3000] [--concurrency 32]
-                                 [--rounds 7] [--stream] [--latency-ms 50] [--chunk-delay-ms 20]
+                                 [--rounds 7] [--stream] [--latency-ms 50] [--chunk-delay-ms 20] [--capture]
 
 Builds the app as `strait serve` does (create_app: every stage, the access log written to a file,
 `overhead`'s limits policy for memory/redis), starts it through its ASGI lifespan, and drives it with
@@ -13,6 +13,10 @@ every line of the gateway's own, so a change to it is measured here with a few m
 where `loadtest.overhead` needs many alternated runs. `--stream` sends `stream: true` (12 events, the
 usage chunk stripped); `--latency-ms` / `--chunk-delay-ms` pace the upstream as `overhead`'s paced run
 does, so requests no longer share the event loop's turns (their Redis writes, their wake-ups).
+`--capture` has the tenant consent to capture (every request, every redaction kind) into a SQLite file
+in the run's temporary directory: the process CPU then includes the capture writer's thread (redaction,
+assembly, SQLite writes), so `--capture` minus without is the whole cost of capture per request. Each
+line also gives the median time from a request's first ASGI call to its answer's end.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,16 +95,22 @@ async def _one(app: Any, body: bytes) -> int:
     return status
 
 
+LATENCIES: list[float] = []
+
+
 async def _round(app: Any, requests: int, concurrency: int, body: bytes) -> float:
     left = requests
     bad = 0
+    clock = time.perf_counter
 
     async def worker() -> None:
         nonlocal left, bad
         while left > 0:
             left -= 1
+            started = clock()
             if await _one(app, body) != 200:
                 bad += 1
+            LATENCIES.append(clock() - started)
 
     before = os.times()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -144,15 +155,26 @@ async def _bench(args: argparse.Namespace, policy: Path, state: str, workdir: Pa
             state=state,
             spool_dir=str(workdir / "spool"),
             state_timeout_ms=args.state_timeout_ms,
+            capture=f"sqlite:///{workdir}/capture.db" if args.capture else "off",
         ),
         access_log_out=log,
     )
     async with _lifespan(app):
         body = STREAM_BODY if args.stream else BODY
         await _watched(_round(app, 200, args.concurrency, body), "the warm-up")  # connections, tokenizer, caches
-        return [
+        LATENCIES.clear()
+        rounds = [
             await _watched(_round(app, args.requests, args.concurrency, body), "a round") for _ in range(args.rounds)
         ]
+        if args.capture:
+            metrics = app.state["gateway"].metrics
+            metrics.render()
+            counts = {
+                r: metrics.registry.get_sample_value("strait_capture_records_total", {"result": r}) or 0
+                for r in ("queued", "written", "dropped")
+            }
+            print(f"capture records: {counts}", file=sys.stderr)
+        return rounds
 
 
 async def _watched(step: Awaitable[T], what: str, limit_s: float = 120.0) -> T:
@@ -187,11 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="streamed requests (12 SSE events each)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="the upstream's delay before a JSON answer")
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="the upstream's TTFT and gap between events")
+    parser.add_argument("--capture", action="store_true", help="the tenant consents to capture (SQLite, redaction on)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="strait-bench-app-") as tmp:
         workdir = Path(tmp)
         with upstream(workdir, args.chunk_delay_ms, args.latency_ms) as (_, port), _state(args.state, workdir) as state:
             template = POLICY_OPEN if args.state == "off" else POLICY_LIMITS
+            if args.capture:
+                if args.state == "off":
+                    raise SystemExit("--capture needs a tenant: --state memory or redis")
+                template += "    capture: {{enabled: true, sample_rate: 1.0}}\n"
             policy = workdir / "policy.yaml"
             policy.write_text(template.format(host=HOST, port=port, digest=key_digest(KEY)))
             try:
@@ -206,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         f"state={args.state} c={args.concurrency}{' stream' if args.stream else ''}"
         f"{f' latency={args.latency_ms:g}ms' if args.latency_ms else ''}"
         f"{f' chunk-delay={args.chunk_delay_ms:g}ms' if args.chunk_delay_ms else ''} "
+        f"{' capture' if args.capture else ''} "
         f"{args.rounds}x{args.requests} requests: CPU per request "
-        f"least {us[0]:.1f} us, median {statistics.median(us):.1f} us, all {' '.join(f'{x:.0f}' for x in us)}",
+        f"least {us[0]:.1f} us, median {statistics.median(us):.1f} us, all {' '.join(f'{x:.0f}' for x in us)}; "
+        f"latency p50 {statistics.median(LATENCIES) * 1e3:.2f} ms",
         file=sys.stdout,
     )
     return 0

@@ -17,12 +17,16 @@ and reports CPU ms per request: the measured window contains only the measured r
 samples, so background work of the warm-up (usage records flushed every 50 ms, reconciles) lands before
 the window and that of the measured requests inside it; req/s still uses the requests' own elapsed time.
 `--redis HOST:PORT` diffs that Redis's `INFO stats` and `INFO commandstats` over the same window.
+The result also carries the latency (and TTFT) at each of QUANTILES: the distribution the report plots.
+`--progress` (default when stderr is a terminal and the output is not --json) draws a rich progress bar
+over the measured window: requests answered of the bound, and the time left of --duration.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -30,6 +34,7 @@ import re
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +46,11 @@ from loadtest.procstat import CLK_TCK, machine_busy, tree_cpu_seconds
 # A chunk whose delta (or legacy text) carries at least one character: the first token the client sees.
 _FIRST_CONTENT = re.compile(rb'"(?:content|text)": ?"[^"]')
 DEFAULT_MESSAGES = [{"role": "user", "content": "Write one short sentence about rivers."}]
+# Percentiles at which a result keeps its latency (and TTFT) distribution: dense in the tail, where
+# a gateway's cost shows; enough points for a smooth CDF in the report's plots (loadtest/report.py).
+QUANTILES = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 97.5, 99.0, 99.5, 99.9)
+# How often the measured window reports its progress (requests answered) to a `ticker`.
+TICK_S = 0.2
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -60,6 +70,14 @@ class Summary:
     p99: float = 0.0
     mean: float = 0.0
     max: float = 0.0
+
+    @staticmethod
+    def quantiles(seconds: list[float]) -> list[float]:
+        """Milliseconds at each of QUANTILES (nearest rank); empty for no samples."""
+        if not seconds:
+            return []
+        s = sorted(seconds)
+        return [percentile(s, q) * 1000 for q in QUANTILES]
 
     @classmethod
     def of(cls, seconds: list[float]) -> Summary:
@@ -88,6 +106,8 @@ class Result:
     rps: float = 0.0
     latency: Summary = field(default_factory=Summary)  # total time per request (streams: to the last byte)
     ttft: Summary | None = None  # streams only
+    latency_quantiles: list[float] = field(default_factory=list)  # ms at each of QUANTILES
+    ttft_quantiles: list[float] = field(default_factory=list)  # streams only; ms at each of QUANTILES
     events_per_stream: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
@@ -192,6 +212,12 @@ async def _worker(
         await one(session, url, body, headers, run)
 
 
+async def _tick(run: _Run, started: float, ticker: Callable[[int, float], None]) -> None:
+    while True:
+        await asyncio.sleep(TICK_S)
+        ticker(len(run.latencies) + sum(run.errors.values()), time.perf_counter() - started)
+
+
 def _self_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -231,8 +257,12 @@ async def run_load(
     extra_headers: dict[str, str] | None = None,
     settle: float = 0.0,
     redis: tuple[str, int] | None = None,
+    ticker: Callable[[int, float], None] | None = None,
 ) -> Result:
-    """Warm up (`warmup` requests, at least one per connection), then measure one bounded window."""
+    """Warm up (`warmup` requests, at least one per connection), then measure one bounded window.
+
+    `ticker(answered, elapsed_s)`, if given, is called every TICK_S during the window and once at its end
+    (answered = successes + errors so far): what a progress bar shows."""
     payload: dict[str, Any] = {"model": model, "messages": messages or DEFAULT_MESSAGES, "max_tokens": max_tokens}
     if stream:
         payload["stream"] = True
@@ -257,8 +287,12 @@ async def run_load(
         self_before = _self_cpu()
         started = time.perf_counter()
         run = _Run(requests, started + duration)
+        ticking = asyncio.create_task(_tick(run, started, ticker)) if ticker is not None else None
         await asyncio.gather(*(_worker(session, url, body, headers, stream, run) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+        if ticking is not None and ticker is not None:
+            ticking.cancel()
+            ticker(len(run.latencies) + sum(run.errors.values()), elapsed)
         if settle > 0:
             await asyncio.sleep(settle)
         window = time.perf_counter() - started
@@ -273,8 +307,10 @@ async def run_load(
     result.window_s = window
     result.rps = result.count / elapsed if elapsed > 0 else 0.0
     result.latency = Summary.of(run.latencies)
+    result.latency_quantiles = Summary.quantiles(run.latencies)
     if stream:
         result.ttft = Summary.of(run.ttfts)
+        result.ttft_quantiles = Summary.quantiles(run.ttfts)
         result.events_per_stream = run.events / result.count if result.count else 0.0
     handled = result.count + result.errors
     for name in cpu_pids:
@@ -328,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", metavar="HOST:PORT", help="diff this Redis's INFO counters over the window")
     parser.add_argument("--nice", type=int, default=0, help="lower this process's priority by N (os.nice)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rich progress bar on stderr (default: when stderr is a terminal and not --json)",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
         parser.error("concurrency, requests and duration must be positive")
@@ -347,7 +389,39 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a gateway dependency
         pass
-    result = asyncio.run(
+    show = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.json)
+    with contextlib.ExitStack() as stack:
+        ticker = stack.enter_context(window_bar(args.requests, args.duration)) if show else None
+        result = _run_cli(args, extra_headers, redis, ticker)
+    print(json.dumps(asdict(result)) if args.json else format_result(result))
+    return 0 if result.errors == 0 else 1
+
+
+@contextlib.contextmanager
+def window_bar(requests: int, duration: float) -> Iterator[Callable[[int, float], None]]:
+    """A rich progress bar on stderr over one measured window: it ends at `requests` answers or at
+    `duration` seconds, whichever comes first, so the bar shows the further along of the two."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("measuring (warm-up first)", total=requests)
+
+        def tick(answered: int, elapsed: float) -> None:
+            by_time = requests * min(1.0, elapsed / duration)
+            bar.update(task, completed=max(answered, int(by_time)), description=f"{answered} answered, {elapsed:.1f}s")
+
+        yield tick
+
+
+def _run_cli(
+    args: argparse.Namespace,
+    extra_headers: dict[str, str],
+    redis: tuple[str, int] | None,
+    ticker: Callable[[int, float], None] | None,
+) -> Result:
+    return asyncio.run(
         run_load(
             args.url,
             model=args.model,
@@ -361,10 +435,9 @@ def main(argv: list[str] | None = None) -> int:
             extra_headers=extra_headers,
             settle=args.settle,
             redis=redis,
+            ticker=ticker,
         )
     )
-    print(json.dumps(asdict(result)) if args.json else format_result(result))
-    return 0 if result.errors == 0 else 1
 
 
 if __name__ == "__main__":

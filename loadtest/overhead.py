@@ -53,7 +53,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from typing import Any
 from gateway.policy.index import key_digest
 from loadtest import redisinfo
 from loadtest.procstat import children_of, machine_busy, tree_rss_mb
+from loadtest.progress import steps
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +69,10 @@ HOST = "127.0.0.1"
 SERVERS = ("uvicorn", "granian")
 REFERENCE = "reference"  # the `server` of the reference proxy's ConfigResult
 STATES = ("off", "memory", "redis")
+# `cache` (the kit's `full + cache` side, loadtest/kit.py): state=redis with the tenant's exact cache on, in
+# the same Redis (the cache's own key space); the load generator's body never changes, so after the first
+# request every answer is an exact hit.
+GATEWAY_STATES = (*STATES, "cache")
 NICE = ["nice", "-n", "10"]
 # Seconds the load generator idles after its warm-up and after its last answer, inside the CPU/Redis
 # window at the end: the usage writer flushes every 50 ms, so the window's own background work lands in it.
@@ -101,6 +106,7 @@ tenants:
       per_key: {{requests_per_minute: 100000000}}
     budgets: {{tenant: {{usd_per_day: 1000000}}}}
 """
+CACHE_ON = "    cache: {exact: true}\n"  # appended to POLICY_LIMITS' tenant for state `cache`
 
 
 def free_port() -> int:
@@ -277,7 +283,7 @@ def gateway(
     redis: RedisServer | None = None,
     redis_db: int = 0,
 ) -> Iterator[Gateway]:
-    """One gateway process: `server` x `state` (off, memory or redis; redis needs `redis`)."""
+    """One gateway process: `server` x `state` (off, memory, redis or cache; redis and cache need `redis`)."""
     name = f"{server}-{state}"
     policy = workdir / f"policy-{name}.yaml"
     headers: dict[str, str] = {}
@@ -287,13 +293,14 @@ def gateway(
     else:
         key = "sk-bench-" + secrets.token_hex(16)
         headers["authorization"] = f"Bearer {key}"
-        policy.write_text(POLICY_LIMITS.format(host=HOST, port=upstream_port, digest=key_digest(key)))
+        text = POLICY_LIMITS.format(host=HOST, port=upstream_port, digest=key_digest(key))
+        policy.write_text(text + CACHE_ON if state == "cache" else text)
         if state == "memory":
             state_url = "memory"
         elif redis is not None:
             state_url = redis.url(redis_db)
         else:
-            raise ValueError("state=redis needs a Redis server")
+            raise ValueError(f"state={state} needs a Redis server")
     spool = workdir / f"spool-{name}"
     spool.mkdir(exist_ok=True)
     env = _gateway_env(server, policy, state_url, spool)
@@ -320,7 +327,7 @@ def gateway(
             raise RuntimeError(f"asked for {server}, the gateway answers as server={actual!r}")
         idle = tree_rss_mb(child.pid)
         smoke(child, f"http://{HOST}:{port}/v1/chat/completions", "bench", headers)
-        yield Gateway(child, port, launch, headers, redis if state == "redis" else None, idle)
+        yield Gateway(child, port, launch, headers, redis if state in ("redis", "cache") else None, idle)
     finally:
         child.stop()
 
@@ -394,13 +401,18 @@ class ConfigResult:
     rss_end_mb: float = 0.0
     phases: dict[str, Pair] = field(default_factory=dict)
     error: str | None = None
+    title: str = ""  # the column's name when the default (server + state) does not say it (loadtest/kit.py)
 
     @property
     def label(self) -> str:
+        if self.title:
+            return self.title
         return "reference proxy" if self.server == REFERENCE else f"{self.server} + state {self.state}"
 
     @property
     def column(self) -> str:
+        if self.title:
+            return self.title
         return "reference (aiohttp + redis)" if self.server == REFERENCE else f"{self.server} + {self.state}"
 
 
@@ -417,7 +429,7 @@ class Plan:
 
 def median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several rounds of one window folded into one: counts (requests, errors, Redis calls) summed, every
-    other number the median."""
+    other number the median (lists of equal length, the quantiles, element by element)."""
     if len(results) == 1:
         return results[0]
     summed = ("count", "errors", "redis_stats", "redis_calls", "error_kinds")
@@ -429,6 +441,9 @@ def median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
             for v in values:  # union of keys: a Redis command may show up in one round only
                 keys += [k for k in v if k not in keys]
             return {k: fold([v.get(k, 0) for v in values], k, in_summed or k in summed) for k in keys}
+        if isinstance(first, list) and first and all(isinstance(v, list) and len(v) == len(first) for v in values):
+            # the latency at each percentile (loadgen.QUANTILES): the median round at each percentile
+            return [statistics.median(column) for column in zip(*values, strict=True)]
         if isinstance(first, bool) or not isinstance(first, int | float):
             return first
         if in_summed or key in summed:
@@ -459,8 +474,10 @@ def measure(
     upstream_port: int,
     plan: Plan,
     quiet_wait: float,
+    advance: Callable[[str], None] | None = None,
 ) -> None:
-    """Every phase: direct once, then each gateway in turn (R rounds, alternating); fills `phases`."""
+    """Every phase: direct once, then each gateway in turn (R rounds, alternating); fills `phases`.
+    `advance(what)` is called after every load generator run (a progress bar's step: see `steps_of`)."""
     direct_url = f"http://{HOST}:{upstream_port}/v1/chat/completions"
     for name, conc, n, stream, warm in phase_specs(plan):
         busy = wait_quiet(quiet_wait)
@@ -476,6 +493,8 @@ def measure(
         vias: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(gateways))}
         for _ in range(plan.rounds):  # alternate the sides so a burst of outside load hits all alike
             directs.append(loadgen(direct_url, model="m", cpu={"upstream": upstream_child.pid}, **common))
+            if advance is not None:
+                advance(f"{name}: direct")
             for i, (result, gw) in enumerate(gateways):
                 if result.error is not None:
                     continue
@@ -496,6 +515,8 @@ def measure(
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                     result.error = f"{name}: {str(exc).splitlines()[0][:200]}"
                     print(f"    {result.label} failed: {exc}", file=sys.stderr)
+                if advance is not None:
+                    advance(f"{name}: {result.column}")
         direct = median_result(directs)
         print(f"    {'direct':<24} {direct['rps']:7.0f}/s", file=sys.stderr)
         for i, (result, _) in enumerate(gateways):
@@ -507,6 +528,11 @@ def measure(
             for side, r in (("direct", direct), (result.label, via)):
                 if r["errors"]:
                     print(f"    {name} {side}: {r['errors']} errors {r['error_kinds']}", file=sys.stderr)
+
+
+def steps_of(plan: Plan, sides: int) -> int:
+    """How many load generator runs `measure` makes for `sides` gateways (its progress bar's total)."""
+    return len(PHASES) * plan.rounds * (1 + sides)
 
 
 def foreign_cores(r: dict[str, Any]) -> float:
@@ -731,7 +757,7 @@ def report_side_by_side(results: list[ConfigResult], plan: Plan) -> str:
         )
     for r in rs:
         if r.state == "redis" and r.server != REFERENCE:
-            rows += ["", f"{r.server} + redis, per request in each measured window:", "", report_redis(r)]
+            rows += ["", f"{r.column}, per request in each measured window:", "", report_redis(r)]
     return "\n".join(rows)
 
 
@@ -900,7 +926,8 @@ def main(argv: list[str] | None = None) -> int:
         busy = wait_quiet(args.quiet_wait)
         for result in results:
             result.background_busy_pct = busy
-        measure(running, up_child, up_port, plan, args.quiet_wait)
+        with steps(steps_of(plan, len(running)), "measuring") as advance:
+            measure(running, up_child, up_port, plan, args.quiet_wait, advance)
         for result, gw in running:
             result.rss_end_mb = tree_rss_mb(gw.child.pid)
     took = time.monotonic() - started

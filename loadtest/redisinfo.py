@@ -1,4 +1,4 @@
-"""A minimal blocking RESP client for the load test's own throwaway Redis: PING and INFO, nothing else.
+"""A minimal blocking RESP client for the load test's own throwaway Redis: PING, INFO and DBSIZE, nothing else.
 
 The runner and the load generator read `INFO stats` and `INFO commandstats` before and after a measured
 window to count what the gateway sent to Redis per request. A raw socket keeps this independent of the
@@ -24,12 +24,13 @@ def _command(*parts: str) -> bytes:
 
 
 def _reply(f: BinaryIO) -> bytes:
-    """One simple-string or bulk-string reply (all that PING and INFO return), from a buffered reader."""
+    """One simple-string, integer or bulk-string reply (all that PING, SELECT, INFO and DBSIZE return), from a
+    buffered reader; an integer comes back as its digits."""
     head = f.readline()
     if not head.endswith(b"\r\n"):
         raise OSError("redis closed the connection")
     kind, body = head[:1], head[1:-2]
-    if kind == b"+":
+    if kind in (b"+", b":"):
         return body
     if kind == b"-":
         raise OSError(f"redis error: {body.decode(errors='replace')}")
@@ -52,6 +53,14 @@ def ping(host: str, port: int, timeout: float = 1.0) -> bool:
         return call(host, port, "PING", timeout=timeout) == b"PONG"
     except OSError:
         return False
+
+
+def dbsize(host: str, port: int, db: int = 0, timeout: float = 2.0) -> int:
+    """Keys in logical database `db` (what a soak watches: a key leak shows as a rising count)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock, sock.makefile("rb") as f:
+        sock.sendall(_command("SELECT", str(db)) + _command("DBSIZE"))
+        _reply(f)
+        return int(_reply(f))
 
 
 @dataclass

@@ -16,6 +16,7 @@ from litestar.handlers import BaseRouteHandler
 from gateway.api.anthropic.endpoint import count_message_tokens, messages_reply, send_error
 from gateway.api.asgi_send import Receive, Send, StreamCodec, body_chunks, send_reply
 from gateway.api.bearer import check_bearer
+from gateway.api.feedback import build_feedback_handlers
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
 from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits
 from gateway.api.responses.endpoint import build_responses_handlers, responses_reply
@@ -321,4 +322,9 @@ def build_handlers(
         metrics,
     ]
     responses_handlers = build_responses_handlers(gateway, lambda: stored_responses(gateway), _headers)
-    return handlers + responses_handlers + build_usage_handlers(gateway, scope_id_headers, _headers)
+    return (
+        handlers
+        + responses_handlers
+        + build_usage_handlers(gateway, scope_id_headers, _headers)
+        + build_feedback_handlers(gateway, scope_id_headers, _headers)
+    )

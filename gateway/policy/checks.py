@@ -17,8 +17,8 @@ from gateway.canonical import Operation
 from gateway.policy.compile import OPERATIONS, StaticRows
 from gateway.policy.compliance import compliance_reason
 from gateway.policy.index import PolicyIndex, Target
-from gateway.policy.model import Compliance, OriginRule, PolicySet, Route, Tenant
-from gateway.policy.places import expand
+from gateway.policy.model import Compliance, PolicySet, Route, Tenant
+from gateway.policy.places import Places
 from gateway.policy.rates import charges_nothing, charging_backends, unpriced_deployments
 from gateway.registry import embedder_kinds
 
@@ -145,7 +145,10 @@ def check_retry(r: Route, base: str, source: Any, report: Report) -> None:
         )
 
 
-def check_tenants(policy: PolicySet, source: Any, route_names: set[str], report: Report) -> None:
+def check_tenants(policy: PolicySet, source: Any, route_names: set[str], report: Report, places: Places) -> None:
+    """`places`: the merged policy's blocs (its own, e.g. FIVE_EYES, with the built-in ones), so a check
+    reads a bloc exactly as the engine does."""
+    expand = places.expand
     for i, t in enumerate(policy.tenants):
         c = t.compliance
         base = f"$.tenants[{i}]"
@@ -449,6 +452,24 @@ def check_cache(policy: PolicySet, merged: PolicySet, source: Any, report: Repor
             )
 
 
+def check_capture(policy: PolicySet, source: Any, redactors: frozenset[str], report: Report) -> None:
+    """Tenants' `capture`: every redactor named is built in or installed (entry point `strait.redactors`);
+    consent without redaction is allowed, and said."""
+    for i, t in enumerate(policy.tenants):
+        c = t.capture
+        base = f"$.tenants[{i}].capture"
+        for j, name in enumerate(c.redact):
+            if name not in redactors:
+                report(
+                    source,
+                    f"{base}.redact[{j}]",
+                    f"tenant {t.name!r}: unknown redactor {name!r} (known: {', '.join(sorted(redactors))})",
+                    "error",
+                )
+        if c.enabled and not c.redact:
+            report(source, f"{base}.redact", f"tenant {t.name!r}: captures text unredacted (redact: [])", "warning")
+
+
 def rewrite_cycle(policy: PolicySet) -> list[str] | None:
     """A cycle of route rewrites (rule `then.route`), as route names, or None.
 
@@ -489,27 +510,11 @@ def rewrite_cycle(policy: PolicySet) -> list[str] | None:
     return None
 
 
-# An origin rule's reason as the compliance filter words it: "<country or developer>-origin models ...".
-_ORIGIN_WORDING = re.compile(r"^\S+-origin models (.*)$")
-
-
-def _origin_match(rule: OriginRule, target: Target) -> str:
-    """How an origin rule reaches this model: by its developer, its origin country, or (unknown origin)
-    because a model of unknown origin could be of any."""
-    origin = target.model.origin
-    developer = (origin.developer if origin else None) or ""
-    country = ((origin.country if origin else None) or "").upper()
-    if developer and developer.lower() in {d.lower() for d in rule.developers}:
-        return f"models developed by {developer}"
-    if country and country in expand(rule.origin_countries):
-        return f"{country}-origin models"
-    return "models of unknown origin"
-
-
 def excluded_by(target: Target, compliance: Compliance) -> str:
     """Which compliance rule excludes `target`, named as written in the policy, with why: each setting
     alone is tried against the target (the filter itself only says why, not which setting). An origin
-    rule is worded by how it matched: a developer rule as a developer rule."""
+    rule's reason says how it matched (`compliance.origin_rule_match`): a developer rule as a developer
+    rule, a country rule by the country, a bloc the policy defines included."""
     base = type(compliance)()
     named: list[str] = []
     for field in msgspec.structs.fields(compliance):
@@ -520,9 +525,7 @@ def excluded_by(target: Target, compliance: Compliance) -> str:
             for i, rule in enumerate(value):
                 why = compliance_reason(target, msgspec.structs.replace(base, origin_rules=(rule,)))
                 if why is not None:
-                    worded = _ORIGIN_WORDING.match(why)
-                    rest = worded.group(1) if worded else why
-                    named.append(f"origin_rules[{i}]: {_origin_match(rule, target)} {rest}")
+                    named.append(f"origin_rules[{i}]: {why}")
             continue
         why = compliance_reason(target, msgspec.structs.replace(base, **{field.name: value}))
         if why is not None:

@@ -9,7 +9,9 @@ one per attribute, are written out in policies/README.md §4):
 - inference jurisdiction: unknown satisfies no allow-list and meets every deny-list; a bloc satisfies an
   allow-list only when the list covers all of it, and meets a deny-list when it overlaps it;
 - origin (the model's, or its base model's): unknown country or developer satisfies no allow-list and
-  meets every deny-list; every origin rule applies to a model of unknown origin;
+  meets every deny-list; every origin rule applies to a model of unknown origin, a rule listing countries
+  to a model of unknown country, a rule listing developers to a model of unknown developer; a refusal
+  names how the rule matched (`origin_rule_match`);
 - operator: an operator not declared, or one whose headquarters (or a parent's) is not declared,
   satisfies no allow-list and meets every deny-list on headquarters;
 - retention: unknown exceeds every maximum; training: not declared `trains_on_data: false` fails
@@ -76,30 +78,47 @@ def _operator_reason(target: Target, c: Compliance) -> str | None:
     return None
 
 
-def _origin_rule_reason(target: Target, rule: OriginRule, country: str, developer: str) -> str | None:
+def origin_rule_match(rule: OriginRule, places: Places, country: str, developer: str) -> str | None:
+    """Which models an origin rule reaches this one as, worded for a reason ("models developed by
+    DeepSeek", "CN-origin models"), or None when the rule does not apply to it. A developer the rule
+    lists is named first (the more specific match), then a country (or a bloc the model's country may be
+    in). What the rule asks about and the model does not declare fails closed: a model of unknown origin
+    could be of any, one of unknown country could be of a listed country, one of unknown developer could
+    be by a listed developer."""
     dev = developer.lower()
+    if dev and dev in _names(rule.developers):
+        return f"models developed by {developer}"
+    if country and places.meets(country, rule.origin_countries):
+        return f"{country}-origin models"
+    if not country and not dev:
+        return "models of unknown origin"
+    if not country and rule.origin_countries:
+        return f"models of unknown origin country (developed by {developer})"
+    if not dev and rule.developers:
+        return f"{country}-origin models of unknown developer"
+    return None
+
+
+def _origin_rule_reason(target: Target, rule: OriginRule, country: str, developer: str) -> str | None:
     places = target.places
-    # A model of unknown origin could be of any origin: every origin rule applies to it; so does a rule
-    # naming a country a bloc-wide origin may be.
-    unknown = not country and not dev
-    of_country = bool(country) and bool(places.meets(country, rule.origin_countries))
-    if not (unknown or of_country or dev in _names(rule.developers)):
+    matched = origin_rule_match(rule, places, country, developer)
+    if matched is None:
         return None
-    label = country or developer or "unknown"
+    dev = developer.lower()
     juris = target.backend.hosting.jurisdiction
     if rule.allowed_tiers is not None and target.backend.tier not in rule.allowed_tiers:
-        return f"{label}-origin models may run only on tiers {list(rule.allowed_tiers)}"
+        return f"{matched} may run only on tiers {list(rule.allowed_tiers)}"
     if rule.allowed_jurisdictions is not None and not places.satisfies(juris, rule.allowed_jurisdictions):
-        return f"{label}-origin models may run only in {list(rule.allowed_jurisdictions)}"
+        return f"{matched} may run only in {list(rule.allowed_jurisdictions)}"
     if rule.deny_developer_operated:
         names = target.operator.names
         if not names:
-            return f"{label}-origin models may not run on their developer's own service (operator unknown)"
+            return f"{matched} may not run on their developer's own service (operator unknown)"
         if not dev:
-            return f"{label}-origin models may not run on their developer's own service (developer unknown)"
+            return f"{matched} may not run on their developer's own service (developer unknown)"
         if dev in names:
             via = "" if names[0] == dev else f" ({target.backend.hosting.operator} belongs to {developer})"
-            return f"{label}-origin models may not run on their developer's own service{via}"
+            return f"{matched} may not run on their developer's own service{via}"
     return None
 
 

@@ -8,7 +8,7 @@ written.
 
 Loading allocates a node and a few objects per YAML scalar and keeps them all: the cyclic garbage
 collector would scan the growing heap again and again for nothing (a 1 MB policy took 2 s to parse
-with it, 0.5 s without), so it is paused while a policy is read and checked (`_collector_paused`).
+with it, 0.5 s without), so it is paused while a policy is read and checked (`collector_paused`).
 The server then freezes what it loaded (`freeze_loaded`).
 """
 
@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,7 +32,8 @@ import yaml
 from gateway import tokens
 from gateway.policy import checks, compliance_checks
 from gateway.policy.index import PolicyIndex
-from gateway.policy.model import PolicySet
+from gateway.policy.model import BUILTIN_REDACTIONS, PolicySet
+from gateway.policy.places import policy_places
 
 _PATH_TOKEN = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
 _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
@@ -47,7 +49,7 @@ _pauses_lock = threading.Lock()
 
 
 @contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """No cyclic garbage collection while a policy is built (reference counting still frees). The
     collector is process-wide: concurrent loads (a reload thread, a CLI) count, the last one resumes it,
     and it is only resumed if it was running before."""
@@ -240,6 +242,11 @@ def _decode_file(path: Path) -> tuple[PolicySet | None, _Source, list[Problem]]:
         return None, source, [Problem(name, line, col, f"{where}: {reason}" if where != "$" else reason)]
 
 
+def _redactor_names() -> frozenset[str]:
+    """What a tenant's `capture.redact` may name: the built-in kinds and the installed redactor plugins."""
+    return frozenset(BUILTIN_REDACTIONS) | frozenset(ep.name for ep in entry_points(group="strait.redactors"))
+
+
 def load_policy(path: Path | str, *, adapters: Iterable[str] | None = None) -> PolicySet:
     """Load and check a policy file or directory; raise PolicyError listing every problem."""
     merged, problems = check_policy(Path(path), adapters=adapters)
@@ -275,7 +282,7 @@ def check_policy(
     last = _last_loaded
     if key is not None and last is not None and last[0] == key:
         return last[1], list(last[2])
-    with _collector_paused():
+    with collector_paused():
         policy, problems = _check_policy(path, adapters)
     if key is not None and policy is not None:
         _last_loaded = (key, policy, list(problems))
@@ -435,6 +442,7 @@ def _cross_check(
                 if name != "*" and name not in route_names:
                     at(source, f"$.tenants[{i}].allowed_routes[{j}]", f"tenant {t.name!r}: unknown route {name!r}")
     known = {"routes": route_names, "tenants": {t.name for t in merged.tenants}}
+    places = policy_places((b.name, b.members) for b in merged.blocs)
     for policy, source in decoded:
         checks.check_cors(policy, source, at)
         checks.check_routes(policy, source, route_names, at)
@@ -442,9 +450,10 @@ def _cross_check(
         checks.check_responses(policy, source, at)
         checks.check_prices(policy, merged, source, at)
         checks.check_spillover(policy, source, at)
-        checks.check_tenants(policy, source, route_names, at)
+        checks.check_tenants(policy, source, route_names, at, places)
         checks.check_rules(policy, source, known, at)
         checks.check_cache(policy, merged, source, at)
+        checks.check_capture(policy, source, _redactor_names(), at)
         compliance_checks.check_entities(policy, merged, source, at)
     if not problems:
         cycle = checks.rewrite_cycle(merged)

@@ -236,6 +236,17 @@ class Bloc(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     members: Annotated[tuple[str, ...], msgspec.Meta(min_length=1, max_length=512)]
 
 
+class Licence(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The model's licence, as far as Strait acts on it: its name and whether its outputs may be used to
+    train other models (captured answers in a dataset export: gateway.capture). A bare string in the
+    policy (`licence: apache-2.0`) is a Licence with that name and `outputs_train` unknown."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    # Whether the licence lets this model's outputs train *other* models. None (unknown) is treated as
+    # "no" wherever it matters (fail-closed, like every compliance attribute).
+    outputs_train: bool | None = None
+
+
 class Model(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     name: str
     deployments: tuple[Deployment, ...]
@@ -246,9 +257,15 @@ class Model(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # The model this one was fine-tuned from (a model of this policy): its origin is inherited unless
     # this model declares its own.
     base_model: str | None = None
-    licence: str | None = None
+    # `licence: apache-2.0`, or `licence: {name: apache-2.0, outputs_train: true}` (see Licence).
+    licence: str | Licence | None = None
     # tiktoken encoding used to count this model's tokens when the upstream gives no usage.
     tokenizer: str = "o200k_base"
+
+    @property
+    def licence_terms(self) -> Licence | None:
+        """`licence` as a Licence whichever way it was written (None: not declared)."""
+        return Licence(name=self.licence) if isinstance(self.licence, str) else self.licence
 
 
 Similarity = Annotated[float, msgspec.Meta(gt=0, le=1)]
@@ -325,6 +342,37 @@ class CacheSettings(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True
     embedder: str | None = None
     threshold: Similarity | None = None
     ttl_s: Positive | None = None
+
+
+# What a capture record may hold (a tenant's `capture.include`): the request's messages, the answer's
+# text, the tool calls (the request's tools and tool messages, the answer's calls).
+CaptureInclude = Literal["prompts", "completions", "tool_calls"]
+CAPTURE_INCLUDE: Final[tuple[CaptureInclude, ...]] = ("prompts", "completions", "tool_calls")
+# The built-in pattern redactor's kinds (gateway.capture.redact); a plugin redactor adds its own name.
+BUILTIN_REDACTIONS: Final[tuple[str, ...]] = ("email", "phone", "card", "iban", "api_key", "ip")
+RedactorName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern="^[a-z][a-z0-9_.-]*$")]
+
+
+class CaptureSettings(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A tenant's consent to data capture (README "The learning loop"): off unless `enabled`. A request
+    may opt out (`x-strait-capture: off`), never in beyond this."""
+
+    enabled: bool = False
+    # The share of the tenant's answered requests captured (decided per request, at random).
+    sample_rate: Share = 1.0
+    include: tuple[CaptureInclude, ...] = CAPTURE_INCLUDE
+    # Records older than this are deleted (checked periodically by the capture writer).
+    retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 30
+    # Redactors run over every captured text before anything is written, in order: the built-in pattern
+    # kinds (BUILTIN_REDACTIONS) and plugin redactors by name (entry point `strait.redactors`). An empty
+    # list captures the text as sent (only for data the tenant knows holds no personal data).
+    redact: tuple[RedactorName, ...] = BUILTIN_REDACTIONS
+    # Whether the consent covers training models on the captured data (a dataset export for fine-tuning
+    # leaves out records captured without it); evaluation and analytics are covered by `enabled`.
+    training: bool = False
+    # A request re-sending the same conversation within this many seconds (a regenerate) is recorded as
+    # implicit feedback (kind `regenerate`) on the earlier one; 0: not recorded.
+    regenerate_window_s: Annotated[int, msgspec.Meta(ge=0, le=86_400)] = 600
 
 
 Objective = Literal["cost", "latency", "balanced", "ordered"]
@@ -632,6 +680,8 @@ class Tenant(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     budgets: Budgets = Budgets()
     cache: CacheSettings = CacheSettings()
     priority: TenantPriority = TenantPriority()
+    # Consent to data capture (off by default: nothing is captured without it).
+    capture: CaptureSettings = CaptureSettings()
 
 
 class HeaderMatch(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

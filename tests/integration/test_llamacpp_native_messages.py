@@ -18,7 +18,6 @@ import openai
 import pytest
 
 from tests.harness.gateway import gateway_process
-from tests.harness.llamacpp import llamacpp_server
 from tests.harness.procs import ServerProcess
 from tests.harness.sse import parse_events
 
@@ -38,13 +37,14 @@ ASK = {"max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+def servers(
+    llama_chat: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     folder = tmp_path_factory.mktemp("llama-native")
-    with llamacpp_server("smollm2", log_path=folder / "llama.log") as llama:
-        policy = folder / "policy.yaml"
-        policy.write_text(POLICY.format(url=llama.base_url))
-        with gateway_process(policy, log_path=folder / "gateway.log") as gw:
-            yield llama, gw
+    policy = folder / "policy.yaml"
+    policy.write_text(POLICY.format(url=llama_chat.base_url))
+    with gateway_process(policy, log_path=folder / "gateway.log") as gw:
+        yield llama_chat, gw
 
 
 def _ask(server: ServerProcess, model: str, **extra: Any) -> httpx.Response:

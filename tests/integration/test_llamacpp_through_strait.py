@@ -35,13 +35,11 @@ routes:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def stack(llama_chat: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("llama")
-    chat = llamacpp_server("smollm2", log_path=folder / "chat.log")
-    embed = llamacpp_server("smollm2-embed", embedding=True, log_path=folder / "embed.log")
-    with chat, embed:
+    with llamacpp_server("smollm2-embed", embedding=True, log_path=folder / "embed.log") as embed:
         policy = folder / "policy.yaml"
-        policy.write_text(POLICY.format(chat=chat.base_url, embed=embed.base_url))
+        policy.write_text(POLICY.format(chat=llama_chat.base_url, embed=embed.base_url))
         with gateway_process(policy, log_path=folder / "gateway.log") as gw:
             yield gw
 

@@ -310,3 +310,71 @@ def test_context_length_names_the_largest_window_the_tenant_may_use() -> None:
     assert (err.status, err.code) == (400, "context_length_exceeded")
     # The US model's window is not one the tenant may use; the largest usable is 8000.
     assert "maximum context length is 8000 tokens" in err.message
+
+
+# An origin rule's reason names how the rule matched the model: a developer rule by the developer, a
+# country rule by the country (a policy bloc included), and what the model does not declare as unknown.
+RULE_WORDING_CASES: list[tuple[str, dict[str, Any], dict[str, Any] | None, str]] = [
+    # id, origin rule, the model's origin, the exclusion of qwen@aliyun-fra
+    (
+        "developer-rule-named-by-developer",
+        {"developers": ["alibaba"], "deny_developer_operated": True},
+        {"developer": "Alibaba", "country": "CN"},
+        "models developed by Alibaba may not run on their developer's own service (Alibaba Cloud belongs to Alibaba)",
+    ),
+    (
+        "country-rule-named-by-country",
+        {"origin_countries": ["CN"], "allowed_tiers": ["self-hosted"]},
+        {"developer": "Alibaba", "country": "CN"},
+        "CN-origin models may run only on tiers ['self-hosted']",
+    ),
+    (
+        "user-bloc-rule-named-by-country",
+        {"origin_countries": ["FIVE_EYES"], "allowed_jurisdictions": ["US"]},
+        {"developer": "Alibaba", "country": "NZ"},
+        "NZ-origin models may run only in ['US']",
+    ),
+    (
+        "unknown-origin-meets-every-rule",
+        {"developers": ["Meta"], "allowed_tiers": ["self-hosted"]},
+        None,
+        "models of unknown origin may run only on tiers ['self-hosted']",
+    ),
+    (
+        "unknown-country-meets-a-country-rule",
+        {"origin_countries": ["CN"], "allowed_tiers": ["self-hosted"]},
+        {"developer": "Alibaba"},
+        "models of unknown origin country (developed by Alibaba) may run only on tiers ['self-hosted']",
+    ),
+    (
+        "unknown-developer-meets-a-developer-rule",
+        {"developers": ["Alibaba"], "allowed_tiers": ["self-hosted"]},
+        {"country": "CN"},
+        "CN-origin models of unknown developer may run only on tiers ['self-hosted']",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rule", "origin", "reason"), [c[1:] for c in RULE_WORDING_CASES], ids=[c[0] for c in RULE_WORDING_CASES]
+)
+def test_an_origin_rules_refusal_names_how_it_matched(
+    rule: dict[str, Any], origin: dict[str, Any] | None, reason: str
+) -> None:
+    policy = _policy({"compliance": {"origin_rules": [rule]}})
+    qwen = next(m for m in policy.models if m.name == "qwen")
+    models = tuple(
+        msgspec.structs.replace(m, origin=None if origin is None else msgspec.convert(origin, type(qwen.origin)))
+        if m is qwen
+        else m
+        for m in policy.models
+    )
+    plan = _decide(msgspec.structs.replace(policy, models=models))
+    assert _excluded(plan)["aliyun-fra"] == reason
+
+
+def test_an_origin_rule_does_not_reach_a_model_outside_it() -> None:
+    # Known developer and country, neither listed: the rule does not apply (nothing unknown to fail on).
+    plan = _decide(_policy({"compliance": {"origin_rules": [{"origin_countries": ["US"], "developers": ["Meta"],
+                                                              "allowed_tiers": ["edge"]}]}}))  # fmt: skip
+    assert _backends(plan) == ["gpu-eu", "aliyun-fra", "together", "mystery", "nz"]

@@ -331,7 +331,7 @@ COMPLIANCE_CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]
         {"tier": "provider", "juris": "US"},
         {"developer": "DeepSeek"},
         {"origin_rules": [{"developers": ["DeepSeek"], "allowed_tiers": ["self-hosted"]}]},
-        "DeepSeek-origin models may run only on tiers ['self-hosted']",
+        "models developed by DeepSeek may run only on tiers ['self-hosted']",
     ),
     (
         "origin-rule-by-bloc-applies-to-member",

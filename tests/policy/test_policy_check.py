@@ -118,3 +118,36 @@ def test_check_cli_hides_silenced_warnings_unless_asked(tmp_path: Path, capsys: 
     assert main(["policy", "check", "--show-silenced", str(path)]) == 0
     out = capsys.readouterr().out
     assert out.count("silenced warning: tenant ") == 3 and "[silenced: careful never calls cheap]" in out
+
+
+FIVE_EYES = """\
+blocs:
+  - {name: FIVE_EYES, members: [US, GB, CA, AU, NZ]}
+"""
+
+
+def test_user_blocs_are_read_by_the_checks_as_by_the_engine(tmp_path: Path) -> None:
+    """`strait policy check` expands a policy's own blocs (FIVE_EYES) exactly as the engine does."""
+    impossible = BASE.replace(
+        "compliance: {allowed_jurisdictions: [EU]}",
+        "compliance: {allowed_jurisdictions: [US], denied_jurisdictions: [FIVE_EYES], "
+        "allowed_origin_countries: [FIVE_EYES], denied_origin_countries: [US, GB, CA, AU, NZ]}",
+    )
+    got = _check(tmp_path, FIVE_EYES + impossible)
+    assert "error: tenant 'eu': impossible constraints: every allowed jurisdiction is also denied" in got
+    assert "error: tenant 'eu': impossible constraints: every allowed origin country is also denied" in got
+    # The origin rule reaches llama (US, inside FIVE_EYES) by its country, and names it so.
+    ruled = BASE.replace(
+        "origin_rules: [{developers: [DeepSeek], allowed_tiers: [self-hosted]}]",
+        "origin_rules: [{origin_countries: [FIVE_EYES], allowed_tiers: [provider]}]",
+    )
+    got = _check(tmp_path, FIVE_EYES + ruled)
+    assert (
+        "warning: tenant 'careful': compliance leaves route 'local' with no candidate (llama@us-gpu: "
+        "origin_rules[0]: US-origin models may run only on tiers ['provider'])"
+    ) in got
+    # A user bloc that is not contradicted is not reported.
+    fine = BASE.replace("compliance: {allowed_jurisdictions: [EU]}", "compliance: {allowed_jurisdictions: [FIVE_EYES]}")
+    got = _check(tmp_path, FIVE_EYES + fine)
+    assert not [p for p in got if "tenant 'eu'" in p and "impossible" in p]
+    assert not [p for p in got if "tenant 'eu'" in p and "'local'" in p]  # llama@us-gpu is inside FIVE_EYES

@@ -10,9 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.__main__ import main
-from gateway.policy.index import PolicyIndex
+from gateway.context import RequestContext
+from gateway.policy.engine import LiveState, RequestFeatures, decide
+from gateway.policy.index import PolicyIndex, Principal
 from gateway.policy.load import load_policy
 from gateway.policy.replay import FeatureLine, diff, read_samples
+from gateway.stages.observers import FeatureLog, FeatureLogFile
 
 DEMO = Path(__file__).resolve().parents[2] / "policies" / "demo.yaml"
 # The candidate: the chat route serves the cloud model only (the edge model leaves it).
@@ -94,3 +97,29 @@ def test_cli_reads_the_feature_log_format(tmp_path: Path, capsys: pytest.Capture
     bad.write_text('{"route": "chat"}\n')
     assert main(["policy", "diff", str(DEMO), str(new), "--requests", str(bad)]) == 1
     assert "bad.jsonl:1:" in capsys.readouterr().err
+
+
+def test_the_ingress_region_is_logged_and_replayed(tmp_path: Path) -> None:
+    """A feature line carries the replica's STRAIT_REGION, and a replay decides with it: a tenant that
+    requires an ingress region is served from a line that entered there, refused from one that did not."""
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(
+        DEMO.read_text().replace(
+            '    allowed_routes: ["*"]\n',
+            '    allowed_routes: ["*"]\n    compliance: {required_ingress_regions: [eu-west]}\n',
+        )
+    )
+    old, new = PolicyIndex(load_policy(DEMO)), PolicyIndex(load_policy(strict))
+    # What the gateway writes: the ingress region of the features the engine decided on.
+    out = FeatureLogFile(str(tmp_path / "features.jsonl"), 1.0)
+    ctx = RequestContext(request_id="r", operation="chat", started=0.0, headers={})
+    ctx.principal = Principal(tenant="demo", key_id="demo", allowed_routes=None)
+    log = FeatureLog(out, old)
+    for region in ("eu-west", None):
+        features = RequestFeatures(route="chat", prompt_tokens=10, ingress_region=region)
+        log.observe(ctx, features, LiveState(), decide(old, ctx.principal, features))
+    out.close()
+    lines = read_samples(tmp_path / "features.jsonl")
+    assert [getattr(line, "ingress_region", "?") for line in lines] == ["eu-west", None]
+    report = diff(old, new, lines)
+    assert report.moves == {("llama-3.1-8b-edge@edge-box", "refused 403 ingress_region_not_allowed"): 1}

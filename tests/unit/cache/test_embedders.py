@@ -90,7 +90,16 @@ async def embedder(
     fake, url = backend
     remote = open_embedder(
         EmbedderSpec(
-            name="r", kind="remote", threshold=0.9, base_url=url, model="m", api_key="env:EMBED_KEY", dims=384
+            name="r",
+            kind="remote",
+            threshold=0.9,
+            base_url=url,
+            model="m",
+            api_key="env:EMBED_KEY",
+            dims=384,
+            # The fake server embeds with the local model: on a loaded machine 64 texts can take seconds, and
+            # the contract is about answers, not speed (test_remote_timeout covers the timeout).
+            timeout_s=60,
         ),
         environ={"EMBED_KEY": "sekrit"},
     )
