@@ -80,8 +80,15 @@ def _kind(fb: FeedbackBody) -> tuple[FeedbackKind, float | None, str | None]:
     return ("correction" if fb.correction is not None else kind), score, label
 
 
-async def _resolve(writer: CaptureWriter | None, tenant: str, fb: FeedbackBody) -> str | None:
-    """The tenant's capture the feedback names. A client may rate an answer the moment it has it, before
+async def _resolve(
+    writer: CaptureWriter | None,
+    tenant: str,
+    *,
+    request_id: str | None = None,
+    client_id: str | None = None,
+    response_id: str | None = None,
+) -> str | None:
+    """The tenant's capture a feedback names. A client may rate an answer the moment it has it, before
     the writer's batch landed: when it is not found, what this replica has queued (or is writing) is
     written first and it is looked up again."""
     if writer is None or not writer.enabled:
@@ -89,13 +96,38 @@ async def _resolve(writer: CaptureWriter | None, tenant: str, fb: FeedbackBody) 
     for attempt in range(2):
         store = await writer.existing_store()
         if store is not None:
-            found = await store.resolve(tenant, request_id=fb.request_id, client_id=fb.trace_id or fb.request_id)
+            found = await store.resolve(tenant, request_id=request_id, client_id=client_id, response_id=response_id)
             if found is not None:
                 return found
         if attempt:
             return None
         await writer.flush()
     return None
+
+
+async def record_bad_hit(gateway: Gateway, tenant: str, key_id: str, response_id: str, reason: str | None) -> bool:
+    """Implicit feedback: a cached answer reported wrong (POST /v1/cache/feedback, by the id it was served
+    with) is a `cache_bad_hit` on the captured request it answered, when that one was captured. Its
+    reason, redacted, is kept in the metadata. Whether one was recorded."""
+    writer = gateway.services.capture
+    request_id = await _resolve(writer, tenant, response_id=response_id)
+    if request_id is None or writer is None:
+        return False
+    found = gateway.runtime.index.tenants.get(tenant)
+    redactor = redactor_for(found.capture.redact if found is not None else BUILTIN_REDACTIONS)
+    metadata = {"reason": await asyncio.to_thread(redactor.redact, reason[:512])} if reason else {}
+    await writer.add_feedback(
+        Feedback(
+            id=feedback_id(),
+            request_id=request_id,
+            tenant=tenant,
+            ts_ms=int(time.time() * 1000),
+            kind="cache_bad_hit",
+            metadata=metadata,
+            key_id=key_id,
+        )
+    )
+    return True
 
 
 def build_feedback_handlers(gateway: Gateway, id_headers_of: Any, headers_of: Any) -> list[HTTPRouteHandler]:
@@ -111,7 +143,9 @@ def build_feedback_handlers(gateway: Gateway, id_headers_of: Any, headers_of: An
         fb = _parse(bytes(body))
         named = fb.request_id or fb.trace_id
         writer = gateway.services.capture
-        request_id = await _resolve(writer, principal.tenant, fb)
+        request_id = await _resolve(
+            writer, principal.tenant, request_id=fb.request_id, client_id=fb.trace_id or fb.request_id
+        )
         if request_id is None or writer is None:
             raise NotFound(f"No captured request '{named}' for your tenant.", param="request_id")
         kind, score, label = _kind(fb)

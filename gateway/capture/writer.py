@@ -206,15 +206,21 @@ class CaptureWriter:
             base = p.record
             include = base.include
             request = captured_request(p.request, p.redactor, include) if p.request is not None else None
+            answer, response_id = None, None
             if p.events is not None:
-                answer = answer_of_stream(p.events, p.redactor, include, p.truncated)
+                answer, response_id = answer_of_stream(p.events, p.redactor, include, p.truncated)
             elif p.body is not None:
-                answer = answer_of_body(p.body, p.redactor, include)
-            else:
-                answer = None
+                answer, response_id = answer_of_body(p.body, p.redactor, include)
             metadata = _metadata(p.request.metadata if p.request is not None else None, p.redactor)
             records.append(
-                msgspec.structs.replace(base, request=request, answer=answer, metadata=metadata, tags=_tags(p.tags))
+                msgspec.structs.replace(
+                    base,
+                    request=request,
+                    answer=answer,
+                    metadata=metadata,
+                    tags=_tags(p.tags),
+                    response_id=response_id,
+                )
             )
             key = conversation_key(p.request) if p.regenerate_window_s and p.request is not None else None
             if key is not None:

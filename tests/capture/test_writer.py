@@ -86,7 +86,9 @@ async def test_retention_creates_no_store(tmp_path: Path) -> None:
 
 def test_a_streamed_answer_with_tool_calls_is_assembled_and_redacted() -> None:
     def chunk(delta: dict[str, object], finish: str | None = None) -> bytes:
-        return json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).encode()
+        return json.dumps(
+            {"id": "chatcmpl-s1", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        ).encode()
 
     events = [
         chunk({"role": "assistant", "content": ""}),
@@ -104,15 +106,15 @@ def test_a_streamed_answer_with_tool_calls_is_assembled_and_redacted() -> None:
         chunk({}, "tool_calls"),
         b"[DONE]",
     ]
-    answer = answer_of_stream(events, PatternRedactor(), ("completions", "tool_calls"), truncated=False)
-    assert answer is not None
+    answer, response_id = answer_of_stream(events, PatternRedactor(), ("completions", "tool_calls"), truncated=False)
+    assert answer is not None and response_id == "chatcmpl-s1"
     assert [(c.id, c.name, c.arguments) for c in answer.tool_calls] == [
         ("call_a", "mail", '{"to": "[EMAIL]"}'),
         ("call_b", "log", "{}"),
     ]
     assert answer.content is None and answer.finish_reason == "tool_calls"
     # Without `tool_calls` in the consent, the calls are left out.
-    only_text = answer_of_stream(events, PatternRedactor(), ("completions",), truncated=False)
+    only_text, _ = answer_of_stream(events, PatternRedactor(), ("completions",), truncated=False)
     assert only_text is not None and only_text.tool_calls == ()
 
 
