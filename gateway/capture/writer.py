@@ -46,10 +46,11 @@ MAX_METADATA_CHARS = 512
 @dataclass(slots=True)
 class PendingCapture:
     """What the capture tap collected for one request: cheap references, turned into a CaptureRecord in
-    the writer's thread. `record` holds every field known at the end of the request (texts not yet
-    redacted are not in it)."""
+    the writer's thread. `build` makes the record's fields known at the end of the request (without the
+    texts, which are redacted and added here): called in the thread, so the request path pays for a
+    function object, not for a 40-field Struct."""
 
-    record: CaptureRecord
+    build: Callable[[], CaptureRecord]
     request: Request | None
     redactor: TextRedactor
     body: bytes | None = None
@@ -203,7 +204,7 @@ class CaptureWriter:
         records: list[CaptureRecord] = []
         feedback: list[Feedback] = []
         for p in batch:
-            base = p.record
+            base = p.build()
             include = base.include
             request = captured_request(p.request, p.redactor, include) if p.request is not None else None
             answer, response_id = None, None

@@ -38,7 +38,7 @@ def pending(rid: str, tenant: str = "acme", ts_ms: int = 0) -> PendingCapture:
         outcome="completed",
         include=("prompts", "completions", "tool_calls"),
     )
-    return PendingCapture(record=record, request=None, redactor=PatternRedactor(), body=b'{"choices": []}')
+    return PendingCapture(build=lambda: record, request=None, redactor=PatternRedactor(), body=b'{"choices": []}')
 
 
 def counter(metrics: Metrics, result: str) -> float:
