@@ -16,7 +16,7 @@ from litestar.handlers import BaseRouteHandler
 from gateway.api.anthropic.endpoint import count_message_tokens, messages_reply, send_error
 from gateway.api.asgi_send import Receive, Send, StreamCodec, body_chunks, send_reply
 from gateway.api.bearer import check_bearer
-from gateway.api.feedback import build_feedback_handlers
+from gateway.api.feedback import build_feedback_handlers, record_bad_hit
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
 from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits
 from gateway.api.responses.endpoint import build_responses_handlers, responses_reply
@@ -267,6 +267,8 @@ def build_handlers(
         if cache is None or served is None:
             raise NotFound(f"No cached answer '{report.id}' was served to your tenant recently.")
         reports = await cache.report_bad("feedback", served[0], served[1])
+        # The hit's capture, if its tenant captures, gets the report as implicit feedback.
+        await record_bad_hit(gateway, principal.tenant, principal.key_id, served_id, report.reason)
         out = {"object": "cache.feedback", "id": report.id, "recorded": True, "namespace_reports": reports}
         return Response(_encode(out), media_type=JSON, headers=scope_id_headers(request.scope))
 
