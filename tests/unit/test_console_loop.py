@@ -121,3 +121,13 @@ def test_capture_on_shows_the_days_volume_feedback_and_writer_counts(
         doc = client.get("/admin/api/loop", headers=_admin()).json()
         assert doc["truncated"] and doc["scanned"] == 2 and doc["volume"][0]["records"] == 2
         assert "the first 2 only" in client.get("/ui/loop", headers=_admin()).text
+
+
+def test_a_store_that_does_not_answer_is_said_not_a_server_error(tmp_path: Path) -> None:
+    db = tmp_path / "capture.db"
+    db.write_bytes(b"this is not a SQLite database" * 100)
+    with _client(tmp_path, f"sqlite:///{db}") as client:
+        doc = client.get("/admin/api/loop", headers=_admin())
+        assert doc.status_code == 200 and doc.json()["capture"] == "unreadable"
+        page = client.get("/ui/loop", headers=_admin())
+        assert page.status_code == 200 and "The capture store did not answer" in page.text

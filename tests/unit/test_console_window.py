@@ -8,8 +8,9 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.api.console.history import KEEP, MetricHistory
+from gateway.api.console.history import KEEP, MetricHistory, Window
 from gateway.api.console.metrics_view import Samples, quantile, route_figures
+from gateway.api.console.pages import window_label
 from gateway.telemetry import Metrics
 
 TTFT_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, math.inf)
@@ -146,3 +147,14 @@ def test_percentiles_of_the_window_are_those_of_its_observations_alone(
         assert got is None
     else:
         assert got is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_the_page_says_which_window_it_shows() -> None:
+    assert window_label(Window(kind="window", since=0.0, seconds=3570.0, asked_s=3600.0)) == "over the last hour"
+    assert window_label(Window(kind="window", since=0.0, seconds=7200.0, asked_s=3600.0)) == "over the last 120 min"
+    assert window_label(Window(kind="since_start", since=0.0, seconds=750.0, asked_s=3600.0)) == (
+        "since this replica started (12 min ago)"
+    )
+    assert window_label(Window(kind="since_start", since=None, seconds=None, asked_s=3600.0)) == (
+        "since this replica started"
+    )
