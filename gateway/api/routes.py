@@ -23,6 +23,7 @@ from gateway.api.responses.endpoint import build_responses_handlers, responses_r
 from gateway.api.responses.stored import Conversations
 from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import model_card, model_list
+from gateway.capture.signals import record_cache_bad_hit
 from gateway.context import RequestContext, answered
 from gateway.contracts import Operation
 from gateway.errors import (
@@ -267,7 +268,15 @@ def build_handlers(
         if cache is None or served is None:
             raise NotFound(f"No cached answer '{report.id}' was served to your tenant recently.")
         reports = await cache.report_bad("feedback", served[0], served[1])
-        out = {"object": "cache.feedback", "id": report.id, "recorded": True, "namespace_reports": reports}
+        # Also implicit feedback on the captured request the hit was served to (if it was captured).
+        captured = await record_cache_bad_hit(gateway.services.capture, principal.tenant, principal.key_id, served_id)
+        out = {
+            "object": "cache.feedback",
+            "id": report.id,
+            "recorded": True,
+            "namespace_reports": reports,
+            "captured_request_id": captured,
+        }
         return Response(_encode(out), media_type=JSON, headers=scope_id_headers(request.scope))
 
     @get("/healthz")

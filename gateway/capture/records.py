@@ -11,7 +11,9 @@ from typing import Literal
 
 import msgspec
 
-FeedbackKind = Literal["score", "boolean", "label", "correction", "regenerate"]
+# `cache_bad_hit`: implicit, the tenant reported the cached answer this request was served as wrong
+# (POST /v1/cache/feedback).
+FeedbackKind = Literal["score", "boolean", "label", "correction", "regenerate", "cache_bad_hit"]
 
 
 class CapturedToolCall(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -102,6 +104,9 @@ class CaptureRecord(msgspec.Struct, frozen=True, kw_only=True):
     redacted_with: tuple[str, ...] = ()
     request: CapturedRequest | None = None
     answer: CapturedAnswer | None = None
+    # A shadow copy's answer (gateway.capture.shadow_sink): the live request id it copied. Such a record
+    # is the candidate's, stored under `<live id>:shadow`, without the request (it is the live record's).
+    shadow_of: str | None = None
 
 
 class Feedback(msgspec.Struct, frozen=True, kw_only=True):
