@@ -4,12 +4,12 @@ Two comparisons, each printed when it has records:
 
 - shadow: each live record with the candidate's shadow copy of it (`shadow_of`, gateway.capture.shadow_sink).
   Both sides are the same requests, so latency, cost and length compare like for like, and agreement is
-  measured: `exact` is the share of pairs whose answers are equal after normalisation (Unicode NFKC,
-  case folded, whitespace runs collapsed, leading/trailing whitespace and punctuation stripped; tool
-  calls as `name(arguments)` with the arguments' JSON keys sorted), and `similarity` the mean Jaccard
-  index of the two answers' sets of word tokens (`\\w+` after the same normalisation; 1.0 when both are
-  empty). Feedback exists only on the live side (nobody saw the copy). Copies that failed or timed out
-  are counted, not paired.
+  measured: `exact` is the share of pairs whose answers are equal after normalisation (the text
+  Unicode NFKC, case folded, punctuation as spaces, whitespace runs collapsed and trimmed; each tool call
+  as `name(arguments)` with the arguments' JSON keys sorted), and `similarity` the mean Jaccard index of
+  the two answers' sets of word tokens (`\\w+` of the normalised answers; 1.0 when both are empty).
+  Feedback exists only on the live side (nobody saw the copy). Copies that failed or timed out are
+  counted, not paired.
 - canary: live records of the route answered by the candidate (its canary share) against those answered
   by any other model: different requests (sticky per conversation), so no agreement, but feedback.
 
@@ -45,22 +45,26 @@ from gateway.policy.model import PolicySet, Price
 MAX_WAITING = 100_000
 _SPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
-_EDGE = " \t\n.,;:!?\"'`()[]{}"
+
+
+def _text(text: str) -> str:
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    kept = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in folded)
+    return _SPACE.sub(" ", kept).strip()
 
 
 def normalise(answer: CapturedAnswer | None) -> str:
     """The answer as compared for agreement (see the module's docstring)."""
     if answer is None:
         return ""
-    parts = [answer.content or ""]
+    parts = [_text(answer.content or "")]
     for call in answer.tool_calls:
         try:
             arguments = msgspec.json.encode(msgspec.json.decode(call.arguments or "{}"), order="sorted").decode()
         except msgspec.DecodeError:
             arguments = call.arguments
         parts.append(f"{call.name}({arguments})")
-    text = unicodedata.normalize("NFKC", "\n".join(p for p in parts if p)).casefold()
-    return _SPACE.sub(" ", text).strip(_EDGE)
+    return "\n".join(p for p in parts if p)
 
 
 def similarity(a: str, b: str) -> float:

@@ -22,14 +22,16 @@ async def record_cache_bad_hit(writer: CaptureWriter | None, tenant: str, key_id
     it was not captured (capture off, the tenant not consenting, or another tenant's id: tenant-scoped)."""
     if writer is None or not writer.enabled or not served_id.startswith(CACHE_RESPONSE_PREFIX):
         return None
-    store = await writer.existing_store()
-    if store is None:
-        return None
-    request_id = await store.resolve(tenant, request_id=served_id.removeprefix(CACHE_RESPONSE_PREFIX))
-    if request_id is None:
-        # Its batch may not have landed yet (a report right after the hit).
+    wanted = served_id.removeprefix(CACHE_RESPONSE_PREFIX)
+    request_id = None
+    for attempt in range(2):
+        store = await writer.existing_store()
+        if store is not None:
+            request_id = await store.resolve(tenant, request_id=wanted)
+        if request_id is not None or attempt:
+            break
+        # Its batch may not have landed yet (a report right after the hit): write what is queued first.
         await writer.flush()
-        request_id = await store.resolve(tenant, request_id=served_id.removeprefix(CACHE_RESPONSE_PREFIX))
     if request_id is None:
         return None
     await writer.add_feedback(
