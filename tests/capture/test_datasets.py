@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -256,3 +257,61 @@ def test_agreement_measures() -> None:
     assert similarity("", "") == 1.0
     calls = CapturedAnswer(tool_calls=(CapturedToolCall(id="x", name="f", arguments='{"b": 1, "a": 2}'),))
     assert normalise(calls) == 'f({"a":2,"b":1})'
+
+
+def test_the_cli_reads_strait_capture_and_prints_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`strait datasets export/compare` read STRAIT_CAPTURE and STRAIT_POLICY as `strait serve` does (the demo
+    policy: frontier-cloud's licence forbids training other models, the LoRA is of the edge model's family)."""
+    import asyncio
+
+    from gateway.__main__ import main
+    from gateway.capture.store import open_capture_store
+
+    url = f"sqlite:///{tmp_path / 'capture.db'}"
+
+    async def fill() -> None:
+        store = await open_capture_store(url)
+        try:
+            await store.write(
+                [
+                    rec("d1", tenant="demo", model="llama-3.1-8b-edge", deployment="llama-3.1-8b-edge@edge-box"),
+                    rec(
+                        "d1:shadow",
+                        tenant="demo",
+                        model="llama-3.1-8b-support-lora",
+                        shadow_of="d1",
+                        deployment="llama-3.1-8b-support-lora@lora-box",
+                        request=None,
+                    ),
+                    rec(
+                        "d2",
+                        tenant="demo",
+                        model="frontier-cloud",
+                        licence="examplelab-terms",
+                        licence_outputs_train=False,
+                    ),
+                ]
+            )
+        finally:
+            await store.aclose()
+
+    asyncio.run(fill())
+    monkeypatch.setenv("STRAIT_CAPTURE", url)
+    monkeypatch.setenv("STRAIT_POLICY", "policies/demo.yaml")
+    out = tmp_path / "ds"
+    argv = ["datasets", "export", "--route", "chat", "--since", "2026-12-07", "--until", "2026-12-07"]
+    assert (
+        main([*argv, "--format", "openai-chat-jsonl", "--target", "llama-3.1-8b-support-lora", "--out", str(out)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "scanned 3 records, wrote 1 lines" in printed
+    assert re.search(r"^  licence_forbids_target +1$", printed, re.M) and re.search(
+        r"^  shadow_copy +1$", printed, re.M
+    )
+    assert json.loads((out / "manifest.json").read_text())["target_family"] == "llama-3.1-8b-edge"
+    assert main(["datasets", "compare", "--route", "chat", "--candidate", "llama-3.1-8b-support-lora", "--json"]) == 0
+    shadow = json.loads(capsys.readouterr().out)["shadow"]
+    assert shadow["pairs"] == 1 and shadow["agreement_exact"] == 0.0
+    assert main(["datasets", "compare", "--route", "chat", "--candidate", "x", "--since", "soon"]) == 2
