@@ -52,7 +52,7 @@ def _capture_url(args: argparse.Namespace) -> str:
 
 def _export(args: argparse.Namespace) -> int:
     from gateway.capture.eligibility import policy_view
-    from gateway.capture.export import ExportOptions, export
+    from gateway.capture.export import ExportError, ExportOptions, export
     from gateway.capture.store import open_capture_store
     from gateway.policy.load import PolicyError
 
@@ -86,7 +86,11 @@ def _export(args: argparse.Namespace) -> int:
             await store.aclose()
         return report.lines()
 
-    print("\n".join(asyncio.run(run())))
+    try:
+        print("\n".join(asyncio.run(run())))
+    except ExportError as exc:
+        print(f"strait datasets export: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,7 +5,8 @@ producing model's licence, each fail-closed (gateway.capture.export applies it; 
   still says so (consent withdrawn since is consent missing); a tenant no longer in the policy: no.
 - Licence (the producing model's, as recorded when it answered): `outputs_train: true` lets its outputs
   train any model; `false` forbids training *other* models, so only a target of the producing model's own
-  family passes; unknown (not declared) passes nothing.
+  family passes (`licence_forbids_target` otherwise); unknown (a licence named without `outputs_train`,
+  or none) is treated as `false` (`licence_unknown` for a target of another family).
 - Family: a model's family is the root of its `base_model` chain in the policy (a LoRA of
   llama-3.1-8b-edge is of family llama-3.1-8b-edge); `--target` names a policy model (its family is
   used) or a family by name. A model no longer in the policy is its own family.
@@ -57,8 +58,6 @@ def licence_problem(record: CaptureRecord, target_family: str, view: PolicyView)
     allowed = record.licence_outputs_train
     if allowed is True:
         return None
-    if allowed is None:
-        return "licence_unknown"
     if record.model is not None and view.family(record.model) == target_family:
         return None
-    return "licence_forbids_target"
+    return "licence_unknown" if allowed is None else "licence_forbids_target"

@@ -20,7 +20,8 @@ copy of an answer stored once already) / `cache_bad_hit` (reported wrong), `empt
 
 The manifest (manifest.json beside the data) holds the filters, counts (scanned, written, excluded by
 reason, pairs by source), the policy versions and licences of what was written, the models and tenants,
-and each file's name, lines, bytes and sha256. Files are written under a temporary name and renamed.
+and each file's name, lines, bytes and sha256. Files are written under a temporary name and renamed. One
+export per directory (another export's manifest there is refused; the same route and format rewritten).
 """
 
 from __future__ import annotations
@@ -171,9 +172,28 @@ class _Provenance:
         entry["records"] += 1
 
 
+class ExportError(Exception):
+    """An export that cannot start (its message says why)."""
+
+
+def _check_out_dir(out_dir: Path, data_name: str) -> None:
+    """One export per directory: a manifest of another export there would end up describing the wrong
+    files (an export of the same route and format may be written again)."""
+    manifest = out_dir / "manifest.json"
+    if not manifest.exists():
+        return
+    try:
+        names = [f["name"] for f in msgspec.json.decode(manifest.read_bytes())["files"]]
+    except (OSError, msgspec.DecodeError, KeyError, TypeError):
+        names = []
+    if names != [data_name]:
+        raise ExportError(f"{out_dir} holds another export (its manifest.json); write this one to another --out")
+
+
 async def export(store: CaptureStore, options: ExportOptions, view: PolicyView, out_dir: Path) -> ExportReport:
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{options.route}.{options.format}.jsonl"
+    _check_out_dir(out_dir, path.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
     report = ExportReport(path=path, manifest_path=out_dir / "manifest.json")
     target_family = view.family(options.target)
     sink = _Sink(path)

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.capture.compare import compare, normalise, similarity
 from gateway.capture.eligibility import PolicyView
-from gateway.capture.export import ExportOptions, export
+from gateway.capture.export import ExportError, ExportOptions, export
 from gateway.capture.records import (
     CapturedAnswer,
     CapturedMessage,
@@ -134,6 +134,15 @@ async def test_export_leaves_out_what_consent_or_licence_forbid(capture_store: C
     # A fine-tune names its family through its base model: m-lora is of family m.
     lora = await export(capture_store, options(target="m-lora", until_ms=T0 + DAY), VIEW, tmp_path / "lora")
     assert lora.written == 2 and lora.excluded["licence_forbids_target"] == 1
+    # An unknown licence reads as "not for other models": its own family only.
+    mystery = await export(capture_store, options(target="mystery", until_ms=T0 + DAY), VIEW, tmp_path / "mys")
+    assert mystery.written == 3 and mystery.excluded["licence_forbids_target"] == 1
+    assert "licence_unknown" not in mystery.excluded
+    # One export per directory: another format's export is refused there; the same one may be rewritten.
+    with pytest.raises(ExportError):
+        await export(capture_store, options(format="anthropic-jsonl"), VIEW, out)
+    again = await export(capture_store, options(until_ms=T0 + DAY), VIEW, out)
+    assert again.written == 2 and json.loads((out / "manifest.json").read_text())["files"] == manifest["files"]
 
 
 async def test_min_feedback_and_corrections(capture_store: CaptureStore, tmp_path: Path) -> None:
