@@ -14,8 +14,9 @@ Two comparisons, each printed when it has records:
   by any other model: different requests (sticky per conversation), so no agreement, but feedback.
 
 Per side: records, completed, errors, latency p50/p95 (ms, the gateway's whole-answer latency for live
-records, the copy's call for shadow ones), cost (USD at the deployment's price in the policy in force;
-records of a deployment no longer priced there counted `unpriced`), mean answer length (characters) and
+records, the copy's call for shadow ones), cost (USD at the deployment's input, output and per-request
+price in the policy in force, exact rather than rounded per request as the ledger is; records of a
+deployment no longer priced there counted `unpriced`), mean answer length (characters) and
 completion tokens, and feedback: rated records, mean rating (weight-averaged `score`/`boolean`, as
 export), share rated positive, corrections, regenerates, cache bad hits.
 
@@ -36,11 +37,11 @@ from typing import Any
 
 import msgspec
 
-from gateway.accounting.counts import TokenCounts, cost_micro_usd
 from gateway.capture.export import correction, rating
 from gateway.capture.records import Captured, CapturedAnswer
 from gateway.capture.store import CaptureQuery, CaptureStore, scan
 from gateway.policy.model import PolicySet, Price
+from gateway.policy.rates import FEMTO_PER_USD, rate_card
 
 MAX_WAITING = 100_000
 _SPACE = re.compile(r"\s+")
@@ -90,7 +91,8 @@ class Side:
     completed: int = 0
     errors: int = 0
     latency_ms: array[float] = field(default_factory=lambda: array("d"))
-    cost_micro_usd: int = 0
+    # Exact, in femto-USD (the ledger rounds each request to a micro-USD; cheap answers cost less than one).
+    cost_femto_usd: int = 0
     unpriced: int = 0
     chars: int = 0
     completion_tokens: int = 0
@@ -116,9 +118,10 @@ class Side:
         if price is None:
             self.unpriced += 1
         elif r.cache is None:  # a cache hit cost no upstream tokens
-            self.cost_micro_usd += cost_micro_usd(
-                price, TokenCounts(prompt=r.prompt_tokens or 0, completion=r.completion_tokens or 0)
-            )
+            card = rate_card(price)
+            prompt, completion = r.prompt_tokens or 0, r.completion_tokens or 0
+            if prompt > 0 or completion > 0:
+                self.cost_femto_usd += prompt * card.input + completion * card.output + card.per_request
         score = rating(item.feedback)
         if score is not None:
             self.rated += 1
@@ -136,8 +139,8 @@ class Side:
             "errors": self.errors,
             "latency_p50_ms": percentile(self.latency_ms, 50),
             "latency_p95_ms": percentile(self.latency_ms, 95),
-            "cost_usd": round(self.cost_micro_usd / 1e6, 6),
-            "cost_per_1k_usd": round(self.cost_micro_usd / 1e3 / n, 6) if n else None,
+            "cost_usd": self.cost_femto_usd / FEMTO_PER_USD,
+            "cost_per_1k_usd": self.cost_femto_usd * 1000 / FEMTO_PER_USD / n if n else None,
             "unpriced": self.unpriced,
             "mean_chars": round(self.chars / n, 1) if n else None,
             "mean_completion_tokens": round(self.completion_tokens / n, 1) if n else None,
@@ -251,7 +254,7 @@ def _fmt(value: object, unit: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.6f}{unit}" if unit == " USD" else f"{value:.4g}{unit}"
+        return f"{value:.4g}{unit}"
     return f"{value}{unit}"
 
 
