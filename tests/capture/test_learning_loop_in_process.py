@@ -165,3 +165,32 @@ def test_a_cache_bad_hit_report_is_feedback_on_the_captured_hit(tmp_path: Path) 
             "/v1/cache/feedback", json={"id": ghit.json()["id"]}, headers={"authorization": f"Bearer {KEYS['globex']}"}
         )
         assert gok.status_code == 200 and gok.json()["captured_request_id"] is None
+
+
+def test_a_streamed_answer_copy_is_stored_and_an_opted_out_request_copy_is_not(tmp_path: Path) -> None:
+    with gateway(tmp_path) as (client, writer):
+        streamed = client.post(
+            "/v1/chat/completions",
+            json={"model": "chat", "stream": True, "messages": [{"role": "user", "content": "Stream me the Danube"}]},
+            headers={"authorization": f"Bearer {KEYS['acme']}"},
+        )
+        assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
+        rid = streamed.headers["x-strait-request-id"]
+        wait_for(lambda: get(client, writer, "acme", shadow_request_id(rid)) is not None, "the stream's copy")
+        copy = get(client, writer, "acme", shadow_request_id(rid))
+        assert copy is not None and copy.record.shadow_of == rid and copy.record.answer is not None
+        assert "Stream me the Danube" in (copy.record.answer.content or "")
+
+        opted = client.post(
+            "/v1/chat/completions",
+            json={"model": "chat", "messages": [{"role": "user", "content": "Do not keep this"}]},
+            headers={"authorization": f"Bearer {KEYS['acme']}", "x-strait-capture": "off"},
+        )
+        assert opted.status_code == 200
+        wait_for(
+            lambda: metric(client, 'strait_shadow_captures_total{result="no_consent",route="chat"}') == 1,
+            "the opted-out request's copy counted",
+        )
+        orid = opted.headers["x-strait-request-id"]
+        assert get(client, writer, "acme", orid) is None
+        assert get(client, writer, "acme", shadow_request_id(orid)) is None
