@@ -42,12 +42,16 @@ def _policy(path: str | None) -> tuple[Any, str]:
 
 
 def _capture_url(args: argparse.Namespace) -> str:
+    from gateway.capture.store import sqlite_path
     from gateway.settings import Settings
 
-    url = args.capture or Settings.from_env().capture_url
+    url = str(args.capture or Settings.from_env().capture_url)
     if url == "off":
         raise SystemExit("strait datasets: STRAIT_CAPTURE=off: there is no capture store to read")
-    return str(url)
+    # A read creates nothing: a SQLite file that is not there is a mistake (a wrong path or directory).
+    if url.startswith("sqlite:") and not Path(sqlite_path(url)).exists():
+        raise SystemExit(f"strait datasets: no capture store at {sqlite_path(url)} (STRAIT_CAPTURE or --capture)")
+    return url
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -324,3 +324,7 @@ def test_the_cli_reads_strait_capture_and_prints_why(
     shadow = json.loads(capsys.readouterr().out)["shadow"]
     assert shadow["pairs"] == 1 and shadow["agreement_exact"] == 0.0
     assert main(["datasets", "compare", "--route", "chat", "--candidate", "x", "--since", "soon"]) == 2
+    monkeypatch.setenv("STRAIT_CAPTURE", f"sqlite:///{tmp_path / 'nowhere' / 'capture.db'}")
+    with pytest.raises(SystemExit, match="no capture store"):
+        main(["datasets", "compare", "--route", "chat", "--candidate", "x"])
+    assert not (tmp_path / "nowhere").exists()
