@@ -19,7 +19,7 @@ LOCK := $(BIN)/uv pip compile -q --universal --python-version 3.11 --generate-ha
 PY_TAG := $(shell $(PY) -c 'import sys; print(sys.implementation.name + "-" + ".".join(map(str, sys.version_info[:3])))' 2>/dev/null)
 STAMP := $(VENV)/.python-$(PY_TAG)
 
-.PHONY: run test lint typecheck loadtest soak lock clean deploy-tools schema
+.PHONY: run test lint typecheck loadtest soak lock clean deploy-tools browser-tools schema
 
 $(STAMP):
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Strait needs Python 3.11+ (set PY=python3.11)")'
@@ -69,7 +69,17 @@ deploy-tools:
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEPLOY_PACKAGES); \
 	rc=$$?; if [ -n "$$own_rc" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc
 
-test: lint typecheck deploy-tools
+# The console's browser tests (tests/ui) drive Debian's `chromium` (/usr/bin/chromium) with Playwright, which never
+# downloads a browser of its own. Installed like the deploy tools: from Debian's package when apt-get can run
+# (root); elsewhere tests/ui skips, saying what to install.
+browser-tools:
+	@if command -v chromium >/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ]; then \
+		echo "warning: chromium not installed; tests/ui skips (apt-get install chromium)"; exit 0; fi; \
+	echo "installing chromium from Debian's packages (the console's browser tests)"; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+
+test: lint typecheck deploy-tools browser-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The load-test kit (loadtest/kit.py): Strait with the full pipeline (auth, limits on a private redis-server,

@@ -38,6 +38,8 @@ from gateway.access_log import AccessLog
 from gateway.accounting.open import open_ledger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
+from gateway.api.console.handlers import build_console_handlers
+from gateway.api.console.history import SpillHistory
 from gateway.api.cors import CorsGate
 from gateway.api.front import FrontedLitestar
 from gateway.api.identity import request_id_of, scope_id_headers
@@ -63,6 +65,7 @@ from gateway.runtime import Gateway, Services, build_runtime
 from gateway.settings import Settings
 from gateway.stages.accounting import AccountingStage
 from gateway.stages.observers import FeatureLogFile, ShadowPolicy
+from gateway.stages.recent import RecentDecisions
 from gateway.stages.shadow import ShadowRunner
 from gateway.state import open_store
 from gateway.telemetry import Metrics
@@ -158,6 +161,7 @@ def create_app(
         capture=capture,
         # Routes' `shadow` copies; their sink is set below (the capture store's needs the gateway).
         shadow_traffic=ShadowRunner(metrics, shadow_sink),
+        recent=RecentDecisions(),
     )
     runtime = build_runtime(policy, factories, services)
     if drain_on_sigterm:
@@ -181,18 +185,24 @@ def create_app(
         inflight.close()
 
     endpoints = model_endpoints(gateway, limits)
+    # The console's answers by tier per minute (its overview's "over time"), sampled from the metrics.
+    history = SpillHistory(metrics)
     return FrontedLitestar(
         endpoints=endpoints,
         cors=CorsGate(lambda: gateway.runtime.index.policy.server.cors),
-        route_handlers=build_handlers(gateway, limits, metrics_token=settings.metrics_token, endpoints=endpoints),
+        route_handlers=[
+            *build_handlers(gateway, limits, metrics_token=settings.metrics_token, endpoints=endpoints),
+            # The console (/ui) and its JSON (/admin/api): admin keys only (gateway.api.console).
+            *build_console_handlers(gateway, reloader, factories.keys(), history),
+        ],
         exception_handlers={
             GatewayError: _on_gateway_error,
             HTTPException: _on_http_exception,
             Exception: _on_unexpected,
         },
-        on_startup=[gateway.start, reloader.start, *([drain_on_term] if drain_on_sigterm else [])],
+        on_startup=[gateway.start, reloader.start, history.start, *([drain_on_term] if drain_on_sigterm else [])],
         # The usage writer flushes (or spools) everything queued in `gateway.aclose`: nothing is lost.
-        on_shutdown=[stop_draining, reloader.stop, gateway.aclose],
+        on_shutdown=[stop_draining, reloader.stop, history.stop, gateway.aclose],
         request_max_body_size=None,
         # The running gateway, for in-process tests and tools (e.g. to wait for the cache's background writes).
         state=State({"gateway": gateway}),

@@ -164,7 +164,10 @@ class Adapter(Protocol):
 
 
 class AdapterFactory(Protocol):
-    """Entry point `strait.adapters`: builds the adapter for one backend of the policy."""
+    """Entry point `strait.adapters`: builds the adapter for one backend of the policy. Called when a
+    policy is loaded: at start-up before the event loop serves, and on a reload in a worker thread
+    (gateway.runtime.compile_runtime), so it only builds: connections, tasks and anything bound to the
+    running loop are opened on the adapter's first request."""
 
     def __call__(self, backend: Backend) -> Adapter: ...
 

@@ -1,7 +1,9 @@
 """Hot reload of the policy: on SIGHUP and when a policy file changes.
 
-A new policy is validated whole (in a worker thread) and swapped in with one assignment; requests
-already running finish on the runtime they started with. An invalid policy is refused with its
+A new policy is validated whole and its runtime compiled in worker threads, then swapped in with one
+assignment on the event loop, which never waits for the policy's size; requests already running finish
+on the runtime they started with. The reload's log line says how long it held the event loop and the
+longest stall of the loop while it ran (`LoopStalls`). An invalid policy is refused with its
 reasons (logged, counted in `strait_policy_reloads_total{result="rejected"}`, and
 `strait_policy_last_reload_successful` 0 until a reload succeeds) and the running one keeps serving.
 """
@@ -13,15 +15,17 @@ import logging
 import signal
 import time
 from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.accounting.unpriced import report_unpriced
 from gateway.cache.errors import CacheDependencyError, EmbedderError
 from gateway.cache.pool import open_embedders
 from gateway.contracts import Adapter, AdapterFactory
 from gateway.policy.index import PolicyIndex
-from gateway.policy.load import PolicyError, Problem, check_policy, freeze_loaded, load_policy
+from gateway.policy.load import PolicyError, Problem, check_policy, collector_paused, freeze_loaded, load_policy
 from gateway.policy.model import PolicySet
-from gateway.runtime import Gateway, build_runtime
+from gateway.runtime import Gateway, Runtime, compile_runtime, configure_signals
 
 log = logging.getLogger("strait.reload")
 
@@ -29,6 +33,35 @@ log = logging.getLogger("strait.reload")
 WATCH_INTERVAL_S = 1.0
 # Adapters dropped by a reload are closed after this grace, so streams still using them can finish.
 CLOSE_GRACE_S = 120.0
+# How often the stall watch ticks while a reload runs (seconds).
+STALL_TICK_S = 0.005
+
+
+class LoopStalls:
+    """The longest the event loop went without running a 5 ms ticker while a reload ran, beyond the
+    tick: what a request arriving then waited at most before the loop got to it. Logged with the reload
+    (on a shared machine it also counts the time the process was not scheduled at all)."""
+
+    def __init__(self) -> None:
+        self.max_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(STALL_TICK_S)
+            self.max_s = max(self.max_s, time.perf_counter() - before - STALL_TICK_S)
+
+    async def __aenter__(self) -> LoopStalls:
+        self._task = asyncio.ensure_future(self._tick())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # One more tick first: a stall that ended the watched work (freeing the replaced policy, when no
+        # request holds it any more) is counted too.
+        await asyncio.sleep(2 * STALL_TICK_S)
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
@@ -43,11 +76,23 @@ def _fingerprint(path: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A reload that was refused: when, and why (each error as `file:line:col: reason`)."""
+
+    at: float
+    errors: tuple[str, ...]
+
+
 class PolicyReloader:
     def __init__(self, gateway: Gateway, policy_path: str, factories: Mapping[str, AdapterFactory]) -> None:
         self.gateway = gateway
         self.path = Path(policy_path)
         self.factories = factories
+        # What the console shows (gateway.api.console): when the policy in force was loaded (wall clock),
+        # and the last refused reload (None: none since start; kept after a later success, which is newer).
+        self.loaded_at = time.time()
+        self.last_rejected: Rejected | None = None
         self._seen = _fingerprint(self.path)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[object]] = set()
@@ -84,50 +129,82 @@ class PolicyReloader:
                 await self.reload()
 
     async def reload(self) -> bool:
-        """Validate and swap; True when the new policy is in force."""
-        metrics = self.gateway.metrics
+        """Validate and swap; True when the new policy is in force. Everything that grows with the policy
+        runs in worker threads; the event loop only swaps and starts tasks (`LoopStalls` measures it)."""
         async with self._lock:
-            policy, problems = await asyncio.to_thread(self._check)
-            if policy is None:
-                for p in problems:
-                    if p.severity == "error":
-                        log.error("policy reload refused: %s", p)
-                metrics.policy_reloads.labels("rejected").inc()
-                metrics.policy_reload_ok.set(0)
+            async with LoopStalls() as stalls:
+                done = await self._reload()
+            if done is None:
                 return False
-            old = self.gateway.runtime
-            try:
-                # A new embedder loads its model in a worker thread first, never on the event loop.
-                await asyncio.to_thread(open_embedders, policy, self.gateway.services.embedders)
-                # On the event loop (adapters, live signals, health probes belong to it): the index was
-                # built with the check, in the thread (PolicyIndex.of); what is left is timed below.
-                started, started_cpu = time.perf_counter(), time.thread_time()
-                new = build_runtime(policy, self.factories, self.gateway.services, previous=old)
-                if new.cache is not None:
-                    await new.cache.warm()
-            except (ValueError, CacheDependencyError, EmbedderError) as exc:  # e.g. an api_key env var that is not set
-                log.error("policy reload refused: %s", exc)
-                metrics.policy_reloads.labels("rejected").inc()
-                metrics.policy_reload_ok.set(0)
-                return False
-            self.gateway.use(new)
-            # Wall clock, and this thread's CPU (steadier on a busy machine; both include the cache's warm-up).
-            on_loop_ms = (time.perf_counter() - started) * 1000
-            on_loop_cpu_ms = (time.thread_time() - started_cpu) * 1000
-            metrics.policy_reloads.labels("applied").inc()
-            metrics.policy_reload_ok.set(1)
+            version, on_loop_ms, on_loop_cpu_ms = done
             log.warning(
-                "policy %s in force (version %s; %.0f ms of it on the event loop, %.0f ms CPU)",
+                "policy %s in force (version %s; %.0f ms of it on the event loop, %.0f ms CPU; longest "
+                "event-loop stall during the reload %.0f ms)",
                 self.path,
-                new.index.version,
+                version,
                 on_loop_ms,
                 on_loop_cpu_ms,
+                stalls.max_s * 1000,
             )
             await self._reload_shadow()
-            dropped = [a for name, a in old.adapters.items() if new.adapters.get(name) is not a]
-            if dropped:
-                self._spawn(self._close_later(dropped))
             return True
+
+    async def _reload(self) -> tuple[str, float, float] | None:
+        """The reload itself: (the new policy's version, ms of wall clock and of CPU on the event loop),
+        or None when it is refused. The replaced runtime is released when this returns (unless requests
+        still hold it: then when the last one ends)."""
+        metrics = self.gateway.metrics
+        services = self.gateway.services
+        policy, problems = await asyncio.to_thread(self._check)
+        if policy is None:
+            errors = tuple(str(p) for p in problems if p.severity == "error")
+            for error in errors:
+                log.error("policy reload refused: %s", error)
+            self.last_rejected = Rejected(time.time(), errors)
+            metrics.policy_reloads.labels("rejected").inc()
+            metrics.policy_reload_ok.set(0)
+            return None
+        old = self.gateway.runtime
+        try:
+            # A new embedder loads its model in a worker thread first, never on the event loop.
+            await asyncio.to_thread(open_embedders, policy, services.embedders)
+            # The runtime is compiled in a worker thread too (its index was built with the check): adapters,
+            # stages and limit tables are tens of ms at enterprise size, a stall of every request on the loop.
+            new = await asyncio.to_thread(self._compile, policy, old)
+            # On the event loop, what belongs to it (timed below): the cache's warm-up, the live signals'
+            # settings, the swap and the health monitor's tasks.
+            started, started_cpu = time.perf_counter(), time.thread_time()
+            if new.cache is not None:
+                await new.cache.warm()
+        except (ValueError, CacheDependencyError, EmbedderError) as exc:  # e.g. an api_key env var that is not set
+            log.error("policy reload refused: %s", exc)
+            self.last_rejected = Rejected(time.time(), (f"{self.path}: {exc}",))
+            metrics.policy_reloads.labels("rejected").inc()
+            metrics.policy_reload_ok.set(0)
+            return None
+        configure_signals(policy, services.signals)
+        self.gateway.use(new)
+        self.loaded_at = time.time()
+        # Wall clock, and this thread's CPU (steadier on a busy machine; both include the cache's warm-up).
+        on_loop_ms = (time.perf_counter() - started) * 1000
+        on_loop_cpu_ms = (time.thread_time() - started_cpu) * 1000
+        metrics.policy_reloads.labels("applied").inc()
+        metrics.policy_reload_ok.set(1)
+        # Thousands of gauge series at enterprise size: set off the loop (prometheus_client locks them).
+        await asyncio.to_thread(report_unpriced, policy, metrics)
+        dropped = [a for name, a in old.adapters.items() if new.adapters.get(name) is not a]
+        if dropped:
+            self._spawn(self._close_later(dropped))
+        return new.index.version, on_loop_ms, on_loop_cpu_ms
+
+    def _compile(self, policy: PolicySet, old: Runtime) -> Runtime:
+        """In the worker thread: the runtime of `policy` (gateway.runtime.compile_runtime), built with the
+        cyclic collector paused (a full collection in this thread would hold the GIL, a loop stall) and
+        frozen out of its reach afterwards, like the checked policy."""
+        with collector_paused():
+            runtime = compile_runtime(policy, self.factories, self.gateway.services, previous=old)
+        freeze_loaded()
+        return runtime
 
     def _check(self) -> tuple[PolicySet | None, list[Problem]]:
         """In the worker thread: check the policy (its index is built then, and reused by build_runtime)

@@ -33,6 +33,7 @@ from gateway.stages.capture import CaptureTap, captures_any
 from gateway.stages.explain import Explain
 from gateway.stages.limits import LimitsStage
 from gateway.stages.observers import DecisionObserver, FeatureLog, FeatureLogFile, ShadowPolicy
+from gateway.stages.recent import RecentDecisions, RecentLog
 from gateway.stages.route import RouteStage
 from gateway.stages.shadow import ShadowRunner, ShadowTap
 from gateway.stages.upstream import UpstreamStage
@@ -104,6 +105,8 @@ class Services:
     # Shadow traffic (routes' `shadow`): copies of answered requests to candidate models, bounded per
     # process, handed to its sink (gateway.stages.shadow). None: no copies are made.
     shadow_traffic: ShadowRunner | None = None
+    # The last decisions of this replica (the console's search and its policy diff against recent traffic).
+    recent: RecentDecisions | None = None
 
 
 def build_runtime(
@@ -113,8 +116,34 @@ def build_runtime(
     previous: Runtime | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Runtime:
-    """Everything for one policy. Adapters of backends whose definition did not change are reused
-    from `previous`, so a reload keeps their connection pools warm."""
+    """Everything for one policy, at start-up: `compile_runtime`, then `configure_signals`. A reload
+    (gateway.reload) runs the two apart: the first in a worker thread, the second on the event loop."""
+    runtime = compile_runtime(policy, factories, services, previous, environ)
+    configure_signals(policy, services.signals)
+    return runtime
+
+
+def configure_signals(policy: PolicySet, signals: LiveSignals) -> None:
+    """The live signals' outlier thresholds per backend, and which can be probed for free (half-open)
+    before traffic returns. Requests read the signals: on the event loop only."""
+    signals.configure(policy.backends, probed=[b.name for b in policy.backends if probe_plan(b) is not None])
+
+
+def compile_runtime(
+    policy: PolicySet,
+    factories: Mapping[str, AdapterFactory],
+    services: Services,
+    previous: Runtime | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Runtime:
+    """Everything for one policy but the live signals' settings (`configure_signals`). Adapters of
+    backends whose definition did not change are reused from `previous`, so a reload keeps their
+    connection pools warm.
+
+    Safe in a worker thread, which is where a reload runs it (tens of ms for a policy of thousands of
+    tenants: on the event loop that would stall every request): it reads `services` and `previous`
+    without changing them, and builds objects no request sees until the runtime is put in force. Adapter
+    factories only build (an adapter opens its connections on its first request, on the event loop)."""
     metrics, signals, store = services.metrics, services.signals, services.store
     index = PolicyIndex.of(policy)  # built once when the policy was checked
     adapters: dict[str, Adapter] = {}
@@ -125,8 +154,6 @@ def build_runtime(
             adapters[b.name] = previous.adapters[b.name]
         else:
             adapters[b.name] = factories[b.adapter](_with_limits(b, limits))
-    # Outlier thresholds per backend, and which can be probed for free (half-open) before traffic returns.
-    signals.configure(policy.backends, probed=[b.name for b in policy.backends if probe_plan(b) is not None])
     auth = AuthStage(index)
     # Shared by `route` and `limits` (which explains again when it switches to the downgrade plan).
     explain = Explain(index, services.decisions)
@@ -135,6 +162,8 @@ def build_runtime(
         observers.append(FeatureLog(services.feature_log, index))
     if services.shadow is not None:
         observers.append(services.shadow)
+    if services.recent is not None:
+        observers.append(RecentLog(services.recent, index))
     route = RouteStage(index, signals, explain, tuple(observers), services.region)
     # The redactor knows every backend's resolved key, so no upstream error text can echo one.
     dispatcher = Dispatcher(
@@ -227,10 +256,10 @@ class Gateway:
 
     def use(self, runtime: Runtime) -> None:
         """Put a new runtime in force (a reload): its backends get their probes and scrapers, removed or
-        changed ones' stop; its unpriced deployments are reported again."""
+        changed ones' stop. The reloader then reports its unpriced deployments again, in a worker thread
+        (`report_unpriced`: thousands of gauge series at enterprise size)."""
         self.runtime = runtime
         self.health.apply(list(runtime.index.policy.backends), runtime.adapters)
-        report_unpriced(runtime.index.policy, self.metrics)
 
     async def start(self) -> None:
         if self.runtime.cache is not None:

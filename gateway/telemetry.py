@@ -328,6 +328,14 @@ class Metrics:
             ("kind",),
             registry=self.registry,
         )
+        self.refusals = Counter(
+            "strait_refusals",
+            "Requests the gateway answered with an error (refused before an upstream: authentication, body, "
+            "route, limits, budget, shedding; or an upstream failure no fallback recovered), by tenant ('-' "
+            "before authentication) and error code. Labels: the policy's tenants x the gateway's error codes.",
+            ("tenant", "code"),
+            registry=self.registry,
+        )
         self.shutdown_cut = Counter(
             "strait_shutdown_cut",
             "Requests still running when a shutdown's grace period ran out: ended with an error (a stream "
@@ -350,7 +358,11 @@ class Metrics:
             self._children[key] = found
         return found
 
-    def render(self) -> bytes:
+    def fold(self) -> None:
+        """Hand every pending tally to prometheus_client: the registry is up to date after this."""
         for tally in self._tallies:
             tally.fold()
+
+    def render(self) -> bytes:
+        self.fold()
         return generate_latest(self.registry)

@@ -69,9 +69,10 @@ async def measure(size: int, clients: int, steady_s: float) -> None:
         # Dumped now: dumping 1 MB of YAML takes seconds, which would stall the clients' own event loop.
         second = policy_text(size, seed=8)
         started = time.perf_counter()
-        with gateway_process(policy, log_path=log, env={"STRAIT_STATE": "memory", "STRAIT_ACCESS_LOG": "off"}).start(
-            timeout=300
-        ) as gw:
+        # Started once and stopped by PID (`with ...start()` would start a second process and leak the first).
+        gw = gateway_process(policy, log_path=log, env={"STRAIT_STATE": "memory", "STRAIT_ACCESS_LOG": "off"})
+        gw.start(timeout=300)
+        try:
             print(f"S={size}: gateway ready in {time.perf_counter() - started:.1f} s")
             stop = asyncio.Event()
             samples: list[tuple[float, float]] = []
@@ -87,6 +88,8 @@ async def measure(size: int, clients: int, steady_s: float) -> None:
             stop.set()
             log_text = log.read_text(errors="replace")
             await asyncio.gather(*tasks)
+        finally:
+            gw.stop()
     print(f"reload took {done_at - reload_at:.2f} s (SIGHUP to 'in force')")
     print(next(line for line in log_text.splitlines() if IN_FORCE.search(line)))
     print(summary("before reload", [d for t, d in samples if t < reload_at]))

@@ -19,11 +19,17 @@ def report_unpriced(policy: PolicySet, metrics: Metrics) -> list[Unpriced]:
     unpriced = unpriced_in(policy)
     flagged = {u.deployment for u in unpriced}
     gauge = metrics.deployment_unpriced
-    gauge.clear()
+    # Set, then the series of deployments the policy no longer has removed (never cleared first): the
+    # reloader calls this in a worker thread, and a scrape in between must not find the gauge empty.
+    shown = {s.labels["deployment"] for family in gauge.collect() for s in family.samples}
+    wanted: set[str] = set()
     for m in policy.models:
         for d in m.deployments:
             label = f"{m.name}@{d.backend}"
+            wanted.add(label)
             gauge.labels(label).set(1 if label in flagged else 0)
+    for label in shown - wanted:
+        gauge.remove(label)
     if unpriced:
         # One line for them all: the process's warnings are rate-limited per call site (gateway.logs).
         log.warning(

@@ -7,7 +7,8 @@
 `request_id` is the gateway's id (`x-strait-request-id` on every answer, and `x-request-id` unless the
 client sent its own); failing that, the client's own `x-request-id`, as `trace_id` is. `value` is a
 score in -10..10, a boolean (stored as 1 / -1) or a label (1-64 characters); `correction` an edited
-answer (redacted like every captured text, with the tenant's redactors). At least one of the two.
+answer (redacted like every captured text, with the tenant's redactors, as are labels and metadata
+values). At least one of the two. A capture store that cannot be reached is a 503 `capture_unavailable`.
 
 Authorised by the tenant's key: the request must be one of *its* captures, else 404 (an unknown id and
 another tenant's are indistinguishable). Bounded: the body (FEEDBACK_MAX_BYTES), every string, the
@@ -17,6 +18,7 @@ metadata (16 entries). Stored in the capture store, beside the record (gateway.c
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated, Any
 
@@ -27,7 +29,7 @@ from litestar.handlers import HTTPRouteHandler
 from gateway.capture.records import Feedback, FeedbackKind
 from gateway.capture.redact import redactor_for
 from gateway.capture.writer import CaptureWriter, feedback_id
-from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge
+from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.policy.model import BUILTIN_REDACTIONS
 from gateway.reply import JSON
 from gateway.runtime import Gateway
@@ -50,6 +52,13 @@ class FeedbackBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 _decode = msgspec.json.Decoder(FeedbackBody).decode
+log = logging.getLogger("strait.capture")
+
+
+class CaptureDown(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "capture_unavailable"
 
 
 def _parse(body: bytes) -> FeedbackBody:
@@ -80,8 +89,15 @@ def _kind(fb: FeedbackBody) -> tuple[FeedbackKind, float | None, str | None]:
     return ("correction" if fb.correction is not None else kind), score, label
 
 
-async def _resolve(writer: CaptureWriter | None, tenant: str, fb: FeedbackBody) -> str | None:
-    """The tenant's capture the feedback names. A client may rate an answer the moment it has it, before
+async def _resolve(
+    writer: CaptureWriter | None,
+    tenant: str,
+    *,
+    request_id: str | None = None,
+    client_id: str | None = None,
+    response_id: str | None = None,
+) -> str | None:
+    """The tenant's capture a feedback names. A client may rate an answer the moment it has it, before
     the writer's batch landed: when it is not found, what this replica has queued (or is writing) is
     written first and it is looked up again."""
     if writer is None or not writer.enabled:
@@ -89,13 +105,46 @@ async def _resolve(writer: CaptureWriter | None, tenant: str, fb: FeedbackBody) 
     for attempt in range(2):
         store = await writer.existing_store()
         if store is not None:
-            found = await store.resolve(tenant, request_id=fb.request_id, client_id=fb.trace_id or fb.request_id)
+            found = await store.resolve(tenant, request_id=request_id, client_id=client_id, response_id=response_id)
             if found is not None:
                 return found
         if attempt:
             return None
         await writer.flush()
     return None
+
+
+async def record_bad_hit(gateway: Gateway, tenant: str, key_id: str, response_id: str, reason: str | None) -> bool:
+    """Implicit feedback: a cached answer reported wrong (POST /v1/cache/feedback, by the id it was served
+    with) is a `cache_bad_hit` on the captured request it answered, when that one was captured. Its
+    reason, redacted, is kept in the metadata. Whether one was recorded."""
+    writer = gateway.services.capture
+    try:
+        request_id = await _resolve(writer, tenant, response_id=response_id)
+    except Exception:  # the cache's report stands without it
+        log.exception("capture: the bad-hit report could not be looked up")
+        return False
+    if request_id is None or writer is None:
+        return False
+    found = gateway.runtime.index.tenants.get(tenant)
+    redactor = redactor_for(found.capture.redact if found is not None else BUILTIN_REDACTIONS)
+    metadata = {"reason": await asyncio.to_thread(redactor.redact, reason[:512])} if reason else {}
+    try:
+        await writer.add_feedback(
+            Feedback(
+                id=feedback_id(),
+                request_id=request_id,
+                tenant=tenant,
+                ts_ms=int(time.time() * 1000),
+                kind="cache_bad_hit",
+                metadata=metadata,
+                key_id=key_id,
+            )
+        )
+    except Exception:
+        log.exception("capture: the bad-hit report could not be recorded")
+        return False
+    return True
 
 
 def build_feedback_handlers(gateway: Gateway, id_headers_of: Any, headers_of: Any) -> list[HTTPRouteHandler]:
@@ -111,16 +160,23 @@ def build_feedback_handlers(gateway: Gateway, id_headers_of: Any, headers_of: An
         fb = _parse(bytes(body))
         named = fb.request_id or fb.trace_id
         writer = gateway.services.capture
-        request_id = await _resolve(writer, principal.tenant, fb)
+        try:
+            request_id = await _resolve(
+                writer, principal.tenant, request_id=fb.request_id, client_id=fb.trace_id or fb.request_id
+            )
+        except Exception:
+            log.exception("capture: feedback lookup failed")
+            raise CaptureDown("Feedback cannot be recorded right now; retry later.") from None
         if request_id is None or writer is None:
             raise NotFound(f"No captured request '{named}' for your tenant.", param="request_id")
         kind, score, label = _kind(fb)
         tenant = runtime.index.tenants.get(principal.tenant)
         redactor = redactor_for(tenant.capture.redact if tenant is not None else BUILTIN_REDACTIONS)
-        correction, metadata = await asyncio.to_thread(
+        correction, metadata, label = await asyncio.to_thread(
             lambda: (
                 redactor.redact(fb.correction) if fb.correction is not None else None,
                 {k: redactor.redact(v) for k, v in (fb.metadata or {}).items()},
+                redactor.redact(label) if label is not None else None,
             )
         )
         record = Feedback(
@@ -136,7 +192,11 @@ def build_feedback_handlers(gateway: Gateway, id_headers_of: Any, headers_of: An
             metadata=metadata,
             key_id=principal.key_id,
         )
-        await writer.add_feedback(record)
+        try:
+            await writer.add_feedback(record)
+        except Exception:
+            log.exception("capture: feedback could not be written")
+            raise CaptureDown("Feedback cannot be recorded right now; retry later.") from None
         out = {"object": "feedback", "id": record.id, "request_id": request_id, "kind": kind, "recorded": True}
         return Response(msgspec.json.encode(out), media_type=JSON, headers=id_headers_of(request.scope))
 

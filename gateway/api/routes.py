@@ -16,14 +16,13 @@ from litestar.handlers import BaseRouteHandler
 from gateway.api.anthropic.endpoint import count_message_tokens, messages_reply, send_error
 from gateway.api.asgi_send import Receive, Send, StreamCodec, body_chunks, send_reply
 from gateway.api.bearer import check_bearer
-from gateway.api.feedback import build_feedback_handlers
+from gateway.api.feedback import build_feedback_handlers, record_bad_hit
 from gateway.api.identity import client_request_id_of, request_id_of, scope_id_headers
 from gateway.api.inbound import DEFAULT_LIMITS, InboundLimits
 from gateway.api.responses.endpoint import build_responses_handlers, responses_reply
 from gateway.api.responses.stored import Conversations
 from gateway.api.usage import build_usage_handlers
 from gateway.api.wire import model_card, model_list
-from gateway.capture.signals import record_cache_bad_hit
 from gateway.context import RequestContext, answered
 from gateway.contracts import Operation
 from gateway.errors import (
@@ -268,15 +267,9 @@ def build_handlers(
         if cache is None or served is None:
             raise NotFound(f"No cached answer '{report.id}' was served to your tenant recently.")
         reports = await cache.report_bad("feedback", served[0], served[1])
-        # Also implicit feedback on the captured request the hit was served to (if it was captured).
-        captured = await record_cache_bad_hit(gateway.services.capture, principal.tenant, principal.key_id, served_id)
-        out = {
-            "object": "cache.feedback",
-            "id": report.id,
-            "recorded": True,
-            "namespace_reports": reports,
-            "captured_request_id": captured,
-        }
+        # The hit's capture, if its tenant captures, gets the report as implicit feedback.
+        await record_bad_hit(gateway, principal.tenant, principal.key_id, served_id, report.reason)
+        out = {"object": "cache.feedback", "id": report.id, "recorded": True, "namespace_reports": reports}
         return Response(_encode(out), media_type=JSON, headers=scope_id_headers(request.scope))
 
     @get("/healthz")

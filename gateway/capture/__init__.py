@@ -14,7 +14,6 @@ Modules
                 detection, retention.
   shadow_sink   CaptureShadowSink: a route's shadow copies' answers stored beside the live record (only
                 when the live request was captured).
-  signals       implicit feedback the gateway sees: a cache bad-hit report (`cache_bad_hit`).
   eligibility   consent and licence checks of a record for a training target (families, fail-closed).
   formats       fine-tuning lines: openai-chat-jsonl, anthropic-jsonl, preference-jsonl.
   export        `strait datasets export`: streamed, reasons counted, manifest.json with sha256.
@@ -44,8 +43,9 @@ Reading the store (what `strait datasets export/compare` builds on):
   until_ms (exclusive) on the request's start, epoch ms. Pages are keyset (`after`), so a long export
   holds one page in memory.
 - Each `Captured` carries its feedback, oldest first: kind `score` (-10..10), `boolean` (score 1 / -1),
-  `label`, `correction` (an edited answer, redacted), `regenerate` (implicit: `by_request_id` is the
-  request that re-sent the same conversation); `weight` and `metadata` as given.
+  `label`, `correction` (an edited answer, redacted), and implicit: `regenerate` (`by_request_id` is
+  the request that re-sent the same conversation), `cache_bad_hit` (a cached answer reported wrong,
+  the reason in `metadata`); `weight` and `metadata` as given.
 - Consent and licence, per record: `consent_training` (the tenant's `capture.training` when captured),
   `licence` / `licence_outputs_train` (the answering model's licence: None = unknown, treat as "no"),
   `origin_developer` / `origin_country`, `policy_version`, `decision_id`, `include` (what the consent let
@@ -54,7 +54,7 @@ Reading the store (what `strait datasets export/compare` builds on):
   `request.tools` (name, description, parameters as JSON text), sampling; completions have `prompts`.
   Answer: `answer.content`, `answer.tool_calls`, `answer.finish_reason`, `answer.truncated` (a stream
   longer than the capture keeps). Failed requests are captured too (status, outcome, answer None).
-- Other reads: `get(tenant, request_id)`, `resolve(tenant, request_id=, client_id=)` (tenant-scoped:
+- Other reads: `get(tenant, request_id)`, `resolve(tenant, request_id=, client_id=, response_id=)` (tenant-scoped:
   another tenant's id is "absent"), `tenants()`, `counts()`; writes: `write(records, feedback)`
   (idempotent by id), `delete_before(tenant, ms)` (retention).
 """

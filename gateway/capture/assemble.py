@@ -124,6 +124,7 @@ class _ChunkChoice(msgspec.Struct):
 
 
 class _Chunk(msgspec.Struct):
+    id: str | None = None
     choices: list[_ChunkChoice] = []
 
 
@@ -140,6 +141,7 @@ class _Choice(msgspec.Struct):
 
 
 class _Body(msgspec.Struct):
+    id: str | None = None
     choices: list[_Choice] = []
 
 
@@ -169,15 +171,18 @@ def _answer(
     )
 
 
-def answer_of_body(body: bytes, redact: TextRedactor, include: tuple[str, ...]) -> CapturedAnswer | None:
-    """A whole answer (chat.completion or text_completion); None when it is not one (an error body)."""
+def answer_of_body(
+    body: bytes, redact: TextRedactor, include: tuple[str, ...]
+) -> tuple[CapturedAnswer | None, str | None]:
+    """A whole answer (chat.completion or text_completion) and its id; None when it is not one (an
+    error body)."""
     try:
         decoded = _body(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+        return None, None
     choice = next((c for c in decoded.choices if c.index == 0), None)
     if choice is None:
-        return None
+        return None, decoded.id
     message = choice.message
     content = message.content if message is not None else choice.text
     calls = [
@@ -185,14 +190,15 @@ def answer_of_body(body: bytes, redact: TextRedactor, include: tuple[str, ...]) 
         for c in (message.tool_calls or [] if message is not None else [])
         if c.function is not None
     ]
-    return _answer(content, calls, choice.finish_reason, redact, include)
+    return _answer(content, calls, choice.finish_reason, redact, include), decoded.id
 
 
 def answer_of_stream(
     events: list[bytes], redact: TextRedactor, include: tuple[str, ...], truncated: bool
-) -> CapturedAnswer | None:
+) -> tuple[CapturedAnswer | None, str | None]:
     """A stream's chunks (OpenAI chunk JSON) assembled into its first choice: content, tool calls (their
-    argument pieces joined), finish reason. Undecodable chunks are skipped."""
+    argument pieces joined), finish reason; and the stream's id. Undecodable chunks are skipped."""
+    response_id: str | None = None
     text: list[str] = []
     calls: dict[int, list[str]] = {}
     heads: dict[int, CapturedToolCall] = {}
@@ -204,6 +210,8 @@ def answer_of_stream(
             chunk = _chunk(event)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
+        if response_id is None:
+            response_id = chunk.id
         for choice in chunk.choices:
             if choice.index != 0:
                 continue
@@ -229,4 +237,4 @@ def answer_of_stream(
                 if function.arguments:
                     calls[call.index].append(function.arguments)
     assembled = [msgspec.structs.replace(heads[i], arguments="".join(calls[i])) for i in sorted(heads)]
-    return _answer("".join(text) if text else None, assembled, finish, redact, include, truncated)
+    return _answer("".join(text) if text else None, assembled, finish, redact, include, truncated), response_id

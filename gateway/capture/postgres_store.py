@@ -86,7 +86,14 @@ class PostgresCaptureStore:
 
         return await self._run(get)
 
-    async def resolve(self, tenant: str, *, request_id: str | None = None, client_id: str | None = None) -> str | None:
+    async def resolve(
+        self,
+        tenant: str,
+        *,
+        request_id: str | None = None,
+        client_id: str | None = None,
+        response_id: str | None = None,
+    ) -> str | None:
         async def resolve(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> str | None:
             if request_id is not None:
                 row = await (await conn.execute(pg(sql.GET), (tenant, request_id))).fetchone()
@@ -94,6 +101,10 @@ class PostgresCaptureStore:
                     return request_id
             if client_id is not None:
                 row = await (await conn.execute(pg(sql.BY_CLIENT_ID), (tenant, client_id))).fetchone()
+                if row is not None:
+                    return str(row[0])
+            if response_id is not None:
+                row = await (await conn.execute(pg(sql.BY_RESPONSE_ID), (tenant, response_id))).fetchone()
                 if row is not None:
                     return str(row[0])
             return None

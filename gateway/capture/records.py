@@ -11,8 +11,6 @@ from typing import Literal
 
 import msgspec
 
-# `cache_bad_hit`: implicit, the tenant reported the cached answer this request was served as wrong
-# (POST /v1/cache/feedback).
 FeedbackKind = Literal["score", "boolean", "label", "correction", "regenerate", "cache_bad_hit"]
 
 
@@ -77,6 +75,9 @@ class CaptureRecord(msgspec.Struct, frozen=True, kw_only=True):
     status: int
     outcome: str
     client_request_id: str | None = None
+    # The answer's own id as the OpenAI translation carries it (`chatcmpl-...`): what a cache hit was
+    # served with, so a bad-hit report (POST /v1/cache/feedback) finds its capture.
+    response_id: str | None = None
     # The policy model and deployment (`model@backend`) that answered; None when none did.
     model: str | None = None
     deployment: str | None = None
@@ -117,8 +118,8 @@ class Feedback(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     ts_ms: int
     kind: FeedbackKind
-    # score: the value given (-10..10); boolean: 1.0 (true) or -1.0 (false); label, correction and
-    # regenerate: None.
+    # score: the value given (-10..10); boolean: 1.0 (true) or -1.0 (false); label, correction,
+    # regenerate and cache_bad_hit (a cached answer reported wrong: its reason is the label): None.
     score: float | None = None
     label: str | None = None
     # An edited answer (redacted like every captured text).

@@ -84,7 +84,7 @@ class CaptureShadowSink:
         )
         queued = self.writer.submit(
             PendingCapture(
-                record=record,
+                build=lambda: record,
                 request=None,
                 redactor=consent.redactor,
                 body=answer if isinstance(answer, bytes) else None,

@@ -21,6 +21,7 @@ SCHEMA = (
         route TEXT NOT NULL,
         model TEXT,
         client_request_id TEXT,
+        response_id TEXT,
         record TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS strait_captures_ts ON strait_captures (ts_ms, request_id)",
@@ -28,6 +29,7 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS strait_captures_route ON strait_captures (route, ts_ms, request_id)",
     "CREATE INDEX IF NOT EXISTS strait_captures_model ON strait_captures (model, ts_ms, request_id)",
     "CREATE INDEX IF NOT EXISTS strait_captures_client ON strait_captures (tenant, client_request_id)",
+    "CREATE INDEX IF NOT EXISTS strait_captures_response ON strait_captures (tenant, response_id)",
     """CREATE TABLE IF NOT EXISTS strait_feedback (
         id TEXT PRIMARY KEY,
         request_id TEXT NOT NULL,
@@ -40,8 +42,8 @@ SCHEMA = (
 )
 
 INSERT_CAPTURE = (
-    "INSERT INTO strait_captures (request_id, tenant, ts_ms, route, model, client_request_id, record) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+    "INSERT INTO strait_captures (request_id, tenant, ts_ms, route, model, client_request_id, response_id, record) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
 )
 INSERT_FEEDBACK = (
     "INSERT INTO strait_feedback (id, request_id, tenant, ts_ms, kind, record) "
@@ -50,6 +52,10 @@ INSERT_FEEDBACK = (
 GET = "SELECT record FROM strait_captures WHERE tenant = ? AND request_id = ?"
 BY_CLIENT_ID = (
     "SELECT request_id FROM strait_captures WHERE tenant = ? AND client_request_id = ? "
+    "ORDER BY ts_ms DESC, request_id DESC LIMIT 1"
+)
+BY_RESPONSE_ID = (
+    "SELECT request_id FROM strait_captures WHERE tenant = ? AND response_id = ? "
     "ORDER BY ts_ms DESC, request_id DESC LIMIT 1"
 )
 TENANTS = "SELECT DISTINCT tenant FROM strait_captures"
@@ -71,6 +77,7 @@ def capture_rows(records: Sequence[CaptureRecord]) -> list[tuple[object, ...]]:
             r.route,
             r.model,
             r.client_request_id,
+            r.response_id,
             msgspec.json.encode(r).decode(),
         )
         for r in records

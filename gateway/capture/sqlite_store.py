@@ -85,7 +85,14 @@ class SqliteCaptureStore:
 
         return await self._run(get)
 
-    async def resolve(self, tenant: str, *, request_id: str | None = None, client_id: str | None = None) -> str | None:
+    async def resolve(
+        self,
+        tenant: str,
+        *,
+        request_id: str | None = None,
+        client_id: str | None = None,
+        response_id: str | None = None,
+    ) -> str | None:
         def resolve(conn: sqlite3.Connection) -> str | None:
             if request_id is not None:
                 row = conn.execute(sql.GET, (tenant, request_id)).fetchone()
@@ -93,6 +100,10 @@ class SqliteCaptureStore:
                     return request_id
             if client_id is not None:
                 row = conn.execute(sql.BY_CLIENT_ID, (tenant, client_id)).fetchone()
+                if row is not None:
+                    return str(row[0])
+            if response_id is not None:
+                row = conn.execute(sql.BY_RESPONSE_ID, (tenant, response_id)).fetchone()
                 if row is not None:
                     return str(row[0])
             return None

@@ -43,9 +43,17 @@ class CaptureStore(Protocol):
         """The tenant's record of this request with its feedback; None if absent or another tenant's."""
         ...
 
-    async def resolve(self, tenant: str, *, request_id: str | None = None, client_id: str | None = None) -> str | None:
+    async def resolve(
+        self,
+        tenant: str,
+        *,
+        request_id: str | None = None,
+        client_id: str | None = None,
+        response_id: str | None = None,
+    ) -> str | None:
         """The request id of the tenant's capture named by the gateway's request id or, else, by the
-        client's own `x-request-id` (its latest); None when the tenant has no such capture."""
+        client's own `x-request-id`, or else by the answer's id (`chatcmpl-...`), the latest of each;
+        None when the tenant has no such capture."""
         ...
 
     async def query(self, query: CaptureQuery) -> list[Captured]:

@@ -46,10 +46,11 @@ MAX_METADATA_CHARS = 512
 @dataclass(slots=True)
 class PendingCapture:
     """What the capture tap collected for one request: cheap references, turned into a CaptureRecord in
-    the writer's thread. `record` holds every field known at the end of the request (texts not yet
-    redacted are not in it)."""
+    the writer's thread. `build` makes the record's fields known at the end of the request (without the
+    texts, which are redacted and added here): called in the thread, so the request path pays for a
+    function object, not for a 40-field Struct."""
 
-    record: CaptureRecord
+    build: Callable[[], CaptureRecord]
     request: Request | None
     redactor: TextRedactor
     body: bytes | None = None
@@ -203,18 +204,24 @@ class CaptureWriter:
         records: list[CaptureRecord] = []
         feedback: list[Feedback] = []
         for p in batch:
-            base = p.record
+            base = p.build()
             include = base.include
             request = captured_request(p.request, p.redactor, include) if p.request is not None else None
+            answer, response_id = None, None
             if p.events is not None:
-                answer = answer_of_stream(p.events, p.redactor, include, p.truncated)
+                answer, response_id = answer_of_stream(p.events, p.redactor, include, p.truncated)
             elif p.body is not None:
-                answer = answer_of_body(p.body, p.redactor, include)
-            else:
-                answer = None
+                answer, response_id = answer_of_body(p.body, p.redactor, include)
             metadata = _metadata(p.request.metadata if p.request is not None else None, p.redactor)
             records.append(
-                msgspec.structs.replace(base, request=request, answer=answer, metadata=metadata, tags=_tags(p.tags))
+                msgspec.structs.replace(
+                    base,
+                    request=request,
+                    answer=answer,
+                    metadata=metadata,
+                    tags=_tags(p.tags),
+                    response_id=response_id,
+                )
             )
             key = conversation_key(p.request) if p.regenerate_window_s and p.request is not None else None
             if key is not None:

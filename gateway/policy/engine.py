@@ -537,6 +537,13 @@ class RoutePlan:
         capabilities and context window (an ejected one counts: the cache serves without asking it)."""
         return any(t.label == label and (r is None or r == EJECTED) for t, r in self._facts.verdicts)
 
+    def detached(self) -> RoutePlan:
+        """This plan without its downgrade's inputs (they hold the request's messages): what a bounded log of
+        recent decisions may keep and still build the table from, later and only if asked."""
+        plan = RoutePlan(self.route, self.targets, self._facts, None)
+        plan._decision = self._decision
+        return plan
+
     @property
     def decision(self) -> Decision:
         if self._decision is None:

@@ -34,6 +34,9 @@ from gateway.state import Usage as StoreUsage
 from gateway.telemetry import Metrics
 from gateway.tokens import OFFLOAD_CHARS
 
+# Distinct error codes `strait_refusals` labels (the gateway's own are a few dozen; the rest are upstreams').
+MAX_CODE_LABELS = 64
+
 # Runs a callback after a delay and returns its handle (the event loop's `call_later`; a test's own).
 Schedule = Callable[[float, Callable[[], None]], asyncio.Handle]
 
@@ -86,6 +89,8 @@ class AccountingStage(EndTap):
         self.store = store
         self.metrics = metrics
         self._reconciles: set[asyncio.Task[object]] = set()
+        # Error codes seen as `strait_refusals` labels (bounded: MAX_CODE_LABELS).
+        self._codes: set[str] = set()
         self._inline = store if isinstance(store, MemoryStore) else None
         self._pending: list[tuple[Ticket, StoreUsage]] = []
         self._flusher: asyncio.Future[None] | None = None
@@ -313,9 +318,23 @@ class AccountingStage(EndTap):
         return 0, 0
 
     def refused(self, ctx: RequestContext, status: int, code: str | None) -> None:
-        """A request refused before any upstream (auth, body, route, limits): its log line."""
+        """A request refused before any upstream (auth, body, route, limits) or failed upstream: counted by
+        tenant and code (the console's refusals by reason), and its log line."""
+        tenant = ctx.principal.tenant if ctx.principal is not None else "-"
+        self.metrics.child(self.metrics.refusals, tenant, self._code_label(status, code)).inc()
         if self.access_log is not None and not ctx.accounted:
             self.access_log.write(ctx, status, error=code)
+
+    def _code_label(self, status: int, code: str | None) -> str:
+        """The error code as a label: an upstream's own code passes through errors, so it is kept only when
+        it looks like one and while fewer than MAX_CODE_LABELS were seen (bounded cardinality)."""
+        if code is None or len(code) > 48 or not code.replace("_", "").replace("-", "").isalnum():
+            return f"http_{status}"
+        if code not in self._codes:
+            if len(self._codes) >= MAX_CODE_LABELS:
+                return f"http_{status}"
+            self._codes.add(code)
+        return code
 
     def release(self, ctx: RequestContext, tokens: int, cost: int) -> None:
         """Hand the reservation back to the store with the real usage.

@@ -6,10 +6,10 @@ per request, at random). A request opts out with `x-strait-capture: off`; no hea
 Embeddings are never captured. The pipeline holds this tap only when some tenant of the policy
 captures (gateway.runtime), so a policy without consent pays nothing at all.
 
-Per request the tap only collects references: the canonical request, the JSON answer's bytes
+Per request the tap only collects references: the request's context and End, the JSON answer's bytes
 (`ctx.answer_body`, set by the pipeline) or the stream's chunk payloads (appended as they are relayed,
-up to MAX_STREAM_BYTES), plus the fields the record needs. Redaction, assembly and JSON happen in the
-writer's worker thread, before anything is written.
+up to MAX_STREAM_BYTES), and the clock at the end. The record itself (its fields, redaction, assembly,
+JSON) is built in the writer's worker thread, before anything is written.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from gateway.capture.records import CaptureRecord
 from gateway.capture.redact import redactor_for
@@ -83,6 +84,49 @@ class CaptureTap:
             return None
         return consent
 
+    def _record(
+        self, ctx: RequestContext, end: End, settings: CaptureSettings, wall: float, now: float
+    ) -> CaptureRecord:
+        """The record's fields (no texts), built in the writer's thread from what the request left: the
+        context is not written to once the request has ended (but for the usage a deferred count sets)."""
+        principal = ctx.principal
+        assert principal is not None
+        target = ctx.target
+        model = target.model if target is not None else None
+        licence = model.licence_terms if model is not None else None
+        origin = target.origin if target is not None else None
+        elapsed = now - ctx.started
+        return CaptureRecord(
+            request_id=ctx.request_id,
+            ts_ms=int((wall - elapsed) * 1000),
+            tenant=principal.tenant,
+            key_id=principal.key_id,
+            route=ctx.route.name if ctx.route is not None else ctx.route_name,
+            operation=ctx.operation,
+            protocol=ctx.protocol,
+            status=end.status,
+            outcome=end.outcome,
+            client_request_id=ctx.client_request_id,
+            model=model.name if model is not None else None,
+            deployment=target.label if target is not None else None,
+            backend=target.backend.name if target is not None else None,
+            licence=licence.name if licence is not None else None,
+            licence_outputs_train=licence.outputs_train if licence is not None else None,
+            origin_developer=origin.developer if origin is not None else None,
+            origin_country=origin.country if origin is not None else None,
+            policy_version=self.version,
+            decision_id=ctx.decision_id,
+            partial=end.partial,
+            cache=end.cache,
+            prompt_tokens=ctx.usage_in,
+            completion_tokens=ctx.usage_out,
+            latency_ms=round(elapsed * 1000, 3),
+            ttft_ms=None if end.ttft_s is None else round(end.ttft_s * 1000, 3),
+            consent_training=settings.training,
+            include=settings.include,
+            redacted_with=settings.redact,
+        )
+
     def on_start(self, ctx: RequestContext) -> None:
         consent = self._consent(ctx)
         if consent is not None:
@@ -111,46 +155,10 @@ class CaptureTap:
             consent = found
             # Marks the request as captured, with this consent: a shadow copy of it is stored only then.
             ctx.capture = StreamCapture(consent)
-        principal = ctx.principal
-        assert principal is not None
-        target = ctx.target
         settings = consent.settings
-        model = target.model if target is not None else None
-        licence = model.licence_terms if model is not None else None
-        origin = target.origin if target is not None else None
-        record = CaptureRecord(
-            request_id=ctx.request_id,
-            ts_ms=int((time.time() - (time.perf_counter() - ctx.started)) * 1000),
-            tenant=principal.tenant,
-            key_id=principal.key_id,
-            route=ctx.route.name if ctx.route is not None else ctx.route_name,
-            operation=ctx.operation,
-            protocol=ctx.protocol,
-            status=end.status,
-            outcome=end.outcome,
-            client_request_id=ctx.client_request_id,
-            model=model.name if model is not None else None,
-            deployment=target.label if target is not None else None,
-            backend=target.backend.name if target is not None else None,
-            licence=licence.name if licence is not None else None,
-            licence_outputs_train=licence.outputs_train if licence is not None else None,
-            origin_developer=origin.developer if origin is not None else None,
-            origin_country=origin.country if origin is not None else None,
-            policy_version=self.version,
-            decision_id=ctx.decision_id,
-            partial=end.partial,
-            cache=end.cache,
-            prompt_tokens=ctx.usage_in,
-            completion_tokens=ctx.usage_out,
-            latency_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
-            ttft_ms=None if end.ttft_s is None else round(end.ttft_s * 1000, 3),
-            consent_training=settings.training,
-            include=settings.include,
-            redacted_with=settings.redact,
-        )
         self.writer.submit(
             PendingCapture(
-                record=record,
+                build=partial(self._record, ctx, end, settings, time.time(), time.perf_counter()),
                 request=ctx.request,
                 redactor=consent.redactor,
                 body=None if end.stream else ctx.answer_body,

@@ -190,11 +190,17 @@ class HealthMonitor:
             await self._session.close()
 
     def _start_scrapers(self) -> None:
-        for name, w in self._watches.items():
-            if name in self._scrapers:
-                continue
-            if w.backend.capacity.metrics_url or w.engine is not None:
-                self._scrapers[name] = asyncio.ensure_future(self._scrape_forever(w))
+        """Start the scrapers not running yet, their first scrapes spread over one interval: started
+        together (a start, a reload of a policy of a thousand backends), they would all scrape in one
+        turn of the event loop, a stall of every request then and at every interval after."""
+        new = [
+            w
+            for name, w in self._watches.items()
+            if name not in self._scrapers and (w.backend.capacity.metrics_url or w.engine is not None)
+        ]
+        for k, w in enumerate(new):
+            offset = w.backend.capacity.scrape_interval_s * k / len(new)
+            self._scrapers[w.backend.name] = asyncio.ensure_future(self._scrape_forever(w, offset))
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -267,8 +273,10 @@ class HealthMonitor:
 
     # ---- scraping ----
 
-    async def _scrape_forever(self, w: _Watch) -> None:
+    async def _scrape_forever(self, w: _Watch, offset_s: float = 0.0) -> None:
         cap = w.backend.capacity
+        if offset_s > 0:
+            await asyncio.sleep(offset_s)
         while True:
             await self.scrape_once(w.backend, w.engine)
             await asyncio.sleep(cap.scrape_interval_s)

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.policy.engine import LiveState, ScrapeBasis
 from gateway.policy.model import Backend
 from gateway.upstream.outlier import Ejection, OutlierTracker
+
+# Ejections remembered for the console (gateway.api.console), per process.
+EJECTIONS_KEPT = 200
 
 # Weight of the newest sample in the latency, TTFT and throughput EWMAs.
 ALPHA = 0.2
@@ -58,6 +62,8 @@ class LiveSignals:
         self.scrape_basis: dict[str, ScrapeBasis] = {}
         self.scrape_failures: dict[str, int] = {}
         self.outliers = OutlierTracker()
+        # The last ejections (wall-clock time, backend or deployment, reason, seconds out), newest last.
+        self.ejections: deque[tuple[float, str, str, float]] = deque(maxlen=EJECTIONS_KEPT)
         self._stale: frozenset[str] = frozenset()
         self._stale_after: dict[str, float] = {}
         self._spilling: frozenset[tuple[str, str]] = frozenset()
@@ -122,9 +128,18 @@ class LiveSignals:
         """An attempt failed (5xx, timeout, reset, refused): counted towards the backend's ejection
         (and the deployment's, when `label` names it)."""
         ejection = self.outliers.failure(backend, now)
+        if ejection is not None:
+            self._remember(ejection, now)
         if label is not None and label != backend:
-            ejection = self.outliers.failure(label, now) or ejection
+            deployment = self.outliers.failure(label, now)
+            if deployment is not None:
+                self._remember(deployment, now)
+            ejection = deployment or ejection
         return ejection
+
+    def _remember(self, ejection: Ejection, now: float) -> None:
+        """The ejection history (the console's Backends page): wall-clock time, key, reason, for how long."""
+        self.ejections.append((time.time(), ejection.key, ejection.reason, max(0.0, ejection.until - now)))
 
     # ---- the upstream stage's tap: time to first token and throughput of answers ----
 
@@ -142,7 +157,10 @@ class LiveSignals:
     # ---- the health monitor and the scraper ----
 
     def probe_result(self, key: str, ok: bool, now: float) -> Ejection | None:
-        return self.outliers.probe_result(key, ok, now)
+        ejection = self.outliers.probe_result(key, ok, now)
+        if ejection is not None:
+            self._remember(ejection, now)
+        return ejection
 
     def engine_load(self, backend: str, load: EngineLoad) -> None:
         self.engine[backend] = load

@@ -340,3 +340,36 @@ def test_an_anthropic_messages_client_is_captured_like_any_other(
         record.answer is not None
         and record.answer.content == f"answer {record.answer.content.split()[1]} to hi [EMAIL]"
     )
+
+
+def test_a_cache_bad_hit_report_is_feedback_on_the_hit_it_names(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.replace("regenerate_window_s: 600}", "regenerate_window_s: 0}\n    cache: {exact: true}"))
+    app = create_app(
+        Settings(
+            policy_path=str(policy),
+            spool_dir=str(tmp_path / "spool"),
+            access_log="off",
+            capture=f"sqlite:///{tmp_path}/c.db",
+        ),
+        factories={"echo": EchoFactory()},
+    )
+    with TestClient(app) as client:
+        gw = app.state["gateway"]
+        writer = gw.services.capture
+        chat(client, "acme", "cached question my ip is 10.1.2.3", temperature=0)
+        client.blocking_portal.call(gw.runtime.cache.drain)
+        hit = chat(client, "acme", "cached question my ip is 10.1.2.3", temperature=0)
+        assert hit.headers["x-strait-cache"] == "hit"
+        reported = client.post(
+            "/v1/cache/feedback",
+            json={"id": hit.json()["id"], "reason": "stale, ask 10.9.9.9"},
+            headers={"authorization": f"Bearer {KEYS['acme']}"},
+        )
+        assert reported.status_code == 200, reported.text
+        by_id = {c.record.request_id: c for c in stored(client, writer)}
+    served = by_id[hit.headers["x-strait-request-id"]]
+    assert served.record.cache == "hit" and served.record.response_id == hit.json()["id"]
+    assert [(f.kind, f.metadata) for f in served.feedback] == [("cache_bad_hit", {"reason": "stale, ask [IP]"})]
+    # The request that made the answer is not the one reported.
+    assert all(c.feedback == () for rid, c in by_id.items() if rid != served.record.request_id)

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.policy.load import PolicyError, load_policy
 from gateway.policy.model import BUILTIN_REDACTIONS, CaptureSettings, Licence, PolicySet
+from gateway.settings import Settings
 
 BASE = """
 version: 1
@@ -65,3 +66,17 @@ def test_an_unknown_redactor_is_a_load_error(tmp_path: Path) -> None:
 def test_bad_capture_settings_are_refused(tmp_path: Path, capture: str) -> None:
     with pytest.raises(PolicyError):
         load(tmp_path, BASE + f"    capture: {capture}\n")
+
+
+def test_strait_capture_names_the_store_or_is_refused() -> None:
+    assert Settings.from_env({}).capture_url == "sqlite:///.strait/capture.db"
+    assert (
+        Settings.from_env({"STRAIT_SPOOL_DIR": "/var/lib/strait/spool"}).capture_url
+        == "sqlite:////var/lib/strait/capture.db"
+    )
+    for url in ("off", "postgresql://strait:pw@db:5432/strait", "sqlite:///data/capture.db"):
+        assert Settings.from_env({"STRAIT_CAPTURE": url}).capture_url == url
+    for bad in ("mysql://root:hunter2@db/x", "sqlite:", "capture.db"):
+        with pytest.raises(ValueError) as raised:
+            Settings.from_env({"STRAIT_CAPTURE": bad})
+        assert "hunter2" not in str(raised.value)  # a password in a URL is never echoed

@@ -23,6 +23,7 @@ def record(
         status=200,
         outcome="completed",
         client_request_id=client,
+        response_id=f"chatcmpl-{rid}",
         model=model,
         deployment=f"{model}@b",
         licence="apache-2.0",
@@ -61,6 +62,9 @@ async def test_reads_are_scoped_to_the_tenant(capture_store: CaptureStore) -> No
     assert await capture_store.resolve("other", client_id="c-1") == "req_b"
     assert await capture_store.resolve("third", client_id="c-1") is None
     assert await capture_store.resolve("acme", request_id="req_missing") is None
+    # By the answer's id (what a cache hit was served with), within the tenant.
+    assert await capture_store.resolve("acme", response_id="chatcmpl-req_a") == "req_a"
+    assert await capture_store.resolve("other", response_id="chatcmpl-req_a") is None
 
 
 async def test_the_latest_capture_wins_for_a_reused_client_id(capture_store: CaptureStore) -> None:

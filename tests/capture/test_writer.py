@@ -20,6 +20,7 @@ from gateway.settings import Settings
 from gateway.telemetry import Metrics
 from tests.cache.echo_adapter import EchoFactory
 from tests.capture.test_capture_in_process import KEYS, POLICY
+from tests.harness.procs import free_port
 
 DAY_MS = 86_400_000
 
@@ -37,7 +38,7 @@ def pending(rid: str, tenant: str = "acme", ts_ms: int = 0) -> PendingCapture:
         outcome="completed",
         include=("prompts", "completions", "tool_calls"),
     )
-    return PendingCapture(record=record, request=None, redactor=PatternRedactor(), body=b'{"choices": []}')
+    return PendingCapture(build=lambda: record, request=None, redactor=PatternRedactor(), body=b'{"choices": []}')
 
 
 def counter(metrics: Metrics, result: str) -> float:
@@ -86,7 +87,9 @@ async def test_retention_creates_no_store(tmp_path: Path) -> None:
 
 def test_a_streamed_answer_with_tool_calls_is_assembled_and_redacted() -> None:
     def chunk(delta: dict[str, object], finish: str | None = None) -> bytes:
-        return json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}).encode()
+        return json.dumps(
+            {"id": "chatcmpl-s1", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        ).encode()
 
     events = [
         chunk({"role": "assistant", "content": ""}),
@@ -104,15 +107,15 @@ def test_a_streamed_answer_with_tool_calls_is_assembled_and_redacted() -> None:
         chunk({}, "tool_calls"),
         b"[DONE]",
     ]
-    answer = answer_of_stream(events, PatternRedactor(), ("completions", "tool_calls"), truncated=False)
-    assert answer is not None
+    answer, response_id = answer_of_stream(events, PatternRedactor(), ("completions", "tool_calls"), truncated=False)
+    assert answer is not None and response_id == "chatcmpl-s1"
     assert [(c.id, c.name, c.arguments) for c in answer.tool_calls] == [
         ("call_a", "mail", '{"to": "[EMAIL]"}'),
         ("call_b", "log", "{}"),
     ]
     assert answer.content is None and answer.finish_reason == "tool_calls"
     # Without `tool_calls` in the consent, the calls are left out.
-    only_text = answer_of_stream(events, PatternRedactor(), ("completions",), truncated=False)
+    only_text, _ = answer_of_stream(events, PatternRedactor(), ("completions",), truncated=False)
     assert only_text is not None and only_text.tool_calls == ()
 
 
@@ -146,3 +149,30 @@ def test_a_consenting_gateway_writes_to_postgresql(tmp_path: Path, postgres_url:
             await store.aclose()
 
     assert asyncio.run(read()) == (1, 1, "mail [EMAIL]")
+
+
+def test_a_store_that_cannot_be_reached_is_503_for_feedback_and_never_fails_a_request(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    # Nothing listens there (a port just freed): every connection is refused.
+    down = f"postgresql://strait@127.0.0.1:{free_port()}/strait"
+    app = create_app(
+        Settings(policy_path=str(policy), spool_dir=str(tmp_path / "spool"), access_log="off", capture=down),
+        factories={"echo": EchoFactory()},
+    )
+    with TestClient(app) as client:
+        auth = {"authorization": f"Bearer {KEYS['acme']}"}
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+            headers=auth,
+        )
+        assert answer.status_code == 200
+        writer = app.state["gateway"].services.capture
+        client.blocking_portal.call(writer.flush)
+        rated = client.post(
+            "/v1/feedback", json={"request_id": answer.headers["x-request-id"], "value": 1}, headers=auth
+        )
+        assert rated.status_code == 503, rated.text
+        assert rated.json()["error"]["code"] == "capture_unavailable"
+        assert counter(app.state["gateway"].metrics, "failed") == 1

@@ -33,7 +33,7 @@ def shadowed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerP
     features = folder / "features.jsonl"
     proc = gateway_process(DEMO, log_path=folder / "gateway.log", env={"STRAIT_FEATURE_LOG": str(features)})
     proc.argv += ["--shadow-policy", str(candidate)]
-    with proc.start() as gw:
+    with proc as gw:
         yield gw, candidate, features
 
 

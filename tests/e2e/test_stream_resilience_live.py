@@ -160,8 +160,11 @@ def test_a_first_token_later_than_first_token_s_fails_over_before_the_client_see
     assert late["first_byte_at"] is not None and late["completion_tokens_generated"] == 0
     late, _ = fake.wait_by_user(marker, lambda rs: rs[0]["client_disconnected"])
     assert late["client_disconnected"] and late["completion_tokens_generated"] == 0
-    # The fallback came no sooner than first_token_s after the first attempt started (the fake's clock).
-    assert good["started_at"] - late["started_at"] >= FIRST_TOKEN_S
+    # The fallback came no sooner than first_token_s after the first attempt started (the fake's clock). The
+    # gateway's timer starts when it sends, the fake's clock when the request has arrived and been parsed: on
+    # a loaded machine that can be some ms later, so the gap seen by the fake may be that much short of it
+    # (seen: 0.9991 s for 1 s). 50 ms of slack, far below the 5 s the late upstream would have taken.
+    assert good["started_at"] - late["started_at"] >= FIRST_TOKEN_S - 0.05
 
 
 def test_a_stream_cut_before_content_is_retried_like_a_reset_then_fails_over(

@@ -50,6 +50,10 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
+        if self.proc is not None and self.proc.poll() is None:
+            # Already running: `with proc.start() as p` calls start again in __enter__, which would
+            # start a second process on the same port and leak the first (never stopped by PID).
+            return self
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self._log_file = out
         self.proc = subprocess.Popen(

@@ -2,7 +2,9 @@
 consistency, and the two properties compliance relies on, on generated bloc hierarchies:
 
 - narrowing a request to a bloc contained in the tenant's allow-list is never refused as widening;
-- a backend declared in a contained bloc is never excluded by the containing bloc's allow-list.
+- a backend declared in a contained bloc is never excluded by the containing bloc's allow-list;
+
+and that `strait policy check` reads a policy's own blocs exactly as the engine does.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import PermissionDenied
+from gateway.policy.checks import check_tenants
 from gateway.policy.compliance import compliance_reason
 from gateway.policy.engine import Preferences, RequestFeatures, decide
 from gateway.policy.index import PolicyIndex, Principal
 from gateway.policy.model import PolicySet
-from gateway.policy.places import BUILTIN, BUILTIN_BLOCS, BlocCycle, Places
+from gateway.policy.places import BUILTIN, BUILTIN_BLOCS, BlocCycle, Places, policy_places
 
 USER_BLOCS = [
     ("FIVE_EYES", ["US", "GB", "CA", "AU", "NZ"]),
@@ -157,3 +160,32 @@ def test_a_backend_in_a_contained_place_is_never_excluded_by_the_containing_bloc
         index.tenants["t"].compliance, allowed_jurisdictions=None, denied_jurisdictions=(outer,)
     )
     assert compliance_reason(target, denied) is not None
+
+
+@SETTINGS
+@given(hierarchies(), st.data())
+def test_the_checks_read_user_blocs_as_the_engine_does(blocs: list[tuple[str, list[str]]], data: st.DataObject) -> None:
+    """`strait policy check` calls a tenant's jurisdictions impossible exactly when no backend could ever
+    satisfy them in the engine: every country the allow-list covers is also denied (user blocs expanded
+    the same way, through the loader's `policy_places`)."""
+    places = policy_places(blocs)
+    names = [*places.blocs, *COUNTRIES]
+    allowed = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True))
+    denied = data.draw(st.lists(st.sampled_from(names), min_size=1, max_size=3, unique=True))
+    policy = _policy(blocs, allowed, "US")
+    tenant = msgspec.structs.replace(
+        policy.tenants[0],
+        compliance=msgspec.structs.replace(policy.tenants[0].compliance, denied_jurisdictions=tuple(denied)),
+    )
+    policy = msgspec.structs.replace(policy, tenants=(tenant,))
+    reported: list[str] = []
+    check_tenants(policy, None, {"r"}, lambda _s, _p, reason, *rest: reported.append(reason), places)
+    impossible = any("every allowed jurisdiction is also denied" in r for r in reported)
+    # The engine's view: a backend in a single country is admitted iff that country is allowed and not denied.
+    index_of = {c: PolicyIndex(_policy(blocs, allowed, c)) for c in places.expand(tuple(allowed))}
+    admitted = [
+        c
+        for c, index in index_of.items()
+        if compliance_reason(index.targets[("r", "chat")][0], tenant.compliance) is None
+    ]
+    assert impossible == (not admitted), (allowed, denied, admitted)

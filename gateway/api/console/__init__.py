@@ -1,0 +1,1 @@
+"""The console: server-rendered pages at /ui and their JSON at /admin/api, for admin keys (docs/console.md)."""

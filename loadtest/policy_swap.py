@@ -1,0 +1,106 @@
+"""The longest event-loop stall while a runtime of an enterprise-size policy is put in force, the old way
+against the reloader's: `python -m loadtest.policy_swap [--size 50] [--rounds 6]`.
+
+In one process (no server, no clients), two checked S-block policies of `loadtest.policy_scale` are put in
+force in turn on one `Gateway` (its health monitor running), each swap watched by the reloader's
+`LoopStalls` (a 5 ms ticker): "on the loop" builds the runtime and sets the unpriced gauges on the event
+loop, as reloads did before; "worker thread" compiles it and sets the gauges in worker threads, as
+`gateway.reload` does now. The two alternate, so both see the same machine load; an idle watch of the same
+length gives the floor the machine itself sets. The check (parse, decode, index), the same for both, is
+done before (the index built in a thread, as the check does) and not measured here (`loadtest.policy_reload` measures a whole reload under traffic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+from pathlib import Path
+
+from gateway.accounting.unpriced import report_unpriced
+from gateway.policy.decisions import DecisionLog
+from gateway.policy.index import PolicyIndex
+from gateway.policy.load import check_policy, collector_paused, freeze_loaded
+from gateway.policy.model import PolicySet
+from gateway.registry import discover_adapters
+from gateway.reload import LoopStalls
+from gateway.runtime import Gateway, Runtime, Services, build_runtime, compile_runtime, configure_signals
+from gateway.state.memory import MemoryStore
+from gateway.telemetry import Metrics
+from gateway.upstream.signals import LiveSignals
+from loadtest.policy_reload import policy_text
+
+
+class _NoAccounting:
+    def refused(self, *args: object) -> None:
+        return None
+
+
+async def measure(size: int, rounds: int) -> None:
+    factories = discover_adapters()
+    policies: list[PolicySet] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in (7, 8):
+            path = Path(tmp) / f"{seed}.yaml"
+            path.write_text(policy_text(size, seed))
+            policy, _ = check_policy(path, adapters=factories.keys(), fresh=True)
+            assert policy is not None
+            policies.append(policy)
+    services = Services(
+        metrics=Metrics(),
+        signals=LiveSignals(),
+        store=MemoryStore(),
+        accounting=_NoAccounting(),  # type: ignore[arg-type]
+        decisions=DecisionLog(),
+        decode=lambda p: None,  # type: ignore[arg-type,return-value]
+    )
+    gateway = Gateway(build_runtime(policies[0], factories, services), services, None, None)  # type: ignore[arg-type]
+    await gateway.health.start()
+    freeze_loaded()
+
+    def compiled(policy: PolicySet, old: Runtime) -> Runtime:
+        with collector_paused():
+            runtime = compile_runtime(policy, factories, services, previous=old)
+        freeze_loaded()
+        return runtime
+
+    stalls: dict[str, list[float]] = {"on the loop": [], "worker thread": [], "idle": []}
+    for i in range(rounds):
+        policy = policies[(i + 1) % 2]
+        for way in ("on the loop", "worker thread") if i % 2 == 0 else ("worker thread", "on the loop"):
+            # The reloader's check builds the policy's index in its thread: built here before, for both.
+            await asyncio.to_thread(PolicyIndex.of, policy)
+            await asyncio.sleep(0.3)
+            async with LoopStalls() as watch:
+                await asyncio.sleep(0.02)  # the ticker runs before the work starts
+                if way == "on the loop":
+                    new = build_runtime(policy, factories, services, previous=gateway.runtime)
+                    gateway.use(new)
+                    report_unpriced(policy, services.metrics)
+                else:
+                    new = await asyncio.to_thread(compiled, policy, gateway.runtime)
+                    configure_signals(policy, services.signals)
+                    gateway.use(new)
+                    await asyncio.to_thread(report_unpriced, policy, services.metrics)
+                del new
+            stalls[way].append(watch.max_s * 1000)
+        async with LoopStalls() as watch:
+            await asyncio.sleep(0.3)
+        stalls["idle"].append(watch.max_s * 1000)
+    await gateway.health.aclose()
+    print(f"S={size}: longest event-loop stall per swap (ms)")
+    for way, values in stalls.items():
+        print(f"  {way:<14} median {statistics.median(values):5.0f}  runs {[round(v) for v in values]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=50, help="block count S of the generated policies")
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    asyncio.run(measure(args.size, args.rounds))
+
+
+if __name__ == "__main__":
+    main()

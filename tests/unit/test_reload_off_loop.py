@@ -1,0 +1,103 @@
+"""A policy reload keeps the event loop free: the check, the runtime's compilation and the unpriced
+gauges run in worker threads; on the loop only the live signals' settings, the swap and the health
+monitor's tasks (gateway.reload). The reloaded policy then serves, and the gauges follow it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar.testing import TestClient
+
+from gateway import reload as reload_module
+from gateway.accounting.unpriced import report_unpriced
+from gateway.app import create_app
+from gateway.policy.load import load_policy
+from gateway.registry import discover_adapters
+from gateway.settings import Settings
+from gateway.telemetry import Metrics
+
+# `a` answers in process; `p` is a provider (never called here) whose deployments must carry a price.
+POLICY = """\
+version: 1
+operators: [{name: o, headquarters: US}]
+backends:
+  - {name: a, adapter: simulated, hosting: {operator: o, jurisdiction: US},
+     simulated: {ttft_ms: 0, tokens_per_second: 100000, output_tokens: 2}}
+  - {name: p, adapter: openai, base_url: "http://127.0.0.1:9/v1", hosting: {operator: o, jurisdiction: US}}
+models:
+  - name: m
+    deployments: [{backend: a, upstream_model: u}]
+  - name: n
+    deployments: [{backend: p, upstream_model: v, price: PRICE}]
+routes:
+  - {name: chat, models: [m]}
+  - {name: other, models: [n]}
+"""
+PRICED = POLICY.replace("PRICE", "{input_per_mtok: 1.0, output_per_mtok: 1.0}")
+UNPRICED = POLICY.replace(", price: PRICE", "")
+
+
+def _unpriced(metrics: Metrics) -> dict[str, float]:
+    return {s.labels["deployment"]: s.value for f in metrics.deployment_unpriced.collect() for s in f.samples}
+
+
+def test_the_runtime_is_compiled_and_the_gauges_set_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(PRICED)
+    threads: dict[str, int] = {}
+
+    def spy(name: str, real: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            threads[name] = threading.get_ident()
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    for name, attr in (
+        ("compile", "compile_runtime"),
+        ("unpriced", "report_unpriced"),
+        ("signals", "configure_signals"),
+    ):
+        monkeypatch.setattr(reload_module, attr, spy(name, getattr(reload_module, attr)))
+    app = create_app(Settings(policy_path=str(path), spool_dir=str(tmp_path / "spool")))
+    with TestClient(app) as client:
+        gateway = client.app.state["gateway"]
+        assert _unpriced(gateway.metrics) == {"m@a": 0.0, "n@p": 0.0}
+        before = gateway.runtime
+        path.write_text(UNPRICED.replace("output_tokens: 2}", "output_tokens: 3}"))
+
+        async def reload() -> tuple[bool, int]:
+            reloader = reload_module.PolicyReloader(gateway, str(path), discover_adapters())
+            return await reloader.reload(), threading.get_ident()
+
+        done, loop_thread = client.blocking_portal.call(reload)
+        assert done
+        assert set(threads) == {"compile", "unpriced", "signals"}
+        assert threads["compile"] != loop_thread and threads["unpriced"] != loop_thread
+        assert threads["signals"] == loop_thread  # requests read the live signals: set on the loop
+        assert gateway.runtime is not before
+        # The changed backend got a new adapter, the unchanged one kept its (warm) adapter.
+        assert gateway.runtime.adapters["a"] is not before.adapters["a"]
+        assert gateway.runtime.adapters["p"] is before.adapters["p"]
+        assert _unpriced(gateway.metrics) == {"m@a": 0.0, "n@p": 1.0}
+        r = client.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.headers["x-strait-deployment"] == "m@a"
+
+
+def test_unpriced_gauges_of_removed_deployments_go_and_the_others_are_set(tmp_path: Path) -> None:
+    """Set without clearing first: a scrape during the worker thread's update never finds it empty."""
+    metrics = Metrics()
+    path = tmp_path / "p.yaml"
+    path.write_text(UNPRICED)
+    report_unpriced(load_policy(path), metrics)
+    assert _unpriced(metrics) == {"m@a": 0.0, "n@p": 1.0}
+    path.write_text(UNPRICED.replace("  - {name: other, models: [n]}\n", "").replace(
+        "  - name: n\n    deployments: [{backend: p, upstream_model: v}]\n", ""
+    ))  # fmt: skip
+    report_unpriced(load_policy(path), metrics)
+    assert _unpriced(metrics) == {"m@a": 0.0}
