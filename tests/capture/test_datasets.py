@@ -328,3 +328,14 @@ def test_the_cli_reads_strait_capture_and_prints_why(
     with pytest.raises(SystemExit, match="no capture store"):
         main(["datasets", "compare", "--route", "chat", "--candidate", "x"])
     assert not (tmp_path / "nowhere").exists()
+
+
+async def test_an_export_longer_than_a_page_streams_every_record(capture_store: CaptureStore, tmp_path: Path) -> None:
+    """1,201 records, three pages of the store's 500: each one read once, in order, counted once."""
+    records = [rec(f"s{i:05d}", ts=T0 + i, consent_training=i % 3 != 0) for i in range(1201)]
+    await capture_store.write(records)
+    report = await export(capture_store, options(), VIEW, tmp_path / "big")
+    assert report.scanned == 1201
+    assert dict(report.excluded) == {"no_training_consent": 401}
+    got = [line["messages"][0]["content"] for line in lines(report.path)]
+    assert got == [f"question s{i:05d}" for i in range(1201) if i % 3 != 0]
