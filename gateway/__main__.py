@@ -1,4 +1,4 @@
-"""`strait` command line: serve, keys hash, policy check."""
+"""`strait` command line: serve, keys hash, policy, usage, datasets."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.capture.datasets_cli import add_datasets_commands
 from gateway.policy.index import key_digest, key_problem
 from gateway.policy.load import check_policy
 from gateway.registry import discover_adapters
@@ -396,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff.set_defaults(func=_policy_diff)
     schema = policy_sub.add_parser("schema", help="print the policy JSON Schema")
     schema.set_defaults(func=_policy_schema)
+
+    add_datasets_commands(sub)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

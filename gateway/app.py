@@ -50,6 +50,7 @@ from gateway.api.routes import build_handlers, model_endpoints
 from gateway.api.shutdown import before_sigterm
 from gateway.cache.pool import EmbedderPool
 from gateway.cache.store import open_cache_store
+from gateway.capture.shadow_sink import CaptureShadowSink
 from gateway.capture.writer import CaptureWriter
 from gateway.contracts import AdapterFactory, ShadowSink
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
@@ -122,7 +123,8 @@ def create_app(
 ) -> Litestar:
     """`drain_on_sigterm`: the app is served by `strait serve` (uvicorn): SIGTERM starts the drain at
     once (gateway.api.shutdown); in-process tests leave it off and call `InFlight.drain` themselves.
-    `shadow_sink`: where routes' shadow copies' answers go (gateway.contracts.ShadowSink); None: logged."""
+    `shadow_sink`: where routes' shadow copies' answers go (gateway.contracts.ShadowSink); None: the capture
+    store (gateway.capture.shadow_sink) unless STRAIT_CAPTURE=off, then logged."""
     factories = discover_adapters() if factories is None else factories
     metrics = Metrics()
     signals = LiveSignals()
@@ -157,7 +159,7 @@ def create_app(
         feature_log=FeatureLogFile(settings.feature_log, settings.feature_log_sample) if settings.feature_log else None,
         shadow=ShadowPolicy(settings.shadow_policy, metrics) if settings.shadow_policy else None,
         capture=capture,
-        # Routes' `shadow` copies; the default sink only logs (capture plugs its store in here).
+        # Routes' `shadow` copies; their sink is set below (the capture store's needs the gateway).
         shadow_traffic=ShadowRunner(metrics, shadow_sink),
         recent=RecentDecisions(),
     )
@@ -168,6 +170,9 @@ def create_app(
         freeze_loaded()
     gateway = Gateway(runtime, services, writer, ledger)
     capture.retention_days = lambda tenant: _retention_days(gateway, tenant)
+    if shadow_sink is None and capture.enabled and services.shadow_traffic is not None:
+        # Shadow answers beside the live ones, for tenants whose live request was captured.
+        services.shadow_traffic.sink = CaptureShadowSink(capture, metrics, lambda: gateway.runtime.index.version)
     metrics.registry.register(GatewayGauges(gateway))
     reloader = PolicyReloader(gateway, settings.policy_path, factories)
     inflight = services.inflight

@@ -133,8 +133,9 @@ class RequestContext:
     # Written by the pipeline for a whole answer (not a stream), before the taps' `on_end`: its body (the
     # OpenAI JSON every tap reads); read by capture.
     answer_body: bytes | None = None
-    # Written by the capture tap when a consenting tenant's stream starts: its chunks as relayed; read by
-    # the same tap at the end. None: this request is not captured (or not a stream).
+    # Written by the capture tap when a consenting tenant's stream starts (its chunks as relayed; read by
+    # the same tap at the end), and at the end of a captured JSON answer (no chunks): the consent it was
+    # captured under, which the shadow sink reads (gateway.capture.shadow_sink). None: not captured.
     capture: StreamCapture | None = None
 
 

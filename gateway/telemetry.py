@@ -107,6 +107,13 @@ class Metrics:
             ("route",),
             registry=self.registry,
         )
+        self.shadow_captures = Counter(
+            "strait_shadow_captures",
+            "Shadow copies' answers offered to the capture store, by result: queued (the live request was "
+            "captured: the tenant consents), no_consent (not stored, only counted), dropped (queue full).",
+            ("route", "result"),
+            registry=self.registry,
+        )
         self.shadow_pending = Gauge(
             "strait_shadow_pending",
             "Shadow copies running or waiting for a slot on this replica (bounded by server.shadow).",
@@ -317,7 +324,7 @@ class Metrics:
         )
         self.feedback = Counter(
             "strait_feedback",
-            "Feedback recorded, by kind (score, boolean, label, correction, regenerate).",
+            "Feedback recorded, by kind (score, boolean, label, correction, regenerate, cache_bad_hit).",
             ("kind",),
             registry=self.registry,
         )

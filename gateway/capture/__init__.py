@@ -12,6 +12,13 @@ Modules
   assemble      canonical request and answer (JSON or stream) -> capture Structs, redacted.
   writer        CaptureWriter: the bounded queue, batches written off the request path, regenerate
                 detection, retention.
+  shadow_sink   CaptureShadowSink: a route's shadow copies' answers stored beside the live record (only
+                when the live request was captured).
+  eligibility   consent and licence checks of a record for a training target (families, fail-closed).
+  formats       fine-tuning lines: openai-chat-jsonl, anthropic-jsonl, preference-jsonl.
+  export        `strait datasets export`: streamed, reasons counted, manifest.json with sha256.
+  compare       `strait datasets compare`: live vs candidate (shadow pairs with agreement, canary share).
+  datasets_cli  the `strait datasets` commands (argparse, STRAIT_CAPTURE, the policy in force).
 The tap that feeds the writer is gateway.stages.capture; POST /v1/feedback is gateway.api.feedback.
 
 Which store: one setting, `STRAIT_CAPTURE` (gateway.settings.Settings.capture_url), read by `strait

@@ -105,6 +105,9 @@ class CaptureRecord(msgspec.Struct, frozen=True, kw_only=True):
     redacted_with: tuple[str, ...] = ()
     request: CapturedRequest | None = None
     answer: CapturedAnswer | None = None
+    # A shadow copy's answer (gateway.capture.shadow_sink): the live request id it copied. Such a record
+    # is the candidate's, stored under `<live id>:shadow`, without the request (it is the live record's).
+    shadow_of: str | None = None
 
 
 class Feedback(msgspec.Struct, frozen=True, kw_only=True):

@@ -153,6 +153,8 @@ class CaptureTap:
             if found is None:
                 return
             consent = found
+            # Marks the request as captured, with this consent: a shadow copy of it is stored only then.
+            ctx.capture = StreamCapture(consent)
         settings = consent.settings
         self.writer.submit(
             PendingCapture(
