@@ -39,6 +39,7 @@ DEFAULT_RETENTION_DAYS = 30
 RECENT_CONVERSATIONS = 50_000
 # Records turned from references into redacted records per turn of the event loop.
 PREPARE_SLICE = 8
+MAX_PREPARE_SLICE = 64
 MAX_TAGS = 16
 MAX_TAG_CHARS = 64
 MAX_METADATA = 16
@@ -202,15 +203,20 @@ class CaptureWriter:
                     self.metrics.child(self.metrics.feedback, f.kind).inc()
 
     async def _prepare_sliced(self, batch: list[PendingCapture]) -> tuple[list[CaptureRecord], list[Feedback]]:
-        """`_prepare` on the event loop, PREPARE_SLICE records per turn: no request waits longer than one
-        slice for it. (A worker thread would hold the GIL for up to the interpreter's switch interval,
+        """`_prepare` on the event loop, PREPARE_SLICE records per turn (more while a backlog builds): no
+        request waits longer than one slice for it. (A worker thread would hold the GIL for up to the interpreter's switch interval,
         5 ms, at a time: measured, it added more latency and CPU per request than this.)"""
         records: list[CaptureRecord] = []
         feedback: list[Feedback] = []
-        for i in range(0, len(batch), PREPARE_SLICE):
-            r, f = self._prepare(batch[i : i + PREPARE_SLICE])
+        i = 0
+        while i < len(batch):
+            # Bigger slices while a backlog builds (a saturated replica would otherwise starve the writer
+            # until its queue drops records): up to MAX_PREPARE_SLICE per turn.
+            size = min(MAX_PREPARE_SLICE, PREPARE_SLICE + len(self._queue) // 32)
+            r, f = self._prepare(batch[i : i + size])
             records += r
             feedback += f
+            i += size
             await asyncio.sleep(0)
         return records, feedback
 
