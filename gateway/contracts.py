@@ -240,8 +240,9 @@ class Tap(Protocol):
 
 class TextRedactor(Protocol):
     """Replaces what must not be stored in a captured text (gateway.capture.redact; entry point
-    `strait.redactors`, named in a tenant's `capture.redact`). A plain function of the text, called in a
-    worker thread, never on the event loop: it may be slow, but must be pure. Contract (one suite over
+    `strait.redactors`, named in a tenant's `capture.redact`). A plain function of the text, called off
+    the request path: a plugin's in a worker thread (it may be slow, a model), the built-in pattern
+    redactor's a few records per turn of the event loop. It must be pure. Contract (one suite over
     every implementation: tests/capture/test_redactor_contract.py): it returns a str; it is idempotent
     (redacting its own output changes nothing); text with nothing to redact comes back unchanged; it
     never raises on any str."""

@@ -2,7 +2,7 @@
 digits (account numbers, order ids, national ids the pattern kinds do not know) becomes `[NUMBER]`.
 
 Registered under the entry point group `strait.redactors` as `long_numbers` (pyproject.toml); a tenant
-names it in `capture.redact`. A redactor is a pure function of the text: it runs in a worker thread."""
+names it in `capture.redact`. A redactor is a pure function of the text; a plugin's runs in a worker thread."""
 
 from __future__ import annotations
 

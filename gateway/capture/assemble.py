@@ -1,6 +1,6 @@
 """From what a request carried to what is captured: the canonical request and the answer (a JSON body, or
 a stream's chunks assembled) as capture Structs, every text through the tenant's redactor, only what its
-`capture.include` lets in. Runs in the capture writer's worker thread, never on the event loop."""
+`capture.include` lets in. Run by the capture writer, a few records per turn, never on a request's time."""
 
 from __future__ import annotations
 

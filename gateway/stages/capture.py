@@ -9,7 +9,7 @@ captures (gateway.runtime), so a policy without consent pays nothing at all.
 Per request the tap only collects references: the request's context and End, the JSON answer's bytes
 (`ctx.answer_body`, set by the pipeline) or the stream's chunk payloads (appended as they are relayed,
 up to MAX_STREAM_BYTES), and the clock at the end. The record itself (its fields, redaction, assembly,
-JSON) is built in the writer's worker thread, before anything is written.
+JSON) is built by the writer, off the request path, before anything is written.
 """
 
 from __future__ import annotations

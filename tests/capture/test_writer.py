@@ -11,13 +11,15 @@ from pathlib import Path
 from litestar.testing import TestClient
 
 from gateway.app import create_app
+from gateway.canonical import Message, Request, Text
 from gateway.capture.assemble import answer_of_stream
 from gateway.capture.records import CaptureRecord
-from gateway.capture.redact import PatternRedactor
+from gateway.capture.redact import Chain, PatternRedactor
 from gateway.capture.store import CaptureQuery, open_capture_store
 from gateway.capture.writer import CaptureWriter, PendingCapture
 from gateway.settings import Settings
 from gateway.telemetry import Metrics
+from plugins.redact_long_numbers import LongNumbers
 from tests.cache.echo_adapter import EchoFactory
 from tests.capture.test_capture_in_process import KEYS, POLICY
 from tests.harness.procs import free_port
@@ -176,3 +178,20 @@ def test_a_store_that_cannot_be_reached_is_503_for_feedback_and_never_fails_a_re
         assert rated.status_code == 503, rated.text
         assert rated.json()["error"]["code"] == "capture_unavailable"
         assert counter(app.state["gateway"].metrics, "failed") == 1
+
+
+async def test_a_plugin_redactors_batch_is_prepared_like_the_builtins(tmp_path: Path) -> None:
+    # A plugin redactor's batch goes to a worker thread; the built-in one's stays on the loop: same records.
+    request = Request(
+        operation="chat", model="r", messages=(Message(role="user", content=(Text(text="order 12345678 a@b.io"),)),)
+    )
+    writer = CaptureWriter(f"sqlite:///{tmp_path}/c.db", Metrics())
+    for i, redactor in enumerate([Chain([PatternRedactor(), LongNumbers()]), PatternRedactor()]):
+        p = pending(f"r{i}")
+        writer.submit(PendingCapture(build=p.build, request=request, redactor=redactor, body=p.body))
+        await writer.flush()
+    store = await writer.store()
+    got = {c.record.request_id: c.record.request for c in await store.query(CaptureQuery())}
+    assert got["r0"] is not None and got["r0"].messages[0].content == "order [NUMBER] [EMAIL]"
+    assert got["r1"] is not None and got["r1"].messages[0].content == "order 12345678 [EMAIL]"
+    await writer.aclose()
