@@ -92,14 +92,15 @@ def feedback_id() -> str:
 
 @dataclass(slots=True)
 class _Recents:
-    """The latest captured request per (tenant, conversation), for regenerate detection (bounded, LRU)."""
+    """The latest captured request per (tenant, route, conversation), for regenerate detection (bounded,
+    LRU). The route is part of it: the same prompt sent to two routes is a comparison, not a regenerate."""
 
-    entries: OrderedDict[tuple[str, bytes], _Recent] = field(default_factory=OrderedDict)
+    entries: OrderedDict[tuple[str, str, bytes], _Recent] = field(default_factory=OrderedDict)
 
-    def seen(self, tenant: str, key: bytes, request_id: str, ts_ms: int, window_s: int) -> str | None:
+    def seen(self, tenant: str, route: str, key: bytes, request_id: str, ts_ms: int, window_s: int) -> str | None:
         """Remember this request; the earlier request it regenerates, if any."""
         digest = hashlib.blake2b(key, digest_size=16).digest()
-        slot = (tenant, digest)
+        slot = (tenant, route, digest)
         earlier = self.entries.pop(slot, None)
         self.entries[slot] = _Recent(request_id, ts_ms)
         if len(self.entries) > RECENT_CONVERSATIONS:
@@ -252,7 +253,9 @@ class CaptureWriter:
             )
             key = conversation_key(p.request) if p.regenerate_window_s and p.request is not None else None
             if key is not None:
-                earlier = self._recents.seen(base.tenant, key, base.request_id, base.ts_ms, p.regenerate_window_s)
+                earlier = self._recents.seen(
+                    base.tenant, base.route, key, base.request_id, base.ts_ms, p.regenerate_window_s
+                )
                 if earlier is not None:
                     feedback.append(
                         Feedback(

@@ -34,6 +34,7 @@ models:
     deployments: [{{backend: b1, upstream_model: m-up}}]
 routes:
   - {{name: chat, models: [m]}}
+  - {{name: chat-b, models: [m]}}
 tenants:
   - name: acme
     keys:
@@ -308,11 +309,14 @@ def test_a_regenerate_is_recorded_on_the_earlier_request(env: tuple[TestClient[A
     first = chat(client, "acme", "tell me a joke").headers["x-strait-request-id"]
     chat(client, "acme", "something else")
     second = chat(client, "acme", "tell me a joke", stream=True).headers["x-strait-request-id"]
-    # Another tenant sending the same conversation is not a regenerate of acme's.
+    # Another tenant sending the same conversation is not a regenerate of acme's; nor is the same tenant
+    # sending it to another route (a comparison of routes, not a retry of the answer).
     chat(client, "globex", "tell me a joke")
+    other_route = chat(client, "acme", "tell me a joke", model="chat-b").headers["x-strait-request-id"]
     by_id = {c.record.request_id: c for c in stored(client, writer)}
     assert [(f.kind, f.by_request_id) for f in by_id[first].feedback] == [("regenerate", second)]
     assert by_id[second].feedback == ()
+    assert by_id[other_route].feedback == ()
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
