@@ -79,8 +79,10 @@ browser-tools:
 	echo "installing chromium from Debian's packages (the console's browser tests)"; \
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
+# Two workers by default (TEST_WORKERS=0 runs in one process, e.g. to debug); a test file stays on one worker.
+TEST_WORKERS ?= 2
 test: lint typecheck deploy-tools browser-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The load-test kit (loadtest/kit.py): Strait with the full pipeline (auth, limits on a private redis-server,
 # routing, accounting; cache off and on) and minimal, next to direct and the reference proxy; a few minutes.
