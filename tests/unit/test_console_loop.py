@@ -204,6 +204,10 @@ def test_each_trial_route_shows_live_vs_candidate_as_datasets_compare_computes_i
         page = client.get("/ui/loop", headers=_admin()).text
 
     assert doc["trials_state"] == "ok"
+    # The copies are stored beside their live records but are not requests of the route.
+    assert doc["shadow_captured"] == 3
+    assert {(v["route"], v["records"]) for v in doc["volume"]} == {("chat", 3), ("edge", 2)}
+    assert {f["model"] for f in doc["feedback"] if f["route"] == "chat"} == {"m"}
     assert [(t["route"], t["candidate"], t["kind"]) for t in doc["trials"]] == [
         ("chat", "cand", "shadow"),
         ("edge", "cand", "canary"),
@@ -232,6 +236,7 @@ def test_each_trial_route_shows_live_vs_candidate_as_datasets_compare_computes_i
     assert "Route chat: live vs candidate cand (shadow)" in page
     assert "data-figure='pairs:chat:cand'>3<" in page
     assert "Canary: candidate" in page
+    assert "data-figure='shadow-captured'>3<" in page
     assert SECRET_PROMPT not in page
 
 

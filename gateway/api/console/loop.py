@@ -88,6 +88,8 @@ class Loop(msgspec.Struct, kw_only=True):
     # The day held more than MAX_SCANNED records: the figures cover the oldest MAX_SCANNED.
     truncated: bool
     volume: list[CaptureVolume]
+    # Shadow copies' records among those scanned (not in volume or feedback: see trials).
+    shadow_captured: int = 0
     feedback: list[FeedbackScores]
     # What the counters below cover (the last hour, or since this replica started).
     window: Window
@@ -105,12 +107,18 @@ class _Tally:
 
     def __init__(self) -> None:
         self.seen = 0
+        self.copies = 0
         self.volume: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self.scores: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * 9)
 
     def add(self, item: Captured) -> None:
         self.seen += 1
         r = item.record
+        if r.shadow_of is not None:
+            # A shadow copy's answer, stored beside its live record: not a request of the route, and nobody
+            # rated it; live vs candidate (the trials) compares it.
+            self.copies += 1
+            return
         v = self.volume[(r.tenant, r.route)]
         v[0] += 1
         v[1] += r.status >= 400
@@ -236,6 +244,7 @@ async def loop(gateway: Gateway, read: Reader, *, now_ms: int | None = None) -> 
         scanned=tally.seen,
         truncated=truncated,
         volume=tally.volumes(),
+        shadow_captured=tally.copies,
         feedback=tally.feedback(),
         window=window,
         writer=dict(sorted(writer.items())),

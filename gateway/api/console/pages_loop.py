@@ -94,6 +94,11 @@ def loop(doc: Loop, csrf: str | None) -> str:
                 empty="No request was captured in the last day.",
             )
         )
+        if doc.shadow_captured:
+            parts.append(
+                f"<p>Plus <span data-figure='shadow-captured'>{num(doc.shadow_captured)}</span> shadow copies' "
+                "answers stored beside their live ones (not requests: compared under Live vs candidate).</p>"
+            )
         if doc.volume:
             parts.append(
                 bar_chart(
