@@ -94,6 +94,13 @@ def check_trials(r: Route, base: str, source: Any, report: Report) -> None:
                 f"route {r.name!r}: a shadow with sample_rate 0 copies nothing",
                 "warning",
             )
+        if r.shadow.usd_per_day == 0:
+            report(
+                source,
+                f"{base}.shadow.usd_per_day",
+                f"route {r.name!r}: a shadow with usd_per_day 0 copies nothing (every copy is over budget)",
+                "warning",
+            )
 
 
 def check_affinity(r: Route, base: str, source: Any, report: Report) -> None:

@@ -495,6 +495,9 @@ class Shadow(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):
     sample_rate: Share = 1.0
     # The copy's whole answer must come within this; past it the copy is counted `timed_out`.
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 60.0
+    # The copies' own spend cap, in USD a day (UTC) per replica, at the candidate deployment's price
+    # (gateway.stages.shadow_budget): past it a copy is not made, counted `over_budget`. None: no cap.
+    usd_per_day: Annotated[float, msgspec.Meta(ge=0, le=1_000_000_000)] | None = None
 
 
 class Canary(_Base, kw_only=True, frozen=True, forbid_unknown_fields=True):

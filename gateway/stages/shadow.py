@@ -13,6 +13,10 @@ How it stays off the client's path:
   at most `max_queue` waiting; a copy that finds both full is dropped and counted. It calls the adapter
   directly (no retries, no fallback, no limits stage), within the route's `shadow.timeout_s`. Every
   failure (error status, connection, timeout, a sink that raises) is counted and logged, never raised.
+- Spend: a route's `shadow.usd_per_day` caps its copies' cost a day on this replica
+  (gateway.stages.shadow_budget): a copy is estimated (the live answer's tokens at the candidate's price)
+  and reserved before it is queued, and charged its real usage when it ends; a copy that does not fit is
+  not made, counted `over_budget`.
 
 Accounting: a copy is never a usage record of the tenant, never reserves or consumes the tenant's rate
 limits or budgets, and never feeds the live signals that rank deployments. Its usage is accounted under
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from gateway.accounting.counts import cost_micro_usd, counts_of
+from gateway.accounting.counts import TokenCounts, cost_micro_usd, counts_of
 from gateway.context import RequestContext
 from gateway.contracts import (
     Adapter,
@@ -50,6 +54,7 @@ from gateway.contracts import (
 from gateway.policy.index import Target
 from gateway.policy.model import ShadowLimits
 from gateway.relay import EndTap
+from gateway.stages.shadow_budget import ShadowBudget, micro_usd
 from gateway.telemetry import Metrics
 from gateway.upstream.wire import Usage, UsageProbe
 
@@ -101,13 +106,24 @@ class ShadowJob:
     adapter: Adapter
     call: UpstreamCall
     timeout_s: float
+    # The route's spend cap a day (micro-USD; None: none) and this copy's estimated cost (reserved when
+    # it is admitted, released when it ends).
+    cap: int | None = None
+    estimate: int = 0
 
 
 class ShadowRunner:
     """The process's shadow copies: bounded (running and waiting), each ended exactly once, counted."""
 
-    def __init__(self, metrics: Metrics, sink: ShadowSink | None = None, limits: ShadowLimits | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        sink: ShadowSink | None = None,
+        limits: ShadowLimits | None = None,
+        budget: ShadowBudget | None = None,
+    ) -> None:
         self.metrics = metrics
+        self.budget = budget if budget is not None else ShadowBudget()
         self.sink: ShadowSink = sink if sink is not None else LogSink()
         self.limits = limits if limits is not None else ShadowLimits()
         self._waiting: deque[ShadowJob] = deque()
@@ -127,20 +143,25 @@ class ShadowRunner:
         return len(self._running) + len(self._waiting)
 
     def submit(self, job: ShadowJob) -> bool:
-        """Start the copy, queue it, or drop it (counted) when the queue is full; never blocks."""
+        """Start the copy, queue it, or drop it (counted) when the queue is full or the route's shadow spend
+        for the day is used up; never blocks."""
         if self._closed:
             return False
         failing = self._failing.get(job.target.label)
         if failing is not None and failing.until > self.clock():
             self._count(job.route, "paused")
             return False
-        if len(self._running) < self.limits.max_concurrency:
-            self._start(job)
-        elif len(self._waiting) < self.limits.max_queue:
-            self._waiting.append(job)
-        else:
+        now = len(self._running) < self.limits.max_concurrency
+        if not now and len(self._waiting) >= self.limits.max_queue:
             self._count(job.route, "dropped")
             return False
+        if not self.budget.reserve(job.route, job.cap, job.estimate):
+            self._count(job.route, "over_budget")
+            return False
+        if now:
+            self._start(job)
+        else:
+            self._waiting.append(job)
         self.metrics.shadow_pending.set(self.pending)
         return True
 
@@ -211,6 +232,9 @@ class ShadowRunner:
                 answer.reason,
             )
         m.child(m.shadow_latency, route).observe(seconds)
+        # Charged to the route's shadow budget: the real cost; without usage, the estimate when the
+        # candidate may have spent its tokens (an answer without usage, a timeout), else nothing.
+        cost = 0
         if usage is not None:
             counts = counts_of(usage)
             m.child(m.shadow_tokens, route, "prompt").inc(counts.prompt)
@@ -218,6 +242,9 @@ class ShadowRunner:
             cost = cost_micro_usd(job.target.deployment.price, counts)
             if cost:
                 m.child(m.shadow_cost, route).inc(cost / 1e6)
+        elif isinstance(answer, bytes) or answer.outcome == "timed_out":
+            cost = job.estimate
+        self.budget.settle(route, job.estimate, cost)
         try:
             self.sink.record(job.live, job.target, answer, seconds, usage)
         except Exception:
@@ -294,13 +321,30 @@ class ShadowTap(EndTap):
         adapter = self.adapters.get(target.backend.name)
         if adapter is None:
             return
-        job = ShadowJob(ctx, route, target, adapter, _copy_call(ctx, target), shadow.timeout_s)
+        cap = None if shadow.usd_per_day is None else micro_usd(shadow.usd_per_day)
+        job = ShadowJob(ctx, route, target, adapter, _copy_call(ctx, target), shadow.timeout_s, cap)
+        live_usage = end.usage
         if ctx.after_answer is None:
             ctx.after_answer = []
-        ctx.after_answer.append(lambda: self._submit(job))
+        ctx.after_answer.append(lambda: self._submit(job, live_usage))
 
-    def _submit(self, job: ShadowJob) -> None:
+    def _submit(self, job: ShadowJob, live_usage: Usage | None) -> None:
+        job.estimate = estimate(job, live_usage)
         self.runner.submit(job)
+
+
+def estimate(job: ShadowJob, live_usage: Usage | None) -> int:
+    """A copy's cost before it is made: the live answer's tokens at the candidate's price (micro-USD).
+    Accounting's counts (written by its tap, which ends before the copy is submitted) when there are any,
+    else the provider's usage of the live answer, else nothing to go on (0)."""
+    live = job.live
+    if live.usage_in is not None or live.usage_out is not None:
+        counts = TokenCounts(prompt=live.usage_in or 0, completion=live.usage_out or 0)
+    elif live_usage is not None:
+        counts = counts_of(live_usage)
+    else:
+        return 0
+    return cost_micro_usd(job.target.deployment.price, counts)
 
 
 def _copy_call(ctx: RequestContext, target: Target) -> UpstreamCall:

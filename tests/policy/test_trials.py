@@ -74,6 +74,8 @@ def problems(tmp_path: Path, route_extra: str) -> list[str]:
         ("canary: {model: c, weight: -0.01}", "Expected `float` >= 0.0"),
         ("shadow: {model: c, sample_rate: 2}", "Expected `float` <= 1.0"),
         ("shadow: {model: c, sample_rate: 0.5, extra: 1}", "unknown field"),
+        ("shadow: {model: c, usd_per_day: -1}", "Expected `float` >= 0"),
+        ("shadow: {model: c, usd_per_day: lots}", "Expected `float | null`"),
     ],
 )
 def test_policy_check_refuses_bad_shadow_and_canary_at_their_line(tmp_path: Path, extra: str, expected: str) -> None:
@@ -86,6 +88,26 @@ def test_policy_check_refuses_bad_shadow_and_canary_at_their_line(tmp_path: Path
 def test_a_good_shadow_and_canary_load(tmp_path: Path) -> None:
     assert problems(tmp_path, "canary: {model: c, weight: 0.1}") == []
     assert problems(tmp_path, "shadow: {model: c, sample_rate: 0.25, timeout_s: 5}") == []
+    assert problems(tmp_path, "shadow: {model: c, sample_rate: 0.25, usd_per_day: 2.5}") == []
+
+
+def test_a_shadow_budget_of_zero_is_warned_about(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        version: 1
+        backends: [{name: a, adapter: simulated}]
+        models:
+          - {name: m, deployments: [{backend: a, upstream_model: m}]}
+          - {name: c, deployments: [{backend: a, upstream_model: c}]}
+        routes:
+          - {name: chat, models: [m], shadow: {model: c, usd_per_day: 0}}
+        """,
+    )
+    _, found = check_policy(path, fresh=True)
+    assert [(p.severity, p.reason) for p in found] == [
+        ("warning", "route 'chat': a shadow with usd_per_day 0 copies nothing (every copy is over budget)")
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -364,7 +364,8 @@ def test_learning_loop_page_shows_the_captures_the_store_holds(
     answered_chat = int(_metric(metrics, "strait_requests_total", route="chat", status="200"))
     assert answered_chat >= 4
     assert captured == {("demo", "chat"): answered_chat, ("demo", "chat-cloud"): 1}
-    assert sum(captured.values()) == stored
+    # The writer also stored the demo's shadow copies of chat (beside their live records; not requests).
+    assert sum(captured.values()) + doc["shadow_captured"] == stored
     page.goto("/ui/loop")
     for (tenant, route), n in captured.items():
         assert page.inner_text(f'[data-figure="captured:{tenant}:{route}"]') == str(n)
@@ -372,5 +373,15 @@ def test_learning_loop_page_shows_the_captures_the_store_holds(
     text = page.inner_text("main")
     assert "Feedback per route and model" in text and "Shadow copies by route and outcome" in text
     assert "Capture is off" not in text and "hi" not in page.inner_text("table")
+    # Live vs candidate for the demo's shadow (chat) and canary (chat-edge), as `strait datasets compare`.
+    assert doc["trials_state"] == "ok"
+    trials = {(t["route"], t["kind"]): t for t in doc["trials"]}
+    assert set(trials) == {("chat", "shadow"), ("chat-edge", "canary")}, set(trials)
+    for (route, kind), t in trials.items():
+        assert f"Route {route}: live vs candidate {t['candidate']} ({kind})" in text
+    shadow = trials[("chat", "shadow")]["comparison"]["shadow"]
+    if shadow["live"]["records"] or shadow["candidate"]["records"]:
+        pairs = page.inner_text(f'[data-figure="pairs:chat:{trials[("chat", "shadow")]["candidate"]}"]')
+        assert pairs == f"{shadow['pairs']:,}"
     page.screenshot(path=str(ARTIFACTS / "loop.png"), full_page=True)
     assert not violations, violations

@@ -391,3 +391,56 @@ async def test_a_candidate_failing_in_a_row_is_paused_then_probed_and_cleared(tm
         assert copies("completed") == 3 and copies("paused") == 5
     finally:
         await close()
+
+
+async def test_the_shadow_budget_stops_copies_for_the_day_and_the_next_day_starts_again(tmp_path: Path) -> None:
+    # Live answer (3, 2) tokens at the candidate's price (1 and 2 USD per Mtok): a copy is estimated at 7 µUSD
+    # and costs 3 + 7 * 2 = 17 µUSD. With a cap of 40 µUSD: 0 + 7 fits (17 spent), 17 + 7 fits (34), 34 + 7 not.
+    h, close = await harness(tmp_path, policy("{model: cand, sample_rate: 1, timeout_s: 5, usd_per_day: 0.00004}"))
+    runner = h.gateway.services.shadow_traffic
+    assert runner is not None
+    now = [86_400.0 * 20_000 + 3_600]  # 01:00 UTC on some day
+    runner.budget.clock = lambda: now[0]
+    try:
+
+        async def one() -> None:
+            status, body = await h.post({"model": "chat", "messages": MESSAGES})
+            assert status == 200 and LIVE_TEXT.encode() in body
+
+        def copies(outcome: str) -> float:
+            return h.count("strait_shadow_requests_total", route="chat", outcome=outcome)
+
+        for n in (1, 2):
+            await one()
+            await h.until(lambda n=n: copies("completed") == n, f"copy {n}")
+        assert runner.budget.spent("chat") == 34
+        for _ in range(3):
+            await one()
+        await h.until(lambda: copies("over_budget") == 3, "three copies over budget")
+        assert copies("completed") == 2 and len(h.world.candidate_calls) == 2
+        assert h.count("strait_shadow_cost_usd_total", route="chat") == pytest.approx(34 / 1e6)
+        # Still the same day one second before midnight; the next day starts from zero.
+        now[0] = 86_400.0 * 20_001 - 1
+        await one()
+        await h.until(lambda: copies("over_budget") == 4, "still over budget before midnight")
+        now[0] = 86_400.0 * 20_001
+        await one()
+        await h.until(lambda: copies("completed") == 3, "a copy on the next day")
+        assert runner.budget.spent("chat") == 17 and runner.budget.reserved("chat") == 0
+    finally:
+        await close()
+
+
+async def test_without_a_budget_copies_are_not_capped(tmp_path: Path) -> None:
+    h, close = await harness(tmp_path, policy("{model: cand, sample_rate: 1, timeout_s: 5}"))
+    try:
+        for n in range(1, 6):
+            await h.post({"model": "chat", "messages": MESSAGES})
+            await h.until(
+                lambda n=n: h.count("strait_shadow_requests_total", route="chat", outcome="completed") == n, "copy"
+            )
+        assert h.count("strait_shadow_requests_total", route="chat", outcome="over_budget") == 0
+        runner = h.gateway.services.shadow_traffic
+        assert runner is not None and runner.budget.spent("chat") == 5 * 17
+    finally:
+        await close()

@@ -1,23 +1,34 @@
 """The Learning loop page's document (/ui/loop, /admin/api/loop): what capture took in over the last day (from
 the capture store, gateway.capture, the reader `strait datasets` uses), what this replica's capture writer
 counted (strait_capture_records_total: queued, written, dropped, failed), the feedback on captured requests
-per route and model, and the routes' shadow copies by outcome (strait_shadow_requests_total).
+per route and model, the routes' shadow copies by outcome (strait_shadow_requests_total), and for each route
+with a shadow or canary in the running policy, live against the candidate over the same day: the numbers of
+`strait datasets compare --route R --candidate M --json`, computed by the same function
+(gateway.capture.compare.compare, within its own bounds).
 
 Reading a day of captures is bounded: at most MAX_SCANNED records (the document says when it stopped there).
+The comparisons read the route's day whole (compare keeps O(1) per record but the latencies, and at most
+MAX_WAITING unpaired answers): they run in a worker thread, on their own event loop and their own
+connection to the store, so normalising and scoring answers never holds the gateway's loop.
 Nothing here shows a captured text: counts and scores only."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 
 from gateway.api.console.alerting import Reader
 from gateway.api.console.history import HOUR_S, Window
+from gateway.capture.compare import Comparison, compare, prices_of
 from gateway.capture.records import Captured
-from gateway.capture.store import CaptureQuery, scan
+from gateway.capture.store import CaptureQuery, open_capture_store, scan
+from gateway.policy.model import PolicySet, Price
 from gateway.runtime import Gateway
 from gateway.stages.capture import captures_any
 
@@ -57,6 +68,15 @@ class ShadowOutcomes(msgspec.Struct, kw_only=True):
     outcomes: dict[str, int]
 
 
+class Trial(msgspec.Struct, kw_only=True):
+    route: str
+    candidate: str
+    # How the running policy tries the candidate on the route: "shadow", "canary" or "shadow+canary".
+    kind: str
+    # What `strait datasets compare --route R --candidate M --json` prints for the same day (its `as_dict`).
+    comparison: dict[str, Any]
+
+
 class Loop(msgspec.Struct, kw_only=True):
     # "off" (STRAIT_CAPTURE=off), "no_consent" (no tenant of the policy captures), "empty" (nothing stored
     # yet), "unreadable" (the store did not answer), or "on".
@@ -68,11 +88,18 @@ class Loop(msgspec.Struct, kw_only=True):
     # The day held more than MAX_SCANNED records: the figures cover the oldest MAX_SCANNED.
     truncated: bool
     volume: list[CaptureVolume]
+    # Shadow copies' records among those scanned (not in volume or feedback: see trials).
+    shadow_captured: int = 0
     feedback: list[FeedbackScores]
     # What the counters below cover (the last hour, or since this replica started).
     window: Window
     writer: dict[str, int]
     shadow: list[ShadowOutcomes]
+    # Live vs candidate per route with a shadow or canary (empty without captures to compare).
+    trials: list[Trial] = []
+    # "ok", "none" (no route of the running policy has a shadow or canary), "no_captures" (capture off,
+    # nothing stored, or the store unreadable: nothing to compare), or "failed" (the comparison raised).
+    trials_state: str = "none"
 
 
 class _Tally:
@@ -80,12 +107,18 @@ class _Tally:
 
     def __init__(self) -> None:
         self.seen = 0
+        self.copies = 0
         self.volume: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self.scores: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * 9)
 
     def add(self, item: Captured) -> None:
         self.seen += 1
         r = item.record
+        if r.shadow_of is not None:
+            # A shadow copy's answer, stored beside its live record: not a request of the route, and nobody
+            # rated it; live vs candidate (the trials) compares it.
+            self.copies += 1
+            return
         v = self.volume[(r.tenant, r.route)]
         v[0] += 1
         v[1] += r.status >= 400
@@ -127,6 +160,35 @@ class _Tally:
         ]
 
 
+def trials_of(policy: PolicySet) -> list[tuple[str, str, str]]:
+    """(route, candidate, kind) for each route's shadow and canary; one entry when both name one model."""
+    kinds: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for route in policy.routes:
+        if route.shadow is not None:
+            kinds[(route.name, route.shadow.model)].append("shadow")
+        if route.canary is not None:
+            kinds[(route.name, route.canary.model)].append("canary")
+    return [(route, candidate, "+".join(k)) for (route, candidate), k in sorted(kinds.items())]
+
+
+def compare_all(
+    url: str, wanted: list[tuple[str, str, str]], prices: Mapping[str, Price], since_ms: int, until_ms: int
+) -> list[Comparison]:
+    """Each (route, candidate) compared over the window: run in a worker thread (its own loop and store)."""
+
+    async def run() -> list[Comparison]:
+        store = await open_capture_store(url)
+        try:
+            return [
+                await compare(store, route, candidate, prices, since_ms=since_ms, until_ms=until_ms)
+                for route, candidate, _ in wanted
+            ]
+        finally:
+            await store.aclose()
+
+    return asyncio.run(run())
+
+
 async def loop(gateway: Gateway, read: Reader, *, now_ms: int | None = None) -> Loop:
     until_ms = int(time.time() * 1000) if now_ms is None else now_ms
     since_ms = until_ms - DAY_MS
@@ -158,6 +220,22 @@ async def loop(gateway: Gateway, read: Reader, *, now_ms: int | None = None) -> 
             state = "unreadable"
         if state in ("on", "empty") and not tally.seen and not captures_any(gateway.runtime.index):
             state = "no_consent"
+    policy = gateway.runtime.index.policy
+    wanted = trials_of(policy)
+    trials: list[Trial] = []
+    trials_state = "none" if not wanted else "no_captures"
+    if wanted and capture is not None and kind is not None and state in ("on", "no_consent"):
+        try:
+            found = await asyncio.to_thread(compare_all, capture.url, wanted, prices_of(policy), since_ms, until_ms)
+        except Exception:  # said on the page; the rest of it stands
+            log.warning("console: comparing live and candidate answers failed", exc_info=True)
+            trials_state = "failed"
+        else:
+            trials_state = "ok"
+            trials = [
+                Trial(route=route, candidate=candidate, kind=how, comparison=c.as_dict())
+                for (route, candidate, how), c in zip(wanted, found, strict=True)
+            ]
     return Loop(
         capture=state,
         store=kind,
@@ -166,8 +244,11 @@ async def loop(gateway: Gateway, read: Reader, *, now_ms: int | None = None) -> 
         scanned=tally.seen,
         truncated=truncated,
         volume=tally.volumes(),
+        shadow_captured=tally.copies,
         feedback=tally.feedback(),
         window=window,
         writer=dict(sorted(writer.items())),
         shadow=[ShadowOutcomes(route=r, outcomes=dict(sorted(o.items()))) for r, o in sorted(shadow.items())],
+        trials=trials,
+        trials_state=trials_state,
     )

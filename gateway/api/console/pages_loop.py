@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from gateway.api.console.html import bar_chart, esc, num, page, table
-from gateway.api.console.loop import Loop
+from gateway.api.console.loop import Loop, Trial
 from gateway.api.console.pages import window_label
+from gateway.capture.compare import ROWS, fmt
 
 _STATE = {
     "off": "Capture is off on this replica (STRAIT_CAPTURE=off): nothing is captured, so there is no volume or "
@@ -22,6 +23,52 @@ _STATE = {
 def _utc(ms: int) -> str:
     # Plain text: a table caption is escaped whole.
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
+
+
+_TRIALS = {
+    "none": "No route of the running policy has a shadow or canary: there is no candidate to compare.",
+    "no_captures": "Live vs candidate is read from captured answers; there are none to compare here.",
+    "failed": "Comparing live and candidate answers failed (the gateway's log says why).",
+}
+# Two pairs of columns (section and side of the comparison, heading): shadow's, then canary's.
+_COLUMNS = (
+    (("shadow", "live", "Shadow: live"), ("shadow", "candidate", "Shadow: candidate")),
+    (("canary", "candidate", "Canary: candidate"), ("canary", "others", "Canary: other models")),
+)
+
+
+def _trial(t: Trial, day: str) -> str:
+    """One route's live vs candidate: the figures `strait datasets compare` prints, the sides it has."""
+    c = t.comparison
+    shadow = c["shadow"]
+    columns = [
+        col
+        for group in _COLUMNS
+        if any(c[col[0]][col[1]]["records"] for col in group)  # a side with records: its pair of columns
+        for col in group
+    ]
+    figure = f"{esc(t.route)}:{esc(t.candidate)}"
+    rows = [
+        [esc(label), *(esc(fmt(c[trial][side][key], unit)) for trial, side, _ in columns)] for label, key, unit in ROWS
+    ]
+    caption = f"Route {t.route}: live vs candidate {t.candidate} ({t.kind}), {day}"
+    parts = [
+        table(
+            caption,
+            ["", *(head for _, _, head in columns)],
+            rows if columns else [],
+            empty="No captured answer of this route from the candidate or beside it in the last day.",
+        )
+    ]
+    if shadow["live"]["records"] or shadow["candidate"]["records"]:
+        parts.append(
+            f"<p>Shadow pairs: <span data-figure='pairs:{figure}'>{num(shadow['pairs'])}</span>; agreement, "
+            f"normalised exact match: <span data-figure='agreement:{figure}'>{esc(fmt(shadow['agreement_exact']))}"
+            f"</span>, mean word-set Jaccard: {esc(fmt(shadow['agreement_similarity']))}; live answers without a "
+            f"copy: {num(shadow['live_without_copy'])}, copies without their live answer: "
+            f"{num(shadow['copies_without_live'])}.</p>"
+        )
+    return "".join(parts)
 
 
 def loop(doc: Loop, csrf: str | None) -> str:
@@ -47,6 +94,11 @@ def loop(doc: Loop, csrf: str | None) -> str:
                 empty="No request was captured in the last day.",
             )
         )
+        if doc.shadow_captured:
+            parts.append(
+                f"<p>Plus <span data-figure='shadow-captured'>{num(doc.shadow_captured)}</span> shadow copies' "
+                "answers stored beside their live ones (not requests: compared under Live vs candidate).</p>"
+            )
         if doc.volume:
             parts.append(
                 bar_chart(
@@ -109,6 +161,16 @@ def loop(doc: Loop, csrf: str | None) -> str:
             ([esc(s.route), *(num(s.outcomes.get(o, 0)) for o in outcomes)] for s in doc.shadow),
             empty="No shadow copy was sent (no route of the policy has a shadow target, or no traffic).",
         )
+    )
+    day = f"{_utc(doc.since_ms)} to {_utc(doc.until_ms)}"
+    said = (
+        f"<p class='empty' data-trials='{esc(doc.trials_state)}'>{esc(_TRIALS[doc.trials_state])}</p>"
+        if doc.trials_state in _TRIALS
+        else ""
+    )
+    parts.append(
+        "<section aria-labelledby='trials-h'><h2 id='trials-h'>Live vs candidate (as strait datasets compare, "
+        f"last day)</h2>{said}{''.join(_trial(t, day) for t in doc.trials)}</section>"
     )
     # Not refreshed by itself: each load reads a day of the capture store.
     return page("Learning loop", "/ui/loop", "".join(parts), csrf=csrf, refresh=False)
