@@ -1,7 +1,7 @@
 """CPU of the whole gateway app per JSON request, in-process: `python -m loadtest.bench_app`.
 
     python -m loadtest.bench_app [--state off|memory|redis] [--requests 3000] [--concurrency 32]
-                                 [--rounds 7] [--stream] [--latency-ms 50] [--chunk-delay-ms 20] [--capture]
+                                 [--rounds 7] [--stream] [--latency-ms 50] [--chunk-delay-ms 20] [--capture] [--cache]
 
 Builds the app as `strait serve` does (create_app: every stage, the access log written to a file,
 `overhead`'s limits policy for memory/redis), starts it through its ASGI lifespan, and drives it with
@@ -16,7 +16,9 @@ does, so requests no longer share the event loop's turns (their Redis writes, th
 `--capture` has the tenant consent to capture (every request, every redaction kind) into a SQLite file
 in the run's temporary directory: the process CPU then includes the capture writer's thread (redaction,
 assembly, SQLite writes), so `--capture` minus without is the whole cost of capture per request. Each
-line also gives the median time from a request's first ASGI call to its answer's end.
+line also gives the median time from a request's first ASGI call to its answer's end. `--cache` turns the
+tenant's exact cache on (`overhead`'s `cache` side): every answer after the warm-up is a hit, so the
+CPU per request is the CPU per hit.
 """
 
 from __future__ import annotations
