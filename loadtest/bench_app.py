@@ -1,7 +1,7 @@
 """CPU of the whole gateway app per JSON request, in-process: `python -m loadtest.bench_app`.
 
     python -m loadtest.bench_app [--state off|memory|redis] [--requests 3000] [--concurrency 32]
-                                 [--rounds 7] [--stream] [--latency-ms 50] [--chunk-delay-ms 20] [--capture]
+                                 [--rounds 7] [--stream] [--latency-ms 50] [--chunk-delay-ms 20] [--capture] [--cache]
 
 Builds the app as `strait serve` does (create_app: every stage, the access log written to a file,
 `overhead`'s limits policy for memory/redis), starts it through its ASGI lifespan, and drives it with
@@ -16,7 +16,9 @@ does, so requests no longer share the event loop's turns (their Redis writes, th
 `--capture` has the tenant consent to capture (every request, every redaction kind) into a SQLite file
 in the run's temporary directory: the process CPU then includes the capture writer's thread (redaction,
 assembly, SQLite writes), so `--capture` minus without is the whole cost of capture per request. Each
-line also gives the median time from a request's first ASGI call to its answer's end.
+line also gives the median time from a request's first ASGI call to its answer's end. `--cache` turns the
+tenant's exact cache on (`overhead`'s `cache` side): every answer after the warm-up is a hit, so the
+CPU per request is the CPU per hit.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any, TypeVar
 from gateway.app import create_app
 from gateway.policy.index import key_digest
 from gateway.settings import Settings
-from loadtest.overhead import HOST, POLICY_LIMITS, POLICY_OPEN, redis_server, upstream
+from loadtest.overhead import CACHE_ON, HOST, POLICY_LIMITS, POLICY_OPEN, redis_server, upstream
 
 KEY = "sk-bench-app-0123456789abcdef"
 BODY = (
@@ -210,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="the upstream's delay before a JSON answer")
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="the upstream's TTFT and gap between events")
     parser.add_argument("--capture", action="store_true", help="the tenant consents to capture (SQLite, redaction on)")
+    parser.add_argument(
+        "--cache", action="store_true", help="the tenant's exact cache on: after the warm-up every answer is a hit"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="strait-bench-app-") as tmp:
         workdir = Path(tmp)
@@ -219,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.state == "off":
                     raise SystemExit("--capture needs a tenant: --state memory or redis")
                 template += "    capture: {{enabled: true, sample_rate: 1.0}}\n"
+            if args.cache:
+                if args.state == "off":
+                    raise SystemExit("--cache needs a tenant: --state memory or redis")
+                template += CACHE_ON.replace("{", "{{").replace("}", "}}")
             policy = workdir / "policy.yaml"
             policy.write_text(template.format(host=HOST, port=port, digest=key_digest(KEY)))
             try:
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         f"state={args.state} c={args.concurrency}{' stream' if args.stream else ''}"
         f"{f' latency={args.latency_ms:g}ms' if args.latency_ms else ''}"
         f"{f' chunk-delay={args.chunk_delay_ms:g}ms' if args.chunk_delay_ms else ''} "
-        f"{' capture' if args.capture else ''} "
+        f"{' capture' if args.capture else ''}{' cache' if args.cache else ''} "
         f"{args.rounds}x{args.requests} requests: CPU per request "
         f"least {us[0]:.1f} us, median {statistics.median(us):.1f} us, all {' '.join(f'{x:.0f}' for x in us)}; "
         f"latency p50 {statistics.median(LATENCIES) * 1e3:.2f} ms",

@@ -342,6 +342,9 @@ class CacheStage:
         # The hit's result header is the request's too (the access log and the span read it there).
         ctx.extra_headers["x-strait-cache"] = kind
         self.metrics.child(self.metrics.requests, ctx.route_name, "200").inc()
+        # The route's latency includes hits, as its request count does (what clients of the route see;
+        # no deployment answered, so the deployment's latency does not).
+        self.metrics.child(self.metrics.latency, ctx.route_name).observe(time.perf_counter() - ctx.started)
         self.metrics.child(self.metrics.cache_tokens_saved, principal.tenant, ctx.route_name).inc(
             entry.prompt_tokens + entry.completion_tokens
         )

@@ -285,6 +285,24 @@ def test_a_hit_is_accounted_as_a_hit(env: tuple[TestClient[Any], EchoFactory]) -
     assert _metric(client, 'strait_cache_lookups_total{result="hit",route="chat"}') >= 1
 
 
+def test_hits_count_in_the_routes_latency_and_requests_not_the_deployments(
+    env: tuple[TestClient[Any], EchoFactory],
+) -> None:
+    client, _ = env
+    q = fresh()
+    assert ask(client, "acme", q).headers["x-strait-cache"] == "miss"
+    route = 'strait_request_duration_seconds_count{route="chat"}'
+    deployment = 'strait_deployment_request_duration_seconds_count{deployment="m@b1",route="chat"}'
+    requests = 'strait_requests_total{route="chat",status="200"}'
+    before = {name: _metric(client, name) for name in (route, deployment, requests)}
+    for stream in (False, True, False):
+        assert ask(client, "acme", q, stream=stream).headers["x-strait-cache"] == "hit"
+    after = {name: _metric(client, name) for name in (route, deployment, requests)}
+    assert after[route] - before[route] == 3
+    assert after[requests] - before[requests] == 3
+    assert after[deployment] == before[deployment]  # no deployment answered a hit
+
+
 def test_usage_shows_hits_and_tokens_saved(tmp_path: Path) -> None:
     with gateway(tmp_path) as (client, _):
         q = fresh()

@@ -267,3 +267,31 @@ async def test_a_delete_reaches_replicas_through_the_log_without_a_reload(
     for key in ("k1", "k2", "k4"):
         await one.delete(ns, key)
     assert (await two.vectors(ns)).keys == ("k5",) and reloads == 1
+
+
+async def test_a_hits_calls_go_out_on_the_pipelined_connection(redis_backend: Backend) -> None:
+    """A lookup, the served mapping and the bad-hit count skip redis-py's per-call path (pool, per-item
+    encoding, observability hooks: it made a hit cost more CPU than a miss's whole upstream call); the
+    lookups of one loop turn leave in one write and each gets its own reply."""
+    store, clock = redis_backend.store(), redis_backend.clock
+    assert isinstance(store, RedisCacheStore)
+    ns = unique()
+    for i in range(3):
+        await store.put(ns, f"k{i}", entry(clock, text=f"answer {i}"), max_entries=10, max_bytes=BIG)
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"redis-py's execute_command was called: {args[:1]}")
+
+    store._client.execute_command = refused  # type: ignore[method-assign]
+    found = await asyncio.gather(*(store.get(ns, f"k{i}") for i in (2, 0, 1, 7)))
+    assert [e.body.decode().split('"content":"')[1].split('"')[0] if e else None for e in found] == [
+        "answer 2",
+        "answer 0",
+        "answer 1",
+        None,
+    ]
+    await store.remember_served("acme", "chatcmpl-1", ns, "k1", 60)
+    assert await store.served("acme", "chatcmpl-1") == (ns, "k1")
+    assert await store.served("other", "chatcmpl-1") is None
+    assert await store.bad_hits(ns) == 0
+    assert store.errors == 0
