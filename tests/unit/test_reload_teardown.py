@@ -120,3 +120,28 @@ def test_a_replaced_runtime_is_taken_apart_only_after_its_last_request_ends(
         client.blocking_portal.call(nobody_holds_it)
         r = client.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200
+
+
+def test_the_edge_holds_the_runtime_to_the_last_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Runtime.held` counts a model request from its arrival until its answer is sent, also on errors."""
+    from gateway.api import routes
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(PRICED)
+    seen: list[int] = []
+    real_send = routes.send_reply
+    app = create_app(Settings(policy_path=str(path), spool_dir=str(tmp_path / "spool")))
+    with TestClient(app) as client:
+        gateway = client.app.state["gateway"]
+
+        async def spying(*args: object, **kwargs: object) -> None:
+            seen.append(gateway.runtime.held.count)
+            await real_send(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(routes, "send_reply", spying)
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and seen == [1]
+        assert gateway.runtime.held.count == 0
+        r = client.post("/v1/chat/completions", json={**body, "model": "nope"})
+        assert r.status_code == 404 and gateway.runtime.held.count == 0
