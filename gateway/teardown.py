@@ -45,10 +45,14 @@ def _children(obj: object, depth: int) -> list[object] | None:
         slots = cls.__dict__.get("__slots__", ())
         names = (*names, *((slots,) if isinstance(slots, str) else slots))
     for name in names:
-        if name not in ("__dict__", "__weakref__"):
-            value = getattr(obj, name, None)
-            if value is not None:
-                out.append(value)
+        if name in ("__dict__", "__weakref__"):
+            continue
+        try:
+            value = getattr(obj, name)
+        except AttributeError:  # an unset slot: nothing to free
+            continue
+        if value is not None:
+            out.append(value)
     return out or None
 
 
