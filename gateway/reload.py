@@ -2,7 +2,9 @@
 
 A new policy is validated whole and its runtime compiled in worker threads, then swapped in with one
 assignment on the event loop, which never waits for the policy's size; requests already running finish
-on the runtime they started with. The reload's log line says how long it held the event loop and the
+on the runtime they started with. The replaced runtime is then freed in small steps on the loop
+(gateway.teardown), once no request started on it is running (`Runtime.held`), not in one deallocation
+of the whole policy. The reload's log line says how long it held the event loop and the
 longest stall of the loop while it ran (`LoopStalls`). An invalid policy is refused with its
 reasons (logged, counted in `strait_policy_reloads_total{result="rejected"}`, and
 `strait_policy_last_reload_successful` 0 until a reload succeeds) and the running one keeps serving.
@@ -26,6 +28,7 @@ from gateway.policy.index import PolicyIndex
 from gateway.policy.load import PolicyError, Problem, check_policy, collector_paused, freeze_loaded, load_policy
 from gateway.policy.model import PolicySet
 from gateway.runtime import Gateway, Runtime, compile_runtime, configure_signals
+from gateway.teardown import dismantle
 
 log = logging.getLogger("strait.reload")
 
@@ -35,6 +38,8 @@ WATCH_INTERVAL_S = 1.0
 CLOSE_GRACE_S = 120.0
 # How often the stall watch ticks while a reload runs (seconds).
 STALL_TICK_S = 0.005
+# How often a replaced runtime still held by requests is looked at again before it is taken apart.
+RETIRE_POLL_S = 0.1
 
 
 class LoopStalls:
@@ -134,9 +139,14 @@ class PolicyReloader:
         async with self._lock:
             async with LoopStalls() as stalls:
                 done = await self._reload()
+                if done is not None and not done[3][0].held.count:
+                    # Taken apart now, in the stall watch's window (and before the log line says "in force").
+                    await dismantle(done[3])
+                elif done is not None:
+                    self._spawn(self._retire(done[3]))
             if done is None:
                 return False
-            version, on_loop_ms, on_loop_cpu_ms = done
+            version, on_loop_ms, on_loop_cpu_ms, _ = done
             log.warning(
                 "policy %s in force (version %s; %.0f ms of it on the event loop, %.0f ms CPU; longest "
                 "event-loop stall during the reload %.0f ms)",
@@ -149,10 +159,10 @@ class PolicyReloader:
             await self._reload_shadow()
             return True
 
-    async def _reload(self) -> tuple[str, float, float] | None:
-        """The reload itself: (the new policy's version, ms of wall clock and of CPU on the event loop),
-        or None when it is refused. The replaced runtime is released when this returns (unless requests
-        still hold it: then when the last one ends)."""
+    async def _reload(self) -> tuple[str, float, float, list[Runtime]] | None:
+        """The reload itself: (the new policy's version, ms of wall clock and of CPU on the event loop,
+        the replaced runtime in a list that holds its only reference, for `dismantle`), or None when it
+        is refused."""
         metrics = self.gateway.metrics
         services = self.gateway.services
         policy, problems = await asyncio.to_thread(self._check)
@@ -195,7 +205,16 @@ class PolicyReloader:
         dropped = [a for name, a in old.adapters.items() if new.adapters.get(name) is not a]
         if dropped:
             self._spawn(self._close_later(dropped))
-        return new.index.version, on_loop_ms, on_loop_cpu_ms
+        replaced = [old]
+        del old
+        return new.index.version, on_loop_ms, on_loop_cpu_ms, replaced
+
+    async def _retire(self, replaced: list[Runtime]) -> None:
+        """Take the replaced runtime apart once the last request started on it has ended (a stream can
+        run for minutes; a runtime nobody holds is taken apart at once, by `reload`)."""
+        while replaced[0].held.count:
+            await asyncio.sleep(RETIRE_POLL_S)
+        await dismantle(replaced)
 
     def _compile(self, policy: PolicySet, old: Runtime) -> Runtime:
         """In the worker thread: the runtime of `policy` (gateway.runtime.compile_runtime), built with the

@@ -70,6 +70,19 @@ class Runtime:
     upstream_limits: UpstreamLimits
     # The cache stage, when a tenant of the policy caches (POST /v1/cache/feedback reports to it).
     cache: CacheStage | None = None
+    # Model requests started on this runtime and still running (to their last byte): a replaced runtime
+    # is taken apart (gateway.teardown) only once none is.
+    held: Held = field(default_factory=lambda: Held())
+
+
+class Held:
+    """A count of the requests running on one runtime: the edge (gateway.api.routes) enters and leaves it,
+    on the event loop only; an int, no lock."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,10 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
         task = current_task()
         assert task is not None
         inflight.enter(task)
+        # One snapshot of the runtime for the whole request: a reload never mixes two policies in it; held
+        # to the last byte, so a reload does not take it apart meanwhile (gateway.teardown).
+        runtime = gateway.runtime
+        runtime.held.count += 1
         reply = None
         try:
             headers = _headers(scope)
@@ -92,8 +96,7 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
             codec: StreamCodec | None = None
             if protocol != "openai":
                 ctx.protocol = protocol
-            # One snapshot of the runtime for the whole request: a reload never mixes two policies in it.
-            reply = await gateway.runtime.pipeline.run(ctx)
+            reply = await runtime.pipeline.run(ctx)
             if protocol == "anthropic":
                 codec = messages_reply(reply, ctx)
             elif protocol == "responses":
@@ -115,6 +118,7 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
                 headers={"retry-after": "1", "connection": "close"},
             ) from None
         finally:
+            runtime.held.count -= 1
             inflight.leave(task)
 
     async def chat_completions(scope: Any, receive: Receive, send: Send) -> None:
