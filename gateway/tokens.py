@@ -19,6 +19,7 @@ import asyncio
 import base64
 import functools
 import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,9 +146,30 @@ def built(name: str) -> bool:
     return name in _BUILT
 
 
-@functools.cache
+_BUILDING = threading.Lock()
+
+
 def encoding(name: str) -> tiktoken.Encoding:
-    """The tiktoken encoding `name`, built once from its bundled, hash-checked BPE file."""
+    """The tiktoken encoding `name`, built once from its bundled, hash-checked BPE file.
+
+    Built under a lock: the first requests after a start all ask for it at once (from worker threads,
+    `PromptTokens.count`), and `functools.cache` alone would let each of them build its own copy
+    (hundreds of MB of transient dicts, seconds of GIL) where one build serves them all."""
+    if name in _BUILT:
+        return _build(name)
+    with _BUILDING:
+        return _build(name)
+
+
+def forget_encodings() -> None:
+    """Drop every built encoding (tests: a process that never counted)."""
+    with _BUILDING:
+        _build.cache_clear()
+        _BUILT.clear()
+
+
+@functools.cache
+def _build(name: str) -> tiktoken.Encoding:
     spec = _spec(name)
     data = _read(spec)
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}

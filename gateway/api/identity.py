@@ -10,9 +10,9 @@ stored on the usage record as `client_request_id`, so people can correlate; it n
 from __future__ import annotations
 
 import re
-import secrets
 from typing import Any
 
+from gateway.randomness import random_hex
 from gateway.reply import id_headers
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -24,7 +24,7 @@ _NONE = ""
 
 def mint_request_id() -> str:
     # 96 random bits: unguessable, so no client can predict (and pre-empt) another request's keys.
-    return "req_" + secrets.token_hex(12)
+    return "req_" + random_hex(12)
 
 
 def request_id_of(scope: Any) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from asyncio import CancelledError, current_task
 from collections.abc import Awaitable, Callable
@@ -35,6 +34,7 @@ from gateway.errors import (
     PayloadTooLarge,
     ShuttingDown,
 )
+from gateway.randomness import random_hex
 from gateway.reply import JSON
 from gateway.runtime import Gateway
 
@@ -91,7 +91,7 @@ def model_endpoints(gateway: Gateway, limits: InboundLimits = DEFAULT_LIMITS) ->
                 # Read by `decode`, after `auth`: not a byte is parsed for an unauthenticated client.
                 body=body_chunks(receive, limits.body_idle_timeout_s, limits.body_timeout_s),
                 content_length=headers.get("content-length"),
-                decision_id=secrets.token_hex(5),
+                decision_id=random_hex(5),
             )
             codec: StreamCodec | None = None
             if protocol != "openai":

@@ -191,8 +191,7 @@ async def test_the_first_count_with_an_encoding_not_yet_built_builds_it_off_the_
         return real(name)
 
     monkeypatch.setattr(gateway.tokens, "encoding", spy)
-    monkeypatch.setattr(gateway.tokens, "_BUILT", set())  # as in a process that never counted
-    real.cache_clear()
+    gateway.tokens.forget_encodings()  # as in a process that never counted
     prompt = PromptTokens(lambda: ["a short question"], chat=True)
     assert prompt.long()  # the accounting tap counts it in a worker thread for this reason
     assert await prompt.count() == expected

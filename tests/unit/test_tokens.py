@@ -154,10 +154,10 @@ def test_policy_naming_another_tokenizer_is_refused_with_file_line(tmp_path: Pat
 
 @pytest.fixture
 def fresh_tokenizers() -> Iterator[None]:
-    tokens.encoding.cache_clear()
+    tokens.forget_encodings()
     tokens.verify.cache_clear()
     yield
-    tokens.encoding.cache_clear()
+    tokens.forget_encodings()
     tokens.verify.cache_clear()
 
 
@@ -181,7 +181,7 @@ def test_missing_or_altered_bpe_file_refuses_the_policy(
         str(problems[0]),
     )
     (data / "cl100k_base.tiktoken").unlink()
-    tokens.encoding.cache_clear()
+    tokens.forget_encodings()
     tokens.verify.cache_clear()
     policy, problems = check_policy(_policy(tmp_path, "    tokenizer: cl100k_base\n"), adapters=ADAPTERS)
     assert policy is None
@@ -195,7 +195,7 @@ def test_loading_a_policy_checks_tokenizers_without_building_them(tmp_path: Path
     """The encodings cost tens of MB resident: the loader only checks their files (built on first use)."""
     policy, problems = check_policy(_policy(tmp_path, "    tokenizer: o200k_harmony\n"), adapters=ADAPTERS)
     assert policy is not None and problems == []
-    assert tokens.encoding.cache_info().currsize == 0
+    assert not any(tokens.built(name) for name in tokens.ENCODINGS)
     assert tokens.verify.cache_info().currsize == 2  # o200k_harmony and the prompt encoding
 
 
@@ -219,3 +219,36 @@ def test_nothing_asks_tiktoken_to_fetch_an_encoding() -> None:
         if pattern.search(line)
     ]
     assert offenders == []
+
+
+def test_an_encoding_asked_for_by_many_threads_at_once_is_built_once(
+    monkeypatch: pytest.MonkeyPatch, fresh_tokenizers: None
+) -> None:
+    """The first requests after a start all count at once, each from a worker thread: one build serves them."""
+    import threading
+
+    import tiktoken
+
+    built: list[str] = []
+    real = tiktoken.Encoding
+
+    def counting(name: str, **kwargs: Any) -> object:
+        built.append(name)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(tiktoken, "Encoding", counting)
+    tokens.forget_encodings()
+    start = threading.Barrier(6)
+    got: list[object] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(tokens.encoding("cl100k_base"))
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == ["cl100k_base"]
+    assert len(got) == 6 and all(g is got[0] for g in got)
