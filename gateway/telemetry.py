@@ -2,11 +2,13 @@
 
 The request path counts through `Metrics.child`: a labelled counter's increments are summed in a
 plain float (`Tally`) and handed to prometheus_client when the metrics are read (`render`), because
-each prometheus_client increment takes a lock (about 0.4 us; a JSON request makes about nine).
+each prometheus_client increment takes a lock (about 0.4 us; a JSON request makes about nine). A
+histogram's observations are counted per bucket the same way (`Spread`).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -33,10 +35,44 @@ class Tally:
             self.pending = 0.0
 
 
+class Spread:
+    """A histogram child's observations since the metrics were last read, counted per bucket here (one
+    C bisect and two additions) and handed to prometheus_client in bulk when the metrics are read:
+    `Histogram.observe` walks the bucket bounds in Python and takes two locks per call, and a request
+    observes three to five histograms. Event-loop thread only, as `Tally`."""
+
+    __slots__ = ("bounds", "child", "counts", "total")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds: list[float] = list(child._upper_bounds)  # ends with +Inf
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose bound is >= amount, as prometheus_client's `amount <= bound` walk.
+        at = bisect_left(self.bounds, amount)
+        if at < len(self.counts):
+            self.counts[at] += 1
+        self.total += amount
+
+    def fold(self) -> None:
+        counts = self.counts
+        if not any(counts) and not self.total:
+            return
+        buckets = self.child._buckets
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+                counts[i] = 0
+        self.child._sum.inc(self.total)
+        self.total = 0.0
+
+
 class Metrics:
     def __init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._tallies: list[Tally] = []
+        self._tallies: list[Tally | Spread] = []
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "strait_requests", "Requests answered, by route and status.", ("route", "status"), registry=self.registry
@@ -354,6 +390,9 @@ class Metrics:
             found = metric.labels(*labels)
             if isinstance(metric, Counter):
                 found = Tally(found)
+                self._tallies.append(found)
+            elif isinstance(metric, Histogram):
+                found = Spread(found)
                 self._tallies.append(found)
             self._children[key] = found
         return found

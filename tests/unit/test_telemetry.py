@@ -1,11 +1,13 @@
 """Metrics.child: a labelled counter's increments are summed locally and reach prometheus_client when
-the metrics are read, exactly once; histograms are observed at once."""
+the metrics are read, exactly once; a histogram's observations likewise, per bucket."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gateway.telemetry import Metrics, Tally
+from gateway.telemetry import Metrics, Spread, Tally
 
 
 def _sample(m: Metrics, name: str, labels: dict[str, str]) -> float | None:
@@ -37,7 +39,39 @@ def test_a_negative_increment_is_refused_like_prometheus_client_does() -> None:
     assert _sample(m, "strait_tokens_total", {"route": "chat", "kind": "prompt"}) == 0
 
 
-def test_histogram_children_observe_at_once() -> None:
+def test_histogram_children_count_per_bucket_and_reach_prometheus_when_read() -> None:
     m = Metrics()
-    m.child(m.latency, "chat").observe(0.003)
+    latency = m.child(m.latency, "chat")
+    assert isinstance(latency, Spread) and m.child(m.latency, "chat") is latency
+    latency.observe(0.003)
+    m.render()
     assert _sample(m, "strait_request_duration_seconds_count", {"route": "chat"}) == 1
+    m.render()  # nothing new: nothing added twice
+    assert _sample(m, "strait_request_duration_seconds_count", {"route": "chat"}) == 1
+    assert _sample(m, "strait_request_duration_seconds_sum", {"route": "chat"}) == pytest.approx(0.003)
+
+
+# Bucket bounds, values just around them, zero, negatives and values past the last finite bound.
+_AMOUNTS = st.one_of(
+    st.floats(min_value=-1.0, max_value=1e6, allow_nan=False),
+    st.sampled_from([0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]),
+)
+
+
+@given(st.lists(st.lists(_AMOUNTS, max_size=30), min_size=1, max_size=4))
+def test_a_spread_reads_as_prometheus_client_observing_each_value(batches: list[list[float]]) -> None:
+    """Observed through `Spread` and folded between batches (scrapes), every bucket, the count and the sum
+    read exactly as prometheus_client's own `observe` of each value would make them."""
+    ours, theirs = Metrics(), Metrics()
+    for batch in batches:
+        for amount in batch:
+            ours.child(ours.latency, "chat").observe(amount)
+            theirs.latency.labels("chat").observe(amount)
+        ours.render()
+    mine = {(s.name, s.labels.get("le")): s.value for f in ours.latency.collect() for s in f.samples}
+    real = {(s.name, s.labels.get("le")): s.value for f in theirs.latency.collect() for s in f.samples}
+    assert mine.keys() == real.keys()
+    for key, value in real.items():
+        if key[0].endswith("_created"):
+            continue
+        assert mine[key] == pytest.approx(value), key
