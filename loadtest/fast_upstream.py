@@ -10,7 +10,8 @@ Endpoints: POST /v1/chat/completions (JSON or SSE), POST /v1/completions, POST /
 GET /v1/models, GET /healthz. Streams: a role delta, `--chunks` content chunks of 5 tokens each, a finish
 chunk, a usage chunk with `choices: []` when `stream_options.include_usage` was asked, then `[DONE]`.
 With delays 0 the whole stream goes out in one write; otherwise event i is written at
-`ttft + i * chunk_delay` (timer callbacks, no task per stream).
+`ttft + i * chunk_delay` after the request arrived (absolute deadlines: a late timer does not push the
+later events back; timer callbacks, no task per stream).
 """
 
 from __future__ import annotations
@@ -323,16 +324,22 @@ class FastUpstream(asyncio.Protocol):
         frames.append(a.stream_tail)
         t.write(a.stream_head)
         self._busy = True
-        self._loop.call_later(timing.ttft_s, self._stream_step, frames, 0)
+        # On an absolute schedule from the request's arrival, as an engine on its own machine produces
+        # tokens whatever the proxy in front of it is doing: a timer that fires late (this process shares
+        # the cores with the gateway and the load generator) delays that one event, not every later one.
+        start = self._loop.time()
+        self._loop.call_at(start + timing.ttft_s, self._stream_step, frames, 0, start)
 
-    def _stream_step(self, frames: list[bytes], i: int) -> None:
+    def _stream_step(self, frames: list[bytes], i: int, start: float) -> None:
         t = self._transport
         if self._closed or t is None or t.is_closing():
             self._busy = False
             return
         t.write(frames[i])
         if i + 1 < len(frames):
-            self._loop.call_later(self._timing.chunk_delay_s, self._stream_step, frames, i + 1)
+            timing = self._timing
+            due = start + timing.ttft_s + (i + 1) * timing.chunk_delay_s
+            self._loop.call_at(due, self._stream_step, frames, i + 1, start)
             return
         self._busy = False
         self._drain()

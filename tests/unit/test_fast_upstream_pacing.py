@@ -1,0 +1,60 @@
+"""loadtest.fast_upstream paces a stream on an absolute schedule: event i is due at ttft + i * gap after
+the request arrived, whenever the previous timer actually fired (an engine on its own machine does not
+slow down because the proxy in front of it is busy)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loadtest.fast_upstream import FastUpstream, Timing, build_answers
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+
+class _Loop:
+    """Records each timer's deadline; runs the callbacks by hand, each one `late` seconds after its due time."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.due: list[float] = []
+        self.pending: list[tuple[float, Any, tuple[Any, ...]]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Any, *args: Any) -> None:
+        self.due.append(when)
+        self.pending.append((when, callback, args))
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> None:
+        self.call_at(self.now + delay, callback, *args)
+
+
+async def test_a_late_timer_does_not_push_the_later_events_back() -> None:
+    answers = build_answers(10)
+    proto = FastUpstream(answers, Timing(ttft_s=0.02, chunk_delay_s=0.02))
+    loop = _Loop()
+    proto._loop = loop  # type: ignore[assignment]
+    transport = _Transport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    body = b'{"model":"m","messages":[],"stream":true}'
+    proto.data_received(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    while loop.pending:
+        when, callback, args = loop.pending.pop(0)
+        loop.now = when + 0.015  # every timer fires 15 ms late (a busy machine)
+        callback(*args)
+    frames = len(answers.stream_events) + 1  # the events, then the tail ([DONE])
+    assert loop.due == [100.0 + 0.02 + i * 0.02 for i in range(frames)]
+    assert transport.writes[1:] == [*answers.stream_events, answers.stream_tail]
