@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import textwrap
+import types
 import weakref
 from pathlib import Path
 
@@ -256,3 +257,29 @@ def test_a_build_runs_young_collections_only_and_restores_the_thresholds(
     assert policy is not None
     assert seen == [(load_module.BUILD_YOUNG_THRESHOLD, load_module._NEVER, load_module._NEVER)]
     assert gc.get_threshold() == before
+
+
+def test_a_check_leaves_no_reference_cycles_of_its_own(tmp_path: Path) -> None:
+    """The reloader freezes what a check built without a full collection first: a reference cycle the
+    check left (a recursive closure, say) would stay frozen, a leak per reload. None of the gateway's."""
+    path = write_policy(1, tmp_path)
+    check_policy(path, adapters=ADAPTERS, fresh=True)  # imports and caches of a first load
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        policy, _ = check_policy(path, adapters=ADAPTERS, fresh=True)
+        assert policy is not None
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        ours = [
+            o.__qualname__
+            for o in gc.garbage
+            if isinstance(o, types.FunctionType) and "/gateway/" in o.__code__.co_filename
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if enabled:
+            gc.enable()
+    assert ours == []
