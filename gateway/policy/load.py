@@ -73,7 +73,8 @@ def collector_paused() -> Iterator[None]:
     with _pauses_lock:
         if _pauses == 0:
             _thresholds = gc.get_threshold()
-            gc.set_threshold(BUILD_YOUNG_THRESHOLD, _NEVER, _NEVER)
+            # (A threshold of 0 turns automatic collection off: left so.)
+            gc.set_threshold(BUILD_YOUNG_THRESHOLD if _thresholds[0] else 0, _NEVER, _NEVER)
         _pauses += 1
     try:
         yield

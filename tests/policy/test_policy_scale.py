@@ -3,6 +3,7 @@ not per tenant; the C-accelerated YAML parser keeps every file:line; the index i
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import textwrap
@@ -13,6 +14,8 @@ from pathlib import Path
 import msgspec
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.policy import compile as compile_module
 from gateway.policy import load as load_module
@@ -283,3 +286,46 @@ def test_a_check_leaves_no_reference_cycles_of_its_own(tmp_path: Path) -> None:
         if enabled:
             gc.enable()
     assert ours == []
+
+
+_SMALL = build_policy(1, 7)
+_ENTRIES = [(section, i) for section in load_module._ENTRY_TYPES for i in range(len(_SMALL.get(section, ())))]  # type: ignore[arg-type]
+_ODD = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=False),
+    st.text(max_size=4),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    place=st.sampled_from(_ENTRIES),
+    data=st.data(),
+    value=_ODD,
+    top=st.sampled_from(["server", "cache", "version", "backends", "extra", None]),
+    top_value=_ODD,
+)
+def test_entry_by_entry_conversion_agrees_with_the_whole_one(
+    place: tuple[str, int], data: st.DataObject, value: object, top: str | None, top_value: object
+) -> None:
+    """Whatever a document holds (a field of any entry set to an odd value, a section replaced), the
+    conversion an entry at a time gives the same policy, or the same error, as one whole conversion."""
+    doc = copy.deepcopy(_SMALL)
+    section, i = place
+    entry = doc[section][i]  # type: ignore[index]
+    field = data.draw(st.sampled_from([*entry, "unknown_field"]))
+    entry[field] = value
+    if top is not None:
+        doc[top] = top_value
+
+    def outcome(convert: object) -> object:
+        try:
+            return convert(doc)  # type: ignore[operator]
+        except msgspec.ValidationError as exc:
+            return str(exc)
+
+    assert outcome(load_module._to_policy) == outcome(lambda d: msgspec.convert(d, PolicySet, strict=True))
