@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +40,25 @@ WATCH_INTERVAL_S = 1.0
 CLOSE_GRACE_S = 120.0
 # How often the stall watch ticks while a reload runs (seconds).
 STALL_TICK_S = 0.005
+# The interpreter's switch interval while a reload's worker threads run (`gil_handoff`; default 5 ms).
+RELOAD_SWITCH_S = 0.001
 # How often a replaced runtime still held by requests is looked at again before it is taken apart.
 RETIRE_POLL_S = 0.1
+
+
+@contextmanager
+def gil_handoff(interval_s: float = RELOAD_SWITCH_S) -> Iterator[None]:
+    """The interpreter's switch interval lowered to `interval_s` while a reload's worker threads run: a
+    thread that wants the GIL (the event loop, after each wait for I/O) asks the running one to pass it
+    and gets it within the interval. At the default 5 ms the loop waits up to 5 ms each time it wakes
+    while a CPU-bound check runs, several times per request. Process-wide; the previous value comes
+    back when the reload ends (reloads run one at a time)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, interval_s))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 class LoopStalls:
@@ -138,7 +157,8 @@ class PolicyReloader:
         runs in worker threads; the event loop only swaps and starts tasks (`LoopStalls` measures it)."""
         async with self._lock:
             async with LoopStalls() as stalls:
-                done = await self._reload()
+                with gil_handoff():
+                    done = await self._reload()
                 if done is not None and not done[3][0].held.count:
                     # Taken apart now, in the stall watch's window (and before the log line says "in force").
                     await dismantle(done[3])
@@ -218,19 +238,23 @@ class PolicyReloader:
 
     def _compile(self, policy: PolicySet, old: Runtime) -> Runtime:
         """In the worker thread: the runtime of `policy` (gateway.runtime.compile_runtime), built with the
-        cyclic collector paused (a full collection in this thread would hold the GIL, a loop stall) and
-        frozen out of its reach afterwards, like the checked policy."""
+        cyclic collector held to young passes over bounded batches (a collection over all the build
+        allocated would hold the GIL, a loop stall) and frozen out of its reach before the collector
+        resumes, like the checked policy."""
         with collector_paused():
             runtime = compile_runtime(policy, self.factories, self.gateway.services, previous=old)
-        freeze_loaded()
+            freeze_loaded()
         return runtime
 
     def _check(self) -> tuple[PolicySet | None, list[Problem]]:
         """In the worker thread: check the policy (its index is built then, and reused by build_runtime)
-        and freeze what it built out of the cyclic collector's reach (gateway.policy.load.freeze_loaded)."""
-        policy, problems = check_policy(self.path, adapters=self.factories.keys())
-        if policy is not None:
-            freeze_loaded()
+        and freeze what it built out of the cyclic collector's reach (gateway.policy.load.freeze_loaded)
+        before the collector resumes: its first pass would otherwise scan every object the check
+        allocated, 50-60 ms holding the GIL at S=50."""
+        with collector_paused():
+            policy, problems = check_policy(self.path, adapters=self.factories.keys())
+            if policy is not None:
+                freeze_loaded()
         return policy, problems
 
     async def _reload_shadow(self) -> None:

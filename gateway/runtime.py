@@ -269,7 +269,7 @@ class Gateway:
 
     def use(self, runtime: Runtime) -> None:
         """Put a new runtime in force (a reload): its backends get their probes and scrapers, removed or
-        changed ones' stop. The reloader then reports its unpriced deployments again, in a worker thread
+        changed ones' stop (from the next loop turn on, a batch per turn; unchanged ones keep theirs). The reloader then reports its unpriced deployments again, in a worker thread
         (`report_unpriced`: thousands of gauge series at enterprise size)."""
         self.runtime = runtime
         self.health.apply(list(runtime.index.policy.backends), runtime.adapters)

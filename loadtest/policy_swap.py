@@ -59,9 +59,10 @@ async def _measure(paths: list[Path], size: int, rounds: int, factories: Mapping
     def checked(path: Path) -> PolicySet:
         # Every swap gets a freshly checked policy that nothing else holds, as a reload does: the replaced
         # runtime's policy is then freed with it.
-        policy, _ = check_policy(path, adapters=factories.keys(), fresh=True)
-        assert policy is not None
-        freeze_loaded()
+        with collector_paused():
+            policy, _ = check_policy(path, adapters=factories.keys(), fresh=True)
+            assert policy is not None
+            freeze_loaded()
         return policy
 
     services = Services(
@@ -77,9 +78,10 @@ async def _measure(paths: list[Path], size: int, rounds: int, factories: Mapping
     freeze_loaded()
 
     def compiled(policy: PolicySet, old: Runtime) -> Runtime:
+        # As the reloader does: frozen before the collector resumes.
         with collector_paused():
             runtime = compile_runtime(policy, factories, services, previous=old)
-        freeze_loaded()
+            freeze_loaded()
         return runtime
 
     ways = ["on the loop", "worker thread", "worker + teardown"]

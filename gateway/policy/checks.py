@@ -494,26 +494,28 @@ def rewrite_cycle(policy: PolicySet) -> list[str] | None:
                 edges[source].add(target)
     state: dict[str, int] = {}
     stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(edges.get(node, ())):
-            if state.get(nxt) == 1:
-                return [*stack[stack.index(nxt) :], nxt]
-            if nxt not in state:
-                found = visit(nxt)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return None
-
     for name in all_routes:
         if name not in state:
-            found = visit(name)
+            found = _visit_rewrites(name, edges, state, stack)
             if found:
                 return found
+    return None
+
+
+def _visit_rewrites(node: str, edges: dict[str, set[str]], state: dict[str, int], stack: list[str]) -> list[str] | None:
+    """`rewrite_cycle`'s depth-first walk (a module function: a recursive closure is a reference cycle,
+    garbage only the cyclic collector frees, and a policy load freezes what it built out of its reach)."""
+    state[node] = 1
+    stack.append(node)
+    for nxt in sorted(edges.get(node, ())):
+        if state.get(nxt) == 1:
+            return [*stack[stack.index(nxt) :], nxt]
+        if nxt not in state:
+            found = _visit_rewrites(nxt, edges, state, stack)
+            if found:
+                return found
+    stack.pop()
+    state[node] = 2
     return None
 
 

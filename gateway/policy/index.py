@@ -8,7 +8,7 @@ are compiled here by gateway.policy.compile.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -102,6 +102,30 @@ class Target:
         object.__setattr__(self, "header", deployment_header(self.label))
 
 
+def policy_json(policy: PolicySet) -> Iterator[bytes]:
+    """`msgspec.json.encode(policy)` in pieces, each entry of a section (a backend, a tenant) its own: one
+    encode of a whole enterprise-size policy is a C call that holds the GIL for 10-15 ms, a stall of the
+    event loop when a reload's worker thread builds the index. Joined, the pieces are the same bytes."""
+    for i, (field, name) in enumerate(zip(policy.__struct_fields__, policy.__struct_encode_fields__, strict=True)):
+        value = getattr(policy, field)
+        yield (b"{" if i == 0 else b",") + msgspec.json.encode(name) + b":"
+        if type(value) is tuple and value:
+            for j, entry in enumerate(value):
+                yield (b"[" if j == 0 else b",") + msgspec.json.encode(entry)
+            yield b"]"
+        else:
+            yield msgspec.json.encode(value)
+    yield b"}"
+
+
+def policy_version(policy: PolicySet) -> str:
+    """The policy's version: the first 12 hex digits of the sha256 of its JSON encoding."""
+    digest = hashlib.sha256()
+    for piece in policy_json(policy):
+        digest.update(piece)
+    return digest.hexdigest()[:12]
+
+
 class PolicyIndex:
     # The index built last, with the policy it indexes: `of` hands it out again for the same policy
     # object (a load checks a policy with its index, then the runtime, the embedders and the CLI use it).
@@ -122,7 +146,7 @@ class PolicyIndex:
     def __init__(self, policy: PolicySet) -> None:
         self.policy = policy
         # Names the policy a decision was made under (in decisions and explain output).
-        self.version = hashlib.sha256(msgspec.json.encode(policy)).hexdigest()[:12]
+        self.version = policy_version(policy)
         self.tenants: dict[str, Tenant] = {t.name: t for t in policy.tenants}
         # The tenant of unauthenticated requests when the policy has no keys at all.
         self.open_tenant = Tenant(name=ANONYMOUS.tenant)

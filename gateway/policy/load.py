@@ -7,9 +7,16 @@ msgspec validation path such as `$.backends[2].tier` can be turned back into the
 written.
 
 Loading allocates a node and a few objects per YAML scalar and keeps them all: the cyclic garbage
-collector would scan the growing heap again and again for nothing (a 1 MB policy took 2 s to parse
-with it, 0.5 s without), so it is paused while a policy is read and checked (`collector_paused`).
-The server then freezes what it loaded (`freeze_loaded`).
+collector's full passes would scan the growing heap again and again for nothing (a 1 MB policy took 2 s
+to parse with them, 0.5 s without), so while a policy is read and checked only young objects are
+collected, a bounded batch at a time (`collector_paused`). The server then freezes what it loaded
+(`freeze_loaded`), before the collector resumes.
+
+A reload runs all this in a worker thread beside the event loop, which waits for the GIL whenever the
+thread holds it; the thread passes it on every few ms, but only between bytecodes. So nothing here is
+one long C call over the whole document: the YAML's node tree and plain data are freed a piece at a
+time (`_release`), the Structs are converted an entry at a time (`_to_policy`), and no collection ever
+scans all that a load allocated (one pass over an S=50 load holds the GIL for 50-60 ms).
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import dataclasses
 import gc
 import hashlib
 import re
+import sys
 import threading
+import typing
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,29 +52,37 @@ _ENV_REF = checks.ENV_REF
 # The C-accelerated safe loader when PyYAML has libyaml (nodes carry the same line/column marks).
 _SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
+# While a policy is built, the collector runs young passes only, each over at most this many objects (a
+# few ms), never a pass over all the build allocated; the older generations wait until the build ends.
+BUILD_YOUNG_THRESHOLD = 5_000
+_NEVER = 1 << 30
+
 _pauses = 0
-_was_enabled = True
+_thresholds = gc.get_threshold()
 _pauses_lock = threading.Lock()
 
 
 @contextmanager
 def collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a policy is built (reference counting still frees). The
-    collector is process-wide: concurrent loads (a reload thread, a CLI) count, the last one resumes it,
-    and it is only resumed if it was running before."""
-    global _pauses, _was_enabled
+    """No full (or middle-generation) garbage collection while a policy is built, and young ones over a
+    bounded batch of objects; reference counting still frees. The collector is process-wide: concurrent
+    loads (a reload thread, a CLI) count, the last one restores its thresholds; whether it runs at all
+    (`gc.isenabled`) stays the caller's choice. (The collector was once disabled instead: its first pass
+    after the build then scanned every object the build allocated in one go, a stall of 50-60 ms.)"""
+    global _pauses, _thresholds
     with _pauses_lock:
         if _pauses == 0:
-            _was_enabled = gc.isenabled()
-            gc.disable()
+            _thresholds = gc.get_threshold()
+            # (A threshold of 0 turns automatic collection off: left so.)
+            gc.set_threshold(BUILD_YOUNG_THRESHOLD if _thresholds[0] else 0, _NEVER, _NEVER)
         _pauses += 1
     try:
         yield
     finally:
         with _pauses_lock:
             _pauses -= 1
-            if _pauses == 0 and _was_enabled:
-                gc.enable()
+            if _pauses == 0:
+                gc.set_threshold(*_thresholds)
 
 
 def _url_problem(url: str) -> str | None:
@@ -159,7 +176,11 @@ def freeze_loaded() -> None:
     once a policy is loaded (start, reload), so no later full collection on the event loop rescans a large
     policy's objects (0.1-0.4 s for an S=50 policy: a request stall after every reload). A policy replaced
     later is still freed: it holds no reference cycles, reference counting frees it. Not done by
-    `check_policy` itself: the CLI and tests have no event loop to protect."""
+    `check_policy` itself: the CLI and tests have no event loop to protect.
+
+    Called inside `collector_paused`, as the reloader does, it costs a young pass over a bounded batch:
+    what the build allocated is out of the collector's reach before any pass could scan it all."""
+    gc.collect(0)  # the last young batch's garbage, not frozen with it
     gc.freeze()
 
 
@@ -227,10 +248,14 @@ def _decode_file(path: Path) -> tuple[PolicySet | None, _Source, list[Problem]]:
         except yaml.YAMLError as exc:
             return None, _Source(name, None), [Problem(name, 1, 1, f"invalid YAML: {exc}")]
     source = _Source(name, root)
+    del root
     if not isinstance(data, dict):
         return None, source, [Problem(name, 1, 1, "a policy file must be a mapping of sections")]
+    # The plain data is handed over to be freed a piece at a time once converted (`_release`).
+    box: list[object] = [data]
+    del data
     try:
-        return msgspec.convert(data, PolicySet, strict=True), source, []
+        return _to_policy(box[0]), source, []  # type: ignore[arg-type]
     except msgspec.ValidationError as exc:
         message = str(exc)
         m = _AT_PATH.search(message)
@@ -240,6 +265,70 @@ def _decode_file(path: Path) -> tuple[PolicySet | None, _Source, list[Problem]]:
         line, col = source.locate(path_expr, key=unknown.group(1) if unknown else None)
         where = path_expr[2:] if path_expr.startswith("$.") else path_expr
         return None, source, [Problem(name, line, col, f"{where}: {reason}" if where != "$" else reason)]
+    finally:
+        _release(box)
+
+
+# The policy's sections that are lists of entries (backends, models, tenants...), by field: what each
+# entry converts to.
+_ENTRY_TYPES: dict[str, object] = {
+    name: typing.get_args(hint)[0]
+    for name, hint in typing.get_type_hints(PolicySet).items()
+    if typing.get_origin(hint) is tuple
+}
+
+
+def _to_policy(data: dict[str, object]) -> PolicySet:
+    """`msgspec.convert(data, PolicySet, strict=True)`, a section entry at a time: one conversion of a
+    whole enterprise-size document is one C call that holds the GIL for 10-15 ms (a reload's worker
+    thread then stalls the event loop as long). The same Structs result; a document that does not convert
+    is converted again whole, so its error names the place (`$.backends[2].tier`) as it always has."""
+    try:
+        rest = dict(data)
+        entries: dict[str, tuple[object, ...]] = {}
+        for name, entry_type in _ENTRY_TYPES.items():
+            value = data.get(name)
+            if type(value) is list:
+                entries[name] = tuple(msgspec.convert(v, entry_type, strict=True) for v in value)
+                rest[name] = []
+        return msgspec.structs.replace(msgspec.convert(rest, PolicySet, strict=True), **entries)
+    except msgspec.ValidationError:
+        return msgspec.convert(data, PolicySet, strict=True)
+
+
+# A mapping or sequence of more entries than this is freed an entry at a time by `_release`; a smaller one
+# at once, with all it holds (one policy entry's nodes: a few hundred objects at most, microseconds).
+_RELEASE_WHOLE = 16
+
+
+def _release(box: list[object]) -> None:
+    """Free parsed YAML handed over in `box` (node trees, plain data: `box` holds their only reference) a
+    piece at a time: an entry of a large mapping or sequence (a backend, a tenant) per step. Dropping a
+    whole S=50 document at once is one deallocation cascade, 30-40 ms in which no bytecode runs, so a
+    reload's worker thread cannot pass the GIL to the event loop; between these steps it can. What
+    someone else still holds (`sys.getrefcount`: a string a Struct kept) is only let go."""
+    work: list[object] = []
+    while box:  # a document is always opened: a few sections, each may be large
+        item = box.pop()
+        if sys.getrefcount(item) == 2:  # only ours: `item` and the call's argument
+            work.extend(_parts(item, 0))
+        del item
+    while work:
+        item = work.pop()
+        if sys.getrefcount(item) == 2:
+            work.extend(_parts(item, _RELEASE_WHOLE))
+        del item
+
+
+def _parts(item: object, whole: int) -> list[object] | tuple[object, ...]:
+    """What `_release` frees apart from `item`: its entries when it has more than `whole` (or is a mapping
+    node's (key, value) pair: the value may be a large section), else nothing (it is freed whole)."""
+    parts = item.value if isinstance(item, yaml.CollectionNode) else item
+    if isinstance(parts, dict):
+        parts = list(parts.values())  # keys are strings
+    if isinstance(parts, (list, tuple)) and (len(parts) > whole or type(parts) is tuple):
+        return parts
+    return ()
 
 
 def _redactor_names() -> frozenset[str]:
@@ -296,10 +385,24 @@ def _check_policy(path: Path, adapters: Iterable[str] | None) -> tuple[PolicySet
         files = _policy_files(path)
     except PolicyError as exc:
         return None, exc.problems
+    sources: list[_Source] = []
+    try:
+        return _check_files(files, adapters, sources)
+    finally:
+        # Only problems (strings) come out of the check: the YAML node trees are freed now, a piece at a time.
+        roots: list[object] = [s.root for s in sources]
+        sources.clear()
+        _release(roots)
+
+
+def _check_files(
+    files: list[Path], adapters: Iterable[str] | None, sources: list[_Source]
+) -> tuple[PolicySet | None, list[Problem]]:
     decoded: list[tuple[PolicySet, _Source]] = []
     problems: list[Problem] = []
     for f in files:
         policy, source, file_problems = _decode_file(f)
+        sources.append(source)
         problems.extend(file_problems)
         if policy is not None:
             decoded.append((policy, source))

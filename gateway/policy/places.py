@@ -73,26 +73,30 @@ class BlocCycle(ValueError):
 def _closure(declared: Mapping[str, tuple[str, ...]]) -> dict[str, frozenset[str]]:
     """Every bloc's countries, members' members included. Raises BlocCycle on a bloc that contains itself."""
     out: dict[str, frozenset[str]] = {}
-
-    def visit(name: str, path: list[str]) -> frozenset[str]:
-        done = out.get(name)
-        if done is not None:
-            return done
-        if name in path:
-            raise BlocCycle([*path[path.index(name) :], name])
-        countries: set[str] = set()
-        for member in declared[name]:
-            code = member.upper()
-            if code in declared:
-                countries |= visit(code, [*path, name])
-            else:
-                countries.add(code)
-        out[name] = frozenset(countries)
-        return out[name]
-
     for name in declared:
-        visit(name, [])
+        _visit(name, [], declared, out)
     return out
+
+
+def _visit(
+    name: str, path: list[str], declared: Mapping[str, tuple[str, ...]], out: dict[str, frozenset[str]]
+) -> frozenset[str]:
+    """`_closure`'s walk (a module function: a recursive closure is a reference cycle, garbage only the
+    cyclic collector frees, and a policy load freezes what it built out of its reach)."""
+    done = out.get(name)
+    if done is not None:
+        return done
+    if name in path:
+        raise BlocCycle([*path[path.index(name) :], name])
+    countries: set[str] = set()
+    for member in declared[name]:
+        code = member.upper()
+        if code in declared:
+            countries |= _visit(code, [*path, name], declared, out)
+        else:
+            countries.add(code)
+    out[name] = frozenset(countries)
+    return out[name]
 
 
 class Places:

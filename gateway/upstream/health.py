@@ -35,6 +35,8 @@ log = logging.getLogger("strait.health")
 
 # How often ejected backends are checked for a due probe (a probe itself takes up to probe_timeout_s).
 TICK_S: Final = 0.1
+# Scraper tasks started or stopped per event-loop turn after a (re)plan (`HealthMonitor._reconcile`).
+REPLAN_BATCH: Final = 50
 
 
 @runtime_checkable
@@ -133,6 +135,10 @@ class HealthMonitor:
         self.environ = os.environ if environ is None else environ
         self._watches: dict[str, _Watch] = {}
         self._scrapers: dict[str, asyncio.Task[None]] = {}
+        # The watch each running scraper was started for (a changed one is restarted).
+        self._scraping: dict[str, _Watch] = {}
+        # Starts and stops scrapers after a (re)plan, a batch per loop turn (`_reconcile`).
+        self._reconciler: asyncio.Task[None] | None = None
         self._probing: set[str] = set()
         self._next_active: dict[str, float] = {}
         self._ticker: asyncio.Task[None] | None = None
@@ -146,7 +152,8 @@ class HealthMonitor:
     # ---- lifecycle ----
 
     def apply(self, backends: list[Backend], adapters: Mapping[str, object]) -> None:
-        """Plan the tasks for a (new) policy: started now if the monitor runs, else on `start`."""
+        """Plan the tasks for a (new) policy: started (and those of removed or changed backends stopped)
+        from the next loop turn on, a batch per turn, if the monitor runs, else on `start`."""
         watches: dict[str, _Watch] = {}
         # isinstance against a runtime-checkable Protocol walks its attributes (0.1 ms a call on 3.11):
         # decided once per adapter class, not per backend (a thousand backends are reloaded on the loop).
@@ -162,45 +169,74 @@ class HealthMonitor:
                 url, own_headers = adapter.probe_request()
                 plan = ProbePlan(plan.kind, url, False, tuple(own_headers.items()))
             watches[b.name] = _Watch(b, plan, engine)
-        for name, task in list(self._scrapers.items()):
-            if watches.get(name) != self._watches.get(name):
-                task.cancel()
-                del self._scrapers[name]
-                # Its last gauge must not steer routing forever: in-flight counting until a new scrape.
-                self.signals.forget_engine(name)
         self._next_active = {n: t for n, t in self._next_active.items() if watches.get(n) == self._watches.get(n)}
         self._watches = watches
         if self._ticker is not None:
-            self._start_scrapers()
+            self._reconcile_soon()
 
     async def start(self) -> None:
         if self._ticker is None:
             self._ticker = asyncio.ensure_future(self._tick_forever())
-            self._start_scrapers()
+            self._reconcile_soon()
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._ticker, *self._scrapers.values(), *self._tasks) if t is not None]
+        tasks = [t for t in (self._ticker, self._reconciler, *self._scrapers.values(), *self._tasks) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._ticker = None
+        self._reconciler = None
         self._scrapers.clear()
+        self._scraping.clear()
         self._tasks.clear()
         if self._session is not None and not self._session.closed:
             await self._session.close()
 
-    def _start_scrapers(self) -> None:
-        """Start the scrapers not running yet, their first scrapes spread over one interval: started
-        together (a start, a reload of a policy of a thousand backends), they would all scrape in one
-        turn of the event loop, a stall of every request then and at every interval after."""
+    def _reconcile_soon(self) -> None:
+        if self._reconciler is None or self._reconciler.done():
+            self._reconciler = asyncio.ensure_future(self._reconcile())
+
+    def _changes(self) -> tuple[list[str], list[_Watch]]:
+        """Scrapers to stop (their backend is gone or changed) and watches to start one for."""
+        stale = [name for name, w in self._scraping.items() if self._watches.get(name) != w]
         new = [
             w
             for name, w in self._watches.items()
-            if name not in self._scrapers and (w.backend.capacity.metrics_url or w.engine is not None)
+            if self._scraping.get(name) != w and (w.backend.capacity.metrics_url or w.engine is not None)
         ]
-        for k, w in enumerate(new):
-            offset = w.backend.capacity.scrape_interval_s * k / len(new)
-            self._scrapers[w.backend.name] = asyncio.ensure_future(self._scrape_forever(w, offset))
+        return stale, new
+
+    async def _reconcile(self) -> None:
+        """Bring the scrapers in line with the plan, REPLAN_BATCH task starts or stops per loop turn:
+        a reload of a thousand changed backends cancels and starts over a thousand tasks, tens of ms in
+        one turn (a stall of every request). Scrapers of unchanged backends keep running. The new ones'
+        first scrapes are spread over one interval: started together, they would all scrape in one turn
+        of the event loop, a stall then and at every interval after. A plan changed meanwhile (another
+        reload) is followed from the next batch on."""
+        planned: dict[str, _Watch] | None = None
+        stale: list[str] = []
+        new: list[_Watch] = []
+        started = total = 0
+        while True:
+            if planned is not self._watches:
+                planned = self._watches
+                stale, new = self._changes()
+                total = started + len(new)
+            if not stale and not new:
+                return
+            for name in stale[:REPLAN_BATCH]:
+                self._scrapers.pop(name).cancel()
+                del self._scraping[name]
+                # Its last gauge must not steer routing forever: in-flight counting until a new scrape.
+                self.signals.forget_engine(name)
+            starting = new[: max(0, REPLAN_BATCH - len(stale))]
+            del stale[:REPLAN_BATCH], new[: len(starting)]
+            for w in starting:
+                offset = w.backend.capacity.scrape_interval_s * started / total
+                self._scrapers[w.backend.name] = asyncio.ensure_future(self._scrape_forever(w, offset))
+                self._scraping[w.backend.name] = w
+                started += 1
+            await asyncio.sleep(0)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

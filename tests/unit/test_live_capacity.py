@@ -14,7 +14,7 @@ from gateway.contracts import UpstreamCall
 from gateway.policy.engine import LiveState
 from gateway.policy.model import Backend, Capacity, SimulatedOptions
 from gateway.stages.explain import explain_header
-from gateway.upstream.health import HealthMonitor, probe_plan
+from gateway.upstream.health import REPLAN_BATCH, HealthMonitor, probe_plan
 from gateway.upstream.signals import EngineLoad, LiveSignals
 from plugins.simulated import SimulatedAdapter
 from tests.policy.helpers import backend, dep, index, model, route, run
@@ -229,5 +229,61 @@ def test_monitor_scrapes_in_process_engines_and_follows_reloads() -> None:
         stopped = monitor.scrapes_ok["sim"]
         await asyncio.sleep(0.2)
         assert monitor.scrapes_ok["sim"] == stopped  # nothing runs after shutdown
+
+    asyncio.run(scenario())
+
+
+def test_a_replan_keeps_unchanged_scrapers_and_changes_the_others_a_batch_per_loop_turn() -> None:
+    """A reload of a policy of a thousand changed backends must not cancel and start a thousand tasks in
+    one loop turn (a stall of every request): `apply` changes no task itself, then at most REPLAN_BATCH
+    starts and stops happen per turn; the scrapers of unchanged backends are never restarted."""
+    n = 2 * REPLAN_BATCH + 10
+
+    def sim(name: str) -> Backend:
+        return Backend(name=name, adapter="simulated", capacity=Capacity(max_concurrency=2, scrape_interval_s=30))
+
+    backends = [sim(f"b{i}") for i in range(n)]
+    adapters: dict[str, object] = {b.name: SimulatedAdapter(b) for b in backends}
+    changed, kept, removed = backends[: n // 2], backends[n // 2 : n - 5], backends[n - 5 :]
+    added = [sim(f"new{i}") for i in range(5)]
+
+    async def turns_until(cond: object, limit: int = 1000) -> list[int]:
+        """Loop turns until `cond()`; per turn, how many scraper tasks were started or stopped."""
+        ops: list[int] = []
+        seen = dict(monitor._scrapers)
+        while not cond():  # type: ignore[operator]
+            assert len(ops) < limit, "never done"
+            await asyncio.sleep(0)
+            now = dict(monitor._scrapers)
+            stopped = sum(1 for name, task in seen.items() if now.get(name) is not task)
+            ops.append(stopped + sum(1 for name, task in now.items() if seen.get(name) is not task))
+            seen = now
+        return ops
+
+    monitor = HealthMonitor(LiveSignals())
+
+    async def scenario() -> None:
+        monitor.apply(backends, adapters)
+        await monitor.start()
+        ops = await turns_until(lambda: len(monitor._scrapers) == n)
+        assert len(ops) > 1 and max(ops) <= REPLAN_BATCH  # the start too is spread over loop turns
+        before = dict(monitor._scrapers)
+        new_adapters = {**adapters, **{b.name: SimulatedAdapter(b) for b in changed + added}}
+        for b in removed:
+            del new_adapters[b.name]
+        monitor.apply(changed + kept + added, new_adapters)
+        assert monitor._scrapers == before  # nothing changed within the call
+        names = {b.name for b in changed + kept + added}
+
+        def done() -> bool:
+            return set(monitor._scrapers) == names and all(
+                monitor._scrapers[b.name] is not before[b.name] for b in changed
+            )
+
+        ops = await turns_until(done)
+        assert max(ops) <= REPLAN_BATCH and len(ops) > 1
+        assert all(monitor._scrapers[b.name] is before[b.name] for b in kept)  # never restarted
+        assert all(before[b.name].cancelled() or before[b.name].cancelling() for b in changed + removed)
+        await monitor.aclose()
 
     asyncio.run(scenario())

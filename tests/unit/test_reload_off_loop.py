@@ -4,6 +4,8 @@ monitor's tasks (gateway.reload). The reloaded policy then serves, and the gauge
 
 from __future__ import annotations
 
+import gc
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from litestar.testing import TestClient
 from gateway import reload as reload_module
 from gateway.accounting.unpriced import report_unpriced
 from gateway.app import create_app
+from gateway.policy import load as load_module
 from gateway.policy.load import load_policy
 from gateway.registry import discover_adapters
 from gateway.settings import Settings
@@ -101,3 +104,35 @@ def test_unpriced_gauges_of_removed_deployments_go_and_the_others_are_set(tmp_pa
     ))  # fmt: skip
     report_unpriced(load_policy(path), metrics)
     assert _unpriced(metrics) == {"m@a": 0.0}
+
+
+def test_the_reload_freezes_what_it_built_before_the_collector_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check and the compilation freeze what they built while the collector still only takes young
+    batches (its first pass after the build would otherwise scan it all, the GIL held for tens of ms at
+    enterprise size), and the threads run with the lowered switch interval (`gil_handoff`); both are
+    restored once the reload is done."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(PRICED)
+    frozen: list[tuple[tuple[int, ...], float]] = []
+    real = reload_module.freeze_loaded
+
+    def spy() -> None:
+        frozen.append((gc.get_threshold(), sys.getswitchinterval()))
+        real()
+
+    monkeypatch.setattr(reload_module, "freeze_loaded", spy)
+    app = create_app(Settings(policy_path=str(path), spool_dir=str(tmp_path / "spool")))
+    with TestClient(app) as client:
+        gateway = client.app.state["gateway"]
+        thresholds, interval = gc.get_threshold(), sys.getswitchinterval()
+        path.write_text(PRICED.replace("output_tokens: 2}", "output_tokens: 3}"))
+
+        async def reload() -> bool:
+            return await reload_module.PolicyReloader(gateway, str(path), discover_adapters()).reload()
+
+        assert client.blocking_portal.call(reload)
+        young = (load_module.BUILD_YOUNG_THRESHOLD, load_module._NEVER, load_module._NEVER)
+        assert frozen == [(young, reload_module.RELOAD_SWITCH_S)] * 2  # the check's, the compilation's
+        assert (gc.get_threshold(), sys.getswitchinterval()) == (thresholds, interval)
