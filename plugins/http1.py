@@ -91,8 +91,18 @@ class _Reader(StreamReader):
         while True:
             if self._exception is not None:
                 raise self._exception
-            if self._buffer:
-                return self._read_nowait(-1)
+            buffer = self._buffer
+            if buffer:
+                if len(buffer) > 1 or self._buffer_offset:
+                    return self._read_nowait(-1)
+                # One whole chunk (a paced stream's every read): aiohttp's `_read_nowait_chunk` for it,
+                # without its calls (the no-op timer's check; no HTTP chunk splits are kept here).
+                data = buffer.popleft()
+                size = self._size = self._size - len(data)
+                self._cursor += len(data)
+                if size < self._low_water:
+                    self._protocol.resume_reading()
+                return data
             if self._eof:
                 return b""
             if not self._protocol.connected:

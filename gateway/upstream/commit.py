@@ -48,7 +48,7 @@ MAX_HELD_EVENTS: Final = 256
 MAX_HELD_BYTES: Final = 1024 * 1024
 
 
-class _Delta(msgspec.Struct):
+class _Delta(msgspec.Struct, gc=False):
     content: str | None = None
     tool_calls: list[object] | None = None
     function_call: object | None = None
@@ -57,14 +57,14 @@ class _Delta(msgspec.Struct):
     refusal: str | None = None
 
 
-class _Choice(msgspec.Struct):
+class _Choice(msgspec.Struct, gc=False):
     index: int = 0
     delta: _Delta | None = None
     text: str | None = None
     finish_reason: str | None = None
 
 
-class _Probe(msgspec.Struct):
+class _Probe(msgspec.Struct, gc=False):
     choices: list[_Choice] | None = None
     error: UpstreamErrorBody | str | None = None
 
