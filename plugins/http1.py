@@ -7,7 +7,7 @@ parser about 7 us. That was the largest single part of the gateway's CPU per req
 "Issue 8 cost, second pass").
 
 What it keeps of aiohttp's behaviour (what the adapter relied on):
-- the body arrives in an `aiohttp.StreamReader` (`content`), with its flow control, so the adapter's
+- the body arrives in an `aiohttp.StreamReader` (`content`; a subclass with a leaner `readany`), with its flow control, so the adapter's
   body and stream reading (and the tests that pin it) are unchanged; errors are aiohttp's classes:
   `ServerTimeoutError` (a TimeoutError) for the read timeout, `ServerDisconnectedError` when the
   connection drops before the answer's head, `ClientPayloadError` when it drops mid-body;
@@ -78,6 +78,42 @@ class _Decoder:
 
     def flush(self) -> bytes:
         return self._obj.flush()
+
+
+class _Reader(StreamReader):
+    """aiohttp's StreamReader with a leaner `readany`, the only read the adapters use: what it does per
+    read of a stream (an SSE event each, when the upstream paces them) without the `_wait` coroutine
+    and the no-op timer's context around it. Same checks, same order, same flow control (`_read_nowait`)."""
+
+    __slots__ = ()
+
+    async def readany(self) -> bytes:
+        while True:
+            if self._exception is not None:
+                raise self._exception
+            buffer = self._buffer
+            if buffer:
+                if len(buffer) > 1 or self._buffer_offset:
+                    return self._read_nowait(-1)
+                # One whole chunk (a paced stream's every read): aiohttp's `_read_nowait_chunk` for it,
+                # without its calls (the no-op timer's check; no HTTP chunk splits are kept here).
+                data = buffer.popleft()
+                size = self._size = self._size - len(data)
+                self._cursor += len(data)
+                if size < self._low_water:
+                    self._protocol.resume_reading()
+                return data
+            if self._eof:
+                return b""
+            if not self._protocol.connected:
+                raise RuntimeError("Connection closed.")
+            if self._waiter is not None:
+                raise RuntimeError("readany() called while another coroutine is already waiting for incoming data")
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
 
 class Response:
@@ -249,7 +285,7 @@ class _Connection(asyncio.Protocol):
         encoding = self._headers.get("content-encoding", "").strip().lower()
         if encoding in ("gzip", "x-gzip", "deflate"):
             self._decoder = _Decoder("deflate" if encoding == "deflate" else "gzip")
-        reader = self._reader = StreamReader(self, _READER_LIMIT, loop=self._loop)  # type: ignore[arg-type]
+        reader = self._reader = _Reader(self, _READER_LIMIT, loop=self._loop)  # type: ignore[arg-type]
         if not head.done():
             head.set_result(Response(self, status, self._headers, reader))
 

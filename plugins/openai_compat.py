@@ -235,29 +235,9 @@ class OpenAICompatAdapter:
             "(max_body_bytes of the backend's upstream limits)."
         )
 
-    async def _batches(self, response: Response, state: _StreamState) -> AsyncIterator[list[bytes]]:
-        """The events of each read, together: the relay forwards them to the client in one write."""
-        decoder = state.decoder
-        content = response.content
-        try:
-            while True:
-                chunk = await content.readany()
-                # At the end of the body, a last event without its blank line still counts.
-                batch = decoder.feed(chunk) if chunk else decoder.close()
-                if batch:
-                    if DONE in batch:
-                        state.done = True
-                        yield batch[: batch.index(DONE) + 1]  # [DONE] last: the relay knows it is over
-                        return
-                    yield batch
-                if not chunk:
-                    break
-        except SSELineTooLong as exc:
-            state.refused = exc.events  # decoded before the oversize line: charged (drain)
-            raise stream_broken(self.name, exc) from None
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise stream_broken(self.name, exc) from None
-        raise UpstreamStreamBroken(f"{self.name}: stream ended without [DONE]", clean_end=True)
+    def _batches(self, response: Response, state: _StreamState) -> _Batches:
+        """The events of each read, together (`_Batches`)."""
+        return _Batches(self.name, response, state)
 
     async def _response_batches(self, response: Response, state: ResponsesStreamState) -> AsyncIterator[list[bytes]]:
         """Per read, the chunks its complete Responses events translate to, until response.completed."""
@@ -288,6 +268,66 @@ class _StreamState:
         self.done = False
         # The complete events of the read that held an oversize line (never yielded, charged by the drain).
         self.refused: list[bytes] = []
+
+
+class _Batches:
+    """The events of each read, together: the relay forwards them to the client in one write.
+
+    An async iterator of its own rather than an async generator: a read costs one coroutine (this
+    `__anext__`) over the reader's, not also the generator's `asend` and frame, on every event of a
+    paced stream. Ends as the generator did: after `[DONE]` (last in its batch: the relay knows it is
+    over) or a failure, the next read is `StopAsyncIteration`; a body that ends without `[DONE]` hands
+    over its last events, then raises `UpstreamStreamBroken(clean_end=True)`."""
+
+    __slots__ = ("_content", "_name", "_over", "_state", "_unfinished")
+
+    def __init__(self, name: str, response: Response, state: _StreamState) -> None:
+        self._name = name
+        self._content = response.content
+        self._state = state
+        self._over = False
+        self._unfinished = False  # the body ended without [DONE]: the next read says so
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> list[bytes]:
+        if self._over:
+            raise StopAsyncIteration
+        state = self._state
+        try:
+            if self._unfinished:
+                raise UpstreamStreamBroken(f"{self._name}: stream ended without [DONE]", clean_end=True)
+            decoder = state.decoder
+            content = self._content
+            while True:
+                chunk = await content.readany()
+                if chunk:
+                    batch = decoder.feed(chunk)
+                else:
+                    # At the end of the body, a last event without its blank line still counts.
+                    batch = decoder.close()
+                    if not batch or DONE not in batch:
+                        self._unfinished = True
+                        if not batch:
+                            raise UpstreamStreamBroken(f"{self._name}: stream ended without [DONE]", clean_end=True)
+                        return batch
+                if batch:
+                    if DONE in batch:
+                        state.done = True
+                        self._over = True
+                        return batch[: batch.index(DONE) + 1]  # [DONE] last: the relay knows it is over
+                    return batch
+        except SSELineTooLong as exc:
+            self._over = True
+            state.refused = exc.events  # decoded before the oversize line: charged (drain)
+            raise stream_broken(self._name, exc) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self._over = True
+            raise stream_broken(self._name, exc) from None
+        except BaseException:
+            self._over = True  # a failure (or a cancelled read) ends it, as it ended the generator
+            raise
 
 
 def _buffered(content: aiohttp.StreamReader) -> bytes:

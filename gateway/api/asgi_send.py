@@ -141,7 +141,7 @@ async def _send_stream(
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         return
     watch = _Watch()
-    watcher = asyncio.ensure_future(_watch_disconnect(receive, sender, watch))
+    watcher = sender.get_loop().create_task(_watch_disconnect(receive, sender, watch))
     last = b""
     try:
         while batch := await stream.next():

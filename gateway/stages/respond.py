@@ -108,14 +108,14 @@ def respond(ctx: RequestContext, upstream: UpstreamResponse, metrics: Metrics, r
     )
 
 
-class _Choice(msgspec.Struct):
+class _Choice(msgspec.Struct, gc=False):
     """A choice of an event: only whether (and which) finished."""
 
     index: int = 0
     finish_reason: str | None = None
 
 
-class _EventProbe(msgspec.Struct):
+class _EventProbe(msgspec.Struct, gc=False):
     """What the relay reads of every event, in one decode that also checks it is JSON."""
 
     choices: list[_Choice] | None = None
