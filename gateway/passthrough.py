@@ -80,16 +80,21 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
     cut_next = False  # `strait` came first: its cut runs to the next key
     previous_end = -1
     match = _FIRST.match
+    names = _NAMES
+    get = values.get
+    startswith = body.startswith
     while True:
         m = match(body, pos)
         if m is None:
             break
         key = m.group(1)
-        name = _str.decode(b'"' + key + b'"') if b"\\" in key else key.decode()
-        value = values.get(name)
+        name = names.get(key)
+        if name is None:
+            name = _name(key)
+        value = get(name)
         start = m.end()
         # bytes.startswith is a memcmp (memoryview equality compares item by item: ~20 µs for 7 KB).
-        if value is None or not body.startswith(value, start):
+        if value is None or not startswith(value, start):
             raise RepeatedField(name)
         count += 1
         end = start + len(value)
@@ -126,6 +131,22 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
         prompt=prompt,
         end=previous_end,
     )
+
+
+# Member names as spelled without escapes (bytes) and their text: the same few names come in every
+# body, so each is decoded once (bounded: a client's own names cannot grow it past _MAX_NAMES).
+_NAMES: dict[bytes, str] = {}
+_MAX_NAMES = 1024
+
+
+def _name(key: bytes) -> str:
+    """A member name's text, from its bytes between the quotes (escapes decoded)."""
+    if b"\\" in key:
+        return str(_str.decode(b'"' + key + b'"'))
+    name = key.decode()
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[key] = name
+    return name
 
 
 def _repeated(body: bytes, values: dict[str, msgspec.Raw]) -> str:

@@ -509,7 +509,9 @@ class Http1Pool:
             len(body),
             body,
         )
-        conn = await self._acquire()
+        conn = self._idle_one() if self._idle else None
+        if conn is None:
+            conn = await self._acquire()
         try:
             return await conn.send(request)
         except BaseException:
@@ -529,17 +531,24 @@ class Http1Pool:
 
     # -- the pool ----------------------------------------------------------------------------------
 
+    def _idle_one(self) -> _Connection | None:
+        """A kept-alive connection still fit for use (the most recently used), or None."""
+        idle = self._idle
+        oldest = time.monotonic() - self.keepalive_s
+        while idle:
+            conn = idle.pop()
+            if conn.connected and conn.idle_since >= oldest:
+                return conn
+            conn.drop()
+        return None
+
     async def _acquire(self) -> _Connection:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        idle = self._idle
-        if idle:
-            oldest = time.monotonic() - self.keepalive_s
-            while idle:
-                conn = idle.pop()
-                if conn.connected and conn.idle_since >= oldest:
-                    return conn
-                conn.drop()
+        if self._idle:
+            conn = self._idle_one()
+            if conn is not None:
+                return conn
         while self._open >= self.limit:
             waiter: asyncio.Future[_Connection | None] = self.loop.create_future()
             self._waiters.append(waiter)
@@ -610,12 +619,24 @@ class Http1Pool:
                 return
 
 
+# Header names already found to be tokens (a request's are the same few every time), as bytes.
+_NAMES: dict[str, bytes] = {}
+_MAX_NAMES: Final = 256
+
+
 def _header_lines(headers: Mapping[str, str]) -> bytes:
     out = []
     for name, value in headers.items():
         # A name is an RFC 9110 token; a value is latin-1 text without controls but tab (CR, LF and NUL
-        # would break or smuggle the request's framing).
-        if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+        # would break or smuggle the request's framing). Printable ASCII (a request id) needs no regex.
+        raw = _NAMES.get(name)
+        if raw is None:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"invalid character in the upstream request header {name!r}")
+            raw = name.encode("latin-1")
+            if len(_NAMES) < _MAX_NAMES:
+                _NAMES[name] = raw
+        if not (value.isascii() and value.isprintable()) and not _FIELD_VALUE.fullmatch(value):
             raise ValueError(f"invalid character in the upstream request header {name!r}")
-        out.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
-    return b"".join(out)
+        out.append(b"%b: %b\r\n" % (raw, value.encode("latin-1")))
+    return out[0] if len(out) == 1 else b"".join(out)

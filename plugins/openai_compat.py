@@ -216,9 +216,16 @@ class OpenAICompatAdapter:
         limit = self._max_body
         if response.content_length is not None and response.content_length > limit:
             raise self._too_large()
+        content = response.content
+        if content.is_eof():
+            # All of it has arrived (a small answer comes with its head, in one read): taken as it is,
+            # without a read coroutine per chunk and one for the end.
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise self._too_large()
+            return body
         parts: list[bytes] = []
         size = 0
-        content = response.content
         while True:
             chunk = await content.readany()
             if not chunk:

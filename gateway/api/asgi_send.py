@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
 from gateway.api.openai.sse_encode import encode_batch, encode_end, error_event
 from gateway.context import RequestContext
 from gateway.contracts import End
-from gateway.errors import ClientClosedRequest, ErrorBody, RequestTimeout
+from gateway.errors import ClientClosedRequest, ErrorBody, PayloadTooLarge, RequestTimeout
 from gateway.reply import EventStream, Reply, close_stream
 
 Scope = MutableMapping[str, Any]
@@ -40,7 +40,7 @@ SHUTDOWN_EVENT = error_event(
         code="shutting_down",
     )
 )
-__all__ = ["Message", "Receive", "Reply", "Scope", "Send", "StreamCodec", "body_chunks", "send_reply"]
+__all__ = ["BodyChunks", "Message", "Receive", "Reply", "Scope", "Send", "StreamCodec", "body_chunks", "send_reply"]
 
 
 class StreamCodec(Protocol):
@@ -192,58 +192,123 @@ def _cut_tail(
     return SHUTDOWN_EVENT if codec is None else codec.cut(ctx)
 
 
-async def body_chunks(
+def body_chunks(
     receive: Receive, idle_timeout_s: float | None = None, total_timeout_s: float | None = None
-) -> AsyncIterator[bytes]:
+) -> BodyChunks:
     """The request body as it arrives; a client that pauses longer than `idle_timeout_s` between chunks
-    or takes longer than `total_timeout_s` for the whole body gets 408 and the connection is closed.
+    or takes longer than `total_timeout_s` for the whole body gets 408 and the connection is closed."""
+    return BodyChunks(receive, idle_timeout_s, total_timeout_s)
 
-    One timer handle per request (moved only between chunks of a multi-chunk body) cancels the waiting
-    task: half the cost of an `asyncio.timeout` block per chunk, on every request's path."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    start = loop.time()
-    deadline = None if total_timeout_s is None else start + total_timeout_s
-    expired = False
 
-    def due(now: float) -> float | None:
-        idle = None if idle_timeout_s is None else now + idle_timeout_s
+class BodyChunks:
+    """The request body's chunks (an async iterator, `aclose` included), and `read_all` for a reader that
+    wants them joined (gateway.api.decode.read_body): one coroutine for the whole body, where iterating
+    costs a coroutine per chunk and one for the end. Not an async generator: the event loop tracks each
+    of those in a WeakSet (its first iteration and its collection), on every request's path.
+
+    One timer handle per request (armed at the first read, moved only between chunks of a multi-chunk
+    body) cancels the waiting task: half the cost of an `asyncio.timeout` block per chunk."""
+
+    __slots__ = ("_deadline", "_done", "_expired", "_idle_s", "_loop", "_receive", "_task", "_timer", "_total_s")
+
+    def __init__(self, receive: Receive, idle_timeout_s: float | None, total_timeout_s: float | None) -> None:
+        self._receive = receive
+        self._idle_s = idle_timeout_s
+        self._total_s = total_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+        self._done = False
+
+    def __aiter__(self) -> BodyChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._done:
+            chunk = await self._next()
+            if chunk:
+                return chunk
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._finish()
+
+    async def read_all(self, limit: int) -> bytes:
+        """The whole body; PayloadTooLarge as soon as more than `limit` bytes arrived. Closed after."""
+        try:
+            chunk = await self._next()
+            if self._done:
+                if len(chunk) > limit:
+                    raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+                return chunk
+            parts = [chunk]
+            total = len(chunk)
+            while not self._done:
+                chunk = await self._next()
+                total += len(chunk)
+                if total > limit:
+                    raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+                parts.append(chunk)
+            return b"".join(parts)
+        finally:
+            self._finish()
+
+    def _due(self, now: float) -> float | None:
+        idle = None if self._idle_s is None else now + self._idle_s
+        deadline = self._deadline
         if deadline is None:
             return idle
         return deadline if idle is None else min(idle, deadline)
 
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        if task is not None:
-            task.cancel()
+    def _expire(self) -> None:
+        self._expired = True
+        if self._task is not None:
+            self._task.cancel()
 
-    first = due(start)
-    timer = None if first is None or task is None else loop.call_at(first, expire)
-    try:
-        while True:
-            try:
-                message = await receive()
-            except asyncio.CancelledError:
-                if not expired or task is None or task.uncancel() > 0:
-                    raise  # cancelled by someone else too (the client left, shutdown)
-                total = deadline is not None and loop.time() >= deadline
-                limit = f"{total_timeout_s:g} s for the whole body" if total else f"{idle_timeout_s:g} s between chunks"
-                raise RequestTimeout(
-                    f"The request body arrived too slowly (the limit is {limit}).", headers={"connection": "close"}
-                ) from None
-            if message["type"] == "http.disconnect":
-                raise ClientClosedRequest("The client closed the connection before sending the whole body.")
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
-            if more and timer is not None:
-                timer.cancel()
-                nxt = due(loop.time())
-                timer = None if nxt is None else loop.call_at(nxt, expire)
-            if chunk:
-                yield chunk
-            if not more:
-                return
-    finally:
-        if timer is not None:
-            timer.cancel()
+    def _finish(self) -> None:
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _next(self) -> bytes:
+        """The next message's bytes (maybe empty); `_done` once the body is over."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+            start = loop.time()
+            self._deadline = None if self._total_s is None else start + self._total_s
+            first = self._due(start)
+            if first is not None and self._task is not None:
+                self._timer = loop.call_at(first, self._expire)
+        try:
+            message = await self._receive()
+        except asyncio.CancelledError:
+            task = self._task
+            if not self._expired or task is None or task.uncancel() > 0:
+                self._finish()
+                raise  # cancelled by someone else too (the client left, shutdown)
+            self._finish()
+            total = self._deadline is not None and loop.time() >= self._deadline
+            limit = f"{self._total_s:g} s for the whole body" if total else f"{self._idle_s:g} s between chunks"
+            raise RequestTimeout(
+                f"The request body arrived too slowly (the limit is {limit}).", headers={"connection": "close"}
+            ) from None
+        except BaseException:
+            self._finish()
+            raise
+        if message["type"] == "http.disconnect":
+            self._finish()
+            raise ClientClosedRequest("The client closed the connection before sending the whole body.")
+        chunk: bytes = message.get("body", b"")
+        if message.get("more_body", False):
+            if self._timer is not None:
+                self._timer.cancel()
+                nxt = self._due(loop.time())
+                self._timer = None if nxt is None else loop.call_at(nxt, self._expire)
+        else:
+            self._finish()
+        return chunk

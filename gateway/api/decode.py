@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from gateway.api.asgi_send import BodyChunks
 from gateway.api.openai.decode import decode as decode
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
@@ -23,6 +24,8 @@ async def read_body(chunks: AsyncIterator[bytes], content_length: str | None, li
             raise InvalidRequest("Invalid Content-Length header.")
         if announced > limit:
             raise PayloadTooLarge(f"Request body of {announced} bytes exceeds the limit of {limit} bytes.")
+    if isinstance(chunks, BodyChunks):
+        return await chunks.read_all(limit)  # one coroutine for the whole body (closed after)
     parts: list[bytes] = []
     total = 0
     try:

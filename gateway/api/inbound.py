@@ -149,6 +149,7 @@ def _ranges(max_output_tokens: int) -> tuple[tuple[str, int, int], ...]:
 # Every top-level field `check_numbers` reads: the codec decodes just these to plain values.
 _FLOATS = ("presence_penalty", "frequency_penalty")  # modelled in chat only: checked for the others too
 NUMBER_FIELDS = (*(name for name, _, _ in _ranges(1)), "logit_bias", *_FLOATS)
+_FLOAT_FIELDS = frozenset(_FLOATS)
 
 
 def _show(value: int) -> str:
@@ -157,10 +158,46 @@ def _show(value: int) -> str:
     return f"a number of about {int(value.bit_length() * 0.30103) + 1} digits"  # no str() of a huge int
 
 
+# The ranges that do not depend on the limits, by name (max_tokens and max_completion_tokens: up to the
+# limits' max_output_tokens).
+_OUTPUT_FIELDS = frozenset({"max_tokens", "max_completion_tokens"})
+_FIXED_RANGES = {name: (lo, hi) for name, lo, hi in _ranges(1) if name not in _OUTPUT_FIELDS}
+
+
+def _all_plain(raw: Mapping[str, Any], max_output_tokens: int) -> bool:
+    """Nothing to refuse, found field by field present (the common body: a few plain integers in range,
+    float penalties, chat's boolean `logprobs`) rather than range by range. False when anything else is
+    there (the full check then decides, and names the first field it refuses)."""
+    for name, value in raw.items():
+        kind = type(value)
+        if kind is int:
+            if name in _OUTPUT_FIELDS:
+                if not 1 <= value <= max_output_tokens:
+                    return False
+            elif name in _FLOAT_FIELDS:
+                if not -(2**63) < value < 2**63:
+                    return False
+            else:
+                bounds = _FIXED_RANGES.get(name)
+                if bounds is None or not bounds[0] <= value <= bounds[1]:
+                    return False
+        elif value is None or (kind is float and name in _FLOAT_FIELDS) or (kind is bool and name == "logprobs"):
+            continue
+        else:
+            return False
+    return True
+
+
 def check_numbers(raw: Mapping[str, Any], limits: InboundLimits) -> None:
     """Refuse integers outside their range, whatever the field's type in the wire Structs: `raw` holds the
     body's top-level NUMBER_FIELDS as decoded JSON; they are forwarded upstream as the client wrote them
     and the token reservation is computed from them."""
+    if not _all_plain(raw, limits.max_output_tokens):
+        _check_each(raw, limits)
+
+
+def _check_each(raw: Mapping[str, Any], limits: InboundLimits) -> None:
+    """`check_numbers` range by range: the first field refused, in a fixed order."""
     for name, lo, hi in _ranges(limits.max_output_tokens):
         value = raw.get(name)
         if value is None or (name == "logprobs" and isinstance(value, bool)):

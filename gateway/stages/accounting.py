@@ -495,6 +495,8 @@ class AccountingStage(EndTap):
             await self.store.reconcile_many(batch)
         if self._reconciles:
             await asyncio.gather(*self._reconciles, return_exceptions=True)
+        if self.access_log is not None:
+            self.access_log.flush()
 
 
 def _served_by(ctx: RequestContext, deployment: str) -> tuple[str, str] | None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.api.asgi_send import body_chunks
 from gateway.api.decode import decode, read_body
 from gateway.canonical import Request, Text, ToolCall
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import ClientClosedRequest, InvalidRequest, PayloadTooLarge, RequestTimeout
 
 
 def _chat(body: bytes) -> Request:
@@ -198,3 +200,53 @@ def test_requests_with_custom_tools_are_never_cached() -> None:
     base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     assert uncacheable(decode(json.dumps({**base, "tools": [function]}).encode(), "chat"), bounds) is None
     assert uncacheable(decode(json.dumps({**base, "tools": [function, custom]}).encode(), "chat"), bounds) == "tools"
+
+
+def _receive(messages: list[dict[str, object]]):  # type: ignore[no-untyped-def]
+    queue = list(messages)
+
+    async def receive() -> dict[str, object]:
+        if not queue:
+            await asyncio.Event().wait()  # a client that sends nothing more
+        return queue.pop(0)
+
+    return receive
+
+
+def _messages(parts: list[bytes]) -> list[dict[str, object]]:
+    return [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)]
+
+
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=6), st.integers(min_value=0, max_value=200))
+def test_the_edge_body_reads_as_its_chunks_joined_or_413(parts: list[bytes], limit: int) -> None:
+    """The edge's body source (BodyChunks): read whole (read_body) or iterated, the same bytes; 413 past the limit."""
+
+    async def run() -> tuple[bytes | None, list[bytes]]:
+        try:
+            whole: bytes | None = await read_body(body_chunks(_receive(_messages(parts)), 5.0, 10.0), None, limit)
+        except PayloadTooLarge:
+            whole = None
+        chunks = [c async for c in body_chunks(_receive(_messages(parts)), 5.0, 10.0)]
+        return whole, chunks
+
+    whole, chunks = asyncio.run(run())
+    joined = b"".join(parts)
+    assert whole == (joined if len(joined) <= limit else None)
+    assert chunks == [p for p in parts if p]
+
+
+async def test_the_edge_body_times_out_with_408_and_a_client_leaving_is_a_499() -> None:
+    source = body_chunks(_receive([{"type": "http.request", "body": b"{", "more_body": True}]), 0.05, 10.0)
+    with pytest.raises(RequestTimeout) as info:
+        await read_body(source, None, 1024)
+    assert "between chunks" in info.value.message
+    assert source._timer is None  # closed: no timer outlives the read
+    left = [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}]
+    with pytest.raises(ClientClosedRequest):
+        await read_body(body_chunks(_receive(left), 5.0, 10.0), None, 1024)
+    # Cancelled by someone else (not its timer): the cancellation goes on.
+    task = asyncio.ensure_future(read_body(body_chunks(_receive([]), 5.0, 10.0), None, 1024))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

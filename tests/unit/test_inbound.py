@@ -11,7 +11,15 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.api.decode import decode
-from gateway.api.inbound import InboundLimits, depth_bound_holds, depth_exceeds
+from gateway.api.inbound import (
+    NUMBER_FIELDS,
+    InboundLimits,
+    _all_plain,
+    _check_each,
+    check_numbers,
+    depth_bound_holds,
+    depth_exceeds,
+)
 from gateway.canonical import Operation
 from gateway.errors import InvalidRequest
 
@@ -247,3 +255,36 @@ OPENAI_ONLY = [
 def test_openai_only_limits_are_left_to_the_upstream(kind: Operation, body: bytes) -> None:
     request = decode(body, kind)
     assert request.original is not None and request.original.body == body
+
+
+_ANY_NUMBER_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, 1, 16, 128, 129, 65_536, 1_000_000, 1_000_001, 2**63 - 1, 2**63, -(2**63), -1]),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=3),
+    st.dictionaries(st.text(max_size=3), st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans())),
+)
+
+
+@given(
+    st.dictionaries(st.sampled_from(NUMBER_FIELDS), _ANY_NUMBER_VALUE, max_size=6),
+    st.integers(min_value=1, max_value=300_000),
+)
+def test_the_fast_number_check_decides_as_the_full_one(raw: dict[str, Any], max_output_tokens: int) -> None:
+    """check_numbers' field-by-field pass accepts only what the range-by-range check accepts."""
+    limits = InboundLimits(max_output_tokens=max_output_tokens)
+    try:
+        _check_each(raw, limits)
+        full = None
+    except InvalidRequest as exc:
+        full = exc.param
+    if _all_plain(raw, max_output_tokens):
+        assert full is None
+    try:
+        check_numbers(raw, limits)
+        fast = None
+    except InvalidRequest as exc:
+        fast = exc.param
+    assert fast == full
