@@ -4,8 +4,10 @@ A new policy is validated whole and its runtime compiled in worker threads, then
 assignment on the event loop, which never waits for the policy's size; requests already running finish
 on the runtime they started with. The replaced runtime is then freed in small steps on the loop
 (gateway.teardown), once no request started on it is running (`Runtime.held`), not in one deallocation
-of the whole policy. The reload's log line says how long it held the event loop and the
-longest stall of the loop while it ran (`LoopStalls`). An invalid policy is refused with its
+of the whole policy. The worker threads never hold the GIL for long in one step (gateway.policy.load:
+no collection over all a load allocated, no whole-document C call or deallocation) and pass it within
+1 ms while a reload runs (`gil_handoff`). The reload's log line says how long it held the event loop
+and the longest stall of the loop while it ran (`LoopStalls`). An invalid policy is refused with its
 reasons (logged, counted in `strait_policy_reloads_total{result="rejected"}`, and
 `strait_policy_last_reload_successful` 0 until a reload succeeds) and the running one keeps serving.
 """
