@@ -120,6 +120,9 @@ class PolicyReloader:
         self.loaded_at = time.time()
         self.last_rejected: Rejected | None = None
         self._seen = _fingerprint(self.path)
+        # The files as the last reload (or the start) read them: the watcher's tick that saw a change a
+        # SIGHUP's reload has since read finds nothing left to do (one change, one reload).
+        self._read = self._seen
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[object]] = set()
 
@@ -151,13 +154,20 @@ class PolicyReloader:
             current = await asyncio.to_thread(_fingerprint, self.path)
             if current != self._seen:
                 self._seen = current
-                log.warning("policy files changed: reloading %s", self.path)
-                await self.reload()
+                await self.reload(only_if_changed=True)
 
-    async def reload(self) -> bool:
+    async def reload(self, *, only_if_changed: bool = False) -> bool:
         """Validate and swap; True when the new policy is in force. Everything that grows with the policy
-        runs in worker threads; the event loop only swaps and starts tasks (`LoopStalls` measures it)."""
+        runs in worker threads; the event loop only swaps and starts tasks (`LoopStalls` measures it).
+        `only_if_changed` (the file watcher): nothing is done when the files are as the last reload read
+        them (a SIGHUP's reload got there first); a SIGHUP always reloads."""
         async with self._lock:
+            current = await asyncio.to_thread(_fingerprint, self.path)
+            if only_if_changed and current == self._read:
+                return False
+            if only_if_changed:
+                log.warning("policy files changed: reloading %s", self.path)
+            self._read = self._seen = current
             async with LoopStalls() as stalls:
                 with gil_handoff():
                     done = await self._reload()

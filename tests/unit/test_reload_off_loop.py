@@ -136,3 +136,31 @@ def test_the_reload_freezes_what_it_built_before_the_collector_resumes(
         young = (load_module.BUILD_YOUNG_THRESHOLD, load_module._NEVER, load_module._NEVER)
         assert frozen == [(young, reload_module.RELOAD_SWITCH_S)] * 2  # the check's, the compilation's
         assert (gc.get_threshold(), sys.getswitchinterval()) == (thresholds, interval)
+
+
+def test_one_change_seen_by_sighup_and_the_watcher_is_one_reload(tmp_path: Path) -> None:
+    """A SIGHUP's reload and the file watcher's next tick both see the same change: only one of them
+    checks, compiles and swaps; a later change still reloads through the watcher."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(PRICED)
+    app = create_app(Settings(policy_path=str(path), spool_dir=str(tmp_path / "spool")))
+    with TestClient(app) as client:
+        gateway = client.app.state["gateway"]
+
+        def applied() -> float:
+            return gateway.metrics.policy_reloads.labels("applied")._value.get()  # type: ignore[no-any-return]
+
+        reloader = reload_module.PolicyReloader(gateway, str(path), discover_adapters())
+        path.write_text(PRICED.replace("output_tokens: 2}", "output_tokens: 3}"))
+        before = applied()
+        assert client.blocking_portal.call(reloader.reload)  # SIGHUP
+        runtime = gateway.runtime
+
+        async def watcher_tick() -> bool:
+            return await reloader.reload(only_if_changed=True)
+
+        assert not client.blocking_portal.call(watcher_tick)  # the watcher's tick: already read
+        assert applied() == before + 1 and gateway.runtime is runtime
+        path.write_text(PRICED.replace("output_tokens: 2}", "output_tokens: 40}"))
+        assert client.blocking_portal.call(watcher_tick)
+        assert applied() == before + 2 and gateway.runtime is not runtime
