@@ -68,6 +68,93 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
     that appears twice raises RepeatedField: the decoded mapping kept only the last value, and the
     upstream might read the first (`"max_tokens": 100000, "max_tokens": 1` must not pass as 1).
     """
+    spans = _compact(body, values)
+    if spans is None:
+        spans = _walk(body, values)
+    model, options, inputs, prompt, cut, end = spans
+    if model is None:
+        raise KeyError("model")
+    return Original(
+        protocol=protocol,
+        body=body,
+        model=model,
+        cut=cut,
+        stream_options=options,
+        input=inputs,
+        prompt=prompt,
+        end=end,
+    )
+
+
+_Span = tuple[int, int]
+_Spans = tuple[_Span | None, _Span | None, _Span | None, _Span | None, _Span | None, int]
+# `"name":` of plain member names (no quote, backslash or control character: spelled as they are).
+_HEADS: dict[str, bytes] = {}
+
+
+def _head(name: str) -> bytes | None:
+    if '"' in name or "\\" in name or not name.isprintable():
+        return None
+    head = b'"' + name.encode() + b'":'
+    if len(_HEADS) < _MAX_NAMES:
+        _HEADS[name] = head
+    return head
+
+
+def _compact(body: bytes, values: dict[str, msgspec.Raw]) -> _Spans | None:
+    """The spans of a body spelled compactly (`{"a":1,"b":2}`, what most SDKs send), found by comparing
+    each member as it must read, in the decoded mapping's order, with the body: no regex, no name decoded.
+    None for any other spelling (whitespace, escaped names, a repeated name), left to `_walk`.
+
+    Sound: every member of the mapping is matched once, each followed by `,` (or the last by `}`, the
+    body's last byte), so the body holds exactly those members, each name once."""
+    if not values or body[:1] != b"{":
+        return None
+    model = options = inputs = prompt = cut = None
+    cut_next = False
+    startswith = body.startswith
+    pos = 1
+    end = -1
+    left = len(values)
+    for name, value in values.items():
+        head = _HEADS.get(name)
+        if head is None:
+            head = _head(name)
+            if head is None:
+                return None
+        if not startswith(head, pos):
+            return None
+        start = pos + len(head)
+        if not startswith(value, start):
+            return None
+        if cut_next:
+            cut, cut_next = (cut[0], pos) if cut is not None else None, False
+        previous_end = end
+        end = start + len(value)
+        if name in _EDITED:
+            if name == "model":
+                model = (start, end)
+            elif name == "stream_options":
+                options = (start, end)
+            elif name == "input":
+                inputs = (start, end)
+            elif name == "prompt":
+                prompt = (start, end)
+            elif previous_end < 0:  # `strait` first: up to the next key, its comma included
+                cut, cut_next = (pos, end), True
+            else:  # from the end of the previous value: the comma before it goes too
+                cut = (previous_end, end)
+        left -= 1
+        if not startswith(b"," if left else b"}", end):
+            return None
+        pos = end + 1
+    if pos != len(body):
+        return None  # whitespace after the closing brace: the walk reads it
+    return model, options, inputs, prompt, cut, end
+
+
+def _walk(body: bytes, values: dict[str, msgspec.Raw]) -> _Spans:
+    """The spans, found by walking the members with a regex (any valid spelling); RepeatedField."""
     opened = _OPEN.match(body)
     assert opened is not None  # `values` was decoded from `body`: it is an object
     pos = opened.end()
@@ -119,18 +206,7 @@ def original_of(protocol: str, body: bytes, values: dict[str, msgspec.Raw]) -> O
         # More members than names means a name repeats; so does a walk that stopped before the closing
         # brace (a repeated number whose last value prefixes the first: `12` read where `1` was kept).
         raise RepeatedField(_repeated(body, values))
-    if model is None:
-        raise KeyError("model")
-    return Original(
-        protocol=protocol,
-        body=body,
-        model=model,
-        cut=cut,
-        stream_options=options,
-        input=inputs,
-        prompt=prompt,
-        end=previous_end,
-    )
+    return model, options, inputs, prompt, cut, previous_end
 
 
 # Member names as spelled without escapes (bytes) and their text: the same few names come in every

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from gateway.api.decode import decode
 from gateway.errors import InvalidRequest
-from gateway.passthrough import Original, RepeatedField, original_of, splice
+from gateway.passthrough import Original, RepeatedField, _compact, _walk, original_of, splice
 
 _skim = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
@@ -202,3 +202,35 @@ def test_stream_options_that_already_ask_for_usage_stay_unless_a_false_could_hid
     escaped = b'{"model":"a","stream_options": {"include\\u005fusage": false, "include_usage": true}}'
     out = splice(original_of("openai", escaped, _skim.decode(escaped)), "b", stream_usage=True)
     assert out == b'{"model":"b","stream_options": {"include_usage":true}}'
+
+
+def _walked(body: bytes, top: dict[str, msgspec.Raw]) -> object:
+    try:
+        return _walk(body, top)
+    except RepeatedField as exc:
+        return exc
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=bodies(), repeat=st.none() | st.integers(0, 10), compact=st.booleans())
+def test_the_compact_reading_finds_what_the_walk_finds(
+    case: tuple[bytes, dict[str, Any]], repeat: int | None, compact: bool
+) -> None:
+    """A compactly spelled body (`{"a":1,"b":2}`) is read without the regex walk: the same spans, and a
+    repeated name is never let through (the walk then refuses it)."""
+    body, doc = case
+    if compact:
+        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    if repeat is not None:
+        # A member written twice (its first spelling, or the one before it), compactly or not.
+        names = list(doc)
+        name = names[repeat % len(names)]
+        again = json.dumps({name: doc[names[(repeat + 1) % len(names)]]}, separators=(",", ":"), ensure_ascii=False)
+        body = body.rstrip()[:-1] + b"," + again[1:].encode()
+    top = _skim.decode(body)
+    walked = _walked(body, top)
+    read = _compact(body, top)
+    if read is not None:
+        assert read == walked
+    elif compact and repeat is None and all('"' not in k and "\\" not in k and k.isprintable() for k in doc):
+        raise AssertionError("a compact body with plain names is read without the walk")
