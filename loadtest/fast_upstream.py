@@ -10,7 +10,8 @@ Endpoints: POST /v1/chat/completions (JSON or SSE), POST /v1/completions, POST /
 GET /v1/models, GET /healthz. Streams: a role delta, `--chunks` content chunks of 5 tokens each, a finish
 chunk, a usage chunk with `choices: []` when `stream_options.include_usage` was asked, then `[DONE]`.
 With delays 0 the whole stream goes out in one write; otherwise event i is written at
-`ttft + i * chunk_delay` after the request arrived (absolute deadlines: a late timer does not push the
+`ttft + i * chunk_delay` after the request arrived, and the finish chunk, the usage chunk and `[DONE]`
+go in one write (absolute deadlines: a late timer does not push the
 later events back; timer callbacks, no task per stream).
 """
 
@@ -318,10 +319,11 @@ class FastUpstream(asyncio.Protocol):
         if timing.ttft_s <= 0 and timing.chunk_delay_s <= 0:
             t.write(a.stream_all_usage if usage else a.stream_all)
             return
-        frames = list(a.stream_events)
-        if usage:
-            frames.append(a.stream_usage_event)
-        frames.append(a.stream_tail)
+        # The finish chunk, the usage chunk and [DONE] leave together, as an engine sends them (vLLM: at
+        # the end of the same step, no token to wait for): a proxy asking for usage (to account) must not
+        # wait one more inter-token gap than a client that does not.
+        frames = list(a.stream_events[:-1])
+        frames.append(a.stream_events[-1] + (a.stream_usage_event if usage else b"") + a.stream_tail)
         t.write(a.stream_head)
         self._busy = True
         # On an absolute schedule from the request's arrival, as an engine on its own machine produces

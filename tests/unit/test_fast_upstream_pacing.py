@@ -1,4 +1,4 @@
-"""loadtest.fast_upstream paces a stream on an absolute schedule: event i is due at ttft + i * gap after
+"""loadtest.fast_upstream paces a stream on an absolute schedule (the end in one write): event i is due at ttft + i * gap after
 the request arrived, whenever the previous timer actually fired (an engine on its own machine does not
 slow down because the proxy in front of it is busy)."""
 
@@ -55,6 +55,25 @@ async def test_a_late_timer_does_not_push_the_later_events_back() -> None:
         when, callback, args = loop.pending.pop(0)
         loop.now = when + 0.015  # every timer fires 15 ms late (a busy machine)
         callback(*args)
-    frames = len(answers.stream_events) + 1  # the events, then the tail ([DONE])
+    frames = len(answers.stream_events)  # the finish chunk, the usage chunk and [DONE] go together
     assert loop.due == [100.0 + 0.02 + i * 0.02 for i in range(frames)]
-    assert transport.writes[1:] == [*answers.stream_events, answers.stream_tail]
+    last = answers.stream_events[-1] + answers.stream_tail
+    assert transport.writes[1:] == [*answers.stream_events[:-1], last]
+
+
+async def test_the_usage_chunk_costs_a_proxy_no_extra_gap() -> None:
+    """A proxy asks for the usage chunk (to account); it arrives with the finish chunk, as from an engine."""
+    answers = build_answers(10)
+    proto = FastUpstream(answers, Timing(ttft_s=0.02, chunk_delay_s=0.02))
+    loop = _Loop()
+    proto._loop = loop  # type: ignore[assignment]
+    transport = _Transport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    body = b'{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true}}'
+    proto.data_received(b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    while loop.pending:
+        when, callback, args = loop.pending.pop(0)
+        loop.now = when
+        callback(*args)
+    assert len(loop.due) == len(answers.stream_events)
+    assert transport.writes[-1] == answers.stream_events[-1] + answers.stream_usage_event + answers.stream_tail
