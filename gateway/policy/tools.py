@@ -165,10 +165,27 @@ def _clean_descriptions(node: Any) -> Any:
     return out
 
 
+_BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+
+
+def _whole_bounds(node: Any) -> Any:
+    """Bounds that are whole numbers written as integers. `typing` caches `Annotated[...]` by equality
+    and `Meta(le=1) == Meta(le=1.0)`, so which spelling a field's bound gets depended on which module's
+    annotation was evaluated first in the process: the printed schema must not."""
+    if isinstance(node, dict):
+        return {
+            k: int(v) if k in _BOUNDS and isinstance(v, float) and v.is_integer() else _whole_bounds(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_whole_bounds(v) for v in node]
+    return node
+
+
 def schema() -> dict[str, Any]:
     from gateway.policy.model import PolicySet
 
-    doc: dict[str, Any] = _clean_descriptions(msgspec.json.schema(PolicySet))
+    doc: dict[str, Any] = _whole_bounds(_clean_descriptions(msgspec.json.schema(PolicySet)))
     doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     doc["title"] = "Strait policy file"
     return doc

@@ -25,6 +25,27 @@ def test_committed_schema_is_byte_for_byte_what_the_command_prints(capsys: pytes
     )
 
 
+def test_the_schema_does_not_depend_on_which_annotations_a_process_evaluated_first() -> None:
+    """`typing` caches `Annotated[float, Meta(le=1.0)]` and hands it out for `Annotated[float, Meta(le=1)]`
+    (equal Metas): a process that evaluated the embedder spec's bounds first once printed `1.0` where the
+    committed schema says `1` (seen as an order-dependent CI failure)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import typing\n"
+        "from gateway.cache.embedders import spec\n"
+        "typing.get_type_hints(spec.EmbedderSpec, include_extras=True)\n"
+        "import msgspec\n"
+        "msgspec.json.schema(spec.EmbedderSpec)\n"
+        "from gateway.__main__ import main\n"
+        "main(['policy', 'schema'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == (POLICIES / "schema.json").read_text(encoding="utf-8")
+
+
 def test_generating_twice_gives_the_same_text() -> None:
     assert json.dumps(schema(), indent=2, sort_keys=True) == json.dumps(schema(), indent=2, sort_keys=True)
 
