@@ -539,7 +539,10 @@ class RoutePlan:
 
     def detached(self) -> RoutePlan:
         """This plan without its downgrade's inputs (they hold the request's messages): what a bounded log of
-        recent decisions may keep and still build the table from, later and only if asked."""
+        recent decisions may keep and still build the table from, later and only if asked (the plan
+        itself when it has no downgrade)."""
+        if self._downgrade is None:
+            return self
         plan = RoutePlan(self.route, self.targets, self._facts, None)
         plan._decision = self._decision
         return plan
