@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from gateway.accounting.counts import worst_cost_micro_usd
 from gateway.context import RequestContext
 from gateway.errors import BudgetExceeded, InvalidRequest, RateLimited
 from gateway.pipeline import RequestOnly
@@ -262,7 +261,11 @@ class LimitsStage(RequestOnly):
                 param=request.output_tokens_field,
                 code="request_too_large",
             )
-        worst = max((worst_cost_micro_usd(t.deployment.price, prompt, out) for t in ctx.plan), default=0)
+        plan = ctx.plan
+        if len(plan) == 1:
+            worst = plan[0].rates.worst_micro_usd(prompt, out)
+        else:
+            worst = max((t.rates.worst_micro_usd(prompt, out) for t in plan), default=0)
         if worst > MAX_RESERVE_MICRO_USD:
             raise InvalidRequest(
                 f"This request's worst-case cost ({worst / 1e6:.0f} USD) is more than one request may reserve. "
