@@ -56,7 +56,7 @@ from gateway.contracts import AdapterFactory, ShadowSink
 from gateway.errors import GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.gauges import GatewayGauges
 from gateway.policy.decisions import DecisionLog
-from gateway.policy.load import freeze_loaded, load_policy
+from gateway.policy.load import freeze_loaded, load_policy, serving_collector
 from gateway.registry import discover_adapters
 from gateway.reload import PolicyReloader
 from gateway.reply import JSON
@@ -168,6 +168,7 @@ def create_app(
         # Served by `strait serve`: the policy and its runtime live until a reload, out of the cyclic
         # collector's way. (In-process tests build many apps: they would freeze their own garbage.)
         freeze_loaded()
+        serving_collector()
     gateway = Gateway(runtime, services, writer, ledger)
     capture.retention_days = lambda tenant: _retention_days(gateway, tenant)
     if shadow_sink is None and capture.enabled and services.shadow_traffic is not None:

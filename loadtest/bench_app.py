@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from gateway.app import create_app
 from gateway.policy.index import key_digest
-from gateway.policy.load import freeze_loaded
+from gateway.policy.load import freeze_loaded, serving_collector
 from gateway.settings import Settings
 from loadtest.overhead import CACHE_ON, HOST, POLICY_LIMITS, POLICY_OPEN, redis_server, upstream
 
@@ -162,7 +162,10 @@ async def _bench(args: argparse.Namespace, policy: Path, state: str, workdir: Pa
         ),
         access_log_out=log,
     )
-    freeze_loaded()  # as `strait serve` does (create_app's drain_on_sigterm): start-up out of the collector's way
+    # As `strait serve` does (create_app's drain_on_sigterm): start-up out of the collector's way, and the
+    # serving young-generation threshold.
+    freeze_loaded()
+    serving_collector()
     async with _lifespan(app):
         body = STREAM_BODY if args.stream else BODY
         await _watched(_round(app, 200, args.concurrency, body), "the warm-up")  # connections, tokenizer, caches

@@ -8,8 +8,6 @@ the deployment's (gateway.policy.rates).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import msgspec
 
 from gateway.policy.model import Price
@@ -17,8 +15,10 @@ from gateway.policy.rates import rate_card
 from gateway.upstream.wire import CompletionTokensDetails, PromptTokensDetails, Usage
 
 
-@dataclass(frozen=True, slots=True)
-class TokenCounts:
+class TokenCounts(msgspec.Struct, frozen=True, gc=False):
+    """(A Struct: two or three are made per request, and a frozen dataclass's __init__ sets each field
+    through object.__setattr__. Untracked by the cyclic collector: it holds only integers.)"""
+
     prompt: int = 0
     completion: int = 0
     cached: int = 0

@@ -539,7 +539,10 @@ class RoutePlan:
 
     def detached(self) -> RoutePlan:
         """This plan without its downgrade's inputs (they hold the request's messages): what a bounded log of
-        recent decisions may keep and still build the table from, later and only if asked."""
+        recent decisions may keep and still build the table from, later and only if asked (the plan
+        itself when it has no downgrade)."""
+        if self._downgrade is None:
+            return self
         plan = RoutePlan(self.route, self.targets, self._facts, None)
         plan._decision = self._decision
         return plan
@@ -1002,27 +1005,67 @@ def _rank(
 ) -> list[tuple[float, Target]]:
     """(score, target) best first. Sort key: (spill/fallback group, objective score, declared order).
     Fills `spilled` with the backends spillover moved behind the others, and why; `fits` with those that
-    are spilling yet take this request (it fits under the threshold), and why."""
+    are spilling yet take this request (it fits under the threshold), and why.
+
+    Without spillover at work, a plan whose order nothing can change skips the sort key: one survivor, or
+    the `ordered` objective with no preference nor client order (every key is then (fallback group, no
+    preference, 0.0, position), and the fallback group grows with the position: the survivors' own order).
+    `_rank_sorted` is the whole ranking; tests check both agree."""
+    if (route.spillover is None or fits is None) and (
+        len(survivors) == 1 or (objective == "ordered" and prefer is None and (prefs is None or not prefs.order))
+    ):
+        scores = _scores(survivors, objective, weights, features, out_tokens, live)
+        return [(score, target) for (_, target), score in zip(survivors, scores, strict=True)]
+    return _rank_sorted(
+        survivors, route, objective, weights, features, out_tokens, live, prefs, own, spilled, fits, prefer
+    )
+
+
+def _scores(
+    survivors: list[tuple[int, Target]],
+    objective: Objective,
+    weights: Weights,
+    features: RequestFeatures,
+    out_tokens: int,
+    live: LiveState,
+) -> list[float]:
+    """Each survivor's objective score (lower ranks first)."""
+    if objective == "ordered":
+        return [0.0] * len(survivors)
+    if objective == "cost":
+        return [_cost(t, features.prompt_tokens, out_tokens) for _, t in survivors]
+    if objective == "latency":
+        return [_latency(t, live) for _, t in survivors]
+    costs = [_cost(t, features.prompt_tokens, out_tokens) for _, t in survivors]
+    lats = [_latency(t, live) for _, t in survivors]
+    max_cost = max(costs) or 1.0
+    max_lat = max(lats) or 1.0
+    total = (weights.cost + weights.latency) or 1.0
+    return [
+        (weights.cost * c / max_cost + weights.latency * lt / max_lat) / total
+        for c, lt in zip(costs, lats, strict=True)
+    ]
+
+
+def _rank_sorted(
+    survivors: list[tuple[int, Target]],
+    route: Route,
+    objective: Objective,
+    weights: Weights,
+    features: RequestFeatures,
+    out_tokens: int,
+    live: LiveState,
+    prefs: Preferences | None,
+    own: int,
+    spilled: dict[str, str],
+    fits: dict[str, str] | None,
+    prefer: Prefer | None = None,
+) -> list[tuple[float, Target]]:
+    """`_rank` by its whole sort key, whatever the plan."""
     order = {m: i for i, m in enumerate(prefs.order)} if prefs is not None and prefs.order else None
     spill = route.spillover
     tiers = spill.tiers if spill is not None else ()
-    scores: list[float]
-    if objective == "ordered":
-        scores = [0.0] * len(survivors)
-    elif objective == "cost":
-        scores = [_cost(t, features.prompt_tokens, out_tokens) for _, t in survivors]
-    elif objective == "latency":
-        scores = [_latency(t, live) for _, t in survivors]
-    else:
-        costs = [_cost(t, features.prompt_tokens, out_tokens) for _, t in survivors]
-        lats = [_latency(t, live) for _, t in survivors]
-        max_cost = max(costs) or 1.0
-        max_lat = max(lats) or 1.0
-        total = (weights.cost + weights.latency) or 1.0
-        scores = [
-            (weights.cost * c / max_cost + weights.latency * lt / max_lat) / total
-            for c, lt in zip(costs, lats, strict=True)
-        ]
+    scores = _scores(survivors, objective, weights, features, out_tokens, live)
     keyed = []
     for (position, target), score in zip(survivors, scores, strict=True):
         group = 0.0 if position < own else 1000.0  # a fallback route's candidates come last

@@ -29,6 +29,7 @@ from gateway.policy.compile import (
 from gateway.policy.entities import UNKNOWN_ENTITY, Entity, effective_origin, entity
 from gateway.policy.model import Backend, Deployment, Model, Origin, PolicySet, Route, Tenant
 from gateway.policy.places import BUILTIN, Places
+from gateway.policy.rates import ZERO_RATES, RateCard, rate_card
 
 _NEEDS: Final[dict[Operation, str]] = {"chat": "chat", "completions": "completions", "embeddings": "embeddings"}
 
@@ -82,6 +83,8 @@ class Target:
     header: tuple[bytes, bytes] = (b"", b"")
     # Its engine continues a final assistant message (the backend's or the deployment's `prefill`).
     prefill: bool = False
+    # The deployment's price as exact rates (gateway.policy.rates), read by every admission and record.
+    rates: RateCard = ZERO_RATES
     # What compliance reads, resolved once by the policy's index (`resolved=True`): the model's effective
     # origin (a fine-tune's base model's unless it declares its own), the operator as an entity with its
     # parents, and the policy's places (its blocs). A Target built alone resolves them from itself: the
@@ -100,6 +103,7 @@ class Target:
         serving = (*self.backend.capabilities, *self.deployment.capabilities)
         object.__setattr__(self, "prefill", "prefill" in serving)
         object.__setattr__(self, "header", deployment_header(self.label))
+        object.__setattr__(self, "rates", rate_card(self.deployment.price))
 
 
 def policy_json(policy: PolicySet) -> Iterator[bytes]:

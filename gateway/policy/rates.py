@@ -88,6 +88,9 @@ class RateCard:
         return -(-(prompt * top_in + completion * top_out + self.per_request) // FEMTO_PER_MICRO)
 
 
+ZERO_RATES: Final = RateCard(input=0, cached_input=0, cache_write=0, output=0, reasoning=0, per_request=0)
+
+
 @lru_cache(maxsize=4096)
 def rate_card(price: Price) -> RateCard:
     """The exact rates of a price (cached: a policy holds few distinct prices, each read per request)."""

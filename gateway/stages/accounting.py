@@ -246,7 +246,9 @@ class AccountingStage(EndTap):
                 )
                 tokens = TokenCounts(prompt=ctx.prompt_tokens.count_now(), completion=completion, reasoning=reasoning)
                 source = "estimated"
-            cost = cost_micro_usd(target.deployment.price, tokens)
+            cost = target.rates.micro_usd(
+                tokens.prompt, tokens.cached, tokens.cache_write, tokens.completion, tokens.reasoning
+            )
             self._submit(
                 ctx,
                 len(ctx.failed_attempts) + len(ctx.continued) + 1,

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from gateway.accounting.counts import worst_cost_micro_usd
 from gateway.context import RequestContext
 from gateway.errors import BudgetExceeded, InvalidRequest, RateLimited
 from gateway.pipeline import RequestOnly
@@ -38,7 +37,7 @@ from gateway.state import (
     RateLimit,
     Store,
 )
-from gateway.state.base import MAX_RESERVE_MICRO_USD, MAX_RESERVE_TOKENS, Admission, RateUnit, Scope
+from gateway.state.base import MAX_RESERVE_MICRO_USD, MAX_RESERVE_TOKENS, Admission, Scope
 from gateway.telemetry import Metrics
 
 log = logging.getLogger("strait.limits")
@@ -136,17 +135,42 @@ def _duration(ms: int) -> str:
     return f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s"
 
 
-def rate_headers(admission: Admission) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    units: tuple[tuple[RateUnit, str], ...] = (("requests", "requests"), ("tokens", "tokens"))
-    for unit, suffix in units:
-        check: CheckResult | None = admission.headline(unit)
-        if check is None or not isinstance(check.limit, RateLimit):
+def rate_headers(admission: Admission, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` headers from each unit's binding rate check (`Admission.headline`: least
+    remaining, then longest reset), requests first; added to `headers` when given. One pass over the checks
+    for both units (what the two `headline` calls find, in the same order)."""
+    out: dict[str, str] = {} if headers is None else headers
+    requests: CheckResult | None = None
+    tokens: CheckResult | None = None
+    for c in admission.checks:
+        lim = c.limit
+        if not isinstance(lim, RateLimit):
             continue
-        headers[f"x-ratelimit-limit-{suffix}"] = str(check.limit.limit)
-        headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, check.remaining))
-        headers[f"x-ratelimit-reset-{suffix}"] = _duration(check.reset_ms)
-    return headers
+        if lim.unit == "requests":
+            best = requests
+            if (
+                best is None
+                or c.remaining < best.remaining
+                or (c.remaining == best.remaining and c.reset_ms > best.reset_ms)
+            ):
+                requests = c
+        else:
+            best = tokens
+            if (
+                best is None
+                or c.remaining < best.remaining
+                or (c.remaining == best.remaining and c.reset_ms > best.reset_ms)
+            ):
+                tokens = c
+    if requests is not None:
+        out["x-ratelimit-limit-requests"] = str(requests.limit.limit)
+        out["x-ratelimit-remaining-requests"] = str(requests.remaining) if requests.remaining > 0 else "0"
+        out["x-ratelimit-reset-requests"] = _duration(requests.reset_ms)
+    if tokens is not None:
+        out["x-ratelimit-limit-tokens"] = str(tokens.limit.limit)
+        out["x-ratelimit-remaining-tokens"] = str(tokens.remaining) if tokens.remaining > 0 else "0"
+        out["x-ratelimit-reset-tokens"] = _duration(tokens.reset_ms)
+    return out
 
 
 class LimitsStage(RequestOnly):
@@ -199,7 +223,7 @@ class LimitsStage(RequestOnly):
                 headers={"retry-after": str(min(retry_s, 120)), **rate_headers(admission)},
             )
         ctx.ticket = admission.ticket
-        ctx.extra_headers.update(rate_headers(admission))
+        rate_headers(admission, ctx.extra_headers)
         self._count(ctx, "degraded" if admission.degraded else result)
 
     def _count(self, ctx: RequestContext, result: str) -> None:
@@ -237,7 +261,11 @@ class LimitsStage(RequestOnly):
                 param=request.output_tokens_field,
                 code="request_too_large",
             )
-        worst = max((worst_cost_micro_usd(t.deployment.price, prompt, out) for t in ctx.plan), default=0)
+        plan = ctx.plan
+        if len(plan) == 1:
+            worst = plan[0].rates.worst_micro_usd(prompt, out)
+        else:
+            worst = max((t.rates.worst_micro_usd(prompt, out) for t in plan), default=0)
         if worst > MAX_RESERVE_MICRO_USD:
             raise InvalidRequest(
                 f"This request's worst-case cost ({worst / 1e6:.0f} USD) is more than one request may reserve. "

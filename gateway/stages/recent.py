@@ -3,8 +3,9 @@ or route, the filter/rank table of one, and `strait policy diff` of a pasted pol
 
 A decision observer (gateway.stages.observers) keeps one small entry per decided request in a ring of fixed
 size, process-wide (it outlives policy reloads). An entry holds no prompt or answer text: the request's
-features as a feature line (sizes, capabilities, the headers the policy's rules read) and the plan, detached
-from its downgrade (which holds the messages); the plan's table is built only when someone looks at it.
+features (sizes, capabilities, the headers the policy's rules read), made a feature line only when the
+console reads it, and the plan, detached from its downgrade (which holds the messages); the plan's table
+is built only when someone looks at it.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import msgspec
 
+from gateway.canonical import Operation
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.policy.engine import Decision, LiveState, RequestFeatures, RoutePlan
+from gateway.policy.engine import Decision, LiveState, Preferences, RequestFeatures, RoutePlan
 from gateway.policy.index import PolicyIndex
 from gateway.policy.replay import FeatureLine
 from gateway.stages.observers import MAX_CLIENT_TEXT, rule_headers
@@ -25,6 +28,19 @@ from gateway.stages.observers import MAX_CLIENT_TEXT, rule_headers
 # Entries kept per replica: enough to find a request from the last minutes of a busy gateway, small enough
 # that the ring (a plan's facts are a few hundred bytes to a few KiB) stays in the low megabytes.
 RECENT_DECISIONS = 1000
+
+
+class Seen(NamedTuple):
+    """What a feature line says of one request beyond the entry's own fields, as the route stage had it:
+    the line itself is built only when the console reads it (`RecentDecision.features`)."""
+
+    operation: Operation
+    prompt_tokens: int
+    max_tokens: int | None
+    needs: frozenset[str]
+    preferences: Preferences | None
+    # Only the headers the policy's rules read; None when they read none.
+    headers: dict[str, str] | None
 
 
 class RecentDecision(msgspec.Struct, frozen=True):
@@ -37,10 +53,31 @@ class RecentDecision(msgspec.Struct, frozen=True):
     decision_id: str
     tenant: str
     route: str
-    features: FeatureLine
+    # The request's features: a feature line, or what one is built from when read (`features`).
+    seen: FeatureLine | Seen
     # The plan (its table built on first look) or the refusal's status and code.
     plan: RoutePlan | None
     refused: str | None
+
+    @property
+    def features(self) -> FeatureLine:
+        """The request's features as a feature line (what `strait policy diff` replays)."""
+        seen = self.seen
+        if isinstance(seen, FeatureLine):
+            return seen
+        plan = self.plan
+        return FeatureLine(
+            ts=self.ts,
+            route=self.route,
+            tenant=self.tenant,
+            operation=seen.operation,
+            prompt_tokens=seen.prompt_tokens,
+            max_tokens=seen.max_tokens,
+            needs=tuple(sorted(seen.needs)),
+            preferences=seen.preferences,
+            headers={} if seen.headers is None else dict(seen.headers),
+            deployment=plan.targets[0].label if plan is not None and plan.targets else None,
+        )
 
     @property
     def choice(self) -> str:
@@ -87,31 +124,35 @@ class RecentLog:
         self, ctx: RequestContext, features: RequestFeatures, live: LiveState, plan: RoutePlan | GatewayError
     ) -> None:
         tenant = ctx.principal.tenant if ctx.principal is not None else "-"
-        now = time.time()
-        route = features.route[:MAX_CLIENT_TEXT]
-        line = FeatureLine(
-            ts=now,
-            route=route,
-            tenant=tenant,
-            operation=features.operation,
-            prompt_tokens=features.prompt_tokens,
-            max_tokens=features.max_tokens,
-            needs=tuple(sorted(features.needs)),
-            preferences=features.preferences,
-            headers={h: v for h in self.headers if (v := features.headers.get(h)) is not None},
-            deployment=None if isinstance(plan, GatewayError) or not plan.targets else plan.targets[0].label,
+        kept = self.headers
+        if kept:
+            request_headers = features.headers
+            headers: dict[str, str] | None = {h: v for h in kept if (v := request_headers.get(h)) is not None}
+        else:
+            headers = None
+        seen = Seen(
+            features.operation,
+            features.prompt_tokens,
+            features.max_tokens,
+            features.needs,
+            features.preferences,
+            headers,
         )
-        refused = f"refused {plan.status} {plan.code or ''}".rstrip() if isinstance(plan, GatewayError) else None
+        if isinstance(plan, GatewayError):
+            kept_plan, refused = None, f"refused {plan.status} {plan.code or ''}".rstrip()
+        else:
+            kept_plan, refused = plan.detached(), None
+        client_id = ctx.client_request_id
         self.ring.add(
             RecentDecision(
-                ts=now,
-                request_id=ctx.request_id,
-                client_request_id=(ctx.client_request_id or None) and ctx.client_request_id[:MAX_CLIENT_TEXT],
-                decision_id=ctx.decision_id,
-                tenant=tenant,
-                route=route,
-                features=line,
-                plan=None if isinstance(plan, GatewayError) else plan.detached(),
-                refused=refused,
+                time.time(),
+                ctx.request_id,
+                client_id[:MAX_CLIENT_TEXT] if client_id else None,
+                ctx.decision_id,
+                tenant,
+                features.route[:MAX_CLIENT_TEXT],
+                seen,
+                kept_plan,
+                refused,
             )
         )

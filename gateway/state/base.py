@@ -108,7 +108,11 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
         return False
 
 
-class AdmissionRequest(msgspec.Struct, frozen=True, kw_only=True):
+# The per-request values below (a request, its checks, ticket and verdict) are made on every admission and
+# reconcile: gc=False keeps them out of the cyclic collector (they are immutable and hold no cycle).
+
+
+class AdmissionRequest(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     request_id: str
     tenant: str
     key: str
@@ -132,7 +136,7 @@ class AdmissionRequest(msgspec.Struct, frozen=True, kw_only=True):
         return max(1, int(self.lease_s * 1000))
 
 
-class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
+class CheckResult(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One limit's verdict, with what OpenAI-style headers need.
 
     - rate: `remaining` units, `reset_ms` until the bucket is full again.
@@ -151,7 +155,7 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
     fits: bool = True
 
 
-class Ticket(msgspec.Struct, frozen=True, kw_only=True):
+class Ticket(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What `reconcile`/`renew` need: the request as admitted and the budget windows it reserved in."""
 
     request: AdmissionRequest
@@ -161,7 +165,7 @@ class Ticket(msgspec.Struct, frozen=True, kw_only=True):
     local: bool = False
 
 
-class Admission(msgspec.Struct, frozen=True, kw_only=True):
+class Admission(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     allowed: bool
     # The shared store was unreachable: rate and concurrency checks were skipped (fail open) and
     # budgets were checked against this replica's conservative local share. Count it in a metric.
@@ -193,14 +197,14 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
         return best
 
 
-class Usage(msgspec.Struct, frozen=True, kw_only=True):
+class Usage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What the request actually cost: prompt + completion tokens, and micro-USD."""
 
     tokens: int
     cost_micro_usd: int = 0
 
 
-class Reconciliation(msgspec.Struct, frozen=True, kw_only=True):
+class Reconciliation(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # False when nothing was applied: a duplicate call, an expired ticket, or the store unreachable.
     applied: bool
     degraded: bool = False

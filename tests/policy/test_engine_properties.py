@@ -10,12 +10,14 @@ import contextlib
 import random
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import msgspec
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import InvalidRequest, PermissionDenied
+from gateway.policy import engine
 from gateway.policy.compliance import compliance_reason
 from gateway.policy.engine import (
     EJECTED,
@@ -636,6 +638,16 @@ def test_decisions_are_deterministic(w: World, rnd: random.Random) -> None:
     rnd.shuffle(tenants_)
     shuffled = msgspec.structs.replace(w.policy, backends=tuple(backends_), tenants=tuple(tenants_))
     assert snapshot(attempt(w, PolicyIndex(shuffled))) == first
+
+
+@SETTINGS
+@given(st.one_of(worlds(), worlds(objective="ordered", spillover=False)))
+def test_the_ranking_shortcut_decides_as_the_whole_sort(w: World) -> None:
+    """`_rank` skips the sort key when nothing can change the order (one survivor; `ordered` without
+    preferences): the plan, the table (scores, ranks, spill columns) and refusals are the sort's."""
+    fast = snapshot(attempt(w))
+    with mock.patch.object(engine, "_rank", engine._rank_sorted):
+        assert snapshot(attempt(w)) == fast
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
@@ -20,11 +22,15 @@ from gateway.api.console.candidate import MAX_CANDIDATE_BYTES
 from gateway.api.console.history import MetricHistory
 from gateway.api.console.metrics_view import quantile
 from gateway.app import create_app
-from gateway.policy.index import PolicyIndex, key_digest
+from gateway.context import RequestContext
+from gateway.errors import GatewayError
+from gateway.policy.engine import LiveState, RequestFeatures, RoutePlan, decide
+from gateway.policy.index import PolicyIndex, Principal, key_digest
 from gateway.policy.load import load_policy
+from gateway.policy.model import PolicySet
 from gateway.policy.replay import FeatureLine
 from gateway.settings import Settings
-from gateway.stages.recent import RecentDecision, RecentDecisions
+from gateway.stages.recent import RecentDecision, RecentDecisions, RecentLog
 from gateway.telemetry import Metrics
 from tests.harness.waiting import poll
 
@@ -277,6 +283,73 @@ def test_the_recent_decisions_ring_is_bounded() -> None:
     assert [e.request_id for e in ring.newest_first()] == ["req_5", "req_4", "req_3", "req_2"]
     found = ring.find("d3")
     assert found is not None and found.choice == "refused 429" and found.decision is None
+
+
+RING_POLICY = """version: 1
+backends:
+  - {name: b, adapter: simulated}
+models:
+  - {name: m, capabilities: [chat, tools], deployments: [{backend: b, upstream_model: x}]}
+routes:
+  - {name: chat, models: [m]}
+tenants:
+  - {name: acme}
+rules:
+  - {name: team, when: {header: {name: X-Team, equals: a}}, then: {objective: cost}}
+"""
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    route=st.sampled_from(["chat", "nope", "x" * 300]),
+    tokens=st.integers(0, 10**6),
+    max_tokens=st.none() | st.integers(1, 10**5),
+    needs=st.frozensets(st.sampled_from(["tools", "vision", "json"])),
+    headers=st.dictionaries(st.sampled_from(["x-team", "authorization", "x-other"]), st.text(max_size=5)),
+    client_id=st.none() | st.just("") | st.text(min_size=1, max_size=300),
+    rule_headers=st.booleans(),
+)
+def test_a_recent_entry_reads_back_the_feature_line_the_request_had(
+    route: str,
+    tokens: int,
+    max_tokens: int | None,
+    needs: frozenset[str],
+    headers: dict[str, str],
+    client_id: str | None,
+    rule_headers: bool,
+) -> None:
+    """The ring keeps what the route stage had and builds the feature line when read: the same line,
+    field for field, as one built at decision time (only the headers the rules read; no other header)."""
+    text = RING_POLICY if rule_headers else RING_POLICY.split("rules:")[0]
+    index = PolicyIndex(msgspec.convert(yaml.safe_load(text), PolicySet))
+    ring = RecentDecisions()
+    log = RecentLog(ring, index)
+    ctx = RequestContext(request_id="req_1", operation="chat", started=0.0, headers=headers)
+    ctx.principal = Principal(tenant="acme", key_id="k", allowed_routes=None)
+    ctx.client_request_id = client_id
+    ctx.decision_id = "d1"
+    features = RequestFeatures(route=route, prompt_tokens=tokens, max_tokens=max_tokens, needs=needs, headers=headers)
+    plan: RoutePlan | GatewayError
+    try:
+        plan = decide(index, ctx.principal, features, LiveState(), decision_id="d1")
+    except GatewayError as exc:
+        plan = exc
+    log.observe(ctx, features, LiveState(), plan)
+    (entry,) = ring.newest_first()
+    expected = FeatureLine(
+        ts=entry.ts,
+        route=route[:200],
+        tenant="acme",
+        operation="chat",
+        prompt_tokens=tokens,
+        max_tokens=max_tokens,
+        needs=tuple(sorted(needs)),
+        headers={"x-team": headers["x-team"]} if rule_headers and "x-team" in headers else {},
+        deployment=None if isinstance(plan, GatewayError) else plan.targets[0].label,
+    )
+    assert msgspec.json.encode(entry.features) == msgspec.json.encode(expected)
+    assert entry.route == route[:200] and entry.client_request_id == ((client_id or None) and client_id[:200])
+    assert entry.choice == ("m@b" if isinstance(plan, RoutePlan) else f"refused {plan.status} {plan.code}")
 
 
 @given(

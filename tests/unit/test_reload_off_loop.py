@@ -164,3 +164,19 @@ def test_one_change_seen_by_sighup_and_the_watcher_is_one_reload(tmp_path: Path)
         path.write_text(PRICED.replace("output_tokens: 2}", "output_tokens: 40}"))
         assert client.blocking_portal.call(watcher_tick)
         assert applied() == before + 2 and gateway.runtime is not runtime
+
+
+def test_the_serving_collector_raises_only_the_young_threshold_and_a_pause_keeps_it() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        load_module.serving_collector()
+        assert gc.get_threshold() == (load_module.SERVING_YOUNG_THRESHOLD, 10, 10)
+        with load_module.collector_paused():
+            assert gc.get_threshold()[1:] == (load_module._NEVER, load_module._NEVER)
+        assert gc.get_threshold() == (load_module.SERVING_YOUNG_THRESHOLD, 10, 10)
+        gc.set_threshold(0, 10, 10)  # automatic collection off: left so
+        load_module.serving_collector()
+        assert gc.get_threshold() == (0, 10, 10)
+    finally:
+        gc.set_threshold(*before)
