@@ -219,8 +219,11 @@ def test_usage_records_carry_the_providers_cached_tokens(gw: ServerProcess) -> N
     )
 
     def recorded() -> dict[str, Any] | None:
+        # Waits for this request's own record: the previous test's refused request (no tokens) may be
+        # recorded after `before` was read (the usage writer works in the background), so a grown request
+        # count alone does not mean this record arrived.
         row = _row(gw, headers)
-        return row if row["requests"] > before["requests"] else None
+        return row if row["prompt_tokens"] > before["prompt_tokens"] else None
 
     row = poll(recorded)
     assert row is not None
