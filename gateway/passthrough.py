@@ -110,7 +110,8 @@ def _compact(body: bytes, values: dict[str, msgspec.Raw]) -> _Spans | None:
     body's last byte), so the body holds exactly those members, each name once."""
     if not values or body[:1] != b"{":
         return None
-    model = options = inputs = prompt = cut = None
+    kept: dict[str, _Span] = {}
+    cut: _Span | None = None
     cut_next = False
     startswith = body.startswith
     pos = 1
@@ -132,14 +133,8 @@ def _compact(body: bytes, values: dict[str, msgspec.Raw]) -> _Spans | None:
         previous_end = end
         end = start + len(value)
         if name in _EDITED:
-            if name == "model":
-                model = (start, end)
-            elif name == "stream_options":
-                options = (start, end)
-            elif name == "input":
-                inputs = (start, end)
-            elif name == "prompt":
-                prompt = (start, end)
+            if name != "strait":
+                kept[name] = (start, end)
             elif previous_end < 0:  # `strait` first: up to the next key, its comma included
                 cut, cut_next = (pos, end), True
             else:  # from the end of the previous value: the comma before it goes too
@@ -150,7 +145,12 @@ def _compact(body: bytes, values: dict[str, msgspec.Raw]) -> _Spans | None:
         pos = end + 1
     if pos != len(body):
         return None  # whitespace after the closing brace: the walk reads it
-    return model, options, inputs, prompt, cut, end
+    return _spans(kept, cut, end)
+
+
+def _spans(kept: dict[str, _Span], cut: _Span | None, end: int) -> _Spans:
+    get = kept.get
+    return get("model"), get("stream_options"), get("input"), get("prompt"), cut, end
 
 
 def _walk(body: bytes, values: dict[str, msgspec.Raw]) -> _Spans:
@@ -159,11 +159,8 @@ def _walk(body: bytes, values: dict[str, msgspec.Raw]) -> _Spans:
     assert opened is not None  # `values` was decoded from `body`: it is an object
     pos = opened.end()
     count = 0
-    model: tuple[int, int] | None = None
-    options: tuple[int, int] | None = None
-    inputs: tuple[int, int] | None = None
-    prompt: tuple[int, int] | None = None
-    cut: tuple[int, int] | None = None
+    kept: dict[str, _Span] = {}
+    cut: _Span | None = None
     cut_next = False  # `strait` came first: its cut runs to the next key
     previous_end = -1
     match = _FIRST.match
@@ -188,14 +185,8 @@ def _walk(body: bytes, values: dict[str, msgspec.Raw]) -> _Spans:
         if cut_next:
             cut, cut_next = (cut[0], m.start(1) - 1) if cut is not None else None, False
         if name in _EDITED:
-            if name == "model":
-                model = (start, end)
-            elif name == "stream_options":
-                options = (start, end)
-            elif name == "input":
-                inputs = (start, end)
-            elif name == "prompt":
-                prompt = (start, end)
+            if name != "strait":
+                kept[name] = (start, end)
             elif previous_end < 0:  # `strait` first: up to the next key, its comma included
                 cut, cut_next = (m.start(1) - 1, end), True
             else:  # from the end of the previous value: the comma before it goes too
@@ -206,7 +197,7 @@ def _walk(body: bytes, values: dict[str, msgspec.Raw]) -> _Spans:
         # More members than names means a name repeats; so does a walk that stopped before the closing
         # brace (a repeated number whose last value prefixes the first: `12` read where `1` was kept).
         raise RepeatedField(_repeated(body, values))
-    return model, options, inputs, prompt, cut, previous_end
+    return _spans(kept, cut, previous_end)
 
 
 # Member names as spelled without escapes (bytes) and their text: the same few names come in every
