@@ -135,6 +135,15 @@ def _duration(ms: int) -> str:
     return f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s"
 
 
+def _tighter(check: CheckResult, best: CheckResult | None) -> bool:
+    """Whether `check` is the one to report: fewer left, or as few and resetting later."""
+    return (
+        best is None
+        or check.remaining < best.remaining
+        or (check.remaining == best.remaining and check.reset_ms > best.reset_ms)
+    )
+
+
 def rate_headers(admission: Admission, headers: dict[str, str] | None = None) -> dict[str, str]:
     """OpenAI's `x-ratelimit-*` headers from each unit's binding rate check (`Admission.headline`: least
     remaining, then longest reset), requests first; added to `headers` when given. One pass over the checks
@@ -147,21 +156,10 @@ def rate_headers(admission: Admission, headers: dict[str, str] | None = None) ->
         if not isinstance(lim, RateLimit):
             continue
         if lim.unit == "requests":
-            best = requests
-            if (
-                best is None
-                or c.remaining < best.remaining
-                or (c.remaining == best.remaining and c.reset_ms > best.reset_ms)
-            ):
+            if _tighter(c, requests):
                 requests = c
-        else:
-            best = tokens
-            if (
-                best is None
-                or c.remaining < best.remaining
-                or (c.remaining == best.remaining and c.reset_ms > best.reset_ms)
-            ):
-                tokens = c
+        elif _tighter(c, tokens):
+            tokens = c
     if requests is not None:
         out["x-ratelimit-limit-requests"] = str(requests.limit.limit)
         out["x-ratelimit-remaining-requests"] = str(requests.remaining) if requests.remaining > 0 else "0"
