@@ -58,18 +58,11 @@ def _export(args: argparse.Namespace) -> int:
     from gateway.capture.eligibility import policy_view
     from gateway.capture.export import ExportError, ExportOptions, export
     from gateway.capture.store import open_capture_store
-    from gateway.policy.load import PolicyError
 
-    try:
-        policy, version = _policy(args.policy)
-    except PolicyError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    try:
-        since_ms, until_ms = _dates(args)
-    except argparse.ArgumentTypeError as exc:
-        print(f"strait datasets export: {exc}", file=sys.stderr)
-        return 2
+    read = _inputs(args, "export")
+    if isinstance(read, int):
+        return read
+    policy, version, since_ms, until_ms = read
     assert since_ms is not None  # --since is required
     options = ExportOptions(
         route=args.route,
@@ -101,19 +94,11 @@ def _export(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from gateway.capture.compare import compare, prices_of, render
     from gateway.capture.store import open_capture_store
-    from gateway.policy.load import PolicyError
 
-    try:
-        policy, _ = _policy(args.policy)
-    except PolicyError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-
-    try:
-        since_ms, until_ms = _dates(args)
-    except argparse.ArgumentTypeError as exc:
-        print(f"strait datasets compare: {exc}", file=sys.stderr)
-        return 2
+    read = _inputs(args, "compare")
+    if isinstance(read, int):
+        return read
+    policy, _, since_ms, until_ms = read
 
     async def run() -> Any:
         store = await open_capture_store(_capture_url(args))
@@ -133,6 +118,24 @@ def _compare(args: argparse.Namespace) -> int:
     result = asyncio.run(run())
     print(json.dumps(result.as_dict(), indent=2) if args.json else "\n".join(render(result)))
     return 0
+
+
+def _inputs(args: argparse.Namespace, verb: str) -> tuple[Any, str, int | None, int | None] | int:
+    """The policy, its version and the date range, or the exit code after saying what is wrong (1: the
+    policy, 2: a date)."""
+    from gateway.policy.load import PolicyError
+
+    try:
+        policy, version = _policy(args.policy)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        since_ms, until_ms = _dates(args)
+    except argparse.ArgumentTypeError as exc:
+        print(f"strait datasets {verb}: {exc}", file=sys.stderr)
+        return 2
+    return policy, version, since_ms, until_ms
 
 
 def _dates(args: argparse.Namespace) -> tuple[int | None, int | None]:
