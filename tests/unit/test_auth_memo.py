@@ -58,12 +58,12 @@ def test_a_new_index_forgets_keys_it_no_longer_holds(tmp_path: Path) -> None:
 
 @given(st.lists(st.integers(min_value=0, max_value=5000), max_size=40))
 def test_random_bytes_hand_out_the_os_stream_in_order_each_byte_once(sizes: list[int]) -> None:
-    stream = bytearray()
+    blocks: list[bytes] = []
 
     def fake_urandom(n: int) -> bytes:
-        # A counter instead of randomness, so every byte's origin can be traced.
-        out = bytes((len(stream) + i) % 251 for i in range(n))
-        stream.extend(out)
+        # Distinct, traceable bytes: block k holds k's number in every byte's high bits.
+        out = bytes(((len(blocks) % 16) << 4) | (i % 16) for i in range(n))
+        blocks.append(out)
         return out
 
     real = os.urandom
@@ -74,15 +74,23 @@ def test_random_bytes_hand_out_the_os_stream_in_order_each_byte_once(sizes: list
     finally:
         os.urandom = real
         randomness._pool.data, randomness._pool.at = b"", 0
-    assert [len(d) for d in drawn] == sizes
-    # Every drawn byte is a distinct position of what the OS gave (never reused): each draw is a slice
-    # of one urandom block (or a block of its own), in order.
-    position = 0
-    for d in drawn:
-        found = stream.find(d, position) if d else position
-        assert found >= position
-        position = found + len(d)
-    assert sum(sizes) <= len(stream)
+    # The model: each draw is the next unused slice of the current block, or of a fresh block when the
+    # current one has too little left (its rest is never handed out), or a call of its own when larger
+    # than a block. No byte of what the OS gave is handed out twice.
+    expected: list[bytes] = []
+    block, at, k = b"", 0, 0
+    for n in sizes:
+        if at + n > len(block):
+            if n > randomness._BLOCK:
+                expected.append(blocks[k])
+                k += 1
+                continue
+            block, at = blocks[k], 0
+            k += 1
+        expected.append(block[at : at + n])
+        at += n
+    assert drawn == expected
+    assert k == len(blocks)  # one OS call per block (or per oversized draw), no more
 
 
 def test_threads_never_share_a_pool() -> None:
