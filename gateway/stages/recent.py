@@ -41,6 +41,8 @@ class Seen(NamedTuple):
     preferences: Preferences | None
     # Only the headers the policy's rules read; None when they read none.
     headers: dict[str, str] | None
+    # The replica's region (STRAIT_REGION): tenants' required_ingress_regions read it, so a replay does.
+    ingress_region: str | None
 
 
 class RecentDecision(msgspec.Struct, frozen=True):
@@ -77,6 +79,7 @@ class RecentDecision(msgspec.Struct, frozen=True):
             preferences=seen.preferences,
             headers={} if seen.headers is None else dict(seen.headers),
             deployment=plan.targets[0].label if plan is not None and plan.targets else None,
+            ingress_region=seen.ingress_region,
         )
 
     @property
@@ -137,6 +140,7 @@ class RecentLog:
             features.needs,
             features.preferences,
             headers,
+            features.ingress_region,
         )
         if isinstance(plan, GatewayError):
             kept_plan, refused = None, f"refused {plan.status} {plan.code or ''}".rstrip()

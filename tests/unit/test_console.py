@@ -328,7 +328,9 @@ def test_a_recent_entry_reads_back_the_feature_line_the_request_had(
     ctx.principal = Principal(tenant="acme", key_id="k", allowed_routes=None)
     ctx.client_request_id = client_id
     ctx.decision_id = "d1"
-    features = RequestFeatures(route=route, prompt_tokens=tokens, max_tokens=max_tokens, needs=needs, headers=headers)
+    features = RequestFeatures(
+        route=route, prompt_tokens=tokens, max_tokens=max_tokens, needs=needs, headers=headers, ingress_region="eu-west"
+    )
     plan: RoutePlan | GatewayError
     try:
         plan = decide(index, ctx.principal, features, LiveState(), decision_id="d1")
@@ -346,6 +348,7 @@ def test_a_recent_entry_reads_back_the_feature_line_the_request_had(
         needs=tuple(sorted(needs)),
         headers={"x-team": headers["x-team"]} if rule_headers and "x-team" in headers else {},
         deployment=None if isinstance(plan, GatewayError) else plan.targets[0].label,
+        ingress_region="eu-west",  # what `policy diff` replays for tenants that require one
     )
     assert msgspec.json.encode(entry.features) == msgspec.json.encode(expected)
     assert entry.route == route[:200] and entry.client_request_id == ((client_id or None) and client_id[:200])
