@@ -114,6 +114,9 @@ class RequestContext:
     # Written by accounting: the release of this request's concurrency slots, to be awaited by the edge
     # before the answer's last byte (a sequential client must find its slot free).
     settling: asyncio.Future[None] | None = None
+    # Written by `limits`: every concurrency limit of the ticket had ample free slots at admission
+    # (gateway.stages.limits.release_can_wait), so accounting may batch its release instead.
+    release_can_wait: bool = False
     # Tracing (only when configured): the request's SERVER span, written by the pipeline and ended by its
     # span tap (gateway.spans.SpanTap) when the answer is over; the usage it reports, by accounting.
     span: Span | None = None

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,10 +164,11 @@ def encoding(name: str) -> tiktoken.Encoding:
 
 
 def forget_encodings() -> None:
-    """Drop every built encoding (tests: a process that never counted)."""
+    """Drop every built encoding and remembered count (tests: a process that never counted)."""
     with _BUILDING:
         _build.cache_clear()
         _BUILT.clear()
+        _memo.clear()
 
 
 @functools.cache
@@ -181,16 +184,44 @@ def _build(name: str) -> tiktoken.Encoding:
     return enc
 
 
+# Token counts of recently counted texts. A chat resends its system prompt and its whole history every
+# turn, an agent its instructions and earlier tool results: most texts of a prompt were counted moments
+# ago. The key is (encoding, length, the str's hash), never the text, so no prompt outlives its request
+# here; str hashes are salted per process, so a client cannot make two texts collide, and a chance
+# collision (about 2**-64 per pair, MEMO_SIZE entries) misstates one message's count, nothing else.
+# First in, first out; safe from worker threads (each operation is one atomic call under the GIL).
+MEMO_SIZE = 4096
+_memo: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+
+
+def _tokens(enc: tiktoken.Encoding, encoding_name: str, text: str) -> int:
+    key = (encoding_name, len(text), hash(text))
+    known = _memo.get(key)
+    if known is not None:
+        return known
+    counted = len(enc.encode_ordinary(text))
+    if len(_memo) >= MEMO_SIZE:
+        with contextlib.suppress(KeyError):  # another thread emptied it meanwhile
+            _memo.popitem(last=False)
+    _memo[key] = counted
+    return counted
+
+
+def forget_counts() -> None:
+    """Drop the remembered counts (tests)."""
+    _memo.clear()
+
+
 def count_text(text: str, encoding_name: str = FALLBACK_ENCODING) -> int:
     if not text:
         return 0
-    return len(encoding(encoding_name).encode_ordinary(text))
+    return _tokens(encoding(encoding_name), encoding_name, text)
 
 
 def count_chat(texts: list[str], encoding_name: str = FALLBACK_ENCODING) -> int:
     """Prompt tokens of a chat request: the content texts plus OpenAI's per-message framing."""
     enc = encoding(encoding_name)
-    return sum(len(enc.encode_ordinary(t)) for t in texts if t) + _PER_MESSAGE * len(texts) + _PER_REPLY
+    return sum(_tokens(enc, encoding_name, t) for t in texts if t) + _PER_MESSAGE * len(texts) + _PER_REPLY
 
 
 # ---- counting on demand ----

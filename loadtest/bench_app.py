@@ -242,14 +242,15 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 runner = asyncio.run
             per_request = runner(_bench(args, policy, state, workdir))
-    us = sorted(x * 1e6 for x in per_request)
+    in_order = [x * 1e6 for x in per_request]
+    us = sorted(in_order)
     print(
         f"state={args.state} c={args.concurrency}{' stream' if args.stream else ''}"
         f"{f' latency={args.latency_ms:g}ms' if args.latency_ms else ''}"
         f"{f' chunk-delay={args.chunk_delay_ms:g}ms' if args.chunk_delay_ms else ''} "
         f"{' capture' if args.capture else ''}{' cache' if args.cache else ''} "
         f"{args.rounds}x{args.requests} requests: CPU per request "
-        f"least {us[0]:.1f} us, median {statistics.median(us):.1f} us, all {' '.join(f'{x:.0f}' for x in us)}; "
+        f"least {us[0]:.1f} us, median {statistics.median(us):.1f} us, in run order {' '.join(f'{x:.0f}' for x in in_order)}; "
         f"latency p50 {statistics.median(LATENCIES) * 1e3:.2f} ms",
         file=sys.stdout,
     )

@@ -346,9 +346,10 @@ class AccountingStage(EndTap):
 
         A ticket that holds concurrency slots is reconciled at once, and `ctx.settling` is the call:
         the edge awaits it before the answer's last byte, so a client that sends strictly one request
-        at a time never finds its own previous request still holding a slot. Everything else (token
-        debt, budget reservations) can wait: queued, and sent with the others of the last few
-        milliseconds in one call (one Redis pipeline), never before the response.
+        at a time never finds its own previous request still holding a slot. Unless the limits stage
+        found the slots far from full (`ctx.release_can_wait`): then, like everything else (token
+        debt, budget reservations), the release waits, queued, and is sent with the others of the last
+        few milliseconds in one call (one Redis pipeline), never before the response.
         """
         ticket = ctx.ticket
         if ticket is None:
@@ -359,7 +360,7 @@ class AccountingStage(EndTap):
             # In-process state: releasing is a few dict operations, cheaper done now than queued.
             self._inline.reconcile_now(ticket, usage)
             return
-        if ticket.request.limits.concurrency:
+        if ticket.request.limits.concurrency and not ctx.release_can_wait:
             settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._urgent.append((ticket, usage, settled))
             ctx.settling = settled
