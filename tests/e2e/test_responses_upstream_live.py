@@ -53,6 +53,7 @@ models:
   - {{name: refuses, deployments: [{{backend: speaks-responses, upstream_model: "fault:400"}}]}}
 routes:
   - {{name: reasoner, models: [gpt-up]}}
+  - {{name: counted, models: [gpt-up]}}  # only the usage test's requests: no earlier record can still be in flight
   - {{name: chatty, models: [chat-model]}}
   - {{name: cut, models: [cut]}}
   - {{name: fails, models: [fails]}}
@@ -180,12 +181,14 @@ def test_usage_is_recorded_and_a_chat_only_backend_still_gets_a_translation(
     gw: ServerProcess, fake: ServerProcess
 ) -> None:
     sdk = client(gw)
-    before = _usage_row(gw, "reasoner")
-    reply = sdk.responses.create(model="reasoner", input="Count me")
+    # A route no other test uses: the usage writer may still hold earlier tests' records of other routes.
+    before = _usage_row(gw, "counted")
+    assert before == {"requests": 0}
+    reply = sdk.responses.create(model="counted", input="Count me")
     assert reply.usage is not None and reply.usage.output_tokens_details.reasoning_tokens == 3
     row = before
     for _ in range(100):
-        row = _usage_row(gw, "reasoner")
+        row = _usage_row(gw, "counted")
         if row["requests"] > before["requests"]:
             break
         httpx.get(gw.base_url + "/healthz", timeout=5)
