@@ -75,7 +75,11 @@ class Metrics:
         self._tallies: list[Tally | Spread] = []
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "strait_requests", "Requests answered, by route and status.", ("route", "status"), registry=self.registry
+            "strait_requests",
+            "Requests answered, by route and status: upstream answers, cache hits and the gateway's own refusals "
+            "and failures (route '-' when refused before a route was chosen).",
+            ("route", "status"),
+            registry=self.registry,
         )
         self.upstream_attempts = Counter(
             "strait_upstream_attempts",

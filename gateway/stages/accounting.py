@@ -35,6 +35,8 @@ from gateway.state import Usage as StoreUsage
 from gateway.telemetry import Metrics
 from gateway.tokens import OFFLOAD_CHARS
 
+# The `route` label of a request refused before a route was chosen (bad key, unknown model, bad body).
+UNROUTED = "-"
 # Distinct error codes `strait_refusals` labels (the gateway's own are a few dozen; the rest are upstreams').
 MAX_CODE_LABELS = 64
 
@@ -324,9 +326,13 @@ class AccountingStage(EndTap):
 
     def refused(self, ctx: RequestContext, status: int, code: str | None) -> None:
         """A request refused before any upstream (auth, body, route, limits) or failed upstream: counted by
-        tenant and code (the console's refusals by reason), and its log line."""
+        tenant and code (the console's refusals by reason), among the requests by route and status (what
+        error-rate alerts read: a timeout or an unreachable upstream is a 5xx like an upstream's own), and
+        its log line. Before a route was chosen the route label is `-` (never the client's model string)."""
         tenant = ctx.principal.tenant if ctx.principal is not None else "-"
-        self.metrics.child(self.metrics.refusals, tenant, self._code_label(status, code)).inc()
+        m = self.metrics
+        m.child(m.refusals, tenant, self._code_label(status, code)).inc()
+        m.child(m.requests, ctx.route.name if ctx.route is not None else UNROUTED, str(status)).inc()
         if self.access_log is not None and not ctx.accounted:
             self.access_log.write(ctx, status, error=code)
 

@@ -46,13 +46,16 @@ backends:
     adapter: simulated
     outlier: {{consecutive_failures: 2}}
     simulated: {{ttft_ms: 0, failure_rate: 1.0, failure_status: 503}}
+  - {{name: gone, adapter: openai, base_url: "http://127.0.0.1:9/v1"}}  # nothing listens: connect refused
 models:
   - name: m
     deployments: [{{backend: sim, upstream_model: sim-1, price: {{input_per_mtok: 1000, output_per_mtok: 2000}}}}]
   - {{name: m-broken, deployments: [{{backend: broken, upstream_model: b}}]}}
+  - {{name: m-gone, deployments: [{{backend: gone, upstream_model: g}}]}}
 routes:
   - {{name: chat, models: [m]}}
   - {{name: flaky, models: [m-broken]}}
+  - {{name: unreachable, models: [m-gone]}}
 tenants:
   - name: acme
     keys: [{{id: "key-{HOSTILE}", digest: "{key_digest(TENANT)}"}}]
@@ -222,7 +225,26 @@ def test_overview_and_tenants_agree_with_metrics_and_usage(client: TestClient[ob
     tenants = client.get("/admin/api/tenants", headers=_admin()).json()["data"]
     assert tenants[0]["refusals"] == {"model_not_found": 1}
     assert 'strait_refusals_total{code="model_not_found",tenant="acme"} 1.0' in metrics
+    # Refused before a route was chosen: among the requests, under `-`, never under the client's model string.
+    assert 'strait_requests_total{route="-",status="404"} 1.0' in metrics and 'route="nope"' not in metrics
     assert tenants[0]["key_ids"] == [f"key-{HOSTILE}"]
+
+
+def test_the_gateways_own_errors_are_counted_with_the_requests(client: TestClient[object]) -> None:
+    """What error-rate alerts read (`strait_requests_total{status=~"5.."}`, docs/runbooks.md) includes the
+    gateway's own failures, not only upstream answers: a route whose upstream refuses connections (the
+    gateway's 502: no upstream answered), one whose upstream answers 503, and a bad key before any route."""
+    tenant = {"authorization": f"Bearer {TENANT}"}
+    gone = client.post("/v1/chat/completions", json={**CHAT, "model": "unreachable"}, headers=tenant)
+    assert gone.status_code == 502 and gone.json()["error"]["code"] == "upstream_unavailable", gone.text
+    flaky = client.post("/v1/chat/completions", json={**CHAT, "model": "flaky"}, headers=tenant)
+    assert flaky.status_code == 503
+    wrong = client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-wrong"})
+    assert wrong.status_code == 401
+    metrics = client.get("/metrics").text
+    assert 'strait_requests_total{route="unreachable",status="502"} 1.0' in metrics
+    assert 'strait_requests_total{route="flaky",status="503"} 1.0' in metrics
+    assert 'strait_requests_total{route="-",status="401"} 1.0' in metrics
 
 
 def test_security_headers_on_pages_documents_and_static_files(client: TestClient[object]) -> None:
