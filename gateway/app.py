@@ -180,7 +180,11 @@ def create_app(
     grace_s = settings.shutdown_grace_s
 
     async def drain_on_term() -> None:
-        before_sigterm(lambda: inflight.drain(grace_s))
+        before_sigterm(
+            lambda: inflight.drain(grace_s),
+            delay_s=settings.drain_delay_s,
+            on_notice=lambda: inflight.announce(settings.drain_delay_s),
+        )
 
     async def stop_draining() -> None:
         inflight.close()

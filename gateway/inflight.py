@@ -50,10 +50,18 @@ class InFlight:
         if self._cut:
             self._cut.discard(task)
 
+    def announce(self, delay_s: float) -> None:
+        """A shutdown is coming in `delay_s` (STRAIT_DRAIN_DELAY_S): not ready from now on, while new
+        requests are still served, so load balancers stop sending any before the listener closes."""
+        if self.draining:
+            return
+        self.draining = True
+        log.warning("shutting down in %g s: /readyz answers draining, new requests still served until then", delay_s)
+
     def drain(self, grace_s: float) -> None:
         """The replica is shutting down: not ready from now on; in `grace_s` every request still running
         is cut. Idempotent (a second signal does not move the deadline)."""
-        if self.draining:
+        if self.grace_s is not None:
             return
         self.draining = True
         self.grace_s = grace_s

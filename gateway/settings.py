@@ -60,6 +60,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # (a stream: an in-band error event). Keep the orchestrator's kill timeout above it plus a few seconds
     # (Kubernetes' terminationGracePeriodSeconds is 30 by default; docker/compose.yaml sets 30 s).
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 25.0
+    # SIGTERM: how long the replica goes on accepting new requests while /readyz already answers 503
+    # `draining`, so that load balancers take it out of rotation before its listener closes (Kubernetes'
+    # preStop sleep, Envoy's drain time). The grace period starts when this ends. 0: close at once.
+    drain_delay_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 0.0
     # One JSON line per request on stderr (gateway.access_log); the share of successful ones written.
     access_log: Literal["on", "off"] = "on"
     access_log_sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
@@ -127,6 +131,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("max_output_tokens", "STRAIT_MAX_OUTPUT_TOKENS"),
             ("max_connections", "STRAIT_MAX_CONNECTIONS"),
             ("shutdown_grace_s", "STRAIT_SHUTDOWN_GRACE_S"),
+            ("drain_delay_s", "STRAIT_DRAIN_DELAY_S"),
             ("access_log", "STRAIT_ACCESS_LOG"),
             ("access_log_sample", "STRAIT_ACCESS_LOG_SAMPLE"),
             ("region", "STRAIT_REGION"),

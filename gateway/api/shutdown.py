@@ -22,22 +22,33 @@ from typing import Any
 log = logging.getLogger("strait.shutdown")
 
 
-def before_sigterm(on_term: Callable[[], None]) -> bool:
+def before_sigterm(
+    on_term: Callable[[], None], *, delay_s: float = 0.0, on_notice: Callable[[], None] | None = None
+) -> bool:
     """Run `on_term` on the running event loop when SIGTERM (or SIGINT, Ctrl-C) arrives, then the handler
     already installed (the server's). Only from the main thread, and only in front of a Python handler:
     one that would otherwise kill the process (the default) or ignore the signal is left alone. Returns
-    whether it was installed for SIGTERM."""
+    whether it was installed for SIGTERM.
+
+    With `delay_s` > 0 (STRAIT_DRAIN_DELAY_S), a SIGTERM first runs `on_notice` (readiness turns
+    `draining`) and only `delay_s` later `on_term` and the server's handler (the listener closes): load
+    balancers stop routing here before connections are refused. A second SIGTERM (or a SIGINT) during the
+    wait goes on at once; SIGINT alone never waits (an operator at a terminal)."""
     if threading.current_thread() is not threading.main_thread():
         return False
     loop = asyncio.get_running_loop()
     installed = False
+    delayed = _Delayed(loop, on_term, on_notice, delay_s) if delay_s > 0 else None
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
         if not callable(previous):
             if sig == signal.SIGTERM:
                 log.warning("SIGTERM is not handled by the server: no drain on shutdown")
             continue
-        signal.signal(sig, _chained(loop, on_term, previous))
+        if delayed is not None:
+            signal.signal(sig, delayed.handler(previous))
+        else:
+            signal.signal(sig, _chained(loop, on_term, previous))
         installed = installed or sig == signal.SIGTERM
     return installed
 
@@ -50,3 +61,49 @@ def _chained(
         previous(signum, frame)
 
     return handler
+
+
+class _Delayed:
+    """A shutdown announced, then carried out `delay_s` later (or at the next signal)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_term: Callable[[], None],
+        on_notice: Callable[[], None] | None,
+        delay_s: float,
+    ) -> None:
+        self.loop = loop
+        self.on_term = on_term
+        self.on_notice = on_notice
+        self.delay_s = delay_s
+        self.timer: asyncio.TimerHandle | None = None
+        self.carried_out = False
+
+    def handler(self, previous: Callable[[int, FrameType | None], Any]) -> Callable[[int, FrameType | None], None]:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            # Everything on the loop (safe from a signal handler): the server's handler included, which
+            # only sets its exit flags.
+            self.loop.call_soon_threadsafe(self.step, previous, signum)
+
+        return on_signal
+
+    def step(self, previous: Callable[[int, FrameType | None], Any], signum: int) -> None:
+        if self.carried_out:
+            previous(signum, None)  # the server's own second-signal handling (its forced exit)
+            return
+        if self.timer is None and signum == signal.SIGTERM:
+            if self.on_notice is not None:
+                self.on_notice()
+            self.timer = self.loop.call_later(self.delay_s, self.carry_out, previous, signum)
+            return
+        self.carry_out(previous, signum)  # a second signal while waiting, or a SIGINT: at once
+
+    def carry_out(self, previous: Callable[[int, FrameType | None], Any], signum: int) -> None:
+        if self.carried_out:
+            return
+        self.carried_out = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.on_term()
+        previous(signum, None)

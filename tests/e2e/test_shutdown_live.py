@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from tests.harness.fake_control import FakeControl
 from tests.harness.gateway import gateway_process
 from tests.harness.procs import ServerProcess
 from tests.harness.redis_proc import RedisProc
+from tests.harness.waiting import poll
 
 KEY = "sk-tenant-shutdown-0b7e"
 TOKENS = 30
@@ -157,3 +159,45 @@ def test_sigterm_on_an_idle_gateway_exits_0(fake_upstream: ServerProcess, tmp_pa
         proc.signal(signal.SIGTERM)
         assert proc.proc is not None
         assert proc.proc.wait(timeout=30) == 0, proc.read_log()
+
+
+def _draining(base_url: str) -> bool:
+    r = httpx.get(base_url + "/readyz", timeout=5)
+    return r.status_code == 503 and r.json()["status"] == "draining"
+
+
+def test_with_a_drain_delay_the_replica_reports_draining_and_still_serves_until_it_closes(
+    fake_upstream: ServerProcess, fresh_redis: RedisProc, tmp_path: Path
+) -> None:
+    """STRAIT_DRAIN_DELAY_S (Kubernetes' preStop sleep, Envoy's drain time): on SIGTERM /readyz answers
+    503 `draining` at once, so a load balancer takes the replica out of rotation, while requests that still
+    arrive, on new connections too, are served; only after the delay does the listener close and the
+    process exit 0. Without it (delay 0) the listener closes within uvicorn's next tick (~0.1 s) and a
+    balancer that has not yet seen the readiness change sends requests to a closed port."""
+    proc = _gateway(fake_upstream, fresh_redis, tmp_path, STRAIT_DRAIN_DELAY_S="8")
+    body = {"model": "chat", "messages": [{"role": "user", "content": "still there?"}]}
+    auth = {"authorization": f"Bearer {KEY}"}
+    with proc:
+        assert httpx.get(proc.base_url + "/readyz", timeout=5).status_code == 200
+        proc.signal(signal.SIGTERM)
+        assert poll(lambda: _draining(proc.base_url)), "readiness never turned draining"
+        draining_at = time.monotonic()
+        served: list[int] = []
+        # New connections (one per httpx.post) until one is refused: each is answered in full meanwhile.
+        while time.monotonic() - draining_at < 60:
+            try:
+                r = httpx.post(proc.base_url + "/v1/chat/completions", json=body, headers=auth, timeout=30)
+            except httpx.ConnectError:
+                break
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+            served.append(r.status_code)
+        open_for = time.monotonic() - draining_at
+        assert proc.proc is not None
+        returncode = proc.proc.wait(timeout=60)
+        log = proc.read_log()
+    # Accepting for seconds after it said draining (a lower bound: a busy machine only lengthens it).
+    assert open_for >= 2.0 and len(served) >= 2, (open_for, len(served))
+    assert returncode == 0, f"exit status {returncode}; log: {log}"
+    assert "shutting down in 8 s" in (tmp_path / "gateway.log").read_text(errors="replace")
+    # Every request served during the delay was accounted before the exit.
+    assert [r["status"] for r in _ledger(fresh_redis)] == served
