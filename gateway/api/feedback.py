@@ -11,7 +11,9 @@ answer (redacted like every captured text, with the tenant's redactors, as are l
 values). At least one of the two. A capture store that cannot be reached is a 503 `capture_unavailable`.
 
 Authorised by the tenant's key: the request must be one of *its* captures, else 404 (an unknown id and
-another tenant's are indistinguishable). Bounded: the body (FEEDBACK_MAX_BYTES), every string, the
+another tenant's are indistinguishable). Behind a load balancer the answer may have come from another
+replica whose capture writer has not landed it yet: a capture not found at once is looked up again for
+about a second (SHARED_STORE_WAITS_S) before the 404. Bounded: the body (FEEDBACK_MAX_BYTES), every string, the
 metadata (16 entries). Stored in the capture store, beside the record (gateway.capture).
 """
 
@@ -89,6 +91,13 @@ def _kind(fb: FeedbackBody) -> tuple[FeedbackKind, float | None, str | None]:
     return ("correction" if fb.correction is not None else kind), score, label
 
 
+# After this replica's own queue is written, how long a feedback keeps looking for its capture, and the pauses
+# between lookups: the answer may have come from another replica whose writer lands its batch every
+# flush_every_s (50 ms by default), or a little later under load. An id that never turns up is a 404
+# after about a second, whatever its source.
+SHARED_STORE_WAITS_S = (0.05, 0.1, 0.2, 0.3, 0.35)
+
+
 async def _resolve(
     writer: CaptureWriter | None,
     tenant: str,
@@ -96,21 +105,23 @@ async def _resolve(
     request_id: str | None = None,
     client_id: str | None = None,
     response_id: str | None = None,
+    waits: tuple[float, ...] = (),
 ) -> str | None:
     """The tenant's capture a feedback names. A client may rate an answer the moment it has it, before
     the writer's batch landed: when it is not found, what this replica has queued (or is writing) is
-    written first and it is looked up again."""
+    written first and it is looked up again; then once after each of `waits` (another replica's batch)."""
     if writer is None or not writer.enabled:
         return None
-    for attempt in range(2):
+    for attempt in range(2 + len(waits)):
         store = await writer.existing_store()
         if store is not None:
             found = await store.resolve(tenant, request_id=request_id, client_id=client_id, response_id=response_id)
             if found is not None:
                 return found
-        if attempt:
-            return None
-        await writer.flush()
+        if attempt == 0:
+            await writer.flush()
+        elif attempt - 1 < len(waits):
+            await asyncio.sleep(waits[attempt - 1])
     return None
 
 
@@ -162,7 +173,11 @@ def build_feedback_handlers(gateway: Gateway, id_headers_of: Any, headers_of: An
         writer = gateway.services.capture
         try:
             request_id = await _resolve(
-                writer, principal.tenant, request_id=fb.request_id, client_id=fb.trace_id or fb.request_id
+                writer,
+                principal.tenant,
+                request_id=fb.request_id,
+                client_id=fb.trace_id or fb.request_id,
+                waits=SHARED_STORE_WAITS_S,
             )
         except Exception:
             log.exception("capture: feedback lookup failed")

@@ -377,3 +377,47 @@ def test_a_cache_bad_hit_report_is_feedback_on_the_hit_it_names(tmp_path: Path) 
     assert [(f.kind, f.metadata) for f in served.feedback] == [("cache_bad_hit", {"reason": "stale, ask [IP]"})]
     # The request that made the answer is not the one reported.
     assert all(c.feedback == () for rid, c in by_id.items() if rid != served.record.request_id)
+
+
+def test_feedback_sent_to_another_replica_finds_the_capture_once_its_writer_lands(tmp_path: Path) -> None:
+    """Behind a load balancer the answer comes from replica A and its feedback reaches replica B, both on
+    one capture store, before A's writer has landed the record (its batching delay). B looks again for
+    about a second before a 404 (gateway.api.feedback.SHARED_STORE_WAITS_S); here A's batch lands right
+    after B's first two lookups missed (its own queue written in between), so only a later look finds it."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with gateway(tmp_path / "a") as (client_a, writer_a, db):
+        writer_a.flush_every_s = 3600  # A's batch lands only when the test says so
+        rid = chat(client_a, "acme", "rated on the other replica").headers["x-strait-request-id"]
+        assert writer_a.queued() == 1
+        policy = tmp_path / "b" / "policy.yaml"
+        policy.write_text(POLICY)
+        app_b = create_app(
+            Settings(
+                policy_path=str(policy),
+                spool_dir=str(tmp_path / "b" / "spool"),
+                access_log="off",
+                capture=f"sqlite:///{db}",
+            ),
+            factories={"echo": EchoFactory()},
+        )
+        with TestClient(app_b) as client_b:
+            writer_b = app_b.state["gateway"].services.capture
+            store_b = client_b.blocking_portal.call(writer_b.store)
+            lookups: list[str | None] = []
+            real = store_b.resolve
+
+            async def resolve(tenant: str, **named: Any) -> str | None:
+                found = await real(tenant, **named)
+                lookups.append(found)
+                if len(lookups) == 2 and found is None:
+                    client_a.blocking_portal.call(writer_a.flush)  # A's writer lands its batch now
+                return found
+
+            store_b.resolve = resolve  # type: ignore[method-assign]
+            rated = feedback(client_b, "acme", {"request_id": rid, "value": True})
+            assert rated.status_code == 200, rated.text
+            assert rated.json()["request_id"] == rid
+            assert lookups[:2] == [None, None] and lookups[-1] == rid
+        [captured] = [c for c in stored(client_a, writer_a) if c.record.request_id == rid]
+        assert [(f.kind, f.score) for f in captured.feedback] == [("boolean", 1.0)]
