@@ -28,6 +28,7 @@ import redis
 from tests.deploy.stack import GATEWAYS, NGINX_CONF, nginx_for_loopback, service, tool
 from tests.harness.gateway import replica_processes
 from tests.harness.procs import REPO_ROOT, free_port
+from tests.harness.reaper import track
 from tests.harness.redis_proc import RedisProc
 from tests.harness.waiting import poll
 
@@ -64,7 +65,7 @@ class Nginx:
         argv = [tool("nginx"), "-p", str(self.folder), "-c", str(self.conf)]
         argv += ["-g", f"daemon off; pid {self.folder / 'nginx.pid'}; error_log {self.folder / 'error.log'} warn;"]
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = track(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
 
         def ready() -> bool:
             assert self.proc is not None

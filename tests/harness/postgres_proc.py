@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 
 from tests.harness.procs import free_port
+from tests.harness.reaper import track
 
 
 def postgres_bin() -> Path | None:
@@ -102,6 +103,7 @@ class PostgresProc:
             start_new_session=True,
             preexec_fn=drop,
         )
+        track(self.proc)
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.harness.reaper import track
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,13 +58,15 @@ class ServerProcess:
             return self
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self._log_file = out
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            cwd=self.cwd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.proc = track(
+            subprocess.Popen(
+                self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         )
         self.wait_ready(timeout)
         return self

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tests.harness.procs import free_port
+from tests.harness.reaper import track
 
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "redis-cli"
@@ -82,8 +83,8 @@ class RedisProc:
         ]
 
     def start(self, timeout: float = 10.0) -> RedisProc:
-        self.proc = subprocess.Popen(
-            self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        self.proc = track(
+            subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         )
         self.frozen = False
         self.wait_ready(timeout)
