@@ -184,6 +184,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._cycle_transport is not None:
             self._cycle_transport.flush()
         if self._refusal is None:
+            if self.cycle is None or self.cycle.response_complete:
+                # A request the parser refused before any application saw it (a malformed request line or
+                # header): OpenAI's envelope, not uvicorn's plain text. One refused mid-body, while the
+                # application runs, keeps uvicorn's own answer.
+                self._close_with(
+                    refusal(400, "Invalid HTTP request: the request could not be parsed.", "invalid_http_request")
+                )
+                return
             super().send_400_response(msg)
             return
         self._close_with(self._refusal)

@@ -113,6 +113,26 @@ def test_too_many_headers_get_431_and_the_app_never_runs(count: int) -> None:
     run(go())
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n",
+    ],
+)
+def test_a_request_the_parser_refuses_gets_400_in_openais_envelope(raw: bytes) -> None:
+    async def go() -> None:
+        h = Harness()
+        h.protocol.data_received(raw)
+        await asyncio.wait_for(h.transport.closed.wait(), 5)
+        assert h.status() == 400 and b"connection: close" in bytes(h.transport.written)
+        assert h.error()["code"] == "invalid_http_request" and h.error()["type"] == "invalid_request_error"
+        h.protocol.connection_lost(None)
+
+    run(go())
+
+
 def test_a_complete_oversize_header_block_gets_431() -> None:
     async def go() -> None:
         h = Harness()
