@@ -18,8 +18,9 @@ from typing import Any
 import msgspec
 
 from gateway.errors import GatewayError
-from gateway.policy.engine import LiveState, Preferences, RequestFeatures, decide
+from gateway.policy.engine import Preferences, RequestFeatures, decide
 from gateway.policy.index import PolicyIndex, Principal
+from gateway.policy.live import LiveState
 from gateway.policy.model import PolicySet
 
 JURISDICTIONS = ["US", "DE", "FR", "SE", "EU", "CN", "JP", None]

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.policy.engine import LiveState, RequestFeatures, RoutePlan, decide
+from gateway.policy.engine import RequestFeatures, RoutePlan, decide
 from gateway.policy.index import PolicyIndex, Principal
+from gateway.policy.live import LiveState
 from gateway.policy.load import load_policy
 from gateway.stages.observers import FeatureLog, FeatureLogFile, ShadowPolicy
 from gateway.telemetry import Metrics

@@ -28,8 +28,9 @@ from typing import Any
 import yaml
 
 from gateway.errors import GatewayError
-from gateway.policy.engine import LiveState, Preferences, RequestFeatures, decide
+from gateway.policy.engine import Preferences, RequestFeatures, decide
 from gateway.policy.index import PolicyIndex, Principal
+from gateway.policy.live import LiveState
 from gateway.policy.load import check_policy
 from gateway.registry import discover_adapters
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Final, NamedTuple
+from typing import Annotated, Final
 
 import msgspec
 
@@ -29,6 +29,14 @@ from gateway.errors import AuthenticationFailed, InvalidRequest, ModelNotFound, 
 from gateway.policy.affinity import choose, conversation_key
 from gateway.policy.compile import RuleTest, StaticRows, TrialKey, TrialKind
 from gateway.policy.index import PolicyIndex, Principal, Target
+from gateway.policy.live import (
+    EMPTY_LIVE,
+    LiveState,
+    latency_of,
+    load_source,
+    spill_verdict,
+    utilisation,
+)
 from gateway.policy.model import (
     Affinity,
     Canary,
@@ -37,7 +45,6 @@ from gateway.policy.model import (
     Prefer,
     Route,
     Shadow,
-    Spillover,
     Tenant,
     Weights,
 )
@@ -46,8 +53,6 @@ from gateway.policy.trials import conversation_material, in_canary
 
 # Output tokens assumed for cost ranking when the request sets no max_tokens.
 DEFAULT_OUTPUT_TOKENS: Final = 256
-# Latency assumed for a deployment with no measurement yet, by tier (ms): a cold start still ranks sensibly.
-LATENCY_PRIOR_MS: Final[dict[str, float]] = {"edge": 150.0, "self-hosted": 300.0, "provider": 600.0}
 
 
 # A client's lists of places or model names: short, and bounded, since places are expanded through a
@@ -66,44 +71,6 @@ class Preferences(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     origins: _Names | None = None
     # Model names of the route, most preferred first.
     order: _Names | None = None
-
-
-class ScrapeBasis(NamedTuple):
-    """What one good scrape of a backend's engine saw, kept so that the gauge can be corrected between
-    scrapes with the requests this gateway started or finished there since (`_utilisation`)."""
-
-    # This gateway's requests in flight on the backend when the scrape came back.
-    in_flight: int
-    # Requests in the engine then (running + waiting, as it reported them).
-    in_engine: float
-    # Its KV-cache use then (0-1), None when its format has no such gauge.
-    kv: float | None
-
-
-class LiveState(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of live signals, by backend name (latency, TTFT and throughput by `model@backend`)."""
-
-    # Ejected backends (or deployments, by label): out of the plan unless every candidate is (panic).
-    unhealthy: frozenset[str] = frozenset()
-    # EWMA of the time to response headers.
-    latency_ms: Mapping[str, float] = {}
-    # EWMAs of the time to first token and of output tokens per second (streams).
-    ttft_ms: Mapping[str, float] = {}
-    tokens_per_s: Mapping[str, float] = {}
-    in_flight: Mapping[str, int] = {}
-    # The engine's own gauges, scraped and fresh: utilisation (0-1) and requests waiting.
-    utilisation: Mapping[str, float] = {}
-    queue: Mapping[str, int] = {}
-    # What each fresh scrape saw (by backend): the gauges above are corrected with the requests this
-    # gateway started or finished since. A backend without one: its gauge as scraped.
-    scrape_basis: Mapping[str, ScrapeBasis] = {}
-    # Backends whose engine metrics are stale: their utilisation is counted from in-flight requests.
-    stale: frozenset[str] = frozenset()
-    # (route, backend) pairs spilling now: they come back only below the route's lower mark.
-    spilling: frozenset[tuple[str, str]] = frozenset()
-
-
-EMPTY_LIVE: Final = LiveState()
 
 
 class RequestFeatures(msgspec.Struct, frozen=True, kw_only=True):
@@ -322,147 +289,6 @@ EJECTED: Final = "backend is ejected (unhealthy)"
 # The decision.
 
 
-def _utilisation(t: Target, live: LiveState) -> float:
-    """The engine's gauge (fresh scrapes only) corrected with the requests this gateway started or finished
-    there since that scrape (`_estimated`), but never less than this gateway's own in-flight requests over
-    `max_concurrency`: the gauge lags by up to a scrape interval, while the requests this gateway has just
-    sent or seen finish are known now (a burst must not all pile onto a backend that was idle at the last
-    scrape, and a slot freed since must not stay idle until the next one)."""
-    name = t.backend.name
-    cap = t.backend.capacity.max_concurrency
-    flying = live.in_flight.get(name)
-    counted = flying / cap if cap and flying is not None else 0.0
-    u = live.utilisation.get(name)
-    if u is None:
-        return counted
-    basis = live.scrape_basis.get(name)
-    if basis is not None:
-        u = _estimated(u, basis, flying or 0, cap)
-    return max(u, counted)
-
-
-def _estimated(scraped: float, basis: ScrapeBasis, flying: int, cap: int | None) -> float:
-    """The scraped utilisation as it would read with `flying` of this gateway's requests on the backend
-    instead of the `basis.in_flight` it had at the scrape: each request started since is one more in the
-    engine, each finished one less; the slot part is (requests in the engine) / max_concurrency, and the
-    KV-cache part is scaled by the same ratio (each running request is taken to hold an equal share of the
-    cache; a cache in use with nothing running is not ours to correct). Clamped to [0, 1]."""
-    delta = flying - basis.in_flight
-    if delta == 0:
-        return scraped
-    before = basis.in_engine
-    after = max(0.0, before + delta)
-    parts = [0.0]
-    if basis.kv is not None:
-        parts.append(basis.kv * after / before if before > 0 else basis.kv)
-    if cap:
-        parts.append(after / cap)
-    if len(parts) == 1:
-        return scraped  # neither gauge can be corrected (no KV gauge, no max_concurrency)
-    return min(1.0, max(parts))
-
-
-def _not_ours(t: Target, live: LiveState) -> float:
-    """The part of the scraped utilisation this gateway's own requests do not explain: the gauge as it
-    would read without any of them. 0 without a fresh scrape (in-flight counting is all ours); the whole
-    gauge when the scrape has no basis to correct it with."""
-    name = t.backend.name
-    u = live.utilisation.get(name)
-    if u is None:
-        return 0.0
-    basis = live.scrape_basis.get(name)
-    return u if basis is None else _estimated(u, basis, 0, t.backend.capacity.max_concurrency)
-
-
-def _utilisation_text(t: Target, live: LiveState, u: float) -> str:
-    """`utilisation 0.75`, and what decided it when it is not the scrape as is: the estimate
-    (`estimated from the scrape's 1.00, 1 finished since`) or this gateway's count (`4 of 4 in flight`)."""
-    name = t.backend.name
-    text = f"utilisation {u:.2f}"
-    cap = t.backend.capacity.max_concurrency
-    flying = live.in_flight.get(name, 0)
-    scraped = live.utilisation.get(name)
-    basis = live.scrape_basis.get(name)
-    if (
-        scraped is not None
-        and basis is not None
-        and flying != basis.in_flight
-        and u == _estimated(scraped, basis, flying, cap)
-    ):
-        delta = flying - basis.in_flight
-        since = f"{delta} started" if delta > 0 else f"{-delta} finished"
-        return f"{text} (estimated from the scrape's {scraped:.2f}, {since} since)"
-    if cap and flying and u == flying / cap and u != scraped:
-        return f"{text} ({flying} of {cap} in flight)"
-    return text
-
-
-def _load_source(t: Target, live: LiveState) -> str | None:
-    name = t.backend.name
-    if name in live.utilisation:
-        basis = live.scrape_basis.get(name)
-        if basis is not None and live.in_flight.get(name, 0) != basis.in_flight:
-            return "estimated"
-        return "engine"
-    counted = t.backend.capacity.max_concurrency and name in live.in_flight
-    if name in live.stale:
-        return "stale"
-    return "in-flight" if counted else None
-
-
-def _latency(t: Target, live: LiveState) -> float:
-    """What the latency objective ranks on: the time to first token when streams were measured, else the
-    time to response headers (a whole answer's first token comes with it), else the tier's prior."""
-    measured = live.ttft_ms.get(t.label)
-    if measured is None:
-        measured = live.latency_ms.get(t.label)
-    if measured is None:
-        measured = live.latency_ms.get(t.backend.name)
-    return measured if measured is not None else LATENCY_PRIOR_MS.get(t.backend.tier, 600.0)
-
-
-def spill_verdict(t: Target, route: Route, spill: Spillover, live: LiveState) -> tuple[str | None, str | None]:
-    """(why this request goes elsewhere, None) when the target's backend does not take it on this route;
-    (None, why it fits) when the backend is spilling yet takes it; (None, None) when it is not spilling.
-
-    Per request, a backend takes a request while its utilisation (the scrape corrected with this
-    gateway's requests since, `_utilisation`) is below the threshold and its queue below its own: only the
-    overflow spills, so committed capacity stays full. The spill state (what the caller remembers:
-    `RoutePlan.spill_changes`) has hysteresis: it starts when a request does not fit and ends only at or
-    below the lower marks, by the estimate and by the last scrape both. While it lasts, load this gateway
-    cannot account for keeps the backend behind: if the part of the scraped utilisation that is not this
-    gateway's requests is above the resume mark (or the queue is above its own), nothing is sent there;
-    otherwise the slots this gateway's own finished requests freed are refilled, up to the threshold,
-    because that count is exact, not a lagging gauge that could make it flap."""
-    u = _utilisation(t, live)
-    q = live.queue.get(t.backend.name)
-    spilling = (route.name, t.backend.name) in live.spilling
-    if spilling:
-        resume, queue_resume = spill.resume_mark(), spill.queue_resume_mark()
-        queue_high = queue_resume is not None and q is not None and q > queue_resume
-        # The state ends only once the engine's own gauge agrees (the estimate alone, from requests that
-        # just finished together and are about to be replaced, would end it at every dip: flapping).
-        if max(u, live.utilisation.get(t.backend.name, 0.0)) <= resume and not queue_high:
-            return None, None  # drained: flows back, the spill state ends
-        if u > resume:
-            foreign = _not_ours(t, live)
-            if foreign > resume:
-                of = "" if abs(foreign - u) < 0.005 else f", {foreign:.2f} of it not this gateway's requests,"
-                return f"still spilling: utilisation {u:.2f}{of} above the resume mark {resume:.2f}", None
-        if queue_high:
-            return f"still spilling: queue {q} above the resume mark {queue_resume}", None
-    if u >= spill.threshold:
-        return f"{_utilisation_text(t, live, u)} >= threshold {spill.threshold:.2f}", None
-    if spill.queue_threshold is not None and q is not None and q >= spill.queue_threshold:
-        return f"queue {q} >= threshold {spill.queue_threshold}", None
-    if spilling:
-        return (
-            None,
-            f"spilling the overflow only: this request fits, {_utilisation_text(t, live, u)} < threshold {spill.threshold:.2f}",
-        )
-    return None, None
-
-
 def _cost(t: Target, prompt_tokens: int, out_tokens: int) -> float:
     """The request's expected cost in USD for ranking: uncached input and plain output rates (cache hits
     and reasoning cannot be known before the answer), plus the deployment's per-request fee."""
@@ -634,12 +460,12 @@ class _Facts:
                     tier=target.backend.tier,
                     excluded=reason,
                     est_cost_usd=round(cost, 8),
-                    latency_ms=None if reason else round(_latency(target, live), 3),
+                    latency_ms=None if reason else round(latency_of(target, live), 3),
                     ttft_ms=_rounded(live.ttft_ms.get(target.label)),
                     tokens_per_s=_rounded(live.tokens_per_s.get(target.label)),
-                    utilisation=None if reason else round(_utilisation(target, live), 4),
+                    utilisation=None if reason else round(utilisation(target, live), 4),
                     queue=live.queue.get(backend),
-                    load=None if reason else _load_source(target, live),
+                    load=None if reason else load_source(target, live),
                     spilled=None if reason else self.spilled.get(backend),
                     spilling=None if reason or not self.fits else self.fits.get(backend),
                     ejected=self.panic and reason is None and _ejected(target, live.unhealthy),
@@ -1035,9 +861,9 @@ def _scores(
     if objective == "cost":
         return [_cost(t, features.prompt_tokens, out_tokens) for _, t in survivors]
     if objective == "latency":
-        return [_latency(t, live) for _, t in survivors]
+        return [latency_of(t, live) for _, t in survivors]
     costs = [_cost(t, features.prompt_tokens, out_tokens) for _, t in survivors]
-    lats = [_latency(t, live) for _, t in survivors]
+    lats = [latency_of(t, live) for _, t in survivors]
     max_cost = max(costs) or 1.0
     max_lat = max(lats) or 1.0
     total = (weights.cost + weights.latency) or 1.0
@@ -1127,7 +953,7 @@ def _keep_conversation(
         why = spilled.get(t.backend.name)
         if why is not None:
             return f"spilling ({why})"
-        u = _utilisation(t, live)
+        u = utilisation(t, live)
         return f"saturated (utilisation {u:.2f} >= {ceiling:.2f})" if u >= ceiling else None
 
     chosen, note = choose(key, replicas, unavailable)

@@ -26,9 +26,10 @@ import msgspec
 
 from gateway.canonical import Operation
 from gateway.errors import GatewayError
-from gateway.policy.engine import DEFAULT_OUTPUT_TOKENS, LiveState, Preferences, RequestFeatures, decide
+from gateway.policy.engine import DEFAULT_OUTPUT_TOKENS, Preferences, RequestFeatures, decide
 from gateway.policy.features import count_prompt_tokens, request_of
 from gateway.policy.index import PolicyIndex, Target
+from gateway.policy.live import LiveState
 from gateway.policy.tools import principal_for, run
 
 DAY_S = 86_400.0

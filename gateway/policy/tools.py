@@ -13,9 +13,10 @@ from typing import Any
 
 import msgspec
 
-from gateway.policy.engine import Decision, LiveState, RoutePlan, Row, decide
+from gateway.policy.engine import Decision, RoutePlan, Row, decide
 from gateway.policy.features import count_prompt_tokens, extract, request_of
 from gateway.policy.index import PolicyIndex, Principal
+from gateway.policy.live import LiveState
 
 
 def principal_for(index: PolicyIndex, tenant: str | None) -> Principal:

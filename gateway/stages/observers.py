@@ -21,8 +21,9 @@ import msgspec
 
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.policy.engine import LiveState, RequestFeatures, RoutePlan, decide
+from gateway.policy.engine import RequestFeatures, RoutePlan, decide
 from gateway.policy.index import PolicyIndex, Principal
+from gateway.policy.live import LiveState
 from gateway.policy.load import load_policy
 from gateway.policy.replay import FeatureLine
 from gateway.telemetry import Metrics

@@ -20,8 +20,9 @@ import msgspec
 from gateway.canonical import Operation
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.policy.engine import Decision, LiveState, Preferences, RequestFeatures, RoutePlan
+from gateway.policy.engine import Decision, Preferences, RequestFeatures, RoutePlan
 from gateway.policy.index import PolicyIndex
+from gateway.policy.live import LiveState
 from gateway.policy.replay import FeatureLine
 from gateway.stages.observers import MAX_CLIENT_TEXT, rule_headers
 

@@ -23,9 +23,10 @@ import time
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.pipeline import RequestOnly
-from gateway.policy.engine import LiveState, RequestFeatures, RoutePlan, decide
+from gateway.policy.engine import RequestFeatures, RoutePlan, decide
 from gateway.policy.features import exact_prompt_needed, extract, preferences
 from gateway.policy.index import PolicyIndex
+from gateway.policy.live import LiveState
 from gateway.stages.explain import Explain
 from gateway.stages.observers import DecisionObserver
 from gateway.upstream.signals import LiveSignals

@@ -9,7 +9,7 @@
   (gateway.upstream.scrape, `engine_load`); once the last good scrape is older than the backend's
   `stale_after_s`, routing falls back to in-flight counting and explain says `stale`; with each good
   scrape, how many of this gateway's requests were in flight there (`scrape_basis`), so that the engine
-  corrects the gauge with the requests started or finished since (gateway.policy.engine._utilisation);
+  corrects the gauge with the requests started or finished since (gateway.policy.live.utilisation);
 - spillover memory: which (route, backend) pairs are spilling, so that a backend comes back only
   below the route's lower mark (hysteresis; the engine decides, the route stage records it here).
 
@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.policy.engine import LiveState, ScrapeBasis
+from gateway.policy.live import LiveState, ScrapeBasis
 from gateway.policy.model import Backend
 from gateway.upstream.outlier import Ejection, OutlierTracker
 

@@ -6,8 +6,9 @@ from typing import Any
 
 import msgspec
 
-from gateway.policy.engine import EMPTY_LIVE, LiveState, RequestFeatures, RoutePlan, decide
+from gateway.policy.engine import RequestFeatures, RoutePlan, decide
 from gateway.policy.index import PolicyIndex, Principal, Target
+from gateway.policy.live import EMPTY_LIVE, LiveState
 from gateway.policy.model import (
     Backend,
     Capacity,

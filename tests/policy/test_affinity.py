@@ -15,9 +15,9 @@ from gateway.api.openai.decode import decode
 from gateway.canonical import Message, Text
 from gateway.errors import InvalidRequest
 from gateway.policy.affinity import choose, conversation_key, rendezvous_order, replica_weight, stable_prefix
-from gateway.policy.engine import LiveState
 from gateway.policy.features import extract, request_of
 from gateway.policy.index import PolicyIndex, Target
+from gateway.policy.live import LiveState
 from gateway.policy.model import AFFINITY_HEADER_MAX, Affinity
 from gateway.stages.explain import explain_header
 from tests.policy.helpers import backend, dep, index, labels, model, route, run, target

@@ -19,15 +19,9 @@ from hypothesis import strategies as st
 from gateway.errors import InvalidRequest, PermissionDenied
 from gateway.policy import engine
 from gateway.policy.compliance import compliance_reason
-from gateway.policy.engine import (
-    EJECTED,
-    LiveState,
-    Preferences,
-    RequestFeatures,
-    RoutePlan,
-    decide,
-)
+from gateway.policy.engine import EJECTED, Preferences, RequestFeatures, RoutePlan, decide
 from gateway.policy.index import PolicyIndex, Principal, Target
+from gateway.policy.live import LiveState
 from gateway.policy.model import (
     Backend,
     Budgets,

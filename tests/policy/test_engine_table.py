@@ -14,15 +14,9 @@ import pytest
 from gateway.canonical import Request
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.policy.compliance import compliance_reason
-from gateway.policy.engine import (
-    DEFAULT_OUTPUT_TOKENS,
-    LATENCY_PRIOR_MS,
-    MAX_PREFERENCE_ITEMS,
-    LiveState,
-    Preferences,
-    ScrapeBasis,
-)
+from gateway.policy.engine import DEFAULT_OUTPUT_TOKENS, MAX_PREFERENCE_ITEMS, Preferences
 from gateway.policy.features import preferences
+from gateway.policy.live import LATENCY_PRIOR_MS, LiveState, ScrapeBasis
 from gateway.policy.model import Budgets, Compliance
 from tests.policy.helpers import (
     ALL_CAPS,

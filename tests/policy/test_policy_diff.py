@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from gateway.__main__ import main
 from gateway.context import RequestContext
-from gateway.policy.engine import LiveState, RequestFeatures, decide
+from gateway.policy.engine import RequestFeatures, decide
 from gateway.policy.index import PolicyIndex, Principal
+from gateway.policy.live import LiveState
 from gateway.policy.load import load_policy
 from gateway.policy.replay import FeatureLine, diff, read_samples
 from gateway.stages.observers import FeatureLog, FeatureLogFile

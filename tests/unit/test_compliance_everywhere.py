@@ -16,9 +16,10 @@ from gateway.cache.entry import CacheEntry
 from gateway.cache.scope import scope_of
 from gateway.cache.store import open_cache_store
 from gateway.context import RequestContext
-from gateway.policy.engine import LiveState, RequestFeatures, decide
+from gateway.policy.engine import RequestFeatures, decide
 from gateway.policy.features import request_of
 from gateway.policy.index import PolicyIndex, Principal
+from gateway.policy.live import LiveState
 from gateway.policy.model import PolicySet
 from gateway.stages.cache import CacheStage
 from gateway.telemetry import Metrics

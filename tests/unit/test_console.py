@@ -24,8 +24,9 @@ from gateway.api.console.metrics_view import quantile
 from gateway.app import create_app
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.policy.engine import LiveState, RequestFeatures, RoutePlan, decide
+from gateway.policy.engine import RequestFeatures, RoutePlan, decide
 from gateway.policy.index import PolicyIndex, Principal, key_digest
+from gateway.policy.live import LiveState
 from gateway.policy.load import load_policy
 from gateway.policy.model import PolicySet
 from gateway.policy.replay import FeatureLine

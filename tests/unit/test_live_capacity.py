@@ -11,7 +11,7 @@ import pytest
 
 from gateway.canonical import Message, Request
 from gateway.contracts import UpstreamCall
-from gateway.policy.engine import LiveState
+from gateway.policy.live import LiveState
 from gateway.policy.model import Backend, Capacity, SimulatedOptions
 from gateway.stages.explain import explain_header
 from gateway.upstream.health import REPLAN_BATCH, HealthMonitor, probe_plan

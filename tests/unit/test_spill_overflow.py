@@ -8,8 +8,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.policy.engine import LiveState, RoutePlan, ScrapeBasis, _estimated
+from gateway.policy.engine import RoutePlan
 from gateway.policy.index import PolicyIndex
+from gateway.policy.live import LiveState, ScrapeBasis, estimated
 from gateway.stages.explain import explain_header
 from gateway.upstream.signals import EngineLoad, LiveSignals
 from tests.policy.helpers import backend, dep, index, model, route, run
@@ -201,9 +202,9 @@ def test_the_estimate_is_the_scrape_at_its_basis_bounded_and_grows_with_requests
     scraped: float, then: int, in_engine: float, kv: float | None, cap: int | None, a: int, b: int
 ) -> None:
     basis = ScrapeBasis(then, in_engine, kv)
-    assert _estimated(scraped, basis, then, cap) == scraped
+    assert estimated(scraped, basis, then, cap) == scraped
     low, high = sorted((a, b))
-    lo, hi = _estimated(scraped, basis, low, cap), _estimated(scraped, basis, high, cap)
+    lo, hi = estimated(scraped, basis, low, cap), estimated(scraped, basis, high, cap)
     if low != then and high != then:
         assert 0.0 <= lo <= hi <= 1.0
     if kv is None and cap is None:
