@@ -20,6 +20,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -186,16 +187,18 @@ def _build(name: str) -> tiktoken.Encoding:
 
 # Token counts of recently counted texts. A chat resends its system prompt and its whole history every
 # turn, an agent its instructions and earlier tool results: most texts of a prompt were counted moments
-# ago. The key is (encoding, length, the str's hash), never the text, so no prompt outlives its request
-# here; str hashes are salted per process, so a client cannot make two texts collide, and a chance
-# collision (about 2**-64 per pair, MEMO_SIZE entries) misstates one message's count, nothing else.
-# First in, first out; safe from worker threads (each operation is one atomic call under the GIL).
+# ago. The key is (encoding, length, a 128-bit BLAKE2b of the text keyed with this process's own random
+# key), never the text, so no prompt outlives its request here; nobody can choose two texts that collide
+# (not even with PYTHONHASHSEED fixed, which would make str hashes predictable). First in, first out;
+# safe from worker threads (each operation is one atomic call under the GIL).
 MEMO_SIZE = 4096
-_memo: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+_memo: OrderedDict[tuple[str, int, bytes], int] = OrderedDict()
+_MEMO_KEY = os.urandom(32)
 
 
 def _tokens(enc: tiktoken.Encoding, encoding_name: str, text: str) -> int:
-    key = (encoding_name, len(text), hash(text))
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, key=_MEMO_KEY).digest()
+    key = (encoding_name, len(text), digest)
     known = _memo.get(key)
     if known is not None:
         return known

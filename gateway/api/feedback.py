@@ -96,6 +96,10 @@ def _kind(fb: FeedbackBody) -> tuple[FeedbackKind, float | None, str | None]:
 # flush_every_s (50 ms by default), or a little later under load. An id that never turns up is a 404
 # after about a second, whatever its source.
 SHARED_STORE_WAITS_S = (0.05, 0.1, 0.2, 0.3, 0.35)
+# Feedback lookups waiting that way at once in this process: past it a capture not found is a 404 at once,
+# so ids that will never be found (a client's typo, or a flood of them) cannot pile up store queries.
+MAX_WAITING_LOOKUPS = 16
+_waiting = 0
 
 
 async def _resolve(
@@ -112,6 +116,26 @@ async def _resolve(
     written first and it is looked up again; then once after each of `waits` (another replica's batch)."""
     if writer is None or not writer.enabled:
         return None
+    global _waiting
+    if waits and _waiting >= MAX_WAITING_LOOKUPS:
+        waits = ()
+    if waits:
+        _waiting += 1
+    try:
+        return await _look_up(writer, tenant, request_id, client_id, response_id, waits)
+    finally:
+        if waits:
+            _waiting -= 1
+
+
+async def _look_up(
+    writer: CaptureWriter,
+    tenant: str,
+    request_id: str | None,
+    client_id: str | None,
+    response_id: str | None,
+    waits: tuple[float, ...],
+) -> str | None:
     for attempt in range(2 + len(waits)):
         store = await writer.existing_store()
         if store is not None:

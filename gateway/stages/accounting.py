@@ -55,6 +55,9 @@ RENEW_EVERY_S = 60.0
 # Reconciles wait this long to travel together (one pipeline), at most this many per call.
 RECONCILE_EVERY_S = 0.01
 RECONCILE_BATCH = 64
+# A slot release joins the batch (limits.release_can_wait) only for a request that ended within this long of
+# its start: the free slots its admission saw are that fresh. A longer one's release is awaited.
+RELEASE_CAN_WAIT_FOR_S = 1.0
 
 
 def _estimates_prompt(ctx: RequestContext, end: End) -> bool:
@@ -332,7 +335,9 @@ class AccountingStage(EndTap):
         tenant = ctx.principal.tenant if ctx.principal is not None else "-"
         m = self.metrics
         m.child(m.refusals, tenant, self._code_label(status, code)).inc()
-        m.child(m.requests, ctx.route.name if ctx.route is not None else UNROUTED, str(status)).inc()
+        # The requested route, as every other count of this metric has it (respond, cache hits); `-` until
+        # a route was chosen, while route_name is still the client's raw model string.
+        m.child(m.requests, ctx.route_name if ctx.route is not None else UNROUTED, str(status)).inc()
         if self.access_log is not None and not ctx.accounted:
             self.access_log.write(ctx, status, error=code)
 
@@ -353,7 +358,8 @@ class AccountingStage(EndTap):
         A ticket that holds concurrency slots is reconciled at once, and `ctx.settling` is the call:
         the edge awaits it before the answer's last byte, so a client that sends strictly one request
         at a time never finds its own previous request still holding a slot. Unless the limits stage
-        found the slots far from full (`ctx.release_can_wait`): then, like everything else (token
+        found the slots far from full (`ctx.release_can_wait`) and the request ended within
+        RELEASE_CAN_WAIT_FOR_S of its start (what the admission saw is still fresh): then, like everything else (token
         debt, budget reservations), the release waits, queued, and is sent with the others of the last
         few milliseconds in one call (one Redis pipeline), never before the response.
         """
@@ -366,7 +372,9 @@ class AccountingStage(EndTap):
             # In-process state: releasing is a few dict operations, cheaper done now than queued.
             self._inline.reconcile_now(ticket, usage)
             return
-        if ticket.request.limits.concurrency and not ctx.release_can_wait:
+        if ticket.request.limits.concurrency and not (
+            ctx.release_can_wait and time.perf_counter() - ctx.started <= RELEASE_CAN_WAIT_FOR_S
+        ):
             settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._urgent.append((ticket, usage, settled))
             ctx.settling = settled

@@ -295,7 +295,8 @@ class LimitsStage(RequestOnly):
 
 
 # A slot release may wait for the next batched reconcile (up to accounting.RECONCILE_EVERY_S) only while at
-# least this many slots, and at least half of the limit, were still free after the admission.
+# least this many slots, and at least half of the limit, were still free after the admission (and only for
+# a request that ended soon after it: accounting.RELEASE_CAN_WAIT_FOR_S).
 SLOT_ROOM_MIN: Final = 4
 
 
@@ -305,7 +306,9 @@ def release_can_wait(admission: Admission) -> bool:
     one request at a time never finds its own previous one still holding a slot (on any replica); that
     can only refuse it when the limit is nearly reached. With half the slots and SLOT_ROOM_MIN free after
     this admission, the slot held a few milliseconds longer refuses nobody unless the tenant's requests
-    in flight double within those milliseconds: the release then costs no wait and no extra round trip.
+    in flight double between the admission and the release: the release then costs no wait and no extra
+    round trip. What the admission saw ages with the request, so accounting batches only the releases of
+    requests that ended within accounting.RELEASE_CAN_WAIT_FOR_S (a long stream's release is awaited, as before).
     A degraded admission reports no concurrency check (the store was not asked): its release stays urgent."""
     found = False
     for check in admission.checks:

@@ -28,7 +28,10 @@ def track(proc: subprocess.Popen[Any]) -> subprocess.Popen[Any]:
 
 
 def reap() -> list[int]:
-    """Stop every tracked group still running; returns their pids."""
+    """Stop every tracked group whose leader still runs; returns their pids. (A group whose leader is gone
+    is not signalled: its id may already name another process's group.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the reaping short
     left = [p for p in _tracked if p.poll() is None]
     for proc in left:
         _signal_group(proc.pid, signal.SIGTERM)
@@ -38,7 +41,8 @@ def reap() -> list[int]:
             proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait(GRACE_S)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(GRACE_S)
     _tracked.clear()
     return [p.pid for p in left]
 

@@ -6,6 +6,7 @@ no wait before the answer's last byte and no round trip of its own."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from gateway.accounting.ledger import MemoryLedger
 from gateway.accounting.spool import Spool
 from gateway.accounting.writer import UsageWriter
 from gateway.context import RequestContext
-from gateway.stages.accounting import AccountingStage
+from gateway.stages.accounting import RELEASE_CAN_WAIT_FOR_S, AccountingStage
 from gateway.stages.limits import SLOT_ROOM_MIN, release_can_wait
 from gateway.state import AdmissionRequest, Limits, Ticket
 from gateway.state import Usage as StoreUsage
@@ -80,10 +81,11 @@ def _stage(tmp_path: Path) -> tuple[AccountingStage, BatchStore]:
     return AccountingStage(writer, store, Metrics()), store  # type: ignore[arg-type]
 
 
-def _ctx(rid: str, can_wait: bool) -> RequestContext:
+def _ctx(rid: str, can_wait: bool, *, age_s: float = 0.0) -> RequestContext:
     limits = Limits(concurrency=(ConcurrencyLimit(scope="tenant", limit=100),))
     request = AdmissionRequest(request_id=rid, tenant="t", key="k", route="chat", limits=limits)
-    ctx = RequestContext(request_id=rid, operation="chat", started=0.0, headers={}, route_name="chat")
+    started = time.perf_counter() - age_s
+    ctx = RequestContext(request_id=rid, operation="chat", started=started, headers={}, route_name="chat")
     ctx.ticket = Ticket(request=request, day="2026-12-07", month="2026-12")
     ctx.release_can_wait = can_wait
     return ctx
@@ -113,3 +115,14 @@ async def test_a_roomy_release_alone_is_sent_within_the_batching_delay(tmp_path:
     assert flusher is not None and store.batches == []
     await asyncio.wait_for(flusher, timeout=30)  # its own timer sends it (RECONCILE_EVERY_S), no drain needed
     assert store.batches == [["r1"]]
+
+
+async def test_a_long_requests_release_is_awaited_even_if_its_admission_found_room(tmp_path: Path) -> None:
+    """What the admission saw ages with the request: a stream that lasted longer than RELEASE_CAN_WAIT_FOR_S
+    may end with the tenant at its limit, so its release goes before its last byte, as without room."""
+    stage, store = _stage(tmp_path)
+    long = _ctx("long", True, age_s=RELEASE_CAN_WAIT_FOR_S + 5)
+    stage.release(long, 10, 0)
+    assert long.settling is not None
+    await long.settling
+    assert store.batches == [["long"]]

@@ -53,9 +53,10 @@ def test_a_resent_text_is_not_tokenized_again_and_no_text_is_kept(monkeypatch: p
     second = tokens.count_chat([system, "hello", "and a new question"], ENC)
     assert seen == ["and a new question"]  # the system prompt and the first turn came from memory
     assert second == first + len(real("and a new question")) + 3
-    # Keys are (encoding, length, hash): no prompt text outlives its request in the memo.
+    # Keys are (encoding, length, keyed digest): no prompt text outlives its request in the memo.
     for key, value in tokens._memo.items():
-        assert all(not isinstance(part, str) or part == ENC for part in key) and isinstance(value, int)
+        assert key[0] == ENC and isinstance(key[1], int) and isinstance(key[2], bytes) and isinstance(value, int)
+        assert system.encode() not in key[2] and len(key[2]) == 16
 
 
 def test_the_memo_is_bounded_and_drops_the_oldest_first(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,5 +64,17 @@ def test_the_memo_is_bounded_and_drops_the_oldest_first(monkeypatch: pytest.Monk
     for i in range(20):
         tokens.count_text(f"text number {i}", ENC)
         assert len(tokens._memo) <= 8
-    remembered = {key[1:] for key in tokens._memo}
-    assert remembered == {(len(f"text number {i}"), hash(f"text number {i}")) for i in range(12, 20)}
+    enc = tokens.encoding(ENC)
+    seen: list[str] = []
+    real = enc.encode_ordinary
+
+    def spy(text: str) -> list[int]:
+        seen.append(text)
+        return real(text)
+
+    monkeypatch.setattr(enc, "encode_ordinary", spy)
+    for i in range(12, 20):  # the eight newest: remembered
+        tokens.count_text(f"text number {i}", ENC)
+    assert seen == []
+    tokens.count_text("text number 11", ENC)  # the newest of the dropped ones: counted again
+    assert seen == ["text number 11"] and len(tokens._memo) == 8
