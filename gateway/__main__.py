@@ -34,6 +34,11 @@ def app_from_env() -> object:
     return create_app(settings, drain_on_sigterm=settings.server == "uvicorn")
 
 
+# A SIGTERM'd replica should be done (drain delay + grace) within this: Kubernetes' default
+# terminationGracePeriodSeconds (docker/compose.yaml's stop_grace_period is 30 s too).
+KILL_TIMEOUT_HINT_S = 30.0
+
+
 def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(
         policy_path=args.policy,
@@ -83,6 +88,17 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    stopping_s = settings.drain_delay_s + settings.shutdown_grace_s
+    if stopping_s > KILL_TIMEOUT_HINT_S:
+        # Past the orchestrator's kill timeout the process dies mid-drain: streams cut without their error
+        # event, usage records of the last moments spooled instead of written.
+        print(
+            f"strait: STRAIT_DRAIN_DELAY_S + STRAIT_SHUTDOWN_GRACE_S = {stopping_s:g} s: keep the orchestrator's "
+            f"kill timeout above it (Kubernetes' terminationGracePeriodSeconds defaults to {KILL_TIMEOUT_HINT_S:g}, "
+            "Docker's stop timeout to 10)",
+            file=sys.stderr,
+            flush=True,
+        )
     if settings.server == "granian":
         try:
             from granian import Granian

@@ -198,6 +198,9 @@ def test_with_a_drain_delay_the_replica_reports_draining_and_still_serves_until_
     # Accepting for seconds after it said draining (a lower bound: a busy machine only lengthens it).
     assert open_for >= 2.0 and len(served) >= 2, (open_for, len(served))
     assert returncode == 0, f"exit status {returncode}; log: {log}"
-    assert "shutting down in 8 s" in (tmp_path / "gateway.log").read_text(errors="replace")
+    whole_log = (tmp_path / "gateway.log").read_text(errors="replace")
+    assert "shutting down in 8 s" in whole_log
+    # 8 s of delay + the default 25 s grace: past a 30 s kill timeout, which it said at start.
+    assert "STRAIT_DRAIN_DELAY_S + STRAIT_SHUTDOWN_GRACE_S = 33 s" in whole_log
     # Every request served during the delay was accounted before the exit.
     assert [r["status"] for r in _ledger(fresh_redis)] == served
