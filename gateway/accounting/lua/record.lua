@@ -21,8 +21,11 @@ for i = 1, n do
 end
 local seen = redis.call('HMGET', KEYS[3], unpack(marks))
 local written, new_marks = {}, {}
-local sums, order = {}, {}
+-- A batch's records mostly share their route, model, deployment and key: each distinct combination sums
+-- its records' metrics as numbers, and its field names are built once, after the loop.
+local groups, group_order = {}, {}
 local new = 0
+local dim0 = 2 + #metrics
 for i = 1, n do
   local a = 3 + (i - 1) * per
   local mark = ARGV[a + 1]
@@ -32,19 +35,38 @@ for i = 1, n do
     new_marks[#new_marks + 1] = mark
     new_marks[#new_marks + 1] = '1'
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'r', ARGV[a + 2])
-    for d = 1, 4 do
-      local base = dims[d] .. '|' .. ARGV[a + 2 + #metrics + d] .. '|'
-      for m = 1, #metrics do
-        local amount = tonumber(ARGV[a + 2 + m])
-        -- `requests` even when 0 (a failed attempt): the row exists, as in the in-process ledger.
-        if amount ~= 0 or m == 1 then
-          local field = base .. metrics[m]
-          if sums[field] == nil then
-            sums[field] = 0
-            order[#order + 1] = field
-          end
-          sums[field] = sums[field] + amount
+    -- Each value prefixed with its length: names may hold any character, and two combinations never join
+    -- into the same string.
+    local r, mo, de, k = ARGV[a + dim0 + 1], ARGV[a + dim0 + 2], ARGV[a + dim0 + 3], ARGV[a + dim0 + 4]
+    local combo = #r .. ':' .. r .. #mo .. ':' .. mo .. #de .. ':' .. de .. #k .. ':' .. k
+    local g = groups[combo]
+    if g == nil then
+      g = {at = a, sums = {0, 0, 0, 0, 0, 0, 0, 0, 0}}
+      groups[combo] = g
+      group_order[#group_order + 1] = combo
+    end
+    local sums = g.sums
+    for m = 1, #metrics do
+      sums[m] = sums[m] + tonumber(ARGV[a + 2 + m])
+    end
+  end
+end
+local sums, order = {}, {}
+for _, combo in ipairs(group_order) do
+  local g = groups[combo]
+  for d = 1, 4 do
+    local base = dims[d] .. '|' .. ARGV[g.at + dim0 + d] .. '|'
+    for m = 1, #metrics do
+      local amount = g.sums[m]
+      -- `requests` even when 0 (a failed attempt): the row exists, as in the in-process ledger. Amounts
+      -- are never negative, so a sum of 0 is records of 0 only.
+      if amount ~= 0 or m == 1 then
+        local field = base .. metrics[m]
+        if sums[field] == nil then
+          sums[field] = 0
+          order[#order + 1] = field
         end
+        sums[field] = sums[field] + amount
       end
     end
   end
