@@ -4,7 +4,7 @@ bounded, and no prompt text is kept."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -21,6 +21,20 @@ def fresh_counts() -> Iterator[None]:
     tokens.forget_counts()
     yield
     tokens.forget_counts()
+
+
+def _tokenized(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], Callable[[str], list[int]]]:
+    """From now on, every text the tokenizer really encodes (not a remembered count); and the real encoder."""
+    enc = tokens.encoding(ENC)
+    seen: list[str] = []
+    real = enc.encode_ordinary
+
+    def spy(text: str) -> list[int]:
+        seen.append(text)
+        return real(text)
+
+    monkeypatch.setattr(enc, "encode_ordinary", spy)
+    return seen, real
 
 
 def direct(texts: list[str]) -> int:
@@ -41,15 +55,7 @@ def test_counts_are_tiktokens_whether_remembered_or_not(prompts: list[list[str]]
 def test_a_resent_text_is_not_tokenized_again_and_no_text_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     system = "You are a careful assistant. " * 20
     first = tokens.count_chat([system, "hello"], ENC)
-    enc = tokens.encoding(ENC)
-    seen: list[str] = []
-    real = enc.encode_ordinary
-
-    def spy(text: str) -> list[int]:
-        seen.append(text)
-        return real(text)
-
-    monkeypatch.setattr(enc, "encode_ordinary", spy)
+    seen, real = _tokenized(monkeypatch)
     second = tokens.count_chat([system, "hello", "and a new question"], ENC)
     assert seen == ["and a new question"]  # the system prompt and the first turn came from memory
     assert second == first + len(real("and a new question")) + 3
@@ -64,15 +70,7 @@ def test_the_memo_is_bounded_and_drops_the_oldest_first(monkeypatch: pytest.Monk
     for i in range(20):
         tokens.count_text(f"text number {i}", ENC)
         assert len(tokens._memo) <= 8
-    enc = tokens.encoding(ENC)
-    seen: list[str] = []
-    real = enc.encode_ordinary
-
-    def spy(text: str) -> list[int]:
-        seen.append(text)
-        return real(text)
-
-    monkeypatch.setattr(enc, "encode_ordinary", spy)
+    seen, _ = _tokenized(monkeypatch)
     for i in range(12, 20):  # the eight newest: remembered
         tokens.count_text(f"text number {i}", ENC)
     assert seen == []
