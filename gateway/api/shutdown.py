@@ -4,8 +4,8 @@ uvicorn handles SIGTERM itself (it stops accepting, waits for the open connectio
 timeout, cancels what is left, then runs the lifespan shutdown), and tells the application nothing
 until that last step. The gateway needs to know at once: /readyz turns `draining`, and the grace period
 after which every request still running is ended with an error starts (gateway.inflight). So at
-start-up the app puts its own handler in front of the server's: it schedules the drain on the event
-loop, then calls the server's handler as before. uvicorn installs its handlers before the lifespan
+start-up the app puts its own handler in front of the server's: on the event loop, it starts the drain,
+then calls the server's handler as before (with STRAIT_DRAIN_DELAY_S, after announcing and waiting). uvicorn installs its handlers before the lifespan
 starts and restores the ones it found when it stops, so this handler lives exactly as long as serving.
 """
 
@@ -38,33 +38,21 @@ def before_sigterm(
         return False
     loop = asyncio.get_running_loop()
     installed = False
-    delayed = _Delayed(loop, on_term, on_notice, delay_s) if delay_s > 0 else None
+    shutdown = _Shutdown(loop, on_term, on_notice, delay_s)
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
         if not callable(previous):
             if sig == signal.SIGTERM:
                 log.warning("SIGTERM is not handled by the server: no drain on shutdown")
             continue
-        if delayed is not None:
-            signal.signal(sig, delayed.handler(previous))
-        else:
-            signal.signal(sig, _chained(loop, on_term, previous))
+        signal.signal(sig, shutdown.handler(previous))
         installed = installed or sig == signal.SIGTERM
     return installed
 
 
-def _chained(
-    loop: asyncio.AbstractEventLoop, on_term: Callable[[], None], previous: Callable[[int, FrameType | None], Any]
-) -> Callable[[int, FrameType | None], None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(on_term)  # safe from a signal handler, whatever the loop was doing
-        previous(signum, frame)
-
-    return handler
-
-
-class _Delayed:
-    """A shutdown announced, then carried out `delay_s` later (or at the next signal)."""
+class _Shutdown:
+    """A shutdown carried out at the first signal, or, with a delay, announced at the first SIGTERM and
+    carried out `delay_s` later (or at the next signal)."""
 
     def __init__(
         self,
@@ -92,12 +80,12 @@ class _Delayed:
         if self.carried_out:
             previous(signum, None)  # the server's own second-signal handling (its forced exit)
             return
-        if self.timer is None and signum == signal.SIGTERM:
+        if self.delay_s > 0 and self.timer is None and signum == signal.SIGTERM:
             if self.on_notice is not None:
                 self.on_notice()
             self.timer = self.loop.call_later(self.delay_s, self.carry_out, previous, signum)
             return
-        self.carry_out(previous, signum)  # a second signal while waiting, or a SIGINT: at once
+        self.carry_out(previous, signum)  # no delay, a second signal while waiting, or a SIGINT: at once
 
     def carry_out(self, previous: Callable[[int, FrameType | None], Any], signum: int) -> None:
         if self.carried_out:

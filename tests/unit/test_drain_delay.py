@@ -1,4 +1,4 @@
-"""The SIGTERM drain delay (gateway.api.shutdown._Delayed, STRAIT_DRAIN_DELAY_S): announced at once, carried
+"""The SIGTERM drain delay (gateway.api.shutdown._Shutdown, STRAIT_DRAIN_DELAY_S): announced at once, carried
 out after the delay or at the next signal, the server's handler called exactly once by it and again only for
 a later signal (its own forced exit); SIGINT never waits."""
 
@@ -8,7 +8,7 @@ import asyncio
 import signal
 from types import FrameType
 
-from gateway.api.shutdown import _Delayed
+from gateway.api.shutdown import _Shutdown
 from gateway.inflight import InFlight
 
 
@@ -20,9 +20,9 @@ class Recorder:
         self.events.append(f"server:{signal.Signals(signum).name}")
 
 
-def _delayed(rec: Recorder, delay_s: float) -> _Delayed:
+def _delayed(rec: Recorder, delay_s: float) -> _Shutdown:
     loop = asyncio.get_running_loop()
-    return _Delayed(loop, lambda: rec.events.append("term"), lambda: rec.events.append("notice"), delay_s)
+    return _Shutdown(loop, lambda: rec.events.append("term"), lambda: rec.events.append("notice"), delay_s)
 
 
 async def test_sigterm_is_announced_then_carried_out_after_the_delay() -> None:
@@ -45,6 +45,13 @@ async def test_a_second_signal_during_the_delay_goes_on_at_once_and_the_timer_do
     assert d.timer is not None and d.timer.cancelled()
 
 
+async def test_without_a_delay_the_first_signal_carries_it_out_at_once() -> None:
+    rec = Recorder()
+    d = _delayed(rec, 0.0)
+    d.step(rec.server, signal.SIGTERM)
+    assert rec.events == ["term", "server:SIGTERM"] and d.timer is None
+
+
 async def test_sigint_never_waits() -> None:
     rec = Recorder()
     d = _delayed(rec, 3600)
@@ -63,6 +70,6 @@ async def test_announcing_turns_readiness_draining_without_starting_the_grace_pe
     inflight.close()
 
 
-async def _carried_out(d: _Delayed) -> None:
+async def _carried_out(d: _Shutdown) -> None:
     while not d.carried_out:
         await asyncio.sleep(0.01)  # polling the state the timer changes, under wait_for's deadline
